@@ -1,0 +1,1 @@
+"""MatrixInfer crds package."""

@@ -1,0 +1,1 @@
+"""MatrixInfer extproc package."""

