@@ -1,0 +1,73 @@
+"""The scheduler's vocabulary: plain data shared by the datastore, the plugins and the servicer.
+
+Pure: no gRPC, HTTP or Kubernetes here. Hot-path objects are slotted dataclasses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class PodMetrics:
+    """What the scraper last read from one pod's /metrics, engine names already mapped.
+
+    ``None`` means "not reported"; ``stale`` marks a read older than the staleness bound, which
+    plugins must treat as unknown.
+    """
+
+    waiting: float | None = None  # requests queued in the engine
+    running: float | None = None  # requests in the running batch
+    kv_cache_usage: float | None = None  # 0..1
+    ttft_seconds: float | None = None  # mean TTFT over the last scrape interval (histogram delta)
+    tpot_seconds: float | None = None  # mean inter-token latency over the last interval
+    running_loras: frozenset[str] = frozenset()
+    waiting_loras: frozenset[str] = frozenset()
+    max_loras: int | None = None
+    scraped_at: float = 0.0  # monotonic time of the read
+    stale: bool = True
+
+
+@dataclass(slots=True)
+class Pod:
+    """One endpoint a ModelServer may send requests to."""
+
+    name: str
+    address: str  # "ip:port" exactly as written into x-gateway-destination-endpoint
+    labels: Mapping[str, str] = field(default_factory=dict)
+    ready: bool = True
+    metrics: PodMetrics = field(default_factory=PodMetrics)
+    in_flight: int = 0  # requests this gateway has sent there and not yet finished
+
+
+@dataclass(slots=True)
+class SchedulingRequest:
+    """What the scheduler may know about a request."""
+
+    request_id: str
+    model: str  # the model name the request asked for
+    lora: str | None = None  # the LoRA adapter it targets, if any
+    prompt: str = ""  # prompt text (chat messages flattened) for prefix hashing
+    estimated_input_tokens: int = 0
+    session_key: str | None = None  # stickiness key (header value or caller identity)
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class SchedulingResult:
+    """The primary pod and the fallbacks Envoy may retry on, best first."""
+
+    primary: Pod
+    fallbacks: list[Pod] = field(default_factory=list)
+
+    def endpoints(self) -> list[str]:
+        return [self.primary.address, *(p.address for p in self.fallbacks)]
+
+
+class NoPodAvailable(Exception):
+    """No pod can take the request; ``reason`` is shown to the caller (503)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
