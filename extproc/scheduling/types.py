@@ -51,7 +51,8 @@ class SchedulingRequest:
     prompt: str = ""  # prompt text (chat messages flattened) for prefix hashing
     estimated_input_tokens: int = 0
     session_key: str | None = None  # stickiness key (header value or caller identity)
-    headers: Mapping[str, str] = field(default_factory=dict)
+    headers: Mapping[str, str] = field(default_factory=dict)  # lower-case names
+    model_server: str | None = None  # the ModelServer chosen by routing, named in error reasons
 
 
 @dataclass(slots=True)
@@ -60,9 +61,19 @@ class SchedulingResult:
 
     primary: Pod
     fallbacks: list[Pod] = field(default_factory=list)
+    # per-request data plugins computed while scoring (e.g. prefix block hashes), handed back to
+    # them in ``Scheduler.on_routed`` so nothing is computed twice; opaque to callers.
+    plugin_state: dict[str, object] = field(default_factory=dict)
+    # the pods that passed the filters and their total weighted scores (same order), for logs
+    candidates: list[Pod] = field(default_factory=list)
+    totals: list[float] = field(default_factory=list)
 
     def endpoints(self) -> list[str]:
         return [self.primary.address, *(p.address for p in self.fallbacks)]
+
+    def scores(self) -> dict[str, float]:
+        """Total weighted score by candidate pod name."""
+        return {p.name: t for p, t in zip(self.candidates, self.totals, strict=False)}
 
 
 class NoPodAvailable(Exception):
@@ -71,3 +82,8 @@ class NoPodAvailable(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class AllPodsSaturated(NoPodAvailable):
+    """Every candidate pod is saturated right now: the request may wait in the fair queue and be
+    scheduled again later (raised by the ``saturation`` filter)."""

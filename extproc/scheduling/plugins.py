@@ -1,0 +1,508 @@
+"""Filter and scorer plugins.
+
+A filter keeps the pods that may take a request; when it keeps none it explains why
+(:meth:`Filter.error`). A scorer gives every remaining pod a score in 0..1 (1 = best); the
+scheduler adds them up with the profile's weights. Scorers see all candidate pods at once (one call
+per request, not per pod) because per-call overhead dominates at 8-16 pods.
+
+Metrics that are missing or stale are *unknown*: a filter does not reject a pod on an unknown
+signal, and a scorer gives such a pod the mean score of the pods it does know (neutral), or a
+constant when it knows none.
+
+Every plugin has a pydantic ``Args`` model (unknown arguments are rejected) and a registered name in
+:data:`PLUGINS`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from extproc.scheduling.prefix import PrefixIndex, block_hashes
+from extproc.scheduling.types import (
+    AllPodsSaturated,
+    NoPodAvailable,
+    Pod,
+    SchedulingRequest,
+    SchedulingResult,
+)
+
+__all__ = [
+    "PLUGINS",
+    "Context",
+    "Filter",
+    "KvCacheScorer",
+    "LeastLatencyScorer",
+    "LeastRequestScorer",
+    "LoraAffinityScorer",
+    "LoraCapableFilter",
+    "Plugin",
+    "PluginInfo",
+    "PrefixCacheScorer",
+    "RandomScorer",
+    "ReadyFilter",
+    "SaturationFilter",
+    "Scorer",
+    "SessionAffinityScorer",
+]
+
+
+class NoArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(slots=True)
+class Context:
+    """What one ``schedule`` call shares with its plugins."""
+
+    request: SchedulingRequest
+    now: float
+    rng: random.Random
+    server: str  # "ModelServer <name>" or "the ModelServer", for messages
+    state: dict[str, object]  # per-request plugin data, returned in SchedulingResult.plugin_state
+
+
+class Plugin:
+    """Base of filters and scorers: a registered name, an args model and lifecycle hooks."""
+
+    name: ClassVar[str]
+    kind: ClassVar[str]
+    Args: ClassVar[type[BaseModel]] = NoArgs
+    key: str  # unique within a scheduler: "<name>#<position>"
+
+    def __init__(self, args: BaseModel) -> None:
+        self.args = args
+        self.key = self.name
+
+    def on_routed(self, request: SchedulingRequest, result: SchedulingResult) -> None:
+        """The gateway sent ``request`` to ``result.primary``."""
+
+    def on_finished(self, request_id: str, pod_name: str) -> None:
+        """The request ended."""
+
+    def forget_pod(self, pod_name: str) -> None:
+        """The pod is gone: drop what is kept about it."""
+
+
+class Filter(Plugin):
+    kind: ClassVar[str] = "filter"
+
+    def filter(self, ctx: Context, pods: list[Pod]) -> list[Pod]:
+        raise NotImplementedError
+
+    def error(self, ctx: Context, pods: list[Pod]) -> NoPodAvailable:
+        """Why no pod of ``pods`` passed this filter."""
+        return NoPodAvailable(f"no pod of {ctx.server} passed the '{self.name}' filter")
+
+
+class Scorer(Plugin):
+    kind: ClassVar[str] = "scorer"
+    default_weight: ClassVar[float] = 1.0
+
+    def score(self, ctx: Context, pods: list[Pod]) -> list[float] | None:
+        """Scores in 0..1 for ``pods`` (same order), or None when it prefers no pod over another."""
+        raise NotImplementedError
+
+
+def _neutral_fill(values: list[float | None], default: float = 0.5) -> list[float]:
+    """Unknown entries get the mean of the known ones (or ``default`` when none is known)."""
+    known = [v for v in values if v is not None]
+    if len(known) == len(values):
+        return known
+    fill = sum(known) / len(known) if known else default
+    return [fill if v is None else v for v in values]
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+# --------------------------------------------------------------------------------------- filters
+
+
+class ReadyFilter(Filter):
+    """Keeps pods that are Running and Ready."""
+
+    name = "ready"
+
+    def filter(self, ctx: Context, pods: list[Pod]) -> list[Pod]:
+        return [p for p in pods if p.ready]
+
+    def error(self, ctx: Context, pods: list[Pod]) -> NoPodAvailable:
+        return NoPodAvailable(f"none of the {_plural(len(pods), 'pod')} of {ctx.server} is ready")
+
+
+class SaturationArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_waiting: float = Field(
+        default=8, gt=0, description="A pod whose engine queue holds this many requests is full."
+    )
+    max_kv_cache_usage: float = Field(
+        default=0.95, gt=0, le=1, description="A pod whose KV cache is this full (0..1) is full."
+    )
+
+
+class SaturationFilter(Filter):
+    """Drops pods whose engine queue (waiting >= max_waiting) or KV cache (usage >=
+    max_kv_cache_usage) is full. Unknown or stale metrics never make a pod saturated."""
+
+    name = "saturation"
+    Args = SaturationArgs
+
+    def __init__(self, args: BaseModel) -> None:
+        super().__init__(args)
+        assert isinstance(args, SaturationArgs)
+        self.max_waiting = args.max_waiting
+        self.max_kv = args.max_kv_cache_usage
+
+    def saturated(self, pod: Pod) -> bool:
+        m = pod.metrics
+        if m.stale:
+            return False
+        if m.waiting is not None and m.waiting >= self.max_waiting:
+            return True
+        return m.kv_cache_usage is not None and m.kv_cache_usage >= self.max_kv
+
+    def filter(self, ctx: Context, pods: list[Pod]) -> list[Pod]:
+        max_waiting, max_kv = self.max_waiting, self.max_kv
+        return [
+            p
+            for p in pods
+            if (m := p.metrics).stale
+            or (
+                (m.waiting is None or m.waiting < max_waiting)
+                and (m.kv_cache_usage is None or m.kv_cache_usage < max_kv)
+            )
+        ]
+
+    def error(self, ctx: Context, pods: list[Pod]) -> NoPodAvailable:
+        limit = self.max_waiting
+        by_queue = sum(1 for p in pods if (p.metrics.waiting or 0.0) >= limit)
+        by_kv = len(pods) - by_queue
+        why = []
+        if by_queue:
+            why.append(f"{by_queue} with waiting >= {self.max_waiting:g}")
+        if by_kv:
+            why.append(f"{by_kv} with KV cache usage >= {self.max_kv:.0%}")
+        return AllPodsSaturated(
+            f"all {_plural(len(pods), 'pod')} of {ctx.server} are saturated ({', '.join(why)})"
+        )
+
+
+class LoraCapableFilter(Filter):
+    """For a LoRA request, keeps pods that run or queue the adapter or have a free adapter slot
+    (fewer running adapters than max_lora). Pods whose LoRA state is unknown (stale metrics or no
+    ``max_lora`` reported) are kept. Requests without an adapter pass unchanged."""
+
+    name = "lora-capable"
+
+    @staticmethod
+    def capable(pod: Pod, lora: str) -> bool:
+        m = pod.metrics
+        if m.stale or m.max_loras is None:
+            return True
+        return (
+            lora in m.running_loras or lora in m.waiting_loras or len(m.running_loras) < m.max_loras
+        )
+
+    def filter(self, ctx: Context, pods: list[Pod]) -> list[Pod]:
+        lora = ctx.request.lora
+        if not lora:
+            return pods
+        capable = self.capable
+        return [p for p in pods if capable(p, lora)]
+
+    def error(self, ctx: Context, pods: list[Pod]) -> NoPodAvailable:
+        return NoPodAvailable(
+            f"no pod of {ctx.server} can serve LoRA adapter '{ctx.request.lora}': all "
+            f"{_plural(len(pods), 'pod')} have every adapter slot (max_lora) busy with others"
+        )
+
+
+# --------------------------------------------------------------------------------------- scorers
+
+
+class LeastRequestArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    slack: float = Field(
+        default=4.0,
+        gt=0,
+        description="Load added to every pod before comparing: score = (min_load + slack) / "
+        "(load + slack). Larger = gentler preference at low load.",
+    )
+
+
+class LeastRequestScorer(Scorer):
+    """Prefers the least loaded pod. A pod's load is max(gateway in-flight, engine waiting +
+    running): the gateway's count is exact and current for its own requests, the engine's counts
+    lag by a scrape but include other gateways' requests; the larger is the better estimate (adding
+    them would count this gateway's requests twice). Score = (min_load + slack) / (load + slack):
+    1 for the least loaded pod, relative (not min-max) so one extra request does not swing a score
+    from 1 to 0."""
+
+    name = "least-request"
+    Args = LeastRequestArgs
+
+    def __init__(self, args: BaseModel) -> None:
+        super().__init__(args)
+        assert isinstance(args, LeastRequestArgs)
+        self.slack = args.slack
+
+    @staticmethod
+    def load(pod: Pod) -> float:
+        m = pod.metrics
+        if m.stale:
+            return float(pod.in_flight)
+        engine = (m.waiting or 0.0) + (m.running or 0.0)
+        return engine if engine > pod.in_flight else float(pod.in_flight)
+
+    def score(self, ctx: Context, pods: list[Pod]) -> list[float] | None:
+        loads = [
+            p.in_flight
+            if (m := p.metrics).stale
+            or (e := (m.waiting or 0.0) + (m.running or 0.0)) < p.in_flight
+            else e
+            for p in pods
+        ]
+        slack = self.slack
+        top = min(loads) + slack
+        return [top / (x + slack) for x in loads]
+
+
+class KvCacheScorer(Scorer):
+    """Prefers pods with more free KV cache: score = 1 - usage (unknown = neutral)."""
+
+    name = "kv-cache"
+
+    def score(self, ctx: Context, pods: list[Pod]) -> list[float] | None:
+        values: list[float | None] = [
+            None
+            if (m := p.metrics).stale or (u := m.kv_cache_usage) is None
+            else 0.0
+            if u >= 1.0
+            else 1.0
+            if u <= 0.0
+            else 1.0 - u
+            for p in pods
+        ]
+        return _neutral_fill(values)
+
+
+class PrefixCacheArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    block_size: int = Field(
+        default=128, ge=16, le=65536, description="Bytes of UTF-8 prompt text per hashed block."
+    )
+    max_blocks: int = Field(
+        default=128, ge=1, le=4096, description="Only the prompt's first max_blocks blocks count."
+    )
+    capacity: int = Field(
+        default=8192, ge=1, description="Block hashes remembered per pod (LRU); ~ its KV cache."
+    )
+
+
+class PrefixCacheScorer(Scorer):
+    """Prefers the pod most likely to hold the prompt's prefix in its KV cache: score = matched
+    leading blocks / prompt blocks, from an approximate per-pod index credited at routing time."""
+
+    name = "prefix-cache"
+    Args = PrefixCacheArgs
+    default_weight = 2.0
+
+    def __init__(self, args: BaseModel) -> None:
+        super().__init__(args)
+        assert isinstance(args, PrefixCacheArgs)
+        self.block_size = args.block_size
+        self.max_blocks = args.max_blocks
+        self.index = PrefixIndex(args.capacity)
+
+    def hashes(self, request: SchedulingRequest) -> list[int]:
+        return block_hashes(request.prompt, self.block_size, self.max_blocks)
+
+    def score(self, ctx: Context, pods: list[Pod]) -> list[float] | None:
+        hashes = self.hashes(ctx.request)
+        ctx.state[self.key] = hashes
+        n = len(hashes)
+        if n == 0:
+            return None
+        matched = self.index.matched_blocks
+        inv = 1.0 / n
+        return [matched(p.name, hashes) * inv for p in pods]
+
+    def on_routed(self, request: SchedulingRequest, result: SchedulingResult) -> None:
+        hashes = result.plugin_state.get(self.key)
+        if not isinstance(hashes, list):
+            hashes = self.hashes(request)
+        self.index.credit(result.primary.name, hashes)
+
+    def forget_pod(self, pod_name: str) -> None:
+        self.index.forget(pod_name)
+
+
+class LeastLatencyArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ttft_weight: float = Field(default=0.5, ge=0, description="Share of TTFT in the score.")
+    tpot_weight: float = Field(default=0.5, ge=0, description="Share of TPOT in the score.")
+
+
+class LeastLatencyScorer(Scorer):
+    """Prefers pods with lower recent TTFT and TPOT (means over the last scrape interval with
+    traffic). Each part scores fastest / own (1 for the fastest pod); unknown = neutral."""
+
+    name = "least-latency"
+    Args = LeastLatencyArgs
+
+    def __init__(self, args: BaseModel) -> None:
+        super().__init__(args)
+        assert isinstance(args, LeastLatencyArgs)
+        total = args.ttft_weight + args.tpot_weight
+        if total <= 0:
+            raise ValueError("ttft_weight + tpot_weight must be > 0")
+        self.w_ttft = args.ttft_weight / total
+        self.w_tpot = args.tpot_weight / total
+
+    @staticmethod
+    def _relative(values: list[float | None]) -> list[float]:
+        known = [v for v in values if v is not None and v > 0]
+        if not known:
+            return [1.0] * len(values)
+        best = min(known)
+        return _neutral_fill([None if v is None else (best / v if v > 0 else 1.0) for v in values])
+
+    def score(self, ctx: Context, pods: list[Pod]) -> list[float] | None:
+        ttft = self._relative([None if p.metrics.stale else p.metrics.ttft_seconds for p in pods])
+        tpot = self._relative([None if p.metrics.stale else p.metrics.tpot_seconds for p in pods])
+        a, b = self.w_ttft, self.w_tpot
+        return [a * x + b * y for x, y in zip(ttft, tpot, strict=True)]
+
+
+class LoraAffinityScorer(Scorer):
+    """For a LoRA request: adapter running on the pod 1.0 > free adapter slot 0.8 > adapter
+    waiting 0.6 > none 0. Unknown = neutral; requests without an adapter score 1 everywhere."""
+
+    name = "lora-affinity"
+
+    @staticmethod
+    def affinity(pod: Pod, lora: str) -> float | None:
+        m = pod.metrics
+        if m.stale:
+            return None
+        if lora in m.running_loras:
+            return 1.0
+        if m.max_loras is not None and len(m.running_loras) < m.max_loras:
+            return 0.8
+        if lora in m.waiting_loras:
+            return 0.6
+        if m.max_loras is None and not m.running_loras and not m.waiting_loras:
+            return None  # the engine does not report LoRA state
+        return 0.0
+
+    def score(self, ctx: Context, pods: list[Pod]) -> list[float] | None:
+        lora = ctx.request.lora
+        if not lora:
+            return None
+        affinity = self.affinity
+        return _neutral_fill([affinity(p, lora) for p in pods])
+
+
+class SessionAffinityArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    header: str = Field(
+        default="x-session-id", min_length=1, description="Request header naming the session."
+    )
+    capacity: int = Field(default=65536, ge=1, description="Sessions remembered (LRU).")
+
+
+class SessionAffinityScorer(Scorer):
+    """Sends a session back to the pod that served it last: 1 for that pod, 0 for the others. The
+    session is the ``header`` value, else ``request.session_key``. When that pod is gone or filtered
+    out (not ready, saturated) nobody scores 1, the others decide, and the session moves."""
+
+    name = "session-affinity"
+    Args = SessionAffinityArgs
+    default_weight = 10.0
+
+    def __init__(self, args: BaseModel) -> None:
+        super().__init__(args)
+        assert isinstance(args, SessionAffinityArgs)
+        self.header = args.header.lower()
+        self.capacity = args.capacity
+        self.sessions: OrderedDict[str, str] = OrderedDict()
+
+    def session(self, request: SchedulingRequest) -> str | None:
+        return request.headers.get(self.header) or request.session_key
+
+    def score(self, ctx: Context, pods: list[Pod]) -> list[float] | None:
+        key = self.session(ctx.request)
+        pod_name = self.sessions.get(key) if key else None
+        if pod_name is None:
+            return None
+        return [1.0 if p.name == pod_name else 0.0 for p in pods]
+
+    def on_routed(self, request: SchedulingRequest, result: SchedulingResult) -> None:
+        key = self.session(request)
+        if not key:
+            return
+        self.sessions[key] = result.primary.name
+        self.sessions.move_to_end(key)
+        if len(self.sessions) > self.capacity:
+            self.sessions.popitem(last=False)
+
+    def forget_pod(self, pod_name: str) -> None:
+        for key in [k for k, v in self.sessions.items() if v == pod_name]:
+            del self.sessions[key]
+
+
+class RandomScorer(Scorer):
+    """A uniform random score per pod (from the scheduler's rng)."""
+
+    name = "random"
+
+    def score(self, ctx: Context, pods: list[Pod]) -> list[float] | None:
+        r = ctx.rng.random
+        return [r() for _ in pods]
+
+
+# -------------------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True, slots=True)
+class PluginInfo:
+    name: str
+    kind: str  # "filter" | "scorer"
+    factory: Callable[[BaseModel], Plugin]
+    args: type[BaseModel]
+    default_weight: float | None
+    doc: str
+
+
+def _info(cls: type[Filter] | type[Scorer]) -> PluginInfo:
+    weight = cls.default_weight if issubclass(cls, Scorer) else None
+    return PluginInfo(cls.name, cls.kind, cls, cls.Args, weight, (cls.__doc__ or "").strip())
+
+
+_CLASSES: Sequence[type[Filter] | type[Scorer]] = (
+    ReadyFilter,
+    SaturationFilter,
+    LoraCapableFilter,
+    LeastRequestScorer,
+    KvCacheScorer,
+    PrefixCacheScorer,
+    LeastLatencyScorer,
+    LoraAffinityScorer,
+    SessionAffinityScorer,
+    RandomScorer,
+)
+
+PLUGINS: dict[str, PluginInfo] = {c.name: _info(c) for c in _CLASSES}
+"""Every registered plugin by name."""

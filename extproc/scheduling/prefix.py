@@ -1,0 +1,88 @@
+"""Approximate prefix-cache index: chained xxhash over fixed-size prompt blocks, one LRU per pod.
+
+The prompt's UTF-8 bytes are cut into ``block_size``-byte blocks (only whole blocks count, at most
+``max_blocks`` of them); block *i*'s hash is xxh3-64 of its bytes seeded with block *i-1*'s hash,
+so a hash stands for the whole prefix up to and including that block. When a request is routed,
+its pod is credited with all its block hashes (most recent = first block); the per-pod LRU keeps
+at most ``capacity`` hashes. A pod's match for a new prompt is the number of leading blocks it
+holds, found by binary search (crediting in reverse order keeps a chain's early blocks at least as
+recent as its later ones, so "holds block i" implies "holds blocks < i" up to hash collisions).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import xxhash
+
+_xxh3 = xxhash.xxh3_64_intdigest
+
+
+def block_hashes(prompt: str, block_size: int, max_blocks: int) -> list[int]:
+    """Chained hashes of the prompt's leading whole blocks (at most ``max_blocks``)."""
+    data = prompt.encode("utf-8", "surrogatepass")
+    n = min(len(data) // block_size, max_blocks)
+    out: list[int] = []
+    append = out.append
+    h = 0
+    end = n * block_size
+    for i in range(0, end, block_size):
+        h = _xxh3(data[i : i + block_size], h)
+        append(h)
+    return out
+
+
+class PrefixIndex:
+    """Per-pod LRU sets of prefix block hashes."""
+
+    __slots__ = ("_pods", "capacity")
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._pods: dict[str, OrderedDict[int, None]] = {}
+
+    def matched_blocks(self, pod_name: str, hashes: Sequence[int]) -> int:
+        """How many leading blocks of ``hashes`` the pod holds."""
+        index = self._pods.get(pod_name)
+        n = len(hashes)
+        if not index or n == 0 or hashes[0] not in index:
+            return 0
+        if hashes[-1] in index:
+            return n
+        lo, hi = 1, n - 1  # hashes[lo-1] held, hashes[hi] not held
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if hashes[mid] in index:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    def credit(self, pod_name: str, hashes: Sequence[int]) -> None:
+        """Record that the pod now caches these blocks (the first block ends most recent)."""
+        if not hashes:
+            return
+        index = self._pods.get(pod_name)
+        if index is None:
+            index = self._pods[pod_name] = OrderedDict()
+        move = index.move_to_end
+        for h in reversed(hashes):
+            if h in index:
+                move(h)
+            else:
+                index[h] = None
+        over = len(index) - self.capacity
+        while over > 0:
+            index.popitem(last=False)
+            over -= 1
+
+    def forget(self, pod_name: str) -> None:
+        self._pods.pop(pod_name, None)
+
+    def size(self, pod_name: str) -> int:
+        index = self._pods.get(pod_name)
+        return len(index) if index else 0
+
+    def pods(self) -> list[str]:
+        return list(self._pods)

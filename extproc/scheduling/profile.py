@@ -1,0 +1,58 @@
+"""Scheduler profiles: which filters and weighted scorers a ModelServer uses.
+
+A profile is any object with ``.filters`` and ``.scorers`` sequences of items carrying ``.name``,
+``.weight`` and ``.args`` — the shape of ``ModelServer.spec.scheduler`` in ``crds`` — or the
+pydantic :class:`SchedulerProfile` below (usable from a gateway config file).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class PluginSpec(BaseModel):
+    """One plugin in a profile: its registered name, its weight (scorers only) and its args."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(description="Registered plugin name, e.g. 'prefix-cache'.")
+    weight: float | None = Field(
+        default=None,
+        ge=0,
+        description="Scorer weight (total = sum of weight x score); unset = the plugin's default. "
+        "Ignored for filters.",
+    )
+    args: Mapping[str, Any] | None = Field(
+        default=None, description="Plugin arguments; see docs/scheduling.md for each plugin."
+    )
+
+
+class SchedulerProfile(BaseModel):
+    """Filters run in order, then every scorer scores the remaining pods."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    filters: list[PluginSpec] = Field(default_factory=list)
+    scorers: list[PluginSpec] = Field(default_factory=list)
+    fallbacks: int = Field(
+        default=2, ge=0, le=8, description="How many next-best distinct pods follow the primary."
+    )
+
+
+DEFAULT_PROFILE = SchedulerProfile(
+    filters=[
+        PluginSpec(name="ready"),
+        PluginSpec(name="saturation", args={"max_waiting": 8, "max_kv_cache_usage": 0.95}),
+        PluginSpec(name="lora-capable"),
+    ],
+    scorers=[
+        PluginSpec(name="prefix-cache", weight=2.0),
+        PluginSpec(name="least-request", weight=3.0),
+        PluginSpec(name="kv-cache", weight=1.0),
+        PluginSpec(name="lora-affinity", weight=1.0),
+    ],
+)
+"""The gateway-wide default (see docs/scheduling.md for why these weights)."""

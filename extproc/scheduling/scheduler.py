@@ -1,0 +1,215 @@
+"""The scheduler: filters, then weighted scorers, then the best pod plus next-best fallbacks.
+
+Pure and synchronous: no I/O, an injected clock and rng. One instance per profile; the gateway
+calls :meth:`Scheduler.schedule` on the request path and the lifecycle hooks around it.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+from pydantic import BaseModel, ValidationError
+
+from extproc.scheduling.plugins import PLUGINS, Context, Filter, Scorer
+from extproc.scheduling.profile import DEFAULT_PROFILE
+from extproc.scheduling.types import (
+    NoPodAvailable,
+    Pod,
+    SchedulingRequest,
+    SchedulingResult,
+)
+
+__all__ = ["PluginSpecLike", "ProfileLike", "Scheduler", "build_scheduler"]
+
+
+class PluginSpecLike(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def weight(self) -> int | float | None: ...
+    @property
+    def args(self) -> Mapping[str, Any] | None: ...
+
+
+class ProfileLike(Protocol):
+    @property
+    def filters(self) -> Sequence[PluginSpecLike] | None: ...
+    @property
+    def scorers(self) -> Sequence[PluginSpecLike] | None: ...
+
+
+class Scheduler:
+    """Runs a profile's filters and scorers over a ModelServer's pods."""
+
+    __slots__ = ("_clock", "_rng", "filters", "max_fallbacks", "plugins", "scorers")
+
+    def __init__(
+        self,
+        filters: Sequence[Filter],
+        scorers: Sequence[tuple[Scorer, float]],
+        *,
+        max_fallbacks: int = 2,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.filters = list(filters)
+        self.scorers = [(s, float(w)) for s, w in scorers if w > 0]
+        self.plugins = [*self.filters, *(s for s, _ in scorers)]
+        self.max_fallbacks = max_fallbacks
+        self._clock = clock
+        self._rng = rng if rng is not None else random.Random()
+
+    def schedule(self, request: SchedulingRequest, pods: Sequence[Pod]) -> SchedulingResult:
+        """The best pod for ``request`` and up to ``max_fallbacks`` next-best distinct pods.
+
+        Raises :class:`NoPodAvailable` (or its subclass ``AllPodsSaturated``) with a reason that
+        names the ModelServer and why no pod qualifies.
+        """
+        ms = request.model_server
+        server = f"ModelServer {ms}" if ms else "the ModelServer"
+        if not pods:
+            raise NoPodAvailable(f"{server} has no pods")
+        ctx = Context(request, self._clock(), self._rng, server, {})
+        candidates = list(pods)
+        for f in self.filters:
+            kept = f.filter(ctx, candidates)
+            if not kept:
+                raise f.error(ctx, candidates)
+            candidates = kept
+        n = len(candidates)
+        totals: list[float] | None = None
+        for scorer, weight in self.scorers:
+            scores = scorer.score(ctx, candidates)
+            if scores is None:
+                continue
+            if totals is None:
+                totals = [weight * s for s in scores]
+            else:
+                totals = [t + weight * s for t, s in zip(totals, scores, strict=True)]
+        if totals is None:
+            totals = [0.0] * n
+        ranked = _rank(candidates, totals, 1 + self.max_fallbacks, self._rng)
+        return SchedulingResult(ranked[0], ranked[1:], ctx.state, candidates, totals)
+
+    def on_routed(self, request: SchedulingRequest, result: SchedulingResult) -> None:
+        """The gateway answered Envoy with ``result``: credit the prefix index, session table."""
+        for p in self.plugins:
+            p.on_routed(request, result)
+
+    def on_finished(self, request_id: str, pod_name: str) -> None:
+        """The request ended (its ext_proc stream closed)."""
+        for p in self.plugins:
+            p.on_finished(request_id, pod_name)
+
+    def forget_pod(self, pod_name: str) -> None:
+        """The pod is gone: plugins drop their state about it."""
+        for p in self.plugins:
+            p.forget_pod(pod_name)
+
+
+def _rank(pods: list[Pod], totals: list[float], k: int, rng: random.Random) -> list[Pod]:
+    """The ``k`` best pods by total, best first; equal totals in a random order (from ``rng``)."""
+    n = len(pods)
+    if n == 1:
+        return pods
+    order = sorted(range(n), key=totals.__getitem__, reverse=True)  # stable
+    k = min(k, n)
+    ranked: list[Pod] = []
+    i = 0
+    while len(ranked) < k:
+        t = totals[order[i]]
+        j = i + 1
+        while j < n and totals[order[j]] == t:
+            j += 1
+        need = k - len(ranked)
+        group = order[i:j] if j - i == 1 else rng.sample(order[i:j], min(need, j - i))
+        ranked.extend(pods[g] for g in group[:need])
+        i = j
+    return ranked
+
+
+def _error_text(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err.get("loc", ())) or "args"
+        msg = err.get("msg", "invalid")
+        if err.get("type") == "extra_forbidden":
+            msg = "unknown argument"
+        parts.append(f"argument '{loc}': {msg}")
+    return "; ".join(parts)
+
+
+def _build_plugin(kind: str, position: int, spec: PluginSpecLike) -> tuple[Any, float]:
+    where = f"scheduler {kind}s[{position}]"
+    name = getattr(spec, "name", None)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{where}: a plugin needs a 'name'")
+    info = PLUGINS.get(name)
+    if info is None:
+        known = ", ".join(sorted(n for n, i in PLUGINS.items() if i.kind == kind))
+        raise ValueError(f"{where}: unknown {kind} plugin '{name}' (known {kind}s: {known})")
+    if info.kind != kind:
+        raise ValueError(f"{where}: plugin '{name}' is a {info.kind}, not a {kind}")
+    raw_args = getattr(spec, "args", None)
+    if raw_args is None:
+        raw_args = {}
+    if isinstance(raw_args, BaseModel):
+        raw_args = raw_args.model_dump()
+    if not isinstance(raw_args, Mapping):
+        raise ValueError(f"{where}: plugin '{name}': 'args' must be a mapping")
+    try:
+        args = info.args.model_validate(dict(raw_args))
+        plugin = info.factory(args)
+    except ValidationError as exc:
+        raise ValueError(f"{where}: plugin '{name}': {_error_text(exc)}") from None
+    except ValueError as exc:
+        raise ValueError(f"{where}: plugin '{name}': {exc}") from None
+    plugin.key = f"{name}#{position}"
+    weight: float = 0.0
+    if kind == "scorer":
+        raw_weight = getattr(spec, "weight", None)
+        if raw_weight is None:
+            raw_weight = info.default_weight if info.default_weight is not None else 1.0
+        if isinstance(raw_weight, bool) or not isinstance(raw_weight, int | float):
+            raise ValueError(f"{where}: plugin '{name}': 'weight' must be a number")
+        if not raw_weight >= 0 or raw_weight == float("inf"):
+            raise ValueError(
+                f"{where}: plugin '{name}': 'weight' must be a finite number >= 0, got {raw_weight}"
+            )
+        weight = float(raw_weight)
+    return plugin, weight
+
+
+def build_scheduler(
+    profile: ProfileLike | None = None,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    rng: random.Random | None = None,
+    max_fallbacks: int | None = None,
+) -> Scheduler:
+    """A scheduler for ``profile`` (None = :data:`DEFAULT_PROFILE`).
+
+    ``profile`` is any object with ``.filters`` and ``.scorers`` of items with ``.name``,
+    ``.weight`` and ``.args`` (``ModelServer.spec.scheduler`` or :class:`SchedulerProfile`).
+    Unknown plugins or bad arguments raise ValueError naming the plugin and the argument.
+    ``max_fallbacks`` defaults to the profile's ``fallbacks`` if it has one, else 2.
+    """
+    if profile is None:
+        profile = DEFAULT_PROFILE
+    filters: list[Filter] = []
+    scorers: list[tuple[Scorer, float]] = []
+    for i, spec in enumerate(getattr(profile, "filters", None) or ()):
+        plugin, _ = _build_plugin("filter", i, spec)
+        filters.append(plugin)
+    for i, spec in enumerate(getattr(profile, "scorers", None) or ()):
+        plugin, weight = _build_plugin("scorer", i, spec)
+        scorers.append((plugin, weight))
+    if max_fallbacks is None:
+        fb = getattr(profile, "fallbacks", None)
+        max_fallbacks = fb if isinstance(fb, int) and not isinstance(fb, bool) else 2
+    if max_fallbacks < 0:
+        raise ValueError(f"max_fallbacks must be >= 0, got {max_fallbacks}")
+    return Scheduler(filters, scorers, max_fallbacks=max_fallbacks, clock=clock, rng=rng)
