@@ -1,0 +1,272 @@
+"""The gateway's datastore: routes, servers, pods, pod metrics and in-flight counts.
+
+Single-threaded by design (it lives on the extproc event loop): a configuration change builds a new
+immutable :class:`Snapshot` and swaps one reference, so a request that took ``datastore.snapshot``
+keeps a consistent view for its whole decision, and nothing ever waits on a lock. Pod objects are
+kept across configuration changes (same name and address), so their scraped metrics and in-flight
+counts survive a reload; metrics are replaced by the scraper with one assignment.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from extproc.routing import RouteTable, object_key
+from extproc.scheduling.types import Pod, PodMetrics
+
+__all__ = [
+    "Datastore",
+    "GatewayConfig",
+    "ServerView",
+    "Snapshot",
+    "StaticEndpoint",
+    "selects",
+]
+
+
+@dataclass(slots=True, frozen=True)
+class StaticEndpoint:
+    """A pod a standalone gateway serves (from an ``Endpoints`` document)."""
+
+    name: str
+    address: str  # "host:port" or "host" (then the ModelServer's workloadPort is used)
+    labels: Mapping[str, str] = field(default_factory=dict)
+    ready: bool = True
+    source: str = ""
+
+
+@dataclass(slots=True)
+class GatewayConfig:
+    """Everything a configuration source delivers, already validated."""
+
+    routes: list[Any] = field(default_factory=list)  # crds.ModelRoute
+    servers: list[Any] = field(default_factory=list)  # crds.ModelServer
+    endpoints: list[StaticEndpoint] = field(default_factory=list)
+    scheduler_profile: Any = None  # gateway-wide default profile (None = the scheduler's default)
+    source: str = ""
+
+
+@dataclass(slots=True, frozen=True)
+class ServerView:
+    """One ModelServer and the pods it selects (ready or not), in endpoint order."""
+
+    key: str
+    name: str
+    engine: str
+    model: str | None
+    port: int | None
+    profile: Any  # the ModelServer's scheduler profile, or None
+    pods: tuple[Pod, ...]
+    spec: Any
+
+
+@dataclass(slots=True, frozen=True)
+class Snapshot:
+    version: int
+    routes: RouteTable
+    servers: Mapping[str, ServerView]
+    pods: Mapping[str, Pod]
+    default_profile: Any
+    config: GatewayConfig
+    warnings: tuple[str, ...] = ()
+
+
+def selects(match_labels: Mapping[str, str] | None, labels: Mapping[str, str]) -> bool:
+    """Kubernetes ``matchLabels`` semantics: every listed label present with the same value."""
+    if not match_labels:
+        return False  # an empty selector selects nothing here (never every pod by accident)
+    return all(labels.get(k) == v for k, v in match_labels.items())
+
+
+def _address(endpoint: StaticEndpoint, port: int | None) -> str | None:
+    if endpoint.address.rsplit(":", 1)[-1].isdigit() and ":" in endpoint.address:
+        return endpoint.address
+    if port is None:
+        return None
+    return f"{endpoint.address}:{port}"
+
+
+def _engine(spec: Any) -> str:
+    engine = getattr(spec, "inference_engine", None) or "vLLM"
+    return str(getattr(engine, "value", engine))
+
+
+class Datastore:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._version = 0
+        self.on_pod_removed: list[Callable[[str], None]] = []
+        self.snapshot = self._build(GatewayConfig(), {})
+
+    # ---- configuration ------------------------------------------------------------------------
+    def apply(self, config: GatewayConfig) -> Snapshot:
+        """Install a validated configuration; pods that disappear are reported to listeners."""
+        old = self.snapshot
+        new = self._build(config, old.pods)
+        self.snapshot = new
+        for name in old.pods.keys() - new.pods.keys():
+            for listener in self.on_pod_removed:
+                listener(name)
+        return new
+
+    def _build(self, config: GatewayConfig, previous: Mapping[str, Pod]) -> Snapshot:
+        self._version += 1
+        warnings: list[str] = []
+        pods: dict[str, Pod] = {}
+        servers: dict[str, ServerView] = {}
+        server_models: dict[str, str | None] = {}
+        for server in config.servers:
+            key = object_key(server)
+            spec = server.spec
+            selector = getattr(getattr(spec, "workload_selector", None), "match_labels", None)
+            port_obj = getattr(spec, "workload_port", None)
+            port = getattr(port_obj, "port", None)
+            members: list[Pod] = []
+            for endpoint in config.endpoints:
+                if not selects(selector, endpoint.labels):
+                    continue
+                address = _address(endpoint, port)
+                if address is None:
+                    warnings.append(
+                        f"endpoint '{endpoint.name}' has no port and ModelServer '{key}' sets no "
+                        "workloadPort; skipped"
+                    )
+                    continue
+                pod = pods.get(endpoint.name)
+                if pod is None:
+                    kept = previous.get(endpoint.name)
+                    if kept is not None and kept.address == address:
+                        kept.labels = dict(endpoint.labels)
+                        kept.ready = endpoint.ready
+                        pod = kept
+                    else:
+                        pod = Pod(endpoint.name, address, dict(endpoint.labels), endpoint.ready)
+                    pods[endpoint.name] = pod
+                elif pod.address != address:
+                    warnings.append(
+                        f"endpoint '{endpoint.name}' resolves to {pod.address} and {address} for "
+                        f"different ModelServers; {pod.address} is used"
+                    )
+                members.append(pod)
+            model = getattr(spec, "model", None) or None
+            servers[key] = ServerView(
+                key=key,
+                name=server.metadata.name,
+                engine=_engine(spec),
+                model=model,
+                port=port,
+                profile=getattr(spec, "scheduler", None),
+                pods=tuple(members),
+                spec=spec,
+            )
+            server_models[key] = model
+        routes = RouteTable(config.routes, server_models)
+        warnings.extend(routes.conflicts)
+        return Snapshot(
+            version=self._version,
+            routes=routes,
+            servers=servers,
+            pods=pods,
+            default_profile=config.scheduler_profile,
+            config=config,
+            warnings=tuple(warnings),
+        )
+
+    # ---- request path -------------------------------------------------------------------------
+    @staticmethod
+    def begin(pod: Pod) -> None:
+        pod.in_flight += 1
+
+    def finish(self, pod_name: str) -> None:
+        pod = self.snapshot.pods.get(pod_name)
+        if pod is not None and pod.in_flight > 0:
+            pod.in_flight -= 1
+
+    def in_flight_total(self) -> int:
+        return sum(p.in_flight for p in self.snapshot.pods.values())
+
+    # ---- metrics ------------------------------------------------------------------------------
+    def publish_metrics(self, pod_name: str, metrics: PodMetrics) -> None:
+        pod = self.snapshot.pods.get(pod_name)
+        if pod is not None:
+            pod.metrics = metrics
+
+    def scrape_targets(self) -> list[tuple[str, str, str]]:
+        """(pod name, metrics URL, engine) for every pod of every ModelServer."""
+        out: dict[str, tuple[str, str, str]] = {}
+        for view in self.snapshot.servers.values():
+            for pod in view.pods:
+                if pod.name not in out:
+                    out[pod.name] = (pod.name, f"http://{pod.address}/metrics", view.engine)
+        return list(out.values())
+
+    # ---- introspection ------------------------------------------------------------------------
+    def sizes(self) -> dict[str, int]:
+        snap = self.snapshot
+        return {
+            "ModelRoute": len(snap.routes.routes),
+            "ModelServer": len(snap.servers),
+            "Pod": len(snap.pods),
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        snap = self.snapshot
+        now = self.clock()
+
+        def pod_json(pod: Pod) -> dict[str, Any]:
+            m = pod.metrics
+            return {
+                "name": pod.name,
+                "address": pod.address,
+                "labels": dict(pod.labels),
+                "ready": pod.ready,
+                "inFlight": pod.in_flight,
+                "metrics": {
+                    "waiting": m.waiting,
+                    "running": m.running,
+                    "kvCacheUsage": m.kv_cache_usage,
+                    "ttftSeconds": m.ttft_seconds,
+                    "tpotSeconds": m.tpot_seconds,
+                    "runningLoras": sorted(m.running_loras),
+                    "waitingLoras": sorted(m.waiting_loras),
+                    "maxLoras": m.max_loras,
+                    "stale": m.stale,
+                    "ageSeconds": round(now - m.scraped_at, 3) if m.scraped_at else None,
+                },
+            }
+
+        return {
+            "version": snap.version,
+            "source": snap.config.source,
+            "warnings": list(snap.warnings),
+            "modelRoutes": [
+                {
+                    "key": r.key,
+                    "modelName": r.model_name,
+                    "loraAdapters": list(r.lora_adapters),
+                    "rules": [
+                        {"name": rule.name, "servers": list(rule.servers), "total": rule.total}
+                        for rule in r.rules
+                    ],
+                }
+                for r in snap.routes.routes
+            ],
+            "modelServers": [
+                {
+                    "key": v.key,
+                    "engine": v.engine,
+                    "model": v.model,
+                    "port": v.port,
+                    "pods": [p.name for p in v.pods],
+                }
+                for v in snap.servers.values()
+            ],
+            "pods": [pod_json(p) for p in snap.pods.values()],
+        }
+
+
+def pods_ready(pods: Iterable[Pod]) -> Sequence[Pod]:
+    return [p for p in pods if p.ready]

@@ -1,0 +1,263 @@
+"""The gateway's decisions for one request: parse, route, schedule, answer. Pure of gRPC.
+
+The ext_proc servicer (``extproc.servicer``) calls, per request stream:
+
+1. :meth:`Gateway.start` with the request headers — answers ``GET /v1/models`` and rejects bad
+   request lines or announced oversize bodies at once;
+2. :meth:`Gateway.decide` with the whole body — returns :class:`Routed` (endpoints, best first, and
+   the body to forward when the model is rewritten) or :class:`Immediate` (an OpenAI-style error);
+3. :meth:`Gateway.routed` once the answer went out (credits the scheduler's prefix/session state);
+4. :meth:`Gateway.finish` when the stream ends (the request is over: in-flight count drops).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from random import Random
+from typing import Any, Protocol
+
+import orjson
+
+from extproc.datastore import Datastore, ServerView
+from extproc.errors import GatewayError, bad_request, body_too_large, no_pod_available
+from extproc.metrics import GatewayMetrics
+from extproc.parsing import DEFAULT_BODY_LIMIT, Endpoint, classify, estimate_tokens, parse_body
+from extproc.scheduling.types import NoPodAvailable, Pod, SchedulingRequest, SchedulingResult
+
+__all__ = [
+    "DESTINATION_HEADER",
+    "SESSION_HEADER",
+    "Gateway",
+    "Immediate",
+    "RequestState",
+    "Routed",
+    "SchedulerLike",
+]
+
+log = logging.getLogger("matrixinfer.extproc")
+
+DESTINATION_HEADER = "x-gateway-destination-endpoint"
+SESSION_HEADER = "x-session-id"
+
+
+class SchedulerLike(Protocol):
+    def schedule(self, request: SchedulingRequest, pods: Sequence[Pod]) -> SchedulingResult: ...
+    def on_routed(self, request: SchedulingRequest, result: SchedulingResult) -> None: ...
+    def on_finished(self, request_id: str, pod_name: str) -> None: ...
+    def forget_pod(self, pod_name: str) -> None: ...
+
+
+SchedulerFactory = Callable[[Any], SchedulerLike]
+
+
+def default_scheduler_factory(profile: Any) -> SchedulerLike:
+    from extproc.scheduling import build_scheduler
+
+    return build_scheduler(profile=profile, clock=time.monotonic)
+
+
+@dataclass(slots=True)
+class Immediate:
+    """An answer from the gateway itself."""
+
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+
+
+@dataclass(slots=True)
+class Routed:
+    endpoints: list[str]  # primary first, then fallbacks ("ip:port")
+    pod: Pod
+    body: bytes | None  # the body to forward when it changed (model rewrite), else None
+    headers: dict[str, str] = field(default_factory=dict)  # headers to set towards the pod
+
+
+@dataclass(slots=True)
+class RequestState:
+    request_id: str
+    started: float
+    headers: dict[str, str]
+    endpoint: Endpoint | None = None
+    model: str = ""
+    route: str = ""
+    server: str = ""
+    server_key: str = ""
+    pod_name: str | None = None
+    scheduling_request: SchedulingRequest | None = None
+    result: SchedulingResult | None = None
+    scheduler: SchedulerLike | None = None
+    code: int = 0
+
+
+def _error(exc: GatewayError) -> Immediate:
+    return Immediate(exc.status, exc.body())
+
+
+class Gateway:
+    def __init__(
+        self,
+        datastore: Datastore,
+        metrics: GatewayMetrics | None = None,
+        *,
+        body_limit: int = DEFAULT_BODY_LIMIT,
+        scheduler_factory: SchedulerFactory = default_scheduler_factory,
+        rng: Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        session_header: str = SESSION_HEADER,
+    ) -> None:
+        self.datastore = datastore
+        self.metrics = metrics or GatewayMetrics()
+        self.body_limit = body_limit
+        self.scheduler_factory = scheduler_factory
+        self.rng = rng or Random()
+        self.clock = clock
+        self.session_header = session_header
+        self._schedulers: dict[str, tuple[Any, SchedulerLike]] = {}
+        datastore.on_pod_removed.append(self._forget_pod)
+
+    # ---- schedulers ---------------------------------------------------------------------------
+    def scheduler_for(self, view: ServerView, default_profile: Any) -> SchedulerLike:
+        profile = view.profile if view.profile is not None else default_profile
+        held = self._schedulers.get(view.key)
+        if held is not None and held[0] == profile:
+            return held[1]
+        scheduler = self.scheduler_factory(profile)
+        self._schedulers[view.key] = (profile, scheduler)
+        return scheduler
+
+    def _forget_pod(self, pod_name: str) -> None:
+        for _, scheduler in self._schedulers.values():
+            scheduler.forget_pod(pod_name)
+
+    # ---- request phases -----------------------------------------------------------------------
+    def start(
+        self, headers: Mapping[str, str], end_of_stream: bool
+    ) -> tuple[RequestState, Immediate | None]:
+        request_id = headers.get("x-request-id") or uuid.uuid4().hex
+        state = RequestState(request_id, self.clock(), dict(headers))
+        try:
+            endpoint = classify(headers.get(":method", "GET"), headers.get(":path", "/"))
+            state.endpoint = endpoint
+            if endpoint.kind == "models":
+                return state, self._answer(state, Immediate(200, self.models_body()))
+            length = headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) > self.body_limit:
+                raise body_too_large(int(length), self.body_limit)
+            if end_of_stream:
+                raise bad_request(
+                    "the request body is empty; send a JSON object with a 'model' field"
+                )
+        except GatewayError as exc:
+            return state, self._answer(state, _error(exc))
+        return state, None
+
+    def too_large(self, state: RequestState, size: int) -> Immediate:
+        return self._answer(state, _error(body_too_large(size, self.body_limit)))
+
+    def models_body(self) -> bytes:
+        created = 0
+        data = [
+            {"id": name, "object": "model", "created": created, "owned_by": "matrixinfer"}
+            for name in self.datastore.snapshot.routes.model_names()
+        ]
+        return orjson.dumps({"object": "list", "data": data})
+
+    def decide(self, state: RequestState, raw: bytes) -> Routed | Immediate:
+        began = time.perf_counter()
+        try:
+            return self._decide(state, raw)
+        except GatewayError as exc:
+            return self._answer(state, _error(exc))
+        finally:
+            self.metrics.decision_duration.observe(time.perf_counter() - began)
+
+    def _decide(self, state: RequestState, raw: bytes) -> Routed:
+        assert state.endpoint is not None
+        parsed = parse_body(state.endpoint.kind, raw, self.body_limit)
+        state.model = parsed.model
+        snap = self.datastore.snapshot
+        decision = snap.routes.decide(parsed.model, state.headers, state.endpoint.path, self.rng)
+        state.route = decision.route
+        state.server = decision.server
+        state.server_key = decision.server_key
+        view = snap.servers[decision.server_key]
+        if not view.pods:
+            raise no_pod_available(f"ModelServer '{view.name}' has no pods")
+        request = SchedulingRequest(
+            request_id=state.request_id,
+            model=parsed.model,
+            lora=decision.lora,
+            prompt=parsed.prompt,
+            estimated_input_tokens=estimate_tokens(parsed.prompt),
+            session_key=state.headers.get(self.session_header),
+            headers=state.headers,
+        )
+        scheduler = self.scheduler_for(view, snap.default_profile)
+        began = time.perf_counter()
+        try:
+            result = scheduler.schedule(request, view.pods)
+        except NoPodAvailable as exc:
+            raise no_pod_available(f"ModelServer '{view.name}': {exc.reason}") from None
+        finally:
+            self.metrics.scheduling_duration.labels(view.name).observe(time.perf_counter() - began)
+        pod = result.primary
+        self.datastore.begin(pod)
+        state.pod_name = pod.name
+        state.scheduling_request = request
+        state.result = result
+        state.scheduler = scheduler
+        state.code = 200
+        self.metrics.in_flight.inc()
+        self.metrics.pod_picks.labels(view.name, pod.name).inc()
+        self.metrics.requests.labels(parsed.model, decision.route, view.name, "200").inc()
+        body: bytes | None = None
+        if decision.rewritten:
+            parsed.body["model"] = decision.upstream_model
+            body = orjson.dumps(parsed.body)
+        return Routed(
+            endpoints=result.endpoints(),
+            pod=pod,
+            body=body,
+            headers={"x-gateway-model-server": view.name},
+        )
+
+    def _answer(self, state: RequestState, immediate: Immediate) -> Immediate:
+        state.code = immediate.status
+        self.metrics.requests.labels(
+            state.model, state.route, state.server, str(immediate.status)
+        ).inc()
+        if immediate.status >= 400:
+            log.info(
+                "request %s answered %d by the gateway: %s",
+                state.request_id,
+                immediate.status,
+                immediate.body.decode(errors="replace"),
+            )
+        return immediate
+
+    def routed(self, state: RequestState) -> None:
+        if state.scheduler is not None and state.scheduling_request and state.result:
+            try:
+                state.scheduler.on_routed(state.scheduling_request, state.result)
+            except Exception:  # a plugin bug must not break the request path
+                log.exception("scheduler on_routed failed for request %s", state.request_id)
+
+    def finish(self, state: RequestState) -> None:
+        if state.pod_name is None:
+            return
+        self.datastore.finish(state.pod_name)
+        self.metrics.in_flight.dec()
+        self.metrics.request_duration.labels(state.model, state.server).observe(
+            self.clock() - state.started
+        )
+        if state.scheduler is not None:
+            try:
+                state.scheduler.on_finished(state.request_id, state.pod_name)
+            except Exception:
+                log.exception("scheduler on_finished failed for request %s", state.request_id)
+        state.pod_name = None

@@ -1,0 +1,214 @@
+"""``matrixinfer-extproc``: the ext_proc gRPC server, its HTTP side port, config and scraper."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from aiohttp import web
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from extproc.config_files import ConfigWatcher
+from extproc.datastore import Datastore, GatewayConfig
+from extproc.envoy_eds import write_eds
+from extproc.gateway import Gateway
+from extproc.http_side import build_app
+from extproc.metrics import GatewayMetrics
+from extproc.parsing import DEFAULT_BODY_LIMIT
+from extproc.servicer import BODY_MODES, ExtProcServicer
+
+__all__ = ["main", "parse_args", "serve"]
+
+log = logging.getLogger("matrixinfer.extproc")
+
+EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="matrixinfer-extproc",
+        description="MatrixInfer gateway: the Envoy ext_proc server that routes OpenAI requests.",
+    )
+    p.add_argument("--config", required=True, type=Path, help="directory of YAML configuration")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--grpc-port", type=int, default=9002, help="ext_proc gRPC port (default 9002)")
+    p.add_argument("--http-port", type=int, default=9090, help="metrics/health port (default 9090)")
+    p.add_argument(
+        "--body-mode",
+        choices=BODY_MODES,
+        default="BUFFERED",
+        help="must match the Envoy filter's request_body_mode (default BUFFERED)",
+    )
+    p.add_argument(
+        "--body-limit",
+        type=int,
+        default=DEFAULT_BODY_LIMIT,
+        help=f"largest request body in bytes; larger ones get 413 (default {DEFAULT_BODY_LIMIT})",
+    )
+    p.add_argument(
+        "--scrape-interval", type=float, default=0.2, help="pod /metrics period, s (default 0.2)"
+    )
+    p.add_argument(
+        "--config-poll", type=float, default=1.0, help="config directory poll period, s (default 1)"
+    )
+    p.add_argument(
+        "--eds-file",
+        type=Path,
+        default=None,
+        help="write the pods as an Envoy ClusterLoadAssignment to this file (for override_host)",
+    )
+    p.add_argument("--eds-cluster", default="matrixinfer_pods", help="cluster name in --eds-file")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    return p.parse_args(argv)
+
+
+class ExtProcApp:
+    """Everything one extproc process runs, wired together."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.metrics = GatewayMetrics()
+        self.datastore = Datastore()
+        self.gateway = Gateway(self.datastore, self.metrics, body_limit=args.body_limit)
+        self.watcher = ConfigWatcher(
+            args.config, self._apply, interval=args.config_poll, on_result=self._counted
+        )
+        self.scraper: Any = None
+        self.started = time.monotonic()
+
+    def _apply(self, config: GatewayConfig) -> None:
+        snap = self.datastore.apply(config)
+        for warning in snap.warnings:
+            log.warning("configuration: %s", warning)
+        for kind, n in self.datastore.sizes().items():
+            self.metrics.datastore_objects.labels(kind).set(n)
+        if self.args.eds_file is not None:
+            write_eds(
+                self.args.eds_file, self.args.eds_cluster, (p.address for p in snap.pods.values())
+            )
+
+    def _counted(self, ok: bool) -> None:
+        self.metrics.config_reloads.labels("applied" if ok else "rejected").inc()
+
+    def ready(self) -> tuple[bool, str]:
+        if self.watcher.status.applied == 0:
+            return False, "no configuration applied yet: " + (self.watcher.status.last_error or "")
+        return True, "ready"
+
+    def state(self) -> dict[str, Any]:
+        out = self.datastore.to_json()
+        out["config"] = {
+            "directory": str(self.args.config),
+            "applied": self.watcher.status.applied,
+            "rejected": self.watcher.status.rejected,
+            "lastError": self.watcher.status.last_error,
+        }
+        return out
+
+    def _start_scraper(self) -> None:
+        try:
+            from extproc.scraper import MetricsScraper, ScrapeTarget
+        except ImportError:
+            log.warning("extproc.scraper is not available: pod metrics are not scraped")
+            return
+
+        def targets() -> list[Any]:
+            return [ScrapeTarget(n, u, e) for n, u, e in self.datastore.scrape_targets()]
+
+        self.scraper = MetricsScraper(
+            targets,
+            self.datastore.publish_metrics,
+            interval=self.args.scrape_interval,
+            registry=self.metrics.registry,
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        args = self.args
+        if not self.watcher.load_now():
+            log.error("starting without a configuration; fix %s (it is watched)", args.config)
+        server = grpc.aio.server(
+            options=[
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_receive_message_length", args.body_limit + 1024 * 1024),
+            ]
+        )
+        pb_grpc.add_ExternalProcessorServicer_to_server(
+            ExtProcServicer(self.gateway, body_mode=args.body_mode, body_limit=args.body_limit),
+            server,
+        )
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        grpc_address = f"{args.host}:{args.grpc_port}"
+        if server.add_insecure_port(grpc_address) == 0:
+            raise OSError(f"cannot listen on {grpc_address}")
+        await server.start()
+        for service in ("", EXT_PROC_SERVICE):
+            await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+        runner = web.AppRunner(build_app(self.metrics.registry, self.state, self.ready))
+        await runner.setup()
+        await web.TCPSite(runner, args.host, args.http_port).start()
+        self.watcher.start()
+        self._start_scraper()
+        if self.scraper is not None:
+            await self.scraper.start()
+        log.info(
+            "extproc serving ext_proc on %s (body mode %s), HTTP on %s:%d",
+            grpc_address,
+            args.body_mode,
+            args.host,
+            args.http_port,
+        )
+        try:
+            await stop.wait()
+        finally:
+            log.info("extproc stopping")
+            for service in ("", EXT_PROC_SERVICE):
+                await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+            await self.watcher.stop()
+            if self.scraper is not None:
+                await self.scraper.stop()
+            await server.stop(grace=1.0)
+            await runner.cleanup()
+
+
+async def serve(args: argparse.Namespace) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await ExtProcApp(args).run(stop)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        asyncio.run(serve(args))
+    except OSError as exc:
+        log.error("extproc cannot start: %s", exc)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""The gateway's own Prometheus metrics, in their own registry (one registry per component)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["GatewayMetrics"]
+
+_LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+)
+_SCHEDULING_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1)
+
+
+class GatewayMetrics:
+    """All ``matrixinfer_gateway_*`` series; the scraper registers its own in ``registry``."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "matrixinfer_gateway_requests",
+            "Requests decided by the gateway, by model, ModelRoute, ModelServer and the status the "
+            "gateway answered (200 = routed to a pod; 4xx/5xx = answered by the gateway itself).",
+            ["model", "route", "server", "code"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "matrixinfer_gateway_request_duration_seconds",
+            "Time from the request headers reaching the gateway to the end of the request "
+            "(the ext_proc stream's lifetime), by model and ModelServer.",
+            ["model", "server"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.decision_duration = Histogram(
+            "matrixinfer_gateway_decision_duration_seconds",
+            "Time the gateway spent deciding a request once its body arrived "
+            "(parse, route, schedule).",
+            buckets=_SCHEDULING_BUCKETS,
+            registry=r,
+        )
+        self.scheduling_duration = Histogram(
+            "matrixinfer_gateway_scheduling_duration_seconds",
+            "Time spent in the scheduler (filters and scorers) for one request, by ModelServer.",
+            ["server"],
+            buckets=_SCHEDULING_BUCKETS,
+            registry=r,
+        )
+        self.pod_picks = Counter(
+            "matrixinfer_gateway_pod_picks",
+            "Requests sent to each pod as the primary endpoint, by ModelServer and pod.",
+            ["server", "pod"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "matrixinfer_gateway_in_flight_requests",
+            "Requests the gateway has routed that have not finished yet.",
+            registry=r,
+        )
+        self.datastore_objects = Gauge(
+            "matrixinfer_gateway_datastore_objects",
+            "Objects in the gateway's datastore, by kind (ModelRoute, ModelServer, Pod).",
+            ["kind"],
+            registry=r,
+        )
+        self.config_reloads = Counter(
+            "matrixinfer_gateway_config_reloads",
+            "Configuration loads, by result (applied | rejected).",
+            ["result"],
+            registry=r,
+        )

@@ -1,0 +1,161 @@
+"""The ext_proc edge: translate Envoy's ProcessingRequest/Response to :class:`Gateway` calls.
+
+Nothing is decided here. One gRPC stream is one HTTP request; the stream's end is the request's end
+(Envoy keeps it open until the HTTP exchange is over, even with response processing SKIP).
+
+Body modes (see docs/gateway.md for the measurements behind the default):
+
+- ``BUFFERED``: Envoy holds the headers, buffers the whole body and sends it in one message; the
+  headers are answered at once, the body reply carries the routing decision.
+- ``FULL_DUPLEX_STREAMED``: the body arrives in chunks; the headers reply is held until the last
+  chunk, and the body goes back as one ``streamed_response``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
+
+from extproc.gateway import DESTINATION_HEADER, Gateway, Immediate, RequestState, Routed
+from extproc.parsing import DEFAULT_BODY_LIMIT
+
+__all__ = ["BODY_MODES", "ExtProcServicer"]
+
+log = logging.getLogger("matrixinfer.extproc")
+
+BODY_MODES = ("BUFFERED", "FULL_DUPLEX_STREAMED")
+LB_NAMESPACE = "envoy.lb"
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_CONTINUE_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+
+
+def _headers_of(msg: pb.HttpHeaders) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for h in msg.headers.headers:
+        out[h.key] = h.raw_value.decode("latin-1") if h.raw_value else h.value
+    return out
+
+
+def _set(key: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=key, raw_value=value.encode()), append_action=_OVERWRITE
+    )
+
+
+def immediate_response(answer: Immediate) -> pb.ProcessingResponse:
+    return pb.ProcessingResponse(
+        immediate_response=pb.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=answer.status),
+            headers=pb.HeaderMutation(set_headers=[_set("content-type", answer.content_type)]),
+            body=answer.body,
+            details=f"matrixinfer_gateway_{answer.status}",
+        )
+    )
+
+
+def _mutation(routed: Routed, body_len: int | None) -> pb.HeaderMutation:
+    headers = [_set(DESTINATION_HEADER, routed.endpoints[0])]
+    headers.extend(_set(k, v) for k, v in routed.headers.items())
+    if body_len is not None:
+        headers.append(_set("content-length", str(body_len)))
+    return pb.HeaderMutation(set_headers=headers)
+
+
+def _lb_metadata(routed: Routed) -> struct_pb2.Struct:
+    md = struct_pb2.Struct()
+    md.update({LB_NAMESPACE: {DESTINATION_HEADER: ",".join(routed.endpoints)}})
+    return md
+
+
+class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+    def __init__(
+        self,
+        gateway: Gateway,
+        *,
+        body_mode: str = "BUFFERED",
+        body_limit: int = DEFAULT_BODY_LIMIT,
+    ) -> None:
+        if body_mode not in BODY_MODES:
+            raise ValueError(f"body mode must be one of {', '.join(BODY_MODES)}, not {body_mode!r}")
+        self.gateway = gateway
+        self.duplex = body_mode == "FULL_DUPLEX_STREAMED"
+        self.body_limit = body_limit
+
+    async def Process(
+        self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: object
+    ) -> AsyncIterator[pb.ProcessingResponse]:
+        state: RequestState | None = None
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async for req in request_iterator:
+                kind = req.WhichOneof("request")
+                if kind == "request_headers":
+                    state, answer = self.gateway.start(
+                        _headers_of(req.request_headers), req.request_headers.end_of_stream
+                    )
+                    if answer is not None:
+                        yield immediate_response(answer)
+                        return
+                    if not self.duplex:
+                        yield _CONTINUE_HEADERS
+                elif kind == "request_body":
+                    if state is None:
+                        return
+                    body = req.request_body
+                    size += len(body.body)
+                    if size > self.body_limit:
+                        yield immediate_response(self.gateway.too_large(state, size))
+                        return
+                    chunks.append(body.body)
+                    if not body.end_of_stream:
+                        continue
+                    raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                    decision = self.gateway.decide(state, raw)
+                    if isinstance(decision, Immediate):
+                        yield immediate_response(decision)
+                        return
+                    yield from_decision(decision, raw, self.duplex)
+                    if self.duplex:
+                        yield _duplex_body(decision, raw)
+                    self.gateway.routed(state)
+                elif kind == "request_trailers":
+                    yield pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+                # response phases are not requested (SKIP); nothing else to answer
+        finally:
+            if state is not None:
+                self.gateway.finish(state)
+
+
+def from_decision(routed: Routed, raw: bytes, duplex: bool) -> pb.ProcessingResponse:
+    new_len = len(routed.body) if routed.body is not None else None
+    common = pb.CommonResponse(header_mutation=_mutation(routed, new_len))
+    if duplex:
+        return pb.ProcessingResponse(
+            request_headers=pb.HeadersResponse(response=common),
+            dynamic_metadata=_lb_metadata(routed),
+        )
+    if routed.body is not None:
+        common.body_mutation.body = routed.body
+    return pb.ProcessingResponse(
+        request_body=pb.BodyResponse(response=common), dynamic_metadata=_lb_metadata(routed)
+    )
+
+
+def _duplex_body(routed: Routed, raw: bytes) -> pb.ProcessingResponse:
+    body = routed.body if routed.body is not None else raw
+    return pb.ProcessingResponse(
+        request_body=pb.BodyResponse(
+            response=pb.CommonResponse(
+                body_mutation=pb.BodyMutation(
+                    streamed_response=pb.StreamedBodyResponse(body=body, end_of_stream=True)
+                )
+            )
+        )
+    )

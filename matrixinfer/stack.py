@@ -1,0 +1,187 @@
+"""The gateway stack: one extproc process and one Envoy in front of a configuration directory.
+
+Used by ``matrixinfer demo``, ``matrixinfer gateway``, the integration tests and the benchmark.
+Children are started through :mod:`matrixinfer.process` (own process group, log file, readiness
+polled with a deadline, SIGTERM then SIGKILL).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from matrixinfer.envoy_config import EnvoySettings, render_bootstrap
+from matrixinfer.process import Child, find_envoy, free_port, http_ok
+
+__all__ = ["GatewayStack", "StackOptions"]
+
+EDS_CLUSTER = "matrixinfer_pods"
+
+
+@dataclass(slots=True)
+class StackOptions:
+    listen_host: str = "127.0.0.1"
+    listen_port: int | None = None  # None: a free port
+    body_mode: str = "BUFFERED"
+    body_limit: int = 10 * 1024 * 1024
+    fail_open: bool = False
+    message_timeout_ms: int = 200
+    scrape_interval: float = 0.2
+    config_poll: float = 1.0
+    retries: int = 2
+    access_log: bool = False
+    extproc_log_level: str = "INFO"
+    envoy_log_level: str = "warn"
+    envoy_concurrency: int = 2
+    extra_extproc_args: Sequence[str] = field(default_factory=tuple)
+
+
+class GatewayStack:
+    def __init__(
+        self, config_dir: Path | str, run_dir: Path | str, options: StackOptions | None = None
+    ):
+        self.config_dir = Path(config_dir)
+        self.run_dir = Path(run_dir)
+        self.options = options or StackOptions()
+        o = self.options
+        self.listen_port = o.listen_port or free_port(o.listen_host)
+        self.admin_port = free_port()
+        self.grpc_port = free_port()
+        self.http_port = free_port()
+        self.eds_path = self.run_dir / "eds" / "pods.json"
+        self.bootstrap_path = self.run_dir / "envoy.yaml"
+        self.extproc = Child(
+            "extproc",
+            [
+                sys.executable,
+                "-m",
+                "extproc.main",
+                "--config",
+                str(self.config_dir),
+                "--grpc-port",
+                str(self.grpc_port),
+                "--http-port",
+                str(self.http_port),
+                "--body-mode",
+                o.body_mode,
+                "--body-limit",
+                str(o.body_limit),
+                "--scrape-interval",
+                str(o.scrape_interval),
+                "--config-poll",
+                str(o.config_poll),
+                "--eds-file",
+                str(self.eds_path),
+                "--eds-cluster",
+                EDS_CLUSTER,
+                "--log-level",
+                o.extproc_log_level,
+                *o.extra_extproc_args,
+            ],
+            log_path=self.run_dir / "extproc.log",
+            ready=lambda: http_ok(f"{self.extproc_url}/healthz"),
+            ready_timeout=30,
+        )
+        self.envoy = Child(
+            "envoy",
+            [
+                find_envoy(),
+                "-c",
+                str(self.bootstrap_path),
+                "--disable-hot-restart",
+                "--log-level",
+                o.envoy_log_level,
+                "--concurrency",
+                str(o.envoy_concurrency),
+            ],
+            log_path=self.run_dir / "envoy.log",
+            ready=lambda: http_ok(f"http://127.0.0.1:{self.admin_port}/ready"),
+            ready_timeout=30,
+        )
+
+    # ---- addresses ----------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        """Base URL of the OpenAI API through Envoy, e.g. http://127.0.0.1:8080/v1."""
+        return f"http://{self.options.listen_host}:{self.listen_port}/v1"
+
+    @property
+    def extproc_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def write_bootstrap(self) -> None:
+        o = self.options
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.eds_path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.eds_path.exists():
+            from extproc.envoy_eds import write_eds
+
+            write_eds(self.eds_path, EDS_CLUSTER, [])
+        self.bootstrap_path.write_text(
+            render_bootstrap(
+                EnvoySettings(
+                    listen_port=self.listen_port,
+                    admin_port=self.admin_port,
+                    extproc_port=self.grpc_port,
+                    eds_path=self.eds_path,
+                    listen_host=o.listen_host,
+                    body_mode=o.body_mode,
+                    body_limit=o.body_limit,
+                    message_timeout_ms=o.message_timeout_ms,
+                    fail_open=o.fail_open,
+                    retries=o.retries,
+                    access_log=o.access_log,
+                )
+            )
+        )
+
+    def start(self) -> GatewayStack:
+        self.write_bootstrap()
+        try:
+            self.extproc.start()
+            self.envoy.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        self.envoy.stop()
+        self.extproc.stop()
+
+    def __enter__(self) -> GatewayStack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ---- introspection ------------------------------------------------------------------------
+    def extproc_ready(self) -> bool:
+        return http_ok(f"{self.extproc_url}/readyz")
+
+    def state(self) -> dict[str, object]:
+        with urllib.request.urlopen(f"{self.extproc_url}/debug/state", timeout=2) as resp:
+            data: dict[str, object] = json.loads(resp.read())
+            return data
+
+    def envoy_hosts(self) -> set[str]:
+        """Addresses Envoy currently has in the pods cluster (from its admin /clusters)."""
+        with urllib.request.urlopen(f"{self.admin_url}/clusters?format=json", timeout=2) as resp:
+            data = json.loads(resp.read())
+        out: set[str] = set()
+        for cluster in data.get("cluster_statuses", []):
+            if cluster.get("name") != EDS_CLUSTER:
+                continue
+            for host in cluster.get("host_statuses", []):
+                sock = host["address"]["socket_address"]
+                out.add(f"{sock['address']}:{sock['port_value']}")
+        return out
