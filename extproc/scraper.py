@@ -1,0 +1,535 @@
+"""Pod metrics scraper: reads every pod's ``/metrics`` on a fixed interval, off the request path.
+
+It runs as its own asyncio task. Each tick (default every 200 ms) it starts one scrape for every
+target that has none in progress, so a slow or dead pod never delays the others (each scrape has its
+own timeout). A finished scrape is parsed by :func:`parse_metrics` (pure) into a fresh
+:class:`PodMetrics` object handed to ``publish(pod_name, metrics)`` — consumers replace their
+reference atomically, nothing is mutated in place. A pod without a successful scrape for
+``stale_after`` seconds is published once more with ``stale=True`` (plugins treat it as unknown).
+
+Engine name maps (the first name present wins; histograms are read from their _sum/_count):
+
+- waiting: ``vllm:num_requests_waiting`` | ``sglang:num_queue_reqs``
+- running: ``vllm:num_requests_running`` | ``sglang:num_running_reqs``
+- kv_cache_usage: ``vllm:kv_cache_usage_perc``, else ``vllm:gpu_cache_usage_perc`` |
+  ``sglang:token_usage``
+- ttft_seconds: ``vllm:time_to_first_token_seconds`` | ``sglang:time_to_first_token_seconds``
+- tpot_seconds: ``vllm:inter_token_latency_seconds``, else ``vllm:time_per_output_token_seconds`` |
+  ``sglang:inter_token_latency_seconds``, else ``sglang:time_per_output_token_seconds``
+- LoRA: ``vllm:lora_requests_info`` labels ``running_lora_adapters``, ``waiting_lora_adapters``,
+  ``max_lora`` of the sample with the latest value (a timestamp) | not reported by SGLang
+
+Gauges are summed over series (several engines / data-parallel ranks behind one port), except the KV
+cache usage, which is averaged. Histograms give the mean over the last interval:
+(sum now - sum before) / (count now - count before); an interval without new observations keeps
+the previous mean for ``latency_window`` seconds, then it becomes unknown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import aiohttp
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from extproc.scheduling.types import PodMetrics
+
+__all__ = [
+    "ENGINES",
+    "LatencyState",
+    "MetricsScraper",
+    "ScrapeTarget",
+    "parse_metrics",
+]
+
+log = logging.getLogger("matrixinfer.extproc.scraper")
+
+
+@dataclass(frozen=True, slots=True)
+class ScrapeTarget:
+    pod_name: str
+    url: str  # "http://ip:port/metrics"
+    engine: str  # "vLLM" | "SGLang"
+
+
+# ------------------------------------------------------------------------------------- parsing
+
+# slots in the per-page accumulator
+_WAITING, _RUNNING, _KV, _KV_FALLBACK, _TTFT_SUM, _TTFT_COUNT = 0, 1, 2, 3, 4, 5
+_TPOT_SUM, _TPOT_COUNT, _TPOT_SUM_FB, _TPOT_COUNT_FB, _LORA = 6, 7, 8, 9, 10
+_NSLOTS = 11
+
+
+@dataclass(frozen=True, slots=True)
+class _EngineNames:
+    prefix: str  # every interesting name starts with it
+    slots: dict[str, int]  # full metric name -> accumulator slot
+    pattern: re.Pattern[str]  # one sample line of an interesting metric: name, labels, value
+
+
+def _names(
+    prefix: str,
+    waiting: str,
+    running: str,
+    kv: str,
+    kv_fallback: str | None,
+    ttft: str,
+    tpot: str,
+    tpot_fallback: str | None,
+    lora: str | None,
+) -> _EngineNames:
+    slots = {
+        waiting: _WAITING,
+        running: _RUNNING,
+        kv: _KV,
+        f"{ttft}_sum": _TTFT_SUM,
+        f"{ttft}_count": _TTFT_COUNT,
+        f"{tpot}_sum": _TPOT_SUM,
+        f"{tpot}_count": _TPOT_COUNT,
+    }
+    if kv_fallback:
+        slots[kv_fallback] = _KV_FALLBACK
+    if tpot_fallback:
+        slots[f"{tpot_fallback}_sum"] = _TPOT_SUM_FB
+        slots[f"{tpot_fallback}_count"] = _TPOT_COUNT_FB
+    if lora:
+        slots[lora] = _LORA
+    # "\n<prefix>" is a literal the regex engine scans for in C; only lines starting with an
+    # interesting name match; the name must be followed by "{" or " " (no partial names).
+    alternatives = "|".join(
+        re.escape(n[len(prefix) :]) for n in sorted(slots, key=len, reverse=True)
+    )
+    pattern = re.compile(
+        "\n" + re.escape(prefix) + "(" + alternatives + r")(?:\{([^\n]*)\})?[ \t]+([^ \t\n]+)"
+    )
+    return _EngineNames(prefix, slots, pattern)
+
+
+ENGINES: dict[str, _EngineNames] = {
+    "vLLM": _names(
+        "vllm:",
+        "vllm:num_requests_waiting",
+        "vllm:num_requests_running",
+        "vllm:kv_cache_usage_perc",
+        "vllm:gpu_cache_usage_perc",
+        "vllm:time_to_first_token_seconds",
+        "vllm:inter_token_latency_seconds",
+        "vllm:time_per_output_token_seconds",
+        "vllm:lora_requests_info",
+    ),
+    "SGLang": _names(
+        "sglang:",
+        "sglang:num_queue_reqs",
+        "sglang:num_running_reqs",
+        "sglang:token_usage",
+        None,
+        "sglang:time_to_first_token_seconds",
+        "sglang:inter_token_latency_seconds",
+        "sglang:time_per_output_token_seconds",
+        None,
+    ),
+}
+"""Metric name maps by ``ModelServer.spec.inferenceEngine``."""
+
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+@dataclass(slots=True)
+class LatencyState:
+    """Histogram totals from the previous scrape of one pod, for interval means."""
+
+    ttft_sum: float | None = None
+    ttft_count: float | None = None
+    tpot_sum: float | None = None
+    tpot_count: float | None = None
+    ttft_mean: float | None = None
+    ttft_at: float = 0.0
+    tpot_mean: float | None = None
+    tpot_at: float = 0.0
+
+
+def _interval_mean(
+    s: float | None,
+    c: float | None,
+    prev_s: float | None,
+    prev_c: float | None,
+    prev_mean: float | None,
+    prev_at: float,
+    now: float,
+    window: float,
+) -> tuple[float | None, float]:
+    """(mean over the interval, when it was observed) from histogram totals."""
+    if s is not None and c is not None and prev_s is not None and prev_c is not None:
+        dc = c - prev_c
+        if dc > 0:
+            ds = s - prev_s
+            if ds >= 0:
+                return ds / dc, now
+        # dc == 0: no new observation; dc < 0: counter reset (engine restart) -> start over
+    if (
+        prev_mean is not None
+        and now - prev_at <= window
+        and (c is None or prev_c is None or c >= prev_c)
+    ):
+        return prev_mean, prev_at
+    return None, 0.0
+
+
+def _split_adapters(value: str) -> frozenset[str]:
+    if not value:
+        return frozenset()
+    return frozenset(a.strip() for a in value.split(",") if a.strip())
+
+
+def parse_metrics(
+    text: str,
+    engine: str,
+    previous: LatencyState | None,
+    now: float,
+    *,
+    latency_window: float = 10.0,
+) -> tuple[PodMetrics, LatencyState]:
+    """Map one Prometheus text page to :class:`PodMetrics` (pure).
+
+    ``previous`` is the state returned by the pod's previous call (None for the first one); the
+    returned state goes into the next call. Raises ValueError for an unknown engine.
+    """
+    names = ENGINES.get(engine)
+    if names is None:
+        raise ValueError(f"unknown inference engine {engine!r} (known: {', '.join(ENGINES)})")
+    prefix = names.prefix
+    slots = names.slots
+    acc: list[float | None] = [None] * _NSLOTS
+    kv_n = [0, 0]  # samples behind _KV and _KV_FALLBACK (averaged)
+    lora_best = -1.0
+    lora_labels = ""
+    samples = names.pattern.findall(text)
+    if text.startswith(prefix):  # the pattern anchors on a newline; the first line has none
+        end = text.find("\n")
+        first_line = text if end < 0 else text[:end]
+        samples[:0] = names.pattern.findall("\n" + first_line)
+    for short, labels, raw in samples:
+        slot = slots[prefix + short]
+        try:
+            value = float(raw)
+        except ValueError:
+            continue
+        if value != value:  # NaN
+            continue
+        if slot == _LORA:
+            if value > lora_best:
+                lora_best = value
+                lora_labels = labels
+            continue
+        if slot == _KV:
+            kv_n[0] += 1
+        elif slot == _KV_FALLBACK:
+            kv_n[1] += 1
+        old = acc[slot]
+        acc[slot] = value if old is None else old + value
+
+    kv = acc[_KV]
+    if kv is not None:
+        kv /= kv_n[0]
+    elif acc[_KV_FALLBACK] is not None:
+        kv = acc[_KV_FALLBACK] / kv_n[1]  # type: ignore[operator]
+    tpot_sum, tpot_count = acc[_TPOT_SUM], acc[_TPOT_COUNT]
+    if tpot_count is None:
+        tpot_sum, tpot_count = acc[_TPOT_SUM_FB], acc[_TPOT_COUNT_FB]
+
+    prev = previous if previous is not None else LatencyState()
+    ttft_mean, ttft_at = _interval_mean(
+        acc[_TTFT_SUM],
+        acc[_TTFT_COUNT],
+        prev.ttft_sum,
+        prev.ttft_count,
+        prev.ttft_mean,
+        prev.ttft_at,
+        now,
+        latency_window,
+    )
+    tpot_mean, tpot_at = _interval_mean(
+        tpot_sum,
+        tpot_count,
+        prev.tpot_sum,
+        prev.tpot_count,
+        prev.tpot_mean,
+        prev.tpot_at,
+        now,
+        latency_window,
+    )
+    state = LatencyState(
+        acc[_TTFT_SUM],
+        acc[_TTFT_COUNT],
+        tpot_sum,
+        tpot_count,
+        ttft_mean,
+        ttft_at,
+        tpot_mean,
+        tpot_at,
+    )
+
+    running_loras: frozenset[str] = frozenset()
+    waiting_loras: frozenset[str] = frozenset()
+    max_loras: int | None = None
+    if lora_best >= 0:
+        labels = dict(_LABEL.findall(lora_labels))
+        running_loras = _split_adapters(labels.get("running_lora_adapters", ""))
+        waiting_loras = _split_adapters(labels.get("waiting_lora_adapters", ""))
+        with contextlib.suppress(ValueError):
+            max_loras = int(float(labels.get("max_lora", "")))
+
+    metrics = PodMetrics(
+        waiting=acc[_WAITING],
+        running=acc[_RUNNING],
+        kv_cache_usage=kv,
+        ttft_seconds=ttft_mean,
+        tpot_seconds=tpot_mean,
+        running_loras=running_loras,
+        waiting_loras=waiting_loras,
+        max_loras=max_loras,
+        scraped_at=now,
+        stale=False,
+    )
+    return metrics, state
+
+
+# ------------------------------------------------------------------------------------- scraper
+
+
+class ScrapeError(Exception):
+    """A scrape failed (HTTP status, timeout, connection error, unreadable page)."""
+
+
+@dataclass(slots=True)
+class _PodState:
+    target: ScrapeTarget
+    first_seen: float
+    latency: LatencyState | None = None
+    last_metrics: PodMetrics | None = None
+    last_success: float | None = None
+    stale_published: bool = False
+    failing: bool = False
+    task: asyncio.Task[None] | None = None
+
+
+_DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class MetricsScraper:
+    """Scrapes ``targets()`` every ``interval`` seconds and ``publish``-es each pod's metrics.
+
+    ``timeout`` bounds one scrape (connect + read); ``stale_after`` is how long the last good read
+    stays trusted. With a ``registry`` it exports ``matrixinfer_gateway_scrape_errors_total{pod}``,
+    ``matrixinfer_gateway_scrape_age_seconds{pod}`` (seconds since the pod's last good scrape, or
+    since it became a target when none succeeded yet; refreshed every tick) and
+    ``matrixinfer_gateway_scrape_duration_seconds`` (histogram of successful and failed scrapes).
+    """
+
+    def __init__(
+        self,
+        targets: Callable[[], Sequence[ScrapeTarget]],
+        publish: Callable[[str, PodMetrics], None],
+        *,
+        interval: float = 0.2,
+        timeout: float = 0.5,
+        stale_after: float = 1.0,
+        registry: CollectorRegistry | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        max_connections: int = 100,
+        latency_window: float = 10.0,
+    ) -> None:
+        if interval <= 0:
+            raise ValueError(f"interval must be > 0, got {interval}")
+        if timeout <= 0:
+            raise ValueError(f"timeout must be > 0, got {timeout}")
+        if stale_after <= 0:
+            raise ValueError(f"stale_after must be > 0, got {stale_after}")
+        self._targets = targets
+        self._publish = publish
+        self.interval = interval
+        self.timeout = timeout
+        self.stale_after = stale_after
+        self.latency_window = latency_window
+        self.max_connections = max_connections
+        self._clock = clock
+        self._pods: dict[str, _PodState] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._loop_task: asyncio.Task[None] | None = None
+        self._errors: Counter | None = None
+        self._age: Gauge | None = None
+        self._duration: Histogram | None = None
+        self.scrapes = 0  # successful scrapes (for /debug and tests)
+        self.failures = 0
+        if registry is not None:
+            self._errors = Counter(
+                "matrixinfer_gateway_scrape_errors",
+                "Failed /metrics scrapes (HTTP status, timeout, connection, bad page), by pod.",
+                ["pod"],
+                registry=registry,
+            )
+            self._age = Gauge(
+                "matrixinfer_gateway_scrape_age_seconds",
+                "Seconds since the pod's last successful /metrics scrape (since it became a "
+                "target when none succeeded yet).",
+                ["pod"],
+                registry=registry,
+            )
+            self._duration = Histogram(
+                "matrixinfer_gateway_scrape_duration_seconds",
+                "Duration of one /metrics scrape (request, read and parse), successful or not.",
+                buckets=_DURATION_BUCKETS,
+                registry=registry,
+            )
+
+    # -- lifecycle
+
+    async def start(self) -> None:
+        """Start the scrape loop as a background task (idempotent)."""
+        if self._loop_task is not None and not self._loop_task.done():
+            return
+        self._ensure_session()
+        self._loop_task = asyncio.create_task(self._run(), name="matrixinfer-metrics-scraper")
+
+    async def stop(self) -> None:
+        """Stop the loop, cancel scrapes in progress and close the HTTP session."""
+        task, self._loop_task = self._loop_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        pending = [s.task for s in self._pods.values() if s.task is not None and not s.task.done()]
+        for t in pending:
+            t.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    async def scrape_once(self) -> None:
+        """Scrape every current target now (joining scrapes already in progress) and wait."""
+        self._ensure_session()
+        self._tick()
+        tasks = [s.task for s in self._pods.values() if s.task is not None]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self._check_stale(self._clock())
+
+    # -- internals
+
+    def _ensure_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=2)
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                headers={"Accept-Encoding": "identity", "Accept": "text/plain"},
+                auto_decompress=False,
+            )
+        return self._session
+
+    async def _run(self) -> None:
+        next_tick = self._clock()
+        while True:
+            try:
+                self._tick()
+            except Exception:  # a bad target list must not kill the loop
+                log.exception("metrics scraper tick failed")
+            next_tick += self.interval
+            delay = next_tick - self._clock()
+            if delay < 0:
+                next_tick = self._clock()
+                delay = 0
+            await asyncio.sleep(delay)
+
+    def _tick(self) -> None:
+        now = self._clock()
+        current = {t.pod_name: t for t in self._targets()}
+        for name in [n for n in self._pods if n not in current]:
+            self._drop(name)
+        for name, target in current.items():
+            state = self._pods.get(name)
+            if state is None:
+                state = self._pods[name] = _PodState(target, now)
+            elif state.target != target:
+                state.target = target
+                state.latency = None
+            if state.task is None or state.task.done():
+                state.task = asyncio.create_task(self._scrape(state))
+        self._check_stale(now)
+
+    def _drop(self, name: str) -> None:
+        state = self._pods.pop(name)
+        if state.task is not None and not state.task.done():
+            state.task.cancel()
+        for metric in (self._errors, self._age):
+            if metric is not None:
+                with contextlib.suppress(KeyError):
+                    metric.remove(name)
+
+    def _check_stale(self, now: float) -> None:
+        for name, state in self._pods.items():
+            last = state.last_success
+            if self._age is not None:
+                self._age.labels(name).set(now - (last if last is not None else state.first_seen))
+            if (
+                last is not None
+                and not state.stale_published
+                and now - last > self.stale_after
+                and state.last_metrics is not None
+            ):
+                state.stale_published = True
+                self._publish(name, replace(state.last_metrics, stale=True))
+
+    async def _scrape(self, state: _PodState) -> None:
+        target = state.target
+        session = self._ensure_session()
+        started = time.perf_counter()
+        try:
+            async with session.get(target.url) as resp:
+                if resp.status != 200:
+                    raise ScrapeError(f"HTTP {resp.status}")
+                body = await resp.read()
+            now = self._clock()
+            metrics, state.latency = parse_metrics(
+                body.decode("utf-8", "replace"),
+                target.engine,
+                state.latency,
+                now,
+                latency_window=self.latency_window,
+            )
+        except asyncio.CancelledError:
+            raise
+        except (aiohttp.ClientError, TimeoutError, OSError, ScrapeError, ValueError) as exc:
+            self.failures += 1
+            if self._errors is not None:
+                self._errors.labels(target.pod_name).inc()
+            if not state.failing:
+                state.failing = True
+                log.warning(
+                    "scraping %s (%s) failed: %s",
+                    target.pod_name,
+                    target.url,
+                    str(exc) or type(exc).__name__,
+                )
+            return
+        finally:
+            if self._duration is not None:
+                self._duration.observe(time.perf_counter() - started)
+        if state.failing:
+            state.failing = False
+            log.info("scraping %s (%s) works again", target.pod_name, target.url)
+        if self._pods.get(target.pod_name) is not state:
+            return  # dropped while in flight
+        self.scrapes += 1
+        state.last_metrics = metrics
+        state.last_success = metrics.scraped_at
+        state.stale_published = False
+        self._publish(target.pod_name, metrics)
