@@ -1,0 +1,167 @@
+"""Paged KV cache with automatic prefix caching (the vLLM v1 model, written for the simulator).
+
+``num_blocks`` blocks of ``block_size`` token slots. A *full* block whose KV is computed is
+registered under a chained hash: ``hash((parent_hash, lora, tokens of the block))``, so a block
+hash names its whole prefix. Blocks whose reference count drops to zero go to the tail of a free
+queue but keep their hash: a later request with the same prefix takes them back (a hit) unless
+they were evicted first; allocation evicts from the head (least recently freed).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Protocol
+
+__all__ = ["BlockPool", "KVCacheManager", "SeqLike"]
+
+
+class SeqLike(Protocol):
+    """What the cache manager reads and writes on a sequence (see engine.Request)."""
+
+    all_ids: list[int]
+    lora: str | None
+    num_computed: int
+    block_ids: list[int]
+    block_hashes: list[int]
+    num_cached_blocks: int
+
+
+class BlockPool:
+    """Block ids, reference counts, the LRU free queue and the hash -> block map."""
+
+    __slots__ = ("block_hash", "cached", "free", "num_blocks", "ref")
+
+    def __init__(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        self.ref = [0] * num_blocks
+        self.block_hash: list[int | None] = [None] * num_blocks
+        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+        self.cached: dict[int, int] = {}
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def usage(self) -> float:
+        return 1.0 - len(self.free) / self.num_blocks
+
+    def touch(self, blocks: list[int]) -> None:
+        for b in blocks:
+            if self.ref[b] == 0:
+                del self.free[b]
+            self.ref[b] += 1
+
+    def take(self, n: int) -> list[int]:
+        """Pop ``n`` free blocks (evicting their cached hashes); caller checked ``num_free``."""
+        out: list[int] = []
+        free, cached, bh, ref = self.free, self.cached, self.block_hash, self.ref
+        for _ in range(n):
+            b, _v = free.popitem(last=False)
+            h = bh[b]
+            if h is not None:
+                if cached.get(h) == b:
+                    del cached[h]
+                bh[b] = None
+            ref[b] = 1
+            out.append(b)
+        return out
+
+    def release(self, blocks: list[int]) -> None:
+        # tail blocks of a sequence are the least likely to be shared: free them first so that
+        # they are evicted first
+        free, ref = self.free, self.ref
+        for b in reversed(blocks):
+            ref[b] -= 1
+            if ref[b] == 0:
+                free[b] = None
+
+    def register(self, block: int, h: int) -> None:
+        if h not in self.cached:
+            self.cached[h] = block
+            self.block_hash[block] = h
+
+
+class KVCacheManager:
+    """Per-sequence view over a BlockPool: prefix lookup, slot allocation, caching, freeing."""
+
+    __slots__ = ("block_size", "caching", "pool")
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
+        self.pool = BlockPool(num_blocks)
+        self.block_size = block_size
+        self.caching = enable_prefix_caching
+
+    def _hashes(self, seq: SeqLike, num_tokens: int) -> list[int]:
+        """Chained hashes of the full blocks among the first ``num_tokens`` tokens."""
+        hs = seq.block_hashes
+        bs = self.block_size
+        want = num_tokens // bs
+        if len(hs) < want:
+            ids = seq.all_ids
+            parent = hs[-1] if hs else 0
+            for i in range(len(hs), want):
+                parent = hash((parent, seq.lora, tuple(ids[i * bs : (i + 1) * bs])))
+                hs.append(parent)
+        return hs
+
+    def lookup(self, seq: SeqLike, num_tokens: int) -> list[int]:
+        """Cached blocks holding a prefix of the sequence's first ``num_tokens`` tokens.
+
+        At least one token is always left to compute (its logits give the next token).
+        """
+        if not self.caching:
+            return []
+        cached = self.pool.cached
+        hits: list[int] = []
+        for h in self._hashes(seq, num_tokens):
+            b = cached.get(h)
+            if b is None:
+                break
+            hits.append(b)
+        if hits and len(hits) * self.block_size >= num_tokens:
+            hits.pop()
+        return hits
+
+    def blocks_needed(self, seq: SeqLike, total_tokens: int) -> int:
+        return max(0, -(-total_tokens // self.block_size) - len(seq.block_ids))
+
+    def allocate(self, seq: SeqLike, num_new: int, hits: list[int] | None = None) -> bool:
+        """Make room for ``num_new`` more tokens (after taking ``hits``); False if it cannot."""
+        pool = self.pool
+        if hits:
+            free_hits = sum(1 for b in hits if pool.ref[b] == 0)
+            computed = len(hits) * self.block_size
+            need = -(-(computed + num_new) // self.block_size) - len(hits)
+            if need > pool.num_free - free_hits:
+                return False
+            pool.touch(hits)
+            seq.block_ids = list(hits)
+            seq.num_cached_blocks = len(hits)
+            seq.block_ids.extend(pool.take(need))
+            return True
+        need = self.blocks_needed(seq, seq.num_computed + num_new)
+        if need > pool.num_free:
+            return False
+        if need:
+            seq.block_ids.extend(pool.take(need))
+        return True
+
+    def cache_computed(self, seq: SeqLike) -> None:
+        """Register the sequence's newly completed full blocks in the prefix cache."""
+        if not self.caching:
+            return
+        full = seq.num_computed // self.block_size
+        if full <= seq.num_cached_blocks:
+            return
+        hs = self._hashes(seq, seq.num_computed)
+        blocks = seq.block_ids
+        register = self.pool.register
+        for i in range(seq.num_cached_blocks, full):
+            register(blocks[i], hs[i])
+        seq.num_cached_blocks = full
+
+    def free(self, seq: SeqLike) -> None:
+        if seq.block_ids:
+            self.pool.release(seq.block_ids)
+        seq.block_ids = []
+        seq.num_cached_blocks = 0
