@@ -111,11 +111,8 @@ def _field_path(loc: tuple[Any, ...]) -> str:
 
 
 def _describe(exc: ValidationError, where: str, kind: str, name: str) -> str:
-    lines = [
-        f"{where}: {kind} '{name}': field {_field_path(err['loc']) or '(root)'}: {err['msg']}"
-        for err in exc.errors()
-    ]
-    return "\n".join(lines)
+    parts = [f"{_field_path(err['loc']) or '(root)'}: {err['msg']}" for err in exc.errors()]
+    return f'{where}: {kind} "{name}": ' + "; ".join(parts)
 
 
 def _config_files(directory: Path) -> list[Path]:

@@ -99,6 +99,9 @@ class Datastore:
         self.clock = clock
         self._version = 0
         self.on_pod_removed: list[Callable[[str], None]] = []
+        # pods whose metrics went stale (scrapes failing): not ready until a scrape succeeds again
+        self._scrape_down: set[str] = set()
+        self._configured_ready: dict[str, bool] = {}
         self.snapshot = self._build(GatewayConfig(), {})
 
     # ---- configuration ------------------------------------------------------------------------
@@ -107,7 +110,9 @@ class Datastore:
         old = self.snapshot
         new = self._build(config, old.pods)
         self.snapshot = new
+        self._configured_ready = {e.name: e.ready for e in config.endpoints}
         for name in old.pods.keys() - new.pods.keys():
+            self._scrape_down.discard(name)
             for listener in self.on_pod_removed:
                 listener(name)
         return new
@@ -140,7 +145,7 @@ class Datastore:
                     kept = previous.get(endpoint.name)
                     if kept is not None and kept.address == address:
                         kept.labels = dict(endpoint.labels)
-                        kept.ready = endpoint.ready
+                        kept.ready = endpoint.ready and endpoint.name not in self._scrape_down
                         pod = kept
                     else:
                         pod = Pod(endpoint.name, address, dict(endpoint.labels), endpoint.ready)
@@ -190,9 +195,17 @@ class Datastore:
 
     # ---- metrics ------------------------------------------------------------------------------
     def publish_metrics(self, pod_name: str, metrics: PodMetrics) -> None:
+        """Install a pod's new metrics; stale metrics (scrapes failing) make the pod not ready."""
         pod = self.snapshot.pods.get(pod_name)
-        if pod is not None:
-            pod.metrics = metrics
+        if pod is None:
+            return
+        pod.metrics = metrics
+        if metrics.stale:
+            self._scrape_down.add(pod_name)
+            pod.ready = False
+        elif pod_name in self._scrape_down:
+            self._scrape_down.discard(pod_name)
+            pod.ready = self._configured_ready.get(pod_name, True)
 
     def scrape_targets(self) -> list[tuple[str, str, str]]:
         """(pod name, metrics URL, engine) for every pod of every ModelServer."""

@@ -59,6 +59,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--scrape-interval", type=float, default=0.2, help="pod /metrics period, s (default 0.2)"
     )
     p.add_argument(
+        "--stale-after",
+        type=float,
+        default=None,
+        help="a pod whose scrapes fail this long is not ready (default 2 x scrape interval)",
+    )
+    p.add_argument(
         "--config-poll", type=float, default=1.0, help="config directory poll period, s (default 1)"
     )
     p.add_argument(
@@ -129,6 +135,10 @@ class ExtProcApp:
             targets,
             self.datastore.publish_metrics,
             interval=self.args.scrape_interval,
+            timeout=max(0.1, min(0.5, 2 * self.args.scrape_interval)),
+            stale_after=self.args.stale_after
+            if self.args.stale_after is not None
+            else 2 * self.args.scrape_interval,
             registry=self.metrics.registry,
         )
 
