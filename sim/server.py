@@ -567,7 +567,8 @@ class SimServer:
         else:
             pre = b"data: " + head + b',"choices":[{"index":0,"text":"'
             end_open = b'","logprobs":null,"finish_reason":'
-        mid = end_open + b'null,"stop_reason":null}]}\n\n'
+        # vLLM leaves stop_reason out of chat chunks until the last one; completions carry it
+        mid = end_open + (b"null}]}\n\n" if gen.chat else b'null,"stop_reason":null}]}\n\n')
         first, nxt = _FIRST, _NEXT
         out_ids = req.output_ids
         driver = self.driver

@@ -1,0 +1,256 @@
+"""The pure engine core on simulated time only: deterministic, no sleeps, no sockets."""
+
+from __future__ import annotations
+
+import pytest
+
+from sim.config import EngineConfig, TimingModel
+from sim.engine import FINISHED, RUNNING, Engine, QueueFull, Request
+from sim.kvcache import KVCacheManager
+
+PROMPT_1K = [2000 + i for i in range(1000)]
+
+
+def req(
+    rid: str,
+    prompt: list[int],
+    out: int = 10,
+    t: float = 0.0,
+    **kw: object,
+) -> Request:
+    return Request(rid, list(prompt), [7] * out, arrival=t, **kw)  # type: ignore[arg-type]
+
+
+def run_one(engine: Engine, r: Request, now: float = 0.0) -> float:
+    engine.add(r)
+    return engine.run_until_idle(now)
+
+
+def test_defaults_look_like_an_8b_model_on_one_h100() -> None:
+    e = Engine(EngineConfig())
+    r = req("a", PROMPT_1K, out=20)
+    run_one(e, r)
+    assert r.first_token is not None
+    assert 0.060 <= r.first_token <= 0.100  # TTFT of a 1k prompt at low load
+    assert 0.010 <= e.stats.itl.mean() <= 0.020  # ITL at batch size 1
+    assert r.status == FINISHED and r.num_output == 20 and r.finish_reason == "length"
+    assert e.kv.pool.num_free == e.cfg.num_gpu_blocks  # everything released
+    assert e.stats.prompt_tokens == 1000 and e.stats.generation_tokens == 20
+
+
+def test_step_time_formula() -> None:
+    t = TimingModel(step_base=0.01, prefill_per_token=0.001, decode_per_seq=0.002)
+    e = Engine(EngineConfig(timing=t))
+    e.add(req("a", [5] * 100, out=3))
+    b = e.schedule(0.0)
+    assert b is not None and b.prefill_tokens == 100 and b.decode_seqs == 0
+    assert b.duration == pytest.approx(0.01 + 100 * 0.001)
+    e.finish_step(b, b.end)
+    b2 = e.schedule(b.end)
+    assert b2 is not None and b2.prefill_tokens == 0 and b2.decode_seqs == 1
+    assert b2.duration == pytest.approx(0.01 + 0.002)
+
+
+def test_repeated_prompt_hits_prefix_cache_and_lowers_ttft() -> None:
+    e = Engine(EngineConfig())
+    a = req("a", PROMPT_1K)
+    t = run_one(e, a)
+    computed_first = e.stats.prefill_computed_tokens
+    b = req("b", PROMPT_1K, t=t)
+    run_one(e, b, t)
+    assert a.num_cached_tokens == 0
+    assert b.num_cached_tokens == 992  # 62 full blocks; the tail block is recomputed
+    assert e.stats.prefix_queries == 2000 and e.stats.prefix_hits == 992
+    assert e.stats.prefill_computed_tokens - computed_first == 1000 - 992
+    assert a.first_token is not None and b.first_token is not None
+    assert b.first_token - b.arrival < (a.first_token - a.arrival) / 3
+
+
+def test_shared_prefix_with_different_tail() -> None:
+    e = Engine(EngineConfig())
+    t = run_one(e, req("a", PROMPT_1K))
+    b = req("b", PROMPT_1K[:500] + [9] * 500, t=t)
+    run_one(e, b, t)
+    assert b.num_cached_tokens == 496  # 31 whole blocks of the shared 500 tokens
+
+
+def test_lora_requests_do_not_share_the_base_models_cache() -> None:
+    e = Engine(EngineConfig())
+    t = run_one(e, req("a", PROMPT_1K))
+    b = req("b", PROMPT_1K, t=t, lora="sql")
+    run_one(e, b, t)
+    assert b.num_cached_tokens == 0
+
+
+def test_no_prefix_caching_when_disabled() -> None:
+    e = Engine(EngineConfig(enable_prefix_caching=False))
+    t = run_one(e, req("a", PROMPT_1K))
+    b = req("b", PROMPT_1K, t=t)
+    run_one(e, b, t)
+    assert b.num_cached_tokens == 0 and e.stats.prefix_hits == 0
+
+
+def itl_at(concurrency: int) -> float:
+    e = Engine(EngineConfig(max_num_seqs=512))
+    for i in range(concurrency):
+        e.add(req(str(i), [3000 + i] * 32, out=64))
+    e.run_until_idle()
+    return e.stats.itl.mean()
+
+
+def test_itl_grows_with_concurrency() -> None:
+    one, many, lots = itl_at(1), itl_at(64), itl_at(256)
+    assert one < many < lots
+    assert lots > 2 * one
+
+
+def test_chunked_prefill_respects_the_token_budget() -> None:
+    e = Engine(EngineConfig(max_num_batched_tokens=2048))
+    r = req("a", [11 + i % 5000 for i in range(5000)], out=2)
+    e.add(r)
+    chunks = []
+    now = 0.0
+    while r.first_token is None:
+        b = e.schedule(now)
+        assert b is not None
+        chunks.append(b.prefill_tokens)
+        now = b.end
+        e.finish_step(b, now)
+    assert chunks == [2048, 2048, 904]
+
+
+def test_decodes_are_batched_with_a_prefill_chunk() -> None:
+    e = Engine(EngineConfig(max_num_batched_tokens=512))
+    e.add(req("a", [5] * 16, out=50))
+    b = e.schedule(0.0)
+    assert b is not None
+    e.finish_step(b, b.end)
+    e.add(req("b", [6] * 2000, out=5))
+    b2 = e.schedule(b.end)
+    assert b2 is not None
+    assert b2.decode_seqs == 1 and b2.prefill_tokens == 511  # budget shared: 1 decode + chunk
+
+
+def test_max_num_seqs_bounds_the_running_batch() -> None:
+    e = Engine(EngineConfig(max_num_seqs=4))
+    for i in range(10):
+        e.add(req(str(i), [100 + i] * 20, out=5))
+    now = 0.0
+    peak = 0
+    while e.has_work():
+        b = e.schedule(now)
+        assert b is not None
+        peak = max(peak, len(e.running))
+        assert e.num_waiting == 10 - e.stats.success["length"] - len(e.running)
+        now = b.end
+        e.finish_step(b, now)
+    assert peak == 4
+
+
+def test_fcfs_order_of_first_tokens() -> None:
+    e = Engine(EngineConfig(max_num_seqs=2))
+    rs = [req(str(i), [100 + i] * 20, out=5) for i in range(6)]
+    for r in rs:
+        e.add(r)
+    e.run_until_idle()
+    firsts = [r.first_token for r in rs]
+    assert firsts == sorted(firsts)  # type: ignore[type-var]
+
+
+def test_kv_exhaustion_preempts_and_everything_still_finishes() -> None:
+    e = Engine(EngineConfig(num_gpu_blocks=64, max_model_len=1024))  # 1024 token slots
+    rs = [req(str(i), [500 + i] * 100, out=200) for i in range(8)]  # 8 x 300 tokens
+    for r in rs:
+        e.add(r)
+    e.run_until_idle()
+    assert e.stats.preemptions > 0
+    assert sum(r.num_preemptions for r in rs) == e.stats.preemptions
+    assert all(r.status == FINISHED and r.num_output == 200 for r in rs)
+    assert e.stats.generation_tokens == 8 * 200  # recompute emits nothing twice
+    assert e.kv.pool.num_free == 64
+
+
+def test_waiting_queue_bound() -> None:
+    e = Engine(EngineConfig(max_waiting=2))
+    e.add(req("a", [1] * 10))
+    e.add(req("b", [2] * 10))
+    with pytest.raises(QueueFull):
+        e.add(req("c", [3] * 10))
+
+
+def test_abort_frees_blocks_and_counts() -> None:
+    e = Engine(EngineConfig())
+    r = req("a", PROMPT_1K, out=100)
+    e.add(r)
+    b = e.schedule(0.0)
+    assert b is not None
+    e.finish_step(b, b.end)
+    assert r.status == RUNNING and e.kv.pool.num_free < e.cfg.num_gpu_blocks
+    e.abort(r, b.end)
+    assert e.kv.pool.num_free == e.cfg.num_gpu_blocks
+    assert e.stats.success["abort"] == 1 and not e.has_work()
+    w = req("w", [1] * 10)
+    e.add(w)
+    e.abort(w, 0.0)
+    assert not e.waiting
+
+
+def test_max_loras_limits_adapters_per_batch() -> None:
+    e = Engine(EngineConfig(max_loras=1))
+    rs = [req(f"{i}", [40 + i] * 20, out=10, lora=name) for i, name in enumerate("abab")]
+    for r in rs:
+        e.add(r)
+    now = 0.0
+    while e.has_work():
+        b = e.schedule(now)
+        assert b is not None
+        assert len({r.lora for r in e.running}) <= 1
+        assert len(e.running_loras()) <= 1
+        now = b.end
+        e.finish_step(b, now)
+    assert all(r.status == FINISHED for r in rs)
+
+
+def test_remote_prefill_pays_transfer_not_compute() -> None:
+    t = TimingModel(kv_transfer_base=0.002, kv_transfer_per_token=1e-5)
+    e = Engine(EngineConfig(timing=t))
+    r = req("d", PROMPT_1K, out=5, remote_prefill=True)
+    e.add(r)
+    b = e.schedule(0.0)
+    assert b is None  # only a transfer in flight
+    assert e.num_waiting == 1 and e.stats.kv_transfers == 1
+    ready = e.next_transfer_time()
+    assert ready == pytest.approx(0.002 + 999 * 1e-5)
+    e.run_until_idle(0.0)
+    assert r.status == FINISHED and r.num_output == 5
+    assert e.stats.prefill_computed_tokens == 1  # only the last prompt token was computed here
+    assert r.first_token is not None and r.first_token < 0.078  # cheaper than computing 1k
+
+
+def test_remote_decode_stops_after_prefill_and_reports_blocks() -> None:
+    e = Engine(EngineConfig())
+    r = Request("p", PROMPT_1K, [7], arrival=0.0, remote_decode=True)
+    run_one(e, r)
+    assert r.num_output == 1 and r.finish_reason == "length"
+    assert len(r.kv_block_ids) == 63  # ceil(1000 / 16)
+
+
+def test_lookup_always_leaves_one_token_to_compute() -> None:
+    kv = KVCacheManager(num_blocks=8, block_size=4, enable_prefix_caching=True)
+    a = req("a", list(range(8)))
+    assert kv.allocate(a, 8)
+    a.num_computed = 8
+    kv.cache_computed(a)
+    kv.free(a)
+    b = req("b", list(range(8)))
+    hits = kv.lookup(b, 8)
+    assert len(hits) == 1  # both blocks cached, but the last must be recomputed
+
+
+def test_lru_eviction_of_free_cached_blocks() -> None:
+    e = Engine(EngineConfig(num_gpu_blocks=80, max_model_len=1024))
+    t = run_one(e, req("a", PROMPT_1K[:640]))  # 40 blocks cached, then freed
+    t = run_one(e, req("b", [9000 + i for i in range(1000)], t=t), t)  # needs 63: evicts
+    again = req("c", PROMPT_1K[:640], t=t)
+    run_one(e, again, t)
+    assert again.num_cached_tokens < 640 - 16
