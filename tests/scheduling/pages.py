@@ -45,10 +45,10 @@ class EngineState:
 
 
 def _observe(h: Histogram, labels: dict[str, str], total: float, count: int) -> None:
+    child = h.labels(**labels)  # engines create their labelled series at start-up
     if count <= 0:
         return
     mean = total / count
-    child = h.labels(**labels)
     for _ in range(count):
         child.observe(mean)
 
