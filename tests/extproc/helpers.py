@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import crds
-
 from extproc.datastore import GatewayConfig, StaticEndpoint
 
 
@@ -13,7 +12,9 @@ def objects(text: str) -> list[Any]:
     return list(crds.load_documents(text, "test.yaml"))
 
 
-def server_yaml(name: str, labels: dict[str, str], model: str | None = None, port: int = 8000) -> str:
+def server_yaml(
+    name: str, labels: dict[str, str], model: str | None = None, port: int = 8000
+) -> str:
     label_text = ", ".join(f"{k}: {v}" for k, v in labels.items())
     model_line = f"  model: {model}\n" if model else ""
     return (

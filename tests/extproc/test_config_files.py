@@ -37,7 +37,9 @@ spec:
 
 
 def write_good(d: Path) -> None:
-    (d / "10-model.yaml").write_text(server_yaml("pool", {"app": "chat"}, port=8001) + "---\n" + ROUTE)
+    (d / "10-model.yaml").write_text(
+        server_yaml("pool", {"app": "chat"}, port=8001) + "---\n" + ROUTE
+    )
     (d / "20-endpoints.yml").write_text(ENDPOINTS + "---\n" + GATEWAY)
     (d / "notes.txt").write_text("ignored")
 
@@ -51,7 +53,10 @@ def test_loads_every_kind(tmp_path: Path) -> None:
     assert [f.name for f in config.scheduler_profile.filters] == ["ready"]
     snap = Datastore().apply(config)
     # the port-less endpoint takes the ModelServer's workloadPort; 'other' is selected by nothing
-    assert [p.address for p in snap.servers["default/pool"].pods] == ["10.0.0.1:8000", "10.0.0.2:8001"]
+    assert [p.address for p in snap.servers["default/pool"].pods] == [
+        "10.0.0.1:8000",
+        "10.0.0.2:8001",
+    ]
 
 
 @pytest.mark.parametrize(

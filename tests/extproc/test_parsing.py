@@ -32,7 +32,10 @@ def test_chat_prompt_is_flattened_with_roles_and_parts() -> None:
         "max_completion_tokens": 7,
         "messages": [
             {"role": "system", "content": "be brief"},
-            {"role": "user", "content": [{"type": "text", "text": "hello "}, {"type": "text", "text": "you"}]},
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "hello "}, {"type": "text", "text": "you"}],
+            },
         ],
     }
     parsed = parse_body("chat", orjson.dumps(body))

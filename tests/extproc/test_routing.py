@@ -48,7 +48,9 @@ spec:
 
 
 def table() -> RouteTable:
-    return RouteTable(objects(ROUTES), {"default/big": "meta-llama/Llama-3-70B", "default/small": None})
+    return RouteTable(
+        objects(ROUTES), {"default/big": "meta-llama/Llama-3-70B", "default/small": None}
+    )
 
 
 def test_first_matching_rule_wins_and_rewrites_model() -> None:
@@ -62,7 +64,9 @@ def test_regex_header_and_uri_match() -> None:
     d = t.decide("llama", {"x-user": "beta-12"}, "/v1/chat/completions", Random(1))
     assert d.rule == "beta" and d.server == "small" and not d.rewritten
     # regex is a full match; the URI must match too
-    assert t.decide("llama", {"x-user": "beta-12x"}, "/v1/chat/completions", Random(1)).rule == "split"
+    assert (
+        t.decide("llama", {"x-user": "beta-12x"}, "/v1/chat/completions", Random(1)).rule == "split"
+    )
     assert t.decide("llama", {"x-user": "beta-12"}, "/v1/completions", Random(1)).rule == "split"
 
 
