@@ -3,7 +3,7 @@ set of pods that serve one model)."""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -48,6 +48,9 @@ __all__ = [
 ]
 
 NETWORKING_GROUP = "networking.matrixinfer.ai"
+
+Labels = dict[str, Annotated[str, Field(max_length=63)]]
+"""Pod labels (values bounded like Kubernetes label values, which also bounds CEL cost)."""
 API_VERSION: Literal["networking.matrixinfer.ai/v1alpha1"] = "networking.matrixinfer.ai/v1alpha1"
 
 
@@ -356,10 +359,10 @@ class PDGroup(ApiModel):
         min_length=1,
         max_length=316,
     )
-    prefill_labels: dict[str, str] = Field(
+    prefill_labels: Labels = Field(
         description="Labels of the prefill pods.", min_length=1, max_length=16
     )
-    decode_labels: dict[str, str] = Field(
+    decode_labels: Labels = Field(
         description="Labels of the decode pods.", min_length=1, max_length=16
     )
 
@@ -367,7 +370,7 @@ class PDGroup(ApiModel):
 class WorkloadSelector(ApiModel):
     """Which pods of the namespace serve; only Running and Ready pods get requests."""
 
-    match_labels: dict[str, str] = Field(
+    match_labels: Labels = Field(
         description="Labels every serving pod carries.", min_length=1, max_length=32
     )
     pd_group: PDGroup | None = Field(

@@ -215,3 +215,15 @@ def test_crd_fits_client_side_apply(kind: str) -> None:
     # kubectl apply (client-side) stores the object in a 256 KiB annotation
     size = len(json.dumps(crd_documents()[kind], separators=(",", ":")))
     assert size < 256 * 1024, f"{kind} CRD is {size} bytes of JSON"
+
+
+def test_readme_lists_every_rule() -> None:
+    readme = (generate.CRD_DIR / "README.md").read_text()
+    messages = {
+        r["message"]
+        for kind in KINDS
+        for _, node in walk(crd_schema(kind))
+        for r in node.get("x-kubernetes-validations", [])
+    }
+    missing = {m for m in messages if m not in readme}
+    assert missing == set(), "crds/README.md misses rules"
