@@ -17,6 +17,7 @@ from sim.fleet import Fleet
 
 BODY_LIMIT = 256 * 1024
 SCRAPE_INTERVAL = 0.1
+STALE_AFTER = 2.0  # long enough for the killed-pod test to see fallbacks used before it is noticed
 
 MODEL_YAML = """
 apiVersion: networking.matrixinfer.ai/v1alpha1
@@ -194,6 +195,7 @@ def start_stack(config_dir: Path, run_dir: Path, fleet: Fleet, **options: Any) -
         config_poll=0.1,
         access_log=True,
         envoy_concurrency=1,
+        extra_extproc_args=("--stale-after", str(STALE_AFTER)),
         **options,
     )
     stack = GatewayStack(config_dir, run_dir, opts).start()
