@@ -394,7 +394,7 @@ class RetryPolicy(ApiModel):
         default=1, description="Retries after the first attempt (0-10).", ge=0, le=10
     )
     retry_on: UniqueNames = Field(
-        default_factory=lambda: ["connect-failure", "refused-stream"],
+        default=["connect-failure", "refused-stream"],
         description="Conditions that trigger a retry, in Envoy's x-envoy-retry-on vocabulary:"
         " connect-failure, refused-stream, reset, 5xx, gateway-error, retriable-status-codes,"
         " or a status code such as 503.",
@@ -436,8 +436,10 @@ class SchedulerPlugin(ApiModel):
     weight: int = Field(
         default=1, description="Weight of a scorer's score (filters ignore it).", ge=0, le=100
     )
-    args: dict[str, Any] | None = Field(
-        default=None, description="Plugin-specific settings (free-form)."
+    args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Plugin-specific settings (free-form).",
+        json_schema_extra={"default": {}},
     )
 
 
