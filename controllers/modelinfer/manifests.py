@@ -64,7 +64,8 @@ def revision_name(mi: str, revision: str) -> str:
 
 
 def label_selector(mi: str) -> str:
-    return f"{LABEL_MODEL_INFER}={mi}"
+    """The scale subresource's selector: the entry pods (one per role instance) serve requests."""
+    return f"{LABEL_MODEL_INFER}={mi},{LABEL_ENTRY}=true"
 
 
 def owner_reference(spec: ModelInferSpec) -> dict[str, Any]:

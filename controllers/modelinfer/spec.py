@@ -189,10 +189,48 @@ def _check(
     return problems
 
 
+def _reason_for(path: str) -> str:
+    """`spec.template.roles[0].workerTemplate` -> `InvalidWorkerTemplate`."""
+    last = re.sub(r"\[[^\]]*\]", "", path).rsplit(".", 1)[-1] or "Spec"
+    return "Invalid" + last[:1].upper() + last[1:]
+
+
+def validate_with_crds(obj: Mapping[str, Any]) -> tuple[dict[str, Any] | None, list[SpecProblem]]:
+    """Validate against the `crds` models; the spec with defaults written in, or the problems."""
+    import crds
+
+    doc = {k: v for k, v in obj.items() if k != "status"}
+    doc.setdefault("apiVersion", "workload.matrixinfer.ai/v1alpha1")
+    doc.setdefault("kind", "ModelInfer")
+    try:
+        model = crds.parse_object(doc, source="ModelInfer")
+    except crds.InvalidObject as exc:
+        return None, [
+            SpecProblem(path or "spec", _reason_for(path), msg) for path, msg in exc.errors
+        ]
+    dumped = model.model_dump(by_alias=True, exclude_none=True, mode="json")
+    return dict(dumped.get("spec") or {}), []
+
+
 def spec_from_object(obj: Mapping[str, Any]) -> ModelInferSpec:
-    """The planner's ModelInferSpec from a ModelInfer object as JSON (camelCase)."""
+    """The planner's ModelInferSpec from a ModelInfer object as JSON (camelCase).
+
+    The object is validated with the `crds` models first (defaults written in); what they reject
+    becomes SpecProblems naming the field, and the planner then leaves the pods alone.
+    """
     meta = obj.get("metadata") or {}
-    spec = obj.get("spec") or {}
+    validated, crd_problems = validate_with_crds(obj)
+    if crd_problems:
+        return ModelInferSpec(
+            name=str(meta.get("name", "")),
+            namespace=str(meta.get("namespace", "default")),
+            uid=str(meta.get("uid", "")),
+            generation=int(meta.get("generation", 1) or 1),
+            replicas=0,
+            template=GroupTemplate(revision="invalid", roles=()),
+            problems=tuple(crd_problems),
+        )
+    spec = validated if validated is not None else (obj.get("spec") or {})
     raw_template = spec.get("template") or {}
     name = str(meta.get("name", ""))
     problems: list[SpecProblem] = []

@@ -55,7 +55,9 @@ def test_create_builds_pods_services_env_and_status() -> None:
     assert conds["Available"]["status"] == "True"
     assert conds["Progressing"]["status"] == "False"
     assert conds["UpdateInProgress"]["status"] == "False"
-    assert c.status["labelSelector"] == "workload.matrixinfer.ai/model-infer=llama"
+    assert c.status["labelSelector"] == (
+        "workload.matrixinfer.ai/model-infer=llama,workload.matrixinfer.ai/entry=true"
+    )
     assert list(c.revisions) == [f"llama-{spec.template.revision}"]
 
 
@@ -276,7 +278,7 @@ def test_invalid_spec_is_reported_and_nothing_is_touched() -> None:
     assert not p.has_changes
     assert p.status is not None
     cond = next(x for x in p.status["conditions"] if x["type"] == "SpecValid")
-    assert cond["status"] == "False" and cond["reason"] == "WorkerTemplateMissing"
+    assert cond["status"] == "False" and cond["reason"] == "InvalidWorkerTemplate"
     assert "spec.template.roles[0].workerTemplate" in cond["message"]
 
 
@@ -291,7 +293,8 @@ def test_long_names_and_bad_int_or_percent_are_reported() -> None:
     )
     assert (spec.max_unavailable, spec.partition) == (2, 4)
     spec = spec_from_object(make_object(gangPolicy={"minRoleReplicas": {"nope": 1}}))
-    assert spec.problems[0].reason == "UnknownRole"
+    assert spec.problems[0].reason == "InvalidMinRoleReplicas"
+    assert spec.problems[0].field == "spec.template.gangPolicy.minRoleReplicas"
     spec = spec_from_object(make_object(name="1abc"))
     assert spec.problems[0].reason == "InvalidNameForService"
 

@@ -1,0 +1,149 @@
+"""`matrixinfer-controllers`: the Kopf operator process (ModelInfer controller).
+
+    matrixinfer-controllers [--namespace NS ...] [--metrics-port 9090] [--liveness-port 8080]
+
+Credentials: in-cluster service account or kubeconfig (via the `kubernetes` client), or
+`--server URL` (plain, no auth; for the emulated API server in tests and demos).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+
+from controllers.metrics import ControllerMetrics
+from controllers.modelinfer import handlers as modelinfer_handlers
+from controllers.modelinfer.reconciler import ModelInferController
+
+FINALIZER = "workload.matrixinfer.ai/finalizer"
+ANNOTATION_PREFIX = "kopf.matrixinfer.ai"
+
+
+@dataclass
+class ControllerConfig:
+    namespaces: list[str] = field(default_factory=list)  # empty: cluster-wide
+    server: str | None = None  # talk to this API server without credentials (emulators)
+    metrics_port: int | None = None
+    metrics_host: str = "0.0.0.0"
+    liveness_endpoint: str | None = None
+    resync_seconds: float = 30.0
+    consistency_timeout: float = 0.0
+    queue_exit_timeout: float = 2.0  # how long event workers may drain the queue on exit
+
+
+def make_settings(config: ControllerConfig) -> kopf.OperatorSettings:
+    settings = kopf.OperatorSettings()
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
+        prefix=ANNOTATION_PREFIX
+    )
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=ANNOTATION_PREFIX, key="last-handled-configuration"
+    )
+    settings.persistence.consistency_timeout = config.consistency_timeout
+    settings.posting.level = logging.WARNING  # only warnings and explicit kopf.event()s
+    settings.scanning.disabled = True  # our CRDs are installed by the chart, not discovered live
+    settings.peering.standalone = True
+    settings.queueing.exit_timeout = config.queue_exit_timeout
+    settings.queueing.idle_timeout = min(settings.queueing.idle_timeout, 5.0)
+    return settings
+
+
+def build(config: ControllerConfig) -> tuple[kopf.OperatorRegistry, ModelInferController]:
+    """A registry with every controller's handlers, and the ModelInfer controller behind them."""
+    registry = kopf.OperatorRegistry()
+    metrics = ControllerMetrics()
+    controller = ModelInferController(metrics=metrics, resync=config.resync_seconds)
+
+    @kopf.on.login(id="matrixinfer-login", registry=registry)
+    def login(logger: kopf.Logger, **kwargs: Any) -> kopf.ConnectionInfo | None:
+        info: kopf.ConnectionInfo | None
+        if config.server:
+            info = kopf.ConnectionInfo(server=config.server, insecure=True)
+        else:
+            info = kopf.login_via_client(logger=logger, **kwargs)
+        if info is None:
+            return None
+        controller.connect(info)
+        return info
+
+    @kopf.on.cleanup(id="matrixinfer-cleanup", registry=registry)
+    async def close(**_: Any) -> None:
+        await controller.close()
+
+    modelinfer_handlers.register(registry, controller)
+    return registry, controller
+
+
+async def run_operator(
+    config: ControllerConfig,
+    stop_flag: asyncio.Event | threading.Event | None = None,
+    ready_flag: asyncio.Event | threading.Event | None = None,
+) -> ModelInferController:
+    registry, controller = build(config)
+    if config.metrics_port is not None:
+        controller.metrics.serve(config.metrics_port, config.metrics_host)
+    await kopf.operator(
+        registry=registry,
+        settings=make_settings(config),
+        standalone=True,
+        clusterwide=not config.namespaces,
+        namespaces=config.namespaces,
+        liveness_endpoint=config.liveness_endpoint,
+        stop_flag=stop_flag,
+        ready_flag=ready_flag,
+    )
+    return controller
+
+
+def parse_args(argv: Sequence[str] | None) -> ControllerConfig:
+    ap = argparse.ArgumentParser(
+        prog="matrixinfer-controllers", description="MatrixInfer Kopf operator"
+    )
+    ap.add_argument("--namespace", "-n", action="append", default=[], help="watch only these")
+    ap.add_argument("--server", help="API server URL without credentials (emulators only)")
+    ap.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port")
+    ap.add_argument("--metrics-host", default="0.0.0.0")
+    ap.add_argument("--liveness-port", type=int, default=8080, help="Kopf /healthz port")
+    ap.add_argument("--resync-seconds", type=float, default=30.0)
+    ap.add_argument("--verbose", "-v", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    return ControllerConfig(
+        namespaces=list(args.namespace),
+        server=args.server,
+        metrics_port=args.metrics_port if args.metrics_port > 0 else None,
+        metrics_host=args.metrics_host,
+        liveness_endpoint=(
+            f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port > 0 else None
+        ),
+        resync_seconds=args.resync_seconds,
+        consistency_timeout=5.0,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_args(argv)
+    try:
+        asyncio.run(run_operator(config))
+    except KeyboardInterrupt:
+        return 0
+    except Exception as exc:  # a clear line, not a traceback, for the person running it
+        print(f"matrixinfer-controllers: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

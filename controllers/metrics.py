@@ -1,0 +1,59 @@
+"""The controllers' Prometheus metrics (own registry, `matrixinfer_controller_*`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+RECONCILE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class ControllerMetrics:
+    """One registry per process; handlers record through these methods only."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.reconcile_duration = Histogram(
+            "matrixinfer_controller_reconcile_duration_seconds",
+            "Time of one reconcile (observe, plan, apply) of one object.",
+            ["controller"],
+            buckets=RECONCILE_BUCKETS,
+            registry=self.registry,
+        )
+        self.reconcile_errors = Counter(
+            "matrixinfer_controller_reconcile_errors_total",
+            "Reconciles or API actions that failed, by reason.",
+            ["controller", "reason"],
+            registry=self.registry,
+        )
+        self.actions = Counter(
+            "matrixinfer_controller_actions_total",
+            "API actions the controller applied, by kind.",
+            ["controller", "action"],
+            registry=self.registry,
+        )
+        self.infer_groups = Gauge(
+            "matrixinfer_controller_infer_groups",
+            "InferGroups of a ModelInfer by state "
+            "(Ready, Starting, Updating, Recovering, Deleting).",
+            ["namespace", "model_infer", "state"],
+            registry=self.registry,
+        )
+
+    def set_groups(self, namespace: str, name: str, counts: Mapping[Any, int]) -> None:
+        for state, n in counts.items():
+            self.infer_groups.labels(namespace, name, str(state)).set(n)
+
+    def forget(self, namespace: str, name: str) -> None:
+        for metric in self.infer_groups.collect():
+            for sample in metric.samples:
+                if sample.labels.get("namespace") == namespace and (
+                    sample.labels.get("model_infer") == name
+                ):
+                    self.infer_groups.remove(namespace, name, sample.labels["state"])
+
+    def serve(self, port: int, addr: str = "0.0.0.0") -> None:
+        """Expose /metrics on `addr:port` from a background thread."""
+        start_http_server(port, addr=addr, registry=self.registry)

@@ -1,0 +1,241 @@
+"""The emulated Kubernetes API (kmock) plus a fake kubelet, for running the real operator.
+
+kmock does no label selectors, no defaulting and no garbage collection, and runs no pods: the
+`Kubelet` here marks new pods Running+Ready (through the API, so watchers see it), optionally with
+a delay, and the operator deletes children itself on finalization.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import kmock
+
+from controllers.main import ControllerConfig, run_operator
+
+MI_PATH = "/apis/workload.matrixinfer.ai/v1alpha1/namespaces/{ns}/modelinfers"
+VERBS = {"list", "watch", "get", "create", "patch", "delete"}
+
+
+class Emulator(kmock.KubernetesEmulator):
+    """kmock plus `metadata.generateName` (Kopf names its Events that way)."""
+
+    _serial: int = 0
+
+    async def _handle(self, request: Any) -> Any:
+        data = getattr(request, "data", None)
+        if isinstance(data, dict) and request.method == "POST":
+            meta = data.get("metadata")
+            if isinstance(meta, dict) and not meta.get("name") and meta.get("generateName"):
+                type(self)._serial += 1
+                meta["name"] = f"{meta['generateName']}{type(self)._serial:06d}"
+        return await super()._handle(request)
+
+
+def declare(k: kmock.KubernetesEmulator, volcano: bool = False) -> None:
+    res = k.resources
+    res["v1/namespaces"] = kmock.ResourceInfo(kind="Namespace", namespaced=False, verbs=VERBS)
+    res["v1/pods"] = kmock.ResourceInfo(
+        kind="Pod", namespaced=True, verbs=VERBS, subresources={"status"}
+    )
+    res["v1/services"] = kmock.ResourceInfo(kind="Service", namespaced=True, verbs=VERBS)
+    res["v1/events"] = kmock.ResourceInfo(kind="Event", namespaced=True, verbs=VERBS)
+    res["apps/v1/controllerrevisions"] = kmock.ResourceInfo(
+        kind="ControllerRevision", namespaced=True, verbs=VERBS
+    )
+    res["workload.matrixinfer.ai/v1alpha1/modelinfers"] = kmock.ResourceInfo(
+        kind="ModelInfer",
+        singular="modelinfer",
+        namespaced=True,
+        verbs=VERBS,
+        subresources={"status", "scale"},
+    )
+    if volcano:
+        res["scheduling.volcano.sh/v1beta1/podgroups"] = kmock.ResourceInfo(
+            kind="PodGroup", namespaced=True, verbs=VERBS
+        )
+
+
+@dataclass
+class Api:
+    """Test-side client of the emulator (what kubectl would do)."""
+
+    k: kmock.KubernetesEmulator
+    url: str
+    session: aiohttp.ClientSession
+    rv: int = 1000
+
+    def objects(self, group_version_plural: str, ns: str = "ns") -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for key in list(self.k.objects):
+            resource, namespace, name = key
+            gvp = "/".join(x for x in (resource.group, resource.version, resource.plural) if x)
+            if gvp == group_version_plural and namespace == ns:
+                obj = self.k.objects[key]
+                if not obj.deleted:
+                    out[name] = obj.raw
+        return out
+
+    def pods(self, ns: str = "ns") -> dict[str, dict[str, Any]]:
+        return self.objects("v1/pods", ns)
+
+    def services(self, ns: str = "ns") -> dict[str, dict[str, Any]]:
+        return self.objects("v1/services", ns)
+
+    def modelinfer(self, name: str, ns: str = "ns") -> dict[str, Any] | None:
+        return self.objects("workload.matrixinfer.ai/v1alpha1/modelinfers", ns).get(name)
+
+    def next_rv(self) -> str:
+        self.rv += 1
+        return str(self.rv)
+
+    async def request(self, method: str, path: str, body: Any = None) -> Any:
+        headers = {"Content-Type": "application/merge-patch+json"} if method == "PATCH" else {}
+        async with self.session.request(method, self.url + path, json=body, headers=headers) as r:
+            text = await r.text()
+            assert r.status < 400, f"{method} {path}: {r.status} {text[:300]}"
+            return text
+
+    async def create_modelinfer(self, obj: dict[str, Any]) -> None:
+        obj = dict(obj)
+        meta = dict(obj["metadata"])
+        meta.setdefault("uid", f"uid-{meta['name']}")
+        meta["resourceVersion"] = self.next_rv()
+        meta.setdefault("generation", 1)
+        meta.setdefault("namespace", "ns")
+        obj["metadata"] = meta
+        await self.request("POST", MI_PATH.format(ns=meta["namespace"]), obj)
+
+    async def patch_modelinfer(self, name: str, spec_patch: dict[str, Any], ns: str = "ns") -> None:
+        """A spec change: the API server bumps generation and resourceVersion."""
+        current = self.modelinfer(name, ns)
+        assert current is not None
+        gen = int(current["metadata"].get("generation", 1)) + 1
+        body = {
+            "spec": spec_patch,
+            "metadata": {"generation": gen, "resourceVersion": self.next_rv()},
+        }
+        await self.request("PATCH", MI_PATH.format(ns=ns) + f"/{name}", body)
+
+    async def delete(self, path: str) -> None:
+        await self.request("DELETE", path)
+
+    async def delete_modelinfer(self, name: str, ns: str = "ns") -> None:
+        await self.delete(MI_PATH.format(ns=ns) + f"/{name}")
+
+    async def patch_pod_status(self, name: str, status: dict[str, Any], ns: str = "ns") -> None:
+        await self.request(
+            "PATCH", f"/api/v1/namespaces/{ns}/pods/{name}/status", {"status": status}
+        )
+
+
+def ready_status() -> dict[str, Any]:
+    now = datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {
+        "phase": "Running",
+        "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": now}],
+    }
+
+
+@dataclass
+class Kubelet:
+    """Marks pods Running+Ready `delay` seconds after they appear (per pod, via the API)."""
+
+    api: Api
+    delay: float = 0.0
+    interval: float = 0.02
+    seen: dict[tuple[str, str], float] = field(default_factory=dict)
+    paused: bool = False
+
+    async def run(self) -> None:
+        while True:
+            if not self.paused:
+                now = time.monotonic()
+                for key in list(self.api.k.objects):
+                    resource, ns, name = key
+                    if resource.plural != "pods" or resource.group != "":
+                        continue
+                    obj = self.api.k.objects[key]
+                    if obj.deleted:
+                        self.seen.pop((ns, name), None)
+                        continue
+                    uid_key = (ns, name)
+                    raw = obj.raw
+                    if (raw.get("status") or {}).get("phase"):
+                        continue
+                    first = self.seen.setdefault(uid_key, now)
+                    if now - first >= self.delay:
+                        with contextlib.suppress(AssertionError, aiohttp.ClientError):
+                            await self.api.patch_pod_status(name, ready_status(), ns)
+            await asyncio.sleep(self.interval)
+
+
+@contextlib.asynccontextmanager
+async def emulator(volcano: bool = False) -> AsyncIterator[Api]:
+    async with Emulator() as k, kmock.Server(k) as srv:
+        declare(k, volcano)
+        async with aiohttp.ClientSession() as session:
+            yield Api(k, str(srv.url).rstrip("/"), session)
+
+
+@dataclass
+class Operator:
+    thread: threading.Thread
+    stop: threading.Event
+    ready: threading.Event
+    errors: list[BaseException]
+
+
+@contextlib.asynccontextmanager
+async def operator(api: Api, **config: Any) -> AsyncIterator[Operator]:
+    """The real Kopf operator (standalone, no peering) against the emulator.
+
+    It runs in its own thread and event loop, like a separate process would (and so that Kopf's
+    shutdown does not wait for the emulator's own watch-stream tasks).
+    """
+    stop, ready = threading.Event(), threading.Event()
+    config.setdefault("queue_exit_timeout", 0.1)
+    cfg = ControllerConfig(namespaces=["ns"], server=api.url, resync_seconds=5.0, **config)
+    errors: list[BaseException] = []
+
+    def main() -> None:
+        try:
+            asyncio.run(run_operator(cfg, stop_flag=stop, ready_flag=ready))
+        except BaseException as exc:  # reported by the test, not lost in the thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=main, name="kopf-operator", daemon=True)
+    thread.start()
+    try:
+        await eventually(ready.is_set, 10, "the operator to start")
+        yield Operator(thread, stop, ready, errors)
+    finally:
+        stop.set()
+        await eventually(lambda: not thread.is_alive(), 15, "the operator to stop")
+    assert not errors, f"the operator failed: {errors!r}"
+
+
+async def eventually(check: Callable[[], Any], within: float = 10.0, what: str = "") -> Any:
+    """Poll `check` until it returns a truthy value; fail with `what` after `within` seconds."""
+    deadline = time.monotonic() + within
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except (AssertionError, KeyError) as exc:
+            last = exc
+            last_ok = False
+        else:
+            last_ok = bool(last)
+        if last_ok:
+            return last
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out after {within}s waiting for {what or check}: last={last!r}")
