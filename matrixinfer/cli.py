@@ -115,7 +115,7 @@ def _pod_counts(stack: GatewayStack) -> dict[str, tuple[int, int]]:
     except (urllib.error.URLError, OSError, ValueError):
         return {}
     out: dict[str, tuple[int, int]] = {}
-    for pod in state.get("pods", []):  # type: ignore[union-attr]
+    for pod in state.get("pods", []):
         out[pod["name"]] = (picks.get(pod["name"], 0), int(pod["inFlight"]))
     return out
 

@@ -13,6 +13,7 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from matrixinfer.envoy_config import EnvoySettings, render_bootstrap
 from matrixinfer.process import Child, find_envoy, free_port, http_ok
@@ -168,9 +169,9 @@ class GatewayStack:
     def extproc_ready(self) -> bool:
         return http_ok(f"{self.extproc_url}/readyz")
 
-    def state(self) -> dict[str, object]:
+    def state(self) -> dict[str, Any]:
         with urllib.request.urlopen(f"{self.extproc_url}/debug/state", timeout=2) as resp:
-            data: dict[str, object] = json.loads(resp.read())
+            data: dict[str, Any] = json.loads(resp.read())
             return data
 
     def envoy_hosts(self) -> set[str]:
