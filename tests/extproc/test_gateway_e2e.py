@@ -375,3 +375,23 @@ def test_extproc_killed(tmp_path: Path, config_dir: Path, fleet: Fleet, fail_ope
                 )
     finally:
         s.stop()
+
+
+def test_full_duplex_streamed_body_mode(tmp_path: Path, config_dir: Path, fleet: Fleet) -> None:
+    from tests.extproc.conftest import start_stack
+
+    s = start_stack(config_dir, tmp_path / "run", fleet, body_mode="FULL_DUPLEX_STREAMED")
+    try:
+        c = OpenAI(base_url=s.url, api_key="unused", max_retries=0, timeout=20)
+        # a body of several chunks, with the model rewritten (the body goes back as one mutation)
+        pod, completion = chat(c, model="alias-model", content="word " * 4000)
+        assert pod.startswith("sim-") and completion.model == "demo-model"
+        assert chat(c, headers={"x-pin": "sim-0"})[0] == "sim-0"
+        with pytest.raises(openai.NotFoundError):
+            chat(c, model="no-such-model")
+        with pytest.raises(openai.APIStatusError) as err:
+            chat(c, content="x" * (BODY_LIMIT + 10))
+        assert err.value.status_code == 413
+        c.close()
+    finally:
+        s.stop()
