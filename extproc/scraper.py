@@ -1,11 +1,12 @@
 """Pod metrics scraper: reads every pod's ``/metrics`` on a fixed interval, off the request path.
 
-It runs as its own asyncio task. Each tick (default every 200 ms) it starts one scrape for every
-target that has none in progress, so a slow or dead pod never delays the others (each scrape has its
-own timeout). A finished scrape is parsed by :func:`parse_metrics` (pure) into a fresh
-:class:`PodMetrics` object handed to ``publish(pod_name, metrics)`` — consumers replace their
-reference atomically, nothing is mutated in place. A pod without a successful scrape for
-``stale_after`` seconds is published once more with ``stale=True`` (plugins treat it as unknown).
+It runs as its own asyncio task and scrapes every target once per interval (default 200 ms),
+spread over the interval; each pod has at most one scrape in flight and each scrape its own
+timeout, so a slow or dead pod never delays the others. A finished scrape is parsed by
+:func:`parse_metrics` (pure) into a fresh :class:`PodMetrics` object handed to
+``publish(pod_name, metrics)``: consumers replace their reference atomically, nothing is mutated in
+place. A pod without a successful scrape for ``stale_after`` seconds is published once more with
+``stale=True`` (plugins treat it as unknown).
 
 Engine name maps (the first name present wins; histograms are read from their _sum/_count):
 
@@ -32,6 +33,7 @@ import contextlib
 import logging
 import re
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -311,6 +313,7 @@ class ScrapeError(Exception):
 class _PodState:
     target: ScrapeTarget
     first_seen: float
+    due: float  # when the next scrape should start
     latency: LatencyState | None = None
     last_metrics: PodMetrics | None = None
     last_success: float | None = None
@@ -322,13 +325,25 @@ class _PodState:
 _DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
+def _phase(name: str) -> float:
+    """A stable 0..1 offset per pod, so scrapes spread over the interval instead of bursting."""
+    return (zlib.crc32(name.encode()) & 0xFFFF) / 65536.0
+
+
 class MetricsScraper:
     """Scrapes ``targets()`` every ``interval`` seconds and ``publish``-es each pod's metrics.
 
-    ``timeout`` bounds one scrape (connect + read); ``stale_after`` is how long the last good read
-    stays trusted. With a ``registry`` it exports ``matrixinfer_gateway_scrape_errors_total{pod}``,
-    ``matrixinfer_gateway_scrape_age_seconds{pod}`` (seconds since the pod's last good scrape, or
-    since it became a target when none succeeded yet; refreshed every tick) and
+    Scrapes are spread over the interval (a stable per-pod phase) rather than fired in one burst,
+    so the event loop the request path shares is never blocked by hundreds of parses at once.
+    ``max_scrapes_per_second`` caps the CPU the scraper may take: with more than
+    ``interval x max_scrapes_per_second`` pods the effective interval grows to
+    ``pods / max_scrapes_per_second`` (and the staleness bound to at least 2.5 effective
+    intervals). ``timeout`` bounds one scrape (connect + read); ``stale_after`` is how long the last
+    good read stays trusted. ``targets()`` is called once per interval.
+
+    With a ``registry`` it exports ``matrixinfer_gateway_scrape_errors_total{pod}``,
+    ``matrixinfer_gateway_scrape_age_seconds{pod}`` (a gauge: seconds since the pod's last good
+    scrape, or since it became a target when none succeeded yet; refreshed once per interval) and
     ``matrixinfer_gateway_scrape_duration_seconds`` (histogram of successful and failed scrapes).
     """
 
@@ -342,6 +357,7 @@ class MetricsScraper:
         stale_after: float = 1.0,
         registry: CollectorRegistry | None = None,
         clock: Callable[[], float] = time.monotonic,
+        max_scrapes_per_second: float = 500.0,
         max_connections: int = 100,
         latency_window: float = 10.0,
     ) -> None:
@@ -351,11 +367,14 @@ class MetricsScraper:
             raise ValueError(f"timeout must be > 0, got {timeout}")
         if stale_after <= 0:
             raise ValueError(f"stale_after must be > 0, got {stale_after}")
+        if max_scrapes_per_second <= 0:
+            raise ValueError(f"max_scrapes_per_second must be > 0, got {max_scrapes_per_second}")
         self._targets = targets
         self._publish = publish
         self.interval = interval
         self.timeout = timeout
         self.stale_after = stale_after
+        self.max_scrapes_per_second = max_scrapes_per_second
         self.latency_window = latency_window
         self.max_connections = max_connections
         self._clock = clock
@@ -365,7 +384,7 @@ class MetricsScraper:
         self._errors: Counter | None = None
         self._age: Gauge | None = None
         self._duration: Histogram | None = None
-        self.scrapes = 0  # successful scrapes (for /debug and tests)
+        self.scrapes = 0  # successful scrapes (for /debug and benchmarks)
         self.failures = 0
         if registry is not None:
             self._errors = Counter(
@@ -387,6 +406,15 @@ class MetricsScraper:
                 buckets=_DURATION_BUCKETS,
                 registry=registry,
             )
+
+    @property
+    def effective_interval(self) -> float:
+        """The interval actually used: ``interval``, stretched by the scrape-rate cap."""
+        return max(self.interval, len(self._pods) / self.max_scrapes_per_second)
+
+    @property
+    def effective_stale_after(self) -> float:
+        return max(self.stale_after, 2.5 * self.effective_interval)
 
     # -- lifecycle
 
@@ -416,7 +444,11 @@ class MetricsScraper:
     async def scrape_once(self) -> None:
         """Scrape every current target now (joining scrapes already in progress) and wait."""
         self._ensure_session()
-        self._tick()
+        now = self._clock()
+        self._refresh(now)
+        for state in self._pods.values():
+            if state.task is None or state.task.done():
+                self._launch(state)
         tasks = [s.task for s in self._pods.values() if s.task is not None]
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -436,34 +468,46 @@ class MetricsScraper:
         return self._session
 
     async def _run(self) -> None:
-        next_tick = self._clock()
+        next_refresh = self._clock()
         while True:
+            now = self._clock()
             try:
-                self._tick()
+                if now >= next_refresh:
+                    self._refresh(now)
+                    self._check_stale(now)
+                    next_refresh = now + self.interval
+                self._start_due(now)
             except Exception:  # a bad target list must not kill the loop
                 log.exception("metrics scraper tick failed")
-            next_tick += self.interval
-            delay = next_tick - self._clock()
-            if delay < 0:
-                next_tick = self._clock()
-                delay = 0
-            await asyncio.sleep(delay)
+            # several ticks per interval spread the scrapes; never busier than every 10 ms
+            await asyncio.sleep(max(0.01, min(0.05, self.interval / 8)))
 
-    def _tick(self) -> None:
-        now = self._clock()
+    def _refresh(self, now: float) -> None:
+        """Take the current target list: add new pods, drop gone ones, follow changed URLs."""
         current = {t.pod_name: t for t in self._targets()}
         for name in [n for n in self._pods if n not in current]:
             self._drop(name)
+        every = max(self.interval, len(current) / self.max_scrapes_per_second)
         for name, target in current.items():
             state = self._pods.get(name)
             if state is None:
-                state = self._pods[name] = _PodState(target, now)
+                self._pods[name] = _PodState(target, now, due=now + _phase(name) * every)
             elif state.target != target:
                 state.target = target
                 state.latency = None
-            if state.task is None or state.task.done():
-                state.task = asyncio.create_task(self._scrape(state))
-        self._check_stale(now)
+
+    def _start_due(self, now: float) -> None:
+        every = self.effective_interval
+        for state in self._pods.values():
+            if state.due <= now and (state.task is None or state.task.done()):
+                self._launch(state)
+                # keep the pod's phase; if it fell behind (slow pod), start counting from now
+                state.due += every
+                if state.due <= now:
+                    state.due = now + every
+
+    def _launch(self, state: _PodState) -> None:
+        state.task = asyncio.create_task(self._scrape(state))
 
     def _drop(self, name: str) -> None:
         state = self._pods.pop(name)
@@ -475,6 +519,7 @@ class MetricsScraper:
                     metric.remove(name)
 
     def _check_stale(self, now: float) -> None:
+        stale_after = self.effective_stale_after
         for name, state in self._pods.items():
             last = state.last_success
             if self._age is not None:
@@ -482,7 +527,7 @@ class MetricsScraper:
             if (
                 last is not None
                 and not state.stale_published
-                and now - last > self.stale_after
+                and now - last > stale_after
                 and state.last_metrics is not None
             ):
                 state.stale_published = True

@@ -345,3 +345,23 @@ def test_bad_settings_are_rejected() -> None:
         MetricsScraper(list, lambda n, m: None, interval=0)
     with pytest.raises(ValueError, match="stale_after must be > 0"):
         MetricsScraper(list, lambda n, m: None, stale_after=-1)
+
+
+async def test_rate_cap_stretches_interval_and_staleness() -> None:
+    dead = free_port("127.0.0.4")
+    targets = [ScrapeTarget(f"p{i}", f"http://127.0.0.4:{dead}/metrics", "vLLM") for i in range(50)]
+    scraper = MetricsScraper(
+        lambda: targets,
+        lambda n, m: None,
+        interval=0.2,
+        stale_after=1.0,
+        max_scrapes_per_second=100,
+    )
+    try:
+        assert scraper.effective_interval == 0.2  # no targets known yet
+        await scraper.scrape_once()
+        assert scraper.failures == 50  # connection refused, counted per pod
+        assert scraper.effective_interval == pytest.approx(0.5)  # 50 pods / 100 per second
+        assert scraper.effective_stale_after == pytest.approx(1.25)
+    finally:
+        await scraper.stop()
