@@ -317,9 +317,9 @@ def _reading(results: list[dict[str, float]]) -> list[str]:
         verdict = (
             "keeps its (effective) interval"
             if done >= 0.9 * due
-            else f"completes only {done / due * 100:.0f}% of the scrapes due: the scraper, the fake "
-            "engines' child process and the machine's other work share 2 cores; reads get older "
-            "instead of piling up (each pod has at most one scrape in flight)"
+            else f"completes only {done / due * 100:.0f}% of the scrapes due: the scraper, the "
+            "fake engines' child process and the machine's other work share 2 cores; reads get "
+            "older instead of piling up (each pod has at most one scrape in flight)"
         )
         out.append(
             f"- {r['pods']:.0f} pods, interval {r['interval'] * 1000:.0f} ms, cap {_cap(r)}: "
