@@ -151,7 +151,6 @@ class SimConfig(BaseModel):
     max_cpu_loras: int | None = Field(None, ge=1, description="max loaded adapters (None: any)")
     lora_modules: dict[str, str] = Field(default_factory=dict, description="name -> path at start")
     nixl_side_channel_port: int = Field(5600, ge=1, le=65535)
-    log_requests: bool = False
 
     @field_validator("output_len")
     @classmethod

@@ -25,7 +25,7 @@ import orjson
 import xxhash
 from aiohttp import web
 
-from sim.config import SimConfig
+from sim.config import FaultConfig, SimConfig
 from sim.driver import EngineDriver
 from sim.engine import SGLANG_BUCKETS, VLLM_BUCKETS, Engine, QueueFull, Request
 from sim.metrics import LoraView, SglangCollector, VllmCollector, make_registry, render
@@ -126,6 +126,8 @@ class SimServer:
         r.add_post("/v1/completions", self.completions)
         r.add_get("/v1/models", self.models)
         r.add_get("/health", self.health)
+        r.add_get("/health_generate", self.health)  # SGLang's deeper health check
+        r.add_get("/version", self.version)
         r.add_get("/metrics", self.metrics)
         r.add_post("/tokenize", self.tokenize)
         r.add_post("/v1/load_lora_adapter", self.load_lora)
@@ -177,12 +179,13 @@ class SimServer:
             return web.Response(status=503, text="engine is not ready")
         return web.Response(status=200)
 
+    async def version(self, request: web.Request) -> web.Response:
+        return _json({"version": "0.0.0+matrixinfer-sim", "engine": self.cfg.engine_kind})
+
     async def get_fault(self, request: web.Request) -> web.Response:
         return _json(self.faults.model_dump())
 
     async def set_fault(self, request: web.Request) -> web.Response:
-        from sim.config import FaultConfig
-
         raw = await request.read()
         try:
             patch = orjson.loads(raw) if raw else {}

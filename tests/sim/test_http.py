@@ -137,6 +137,8 @@ def test_models_and_health(shared_sim: SimPod) -> None:
     assert ids[MODEL].model_extra is not None and ids[MODEL].model_extra["parent"] is None
     status, headers, _ = get(f"{shared_sim.url}/health")
     assert status == 200 and headers["x-inference-pod"] == "sim-shared"
+    status, _, body = get(f"{shared_sim.url}/version")
+    assert status == 200 and json.loads(body)["engine"] == "vllm"
 
 
 def test_embeddings_are_deterministic(shared_sim: SimPod) -> None:
