@@ -47,7 +47,7 @@ crds: $(STAMP)
 crds-check: $(STAMP)
 	$(PY) -m crds --check
 
-demo: setup
+demo: $(STAMP)
 	$(VENV)/bin/matrixinfer demo
 
 bench: setup
