@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
@@ -111,6 +112,7 @@ class ModelInferController:
         self.clock = clock
         self.loops: dict[Key, _Loop] = {}
         self.deleting: set[Key] = set()
+        self.closing = False  # the operator is shutting down: every loop exits
         self._gang: tuple[bool, float] | None = None
         self._gang_refresh = gang_refresh
 
@@ -119,6 +121,10 @@ class ModelInferController:
         self.client = KubeClient(info)
 
     async def close(self) -> None:
+        """Stop every loop (also ones Kopf respawned late during its own shutdown)."""
+        self.closing = True
+        for loop in self.loops.values():
+            loop.wake.set()
         if self.client is not None:
             await self.client.close()
 
@@ -153,7 +159,7 @@ class ModelInferController:
         loop = self.loop_for(key)
         backoff = 0.5
         try:
-            while not stopped.is_set() and key not in self.deleting:
+            while not stopped.is_set() and key not in self.deleting and not self.closing:
                 loop.wake.clear()
                 meta = body.get("metadata") or {}
                 if meta.get("deletionTimestamp"):
@@ -171,7 +177,7 @@ class ModelInferController:
                     delay, backoff = backoff, min(backoff * 2, 30.0)
                 await self._wait(loop.wake, stopped, delay)
         finally:
-            if stopped.is_set() or key in self.deleting:
+            if stopped.is_set() or key in self.deleting or self.closing:
                 self.loops.pop(key, None)
 
     async def _wait(self, wake: asyncio.Event, stopped: kopf.DaemonStopped, delay: float) -> None:
@@ -204,7 +210,7 @@ class ModelInferController:
         podgroups: tuple[ObservedPodGroup, ...] = ()
         if gang:
             assert self.client is not None
-            listed = await self.client.get(podgroups_path(ns))
+            listed = await self.client.get(podgroups_path(ns) + _selector(name))
             items = (listed or {}).get("items") or []
             pgs = []
             for item in items:
@@ -242,6 +248,13 @@ class ModelInferController:
             loop = self.loop_for(key)
             p = make_plan(spec, observed, loop.state, self.clock())
             loop.state = p.state
+            if p.has_changes:
+                logger.debug(
+                    f"plan: delete {len(p.delete_pods)} pods, create {len(p.create_pods)} pods, "
+                    f"{len(p.create_services)}+/{len(p.delete_services)}- services, "
+                    f"relabel {len(p.relabel_pods)}; groups "
+                    + ", ".join(f"{k.value}={v}" for k, v in p.groups_by_state.items() if v)
+                )
             failures = await self.apply(key, p, logger)
             if p.status is not None:
                 assert self.client is not None
@@ -355,7 +368,7 @@ class ModelInferController:
         if loop is not None:
             pods.update(loop.expect.created)
         # the API is the truth here: also list, in case the index has not seen a fresh pod yet
-        listed = await self.client.get(pods_path(ns))
+        listed = await self.client.get(pods_path(ns) + _selector(name))
         for item in (listed or {}).get("items") or []:
             meta = item.get("metadata") or {}
             if (meta.get("labels") or {}).get(LABEL_MODEL_INFER) == name:
@@ -366,7 +379,7 @@ class ModelInferController:
         }
         podgroups: set[str] = set()
         if await self.gang_available():
-            listed = await self.client.get(podgroups_path(ns))
+            listed = await self.client.get(podgroups_path(ns) + _selector(name))
             for item in (listed or {}).get("items") or []:
                 meta = item.get("metadata") or {}
                 if (meta.get("labels") or {}).get(LABEL_MODEL_INFER) == name:
@@ -385,6 +398,11 @@ class ModelInferController:
         self.deleting.discard(key)
         logger.info(f"deleted {deleted} children of ModelInfer {ns}/{name}")
         return deleted
+
+
+def _selector(name: str) -> str:
+    """A labelSelector query (an emulator may ignore it: results are filtered again here)."""
+    return "?labelSelector=" + urllib.parse.quote(f"{LABEL_MODEL_INFER}={name}")
 
 
 def _store(index: Any, key: Key) -> list[Any]:
