@@ -204,7 +204,8 @@ class Gateway:
         except NoPodAvailable as exc:
             raise no_pod_available(f"ModelServer '{view.name}': {exc.reason}") from None
         finally:
-            self.metrics.scheduling_duration.labels(view.name).observe(time.perf_counter() - began)
+            m = self.metrics
+            m.child(m.scheduling_duration, view.name).observe(time.perf_counter() - began)
         pod = result.primary
         self.datastore.begin(pod)
         state.pod_name = pod.name
@@ -213,8 +214,9 @@ class Gateway:
         state.scheduler = scheduler
         state.code = 200
         self.metrics.in_flight.inc()
-        self.metrics.pod_picks.labels(view.name, pod.name).inc()
-        self.metrics.requests.labels(parsed.model, decision.route, view.name, "200").inc()
+        m = self.metrics
+        m.child(m.pod_picks, view.name, pod.name).inc()
+        m.child(m.requests, parsed.model, decision.route, view.name, "200").inc()
         body: bytes | None = None
         if decision.rewritten:
             parsed.body["model"] = decision.upstream_model
@@ -228,9 +230,10 @@ class Gateway:
 
     def _answer(self, state: RequestState, immediate: Immediate) -> Immediate:
         state.code = immediate.status
-        self.metrics.requests.labels(
-            state.model, state.route, state.server, str(immediate.status)
-        ).inc()
+        # the model label only carries names a route serves (callers cannot grow the series)
+        model = state.model if state.route else ""
+        m = self.metrics
+        m.child(m.requests, model, state.route, state.server, str(immediate.status)).inc()
         if immediate.status >= 400:
             log.info(
                 "request %s answered %d by the gateway: %s",
@@ -252,9 +255,8 @@ class Gateway:
             return
         self.datastore.finish(state.pod_name)
         self.metrics.in_flight.dec()
-        self.metrics.request_duration.labels(state.model, state.server).observe(
-            self.clock() - state.started
-        )
+        m = self.metrics
+        m.child(m.request_duration, state.model, state.server).observe(self.clock() - state.started)
         if state.scheduler is not None:
             try:
                 state.scheduler.on_finished(state.request_id, state.pod_name)

