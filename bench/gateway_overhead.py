@@ -444,14 +444,12 @@ def main(argv: list[str] | None = None) -> int:
                     StackOptions(body_mode=mode, extproc_log_level="WARNING"),
                 )
                 with stack:
-                    wait_until(
-                        lambda s=stack: (
-                            s.extproc_ready()
-                            and {f"{h}:{upstream_port}" for h in UPSTREAM_HOSTS} <= s.envoy_hosts()
-                        ),
-                        20,
-                        "gateway ready",
-                    )
+                    wanted = {f"{h}:{upstream_port}" for h in UPSTREAM_HOSTS}
+
+                    def ready(s: GatewayStack = stack, wanted: set[str] = wanted) -> bool:
+                        return s.extproc_ready() and wanted <= s.envoy_hosts()
+
+                    wait_until(ready, 20, "gateway ready")
                     print(f"gateway: Envoy + extproc ({mode})", flush=True)
                     results.append(
                         measure(
