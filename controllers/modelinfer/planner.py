@@ -16,7 +16,6 @@ spec (update revision) or from a ControllerRevision (older revisions). New group
 from __future__ import annotations
 
 import datetime
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,19 +45,23 @@ class _Instance:
     role: str
     role_replica: int
     pods: dict[int, ObservedPod] = field(default_factory=dict)
+    serving: int = 0  # pods running, ready, not terminating
+    first: ObservedPod | None = None
 
 
 @dataclass(slots=True)
 class _Group:
     index: int
     instances: dict[tuple[str, int], _Instance] = field(default_factory=dict)
-    revisions: Counter[str] = field(default_factory=Counter)
+    revisions: dict[str, int] = field(default_factory=dict)
     live_pods: int = 0  # not terminating
     cost: int | None = None
 
     def revision(self, fallback: str) -> str:
         if not self.revisions:
             return fallback
+        if len(self.revisions) == 1:
+            return next(iter(self.revisions))
         best = max(self.revisions.values())
         if self.revisions.get(fallback, 0) == best:
             return fallback
@@ -77,17 +80,17 @@ def _index(pods: tuple[ObservedPod, ...]) -> dict[int, _Group]:
         key = (p.role, p.role_replica)
         inst = g.instances.get(key)
         if inst is None:
-            inst = g.instances[key] = _Instance(p.role, p.role_replica)
+            inst = g.instances[key] = _Instance(p.role, p.role_replica, first=p)
         inst.pods[p.index] = p
-        g.revisions[p.revision] += 1
+        revs = g.revisions
+        revs[p.revision] = revs.get(p.revision, 0) + 1
         if not p.terminating:
             g.live_pods += 1
-            g.cost = p.deletion_cost if g.cost is None else max(g.cost, p.deletion_cost)
+            if p.deletion_cost or g.cost is None:
+                g.cost = p.deletion_cost if g.cost is None else max(g.cost, p.deletion_cost)
+            if p.ready and p.phase == "Running":
+                inst.serving += 1
     return groups
-
-
-def _group_updated(g: _Group, tmpl: GroupTemplate, update_rev: str) -> bool:
-    return set(g.revisions) == {update_rev} and _group_complete(g, tmpl)
 
 
 def _group_complete(g: _Group, tmpl: GroupTemplate) -> bool:
@@ -124,6 +127,8 @@ class _Planner:
         self.deleted: set[str] = set()
         self.created_groups: list[int] = []
         self.ready_cache: dict[int, bool] = {}
+        self.size_memo: dict[tuple[str, str, str], int] = {}
+        self.touched: set[int] = set()  # groups with a pod deleted by this plan
         self.removed_groups: list[int] = []
 
     # ---- helpers -------------------------------------------------------------------------
@@ -132,12 +137,19 @@ class _Planner:
 
     def instance_size(self, inst: _Instance, fallback: GroupTemplate) -> int:
         """Pods an instance should have, by the revision its pods were made from."""
-        for p in inst.pods.values():
-            tmpl = self.templates.get(p.revision)
-            role = tmpl.by_name.get(inst.role) if tmpl is not None else None
-            if role is not None and role.revision == p.role_revision:
-                return role.instance_size
-            break
+        p = inst.first
+        if p is not None:
+            memo_key = (p.revision, p.role_revision, inst.role)
+            size = self.size_memo.get(memo_key)
+            if size is None:
+                tmpl = self.templates.get(p.revision)
+                role = tmpl.by_name.get(inst.role) if tmpl is not None else None
+                size = 0
+                if role is not None and role.revision == p.role_revision:
+                    size = role.instance_size
+                self.size_memo[memo_key] = size
+            if size:
+                return size
         role = fallback.by_name.get(inst.role)
         return role.instance_size if role is not None else len(inst.pods)
 
@@ -155,7 +167,7 @@ class _Planner:
         if ok:
             for inst in g.instances.values():
                 size = self.instance_size(inst, tmpl)
-                if len(inst.pods) != size or not all(p.serving for p in inst.pods.values()):
+                if inst.serving != size or len(inst.pods) != size:
                     ok = False
                     break
         self.ready_cache[g.index] = ok
@@ -164,6 +176,7 @@ class _Planner:
     def delete_pod(self, p: ObservedPod) -> None:
         if not p.terminating and p.name not in self.deleted:
             self.deleted.add(p.name)
+            self.touched.add(p.group)
             self.plan.delete_pods.append(p.name)
 
     def delete_instance(self, inst: _Instance) -> None:
@@ -274,6 +287,7 @@ class _Planner:
         expected: set[tuple[str, int]] = set()
         broken: list[_Instance] = []
         to_create: list[tuple[str, int]] = []
+        healthy = 0
         for role in tmpl.roles:
             for rr in range(role.replicas):
                 key = (role.name, rr)
@@ -283,6 +297,9 @@ class _Planner:
                     to_create.append(key)
                     continue
                 size = self.instance_size(inst, tmpl)
+                if inst.serving == size and len(inst.pods) == size:
+                    healthy += 1
+                    continue  # healthy: the common case, decided without looking at pods
                 for i, p in inst.pods.items():
                     if i >= size:
                         self.delete_pod(p)  # a worker beyond the instance's size
@@ -301,7 +318,11 @@ class _Planner:
             for key, inst in g.instances.items():
                 if key not in expected:
                     self.delete_instance(inst)
-        state = GroupState.READY if self.group_ready(g) else GroupState.STARTING
+        ready = healthy == len(expected)
+        if ready and len(g.instances) != len(expected):
+            ready = self.group_ready(g)  # instances outside the template must be healthy too
+        self.ready_cache[g.index] = ready
+        state = GroupState.READY if ready else GroupState.STARTING
         if broken and self.spec.recovery_policy is not RecoveryPolicy.NONE:
             due = self.due_failures(g, broken)
             if due:
@@ -362,15 +383,14 @@ class _Planner:
         ready = sum(
             1
             for g in kept
-            if self.states.get(g.index) is GroupState.READY
-            and not any(p.name in self.deleted for p in g.all_pods())
+            if self.states.get(g.index) is GroupState.READY and g.index not in self.touched
         )
         unavailable = max(0, spec.replicas - ready)
         candidates: list[_Group] = []
         for g in kept:
             if g.index < spec.partition or g.live_pods == 0:
                 continue
-            if any(p.name in self.deleted for p in g.all_pods()):
+            if g.index in self.touched:
                 continue  # already being recovered this round
             if spec.rollout_type is RolloutType.GROUP_ROLLING_UPDATE:
                 if set(g.revisions) != {self.update_rev}:
@@ -539,14 +559,15 @@ class _Planner:
         ready = sum(
             1
             for g in existing
-            if self.states.get(g.index) is GroupState.READY
-            and not any(p.name in self.deleted for p in g.all_pods())
+            if self.states.get(g.index) is GroupState.READY and g.index not in self.touched
         )
         updated = sum(
             1
             for g in existing
-            if _group_updated(g, spec.template, self.update_rev)
-            and not any(p.name in self.deleted for p in g.all_pods())
+            if g.index not in self.touched
+            and len(g.revisions) == 1
+            and self.update_rev in g.revisions
+            and (self.ready_cache.get(g.index) or _group_complete(g, spec.template))
         )
         current_rev = self.current_rev
         if updated == spec.replicas and ready == spec.replicas and not self.plan.has_changes:
