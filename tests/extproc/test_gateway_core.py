@@ -1,0 +1,116 @@
+"""The decision core without gRPC: Gateway + Datastore + the real scheduler."""
+
+from __future__ import annotations
+
+from random import Random
+
+import orjson
+
+from extproc.datastore import Datastore
+from extproc.gateway import Gateway, Immediate, Routed
+from extproc.metrics import GatewayMetrics
+from extproc.scheduling.types import PodMetrics
+from tests.extproc.helpers import config, server_yaml
+
+ROUTES = """apiVersion: networking.matrixinfer.ai/v1alpha1
+kind: ModelRoute
+metadata: {name: chat}
+spec:
+  modelName: chat
+  rules: [{targets: [{modelServerName: pool}]}]
+---
+apiVersion: networking.matrixinfer.ai/v1alpha1
+kind: ModelRoute
+metadata: {name: none}
+spec:
+  modelName: lonely
+  rules: [{targets: [{modelServerName: nobody}]}]
+"""
+PODS = [(f"p{i}", f"10.0.0.{i}:8000", {"app": "chat"}) for i in range(3)]
+
+
+def make(model: str | None = "upstream/chat-7b") -> tuple[Gateway, Datastore]:
+    text = (
+        server_yaml("pool", {"app": "chat"}, model=model)
+        + "---\n"
+        + server_yaml("nobody", {"app": "none"})
+        + "---\n"
+        + ROUTES
+    )
+    ds = Datastore()
+    ds.apply(config(text, PODS))
+    return Gateway(ds, GatewayMetrics(), rng=Random(3), body_limit=4096), ds
+
+
+HEADERS = {":method": "POST", ":path": "/v1/chat/completions", "x-request-id": "r1"}
+BODY = orjson.dumps({"model": "chat", "messages": [{"role": "user", "content": "hi"}]})
+
+
+def test_routed_request_counts_in_flight_until_the_stream_ends() -> None:
+    gw, ds = make()
+    state, early = gw.start(HEADERS, end_of_stream=False)
+    assert early is None
+    decision = gw.decide(state, BODY)
+    assert isinstance(decision, Routed)
+    assert decision.endpoints[0] == decision.pod.address and len(decision.endpoints) >= 2
+    assert len(set(decision.endpoints)) == len(decision.endpoints)
+    assert decision.pod.in_flight == 1 and ds.in_flight_total() == 1
+    assert decision.body is not None and orjson.loads(decision.body)["model"] == "upstream/chat-7b"
+    gw.routed(state)
+    gw.finish(state)
+    gw.finish(state)  # idempotent
+    assert ds.in_flight_total() == 0
+
+
+def test_no_rewrite_keeps_the_body_untouched() -> None:
+    gw, _ = make(model=None)
+    state, _ = gw.start(HEADERS, end_of_stream=False)
+    decision = gw.decide(state, BODY)
+    assert isinstance(decision, Routed) and decision.body is None
+
+
+def test_models_list_and_early_answers() -> None:
+    gw, _ = make()
+    _, answer = gw.start({":method": "GET", ":path": "/v1/models"}, end_of_stream=True)
+    assert isinstance(answer, Immediate) and answer.status == 200
+    assert [m["id"] for m in orjson.loads(answer.body)["data"]] == ["chat", "lonely"]
+    _, answer = gw.start({**HEADERS, "content-length": "5000"}, end_of_stream=False)
+    assert answer is not None and answer.status == 413
+    _, answer = gw.start(HEADERS, end_of_stream=True)
+    assert answer is not None and answer.status == 400
+
+
+def test_server_without_pods_is_503_and_unready_pods_are_skipped() -> None:
+    gw, ds = make()
+    state, _ = gw.start(HEADERS, end_of_stream=False)
+    lonely = orjson.dumps({"model": "lonely", "prompt": "x"})
+    state, _ = gw.start({**HEADERS, ":path": "/v1/completions"}, end_of_stream=False)
+    answer = gw.decide(state, lonely)
+    assert isinstance(answer, Immediate) and answer.status == 503
+    assert b"nobody" in answer.body
+    # stale metrics (scrapes failing) take pods out; none left -> 503 with the scheduler's reason
+    for name in ("p0", "p1", "p2"):
+        ds.publish_metrics(name, PodMetrics(stale=True))
+    state, _ = gw.start(HEADERS, end_of_stream=False)
+    answer = gw.decide(state, BODY)
+    assert isinstance(answer, Immediate) and answer.status == 503
+    assert b"ready" in answer.body
+    ds.publish_metrics("p1", PodMetrics(stale=False, waiting=0, running=0))
+    state, _ = gw.start(HEADERS, end_of_stream=False)
+    decision = gw.decide(state, BODY)
+    assert isinstance(decision, Routed) and decision.pod.name == "p1"
+
+
+def test_reload_keeps_pod_state_and_forgets_removed_pods() -> None:
+    gw, ds = make()
+    state, _ = gw.start(HEADERS, end_of_stream=False)
+    decision = gw.decide(state, BODY)
+    assert isinstance(decision, Routed)
+    picked = decision.pod.name
+    text = server_yaml("pool", {"app": "chat"}) + "---\n" + ROUTES
+    kept = [p for p in PODS if p[0] == picked]
+    ds.apply(config(text, kept))
+    assert ds.snapshot.pods[picked].in_flight == 1  # the same Pod object survived the reload
+    gw.finish(state)
+    assert ds.in_flight_total() == 0
+    assert set(ds.snapshot.pods) == {picked}
