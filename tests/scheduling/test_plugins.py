@@ -355,3 +355,24 @@ def test_default_profile_runs_with_unknown_metrics() -> None:
     assert r.primary in pods
     s.on_routed(req(prompt="hello " * 100), r)
     s.on_finished("r1", r.primary.name)
+
+
+@pytest.mark.parametrize("m", [0, 2, 5, 10])
+def test_default_profile_prefix_stickiness_bound(m: int) -> None:
+    """Default weights: a fully matched prompt stays on its pod while its load a < 3m + 8
+    (m = least loaded pod's load); beyond that it spills to a less loaded pod."""
+    prompt = "shared system prompt " * 50
+    for a in range(m, 3 * m + 12):
+        s = sched()
+        pods = [pod("p1", in_flight=0), pod("p2", in_flight=0)]
+        first = req("first", prompt=prompt)
+        r = s.schedule(first, pods)
+        s.on_routed(first, r)
+        home = r.primary
+        other = pods[1] if home is pods[0] else pods[0]
+        home.in_flight, other.in_flight = a, m
+        picked = s.schedule(req("again", prompt=prompt), pods).primary
+        if a < 3 * m + 8:
+            assert picked is home, (a, m)
+        elif a > 3 * m + 8:
+            assert picked is other, (a, m)
