@@ -160,9 +160,10 @@ class Kubelet:
             if not self.paused:
                 now = time.monotonic()
                 for key in list(self.api.k.objects):
-                    resource, ns, name = key
-                    if resource.plural != "pods" or resource.group != "":
+                    resource, maybe_ns, name = key
+                    if resource.plural != "pods" or resource.group != "" or maybe_ns is None:
                         continue
+                    ns = maybe_ns
                     obj = self.api.k.objects[key]
                     if obj.deleted:
                         self.seen.pop((ns, name), None)
@@ -203,7 +204,8 @@ async def operator(api: Api, **config: Any) -> AsyncIterator[Operator]:
     """
     stop, ready = threading.Event(), threading.Event()
     config.setdefault("queue_exit_timeout", 0.1)
-    cfg = ControllerConfig(namespaces=["ns"], server=api.url, resync_seconds=5.0, **config)
+    config.setdefault("resync_seconds", 5.0)
+    cfg = ControllerConfig(namespaces=["ns"], server=api.url, **config)
     errors: list[BaseException] = []
 
     def main() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 from controllers.modelinfer.planner import plan
 from controllers.modelinfer.spec import spec_from_object
@@ -17,7 +18,7 @@ from controllers.modelinfer.types import (
 from tests.controllers.fakecluster import FakeCluster, container, make_object, make_spec, with_image
 
 
-def env_of(manifest: dict) -> dict[str, str]:
+def env_of(manifest: dict[str, Any]) -> dict[str, str]:
     return {e["name"]: e["value"] for e in manifest["spec"]["containers"][0]["env"]}
 
 
