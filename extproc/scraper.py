@@ -531,7 +531,7 @@ class MetricsScraper:
                 and state.last_metrics is not None
             ):
                 state.stale_published = True
-                self._publish(name, replace(state.last_metrics, stale=True))
+                self._safe_publish(name, replace(state.last_metrics, stale=True))
 
     async def _scrape(self, state: _PodState) -> None:
         target = state.target
@@ -577,4 +577,10 @@ class MetricsScraper:
         state.last_metrics = metrics
         state.last_success = metrics.scraped_at
         state.stale_published = False
-        self._publish(target.pod_name, metrics)
+        self._safe_publish(target.pod_name, metrics)
+
+    def _safe_publish(self, pod_name: str, metrics: PodMetrics) -> None:
+        try:
+            self._publish(pod_name, metrics)
+        except Exception:  # the consumer's bug must not stop scraping
+            log.exception("publishing metrics of pod %s failed", pod_name)
