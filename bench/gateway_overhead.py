@@ -32,6 +32,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from matrixinfer.envoy_config import template_path
 from matrixinfer.process import Child, find_envoy, free_port, http_ok, wait_until
@@ -189,6 +190,100 @@ def cpu_seconds(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+# ------------------------------------------------------------------- minimal ext_proc floor
+
+
+def serve_minimal(port: int, destination: str) -> None:
+    """A do-nothing ext_proc servicer (same stubs, grpc.aio + uvloop, same 4 messages): it sends
+    every request to ``destination``. Its cost is the floor any Python ext_proc pays here."""
+    import asyncio
+
+    import grpc
+    import uvloop
+    from envoy.config.core.v3 import base_pb2
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+    from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+    from google.protobuf import struct_pb2
+
+    header = base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(
+            key="x-gateway-destination-endpoint", raw_value=destination.encode()
+        ),
+        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+    )
+    md = struct_pb2.Struct()
+    md.update({"envoy.lb": {"x-gateway-destination-endpoint": destination}})
+    headers_reply = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+    body_reply = pb.ProcessingResponse(
+        request_body=pb.BodyResponse(
+            response=pb.CommonResponse(header_mutation=pb.HeaderMutation(set_headers=[header]))
+        ),
+        dynamic_metadata=md,
+    )
+
+    class Minimal(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+        async def Process(self, request_iterator: object, context: Any) -> None:
+            while True:
+                req = await context.read()
+                if req is grpc.aio.EOF:
+                    return
+                kind = req.WhichOneof("request")
+                if kind == "request_headers":
+                    await context.write(headers_reply)
+                elif kind == "request_body":
+                    await context.write(body_reply)
+
+    async def run() -> None:
+        server = grpc.aio.server()
+        pb_grpc.add_ExternalProcessorServicer_to_server(Minimal(), server)
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        await server.wait_for_termination()
+
+    uvloop.install()
+    asyncio.run(run())
+
+
+def minimal_stack(run: Path, upstream_port: int) -> tuple[Child, Child, str]:
+    from extproc.envoy_eds import write_eds
+    from matrixinfer.envoy_config import EnvoySettings, render_bootstrap
+
+    grpc_port, listen, admin = free_port(), free_port(), free_port()
+    eds = run / "minimal-eds" / "pods.json"
+    write_eds(eds, "matrixinfer_pods", [f"{h}:{upstream_port}" for h in UPSTREAM_HOSTS])
+    bootstrap = run / "minimal-envoy.yaml"
+    bootstrap.write_text(render_bootstrap(EnvoySettings(listen, admin, grpc_port, eds)))
+    import socket
+
+    def listening() -> bool:
+        with socket.socket() as sock:
+            return sock.connect_ex(("127.0.0.1", grpc_port)) == 0
+
+    extproc = Child(
+        "minimal-extproc",
+        [
+            sys.executable,
+            "-m",
+            "bench.gateway_overhead",
+            "--serve-minimal",
+            str(grpc_port),
+            f"{UPSTREAM_HOSTS[0]}:{upstream_port}",
+        ],
+        log_path=run / "minimal-extproc.log",
+        ready=listening,
+        ready_timeout=20,
+    )
+    envoy = Child(
+        "minimal-envoy",
+        [find_envoy(), "-c", str(bootstrap), "--disable-hot-restart", "--log-level", "warn",
+         "--concurrency", "2"],
+        log_path=run / "minimal-envoy.log",
+        ready=lambda: http_ok(f"http://127.0.0.1:{admin}/ready"),
+        ready_timeout=20,
+    )  # fmt: skip
+    return extproc, envoy, f"http://127.0.0.1:{listen}/v1/chat/completions"
+
+
 # ---------------------------------------------------------------------------------- load
 
 
@@ -344,6 +439,12 @@ def report(results: list[TargetResult], args: argparse.Namespace, body: bytes) -
         "(200 ms). Fixed-rate load: `hey -q` (latency from every request); saturation: `wrk -t1 "
         "-c32` with a Lua POST script.",
         "",
+        f"Machine load average (1 min) before / after the run: {args.load[0][0]:.1f} / "
+        f"{args.load[1][0]:.1f} on {os.cpu_count()} CPUs — other work shares the machine, so "
+        "compare rows of the same run, not runs. 'minimal ext_proc (floor)' is a do-nothing "
+        "Python servicer (same stubs, grpc.aio + uvloop, same four messages): the cost any Python "
+        "ext_proc pays here before deciding anything.",
+        "",
         "## Latency at a fixed rate (ms)",
         "",
         "| set-up | rate | achieved | p50 | p90 | p99 | added p50 | added p99 | errors |",
@@ -391,6 +492,8 @@ def report(results: list[TargetResult], args: argparse.Namespace, body: bytes) -
             )
     lines += ["", "## Targets", ""]
     for res in results[1:]:
+        if "floor" in res.name:
+            continue
         r200 = res.rates[200]
         add50 = r200.p50 - base.rates[200].p50
         add99 = r200.p99 - base.rates[200].p99
@@ -410,7 +513,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", default="BUFFERED,FULL_DUPLEX_STREAMED", help="extproc body modes")
     p.add_argument("--skip-saturation", action="store_true")
     p.add_argument("--out", type=Path, default=REPORT)
+    p.add_argument("--no-minimal", action="store_true", help="skip the minimal-servicer floor")
+    p.add_argument("--serve-minimal", nargs=2, metavar=("PORT", "DEST"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.serve_minimal:
+        serve_minimal(int(args.serve_minimal[0]), args.serve_minimal[1])
+        return 0
+    load_before = os.getloadavg()
     for tool in ("hey", "wrk", "nginx"):
         if not (shutil.which(tool) or Path(f"/usr/sbin/{tool}").exists()):
             print(f"error: {tool} is missing (apt-get install hey wrk nginx-light)")
@@ -435,6 +544,16 @@ def main(argv: list[str] | None = None) -> int:
                         not args.skip_saturation,
                     )
                 )
+            if not args.no_minimal:
+                minimal, menvoy, murl = minimal_stack(run, upstream_port)
+                with minimal, menvoy:
+                    print("floor: Envoy + a do-nothing Python ext_proc", flush=True)
+                    results.append(
+                        measure(
+                            "Envoy + minimal ext_proc (floor)", murl, run, body, args.seconds,
+                            (menvoy.pid, minimal.pid), not args.skip_saturation,
+                        )
+                    )  # fmt: skip
             config = gateway_config(run, upstream_port)
             for mode in args.modes.split(","):
                 mode_run = run / mode
@@ -462,6 +581,7 @@ def main(argv: list[str] | None = None) -> int:
                             not args.skip_saturation,
                         )
                     )
+    args.load = (load_before, os.getloadavg())
     text = report(results, args, body)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
