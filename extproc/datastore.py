@@ -61,6 +61,35 @@ class ServerView:
     profile: Any  # the ModelServer's scheduler profile, or None
     pods: tuple[Pod, ...]
     spec: Any
+    retry_headers: tuple[tuple[str, str], ...] = ()  # Envoy retry headers from trafficPolicy
+
+
+def retry_headers(spec: Any) -> tuple[tuple[str, str], ...]:
+    """``trafficPolicy.retry`` as Envoy request headers (set on every routed request, so a
+    client's own copies never survive). Absent retry policy: no retries.
+
+    Retries go to the next address of the fallback list (override_host), so the attempts are
+    also capped by the number of fallbacks when the request is routed.
+    """
+    retry = getattr(getattr(spec, "traffic_policy", None), "retry", None)
+    if retry is None:
+        return (("x-envoy-max-retries", "0"), ("x-envoy-retry-on", "connect-failure"))
+    conditions: list[str] = []
+    codes: list[str] = []
+    for item in retry.retry_on:
+        if str(item).isdigit():
+            codes.append(str(item))
+        else:
+            conditions.append(str(item))
+    if codes and "retriable-status-codes" not in conditions:
+        conditions.append("retriable-status-codes")
+    out = [
+        ("x-envoy-max-retries", str(int(retry.attempts))),
+        ("x-envoy-retry-on", ",".join(conditions) or "connect-failure"),
+    ]
+    if codes:
+        out.append(("x-envoy-retriable-status-codes", ",".join(codes)))
+    return tuple(out)
 
 
 @dataclass(slots=True, frozen=True)
@@ -166,6 +195,7 @@ class Datastore:
                 profile=getattr(spec, "scheduler", None),
                 pods=tuple(members),
                 spec=spec,
+                retry_headers=retry_headers(spec),
             )
             server_models[key] = model
         routes = RouteTable(config.routes, server_models)

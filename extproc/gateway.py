@@ -225,8 +225,19 @@ class Gateway:
             endpoints=result.endpoints(),
             pod=pod,
             body=body,
-            headers={"x-gateway-model-server": view.name},
+            headers=self._route_headers(view, len(result.fallbacks)),
         )
+
+    @staticmethod
+    def _route_headers(view: ServerView, fallbacks: int) -> dict[str, str]:
+        headers = {"x-gateway-model-server": view.name}
+        for name, value in view.retry_headers:
+            if name == "x-envoy-max-retries":
+                value = str(min(int(value), fallbacks))
+            headers[name] = value
+        if "x-envoy-retriable-status-codes" not in headers:
+            headers["x-envoy-retriable-status-codes"] = ""
+        return headers
 
     def _answer(self, state: RequestState, immediate: Immediate) -> Immediate:
         state.code = immediate.status

@@ -61,11 +61,13 @@ def immediate_response(answer: Immediate) -> pb.ProcessingResponse:
 
 
 def _mutation(routed: Routed, body_len: int | None) -> pb.HeaderMutation:
+    """Headers towards the pod; an empty value means "remove the client's copy"."""
     headers = [_set(DESTINATION_HEADER, routed.endpoints[0])]
-    headers.extend(_set(k, v) for k, v in routed.headers.items())
+    headers.extend(_set(k, v) for k, v in routed.headers.items() if v)
     if body_len is not None:
         headers.append(_set("content-length", str(body_len)))
-    return pb.HeaderMutation(set_headers=headers)
+    removed = [k for k, v in routed.headers.items() if not v]
+    return pb.HeaderMutation(set_headers=headers, remove_headers=removed)
 
 
 def _lb_metadata(routed: Routed) -> struct_pb2.Struct:

@@ -27,6 +27,8 @@ spec:
   inferenceEngine: vLLM
   workloadSelector: {matchLabels: {app: sim}}
   workloadPort: {port: 8000}
+  trafficPolicy:
+    retry: {attempts: 2, retryOn: [connect-failure, refused-stream]}
 ---
 apiVersion: networking.matrixinfer.ai/v1alpha1
 kind: ModelServer
@@ -55,6 +57,22 @@ spec:
   inferenceEngine: vLLM
   workloadSelector: {matchLabels: {app: sim}}
   workloadPort: {port: 8000}
+---
+apiVersion: networking.matrixinfer.ai/v1alpha1
+kind: ModelServer
+metadata: {name: noretry}
+spec:
+  model: demo-model
+  inferenceEngine: vLLM
+  workloadSelector: {matchLabels: {app: sim}}
+  workloadPort: {port: 8000}
+---
+apiVersion: networking.matrixinfer.ai/v1alpha1
+kind: ModelRoute
+metadata: {name: noretry}
+spec:
+  modelName: noretry-model
+  rules: [{targets: [{modelServerName: noretry}]}]
 ---
 apiVersion: networking.matrixinfer.ai/v1alpha1
 kind: ModelServer

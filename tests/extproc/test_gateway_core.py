@@ -114,3 +114,25 @@ def test_reload_keeps_pod_state_and_forgets_removed_pods() -> None:
     gw.finish(state)
     assert ds.in_flight_total() == 0
     assert set(ds.snapshot.pods) == {picked}
+
+
+def test_traffic_policy_retries_become_envoy_headers() -> None:
+    gw, ds = make()
+    state, _ = gw.start({**HEADERS, "x-envoy-max-retries": "9"}, end_of_stream=False)
+    decision = gw.decide(state, BODY)
+    assert isinstance(decision, Routed)
+    # no retry policy: none (the client's own header is overwritten, its status codes removed)
+    assert decision.headers["x-envoy-max-retries"] == "0"
+    assert decision.headers["x-envoy-retriable-status-codes"] == ""
+    retrying = server_yaml("pool", {"app": "chat"}) + (
+        "  trafficPolicy:\n    retry: {attempts: 5, retryOn: [connect-failure, '503']}\n"
+    )
+    ds.apply(config(retrying + "---\n" + ROUTES, PODS))
+    state, _ = gw.start(HEADERS, end_of_stream=False)
+    decision = gw.decide(state, BODY)
+    assert isinstance(decision, Routed)
+    h = decision.headers
+    # capped by the fallbacks the scheduler returned (each retry goes to the next one)
+    assert h["x-envoy-max-retries"] == str(len(decision.endpoints) - 1)
+    assert h["x-envoy-retry-on"] == "connect-failure,retriable-status-codes"
+    assert h["x-envoy-retriable-status-codes"] == "503"

@@ -286,6 +286,32 @@ def test_killed_pod_is_retried_on_the_fallback_then_avoided(
     wait_until(lambda: pod_state(stack, name)["ready"], 10, f"{name} ready again")
 
 
+def test_retries_follow_the_model_server_traffic_policy(
+    stack: GatewayStack, client: OpenAI, fleet: Fleet
+) -> None:
+    """'pool' retries connect failures (trafficPolicy.retry); 'noretry' has no retry policy."""
+    victim = 1
+    name = fleet.pods[victim].name
+    fleet.kill(victim)
+    try:
+        failed = 0
+        for _ in range(40):
+            if not pod_state(stack, name)["ready"]:
+                break
+            try:
+                chat(client, model="noretry-model")
+            except openai.InternalServerError as exc:
+                assert exc.status_code == 503
+                failed += 1
+            assert chat(client)[0] != name  # 'pool' never fails: retried on a fallback
+            if failed:
+                break
+        assert failed, "no request of the no-retry server was sent to the dead pod in time"
+    finally:
+        fleet.restart(victim)
+    wait_until(lambda: pod_state(stack, name)["ready"], 10, f"{name} ready again")
+
+
 def envoy_retry_successes(stack: GatewayStack) -> int:
     url = f"{stack.admin_url}/stats?filter=cluster.matrixinfer_pods.upstream_rq_retry_success"
     with urllib.request.urlopen(url, timeout=2) as resp:
