@@ -12,6 +12,7 @@ __all__ = [
     "GatewayError",
     "bad_request",
     "body_too_large",
+    "internal_error",
     "method_not_allowed",
     "model_not_found",
     "no_pod_available",
@@ -109,6 +110,16 @@ def method_not_allowed(method: str, path: str, allowed: str) -> GatewayError:
         f"{method} is not allowed on {path}; use {allowed}",
         error_type="invalid_request_error",
         code="method_not_allowed",
+    )
+
+
+def internal_error(request_id: str) -> GatewayError:
+    return GatewayError(
+        500,
+        f"the gateway failed to process this request (request id {request_id}); "
+        "the error is in the extproc log",
+        error_type="internal_error",
+        code="internal_error",
     )
 
 

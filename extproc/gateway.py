@@ -23,7 +23,13 @@ from typing import Any, Protocol
 import orjson
 
 from extproc.datastore import Datastore, ServerView
-from extproc.errors import GatewayError, bad_request, body_too_large, no_pod_available
+from extproc.errors import (
+    GatewayError,
+    bad_request,
+    body_too_large,
+    internal_error,
+    no_pod_available,
+)
 from extproc.metrics import GatewayMetrics
 from extproc.parsing import DEFAULT_BODY_LIMIT, Endpoint, classify, estimate_tokens, parse_body
 from extproc.scheduling.types import NoPodAvailable, Pod, SchedulingRequest, SchedulingResult
@@ -173,6 +179,10 @@ class Gateway:
             return self._decide(state, raw)
         except GatewayError as exc:
             return self._answer(state, _error(exc))
+        except Exception:  # a bug must cost one request a 500, never the process or the stream
+            log.exception("request %s: the gateway failed to decide", state.request_id)
+            self._release(state)
+            return self._answer(state, _error(internal_error(state.request_id)))
         finally:
             self.metrics.decision_duration.observe(time.perf_counter() - began)
 
@@ -253,6 +263,13 @@ class Gateway:
                 immediate.body.decode(errors="replace"),
             )
         return immediate
+
+    def _release(self, state: RequestState) -> None:
+        """Undo the in-flight count of a request that will not be routed after all."""
+        if state.pod_name is not None:
+            self.datastore.finish(state.pod_name)
+            self.metrics.in_flight.dec()
+            state.pod_name = None
 
     def routed(self, state: RequestState) -> None:
         if state.scheduler is not None and state.scheduling_request and state.result:

@@ -136,3 +136,19 @@ def test_traffic_policy_retries_become_envoy_headers() -> None:
     assert h["x-envoy-max-retries"] == str(len(decision.endpoints) - 1)
     assert h["x-envoy-retry-on"] == "connect-failure,retriable-status-codes"
     assert h["x-envoy-retriable-status-codes"] == "503"
+
+
+def test_a_scheduler_bug_costs_one_request_a_500_not_the_process() -> None:
+    gw, ds = make()
+
+    class Broken:
+        def schedule(self, request: object, pods: object) -> object:
+            raise RuntimeError("plugin bug")
+
+    for key in ds.snapshot.servers:
+        gw._schedulers[key] = (ds.snapshot.servers[key].profile, Broken())  # type: ignore[assignment]
+    state, _ = gw.start(HEADERS, end_of_stream=False)
+    answer = gw.decide(state, BODY)
+    assert isinstance(answer, Immediate) and answer.status == 500
+    assert b"request id r1" in answer.body
+    assert ds.in_flight_total() == 0
