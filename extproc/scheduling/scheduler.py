@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ValidationError
 
-from extproc.scheduling.plugins import PLUGINS, Context, Filter, Scorer
+from extproc.scheduling.plugins import PLUGINS, Context, Filter, Plugin, Scorer
 from extproc.scheduling.profile import DEFAULT_PROFILE
 from extproc.scheduling.types import (
     NoPodAvailable,
@@ -44,7 +44,17 @@ class ProfileLike(Protocol):
 class Scheduler:
     """Runs a profile's filters and scorers over a ModelServer's pods."""
 
-    __slots__ = ("_clock", "_rng", "filters", "max_fallbacks", "plugins", "scorers")
+    __slots__ = (
+        "_clock",
+        "_finished_hooks",
+        "_forget_hooks",
+        "_rng",
+        "_routed_hooks",
+        "filters",
+        "max_fallbacks",
+        "plugins",
+        "scorers",
+    )
 
     def __init__(
         self,
@@ -58,6 +68,14 @@ class Scheduler:
         self.filters = list(filters)
         self.scorers = [(s, float(w)) for s, w in scorers if w > 0]
         self.plugins = [*self.filters, *(s for s, _ in scorers)]
+        # only plugins that override a hook are called for it (hooks run on every request)
+        self._routed_hooks = [p for p in self.plugins if type(p).on_routed is not Plugin.on_routed]
+        self._finished_hooks = [
+            p for p in self.plugins if type(p).on_finished is not Plugin.on_finished
+        ]
+        self._forget_hooks = [
+            p for p in self.plugins if type(p).forget_pod is not Plugin.forget_pod
+        ]
         self.max_fallbacks = max_fallbacks
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
@@ -96,17 +114,17 @@ class Scheduler:
 
     def on_routed(self, request: SchedulingRequest, result: SchedulingResult) -> None:
         """The gateway answered Envoy with ``result``: credit the prefix index, session table."""
-        for p in self.plugins:
+        for p in self._routed_hooks:
             p.on_routed(request, result)
 
     def on_finished(self, request_id: str, pod_name: str) -> None:
         """The request ended (its ext_proc stream closed)."""
-        for p in self.plugins:
+        for p in self._finished_hooks:
             p.on_finished(request_id, pod_name)
 
     def forget_pod(self, pod_name: str) -> None:
         """The pod is gone: plugins drop their state about it."""
-        for p in self.plugins:
+        for p in self._forget_hooks:
             p.forget_pod(pod_name)
 
 
