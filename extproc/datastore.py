@@ -10,7 +10,7 @@ counts survive a reload; metrics are replaced by the scraper with one assignment
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -309,7 +309,3 @@ class Datastore:
             ],
             "pods": [pod_json(p) for p in snap.pods.values()],
         }
-
-
-def pods_ready(pods: Iterable[Pod]) -> Sequence[Pod]:
-    return [p for p in pods if p.ready]
