@@ -165,7 +165,9 @@ class ExtProcApp:
         await server.start()
         for service in ("", EXT_PROC_SERVICE):
             await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-        runner = web.AppRunner(build_app(self.metrics.registry, self.state, self.ready))
+        runner = web.AppRunner(
+            build_app(self.metrics.registry, self.state, self.ready), access_log=None
+        )
         await runner.setup()
         await web.TCPSite(runner, args.host, args.http_port).start()
         self.watcher.start()

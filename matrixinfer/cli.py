@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -44,7 +45,8 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
 
 
 def _say(text: str = "") -> None:
-    print(text, flush=True)
+    with contextlib.suppress(OSError):  # the terminal may be gone while we clean up
+        print(text, flush=True)
 
 
 def _port_or_free(host: str, wanted: int) -> int:
@@ -401,8 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # SIGHUP: the terminal closed
+        signal.signal(sig, _on_signal)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     try:
         return int(args.func(args))
