@@ -181,10 +181,14 @@ def load_directory(directory: Path | str) -> GatewayConfig:
                 elif obj_kind == "ModelServer":
                     config.servers.append(obj)
                 else:
-                    errors.append(
-                        f"{where}: kind {obj_kind} '{obj.metadata.name}' is not used by the gateway"
-                        " (expected ModelRoute, ModelServer, Endpoints or GatewayConfig)"
+                    log.warning(
+                        "%s: %s '%s' is not used by the gateway (it reads ModelRoute, ModelServer,"
+                        " Endpoints and GatewayConfig); ignored",
+                        where,
+                        obj_kind,
+                        obj.metadata.name,
                     )
+    errors.extend(_check_profiles(config, seen))
     names: dict[str, str] = {}
     for endpoint in config.endpoints:
         if endpoint.name in names:
@@ -196,6 +200,31 @@ def load_directory(directory: Path | str) -> GatewayConfig:
     if errors:
         raise ConfigError("\n".join(errors))
     return config
+
+
+def _check_profiles(config: GatewayConfig, seen: dict[tuple[str, str], str]) -> list[str]:
+    """Scheduler profiles are checked now (unknown plugins or arguments), not on a request."""
+    from extproc.scheduling import build_scheduler
+
+    errors: list[str] = []
+    checks: list[tuple[str, str, Any]] = []
+    for (kind, key), where in seen.items():
+        if kind == "GatewayConfig" and config.scheduler_profile is not None:
+            checks.append(
+                (where, f'GatewayConfig "{key.split("/", 1)[1]}"', config.scheduler_profile)
+            )
+    for server in config.servers:
+        profile = getattr(server.spec, "scheduler", None)
+        if profile is not None:
+            key = f"{server.metadata.namespace or 'default'}/{server.metadata.name}"
+            where = seen.get(("ModelServer", key), "?")
+            checks.append((where, f'ModelServer "{server.metadata.name}"', profile))
+    for where, who, profile in checks:
+        try:
+            build_scheduler(profile=profile)
+        except ValueError as exc:
+            errors.append(f"{where}: {who}: spec.{exc}")
+    return errors
 
 
 def _fingerprint(directory: Path) -> tuple[tuple[str, int, int], ...]:

@@ -113,3 +113,25 @@ async def test_watcher_applies_changes_and_keeps_last_good(tmp_path: Path) -> No
 def test_missing_directory(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_directory(tmp_path / "nope")
+
+
+def test_bad_scheduler_profile_is_a_config_error(tmp_path: Path) -> None:
+    write_good(tmp_path)
+    bad = server_yaml("odd", {"app": "x"}) + "  scheduler:\n    filters: [{name: no-such-filter}]\n"
+    (tmp_path / "40-odd.yaml").write_text(bad)
+    with pytest.raises(ConfigError) as err:
+        load_directory(tmp_path)
+    message = str(err.value)
+    assert "40-odd.yaml" in message and 'ModelServer "odd"' in message
+    assert "spec.scheduler filters[0]" in message and "no-such-filter" in message
+
+
+def test_other_matrixinfer_kinds_are_ignored(tmp_path: Path) -> None:
+    write_good(tmp_path)
+    (tmp_path / "50-infer.yaml").write_text(
+        "apiVersion: workload.matrixinfer.ai/v1alpha1\nkind: ModelInfer\nmetadata: {name: m}\n"
+        "spec:\n  template:\n    roles:\n    - name: server\n      entryTemplate:\n"
+        "        spec: {containers: [{name: c, image: i}]}\n"
+    )
+    config = load_directory(tmp_path)
+    assert [r.metadata.name for r in config.routes] == ["chat"]

@@ -192,6 +192,30 @@ def test_413_over_the_body_limit(client: OpenAI) -> None:
     assert str(BODY_LIMIT) in err.value.message
 
 
+def test_413_without_content_length(stack: GatewayStack) -> None:
+    """A chunked body has no content-length: the limit is checked on the body itself."""
+    import http.client
+
+    host, port = stack.url.split("//", 1)[1].split("/", 1)[0].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    head = b'{"model": "demo-model", "messages": [{"role": "user", "content": "'
+    chunks = [head, *([b"x" * 65536] * ((BODY_LIMIT // 65536) + 1)), b'"}]}']
+    conn.request(
+        "POST",
+        "/v1/chat/completions",
+        body=iter(chunks),
+        headers={"Content-Type": "application/json"},
+        encode_chunked=True,
+    )
+    resp = conn.getresponse()
+    body = json.loads(resp.read())
+    conn.close()
+    assert resp.status == 413
+    assert (
+        body["error"]["code"] == "request_too_large" and str(BODY_LIMIT) in body["error"]["message"]
+    )
+
+
 def test_503_when_no_pod_is_ready(client: OpenAI) -> None:
     with pytest.raises(openai.InternalServerError) as err:
         chat(client, model="empty-model")
