@@ -306,7 +306,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     from extproc.config_files import ConfigError, load_directory
 
     try:
-        loaded = load_directory(config)
+        load_directory(config)
     except ConfigError as exc:
         _say(f"error: the configuration in {config} is not valid:\n{exc}")
         return 2
@@ -329,11 +329,9 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     )
     try:
         stack.start()
-        addresses = set()
-        for endpoint in loaded.endpoints:
-            if ":" in endpoint.address:
-                addresses.add(endpoint.address)
-        _wait_gateway(stack, addresses)
+        wait_until(stack.extproc_ready, 30, "extproc configuration")
+        # the pods as the extproc resolved them (host-only endpoints take the workloadPort)
+        _wait_gateway(stack, {str(p["address"]) for p in stack.state()["pods"]})
         _say(f"MatrixInfer gateway: OpenAI API at {stack.url}")
         _say(f"  models: {', '.join(_models(stack)) or '(none)'}")
         _say(f"  extproc: {stack.extproc_url}/metrics, /debug/state; Envoy admin {stack.admin_url}")
