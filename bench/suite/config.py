@@ -1,0 +1,112 @@
+"""Suite settings: which fleet, contenders, workloads and QPS points one run covers."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["DEFAULT_SUITE", "SMOKE_SUITE", "SUITES", "ExtraRun", "SuiteConfig"]
+
+
+class ExtraRun(BaseModel):
+    """One more workload at one QPS, run for ``contenders`` (empty: the sweep's contenders)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    workload: str
+    qps: float = Field(gt=0)
+    contenders: list[str] = Field(default_factory=list)
+    args: dict[str, float | int] = Field(default_factory=dict)
+    duration: float | None = Field(None, gt=0, description="seconds of arrivals (None: suite's)")
+
+
+class SuiteConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(description="report name: bench/reports/<name>.md")
+    replicas: int = Field(8, ge=1, le=64, description="simulator pods (127.0.0.10, .11, ...)")
+    model: str = "bench-model"
+    adapters: int = Field(6, ge=0, description="LoRA adapters loaded on every sim")
+    sim_args: list[str] = Field(
+        default_factory=lambda: [
+            "--time-scale",
+            "1",
+            "--num-gpu-blocks",
+            "1024",
+            "--max-model-len",
+            "8192",
+            "--max-loras",
+            "2",
+            "--seed",
+            "7",
+        ],
+        description="flags given to every sim (same timing model and seeds for every contender)",
+    )
+    contenders: list[str] = Field(
+        default_factory=lambda: [
+            "envoy-rr",
+            "ours-default",
+            "ours-prefix",
+            "ours-least-request",
+            "vllm-router-cache_aware",
+            "vllm-router-round_robin",
+        ]
+    )
+    baseline: str = Field("envoy-rr", description="contender the ratios are taken against")
+    sweep_workload: str = "shared_prefix"
+    sweep_args: dict[str, float | int] = Field(default_factory=dict)
+    sweep_qps: list[float] = Field(default_factory=lambda: [8.0, 16.0, 24.0])
+    extra: list[ExtraRun] = Field(default_factory=list)
+    duration: float = Field(20.0, gt=0, description="seconds of arrivals per point")
+    drain_timeout: float = Field(20.0, gt=0, description="seconds to wait for open requests")
+    probe_requests: int = Field(
+        8, ge=0, description="sequential requests (concurrency 1) measuring unloaded TTFT"
+    )
+    seed: int = 1
+
+
+_CORE = ["envoy-rr", "ours-default", "vllm-router-cache_aware"]
+
+DEFAULT_SUITE = SuiteConfig(
+    name="default",
+    sweep_args={"groups": 16, "system_tokens": 4000, "question_tokens": 24, "max_tokens": 64},
+    sweep_qps=[10.0, 20.0, 30.0, 40.0],
+    duration=15.0,
+    drain_timeout=30.0,
+    extra=[
+        ExtraRun(workload="multi_turn", qps=12.0, contenders=_CORE, duration=10.0),
+        ExtraRun(workload="long_context", qps=8.0, contenders=_CORE, duration=10.0),
+        ExtraRun(workload="lora_mix", qps=16.0, contenders=_CORE, duration=10.0),
+        ExtraRun(
+            workload="bursts",
+            qps=16.0,
+            contenders=_CORE,
+            args={"groups": 16, "system_tokens": 4000, "period": 5.0},
+            duration=10.0,
+        ),
+    ],
+)
+
+SMOKE_SUITE = SuiteConfig(
+    name="smoke",
+    replicas=2,
+    adapters=2,
+    sim_args=[
+        "--time-scale",
+        "0.05",
+        "--num-gpu-blocks",
+        "512",
+        "--max-model-len",
+        "4096",
+        "--seed",
+        "7",
+    ],
+    contenders=["envoy-rr", "ours-default"],
+    sweep_args={"groups": 2, "system_tokens": 200, "question_tokens": 8, "max_tokens": 8},
+    sweep_qps=[4.0, 8.0],
+    extra=[ExtraRun(workload="lora_mix", qps=4.0, args={"prompt_tokens": 20, "max_tokens": 8})],
+    duration=2.0,
+    drain_timeout=10.0,
+    probe_requests=2,
+)
+
+SUITES = {s.name: s for s in (DEFAULT_SUITE, SMOKE_SUITE)}
