@@ -395,6 +395,17 @@ def test_side_port_endpoints(stack: GatewayStack) -> None:
     assert {p["name"] for p in state["pods"]} == {"sim-0", "sim-1", "sim-2", "sim-3"}
 
 
+def test_grpc_health_service(stack: GatewayStack) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{stack.grpc_port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "envoy.service.ext_proc.v3.ExternalProcessor"):
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
 # ------------------------------------------------------------------------------ extproc down
 
 
