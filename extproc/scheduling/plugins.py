@@ -333,9 +333,13 @@ class PrefixCacheScorer(Scorer):
         n = len(hashes)
         if n == 0:
             return None
-        matched = self.index.matched_blocks
+        index = self.index
+        held = index.holders(hashes[0])  # pods holding the first block: usually few
+        if not held:
+            return [0.0] * len(pods)
+        matched = index.matched_blocks
         inv = 1.0 / n
-        return [matched(p.name, hashes) * inv for p in pods]
+        return [matched(p.name, hashes) * inv if p.name in held else 0.0 for p in pods]
 
     def on_routed(self, request: SchedulingRequest, result: SchedulingResult) -> None:
         hashes = result.plugin_state.get(self.key)

@@ -86,6 +86,10 @@ class PrefixIndex:
         threshold = sorted(index.values())[len(index) - keep]
         self._pods[pod_name] = {h: t for h, t in index.items() if t >= threshold}
 
+    def holders(self, first_hash: int) -> set[str]:
+        """Names of the pods that hold ``first_hash`` (one dict probe per known pod)."""
+        return {name for name, index in self._pods.items() if first_hash in index}
+
     def forget(self, pod_name: str) -> None:
         self._pods.pop(pod_name, None)
 
