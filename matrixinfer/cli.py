@@ -1,9 +1,10 @@
 """``matrixinfer``: the command line.
 
 - ``matrixinfer demo``: a simulator fleet, the extproc and Envoy with ``examples/demo/``; prints how
-  to call it, shows live per-pod counts, stops cleanly on Ctrl-C / SIGTERM. Without a terminal (or
-  with ``--requests N``) it sends N real OpenAI requests through Envoy, prints the answers and the
-  per-pod split, stops everything and exits 0.
+  to call it and sends N real OpenAI requests through Envoy (default 8), printing the answers and
+  the per-pod split. In a terminal (or with ``--requests 0``) it then shows live per-pod counts until
+  Ctrl-C / SIGTERM; without one (or with an explicit ``--requests N``) it stops everything and
+  exits 0.
 - ``matrixinfer gateway --config DIR``: the extproc and Envoy in front of existing
   OpenAI-compatible endpoints (an ``Endpoints`` document in DIR lists them).
 """
@@ -225,8 +226,11 @@ def _live(stack: GatewayStack, children_alive: Callable[[], str | None]) -> None
 def cmd_demo(args: argparse.Namespace) -> int:
     from sim.fleet import Fleet
 
-    interactive = args.requests is None and sys.stdin.isatty() and sys.stdout.isatty()
-    requests = args.requests if args.requests is not None else (0 if interactive else 8)
+    # default: 8 requests, then (in a terminal) the live view until Ctrl-C, else exit;
+    # --requests N: N requests and exit; --requests 0: straight to the live view
+    terminal = sys.stdin.isatty() and sys.stdout.isatty()
+    requests = args.requests if args.requests is not None else 8
+    live = args.requests == 0 or (args.requests is None and terminal)
     run_dir = (
         Path(args.run_dir) if args.run_dir else Path(tempfile.mkdtemp(prefix="matrixinfer-demo-"))
     )
@@ -272,9 +276,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
             if failures:
                 _say(f"{failures} of {requests} requests failed; logs in {run_dir}")
                 return 1
-            _say("demo finished: every request went through Envoy and the extproc to a pod.")
+            _say("every request went through Envoy and the extproc to a pod.")
+        if not live:
+            _say("demo finished.")
             return 0
-        _say("Press Ctrl-C to stop.")
+        _say("Still running: try the curl line or the openai snippet above. Press Ctrl-C to stop.")
 
         def alive() -> str | None:
             assert stack is not None
@@ -372,7 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--requests",
         type=int,
         default=None,
-        help="send N requests, print the answers and exit (default without a terminal: 8)",
+        help="send N requests, print the answers and exit; 0: only the live view "
+        "(default: 8 requests, then the live view in a terminal, else exit)",
     )
     demo.add_argument(
         "--once", action="store_const", const=1, dest="requests", help="= --requests 1"
