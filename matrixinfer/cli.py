@@ -2,8 +2,8 @@
 
 - ``matrixinfer demo``: a simulator fleet, the extproc and Envoy with ``examples/demo/``; prints how
   to call it and sends N real OpenAI requests through Envoy (default 8), printing the answers and
-  the per-pod split. In a terminal (or with ``--requests 0``) it then shows live per-pod counts until
-  Ctrl-C / SIGTERM; without one (or with an explicit ``--requests N``) it stops everything and
+  the per-pod split. In a terminal (or with ``--requests 0``) it then shows live per-pod counts
+  until Ctrl-C / SIGTERM; without one (or with an explicit ``--requests N``) it stops everything and
   exits 0.
 - ``matrixinfer gateway --config DIR``: the extproc and Envoy in front of existing
   OpenAI-compatible endpoints (an ``Endpoints`` document in DIR lists them).
