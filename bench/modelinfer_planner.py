@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import copy
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -129,7 +130,7 @@ async def operator_bench(modelinfers: int, groups: int) -> dict[str, float]:
     from tests.controllers.kmockenv import Kubelet, emulator, operator
 
     tmpl = {"spec": {"containers": [{"name": "engine", "image": "vllm:1"}]}}
-    async with emulator() as api:
+    async with emulator(history_limit=32) as api:
         kubelet = Kubelet(api, interval=0.05)
         ktask = asyncio.create_task(kubelet.run())
         try:
@@ -149,6 +150,7 @@ async def operator_bench(modelinfers: int, groups: int) -> dict[str, float]:
                     )
                 t_created = time.perf_counter() - t0
                 first_pods = None
+                last_report = 0.0
                 while True:
                     mis = api.objects("workload.matrixinfer.ai/v1alpha1/modelinfers")
                     if first_pods is None and api.pods():
@@ -160,6 +162,13 @@ async def operator_bench(modelinfers: int, groups: int) -> dict[str, float]:
                     )
                     if done == modelinfers:
                         break
+                    if time.perf_counter() - last_report > 10:
+                        last_report = time.perf_counter()
+                        print(
+                            f"  {last_report - t0:.0f}s: {done}/{modelinfers} ready, "
+                            f"{len(api.pods())} pods, {api.k.handled} requests",
+                            file=sys.stderr,
+                        )
                     if time.perf_counter() - t0 > 600:
                         raise TimeoutError(
                             f"only {done}/{modelinfers} ModelInfers ready after 600 s"
@@ -167,7 +176,7 @@ async def operator_bench(modelinfers: int, groups: int) -> dict[str, float]:
                     await asyncio.sleep(0.1)
                 total = time.perf_counter() - t0
                 n_pods = len(api.pods())
-                n_requests = len(list(api.k))
+                n_requests = api.k.handled
         finally:
             ktask.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -187,7 +196,7 @@ async def emulator_baseline(n: int) -> float:
     """Seconds for n pod creates straight into the emulator (what the operator cannot beat)."""
     from tests.controllers.kmockenv import emulator
 
-    async with emulator() as api:
+    async with emulator(history_limit=32) as api:
         t0 = time.perf_counter()
         for i in range(n):
             await api.request(

@@ -26,11 +26,22 @@ VERBS = {"list", "watch", "get", "create", "patch", "delete"}
 
 
 class Emulator(kmock.KubernetesEmulator):
-    """kmock plus `metadata.generateName` (Kopf names its Events that way)."""
+    """kmock plus `metadata.generateName` (Kopf names its Events that way).
+
+    kmock matches every request against its whole recorded request history, which is quadratic
+    over a long run; `history_limit` keeps only the newest requests (the benchmark sets it; tests
+    keep everything to inspect it). `handled` counts every request either way.
+    """
 
     _serial: int = 0
+    history_limit: int | None = None
+    handled: int = 0
 
     async def _handle(self, request: Any) -> Any:
+        self.handled += 1
+        limit = self.history_limit
+        if limit is not None and len(self._requests) > 2 * limit:
+            del self._requests[:-limit]  # the newest (including this one) stay matchable
         data = getattr(request, "data", None)
         if isinstance(data, dict) and request.method == "POST":
             meta = data.get("metadata")
@@ -68,7 +79,7 @@ def declare(k: kmock.KubernetesEmulator, volcano: bool = False) -> None:
 class Api:
     """Test-side client of the emulator (what kubectl would do)."""
 
-    k: kmock.KubernetesEmulator
+    k: Emulator
     url: str
     session: aiohttp.ClientSession
     rv: int = 1000
@@ -180,8 +191,9 @@ class Kubelet:
 
 
 @contextlib.asynccontextmanager
-async def emulator(volcano: bool = False) -> AsyncIterator[Api]:
+async def emulator(volcano: bool = False, history_limit: int | None = None) -> AsyncIterator[Api]:
     async with Emulator() as k, kmock.Server(k) as srv:
+        k.history_limit = history_limit
         declare(k, volcano)
         async with aiohttp.ClientSession() as session:
             yield Api(k, str(srv.url).rstrip("/"), session)
