@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.suite.run import machine_info, run_suite
 
     command = "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv)
-    notes = args.notes.read_text() if args.notes else ""
+    notes = args.notes.read_text() if args.notes else None
     if args.from_json:
         data = json.loads(args.from_json.read_text())
         path = write_report(
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             machine=data["machine"],
             versions=data["versions"],
             command=data["command"],
-            notes=notes,
+            notes=data["result"]["config"].get("notes", "") if notes is None else notes,
         )
         print(f"report: {path}")
         return 0
@@ -109,7 +109,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     path = write_report(
-        data, args.out, machine=machine, versions=versions, command=command, notes=notes
+        data,
+        args.out,
+        machine=machine,
+        versions=versions,
+        command=command,
+        notes=config.notes if notes is None else notes,
     )
     print(f"report: {path} ({result.seconds / 60:.1f} min)")
     return 1 if result.failures else 0

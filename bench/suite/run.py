@@ -69,7 +69,7 @@ def _label(cmdline: list[str]) -> str:
         return "sims"
     if "extproc" in joined:
         return "extproc"
-    if "vllm-router" in joined:
+    if "vllm-router" in joined or "vllm::router" in joined:  # it renames its process title
         return "vllm-router"
     if "envoy" in joined:
         return "envoy"
