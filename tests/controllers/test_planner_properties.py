@@ -8,8 +8,8 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from controllers.modelinfer.spec import spec_from_object
-from controllers.modelinfer.types import LABEL_REVISION, ModelInferSpec
+from controllers.modelinfer.spec import group_template_from_data, spec_from_object
+from controllers.modelinfer.types import LABEL_REVISION, GroupTemplate, ModelInferSpec
 from tests.controllers.fakecluster import FakeCluster, make_object, with_image
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -23,13 +23,18 @@ step = st.one_of(
     st.tuples(st.just("fail"), st.integers(0, 10_000)),
     st.tuples(st.just("vanish"), st.integers(0, 10_000)),
     st.tuples(st.just("tick"), st.integers(1, 3)),
+    st.tuples(st.just("workers"), st.integers(0, 2)),
+    st.tuples(st.just("role_replicas"), st.integers(1, 3)),
 )
 
 
-def expected_pod_names(spec: ModelInferSpec, groups: list[int]) -> set[str]:
+def expected_pod_names(
+    spec: ModelInferSpec, groups: list[int], templates: dict[int, GroupTemplate] | None = None
+) -> set[str]:
     out = set()
     for g in groups:
-        for role in spec.template.roles:
+        tmpl = (templates or {}).get(g, spec.template)
+        for role in tmpl.roles:
             for rr in range(role.replicas):
                 for i in range(role.instance_size):
                     out.add(f"{spec.name}-{g}-{role.name}-{rr}-{i}")
@@ -55,6 +60,13 @@ def apply_step(obj: dict[str, Any], c: FakeCluster, s: tuple[Any, ...]) -> dict[
             c.fail(name) if kind == "fail" else c.vanish(name)
     elif kind == "tick":
         c.tick(s[1])
+    elif kind == "workers":
+        prefill = obj["spec"]["template"]["roles"][0]
+        prefill["workerReplicas"] = s[1]
+        if s[1] > 0 and not prefill.get("workerTemplate"):
+            prefill["workerTemplate"] = prefill["entryTemplate"]
+    elif kind == "role_replicas":
+        obj["spec"]["template"]["roles"][1]["replicas"] = s[1]
     obj["metadata"]["generation"] += 1
     return obj
 
@@ -81,14 +93,29 @@ def test_any_history_converges_to_the_desired_state(
     c.converge(spec, rounds=80)
     groups = sorted(c.groups())
     assert len(groups) == spec.replicas
-    assert set(c.pods) == expected_pod_names(spec, groups)
+    # groups below the partition keep their revision's template (from its ControllerRevision)
+    by_rev = {
+        t.revision: t for t in (group_template_from_data(cr["data"]) for cr in c.revisions.values())
+    }
+    below = {
+        g: by_rev[pods[0].manifest["metadata"]["labels"][LABEL_REVISION]]
+        for g, pods in c.groups().items()
+        if g < spec.partition
+        and len({p.manifest["metadata"]["labels"][LABEL_REVISION] for p in pods}) == 1
+    }
+    frozen_mixed = {g for g in groups if g < spec.partition and g not in below}
+    checked = [g for g in groups if g not in frozen_mixed]
+    have = {n for n in c.pods if int(n.split("-")[1]) not in frozen_mixed}
+    assert have == expected_pod_names(spec, checked, below)
     assert all(p.ready and p.phase == "Running" for p in c.pods.values())
     for g, pods in c.groups().items():
         revs = {p.manifest["metadata"]["labels"][LABEL_REVISION] for p in pods}
         revisions_by_index[g] = revs
-        assert len(revs) == 1, f"group {g} mixes revisions {revs}"
         if g >= spec.partition:
-            assert revs == {spec.template.revision}
+            assert revs == {spec.template.revision}, f"group {g} at revisions {revs}"
+        else:  # frozen by the partition; a RoleRollingUpdate may have been caught half-way
+            assert len(revs) == 1 or rollout == "RoleRollingUpdate", f"group {g} mixes {revs}"
+    workers = spec.template.by_name["prefill"].worker_replicas
     want_services = {f"llama-{g}-prefill-0" for g in groups} if workers > 0 else set()
     # groups below the partition may run an older template, with or without workers
     assert {s for s in c.services if int(s.split("-")[1]) >= spec.partition} == {
