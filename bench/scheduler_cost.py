@@ -22,6 +22,7 @@ import sys
 import time
 import timeit
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,8 +77,8 @@ def _prompt(size: int, seed: int) -> str:
     return " ".join(out)[:size]
 
 
-def cost(profile: SchedulerProfile | None, n_pods: int, prompt_bytes: int, number: int) -> float:
-    """Microseconds per schedule + on_routed (best of 5 runs)."""
+def _runner(profile: SchedulerProfile | None, n_pods: int, prompt_bytes: int) -> Callable[[], None]:
+    """One schedule + on_routed call on a warm scheduler, cycling over 64 prompts."""
     pods = _pods(n_pods)
     s = build_scheduler(profile, rng=random.Random(1))
     # a warm index: half the pods hold a shared system prompt
@@ -95,33 +96,37 @@ def cost(profile: SchedulerProfile | None, n_pods: int, prompt_bytes: int, numbe
         )
         for i in range(64)
     ]
-    it = iter(range(10**9))
+    it = iter(range(10**12))
 
     def one() -> None:
         r = reqs[next(it) & 63]
         res = s.schedule(r, pods)
         s.on_routed(r, res)
 
-    # CPU time of this process, not wall time: the machine is shared and preemption would count
-    best = min(timeit.repeat(one, number=number, repeat=15, timer=time.process_time))
-    return best / number * 1e6
+    return one
 
 
-def cost_table(number: int) -> list[tuple[str, list[float]]]:
-    rows: list[tuple[str, list[float]]] = []
-    shapes = [(8, 1024), (8, 4096), (16, 1024), (16, 4096)]
-    rows.append(("default profile", [cost(None, n, b, number) for n, b in shapes]))
+SHAPES = [(8, 1024), (8, 4096), (16, 1024), (16, 4096)]
+
+
+def cost_table(number: int, rounds: int) -> list[tuple[str, list[float]]]:
+    """Microseconds per call: every (profile, shape) runs ``number`` calls per round, rounds are
+    interleaved (noise on a shared machine hits all cases alike), best round wins. CPU time."""
+    profiles: list[tuple[str, SchedulerProfile | None]] = [("default profile", None)]
     for spec in [*DEFAULT_PROFILE.filters, *DEFAULT_PROFILE.scorers]:
         kind = "filters" if spec in DEFAULT_PROFILE.filters else "scorers"
-        profile = SchedulerProfile(**{kind: [spec]})
-        rows.append((f"{spec.name} alone", [cost(profile, n, b, number) for n, b in shapes]))
+        profiles.append((f"{spec.name} alone", SchedulerProfile(**{kind: [spec]})))
     for name in ("least-latency", "session-affinity", "random"):
-        profile = SchedulerProfile(scorers=[PluginSpec(name=name)])
-        rows.append((f"{name} alone", [cost(profile, n, b, number) for n, b in shapes]))
-    rows.append(
-        ("no plugins (framework only)", [cost(SchedulerProfile(), n, b, number) for n, b in shapes])
-    )
-    return rows
+        profiles.append((f"{name} alone", SchedulerProfile(scorers=[PluginSpec(name=name)])))
+    profiles.append(("no plugins (framework only)", SchedulerProfile()))
+    runners = [[_runner(p, n, b) for n, b in SHAPES] for _, p in profiles]
+    best = [[float("inf")] * len(SHAPES) for _ in profiles]
+    for _ in range(rounds):
+        for i, row in enumerate(runners):
+            for j, fn in enumerate(row):
+                t = timeit.timeit(fn, number=number, timer=time.process_time)
+                best[i][j] = min(best[i][j], t / number * 1e6)
+    return [(name, best[i]) for i, (name, _) in enumerate(profiles)]
 
 
 # ---------------------------------------------------------------------------------- quality
@@ -349,7 +354,8 @@ def _quality_table(title: str, w: Workload, q: list[tuple[str, dict[str, float]]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--number", type=int, default=1000, help="timeit calls per run")
+    ap.add_argument("--number", type=int, default=200, help="calls per case and round")
+    ap.add_argument("--rounds", type=int, default=30, help="interleaved rounds (best counts)")
     ap.add_argument("--seconds", type=float, default=180.0, help="simulated seconds per run")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--no-report", action="store_true")
@@ -364,7 +370,7 @@ def main() -> None:
         / 2000
         * 1e6
     )
-    rows = cost_table(args.number)
+    rows = cost_table(args.number, args.rounds)
     print(f"calibration: a 1000-item list comprehension takes {calib:.1f} us here")
     for name, vals in rows:
         print(f"{name:32s} " + "  ".join(f"{v:6.1f} us" for v in vals))
@@ -394,7 +400,7 @@ def main() -> None:
         "",
         "## Cost per request (schedule + on_routed)",
         "",
-        "Best of 15 timeit runs, process CPU time; pods carry fresh metrics, half of them hold a",
+        "Best of 30 interleaved rounds, CPU time; pods carry fresh metrics, half of them hold a",
         "shared system prompt in the prefix index, prompts are half shared prefix, half unique.",
         "",
         "| profile | 8 pods, 1 KB | 8 pods, 4 KB | 16 pods, 1 KB | 16 pods, 4 KB |",
