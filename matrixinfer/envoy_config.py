@@ -6,7 +6,14 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["TEMPLATE", "EnvoySettings", "render_bootstrap", "template_path"]
+__all__ = [
+    "TEMPLATE",
+    "AdsBootstrap",
+    "EnvoySettings",
+    "render_ads_bootstrap",
+    "render_bootstrap",
+    "template_path",
+]
 
 _ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = "gateway.yaml.tmpl"
@@ -69,5 +76,31 @@ def render_bootstrap(settings: EnvoySettings) -> str:
         "EDS_PATH": str(s.eds_path),
         "EDS_DIR": str(s.eds_path.parent),
         "ACCESS_LOG": _access_log() if s.access_log else "",
+    }
+    return string.Template(text).substitute(values)
+
+
+ADS_TEMPLATE = "ads.yaml.tmpl"
+
+
+@dataclass(slots=True)
+class AdsBootstrap:
+    """Envoy bootstrapped against the MatrixInfer ADS server (everything else comes over xDS)."""
+
+    admin_port: int
+    xds_port: int
+    xds_host: str = "127.0.0.1"
+    node_id: str = "matrixinfer-gateway"
+    node_cluster: str = "matrixinfer-gateway"
+
+
+def render_ads_bootstrap(settings: AdsBootstrap) -> str:
+    text = template_path().with_name(ADS_TEMPLATE).read_text()
+    values = {
+        "NODE_ID": settings.node_id,
+        "NODE_CLUSTER": settings.node_cluster,
+        "ADMIN_PORT": str(settings.admin_port),
+        "XDS_HOST": settings.xds_host,
+        "XDS_PORT": str(settings.xds_port),
     }
     return string.Template(text).substitute(values)

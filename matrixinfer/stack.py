@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from matrixinfer.envoy_config import EnvoySettings, render_bootstrap
+from matrixinfer.envoy_config import AdsBootstrap, render_ads_bootstrap
 from matrixinfer.process import Child, find_envoy, free_port, http_ok
 
 __all__ = ["GatewayStack", "StackOptions"]
@@ -53,7 +53,8 @@ class GatewayStack:
         self.admin_port = free_port()
         self.grpc_port = free_port()
         self.http_port = free_port()
-        self.eds_path = self.run_dir / "eds" / "pods.json"
+        self.xds_port = free_port()
+        self.xds_http_port = free_port()
         self.bootstrap_path = self.run_dir / "envoy.yaml"
         self.extproc = Child(
             "extproc",
@@ -75,16 +76,51 @@ class GatewayStack:
                 str(o.scrape_interval),
                 "--config-poll",
                 str(o.config_poll),
-                "--eds-file",
-                str(self.eds_path),
-                "--eds-cluster",
-                EDS_CLUSTER,
                 "--log-level",
                 o.extproc_log_level,
                 *o.extra_extproc_args,
             ],
             log_path=self.run_dir / "extproc.log",
             ready=lambda: http_ok(f"{self.extproc_url}/healthz"),
+            ready_timeout=30,
+        )
+        # the ADS server (controllers/xds) serves Envoy's listener, routes, clusters and the pods'
+        # endpoints, generated from the same configuration directory
+        self.xds = Child(
+            "xds",
+            [
+                sys.executable,
+                "-m",
+                "controllers.xds.main",
+                "--config",
+                str(self.config_dir),
+                "--config-poll",
+                str(o.config_poll),
+                "--port",
+                str(self.xds_port),
+                "--http-port",
+                str(self.xds_http_port),
+                "--extproc",
+                f"127.0.0.1:{self.grpc_port}",
+                "--listen-host",
+                o.listen_host,
+                "--listen-port",
+                str(self.listen_port),
+                "--body-mode",
+                o.body_mode,
+                "--body-limit",
+                str(o.body_limit),
+                "--message-timeout-ms",
+                str(o.message_timeout_ms),
+                "--retries",
+                str(o.retries),
+                *(["--fail-open"] if o.fail_open else []),
+                *(["--access-log"] if o.access_log else []),
+                "--log-level",
+                o.extproc_log_level,
+            ],
+            log_path=self.run_dir / "xds.log",
+            ready=lambda: http_ok(f"{self.xds_url}/healthz"),
             ready_timeout=30,
         )
         self.envoy = Child(
@@ -115,40 +151,25 @@ class GatewayStack:
         return f"http://127.0.0.1:{self.http_port}"
 
     @property
+    def xds_url(self) -> str:
+        return f"http://127.0.0.1:{self.xds_http_port}"
+
+    @property
     def admin_url(self) -> str:
         return f"http://127.0.0.1:{self.admin_port}"
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def write_bootstrap(self) -> None:
-        o = self.options
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.eds_path.parent.mkdir(parents=True, exist_ok=True)
-        if not self.eds_path.exists():
-            from extproc.envoy_eds import write_eds
-
-            write_eds(self.eds_path, EDS_CLUSTER, [])
         self.bootstrap_path.write_text(
-            render_bootstrap(
-                EnvoySettings(
-                    listen_port=self.listen_port,
-                    admin_port=self.admin_port,
-                    extproc_port=self.grpc_port,
-                    eds_path=self.eds_path,
-                    listen_host=o.listen_host,
-                    body_mode=o.body_mode,
-                    body_limit=o.body_limit,
-                    message_timeout_ms=o.message_timeout_ms,
-                    fail_open=o.fail_open,
-                    retries=o.retries,
-                    access_log=o.access_log,
-                )
-            )
+            render_ads_bootstrap(AdsBootstrap(admin_port=self.admin_port, xds_port=self.xds_port))
         )
 
     def start(self) -> GatewayStack:
         self.write_bootstrap()
         try:
             self.extproc.start()
+            self.xds.start()
             self.envoy.start()
         except BaseException:
             self.stop()
@@ -157,6 +178,7 @@ class GatewayStack:
 
     def stop(self) -> None:
         self.envoy.stop()
+        self.xds.stop()
         self.extproc.stop()
 
     def __enter__(self) -> GatewayStack:

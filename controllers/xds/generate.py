@@ -1,0 +1,472 @@
+"""The xDS generator: a pure function from resources (+ gateway settings) to Envoy resources.
+
+``generate(settings, inputs)`` returns every resource Envoy needs, grouped by xDS type URL, each
+resource in its protobuf-JSON form (the same shape Envoy's YAML takes, ``@type`` on ``Any``s). No
+gRPC, protobuf, Kopf or Kubernetes here: the ADS server (:mod:`controllers.xds.server`) packs the
+dicts into protobuf ``Any``s; the sources (:mod:`controllers.xds.sources`) produce the inputs.
+
+What is generated (one listener, one route configuration, three clusters):
+
+- listener ``openai``: HTTP connection manager → ext_proc filter (the MatrixInfer extproc decides
+  the pod) → any policy filters (``extra_http_filters``, from ``extproc.usage`` when it exists) →
+  router; route configuration over RDS; OpenAI-style local replies; fail-closed by default.
+- route configuration ``openai``: one route per ModelServer attached to this gateway (matched on the
+  ``x-gateway-model-server`` header the extproc sets; the route cache is cleared after the extproc's
+  reply so the match sees it) carrying its ``trafficPolicy`` (retries, per-try idle timeout, stream
+  idle timeout), then a catch-all route with the gateway defaults (requests without a decision).
+- cluster ``matrixinfer_pods``: EDS over ADS with the ``override_host`` LB policy reading
+  ``envoy.lb`` / ``x-gateway-destination-endpoint`` ("primary,fallback1,…"), round robin without
+  a decision; its ClusterLoadAssignment lists every pod the extproc may choose.
+- cluster ``matrixinfer_extproc``: the extproc Service's endpoints, HTTP/2, LEAST_REQUEST, gRPC
+  health checked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "CLUSTER",
+    "DEFAULT_ACCESS_LOG_FORMAT",
+    "ENDPOINT_TYPE",
+    "EXTPROC_CLUSTER",
+    "LISTENER",
+    "LISTENER_TYPE",
+    "PODS_CLUSTER",
+    "ROUTE_CONFIG",
+    "ROUTE_TYPE",
+    "TYPE_ORDER",
+    "GatewaySettings",
+    "XdsInputs",
+    "attached_routes",
+    "content_hash",
+    "generate",
+    "route_attached",
+]
+
+LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
+CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+ENDPOINT_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+ROUTE_TYPE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+# the order Envoy needs on a push: clusters (and their endpoints) before the listeners that use them
+TYPE_ORDER = (CLUSTER, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE)
+
+LISTENER = "openai"
+ROUTE_CONFIG = "openai"
+PODS_CLUSTER = "matrixinfer_pods"
+EXTPROC_CLUSTER = "matrixinfer_extproc"
+SERVER_HEADER = "x-gateway-model-server"
+DESTINATION_HEADER = "x-gateway-destination-endpoint"
+EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+DEFAULT_RETRY_ON = "connect-failure,refused-stream,reset-before-request"
+DEFAULT_ACCESS_LOG_FORMAT = (
+    "[access] %START_TIME% %REQ(:METHOD)% %REQ(:PATH)% %RESPONSE_CODE% flags=%RESPONSE_FLAGS% "
+    "details=%RESPONSE_CODE_DETAILS% upstream=%UPSTREAM_HOST% "
+    "attempts=%UPSTREAM_REQUEST_ATTEMPT_COUNT% %DURATION%ms\n"
+)
+
+_ADS: dict[str, Any] = {"ads": {}, "resource_api_version": "V3"}
+
+
+@dataclass(slots=True, frozen=True)
+class GatewaySettings:
+    """Gateway-wide knobs (the local stack's flags, or the controllers' gateway settings)."""
+
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8080
+    gateway_name: str = "matrixinfer-gateway"  # ModelRoute.parentRefs[].name that attaches here
+    gateway_namespace: str | None = None  # None: parentRefs in any namespace
+    body_mode: str = "BUFFERED"  # or FULL_DUPLEX_STREAMED (must match the extproc)
+    body_limit: int = 10 * 1024 * 1024
+    message_timeout_ms: int = 200
+    fail_open: bool = False
+    retries: int = 2
+    connect_timeout_ms: int = 1000
+    route_timeout_s: int = 0  # 0: no limit on the whole exchange (answers stream)
+    stream_idle_timeout_s: int = 300
+    access_log: bool = False
+    extproc_health_interval_ms: int = 2000
+    extra_http_filters: tuple[Mapping[str, Any], ...] = ()  # before the router (policy filters)
+    extra_access_logs: tuple[Mapping[str, Any], ...] = ()
+
+
+@dataclass(slots=True, frozen=True)
+class XdsInputs:
+    """What the sources deliver: validated objects and resolved addresses."""
+
+    routes: Sequence[Any] = ()  # crds.ModelRoute
+    servers: Sequence[Any] = ()  # crds.ModelServer
+    pod_addresses: Sequence[str] = ()  # "ip:port" of every pod the extproc may choose
+    extproc_endpoints: Sequence[str] = ()  # "host:port" of every extproc replica
+    extras: Mapping[str, Any] = field(default_factory=dict)
+
+
+Resources = dict[str, dict[str, dict[str, Any]]]
+
+
+def _seconds(value: float) -> str:
+    text = f"{value:.3f}".rstrip("0").rstrip(".")
+    return f"{text}s"
+
+
+def _socket(address: str) -> dict[str, Any]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"address {address!r} is not host:port")
+    return {"socket_address": {"address": host.strip("[]"), "port_value": int(port)}}
+
+
+def _duration_seconds(text: str | None) -> float | None:
+    if not text:
+        return None
+    from crds.common import parse_duration
+
+    return parse_duration(text)
+
+
+def route_attached(route: Any, settings: GatewaySettings) -> bool:
+    """``parentRefs`` honoured: no refs attaches everywhere; otherwise one ref must name this
+    gateway (kind Gateway, namespace matching when the gateway has one)."""
+    refs = getattr(route.spec, "parent_refs", None)
+    if not refs:
+        return True
+    for ref in refs:
+        if getattr(ref, "kind", "Gateway") != "Gateway" or ref.name != settings.gateway_name:
+            continue
+        ns = ref.namespace or getattr(route.metadata, "namespace", None)
+        if settings.gateway_namespace is None or ns == settings.gateway_namespace:
+            return True
+    return False
+
+
+def attached_routes(routes: Sequence[Any], settings: GatewaySettings) -> list[Any]:
+    return [r for r in routes if route_attached(r, settings)]
+
+
+def _ns(obj: Any) -> str:
+    return getattr(obj.metadata, "namespace", None) or "default"
+
+
+def _retry_policy(retry: Any, default_retries: int, per_try_idle: float | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"per_try_timeout": "0s"}
+    if retry is None:
+        out.update(retry_on=DEFAULT_RETRY_ON, num_retries=default_retries)
+    else:
+        conditions: list[str] = []
+        codes: list[int] = []
+        for item in retry.retry_on:
+            if str(item).isdigit():
+                codes.append(int(item))
+            else:
+                conditions.append(str(item))
+        if codes and "retriable-status-codes" not in conditions:
+            conditions.append("retriable-status-codes")
+        out.update(retry_on=",".join(conditions) or "connect-failure", num_retries=retry.attempts)
+        if codes:
+            out["retriable_status_codes"] = codes
+    if per_try_idle is not None:
+        out["per_try_idle_timeout"] = _seconds(per_try_idle)
+    return out
+
+
+def _server_route(server: Any, settings: GatewaySettings) -> dict[str, Any]:
+    policy = getattr(server.spec, "traffic_policy", None)
+    timeout = _duration_seconds(getattr(policy, "timeout", None))
+    idle = _duration_seconds(getattr(policy, "stream_idle_timeout", None))
+    action: dict[str, Any] = {
+        "cluster": PODS_CLUSTER,
+        "timeout": _seconds(settings.route_timeout_s),
+        # no retry policy: no retries (the extproc's x-envoy-max-retries says the same)
+        "retry_policy": _retry_policy(getattr(policy, "retry", None), 0, timeout),
+    }
+    if idle is not None:
+        action["idle_timeout"] = _seconds(idle)
+    return {
+        "name": f"modelserver/{_ns(server)}/{server.metadata.name}",
+        "match": {
+            "prefix": "/",
+            "headers": [{"name": SERVER_HEADER, "string_match": {"exact": server.metadata.name}}],
+        },
+        "route": action,
+    }
+
+
+def _route_config(settings: GatewaySettings, inputs: XdsInputs) -> dict[str, Any]:
+    routes = attached_routes(inputs.routes, settings)
+    wanted: set[tuple[str, str]] = set()
+    for route in routes:
+        for rule in route.spec.rules:
+            for target in rule.targets:
+                wanted.add((_ns(route), target.model_server_name))
+    entries: list[dict[str, Any]] = []
+    seen_names: set[str] = set()
+    for server in sorted(inputs.servers, key=lambda s: (_ns(s), s.metadata.name)):
+        key = (_ns(server), server.metadata.name)
+        if key not in wanted or server.metadata.name in seen_names:
+            continue
+        seen_names.add(server.metadata.name)  # the header carries the name only
+        entries.append(_server_route(server, settings))
+    entries.append(
+        {
+            "name": "default",
+            "match": {"prefix": "/"},
+            "route": {
+                "cluster": PODS_CLUSTER,
+                "timeout": _seconds(settings.route_timeout_s),
+                "retry_policy": _retry_policy(None, settings.retries, None),
+            },
+        }
+    )
+    return {
+        "@type": ROUTE_TYPE,
+        "name": ROUTE_CONFIG,
+        "virtual_hosts": [{"name": "openai", "domains": ["*"], "routes": entries}],
+    }
+
+
+def _error_json(message: str, type_: str, code: str) -> dict[str, Any]:
+    return {
+        "json_format": {"error": {"message": message, "type": type_, "param": None, "code": code}},
+        "content_type": "application/json",
+    }
+
+
+def _cel_filter(expression: str) -> dict[str, Any]:
+    return {
+        "extension_filter": {
+            "name": "envoy.access_loggers.extension_filters.cel",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3."
+                "ExpressionFilter",
+                "expression": expression,
+            },
+        }
+    }
+
+
+def _local_reply_config() -> dict[str, Any]:
+    """Replies Envoy makes itself get an OpenAI-style JSON body; the extproc's own replies
+    (details ``matrixinfer_gateway_<code>``) already carry one and are left alone."""
+    return {
+        "mappers": [
+            {
+                "filter": _cel_filter("response.code_details.startsWith('ext_proc_error')"),
+                "status_code": 503,
+                "body_format_override": _error_json(
+                    "the MatrixInfer gateway cannot route this request: its request processor "
+                    "(extproc) is unreachable or failed [%RESPONSE_CODE_DETAILS%]",
+                    "gateway_unavailable",
+                    "extproc_unavailable",
+                ),
+            },
+            {
+                "filter": _cel_filter("!response.code_details.startsWith('matrixinfer_gateway')"),
+                "body_format_override": _error_json(
+                    "%LOCAL_REPLY_BODY% [%RESPONSE_CODE_DETAILS%]",
+                    "gateway_error",
+                    "%RESPONSE_CODE%",
+                ),
+            },
+        ]
+    }
+
+
+def _ext_proc_filter(settings: GatewaySettings) -> dict[str, Any]:
+    timeout = _seconds(settings.message_timeout_ms / 1000)
+    streamed = settings.body_mode == "FULL_DUPLEX_STREAMED"
+    return {
+        "name": "envoy.filters.http.ext_proc",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3."
+            "ExternalProcessor",
+            "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}, "timeout": timeout},
+            # the decision needs the body: headers SEND (Envoy holds them until the body reply)
+            "processing_mode": {
+                "request_header_mode": "SEND",
+                "response_header_mode": "SKIP",
+                "request_body_mode": settings.body_mode,
+                "response_body_mode": "NONE",
+                "request_trailer_mode": "SEND" if streamed else "SKIP",
+                "response_trailer_mode": "SKIP",
+            },
+            # a decision is CPU-only and takes well under 10 ms; Envoy's 200 ms default is kept
+            "message_timeout": timeout,
+            # fail-closed by default: 503 with the local reply above
+            "failure_mode_allow": settings.fail_open,
+            "status_on_error": {"code": 503},
+            # the extproc sets the x-envoy-* retry headers of the ModelServer's trafficPolicy
+            "mutation_rules": {"allow_all_routing": True, "allow_envoy": True},
+            # accept the decision in dynamic metadata (read by override_host); without this Envoy
+            # drops the metadata silently
+            "metadata_options": {"receiving_namespaces": {"untyped": ["envoy.lb"]}},
+            # re-match the route after the extproc set x-gateway-model-server (per-server routes)
+            "route_cache_action": "CLEAR",
+        },
+    }
+
+
+def _access_logs(settings: GatewaySettings) -> list[dict[str, Any]]:
+    logs: list[dict[str, Any]] = []
+    if settings.access_log:
+        logs.append(
+            {
+                "name": "envoy.access_loggers.stdout",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3."
+                    "StdoutAccessLog",
+                    "log_format": {
+                        "text_format_source": {"inline_string": DEFAULT_ACCESS_LOG_FORMAT}
+                    },
+                },
+            }
+        )
+    logs.extend(dict(x) for x in settings.extra_access_logs)
+    return logs
+
+
+def _listener(settings: GatewaySettings) -> dict[str, Any]:
+    hcm: dict[str, Any] = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager."
+        "v3.HttpConnectionManager",
+        "stat_prefix": "openai",
+        "stream_idle_timeout": _seconds(settings.stream_idle_timeout_s),
+        "rds": {"route_config_name": ROUTE_CONFIG, "config_source": _ADS},
+        "local_reply_config": _local_reply_config(),
+        "http_filters": [
+            _ext_proc_filter(settings),
+            *(dict(f) for f in settings.extra_http_filters),
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
+                    "suppress_envoy_headers": True,
+                },
+            },
+        ],
+    }
+    logs = _access_logs(settings)
+    if logs:
+        hcm["access_log"] = logs
+    return {
+        "@type": LISTENER_TYPE,
+        "name": LISTENER,
+        "address": _socket(f"{settings.listen_host}:{settings.listen_port}"),
+        # large enough for a whole request body (BUFFERED): the extproc answers 413 above its limit
+        "per_connection_buffer_limit_bytes": settings.body_limit + 1024 * 1024,
+        "filter_chains": [
+            {
+                "filters": [
+                    {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
+                ]
+            }
+        ],
+    }
+
+
+def _lb_endpoints(addresses: Sequence[str]) -> list[dict[str, Any]]:
+    eps = [{"endpoint": {"address": _socket(a)}} for a in sorted(set(addresses))]
+    return [{"lb_endpoints": eps}] if eps else []
+
+
+def _pods_cluster(settings: GatewaySettings) -> dict[str, Any]:
+    round_robin = {
+        "typed_extension_config": {
+            "name": "envoy.load_balancing_policies.round_robin",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.load_balancing_policies."
+                "round_robin.v3.RoundRobin"
+            },
+        }
+    }
+    return {
+        "@type": CLUSTER,
+        "name": PODS_CLUSTER,
+        "type": "EDS",
+        "connect_timeout": _seconds(settings.connect_timeout_ms / 1000),
+        "eds_cluster_config": {"eds_config": _ADS},
+        "load_balancing_policy": {
+            "policies": [
+                {
+                    "typed_extension_config": {
+                        "name": "envoy.load_balancing_policies.override_host",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.load_balancing_policies."
+                            "override_host.v3.OverrideHost",
+                            "override_host_sources": [
+                                {
+                                    "metadata": {
+                                        "key": "envoy.lb",
+                                        "path": [{"key": DESTINATION_HEADER}],
+                                    }
+                                }
+                            ],
+                            # no decision (fail-open, or an unknown pod): plain round robin
+                            "fallback_policy": {"policies": [round_robin]},
+                        },
+                    }
+                }
+            ]
+        },
+    }
+
+
+def _extproc_cluster(settings: GatewaySettings, endpoints: Sequence[str]) -> dict[str, Any]:
+    interval = _seconds(settings.extproc_health_interval_ms / 1000)
+    return {
+        "@type": CLUSTER,
+        "name": EXTPROC_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "0.25s",
+        # several extproc replicas: LEAST_REQUEST spreads the (long) streams evenly
+        "lb_policy": "LEAST_REQUEST",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3."
+                "HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        "health_checks": [
+            {
+                "timeout": "1s",
+                "interval": interval,
+                "unhealthy_threshold": 2,
+                "healthy_threshold": 1,
+                "grpc_health_check": {"service_name": EXT_PROC_SERVICE},
+            }
+        ],
+        # all replicas failing their health check: Envoy's panic mode still tries them
+        "load_assignment": {
+            "cluster_name": EXTPROC_CLUSTER,
+            "endpoints": _lb_endpoints(endpoints),
+        },
+    }
+
+
+def generate(settings: GatewaySettings, inputs: XdsInputs) -> Resources:
+    """Every resource for one gateway, by type URL then name (protobuf-JSON dicts)."""
+    return {
+        CLUSTER: {
+            EXTPROC_CLUSTER: _extproc_cluster(settings, inputs.extproc_endpoints),
+            PODS_CLUSTER: _pods_cluster(settings),
+        },
+        ENDPOINT_TYPE: {
+            PODS_CLUSTER: {
+                "@type": ENDPOINT_TYPE,
+                "cluster_name": PODS_CLUSTER,
+                "endpoints": _lb_endpoints(inputs.pod_addresses),
+            }
+        },
+        LISTENER_TYPE: {LISTENER: _listener(settings)},
+        ROUTE_TYPE: {ROUTE_CONFIG: _route_config(settings, inputs)},
+    }
+
+
+def content_hash(resources: Mapping[str, Mapping[str, Any]]) -> str:
+    """A stable digest of one type's resources (the version changes only when this changes)."""
+    data = json.dumps(resources, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(data).hexdigest()[:16]

@@ -1,0 +1,196 @@
+"""``matrixinfer-xds``: the ADS server on its own, fed from a configuration directory (local stack)
+or from the Kubernetes API (``--source kubernetes``).
+
+    matrixinfer-xds --config DIR --extproc 127.0.0.1:9002 --listen-port 8080 [--port 18000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from aiohttp import web
+from envoy.service.discovery.v3 import ads_pb2_grpc
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from controllers.xds.generate import GatewaySettings, XdsInputs, generate
+from controllers.xds.server import AdsServer
+from controllers.xds.sources import inputs_from_config, with_policy_filters
+
+__all__ = ["XdsApp", "main", "parse_args", "settings_from_args"]
+
+log = logging.getLogger("matrixinfer.xds")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="matrixinfer-xds", description="MatrixInfer ADS server: Envoy config over xDS."
+    )
+    p.add_argument("--source", choices=("files", "kubernetes"), default="files")
+    p.add_argument("--config", type=Path, help="configuration directory (--source files)")
+    p.add_argument("--server", help="API server URL without credentials (emulators only)")
+    p.add_argument("--namespace", default=None, help="watch one namespace (default: all)")
+    p.add_argument(
+        "--extproc-service", default="matrixinfer-extproc", help="extproc Service name (kubernetes)"
+    )
+    p.add_argument("--extproc-port", type=int, default=9002, help="extproc gRPC port (kubernetes)")
+    p.add_argument("--config-poll", type=float, default=1.0, help="directory poll period, s")
+    p.add_argument("--host", default="127.0.0.1", help="address of the ADS and HTTP ports")
+    p.add_argument("--port", type=int, default=18000, help="ADS gRPC port (default 18000)")
+    p.add_argument("--http-port", type=int, default=0, help="/healthz, /metrics, /debug/xds")
+    p.add_argument("--debounce", type=float, default=0.05, help="push debounce, s (default 0.05)")
+    p.add_argument(
+        "--extproc", action="append", default=[], help="extproc host:port (repeatable; files)"
+    )
+    p.add_argument("--listen-host", default="127.0.0.1")
+    p.add_argument("--listen-port", type=int, default=8080)
+    p.add_argument("--gateway-name", default="matrixinfer-gateway")
+    p.add_argument("--body-mode", default="BUFFERED", choices=("BUFFERED", "FULL_DUPLEX_STREAMED"))
+    p.add_argument("--body-limit", type=int, default=10 * 1024 * 1024)
+    p.add_argument("--message-timeout-ms", type=int, default=200)
+    p.add_argument("--fail-open", action="store_true")
+    p.add_argument("--retries", type=int, default=2)
+    p.add_argument("--access-log", action="store_true")
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
+    return with_policy_filters(
+        GatewaySettings(
+            listen_host=args.listen_host,
+            listen_port=args.listen_port,
+            gateway_name=args.gateway_name,
+            body_mode=args.body_mode,
+            body_limit=args.body_limit,
+            message_timeout_ms=args.message_timeout_ms,
+            fail_open=args.fail_open,
+            retries=args.retries,
+            access_log=args.access_log,
+        )
+    )
+
+
+class XdsApp:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.settings = settings_from_args(args)
+        self.ads = AdsServer(debounce=args.debounce)
+        self.watcher: Any = None
+        self.kube: Any = None
+        self.bound_port = 0
+
+    def publish(self, inputs: XdsInputs) -> None:
+        self.ads.publish(generate(self.settings, inputs))
+
+    def _apply_config(self, config: Any) -> None:
+        self.publish(inputs_from_config(config, self.args.extproc))
+
+    async def run(self, stop: asyncio.Event) -> None:
+        args = self.args
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self.ads, server)
+        address = f"{args.host}:{args.port}"
+        self.bound_port = server.add_insecure_port(address)
+        if self.bound_port == 0:
+            raise OSError(f"cannot listen on {address}")
+        runner: web.AppRunner | None = None
+        if args.source == "files":
+            from extproc.config_files import ConfigWatcher, load_directory
+
+            if args.config is None:
+                raise OSError("--config DIR is required with --source files")
+            self.watcher = ConfigWatcher(args.config, self._apply_config, interval=args.config_poll)
+            # the first set is installed before Envoy can connect (no debounce)
+            try:
+                config = load_directory(args.config)
+            except Exception as exc:  # ConfigError: named file/object/field
+                log.error("configuration rejected, serving nothing until fixed: %s", exc)
+            else:
+                self.ads.publish_now(
+                    generate(self.settings, inputs_from_config(config, args.extproc))
+                )
+        else:
+            from extproc.kube_source import KubeSource, extproc_endpoints
+
+            async def on_change(config: Any, source: Any) -> None:
+                endpoints = extproc_endpoints(source, args.extproc_service, args.extproc_port)
+                self.publish(inputs_from_config(config, endpoints))
+
+            self.kube = KubeSource(args.server, on_change, namespace=args.namespace)
+        await server.start()
+        if self.watcher is not None:
+            self.watcher.start()
+        if self.kube is not None:
+            await self.kube.start()
+        if args.http_port:
+            runner = web.AppRunner(self._http_app(), access_log=None)
+            await runner.setup()
+            await web.TCPSite(runner, args.host, args.http_port).start()
+        log.info("ADS serving on %s:%d", args.host, self.bound_port)
+        try:
+            await stop.wait()
+        finally:
+            if self.watcher is not None:
+                await self.watcher.stop()
+            if self.kube is not None:
+                await self.kube.stop()
+            await server.stop(grace=0.5)
+            if runner is not None:
+                await runner.cleanup()
+
+    def _http_app(self) -> web.Application:
+        async def healthz(_: web.Request) -> web.Response:
+            return web.Response(text="ok")
+
+        async def metrics(_: web.Request) -> web.Response:
+            return web.Response(
+                body=generate_latest(self.ads.metrics.registry),
+                headers={"Content-Type": CONTENT_TYPE_LATEST},
+            )
+
+        async def debug(_: web.Request) -> web.Response:
+            return web.json_response(self.ads.status())
+
+        app = web.Application()
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/metrics", metrics)
+        app.router.add_get("/debug/xds", debug)
+        return app
+
+
+async def serve(args: argparse.Namespace) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await XdsApp(args).run(stop)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        asyncio.run(serve(args))
+    except OSError as exc:
+        log.error("matrixinfer-xds cannot start: %s", exc)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
