@@ -37,6 +37,7 @@ class ControllerConfig:
     resync_seconds: float = 30.0
     consistency_timeout: float = 0.0
     queue_exit_timeout: float = 2.0  # how long event workers may drain the queue on exit
+    debounce_seconds: float = 0.05  # a reconcile waits this long after a wake-up for more events
 
 
 def make_settings(config: ControllerConfig) -> kopf.OperatorSettings:
@@ -61,7 +62,9 @@ def build(config: ControllerConfig) -> tuple[kopf.OperatorRegistry, ModelInferCo
     """A registry with every controller's handlers, and the ModelInfer controller behind them."""
     registry = kopf.OperatorRegistry()
     metrics = ControllerMetrics()
-    controller = ModelInferController(metrics=metrics, resync=config.resync_seconds)
+    controller = ModelInferController(
+        metrics=metrics, resync=config.resync_seconds, debounce=config.debounce_seconds
+    )
 
     @kopf.on.login(id="matrixinfer-login", registry=registry)
     def login(logger: kopf.Logger, **kwargs: Any) -> kopf.ConnectionInfo | None:

@@ -105,6 +105,7 @@ class ModelInferController:
         resync: float = 30.0,
         clock: Callable[[], float] = time.time,
         gang_refresh: float = 60.0,
+        debounce: float = 0.05,
     ) -> None:
         self.metrics = metrics or ControllerMetrics()
         self.client: KubeClient | None = None
@@ -115,6 +116,7 @@ class ModelInferController:
         self.closing = False  # the operator is shutting down: every loop exits
         self._gang: tuple[bool, float] | None = None
         self._gang_refresh = gang_refresh
+        self.debounce = debounce  # after a wake-up, let a burst of watch events land first
 
     # ---- wiring ------------------------------------------------------------------------------
     def connect(self, info: kopf.ConnectionInfo) -> None:
@@ -190,7 +192,8 @@ class ModelInferController:
         finally:
             for t in waits:
                 t.cancel()
-        await asyncio.sleep(0.005)  # let a burst of watch events land before the next plan
+        if wake.is_set() and not stopped.is_set():
+            await asyncio.sleep(self.debounce)  # one plan for a burst of watch events
 
     # ---- one reconcile -----------------------------------------------------------------------
     async def observe(

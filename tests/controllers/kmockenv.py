@@ -36,9 +36,15 @@ class Emulator(kmock.KubernetesEmulator):
     _serial: int = 0
     history_limit: int | None = None
     handled: int = 0
+    by_kind: dict[str, int] | None = None  # requests by "METHOD plural[/subresource]"
 
     async def _handle(self, request: Any) -> Any:
         self.handled += 1
+        if self.by_kind is not None:
+            res = getattr(request, "resource", None)
+            sub = getattr(request, "subresource", None)
+            kind = f"{request.method} {getattr(res, 'plural', '?')}" + (f"/{sub}" if sub else "")
+            self.by_kind[kind] = self.by_kind.get(kind, 0) + 1
         limit = self.history_limit
         if limit is not None and len(self._requests) > 2 * limit:
             del self._requests[:-limit]  # the newest (including this one) stay matchable
