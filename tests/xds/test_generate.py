@@ -1,0 +1,181 @@
+"""The pure generator: resources + settings -> xDS resources (no Envoy, no gRPC)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+import crds
+from controllers.xds.generate import (
+    CLUSTER,
+    ENDPOINT_TYPE,
+    LISTENER_TYPE,
+    ROUTE_TYPE,
+    GatewaySettings,
+    XdsInputs,
+    content_hash,
+    generate,
+)
+from controllers.xds.protos import ResourceError, to_any
+from controllers.xds.sources import inputs_from_config
+from extproc.datastore import GatewayConfig, StaticEndpoint
+
+DOCS = """apiVersion: networking.matrixinfer.ai/v1alpha1
+kind: ModelServer
+metadata: {name: a, namespace: ns}
+spec:
+  inferenceEngine: vLLM
+  workloadSelector: {matchLabels: {app: a}}
+  workloadPort: {port: 8000}
+  trafficPolicy:
+    timeout: 1500ms
+    retry: {attempts: 2, retryOn: [connect-failure, "503"]}
+---
+apiVersion: networking.matrixinfer.ai/v1alpha1
+kind: ModelServer
+metadata: {name: b, namespace: ns}
+spec:
+  inferenceEngine: vLLM
+  workloadSelector: {matchLabels: {app: b}}
+  workloadPort: {port: 8001}
+---
+apiVersion: networking.matrixinfer.ai/v1alpha1
+kind: ModelRoute
+metadata: {name: ra, namespace: ns}
+spec:
+  modelName: ma
+  rules: [{targets: [{modelServerName: a}]}]
+---
+apiVersion: networking.matrixinfer.ai/v1alpha1
+kind: ModelRoute
+metadata: {name: rb, namespace: ns}
+spec:
+  modelName: mb
+  parentRefs: [{name: other-gateway}]
+  rules: [{targets: [{modelServerName: b}]}]
+"""
+
+
+def objects() -> list[Any]:
+    return list(crds.load_documents(DOCS, "test.yaml"))
+
+
+def inputs(**kw: Any) -> XdsInputs:
+    objs = objects()
+    return XdsInputs(
+        routes=[o for o in objs if o.kind == "ModelRoute"],
+        servers=[o for o in objs if o.kind == "ModelServer"],
+        pod_addresses=kw.get("pods", ["10.0.0.2:8000", "10.0.0.1:8000"]),
+        extproc_endpoints=kw.get("extproc", ["10.1.0.1:9002", "10.1.0.2:9002"]),
+    )
+
+
+def ext_proc(res: dict[str, Any]) -> dict[str, Any]:
+    hcm = res[LISTENER_TYPE]["openai"]["filter_chains"][0]["filters"][0]["typed_config"]
+    filters = hcm["http_filters"]
+    assert filters[0]["name"] == "envoy.filters.http.ext_proc"
+    assert filters[-1]["name"] == "envoy.filters.http.router"
+    return dict(filters[0]["typed_config"])
+
+
+def test_every_resource_fits_envoys_schema() -> None:
+    res = generate(GatewaySettings(access_log=True), inputs())
+    assert set(res) == {CLUSTER, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE}
+    for items in res.values():
+        for item in items.values():
+            assert to_any(item).value  # parsed into the real protobuf message
+
+
+def test_ext_proc_filter_settings_that_make_the_data_path_work() -> None:
+    f = ext_proc(generate(GatewaySettings(), inputs()))
+    assert f["metadata_options"] == {"receiving_namespaces": {"untyped": ["envoy.lb"]}}
+    assert f["mutation_rules"]["allow_envoy"] is True
+    assert f["failure_mode_allow"] is False and f["status_on_error"] == {"code": 503}
+    assert f["processing_mode"]["request_header_mode"] == "SEND"
+    assert f["message_timeout"] == "0.2s"
+    assert ext_proc(generate(GatewaySettings(fail_open=True), inputs()))["failure_mode_allow"]
+
+
+def test_pods_cluster_override_host_and_endpoints() -> None:
+    res = generate(GatewaySettings(), inputs())
+    pods = res[CLUSTER]["matrixinfer_pods"]
+    policy = pods["load_balancing_policy"]["policies"][0]["typed_extension_config"]
+    assert policy["name"] == "envoy.load_balancing_policies.override_host"
+    source = policy["typed_config"]["override_host_sources"][0]["metadata"]
+    assert source == {"key": "envoy.lb", "path": [{"key": "x-gateway-destination-endpoint"}]}
+    assert pods["eds_cluster_config"]["eds_config"]["ads"] == {}
+    eps = res[ENDPOINT_TYPE]["matrixinfer_pods"]["endpoints"][0]["lb_endpoints"]
+    assert [e["endpoint"]["address"]["socket_address"]["address"] for e in eps] == [
+        "10.0.0.1",
+        "10.0.0.2",
+    ]
+    ext = res[CLUSTER]["matrixinfer_extproc"]
+    assert ext["lb_policy"] == "LEAST_REQUEST"
+    assert ext["health_checks"][0]["grpc_health_check"]["service_name"].endswith(
+        "ExternalProcessor"
+    )
+    assert len(ext["load_assignment"]["endpoints"][0]["lb_endpoints"]) == 2
+
+
+def test_routes_carry_traffic_policy_and_honour_parent_refs() -> None:
+    res = generate(GatewaySettings(), inputs())
+    routes = res[ROUTE_TYPE]["openai"]["virtual_hosts"][0]["routes"]
+    # rb is attached to another gateway: its server b gets no route here
+    assert [r["name"] for r in routes] == ["modelserver/ns/a", "default"]
+    a = routes[0]
+    assert a["match"]["headers"][0] == {
+        "name": "x-gateway-model-server",
+        "string_match": {"exact": "a"},
+    }
+    assert a["route"]["retry_policy"]["per_try_idle_timeout"] == "1.5s"
+    assert a["route"]["retry_policy"]["retriable_status_codes"] == [503]
+    assert "retriable-status-codes" in a["route"]["retry_policy"]["retry_on"]
+    res2 = generate(GatewaySettings(gateway_name="other-gateway"), inputs())
+    names = [r["name"] for r in res2[ROUTE_TYPE]["openai"]["virtual_hosts"][0]["routes"]]
+    assert names == ["modelserver/ns/a", "modelserver/ns/b", "default"]
+    b = res2[ROUTE_TYPE]["openai"]["virtual_hosts"][0]["routes"][1]
+    assert b["route"]["retry_policy"]["num_retries"] == 0  # no retry policy: no retries
+
+
+def test_policy_filters_go_before_the_router() -> None:
+    extra = {"name": "envoy.filters.http.lua", "typed_config": {"@type": "x"}}
+    res = generate(GatewaySettings(extra_http_filters=(extra,)), inputs())
+    hcm = res[LISTENER_TYPE]["openai"]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert [f["name"] for f in hcm["http_filters"]] == [
+        "envoy.filters.http.ext_proc",
+        "envoy.filters.http.lua",
+        "envoy.filters.http.router",
+    ]
+
+
+def test_versions_follow_content_only() -> None:
+    a = generate(GatewaySettings(), inputs())
+    b = generate(GatewaySettings(), inputs(pods=["10.0.0.1:8000", "10.0.0.2:8000"]))
+    c = generate(GatewaySettings(), inputs(pods=["10.0.0.3:8000"]))
+    for t in a:
+        assert content_hash(a[t]) == content_hash(b[t])
+    assert content_hash(a[ENDPOINT_TYPE]) != content_hash(c[ENDPOINT_TYPE])
+    assert content_hash(a[LISTENER_TYPE]) == content_hash(c[LISTENER_TYPE])
+
+
+def test_bad_resource_names_the_field() -> None:
+    with pytest.raises(ResourceError, match="no_such_field"):
+        to_any({"@type": CLUSTER, "name": "x", "no_such_field": 1})
+    with pytest.raises(ValueError, match="not host:port"):
+        generate(GatewaySettings(), inputs(extproc=["nohost"]))
+
+
+def test_inputs_from_a_gateway_config_resolve_pods_like_the_extproc() -> None:
+    objs = objects()
+    config = GatewayConfig(
+        routes=[o for o in objs if o.kind == "ModelRoute"],
+        servers=[o for o in objs if o.kind == "ModelServer"],
+        endpoints=[
+            StaticEndpoint("p1", "10.0.0.1", {"app": "a"}),
+            StaticEndpoint("p2", "10.0.0.2:9000", {"app": "b"}),
+            StaticEndpoint("p3", "10.0.0.3", {"app": "none"}),
+        ],
+    )
+    got = inputs_from_config(config, ["127.0.0.1:9002"])
+    assert list(got.pod_addresses) == ["10.0.0.1:8000", "10.0.0.2:9000"]
