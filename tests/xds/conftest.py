@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import sys
 import urllib.request
@@ -193,7 +194,7 @@ async def gateway(tmp: Path, fleet: Fleet, nodes: int = 1) -> AsyncIterator[Gate
                     "1",
                 ],
                 log_path=tmp / f"envoy-{i}.log",
-                ready=lambda a=admin: http_ok(f"http://127.0.0.1:{a}/ready"),
+                ready=functools.partial(http_ok, f"http://127.0.0.1:{admin}/ready"),
             )
             gw.envoys.append(Envoy(child, admin, listen_port))
             await asyncio.to_thread(child.start)

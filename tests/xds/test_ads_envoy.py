@@ -15,7 +15,7 @@ from google.protobuf import any_pb2
 from controllers.xds.generate import CLUSTER, ROUTE_TYPE
 from controllers.xds.protos import to_message
 from sim.fleet import Fleet
-from tests.xds.conftest import ROUTES, Gateway, chat, gateway
+from tests.xds.conftest import ROUTES, chat, gateway
 
 pytestmark = pytest.mark.timeout(90)
 
