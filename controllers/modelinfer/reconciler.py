@@ -115,6 +115,7 @@ class ModelInferController:
         self.deleting: set[Key] = set()
         self.closing = False  # the operator is shutting down: every loop exits
         self._gang: tuple[bool, float] | None = None
+        self._gang_lock: asyncio.Lock | None = None
         self._gang_refresh = gang_refresh
         self.debounce = debounce  # after a wake-up, let a burst of watch events land first
 
@@ -141,12 +142,18 @@ class ModelInferController:
             self.loops[key].wake.set()
 
     async def gang_available(self) -> bool:
-        now = time.monotonic()
-        if self._gang is None or now - self._gang[1] > self._gang_refresh:
-            assert self.client is not None
-            served = await self.client.resource_served("scheduling.volcano.sh/v1beta1", "podgroups")
-            self._gang = (served, now)
-        return self._gang[0]
+        """Discovery of the Volcano PodGroup CRD, cached; one request at a time for all loops."""
+        if self._gang_lock is None:
+            self._gang_lock = asyncio.Lock()
+        async with self._gang_lock:
+            now = time.monotonic()
+            if self._gang is None or now - self._gang[1] > self._gang_refresh:
+                assert self.client is not None
+                served = await self.client.resource_served(
+                    "scheduling.volcano.sh/v1beta1", "podgroups"
+                )
+                self._gang = (served, time.monotonic())
+            return self._gang[0]
 
     # ---- the loop ----------------------------------------------------------------------------
     async def run(

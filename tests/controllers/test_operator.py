@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import urllib.request
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from matrixinfer.process import free_port, http_ok
+from matrixinfer.process import Child, free_port, http_ok
 from tests.controllers.fakecluster import container, make_object
 from tests.controllers.kmockenv import Api, Kubelet, emulator, eventually, operator
 
@@ -363,3 +365,38 @@ async def test_metrics_and_liveness_endpoints(api: Api, kubelet: Kubelet) -> Non
             m["matrixinfer_controller_actions_total{action=create_pod,controller=modelinfer}"] == 8
         )
         assert await asyncio.to_thread(http_ok, f"http://127.0.0.1:{live_port}/healthz")
+
+
+async def test_the_console_script_runs_the_operator(
+    api: Api, kubelet: Kubelet, logdir: Path
+) -> None:
+    """`matrixinfer-controllers` as a real child process against the emulator."""
+    live, metrics = free_port(), free_port()
+    exe = Path(sys.executable).parent / "matrixinfer-controllers"
+    child = Child(
+        "controllers",
+        [
+            str(exe),
+            "--server",
+            api.url,
+            "--namespace",
+            "ns",
+            "--liveness-port",
+            str(live),
+            "--metrics-port",
+            str(metrics),
+            "--metrics-host",
+            "127.0.0.1",
+        ],
+        log_path=logdir / "controllers.log",
+        ready=lambda: http_ok(f"http://127.0.0.1:{live}/healthz"),
+        ready_timeout=30,
+    )
+    await asyncio.to_thread(child.start)  # the emulator keeps serving in this loop meanwhile
+    try:
+        await api.create_modelinfer(make_object(replicas=1))
+        await eventually(lambda: converged(api, 1), 20, "1 group made by the child process")
+        assert len(api.pods()) == 4
+    finally:
+        code = await asyncio.to_thread(child.stop)
+    assert code in (0, -15), child.log_tail()
