@@ -400,3 +400,38 @@ async def test_the_console_script_runs_the_operator(
     finally:
         code = await asyncio.to_thread(child.stop)
     assert code in (0, -15), child.log_tail()
+
+
+async def test_role_rolling_update_replaces_only_the_changed_role(
+    api: Api, kubelet: Kubelet
+) -> None:
+    obj = make_object(replicas=2, rolloutStrategy={"type": "RoleRollingUpdate"})
+    async with operator(api):
+        await api.create_modelinfer(obj)
+        await eventually(lambda: converged(api, 2), what="2 groups")
+        prefill = sorted(n for n in api.pods() if "-prefill-" in n)
+        await mark(api, prefill)
+        roles = obj["spec"]["template"]["roles"]
+        roles[1]["entryTemplate"] = container("vllm:2")  # only decode changes
+        await api.patch_modelinfer("llama", {"template": {"roles": roles}})
+
+        def done() -> bool:
+            st = status_of(api)
+            pods = api.pods()
+            return (
+                converged(api, 2)
+                and st.get("currentRevision") == st.get("updateRevision")
+                and all(
+                    p["spec"]["containers"][0]["image"] == "vllm:2"
+                    for n, p in pods.items()
+                    if "-decode-" in n
+                )
+            )
+
+        await eventually(done, what="decode pods replaced")
+        assert marked(api) == set(prefill)  # the prefill pods were never recreated
+        rev = status_of(api)["updateRevision"]
+        assert all(
+            p["metadata"]["labels"]["workload.matrixinfer.ai/revision"] == rev
+            for p in api.pods().values()
+        )
