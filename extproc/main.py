@@ -151,6 +151,10 @@ class ExtProcApp:
             options=[
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", args.body_limit + 1024 * 1024),
+                # measured (bench/reports/extproc_cost.md): ~10% less CPU per request in this
+                # process and in Envoy; no BDP pings on Envoy's long-lived loopback connection
+                ("grpc.http2.bdp_probe", 0),
+                ("grpc.optimization_target", "throughput"),
             ]
         )
         pb_grpc.add_ExternalProcessorServicer_to_server(
