@@ -429,12 +429,18 @@ class SchedulerPlugin(ApiModel):
     """A scheduler plugin and its settings."""
 
     name: str = Field(
-        description="Registered plugin name, e.g. least-kv-cache, prefix-cache, lora-affinity.",
+        description="Registered plugin name, e.g. kv-cache, prefix-cache, lora-affinity.",
         min_length=1,
         max_length=63,
     )
-    weight: int = Field(
-        default=1, description="Weight of a scorer's score (filters ignore it).", ge=0, le=100
+    weight: int | None = Field(
+        default=None,
+        description=(
+            "Weight of a scorer's score (filters ignore it); unset means the plugin's own default "
+            "weight (docs/scheduling.md)."
+        ),
+        ge=0,
+        le=100,
     )
     args: dict[str, Any] = Field(
         default_factory=dict,

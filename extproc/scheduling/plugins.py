@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
 
 from extproc.scheduling.prefix import PrefixIndex, block_hashes
 from extproc.scheduling.types import (
@@ -52,8 +53,14 @@ __all__ = [
 ]
 
 
+# Plugin arguments are written in the API's camelCase (``blockSize``); snake_case is accepted too.
+ARGS_CONFIG = ConfigDict(
+    extra="forbid", frozen=True, alias_generator=to_camel, populate_by_name=True
+)
+
+
 class NoArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ARGS_CONFIG
 
 
 @dataclass(slots=True)
@@ -138,7 +145,7 @@ class ReadyFilter(Filter):
 
 
 class SaturationArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ARGS_CONFIG
 
     max_waiting: float = Field(
         default=8, gt=0, description="A pod whose engine queue holds this many requests is full."
@@ -229,7 +236,7 @@ class LoraCapableFilter(Filter):
 
 
 class LeastRequestArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ARGS_CONFIG
 
     slack: float = Field(
         default=4.0,
@@ -296,7 +303,7 @@ class KvCacheScorer(Scorer):
 
 
 class PrefixCacheArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ARGS_CONFIG
 
     block_size: int = Field(
         default=128, ge=16, le=65536, description="Bytes of UTF-8 prompt text per hashed block."
@@ -352,7 +359,7 @@ class PrefixCacheScorer(Scorer):
 
 
 class LeastLatencyArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ARGS_CONFIG
 
     ttft_weight: float = Field(default=0.5, ge=0, description="Share of TTFT in the score.")
     tpot_weight: float = Field(default=0.5, ge=0, description="Share of TPOT in the score.")
@@ -419,7 +426,7 @@ class LoraAffinityScorer(Scorer):
 
 
 class SessionAffinityArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ARGS_CONFIG
 
     header: str = Field(
         default="x-session-id", min_length=1, description="Request header naming the session."

@@ -148,7 +148,7 @@ def test_model_server_and_model_infer_contract() -> None:
     assert s.traffic_policy.retry.retry_on == ["connect-failure", "refused-stream"]
     assert s.kv_connector is not None and s.kv_connector.type == "sglang"
     assert s.scheduler is not None and s.scheduler.scorers is not None
-    assert (s.scheduler.scorers[0].weight, s.scheduler.scorers[0].args) == (1, {"k": 1})
+    assert (s.scheduler.scorers[0].weight, s.scheduler.scorers[0].args) == (None, {"k": 1})
 
     pod = {"spec": {"containers": [{"name": "engine", "image": "x"}]}}
     infer = crds.ModelInfer(

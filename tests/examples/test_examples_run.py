@@ -1,0 +1,36 @@
+"""The examples a user applies are not only valid objects: the gateway accepts what they ask for."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import crds
+from extproc.scheduling import build_scheduler
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def _model_servers() -> list[tuple[str, crds.ModelServer]]:
+    found = []
+    for path in sorted(EXAMPLES.rglob("*.yaml")):
+        if "invalid" in path.parts:
+            continue
+        for obj in crds.load_documents(path.read_text(), source=str(path)):
+            if isinstance(obj, crds.ModelServer):
+                found.append((f"{path.name}:{obj.metadata.name}", obj))
+    return found
+
+
+SERVERS = _model_servers()
+
+
+def test_examples_include_model_servers_with_profiles() -> None:
+    assert any(server.spec.scheduler is not None for _, server in SERVERS)
+
+
+@pytest.mark.parametrize(("where", "server"), SERVERS, ids=[w for w, _ in SERVERS])
+def test_scheduler_profile_of_every_example_builds(where: str, server: crds.ModelServer) -> None:
+    # raises ValueError naming the plugin or argument when an example asks for something unknown
+    build_scheduler(server.spec.scheduler)
