@@ -39,7 +39,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         prog="matrixinfer-extproc",
         description="MatrixInfer gateway: the Envoy ext_proc server that routes OpenAI requests.",
     )
-    p.add_argument("--config", required=True, type=Path, help="directory of YAML configuration")
+    p.add_argument("--config", type=Path, default=None, help="directory of YAML configuration")
+    p.add_argument(
+        "--source",
+        choices=("files", "kubernetes"),
+        default="files",
+        help="files: --config DIR; kubernetes: watch ModelRoute/ModelServer/Pods (docs/xds.md)",
+    )
+    p.add_argument("--server", default=None, help="API server URL without credentials (emulators)")
+    p.add_argument("--namespace", default=None, help="--source kubernetes: one namespace only")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--grpc-port", type=int, default=9002, help="ext_proc gRPC port (default 9002)")
     p.add_argument("--http-port", type=int, default=9090, help="metrics/health port (default 9090)")
@@ -76,7 +84,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eds-cluster", default="matrixinfer_pods", help="cluster name in --eds-file")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     p.add_argument("--no-uvloop", action="store_true", help="use the default asyncio loop")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.source == "files" and args.config is None:
+        p.error("--config DIR is required (or --source kubernetes)")
+    return args
 
 
 class ExtProcApp:
@@ -87,9 +98,17 @@ class ExtProcApp:
         self.metrics = GatewayMetrics()
         self.datastore = Datastore()
         self.gateway = Gateway(self.datastore, self.metrics, body_limit=args.body_limit)
-        self.watcher = ConfigWatcher(
-            args.config, self._apply, interval=args.config_poll, on_result=self._counted
-        )
+        self.watcher: Any
+        if args.source == "kubernetes":
+            from extproc.kube_source import KubeSource
+
+            self.watcher = KubeSource(
+                args.server, self._apply, namespace=args.namespace, on_result=self._counted
+            )
+        else:
+            self.watcher = ConfigWatcher(
+                args.config, self._apply, interval=args.config_poll, on_result=self._counted
+            )
         self.scraper: Any = None
         self.started = time.monotonic()
 

@@ -121,8 +121,8 @@ class XdsApp:
         else:
             from extproc.kube_source import KubeSource, extproc_endpoints
 
-            async def on_change(config: Any, source: Any) -> None:
-                endpoints = extproc_endpoints(source, args.extproc_service, args.extproc_port)
+            def on_change(config: Any) -> None:
+                endpoints = extproc_endpoints(self.kube, args.extproc_service, args.extproc_port)
                 self.publish(inputs_from_config(config, endpoints))
 
             self.kube = KubeSource(args.server, on_change, namespace=args.namespace)
@@ -130,7 +130,7 @@ class XdsApp:
         if self.watcher is not None:
             self.watcher.start()
         if self.kube is not None:
-            await self.kube.start()
+            self.kube.start()
         if args.http_port:
             runner = web.AppRunner(self._http_app(), access_log=None)
             await runner.setup()

@@ -1,0 +1,348 @@
+"""Configuration from the Kubernetes API: ModelRoute, ModelServer, Pods and the extproc Service.
+
+One list + watch loop per kind (aiohttp, the API's plain HTTP watch): the list replaces the kind's
+objects, the watch applies ADDED / MODIFIED / DELETED (BOOKMARKs move the resourceVersion); when a
+watch ends or drops (network error, 410 Gone, API server restart) the kind is listed again — a
+resync, so nothing missed while disconnected is lost. Changes are debounced and turned into one
+:class:`~extproc.datastore.GatewayConfig` for ``Datastore.apply`` (and for the xDS generator,
+which uses the same source).
+
+- ModelRoute / ModelServer objects are validated by :mod:`crds` one by one: an invalid object is
+  skipped with a log line naming it and the field (the others still apply);
+- pods are kept only in a compact form (name, namespace, labels, IP, ready); a pod is an endpoint
+  when a ModelServer of its namespace selects it (``matchLabels``; the API here may not filter
+  by label, so the selection is done in this module), it has an IP, and it is ``Running`` with
+  condition ``Ready=True`` (otherwise it is listed as not ready and the scheduler skips it).
+- status is not written here: the controllers are its only writer.
+
+Credentials: ``server`` (a URL, no auth: emulators and ``kubectl proxy``), else in-cluster
+service account, else the kubeconfig (through the ``kubernetes`` client's loaders).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+
+from extproc.datastore import GatewayConfig, StaticEndpoint, selects
+
+__all__ = ["KINDS", "KubeSource", "PodInfo", "ReloadStatus", "extproc_endpoints", "pod_info"]
+
+log = logging.getLogger("matrixinfer.extproc.kube")
+
+# kind -> (API prefix, plural)
+KINDS: dict[str, tuple[str, str]] = {
+    "ModelRoute": ("/apis/networking.matrixinfer.ai/v1alpha1", "modelroutes"),
+    "ModelServer": ("/apis/networking.matrixinfer.ai/v1alpha1", "modelservers"),
+    "Pod": ("/api/v1", "pods"),
+    "Service": ("/api/v1", "services"),
+}
+
+
+@dataclass(slots=True)
+class ReloadStatus:
+    applied: int = 0
+    rejected: int = 0
+    last_error: str | None = None
+    resyncs: int = 0  # lists after the first one (a watch ended or dropped)
+    synced: bool = False
+
+
+@dataclass(slots=True, frozen=True)
+class PodInfo:
+    name: str
+    namespace: str
+    labels: Mapping[str, str]
+    ip: str | None
+    ready: bool
+
+
+def pod_info(raw: Mapping[str, Any]) -> PodInfo:
+    meta = raw.get("metadata") or {}
+    status = raw.get("status") or {}
+    conditions = status.get("conditions") or []
+    ready = status.get("phase") == "Running" and any(
+        c.get("type") == "Ready" and c.get("status") == "True" for c in conditions
+    )
+    if meta.get("deletionTimestamp"):
+        ready = False  # terminating: leaves the rotation now
+    return PodInfo(
+        name=str(meta.get("name", "")),
+        namespace=str(meta.get("namespace") or "default"),
+        labels=dict(meta.get("labels") or {}),
+        ip=status.get("podIP") or None,
+        ready=ready,
+    )
+
+
+def _key(raw: Mapping[str, Any]) -> tuple[str, str]:
+    meta = raw.get("metadata") or {}
+    return (str(meta.get("namespace") or "default"), str(meta.get("name", "")))
+
+
+@dataclass
+class _Connection:
+    base: str
+    headers: dict[str, str] = field(default_factory=dict)
+    ssl: ssl.SSLContext | bool = True
+
+
+def _connection(server: str | None) -> _Connection:
+    if server:
+        return _Connection(server.rstrip("/"), {}, False)
+    from kubernetes import client, config  # loaders only; the requests go through aiohttp
+
+    try:
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except config.ConfigException:
+        config.load_kube_config()  # type: ignore[no-untyped-call]
+    c = client.Configuration.get_default_copy()
+    headers: dict[str, str] = {}
+    token = c.api_key.get("authorization") or c.api_key.get("BearerToken")
+    if token:
+        prefix = c.api_key_prefix.get("authorization", "")
+        headers["Authorization"] = f"{prefix} {token}".strip()
+    ctx: ssl.SSLContext | bool = True
+    if c.verify_ssl is False:
+        ctx = False
+    elif c.ssl_ca_cert or c.cert_file:
+        ctx = ssl.create_default_context(cafile=c.ssl_ca_cert)
+        if c.cert_file:
+            ctx.load_cert_chain(c.cert_file, c.key_file)
+    return _Connection(str(c.host).rstrip("/"), headers, ctx)
+
+
+class KubeSource:
+    """List + watch the four kinds; ``apply(GatewayConfig)`` after each (debounced) change.
+
+    Same interface as ``ConfigWatcher``: ``status``, ``load_now()``, ``start()``, ``stop()``.
+    """
+
+    def __init__(
+        self,
+        server: str | None,
+        apply: Callable[[GatewayConfig], None],
+        *,
+        namespace: str | None = None,
+        debounce: float = 0.05,
+        watch_timeout: int = 300,
+        backoff: float = 0.5,
+        on_result: Callable[[bool], None] | None = None,
+    ) -> None:
+        self.server = server
+        self.apply = apply
+        self.namespace = namespace
+        self.debounce = debounce
+        self.watch_timeout = watch_timeout
+        self.backoff = backoff
+        self.on_result = on_result
+        self.status = ReloadStatus()
+        self.routes: dict[tuple[str, str], dict[str, Any]] = {}
+        self.servers: dict[tuple[str, str], dict[str, Any]] = {}
+        self.pods: dict[tuple[str, str], PodInfo] = {}
+        self.services: dict[tuple[str, str], dict[str, Any]] = {}
+        self._listed: set[str] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._dirty = asyncio.Event()
+        self._session: aiohttp.ClientSession | None = None
+        self._conn: _Connection | None = None
+        self.invalid: dict[str, str] = {}  # "Kind ns/name" -> error, for /debug/state
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def load_now(self) -> bool:
+        log.info("waiting for the first list of %s from the Kubernetes API", ", ".join(KINDS))
+        return False
+
+    def start(self) -> None:
+        if self._tasks:
+            return
+        self._conn = _connection(self.server)
+        self._session = aiohttp.ClientSession(
+            headers=self._conn.headers,
+            connector=aiohttp.TCPConnector(ssl=self._conn.ssl),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
+        )
+        for kind in KINDS:
+            self._tasks.append(asyncio.create_task(self._watch(kind), name=f"kube-watch-{kind}"))
+        self._tasks.append(asyncio.create_task(self._apply_loop(), name="kube-apply"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def drop_watches(self) -> None:
+        """Close every open connection (what a network blip does); the loops resync."""
+        if self._session is not None and self._session.connector is not None:
+            self._session.connector._close()
+
+    # ---- list + watch -------------------------------------------------------------------------
+    def _path(self, kind: str) -> str:
+        prefix, plural = KINDS[kind]
+        if self.namespace:
+            return f"{prefix}/namespaces/{self.namespace}/{plural}"
+        return f"{prefix}/{plural}"
+
+    def _store(self, kind: str) -> dict[tuple[str, str], Any]:
+        stores: dict[str, dict[tuple[str, str], Any]] = {
+            "ModelRoute": self.routes,
+            "ModelServer": self.servers,
+            "Pod": self.pods,
+            "Service": self.services,
+        }
+        return stores[kind]
+
+    def _put(self, kind: str, raw: dict[str, Any]) -> None:
+        store = self._store(kind)
+        store[_key(raw)] = pod_info(raw) if kind == "Pod" else raw
+
+    async def _list(self, kind: str) -> str:
+        assert self._session is not None and self._conn is not None
+        url = self._conn.base + self._path(kind)
+        async with self._session.get(url, timeout=aiohttp.ClientTimeout(total=30)) as resp:
+            if resp.status >= 400:
+                raise RuntimeError(f"list {kind}: HTTP {resp.status}: {(await resp.text())[:200]}")
+            data = orjson.loads(await resp.read())
+        store = self._store(kind)
+        store.clear()
+        for item in data.get("items") or []:
+            self._put(kind, item)
+        if kind in self._listed:
+            self.status.resyncs += 1
+        self._listed.add(kind)
+        self._dirty.set()
+        return str((data.get("metadata") or {}).get("resourceVersion") or "")
+
+    async def _stream(self, kind: str, rv: str) -> None:
+        assert self._session is not None and self._conn is not None
+        params = {
+            "watch": "true",
+            "allowWatchBookmarks": "true",
+            "timeoutSeconds": str(self.watch_timeout),
+        }
+        if rv:
+            params["resourceVersion"] = rv
+        url = self._conn.base + self._path(kind)
+        async with self._session.get(url, params=params) as resp:
+            if resp.status >= 400:
+                raise RuntimeError(f"watch {kind}: HTTP {resp.status}")
+            async for line in resp.content:
+                if not line.strip():
+                    continue
+                event = orjson.loads(line)
+                etype, obj = event.get("type"), event.get("object") or {}
+                if etype in ("ADDED", "MODIFIED"):
+                    self._put(kind, obj)
+                elif etype == "DELETED":
+                    self._store(kind).pop(_key(obj), None)
+                elif etype == "ERROR":
+                    raise RuntimeError(f"watch {kind}: {obj.get('message', obj)}")
+                else:
+                    continue  # BOOKMARK
+                self._dirty.set()
+
+    async def _watch(self, kind: str) -> None:
+        while True:
+            try:
+                rv = await self._list(kind)
+                await self._stream(kind, rv)
+                log.debug("watch of %s ended; listing again", kind)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("watch of %s dropped (%s); resyncing in %.1fs", kind, exc, self.backoff)
+                await asyncio.sleep(self.backoff)
+
+    # ---- building the configuration ------------------------------------------------------------
+    async def _apply_loop(self) -> None:
+        while True:
+            await self._dirty.wait()
+            await asyncio.sleep(self.debounce)
+            self._dirty.clear()
+            if len(self._listed) < len(KINDS):
+                continue
+            try:
+                config = self.build()
+                self.apply(config)
+            except Exception as exc:  # never let the loop die; the last config stays
+                self.status.rejected += 1
+                self.status.last_error = str(exc)
+                log.exception("applying the Kubernetes configuration failed")
+                if self.on_result:
+                    self.on_result(False)
+                continue
+            self.status.applied += 1
+            self.status.synced = True
+            self.status.last_error = None
+            if self.on_result:
+                self.on_result(True)
+
+    def _parsed(self, store: Mapping[tuple[str, str], dict[str, Any]], kind: str) -> list[Any]:
+        import crds
+
+        out: list[Any] = []
+        for (ns, name), raw in sorted(store.items()):
+            where = f"{kind} {ns}/{name}"
+            try:
+                obj = crds.parse_object(raw, where)
+            except (crds.InvalidObject, ValueError) as exc:
+                if self.invalid.get(where) != str(exc):
+                    log.error("%s is invalid and is ignored: %s", where, exc)
+                self.invalid[where] = str(exc)
+                continue
+            self.invalid.pop(where, None)
+            out.append(obj)
+        return out
+
+    def build(self) -> GatewayConfig:
+        routes = self._parsed(self.routes, "ModelRoute")
+        servers = self._parsed(self.servers, "ModelServer")
+        selectors: dict[str, list[Mapping[str, str]]] = {}
+        for server in servers:
+            sel = getattr(getattr(server.spec, "workload_selector", None), "match_labels", None)
+            if sel:
+                ns = server.metadata.namespace or "default"
+                selectors.setdefault(ns, []).append(sel)
+        endpoints: list[StaticEndpoint] = []
+        for pod in self.pods.values():
+            if pod.ip is None:
+                continue
+            if not any(selects(s, pod.labels) for s in selectors.get(pod.namespace, ())):
+                continue
+            endpoints.append(
+                StaticEndpoint(pod.name, pod.ip, pod.labels, pod.ready, f"Pod {pod.namespace}")
+            )
+        endpoints.sort(key=lambda e: e.name)
+        return GatewayConfig(
+            routes=routes,
+            servers=servers,
+            endpoints=endpoints,
+            source=f"kubernetes {self._conn.base if self._conn else self.server}",
+        )
+
+
+def extproc_endpoints(source: KubeSource, service: str, port: int) -> list[str]:
+    """Ready pods behind the extproc Service (its ``spec.selector``), as ``ip:port``."""
+    out: list[str] = []
+    for (ns, name), raw in source.services.items():
+        if name != service:
+            continue
+        selector = (raw.get("spec") or {}).get("selector") or {}
+        for pod in source.pods.values():
+            if pod.namespace == ns and pod.ready and pod.ip and selects(selector, pod.labels):
+                out.append(f"{pod.ip}:{port}")
+    return sorted(set(out))

@@ -1,0 +1,162 @@
+"""Emulated Kubernetes API (kmock, the controllers' harness) with the gateway's kinds, objects
+for pods/servers/routes, and a TCP proxy that can cut every connection (a dropped watch)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import kmock
+
+from tests.controllers.kmockenv import VERBS, Api, emulator
+
+NS = "ns"
+NET = "/apis/networking.matrixinfer.ai/v1alpha1/namespaces/ns"
+
+
+def declare_gateway_kinds(api: Api) -> None:
+    res = api.k.resources
+    for plural, kind in (("modelroutes", "ModelRoute"), ("modelservers", "ModelServer")):
+        res[f"networking.matrixinfer.ai/v1alpha1/{plural}"] = kmock.ResourceInfo(
+            kind=kind, namespaced=True, verbs=VERBS, subresources={"status"}
+        )
+
+
+@contextlib.asynccontextmanager
+async def kube() -> AsyncIterator[Api]:
+    async with emulator() as api:
+        declare_gateway_kinds(api)
+        yield api
+
+
+def meta(api: Api, name: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": NS,
+        "uid": f"uid-{name}",
+        "resourceVersion": api.next_rv(),
+        "generation": 1,
+        **extra,
+    }
+
+
+def pod_status(ip: str, ready: bool) -> dict[str, Any]:
+    return {
+        "phase": "Running",
+        "podIP": ip,
+        "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+    }
+
+
+async def create_pod(api: Api, name: str, ip: str, labels: dict[str, str]) -> None:
+    body = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": meta(api, name, labels=labels),
+        "spec": {"containers": [{"name": "engine", "image": "vllm"}]},
+        "status": pod_status(ip, True),
+    }
+    await api.request("POST", f"/api/v1/namespaces/{NS}/pods", body)
+
+
+async def set_pod_ready(api: Api, name: str, ip: str, ready: bool) -> None:
+    await api.patch_pod_status(name, pod_status(ip, ready), NS)
+
+
+async def create_server(api: Api, name: str, labels: dict[str, str], port: int) -> None:
+    body = {
+        "apiVersion": "networking.matrixinfer.ai/v1alpha1",
+        "kind": "ModelServer",
+        "metadata": meta(api, name),
+        "spec": {
+            "model": "demo-model",
+            "inferenceEngine": "vLLM",
+            "workloadSelector": {"matchLabels": labels},
+            "workloadPort": {"port": port},
+            "trafficPolicy": {"retry": {"attempts": 1, "retryOn": ["connect-failure"]}},
+        },
+    }
+    await api.request("POST", f"{NET}/modelservers", body)
+
+
+async def create_route(api: Api, name: str, model: str, servers: list[str]) -> None:
+    body = {
+        "apiVersion": "networking.matrixinfer.ai/v1alpha1",
+        "kind": "ModelRoute",
+        "metadata": meta(api, name),
+        "spec": {
+            "modelName": model,
+            "rules": [{"targets": [{"modelServerName": s} for s in servers]}],
+        },
+    }
+    await api.request("POST", f"{NET}/modelroutes", body)
+
+
+async def create_service(api: Api, name: str, selector: dict[str, str], port: int) -> None:
+    body = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": meta(api, name),
+        "spec": {"selector": selector, "ports": [{"name": "grpc", "port": port}]},
+    }
+    await api.request("POST", f"/api/v1/namespaces/{NS}/services", body)
+
+
+class CuttableProxy:
+    """Forwards 127.0.0.1:<port> to the API server; ``cut()`` closes every connection and refuses
+    new ones until ``resume()``."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.port = 0
+        self.open = True
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(Exception):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        with contextlib.suppress(Exception):
+            writer.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.open:
+            writer.close()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+        self._writers.update((writer, up_writer))
+        try:
+            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+        finally:
+            self._writers.discard(writer)
+            self._writers.discard(up_writer)
+
+    def cut(self) -> None:
+        self.open = False
+        for w in list(self._writers):
+            w.close()
+
+    def resume(self) -> None:
+        self.open = True
+
+    async def stop(self) -> None:
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
