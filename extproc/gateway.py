@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from random import Random
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
@@ -32,7 +32,20 @@ from extproc.errors import (
 )
 from extproc.metrics import GatewayMetrics
 from extproc.parsing import DEFAULT_BODY_LIMIT, Endpoint, classify, estimate_tokens, parse_body
-from extproc.scheduling.types import NoPodAvailable, Pod, SchedulingRequest, SchedulingResult
+from extproc.scheduling.types import (
+    AllPodsSaturated,
+    NoPodAvailable,
+    Pod,
+    SchedulingRequest,
+    SchedulingResult,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Coroutine
+
+    from extproc.parsing import ParsedRequest
+    from extproc.policies import Policies
+    from extproc.routing import RouteDecision
 
 __all__ = [
     "DESTINATION_HEADER",
@@ -73,6 +86,7 @@ class Immediate:
     status: int
     body: bytes
     content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)  # e.g. retry-after, x-ratelimit-*
 
 
 @dataclass(slots=True)
@@ -81,6 +95,7 @@ class Routed:
     pod: Pod
     body: bytes | None  # the body to forward when it changed (model rewrite), else None
     headers: dict[str, str] = field(default_factory=dict)  # headers to set towards the pod
+    metadata: dict[str, Any] | None = None  # dynamic metadata namespace "matrixinfer" (policies)
 
 
 @dataclass(slots=True)
@@ -98,10 +113,13 @@ class RequestState:
     result: SchedulingResult | None = None
     scheduler: SchedulerLike | None = None
     code: int = 0
+    identity: Any = None  # extproc.auth.Identity when policies authenticate the caller
+    charge: Any = None  # extproc.usage.Charge of an admitted request (policies)
 
 
 def _error(exc: GatewayError) -> Immediate:
-    return Immediate(exc.status, exc.body())
+    headers = getattr(exc, "headers", None)
+    return Immediate(exc.status, exc.body(), headers=dict(headers) if headers else {})
 
 
 class Gateway:
@@ -125,6 +143,7 @@ class Gateway:
         self.session_header = session_header
         self._schedulers: dict[str, tuple[Any, SchedulerLike]] = {}
         datastore.on_pod_removed.append(self._forget_pod)
+        self.policies: Policies | None = None  # extproc.policies (auth, limits, queue, usage)
 
     # ---- schedulers ---------------------------------------------------------------------------
     def scheduler_for(self, view: ServerView, default_profile: Any) -> SchedulerLike:
@@ -158,6 +177,8 @@ class Gateway:
                 raise bad_request(
                     "the request body is empty; send a JSON object with a 'model' field"
                 )
+            if self.policies is not None:
+                state.identity = self.policies.authenticate(headers)
         except GatewayError as exc:
             return state, self._answer(state, _error(exc))
         return state, None
@@ -173,7 +194,12 @@ class Gateway:
         ]
         return orjson.dumps({"object": "list", "data": data})
 
-    def decide(self, state: RequestState, raw: bytes) -> Routed | Immediate:
+    def decide(
+        self, state: RequestState, raw: bytes
+    ) -> Routed | Immediate | Coroutine[Any, Any, Routed | Immediate]:
+        """Routed/Immediate; with policies configured, a coroutine to await (they may wait)."""
+        if self.policies is not None:
+            return self._decide_with_policies(state, raw, self.policies)
         began = time.perf_counter()
         try:
             return self._decide(state, raw)
@@ -186,7 +212,7 @@ class Gateway:
         finally:
             self.metrics.decision_duration.observe(time.perf_counter() - began)
 
-    def _decide(self, state: RequestState, raw: bytes) -> Routed:
+    def _route(self, state: RequestState, raw: bytes) -> tuple[ParsedRequest, RouteDecision]:
         assert state.endpoint is not None
         parsed = parse_body(state.endpoint.kind, raw, self.body_limit)
         state.model = parsed.model
@@ -195,10 +221,39 @@ class Gateway:
         state.route = decision.route
         state.server = decision.server
         state.server_key = decision.server_key
+        return parsed, decision
+
+    def _schedule(
+        self, view: ServerView, scheduler: SchedulerLike, request: SchedulingRequest
+    ) -> SchedulingResult:
+        if not view.pods:
+            raise no_pod_available(f"ModelServer '{view.name}' has no pods")
+        began = time.perf_counter()
+        try:
+            return scheduler.schedule(request, view.pods)
+        finally:
+            m = self.metrics
+            m.child(m.scheduling_duration, view.name).observe(time.perf_counter() - began)
+
+    def _decide(self, state: RequestState, raw: bytes) -> Routed:
+        parsed, decision = self._route(state, raw)
+        snap = self.datastore.snapshot
         view = snap.servers[decision.server_key]
         if not view.pods:
             raise no_pod_available(f"ModelServer '{view.name}' has no pods")
-        request = SchedulingRequest(
+        request = self._scheduling_request(state, parsed, decision)
+        scheduler = self.scheduler_for(view, snap.default_profile)
+        try:
+            result = self._schedule(view, scheduler, request)
+        except NoPodAvailable as exc:
+            raise no_pod_available(f"ModelServer '{view.name}': {exc.reason}") from None
+        self.datastore.begin(result.primary)
+        return self._routed(state, parsed, decision, view, scheduler, request, result)
+
+    def _scheduling_request(
+        self, state: RequestState, parsed: ParsedRequest, decision: RouteDecision
+    ) -> SchedulingRequest:
+        return SchedulingRequest(
             request_id=state.request_id,
             model=parsed.model,
             lora=decision.lora,
@@ -207,17 +262,19 @@ class Gateway:
             session_key=state.headers.get(self.session_header),
             headers=state.headers,
         )
-        scheduler = self.scheduler_for(view, snap.default_profile)
-        began = time.perf_counter()
-        try:
-            result = scheduler.schedule(request, view.pods)
-        except NoPodAvailable as exc:
-            raise no_pod_available(f"ModelServer '{view.name}': {exc.reason}") from None
-        finally:
-            m = self.metrics
-            m.child(m.scheduling_duration, view.name).observe(time.perf_counter() - began)
+
+    def _routed(
+        self,
+        state: RequestState,
+        parsed: ParsedRequest,
+        decision: RouteDecision,
+        view: ServerView,
+        scheduler: SchedulerLike,
+        request: SchedulingRequest,
+        result: SchedulingResult,
+    ) -> Routed:
+        """Book a scheduled request (the caller already did ``datastore.begin(primary)``)."""
         pod = result.primary
-        self.datastore.begin(pod)
         state.pod_name = pod.name
         state.scheduling_request = request
         state.result = result
@@ -237,6 +294,78 @@ class Gateway:
             body=body,
             headers=self._route_headers(view, len(result.fallbacks)),
         )
+
+    async def _decide_with_policies(
+        self, state: RequestState, raw: bytes, policies: Policies
+    ) -> Routed | Immediate:
+        """The data path plus authentication, authorisation, budgets, the fair queue and usage
+        marking (``extproc.policies``)."""
+        began = time.perf_counter()
+        waited = 0.0
+        try:
+            parsed, decision = self._route(state, raw)
+            snap = self.datastore.snapshot
+            policy = policies.route_policy(snap, parsed.model)
+            estimate = estimate_tokens(parsed.prompt)
+            state.charge = await policies.admit(
+                state.identity, policy, estimate, parsed.kind, parsed.model
+            )
+            view = snap.servers[decision.server_key]
+            request = self._scheduling_request(state, parsed, decision)
+            scheduler = self.scheduler_for(view, snap.default_profile)
+            try:
+                result = self._schedule(view, scheduler, request)
+                self.datastore.begin(result.primary)
+            except AllPodsSaturated:
+                key = view.key
+
+                def attempt() -> tuple[ServerView, SchedulingResult]:
+                    current = self.datastore.snapshot.servers.get(key, view)
+                    found = self._schedule(current, scheduler, request)
+                    self.datastore.begin(found.primary)
+                    return current, found
+
+                def undo(held: tuple[ServerView, SchedulingResult]) -> None:
+                    self.datastore.finish(held[1].primary.name)
+
+                identity = state.identity
+                tenant = identity.tenant if identity is not None else "anonymous"
+                priority = policies.priority_of(policy, state.headers, tenant)
+                mark = time.perf_counter()
+                view, result = await policies.wait_for_pod(
+                    key, parsed.model, policy, state.charge, priority, attempt, undo
+                )
+                waited = time.perf_counter() - mark
+            except NoPodAvailable as exc:
+                raise no_pod_available(f"ModelServer '{view.name}': {exc.reason}") from None
+            routed = self._routed(state, parsed, decision, view, scheduler, request, result)
+            charge = state.charge
+            if parsed.stream and parsed.kind != "embeddings":
+                from extproc.usage import force_usage
+
+                force_usage(parsed.body)
+                routed.body = orjson.dumps(parsed.body)
+            routed.metadata = {"matrixinfer_rid": charge.rid}
+            policies.expect(charge)
+            if "authorization" in state.headers:
+                routed.headers["authorization"] = ""  # credentials never reach the engine
+            return routed
+        except GatewayError as exc:
+            policies.release(state.charge)
+            state.charge = None
+            return self._answer(state, _error(exc))
+        except BaseException as exc:
+            if not isinstance(exc, Exception):  # cancelled: the client went away while waiting
+                policies.release(state.charge)
+                state.charge = None
+                raise
+            log.exception("request %s: the gateway failed to decide", state.request_id)
+            policies.release(state.charge)
+            state.charge = None
+            self._release(state)
+            return self._answer(state, _error(internal_error(state.request_id)))
+        finally:
+            self.metrics.decision_duration.observe(time.perf_counter() - began - waited)
 
     @staticmethod
     def _route_headers(view: ServerView, fallbacks: int) -> dict[str, str]:
@@ -279,6 +408,8 @@ class Gateway:
                 log.exception("scheduler on_routed failed for request %s", state.request_id)
 
     def finish(self, state: RequestState) -> None:
+        if self.policies is not None:
+            self._finish_policies(state, self.policies)
         if state.pod_name is None:
             return
         self.datastore.finish(state.pod_name)
@@ -291,3 +422,17 @@ class Gateway:
             except Exception:
                 log.exception("scheduler on_finished failed for request %s", state.request_id)
         state.pod_name = None
+
+    def _finish_policies(self, state: RequestState, policies: Policies) -> None:
+        if state.charge is not None:
+            policies.finished(state.charge.rid)
+        if state.pod_name is not None:
+            # this request's pod frees up: let the fair queue try (after the in-flight drop)
+            key = state.server_key
+            loop_call = policies.capacity_freed
+            try:
+                import asyncio
+
+                asyncio.get_running_loop().call_soon(loop_call, key)
+            except RuntimeError:
+                pass

@@ -82,6 +82,37 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="write the pods as an Envoy ClusterLoadAssignment to this file (for override_host)",
     )
     p.add_argument("--eds-cluster", default="matrixinfer_pods", help="cluster name in --eds-file")
+    pol = p.add_argument_group("policies (docs/policies.md); none given: the plain data path")
+    pol.add_argument(
+        "--policies",
+        action="store_true",
+        help="apply ModelRoute rateLimit/access/queue and account usage (implied by --auth-config)",
+    )
+    pol.add_argument(
+        "--auth-config", type=Path, default=None, help="YAML: apiKeysFile, jwt, anonymousRoutes"
+    )
+    pol.add_argument(
+        "--ratelimit-fail",
+        choices=("open", "closed"),
+        default="open",
+        help="Redis unreachable: open = local buckets, closed = 503 (default open)",
+    )
+    pol.add_argument(
+        "--redis-password-file", type=Path, default=None, help="file holding the Redis password"
+    )
+    pol.add_argument(
+        "--tenant-priority",
+        action="append",
+        default=[],
+        metavar="TENANT=N",
+        help="queue priority of a tenant's requests (higher first; default 0); repeatable",
+    )
+    pol.add_argument(
+        "--usage-grace",
+        type=float,
+        default=10.0,
+        help="seconds to wait for a request's usage report before charging its estimate",
+    )
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     p.add_argument("--no-uvloop", action="store_true", help="use the default asyncio loop")
     args = p.parse_args(argv)
@@ -111,6 +142,10 @@ class ExtProcApp:
             )
         self.scraper: Any = None
         self.started = time.monotonic()
+        self.policies: Any = None
+        if args.policies or args.auth_config is not None:
+            self.policies = build_policies(args, self.metrics)
+            self.gateway.policies = self.policies
 
     def _apply(self, config: GatewayConfig) -> None:
         snap = self.datastore.apply(config)
@@ -180,6 +215,19 @@ class ExtProcApp:
             ExtProcServicer(self.gateway, body_mode=args.body_mode, body_limit=args.body_limit),
             server,
         )
+        background: list[asyncio.Task[None]] = []
+        if self.policies is not None:
+            from envoy.service.accesslog.v3 import als_pb2_grpc
+
+            from extproc.usage import AccessLogServicer
+
+            usage_servicer = AccessLogServicer(self.policies.ledger)
+            als_pb2_grpc.add_AccessLogServiceServicer_to_server(usage_servicer, server)
+            background.append(asyncio.create_task(self.policies.run()))
+            auth = self.policies.auth
+            if auth is not None and auth.jwks is not None:
+                await auth.jwks.refresh()
+                background.append(asyncio.create_task(auth.jwks.run()))
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         grpc_address = f"{args.host}:{args.grpc_port}"
@@ -211,10 +259,42 @@ class ExtProcApp:
             for service in ("", EXT_PROC_SERVICE):
                 await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
             await self.watcher.stop()
+            for task in background:
+                task.cancel()
+            if self.policies is not None:
+                await self.policies.close()
             if self.scraper is not None:
                 await self.scraper.stop()
             await server.stop(grace=1.0)
             await runner.cleanup()
+
+
+def build_policies(args: argparse.Namespace, metrics: GatewayMetrics) -> Any:
+    from extproc.auth import AuthConfig
+    from extproc.policies import Policies, PolicySettings
+
+    priorities: dict[str, int] = {}
+    for item in args.tenant_priority:
+        tenant, _, value = item.partition("=")
+        try:
+            priorities[tenant] = int(value)
+        except ValueError:
+            raise SystemExit(f"--tenant-priority {item!r}: expected TENANT=INTEGER") from None
+    password = None
+    if args.redis_password_file is not None:
+        password = args.redis_password_file.read_text().strip()
+    try:
+        auth = AuthConfig.load(args.auth_config) if args.auth_config is not None else None
+    except ValueError as exc:
+        raise SystemExit(f"matrixinfer-extproc: {exc}") from None
+    settings = PolicySettings(
+        auth=auth,
+        fail_open=args.ratelimit_fail == "open",
+        redis_password=password,
+        usage_grace=args.usage_grace,
+        tenant_priorities=priorities,
+    )
+    return Policies(settings, metrics.registry)
 
 
 async def serve(args: argparse.Namespace) -> None:

@@ -50,10 +50,13 @@ def _set(key: str, value: str) -> base_pb2.HeaderValueOption:
 
 
 def immediate_response(answer: Immediate) -> pb.ProcessingResponse:
+    headers = [_set("content-type", answer.content_type)]
+    if answer.headers:
+        headers.extend(_set(k, v) for k, v in answer.headers.items())
     return pb.ProcessingResponse(
         immediate_response=pb.ImmediateResponse(
             status=http_status_pb2.HttpStatus(code=answer.status),
-            headers=pb.HeaderMutation(set_headers=[_set("content-type", answer.content_type)]),
+            headers=pb.HeaderMutation(set_headers=headers),
             body=answer.body,
             details=f"matrixinfer_gateway_{answer.status}",
         )
@@ -72,7 +75,10 @@ def _mutation(routed: Routed, body_len: int | None) -> pb.HeaderMutation:
 
 def _lb_metadata(routed: Routed) -> struct_pb2.Struct:
     md = struct_pb2.Struct()
-    md.update({LB_NAMESPACE: {DESTINATION_HEADER: ",".join(routed.endpoints)}})
+    lb: dict[str, Any] = {DESTINATION_HEADER: ",".join(routed.endpoints)}
+    if routed.metadata is not None:  # policies: the id the usage report comes back with
+        lb.update(routed.metadata)
+    md.update({LB_NAMESPACE: lb})
     return md
 
 
@@ -125,7 +131,11 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                     if not body.end_of_stream:
                         continue
                     raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                    decision = self.gateway.decide(state, raw)
+                    decided = self.gateway.decide(state, raw)
+                    # with policies the decision may wait (Redis, the fair queue): a coroutine
+                    decision = (
+                        decided if isinstance(decided, (Routed, Immediate)) else await decided
+                    )
                     if isinstance(decision, Immediate):
                         await write(immediate_response(decision))
                         return

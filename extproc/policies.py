@@ -1,0 +1,464 @@
+"""Gateway policies wired together: authentication, authorisation, token budgets, the fair queue
+and usage settlement. Used by :class:`extproc.gateway.Gateway` only when configured
+(``--auth-config`` / ``--policies``): without it the request path is exactly the data path.
+
+The cores are elsewhere and pure: :mod:`extproc.auth`, :mod:`extproc.ratelimit`,
+:mod:`extproc.queue`, :mod:`extproc.usage`. This module holds their per-process state and the
+asyncio parts (Redis calls, waiting in the queue, the dispatch ticker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from crds.common import parse_duration
+from extproc.auth import ANONYMOUS, AuthConfig, Authenticator, Identity, authorize
+from extproc.errors import GatewayError
+from extproc.queue import FairQueue, QueueEntry, UsageWindow
+from extproc.ratelimit import Admission, Buckets, Limits, RedisBuckets, bucket_key, limits_of
+from extproc.routing import object_key
+from extproc.scheduling.types import AllPodsSaturated, NoPodAvailable
+from extproc.usage import Charge, Usage, UsageLedger
+
+__all__ = ["Policies", "PolicyError", "PolicyMetrics", "PolicySettings", "RoutePolicy"]
+
+log = logging.getLogger("matrixinfer.extproc.policies")
+
+_WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class PolicyError(GatewayError):
+    """A GatewayError with response headers (429 Retry-After / x-ratelimit-*)."""
+
+    __slots__ = ("headers",)
+
+    def __init__(self, base: GatewayError, headers: Mapping[str, str]) -> None:
+        super().__init__(
+            base.status,
+            base.message,
+            error_type=base.error_type,
+            code=base.code,
+            param=base.param,
+        )
+        self.headers = dict(headers)
+
+
+class PolicyMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.auth = Counter(
+            "matrixinfer_gateway_auth_results",
+            "Authentication and authorisation outcomes, by method (api-key | jwt | anonymous | "
+            "none) and result (ok | unauthenticated | forbidden).",
+            ["method", "result"],
+            registry=r,
+        )
+        self.ratelimit = Counter(
+            "matrixinfer_gateway_ratelimit_decisions",
+            "Rate-limit admissions by ModelRoute and result (admitted | limited | unavailable).",
+            ["route", "result"],
+            registry=r,
+        )
+        self.redis_up = Gauge(
+            "matrixinfer_gateway_ratelimit_redis_up",
+            "1 while the Redis holding shared buckets answers, 0 during an outage.",
+            ["address"],
+            registry=r,
+        )
+        self.redis_outages = Counter(
+            "matrixinfer_gateway_ratelimit_redis_outages",
+            "Times the Redis holding shared buckets became unreachable.",
+            ["address"],
+            registry=r,
+        )
+        self.usage_tokens = Counter(
+            "matrixinfer_gateway_usage_tokens",
+            "Tokens settled after the response, by model and kind (prompt | completion).",
+            ["model", "kind"],
+            registry=r,
+        )
+        self.usage_reports = Counter(
+            "matrixinfer_gateway_usage_reports",
+            "Usage settlements by source (reported = exact from the engine; aborted = lower bound "
+            "from SSE events; missing = no report, estimate charged; error = engine refused).",
+            ["source"],
+            registry=r,
+        )
+        self.queue_length = Gauge(
+            "matrixinfer_gateway_queue_length",
+            "Requests waiting in the fair queue, by model and priority.",
+            ["model", "priority"],
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "matrixinfer_gateway_queue_wait_seconds",
+            "Time requests waited in the fair queue, by model and priority.",
+            ["model", "priority"],
+            buckets=_WAIT_BUCKETS,
+            registry=r,
+        )
+        self.queue_outcomes = Counter(
+            "matrixinfer_gateway_queue_outcomes",
+            "Queued requests by outcome (dispatched | timeout | full | cancelled).",
+            ["model", "result"],
+            registry=r,
+        )
+
+
+@dataclass(slots=True)
+class PolicySettings:
+    auth: AuthConfig | None = None
+    fail_open: bool = True  # Redis unreachable: local buckets (True) or 503 (False)
+    redis_password: str | None = None
+    usage_grace: float = 10.0  # seconds to wait for a usage report after a request ended
+    fairness_window: float = 60.0
+    input_weight: float = 1.0
+    output_weight: float = 2.0
+    tenant_priorities: dict[str, int] = field(default_factory=dict)
+    dispatch_interval: float = 0.05
+
+
+@dataclass(slots=True, frozen=True)
+class RoutePolicy:
+    key: str
+    name: str
+    access: Any
+    limits: Limits | None
+    max_queued: int
+    max_wait: float
+    priority_header: str | None
+
+
+class Policies:
+    def __init__(
+        self,
+        settings: PolicySettings,
+        registry: CollectorRegistry,
+        *,
+        authenticator: Authenticator | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.metrics = PolicyMetrics(registry)
+        self.clock = clock
+        if authenticator is None and settings.auth is not None:
+            authenticator = Authenticator(settings.auth)
+        self.auth = authenticator
+        self.local = Buckets(clock)
+        self.redis: dict[str, RedisBuckets] = {}
+        self.ledger = UsageLedger(self._settle, grace=settings.usage_grace, clock=clock)
+        self.window = UsageWindow(
+            settings.fairness_window, settings.input_weight, settings.output_weight, clock
+        )
+        self.queues: dict[str, FairQueue] = {}
+        self._attempts: dict[str, Callable[[], Any]] = {}
+        self._route_cache: tuple[int, dict[str, RoutePolicy]] = (-1, {})
+        self._ids = itertools.count(1)
+        self._prefix = os.urandom(4).hex() + "-"
+        self._ticker: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # ---- identity -----------------------------------------------------------------------------
+    def authenticate(self, headers: Mapping[str, str]) -> Identity | None:
+        if self.auth is None:
+            return None
+        try:
+            return self.auth.authenticate(headers)
+        except GatewayError:
+            self.metrics.auth.labels("bearer", "unauthenticated").inc()
+            raise
+
+    # ---- per-route policy ---------------------------------------------------------------------
+    def route_policy(self, snapshot: Any, model: str) -> RoutePolicy:
+        version, table = self._route_cache
+        if version != snapshot.version:
+            table = {}
+            for route in snapshot.config.routes:
+                spec = route.spec
+                key = object_key(route)
+                q = spec.queue
+                table[key] = RoutePolicy(
+                    key=key,
+                    name=route.metadata.name,
+                    access=spec.access,
+                    limits=limits_of(spec.rate_limit) if spec.rate_limit is not None else None,
+                    max_queued=q.max_queued if q is not None else 1000,
+                    max_wait=parse_duration(q.max_wait) if q is not None else 60.0,
+                    priority_header=q.priority_header.lower()
+                    if q is not None and q.priority_header
+                    else None,
+                )
+            self._route_cache = (snapshot.version, table)
+        compiled, _ = snapshot.routes.lookup(model)
+        return table[compiled.key]
+
+    # ---- admission ----------------------------------------------------------------------------
+    async def admit(
+        self,
+        identity: Identity | None,
+        policy: RoutePolicy,
+        estimate: int,
+        kind: str,
+        model: str = "",
+    ) -> Charge:
+        """Identify, authorise and admit against the budget; the Charge to settle later."""
+        who = self._identify(identity, policy)
+        charge = Charge(
+            rid=self._prefix + str(next(self._ids)),
+            estimate=estimate,
+            kind=kind,
+            user=f"{who.tenant}/{who.user}",
+            model=model,
+        )
+        limits = policy.limits
+        if limits is None:
+            return charge
+        key = bucket_key(policy.key, limits.scope, who.tenant, who.user)
+        m = self.metrics.ratelimit
+        try:
+            if limits.redis is not None:
+                admission = await self._redis(limits.redis).admit(key, limits, estimate)
+            else:
+                admission = self.local.admit(key, limits, estimate)
+        except GatewayError:
+            m.labels(policy.name, "unavailable").inc()
+            raise
+        if not admission.ok:
+            m.labels(policy.name, "limited").inc()
+            raise self._limited(admission, policy.name)
+        m.labels(policy.name, "admitted").inc()
+        charge.bucket = key
+        charge.limits = limits
+        return charge
+
+    def _identify(self, identity: Identity | None, policy: RoutePolicy) -> Identity:
+        if self.auth is not None:
+            try:
+                who = self.auth.identify(identity, policy.name)
+            except GatewayError:
+                self.metrics.auth.labels("none", "unauthenticated").inc()
+                raise
+        else:
+            who = identity or ANONYMOUS
+        try:
+            authorize(who, policy.access, policy.name)
+        except GatewayError:
+            self.metrics.auth.labels(who.method, "forbidden").inc()
+            raise
+        self.metrics.auth.labels(who.method, "ok").inc()
+        return who
+
+    @staticmethod
+    def _limited(admission: Admission, route: str) -> PolicyError:
+        from extproc.ratelimit import rate_limited
+
+        headers = dict(admission.headers)
+        headers["retry-after"] = str(max(1, math.ceil(admission.retry_after)))
+        return PolicyError(rate_limited(admission, route), headers)
+
+    def _redis(self, address: str) -> RedisBuckets:
+        found = self.redis.get(address)
+        if found is None:
+
+            def outage(down: bool, address: str = address) -> None:
+                self.metrics.redis_up.labels(address).set(0 if down else 1)
+                if down:
+                    self.metrics.redis_outages.labels(address).inc()
+
+            found = self.redis[address] = RedisBuckets(
+                address,
+                fail_open=self.settings.fail_open,
+                fallback=self.local,
+                password=self.settings.redis_password,
+                on_outage=outage,
+                clock=self.clock,
+            )
+            self.metrics.redis_up.labels(address).set(1)
+        return found
+
+    def release(self, charge: Charge | None) -> None:
+        """An admitted request that was not routed after all: give its reservation back."""
+        if charge is None or charge.bucket is None:
+            return
+        self._settle(charge, Usage(0, 0, True, "error"), count=False)
+
+    # ---- usage settlement ---------------------------------------------------------------------
+    def expect(self, charge: Charge) -> None:
+        self.ledger.expect(charge)
+
+    def finished(self, rid: str) -> None:
+        self.ledger.finished(rid)
+
+    def _settle(self, charge: Charge, usage: Usage, count: bool = True) -> None:
+        if count:
+            m = self.metrics
+            m.usage_reports.labels(usage.source).inc()
+            m.usage_tokens.labels(charge.model, "prompt").inc(usage.prompt)
+            m.usage_tokens.labels(charge.model, "completion").inc(usage.completion)
+            self.window.add(charge.user, usage.prompt, usage.completion)
+        if charge.bucket is None or charge.limits is None:
+            return
+        limits = charge.limits
+        if limits.redis is not None:
+            task = asyncio.get_running_loop().create_task(
+                self._redis(limits.redis).settle(
+                    charge.bucket, limits, charge.estimate, usage.prompt, usage.completion
+                )
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        else:
+            self.local.settle(
+                charge.bucket, limits, charge.estimate, usage.prompt, usage.completion
+            )
+
+    # ---- the fair queue -----------------------------------------------------------------------
+    def priority_of(self, policy: RoutePolicy, headers: Mapping[str, str], tenant: str) -> int:
+        if policy.priority_header is not None:
+            raw = headers.get(policy.priority_header)
+            if raw is not None:
+                try:
+                    return int(raw)
+                except ValueError:
+                    raise GatewayError(
+                        400,
+                        f"header '{policy.priority_header}' must be an integer, not {raw!r}",
+                        error_type="invalid_request_error",
+                        code="invalid_priority",
+                    ) from None
+        return self.settings.tenant_priorities.get(tenant, 0)
+
+    async def wait_for_pod(
+        self,
+        server_key: str,
+        model: str,
+        policy: RoutePolicy,
+        charge: Charge,
+        priority: int,
+        attempt: Callable[[], Any],
+        undo: Callable[[Any], None],
+    ) -> Any:
+        """Wait in the server's fair queue until ``attempt()`` succeeds (it raises
+        AllPodsSaturated while every pod is saturated); 429 when full, 503 after ``max_wait``."""
+        queue = self.queues.get(server_key)
+        if queue is None:
+            queue = self.queues[server_key] = FairQueue(1 << 62, self.window, self.clock)
+        m = self.metrics
+        if len(queue) >= policy.max_queued:
+            m.queue_outcomes.labels(model, "full").inc()
+            raise PolicyError(
+                GatewayError(
+                    429,
+                    f"every pod serving '{model}' is busy and {len(queue)} requests already wait "
+                    f"(ModelRoute '{policy.name}' queue.maxQueued {policy.max_queued})",
+                    error_type="requests",
+                    code="queue_full",
+                ),
+                {"retry-after": "1"},
+            )
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        entry = QueueEntry(charge.user, priority, charge.estimate, payload=(future, attempt))
+        queue.push(entry)
+        self._attempts[server_key] = attempt
+        labels = (model, str(priority))
+        m.queue_length.labels(*labels).inc()
+        self._ensure_ticker()
+        began = self.clock()
+        outcome = "cancelled"
+        try:
+            result = await asyncio.wait_for(future, policy.max_wait)
+            outcome = "dispatched"
+            return result
+        except TimeoutError:
+            outcome = "timeout"
+            retry = max(1, math.ceil(policy.max_wait / 4))
+            raise PolicyError(
+                GatewayError(
+                    503,
+                    f"every pod serving '{model}' stayed busy for {policy.max_wait:g}s "
+                    f"(ModelRoute '{policy.name}' queue.maxWait)",
+                    error_type="service_unavailable",
+                    code="queue_timeout",
+                ),
+                {"retry-after": str(retry)},
+            ) from None
+        finally:
+            queue.remove(entry)
+            lost = outcome != "dispatched" and future.done() and not future.cancelled()
+            if lost and future.exception() is None:
+                undo(future.result())  # dispatched just as the waiter gave up
+            m.queue_length.labels(*labels).dec()
+            m.queue_wait.labels(*labels).observe(self.clock() - began)
+            m.queue_outcomes.labels(model, outcome).inc()
+
+    def dispatch(self, server_key: str, limit: int = 1 << 30) -> int:
+        """Serve waiting entries of a server while ``attempt()`` finds a pod (``limit`` at most)."""
+        queue = self.queues.get(server_key)
+        served = 0
+        while queue and served < limit:
+            entry = queue.peek()
+            if entry is None:
+                break
+            future, attempt = entry.payload
+            if future.done():
+                queue.remove(entry)
+                continue
+            try:
+                result = attempt()
+            except AllPodsSaturated:
+                break
+            except NoPodAvailable as exc:
+                queue.pop()
+                future.set_exception(exc)
+                continue
+            except Exception as exc:  # a scheduler bug: this request gets a 500, not the queue
+                queue.pop()
+                future.set_exception(exc)
+                continue
+            queue.pop()
+            future.set_result(result)
+            served += 1
+        return served
+
+    def capacity_freed(self, server_key: str) -> None:
+        if self.queues.get(server_key):
+            self.dispatch(server_key, limit=1)
+
+    def _ensure_ticker(self) -> None:
+        if self._ticker is None or self._ticker.done():
+            self._ticker = asyncio.get_running_loop().create_task(self._tick())
+
+    async def _tick(self) -> None:
+        """While anything waits: try every queue each interval (new metrics may show room)."""
+        while any(self.queues.values()):
+            await asyncio.sleep(self.settings.dispatch_interval)
+            for key in list(self.queues):
+                if self.queues[key]:
+                    self.dispatch(key, limit=4)
+            self.ledger.sweep()
+
+    async def run(self) -> None:
+        """Background upkeep: settle usage reports that never came; drop idle local buckets."""
+        while True:
+            await asyncio.sleep(1.0)
+            self.ledger.sweep()
+            self.local.sweep(86400.0 * 2)
+
+    async def close(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+        for r in self.redis.values():
+            await r.close()

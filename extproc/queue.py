@@ -1,0 +1,162 @@
+"""The fair queue requests wait in while every candidate pod is saturated. Pure (injected clock).
+
+Order of service:
+
+1. **priority** first (higher number first; from the route's ``priorityHeader`` or the tenant
+   tier);
+2. then **fair share**: among the users waiting at that priority, the one with the least recent
+   weighted token use (``input_weight`` x prompt tokens + ``output_weight`` x completion tokens
+   over a sliding ``window``) goes first; a dispatch at once charges the estimate, so a
+   flooding user cannot take two turns in a row from a light one;
+3. **FIFO** within a user (ties between users: the older head first).
+
+``max_queued`` bounds the queue (push answers False -> the caller answers 429). Removal (time-out,
+client disconnect) is O(queue of that user).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["FairQueue", "QueueEntry", "UsageWindow"]
+
+
+@dataclass(slots=True, eq=False)
+class QueueEntry:
+    user: str
+    priority: int
+    estimate: int  # prompt tokens estimate, charged to the user on dispatch
+    payload: Any = None
+    seq: int = 0
+    enqueued: float = 0.0
+    queued: bool = False
+
+
+class UsageWindow:
+    """Weighted token use per user over a sliding window."""
+
+    def __init__(
+        self,
+        window: float = 60.0,
+        input_weight: float = 1.0,
+        output_weight: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.window = window
+        self.input_weight = input_weight
+        self.output_weight = output_weight
+        self.clock = clock
+        self._events: dict[str, deque[tuple[float, float]]] = {}
+        self._sums: dict[str, float] = {}
+
+    def add(self, user: str, input_tokens: float, output_tokens: float) -> None:
+        amount = self.input_weight * input_tokens + self.output_weight * output_tokens
+        if amount == 0:
+            return
+        self._events.setdefault(user, deque()).append((self.clock(), amount))
+        self._sums[user] = self._sums.get(user, 0.0) + amount
+
+    def use(self, user: str) -> float:
+        events = self._events.get(user)
+        if not events:
+            return 0.0
+        horizon = self.clock() - self.window
+        total = self._sums[user]
+        while events and events[0][0] < horizon:
+            total -= events.popleft()[1]
+        if not events:
+            del self._events[user]
+            self._sums.pop(user, None)
+            return 0.0
+        self._sums[user] = total
+        return max(0.0, total)
+
+
+@dataclass(slots=True)
+class _Level:
+    users: dict[str, deque[QueueEntry]] = field(default_factory=dict)
+    size: int = 0
+
+
+class FairQueue:
+    def __init__(
+        self,
+        max_queued: int = 1000,
+        usage: UsageWindow | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_queued = max_queued
+        self.clock = clock
+        self.usage = usage or UsageWindow(clock=clock)
+        self._levels: dict[int, _Level] = {}
+        self._seq = 0
+        self.size = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def push(self, entry: QueueEntry) -> bool:
+        if self.size >= self.max_queued:
+            return False
+        self._seq += 1
+        entry.seq = self._seq
+        entry.enqueued = self.clock()
+        entry.queued = True
+        level = self._levels.setdefault(entry.priority, _Level())
+        level.users.setdefault(entry.user, deque()).append(entry)
+        level.size += 1
+        self.size += 1
+        return True
+
+    def peek(self) -> QueueEntry | None:
+        """The entry to serve next (not removed)."""
+        if not self.size:
+            return None
+        level = self._levels[max(self._levels)]
+        best: QueueEntry | None = None
+        best_key: tuple[float, int] | None = None
+        use = self.usage.use
+        for user, entries in level.users.items():
+            key = (use(user), entries[0].seq)
+            if best_key is None or key < best_key:
+                best, best_key = entries[0], key
+        return best
+
+    def pop(self) -> QueueEntry | None:
+        entry = self.peek()
+        if entry is not None:
+            self.remove(entry)
+            self.usage.add(entry.user, entry.estimate, 0)
+        return entry
+
+    def remove(self, entry: QueueEntry) -> bool:
+        if not entry.queued:
+            return False
+        level = self._levels[entry.priority]
+        entries = level.users[entry.user]
+        if entries[0] is entry:
+            entries.popleft()
+        else:
+            entries.remove(entry)
+        if not entries:
+            del level.users[entry.user]
+        level.size -= 1
+        if not level.size:
+            del self._levels[entry.priority]
+        self.size -= 1
+        entry.queued = False
+        return True
+
+    def entries(self) -> Iterator[QueueEntry]:
+        for level in self._levels.values():
+            for entries in level.users.values():
+                yield from entries
+
+    def expired(self, max_wait: float) -> list[QueueEntry]:
+        """Entries that waited longer than ``max_wait`` (not removed)."""
+        horizon = self.clock() - max_wait
+        return [e for e in self.entries() if e.enqueued < horizon]

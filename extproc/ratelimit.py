@@ -1,0 +1,305 @@
+"""Token and request budgets (``ModelRoute.rateLimit``): admit on an estimate, settle on usage.
+
+The pure core is :class:`Buckets` (plain dicts, injected clock). Each budgeted key holds up to three
+continuously refilled buckets of ``limit`` per ``unit`` (capacity ``limit``):
+
+- **requests**: admission needs one whole request (level >= 1) and takes it;
+- **input tokens**: admission needs a positive level and reserves the estimate (chars/4); the
+  settlement corrects the reservation to the exact ``prompt_tokens``;
+- **output tokens**: admission needs a positive level; the exact ``completion_tokens`` are debited
+  at settlement.
+
+A bucket may go into debt (a large request, or a large answer); later requests get 429 until the
+refill has repaid it, so no request size escapes the budget. Over any window the admitted input is
+at most the budget plus its refill plus one request's estimate.
+
+:class:`RedisBuckets` runs the same algorithm in one atomic Lua script per call with Redis ``TIME``
+as the clock and keys that expire one unit after they would be full again, shared by every gateway
+replica. When Redis is unreachable it answers per the fail mode: ``open`` falls back to local
+buckets (logged, counted), ``closed`` answers 503; it retries Redis after ``retry_after`` seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from extproc.errors import GatewayError
+
+__all__ = [
+    "UNIT_SECONDS",
+    "Admission",
+    "Buckets",
+    "Limits",
+    "RedisBuckets",
+    "bucket_key",
+    "limits_of",
+    "rate_limited",
+]
+
+log = logging.getLogger("matrixinfer.extproc.ratelimit")
+
+UNIT_SECONDS = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
+LUA_PATH = Path(__file__).with_name("ratelimit.lua")
+
+
+@dataclass(slots=True, frozen=True)
+class Limits:
+    requests: int | None
+    input: int | None
+    output: int | None
+    period: float  # seconds in one unit
+    scope: str = "route"
+    redis: str | None = None  # host:port for global buckets
+
+
+def limits_of(spec: Any) -> Limits:
+    """``Limits`` from a ``crds`` RateLimit object."""
+    g = getattr(spec, "global_", None)
+    return Limits(
+        requests=spec.requests_per_unit,
+        input=spec.input_tokens_per_unit,
+        output=spec.output_tokens_per_unit,
+        period=UNIT_SECONDS[spec.unit],
+        scope=spec.scope,
+        redis=g.redis.address if g is not None else None,
+    )
+
+
+def bucket_key(route_key: str, scope: str, tenant: str, user: str) -> str:
+    if scope == "tenant":
+        return f"{route_key}|t:{tenant}"
+    if scope == "user":
+        return f"{route_key}|u:{tenant}/{user}"
+    return route_key
+
+
+@dataclass(slots=True)
+class Admission:
+    ok: bool
+    retry_after: float = 0.0  # seconds until the failing bucket allows a request
+    headers: dict[str, str] = field(default_factory=dict)
+    reason: str = ""
+
+
+def _fmt(seconds: float) -> str:
+    return f"{max(0.0, seconds):.3g}s"
+
+
+def _headers(limits: Limits, levels: tuple[float, float, float]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name, cap, level in (
+        ("requests", limits.requests, levels[0]),
+        ("input-tokens", limits.input, levels[1]),
+        ("output-tokens", limits.output, levels[2]),
+    ):
+        if cap is None:
+            continue
+        out[f"x-ratelimit-limit-{name}"] = str(cap)
+        out[f"x-ratelimit-remaining-{name}"] = str(max(0, math.floor(level)))
+        out[f"x-ratelimit-reset-{name}"] = _fmt((cap - level) * limits.period / cap)
+    return out
+
+
+def decide(limits: Limits, levels: tuple[float, float, float]) -> tuple[bool, float, str]:
+    """Whether a request may start at these bucket levels; else seconds until it may, and why."""
+    wait = 0.0
+    reason = ""
+    r, i, o = levels
+    if limits.requests is not None and r < 1:
+        w = (1 - r) * limits.period / limits.requests
+        if w > wait:
+            wait, reason = w, f"requests per {_unit(limits)} ({limits.requests})"
+    if limits.input is not None and i <= 0:
+        w = (-i + 1) * limits.period / limits.input
+        if w > wait:
+            wait, reason = w, f"input tokens per {_unit(limits)} ({limits.input})"
+    if limits.output is not None and o <= 0:
+        w = (-o + 1) * limits.period / limits.output
+        if w > wait:
+            wait, reason = w, f"output tokens per {_unit(limits)} ({limits.output})"
+    return wait == 0.0, wait, reason
+
+
+def _unit(limits: Limits) -> str:
+    for name, seconds in UNIT_SECONDS.items():
+        if seconds == limits.period:
+            return name
+    return f"{limits.period:g}s"
+
+
+class Buckets:
+    """Per-process buckets. ``state[key] = [requests, input, output, updated]``."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.state: dict[str, list[float]] = {}
+
+    def _levels(self, key: str, limits: Limits, now: float) -> list[float]:
+        st = self.state.get(key)
+        caps = (limits.requests, limits.input, limits.output)
+        if st is None:
+            st = [float(c or 0) for c in caps] + [now]
+            self.state[key] = st
+            return st
+        dt = max(0.0, now - st[3])
+        if dt:
+            for n, cap in enumerate(caps):
+                if cap is not None:
+                    st[n] = min(float(cap), st[n] + dt * cap / limits.period)
+            st[3] = now
+        return st
+
+    def admit(self, key: str, limits: Limits, estimate: int) -> Admission:
+        st = self._levels(key, limits, self.clock())
+        ok, wait, reason = decide(limits, (st[0], st[1], st[2]))
+        if ok:
+            if limits.requests is not None:
+                st[0] -= 1
+            if limits.input is not None:
+                st[1] -= estimate
+        return Admission(ok, wait, _headers(limits, (st[0], st[1], st[2])), reason)
+
+    def settle(self, key: str, limits: Limits, estimate: int, prompt: int, completion: int) -> None:
+        """Correct the input reservation to ``prompt`` and debit ``completion`` output tokens."""
+        st = self._levels(key, limits, self.clock())
+        if limits.input is not None:
+            st[1] += estimate - prompt
+            st[1] = min(float(limits.input), st[1])
+        if limits.output is not None:
+            st[2] -= completion
+
+    def levels(self, key: str, limits: Limits) -> tuple[float, float, float]:
+        st = self._levels(key, limits, self.clock())
+        return st[0], st[1], st[2]
+
+    def sweep(self, horizon: float) -> int:
+        """Drop keys untouched for ``horizon`` seconds (they would be full again anyway)."""
+        now = self.clock()
+        old = [k for k, st in self.state.items() if now - st[3] > horizon]
+        for k in old:
+            del self.state[k]
+        return len(old)
+
+
+def rate_limited(admission: Admission, route: str) -> GatewayError:
+    return GatewayError(
+        429,
+        f"rate limit of ModelRoute '{route}' reached: {admission.reason}; "
+        f"retry after {math.ceil(admission.retry_after)}s",
+        error_type="requests",
+        code="rate_limit_exceeded",
+    )
+
+
+def limiter_unavailable(address: str) -> GatewayError:
+    return GatewayError(
+        503,
+        f"the shared rate limiter (Redis at {address}) is unreachable and the gateway is "
+        "configured fail-closed",
+        error_type="service_unavailable",
+        code="rate_limiter_unavailable",
+    )
+
+
+class RedisBuckets:
+    """The same buckets in Redis (one hash per key), shared by every gateway replica."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        fail_open: bool = True,
+        fallback: Buckets | None = None,
+        password: str | None = None,
+        timeout: float = 0.25,
+        retry_after: float = 1.0,
+        on_outage: Callable[[bool], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        import redis.asyncio as aioredis
+
+        host, _, port = address.rpartition(":")
+        self.address = address
+        self.client = aioredis.Redis(
+            host=host,
+            port=int(port),
+            password=password,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry_on_timeout=False,
+        )
+        self.script = self.client.register_script(LUA_PATH.read_text())
+        self.fail_open = fail_open
+        self.fallback = fallback or Buckets(clock)
+        self.retry_after = retry_after
+        self.on_outage = on_outage
+        self.clock = clock
+        self.down_since: float | None = None
+        self._next_try = float("-inf")
+
+    def _args(self, limits: Limits) -> list[Any]:
+        return [
+            limits.requests or 0,
+            limits.input or 0,
+            limits.output or 0,
+            limits.period,
+        ]
+
+    async def _call(self, key: str, op: str, limits: Limits, *extra: int) -> list[Any] | None:
+        if self.down_since is not None and self.clock() < self._next_try:
+            return None
+        try:
+            result: list[Any] = await self.script(
+                keys=[f"mi:rl:{key}"], args=[op, *self._args(limits), *extra]
+            )
+        except Exception as exc:  # connection refused/reset, timeout, script error
+            now = self.clock()
+            self._next_try = now + self.retry_after
+            if self.down_since is None:
+                self.down_since = now
+                log.error(
+                    "Redis rate limiter %s unreachable (%s): failing %s",
+                    self.address,
+                    exc,
+                    "open to local buckets" if self.fail_open else "closed (503)",
+                )
+                if self.on_outage:
+                    self.on_outage(True)
+            return None
+        if self.down_since is not None:
+            log.warning(
+                "Redis rate limiter %s is back after %.1fs",
+                self.address,
+                self.clock() - self.down_since,
+            )
+            self.down_since = None
+            if self.on_outage:
+                self.on_outage(False)
+        return result
+
+    async def admit(self, key: str, limits: Limits, estimate: int) -> Admission:
+        result = await self._call(key, "admit", limits, estimate)
+        if result is None:
+            if self.fail_open:
+                return self.fallback.admit(key, limits, estimate)
+            raise limiter_unavailable(self.address)
+        ok = int(result[0]) == 1
+        levels = (float(result[1]), float(result[2]), float(result[3]))
+        _, wait, reason = decide(limits, levels) if not ok else (True, 0.0, "")
+        return Admission(ok, wait, _headers(limits, levels), reason)
+
+    async def settle(
+        self, key: str, limits: Limits, estimate: int, prompt: int, completion: int
+    ) -> None:
+        result = await self._call(key, "settle", limits, estimate - prompt, completion)
+        if result is None and self.fail_open:
+            self.fallback.settle(key, limits, estimate, prompt, completion)
+
+    async def close(self) -> None:
+        await self.client.aclose()

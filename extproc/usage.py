@@ -1,0 +1,251 @@
+"""Exact usage accounting: what each request really cost, back to the extproc once per request.
+
+How (the measurements are in docs/policies.md):
+
+1. the extproc forces ``stream_options.include_usage`` on streaming requests it accounts for
+   (:func:`force_usage`) and marks the request: dynamic metadata ``envoy.lb``/``matrixinfer_rid``;
+2. an Envoy Lua filter (``envoy/usage.lua``, config from :func:`envoy_http_filters`) reads the
+   engine's final usage event (or the JSON body's ``usage``) and counts SSE events on the way;
+   it stores them in dynamic metadata namespace ``matrixinfer`` (prompt, completion, events);
+3. Envoy's gRPC access-log service (config from :func:`envoy_access_logs`, only marked requests)
+   delivers one entry per request, batched, to :class:`AccessLogServicer` in the extproc;
+4. the :class:`UsageLedger` (pure) matches the entry to the request's :class:`Charge` and
+   settles it: exact ``prompt_tokens``/``completion_tokens`` when the engine reported them; for
+   an aborted stream the estimate for the prompt and the SSE content events seen (a lower bound:
+   one event carries at least one token); when no report arrives within ``grace`` seconds of the
+   request's end, the estimate and no output (``matrixinfer_gateway_usage_reports{source}``).
+
+:func:`envoy_http_filters` / :func:`envoy_access_logs` are the ONE place that describes the
+Envoy-side config; ``controllers.xds.sources.with_policy_filters`` places them in the listener
+(the local stack and the controllers both run Envoy on xDS).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from extproc.ratelimit import Limits
+
+__all__ = [
+    "METADATA_NAMESPACE",
+    "AccessLogServicer",
+    "Charge",
+    "Usage",
+    "UsageLedger",
+    "envoy_access_logs",
+    "envoy_http_filters",
+    "force_usage",
+    "lua_source",
+]
+
+log = logging.getLogger("matrixinfer.extproc.usage")
+
+METADATA_NAMESPACE = "matrixinfer"  # written by the Lua filter: prompt, completion, events, done
+RID_NAMESPACE = "envoy.lb"  # written by the extproc (the namespace its ext_proc filter accepts)
+RID_KEY = "matrixinfer_rid"
+LOG_NAME = "matrixinfer_usage"
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+def lua_source() -> str:
+    for candidate in (_ROOT / "envoy" / "usage.lua", Path(__file__).with_name("usage.lua")):
+        if candidate.is_file():
+            return candidate.read_text()
+    raise FileNotFoundError(f"envoy/usage.lua not found under {_ROOT}")
+
+
+def envoy_http_filters() -> list[dict[str, Any]]:
+    """HTTP filters to put after ext_proc and before the router (Envoy JSON shape)."""
+    return [
+        {
+            "name": "envoy.filters.http.lua",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+                "default_source_code": {"inline_string": lua_source()},
+            },
+        }
+    ]
+
+
+def envoy_access_logs(
+    extproc_cluster: str = "matrixinfer_extproc", flush_interval_ms: int = 100
+) -> list[dict[str, Any]]:
+    """HTTP connection manager ``access_log`` entries: the usage of marked requests, by gRPC."""
+    return [
+        {
+            "name": "envoy.access_loggers.http_grpc",
+            "filter": {
+                "metadata_filter": {
+                    "matcher": {
+                        "filter": RID_NAMESPACE,
+                        "path": [{"key": RID_KEY}],
+                        "value": {"present_match": True},
+                    }
+                }
+            },
+            "typed_config": {
+                "@type": "type.googleapis.com/"
+                "envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
+                "common_config": {
+                    "log_name": LOG_NAME,
+                    "transport_api_version": "V3",
+                    "grpc_service": {"envoy_grpc": {"cluster_name": extproc_cluster}},
+                    "buffer_flush_interval": f"{flush_interval_ms / 1000:.3f}s",
+                    "buffer_size_bytes": 16384,
+                },
+            },
+        }
+    ]
+
+
+def force_usage(body: dict[str, Any]) -> bool:
+    """Ask the engine for a final usage event; True when the client had not asked for it."""
+    opts = body.get("stream_options")
+    if not isinstance(opts, dict):
+        opts = {}
+        body["stream_options"] = opts
+    asked = opts.get("include_usage") is True
+    opts["include_usage"] = True
+    return not asked
+
+
+@dataclass(slots=True)
+class Charge:
+    """What a routed request reserved, to settle once its usage is known."""
+
+    rid: str
+    estimate: int  # estimated prompt tokens reserved at admission
+    kind: str  # chat | completions | embeddings
+    user: str  # fairness key (tenant/user)
+    bucket: str | None = None  # rate-limit bucket key (None: no rate limit)
+    limits: Limits | None = None
+    finished_at: float | None = None
+    model: str = ""
+
+
+@dataclass(slots=True, frozen=True)
+class Usage:
+    prompt: int
+    completion: int
+    exact: bool
+    source: str  # reported | aborted | missing | error
+
+
+def usage_from_fields(charge: Charge, fields: dict[str, Any], status: int) -> Usage:
+    """The settlement of one access-log entry's ``matrixinfer`` metadata."""
+    prompt = fields.get("prompt")
+    completion = fields.get("completion")
+    if prompt is not None:
+        return Usage(int(prompt), int(completion or 0), True, "reported")
+    if status >= 400 and not fields.get("events"):
+        return Usage(0, 0, True, "error")  # the engine refused: nothing was computed
+    events = int(fields.get("events") or 0)
+    if charge.kind == "chat":
+        events -= 1  # the first chunk carries the role only
+    return Usage(charge.estimate, max(0, events), False, "aborted")
+
+
+class UsageLedger:
+    """Open charges by request id; settled by a usage report or, failing that, after ``grace``."""
+
+    def __init__(
+        self,
+        settle: Callable[[Charge, Usage], None],
+        *,
+        grace: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settle_cb = settle
+        self.grace = grace
+        self.clock = clock
+        self.open: dict[str, Charge] = {}
+        self.settled = 0
+
+    def expect(self, charge: Charge) -> None:
+        self.open[charge.rid] = charge
+
+    def finished(self, rid: str) -> None:
+        charge = self.open.get(rid)
+        if charge is not None and charge.finished_at is None:
+            charge.finished_at = self.clock()
+
+    def cancel(self, rid: str) -> Charge | None:
+        return self.open.pop(rid, None)
+
+    def report(self, rid: str, fields: dict[str, Any], status: int) -> Usage | None:
+        charge = self.open.pop(rid, None)
+        if charge is None:
+            return None
+        usage = usage_from_fields(charge, fields, status)
+        self._settle(charge, usage)
+        return usage
+
+    def sweep(self) -> int:
+        """Settle charges whose request ended ``grace`` seconds ago without a report."""
+        now = self.clock()
+        late = [
+            c
+            for c in self.open.values()
+            if c.finished_at is not None and now - c.finished_at > self.grace
+        ]
+        for charge in late:
+            del self.open[charge.rid]
+            self._settle(charge, Usage(charge.estimate, 0, False, "missing"))
+        return len(late)
+
+    def _settle(self, charge: Charge, usage: Usage) -> None:
+        self.settled += 1
+        try:
+            self.settle_cb(charge, usage)
+        except Exception:
+            log.exception("settling the usage of request %s failed", charge.rid)
+
+
+def _struct_fields(struct: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in struct.fields.items():
+        kind = value.WhichOneof("kind")
+        if kind == "number_value":
+            out[key] = value.number_value
+        elif kind == "string_value":
+            out[key] = value.string_value
+        elif kind == "bool_value":
+            out[key] = value.bool_value
+    return out
+
+
+def _servicer_base() -> type:
+    from envoy.service.accesslog.v3 import als_pb2_grpc
+
+    base: type = als_pb2_grpc.AccessLogServiceServicer
+    return base
+
+
+class AccessLogServicer(_servicer_base()):  # type: ignore[misc]
+    """``envoy.service.accesslog.v3.AccessLogService``: usage entries into the ledger."""
+
+    def __init__(self, ledger: UsageLedger, on_report: Callable[[Usage], None] | None = None):
+        self.ledger = ledger
+        self.on_report = on_report
+
+    async def StreamAccessLogs(self, request_iterator: Any, context: Any) -> Any:
+        from envoy.service.accesslog.v3 import als_pb2
+
+        async for message in request_iterator:
+            for entry in message.http_logs.log_entry:
+                filter_md = entry.common_properties.metadata.filter_metadata
+                lb = filter_md.get(RID_NAMESPACE)
+                if lb is None or RID_KEY not in lb.fields:
+                    continue
+                rid = lb.fields[RID_KEY].string_value
+                md = filter_md.get(METADATA_NAMESPACE)
+                fields = _struct_fields(md) if md is not None else {}
+                usage = self.ledger.report(rid, fields, entry.response.response_code.value)
+                if usage is not None and self.on_report is not None:
+                    self.on_report(usage)
+        return als_pb2.StreamAccessLogsResponse()

@@ -1,0 +1,145 @@
+"""Fixtures for the policy tests: a small simulator fleet, key files, a Redis server, and gateway
+stacks (xDS + extproc + Envoy) started with policies on."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from matrixinfer.process import Child, free_port, wait_until
+from matrixinfer.stack import GatewayStack, StackOptions
+from sim.fleet import Fleet
+from tests.extproc.conftest import endpoints_yaml
+
+KEYS = {
+    "key-alice": ("acme", "alice", ["ml"]),
+    "key-bob": ("other", "bob", []),
+    "key-carol": ("acme", "carol", []),
+    "key-heavy": ("acme", "heavy", []),
+    "key-light": ("acme", "light", []),
+}
+
+
+def sha(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def keys_yaml(keys: dict[str, tuple[str, str, list[str]]]) -> str:
+    lines = ["keys:"]
+    for key, (tenant, user, groups) in keys.items():
+        lines.append(f"- {{sha256: {sha(key)}, tenant: {tenant}, user: {user}, groups: {groups}}}")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="session")
+def policy_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    f = Fleet(
+        2,
+        port=free_port("127.0.0.70"),
+        first_host="127.0.0.70",
+        args=("--time-scale", "0.01"),
+        log_dir=tmp_path_factory.mktemp("policy-sims"),
+    )
+    with f:
+        yield f
+
+
+def write_config(directory: Path, fleet: Fleet, routes_yaml: str) -> None:
+    (directory / "model.yaml").write_text(routes_yaml)
+    (directory / "sims.yaml").write_text(endpoints_yaml(fleet))
+
+
+def policy_stack(
+    config_dir: Path,
+    run_dir: Path,
+    fleet: Fleet,
+    extproc_args: tuple[str, ...],
+    **options: Any,
+) -> GatewayStack:
+    """A stack with policies on; returns once the config is applied and Envoy knows the pods."""
+    opts = StackOptions(
+        scrape_interval=0.1,
+        config_poll=0.1,
+        envoy_concurrency=1,
+        extra_extproc_args=("--policies", *extproc_args),
+        **options,
+    )
+    stack = GatewayStack(config_dir, run_dir, opts).start()
+    try:
+        addresses = {p.address for p in fleet.pods}
+        wait_until(
+            lambda: stack.extproc_ready() and addresses <= stack.envoy_hosts(),
+            30,
+            "gateway config applied and pods known to Envoy",
+        )
+    except BaseException:
+        print(stack.extproc.log_tail(30))
+        stack.stop()
+        raise
+    return stack
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        import os
+
+        if os.geteuid() == 0:
+            pytest.fail("redis-server is missing (install Debian redis-server: make system-deps)")
+        pytest.skip("redis-server is not installed and this user cannot install it")
+    server = RedisServer(binary, tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+class RedisServer:
+    def __init__(self, binary: str, directory: Path) -> None:
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.child = Child(
+            "redis",
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(directory),
+            ],
+            log_path=directory / "redis.log",
+            ready=self.answers,
+            ready_timeout=15,
+        )
+
+    def answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def start(self) -> None:
+        self.child.start()
+
+    def stop(self) -> None:
+        self.child.stop()
+
+    def restart(self) -> None:
+        self.child.start()
+        wait_until(self.answers, 15, "redis answers again")

@@ -1,0 +1,274 @@
+"""Policies end to end: the openai client -> Envoy (Lua usage filter, gRPC access log) -> extproc
+(auth, budgets, usage settlement) -> simulator pods."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from openai import OpenAI
+from prometheus_client.parser import text_string_to_metric_families
+
+from matrixinfer.process import wait_until
+from matrixinfer.stack import GatewayStack
+from sim.fleet import Fleet
+from tests.policies.conftest import KEYS, keys_yaml, policy_stack, write_config
+
+ROUTES = """
+apiVersion: networking.matrixinfer.ai/v1alpha1
+kind: ModelServer
+metadata: {name: pool}
+spec:
+  model: demo-model
+  inferenceEngine: vLLM
+  workloadSelector: {matchLabels: {app: sim}}
+  workloadPort: {port: 8000}
+---
+apiVersion: networking.matrixinfer.ai/v1alpha1
+kind: ModelRoute
+metadata: {name: open}
+spec:
+  modelName: open-model
+  rules: [{targets: [{modelServerName: pool}]}]
+---
+apiVersion: networking.matrixinfer.ai/v1alpha1
+kind: ModelRoute
+metadata: {name: members}
+spec:
+  modelName: members-model
+  access: {tenants: [acme]}
+  rules: [{targets: [{modelServerName: pool}]}]
+---
+apiVersion: networking.matrixinfer.ai/v1alpha1
+kind: ModelRoute
+metadata: {name: team}
+spec:
+  modelName: team-model
+  access: {groups: [ml]}
+  rules: [{targets: [{modelServerName: pool}]}]
+---
+apiVersion: networking.matrixinfer.ai/v1alpha1
+kind: ModelRoute
+metadata: {name: output-budget}
+spec:
+  modelName: output-model
+  rateLimit: {outputTokensPerUnit: 300, unit: hour, scope: user}
+  rules: [{targets: [{modelServerName: pool}]}]
+---
+apiVersion: networking.matrixinfer.ai/v1alpha1
+kind: ModelRoute
+metadata: {name: request-budget}
+spec:
+  modelName: request-model
+  rateLimit: {requestsPerUnit: 2, unit: hour, scope: tenant}
+  rules: [{targets: [{modelServerName: pool}]}]
+"""
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, policy_fleet: Fleet) -> Iterator[GatewayStack]:
+    config = tmp_path_factory.mktemp("policy-config")
+    write_config(config, policy_fleet, ROUTES)
+    secrets = tmp_path_factory.mktemp("policy-secrets")
+    (secrets / "keys.yaml").write_text(keys_yaml(KEYS))
+    auth = secrets / "auth.yaml"
+    auth.write_text(
+        f"apiKeysFile: {secrets / 'keys.yaml'}\nreloadIntervalSeconds: 0.1\n"
+        "anonymousRoutes: [open]\n"
+    )
+    s = policy_stack(
+        config,
+        tmp_path_factory.mktemp("policy-run"),
+        policy_fleet,
+        ("--auth-config", str(auth), "--usage-grace", "5"),
+    )
+    s.secrets = secrets  # type: ignore[attr-defined]
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def client(stack: GatewayStack, key: str | None) -> OpenAI:
+    return OpenAI(base_url=stack.url, api_key=key or "", max_retries=0, timeout=20)
+
+
+def metric(stack: GatewayStack, name: str, **labels: str) -> float:
+    with urllib.request.urlopen(f"{stack.extproc_url}/metrics", timeout=2) as resp:
+        text = resp.read().decode()
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+def chat(c: OpenAI, model: str, max_tokens: int = 5) -> str:
+    r = c.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "hello"}], max_tokens=max_tokens
+    )
+    return r.choices[0].message.content or ""
+
+
+def post(stack: GatewayStack, model: str, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    req = urllib.request.Request(
+        stack.url + "/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"content-type": "application/json", **headers},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_anonymous_route_needs_no_key(stack: GatewayStack) -> None:
+    status, body = post(stack, "open-model", {})
+    assert status == 200, body
+    status, body = post(stack, "members-model", {})
+    assert status == 401
+    assert body["error"]["code"] == "invalid_api_key"
+    assert "didn't provide an API key" in body["error"]["message"]
+    status, body = post(stack, "members-model", {"authorization": "Basic abc"})
+    assert status == 401 and "Bearer" in body["error"]["message"]
+
+
+def test_missing_and_wrong_keys_are_401(stack: GatewayStack) -> None:
+    with pytest.raises(openai.AuthenticationError) as exc:
+        chat(client(stack, "not-a-key"), "members-model")
+    assert exc.value.status_code == 401
+    assert "incorrect API key" in str(exc.value)
+    # a wrong key is refused even on the anonymous route
+    with pytest.raises(openai.AuthenticationError):
+        chat(client(stack, "not-a-key"), "open-model")
+
+
+def test_access_lists_give_403(stack: GatewayStack) -> None:
+    assert chat(client(stack, "key-alice"), "members-model")
+    assert chat(client(stack, "key-alice"), "team-model")  # group ml
+    with pytest.raises(openai.PermissionDeniedError) as exc:
+        chat(client(stack, "key-bob"), "members-model")
+    assert "bob" in str(exc.value) and "members" in str(exc.value)
+    with pytest.raises(openai.PermissionDeniedError):
+        chat(client(stack, "key-carol"), "team-model")  # acme but not in group ml
+
+
+def test_keys_rotate_without_restart(stack: GatewayStack) -> None:
+    secrets: Path = stack.secrets  # type: ignore[attr-defined]
+    with pytest.raises(openai.AuthenticationError):
+        chat(client(stack, "key-new"), "members-model")
+    rotated = dict(KEYS)
+    rotated["key-new"] = ("acme", "newbie", [])
+    del rotated["key-carol"]
+    (secrets / "keys.yaml").write_text(keys_yaml(rotated))
+
+    def new_key_works() -> bool:
+        try:
+            return bool(chat(client(stack, "key-new"), "members-model"))
+        except openai.AuthenticationError:
+            return False
+
+    wait_until(new_key_works, 10, "the rotated key file is picked up")
+    with pytest.raises(openai.AuthenticationError):
+        chat(client(stack, "key-carol"), "members-model")
+    (secrets / "keys.yaml").write_text(keys_yaml(KEYS))
+    wait_until(lambda: _works(stack, "key-carol"), 10, "the original keys are back")
+
+
+def _works(stack: GatewayStack, key: str) -> bool:
+    try:
+        return bool(chat(client(stack, key), "members-model"))
+    except openai.AuthenticationError:
+        return False
+
+
+def test_requests_per_unit_429_with_headers(stack: GatewayStack) -> None:
+    c = client(stack, "key-alice")
+    chat(c, "request-model")
+    chat(c, "request-model")
+    with pytest.raises(openai.RateLimitError) as exc:
+        chat(client(stack, "key-carol"), "request-model")  # same tenant acme: same budget
+    headers = exc.value.response.headers
+    assert int(headers["retry-after"]) >= 1
+    assert headers["x-ratelimit-limit-requests"] == "2"
+    assert headers["x-ratelimit-remaining-requests"] == "0"
+    assert headers["x-ratelimit-reset-requests"].endswith("s")
+    # another tenant has its own budget
+    assert chat(client(stack, "key-bob"), "request-model")
+
+
+def test_large_streamed_output_is_fully_charged(stack: GatewayStack) -> None:
+    """300 output tokens an hour per user: one 500-token stream is admitted (the budget was
+    positive), charged in full from the engine's usage, and the debt blocks the next request."""
+    c = client(stack, "key-heavy")
+    before = metric(stack, "matrixinfer_gateway_usage_tokens_total", kind="completion")
+    reported = metric(stack, "matrixinfer_gateway_usage_reports_total", source="reported")
+    stream = c.chat.completions.create(
+        model="output-model",
+        messages=[{"role": "user", "content": "write a lot"}],
+        max_tokens=500,
+        stream=True,
+    )
+    pieces = []
+    usage_chunks = 0
+    for chunk in stream:
+        if chunk.choices:
+            pieces.append(chunk.choices[0].delta.content or "")
+        if chunk.usage is not None:
+            usage_chunks += 1
+            assert chunk.usage.completion_tokens == 500
+    # the client did not ask for usage: the forced usage event is the one extra chunk it sees
+    assert usage_chunks == 1
+    assert len("".join(pieces).split()) == 500
+    wait_until(
+        lambda: (
+            metric(stack, "matrixinfer_gateway_usage_reports_total", source="reported") > reported
+        ),
+        10,
+        "the usage report of the stream reached the extproc",
+    )
+    after = metric(stack, "matrixinfer_gateway_usage_tokens_total", kind="completion")
+    assert after - before >= 500
+    with pytest.raises(openai.RateLimitError) as exc:
+        chat(c, "output-model")
+    assert exc.value.response.headers["x-ratelimit-limit-output-tokens"] == "300"
+    assert exc.value.response.headers["x-ratelimit-remaining-output-tokens"] == "0"
+    # the debt is per user: another user still gets through
+    assert chat(client(stack, "key-light"), "output-model")
+
+
+def test_aborted_stream_is_charged_what_was_sent(stack: GatewayStack) -> None:
+    c = client(stack, "key-carol")
+    aborted = metric(stack, "matrixinfer_gateway_usage_reports_total", source="aborted")
+    before = metric(stack, "matrixinfer_gateway_usage_tokens_total", kind="completion")
+    stream = c.chat.completions.create(
+        model="open-model",
+        messages=[{"role": "user", "content": "a long story"}],
+        max_tokens=4000,
+        stream=True,
+    )
+    seen = 0
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            seen += 1
+        if seen >= 50:
+            break
+    stream.close()
+    wait_until(
+        lambda: (
+            metric(stack, "matrixinfer_gateway_usage_reports_total", source="aborted") > aborted
+        ),
+        15,
+        "the aborted stream was settled",
+    )
+    charged = metric(stack, "matrixinfer_gateway_usage_tokens_total", kind="completion") - before
+    assert 50 <= charged < 4000
