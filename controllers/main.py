@@ -22,6 +22,7 @@ import kopf
 from controllers.metrics import ControllerMetrics
 from controllers.modelinfer import handlers as modelinfer_handlers
 from controllers.modelinfer.reconciler import ModelInferController
+from controllers.status import handlers as status_handlers
 
 FINALIZER = "workload.matrixinfer.ai/finalizer"
 ANNOTATION_PREFIX = "kopf.matrixinfer.ai"
@@ -83,6 +84,8 @@ def build(config: ControllerConfig) -> tuple[kopf.OperatorRegistry, ModelInferCo
         await controller.close()
 
     modelinfer_handlers.register(registry, controller)
+    # ModelRoute conditions and ModelServer readyEndpoints (the only status writer)
+    status_handlers.register(registry)
     return registry, controller
 
 

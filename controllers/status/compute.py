@@ -1,0 +1,120 @@
+"""Pure status computation for ModelRoute and ModelServer (plain dicts in, status dicts out).
+
+- ModelRoute: ``Accepted`` (the object validates against the API; reason ``Accepted`` /
+  ``Invalid`` with the first error) and ``ResolvedRefs`` (every target ModelServer exists in the
+  route's namespace; reason ``ResolvedRefs`` / ``BackendNotFound`` naming the missing ones).
+- ModelServer: ``readyEndpoints`` (pods of its namespace its ``workloadSelector.matchLabels``
+  selects that are Running and Ready with an IP) and condition ``Ready`` (at least one).
+
+``lastTransitionTime`` only moves when a condition's status changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["PodView", "merge_conditions", "route_status", "server_status"]
+
+
+@dataclass(slots=True, frozen=True)
+class PodView:
+    namespace: str
+    labels: Mapping[str, str]
+    ready: bool
+
+
+def _condition(type_: str, ok: bool, reason: str, message: str, generation: int) -> dict[str, Any]:
+    return {
+        "type": type_,
+        "status": "True" if ok else "False",
+        "reason": reason,
+        "message": message,
+        "observedGeneration": generation,
+    }
+
+
+def merge_conditions(
+    old: Iterable[Mapping[str, Any]] | None, new: list[dict[str, Any]], now: str
+) -> list[dict[str, Any]]:
+    previous = {c.get("type"): c for c in old or ()}
+    out = []
+    for cond in new:
+        prev = previous.get(cond["type"])
+        if prev is not None and prev.get("status") == cond["status"]:
+            cond["lastTransitionTime"] = prev.get("lastTransitionTime") or now
+        else:
+            cond["lastTransitionTime"] = now
+        out.append(cond)
+    return out
+
+
+def route_status(
+    raw: Mapping[str, Any],
+    server_exists: Callable[[str, str], bool],
+    validate: Callable[[Mapping[str, Any]], str | None],
+    now: str,
+) -> dict[str, Any]:
+    meta = raw.get("metadata") or {}
+    ns = meta.get("namespace") or "default"
+    generation = int(meta.get("generation") or 0)
+    error = validate(raw)
+    conditions = [
+        _condition(
+            "Accepted",
+            error is None,
+            "Accepted" if error is None else "Invalid",
+            "the route is valid" if error is None else error,
+            generation,
+        )
+    ]
+    targets: list[str] = []
+    for rule in (raw.get("spec") or {}).get("rules") or []:
+        for target in rule.get("targets") or []:
+            name = target.get("modelServerName")
+            if name and name not in targets:
+                targets.append(name)
+    missing = [t for t in targets if not server_exists(ns, t)]
+    conditions.append(
+        _condition(
+            "ResolvedRefs",
+            not missing,
+            "ResolvedRefs" if not missing else "BackendNotFound",
+            "every target ModelServer exists"
+            if not missing
+            else "ModelServer not found: " + ", ".join(missing),
+            generation,
+        )
+    )
+    old = (raw.get("status") or {}).get("conditions")
+    return {"observedGeneration": generation, "conditions": merge_conditions(old, conditions, now)}
+
+
+def server_status(raw: Mapping[str, Any], pods: Iterable[PodView], now: str) -> dict[str, Any]:
+    meta = raw.get("metadata") or {}
+    ns = meta.get("namespace") or "default"
+    generation = int(meta.get("generation") or 0)
+    selector = ((raw.get("spec") or {}).get("workloadSelector") or {}).get("matchLabels") or {}
+    ready = 0
+    if selector:
+        for pod in pods:
+            if (
+                pod.namespace == ns
+                and pod.ready
+                and all(pod.labels.get(k) == v for k, v in selector.items())
+            ):
+                ready += 1
+    cond = _condition(
+        "Ready",
+        ready > 0,
+        "EndpointsReady" if ready else "NoReadyEndpoints",
+        f"{ready} ready pod(s) selected" if ready else "no Running and Ready pod is selected",
+        generation,
+    )
+    old = (raw.get("status") or {}).get("conditions")
+    return {
+        "observedGeneration": generation,
+        "readyEndpoints": ready,
+        "conditions": merge_conditions(old, [cond], now),
+    }

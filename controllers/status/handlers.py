@@ -1,0 +1,88 @@
+"""Kopf handlers writing ModelRoute and ModelServer status (the only writer of it).
+
+Indexes: ModelServer names per namespace, and a compact view of every pod (namespace, labels,
+ready). A timer per ModelRoute / ModelServer recomputes its status (pure functions in
+:mod:`controllers.status.compute`) and patches it only when it changed.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+
+from controllers.status.compute import PodView, route_status, server_status
+
+__all__ = ["register"]
+
+GROUP, VERSION = "networking.matrixinfer.ai", "v1alpha1"
+
+
+def _now() -> str:
+    return datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _validate(raw: Mapping[str, Any]) -> str | None:
+    import crds
+
+    doc = {k: v for k, v in raw.items() if k != "status"}
+    try:
+        crds.parse_object(doc, "ModelRoute")
+    except (crds.InvalidObject, ValueError) as exc:
+        return str(exc)[:1000]
+    return None
+
+
+def _changed(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
+    old = old or {}
+    return any(old.get(k) != v for k, v in new.items())
+
+
+def register(registry: kopf.OperatorRegistry, interval: float = 1.0) -> None:
+    @kopf.index(GROUP, VERSION, "modelservers", id="gateway_servers", registry=registry)
+    def gateway_servers(namespace: str | None, name: str | None, **_: Any) -> Any:
+        return {namespace or "default": name}
+
+    @kopf.index("pods", id="gateway_pods", registry=registry)
+    def gateway_pods(body: kopf.Body, namespace: str | None, **_: Any) -> Any:
+        status = body.get("status") or {}
+        ready = (
+            status.get("phase") == "Running"
+            and bool(status.get("podIP"))
+            and not body.get("metadata", {}).get("deletionTimestamp")
+            and any(
+                c.get("type") == "Ready" and c.get("status") == "True"
+                for c in status.get("conditions") or []
+            )
+        )
+        labels = dict(body.get("metadata", {}).get("labels") or {})
+        return {None: PodView(namespace or "default", labels, ready)}
+
+    @kopf.timer(
+        GROUP, VERSION, "modelroutes", id="modelroute-status", interval=interval, registry=registry
+    )
+    def modelroute_status(body: kopf.Body, patch: kopf.Patch, **kwargs: Any) -> None:
+        gateway_servers: kopf.Index[str, str] = kwargs["gateway_servers"]
+
+        def exists(ns: str, name: str) -> bool:
+            return name in gateway_servers.get(ns, ())
+
+        status = route_status(dict(body), exists, _validate, _now())
+        if _changed(body.get("status"), status):
+            patch.status.update(status)
+
+    @kopf.timer(
+        GROUP,
+        VERSION,
+        "modelservers",
+        id="modelserver-status",
+        interval=interval,
+        registry=registry,
+    )
+    def modelserver_status(body: kopf.Body, patch: kopf.Patch, **kwargs: Any) -> None:
+        gateway_pods: kopf.Index[None, PodView] = kwargs["gateway_pods"]
+        status = server_status(dict(body), gateway_pods.get(None, ()), _now())
+        if _changed(body.get("status"), status):
+            patch.status.update(status)

@@ -1,0 +1,99 @@
+"""ModelRoute / ModelServer status written by the controllers (the real Kopf operator on kmock)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from controllers.status.compute import PodView, route_status, server_status
+from tests.controllers.kmockenv import Api, eventually, operator
+from tests.xds.kube import create_pod, create_route, create_server, kube, set_pod_ready
+
+pytestmark = pytest.mark.timeout(60)
+
+NET = "networking.matrixinfer.ai/v1alpha1"
+
+
+def conditions(api: Api, plural: str, name: str) -> dict[str, dict[str, Any]]:
+    obj = api.objects(f"{NET}/{plural}").get(name) or {}
+    return {c["type"]: c for c in (obj.get("status") or {}).get("conditions") or []}
+
+
+def ready_endpoints(api: Api, name: str) -> Any:
+    obj = api.objects(f"{NET}/modelservers").get(name) or {}
+    return (obj.get("status") or {}).get("readyEndpoints")
+
+
+def test_route_status_pure() -> None:
+    raw = {
+        "metadata": {"name": "r", "namespace": "ns", "generation": 3},
+        "spec": {"rules": [{"targets": [{"modelServerName": "a"}, {"modelServerName": "b"}]}]},
+    }
+    st = route_status(raw, lambda ns, n: n == "a", lambda _: None, "T1")
+    cond = {c["type"]: c for c in st["conditions"]}
+    assert cond["Accepted"]["status"] == "True"
+    assert cond["ResolvedRefs"]["status"] == "False"
+    assert cond["ResolvedRefs"]["message"] == "ModelServer not found: b"
+    assert st["observedGeneration"] == 3
+    # unchanged status keeps its transition time
+    raw["status"] = st
+    st2 = route_status(raw, lambda ns, n: n == "a", lambda _: None, "T2")
+    assert {c["lastTransitionTime"] for c in st2["conditions"]} == {"T1"}
+    st3 = route_status(raw, lambda ns, n: True, lambda _: "spec.rules: bad", "T3")
+    cond3 = {c["type"]: c for c in st3["conditions"]}
+    assert (
+        cond3["Accepted"]["reason"] == "Invalid" and cond3["Accepted"]["lastTransitionTime"] == "T3"
+    )
+    assert cond3["ResolvedRefs"]["lastTransitionTime"] == "T3"
+
+
+def test_server_status_pure() -> None:
+    raw = {
+        "metadata": {"name": "s", "namespace": "ns"},
+        "spec": {"workloadSelector": {"matchLabels": {"app": "x"}}},
+    }
+    pods = [
+        PodView("ns", {"app": "x"}, True),
+        PodView("ns", {"app": "x"}, False),
+        PodView("other", {"app": "x"}, True),
+        PodView("ns", {"app": "y"}, True),
+    ]
+    st = server_status(raw, pods, "T")
+    assert st["readyEndpoints"] == 1 and st["conditions"][0]["status"] == "True"
+
+
+async def test_operator_writes_route_and_server_status() -> None:
+    async with kube() as api:
+        await create_server(api, "pool", {"app": "sim"}, 8000)
+        await create_route(api, "good", "m1", ["pool"])
+        await create_route(api, "dangling", "m2", ["pool", "missing"])
+        await create_pod(api, "p0", "10.0.0.1", {"app": "sim"})
+        await create_pod(api, "p1", "10.0.0.2", {"app": "sim"})
+        await create_pod(api, "other", "10.0.0.3", {"app": "other"})
+        async with operator(api):
+            await eventually(
+                lambda: conditions(api, "modelroutes", "good")["ResolvedRefs"]["status"] == "True",
+                what="good route resolved",
+            )
+            assert conditions(api, "modelroutes", "good")["Accepted"]["status"] == "True"
+            await eventually(
+                lambda: (
+                    conditions(api, "modelroutes", "dangling")["ResolvedRefs"]["status"] == "False"
+                ),
+                what="dangling route not resolved",
+            )
+            msg = conditions(api, "modelroutes", "dangling")["ResolvedRefs"]["message"]
+            assert "missing" in msg and "pool" not in msg.split(":")[-1]
+            await eventually(lambda: ready_endpoints(api, "pool") == 2, what="2 ready endpoints")
+            await set_pod_ready(api, "p1", "10.0.0.2", False)
+            await eventually(lambda: ready_endpoints(api, "pool") == 1, what="1 ready endpoint")
+            # the missing server appears: the route resolves
+            await create_server(api, "missing", {"app": "none"}, 8000)
+            await eventually(
+                lambda: (
+                    conditions(api, "modelroutes", "dangling")["ResolvedRefs"]["status"] == "True"
+                ),
+                what="dangling route resolved",
+            )
+            assert conditions(api, "modelservers", "missing")["Ready"]["status"] == "False"
