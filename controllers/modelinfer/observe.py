@@ -32,11 +32,6 @@ def _time(text: Any) -> float | None:
         return None
 
 
-def owned_by(meta: Mapping[str, Any], uid: str) -> bool:
-    refs = meta.get("ownerReferences") or []
-    return not refs or any(r.get("uid") == uid for r in refs)
-
-
 def pod_from_json(body: Mapping[str, Any], now: float) -> ObservedPod | None:
     """None when the pod does not carry our labels in the expected shape."""
     meta = body.get("metadata") or {}
