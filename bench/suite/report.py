@@ -118,6 +118,7 @@ def write_plots(result: dict[str, Any], out_dir: Path, name: str) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     cfg = result["config"]
     workload = cfg["sweep_workload"]
@@ -141,6 +142,7 @@ def write_plots(result: dict[str, Any], out_dir: Path, name: str) -> list[Path]:
                 ys = [(i + 1) / len(xs) for i in range(len(xs))]
                 ax.step(xs, ys, where="post", label=c, linewidth=1.2)
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_title(f"{workload} @ {qps:g} QPS", fontsize=9)
             ax.set_xlabel("TTFT (s)", fontsize=8)
             ax.set_ylabel("fraction", fontsize=8)
@@ -260,7 +262,8 @@ def write_report(
     unloaded, checks = check_targets(result)
     out: list[str] = [f"# Benchmark suite `{name}`: scheduling quality side by side", ""]
     out += [
-        f"Run {result['started']}, {result['seconds'] / 60:.1f} min. Command: `{command}`.",
+        f"Run {result['started']}, {result['seconds'] / 60:.1f} min. Command: `{command}` "
+        "(`make bench` runs `.venv/bin/python -m bench`).",
         "",
         "Machine: "
         + ", ".join(f"{k} {v}" for k, v in machine.items())
@@ -279,6 +282,9 @@ def write_report(
     ]
     if notes:
         out += [notes.strip(), ""]
+    findings = out_dir / f"{name}.findings.md"
+    if findings.exists():  # hand-written commentary on the committed run, kept across rebuilds
+        out += [findings.read_text().strip(), ""]
     if result["failures"]:
         out += ["**Contenders that failed to run:**", ""]
         out += [f"- {f}" for f in result["failures"]]
@@ -412,6 +418,19 @@ def write_report(
                 f"- {p['contender']} / {p['workload']} @ {p['qps']:g}: "
                 f"{p['summary']['errors']} ({p['summary']['error_kinds']})"
             )
+        out.append("")
+    related = [
+        (f, what)
+        for f, what in (
+            ("gateway_overhead.md", "added latency and CPU per request of Envoy + extproc"),
+            ("scheduler_cost.md", "CPU per scheduling decision, profiles compared offline"),
+            ("sim_itl.md", "the simulator's timing fidelity"),
+        )
+        if (out_dir / f).exists()
+    ]
+    if related:
+        out += ["## Related reports", ""]
+        out += [f"- [{f}]({f}): {what}" for f, what in related]
         out.append("")
     path = out_dir / f"{name}.md"
     path.write_text("\n".join(out))
