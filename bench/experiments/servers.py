@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.variant == "h2":
         from bench.experiments.h2_extproc import serve_h2
 
-        serve_h2(args.port, replies(args.dest))
+        serve_h2(args.port, aio_pb(args.dest))
         return 0
     serve_grpc(args.variant, args.port, args.dest, OPTIONS_TUNED if args.tuned else [])
     return 0
