@@ -191,6 +191,8 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         self._pending_task: asyncio.Task[None] | None = None
         self.last_error: str = ""
         self.published = 0
+        # called with (node, type URL, version) on every ACK (the benchmark waits on these)
+        self.on_ack: list[Callable[[str, str, str], None]] = []
 
     # ---- publishing ---------------------------------------------------------------------------
     def publish_now(self, resources: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[str]:
@@ -313,6 +315,8 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
                     )
             state.acked_version = request.version_info
             state.last_error = ""
+            for listener in self.on_ack:
+                listener(stream.node, type_url, request.version_info)
             if state.subscribed and wanted == state.names:
                 return  # a plain ACK
         state.names = wanted
