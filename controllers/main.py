@@ -39,6 +39,9 @@ class ControllerConfig:
     consistency_timeout: float = 0.0
     queue_exit_timeout: float = 2.0  # how long event workers may drain the queue on exit
     debounce_seconds: float = 0.05  # a reconcile waits this long after a wake-up for more events
+    status_interval_seconds: float = (
+        1.0  # status patches that only move counters, at most this often
+    )
 
 
 def make_settings(config: ControllerConfig) -> kopf.OperatorSettings:
@@ -64,7 +67,10 @@ def build(config: ControllerConfig) -> tuple[kopf.OperatorRegistry, ModelInferCo
     registry = kopf.OperatorRegistry()
     metrics = ControllerMetrics()
     controller = ModelInferController(
-        metrics=metrics, resync=config.resync_seconds, debounce=config.debounce_seconds
+        metrics=metrics,
+        resync=config.resync_seconds,
+        debounce=config.debounce_seconds,
+        status_interval=config.status_interval_seconds,
     )
 
     @kopf.on.login(id="matrixinfer-login", registry=registry)

@@ -94,6 +94,21 @@ class _Loop:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     state: PlannerState = field(default_factory=PlannerState)
     expect: Expectations = field(default_factory=Expectations)
+    last_status_patch: float = -1e9  # monotonic
+
+
+def _status_essentials(status: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What must reach the API at once: generation, revisions, each condition's status."""
+    conds = tuple(
+        sorted((str(c.get("type")), str(c.get("status"))) for c in status.get("conditions") or [])
+    )
+    return (
+        status.get("observedGeneration"),
+        status.get("currentRevision"),
+        status.get("updateRevision"),
+        status.get("labelSelector"),
+        conds,
+    )
 
 
 class ModelInferController:
@@ -106,6 +121,7 @@ class ModelInferController:
         clock: Callable[[], float] = time.time,
         gang_refresh: float = 60.0,
         debounce: float = 0.05,
+        status_interval: float = 1.0,
     ) -> None:
         self.metrics = metrics or ControllerMetrics()
         self.client: KubeClient | None = None
@@ -118,6 +134,7 @@ class ModelInferController:
         self._gang_lock: asyncio.Lock | None = None
         self._gang_refresh = gang_refresh
         self.debounce = debounce  # after a wake-up, let a burst of watch events land first
+        self.status_interval = status_interval  # counters-only status patches at most this often
 
     # ---- wiring ------------------------------------------------------------------------------
     def connect(self, info: kopf.ConnectionInfo) -> None:
@@ -267,8 +284,17 @@ class ModelInferController:
                 )
             failures = await self.apply(key, p, logger)
             if p.status is not None:
-                assert self.client is not None
-                await self.client.patch(modelinfer_path(*key, "status"), {"status": p.status})
+                since = time.monotonic() - loop.last_status_patch
+                urgent = _status_essentials(p.status) != _status_essentials(observed.status)
+                if urgent or since >= self.status_interval:
+                    assert self.client is not None
+                    await self.client.patch(modelinfer_path(*key, "status"), {"status": p.status})
+                    loop.last_status_patch = time.monotonic()
+                else:  # only counters moved: patch them a little later, together
+                    wait = self.status_interval - since
+                    p.requeue_after = (
+                        wait if p.requeue_after is None else min(p.requeue_after, wait)
+                    )
             for ev in p.events:
                 kopf.event(
                     cast(kopf.Body, body), type=ev.type, reason=ev.reason, message=ev.message
