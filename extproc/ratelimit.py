@@ -217,12 +217,14 @@ class RedisBuckets:
         fail_open: bool = True,
         fallback: Buckets | None = None,
         password: str | None = None,
-        timeout: float = 0.25,
+        timeout: float = 0.1,
         retry_after: float = 1.0,
         on_outage: Callable[[bool], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
 
         host, _, port = address.rpartition(":")
         self.address = address
@@ -232,7 +234,7 @@ class RedisBuckets:
             password=password,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
-            retry_on_timeout=False,
+            retry=Retry(NoBackoff(), 0),  # an outage must cost one fast failure, not retries
         )
         self.script = self.client.register_script(LUA_PATH.read_text())
         self.fail_open = fail_open

@@ -1,0 +1,170 @@
+"""Global buckets in a real Redis: shared by replicas, atomic, fail-open/closed across an outage,
+and end to end with two gateway stacks (two extproc replicas) sharing one budget."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+from openai import OpenAI
+
+from extproc.errors import GatewayError
+from extproc.ratelimit import Buckets, Limits, RedisBuckets
+from matrixinfer.process import wait_until
+from matrixinfer.stack import GatewayStack
+from sim.fleet import Fleet
+from tests.policies.conftest import KEYS, RedisServer, keys_yaml, policy_stack, write_config
+
+
+def limits(redis: RedisServer, **kw: int) -> Limits:
+    return Limits(
+        kw.get("requests"), kw.get("input"), kw.get("output"), 3600.0, "route", redis.address
+    )
+
+
+async def test_two_replicas_share_one_budget(redis_server: RedisServer) -> None:
+    a = RedisBuckets(redis_server.address)
+    b = RedisBuckets(redis_server.address)
+    lim = limits(redis_server, requests=10, input=1000)
+    try:
+        results = await asyncio.gather(
+            *[(a if i % 2 else b).admit("shared-1", lim, 30) for i in range(40)]
+        )
+        assert sum(r.ok for r in results) == 10  # requests: exactly the budget, never more
+        lim2 = limits(redis_server, input=1000)
+        admitted = 0
+        for i in range(40):
+            r = await (a if i % 2 else b).admit("shared-2", lim2, 150)
+            admitted += 150 if r.ok else 0
+        assert 1000 <= admitted <= 1000 + 150  # budget plus one request's estimate
+        denied = await a.admit("shared-2", lim2, 150)
+        assert not denied.ok and denied.retry_after > 0
+        assert denied.headers["x-ratelimit-limit-input-tokens"] == "1000"
+        # settlement returns an over-estimate and debits output from the exact usage
+        lim3 = limits(redis_server, input=100, output=100)
+        assert (await a.admit("shared-3", lim3, 90)).ok
+        await b.settle("shared-3", lim3, 90, 10, 150)  # prompt 10 (80 back), 150 output tokens
+        r = await a.admit("shared-3", lim3, 1)
+        assert not r.ok and "output tokens" in r.reason  # the output bucket is in debt
+        assert r.headers["x-ratelimit-remaining-input-tokens"] == "90"  # the 10 really used
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_outage_fail_open_then_closed_then_recovery(redis_server: RedisServer) -> None:
+    events: list[bool] = []
+    local = Buckets()
+    open_ = RedisBuckets(
+        redis_server.address, fail_open=True, fallback=local, retry_after=0.2,
+        on_outage=events.append,
+    )  # fmt: skip
+    closed = RedisBuckets(redis_server.address, fail_open=False, retry_after=0.2)
+    lim = limits(redis_server, requests=1000)
+    try:
+        assert (await open_.admit("outage", lim, 1)).ok
+        redis_server.stop()
+        # fail-open: answered from the local fallback bucket, the outage is reported once
+        r = await open_.admit("outage", lim, 1)
+        assert r.ok and events == [True]
+        assert "outage" in local.state
+        # fail-closed: 503 naming the limiter
+        with pytest.raises(GatewayError) as exc:
+            await closed.admit("outage", lim, 1)
+        assert exc.value.status == 503 and exc.value.code == "rate_limiter_unavailable"
+        redis_server.restart()
+        await asyncio.sleep(0.25)  # past retry_after: the next call tries Redis again
+
+        async def back() -> bool:
+            return (await closed.admit("outage", lim, 1)).ok
+
+        assert await back()
+        assert (await open_.admit("outage", lim, 1)).ok
+        assert events == [True, False] and open_.down_since is None
+    finally:
+        if not redis_server.answers():
+            redis_server.restart()
+        await open_.close()
+        await closed.close()
+
+
+GLOBAL_ROUTES = """
+apiVersion: networking.matrixinfer.ai/v1alpha1
+kind: ModelServer
+metadata: {{name: pool}}
+spec:
+  model: demo-model
+  inferenceEngine: vLLM
+  workloadSelector: {{matchLabels: {{app: sim}}}}
+  workloadPort: {{port: 8000}}
+---
+apiVersion: networking.matrixinfer.ai/v1alpha1
+kind: ModelRoute
+metadata: {{name: shared}}
+spec:
+  modelName: shared-model
+  rateLimit:
+    requestsPerUnit: 12
+    unit: hour
+    global: {{redis: {{address: "{address}"}}}}
+  rules: [{{targets: [{{modelServerName: pool}}]}}]
+"""
+
+
+@pytest.fixture(scope="module")
+def two_stacks(
+    tmp_path_factory: pytest.TempPathFactory, policy_fleet: Fleet, redis_server: RedisServer
+) -> Iterator[tuple[GatewayStack, GatewayStack]]:
+    config = tmp_path_factory.mktemp("global-config")
+    write_config(config, policy_fleet, GLOBAL_ROUTES.format(address=redis_server.address))
+    secrets = tmp_path_factory.mktemp("global-secrets")
+    (secrets / "keys.yaml").write_text(keys_yaml(KEYS))
+    (secrets / "auth.yaml").write_text(f"apiKeysFile: {secrets / 'keys.yaml'}\n")
+    args = ("--auth-config", str(secrets / "auth.yaml"), "--ratelimit-fail", "open")
+    first = policy_stack(config, tmp_path_factory.mktemp("g1"), policy_fleet, args)
+    try:
+        second = policy_stack(config, tmp_path_factory.mktemp("g2"), policy_fleet, args)
+    except BaseException:
+        first.stop()
+        raise
+    try:
+        yield first, second
+    finally:
+        second.stop()
+        first.stop()
+
+
+def ask(stack: GatewayStack) -> bool:
+    c = OpenAI(base_url=stack.url, api_key="key-alice", max_retries=0, timeout=20)
+    try:
+        c.chat.completions.create(
+            model="shared-model", messages=[{"role": "user", "content": "x"}], max_tokens=2
+        )
+    except openai.RateLimitError:
+        return False
+    return True
+
+
+def test_two_gateways_share_the_redis_budget_and_survive_an_outage(
+    two_stacks: tuple[GatewayStack, GatewayStack], redis_server: RedisServer, tmp_path: Path
+) -> None:
+    first, second = two_stacks
+    admitted = sum(ask(first if i % 2 else second) for i in range(20))
+    assert admitted == 12  # one global budget across both replicas
+    redis_server.stop()
+    try:
+        # fail-open: each replica falls back to its own local bucket (the same 12/hour), no crash
+        assert ask(first) and ask(second)
+        wait_until(lambda: "failing open" in first.extproc.log_tail(200), 5, "the outage is logged")
+    finally:
+        redis_server.restart()
+    # Redis came back empty (no persistence): the shared budget starts again and is shared again
+    wait_until(
+        lambda: ask(first) and "is back after" in first.extproc.log_tail(200),
+        10,
+        "the gateway uses Redis again",
+    )
+    assert first.extproc.running() and second.extproc.running()
