@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import math
 import time
+import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +43,7 @@ __all__ = [
     "LoadResult",
     "RequestRecord",
     "Summary",
+    "check_loopback",
     "percentile",
     "run_closed_loop",
     "run_open_loop",
@@ -176,8 +179,23 @@ def summarize(result: LoadResult) -> Summary:
 # ------------------------------------------------------------------------------------ the client
 
 
+def check_loopback(base_url: str) -> None:
+    """Refuse a target that is not on loopback: the benchmarks never leave the machine."""
+    host = urllib.parse.urlsplit(base_url).hostname or ""
+    try:
+        ok = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"load generator target {base_url!r}: host {host!r} is not a loopback address "
+            "(127.0.0.0/8, ::1 or localhost)"
+        )
+
+
 class _Client:
     def __init__(self, base_url: str, request_timeout: float) -> None:
+        check_loopback(base_url)
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.request_timeout = request_timeout
         self.session: aiohttp.ClientSession | None = None

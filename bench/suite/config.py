@@ -76,8 +76,8 @@ two keeps them - the ratio of the prefix working set to a pod's cache is what ma
 absolute size. Answers are 64 tokens so that the SSE chunk rate, and with it the CPU of the load
 generator, Envoy, the extproc and the sims, stays inside 2 shared cores: the CPU table below shows
 the load generator at ~0.1 core and its sends close to schedule (send-lag column), so the queueing
-happens in the sims. Round-robin's capacity is about 8 pods / ~0.3 s per mostly-missing request = ~25 QPS; the
-sweep goes from 10 to 40 QPS to cross it.
+happens in the sims. Round-robin's capacity is about 8 pods / ~0.3 s per mostly-missing request
+= ~25 QPS; the sweep goes from 10 to 40 QPS to cross it.
 """
 
 _CORE = ["envoy-rr", "ours-default", "vllm-router-cache_aware"]

@@ -94,3 +94,14 @@ def test_percentile() -> None:
     assert loadgen.percentile([3.0, 1.0, 2.0], 50) == 2.0
     assert loadgen.percentile([1.0, 2.0], 90) == pytest.approx(1.9)
     assert loadgen.percentile([], 50) != loadgen.percentile([], 50)  # NaN
+
+
+def test_only_loopback_targets() -> None:
+    for url in ("http://127.0.0.1:1/v1", "http://127.0.0.12:8000/v1", "http://localhost/v1"):
+        loadgen.check_loopback(url)
+    for url in ("http://10.0.0.5:8000/v1", "https://example.com/v1", "not a url"):
+        with pytest.raises(ValueError, match="not a loopback address"):
+            loadgen.check_loopback(url)
+    convs = workloads.lora_mix(qps=5, duration=1, seed=0)
+    with pytest.raises(ValueError, match=r"10\.1\.2\.3"):
+        loadgen.run(loadgen.run_open_loop("http://10.1.2.3:80/v1", convs, duration=1))
