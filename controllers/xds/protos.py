@@ -9,6 +9,7 @@ without a list to keep up to date.
 from __future__ import annotations
 
 import importlib
+import json
 import pkgutil
 from collections.abc import Iterator, Mapping
 from functools import cache
@@ -78,7 +79,50 @@ def to_message(resource: Mapping[str, Any]) -> message.Message:
     return msg
 
 
+_ROUTE_CONFIG = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+_route_cache: dict[str, message.Message] = {}
+_ROUTE_CACHE_MAX = 20_000
+
+
+def _route_configuration(resource: Mapping[str, Any]) -> message.Message:
+    """A RouteConfiguration with each route converted once and cached by its JSON: with 1,000
+    ModelServers a change converts one route, not 1,000 (ParseDict is ~0.5 ms per route)."""
+    from envoy.config.route.v3 import route_components_pb2
+
+    hosts = resource.get("virtual_hosts") or []
+    msg = to_message({k: v for k, v in resource.items() if k != "virtual_hosts"})
+    if len(_route_cache) > _ROUTE_CACHE_MAX:
+        _route_cache.clear()
+    for host in hosts:
+        vh = msg.virtual_hosts.add()
+        body = {k: v for k, v in host.items() if k != "routes"}
+        try:
+            json_format.ParseDict(body, vh)
+        except json_format.ParseError as exc:
+            raise ResourceError(f"RouteConfiguration {resource.get('name')!r}: {exc}") from exc
+        for route in host.get("routes") or []:
+            key = json.dumps(route, sort_keys=True, separators=(",", ":"))
+            cached = _route_cache.get(key)
+            if cached is None:
+                cached = route_components_pb2.Route()
+                try:
+                    json_format.ParseDict(route, cached)
+                except json_format.ParseError as exc:
+                    raise ResourceError(
+                        f"RouteConfiguration {resource.get('name')!r} route "
+                        f"{route.get('name')!r}: {exc}"
+                    ) from exc
+                _route_cache[key] = cached
+            vh.routes.append(cached)
+    return msg
+
+
 def to_any(resource: Mapping[str, Any]) -> any_pb2.Any:
     packed = any_pb2.Any()
-    packed.Pack(to_message(resource))
+    if resource.get("@type") == _ROUTE_CONFIG and not any(
+        "@type" in json.dumps(h.get("routes", [])) for h in resource.get("virtual_hosts") or []
+    ):
+        packed.Pack(_route_configuration(resource))
+    else:
+        packed.Pack(to_message(resource))
     return packed
