@@ -177,6 +177,24 @@ def _measure(
     )
 
 
+def fleet_port(replicas: int, first_host: str = "127.0.0.10") -> int:
+    """A port free on every sim address right now (other fleets may share 127.0.0.x)."""
+    import ipaddress
+    import socket
+
+    base = ipaddress.ip_address(first_host)
+    for _ in range(50):
+        port = free_port(first_host)
+        try:
+            for i in range(1, replicas):
+                with socket.socket() as s:
+                    s.bind((str(base + i), port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError(f"no port free on all {replicas} addresses from {first_host}")
+
+
 def _log(text: str) -> None:
     print(text, flush=True)
 
@@ -219,7 +237,7 @@ def run_suite(config: SuiteConfig, run_dir: Path) -> SuiteResult:
         fleet = Fleet(
             config.replicas,
             model=config.model,
-            port=free_port("127.0.0.10"),
+            port=fleet_port(config.replicas),
             args=tuple(config.sim_args),
             log_dir=cdir,
             name_prefix="sim",
