@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import sys
 import threading
@@ -38,6 +39,10 @@ class ControllerConfig:
     resync_seconds: float = 30.0
     consistency_timeout: float = 0.0
     queue_exit_timeout: float = 2.0  # how long event workers may drain the queue on exit
+    # the ADS server (controllers/xds) fed from the same API: None = off
+    xds_port: int | None = None
+    xds_host: str = "0.0.0.0"
+    xds_args: list[str] = field(default_factory=list)  # extra matrixinfer-xds flags
     debounce_seconds: float = 0.05  # a reconcile waits this long after a wake-up for more events
     status_interval_seconds: float = (
         1.0  # status patches that only move counters, at most this often
@@ -103,6 +108,39 @@ async def run_operator(
     registry, controller = build(config)
     if config.metrics_port is not None:
         controller.metrics.serve(config.metrics_port, config.metrics_host)
+    xds_task = _start_xds(config)
+    try:
+        await _run_kopf(config, registry, stop_flag, ready_flag)
+    finally:
+        if xds_task is not None:
+            xds_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await xds_task
+    return controller
+
+
+def _start_xds(config: ControllerConfig) -> asyncio.Task[None] | None:
+    """The ADS server in this process (``--xds-port``), watching the same API server."""
+    if config.xds_port is None:
+        return None
+    from controllers.xds.main import XdsApp
+    from controllers.xds.main import parse_args as xds_args
+
+    argv = ["--source", "kubernetes", "--host", config.xds_host, "--port", str(config.xds_port)]
+    if config.server:
+        argv += ["--server", config.server]
+    if len(config.namespaces) == 1:
+        argv += ["--namespace", config.namespaces[0]]
+    app = XdsApp(xds_args([*argv, *config.xds_args]))
+    return asyncio.create_task(app.run(asyncio.Event()), name="xds-server")
+
+
+async def _run_kopf(
+    config: ControllerConfig,
+    registry: kopf.OperatorRegistry,
+    stop_flag: asyncio.Event | threading.Event | None,
+    ready_flag: asyncio.Event | threading.Event | None,
+) -> None:
     await kopf.operator(
         registry=registry,
         settings=make_settings(config),
@@ -113,7 +151,6 @@ async def run_operator(
         stop_flag=stop_flag,
         ready_flag=ready_flag,
     )
-    return controller
 
 
 def parse_args(argv: Sequence[str] | None) -> ControllerConfig:
@@ -126,6 +163,13 @@ def parse_args(argv: Sequence[str] | None) -> ControllerConfig:
     ap.add_argument("--metrics-host", default="0.0.0.0")
     ap.add_argument("--liveness-port", type=int, default=8080, help="Kopf /healthz port")
     ap.add_argument("--resync-seconds", type=float, default=30.0)
+    ap.add_argument("--xds-port", type=int, default=0, help="serve ADS on this port (0: off)")
+    ap.add_argument(
+        "--xds-arg",
+        action="append",
+        default=[],
+        help="extra matrixinfer-xds flag, e.g. --xds-arg=--listen-port=8080 (repeatable)",
+    )
     ap.add_argument("--verbose", "-v", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(
@@ -142,6 +186,8 @@ def parse_args(argv: Sequence[str] | None) -> ControllerConfig:
         ),
         resync_seconds=args.resync_seconds,
         consistency_timeout=5.0,
+        xds_port=args.xds_port or None,
+        xds_args=list(args.xds_arg),
     )
 
 

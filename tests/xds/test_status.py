@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from controllers.status.compute import PodView, route_status, server_status
+from matrixinfer.envoy_config import AdsBootstrap, render_ads_bootstrap
+from matrixinfer.process import Child, find_envoy, free_port, http_ok
 from tests.controllers.kmockenv import Api, eventually, operator
+from tests.xds.conftest import Envoy
 from tests.xds.kube import create_pod, create_route, create_server, kube, set_pod_ready
+from tests.xds.test_ads_envoy import until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -97,3 +104,46 @@ async def test_operator_writes_route_and_server_status() -> None:
                 what="dangling route resolved",
             )
             assert conditions(api, "modelservers", "missing")["Ready"]["status"] == "False"
+
+
+async def test_controllers_serve_ads_from_the_api(tmp_path: Path) -> None:
+    """matrixinfer-controllers --xds-port: the ADS server runs in the operator process."""
+    xds_port, admin, listen = free_port(), free_port(), free_port()
+    async with kube() as api:
+        await create_server(api, "pool", {"app": "sim"}, 8000)
+        await create_route(api, "good", "m1", ["pool"])
+        await create_pod(api, "p0", "10.0.0.1", {"app": "sim"})
+        async with operator(
+            api,
+            xds_port=xds_port,
+            xds_host="127.0.0.1",
+            xds_args=["--listen-port", str(listen)],
+        ):
+            bootstrap = tmp_path / "envoy.yaml"
+            bootstrap.write_text(render_ads_bootstrap(AdsBootstrap(admin, xds_port)))
+            child = Child(
+                "envoy",
+                [
+                    find_envoy(),
+                    "-c",
+                    str(bootstrap),
+                    "--disable-hot-restart",
+                    "--log-level",
+                    "warn",
+                    "--concurrency",
+                    "1",
+                ],
+                log_path=tmp_path / "envoy.log",
+                ready=functools.partial(http_ok, f"http://127.0.0.1:{admin}/ready"),
+            )
+            await asyncio.to_thread(child.start)
+            try:
+                envoy = Envoy(child, admin, listen)
+                assert "modelserver/ns/pool" in envoy.route_names()
+                await create_server(api, "pool-b", {"app": "sim"}, 8000)
+                await create_route(api, "model-b", "m2", ["pool-b"])
+                await until(
+                    lambda: "modelserver/ns/pool-b" in envoy.route_names(), 1.0, "new route"
+                )
+            finally:
+                await asyncio.to_thread(child.stop)
