@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 import crds
 from extproc.scheduling import build_scheduler
@@ -17,9 +18,12 @@ def _model_servers() -> list[tuple[str, crds.ModelServer]]:
     for path in sorted(EXAMPLES.rglob("*.yaml")):
         if "invalid" in path.parts:
             continue
-        for obj in crds.load_documents(path.read_text(), source=str(path)):
-            if isinstance(obj, crds.ModelServer):
-                found.append((f"{path.name}:{obj.metadata.name}", obj))
+        # example folders also hold other kinds (Deployments, gateway config): take ModelServers
+        for doc in yaml.safe_load_all(path.read_text()):
+            if isinstance(doc, dict) and doc.get("kind") == "ModelServer":
+                obj = crds.parse_object(doc, source=str(path))
+                assert isinstance(obj, crds.ModelServer)
+                found.append((f"{path.parent.name}/{path.name}:{obj.metadata.name}", obj))
     return found
 
 
