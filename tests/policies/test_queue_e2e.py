@@ -1,0 +1,201 @@
+"""The fair queue end to end: one small simulator pod kept saturated by a flooding heavy user; a
+light user's requests wait in the gateway's queue but are served first (fair share), the queue
+is bounded (429) and timed (503 + Retry-After), and a client that goes away leaves the queue."""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+
+import openai
+import pytest
+from openai import OpenAI
+
+from matrixinfer.process import free_port, wait_until
+from matrixinfer.stack import GatewayStack
+from sim.fleet import Fleet
+from tests.policies.conftest import KEYS, keys_yaml, policy_stack, write_config
+from tests.policies.test_policies_e2e import metric
+
+ROUTES = """
+apiVersion: networking.matrixinfer.ai/v1alpha1
+kind: ModelServer
+metadata: {name: small}
+spec:
+  model: demo-model
+  inferenceEngine: vLLM
+  workloadSelector: {matchLabels: {app: sim}}
+  workloadPort: {port: 8000}
+  scheduler:
+    filters: [{name: ready}, {name: saturation, args: {maxWaiting: 1}}]
+    scorers: [{name: least-request, weight: 1}]
+---
+apiVersion: networking.matrixinfer.ai/v1alpha1
+kind: ModelRoute
+metadata: {name: busy}
+spec:
+  modelName: busy-model
+  queue: {maxQueued: 40, maxWait: 8s, priorityHeader: x-priority}
+  rules: [{targets: [{modelServerName: small}]}]
+---
+apiVersion: networking.matrixinfer.ai/v1alpha1
+kind: ModelRoute
+metadata: {name: tiny-queue}
+spec:
+  modelName: tiny-model
+  queue: {maxQueued: 0, maxWait: 1s}
+  rules: [{targets: [{modelServerName: small}]}]
+---
+apiVersion: networking.matrixinfer.ai/v1alpha1
+kind: ModelRoute
+metadata: {name: impatient}
+spec:
+  modelName: impatient-model
+  queue: {maxQueued: 10, maxWait: 300ms}
+  rules: [{targets: [{modelServerName: small}]}]
+"""
+
+
+@pytest.fixture(scope="module")
+def queue_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayStack]:
+    fleet = Fleet(
+        1,
+        port=free_port("127.0.0.80"),
+        first_host="127.0.0.80",
+        # one pod that runs 2 sequences at a time, 60 tokens take ~0.6 s
+        args=("--time-scale", "1", "--max-num-seqs", "2"),
+        log_dir=tmp_path_factory.mktemp("queue-sims"),
+    )
+    with fleet:
+        config = tmp_path_factory.mktemp("queue-config")
+        write_config(config, fleet, ROUTES)
+        secrets = tmp_path_factory.mktemp("queue-secrets")
+        (secrets / "keys.yaml").write_text(keys_yaml(KEYS))
+        (secrets / "auth.yaml").write_text(f"apiKeysFile: {secrets / 'keys.yaml'}\n")
+        stack = policy_stack(
+            config,
+            tmp_path_factory.mktemp("queue-run"),
+            fleet,
+            ("--auth-config", str(secrets / "auth.yaml")),
+            message_timeout_ms=15000,  # > the longest maxWait (8 s)
+        )
+        try:
+            yield stack
+        finally:
+            stack.stop()
+
+
+_clients: dict[tuple[str, str, float], OpenAI] = {}
+
+
+def call(
+    stack: GatewayStack, key: str, model: str, tokens: int = 8, timeout: float = 30, **h: str
+) -> float:
+    c = _clients.get((stack.url, key, timeout))
+    if c is None:
+        c = _clients[(stack.url, key, timeout)] = OpenAI(
+            base_url=stack.url, api_key=key, max_retries=0, timeout=timeout
+        )
+    began = time.monotonic()
+    c.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "q"}],
+        max_tokens=tokens,
+        extra_headers=h or None,
+    )
+    return time.monotonic() - began
+
+
+def test_light_user_is_served_ahead_of_a_flood(queue_stack: GatewayStack) -> None:
+    stop = threading.Event()
+    heavy: list[float] = []
+    errors: list[BaseException] = []
+
+    def flood() -> None:
+        while not stop.is_set():
+            try:
+                heavy.append(call(queue_stack, "key-heavy", "busy-model", tokens=60))
+            except BaseException as exc:  # collected, asserted below
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=flood, daemon=True) for _ in range(12)]
+    for t in threads:
+        t.start()
+    try:
+        wait_until(
+            lambda: (
+                metric(queue_stack, "matrixinfer_gateway_queue_length", model="busy-model") >= 4
+            ),
+            20,
+            "the heavy user's flood queues in the gateway",
+        )
+        light = [call(queue_stack, "key-light", "busy-model", tokens=60) for _ in range(10)]
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert not errors, errors[:3]
+    light_p90 = statistics.quantiles(light, n=10)[-1]
+    heavy_p50 = statistics.median(heavy)
+    print(f"light p90 {light_p90 * 1000:.0f} ms, heavy p50 {heavy_p50 * 1000:.0f} ms")
+    # the light user overtakes the queued flood: its slow tail is below the heavy user's median
+    assert light_p90 < heavy_p50
+    assert metric(queue_stack, "matrixinfer_gateway_queue_outcomes_total", result="dispatched") > 0
+
+
+def _saturate(stack: GatewayStack, stop: threading.Event) -> list[threading.Thread]:
+    def load() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(openai.APIError):
+                call(stack, "key-heavy", "busy-model", tokens=60)
+
+    threads = [threading.Thread(target=load, daemon=True) for _ in range(8)]
+    for t in threads:
+        t.start()
+    wait_until(
+        lambda: metric(stack, "matrixinfer_gateway_queue_length", model="busy-model") >= 2,
+        20,
+        "the pod is saturated and requests queue",
+    )
+    return threads
+
+
+def test_full_queue_429_and_timeout_503_and_disconnect(queue_stack: GatewayStack) -> None:
+    stop = threading.Event()
+    threads = _saturate(queue_stack, stop)
+    try:
+        with pytest.raises(openai.RateLimitError) as full:
+            call(queue_stack, "key-light", "tiny-model")
+        assert "maxQueued" in str(full.value)
+        with pytest.raises(openai.InternalServerError) as late:
+            call(queue_stack, "key-light", "impatient-model")
+        assert late.value.status_code == 503
+        assert int(late.value.response.headers["retry-after"]) >= 1
+        assert "maxWait" in str(late.value)
+        # a client that gives up while queued leaves the queue at once
+        cancelled = metric(
+            queue_stack, "matrixinfer_gateway_queue_outcomes_total", result="cancelled"
+        )
+        with pytest.raises(openai.APITimeoutError):
+            # priority -5: behind everyone, it cannot be served before the client gives up
+            call(queue_stack, "key-light", "busy-model", timeout=0.5, **{"x-priority": "-5"})
+        wait_until(
+            lambda: (
+                metric(queue_stack, "matrixinfer_gateway_queue_outcomes_total", result="cancelled")
+                > cancelled
+            ),
+            5,
+            "the disconnected request left the queue",
+        )
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    with urllib.request.urlopen(f"{queue_stack.extproc_url}/metrics", timeout=2) as resp:
+        text = resp.read().decode()
+    assert 'matrixinfer_gateway_queue_wait_seconds_bucket{le="0.005",model="busy-model"' in text
