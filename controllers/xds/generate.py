@@ -24,10 +24,11 @@ What is generated (one listener, one route configuration, three clusters):
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 __all__ = [
     "CLUSTER",
@@ -468,5 +469,5 @@ def generate(settings: GatewaySettings, inputs: XdsInputs) -> Resources:
 
 def content_hash(resources: Mapping[str, Mapping[str, Any]]) -> str:
     """A stable digest of one type's resources (the version changes only when this changes)."""
-    data = json.dumps(resources, sort_keys=True, separators=(",", ":")).encode()
+    data = orjson.dumps(resources, option=orjson.OPT_SORT_KEYS)
     return hashlib.sha256(data).hexdigest()[:16]

@@ -9,12 +9,12 @@ without a list to keep up to date.
 from __future__ import annotations
 
 import importlib
-import json
 import pkgutil
 from collections.abc import Iterator, Mapping
 from functools import cache
 from typing import Any
 
+import orjson
 from google.protobuf import any_pb2, json_format, message, symbol_database
 
 __all__ = ["ResourceError", "message_class", "to_any"]
@@ -80,7 +80,7 @@ def to_message(resource: Mapping[str, Any]) -> message.Message:
 
 
 _ROUTE_CONFIG = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
-_route_cache: dict[str, message.Message] = {}
+_route_cache: dict[bytes, message.Message] = {}
 _ROUTE_CACHE_MAX = 20_000
 
 
@@ -101,7 +101,7 @@ def _route_configuration(resource: Mapping[str, Any]) -> message.Message:
         except json_format.ParseError as exc:
             raise ResourceError(f"RouteConfiguration {resource.get('name')!r}: {exc}") from exc
         for route in host.get("routes") or []:
-            key = json.dumps(route, sort_keys=True, separators=(",", ":"))
+            key = orjson.dumps(route, option=orjson.OPT_SORT_KEYS)
             cached = _route_cache.get(key)
             if cached is None:
                 cached = route_components_pb2.Route()
@@ -120,7 +120,7 @@ def _route_configuration(resource: Mapping[str, Any]) -> message.Message:
 def to_any(resource: Mapping[str, Any]) -> any_pb2.Any:
     packed = any_pb2.Any()
     if resource.get("@type") == _ROUTE_CONFIG and not any(
-        "@type" in json.dumps(h.get("routes", [])) for h in resource.get("virtual_hosts") or []
+        b"@type" in orjson.dumps(h.get("routes", [])) for h in resource.get("virtual_hosts") or []
     ):
         packed.Pack(_route_configuration(resource))
     else:
