@@ -59,24 +59,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fail-open", action="store_true")
     p.add_argument("--retries", type=int, default=2)
     p.add_argument("--access-log", action="store_true")
+    p.add_argument(
+        "--no-policy-filters",
+        action="store_true",
+        help="leave out extproc.usage's Envoy filters/access logs (usage accounting)",
+    )
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
 
 def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
-    return with_policy_filters(
-        GatewaySettings(
-            listen_host=args.listen_host,
-            listen_port=args.listen_port,
-            gateway_name=args.gateway_name,
-            body_mode=args.body_mode,
-            body_limit=args.body_limit,
-            message_timeout_ms=args.message_timeout_ms,
-            fail_open=args.fail_open,
-            retries=args.retries,
-            access_log=args.access_log,
-        )
+    settings = GatewaySettings(
+        listen_host=args.listen_host,
+        listen_port=args.listen_port,
+        gateway_name=args.gateway_name,
+        body_mode=args.body_mode,
+        body_limit=args.body_limit,
+        message_timeout_ms=args.message_timeout_ms,
+        fail_open=args.fail_open,
+        retries=args.retries,
+        access_log=args.access_log,
     )
+    return settings if args.no_policy_filters else with_policy_filters(settings)
 
 
 class XdsApp:

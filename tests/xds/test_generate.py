@@ -18,7 +18,7 @@ from controllers.xds.generate import (
     generate,
 )
 from controllers.xds.protos import ResourceError, to_any
-from controllers.xds.sources import inputs_from_config
+from controllers.xds.sources import inputs_from_config, with_policy_filters
 from extproc.datastore import GatewayConfig, StaticEndpoint
 
 DOCS = """apiVersion: networking.matrixinfer.ai/v1alpha1
@@ -179,3 +179,15 @@ def test_inputs_from_a_gateway_config_resolve_pods_like_the_extproc() -> None:
     )
     got = inputs_from_config(config, ["127.0.0.1:9002"])
     assert list(got.pod_addresses) == ["10.0.0.1:8000", "10.0.0.2:9000"]
+
+
+def test_usage_filters_come_from_extproc_usage() -> None:
+    usage = pytest.importorskip("extproc.usage")
+    settings = with_policy_filters(GatewaySettings())
+    res = generate(settings, inputs())
+    hcm = res[LISTENER_TYPE]["openai"]["filter_chains"][0]["filters"][0]["typed_config"]
+    names = [f["name"] for f in hcm["http_filters"]]
+    expected = [f["name"] for f in usage.envoy_http_filters()]
+    assert names == ["envoy.filters.http.ext_proc", *expected, "envoy.filters.http.router"]
+    assert [a["name"] for a in hcm["access_log"]] == [a["name"] for a in usage.envoy_access_logs()]
+    assert to_any(res[LISTENER_TYPE]["openai"]).value  # Envoy's schema accepts them
