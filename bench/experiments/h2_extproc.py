@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import struct
 from typing import Any
@@ -309,7 +310,8 @@ class H2ExtProc(asyncio.Protocol):
         if not flags & END_HEADERS:
             return
         block, s.block = s.block, b""
-        headers = self.decoder.decode(block)  # always decoded: keeps the HPACK table in step
+        # always decoded, even when unused: keeps the HPACK table in step with Envoy's
+        headers: Any = self.decoder.decode(block)
         if s.ctx is None and not s.path:
             for name, value in headers:
                 if name == ":path":
@@ -318,7 +320,7 @@ class H2ExtProc(asyncio.Protocol):
             if s.path == PROCESS_PATH:
                 ctx = s.ctx = StreamContext(self, sid)
                 s.task = self.loop.create_task(self.servicer.Process(None, ctx))
-                s.task.add_done_callback(lambda t, sid=sid: self._done(sid, t))
+                s.task.add_done_callback(functools.partial(self._done, sid))
             elif s.path != HEALTH_PATH:
                 self._finish(sid, _trailers(12))  # UNIMPLEMENTED
         if flags & END_STREAM:

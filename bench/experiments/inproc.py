@@ -22,7 +22,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from bench.gateway_overhead import UPSTREAM_HOSTS, gateway_config, request_body
 from extproc.config_files import ConfigWatcher
-from extproc.datastore import Datastore
+from extproc.datastore import Datastore, GatewayConfig
 from extproc.gateway import Gateway
 from extproc.metrics import GatewayMetrics
 from extproc.servicer import ExtProcServicer
@@ -72,7 +72,7 @@ async def rounds(servicer: ExtProcServicer, wire: list[bytes], n: int) -> list[f
     for _ in range(5):
         t0 = time.process_time()
         for _ in range(n):
-            await servicer.Process(None, FakeContext(wire))  # type: ignore[arg-type]
+            await servicer.Process(None, FakeContext(wire))  # type: ignore[arg-type, unused-ignore]
         best.append((time.process_time() - t0) / n * 1e6)
     return best
 
@@ -84,7 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         config = gateway_config(Path(tmp), 8080)
         ds = Datastore()
-        watcher = ConfigWatcher(config, ds.apply)
+
+        def apply(c: GatewayConfig) -> None:
+            ds.apply(c)
+
+        watcher = ConfigWatcher(config, apply)
         assert watcher.load_now()
         gw = Gateway(ds, GatewayMetrics())
         servicer = ExtProcServicer(gw)
