@@ -1,7 +1,7 @@
 """Self-check of the HTTP/2 prototype's flow control (not a test; exits 1 on a mismatch).
 
-``python -m bench.experiments.h2_check``: a servicer that answers each request body with a
-``body_mutation`` of 3x its size (up to 3 MB: many DATA frames, past grpcio's 64 KiB initial
+``python -m bench.experiments.h2_check [--inline]``: a servicer that answers each request body
+with a ``body_mutation`` of 3x its size (up to 3 MB: many DATA frames, past grpcio's 64 KiB initial
 window, so sending blocks and resumes on WINDOW_UPDATE), called by a grpcio client, 20 streams
 in parallel, each checked byte for byte; then a health check and an unknown method.
 """
@@ -44,7 +44,7 @@ def main() -> int:
     loop = asyncio.new_event_loop()
 
     async def serve() -> None:
-        await start_h2(Echo(), "127.0.0.1", port)
+        await start_h2(Echo(), "127.0.0.1", port, inline="--inline" in sys.argv)
         ready.set()
         await asyncio.Event().wait()
 

@@ -69,7 +69,7 @@ def frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
 class StreamContext:
     """What ``ExtProcServicer.Process`` uses of a grpc.aio context: ``read()`` and ``write()``."""
 
-    __slots__ = ("conn", "ended", "queue", "sid", "waiter")
+    __slots__ = ("conn", "driver", "ended", "queue", "sid", "waiter")
 
     def __init__(self, conn: H2ExtProc, sid: int) -> None:
         self.conn = conn
@@ -77,6 +77,7 @@ class StreamContext:
         self.queue: collections.deque[Any] = collections.deque()
         self.waiter: asyncio.Future[None] | None = None
         self.ended = False
+        self.driver: InlineDriver | None = None
 
     async def read(self) -> Any:
         queue = self.queue
@@ -94,6 +95,58 @@ class StreamContext:
         w = self.waiter
         if w is not None and not w.done():
             w.set_result(None)
+            d = self.driver
+            if d is not None and d.on_read:
+                d.step()
+
+
+class InlineDriver:
+    """EXPERIMENT (``inline=True``): step ``Process`` directly instead of in an ``asyncio.Task``.
+
+    While the coroutine waits for its own ``read()``, the frame parser resumes it synchronously
+    (no loop round trip per message); any other awaited future is waited on like a Task would.
+    Not a drop-in Task: ``asyncio.current_task()`` is None inside (``asyncio.timeout`` fails).
+    """
+
+    __slots__ = ("conn", "coro", "ctx", "on_read", "sid", "waiting")
+
+    def __init__(self, conn: H2ExtProc, sid: int, ctx: StreamContext, coro: Any) -> None:
+        self.conn, self.sid, self.ctx, self.coro = conn, sid, ctx, coro
+        self.on_read = False
+        self.waiting: Any = None
+
+    def step(self, exc: BaseException | None = None) -> None:
+        self.on_read = False
+        try:
+            fut = self.coro.send(None) if exc is None else self.coro.throw(exc)
+        except StopIteration:
+            self.conn._finish(self.sid, TRAILERS_OK)
+            return
+        except asyncio.CancelledError:
+            return
+        except Exception:
+            log.exception("ext_proc stream %d failed", self.sid)
+            self.conn._finish(self.sid, _trailers(13))
+            return
+        if fut is not None and fut is self.ctx.waiter:
+            self.on_read = True
+        elif fut is None:
+            self.conn.loop.call_soon(self.step)
+        else:
+            fut._asyncio_future_blocking = False
+            self.waiting = fut
+            fut.add_done_callback(self._wakeup)
+
+    def _wakeup(self, fut: Any) -> None:
+        self.waiting = None
+        self.step()
+
+    def cancel(self) -> None:
+        if self.waiting is not None:
+            self.waiting.remove_done_callback(self._wakeup)
+            self.waiting.cancel()
+            self.waiting = None
+        self.step(asyncio.CancelledError())
 
 
 class Stream:
@@ -122,8 +175,9 @@ class Stream:
 
 
 class H2ExtProc(asyncio.Protocol):
-    def __init__(self, servicer: Any, deserialize: Any) -> None:
+    def __init__(self, servicer: Any, deserialize: Any, inline: bool = False) -> None:
         self.servicer = servicer
+        self.inline = inline
         self.deserialize = deserialize
         self.loop = asyncio.get_running_loop()
         self.transport: Any = None
@@ -201,9 +255,11 @@ class H2ExtProc(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        for s in self.streams.values():
+        for s in list(self.streams.values()):
             if s.task is not None:
                 s.task.cancel()
+            elif s.ctx is not None and s.ctx.driver is not None:
+                s.ctx.driver.cancel()
         self.streams.clear()
 
     def data_received(self, data: bytes) -> None:
@@ -266,6 +322,8 @@ class H2ExtProc(asyncio.Protocol):
                     self.blocked.discard(sid)
                     if s is not None and s.task is not None:
                         s.task.cancel()
+                    elif s is not None and s.ctx is not None and s.ctx.driver is not None:
+                        s.ctx.driver.cancel()
                 elif kind == GOAWAY:
                     pass  # Envoy opens a new connection; streams here finish normally
         except Exception:  # a malformed connection is closed, the process goes on
@@ -319,8 +377,12 @@ class H2ExtProc(asyncio.Protocol):
                     break
             if s.path == PROCESS_PATH:
                 ctx = s.ctx = StreamContext(self, sid)
-                s.task = self.loop.create_task(self.servicer.Process(None, ctx))
-                s.task.add_done_callback(functools.partial(self._done, sid))
+                if self.inline:
+                    ctx.driver = InlineDriver(self, sid, ctx, self.servicer.Process(None, ctx))
+                    ctx.driver.step()
+                else:
+                    s.task = self.loop.create_task(self.servicer.Process(None, ctx))
+                    s.task.add_done_callback(functools.partial(self._done, sid))
             elif s.path != HEALTH_PATH:
                 self._finish(sid, _trailers(12))  # UNIMPLEMENTED
         if flags & END_STREAM:
@@ -359,17 +421,17 @@ class H2ExtProc(asyncio.Protocol):
             self._finish(sid, TRAILERS_OK)
 
 
-async def start_h2(servicer: Any, host: str, port: int) -> asyncio.Server:
+async def start_h2(servicer: Any, host: str, port: int, inline: bool = False) -> asyncio.Server:
     from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
     loop = asyncio.get_running_loop()
     deserialize = pb.ProcessingRequest.FromString
-    return await loop.create_server(lambda: H2ExtProc(servicer, deserialize), host, port)
+    return await loop.create_server(lambda: H2ExtProc(servicer, deserialize, inline), host, port)
 
 
-def serve_h2(port: int, servicer: Any) -> None:
+def serve_h2(port: int, servicer: Any, inline: bool = False) -> None:
     async def run() -> None:
-        server = await start_h2(servicer, "127.0.0.1", port)
+        server = await start_h2(servicer, "127.0.0.1", port, inline)
         async with server:
             await server.serve_forever()
 

@@ -2,11 +2,13 @@
 
 ``.venv/bin/python -m pytest -p bench.experiments.h2_pytest_plugin tests/extproc tests/matrixinfer``
 swaps ``extproc.main`` for ``bench.experiments.h2_real`` in every ``GatewayStack`` the tests
-start, so the product's own end-to-end tests check that the prototype transport behaves the same.
+start (``H2_INLINE=1``: with the InlineDriver), so the product's own end-to-end tests check
+that the prototype transport behaves the same.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from matrixinfer import stack as _stack
@@ -18,6 +20,8 @@ def _init(self: Any, *args: Any, **kwargs: Any) -> None:
     _orig_init(self, *args, **kwargs)
     argv = self.extproc.argv
     argv[argv.index("extproc.main")] = "bench.experiments.h2_real"
+    if os.environ.get("H2_INLINE") == "1":  # the InlineDriver experiment
+        argv.append("--inline")
 
 
 _stack.GatewayStack.__init__ = _init  # type: ignore[method-assign]

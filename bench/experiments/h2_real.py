@@ -20,11 +20,12 @@ from extproc.servicer import ExtProcServicer
 
 
 async def run(argv: list[str]) -> None:
-    args = parse_args(argv)
+    inline = "--inline" in argv  # experiment: InlineDriver instead of a Task per stream
+    args = parse_args([a for a in argv if a != "--inline"])
     app = ExtProcApp(args)
     app.watcher.load_now()
     servicer = ExtProcServicer(app.gateway, body_mode=args.body_mode, body_limit=args.body_limit)
-    server = await start_h2(servicer, args.host, args.grpc_port)
+    server = await start_h2(servicer, args.host, args.grpc_port, inline)
     runner = web.AppRunner(build_app(app.metrics.registry, app.state, app.ready), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, args.host, args.http_port).start()

@@ -41,6 +41,12 @@ from matrixinfer.process import Child, find_envoy, free_port, http_ok, wait_unti
 from matrixinfer.stack import GatewayStack, StackOptions
 
 PROFILE = Path("/tmp/extproc-profile.prof")
+FLAGS = {
+    "tuned": ["--tuned"],
+    "nouv": ["--no-uvloop"],
+    "gc": ["--gc-freeze"],
+    "inline": ["--inline"],
+}
 
 
 @dataclass
@@ -96,11 +102,9 @@ def variant_stack(
     )
     argv = [sys.executable, "-m", "bench.experiments.servers", name, str(grpc_port),
             f"{UPSTREAM_HOSTS[0]}:{upstream_port}"]  # fmt: skip
-    argv += {"tuned": ["--tuned"], "nouv": ["--no-uvloop"], "gc": ["--gc-freeze"]}.get(
-        flags[0] if flags else "", []
-    )
+    argv += FLAGS.get(flags[0] if flags else "", [])
     for f in flags[1:]:
-        argv += {"tuned": ["--tuned"], "nouv": ["--no-uvloop"], "gc": ["--gc-freeze"]}[f]
+        argv += FLAGS[f]
 
     def listening() -> bool:
         with socket.socket() as sock:

@@ -205,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-uvloop", action="store_true")
     p.add_argument("--tuned", action="store_true", help="grpc server options OPTIONS_TUNED")
     p.add_argument("--gc-freeze", action="store_true")
+    p.add_argument("--inline", action="store_true", help="h2: InlineDriver instead of a Task")
     args = p.parse_args(argv)
     if not args.no_uvloop:
         import uvloop
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.variant == "h2":
         from bench.experiments.h2_extproc import serve_h2
 
-        serve_h2(args.port, aio_pb(args.dest))
+        serve_h2(args.port, aio_pb(args.dest), inline=args.inline)
         return 0
     serve_grpc(args.variant, args.port, args.dest, OPTIONS_TUNED if args.tuned else [])
     return 0
