@@ -1,4 +1,5 @@
-"""Render the Envoy bootstrap in ``envoy/gateway.yaml.tmpl`` for the local stack and the gateway."""
+"""Envoy bootstraps: ADS (``envoy/ads.yaml.tmpl``, the local stack) and a static one generated
+from the same xDS resources (benchmarks)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ __all__ = [
 ]
 
 _ROOT = Path(__file__).resolve().parent.parent
-TEMPLATE = "gateway.yaml.tmpl"
+TEMPLATE = "ads.yaml.tmpl"  # template_path() also locates baseline.yaml.tmpl next to it
 
 
 def template_path() -> Path:
@@ -47,37 +48,43 @@ class EnvoySettings:
     route_timeout_s: int = 0  # 0: no limit on the whole exchange (answers stream)
     stream_idle_timeout_s: int = 300
     access_log: bool = False
-
-
-def _access_log() -> str:
-    text = template_path().with_name("access_log.yaml.part").read_text()
-    return "".join(line for line in text.splitlines(keepends=True) if not line.startswith("#"))
+    policy_filters: bool = False  # add extproc.usage's Envoy filters/access logs
 
 
 def render_bootstrap(settings: EnvoySettings) -> str:
+    """A static bootstrap (no xDS server) made from the generated xDS resources
+    (``controllers.xds.generate.static_bootstrap``): the one definition of the gateway's Envoy
+    config. Used by the benchmarks; the local stack runs Envoy on ADS
+    (:func:`render_ads_bootstrap`)."""
+    import json
+
+    from controllers.xds.generate import GatewaySettings, XdsInputs, static_bootstrap
+    from controllers.xds.sources import with_policy_filters
+
     s = settings
-    text = template_path().read_text()
-    values = {
-        "NODE_ID": s.node_id,
-        "ADMIN_PORT": str(s.admin_port),
-        "LISTEN_HOST": s.listen_host,
-        "LISTEN_PORT": str(s.listen_port),
-        "BUFFER_LIMIT": str(s.body_limit + 1024 * 1024),
-        "STREAM_IDLE_TIMEOUT": f"{s.stream_idle_timeout_s}s",
-        "ROUTE_TIMEOUT": f"{s.route_timeout_s}s",
-        "RETRIES": str(s.retries),
-        "MESSAGE_TIMEOUT": f"{s.message_timeout_ms / 1000:.3f}s",
-        "BODY_MODE": s.body_mode,
-        "TRAILER_MODE": "SEND" if s.body_mode == "FULL_DUPLEX_STREAMED" else "SKIP",
-        "FAILURE_MODE_ALLOW": "true" if s.fail_open else "false",
-        "EXTPROC_HOST": s.extproc_host,
-        "EXTPROC_PORT": str(s.extproc_port),
-        "CONNECT_TIMEOUT": f"{s.connect_timeout_ms / 1000:.3f}s",
-        "EDS_PATH": str(s.eds_path),
-        "EDS_DIR": str(s.eds_path.parent),
-        "ACCESS_LOG": _access_log() if s.access_log else "",
-    }
-    return string.Template(text).substitute(values)
+    gateway = GatewaySettings(
+        listen_host=s.listen_host,
+        listen_port=s.listen_port,
+        body_mode=s.body_mode,
+        body_limit=s.body_limit,
+        message_timeout_ms=s.message_timeout_ms,
+        fail_open=s.fail_open,
+        retries=s.retries,
+        connect_timeout_ms=s.connect_timeout_ms,
+        route_timeout_s=s.route_timeout_s,
+        stream_idle_timeout_s=s.stream_idle_timeout_s,
+        access_log=s.access_log,
+    )
+    if s.policy_filters:
+        gateway = with_policy_filters(gateway)
+    bootstrap = static_bootstrap(
+        gateway,
+        XdsInputs(extproc_endpoints=[f"{s.extproc_host}:{s.extproc_port}"]),
+        admin_port=s.admin_port,
+        eds_path=str(s.eds_path),
+        node_id=s.node_id,
+    )
+    return json.dumps(bootstrap, indent=1) + "\n"  # JSON is YAML: any file name works
 
 
 ADS_TEMPLATE = "ads.yaml.tmpl"
@@ -95,7 +102,7 @@ class AdsBootstrap:
 
 
 def render_ads_bootstrap(settings: AdsBootstrap) -> str:
-    text = template_path().with_name(ADS_TEMPLATE).read_text()
+    text = template_path().with_name(ADS_TEMPLATE).read_text()  # (TEMPLATE is ADS_TEMPLATE)
     values = {
         "NODE_ID": settings.node_id,
         "NODE_CLUSTER": settings.node_cluster,

@@ -47,6 +47,7 @@ __all__ = [
     "content_hash",
     "generate",
     "route_attached",
+    "static_bootstrap",
 ]
 
 LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
@@ -471,3 +472,42 @@ def content_hash(resources: Mapping[str, Mapping[str, Any]]) -> str:
     """A stable digest of one type's resources (the version changes only when this changes)."""
     data = orjson.dumps(resources, option=orjson.OPT_SORT_KEYS)
     return hashlib.sha256(data).hexdigest()[:16]
+
+
+def static_bootstrap(
+    settings: GatewaySettings,
+    inputs: XdsInputs,
+    *,
+    admin_port: int,
+    eds_path: str,
+    node_id: str = "matrixinfer-gateway",
+) -> dict[str, Any]:
+    """The same resources as a static Envoy bootstrap (no ADS): the route configuration inline in
+    the listener, the pods' endpoints from a watched ``ClusterLoadAssignment`` file. For the
+    benchmarks that run Envoy without the xDS server; the generated resources stay the one
+    definition of the gateway's Envoy config."""
+    res = generate(settings, inputs)
+
+    def bare(resource: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in resource.items() if k != "@type"}
+
+    listener = bare(res[LISTENER_TYPE][LISTENER])
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    del hcm["rds"]
+    hcm["route_config"] = bare(res[ROUTE_TYPE][ROUTE_CONFIG])
+    pods = bare(res[CLUSTER][PODS_CLUSTER])
+    directory = eds_path.rsplit("/", 1)[0] or "/"
+    pods["eds_cluster_config"] = {
+        "eds_config": {
+            "resource_api_version": "V3",
+            "path_config_source": {"path": eds_path, "watched_directory": {"path": directory}},
+        }
+    }
+    return {
+        "node": {"id": node_id, "cluster": "matrixinfer-gateway"},
+        "admin": {"address": _socket(f"127.0.0.1:{admin_port}")},
+        "static_resources": {
+            "listeners": [listener],
+            "clusters": [bare(res[CLUSTER][EXTPROC_CLUSTER]), pods],
+        },
+    }

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -191,3 +194,31 @@ def test_usage_filters_come_from_extproc_usage() -> None:
     assert names == ["envoy.filters.http.ext_proc", *expected, "envoy.filters.http.router"]
     assert [a["name"] for a in hcm["access_log"]] == [a["name"] for a in usage.envoy_access_logs()]
     assert to_any(res[LISTENER_TYPE]["openai"]).value  # Envoy's schema accepts them
+
+
+def test_static_bootstrap_from_the_same_resources_is_valid_for_envoy(tmp_path: Path) -> None:
+    from extproc.envoy_eds import write_eds
+    from matrixinfer.envoy_config import EnvoySettings, render_bootstrap
+    from matrixinfer.process import find_envoy
+
+    eds = tmp_path / "eds" / "pods.json"
+    write_eds(eds, "matrixinfer_pods", ["127.0.0.1:8000"])
+    for policy_filters in (False, True):
+        text = render_bootstrap(
+            EnvoySettings(8080, 9901, 9002, eds, access_log=True, policy_filters=policy_filters)
+        )
+        doc = json.loads(text)
+        listener = doc["static_resources"]["listeners"][0]
+        hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        assert hcm["route_config"]["name"] == "openai" and "rds" not in hcm
+        pods = doc["static_resources"]["clusters"][1]
+        assert pods["eds_cluster_config"]["eds_config"]["path_config_source"]["path"] == str(eds)
+        path = tmp_path / f"envoy-{policy_filters}.yaml"
+        path.write_text(text)
+        out = subprocess.run(
+            [find_envoy(), "--mode", "validate", "-c", str(path), "--log-level", "error"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
