@@ -34,23 +34,32 @@ function envoy_on_response(handle)
   local ctype = handle:headers():get("content-type") or ""
   if string.find(ctype, "text/event-stream", 1, true) then
     local events = 0
+    local reported = 0
     local tail = ""
+    local find = string.find
     for chunk in handle:bodyChunks() do
       local n = chunk:length()
       if n > 0 then
         local s = chunk:getBytes(0, n)
-        local _, k = string.gsub(s, "data:", "")
-        if k > 0 then
-          events = events + k
+        local at = find(s, "data:", 1, true)
+        while at do
+          events = events + 1
+          at = find(s, "data:", at + 5, true)
+        end
+        -- the running count survives an abort; updated every 8 events (a metadata write costs
+        -- more than the scan), so an aborted stream is under-counted by at most 7 events
+        if events - reported >= 8 then
+          reported = events
           md(handle):set(NS, "events", events)
         end
         if n >= TAIL then
-          tail = string.sub(s, -TAIL)
+          tail = s
         else
           tail = string.sub(tail .. s, -TAIL)
         end
       end
     end
+    md(handle):set(NS, "events", events)
     local prompt, completion = usage_of(tail)
     if prompt ~= nil then md(handle):set(NS, "prompt", tonumber(prompt)) end
     if completion ~= nil then md(handle):set(NS, "completion", tonumber(completion)) end
