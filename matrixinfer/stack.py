@@ -41,6 +41,10 @@ class StackOptions:
     extra_extproc_args: Sequence[str] = field(default_factory=tuple)
 
 
+def _policies_on(extproc_args: Sequence[str]) -> bool:
+    return any(a == "--policies" or a.startswith("--auth-config") for a in extproc_args)
+
+
 class GatewayStack:
     def __init__(
         self, config_dir: Path | str, run_dir: Path | str, options: StackOptions | None = None
@@ -116,6 +120,8 @@ class GatewayStack:
                 str(o.retries),
                 *(["--fail-open"] if o.fail_open else []),
                 *(["--access-log"] if o.access_log else []),
+                # the usage-accounting filters only serve an extproc that runs its policies
+                *([] if _policies_on(o.extra_extproc_args) else ["--no-policy-filters"]),
                 "--log-level",
                 o.extproc_log_level,
             ],
