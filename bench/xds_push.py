@@ -208,12 +208,11 @@ FINDINGS = """## Findings
   route only, and versions are hashed with orjson. What remains is generating and hashing the
   dicts, sending 1,000 routes and Envoy applying them (state of the world re-sends the whole
   RouteConfiguration; delta xDS is not implemented).
-- **Datastore rebuild is O(ModelServers x pods).** `Datastore._build` (extproc/datastore.py,
-  issue 4's code) tests every endpoint against every ModelServer's selector: 250,000 `selects()`
-  calls here, ~80% of the rebuild in cProfile. Indexing endpoints by one (label, value) pair of
-  each selector — as `KubeSource.build` now does (246 -> 37 ms for the same 5,000 pods) — would
-  make it O(pods). Until then a pod readiness change at this size blocks the extproc's event loop
-  for the rebuild time above (requests wait meanwhile).
+- **Datastore rebuild is O(pods).** `Datastore._build` indexes endpoints by (label, value) and
+  tests each ModelServer's selector only against the endpoints carrying its rarest pair
+  (`extproc.datastore.selected`); it used to test every endpoint against every selector
+  (250,000 `selects()` calls here, 453 ms per rebuild, now ~12 ms). A pod readiness change still
+  rebuilds the whole snapshot, on the extproc's event loop.
 - Memory is small: ~0.5 KB per pod in the snapshot, ~0.26 KB per endpoint handed over.
 """
 

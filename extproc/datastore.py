@@ -110,6 +110,33 @@ def selects(match_labels: Mapping[str, str] | None, labels: Mapping[str, str]) -
     return all(labels.get(k) == v for k, v in match_labels.items())
 
 
+def index_by_label(
+    endpoints: list[StaticEndpoint],
+) -> dict[tuple[str, str], list[StaticEndpoint]]:
+    """Endpoints by each (label, value) pair they carry, in configuration order."""
+    index: dict[tuple[str, str], list[StaticEndpoint]] = {}
+    for endpoint in endpoints:
+        for pair in endpoint.labels.items():
+            index.setdefault(pair, []).append(endpoint)
+    return index
+
+
+def selected(
+    match_labels: Mapping[str, str] | None,
+    index: Mapping[tuple[str, str], list[StaticEndpoint]],
+) -> list[StaticEndpoint]:
+    """The endpoints ``match_labels`` selects (``selects`` semantics), in configuration order.
+
+    Only the endpoints carrying the selector's rarest label pair are tested, so building a
+    snapshot costs O(pods), not O(ModelServers x pods).
+    """
+    if not match_labels:
+        return []
+    lists = [index.get(pair, []) for pair in match_labels.items()]
+    fewest = min(lists, key=len)
+    return [e for e in fewest if selects(match_labels, e.labels)]
+
+
 def _address(endpoint: StaticEndpoint, port: int | None) -> str | None:
     if endpoint.address.rsplit(":", 1)[-1].isdigit() and ":" in endpoint.address:
         return endpoint.address
@@ -152,6 +179,7 @@ class Datastore:
         pods: dict[str, Pod] = {}
         servers: dict[str, ServerView] = {}
         server_models: dict[str, str | None] = {}
+        by_label = index_by_label(config.endpoints)
         for server in config.servers:
             key = object_key(server)
             spec = server.spec
@@ -159,9 +187,7 @@ class Datastore:
             port_obj = getattr(spec, "workload_port", None)
             port = getattr(port_obj, "port", None)
             members: list[Pod] = []
-            for endpoint in config.endpoints:
-                if not selects(selector, endpoint.labels):
-                    continue
+            for endpoint in selected(selector, by_label):
                 address = _address(endpoint, port)
                 if address is None:
                     warnings.append(
