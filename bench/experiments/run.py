@@ -29,6 +29,7 @@ from pathlib import Path
 from bench.gateway_overhead import (
     UPSTREAM_HOSTS,
     WRK_LUA,
+    baseline_envoy,
     cpu_seconds,
     gateway_config,
     nginx_child,
@@ -70,6 +71,11 @@ def variant_stack(
     spec: str, run: Path, upstream_port: int, body_mode: str
 ) -> Iterator[tuple[str, int | None, int | None]]:
     name, *flags = spec.split("+")
+    if name == "envoy":  # plain Envoy round-robin (bench.gateway_overhead's baseline)
+        baseline, url = baseline_envoy(run, upstream_port)
+        with baseline:
+            yield url, None, baseline.pid
+        return
     if name in ("real", "real-h2"):
         profile = "profile" in flags
         extra = [f"--{f}" for f in flags if f != "profile"]
@@ -177,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"rep {rep} {spec:24s} {s.rps:7.0f} req/s  extproc "
                               f"{s.cpu_ext_ms:.3f} ms/req  envoy {s.cpu_envoy_ms:.3f} ms/req  "
                               f"p50 {s.p50_ms:.2f} ms  err {s.errors}", flush=True)  # fmt: skip
-                        if args.rate and rep == 0:
+                        if args.rate:
                             (run / "body.json").write_bytes(body)
                             r = run_hey(url, run / "body.json", args.rate, args.seconds, (env, ext))
                             rows[spec].latency.append(
