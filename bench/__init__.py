@@ -1,1 +1,1 @@
-"""MatrixInfer benchmarks: each module runs as `python -m bench.<name>` and writes bench/reports/."""
+"""MatrixInfer benchmarks: each runs as `python -m bench.<name>`; reports in bench/reports/."""

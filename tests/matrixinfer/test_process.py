@@ -40,7 +40,7 @@ def test_child_that_exits_early_reports_its_log(logdir: Path) -> None:
         ready=lambda: False,
         ready_timeout=20,
     )
-    with pytest.raises(ReadinessTimeout, match="(?s)exited with code 3.*boom happened"):
+    with pytest.raises(ReadinessTimeout, match=r"(?s)exited with code 3.*boom happened"):
         child.start()
 
 
