@@ -51,6 +51,7 @@ from matrixinfer.stack import GatewayStack, StackOptions
 
 REPORT = Path(__file__).parent / "reports" / "policy_overhead.md"
 KEY = "bench-key-0123456789"
+STREAM_WORKERS = 20  # a 500-token stream takes ~0.5 s: enough concurrent streams for the rate
 
 
 @dataclass
@@ -80,8 +81,9 @@ def hey(
     seconds: float,
     pids: tuple[int | None, ...],
     headers: dict[str, str] | None = None,
+    workers: int = 0,
 ) -> Window:
-    workers = max(2, int(rate // 25))
+    workers = workers or max(2, int(rate // 25))
     argv = ["hey", "-z", f"{seconds}s", "-c", str(workers), "-q", f"{rate / workers:g}",
             "-m", "POST", "-T", "application/json", "-D", str(body_file), "-o", "csv"]  # fmt: skip
     for k, v in (headers or {}).items():
@@ -176,6 +178,8 @@ def bench_admission(run: Path, seconds: float, rate: float) -> list[Window]:
         try:
             for name, redis_addr, extra in (
                 ("data path (no policies)", None, ()),
+                ("usage accounting only (--policies, route without auth/limits)", None,
+                 ("--policies",)),
                 ("auth + local limits", None, ("--auth-config", str(secrets / "auth.yaml"))),
                 ("auth + Redis limits", redis.address,
                  ("--auth-config", str(secrets / "auth.yaml"))),
@@ -186,8 +190,8 @@ def bench_admission(run: Path, seconds: float, rate: float) -> list[Window]:
                 with stack:
                     print(name, flush=True)
                     url = f"{stack.url}/chat/completions"
-                    policies = bool(extra)
-                    body_file = run / ("limited.json" if policies else "body.json")
+                    limited = "--auth-config" in extra
+                    body_file = run / ("limited.json" if limited else "body.json")
                     pids = (stack.envoy.pid, stack.extproc.pid)
                     hey(name, url, body_file, rate, 2, pids, auth)  # warm-up
                     out.append(hey(name, url, body_file, rate, seconds, pids, auth))
@@ -275,8 +279,12 @@ def streamed_stack(run: Path, pod: str, scan: bool) -> tuple[Child, Child, str]:
     write_eds(eds, "matrixinfer_pods", [pod])
     text = render_bootstrap(EnvoySettings(listen, admin, grpc_port, eds, message_timeout_ms=5000))
     if scan:
-        text = text.replace("response_header_mode: SKIP", "response_header_mode: SEND")
-        text = text.replace("response_body_mode: NONE", "response_body_mode: STREAMED")
+        # the bootstrap is JSON: switch the ext_proc filter to response headers SEND + body STREAMED
+        before = text
+        text = text.replace('"response_header_mode": "SKIP"', '"response_header_mode": "SEND"')
+        text = text.replace('"response_body_mode": "NONE"', '"response_body_mode": "STREAMED"')
+        if text.count("STREAMED") != before.count("STREAMED") + 1:
+            raise RuntimeError("could not switch the ext_proc filter to response body STREAMED")
     bootstrap = run / "envoy.yaml"
     bootstrap.write_text(text)
     import socket
@@ -357,8 +365,10 @@ spec:
                 print(name, flush=True)
                 url = f"{stack.url}/chat/completions"
                 pids = (stack.envoy.pid, stack.extproc.pid)
-                hey(name, url, run / "stream.json", rate, 2, pids)
-                out.append(hey(name, url, run / "stream.json", rate, seconds, pids))
+                hey(name, url, run / "stream.json", rate, 2, pids, workers=STREAM_WORKERS)
+                out.append(
+                    hey(name, url, run / "stream.json", rate, seconds, pids, workers=STREAM_WORKERS)
+                )
         for name, scan in (
             ("stream 500 tok: minimal ext_proc, response SKIP", False),
             ("stream 500 tok: minimal ext_proc, response body STREAMED", True),
@@ -369,8 +379,10 @@ spec:
             with extproc, envoy:
                 print(name, flush=True)
                 pids = (envoy.pid, extproc.pid)
-                hey(name, url, run / "stream.json", rate, 2, pids)
-                out.append(hey(name, url, run / "stream.json", rate, seconds, pids))
+                hey(name, url, run / "stream.json", rate, 2, pids, workers=STREAM_WORKERS)
+                out.append(
+                    hey(name, url, run / "stream.json", rate, seconds, pids, workers=STREAM_WORKERS)
+                )
     return out
 
 

@@ -56,6 +56,7 @@ class PolicyError(GatewayError):
 
 class PolicyMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = registry
         self.auth = Counter(
             "matrixinfer_gateway_auth_results",
@@ -114,6 +115,14 @@ class PolicyMetrics:
             ["model", "result"],
             registry=r,
         )
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, cached (the lookup costs more than the update)."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
 
 @dataclass(slots=True)
@@ -176,7 +185,7 @@ class Policies:
         try:
             return self.auth.authenticate(headers)
         except GatewayError:
-            self.metrics.auth.labels("bearer", "unauthenticated").inc()
+            self.metrics.child(self.metrics.auth, "bearer", "unauthenticated").inc()
             raise
 
     # ---- per-route policy ---------------------------------------------------------------------
@@ -232,12 +241,12 @@ class Policies:
             else:
                 admission = self.local.admit(key, limits, estimate)
         except GatewayError:
-            m.labels(policy.name, "unavailable").inc()
+            self.metrics.child(m, policy.name, "unavailable").inc()
             raise
         if not admission.ok:
-            m.labels(policy.name, "limited").inc()
+            self.metrics.child(m, policy.name, "limited").inc()
             raise self._limited(admission, policy.name)
-        m.labels(policy.name, "admitted").inc()
+        self.metrics.child(m, policy.name, "admitted").inc()
         charge.bucket = key
         charge.limits = limits
         return charge
@@ -247,16 +256,16 @@ class Policies:
             try:
                 who = self.auth.identify(identity, policy.name)
             except GatewayError:
-                self.metrics.auth.labels("none", "unauthenticated").inc()
+                self.metrics.child(self.metrics.auth, "none", "unauthenticated").inc()
                 raise
         else:
             who = identity or ANONYMOUS
         try:
             authorize(who, policy.access, policy.name)
         except GatewayError:
-            self.metrics.auth.labels(who.method, "forbidden").inc()
+            self.metrics.child(self.metrics.auth, who.method, "forbidden").inc()
             raise
-        self.metrics.auth.labels(who.method, "ok").inc()
+        self.metrics.child(self.metrics.auth, who.method, "ok").inc()
         return who
 
     @staticmethod
@@ -303,9 +312,9 @@ class Policies:
     def _settle(self, charge: Charge, usage: Usage, count: bool = True) -> None:
         if count:
             m = self.metrics
-            m.usage_reports.labels(usage.source).inc()
-            m.usage_tokens.labels(charge.model, "prompt").inc(usage.prompt)
-            m.usage_tokens.labels(charge.model, "completion").inc(usage.completion)
+            m.child(m.usage_reports, usage.source).inc()
+            m.child(m.usage_tokens, charge.model, "prompt").inc(usage.prompt)
+            m.child(m.usage_tokens, charge.model, "completion").inc(usage.completion)
             self.window.add(charge.user, usage.prompt, usage.completion)
         if charge.bucket is None or charge.limits is None:
             return

@@ -87,6 +87,9 @@ class Admission:
     reason: str = ""
 
 
+_ADMITTED = Admission(True)
+
+
 def _fmt(seconds: float) -> str:
     return f"{max(0.0, seconds):.3g}s"
 
@@ -163,6 +166,7 @@ class Buckets:
                 st[0] -= 1
             if limits.input is not None:
                 st[1] -= estimate
+            return _ADMITTED  # headers are only sent with a 429: not built on the hot path
         return Admission(ok, wait, _headers(limits, (st[0], st[1], st[2])), reason)
 
     def settle(self, key: str, limits: Limits, estimate: int, prompt: int, completion: int) -> None:
@@ -291,10 +295,11 @@ class RedisBuckets:
             if self.fail_open:
                 return self.fallback.admit(key, limits, estimate)
             raise limiter_unavailable(self.address)
-        ok = int(result[0]) == 1
+        if int(result[0]) == 1:
+            return _ADMITTED
         levels = (float(result[1]), float(result[2]), float(result[3]))
-        _, wait, reason = decide(limits, levels) if not ok else (True, 0.0, "")
-        return Admission(ok, wait, _headers(limits, levels), reason)
+        _, wait, reason = decide(limits, levels)
+        return Admission(False, wait, _headers(limits, levels), reason)
 
     async def settle(
         self, key: str, limits: Limits, estimate: int, prompt: int, completion: int
