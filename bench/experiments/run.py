@@ -76,14 +76,18 @@ def variant_stack(
         with baseline:
             yield url, None, baseline.pid
         return
-    if name in ("real", "real-h2"):
+    if name in ("real", "real-h2", "real-h2lib"):
         profile = "profile" in flags
         extra = [f"--{f}" for f in flags if f != "profile"]
         stack = GatewayStack(
             gateway_config(run, upstream_port),
             run / f"real-{len(os.listdir(run))}",
             StackOptions(
-                body_mode=body_mode, extproc_log_level="WARNING", extra_extproc_args=extra
+                body_mode=body_mode,
+                extproc_log_level="WARNING",
+                extra_extproc_args=extra,
+                # real-h2lib: the product's --transport h2 (extproc/transport_h2.py)
+                transport="h2" if name == "real-h2lib" else "grpc",
             ),
         )
         if name == "real-h2":

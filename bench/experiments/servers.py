@@ -194,7 +194,22 @@ def serve_grpc(variant: str, port: int, dest: str, options: list[tuple[str, Any]
     asyncio.run(run())
 
 
-VARIANTS = ("aio-pb", "aio-pbgen", "aio-raw", "sync-raw", "h2")
+def serve_h2lib(port: int, servicer: Any) -> None:
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+    from extproc.transport_h2 import PROCESS_PATH, GrpcMethod, H2Server
+
+    async def run() -> None:
+        server = H2Server(
+            {PROCESS_PATH: GrpcMethod(servicer.Process, pb.ProcessingRequest.FromString)}
+        )
+        await server.start("127.0.0.1", port)
+        await asyncio.Event().wait()
+
+    asyncio.run(run())
+
+
+VARIANTS = ("aio-pb", "aio-pbgen", "aio-raw", "sync-raw", "h2", "h2lib")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.gc_freeze:
         gc.freeze()
         gc.set_threshold(50_000, 50, 100)
+    if args.variant == "h2lib":  # the product's extproc.transport_h2 (h2 library)
+        serve_h2lib(args.port, aio_pb(args.dest))
+        return 0
     if args.variant == "h2":
         from bench.experiments.h2_extproc import serve_h2
 
