@@ -133,7 +133,12 @@ async def jwks_server(unused_tcp_port: int) -> AsyncIterator[JwksServer]:
 
 def token(key: rsa.RSAPrivateKey, kid: str, **claims: Any) -> str:
     now = int(time.time())
-    body = {"iss": "https://idp", "aud": "matrixinfer", "sub": "alice", "tenant": "acme"}
+    body: dict[str, Any] = {
+        "iss": "https://idp",
+        "aud": "matrixinfer",
+        "sub": "alice",
+        "tenant": "acme",
+    }
     body.update({"exp": now + 60, "iat": now})
     body.update(claims)
     return jwt.encode(body, key, algorithm="RS256", headers={"kid": kid})

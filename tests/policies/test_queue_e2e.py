@@ -93,7 +93,12 @@ _clients: dict[tuple[str, str, float], OpenAI] = {}
 
 
 def call(
-    stack: GatewayStack, key: str, model: str, tokens: int = 8, timeout: float = 30, **h: str
+    stack: GatewayStack,
+    key: str,
+    model: str,
+    tokens: int = 8,
+    timeout: float = 30,
+    headers: dict[str, str] | None = None,
 ) -> float:
     c = _clients.get((stack.url, key, timeout))
     if c is None:
@@ -105,7 +110,7 @@ def call(
         model=model,
         messages=[{"role": "user", "content": "q"}],
         max_tokens=tokens,
-        extra_headers=h or None,
+        extra_headers=headers,
     )
     return time.monotonic() - began
 
@@ -183,7 +188,7 @@ def test_full_queue_429_and_timeout_503_and_disconnect(queue_stack: GatewayStack
         )
         with pytest.raises(openai.APITimeoutError):
             # priority -5: behind everyone, it cannot be served before the client gives up
-            call(queue_stack, "key-light", "busy-model", timeout=0.5, **{"x-priority": "-5"})
+            call(queue_stack, "key-light", "busy-model", timeout=0.5, headers={"x-priority": "-5"})
         wait_until(
             lambda: (
                 metric(queue_stack, "matrixinfer_gateway_queue_outcomes_total", result="cancelled")
