@@ -249,6 +249,7 @@ class Policies:
         self.metrics.child(m, policy.name, "admitted").inc()
         charge.bucket = key
         charge.limits = limits
+        charge.where = admission.where
         return charge
 
     def _identify(self, identity: Identity | None, policy: RoutePolicy) -> Identity:
@@ -322,7 +323,12 @@ class Policies:
         if limits.redis is not None:
             task = asyncio.get_running_loop().create_task(
                 self._redis(limits.redis).settle(
-                    charge.bucket, limits, charge.estimate, usage.prompt, usage.completion
+                    charge.bucket,
+                    limits,
+                    charge.estimate,
+                    usage.prompt,
+                    usage.completion,
+                    charge.where,
                 )
             )
             self._tasks.add(task)

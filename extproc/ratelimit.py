@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,9 +86,11 @@ class Admission:
     retry_after: float = 0.0  # seconds until the failing bucket allows a request
     headers: dict[str, str] = field(default_factory=dict)
     reason: str = ""
+    where: str = "local"  # local | redis: the bucket that holds the reservation
 
 
 _ADMITTED = Admission(True)
+_ADMITTED_REDIS = Admission(True, where="redis")
 
 
 def _fmt(seconds: float) -> str:
@@ -248,6 +251,9 @@ class RedisBuckets:
         self.clock = clock
         self.down_since: float | None = None
         self._next_try = float("-inf")
+        # settlements Redis could not take (bounded), replayed in order when it is back
+        self.backlog: deque[tuple[str, Limits, int, int]] = deque(maxlen=100_000)
+        self.replayed = 0
 
     def _args(self, limits: Limits) -> list[Any]:
         return [
@@ -287,6 +293,8 @@ class RedisBuckets:
             self.down_since = None
             if self.on_outage:
                 self.on_outage(False)
+            if self.backlog:
+                await self._replay()
         return result
 
     async def admit(self, key: str, limits: Limits, estimate: int) -> Admission:
@@ -296,17 +304,44 @@ class RedisBuckets:
                 return self.fallback.admit(key, limits, estimate)
             raise limiter_unavailable(self.address)
         if int(result[0]) == 1:
-            return _ADMITTED
+            return _ADMITTED_REDIS
         levels = (float(result[1]), float(result[2]), float(result[3]))
         _, wait, reason = decide(limits, levels)
         return Admission(False, wait, _headers(limits, levels), reason)
 
     async def settle(
-        self, key: str, limits: Limits, estimate: int, prompt: int, completion: int
+        self,
+        key: str,
+        limits: Limits,
+        estimate: int,
+        prompt: int,
+        completion: int,
+        where: str = "redis",
     ) -> None:
-        result = await self._call(key, "settle", limits, estimate - prompt, completion)
-        if result is None and self.fail_open:
+        """Settle where the reservation was made; the shared budget always learns the usage:
+        a request admitted locally during an outage is charged to Redis in full (its real prompt
+        and output), and settlements Redis could not take are replayed when it is back."""
+        if where == "local":
             self.fallback.settle(key, limits, estimate, prompt, completion)
+            correction = -prompt  # Redis never reserved this request's estimate
+        else:
+            correction = estimate - prompt
+        result = await self._call(key, "settle", limits, correction, completion)
+        if result is None:
+            self.backlog.append((key, limits, correction, completion))
+
+    async def _replay(self) -> None:
+        while self.backlog:
+            key, limits, correction, completion = self.backlog[0]
+            try:
+                await self.script(
+                    keys=[f"mi:rl:{key}"],
+                    args=["settle", *self._args(limits), correction, completion],
+                )
+            except Exception:  # down again: keep the rest for the next recovery
+                return
+            self.backlog.popleft()
+            self.replayed += 1
 
     async def close(self) -> None:
         await self.client.aclose()

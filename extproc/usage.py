@@ -126,6 +126,7 @@ class Charge:
     limits: Limits | None = None
     finished_at: float | None = None
     model: str = ""
+    where: str = "local"  # local | redis: where the rate-limit reservation was made
 
 
 @dataclass(slots=True, frozen=True)

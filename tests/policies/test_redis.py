@@ -168,3 +168,33 @@ def test_two_gateways_share_the_redis_budget_and_survive_an_outage(
         "the gateway uses Redis again",
     )
     assert first.extproc.running() and second.extproc.running()
+
+
+async def test_settlements_during_an_outage_are_replayed(redis_server: RedisServer) -> None:
+    import redis.asyncio as aioredis
+
+    buckets = RedisBuckets(redis_server.address, fail_open=True, retry_after=0.2)
+    direct = aioredis.Redis(host="127.0.0.1", port=redis_server.port)
+    lim = limits(redis_server, input=1000, output=1000)
+    try:
+        before = await buckets.admit("replay", lim, 100)
+        assert before.ok and before.where == "redis"
+        redis_server.stop()
+        await buckets.settle("replay", lim, 100, 40, 300, "redis")  # Redis down: kept
+        during = await buckets.admit("replay", lim, 10)  # fail-open: a local reservation
+        assert during.ok and during.where == "local"
+        await buckets.settle("replay", lim, 10, 10, 200, "local")  # charged locally and kept
+        assert len(buckets.backlog) == 2
+        redis_server.restart()
+        await asyncio.sleep(0.25)
+        # Redis restarted empty (no persistence): the replay charges the outage's usage to the
+        # fresh shared bucket — nothing settled during the outage is lost
+        assert (await buckets.admit("replay", lim, 0)).ok
+        assert not buckets.backlog and buckets.replayed == 2
+        level = float(await direct.hget("mi:rl:replay", "o") or 0)
+        assert level == pytest.approx(1000 - 300 - 200, abs=1)
+    finally:
+        if not redis_server.answers():
+            redis_server.restart()
+        await buckets.close()
+        await direct.aclose()
