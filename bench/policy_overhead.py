@@ -149,7 +149,7 @@ def start_stack(config: Path, run: Path, wanted: set[str], extra: tuple[str, ...
     return stack
 
 
-def bench_admission(run: Path, seconds: float, rate: float) -> list[Window]:
+def bench_admission(run: Path, seconds: float, rate: float, rounds: int) -> list[Window]:
     out: list[Window] = []
     upstream_port = free_port(UPSTREAM_HOSTS[0])
     wanted = {f"{h}:{upstream_port}" for h in UPSTREAM_HOSTS}
@@ -176,28 +176,59 @@ def bench_admission(run: Path, seconds: float, rate: float) -> list[Window]:
     with nginx_child(run, upstream_port):
         redis.start()
         try:
-            for name, redis_addr, extra in (
+            configs = (
                 ("data path (no policies)", None, ()),
                 ("usage accounting only (--policies, route without auth/limits)", None,
                  ("--policies",)),
                 ("auth + local limits", None, ("--auth-config", str(secrets / "auth.yaml"))),
                 ("auth + Redis limits", redis.address,
                  ("--auth-config", str(secrets / "auth.yaml"))),
-            ):  # fmt: skip
-                config = gateway_config(run / name.replace(" ", "_"), upstream_port)
-                (config / "limited.yaml").write_text(policy_routes(upstream_port, redis_addr))
-                stack = start_stack(config, run / f"run-{len(out)}", wanted, extra)
-                with stack:
-                    print(name, flush=True)
-                    url = f"{stack.url}/chat/completions"
+            )  # fmt: skip
+            stacks: list[tuple[str, GatewayStack, Path]] = []
+            try:
+                # all stacks up at once, measured in interleaved rounds: a change of machine load
+                # hits every configuration alike; each figure is the median over the rounds
+                for name, redis_addr, extra in configs:
+                    config = gateway_config(run / name.replace(" ", "_"), upstream_port)
+                    (config / "limited.yaml").write_text(policy_routes(upstream_port, redis_addr))
+                    stack = start_stack(config, run / f"run-{len(stacks)}", wanted, extra)
                     limited = "--auth-config" in extra
-                    body_file = run / ("limited.json" if limited else "body.json")
-                    pids = (stack.envoy.pid, stack.extproc.pid)
-                    hey(name, url, body_file, rate, 2, pids, auth)  # warm-up
-                    out.append(hey(name, url, body_file, rate, seconds, pids, auth))
+                    stacks.append((name, stack, run / ("limited.json" if limited else "body.json")))
+                windows: dict[str, list[Window]] = {name: [] for name, _, _ in stacks}
+                for name, stack, body_file in stacks:  # warm-up
+                    hey(name, f"{stack.url}/chat/completions", body_file, rate, 2,
+                        (stack.envoy.pid, stack.extproc.pid), auth)  # fmt: skip
+                for r in range(rounds):
+                    print(f"round {r + 1}/{rounds}", flush=True)
+                    for name, stack, body_file in stacks:
+                        pids = (stack.envoy.pid, stack.extproc.pid)
+                        url = f"{stack.url}/chat/completions"
+                        windows[name].append(hey(name, url, body_file, rate, seconds, pids, auth))
+                for name, _, _ in stacks:
+                    out.append(median_window(name, windows[name]))
+            finally:
+                for _, stack, _ in stacks:
+                    stack.stop()
         finally:
             redis.stop()
     return out
+
+
+def median_window(name: str, ws: list[Window]) -> Window:
+    import statistics as st
+
+    return Window(
+        name,
+        ws[0].rate,
+        st.median(w.achieved for w in ws),
+        sum(w.count for w in ws),
+        sum(w.errors for w in ws),
+        st.median(w.p50 for w in ws),
+        st.median(w.p90 for w in ws),
+        st.median(w.p99 for w in ws),
+        st.median(w.cpu_envoy_ms for w in ws),
+        st.median(w.cpu_extproc_ms for w in ws),
+    )
 
 
 # ------------------------------------------------------------------------- usage accounting
@@ -397,6 +428,9 @@ def report(admission: list[Window], usage: list[Window], args: argparse.Namespac
         "",
         "## Admission policies at 200 req/s (nginx upstream, 1 KB chat body)",
         "",
+        f"All four stacks running, measured in {args.rounds} interleaved rounds of "
+        f"{args.seconds:g} s; medians over the rounds.",
+        "",
         "| configuration | p50 ms | p90 ms | p99 ms | errors | CPU/req Envoy ms | "
         "CPU/req extproc ms | Δp50 vs data path | ΔCPU/req vs data path |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -442,6 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.policy_overhead")
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--rate", type=float, default=200.0)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved admission rounds")
     p.add_argument("--stream-rate", type=float, default=20.0)
     p.add_argument("--skip-admission", action="store_true")
     p.add_argument("--skip-usage", action="store_true")
@@ -459,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         run = Path(tmp)
         if not args.skip_admission:
             (run / "a").mkdir()
-            admission = bench_admission(run / "a", args.seconds, args.rate)
+            admission = bench_admission(run / "a", args.seconds, args.rate, args.rounds)
         if not args.skip_usage:
             (run / "u").mkdir()
             usage = bench_usage(run / "u", args.seconds, args.stream_rate)
