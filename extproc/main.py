@@ -113,6 +113,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=10.0,
         help="seconds to wait for a request's usage report before charging its estimate",
     )
+    p.add_argument(
+        "--transport",
+        choices=("grpc", "h2"),
+        default="grpc",
+        help="ext_proc server: grpc = grpc.aio; h2 = the lean h2-library transport "
+        "(extproc/transport_h2.py, docs/gateway.md) (default grpc)",
+    )
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     p.add_argument("--no-uvloop", action="store_true", help="use the default asyncio loop")
     args = p.parse_args(argv)
@@ -201,6 +208,9 @@ class ExtProcApp:
         args = self.args
         if not self.watcher.load_now():
             log.error("starting without a configuration; fix %s (it is watched)", args.config)
+        if args.transport == "h2":
+            await self._run_h2(stop)
+            return
         server = grpc.aio.server(
             options=[
                 ("grpc.so_reuseport", 0),
@@ -258,6 +268,70 @@ class ExtProcApp:
             log.info("extproc stopping")
             for service in ("", EXT_PROC_SERVICE):
                 await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+            await self.watcher.stop()
+            for task in background:
+                task.cancel()
+            if self.policies is not None:
+                await self.policies.close()
+            if self.scraper is not None:
+                await self.scraper.stop()
+            await server.stop(grace=1.0)
+            await runner.cleanup()
+
+    async def _run_h2(self, stop: asyncio.Event) -> None:
+        """The same services on ``extproc.transport_h2`` instead of grpc.aio."""
+        from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+        from extproc.transport_h2 import PROCESS_PATH, GrpcMethod, H2Server
+
+        args = self.args
+        servicer = ExtProcServicer(
+            self.gateway, body_mode=args.body_mode, body_limit=args.body_limit
+        )
+        methods = {PROCESS_PATH: GrpcMethod(servicer.Process, pb.ProcessingRequest.FromString)}
+        background: list[asyncio.Task[None]] = []
+        if self.policies is not None:
+            from envoy.service.accesslog.v3 import als_pb2
+
+            from extproc.usage import AccessLogServicer
+
+            usage = AccessLogServicer(self.policies.ledger)
+            methods["/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs"] = GrpcMethod(
+                usage.StreamAccessLogs, als_pb2.StreamAccessLogsMessage.FromString, True
+            )
+            background.append(asyncio.create_task(self.policies.run()))
+            auth = self.policies.auth
+            if auth is not None and auth.jwks is not None:
+                await auth.jwks.refresh()
+                background.append(asyncio.create_task(auth.jwks.run()))
+        server = H2Server(
+            methods,
+            health_services=("", EXT_PROC_SERVICE),
+            max_message=args.body_limit + 1024 * 1024,
+        )
+        await server.start(args.host, args.grpc_port)
+        runner = web.AppRunner(
+            build_app(self.metrics.registry, self.state, self.ready), access_log=None
+        )
+        await runner.setup()
+        await web.TCPSite(runner, args.host, args.http_port).start()
+        self.watcher.start()
+        self._start_scraper()
+        if self.scraper is not None:
+            await self.scraper.start()
+        log.info(
+            "extproc serving ext_proc (h2 transport) on %s:%d (body mode %s), HTTP on %s:%d",
+            args.host,
+            args.grpc_port,
+            args.body_mode,
+            args.host,
+            args.http_port,
+        )
+        try:
+            await stop.wait()
+        finally:
+            log.info("extproc stopping")
+            server.stopping = True  # health: NOT_SERVING from here on
             await self.watcher.stop()
             for task in background:
                 task.cancel()

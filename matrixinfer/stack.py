@@ -39,6 +39,7 @@ class StackOptions:
     envoy_log_level: str = "warn"
     envoy_concurrency: int = 2
     extra_extproc_args: Sequence[str] = field(default_factory=tuple)
+    transport: str = "grpc"  # extproc's ext_proc server: grpc (grpc.aio) or h2 (docs/gateway.md)
 
 
 def _policies_on(extproc_args: Sequence[str]) -> bool:
@@ -82,6 +83,8 @@ class GatewayStack:
                 str(o.config_poll),
                 "--log-level",
                 o.extproc_log_level,
+                "--transport",
+                o.transport,
                 *o.extra_extproc_args,
             ],
             log_path=self.run_dir / "extproc.log",

@@ -1,0 +1,267 @@
+"""extproc.transport_h2 against grpcio clients (and a raw socket for protocol errors)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from extproc.transport_h2 import PROCESS_PATH, GrpcMethod, H2Server
+
+pytestmark = pytest.mark.timeout(30)
+
+SUM_PATH = "/test.Sum/Add"
+BIG = 10 * 1024 * 1024
+
+
+class Echo:
+    """Answers every request: its body length in a header reply; ``big`` gets a 10 MB body."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.finished: list[str] = []  # "eof" | "cancelled"
+
+    async def Process(self, request_iterator: Any, context: Any) -> None:
+        self.started.set()
+        try:
+            while True:
+                req = await context.read()
+                if req is grpc.aio.EOF:
+                    self.finished.append("eof")
+                    return
+                body = req.request_body.body
+                if body == b"boom":
+                    raise RuntimeError("handler failed on purpose")
+                reply = pb.ProcessingResponse()
+                if body == b"big":
+                    reply.request_body.response.body_mutation.body = b"x" * BIG
+                else:
+                    reply.request_body.response.body_mutation.body = str(len(body)).encode()
+                await context.write(reply)
+        except asyncio.CancelledError:
+            self.finished.append("cancelled")
+            raise
+
+
+async def add(request_iterator: Any, context: Any) -> pb.ProcessingResponse:
+    total = 0
+    async for req in request_iterator:
+        total += len(req.request_body.body)
+    reply = pb.ProcessingResponse()
+    reply.request_body.response.body_mutation.body = str(total).encode()
+    return reply
+
+
+def body(data: bytes) -> pb.ProcessingRequest:
+    return pb.ProcessingRequest(request_body=pb.HttpBody(body=data, end_of_stream=True))
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[H2Server, Echo, grpc.aio.Channel]]:
+    echo = Echo()
+    parse = pb.ProcessingRequest.FromString
+    server = H2Server(
+        {
+            PROCESS_PATH: GrpcMethod(echo.Process, parse),
+            SUM_PATH: GrpcMethod(add, parse, unary_response=True),
+        },
+        health_services=("", "envoy.service.ext_proc.v3.ExternalProcessor"),
+        max_concurrent_streams=64,
+        max_message=1024 * 1024,
+    )
+    await server.start("127.0.0.1", 0)
+    channel = grpc.aio.insecure_channel(
+        f"127.0.0.1:{server.port}", options=[("grpc.max_receive_message_length", 2 * BIG)]
+    )
+    try:
+        yield server, echo, channel
+    finally:
+        await channel.close()
+        await server.stop(grace=0.5)
+
+
+def process_call(channel: grpc.aio.Channel) -> Any:
+    return channel.stream_stream(
+        PROCESS_PATH,
+        request_serializer=pb.ProcessingRequest.SerializeToString,
+        response_deserializer=pb.ProcessingResponse.FromString,
+    )()
+
+
+async def test_bidirectional_stream_runs_the_handler(served: Any) -> None:
+    _, echo, channel = served
+    call = process_call(channel)
+    for data in (b"a", b"bbb", b"c" * 70_000):  # the last one spans several DATA frames
+        await call.write(body(data))
+        reply = await call.read()
+        assert reply.request_body.response.body_mutation.body == str(len(data)).encode()
+    await call.done_writing()
+    assert await call.read() is grpc.aio.EOF
+    assert await call.code() == grpc.StatusCode.OK
+    assert echo.finished == ["eof"]
+
+
+async def test_a_10_mb_reply_respects_flow_control(served: Any) -> None:
+    server, _, channel = served
+    calls = [process_call(channel) for _ in range(3)]  # three at once share the windows
+    for call in calls:
+        await call.write(body(b"big"))
+    for call in calls:
+        reply = await call.read()
+        assert len(reply.request_body.response.body_mutation.body) == BIG
+        await call.done_writing()
+        assert await call.code() == grpc.StatusCode.OK
+    assert server.active_streams == 0
+
+
+async def test_client_streaming_method_returns_its_one_reply(served: Any) -> None:
+    _, _, channel = served
+    call = channel.stream_unary(
+        SUM_PATH,
+        request_serializer=pb.ProcessingRequest.SerializeToString,
+        response_deserializer=pb.ProcessingResponse.FromString,
+    )
+    reply = await call(iter([body(b"ab"), body(b"cde")]))
+    assert reply.request_body.response.body_mutation.body == b"5"
+
+
+async def test_health_check(served: Any) -> None:
+    server, _, channel = served
+    stub = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "envoy.service.ext_proc.v3.ExternalProcessor"):
+        reply = await stub.Check(health_pb2.HealthCheckRequest(service=service))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.Check(health_pb2.HealthCheckRequest(service="no.such.Service"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "no.such.Service" in (err.value.details() or "")
+    server.stopping = True  # what extproc.main sets first when it shuts down
+    reply = await stub.Check(health_pb2.HealthCheckRequest(service=""))
+    assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def test_unknown_method_is_unimplemented(served: Any) -> None:
+    _, _, channel = served
+    call = channel.unary_unary("/no.Such/Method")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await call(b"")
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "/no.Such/Method" in (err.value.details() or "")
+
+
+async def test_handler_exception_is_internal(served: Any) -> None:
+    _, _, channel = served
+    call = process_call(channel)
+    await call.write(body(b"boom"))
+    assert await call.code() == grpc.StatusCode.INTERNAL
+    assert "on purpose" in (await call.details())
+
+
+async def test_compressed_message_is_refused(served: Any) -> None:
+    _, echo, channel = served
+    call = channel.stream_stream(
+        PROCESS_PATH,
+        request_serializer=pb.ProcessingRequest.SerializeToString,
+        response_deserializer=pb.ProcessingResponse.FromString,
+    )(compression=grpc.Compression.Gzip)
+    await call.write(body(b"a" * 1000))
+    assert await call.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "compressed" in (await call.details())
+    await asyncio.wait_for(_until(lambda: echo.finished == ["cancelled"]), 5)
+
+
+async def test_message_over_the_limit_is_resource_exhausted(served: Any) -> None:
+    _, _, channel = served
+    call = process_call(channel)
+    await call.write(body(b"x" * (2 * 1024 * 1024)))
+    assert await call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_client_cancel_cancels_the_handler(served: Any) -> None:
+    server, echo, channel = served
+    call = process_call(channel)
+    await call.write(body(b"a"))
+    await call.read()
+    call.cancel()  # RST_STREAM
+    await asyncio.wait_for(_until(lambda: echo.finished == ["cancelled"]), 5)
+    await asyncio.wait_for(_until(lambda: server.active_streams == 0), 5)
+
+
+async def test_stop_lets_in_flight_streams_finish_and_refuses_new_ones(served: Any) -> None:
+    server, echo, channel = served
+    port = server.port
+    call = process_call(channel)
+    await call.write(body(b"a"))
+    await call.read()
+    stopping = asyncio.create_task(server.stop(grace=10))
+    await asyncio.wait_for(_until(lambda: server.stopping), 5)
+    # the open stream still works after GOAWAY
+    await call.write(body(b"bb"))
+    assert (await call.read()).request_body.response.body_mutation.body == b"2"
+    await call.done_writing()
+    assert await call.code() == grpc.StatusCode.OK
+    await asyncio.wait_for(stopping, 5)
+    assert echo.finished == ["eof"]
+    # and the listener is gone
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+async def test_stop_cancels_streams_that_outlive_the_grace(served: Any) -> None:
+    server, echo, channel = served
+    call = process_call(channel)
+    await call.write(body(b"a"))
+    await call.read()
+    await asyncio.wait_for(server.stop(grace=0.2), 5)
+    assert echo.finished == ["cancelled"]
+    assert await call.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+
+
+async def test_protocol_error_gets_goaway_and_the_server_goes_on(served: Any) -> None:
+    server, _, channel = served
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+    settings = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+    # a DATA frame on stream 0 is a connection error (PROTOCOL_ERROR)
+    writer.write(preface + settings + b"\x00\x00\x01\x00\x00\x00\x00\x00\x00x")
+    received = b""
+    while True:
+        chunk = await asyncio.wait_for(reader.read(65536), 5)
+        if not chunk:
+            break
+        received += chunk
+    writer.close()
+    assert _frame_types(received)[-1] == 0x7  # GOAWAY last, then the connection closed
+    stub = health_pb2_grpc.HealthStub(channel)
+    reply = await stub.Check(health_pb2.HealthCheckRequest(service=""))
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_bad_settings_are_refused() -> None:
+    with pytest.raises(ValueError, match="max_concurrent_streams"):
+        H2Server({}, max_concurrent_streams=0)
+    with pytest.raises(ValueError, match="method path"):
+        H2Server({"Process": GrpcMethod(add, bytes)})
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+
+async def _until(cond: Any) -> None:
+    while not cond():  # noqa: ASYNC110  (polled; callers bound it with wait_for)
+        await asyncio.sleep(0.01)
+
+
+def _frame_types(data: bytes) -> list[int]:
+    out, i = [], 0
+    while len(data) - i >= 9:
+        length = int.from_bytes(data[i : i + 3], "big")
+        out.append(data[i + 3])
+        i += 9 + length
+    return out
