@@ -20,9 +20,11 @@ stream id once the peer has acknowledged a PING), in-flight streams finish until
 deadline, then are cancelled. A protocol error is answered by h2's GOAWAY, logged in one line,
 and the connection closed; the process goes on.
 
-Known limit: after the *peer* sends GOAWAY, h2 refuses to send anything more on the connection,
-so streams still in flight then are cancelled (Envoy sends GOAWAY to an ext_proc cluster only when
-it drains the connection, e.g. cluster removal or its own shutdown).
+Known limit: h2 moves the whole connection to CLOSED when a GOAWAY is sent or received
+(python-hyper/h2 issue #1181, open), so our own GOAWAYs are written past it with ``hyperframe``;
+after the *peer* sends one, h2 refuses to send anything more, so streams still in flight on that
+connection are cancelled (Envoy sends GOAWAY to an ext_proc cluster only when it drains the
+connection, e.g. cluster removal or its own shutdown).
 """
 
 from __future__ import annotations

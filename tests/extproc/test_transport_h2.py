@@ -243,6 +243,36 @@ async def test_protocol_error_gets_goaway_and_the_server_goes_on(served: Any) ->
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
+async def test_peer_goaway_cancels_streams_in_flight_and_closes(served: Any) -> None:
+    """The documented limit (h2 stops sending after a received GOAWAY): nothing hangs."""
+    import h2.config
+    import h2.connection
+
+    server, echo, _ = served
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    headers = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":authority", "test"),
+        (":path", PROCESS_PATH),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ]
+    client.send_headers(1, headers)
+    raw = body(b"abc").SerializeToString()
+    client.send_data(1, b"\x00" + len(raw).to_bytes(4, "big") + raw)
+    writer.write(client.data_to_send())
+    await asyncio.wait_for(echo.started.wait(), 5)
+    client.close_connection()
+    writer.write(client.data_to_send())
+    await asyncio.wait_for(_until(lambda: echo.finished == ["cancelled"]), 5)
+    await asyncio.wait_for(_read_to_eof(reader), 5)  # times out unless the server closes
+    writer.close()
+    await asyncio.wait_for(_until(lambda: server.active_streams == 0), 5)
+
+
 def test_bad_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="max_concurrent_streams"):
         H2Server({}, max_concurrent_streams=0)
@@ -256,6 +286,11 @@ def test_bad_settings_are_refused() -> None:
 async def _until(cond: Any) -> None:
     while not cond():  # noqa: ASYNC110  (polled; callers bound it with wait_for)
         await asyncio.sleep(0.01)
+
+
+async def _read_to_eof(reader: asyncio.StreamReader) -> None:
+    while await reader.read(65536):
+        pass
 
 
 def _frame_types(data: bytes) -> list[int]:
