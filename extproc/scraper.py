@@ -6,7 +6,10 @@ timeout, so a slow or dead pod never delays the others. A finished scrape is par
 :func:`parse_metrics` (pure) into a fresh :class:`PodMetrics` object handed to
 ``publish(pod_name, metrics)``: consumers replace their reference atomically, nothing is mutated in
 place. A pod without a successful scrape for ``stale_after`` seconds is published once more with
-``stale=True`` (plugins treat it as unknown).
+``stale=True`` (plugins treat it as unknown). A scrape whose connection is *refused* (nothing
+listens on the port: the pod was killed or its engine exited) publishes the pod stale at once,
+without waiting for that bound, so the pod leaves the rotation within one scrape interval; timeouts
+and HTTP errors (a slow or overloaded pod) keep the bound. A good scrape clears staleness.
 
 Engine name maps (the first name present wins; histograms are read from their _sum/_count):
 
@@ -47,6 +50,7 @@ __all__ = [
     "LatencyState",
     "MetricsScraper",
     "ScrapeTarget",
+    "is_connection_refused",
     "parse_metrics",
 ]
 
@@ -309,6 +313,17 @@ class ScrapeError(Exception):
     """A scrape failed (HTTP status, timeout, connection error, unreadable page)."""
 
 
+def is_connection_refused(exc: BaseException) -> bool:
+    """True when ``exc`` means nothing listens on the pod's port (connection refused).
+
+    That is a plain :class:`ConnectionRefusedError` or an :class:`aiohttp.ClientConnectorError`
+    wrapping one; timeouts, resets and HTTP errors are not.
+    """
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return isinstance(exc.os_error, ConnectionRefusedError)
+    return isinstance(exc, ConnectionRefusedError)
+
+
 @dataclass(slots=True)
 class _PodState:
     target: ScrapeTarget
@@ -339,7 +354,9 @@ class MetricsScraper:
     ``interval x max_scrapes_per_second`` pods the effective interval grows to
     ``pods / max_scrapes_per_second`` (and the staleness bound to at least 2.5 effective
     intervals). ``timeout`` bounds one scrape (connect + read); ``stale_after`` is how long the last
-    good read stays trusted. ``targets()`` is called once per interval.
+    good read stays trusted. A refused connection (see :func:`is_connection_refused`) does not wait
+    for it: the pod's last metrics (or an empty :class:`PodMetrics`) are published with
+    ``stale=True`` right after that one failed scrape. ``targets()`` is called once per interval.
 
     With a ``registry`` it exports ``matrixinfer_gateway_scrape_errors_total{pod}``,
     ``matrixinfer_gateway_scrape_age_seconds{pod}`` (a gauge: seconds since the pod's last good
@@ -563,6 +580,18 @@ class MetricsScraper:
                     target.pod_name,
                     target.url,
                     str(exc) or type(exc).__name__,
+                )
+            if (
+                is_connection_refused(exc)
+                and not state.stale_published
+                and self._pods.get(target.pod_name) is state
+            ):
+                # nothing listens: the pod is gone or its engine exited; don't wait for the bound
+                state.stale_published = True
+                last = state.last_metrics
+                self._safe_publish(
+                    target.pod_name,
+                    replace(last, stale=True) if last is not None else PodMetrics(stale=True),
                 )
             return
         finally:

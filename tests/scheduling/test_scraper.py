@@ -14,7 +14,13 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from extproc.scheduling.types import PodMetrics
-from extproc.scraper import LatencyState, MetricsScraper, ScrapeTarget, parse_metrics
+from extproc.scraper import (
+    LatencyState,
+    MetricsScraper,
+    ScrapeTarget,
+    is_connection_refused,
+    parse_metrics,
+)
 from matrixinfer.process import free_port
 from tests.scheduling.pages import EngineState, sglang_page, vllm_page
 
@@ -177,12 +183,13 @@ class FakeEngine:
                 await asyncio.wait_for(self.release.wait(), self.delay)
         return web.Response(text=self.page, status=self.status, content_type="text/plain")
 
-    async def start(self) -> None:
+    async def start(self, port: int = 0) -> None:
+        """Listen on a free port (or on ``port``, e.g. to restart on the same address)."""
         app = web.Application()
         app.router.add_get("/metrics", self.handle)
         self.runner = web.AppRunner(app, handle_signals=False)
         await self.runner.setup()
-        self.port = free_port(self.host)
+        self.port = port or free_port(self.host)
         await web.TCPSite(self.runner, self.host, self.port).start()
 
     @property
@@ -249,8 +256,12 @@ async def test_scrape_once_healthy_slow_and_dead_pods(engines: Callable[..., Fak
     )
     try:
         await scraper.scrape_once()
-        assert set(published) == {"good"}
+        # refused connection: stale at once (no metrics were ever read); the slow pod's timeout
+        # keeps the staleness bound, so nothing is published for it yet
+        assert set(published) == {"good", "dead"}
+        assert published["dead"].stale is True and published["dead"].waiting is None
         assert published["good"].waiting == 1.0 and published["good"].kv_cache_usage == 0.25
+        assert published["good"].stale is False
         errors = registry.get_sample_value
         assert errors("matrixinfer_gateway_scrape_errors_total", {"pod": "dead"}) == 1.0
         assert errors("matrixinfer_gateway_scrape_errors_total", {"pod": "slow"}) == 1.0
@@ -315,6 +326,78 @@ async def test_staleness_published_once_and_cleared_by_a_good_scrape(
         assert reads[-1].stale is False and reads[-1].scraped_at == clock.now
     finally:
         await scraper.stop()
+
+
+async def test_pod_that_stops_listening_is_stale_after_one_failed_scrape(
+    engines: Callable[..., FakeEngine],
+) -> None:
+    engine = engines("127.0.0.2", vllm_page(EngineState(waiting=4, running=1)))
+    await engine.start()
+    clock = Clock()
+    targets = [ScrapeTarget("p1", engine.url, "vLLM")]
+    reads: list[PodMetrics] = []
+    scraper = MetricsScraper(
+        lambda: targets, lambda n, m: reads.append(m), stale_after=60.0, timeout=1.0, clock=clock
+    )
+    try:
+        await scraper.scrape_once()
+        assert len(reads) == 1 and reads[-1].stale is False
+        await engine.stop()  # the pod is killed: its port refuses connections
+        clock.now += 0.2  # one interval, far inside stale_after
+        await scraper.scrape_once()
+        assert len(reads) == 2
+        assert reads[-1].stale is True
+        assert reads[-1].waiting == 4.0 and reads[-1].scraped_at == 1000.0  # the last good read
+        clock.now += 0.2
+        await scraper.scrape_once()
+        assert len(reads) == 2  # published stale once per failure streak
+        assert scraper.failures == 2
+        # the pod comes back on the same port: the next good scrape clears staleness
+        engine.page = vllm_page(EngineState(waiting=0))
+        await engine.start(engine.port)
+        clock.now += 0.2
+        await scraper.scrape_once()
+        assert len(reads) == 3 and reads[-1].stale is False and reads[-1].waiting == 0.0
+    finally:
+        await scraper.stop()
+
+
+async def test_slow_pod_keeps_the_staleness_bound(engines: Callable[..., FakeEngine]) -> None:
+    engine = engines("127.0.0.3", vllm_page(EngineState(waiting=5)))
+    await engine.start()
+    clock = Clock()
+    targets = [ScrapeTarget("p1", engine.url, "vLLM")]
+    reads: list[PodMetrics] = []
+    scraper = MetricsScraper(
+        lambda: targets, lambda n, m: reads.append(m), stale_after=1.0, timeout=0.2, clock=clock
+    )
+    try:
+        await scraper.scrape_once()
+        assert len(reads) == 1 and reads[-1].stale is False
+        engine.delay = 30.0  # now answers after the scrape timeout
+        clock.now += 0.2
+        await scraper.scrape_once()
+        assert scraper.failures == 1
+        assert len(reads) == 1  # a timeout is not "nothing listens": still trusted
+        clock.now += 1.0  # past stale_after since the last good read
+        await scraper.scrape_once()
+        assert len(reads) == 2 and reads[-1].stale is True and reads[-1].waiting == 5.0
+    finally:
+        await scraper.stop()
+
+
+def test_connection_refused_classification() -> None:
+    from aiohttp import ClientConnectorError
+    from aiohttp.client_reqrep import ConnectionKey
+
+    key = ConnectionKey("127.0.0.9", 1, False, True, None, None, None)
+    refused = ClientConnectorError(key, ConnectionRefusedError(111, "refused"))
+    unreachable = ClientConnectorError(key, OSError(113, "no route to host"))
+    assert is_connection_refused(refused)
+    assert is_connection_refused(ConnectionRefusedError())
+    assert not is_connection_refused(unreachable)
+    assert not is_connection_refused(TimeoutError())
+    assert not is_connection_refused(ConnectionResetError())
 
 
 async def test_targets_come_and_go(engines: Callable[..., FakeEngine]) -> None:
