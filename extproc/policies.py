@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import itertools
 import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,9 +32,28 @@ from extproc.routing import object_key
 from extproc.scheduling.types import AllPodsSaturated, NoPodAvailable
 from extproc.usage import Charge, Usage, UsageLedger
 
-__all__ = ["Policies", "PolicyError", "PolicyMetrics", "PolicySettings", "RoutePolicy"]
+__all__ = [
+    "QUEUE_TIMEOUT_MARGIN",
+    "Policies",
+    "PolicyError",
+    "PolicyMetrics",
+    "PolicySettings",
+    "RoutePolicy",
+    "queue_notice",
+]
 
 log = logging.getLogger("matrixinfer.extproc.policies")
+
+# Seconds added to a route's queue.maxWait when the request's ext_proc message timeout is extended
+# for the queue: the extproc's own 503 (+ Retry-After) at maxWait must beat Envoy's timeout. The
+# xDS generator's max_message_timeout keeps a larger margin (QUEUE_TIMEOUT_MARGIN_MS, 5 s).
+QUEUE_TIMEOUT_MARGIN = 2.0
+
+# Set by the ext_proc edge for the request its task serves: awaited with the seconds the request
+# may now wait, just before it enters the fair queue (the edge tells Envoy to wait that long).
+queue_notice: contextvars.ContextVar[Callable[[float], Awaitable[None]] | None] = (
+    contextvars.ContextVar("matrixinfer_queue_notice", default=None)
+)
 
 _WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
@@ -382,6 +402,9 @@ class Policies:
                 ),
                 {"retry-after": "1"},
             )
+        notice = queue_notice.get()
+        if notice is not None:  # extend Envoy's wait for this message before waiting
+            await notice(policy.max_wait + QUEUE_TIMEOUT_MARGIN)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         entry = QueueEntry(charge.user, priority, charge.estimate, payload=(future, attempt))
         queue.push(entry)

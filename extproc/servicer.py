@@ -21,10 +21,11 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
-from google.protobuf import struct_pb2
+from google.protobuf import duration_pb2, struct_pb2
 
 from extproc.gateway import DESTINATION_HEADER, Gateway, Immediate, RequestState, Routed
 from extproc.parsing import DEFAULT_BODY_LIMIT
+from extproc.policies import queue_notice
 
 __all__ = ["BODY_MODES", "ExtProcServicer"]
 
@@ -34,6 +35,17 @@ BODY_MODES = ("BUFFERED", "FULL_DUPLEX_STREAMED")
 LB_NAMESPACE = "envoy.lb"
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _CONTINUE_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+
+
+def timeout_override(seconds: float) -> pb.ProcessingResponse:
+    """A reply carrying only ``override_message_timeout``: Envoy restarts the timer of the message
+    it is waiting on with this value (ignored above the filter's ``max_message_timeout``)."""
+    millis = max(1, round(seconds * 1000))
+    return pb.ProcessingResponse(
+        override_message_timeout=duration_pb2.Duration(
+            seconds=millis // 1000, nanos=(millis % 1000) * 1_000_000
+        )
+    )
 
 
 def _headers_of(msg: pb.HttpHeaders) -> dict[str, str]:
@@ -104,6 +116,12 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         chunks: list[bytes] = []
         size = 0
         read, write = context.read, context.write
+
+        async def extend(seconds: float) -> None:
+            await write(timeout_override(seconds))
+
+        # this stream's task: the policies' queue tells Envoy to wait while the request queues
+        queue_notice.set(extend)
         try:
             while True:
                 req = await read()

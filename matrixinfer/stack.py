@@ -30,7 +30,9 @@ class StackOptions:
     body_mode: str = "BUFFERED"
     body_limit: int = 10 * 1024 * 1024
     fail_open: bool = False
-    message_timeout_ms: int = 200
+    # ext_proc wait per reply outside the queue; None: the generator's GatewaySettings default
+    # (queued requests are extended by the extproc up to the derived max_message_timeout)
+    message_timeout_ms: int | None = None
     scrape_interval: float = 0.2
     config_poll: float = 1.0
     retries: int = 2
@@ -117,8 +119,11 @@ class GatewayStack:
                 o.body_mode,
                 "--body-limit",
                 str(o.body_limit),
-                "--message-timeout-ms",
-                str(o.message_timeout_ms),
+                *(
+                    ["--message-timeout-ms", str(o.message_timeout_ms)]
+                    if o.message_timeout_ms is not None
+                    else []
+                ),
                 "--retries",
                 str(o.retries),
                 *(["--fail-open"] if o.fail_open else []),

@@ -38,6 +38,7 @@ __all__ = [
     "LISTENER",
     "LISTENER_TYPE",
     "PODS_CLUSTER",
+    "QUEUE_TIMEOUT_MARGIN_MS",
     "ROUTE_CONFIG",
     "ROUTE_TYPE",
     "TYPE_ORDER",
@@ -46,6 +47,7 @@ __all__ = [
     "attached_routes",
     "content_hash",
     "generate",
+    "max_message_timeout_ms",
     "route_attached",
     "static_bootstrap",
 ]
@@ -73,6 +75,14 @@ DEFAULT_ACCESS_LOG_FORMAT = (
 
 _ADS: dict[str, Any] = {"ads": {}, "resource_api_version": "V3"}
 
+# A queued request's message timeout is extended by the extproc to the route's queue.maxWait plus
+# its own margin (extproc.policies.QUEUE_TIMEOUT_MARGIN, 2 s); Envoy ignores an extension above
+# max_message_timeout, so the ceiling derived here keeps a larger margin than the extproc's.
+QUEUE_TIMEOUT_MARGIN_MS = 5000
+# ModelRoute.spec.queue.maxWait when a route has no queue section (crds QueuePolicy default;
+# extproc.policies applies the same)
+DEFAULT_MAX_WAIT_S = 60.0
+
 
 @dataclass(slots=True, frozen=True)
 class GatewaySettings:
@@ -84,7 +94,13 @@ class GatewaySettings:
     gateway_namespace: str | None = None  # None: parentRefs in any namespace
     body_mode: str = "BUFFERED"  # or FULL_DUPLEX_STREAMED (must match the extproc)
     body_limit: int = 10 * 1024 * 1024
-    message_timeout_ms: int = 200
+    # Envoy's wait for each ext_proc reply outside the queue (docs/gateway.md "Timeouts"): a
+    # decision takes milliseconds, but Redis-backed limits on 2 loaded cores once took > 200 ms;
+    # 1 s also bounds how long a stuck extproc holds a request before the fail-closed 503
+    message_timeout_ms: int = 1000
+    # ceiling of the per-request extension for queued requests (max_message_timeout); the
+    # generator derives it from the longest queue.maxWait and never goes above this cap
+    max_message_timeout_cap_ms: int = 600_000
     fail_open: bool = False
     retries: int = 2
     connect_timeout_ms: int = 1000
@@ -277,7 +293,23 @@ def _local_reply_config() -> dict[str, Any]:
     }
 
 
-def _ext_proc_filter(settings: GatewaySettings) -> dict[str, Any]:
+def max_message_timeout_ms(settings: GatewaySettings, routes: Sequence[Any]) -> int:
+    """Envoy's ``max_message_timeout``: the longest ``queue.maxWait`` among the ModelRoutes
+    attached to this gateway plus :data:`QUEUE_TIMEOUT_MARGIN_MS`, at most
+    ``max_message_timeout_cap_ms`` and never below the base ``message_timeout_ms``. The extproc
+    extends a queued request's timeout up to this value (``override_message_timeout``)."""
+    longest = 0.0
+    for route in attached_routes(routes, settings):
+        queue = getattr(route.spec, "queue", None)
+        wait = _duration_seconds(queue.max_wait) if queue is not None else DEFAULT_MAX_WAIT_S
+        longest = max(longest, wait or 0.0)
+    if longest <= 0:
+        return settings.message_timeout_ms
+    wanted = round(longest * 1000) + QUEUE_TIMEOUT_MARGIN_MS
+    return max(settings.message_timeout_ms, min(wanted, settings.max_message_timeout_cap_ms))
+
+
+def _ext_proc_filter(settings: GatewaySettings, routes: Sequence[Any]) -> dict[str, Any]:
     timeout = _seconds(settings.message_timeout_ms / 1000)
     streamed = settings.body_mode == "FULL_DUPLEX_STREAMED"
     return {
@@ -295,8 +327,10 @@ def _ext_proc_filter(settings: GatewaySettings) -> dict[str, Any]:
                 "request_trailer_mode": "SEND" if streamed else "SKIP",
                 "response_trailer_mode": "SKIP",
             },
-            # a decision is CPU-only and takes well under 10 ms; Envoy's 200 ms default is kept
+            # base wait per reply; a queued request is extended by the extproc (a reply carrying
+            # only override_message_timeout) up to max_message_timeout (see GatewaySettings)
             "message_timeout": timeout,
+            "max_message_timeout": _seconds(max_message_timeout_ms(settings, routes) / 1000),
             # fail-closed by default: 503 with the local reply above
             "failure_mode_allow": settings.fail_open,
             "status_on_error": {"code": 503},
@@ -330,7 +364,7 @@ def _access_logs(settings: GatewaySettings) -> list[dict[str, Any]]:
     return logs
 
 
-def _listener(settings: GatewaySettings) -> dict[str, Any]:
+def _listener(settings: GatewaySettings, routes: Sequence[Any]) -> dict[str, Any]:
     hcm: dict[str, Any] = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager."
         "v3.HttpConnectionManager",
@@ -339,7 +373,7 @@ def _listener(settings: GatewaySettings) -> dict[str, Any]:
         "rds": {"route_config_name": ROUTE_CONFIG, "config_source": _ADS},
         "local_reply_config": _local_reply_config(),
         "http_filters": [
-            _ext_proc_filter(settings),
+            _ext_proc_filter(settings, routes),
             *(dict(f) for f in settings.extra_http_filters),
             {
                 "name": "envoy.filters.http.router",
@@ -463,7 +497,7 @@ def generate(settings: GatewaySettings, inputs: XdsInputs) -> Resources:
                 "endpoints": _lb_endpoints(inputs.pod_addresses),
             }
         },
-        LISTENER_TYPE: {LISTENER: _listener(settings)},
+        LISTENER_TYPE: {LISTENER: _listener(settings, inputs.routes)},
         ROUTE_TYPE: {ROUTE_CONFIG: _route_config(settings, inputs)},
     }
 

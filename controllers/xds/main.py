@@ -28,6 +28,7 @@ from controllers.xds.sources import inputs_from_config, with_policy_filters
 __all__ = ["XdsApp", "main", "parse_args", "settings_from_args"]
 
 log = logging.getLogger("matrixinfer.xds")
+_DEFAULTS = GatewaySettings()  # the one place the gateway's defaults are written
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -55,7 +56,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gateway-name", default="matrixinfer-gateway")
     p.add_argument("--body-mode", default="BUFFERED", choices=("BUFFERED", "FULL_DUPLEX_STREAMED"))
     p.add_argument("--body-limit", type=int, default=10 * 1024 * 1024)
-    p.add_argument("--message-timeout-ms", type=int, default=200)
+    p.add_argument(
+        "--message-timeout-ms",
+        type=int,
+        default=_DEFAULTS.message_timeout_ms,
+        help=f"ext_proc wait per reply outside the queue (default {_DEFAULTS.message_timeout_ms})",
+    )
+    p.add_argument(
+        "--max-message-timeout-cap-ms",
+        type=int,
+        default=_DEFAULTS.max_message_timeout_cap_ms,
+        help="ceiling of the queued-request extension, derived from the longest queue.maxWait "
+        f"(default {_DEFAULTS.max_message_timeout_cap_ms})",
+    )
     p.add_argument("--fail-open", action="store_true")
     p.add_argument("--retries", type=int, default=2)
     p.add_argument("--access-log", action="store_true")
@@ -76,6 +89,7 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         body_mode=args.body_mode,
         body_limit=args.body_limit,
         message_timeout_ms=args.message_timeout_ms,
+        max_message_timeout_cap_ms=args.max_message_timeout_cap_ms,
         fail_open=args.fail_open,
         retries=args.retries,
         access_log=args.access_log,

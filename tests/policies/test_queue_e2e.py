@@ -57,6 +57,14 @@ spec:
   modelName: impatient-model
   queue: {maxQueued: 10, maxWait: 300ms}
   rules: [{targets: [{modelServerName: small}]}]
+---
+apiVersion: networking.matrixinfer.ai/v1alpha1
+kind: ModelRoute
+metadata: {name: past-base}
+spec:
+  modelName: past-base-model
+  queue: {maxQueued: 10, maxWait: 1500ms, priorityHeader: x-priority}
+  rules: [{targets: [{modelServerName: small}]}]
 """
 
 
@@ -81,7 +89,8 @@ def queue_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewaySta
             tmp_path_factory.mktemp("queue-run"),
             fleet,
             ("--auth-config", str(secrets / "auth.yaml")),
-            message_timeout_ms=15000,  # > the longest maxWait (8 s)
+            # no message_timeout_ms: the generator's base timeout (1 s); queued requests are
+            # extended by the extproc up to the max_message_timeout derived from maxWait (8 s)
         )
         try:
             yield stack
@@ -204,3 +213,70 @@ def test_full_queue_429_and_timeout_503_and_disconnect(queue_stack: GatewayStack
     with urllib.request.urlopen(f"{queue_stack.extproc_url}/metrics", timeout=2) as resp:
         text = resp.read().decode()
     assert 'matrixinfer_gateway_queue_wait_seconds_bucket{le="0.005",model="busy-model"' in text
+
+
+def envoy_stat(stack: GatewayStack, suffix: str) -> int:
+    with urllib.request.urlopen(f"{stack.admin_url}/stats?filter=ext_proc", timeout=2) as resp:
+        lines = resp.read().decode().splitlines()
+    return sum(int(v) for k, _, v in (x.partition(": ") for x in lines) if k.endswith(suffix))
+
+
+def waited_longer_than(stack: GatewayStack, seconds: float) -> float:
+    """Dispatched-or-not queue waits above ``seconds`` (histogram count minus that bucket)."""
+    total = metric(stack, "matrixinfer_gateway_queue_wait_seconds_count", model="busy-model")
+    below = metric(
+        stack, "matrixinfer_gateway_queue_wait_seconds_bucket", model="busy-model", le=str(seconds)
+    )
+    return total - below
+
+
+def test_requests_queued_past_the_base_message_timeout_succeed(queue_stack: GatewayStack) -> None:
+    """The stack keeps the generator's 1 s base message timeout: requests that wait longer in the
+    queue are still served, because the extproc extends Envoy's timeout for them."""
+    timeouts_before = envoy_stat(queue_stack, ".message_timeouts")
+    long_before = waited_longer_than(queue_stack, 1.0)
+    dispatched_before = metric(
+        queue_stack, "matrixinfer_gateway_queue_outcomes_total", result="dispatched"
+    )
+    stop = threading.Event()
+    served: list[float] = []
+    errors: list[BaseException] = []
+
+    def load() -> None:
+        while not stop.is_set():
+            try:
+                served.append(call(queue_stack, "key-heavy", "busy-model", tokens=60))
+            except BaseException as exc:  # collected, asserted below
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=load, daemon=True) for _ in range(10)]
+    for t in threads:
+        t.start()
+    try:
+        # 10 callers on a pod serving 2 at a time (~0.6 s each): waits reach several seconds
+        wait_until(
+            lambda: waited_longer_than(queue_stack, 1.0) > long_before or bool(errors),
+            30,
+            "a request waited in the queue for longer than the 1 s base message timeout",
+        )
+        # maxWait 1.5 s > the base timeout; priority -5 stays behind the load: the answer is
+        # the extproc's own 503 + Retry-After at maxWait, not Envoy's message timeout
+        with pytest.raises(openai.InternalServerError) as late:
+            call(queue_stack, "key-light", "past-base-model", headers={"x-priority": "-5"})
+        assert late.value.status_code == 503
+        assert int(late.value.response.headers["retry-after"]) >= 1
+        assert "maxWait" in str(late.value) and "ext_proc_error" not in str(late.value)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert not errors, errors[:3]
+    # the long waits ended in dispatch (served), not in Envoy's per-message timeout
+    assert envoy_stat(queue_stack, ".message_timeouts") == timeouts_before
+    assert envoy_stat(queue_stack, ".override_message_timeout_received") > 0
+    assert envoy_stat(queue_stack, ".override_message_timeout_ignored") == 0
+    dispatched = metric(
+        queue_stack, "matrixinfer_gateway_queue_outcomes_total", result="dispatched"
+    )
+    assert dispatched > dispatched_before

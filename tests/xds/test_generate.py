@@ -14,15 +14,18 @@ from controllers.xds.generate import (
     CLUSTER,
     ENDPOINT_TYPE,
     LISTENER_TYPE,
+    QUEUE_TIMEOUT_MARGIN_MS,
     ROUTE_TYPE,
     GatewaySettings,
     XdsInputs,
     content_hash,
     generate,
+    max_message_timeout_ms,
 )
 from controllers.xds.protos import ResourceError, to_any
 from controllers.xds.sources import inputs_from_config, with_policy_filters
 from extproc.datastore import GatewayConfig, StaticEndpoint
+from extproc.policies import QUEUE_TIMEOUT_MARGIN
 
 DOCS = """apiVersion: networking.matrixinfer.ai/v1alpha1
 kind: ModelServer
@@ -96,8 +99,46 @@ def test_ext_proc_filter_settings_that_make_the_data_path_work() -> None:
     assert f["mutation_rules"]["allow_envoy"] is True
     assert f["failure_mode_allow"] is False and f["status_on_error"] == {"code": 503}
     assert f["processing_mode"]["request_header_mode"] == "SEND"
-    assert f["message_timeout"] == "0.2s"
+    assert f["message_timeout"] == "1s"  # the deliberate base (GatewaySettings, docs/gateway.md)
     assert ext_proc(generate(GatewaySettings(fail_open=True), inputs()))["failure_mode_allow"]
+
+
+def _route(name: str, max_wait: str | None, parent: str | None = None) -> Any:
+    queue = f"queue: {{maxWait: {max_wait}}}" if max_wait is not None else ""
+    refs = f"parentRefs: [{{name: {parent}}}]" if parent else ""
+    text = f"""apiVersion: networking.matrixinfer.ai/v1alpha1
+kind: ModelRoute
+metadata: {{name: {name}, namespace: ns}}
+spec:
+  modelName: {name}
+  {queue}
+  {refs}
+  rules: [{{targets: [{{modelServerName: a}}]}}]
+"""
+    return next(iter(crds.load_documents(text, "route.yaml")))
+
+
+def test_max_message_timeout_derived_from_the_longest_attached_max_wait() -> None:
+    s = GatewaySettings()
+    margin = QUEUE_TIMEOUT_MARGIN_MS
+    # the longest maxWait wins; a route on another gateway does not count
+    routes = [_route("r1", "8s"), _route("r2", "300ms"), _route("r3", "90s", "other-gateway")]
+    assert max_message_timeout_ms(s, routes) == 8000 + margin
+    f = ext_proc(generate(s, XdsInputs(routes=routes)))
+    assert f["max_message_timeout"] == "13s" and f["message_timeout"] == "1s"
+    # a route without a queue section queues up to the API default (60 s)
+    assert max_message_timeout_ms(s, [_route("r4", None)]) == 60_000 + margin
+    # the gateway-wide cap; never below the base timeout; no routes: the base timeout
+    assert (
+        max_message_timeout_ms(
+            GatewaySettings(max_message_timeout_cap_ms=30_000), [*routes[:1], _route("r5", "1h")]
+        )
+        == 30_000
+    )
+    assert max_message_timeout_ms(GatewaySettings(message_timeout_ms=20_000), routes) == 20_000
+    assert max_message_timeout_ms(s, []) == s.message_timeout_ms
+    # the extproc's extension (maxWait + its margin) stays inside the ceiling Envoy enforces
+    assert margin > QUEUE_TIMEOUT_MARGIN * 1000
 
 
 def test_pods_cluster_override_host_and_endpoints() -> None:
