@@ -275,7 +275,14 @@ class _Connection(asyncio.Protocol):
             return  # reset by the peer meanwhile, or already finished
         if not s.headers_sent:
             s.headers_sent = True
-            self.conn.send_headers(sid, _RESPONSE_HEADERS)
+            try:
+                self.conn.send_headers(sid, _RESPONSE_HEADERS)
+            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as exc:
+                log.debug("HTTP/2 stream %d of %s cannot send: %s", sid, self.peer, exc)
+                self._forget(s)
+                if s.task is not None:
+                    s.task.cancel()
+                return
         s.pending.append(b"\x00" + len(payload).to_bytes(4, "big") + payload)
         self._pump(s)
         self._flush_soon()
