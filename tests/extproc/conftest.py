@@ -17,7 +17,9 @@ from sim.fleet import Fleet
 
 BODY_LIMIT = 256 * 1024
 SCRAPE_INTERVAL = 0.1
-STALE_AFTER = 2.0  # long enough for the killed-pod test to see fallbacks used before it is noticed
+# bound for pods whose scrapes time out or fail with HTTP errors; a killed pod (connection
+# refused) is marked not ready after one failed scrape (see test_fallback_retry.py for retries)
+STALE_AFTER = 2.0
 
 MODEL_YAML = """
 apiVersion: networking.matrixinfer.ai/v1alpha1
@@ -207,15 +209,15 @@ def config_dir(tmp_path_factory: pytest.TempPathFactory, fleet: Fleet) -> Path:
 
 
 def start_stack(config_dir: Path, run_dir: Path, fleet: Fleet, **options: Any) -> GatewayStack:
-    opts = StackOptions(
-        body_limit=BODY_LIMIT,
-        scrape_interval=SCRAPE_INTERVAL,
-        config_poll=0.1,
-        access_log=True,
-        envoy_concurrency=1,
-        extra_extproc_args=("--stale-after", str(STALE_AFTER)),
-        **options,
-    )
+    settings: dict[str, Any] = {
+        "body_limit": BODY_LIMIT,
+        "scrape_interval": SCRAPE_INTERVAL,
+        "config_poll": 0.1,
+        "access_log": True,
+        "envoy_concurrency": 1,
+        "extra_extproc_args": ("--stale-after", str(STALE_AFTER)),
+    }
+    opts = StackOptions(**(settings | options))
     stack = GatewayStack(config_dir, run_dir, opts).start()
     try:
         addresses = {p.address for p in fleet.pods}

@@ -19,7 +19,7 @@ from openai import OpenAI
 from matrixinfer.process import wait_until
 from matrixinfer.stack import GatewayStack
 from sim.fleet import Fleet
-from tests.extproc.conftest import BODY_LIMIT, post_json
+from tests.extproc.conftest import BODY_LIMIT, SCRAPE_INTERVAL, STALE_AFTER, post_json
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -284,53 +284,37 @@ def test_lora_affinity(stack: GatewayStack, client: OpenAI, fleet: Fleet) -> Non
 def test_killed_pod_is_retried_on_the_fallback_then_avoided(
     stack: GatewayStack, client: OpenAI, fleet: Fleet
 ) -> None:
+    """A killed pod leaves the rotation within a few scrape intervals and no request fails.
+
+    Its first refused scrape marks it not ready (extproc/scraper.py); a request that picks it
+    before that is retried on a fallback by Envoy. Whether any does is a race here (the stack
+    scrapes every 0.1 s), so the retries themselves are checked in test_fallback_retry.py on a
+    stack that does not notice the kill. (The name is kept: test_gateway_e2e_h2 reruns it.)
+    """
     victim = 3
     name = fleet.pods[victim].name
     assert pod_state(stack, name)["ready"]
-    retries_before = envoy_retry_successes(stack)
-    picked_before = picks(stack).get(name, 0)
     fleet.kill(victim)
     try:
-        # until the scraper notices (the test stack waits STALE_AFTER), the scheduler still picks
-        # the dead pod as primary: those requests are retried on a fallback and none fails
+        # keep sending while the scraper notices: none fails, none is served by the dead pod
         served: list[str] = []
-        while len(served) < 60 and picks(stack).get(name, 0) == picked_before:
+
+        def noticed() -> bool:
             served.append(chat(client)[0])
-        assert picks(stack).get(name, 0) > picked_before, "the dead pod was never chosen"
+            return not pod_state(stack, name)["ready"]
+
+        # a bound on the poll (10 intervals), not a latency claim; it is well inside the staleness
+        # bound (STALE_AFTER), so only the refused-connection path of the scraper can meet it
+        deadline = min(10 * SCRAPE_INTERVAL, STALE_AFTER / 2)
+        wait_until(noticed, deadline, f"the scraper marking the killed pod {name}")
         assert name not in served
-        assert envoy_retry_successes(stack) > retries_before
-        # then the stale scrape marks it not ready and it is no longer chosen at all
-        wait_until(lambda: not pod_state(stack, name)["ready"], 5, f"{name} marked not ready")
+        state = pod_state(stack, name)
+        assert state["metrics"]["stale"] is True
+        # from now on it is never chosen
         before = picks(stack).get(name, 0)
         served = [chat(client)[0] for _ in range(12)]
         assert name not in served
         assert picks(stack).get(name, 0) == before
-    finally:
-        fleet.restart(victim)
-    wait_until(lambda: pod_state(stack, name)["ready"], 10, f"{name} ready again")
-
-
-def test_retries_follow_the_model_server_traffic_policy(
-    stack: GatewayStack, client: OpenAI, fleet: Fleet
-) -> None:
-    """'pool' retries connect failures (trafficPolicy.retry); 'noretry' has no retry policy."""
-    victim = 1
-    name = fleet.pods[victim].name
-    fleet.kill(victim)
-    try:
-        failed = 0
-        for _ in range(40):
-            if not pod_state(stack, name)["ready"]:
-                break
-            try:
-                chat(client, model="noretry-model")
-            except openai.InternalServerError as exc:
-                assert exc.status_code == 503
-                failed += 1
-            assert chat(client)[0] != name  # 'pool' never fails: retried on a fallback
-            if failed:
-                break
-        assert failed, "no request of the no-retry server was sent to the dead pod in time"
     finally:
         fleet.restart(victim)
     wait_until(lambda: pod_state(stack, name)["ready"], 10, f"{name} ready again")
