@@ -119,8 +119,14 @@ async def test_route_file_edit_reaches_envoy_within_a_second(tmp_path: Path, fle
         policy = route["route"]["retry_policy"]
         assert policy["num_retries"] == 3 and policy["retriable_status_codes"] == [503]
         assert policy["per_try_idle_timeout"] == "30s"
+        # the extproc polls the same directory itself: it may learn model-b after Envoy did
+        deadline = time.monotonic() + 5
         async with aiohttp.ClientSession() as session:
-            assert await chat(session, envoy.url, "model-b") == 200
+            status = await chat(session, envoy.url, "model-b")
+            while status == 404 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+                status = await chat(session, envoy.url, "model-b")
+        assert status == 200
 
 
 async def test_invalid_resource_is_nacked_and_old_config_serves(
