@@ -63,7 +63,7 @@ kind: ModelRoute
 metadata: {name: past-base}
 spec:
   modelName: past-base-model
-  queue: {maxQueued: 10, maxWait: 1500ms, priorityHeader: x-priority}
+  queue: {maxQueued: 40, maxWait: 1500ms, priorityHeader: x-priority}
   rules: [{targets: [{modelServerName: small}]}]
 """
 
