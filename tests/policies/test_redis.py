@@ -26,8 +26,10 @@ def limits(redis: RedisServer, **kw: int) -> Limits:
 
 
 async def test_two_replicas_share_one_budget(redis_server: RedisServer) -> None:
-    a = RedisBuckets(redis_server.address)
-    b = RedisBuckets(redis_server.address)
+    # a generous client timeout: this test is about atomic sharing, not outages (with the 100 ms
+    # default a loaded CI machine timed calls out and the fail-open local buckets admitted more)
+    a = RedisBuckets(redis_server.address, timeout=5.0)
+    b = RedisBuckets(redis_server.address, timeout=5.0)
     lim = limits(redis_server, requests=10, input=1000)
     try:
         results = await asyncio.gather(
