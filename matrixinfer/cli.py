@@ -398,7 +398,12 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--fail-open", action="store_true", help="route round-robin when extproc fails")
     gw.add_argument("--body-mode", default="BUFFERED", choices=("BUFFERED", "FULL_DUPLEX_STREAMED"))
     gw.add_argument("--body-limit", type=int, default=10 * 1024 * 1024, help="bytes (10 MiB)")
-    gw.add_argument("--message-timeout-ms", type=int, default=200, help="ext_proc message timeout")
+    gw.add_argument(
+        "--message-timeout-ms",
+        type=int,
+        default=None,
+        help="ext_proc message timeout (default: the gateway's, 1 s; queued requests extend it)",
+    )
     gw.add_argument("--scrape-interval", type=float, default=0.2, help="pod /metrics period, s")
     gw.add_argument("--access-log", action="store_true", help="Envoy access log in the log folder")
     gw.add_argument("--run-dir", default=None, help="folder for logs and the rendered bootstrap")

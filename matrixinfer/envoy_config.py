@@ -3,6 +3,7 @@ from the same xDS resources (benchmarks)."""
 
 from __future__ import annotations
 
+import dataclasses
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,7 @@ class EnvoySettings:
     node_id: str = "matrixinfer-gateway"
     body_mode: str = "BUFFERED"  # or FULL_DUPLEX_STREAMED
     body_limit: int = 10 * 1024 * 1024
-    message_timeout_ms: int = 200
+    message_timeout_ms: int | None = None  # None: the generator's default (GatewaySettings)
     fail_open: bool = False
     retries: int = 2
     connect_timeout_ms: int = 1000
@@ -67,7 +68,6 @@ def render_bootstrap(settings: EnvoySettings) -> str:
         listen_port=s.listen_port,
         body_mode=s.body_mode,
         body_limit=s.body_limit,
-        message_timeout_ms=s.message_timeout_ms,
         fail_open=s.fail_open,
         retries=s.retries,
         connect_timeout_ms=s.connect_timeout_ms,
@@ -75,6 +75,8 @@ def render_bootstrap(settings: EnvoySettings) -> str:
         stream_idle_timeout_s=s.stream_idle_timeout_s,
         access_log=s.access_log,
     )
+    if s.message_timeout_ms is not None:  # else the generator's default stands
+        gateway = dataclasses.replace(gateway, message_timeout_ms=s.message_timeout_ms)
     if s.policy_filters:
         gateway = with_policy_filters(gateway)
     bootstrap = static_bootstrap(
