@@ -193,16 +193,11 @@ def cpu_seconds(pid: int | None) -> float:
 # ------------------------------------------------------------------- minimal ext_proc floor
 
 
-def serve_minimal(port: int, destination: str) -> None:
-    """A do-nothing ext_proc servicer (same stubs, grpc.aio + uvloop, same 4 messages): it sends
-    every request to ``destination``. Its cost is the floor any Python ext_proc pays here."""
-    import asyncio
-
-    import grpc
-    import uvloop
+def routing_replies(destination: str) -> tuple[Any, Any]:
+    """The two replies a do-nothing ext_proc sends: release the headers, then route the body to
+    ``destination`` (header + ``envoy.lb`` metadata, as the real extproc does)."""
     from envoy.config.core.v3 import base_pb2
     from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
-    from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
     from google.protobuf import struct_pb2
 
     header = base_pb2.HeaderValueOption(
@@ -220,6 +215,19 @@ def serve_minimal(port: int, destination: str) -> None:
         ),
         dynamic_metadata=md,
     )
+    return headers_reply, body_reply
+
+
+def serve_minimal(port: int, destination: str) -> None:
+    """A do-nothing ext_proc servicer (same stubs, grpc.aio + uvloop, same 4 messages): it sends
+    every request to ``destination``. Its cost is the floor any Python ext_proc pays here."""
+    import asyncio
+
+    import grpc
+    import uvloop
+    from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+
+    headers_reply, body_reply = routing_replies(destination)
 
     class Minimal(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         async def Process(self, request_iterator: object, context: Any) -> None:

@@ -45,6 +45,7 @@ from bench.gateway_overhead import (
     nginx_child,
     pct,
     request_body,
+    routing_replies,
 )
 from matrixinfer.process import Child, find_envoy, free_port, http_ok, wait_until
 from matrixinfer.stack import GatewayStack, StackOptions
@@ -243,26 +244,10 @@ def serve_streamed(port: int, destination: str, scan: bool) -> None:
 
     import grpc
     import uvloop
-    from envoy.config.core.v3 import base_pb2
     from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
     from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
-    from google.protobuf import struct_pb2
 
-    header = base_pb2.HeaderValueOption(
-        header=base_pb2.HeaderValue(
-            key="x-gateway-destination-endpoint", raw_value=destination.encode()
-        ),
-        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
-    )
-    md = struct_pb2.Struct()
-    md.update({"envoy.lb": {"x-gateway-destination-endpoint": destination}})
-    headers_reply = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
-    body_reply = pb.ProcessingResponse(
-        request_body=pb.BodyResponse(
-            response=pb.CommonResponse(header_mutation=pb.HeaderMutation(set_headers=[header]))
-        ),
-        dynamic_metadata=md,
-    )
+    headers_reply, body_reply = routing_replies(destination)
     resp_headers_reply = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
     resp_body_reply = pb.ProcessingResponse(response_body=pb.BodyResponse())
     usage_re = re.compile(rb'"completion_tokens":\s*(\d+)')
