@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -325,28 +326,35 @@ def pct(values: list[float], q: float) -> float:
     return values[k]
 
 
-def run_hey(
-    url: str, body_file: Path, rate: int, seconds: float, pids: tuple[int | None, int | None]
-) -> RateResult:
-    workers = max(4, rate // 25)
-    argv = [
-        "hey",
-        "-z",
-        f"{seconds}s",
-        "-c",
-        str(workers),
-        "-q",
-        f"{rate / workers:g}",
-        "-m",
-        "POST",
-        "-T",
-        "application/json",
-        "-D",
-        str(body_file),
-        "-o",
-        "csv",
-        url,
-    ]
+@dataclass(slots=True)
+class HeyRun:
+    """One fixed-rate `hey` run: per-request latencies (ms, 200s only), errors, CPU per request."""
+
+    achieved: float  # requests per second actually sent
+    count: int
+    errors: int
+    latencies: list[float]
+    cpu_ms: list[float]  # ms of CPU per request, one entry per pid
+
+
+def hey_run(
+    url: str,
+    body_file: Path,
+    rate: float,
+    seconds: float,
+    pids: Sequence[int | None],
+    *,
+    headers: Mapping[str, str] | None = None,
+    workers: int = 0,
+) -> HeyRun:
+    """POST ``body_file`` to ``url`` at ``rate`` req/s for ``seconds`` with `hey`, measuring the
+    CPU the processes ``pids`` spend meanwhile."""
+    workers = workers or max(4, int(rate // 25))
+    argv = ["hey", "-z", f"{seconds}s", "-c", str(workers), "-q", f"{rate / workers:g}",
+            "-m", "POST", "-T", "application/json", "-D", str(body_file), "-o", "csv"]  # fmt: skip
+    for k, v in (headers or {}).items():
+        argv += ["-H", f"{k}: {v}"]
+    argv.append(url)
     cpu0 = [cpu_seconds(p) for p in pids]
     t0 = time.monotonic()
     out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
@@ -361,16 +369,24 @@ def run_hey(
         latencies.append(float(row["response-time"]) * 1000)
     n = len(latencies) + errors
     per = max(n, 1)
+    cpu = [(b - a) * 1000 / per for a, b in zip(cpu0, cpu1, strict=True)]
+    return HeyRun(n / elapsed, n, errors, latencies, cpu)
+
+
+def run_hey(
+    url: str, body_file: Path, rate: int, seconds: float, pids: tuple[int | None, int | None]
+) -> RateResult:
+    run = hey_run(url, body_file, rate, seconds, pids)
     return RateResult(
         rate=rate,
-        achieved=n / elapsed,
-        count=n,
-        errors=errors,
-        p50=pct(latencies, 0.50),
-        p90=pct(latencies, 0.90),
-        p99=pct(latencies, 0.99),
-        cpu_envoy_ms=(cpu1[0] - cpu0[0]) * 1000 / per,
-        cpu_extproc_ms=(cpu1[1] - cpu0[1]) * 1000 / per,
+        achieved=run.achieved,
+        count=run.count,
+        errors=run.errors,
+        p50=pct(run.latencies, 0.50),
+        p90=pct(run.latencies, 0.90),
+        p99=pct(run.latencies, 0.99),
+        cpu_envoy_ms=run.cpu_ms[0],
+        cpu_extproc_ms=run.cpu_ms[1],
     )
 
 

@@ -24,15 +24,11 @@ CPU per request is utime + stime of the Envoy and extproc processes over the win
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,8 +36,8 @@ from typing import Any
 from bench.gateway_overhead import (
     MODEL,
     UPSTREAM_HOSTS,
-    cpu_seconds,
     gateway_config,
+    hey_run,
     nginx_child,
     pct,
     request_body,
@@ -85,30 +81,14 @@ def hey(
     workers: int = 0,
 ) -> Window:
     workers = workers or max(2, int(rate // 25))
-    argv = ["hey", "-z", f"{seconds}s", "-c", str(workers), "-q", f"{rate / workers:g}",
-            "-m", "POST", "-T", "application/json", "-D", str(body_file), "-o", "csv"]  # fmt: skip
-    for k, v in (headers or {}).items():
-        argv += ["-H", f"{k}: {v}"]
-    argv.append(url)
-    cpu0 = [cpu_seconds(p) for p in pids]
-    t0 = time.monotonic()
-    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
-    elapsed = time.monotonic() - t0
-    cpu1 = [cpu_seconds(p) for p in pids]
-    lat: list[float] = []
-    errors = 0
-    for row in csv.DictReader(io.StringIO(out)):
-        if row.get("status-code") != "200":
-            errors += 1
-            continue
-        lat.append(float(row["response-time"]) * 1000)
-    n = max(1, len(lat) + errors)
-    d = [(b - a) * 1000 / n for a, b in zip(cpu0, cpu1, strict=True)]
-    w = Window(name, rate, n / elapsed, n, errors, pct(lat, 0.5), pct(lat, 0.9), pct(lat, 0.99),
-               d[0], d[1] if len(d) > 1 else 0.0, sum(d[2:]))  # fmt: skip
+    run = hey_run(url, body_file, rate, seconds, pids, headers=headers, workers=workers)
+    lat, d, n = run.latencies, run.cpu_ms, max(1, run.count)
+    w = Window(name, rate, run.achieved, n, run.errors, pct(lat, 0.5), pct(lat, 0.9),
+               pct(lat, 0.99), d[0], d[1] if len(d) > 1 else 0.0, sum(d[2:]))  # fmt: skip
     print(
         f"  {name} @ {rate:g}/s: p50 {w.p50:.2f} ms p90 {w.p90:.2f} ms p99 {w.p99:.2f} ms "
-        f"errors {errors}/{n}; CPU/req envoy {w.cpu_envoy_ms:.3f} extproc {w.cpu_extproc_ms:.3f}"
+        f"errors {run.errors}/{n}; CPU/req envoy {w.cpu_envoy_ms:.3f} "
+        f"extproc {w.cpu_extproc_ms:.3f}"
         f" other {w.cpu_other_ms:.3f} ms",
         flush=True,
     )
