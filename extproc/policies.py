@@ -29,7 +29,7 @@ from extproc.errors import GatewayError
 from extproc.queue import FairQueue, QueueEntry, UsageWindow
 from extproc.ratelimit import Admission, Buckets, Limits, RedisBuckets, bucket_key, limits_of
 from extproc.routing import object_key
-from extproc.scheduling.types import AllPodsSaturated, NoPodAvailable
+from extproc.scheduling.types import NoPodAvailable
 from extproc.usage import Charge, Usage, UsageLedger
 
 __all__ = [
@@ -424,7 +424,7 @@ class Policies:
             raise PolicyError(
                 GatewayError(
                     503,
-                    f"every pod serving '{model}' stayed busy for {policy.max_wait:g}s "
+                    f"no pod serving '{model}' could take the request within {policy.max_wait:g}s "
                     f"(ModelRoute '{policy.name}' queue.maxWait)",
                     error_type="service_unavailable",
                     code="queue_timeout",
@@ -454,12 +454,10 @@ class Policies:
                 continue
             try:
                 result = attempt()
-            except AllPodsSaturated:
+            except NoPodAvailable:
+                # every pod saturated, or none ready right now: a queued
+                # request keeps waiting until a pod can take it or its maxWait runs out
                 break
-            except NoPodAvailable as exc:
-                queue.pop()
-                future.set_exception(exc)
-                continue
             except Exception as exc:  # a scheduler bug: this request gets a 500, not the queue
                 queue.pop()
                 future.set_exception(exc)
