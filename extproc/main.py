@@ -204,6 +204,39 @@ class ExtProcApp:
             registry=self.metrics.registry,
         )
 
+    async def _start_policy_tasks(self) -> list[asyncio.Task[None]]:
+        """The policies' background work (usage settlement, JWKS refresh), when policies run."""
+        background: list[asyncio.Task[None]] = []
+        if self.policies is not None:
+            background.append(asyncio.create_task(self.policies.run()))
+            auth = self.policies.auth
+            if auth is not None and auth.jwks is not None:
+                await auth.jwks.refresh()
+                background.append(asyncio.create_task(auth.jwks.run()))
+        return background
+
+    async def _start_side_services(self) -> web.AppRunner:
+        """The HTTP side port, the config watcher and the metrics scraper (both transports)."""
+        runner = web.AppRunner(
+            build_app(self.metrics.registry, self.state, self.ready), access_log=None
+        )
+        await runner.setup()
+        await web.TCPSite(runner, self.args.host, self.args.http_port).start()
+        self.watcher.start()
+        self._start_scraper()
+        if self.scraper is not None:
+            await self.scraper.start()
+        return runner
+
+    async def _stop_side_services(self, background: list[asyncio.Task[None]]) -> None:
+        await self.watcher.stop()
+        for task in background:
+            task.cancel()
+        if self.policies is not None:
+            await self.policies.close()
+        if self.scraper is not None:
+            await self.scraper.stop()
+
     async def run(self, stop: asyncio.Event) -> None:
         args = self.args
         if not self.watcher.load_now():
@@ -225,7 +258,6 @@ class ExtProcApp:
             ExtProcServicer(self.gateway, body_mode=args.body_mode, body_limit=args.body_limit),
             server,
         )
-        background: list[asyncio.Task[None]] = []
         if self.policies is not None:
             from envoy.service.accesslog.v3 import als_pb2_grpc
 
@@ -233,11 +265,7 @@ class ExtProcApp:
 
             usage_servicer = AccessLogServicer(self.policies.ledger)
             als_pb2_grpc.add_AccessLogServiceServicer_to_server(usage_servicer, server)
-            background.append(asyncio.create_task(self.policies.run()))
-            auth = self.policies.auth
-            if auth is not None and auth.jwks is not None:
-                await auth.jwks.refresh()
-                background.append(asyncio.create_task(auth.jwks.run()))
+        background = await self._start_policy_tasks()
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         grpc_address = f"{args.host}:{args.grpc_port}"
@@ -246,15 +274,7 @@ class ExtProcApp:
         await server.start()
         for service in ("", EXT_PROC_SERVICE):
             await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-        runner = web.AppRunner(
-            build_app(self.metrics.registry, self.state, self.ready), access_log=None
-        )
-        await runner.setup()
-        await web.TCPSite(runner, args.host, args.http_port).start()
-        self.watcher.start()
-        self._start_scraper()
-        if self.scraper is not None:
-            await self.scraper.start()
+        runner = await self._start_side_services()
         log.info(
             "extproc serving ext_proc on %s (body mode %s), HTTP on %s:%d",
             grpc_address,
@@ -268,13 +288,7 @@ class ExtProcApp:
             log.info("extproc stopping")
             for service in ("", EXT_PROC_SERVICE):
                 await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-            await self.watcher.stop()
-            for task in background:
-                task.cancel()
-            if self.policies is not None:
-                await self.policies.close()
-            if self.scraper is not None:
-                await self.scraper.stop()
+            await self._stop_side_services(background)
             await server.stop(grace=1.0)
             await runner.cleanup()
 
@@ -289,7 +303,6 @@ class ExtProcApp:
             self.gateway, body_mode=args.body_mode, body_limit=args.body_limit
         )
         methods = {PROCESS_PATH: GrpcMethod(servicer.Process, pb.ProcessingRequest.FromString)}
-        background: list[asyncio.Task[None]] = []
         if self.policies is not None:
             from envoy.service.accesslog.v3 import als_pb2
 
@@ -299,26 +312,14 @@ class ExtProcApp:
             methods["/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs"] = GrpcMethod(
                 usage.StreamAccessLogs, als_pb2.StreamAccessLogsMessage.FromString, True
             )
-            background.append(asyncio.create_task(self.policies.run()))
-            auth = self.policies.auth
-            if auth is not None and auth.jwks is not None:
-                await auth.jwks.refresh()
-                background.append(asyncio.create_task(auth.jwks.run()))
+        background = await self._start_policy_tasks()
         server = H2Server(
             methods,
             health_services=("", EXT_PROC_SERVICE),
             max_message=args.body_limit + 1024 * 1024,
         )
         await server.start(args.host, args.grpc_port)
-        runner = web.AppRunner(
-            build_app(self.metrics.registry, self.state, self.ready), access_log=None
-        )
-        await runner.setup()
-        await web.TCPSite(runner, args.host, args.http_port).start()
-        self.watcher.start()
-        self._start_scraper()
-        if self.scraper is not None:
-            await self.scraper.start()
+        runner = await self._start_side_services()
         log.info(
             "extproc serving ext_proc (h2 transport) on %s:%d (body mode %s), HTTP on %s:%d",
             args.host,
@@ -332,13 +333,7 @@ class ExtProcApp:
         finally:
             log.info("extproc stopping")
             server.stopping = True  # health: NOT_SERVING from here on
-            await self.watcher.stop()
-            for task in background:
-                task.cancel()
-            if self.policies is not None:
-                await self.policies.close()
-            if self.scraper is not None:
-                await self.scraper.stop()
+            await self._stop_side_services(background)
             await server.stop(grace=1.0)
             await runner.cleanup()
 

@@ -30,12 +30,28 @@ _LATENCY_BUCKETS = (
 _SCHEDULING_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1)
 
 
-class GatewayMetrics:
+class LabelCache:
+    """Caches labelled metric children: on the request path the ``labels()`` lookup costs more
+    than the update itself."""
+
+    def __init__(self) -> None:
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, cached (the lookup costs more than the update)."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
+
+
+class GatewayMetrics(LabelCache):
     """All ``matrixinfer_gateway_*`` series; the scraper registers its own in ``registry``."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        super().__init__()
         self.registry = registry if registry is not None else CollectorRegistry()
-        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
         self.requests = Counter(
             "matrixinfer_gateway_requests",
@@ -89,11 +105,3 @@ class GatewayMetrics:
             ["result"],
             registry=r,
         )
-
-    def child(self, metric: Any, *labels: str) -> Any:
-        """``metric.labels(*labels)``, cached (the lookup costs more than the update)."""
-        key = (id(metric), labels)
-        found = self._children.get(key)
-        if found is None:
-            found = self._children[key] = metric.labels(*labels)
-        return found

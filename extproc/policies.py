@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from crds.common import parse_duration
 from extproc.auth import ANONYMOUS, AuthConfig, Authenticator, Identity, authorize
 from extproc.errors import GatewayError
+from extproc.metrics import LabelCache
 from extproc.queue import FairQueue, QueueEntry, UsageWindow
 from extproc.ratelimit import Admission, Buckets, Limits, RedisBuckets, bucket_key, limits_of
 from extproc.routing import object_key
@@ -74,9 +75,9 @@ class PolicyError(GatewayError):
         self.headers = dict(headers)
 
 
-class PolicyMetrics:
+class PolicyMetrics(LabelCache):
     def __init__(self, registry: CollectorRegistry) -> None:
-        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        super().__init__()
         r = registry
         self.auth = Counter(
             "matrixinfer_gateway_auth_results",
@@ -135,14 +136,6 @@ class PolicyMetrics:
             ["model", "result"],
             registry=r,
         )
-
-    def child(self, metric: Any, *labels: str) -> Any:
-        """``metric.labels(*labels)``, cached (the lookup costs more than the update)."""
-        key = (id(metric), labels)
-        found = self._children.get(key)
-        if found is None:
-            found = self._children[key] = metric.labels(*labels)
-        return found
 
 
 @dataclass(slots=True)
