@@ -346,27 +346,55 @@ def hey_run(
     *,
     headers: Mapping[str, str] | None = None,
     workers: int = 0,
+    pacing: str = "even",
 ) -> HeyRun:
     """POST ``body_file`` to ``url`` at ``rate`` req/s for ``seconds`` with `hey`, measuring the
-    CPU the processes ``pids`` spend meanwhile."""
+    CPU the processes ``pids`` spend meanwhile.
+
+    ``pacing="even"`` (the default): ``workers`` separate one-connection `hey` processes, each at
+    ``rate / workers`` req/s, started ``1 / rate`` s apart, so requests arrive evenly spaced.
+    ``pacing="hey"``: one `hey -c workers`: its workers' tickers start together and fire in phase,
+    so requests arrive in bursts of ``workers`` every ``workers / rate`` s (queueing inside every
+    hop shows up as latency)."""
     workers = workers or max(4, int(rate // 25))
-    argv = ["hey", "-z", f"{seconds}s", "-c", str(workers), "-q", f"{rate / workers:g}",
+    base = ["hey", "-z", f"{seconds}s", "-q", f"{rate / workers:g}",
             "-m", "POST", "-T", "application/json", "-D", str(body_file), "-o", "csv"]  # fmt: skip
     for k, v in (headers or {}).items():
-        argv += ["-H", f"{k}: {v}"]
-    argv.append(url)
+        base += ["-H", f"{k}: {v}"]
+    if pacing == "hey":
+        argvs = [[*base, "-c", str(workers), url]]
+    elif pacing == "even":
+        argvs = [[*base, "-c", "1", url]] * workers
+    else:
+        raise ValueError(f"pacing must be 'even' or 'hey', not {pacing!r}")
     cpu0 = [cpu_seconds(p) for p in pids]
     t0 = time.monotonic()
-    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
-    elapsed = time.monotonic() - t0
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        for i, argv in enumerate(argvs):
+            delay = t0 + i / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE, text=True))
+        outs = [p.communicate()[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    elapsed = time.monotonic() - t0 - (len(argvs) - 1) / rate
     cpu1 = [cpu_seconds(p) for p in pids]
+    for p in procs:
+        if p.returncode != 0:
+            raise RuntimeError(f"hey exited with {p.returncode}: {' '.join(p.args)}")  # type: ignore[arg-type]
     latencies: list[float] = []
     errors = 0
-    for row in csv.DictReader(io.StringIO(out)):
-        if row.get("status-code") != "200":
-            errors += 1
-            continue
-        latencies.append(float(row["response-time"]) * 1000)
+    for out in outs:
+        for row in csv.DictReader(io.StringIO(out)):
+            if row.get("status-code") != "200":
+                errors += 1
+                continue
+            latencies.append(float(row["response-time"]) * 1000)
     n = len(latencies) + errors
     per = max(n, 1)
     cpu = [(b - a) * 1000 / per for a, b in zip(cpu0, cpu1, strict=True)]
@@ -374,9 +402,14 @@ def hey_run(
 
 
 def run_hey(
-    url: str, body_file: Path, rate: int, seconds: float, pids: tuple[int | None, int | None]
+    url: str,
+    body_file: Path,
+    rate: int,
+    seconds: float,
+    pids: tuple[int | None, int | None],
+    pacing: str = "even",
 ) -> RateResult:
-    run = hey_run(url, body_file, rate, seconds, pids)
+    run = hey_run(url, body_file, rate, seconds, pids, pacing=pacing)
     return RateResult(
         rate=rate,
         achieved=run.achieved,
@@ -421,13 +454,14 @@ def measure(
     seconds: float,
     pids: tuple[int | None, int | None],
     saturation: bool,
+    pacing: str = "even",
 ) -> TargetResult:
     body_file = run / "body.json"
     body_file.write_bytes(body)
     result = TargetResult(name)
-    run_hey(url, body_file, 200, 2, pids)  # warm-up: connections, caches
+    run_hey(url, body_file, 200, 2, pids, pacing)  # warm-up: connections, caches
     for rate in RATES:
-        r = run_hey(url, body_file, rate, seconds, pids)
+        r = run_hey(url, body_file, rate, seconds, pids, pacing)
         result.rates[rate] = r
         print(
             f"  {name} @ {rate}/s: achieved {r.achieved:.0f}/s p50 {r.p50:.2f} ms "
@@ -452,7 +486,8 @@ def report(results: list[TargetResult], args: argparse.Namespace, body: bytes) -
     lines = [
         "# Gateway overhead: Envoy + MatrixInfer extproc vs plain Envoy",
         "",
-        f"Command: `python -m bench.gateway_overhead --seconds {args.seconds:g}` "
+        f"Command: `python -m bench.gateway_overhead --seconds {args.seconds:g} "
+        f"--modes {args.modes} --transports {args.transports} --pacing {args.pacing}` "
         f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.machine()}, "
         f"{os.cpu_count()} CPUs shared with the load generator, nginx and other work; "
         f"Python {platform.python_version()}).",
@@ -460,8 +495,16 @@ def report(results: list[TargetResult], args: argparse.Namespace, body: bytes) -
         f"Request: `POST /v1/chat/completions`, {len(body)}-byte JSON body; upstream: nginx "
         "answering a fixed chat completion on 4 loopback addresses. Envoy `--concurrency 2` in "
         "both set-ups; the gateway runs the default scheduler profile with the metrics scraper on "
-        "(200 ms). Fixed-rate load: `hey -q` (latency from every request); saturation: `wrk -t1 "
-        "-c32` with a Lua POST script.",
+        "(200 ms). Saturation: `wrk -t1 -c32` with a Lua POST script. Fixed-rate load: `hey`, "
+        "latency from every request; "
+        + (
+            "**pacing even**: rate/25 one-connection `hey -q 25` processes started 1/rate s "
+            "apart, so requests arrive evenly spaced (a request every 5 ms at 200 req/s)."
+            if args.pacing == "even"
+            else "**pacing hey**: one `hey -c rate/25 -q 25`; hey's workers fire in phase, so "
+            "requests arrive in bursts (8 at once every 40 ms at 200 req/s) and queue in every "
+            "hop."
+        ),
         "",
         f"Machine load average (1 min) before / after the run: {args.load[0][0]:.1f} / "
         f"{args.load[1][0]:.1f} on {os.cpu_count()} CPUs — other work shares the machine, so "
@@ -535,6 +578,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.gateway_overhead")
     p.add_argument("--seconds", type=float, default=10.0, help="length of each measured window")
     p.add_argument("--modes", default="BUFFERED,FULL_DUPLEX_STREAMED", help="extproc body modes")
+    p.add_argument(
+        "--transports", default="grpc,h2", help="extproc transports (each with every body mode)"
+    )
+    p.add_argument(
+        "--pacing",
+        choices=("even", "hey"),
+        default="even",
+        help="fixed-rate arrivals: evenly spaced (default) or hey's in-phase worker bursts",
+    )
     p.add_argument("--skip-saturation", action="store_true")
     p.add_argument("--out", type=Path, default=REPORT)
     p.add_argument("--no-minimal", action="store_true", help="skip the minimal-servicer floor")
@@ -566,6 +618,7 @@ def main(argv: list[str] | None = None) -> int:
                         args.seconds,
                         (envoy.pid, None),
                         not args.skip_saturation,
+                        args.pacing,
                     )
                 )
             if not args.no_minimal:
@@ -575,16 +628,18 @@ def main(argv: list[str] | None = None) -> int:
                     results.append(
                         measure(
                             "Envoy + minimal ext_proc (floor)", murl, run, body, args.seconds,
-                            (menvoy.pid, minimal.pid), not args.skip_saturation,
+                            (menvoy.pid, minimal.pid), not args.skip_saturation, args.pacing,
                         )
                     )  # fmt: skip
             config = gateway_config(run, upstream_port)
-            for mode in args.modes.split(","):
-                mode_run = run / mode
+            combos = [(m, t) for m in args.modes.split(",") for t in args.transports.split(",")]
+            for mode, transport in combos:
+                label = mode if transport == "grpc" else f"{mode}, {transport}"
+                mode_run = run / f"{mode}-{transport}"
                 stack = GatewayStack(
                     config,
                     mode_run,
-                    StackOptions(body_mode=mode, extproc_log_level="WARNING"),
+                    StackOptions(body_mode=mode, extproc_log_level="WARNING", transport=transport),
                 )
                 with stack:
                     wanted = {f"{h}:{upstream_port}" for h in UPSTREAM_HOSTS}
@@ -593,16 +648,17 @@ def main(argv: list[str] | None = None) -> int:
                         return s.extproc_ready() and wanted <= s.envoy_hosts()
 
                     wait_until(ready, 20, "gateway ready")
-                    print(f"gateway: Envoy + extproc ({mode})", flush=True)
+                    print(f"gateway: Envoy + extproc ({label})", flush=True)
                     results.append(
                         measure(
-                            f"Envoy + extproc ({mode})",
+                            f"Envoy + extproc ({label})",
                             f"{stack.url}/chat/completions",
                             mode_run,
                             body,
                             args.seconds,
                             (stack.envoy.pid, stack.extproc.pid),
                             not args.skip_saturation,
+                            args.pacing,
                         )
                     )
     args.load = (load_before, os.getloadavg())
