@@ -45,9 +45,13 @@ __all__ = [
     "Identity",
     "JwksCache",
     "JwtConfig",
+    "SecretKeyStore",
     "authorize",
     "forbidden",
     "hash_key",
+    "keys_from_secret",
+    "parse_key_file",
+    "secret_data",
     "unauthenticated",
 ]
 
@@ -106,6 +110,11 @@ class AuthConfig(_Model):
     """``--auth-config`` file (YAML): how callers authenticate."""
 
     api_keys_file: Path | None = None
+    api_keys_secret: str | None = Field(
+        default=None,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?/[a-z0-9]([-.a-z0-9]*[a-z0-9])?$",
+        description="namespace/name of a Secret holding the keys (needs --source kubernetes)",
+    )
     reload_interval_seconds: float = Field(default=1.0, ge=0)
     jwt: JwtConfig | None = None
     anonymous_routes: list[str] = Field(default_factory=list)
@@ -119,6 +128,10 @@ class AuthConfig(_Model):
             raise ValueError(f"auth config {path}: {exc}") from None
         except ValidationError as exc:
             raise ValueError(f"auth config {path}: {exc}") from None
+        if cfg.api_keys_file is not None and cfg.api_keys_secret is not None:
+            raise ValueError(
+                f"auth config {path}: apiKeysFile and apiKeysSecret are exclusive; give one"
+            )
         if cfg.api_keys_file is not None and not cfg.api_keys_file.is_absolute():
             cfg.api_keys_file = path.parent / cfg.api_keys_file
         return cfg
@@ -143,15 +156,39 @@ def parse_key_file(text: str, source: str = "<keys>") -> dict[str, Identity]:
     data = yaml.safe_load(text) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{source}: expected a mapping with 'keys' or a Secret")
-    entries: list[ApiKeyEntry] = []
     if data.get("kind") == "Secret":
-        for name, raw in (data.get("data") or {}).items():
-            decoded = base64.b64decode(raw).decode()
-            entries += _entries_of(yaml.safe_load(decoded), f"{source}: data.{name}")
-        for name, raw in (data.get("stringData") or {}).items():
-            entries += _entries_of(yaml.safe_load(raw), f"{source}: stringData.{name}")
-    else:
-        entries = _entries_of(data.get("keys") or [], f"{source}: keys")
+        return keys_from_secret(data, source)
+    return _identities(_entries_of(data.get("keys") or [], f"{source}: keys"))
+
+
+def secret_data(secret: Mapping[str, Any], source: str = "<secret>") -> dict[str, str]:
+    """A Secret's values as text: ``data`` (base64, as the API returns it) and ``stringData``."""
+    out: dict[str, str] = {}
+    for name, raw in (secret.get("data") or {}).items():
+        try:
+            out[str(name)] = base64.b64decode(str(raw), validate=True).decode()
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{source}: data.{name} is not base64 of UTF-8 text: {exc}") from None
+    for name, raw in (secret.get("stringData") or {}).items():
+        out[str(name)] = str(raw)
+    return out
+
+
+def keys_from_secret(secret: Mapping[str, Any], source: str = "<secret>") -> dict[str, Identity]:
+    """Digest -> identity from a Secret object (each value: one key entry or a list, YAML/JSON).
+
+    Objects from the API's list have no ``kind``: only ``data`` / ``stringData`` are read."""
+    entries: list[ApiKeyEntry] = []
+    for name, text in sorted(secret_data(secret, source).items()):
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{source}: {name}: not YAML/JSON: {exc}") from None
+        entries += _entries_of(value, f"{source}: {name}")
+    return _identities(entries)
+
+
+def _identities(entries: list[ApiKeyEntry]) -> dict[str, Identity]:
     return {
         e.sha256.lower(): Identity(e.tenant, e.user, tuple(e.groups), "api-key") for e in entries
     }
@@ -208,6 +245,51 @@ class ApiKeyStore:
 
     def lookup(self, key: str) -> Identity | None:
         self.maybe_reload()
+        return self.keys.get(hash_key(key))
+
+
+class SecretKeyStore:
+    """Hashed API keys from a Kubernetes Secret, replaced whenever the Secret changes.
+
+    ``update`` is called by the Kubernetes source (``extproc.kube_source``) with the Secret as
+    listed/watched (``None``: it does not exist). A Secret that does not parse keeps the previous
+    keys (logged); a deleted Secret removes every key (requests then get 401)."""
+
+    def __init__(self, namespace: str, name: str) -> None:
+        self.namespace = namespace
+        self.name = name
+        self.keys: dict[str, Identity] = {}
+        self.loaded = False  # a list of the Secret was seen (present or not)
+        self.reloads = 0
+        self.last_error: str | None = None
+
+    @property
+    def ref(self) -> tuple[str, str]:
+        return (self.namespace, self.name)
+
+    def update(self, secret: Mapping[str, Any] | None) -> None:
+        where = f"Secret {self.namespace}/{self.name}"
+        self.loaded = True
+        if secret is None:
+            if self.keys or self.reloads == 0:
+                log.error("API key %s does not exist: no API key is accepted", where)
+            self.keys = {}
+            self.reloads += 1
+            return
+        try:
+            keys = keys_from_secret(secret, where)
+        except ValueError as exc:
+            message = f"API key {where} rejected, keeping the previous keys: {exc}"
+            if message != self.last_error:
+                log.error("%s", message)
+            self.last_error = message
+            return
+        self.keys = keys
+        self.reloads += 1
+        self.last_error = None
+        log.info("API keys loaded from %s: %d keys", where, len(keys))
+
+    def lookup(self, key: str) -> Identity | None:
         return self.keys.get(hash_key(key))
 
 
@@ -302,13 +384,16 @@ class Authenticator:
         self,
         config: AuthConfig,
         *,
-        keys: ApiKeyStore | None = None,
+        keys: ApiKeyStore | SecretKeyStore | None = None,
         jwks: JwksCache | None = None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         if keys is None and config.api_keys_file is not None:
             keys = ApiKeyStore(config.api_keys_file, reload_interval=config.reload_interval_seconds)
+        elif keys is None and config.api_keys_secret is not None:
+            namespace, _, name = config.api_keys_secret.partition("/")
+            keys = SecretKeyStore(namespace, name)
         self.keys = keys
         if jwks is None and config.jwt is not None:
             jwks = JwksCache(config.jwt.jwks_url, refresh=config.jwt.refresh_seconds)

@@ -14,6 +14,12 @@ which uses the same source).
   by label, so the selection is done in this module), it has an IP, and it is ``Running`` with
   condition ``Ready=True`` (otherwise it is listed as not ready and the scheduler skips it).
 - status is not written here: the controllers are its only writer.
+- **Secrets** (only those named, policies on): the API-key Secret (``--api-keys-secret`` /
+  ``apiKeysSecret``) and the Secrets named by the routes' ``rateLimit.global.redis.
+  passwordSecretRef``. Each is listed and watched on its own with ``fieldSelector=metadata.name=``
+  (so RBAC can grant ``resourceNames``; the name is checked here too, as emulators ignore field
+  selectors); ``on_secret(namespace, name, secret or None)`` is called on every change. The set
+  follows the routes: a Secret no route names any more is no longer watched.
 
 Credentials: ``server`` (a URL, no auth: emulators and ``kubectl proxy``), else in-cluster
 service account, else the kubeconfig (through the ``kubernetes`` client's loaders).
@@ -25,7 +31,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +40,15 @@ import orjson
 
 from extproc.datastore import GatewayConfig, StaticEndpoint, selects
 
-__all__ = ["KINDS", "KubeSource", "PodInfo", "ReloadStatus", "extproc_endpoints", "pod_info"]
+__all__ = [
+    "KINDS",
+    "KubeSource",
+    "PodInfo",
+    "ReloadStatus",
+    "extproc_endpoints",
+    "pod_info",
+    "route_secret_refs",
+]
 
 log = logging.getLogger("matrixinfer.extproc.kube")
 
@@ -136,6 +150,9 @@ class KubeSource:
         watch_timeout: int = 300,
         backoff: float = 0.5,
         on_result: Callable[[bool], None] | None = None,
+        secrets: Iterable[tuple[str, str]] = (),
+        route_secrets: bool = False,
+        on_secret: Callable[[str, str, Mapping[str, Any] | None], None] | None = None,
     ) -> None:
         self.server = server
         self.apply = apply
@@ -155,6 +172,12 @@ class KubeSource:
         self._session: aiohttp.ClientSession | None = None
         self._conn: _Connection | None = None
         self.invalid: dict[str, str] = {}  # "Kind ns/name" -> error, for /debug/state
+        # Secrets: always watched (the API keys), and watched while a route names them (Redis)
+        self.static_secrets = frozenset(secrets)
+        self.route_secrets = route_secrets
+        self.on_secret = on_secret
+        self.secrets: dict[tuple[str, str], dict[str, Any] | None] = {}  # None: listed, absent
+        self._secret_tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def load_now(self) -> bool:
@@ -173,14 +196,17 @@ class KubeSource:
         for kind in KINDS:
             self._tasks.append(asyncio.create_task(self._watch(kind), name=f"kube-watch-{kind}"))
         self._tasks.append(asyncio.create_task(self._apply_loop(), name="kube-apply"))
+        self.watch_secrets(self.static_secrets)
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._secret_tasks.values()]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
+        self._secret_tasks.clear()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -267,16 +293,109 @@ class KubeSource:
                 log.warning("watch of %s dropped (%s); resyncing in %.1fs", kind, exc, self.backoff)
                 await asyncio.sleep(self.backoff)
 
+    # ---- Secrets ------------------------------------------------------------------------------
+    def watch_secrets(self, wanted: Iterable[tuple[str, str]]) -> None:
+        """Watch exactly ``wanted`` plus the static Secrets: start new watches, stop old ones."""
+        want = set(wanted) | self.static_secrets
+        for ref in list(self._secret_tasks):
+            if ref not in want:
+                self._secret_tasks.pop(ref).cancel()
+                self.secrets.pop(ref, None)
+                log.info("Secret %s/%s is no longer needed: not watched any more", *ref)
+        for ref in sorted(want - set(self._secret_tasks)):
+            self._secret_tasks[ref] = asyncio.create_task(
+                self._watch_secret(*ref), name=f"kube-watch-Secret-{ref[0]}/{ref[1]}"
+            )
+
+    def secrets_synced(self) -> bool:
+        """Every static Secret was listed once (present or not)."""
+        return all(ref in self.secrets for ref in self.static_secrets)
+
+    def _secret_changed(self, ns: str, name: str, obj: dict[str, Any] | None) -> None:
+        ref = (ns, name)
+        known = ref in self.secrets
+        if known and self.secrets[ref] == obj:
+            return
+        self.secrets[ref] = obj
+        if not known:
+            self._dirty.set()  # readiness may wait for the first list of a static Secret
+        if self.on_secret is not None:
+            try:
+                self.on_secret(ns, name, obj)
+            except Exception:  # a consumer's bug must not end the watch
+                log.exception("handling a change of Secret %s/%s failed", ns, name)
+
+    async def _watch_secret(self, ns: str, name: str) -> None:
+        """List + watch one Secret by name (fieldSelector for the API server and RBAC
+        ``resourceNames``; the name is also checked here: emulators ignore field selectors)."""
+        assert self._session is not None and self._conn is not None
+        url = f"{self._conn.base}/api/v1/namespaces/{ns}/secrets"
+        selector = {"fieldSelector": f"metadata.name={name}"}
+        session = self._session
+        while True:
+            try:
+                async with session.get(
+                    url, params=selector, timeout=aiohttp.ClientTimeout(total=30)
+                ) as resp:
+                    if resp.status >= 400:
+                        text = (await resp.text())[:200]
+                        raise RuntimeError(f"list: HTTP {resp.status}: {text}")
+                    data = orjson.loads(await resp.read())
+                found = [
+                    item
+                    for item in data.get("items") or []
+                    if (item.get("metadata") or {}).get("name") == name
+                ]
+                self._secret_changed(ns, name, found[0] if found else None)
+                rv = str((data.get("metadata") or {}).get("resourceVersion") or "")
+                params = {
+                    **selector,
+                    "watch": "true",
+                    "allowWatchBookmarks": "true",
+                    "timeoutSeconds": str(self.watch_timeout),
+                }
+                if rv:
+                    params["resourceVersion"] = rv
+                async with session.get(url, params=params) as resp:
+                    if resp.status >= 400:
+                        raise RuntimeError(f"watch: HTTP {resp.status}")
+                    async for line in resp.content:
+                        if not line.strip():
+                            continue
+                        event = orjson.loads(line)
+                        etype, obj = event.get("type"), event.get("object") or {}
+                        if etype == "ERROR":
+                            raise RuntimeError(str(obj.get("message", obj)))
+                        if (obj.get("metadata") or {}).get("name") != name:
+                            continue  # another Secret (no field selector on this server)
+                        if etype in ("ADDED", "MODIFIED"):
+                            self._secret_changed(ns, name, obj)
+                        elif etype == "DELETED":
+                            self._secret_changed(ns, name, None)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning(
+                    "watch of Secret %s/%s dropped (%s); resyncing in %.1fs",
+                    ns,
+                    name,
+                    exc,
+                    self.backoff,
+                )
+                await asyncio.sleep(self.backoff)
+
     # ---- building the configuration ------------------------------------------------------------
     async def _apply_loop(self) -> None:
         while True:
             await self._dirty.wait()
             await asyncio.sleep(self.debounce)
             self._dirty.clear()
-            if len(self._listed) < len(KINDS):
+            if len(self._listed) < len(KINDS) or not self.secrets_synced():
                 continue
             try:
                 config = self.build()
+                if self.route_secrets:
+                    self.watch_secrets(route_secret_refs(config.routes))
                 self.apply(config)
             except Exception as exc:  # never let the loop die; the last config stays
                 self.status.rejected += 1
@@ -339,6 +458,19 @@ class KubeSource:
             endpoints=endpoints,
             source=f"kubernetes {self._conn.base if self._conn else self.server}",
         )
+
+
+def route_secret_refs(routes: Iterable[Any]) -> set[tuple[str, str]]:
+    """(namespace, name) of the Secrets named by routes' ``rateLimit.global.redis.
+    passwordSecretRef`` (in the route's namespace)."""
+    out: set[tuple[str, str]] = set()
+    for route in routes:
+        limit = route.spec.rate_limit
+        g = getattr(limit, "global_", None) if limit is not None else None
+        ref = g.redis.password_secret_ref if g is not None else None
+        if ref is not None:
+            out.add((route.metadata.namespace or "default", ref.name))
+    return out
 
 
 def extproc_endpoints(source: KubeSource, service: str, port: int) -> list[str]:

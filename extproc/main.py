@@ -92,6 +92,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--auth-config", type=Path, default=None, help="YAML: apiKeysFile, jwt, anonymousRoutes"
     )
     pol.add_argument(
+        "--api-keys-secret",
+        default=None,
+        metavar="NAMESPACE/NAME",
+        help="API keys from this Secret, watched (needs --source kubernetes; implies --policies)",
+    )
+    pol.add_argument(
         "--ratelimit-fail",
         choices=("open", "closed"),
         default="open",
@@ -125,6 +131,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.source == "files" and args.config is None:
         p.error("--config DIR is required (or --source kubernetes)")
+    if args.api_keys_secret is not None:
+        if args.source != "kubernetes":
+            p.error("--api-keys-secret needs --source kubernetes (else use apiKeysFile)")
+        ns, _, name = args.api_keys_secret.partition("/")
+        if not ns or not name or "/" in name:
+            p.error(f"--api-keys-secret {args.api_keys_secret!r}: expected NAMESPACE/NAME")
     return args
 
 
@@ -136,12 +148,27 @@ class ExtProcApp:
         self.metrics = GatewayMetrics()
         self.datastore = Datastore()
         self.gateway = Gateway(self.datastore, self.metrics, body_limit=args.body_limit)
+        self.policies: Any = None
+        if args.policies or args.auth_config is not None or args.api_keys_secret is not None:
+            self.policies = build_policies(args, self.metrics)
+            self.gateway.policies = self.policies
         self.watcher: Any
         if args.source == "kubernetes":
             from extproc.kube_source import KubeSource
 
+            secrets: list[tuple[str, str]] = []
+            auth = self.policies.settings.auth if self.policies is not None else None
+            if auth is not None and auth.api_keys_secret is not None:
+                ns, _, name = auth.api_keys_secret.partition("/")
+                secrets.append((ns, name))
             self.watcher = KubeSource(
-                args.server, self._apply, namespace=args.namespace, on_result=self._counted
+                args.server,
+                self._apply,
+                namespace=args.namespace,
+                on_result=self._counted,
+                secrets=secrets,
+                route_secrets=self.policies is not None,
+                on_secret=self.policies.update_secret if self.policies is not None else None,
             )
         else:
             self.watcher = ConfigWatcher(
@@ -149,10 +176,6 @@ class ExtProcApp:
             )
         self.scraper: Any = None
         self.started = time.monotonic()
-        self.policies: Any = None
-        if args.policies or args.auth_config is not None:
-            self.policies = build_policies(args, self.metrics)
-            self.gateway.policies = self.policies
 
     def _apply(self, config: GatewayConfig) -> None:
         snap = self.datastore.apply(config)
@@ -356,6 +379,19 @@ def build_policies(args: argparse.Namespace, metrics: GatewayMetrics) -> Any:
         auth = AuthConfig.load(args.auth_config) if args.auth_config is not None else None
     except ValueError as exc:
         raise SystemExit(f"matrixinfer-extproc: {exc}") from None
+    if args.api_keys_secret is not None:
+        if auth is None:
+            auth = AuthConfig()
+        elif auth.api_keys_file is not None:
+            raise SystemExit(
+                "matrixinfer-extproc: --api-keys-secret and the auth config's apiKeysFile are "
+                "exclusive; give one"
+            )
+        auth.api_keys_secret = args.api_keys_secret
+    if auth is not None and auth.api_keys_secret is not None and args.source != "kubernetes":
+        raise SystemExit(
+            f"matrixinfer-extproc: apiKeysSecret {auth.api_keys_secret} needs --source kubernetes"
+        )
     settings = PolicySettings(
         auth=auth,
         fail_open=args.ratelimit_fail == "open",

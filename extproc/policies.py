@@ -190,6 +190,9 @@ class Policies:
         self._prefix = os.urandom(4).hex() + "-"
         self._ticker: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        # watched Secrets' values (namespace, name) -> key -> text (extproc.kube_source)
+        self.secrets: dict[tuple[str, str], dict[str, str]] = {}
+        self._missing_refs: set[tuple[str, str, str]] = set()
 
     # ---- identity -----------------------------------------------------------------------------
     def authenticate(self, headers: Mapping[str, str]) -> Identity | None:
@@ -214,7 +217,9 @@ class Policies:
                     key=key,
                     name=route.metadata.name,
                     access=spec.access,
-                    limits=limits_of(spec.rate_limit) if spec.rate_limit is not None else None,
+                    limits=limits_of(spec.rate_limit, route.metadata.namespace or "default")
+                    if spec.rate_limit is not None
+                    else None,
                     max_queued=q.max_queued if q is not None else 1000,
                     max_wait=parse_duration(q.max_wait) if q is not None else 60.0,
                     priority_header=q.priority_header.lower()
@@ -250,7 +255,7 @@ class Policies:
         m = self.metrics.ratelimit
         try:
             if limits.redis is not None:
-                admission = await self._redis(limits.redis).admit(key, limits, estimate)
+                admission = await self._redis(limits).admit(key, limits, estimate)
             else:
                 admission = self.local.admit(key, limits, estimate)
         except GatewayError:
@@ -290,8 +295,12 @@ class Policies:
         headers["retry-after"] = str(max(1, math.ceil(admission.retry_after)))
         return PolicyError(rate_limited(admission, route), headers)
 
-    def _redis(self, address: str) -> RedisBuckets:
-        found = self.redis.get(address)
+    def _redis(self, limits: Limits) -> RedisBuckets:
+        address = limits.redis
+        assert address is not None
+        ref = limits.password_ref
+        name = address if ref is None else f"{address} {ref[0]}/{ref[1]}[{ref[2]}]"
+        found = self.redis.get(name)
         if found is None:
 
             def outage(down: bool, address: str = address) -> None:
@@ -299,16 +308,67 @@ class Policies:
                 if down:
                     self.metrics.redis_outages.labels(address).inc()
 
-            found = self.redis[address] = RedisBuckets(
+            found = self.redis[name] = RedisBuckets(
                 address,
                 fail_open=self.settings.fail_open,
                 fallback=self.local,
-                password=self.settings.redis_password,
+                password=self._redis_password(ref),
+                password_ref=ref,
                 on_outage=outage,
                 clock=self.clock,
             )
             self.metrics.redis_up.labels(address).set(1)
         return found
+
+    def _redis_password(self, ref: tuple[str, str, str] | None) -> str | None:
+        """The password for a Redis: its passwordSecretRef's value, else --redis-password-file."""
+        if ref is None:
+            return self.settings.redis_password
+        namespace, name, key = ref
+        data = self.secrets.get((namespace, name))
+        if data is None or key not in data:
+            if (namespace, name, key) not in self._missing_refs:
+                self._missing_refs.add(ref)
+                log.error(
+                    "Redis password: key '%s' of Secret %s/%s is not there (yet); connecting "
+                    "without a password until it is",
+                    key,
+                    namespace,
+                    name,
+                )
+            return None
+        self._missing_refs.discard(ref)
+        return data[key]
+
+    def update_secret(self, namespace: str, name: str, secret: Mapping[str, Any] | None) -> None:
+        """A watched Secret changed (``None``: gone): API keys are replaced, Redis clients whose
+        passwordSecretRef names it reconnect with the new password."""
+        from extproc.auth import SecretKeyStore, secret_data
+
+        keys = self.auth.keys if self.auth is not None else None
+        if isinstance(keys, SecretKeyStore) and keys.ref == (namespace, name):
+            keys.update(secret)
+        data: dict[str, str] | None = None
+        if secret is not None:
+            try:
+                data = secret_data(secret, f"Secret {namespace}/{name}")
+            except ValueError as exc:
+                log.error("%s; keeping its previous values", exc)
+                return
+        if data is None:
+            self.secrets.pop((namespace, name), None)
+        else:
+            self.secrets[(namespace, name)] = data
+        for key in list(self.redis):
+            client = self.redis[key]
+            ref = client.password_ref
+            if ref is None or ref[:2] != (namespace, name):
+                continue
+            password = self._redis_password(ref)
+            if password != client.password:
+                task = asyncio.get_running_loop().create_task(client.set_password(password))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
 
     def release(self, charge: Charge | None) -> None:
         """An admitted request that was not routed after all: give its reservation back."""
@@ -335,7 +395,7 @@ class Policies:
         limits = charge.limits
         if limits.redis is not None:
             task = asyncio.get_running_loop().create_task(
-                self._redis(limits.redis).settle(
+                self._redis(limits).settle(
                     charge.bucket,
                     limits,
                     charge.estimate,

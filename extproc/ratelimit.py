@@ -57,11 +57,14 @@ class Limits:
     period: float  # seconds in one unit
     scope: str = "route"
     redis: str | None = None  # host:port for global buckets
+    # (namespace, Secret name, key) of the Redis password (redis.passwordSecretRef)
+    password_ref: tuple[str, str, str] | None = None
 
 
-def limits_of(spec: Any) -> Limits:
-    """``Limits`` from a ``crds`` RateLimit object."""
+def limits_of(spec: Any, namespace: str = "default") -> Limits:
+    """``Limits`` from a ``crds`` RateLimit object of a ModelRoute in ``namespace``."""
     g = getattr(spec, "global_", None)
+    ref = g.redis.password_secret_ref if g is not None else None
     return Limits(
         requests=spec.requests_per_unit,
         input=spec.input_tokens_per_unit,
@@ -69,6 +72,7 @@ def limits_of(spec: Any) -> Limits:
         period=UNIT_SECONDS[spec.unit],
         scope=spec.scope,
         redis=g.redis.address if g is not None else None,
+        password_ref=(namespace, ref.name, ref.key) if ref is not None else None,
     )
 
 
@@ -224,6 +228,7 @@ class RedisBuckets:
         fail_open: bool = True,
         fallback: Buckets | None = None,
         password: str | None = None,
+        password_ref: tuple[str, str, str] | None = None,
         timeout: float = 0.1,
         retry_after: float = 1.0,
         on_outage: Callable[[bool], None] | None = None,
@@ -235,15 +240,24 @@ class RedisBuckets:
 
         host, _, port = address.rpartition(":")
         self.address = address
-        self.client = aioredis.Redis(
-            host=host,
-            port=int(port),
-            password=password,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),  # an outage must cost one fast failure, not retries
-        )
-        self.script = self.client.register_script(LUA_PATH.read_text())
+        self.password = password
+        self.password_ref = password_ref  # (namespace, Secret, key) the password comes from
+
+        def connect(password: str | None) -> Any:
+            return aioredis.Redis(
+                host=host,
+                port=int(port),
+                password=password,
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+                retry=Retry(NoBackoff(), 0),  # an outage must cost one fast failure, not retries
+            )
+
+        self._connect = connect
+        self.client = connect(password)
+        self._lua = LUA_PATH.read_text()
+        self.script = self.client.register_script(self._lua)
+        self._retired: list[Any] = []  # clients replaced by a password change, closed later
         self.fail_open = fail_open
         self.fallback = fallback or Buckets(clock)
         self.retry_after = retry_after
@@ -343,5 +357,23 @@ class RedisBuckets:
             self.backlog.popleft()
             self.replayed += 1
 
+    async def set_password(self, password: str | None) -> None:
+        """Reconnect with a new password (the Secret changed). Calls in flight finish on the old
+        client; the next call uses the new one at once (an outage's retry wait is skipped)."""
+        if password == self.password:
+            return
+        old = self.client
+        self.password = password
+        self.client = self._connect(password)
+        self.script = self.client.register_script(self._lua)
+        self._next_try = float("-inf")
+        log.info("Redis rate limiter %s: password changed, reconnecting", self.address)
+        for retired in self._retired:  # the previous change's client: idle by now
+            await retired.aclose()
+        self._retired = [old]
+
     async def close(self) -> None:
+        for retired in self._retired:
+            await retired.aclose()
+        self._retired.clear()
         await self.client.aclose()
