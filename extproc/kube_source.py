@@ -332,6 +332,7 @@ class KubeSource:
         url = f"{self._conn.base}/api/v1/namespaces/{ns}/secrets"
         selector = {"fieldSelector": f"metadata.name={name}"}
         session = self._session
+        failures = 0
         while True:
             try:
                 async with session.get(
@@ -347,6 +348,7 @@ class KubeSource:
                     if (item.get("metadata") or {}).get("name") == name
                 ]
                 self._secret_changed(ns, name, found[0] if found else None)
+                failures = 0
                 rv = str((data.get("metadata") or {}).get("resourceVersion") or "")
                 params = {
                     **selector,
@@ -375,14 +377,12 @@ class KubeSource:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                failures += 1  # e.g. HTTP 403 (RBAC): back off up to 30 s, not a log flood
+                wait = min(30.0, self.backoff * 2 ** min(failures - 1, 10))
                 log.warning(
-                    "watch of Secret %s/%s dropped (%s); resyncing in %.1fs",
-                    ns,
-                    name,
-                    exc,
-                    self.backoff,
+                    "watch of Secret %s/%s dropped (%s); resyncing in %.1fs", ns, name, exc, wait
                 )
-                await asyncio.sleep(self.backoff)
+                await asyncio.sleep(wait)
 
     # ---- building the configuration ------------------------------------------------------------
     async def _apply_loop(self) -> None:
