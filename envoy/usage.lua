@@ -1,18 +1,32 @@
 -- MatrixInfer usage accounting (Envoy Lua HTTP filter), installed by extproc.usage.envoy_http_filters.
 --
 -- Only requests the extproc marked (dynamic metadata envoy.lb/matrixinfer_rid: the one namespace
--- the ext_proc filter accepts) are looked at. The answer
--- passes through unchanged; the filter reads the exact usage the engine reports and stores it in
--- dynamic metadata `matrixinfer.usage` (prompt, completion, events, done). The gRPC access log
--- then carries it to the extproc once per request, in batches. No chunk goes through Python.
+-- the ext_proc filter accepts) are looked at. The filter reads the exact usage the engine reports
+-- and stores it in dynamic metadata `matrixinfer.usage` (prompt, completion, events, done). The
+-- gRPC access log then carries it to the extproc once per request, in batches. No chunk goes
+-- through Python.
 --
--- Streams (text/event-stream): every chunk is scanned in C (string.find/gsub) for SSE `data:`
--- events, the running count is stored so an aborted stream still reports a lower bound, and the
--- last 1 KiB is kept: the final usage event (forced by the extproc with
--- stream_options.include_usage) sits in it. JSON answers: the body is read once at its end.
+-- Streams (text/event-stream): every chunk is scanned in C (string.find) for SSE `data:` events,
+-- the running count is stored so an aborted stream still reports a lower bound, and the last
+-- 1 KiB is kept: the final usage event (forced by the extproc with stream_options.include_usage)
+-- sits in it. JSON answers: the body is read once at its end.
+--
+-- When the extproc forced include_usage on a client that had not asked for it, it also sets
+-- envoy.lb/matrixinfer_strip: the usage-only event (`"choices":[]` and `"usage":{...}`) is then
+-- removed from what the client sees (chunk:setBytes), after its numbers were read. An event split
+-- across chunks is handled by holding back the incomplete trailing event of a chunk (when it is
+-- short enough to be a usage event) and passing it on at the front of the next chunk. A well-formed
+-- stream (chunks that end at event boundaries) is passed on without a copy except for the chunk
+-- holding the usage event.
 
 local NS = "matrixinfer"
 local TAIL = 1024
+local HOLD_MAX = 4096 -- a usage-only event is a few hundred bytes; longer partial events pass on
+
+local find, sub, byte = string.find, string.sub, string.byte
+local EMPTY_CHOICES = '"choices"%s*:%s*%[%s*%]'
+local USAGE_OBJECT = '"usage"%s*:%s*{'
+local BLANK_LINE = "\n\r?\n" -- the end of an SSE event ("\n\n" or "\r\n\r\n")
 
 local function usage_of(text)
   local prompt, completion
@@ -26,17 +40,67 @@ local function md(handle)
   return handle:streamInfo():dynamicMetadata()
 end
 
+-- true when s (length n) ends with a blank line, i.e. with a whole event
+local function ends_event(s, n)
+  if n < 2 or byte(s, n) ~= 10 then return false end
+  local b = byte(s, n - 1)
+  return b == 10 or (b == 13 and n >= 3 and byte(s, n - 2) == 10)
+end
+
+-- index of the last character of the last blank line in s, or 0
+local function last_boundary(s)
+  local last = 0
+  local _, e = find(s, BLANK_LINE)
+  while e do
+    last = e
+    _, e = find(s, BLANK_LINE, e + 1)
+  end
+  return last
+end
+
+-- s without its usage-only events (whole events, searched from `from`); nil when there is none
+local function without_usage_events(s, from)
+  local at = find(s, EMPTY_CHOICES, from)
+  if not at then return nil end
+  local parts = {}
+  local pos = 1 -- first character not yet copied
+  local start = from -- first character of the event being looked at
+  while at do
+    -- the event holding `at` starts after the last blank line before it
+    local _, e = find(s, BLANK_LINE, start)
+    while e and e < at do
+      start = e + 1
+      _, e = find(s, BLANK_LINE, start)
+    end
+    if not e then break end -- an incomplete event: left as it is
+    if find(sub(s, start, e), USAGE_OBJECT) then
+      parts[#parts + 1] = sub(s, pos, start - 1)
+      pos = e + 1
+    end
+    start = e + 1
+    at = find(s, EMPTY_CHOICES, start)
+  end
+  if pos == 1 then return nil end
+  parts[#parts + 1] = sub(s, pos)
+  return table.concat(parts)
+end
+
 function envoy_on_response(handle)
   local lb = md(handle):get("envoy.lb")
   if lb == nil or lb["matrixinfer_rid"] == nil then
     return
   end
-  local ctype = handle:headers():get("content-type") or ""
-  if string.find(ctype, "text/event-stream", 1, true) then
+  local headers = handle:headers()
+  local ctype = headers:get("content-type") or ""
+  if find(ctype, "text/event-stream", 1, true) then
+    local strip = lb["matrixinfer_strip"] == true
+    if strip then headers:remove("content-length") end
     local events = 0
     local reported = 0
     local tail = ""
-    local find = string.find
+    local edge = "" -- the last 4 bytes of the previous chunk
+    local carry = "" -- incomplete trailing event held back from the previous chunk (strip only)
+    local mid = false -- the next chunk starts inside an event already passed on (strip only)
     for chunk in handle:bodyChunks() do
       local n = chunk:length()
       if n > 0 then
@@ -46,6 +110,10 @@ function envoy_on_response(handle)
           events = events + 1
           at = find(s, "data:", at + 5, true)
         end
+        if edge ~= "" and find(edge .. sub(s, 1, 4), "data:", 1, true) then
+          events = events + 1 -- "data:" across the chunk boundary
+        end
+        if n >= 4 then edge = sub(s, -4) else edge = sub(edge .. s, -4) end
         -- the running count survives an abort; updated every 8 events (a metadata write costs
         -- more than the scan), so an aborted stream is under-counted by at most 7 events
         if events - reported >= 8 then
@@ -55,10 +123,43 @@ function envoy_on_response(handle)
         if n >= TAIL then
           tail = s
         else
-          tail = string.sub(tail .. s, -TAIL)
+          tail = sub(tail .. s, -TAIL)
+        end
+        if strip then
+          local data = s
+          local changed = false
+          if carry ~= "" then
+            data = carry .. s
+            carry = ""
+            changed = true
+          end
+          local len = #data
+          local from = 1
+          if mid then -- the front of data ends an event that was passed on: never strip it
+            local _, e = find(data, BLANK_LINE)
+            from = e and e + 1 or len + 1
+          end
+          mid = false
+          if not ends_event(data, len) then
+            local keep = last_boundary(data)
+            if len - keep <= HOLD_MAX and keep + 1 >= from then
+              carry = sub(data, keep + 1)
+              data = sub(data, 1, keep)
+              changed = true
+            else
+              mid = true -- too long for a usage event: pass the partial event on
+            end
+          end
+          local stripped = without_usage_events(data, from)
+          if stripped ~= nil then
+            data = stripped
+            changed = true
+          end
+          if changed then chunk:setBytes(data) end
         end
       end
     end
+    -- a stream that ends inside an event: SSE clients drop an incomplete event, so does this
     md(handle):set(NS, "events", events)
     local prompt, completion = usage_of(tail)
     if prompt ~= nil then md(handle):set(NS, "prompt", tonumber(prompt)) end

@@ -340,12 +340,13 @@ class Gateway:
                 raise no_pod_available(f"ModelServer '{view.name}': {exc.reason}") from None
             routed = self._routed(state, parsed, decision, view, scheduler, request, result)
             charge = state.charge
+            routed.metadata = {"matrixinfer_rid": charge.rid}
             if parsed.stream and parsed.kind != "embeddings":
                 from extproc.usage import force_usage
 
-                force_usage(parsed.body)
-                routed.body = orjson.dumps(parsed.body)
-            routed.metadata = {"matrixinfer_rid": charge.rid}
+                if force_usage(parsed.body):  # Envoy's usage.lua hides the forced usage event
+                    routed.metadata["matrixinfer_strip"] = True
+                    routed.body = orjson.dumps(parsed.body)
             policies.expect(charge)
             if "authorization" in state.headers:
                 routed.headers["authorization"] = ""  # credentials never reach the engine

@@ -48,6 +48,7 @@ log = logging.getLogger("matrixinfer.extproc.usage")
 METADATA_NAMESPACE = "matrixinfer"  # written by the Lua filter: prompt, completion, events, done
 RID_NAMESPACE = "envoy.lb"  # written by the extproc (the namespace its ext_proc filter accepts)
 RID_KEY = "matrixinfer_rid"
+STRIP_KEY = "matrixinfer_strip"  # envoy.lb flag: hide the forced usage event from the client
 LOG_NAME = "matrixinfer_usage"
 _ROOT = Path(__file__).resolve().parent.parent
 
@@ -104,14 +105,24 @@ def envoy_access_logs(
 
 
 def force_usage(body: dict[str, Any]) -> bool:
-    """Ask the engine for a final usage event; True when the client had not asked for it."""
+    """Ask the engine for a final usage event; True when the client had not asked for it.
+
+    The client's own ``stream_options`` are left alone when it asked for usage. When it did not,
+    ``continuous_usage_stats`` (vLLM: usage in every chunk, only with ``include_usage``) is
+    turned off so that the one final usage-only event is all that changes, and Envoy's
+    ``usage.lua`` removes that event (the request is marked ``matrixinfer_strip``): the client
+    sees the stream it asked for.
+    """
     opts = body.get("stream_options")
+    if isinstance(opts, dict) and opts.get("include_usage") is True:
+        return False
     if not isinstance(opts, dict):
         opts = {}
         body["stream_options"] = opts
-    asked = opts.get("include_usage") is True
     opts["include_usage"] = True
-    return not asked
+    if "continuous_usage_stats" in opts:
+        opts["continuous_usage_stats"] = False
+    return True
 
 
 @dataclass(slots=True)

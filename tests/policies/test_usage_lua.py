@@ -1,0 +1,224 @@
+"""``envoy/usage.lua`` under LuaJIT (Envoy's Lua), with a stand-in for Envoy's stream handle: the
+usage-only event is removed from what a client that did not ask for it sees, however the stream is
+cut into chunks; everything else passes byte for byte; the usage numbers are read either way.
+Plus the extproc side: ``force_usage`` and the ``matrixinfer_strip`` mark."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from extproc.gateway import Routed
+from extproc.usage import STRIP_KEY, force_usage, lua_source
+
+lupa = pytest.importorskip("lupa.luajit21")
+
+HARNESS = b"""
+local chunks, lb, ctype = ...
+local meta = {["envoy.lb"] = lb}
+local dm = {
+  get = function(self, ns) return meta[ns] end,
+  set = function(self, ns, k, v) meta[ns] = meta[ns] or {}; meta[ns][k] = v end,
+}
+local info = {dynamicMetadata = function(self) return dm end}
+local removed = {}
+local headers = {
+  get = function(self, name) if name == "content-type" then return ctype end return nil end,
+  remove = function(self, name) removed[#removed + 1] = name end,
+}
+local seen = {}
+local handle = {
+  streamInfo = function(self) return info end,
+  headers = function(self) return headers end,
+  body = function(self)
+    local b = {data = table.concat(chunks)}
+    function b:length() return #self.data end
+    function b:getBytes(at, n) return string.sub(self.data, at + 1, at + n) end
+    return b
+  end,
+  bodyChunks = function(self)
+    local i = 0
+    return function()
+      i = i + 1
+      if chunks[i] == nil then return nil end
+      local c = {data = chunks[i]}
+      function c:length() return #self.data end
+      function c:getBytes(at, n) return string.sub(self.data, at + 1, at + n) end
+      function c:setBytes(s) self.data = s end
+      seen[#seen + 1] = c
+      return c
+    end
+  end,
+}
+envoy_on_response(handle)
+local out = {}
+for i, c in ipairs(seen) do out[i] = c.data end
+return out, meta["matrixinfer"], removed
+"""
+
+
+def run_filter(
+    chunks: list[bytes], strip: bool, ctype: bytes = b"text/event-stream"
+) -> tuple[list[bytes], dict[str, Any]]:
+    lua = lupa.LuaRuntime(encoding=None)
+    lua.execute(lua_source().encode())
+    lb = lua.table_from({b"matrixinfer_rid": b"r-1", b"matrixinfer_strip": strip})
+    out, md, _ = lua.execute(HARNESS, lua.table_from(chunks), lb, ctype)
+    passed = [out[i + 1] for i in range(len(out))]
+    fields = {k.decode(): v for k, v in (md or {}).items()}
+    return passed, fields
+
+
+def event(obj: dict[str, Any], eol: bytes = b"\n\n") -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + eol
+
+
+def content(text: str) -> dict[str, Any]:
+    return {
+        "id": "c1",
+        "object": "chat.completion.chunk",
+        "choices": [{"delta": {"content": text}}],
+    }
+
+
+USAGE = {"prompt_tokens": 17, "completion_tokens": 3, "total_tokens": 20}
+
+
+def stream(texts: list[str], eol: bytes = b"\n\n", usage: bool = True) -> tuple[bytes, bytes]:
+    """(the engine's stream, what a client that did not ask for usage must see)"""
+    head = event({"id": "c1", "choices": [{"delta": {"role": "assistant"}}]}, eol)
+    body = head + b"".join(event(content(t), eol) for t in texts)
+    usage_event = event({"id": "c1", "choices": [], "usage": USAGE}, eol) if usage else b""
+    done = b"data: [DONE]" + eol
+    return body + usage_event + done, body + done
+
+
+def cut(data: bytes, points: list[int]) -> list[bytes]:
+    edges = [0, *sorted({p for p in points if 0 < p < len(data)}), len(data)]
+    return [data[a:b] for a, b in itertools.pairwise(edges)]
+
+
+# content that looks like the markers, escaped as JSON does it
+TEXTS = st.lists(
+    st.sampled_from(["hello", " world", '"choices":[]', '"usage":{', "\n\n", "data: x", "é"]),
+    min_size=0,
+    max_size=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(texts=TEXTS, points=st.lists(st.integers(0, 2000), max_size=12), crlf=st.booleans())
+def test_usage_event_removed_however_the_stream_is_cut(
+    texts: list[str], points: list[int], crlf: bool
+) -> None:
+    eol = b"\r\n\r\n" if crlf else b"\n\n"
+    full, expected = stream(texts, eol)
+    passed, md = run_filter(cut(full, points), strip=True)
+    assert b"".join(passed) == expected
+    assert md["prompt"] == 17 and md["completion"] == 3 and md["done"] is True
+    assert md["events"] == full.count(b"data:")
+
+
+@settings(max_examples=100, deadline=None)
+@given(texts=TEXTS, points=st.lists(st.integers(0, 2000), max_size=12))
+def test_asked_for_usage_passes_unchanged(texts: list[str], points: list[int]) -> None:
+    full, _ = stream(texts)
+    chunks = cut(full, points)
+    passed, md = run_filter(chunks, strip=False)
+    assert passed == chunks  # chunk for chunk, not only in total
+    assert md["prompt"] == 17 and md["completion"] == 3
+
+
+def test_whole_events_are_passed_without_holding_anything_back() -> None:
+    full, expected = stream(["a", "b", "c"])
+    events = [e + b"\n\n" for e in full.split(b"\n\n") if e]
+    passed, _ = run_filter(events, strip=True)
+    # every content chunk goes out as it came; only the usage event's chunk is emptied
+    assert passed[:-2] == events[:-2] and passed[-2] == b"" and passed[-1] == events[-1]
+    assert b"".join(passed) == expected
+
+
+def test_long_events_split_are_passed_on_not_held() -> None:
+    big = "x" * 10000  # longer than any usage event: not held back in a chunk
+    full, expected = stream([big, "tail"])
+    chunks = cut(full, list(range(500, len(full), 3000)))
+    passed, md = run_filter(chunks, strip=True)
+    assert b"".join(passed) == expected
+    assert md["completion"] == 3
+    # the big event went out while it arrived (no chunk waited for the whole of it)
+    assert all(len(p) < 7000 for p in passed)
+
+
+def test_stream_cut_inside_an_event_at_its_end() -> None:
+    """An aborted stream that ends inside an event: the incomplete event is not passed on (SSE
+    clients drop it anyway); the events seen are still counted."""
+    full, _ = stream(["one", "two"], usage=False)
+    truncated = full[: full.index(b"two") + 2]
+    passed, md = run_filter(cut(truncated, [40, 90]), strip=True)
+    out = b"".join(passed)
+    assert out == truncated[: truncated.rindex(b"\n\n") + 2]
+    assert md["events"] == truncated.count(b"data:") and "prompt" not in md
+
+
+def test_json_answers_untouched_and_read() -> None:
+    body = orjson.dumps({"choices": [{"message": {"content": "hi"}}], "usage": USAGE})
+    passed, md = run_filter([body], strip=True, ctype=b"application/json")
+    assert md["prompt"] == 17 and md["completion"] == 3 and md["done"] is True
+    assert passed == []  # the JSON branch reads the buffered body (handle:body), not chunks
+
+
+def test_lua_file_is_the_shipped_one() -> None:
+    assert (Path(__file__).resolve().parents[2] / "envoy" / "usage.lua").read_text() == (
+        lua_source()
+    )
+
+
+def test_force_usage_keeps_what_the_client_asked() -> None:
+    plain: dict[str, Any] = {"stream": True}
+    assert force_usage(plain) is True
+    assert plain["stream_options"] == {"include_usage": True}
+    asked = {
+        "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    }
+    assert force_usage(asked) is False
+    assert asked["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
+    # continuous stats without include_usage gave no usage at all: the forced request must not
+    # put usage into every chunk either
+    cont = {
+        "stream": True,
+        "stream_options": {"include_usage": False, "continuous_usage_stats": True},
+    }
+    assert force_usage(cont) is True
+    assert cont["stream_options"] == {"include_usage": True, "continuous_usage_stats": False}
+
+
+async def test_gateway_marks_only_forced_streams(tmp_path: Path) -> None:
+    from tests.policies.test_gateway_policies import decide, gateway
+
+    gw = gateway(tmp_path)
+    messages = [{"role": "user", "content": "hi"}]
+    forced = await decide(gw, {"model": "m", "messages": messages, "stream": True})
+    assert isinstance(forced, Routed) and forced.metadata is not None
+    assert forced.metadata[STRIP_KEY] is True
+    other = tmp_path / "other"
+    other.mkdir()
+    asked = await decide(
+        gateway(other),  # a fresh budget (1 request an hour)
+        {
+            "model": "m",
+            "messages": messages,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
+    assert isinstance(asked, Routed) and asked.metadata is not None
+    assert STRIP_KEY not in asked.metadata
+    assert asked.body is None  # the client's body goes to the engine as it was
