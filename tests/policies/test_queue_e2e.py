@@ -213,11 +213,15 @@ def _gives_up_while_queued(stack: GatewayStack, attempts: int = 5) -> bool:
 
     for _ in range(attempts):
         before = cancelled()
+
+        def left(before: float = before) -> bool:
+            return cancelled() > before
+
         try:
             call(stack, "key-light", "busy-model", timeout=1.0, headers={"x-priority": "-5"})
         except openai.APITimeoutError:
             with contextlib.suppress(ReadinessTimeout):
-                wait_until(lambda b=before: cancelled() > b, 5, "the disconnected request left")
+                wait_until(left, 5, "the disconnected request left")
                 return True
     return False
 
