@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from matrixinfer.process import Child, free_port, wait_until
 from matrixinfer.stack import GatewayStack, StackOptions
@@ -143,3 +144,65 @@ class RedisServer:
     def restart(self) -> None:
         self.child.start()
         wait_until(self.answers, 15, "redis answers again")
+
+
+class PasswordRedis:
+    """A redis-server with ``requirepass`` (its own: the shared one has no password)."""
+
+    def __init__(self, binary: str, directory: Path, password: str) -> None:
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.password = password
+        self.child = Child(
+            "redis-auth",
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(directory),
+                "--requirepass",
+                password,
+            ],
+            log_path=directory / "redis.log",
+            ready=self.answers,
+            ready_timeout=15,
+        )
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(
+            host="127.0.0.1", port=self.port, password=self.password, socket_timeout=2
+        )
+
+    def answers(self) -> bool:
+        try:
+            return bool(self.client().ping())
+        except redis.RedisError:
+            return False
+
+    def change_password(self, new: str) -> None:
+        """Set a new password and drop every client connection (they must AUTH again)."""
+        c = self.client()
+        c.config_set("requirepass", new)
+        self.password = new
+        c.client_kill_filter(_type="normal", skipme=True)
+        c.close()
+
+
+@pytest.fixture
+def password_redis(tmp_path: Path) -> Iterator[PasswordRedis]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed")
+    server = PasswordRedis(binary, tmp_path, "pw-one")
+    server.child.start()
+    try:
+        yield server
+    finally:
+        server.child.stop()

@@ -9,22 +9,20 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import shutil
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
-from pathlib import Path
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import kmock
 import pytest
-import redis
 
 from extproc.auth import Identity, hash_key
 from extproc.errors import GatewayError
 from extproc.kube_source import KubeSource
 from extproc.main import ExtProcApp, parse_args
-from matrixinfer.process import Child, free_port
+from matrixinfer.process import free_port
 from tests.controllers.kmockenv import VERBS, Api
+from tests.policies.conftest import PasswordRedis
 from tests.xds.kube import NET, NS, create_pod, create_server, kube, meta
 
 pytestmark = pytest.mark.timeout(60)
@@ -249,68 +247,6 @@ def test_api_keys_secret_needs_the_kubernetes_source() -> None:
         parse_args(["--config", "/tmp", "--api-keys-secret", "ns/keys"])
     with pytest.raises(SystemExit):
         parse_args(["--source", "kubernetes", "--api-keys-secret", "no-slash"])
-
-
-class PasswordRedis:
-    """A redis-server with ``requirepass`` (its own: the shared one has no password)."""
-
-    def __init__(self, binary: str, directory: Path, password: str) -> None:
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.password = password
-        self.child = Child(
-            "redis-auth",
-            [
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(directory),
-                "--requirepass",
-                password,
-            ],
-            log_path=directory / "redis.log",
-            ready=self.answers,
-            ready_timeout=15,
-        )
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(
-            host="127.0.0.1", port=self.port, password=self.password, socket_timeout=2
-        )
-
-    def answers(self) -> bool:
-        try:
-            return bool(self.client().ping())
-        except redis.RedisError:
-            return False
-
-    def change_password(self, new: str) -> None:
-        """Set a new password and drop every client connection (they must AUTH again)."""
-        c = self.client()
-        c.config_set("requirepass", new)
-        self.password = new
-        c.client_kill_filter(_type="normal", skipme=True)
-        c.close()
-
-
-@pytest.fixture
-def password_redis(tmp_path: Path) -> Iterator[PasswordRedis]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed")
-    server = PasswordRedis(binary, tmp_path, "pw-one")
-    server.child.start()
-    try:
-        yield server
-    finally:
-        server.child.stop()
 
 
 async def test_redis_password_from_secret_and_reconnect_on_change(
