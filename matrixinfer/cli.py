@@ -28,11 +28,11 @@ from types import FrameType
 from typing import Any
 
 from matrixinfer.process import ReadinessTimeout, free_port, wait_until
+from matrixinfer.resources import project_file
 from matrixinfer.stack import GatewayStack, StackOptions
 
 __all__ = ["main"]
 
-_ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODEL = "demo-model"
 DEMO_LABELS = {"app": DEMO_MODEL}
 
@@ -235,7 +235,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         Path(args.run_dir) if args.run_dir else Path(tempfile.mkdtemp(prefix="matrixinfer-demo-"))
     )
     run_dir.mkdir(parents=True, exist_ok=True)
-    examples = Path(args.examples) if args.examples else _ROOT / "examples" / "demo"
+    examples = Path(args.examples) if args.examples else project_file("examples/demo")
     listen_port = _port_or_free(args.host, args.port)
     sim_port = free_port(args.first_host)
     sim_args = ["--time-scale", str(args.time_scale), "--max-loras", "2"]

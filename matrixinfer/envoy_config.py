@@ -8,6 +8,8 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
+from matrixinfer.resources import project_file
+
 __all__ = [
     "TEMPLATE",
     "AdsBootstrap",
@@ -17,18 +19,12 @@ __all__ = [
     "template_path",
 ]
 
-_ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = "ads.yaml.tmpl"  # template_path() also locates baseline.yaml.tmpl next to it
 
 
 def template_path() -> Path:
-    """The bootstrap template (from a source checkout, or installed next to the package)."""
-    for candidate in (_ROOT / "envoy" / TEMPLATE, Path(__file__).parent / "envoy" / TEMPLATE):
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(
-        f"Envoy bootstrap template {TEMPLATE} not found under {_ROOT / 'envoy'}"
-    )
+    """The bootstrap template (from a source checkout, or the installed data files)."""
+    return project_file(f"envoy/{TEMPLATE}")
 
 
 @dataclass(slots=True)
