@@ -281,7 +281,7 @@ def test_lora_affinity(stack: GatewayStack, client: OpenAI, fleet: Fleet) -> Non
 # ------------------------------------------------------------------------------ failures
 
 
-def test_killed_pod_is_retried_on_the_fallback_then_avoided(
+def test_killed_pod_is_avoided_and_no_request_fails(
     stack: GatewayStack, client: OpenAI, fleet: Fleet
 ) -> None:
     """A killed pod leaves the rotation within a few scrape intervals and no request fails.
@@ -289,7 +289,7 @@ def test_killed_pod_is_retried_on_the_fallback_then_avoided(
     Its first refused scrape marks it not ready (extproc/scraper.py); a request that picks it
     before that is retried on a fallback by Envoy. Whether any does is a race here (the stack
     scrapes every 0.1 s), so the retries themselves are checked in test_fallback_retry.py on a
-    stack that does not notice the kill. (The name is kept: test_gateway_e2e_h2 reruns it.)
+    stack that does not notice the kill.
     """
     victim = 3
     name = fleet.pods[victim].name

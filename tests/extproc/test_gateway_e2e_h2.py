@@ -2,7 +2,8 @@
 
 The key tests of ``test_gateway_e2e`` run again here against a stack whose extproc serves ext_proc
 through the h2-library transport instead of grpc.aio: routing and pinning, the forged destination
-header, streaming, 400/404/413/503 answers, retries on fallbacks, fail-closed/fail-open when the
+header, streaming, 400/404/413/503 answers, a killed pod avoided, a dead pod's pick retried
+on a fallback (test_fallback_retry), fail-closed/fail-open when the
 extproc dies, FULL_DUPLEX_STREAMED, and gRPC health.
 """
 
@@ -18,6 +19,12 @@ from matrixinfer.stack import GatewayStack
 from sim.fleet import Fleet
 from tests.extproc import conftest
 from tests.extproc.conftest import start_stack
+from tests.extproc.test_fallback_retry import (  # noqa: F401  (fixture and tests rerun here)
+    SLOW_SCRAPE_INTERVAL,
+    blind_client,
+    test_dead_pod_picked_is_retried_on_a_fallback,
+    test_retries_follow_the_model_server_traffic_policy,
+)
 from tests.extproc.test_gateway_e2e import (  # noqa: F401  (fixture and tests rerun here)
     client,
     test_400_bad_request,
@@ -30,7 +37,7 @@ from tests.extproc.test_gateway_e2e import (  # noqa: F401  (fixture and tests r
     test_extproc_killed,
     test_full_duplex_streamed_body_mode,
     test_grpc_health_service,
-    test_killed_pod_is_retried_on_the_fallback_then_avoided,
+    test_killed_pod_is_avoided_and_no_request_fails,
     test_model_rewrite_reaches_the_pod,
     test_pinned_route_lands_on_the_chosen_pod,
     test_streaming_through_envoy,
@@ -52,6 +59,24 @@ def stack(
     tmp_path_factory: pytest.TempPathFactory, config_dir: Path, fleet: Fleet
 ) -> Iterator[GatewayStack]:
     s = start_stack(config_dir, tmp_path_factory.mktemp("gateway-run-h2"), fleet, transport="h2")
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def blind_stack(
+    tmp_path_factory: pytest.TempPathFactory, config_dir: Path, fleet: Fleet
+) -> Iterator[GatewayStack]:
+    """test_fallback_retry's stack that does not notice a killed pod, on the h2 transport."""
+    s = start_stack(
+        config_dir,
+        tmp_path_factory.mktemp("gateway-run-blind-h2"),
+        fleet,
+        scrape_interval=SLOW_SCRAPE_INTERVAL,
+        transport="h2",
+    )
     try:
         yield s
     finally:
