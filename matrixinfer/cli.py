@@ -331,6 +331,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
             message_timeout_ms=args.message_timeout_ms,
             scrape_interval=args.scrape_interval,
             access_log=args.access_log,
+            transport=args.transport,
+            extproc_processes=args.extproc_processes,
         ),
     )
     try:
@@ -342,7 +344,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         _say(f"  models: {', '.join(_models(stack)) or '(none)'}")
         _say(f"  extproc: {stack.extproc_url}/metrics, /debug/state; Envoy admin {stack.admin_url}")
         _say(f"  logs: {run_dir}; configuration in {config} is watched. Ctrl-C stops.")
-        while stack.extproc.running() and stack.envoy.running():
+        while all(c.running() for c in (*stack.extprocs, stack.envoy)):
             time.sleep(0.5)
         _say("error: a gateway process exited; see the logs")
         return 1
@@ -361,6 +363,16 @@ def _models(stack: GatewayStack) -> list[str]:
             return [m["id"] for m in json.loads(resp.read())["data"]]
     except (urllib.error.URLError, OSError, ValueError, KeyError):
         return []
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -406,6 +418,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gw.add_argument("--scrape-interval", type=float, default=0.2, help="pod /metrics period, s")
     gw.add_argument("--access-log", action="store_true", help="Envoy access log in the log folder")
+    gw.add_argument(
+        "--transport",
+        default="grpc",
+        choices=("grpc", "h2"),
+        help="extproc's ext_proc server: grpc (grpc.aio, default) or h2 (the h2 library)",
+    )
+    gw.add_argument(
+        "--extproc-processes",
+        type=_positive_int,
+        default=1,
+        help="extproc processes behind Envoy (default 1; each keeps its own scheduler state)",
+    )
     gw.add_argument("--run-dir", default=None, help="folder for logs and the rendered bootstrap")
     gw.set_defaults(func=cmd_gateway)
     return p

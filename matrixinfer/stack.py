@@ -1,4 +1,5 @@
-"""The gateway stack: one extproc process and one Envoy in front of a configuration directory.
+"""The gateway stack: the extproc (one process, or several behind Envoy's least-request ext_proc
+cluster), the xDS server and one Envoy in front of a configuration directory.
 
 Used by ``matrixinfer demo``, ``matrixinfer gateway``, the integration tests and the benchmark.
 Children are started through :mod:`matrixinfer.process` (own process group, log file, readiness
@@ -42,10 +43,16 @@ class StackOptions:
     envoy_concurrency: int = 2
     extra_extproc_args: Sequence[str] = field(default_factory=tuple)
     transport: str = "grpc"  # extproc's ext_proc server: grpc (grpc.aio) or h2 (docs/gateway.md)
+    # extproc processes (replicas) behind Envoy's ext_proc cluster; each keeps its own in-flight
+    # counts, prefix index, queue and local buckets (docs/gateway.md "Several extproc processes")
+    extproc_processes: int = 1
 
 
 def _policies_on(extproc_args: Sequence[str]) -> bool:
-    return any(a == "--policies" or a.startswith("--auth-config") for a in extproc_args)
+    return any(
+        a == "--policies" or a.startswith(("--auth-config", "--policy-config"))
+        for a in extproc_args
+    )
 
 
 class GatewayStack:
@@ -58,41 +65,19 @@ class GatewayStack:
         o = self.options
         self.listen_port = o.listen_port or free_port(o.listen_host)
         self.admin_port = free_port()
-        self.grpc_port = free_port()
-        self.http_port = free_port()
+        if o.extproc_processes < 1:
+            raise ValueError(f"extproc_processes must be >= 1, got {o.extproc_processes}")
+        self.grpc_ports = [free_port() for _ in range(o.extproc_processes)]
+        self.http_ports = [free_port() for _ in range(o.extproc_processes)]
+        self.grpc_port, self.http_port = self.grpc_ports[0], self.http_ports[0]
         self.xds_port = free_port()
         self.xds_http_port = free_port()
         self.bootstrap_path = self.run_dir / "envoy.yaml"
-        self.extproc = Child(
-            "extproc",
-            [
-                sys.executable,
-                "-m",
-                "extproc.main",
-                "--config",
-                str(self.config_dir),
-                "--grpc-port",
-                str(self.grpc_port),
-                "--http-port",
-                str(self.http_port),
-                "--body-mode",
-                o.body_mode,
-                "--body-limit",
-                str(o.body_limit),
-                "--scrape-interval",
-                str(o.scrape_interval),
-                "--config-poll",
-                str(o.config_poll),
-                "--log-level",
-                o.extproc_log_level,
-                "--transport",
-                o.transport,
-                *o.extra_extproc_args,
-            ],
-            log_path=self.run_dir / "extproc.log",
-            ready=lambda: http_ok(f"{self.extproc_url}/healthz"),
-            ready_timeout=30,
-        )
+        self.extprocs = [
+            self._extproc_child(i, grpc, http)
+            for i, (grpc, http) in enumerate(zip(self.grpc_ports, self.http_ports, strict=True))
+        ]
+        self.extproc = self.extprocs[0]
         # the ADS server (controllers/xds) serves Envoy's listener, routes, clusters and the pods'
         # endpoints, generated from the same configuration directory
         self.xds = Child(
@@ -109,8 +94,7 @@ class GatewayStack:
                 str(self.xds_port),
                 "--http-port",
                 str(self.xds_http_port),
-                "--extproc",
-                f"127.0.0.1:{self.grpc_port}",
+                *(a for port in self.grpc_ports for a in ("--extproc", f"127.0.0.1:{port}")),
                 "--listen-host",
                 o.listen_host,
                 "--listen-port",
@@ -154,6 +138,40 @@ class GatewayStack:
             ready_timeout=30,
         )
 
+    def _extproc_child(self, index: int, grpc_port: int, http_port: int) -> Child:
+        o = self.options
+        suffix = "" if index == 0 else f"-{index}"
+        return Child(
+            f"extproc{suffix}",
+            [
+                sys.executable,
+                "-m",
+                "extproc.main",
+                "--config",
+                str(self.config_dir),
+                "--grpc-port",
+                str(grpc_port),
+                "--http-port",
+                str(http_port),
+                "--body-mode",
+                o.body_mode,
+                "--body-limit",
+                str(o.body_limit),
+                "--scrape-interval",
+                str(o.scrape_interval),
+                "--config-poll",
+                str(o.config_poll),
+                "--log-level",
+                o.extproc_log_level,
+                "--transport",
+                o.transport,
+                *o.extra_extproc_args,
+            ],
+            log_path=self.run_dir / f"extproc{suffix}.log",
+            ready=lambda: http_ok(f"http://127.0.0.1:{http_port}/healthz"),
+            ready_timeout=30,
+        )
+
     # ---- addresses ----------------------------------------------------------------------------
     @property
     def url(self) -> str:
@@ -182,7 +200,8 @@ class GatewayStack:
     def start(self) -> GatewayStack:
         self.write_bootstrap()
         try:
-            self.extproc.start()
+            for child in self.extprocs:
+                child.start()
             self.xds.start()
             self.envoy.start()
         except BaseException:
@@ -193,7 +212,8 @@ class GatewayStack:
     def stop(self) -> None:
         self.envoy.stop()
         self.xds.stop()
-        self.extproc.stop()
+        for child in self.extprocs:
+            child.stop()
 
     def __enter__(self) -> GatewayStack:
         return self.start()
@@ -203,7 +223,7 @@ class GatewayStack:
 
     # ---- introspection ------------------------------------------------------------------------
     def extproc_ready(self) -> bool:
-        return http_ok(f"{self.extproc_url}/readyz")
+        return all(http_ok(f"http://127.0.0.1:{port}/readyz") for port in self.http_ports)
 
     def state(self) -> dict[str, Any]:
         with urllib.request.urlopen(f"{self.extproc_url}/debug/state", timeout=2) as resp:
