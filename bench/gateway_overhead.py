@@ -406,7 +406,7 @@ def run_hey(
     body_file: Path,
     rate: int,
     seconds: float,
-    pids: tuple[int | None, int | None],
+    pids: tuple[int | None, ...],
     pacing: str = "even",
 ) -> RateResult:
     run = hey_run(url, body_file, rate, seconds, pids, pacing=pacing)
@@ -419,7 +419,7 @@ def run_hey(
         p90=pct(run.latencies, 0.90),
         p99=pct(run.latencies, 0.99),
         cpu_envoy_ms=run.cpu_ms[0],
-        cpu_extproc_ms=run.cpu_ms[1],
+        cpu_extproc_ms=sum(run.cpu_ms[1:]),
     )
 
 
@@ -452,7 +452,7 @@ def measure(
     run: Path,
     body: bytes,
     seconds: float,
-    pids: tuple[int | None, int | None],
+    pids: tuple[int | None, ...],
     saturation: bool,
     pacing: str = "even",
 ) -> TargetResult:
@@ -559,8 +559,8 @@ def report(results: list[TargetResult], args: argparse.Namespace, body: bytes) -
             )
     lines += ["", "## Targets", ""]
     for res in results[1:]:
-        if "floor" in res.name:
-            continue
+        if "floor" in res.name or "processes" in res.name:
+            continue  # the targets are for one extproc process
         r200 = res.rates[200]
         add50 = r200.p50 - base.rates[200].p50
         add99 = r200.p99 - base.rates[200].p99
@@ -580,6 +580,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", default="BUFFERED,FULL_DUPLEX_STREAMED", help="extproc body modes")
     p.add_argument(
         "--transports", default="grpc,h2", help="extproc transports (each with every body mode)"
+    )
+    p.add_argument(
+        "--processes",
+        default="1",
+        help="extproc processes per set-up, e.g. 1,2 (the targets apply to one process)",
     )
     p.add_argument(
         "--pacing",
@@ -632,14 +637,25 @@ def main(argv: list[str] | None = None) -> int:
                         )
                     )  # fmt: skip
             config = gateway_config(run, upstream_port)
-            combos = [(m, t) for m in args.modes.split(",") for t in args.transports.split(",")]
-            for mode, transport in combos:
+            combos = [
+                (m, t, int(n))
+                for n in args.processes.split(",")
+                for m in args.modes.split(",")
+                for t in args.transports.split(",")
+            ]
+            for mode, transport, processes in combos:
                 label = mode if transport == "grpc" else f"{mode}, {transport}"
-                mode_run = run / f"{mode}-{transport}"
+                name = "extproc" if processes == 1 else f"{processes} extproc processes"
+                mode_run = run / f"{mode}-{transport}-{processes}"
                 stack = GatewayStack(
                     config,
                     mode_run,
-                    StackOptions(body_mode=mode, extproc_log_level="WARNING", transport=transport),
+                    StackOptions(
+                        body_mode=mode,
+                        extproc_log_level="WARNING",
+                        transport=transport,
+                        extproc_processes=processes,
+                    ),
                 )
                 with stack:
                     wanted = {f"{h}:{upstream_port}" for h in UPSTREAM_HOSTS}
@@ -648,15 +664,15 @@ def main(argv: list[str] | None = None) -> int:
                         return s.extproc_ready() and wanted <= s.envoy_hosts()
 
                     wait_until(ready, 20, "gateway ready")
-                    print(f"gateway: Envoy + extproc ({label})", flush=True)
+                    print(f"gateway: Envoy + {name} ({label})", flush=True)
                     results.append(
                         measure(
-                            f"Envoy + extproc ({label})",
+                            f"Envoy + {name} ({label})",
                             f"{stack.url}/chat/completions",
                             mode_run,
                             body,
                             args.seconds,
-                            (stack.envoy.pid, stack.extproc.pid),
+                            (stack.envoy.pid, *(c.pid for c in stack.extprocs)),
                             not args.skip_saturation,
                             args.pacing,
                         )
