@@ -12,6 +12,7 @@ The ext_proc servicer (``extproc.servicer``) calls, per request stream:
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import uuid
@@ -307,8 +308,19 @@ class Gateway:
             snap = self.datastore.snapshot
             policy = policies.route_policy(snap, parsed.model)
             estimate = estimate_tokens(parsed.prompt)
+            count = None
+            if policies.estimator is not None:  # the engine's /tokenize, asked by admit()
+                count = functools.partial(
+                    policies.estimator.estimate,
+                    snap.servers[decision.server_key].pods,
+                    parsed.kind,
+                    parsed.body,
+                    decision.upstream_model,
+                    estimate,
+                    parsed.model,
+                )
             state.charge = await policies.admit(
-                state.identity, policy, estimate, parsed.kind, parsed.model
+                state.identity, policy, estimate, parsed.kind, parsed.model, count=count
             )
             view = snap.servers[decision.server_key]
             request = self._scheduling_request(state, parsed, decision)

@@ -92,6 +92,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--auth-config", type=Path, default=None, help="YAML: apiKeysFile, jwt, anonymousRoutes"
     )
     pol.add_argument(
+        "--policy-config",
+        type=Path,
+        default=None,
+        help="YAML: gateway-wide policy options (tokenEstimate: {method: chars|tokenize, "
+        "timeoutMs}); implies --policies",
+    )
+    pol.add_argument(
         "--api-keys-secret",
         default=None,
         metavar="NAMESPACE/NAME",
@@ -149,7 +156,12 @@ class ExtProcApp:
         self.datastore = Datastore()
         self.gateway = Gateway(self.datastore, self.metrics, body_limit=args.body_limit)
         self.policies: Any = None
-        if args.policies or args.auth_config is not None or args.api_keys_secret is not None:
+        if (
+            args.policies
+            or args.auth_config is not None
+            or args.api_keys_secret is not None
+            or args.policy_config is not None
+        ):
             self.policies = build_policies(args, self.metrics)
             self.gateway.policies = self.policies
         self.watcher: Any
@@ -364,6 +376,7 @@ class ExtProcApp:
 def build_policies(args: argparse.Namespace, metrics: GatewayMetrics) -> Any:
     from extproc.auth import AuthConfig
     from extproc.policies import Policies, PolicySettings
+    from extproc.token_estimate import PolicyConfig
 
     priorities: dict[str, int] = {}
     for item in args.tenant_priority:
@@ -377,6 +390,9 @@ def build_policies(args: argparse.Namespace, metrics: GatewayMetrics) -> Any:
         password = args.redis_password_file.read_text().strip()
     try:
         auth = AuthConfig.load(args.auth_config) if args.auth_config is not None else None
+        policy_config = (
+            PolicyConfig.load(args.policy_config) if args.policy_config is not None else None
+        )
     except ValueError as exc:
         raise SystemExit(f"matrixinfer-extproc: {exc}") from None
     if args.api_keys_secret is not None:
@@ -398,6 +414,7 @@ def build_policies(args: argparse.Namespace, metrics: GatewayMetrics) -> Any:
         redis_password=password,
         usage_grace=args.usage_grace,
         tenant_priorities=priorities,
+        token_estimate=policy_config.token_estimate if policy_config is not None else None,
     )
     return Policies(settings, metrics.registry)
 

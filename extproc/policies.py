@@ -31,6 +31,7 @@ from extproc.queue import FairQueue, QueueEntry, UsageWindow
 from extproc.ratelimit import Admission, Buckets, Limits, RedisBuckets, bucket_key, limits_of
 from extproc.routing import object_key
 from extproc.scheduling.types import NoPodAvailable
+from extproc.token_estimate import TokenEstimateConfig, TokenEstimator
 from extproc.usage import Charge, Usage, UsageLedger
 
 __all__ = [
@@ -149,6 +150,7 @@ class PolicySettings:
     output_weight: float = 2.0
     tenant_priorities: dict[str, int] = field(default_factory=dict)
     dispatch_interval: float = 0.05
+    token_estimate: TokenEstimateConfig | None = None  # --policy-config tokenEstimate
 
 
 @dataclass(slots=True, frozen=True)
@@ -184,6 +186,11 @@ class Policies:
             settings.fairness_window, settings.input_weight, settings.output_weight, clock
         )
         self.queues: dict[str, FairQueue] = {}
+        # input-token estimates by the engine's /tokenize (routes with an input-token limit)
+        te = settings.token_estimate
+        self.estimator = (
+            TokenEstimator(te, registry) if te is not None and te.method == "tokenize" else None
+        )
         self._attempts: dict[str, Callable[[], Any]] = {}
         self._route_cache: tuple[int, dict[str, RoutePolicy]] = (-1, {})
         self._ids = itertools.count(1)
@@ -238,8 +245,11 @@ class Policies:
         estimate: int,
         kind: str,
         model: str = "",
+        count: Callable[[], Awaitable[int]] | None = None,
     ) -> Charge:
-        """Identify, authorise and admit against the budget; the Charge to settle later."""
+        """Identify, authorise and admit against the budget; the Charge to settle later.
+        ``count``: the engine's count of the prompt (``TokenEstimator``), asked only for an
+        authorised caller on a route with an input-token limit; else ``estimate`` is reserved."""
         who = self._identify(identity, policy)
         charge = Charge(
             rid=self._prefix + str(next(self._ids)),
@@ -251,6 +261,8 @@ class Policies:
         limits = policy.limits
         if limits is None:
             return charge
+        if count is not None and limits.input is not None:
+            estimate = charge.estimate = await count()
         key = bucket_key(policy.key, limits.scope, who.tenant, who.user)
         m = self.metrics.ratelimit
         try:
@@ -551,3 +563,5 @@ class Policies:
                 await self._ticker
         for r in self.redis.values():
             await r.close()
+        if self.estimator is not None:
+            await self.estimator.close()
