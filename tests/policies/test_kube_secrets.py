@@ -11,12 +11,13 @@ import base64
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import kmock
 import pytest
 
-from extproc.auth import Identity, hash_key
+from extproc.auth import AuthConfig, Identity, SecretKeyStore, hash_key
 from extproc.errors import GatewayError
 from extproc.kube_source import KubeSource
 from extproc.main import ExtProcApp, parse_args
@@ -294,3 +295,30 @@ async def test_redis_password_from_secret_and_reconnect_on_change(
     finally:
         await app.watcher.stop()
         await policies.close()
+
+
+def test_auth_config_secret_field_is_checked(tmp_path: Path) -> None:
+    both = tmp_path / "both.yaml"
+    both.write_text("apiKeysFile: keys.yaml\napiKeysSecret: ns/keys\n")
+    with pytest.raises(ValueError, match="exclusive"):
+        AuthConfig.load(both)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("apiKeysSecret: just-a-name\n")
+    with pytest.raises(ValueError, match="apiKeysSecret"):
+        AuthConfig.load(bad)
+    good = tmp_path / "good.yaml"
+    good.write_text("apiKeysSecret: models/matrixinfer-api-keys\n")
+    assert AuthConfig.load(good).api_keys_secret == "models/matrixinfer-api-keys"
+
+
+def test_secret_key_store_from_listed_objects() -> None:
+    """List items carry no ``kind``; a value that is not base64 is named in the error and the
+    previous keys stay."""
+    store = SecretKeyStore(NS, "api-keys")
+    store.update({"metadata": {"name": "api-keys"}, "data": {"a": b64(key_entry("k1", "t", "u"))}})
+    assert store.lookup("k1") == Identity("t", "u", ("g",), "api-key")
+    store.update({"metadata": {"name": "api-keys"}, "data": {"broken": "%%%"}})
+    assert store.last_error is not None and "data.broken" in store.last_error
+    assert store.lookup("k1") is not None
+    store.update(None)
+    assert store.lookup("k1") is None and store.loaded
