@@ -2,8 +2,9 @@
 
 ``python -m bench.experiments.inproc [--n 20000]``: the bench's configuration (4 pods, one
 ModelServer/ModelRoute), the real ``ExtProcServicer.Process`` driven by a fake context that hands
-it a request-headers and a request-body message and swallows the replies. Best of 5 rounds, CPU
-time (``time.process_time``) per request.
+it a request-headers and a request-body message and swallows the replies: once like grpc.aio
+(messages written and serialised), once like ``extproc.transport_h2`` (``write_raw`` bytes).
+Best of 5 rounds, CPU time (``time.process_time``) per request.
 """
 
 from __future__ import annotations
@@ -67,14 +68,36 @@ class FakeContext:
         self.out += len(msg.SerializeToString())
 
 
-async def rounds(servicer: ExtProcServicer, wire: list[bytes], n: int) -> list[float]:
+class RawFakeContext(FakeContext):
+    """Also takes serialised replies (``write_raw``), as ``extproc.transport_h2`` does."""
+
+    def write_raw(self, payload: bytes) -> None:
+        self.out += len(payload)
+
+
+async def rounds(
+    servicer: ExtProcServicer, wire: list[bytes], n: int, context: type[FakeContext]
+) -> list[float]:
     best = []
     for _ in range(5):
         t0 = time.process_time()
         for _ in range(n):
-            await servicer.Process(None, FakeContext(wire))  # type: ignore[arg-type, unused-ignore]
+            await servicer.Process(None, context(wire))  # type: ignore[arg-type, unused-ignore]
         best.append((time.process_time() - t0) / n * 1e6)
     return best
+
+
+def bench_servicer(tmp: Path) -> ExtProcServicer:
+    """The real servicer + gateway on the overhead benchmark's configuration (4 pods)."""
+    config = gateway_config(tmp, 8080)
+    ds = Datastore()
+
+    def apply(c: GatewayConfig) -> None:
+        ds.apply(c)
+
+    watcher = ConfigWatcher(config, apply)
+    assert watcher.load_now()
+    return ExtProcServicer(Gateway(ds, GatewayMetrics()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,20 +105,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=20000)
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        config = gateway_config(Path(tmp), 8080)
-        ds = Datastore()
-
-        def apply(c: GatewayConfig) -> None:
-            ds.apply(c)
-
-        watcher = ConfigWatcher(config, apply)
-        assert watcher.load_now()
-        gw = Gateway(ds, GatewayMetrics())
-        servicer = ExtProcServicer(gw)
+        servicer = bench_servicer(Path(tmp))
         wire = [m.SerializeToString() for m in messages(request_body())]
-        us = asyncio.run(rounds(servicer, wire, args.n))
-    print(f"servicer+gateway (incl. protobuf parse/serialise), {len(UPSTREAM_HOSTS)} pods: "
-          f"best {min(us):.1f} us/request, rounds {', '.join(f'{x:.1f}' for x in us)}")  # fmt: skip
+        for label, context in (
+            ("grpc.aio-like context", FakeContext),
+            ("h2-transport-like context (write_raw)", RawFakeContext),
+        ):
+            us = asyncio.run(rounds(servicer, wire, args.n, context))
+            print(f"servicer+gateway (incl. protobuf parse/serialise), {len(UPSTREAM_HOSTS)} pods,"
+                  f" {label}: best {min(us):.1f} us/request,"
+                  f" rounds {', '.join(f'{x:.1f}' for x in us)}")  # fmt: skip
     return 0
 
 

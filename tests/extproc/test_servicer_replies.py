@@ -9,7 +9,6 @@ h2-transport-like one that also takes pre-serialised bytes (``write_raw``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
 from random import Random
 from typing import Any
 
@@ -162,7 +161,8 @@ def _reference(routed: Routed, raw: bytes, duplex: bool) -> bytes:
         msg = pb.ProcessingResponse(
             request_body=pb.BodyResponse(response=common), dynamic_metadata=md
         )
-    return msg.SerializeToString(deterministic=True)
+    out: bytes = msg.SerializeToString(deterministic=True)
+    return out
 
 
 @pytest.mark.parametrize("duplex", [False, True])
@@ -260,9 +260,6 @@ def _body_msgs(raw: bytes, chunks: int) -> list[pb.ProcessingRequest]:
     return out
 
 
-Runner = Callable[..., Coroutine[Any, Any, tuple[list[str], list[str]]]]
-
-
 async def _run(
     ctx_cls: type[_AioLikeContext],
     decision: Routed | Immediate,
@@ -273,7 +270,7 @@ async def _run(
     gw = _FakeGateway(decision)
     servicer = ExtProcServicer(gw, body_mode=body_mode, body_limit=body_limit)  # type: ignore[arg-type]
     ctx = ctx_cls(requests)
-    await servicer.Process(None, ctx)  # type: ignore[arg-type]
+    await servicer.Process(None, ctx)
     return [s.hex() for s in ctx.sent], gw.calls
 
 
@@ -354,7 +351,7 @@ async def test_real_gateway_reply_fields(ctx_cls: type[_AioLikeContext]) -> None
     servicer = ExtProcServicer(gw)
     body = orjson.dumps({"model": "chat", "messages": [{"role": "user", "content": "hi"}]})
     ctx = ctx_cls([_headers_msg(), *_body_msgs(body, 1)])
-    await servicer.Process(None, ctx)  # type: ignore[arg-type]
+    await servicer.Process(None, ctx)
     assert ctx.sent[0].hex() == GOLDEN_CONTINUE
     reply = pb.ProcessingResponse.FromString(ctx.sent[1])
     common = reply.request_body.response
