@@ -352,7 +352,7 @@ class Gateway:
                 raise no_pod_available(f"ModelServer '{view.name}': {exc.reason}") from None
             routed = self._routed(state, parsed, decision, view, scheduler, request, result)
             charge = state.charge
-            routed.metadata = {"matrixinfer_rid": charge.rid}
+            routed.metadata = policies.metadata(charge)  # rid + charge (any replica settles)
             if parsed.stream and parsed.kind != "embeddings":
                 from extproc.usage import force_usage
 

@@ -32,7 +32,7 @@ from extproc.ratelimit import Admission, Buckets, Limits, RedisBuckets, bucket_k
 from extproc.routing import object_key
 from extproc.scheduling.types import NoPodAvailable
 from extproc.token_estimate import TokenEstimateConfig, TokenEstimator
-from extproc.usage import Charge, Usage, UsageLedger
+from extproc.usage import CHARGE_KEY, RID_KEY, Charge, Usage, UsageLedger, encode_charge
 
 __all__ = [
     "QUEUE_TIMEOUT_MARGIN",
@@ -107,15 +107,27 @@ class PolicyMetrics(LabelCache):
         )
         self.usage_tokens = Counter(
             "matrixinfer_gateway_usage_tokens",
-            "Tokens settled after the response, by model and kind (prompt | completion).",
+            "Tokens settled after the response by this replica (whichever replica admitted the "
+            "request), by model and kind (prompt | completion).",
             ["model", "kind"],
             registry=r,
         )
         self.usage_reports = Counter(
             "matrixinfer_gateway_usage_reports",
             "Usage settlements by source (reported = exact from the engine; aborted = lower bound "
-            "from SSE events; missing = no report, estimate charged; error = engine refused).",
+            "from SSE events; error = engine refused, nothing charged; unreported = no report "
+            "reached this replica within --usage-grace: another replica may have settled it, so "
+            "no tokens are counted here and the reservation of the estimate stays).",
             ["source"],
+            registry=r,
+        )
+        self.usage_foreign = Counter(
+            "matrixinfer_gateway_usage_foreign_reports",
+            "Usage reports for requests this replica does not hold open (admitted by another "
+            "replica, or reported after --usage-grace), by result: settled (from the charge the "
+            "request carried in envoy.lb/matrixinfer_charge); no_charge, duplicate, invalid "
+            "(nothing settled).",
+            ["result"],
             registry=r,
         )
         self.queue_length = Gauge(
@@ -181,7 +193,15 @@ class Policies:
         self.auth = authenticator
         self.local = Buckets(clock)
         self.redis: dict[str, RedisBuckets] = {}
-        self.ledger = UsageLedger(self._settle, grace=settings.usage_grace, clock=clock)
+        self._ids = itertools.count(1)
+        self._prefix = os.urandom(4).hex() + "-"
+        self.ledger = UsageLedger(
+            self._settle,
+            grace=settings.usage_grace,
+            clock=clock,
+            prefix=self._prefix,
+            on_ignored=lambda reason: self.metrics.child(self.metrics.usage_foreign, reason).inc(),
+        )
         self.window = UsageWindow(
             settings.fairness_window, settings.input_weight, settings.output_weight, clock
         )
@@ -193,8 +213,6 @@ class Policies:
         )
         self._attempts: dict[str, Callable[[], Any]] = {}
         self._route_cache: tuple[int, dict[str, RoutePolicy]] = (-1, {})
-        self._ids = itertools.count(1)
-        self._prefix = os.urandom(4).hex() + "-"
         self._ticker: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         # watched Secrets' values (namespace, name) -> key -> text (extproc.kube_source)
@@ -389,6 +407,12 @@ class Policies:
         self._settle(charge, Usage(0, 0, True, "error"), count=False)
 
     # ---- usage settlement ---------------------------------------------------------------------
+    @staticmethod
+    def metadata(charge: Charge) -> dict[str, Any]:
+        """The ``envoy.lb`` dynamic metadata of a routed request: its id, by which the usage
+        report comes back, and its charge, so that any replica the report reaches can settle it."""
+        return {RID_KEY: charge.rid, CHARGE_KEY: encode_charge(charge)}
+
     def expect(self, charge: Charge) -> None:
         self.ledger.expect(charge)
 
@@ -396,8 +420,16 @@ class Policies:
         self.ledger.finished(rid)
 
     def _settle(self, charge: Charge, usage: Usage, count: bool = True) -> None:
+        m = self.metrics
+        if usage.source == "unreported":
+            # no report reached this replica: another one may have settled it (the report
+            # carried the charge), so nothing is counted twice — no tokens, no fair-share use,
+            # and no bucket change (settling the estimate with no output would change nothing)
+            m.child(m.usage_reports, "unreported").inc()
+            return
+        if charge.rebuilt:
+            m.child(m.usage_foreign, "settled").inc()
         if count:
-            m = self.metrics
             m.child(m.usage_reports, usage.source).inc()
             m.child(m.usage_tokens, charge.model, "prompt").inc(usage.prompt)
             m.child(m.usage_tokens, charge.model, "completion").inc(usage.completion)

@@ -12,8 +12,19 @@ How (the measurements are in docs/policies.md):
 4. the :class:`UsageLedger` (pure) matches the entry to the request's :class:`Charge` and
    settles it: exact ``prompt_tokens``/``completion_tokens`` when the engine reported them; for
    an aborted stream the estimate for the prompt and the SSE content events seen (a lower bound:
-   one event carries at least one token); when no report arrives within ``grace`` seconds of the
-   request's end, the estimate and no output (``matrixinfer_gateway_usage_reports{source}``).
+   one event carries at least one token).
+
+Several extproc replicas (processes, or pods behind the extproc Service): Envoy's access-log
+stream goes to ONE replica, not necessarily the one that admitted the request. So the charge
+itself travels with the request: ``envoy.lb``/``matrixinfer_charge`` (:func:`encode_charge`, a
+short JSON array: estimate, kind, user, model, bucket key, where, the limits), and a replica that
+gets a report for a request it does not hold rebuilds the :class:`Charge` from it
+(:func:`decode_charge`) and settles it there — Redis buckets are shared, so the shared budget is
+exact whichever replica settles. The admitting replica cannot tell "reported elsewhere" from
+"never reported": when no report reached it within ``grace`` seconds of the request's end it
+drops the charge as ``unreported`` — no bucket change (the reservation of the estimate stays, as
+settling the estimate with no output would do) and no tokens counted (another replica may have
+counted them); a report that comes later still settles from the metadata.
 
 :func:`envoy_http_filters` / :func:`envoy_access_logs` are the ONE place that describes the
 Envoy-side config; ``controllers.xds.sources.with_policy_filters`` places them in the listener
@@ -24,12 +35,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from extproc.ratelimit import Limits
+import orjson
+
+from extproc.ratelimit import UNIT_SECONDS, Limits
 
 __all__ = [
     "METADATA_NAMESPACE",
@@ -37,6 +51,8 @@ __all__ = [
     "Charge",
     "Usage",
     "UsageLedger",
+    "decode_charge",
+    "encode_charge",
     "envoy_access_logs",
     "envoy_http_filters",
     "force_usage",
@@ -49,6 +65,8 @@ METADATA_NAMESPACE = "matrixinfer"  # written by the Lua filter: prompt, complet
 RID_NAMESPACE = "envoy.lb"  # written by the extproc (the namespace its ext_proc filter accepts)
 RID_KEY = "matrixinfer_rid"
 STRIP_KEY = "matrixinfer_strip"  # envoy.lb flag: hide the forced usage event from the client
+CHARGE_KEY = "matrixinfer_charge"  # envoy.lb: the Charge, for the replica the report reaches
+CHARGE_VERSION = 1  # first element of the encoded charge; other versions are not decoded
 LOG_NAME = "matrixinfer_usage"
 _ROOT = Path(__file__).resolve().parent.parent
 
@@ -138,6 +156,7 @@ class Charge:
     finished_at: float | None = None
     model: str = ""
     where: str = "local"  # local | redis: where the rate-limit reservation was made
+    rebuilt: bool = False  # rebuilt from a report's metadata (another replica, or a late report)
 
 
 @dataclass(slots=True, frozen=True)
@@ -145,7 +164,115 @@ class Usage:
     prompt: int
     completion: int
     exact: bool
-    source: str  # reported | aborted | missing | error
+    source: str  # reported | aborted | error | unreported
+
+
+_KINDS = frozenset(("chat", "completions", "embeddings"))
+_SCOPES = frozenset(("route", "tenant", "user"))
+_PERIODS = frozenset(UNIT_SECONDS.values())
+
+
+def encode_charge(charge: Charge) -> str:
+    """The charge as the short string carried in ``envoy.lb``/``matrixinfer_charge``:
+    ``[1, estimate, kind, user, model, bucket, where, limits]`` in JSON, ``limits`` being
+    ``[requests, input, output, period, scope, redis, [ns, secret, key]]`` or null."""
+    limits = charge.limits
+    lim = (
+        None
+        if limits is None
+        else (
+            limits.requests,
+            limits.input,
+            limits.output,
+            limits.period,
+            limits.scope,
+            limits.redis,
+            limits.password_ref,
+        )
+    )
+    return orjson.dumps(
+        (
+            CHARGE_VERSION,
+            charge.estimate,
+            charge.kind,
+            charge.user,
+            charge.model,
+            charge.bucket,
+            charge.where,
+            lim,
+        )
+    ).decode()
+
+
+def _int_or_none(value: Any, what: str) -> int | None:
+    if value is None:
+        return None
+    if type(value) is not int or value < 0:
+        raise ValueError(f"{what} must be a non-negative integer or null, not {value!r}")
+    return value
+
+
+def _str(value: Any, what: str, allowed: frozenset[str] | None = None) -> str:
+    if type(value) is not str or (allowed is not None and value not in allowed):
+        choice = f" (one of {', '.join(sorted(allowed))})" if allowed is not None else ""
+        raise ValueError(f"{what} must be a string{choice}, not {value!r}")
+    return value
+
+
+def _limits(raw: Any) -> Limits | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or len(raw) != 7:
+        raise ValueError(f"limits must be a list of 7 values or null, not {raw!r}")
+    requests, inp, out, period, scope, redis, ref = raw
+    if type(period) not in (int, float) or float(period) not in _PERIODS:
+        raise ValueError(f"limits period must be one of {sorted(_PERIODS)} seconds, not {period!r}")
+    if redis is not None:
+        _str(redis, "limits redis address")
+    if ref is not None and not (
+        isinstance(ref, list) and len(ref) == 3 and all(type(x) is str for x in ref)
+    ):
+        raise ValueError(f"limits password ref must be [namespace, name, key] or null, not {ref!r}")
+    return Limits(
+        requests=_int_or_none(requests, "limits requests"),
+        input=_int_or_none(inp, "limits input"),
+        output=_int_or_none(out, "limits output"),
+        period=float(period),
+        scope=_str(scope, "limits scope", _SCOPES),
+        redis=redis,
+        password_ref=(ref[0], ref[1], ref[2]) if ref is not None else None,
+    )
+
+
+def decode_charge(rid: str, text: str) -> Charge:
+    """The :class:`Charge` of :func:`encode_charge`; ValueError naming what is wrong."""
+    try:
+        raw = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(raw, list) or not raw or raw[0] != CHARGE_VERSION:
+        version = raw[0] if isinstance(raw, list) and raw else None
+        raise ValueError(f"not a version-{CHARGE_VERSION} charge (version {version!r})")
+    if len(raw) != 8:
+        raise ValueError(f"a charge has 8 elements, this one {len(raw)}")
+    _, estimate, kind, user, model, bucket, where, lim = raw
+    estimate_ = _int_or_none(estimate, "estimate")
+    limits = _limits(lim)
+    if bucket is not None:
+        _str(bucket, "bucket")
+    if (bucket is None) != (limits is None):
+        raise ValueError("bucket and limits must both be set or both be null")
+    return Charge(
+        rid=rid,
+        estimate=estimate_ or 0,
+        kind=_str(kind, "kind", _KINDS),
+        user=_str(user, "user"),
+        bucket=bucket,
+        limits=limits,
+        model=_str(model, "model"),
+        where=_str(where, "where", frozenset(("local", "redis"))),
+        rebuilt=True,
+    )
 
 
 def usage_from_fields(charge: Charge, fields: dict[str, Any], status: int) -> Usage:
@@ -163,7 +290,15 @@ def usage_from_fields(charge: Charge, fields: dict[str, Any], status: int) -> Us
 
 
 class UsageLedger:
-    """Open charges by request id; settled by a usage report or, failing that, after ``grace``."""
+    """Open charges by request id; settled by a usage report (whichever replica admitted the
+    request: an unknown id is settled from the charge its report carries) or, failing that,
+    dropped ``grace`` seconds after the request ended (``unreported``).
+
+    ``prefix``: this replica's request-id prefix. A report for an id with this prefix that is no
+    longer open is a duplicate (ignored) unless the charge was dropped as unreported (a late
+    report: settled from its metadata). ``on_ignored(reason)``: a report that settled nothing —
+    ``no_charge`` (unknown id, no charge metadata), ``duplicate`` or ``invalid`` (metadata that
+    does not decode)."""
 
     def __init__(
         self,
@@ -171,12 +306,21 @@ class UsageLedger:
         *,
         grace: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
+        prefix: str = "",
+        on_ignored: Callable[[str], None] | None = None,
+        remember: int = 100_000,
     ) -> None:
         self.settle_cb = settle
         self.grace = grace
         self.clock = clock
+        self.prefix = prefix
+        self.on_ignored = on_ignored
         self.open: dict[str, Charge] = {}
         self.settled = 0
+        # ids dropped as unreported, oldest first (bounded): their late reports still settle
+        self.unreported: OrderedDict[str, None] = OrderedDict()
+        self.remember = remember
+        self._invalid_logged = False
 
     def expect(self, charge: Charge) -> None:
         self.open[charge.rid] = charge
@@ -189,16 +333,44 @@ class UsageLedger:
     def cancel(self, rid: str) -> Charge | None:
         return self.open.pop(rid, None)
 
-    def report(self, rid: str, fields: dict[str, Any], status: int) -> Usage | None:
+    def report(
+        self, rid: str, fields: dict[str, Any], status: int, charge_text: str | None = None
+    ) -> Usage | None:
+        """Settle the request ``rid`` from its access-log entry: ``fields`` of the ``matrixinfer``
+        metadata, the response ``status`` and the ``matrixinfer_charge`` string (if any)."""
         charge = self.open.pop(rid, None)
         if charge is None:
-            return None
+            charge = self._rebuild(rid, charge_text)
+            if charge is None:
+                return None
         usage = usage_from_fields(charge, fields, status)
         self._settle(charge, usage)
         return usage
 
+    def _rebuild(self, rid: str, charge_text: str | None) -> Charge | None:
+        if self.prefix and rid.startswith(self.prefix):
+            if rid not in self.unreported:  # ours, settled already: a second report
+                self._ignore("duplicate")
+                return None
+            del self.unreported[rid]  # a late report: settled from its metadata below
+        if not charge_text:
+            self._ignore("no_charge")
+            return None
+        try:
+            return decode_charge(rid, charge_text)
+        except ValueError as exc:
+            if not self._invalid_logged:  # once: every report of an incompatible replica fails
+                self._invalid_logged = True
+                log.warning("usage report of request %s: its charge metadata %s", rid, exc)
+            self._ignore("invalid")
+            return None
+
+    def _ignore(self, reason: str) -> None:
+        if self.on_ignored is not None:
+            self.on_ignored(reason)
+
     def sweep(self) -> int:
-        """Settle charges whose request ended ``grace`` seconds ago without a report."""
+        """Drop charges whose request ended ``grace`` seconds ago without a report here."""
         now = self.clock()
         late = [
             c
@@ -207,7 +379,10 @@ class UsageLedger:
         ]
         for charge in late:
             del self.open[charge.rid]
-            self._settle(charge, Usage(charge.estimate, 0, False, "missing"))
+            self.unreported[charge.rid] = None
+            self._settle(charge, Usage(charge.estimate, 0, False, "unreported"))
+        while len(self.unreported) > self.remember:
+            self.unreported.popitem(last=False)
         return len(late)
 
     def _settle(self, charge: Charge, usage: Usage) -> None:
@@ -257,7 +432,13 @@ class AccessLogServicer(_servicer_base()):  # type: ignore[misc]
                 rid = lb.fields[RID_KEY].string_value
                 md = filter_md.get(METADATA_NAMESPACE)
                 fields = _struct_fields(md) if md is not None else {}
-                usage = self.ledger.report(rid, fields, entry.response.response_code.value)
+                carried = lb.fields.get(CHARGE_KEY)
+                usage = self.ledger.report(
+                    rid,
+                    fields,
+                    entry.response.response_code.value,
+                    carried.string_value if carried is not None else None,
+                )
                 if usage is not None and self.on_report is not None:
                     self.on_report(usage)
         return als_pb2.StreamAccessLogsResponse()

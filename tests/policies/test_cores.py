@@ -220,7 +220,7 @@ def test_ledger_settles_reports_and_missing() -> None:
     ledger.finished("c")
     clock.now += 6
     assert ledger.sweep() == 1
-    assert got[-1] == ("c", Usage(30, 0, False, "missing"))
+    assert got[-1] == ("c", Usage(30, 0, False, "unreported"))
     assert not ledger.open
 
 
