@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -141,9 +142,11 @@ class HttpPool:
     connection the server closed in the meantime is replaced once.
     """
 
-    def __init__(self, max_idle: int = 32) -> None:
+    def __init__(self, max_idle: int = 32, idle_seconds: float = 30.0) -> None:
         self.max_idle = max_idle
+        self.idle_seconds = idle_seconds  # sweep(): an address unused this long is let go
         self._idle: dict[str, list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = {}
+        self._used: dict[str, float] = {}  # address -> when a connection was last put back
 
     async def post(self, address: str, path: str, body: bytes, seconds: float) -> tuple[int, bytes]:
         """(status, body) of ``POST http://address/path``; raises on timeout or bad answers."""
@@ -219,17 +222,41 @@ class HttpPool:
                 idle = self._idle.setdefault(address, [])
                 if len(idle) < self.max_idle:
                     idle.append(conn)
+                    self._used[address] = time.monotonic()
                 else:
                     writer.close()
             else:
                 writer.close()
         return status, data
 
+    def sweep(self, now: float | None = None) -> int:
+        """Close idle connections the server closed, and all of an address unused for
+        ``idle_seconds`` (pods come and go); the number closed."""
+        now = time.monotonic() if now is None else now
+        closed = 0
+        for address in list(self._idle):
+            idle = self._idle[address]
+            stale = now - self._used.get(address, now) > self.idle_seconds
+            keep = []
+            for reader, writer in idle:
+                if stale or reader.at_eof():
+                    writer.close()
+                    closed += 1
+                else:
+                    keep.append((reader, writer))
+            if keep:
+                self._idle[address] = keep
+            else:
+                del self._idle[address]
+                self._used.pop(address, None)
+        return closed
+
     def close(self) -> None:
         for idle in self._idle.values():
             for _, writer in idle:
                 writer.close()
         self._idle.clear()
+        self._used.clear()
 
 
 class TokenEstimator:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -290,6 +291,20 @@ async def test_http_pool_replaces_a_connection_closed_while_idle() -> None:
         assert len(pool._idle[address]) == 1
         assert (await pool.post(address, "/tokenize", b"{}", 2))[0] == 200
         assert srv.connections == 2
+        assert pool.sweep() == 0 and len(pool._idle[address]) == 1  # alive and recent: kept
+        assert pool.sweep(now=time.monotonic() + 31) == 1  # unused 30 s: let go
+        assert address not in pool._idle
+    pool.close()
+
+
+async def test_http_pool_sweep_closes_what_the_server_closed() -> None:
+    pool = HttpPool()
+    async with RawServer([(OK, False)]) as srv:
+        address = f"127.0.0.1:{srv.port}"
+        assert (await pool.post(address, "/tokenize", b"{}", 2))[0] == 200
+        reader = pool._idle[address][0][0]
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # the server's close arrived
+        assert pool.sweep() == 1 and address not in pool._idle
     pool.close()
 
 
