@@ -587,8 +587,6 @@ class Policies:
             await asyncio.sleep(1.0)
             self.ledger.sweep()
             self.local.sweep(86400.0 * 2)
-            if self.estimator is not None:
-                self.estimator.http.sweep()
 
     async def close(self) -> None:
         if self._ticker is not None:

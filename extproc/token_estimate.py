@@ -14,14 +14,13 @@ costs nothing elsewhere. The settlement corrects the reservation to the engine's
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import aiohttp
 import orjson
 import yaml
 from prometheus_client import CollectorRegistry, Counter
@@ -32,7 +31,6 @@ from extproc.metrics import LabelCache
 from extproc.scheduling.types import Pod
 
 __all__ = [
-    "HttpPool",
     "PolicyConfig",
     "TokenEstimateConfig",
     "TokenEstimator",
@@ -134,131 +132,6 @@ class EstimateMetrics(LabelCache):
         )
 
 
-class HttpPool:
-    """A lean HTTP/1.1 keep-alive client for one small JSON POST per call (``/tokenize``).
-
-    aiohttp's client cost ~250-300 µs of user CPU per call here, this one ~85-95 µs (uvloop,
-    docs/policies.md). Idle connections are kept per address (``max_idle`` each); a reused
-    connection the server closed in the meantime is replaced once.
-    """
-
-    def __init__(self, max_idle: int = 32, idle_seconds: float = 30.0) -> None:
-        self.max_idle = max_idle
-        self.idle_seconds = idle_seconds  # sweep(): an address unused this long is let go
-        self._idle: dict[str, list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = {}
-        self._used: dict[str, float] = {}  # address -> when a connection was last put back
-
-    async def post(self, address: str, path: str, body: bytes, seconds: float) -> tuple[int, bytes]:
-        """(status, body) of ``POST http://address/path``; raises on timeout or bad answers."""
-        head = (
-            f"POST {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
-        ).encode()
-        async with asyncio.timeout(seconds):
-            idle = self._idle.get(address)
-            while idle:
-                conn = idle.pop()
-                try:
-                    return await self._exchange(address, conn, head + body)
-                except (ConnectionError, asyncio.IncompleteReadError):
-                    continue  # closed while idle: try the next one, then a new one
-            host, _, port = address.rpartition(":")
-            conn = await asyncio.open_connection(host, int(port))
-            return await self._exchange(address, conn, head + body)
-
-    async def _exchange(
-        self,
-        address: str,
-        conn: tuple[asyncio.StreamReader, asyncio.StreamWriter],
-        request: bytes,
-    ) -> tuple[int, bytes]:
-        reader, writer = conn
-        keep = False
-        try:
-            writer.write(request)
-            line = await reader.readline()
-            if not line:
-                raise ConnectionResetError("the connection was closed")
-            version, status_text = line.split(None, 2)[:2]
-            status = int(status_text)
-            length: int | None = None
-            chunked = False
-            keep = version == b"HTTP/1.1"
-            while True:
-                line = await reader.readline()
-                if line in (b"\r\n", b"\n"):
-                    break
-                if not line:
-                    raise asyncio.IncompleteReadError(b"", None)
-                name, _, value = line.partition(b":")
-                name = name.strip().lower()
-                if name == b"content-length":
-                    length = int(value)
-                elif name == b"transfer-encoding":
-                    chunked = b"chunked" in value.lower()
-                elif name == b"connection":
-                    keep = b"close" not in value.lower()
-            if chunked:
-                parts = []
-                while True:
-                    size = int((await reader.readline()).split(b";")[0], 16)
-                    if size == 0:
-                        while (await reader.readline()) not in (b"\r\n", b"\n", b""):
-                            pass  # trailers
-                        break
-                    parts.append(await reader.readexactly(size))
-                    await reader.readexactly(2)
-                data = b"".join(parts)
-            elif length is not None:
-                data = await reader.readexactly(length)
-            else:
-                data = await reader.read()
-                keep = False
-        except BaseException:
-            keep = False
-            raise
-        finally:
-            if keep:
-                idle = self._idle.setdefault(address, [])
-                if len(idle) < self.max_idle:
-                    idle.append(conn)
-                    self._used[address] = time.monotonic()
-                else:
-                    writer.close()
-            else:
-                writer.close()
-        return status, data
-
-    def sweep(self, now: float | None = None) -> int:
-        """Close idle connections the server closed, and all of an address unused for
-        ``idle_seconds`` (pods come and go); the number closed."""
-        now = time.monotonic() if now is None else now
-        closed = 0
-        for address in list(self._idle):
-            idle = self._idle[address]
-            stale = now - self._used.get(address, now) > self.idle_seconds
-            keep = []
-            for reader, writer in idle:
-                if stale or reader.at_eof():
-                    writer.close()
-                    closed += 1
-                else:
-                    keep.append((reader, writer))
-            if keep:
-                self._idle[address] = keep
-            else:
-                del self._idle[address]
-                self._used.pop(address, None)
-        return closed
-
-    def close(self) -> None:
-        for idle in self._idle.values():
-            for _, writer in idle:
-                writer.close()
-        self._idle.clear()
-        self._used.clear()
-
-
 class TokenEstimator:
     """Counts prompts with the engine's ``/tokenize`` (see the module doc)."""
 
@@ -268,7 +141,17 @@ class TokenEstimator:
         self.metrics = EstimateMetrics(registry)
         self._turn = itertools.count()
         self._failing: set[str] = set()  # pods whose failure was logged and that did not recover
-        self.http = HttpPool()
+        self._session: aiohttp.ClientSession | None = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        """One keep-alive client session (made in the running loop on first use); connections a
+        pod closed, or idle for 30 s, are let go by aiohttp's connector."""
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit_per_host=8, keepalive_timeout=30.0),
+                headers={"Content-Type": "application/json"},
+            )
+        return self._session
 
     async def estimate(
         self,
@@ -303,9 +186,12 @@ class TokenEstimator:
         pod = ready[next(self._turn) % len(ready)]
         reason, detail = "error", ""
         try:
-            status, raw = await self.http.post(
-                pod.address, "/tokenize", orjson.dumps(payload), self.timeout
-            )
+            async with self._http().post(
+                f"http://{pod.address}/tokenize",
+                data=orjson.dumps(payload),
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+            ) as resp:
+                status, raw = resp.status, await resp.read()
             if status != 200:
                 reason, detail = "status", f"HTTP {status}: {raw[:200]!r}"
             else:
@@ -336,4 +222,6 @@ class TokenEstimator:
             log.info("tokenize on pod %s (%s) answers again", pod.name, pod.address)
 
     async def close(self) -> None:
-        self.http.close()
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()

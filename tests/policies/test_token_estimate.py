@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,7 +22,6 @@ from extproc.policies import Policies, PolicySettings, RoutePolicy
 from extproc.ratelimit import Limits
 from extproc.scheduling.types import Pod
 from extproc.token_estimate import (
-    HttpPool,
     PolicyConfig,
     TokenEstimateConfig,
     TokenEstimator,
@@ -213,106 +211,3 @@ async def test_admit_asks_only_when_it_matters() -> None:
     assert charge.estimate == 42 and asked == [1]
     assert charge.bucket is not None
     assert policies.local.levels(charge.bucket, input_limit)[1] == 1000 - 42
-
-
-class RawServer:
-    """An HTTP/1.1 server on loopback that answers each request with the next scripted bytes and
-    then keeps the connection open or closes it, as scripted."""
-
-    def __init__(self, script: list[tuple[bytes, bool]]) -> None:
-        self.script = list(script)
-        self.connections = 0
-        self.requests: list[bytes] = []
-        self.server: asyncio.Server | None = None
-        self.port = free_port()
-        self.hold = asyncio.Event()  # a kept connection stays open until the test ends
-
-    async def __aenter__(self) -> RawServer:
-        self.server = await asyncio.start_server(self.serve, "127.0.0.1", self.port)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.server is not None
-        self.hold.set()
-        self.server.close()
-
-    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        try:
-            while self.script:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = next(
-                    int(line.split(b":")[1])
-                    for line in head.split(b"\r\n")
-                    if line.lower().startswith(b"content-length")
-                )
-                self.requests.append(head + await reader.readexactly(length))
-                answer, keep = self.script.pop(0)
-                writer.write(answer)
-                await writer.drain()
-                if not keep:
-                    break
-            else:
-                await self.hold.wait()
-        except asyncio.IncompleteReadError:
-            pass
-        finally:
-            writer.close()
-
-
-OK = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 12\r\n\r\n{"count": 7}'
-
-
-async def test_http_pool_keeps_alive_and_reads_every_framing() -> None:
-    chunked = (
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-        b'5\r\n{"cou\r\n7;ext=1\r\nnt": 8}\r\n0\r\nX-Trailer: y\r\n\r\n'
-    )
-    until_close = b'HTTP/1.0 200 OK\r\n\r\n{"count": 9}'
-    pool = HttpPool()
-    async with RawServer([(OK, True), (chunked, True), (until_close, False)]) as srv:
-        address = f"127.0.0.1:{srv.port}"
-        assert await pool.post(address, "/tokenize", b'{"a":1}', 2) == (200, b'{"count": 7}')
-        assert await pool.post(address, "/tokenize", b"{}", 2) == (200, b'{"count": 8}')
-        assert await pool.post(address, "/tokenize", b"{}", 2) == (200, b'{"count": 9}')
-        assert srv.connections == 1  # one kept-alive connection for all three
-        assert srv.requests[0].startswith(b"POST /tokenize HTTP/1.1\r\n")
-        assert srv.requests[0].endswith(b'\r\n\r\n{"a":1}')
-        assert address not in pool._idle or not pool._idle[address]  # HTTP/1.0: not kept
-    pool.close()
-
-
-async def test_http_pool_replaces_a_connection_closed_while_idle() -> None:
-    pool = HttpPool()
-    # the server answers and closes without saying so: the pool keeps the dead connection
-    async with RawServer([(OK, False), (OK, True)]) as srv:
-        address = f"127.0.0.1:{srv.port}"
-        assert (await pool.post(address, "/tokenize", b"{}", 2))[0] == 200
-        assert len(pool._idle[address]) == 1
-        assert (await pool.post(address, "/tokenize", b"{}", 2))[0] == 200
-        assert srv.connections == 2
-        assert pool.sweep() == 0 and len(pool._idle[address]) == 1  # alive and recent: kept
-        assert pool.sweep(now=time.monotonic() + 31) == 1  # unused 30 s: let go
-        assert address not in pool._idle
-    pool.close()
-
-
-async def test_http_pool_sweep_closes_what_the_server_closed() -> None:
-    pool = HttpPool()
-    async with RawServer([(OK, False)]) as srv:
-        address = f"127.0.0.1:{srv.port}"
-        assert (await pool.post(address, "/tokenize", b"{}", 2))[0] == 200
-        reader = pool._idle[address][0][0]
-        assert await asyncio.wait_for(reader.read(), 5) == b""  # the server's close arrived
-        assert pool.sweep() == 1 and address not in pool._idle
-    pool.close()
-
-
-async def test_http_pool_timeout_drops_the_connection() -> None:
-    pool = HttpPool()
-    async with RawServer([(b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n{", True)]) as srv:
-        address = f"127.0.0.1:{srv.port}"
-        with pytest.raises(TimeoutError):
-            await pool.post(address, "/tokenize", b"{}", 0.2)  # the body never completes
-        assert not pool._idle.get(address)
-    pool.close()
