@@ -17,6 +17,7 @@ from matrixinfer.process import Child, free_port, wait_until
 from matrixinfer.stack import GatewayStack, StackOptions
 from sim.fleet import Fleet
 from tests.extproc.conftest import endpoints_yaml
+from tests.extproc.helpers import server_yaml
 
 KEYS = {
     "key-alice": ("acme", "alice", ["ml"]),
@@ -25,6 +26,24 @@ KEYS = {
     "key-heavy": ("acme", "heavy", []),
     "key-light": ("acme", "light", []),
 }
+
+
+POOL = server_yaml("pool", {"app": "sim"}, model="demo-model")  # the policy fleet's pods
+
+
+def route_yaml(name: str, model: str, server: str = "pool", **spec: str) -> str:
+    """A ModelRoute sending ``model`` to ``server``; ``spec`` adds flow-style fields, e.g.
+    ``access="{tenants: [acme]}"`` or ``rateLimit="{requestsPerUnit: 2, unit: hour}"``."""
+    extra = "".join(f"  {k}: {v}\n" for k, v in spec.items())
+    return (
+        "apiVersion: networking.matrixinfer.ai/v1alpha1\nkind: ModelRoute\n"
+        f"metadata: {{name: {name}}}\nspec:\n  modelName: {model}\n{extra}"
+        f"  rules: [{{targets: [{{modelServerName: {server}}}]}}]\n"
+    )
+
+
+def documents(*docs: str) -> str:
+    return "---\n".join(docs)
 
 
 def sha(key: str) -> str:

@@ -22,7 +22,7 @@ from openai import OpenAI
 from matrixinfer.process import free_port, wait_until
 from matrixinfer.stack import GatewayStack
 from sim.fleet import Fleet
-from tests.policies.conftest import policy_stack, write_config
+from tests.policies.conftest import POOL, documents, policy_stack, route_yaml, write_config
 from tests.policies.test_policies_e2e import metric
 
 pytestmark = pytest.mark.timeout(120)
@@ -30,32 +30,11 @@ pytestmark = pytest.mark.timeout(120)
 ISSUER = "https://idp.test"
 AUDIENCE = "matrixinfer"
 
-ROUTES = """
-apiVersion: networking.matrixinfer.ai/v1alpha1
-kind: ModelServer
-metadata: {name: pool}
-spec:
-  model: demo-model
-  inferenceEngine: vLLM
-  workloadSelector: {matchLabels: {app: sim}}
-  workloadPort: {port: 8000}
----
-apiVersion: networking.matrixinfer.ai/v1alpha1
-kind: ModelRoute
-metadata: {name: members}
-spec:
-  modelName: members-model
-  access: {tenants: [acme]}
-  rules: [{targets: [{modelServerName: pool}]}]
----
-apiVersion: networking.matrixinfer.ai/v1alpha1
-kind: ModelRoute
-metadata: {name: team}
-spec:
-  modelName: team-model
-  access: {groups: [ml]}
-  rules: [{targets: [{modelServerName: pool}]}]
-"""
+ROUTES = documents(
+    POOL,
+    route_yaml("members", "members-model", access="{tenants: [acme]}"),
+    route_yaml("team", "team-model", access="{groups: [ml]}"),
+)
 
 
 def new_key() -> rsa.RSAPrivateKey:

@@ -18,57 +18,32 @@ from prometheus_client.parser import text_string_to_metric_families
 from matrixinfer.process import wait_until
 from matrixinfer.stack import GatewayStack
 from sim.fleet import Fleet
-from tests.policies.conftest import KEYS, keys_yaml, policy_stack, write_config
+from tests.policies.conftest import (
+    KEYS,
+    POOL,
+    documents,
+    keys_yaml,
+    policy_stack,
+    route_yaml,
+    write_config,
+)
 
-ROUTES = """
-apiVersion: networking.matrixinfer.ai/v1alpha1
-kind: ModelServer
-metadata: {name: pool}
-spec:
-  model: demo-model
-  inferenceEngine: vLLM
-  workloadSelector: {matchLabels: {app: sim}}
-  workloadPort: {port: 8000}
----
-apiVersion: networking.matrixinfer.ai/v1alpha1
-kind: ModelRoute
-metadata: {name: open}
-spec:
-  modelName: open-model
-  rules: [{targets: [{modelServerName: pool}]}]
----
-apiVersion: networking.matrixinfer.ai/v1alpha1
-kind: ModelRoute
-metadata: {name: members}
-spec:
-  modelName: members-model
-  access: {tenants: [acme]}
-  rules: [{targets: [{modelServerName: pool}]}]
----
-apiVersion: networking.matrixinfer.ai/v1alpha1
-kind: ModelRoute
-metadata: {name: team}
-spec:
-  modelName: team-model
-  access: {groups: [ml]}
-  rules: [{targets: [{modelServerName: pool}]}]
----
-apiVersion: networking.matrixinfer.ai/v1alpha1
-kind: ModelRoute
-metadata: {name: output-budget}
-spec:
-  modelName: output-model
-  rateLimit: {outputTokensPerUnit: 300, unit: hour, scope: user}
-  rules: [{targets: [{modelServerName: pool}]}]
----
-apiVersion: networking.matrixinfer.ai/v1alpha1
-kind: ModelRoute
-metadata: {name: request-budget}
-spec:
-  modelName: request-model
-  rateLimit: {requestsPerUnit: 2, unit: hour, scope: tenant}
-  rules: [{targets: [{modelServerName: pool}]}]
-"""
+ROUTES = documents(
+    POOL,
+    route_yaml("open", "open-model"),
+    route_yaml("members", "members-model", access="{tenants: [acme]}"),
+    route_yaml("team", "team-model", access="{groups: [ml]}"),
+    route_yaml(
+        "output-budget",
+        "output-model",
+        rateLimit="{outputTokensPerUnit: 300, unit: hour, scope: user}",
+    ),
+    route_yaml(
+        "request-budget",
+        "request-model",
+        rateLimit="{requestsPerUnit: 2, unit: hour, scope: tenant}",
+    ),
+)
 
 
 @pytest.fixture(scope="module")

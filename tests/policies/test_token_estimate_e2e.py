@@ -15,35 +15,20 @@ from extproc.parsing import estimate_tokens, parse_body
 from matrixinfer.process import wait_until
 from matrixinfer.stack import GatewayStack
 from sim.fleet import Fleet
-from tests.policies.conftest import policy_stack, write_config
+from tests.policies.conftest import POOL, documents, policy_stack, route_yaml, write_config
 from tests.policies.test_policies_e2e import metric
 
-ROUTES = """
-apiVersion: networking.matrixinfer.ai/v1alpha1
-kind: ModelServer
-metadata: {name: pool}
-spec:
-  model: demo-model
-  inferenceEngine: vLLM
-  workloadSelector: {matchLabels: {app: sim}}
-  workloadPort: {port: 8000}
----
-apiVersion: networking.matrixinfer.ai/v1alpha1
-kind: ModelRoute
-metadata: {name: counted}
-spec:
-  modelName: counted-model
-  rateLimit: {inputTokensPerUnit: 1000000, unit: hour, scope: user}
-  rules: [{targets: [{modelServerName: pool}]}]
----
-apiVersion: networking.matrixinfer.ai/v1alpha1
-kind: ModelRoute
-metadata: {name: uncounted}
-spec:
-  modelName: uncounted-model
-  rateLimit: {outputTokensPerUnit: 1000000, unit: hour}
-  rules: [{targets: [{modelServerName: pool}]}]
-"""
+ROUTES = documents(
+    POOL,
+    route_yaml(
+        "counted",
+        "counted-model",
+        rateLimit="{inputTokensPerUnit: 1000000, unit: hour, scope: user}",
+    ),
+    route_yaml(
+        "uncounted", "uncounted-model", rateLimit="{outputTokensPerUnit: 1000000, unit: hour}"
+    ),
+)
 
 # words the simulator's tokenizer splits unlike characters/4
 PROMPT = (

@@ -20,35 +20,29 @@ from prometheus_client.parser import text_string_to_metric_families
 from matrixinfer.process import wait_until
 from matrixinfer.stack import GatewayStack
 from sim.fleet import Fleet
-from tests.policies.conftest import RedisServer, policy_stack, write_config
+from tests.policies.conftest import (
+    POOL,
+    RedisServer,
+    documents,
+    policy_stack,
+    route_yaml,
+    write_config,
+)
 
 pytestmark = pytest.mark.timeout(150)
 
 INPUT_CAP = 5000  # per day: the refill (0.06 tokens/s) stays well under one token in this test
 OUTPUT_CAP = 3000
 
-ROUTES = """
-apiVersion: networking.matrixinfer.ai/v1alpha1
-kind: ModelServer
-metadata: {name: pool}
-spec:
-  model: demo-model
-  inferenceEngine: vLLM
-  workloadSelector: {matchLabels: {app: sim}}
-  workloadPort: {port: 8000}
----
-apiVersion: networking.matrixinfer.ai/v1alpha1
-kind: ModelRoute
-metadata: {name: shared-budget}
-spec:
-  modelName: budget-model
-  rateLimit:
-    inputTokensPerUnit: %d
-    outputTokensPerUnit: %d
-    unit: day
-    global: {redis: {address: "%s"}}
-  rules: [{targets: [{modelServerName: pool}]}]
-"""
+ROUTES = documents(
+    POOL,
+    route_yaml(
+        "shared-budget",
+        "budget-model",
+        rateLimit="{inputTokensPerUnit: %d, outputTokensPerUnit: %d, unit: day, "
+        'global: {redis: {address: "%s"}}}',
+    ),
+)
 
 
 @pytest.fixture

@@ -20,44 +20,22 @@ from openai import OpenAI
 from matrixinfer.process import free_port, http_ok, wait_until
 from matrixinfer.stack import GatewayStack
 from sim.fleet import Fleet
-from tests.policies.conftest import policy_stack, write_config
+from tests.extproc.helpers import server_yaml
+from tests.policies.conftest import POOL, documents, policy_stack, route_yaml, write_config
 from tests.policies.test_policies_e2e import metric
 
-ROUTES = """
-apiVersion: networking.matrixinfer.ai/v1alpha1
-kind: ModelServer
-metadata: {name: pool}
-spec:
-  model: demo-model
-  inferenceEngine: vLLM
-  workloadSelector: {matchLabels: {app: sim}}
-  workloadPort: {port: 8000}
----
-apiVersion: networking.matrixinfer.ai/v1alpha1
-kind: ModelServer
-metadata: {name: split-pool}
-spec:
-  model: demo-model
-  inferenceEngine: vLLM
-  workloadSelector: {matchLabels: {app: splitter}}
-  workloadPort: {port: 8000}
----
-apiVersion: networking.matrixinfer.ai/v1alpha1
-kind: ModelRoute
-metadata: {name: stream}
-spec:
-  modelName: stream-model
-  rateLimit: {inputTokensPerUnit: 1000000, outputTokensPerUnit: 1000000, unit: hour}
-  rules: [{targets: [{modelServerName: pool}]}]
----
-apiVersion: networking.matrixinfer.ai/v1alpha1
-kind: ModelRoute
-metadata: {name: split}
-spec:
-  modelName: split-model
-  rateLimit: {outputTokensPerUnit: 1000000, unit: hour}
-  rules: [{targets: [{modelServerName: split-pool}]}]
-"""
+ROUTES = documents(
+    POOL,
+    server_yaml("split-pool", {"app": "splitter"}, model="demo-model"),
+    route_yaml(
+        "stream",
+        "stream-model",
+        rateLimit="{inputTokensPerUnit: 1000000, outputTokensPerUnit: 1000000, unit: hour}",
+    ),
+    route_yaml(
+        "split", "split-model", "split-pool", rateLimit="{outputTokensPerUnit: 1000000, unit: hour}"
+    ),
+)
 
 WORDS = 40
 
