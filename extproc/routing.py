@@ -34,6 +34,9 @@ __all__ = [
 ]
 
 
+_DECISIONS_KEPT = 65536
+
+
 def object_key(obj: Any) -> str:
     """``namespace/name`` of a custom-resource object (namespace defaults to ``default``)."""
     meta = obj.metadata
@@ -85,6 +88,8 @@ class CompiledRule:
     def matches(self, headers: Mapping[str, str], path: str) -> bool:
         if self.uri is not None and not self.uri.matches(path):
             return False
+        if not self.headers:
+            return True
         return all(m.matches(headers.get(name)) for name, m in self.headers)
 
     def draw(self, rng: Random) -> str:
@@ -150,6 +155,8 @@ class RouteTable:
         self.by_lora: dict[str, CompiledRoute] = {}
         self.conflicts: list[str] = []
         self.server_models = dict(server_models)
+        # decisions are immutable and few (rule x target x model name): built once each
+        self._decisions: dict[tuple[int, str, str], RouteDecision] = {}
         for route in routes:
             key = object_key(route)
             namespace = key.split("/", 1)[0]
@@ -206,6 +213,10 @@ class RouteTable:
                 break
         else:
             raise no_rule_matched(route.name, model)
+        key = (id(rule), server_key, model)
+        found = self._decisions.get(key)
+        if found is not None:
+            return found
         if server_key not in self.server_models:
             raise GatewayError(
                 503,
@@ -216,7 +227,7 @@ class RouteTable:
             )
         upstream = self.server_models[server_key]
         rewritten = lora is None and bool(upstream) and upstream != model
-        return RouteDecision(
+        decision = RouteDecision(
             route=route.name,
             rule=rule.name,
             server_key=server_key,
@@ -225,3 +236,6 @@ class RouteTable:
             upstream_model=upstream if rewritten and upstream else model,
             rewritten=rewritten,
         )
+        if len(self._decisions) < _DECISIONS_KEPT:  # model is a name this table serves: bounded
+            self._decisions[key] = decision
+        return decision

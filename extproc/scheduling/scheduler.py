@@ -135,6 +135,10 @@ def _rank(pods: list[Pod], totals: list[float], k: int, rng: random.Random) -> l
         return pods
     order = sorted(range(n), key=totals.__getitem__, reverse=True)  # stable
     k = min(k, n)
+    # no tie among the k best nor at the cut: the order is the ranking (no rng draw)
+    top = [totals[i] for i in order[: k + 1]]
+    if len(set(top)) == len(top):
+        return [pods[i] for i in order[:k]]
     ranked: list[Pod] = []
     i = 0
     while len(ranked) < k:
@@ -144,7 +148,7 @@ def _rank(pods: list[Pod], totals: list[float], k: int, rng: random.Random) -> l
             j += 1
         need = k - len(ranked)
         group = order[i:j] if j - i == 1 else rng.sample(order[i:j], min(need, j - i))
-        ranked.extend(pods[g] for g in group[:need])
+        ranked += [pods[g] for g in group[:need]]
         i = j
     return ranked
 
