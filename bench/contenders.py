@@ -25,7 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from matrixinfer.envoy_config import template_path
-from matrixinfer.process import Child, ReadinessTimeout, find_envoy, free_port, http_ok, wait_until
+from matrixinfer.process import (
+    Child,
+    ReadinessTimeout,
+    envoy_child,
+    find_envoy,
+    free_port,
+    http_ok,
+    wait_until,
+)
 from matrixinfer.stack import GatewayStack, StackOptions
 
 __all__ = ["CONTENDERS", "Contender", "contender_versions", "start_contender"]
@@ -137,20 +145,11 @@ def _envoy_rr(pods: Sequence[Any], run_dir: Path) -> Iterator[str]:
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "envoy-rr.yaml"
     path.write_text(text)
-    child = Child(
+    child = envoy_child(
         "envoy-rr",
-        [
-            find_envoy(),
-            "-c",
-            str(path),
-            "--disable-hot-restart",
-            "--log-level",
-            "warn",
-            "--concurrency",
-            "2",
-        ],
-        log_path=run_dir / "envoy-rr.log",
-        ready=lambda: http_ok(f"http://127.0.0.1:{admin}/ready"),
+        path,
+        admin,
+        run_dir / "envoy-rr.log",
         ready_timeout=30,
     )
     with child:

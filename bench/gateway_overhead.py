@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from matrixinfer.envoy_config import template_path
-from matrixinfer.process import Child, find_envoy, free_port, http_ok, wait_until
+from matrixinfer.process import Child, envoy_child, free_port, http_ok, wait_until
 from matrixinfer.stack import GatewayStack, StackOptions
 
 REPORT = Path(__file__).parent / "reports" / "gateway_overhead.md"
@@ -128,20 +128,11 @@ def baseline_envoy(run: Path, upstream_port: int) -> tuple[Child, str]:
     )
     path = run / "baseline-envoy.yaml"
     path.write_text(text)
-    child = Child(
+    child = envoy_child(
         "baseline-envoy",
-        [
-            find_envoy(),
-            "-c",
-            str(path),
-            "--disable-hot-restart",
-            "--log-level",
-            "warn",
-            "--concurrency",
-            "2",
-        ],
-        log_path=run / "baseline-envoy.log",
-        ready=lambda: http_ok(f"http://127.0.0.1:{admin}/ready"),
+        path,
+        admin,
+        run / "baseline-envoy.log",
         ready_timeout=20,
     )
     return child, f"http://127.0.0.1:{listen}/v1/chat/completions"
@@ -282,14 +273,9 @@ def minimal_stack(run: Path, upstream_port: int) -> tuple[Child, Child, str]:
         ready=listening,
         ready_timeout=20,
     )
-    envoy = Child(
-        "minimal-envoy",
-        [find_envoy(), "-c", str(bootstrap), "--disable-hot-restart", "--log-level", "warn",
-         "--concurrency", "2"],
-        log_path=run / "minimal-envoy.log",
-        ready=lambda: http_ok(f"http://127.0.0.1:{admin}/ready"),
-        ready_timeout=20,
-    )  # fmt: skip
+    envoy = envoy_child(
+        "minimal-envoy", bootstrap, admin, run / "minimal-envoy.log", ready_timeout=20
+    )
     return extproc, envoy, f"http://127.0.0.1:{listen}/v1/chat/completions"
 
 

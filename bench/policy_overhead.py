@@ -43,7 +43,7 @@ from bench.gateway_overhead import (
     request_body,
     routing_replies,
 )
-from matrixinfer.process import Child, find_envoy, free_port, http_ok, wait_until
+from matrixinfer.process import Child, envoy_child, free_port, wait_until
 from matrixinfer.stack import GatewayStack, StackOptions
 
 REPORT = Path(__file__).parent / "reports" / "policy_overhead.md"
@@ -295,14 +295,7 @@ def streamed_stack(run: Path, pod: str, scan: bool) -> tuple[Child, Child, str]:
          "1" if scan else "0"],
         log_path=run / "extproc.log", ready=listening, ready_timeout=20,
     )  # fmt: skip
-    envoy = Child(
-        "streamed-envoy",
-        [find_envoy(), "-c", str(bootstrap), "--disable-hot-restart", "--log-level", "warn",
-         "--concurrency", "2"],
-        log_path=run / "envoy.log",
-        ready=lambda: http_ok(f"http://127.0.0.1:{admin}/ready"),
-        ready_timeout=20,
-    )  # fmt: skip
+    envoy = envoy_child("streamed-envoy", bootstrap, admin, run / "envoy.log", ready_timeout=20)
     return extproc, envoy, f"http://127.0.0.1:{listen}/v1/chat/completions"
 
 

@@ -35,7 +35,7 @@ from controllers.xds.protos import to_any
 from controllers.xds.server import AdsServer
 from extproc.datastore import Datastore, GatewayConfig, StaticEndpoint
 from matrixinfer.envoy_config import AdsBootstrap, render_ads_bootstrap
-from matrixinfer.process import Child, find_envoy, free_port, http_ok
+from matrixinfer.process import envoy_child, free_port
 
 REPORT = Path(__file__).parent / "reports" / "xds_push.md"
 
@@ -83,20 +83,13 @@ async def push_latency(n_routes: int, pushes: int, settings: GatewaySettings) ->
     tmp = Path(tempfile.mkdtemp(prefix="xds-bench-"))
     admin = free_port()
     (tmp / "envoy.yaml").write_text(render_ads_bootstrap(AdsBootstrap(admin, port)))
-    envoy = Child(
+    envoy = envoy_child(
         "envoy",
-        [
-            find_envoy(),
-            "-c",
-            str(tmp / "envoy.yaml"),
-            "--disable-hot-restart",
-            "--log-level",
-            "error",
-            "--concurrency",
-            "1",
-        ],
-        log_path=tmp / "envoy.log",
-        ready=lambda: http_ok(f"http://127.0.0.1:{admin}/ready"),
+        tmp / "envoy.yaml",
+        admin,
+        tmp / "envoy.log",
+        concurrency=1,
+        log_level="error",
     )
     latencies: list[float] = []
     gen_times: list[float] = []

@@ -24,6 +24,7 @@ from pathlib import Path
 __all__ = [
     "Child",
     "ReadinessTimeout",
+    "envoy_child",
     "find_envoy",
     "free_port",
     "http_ok",
@@ -201,3 +202,25 @@ class Child:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def envoy_child(
+    name: str,
+    config: Path,
+    admin_port: int,
+    log_path: Path | None,
+    *,
+    concurrency: int = 2,
+    log_level: str = "warn",
+    ready_timeout: float = 30.0,
+) -> Child:
+    """Envoy on ``config`` (hot restart off, so several run side by side), ready once its admin
+    ``/ready`` on 127.0.0.1:``admin_port`` answers 200."""
+    return Child(
+        name,
+        [find_envoy(), "-c", str(config), "--disable-hot-restart", "--log-level", log_level,
+         "--concurrency", str(concurrency)],
+        log_path=log_path,
+        ready=lambda: http_ok(f"http://127.0.0.1:{admin_port}/ready"),
+        ready_timeout=ready_timeout,
+    )  # fmt: skip

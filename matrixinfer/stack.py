@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from matrixinfer.envoy_config import AdsBootstrap, render_ads_bootstrap
-from matrixinfer.process import Child, find_envoy, free_port, http_ok
+from matrixinfer.process import Child, envoy_child, free_port, http_ok
 
 __all__ = ["GatewayStack", "StackOptions"]
 
@@ -121,20 +121,13 @@ class GatewayStack:
             ready=lambda: http_ok(f"{self.xds_url}/healthz"),
             ready_timeout=30,
         )
-        self.envoy = Child(
+        self.envoy = envoy_child(
             "envoy",
-            [
-                find_envoy(),
-                "-c",
-                str(self.bootstrap_path),
-                "--disable-hot-restart",
-                "--log-level",
-                o.envoy_log_level,
-                "--concurrency",
-                str(o.envoy_concurrency),
-            ],
-            log_path=self.run_dir / "envoy.log",
-            ready=lambda: http_ok(f"http://127.0.0.1:{self.admin_port}/ready"),
+            self.bootstrap_path,
+            self.admin_port,
+            self.run_dir / "envoy.log",
+            concurrency=o.envoy_concurrency,
+            log_level=o.envoy_log_level,
             ready_timeout=30,
         )
 

@@ -123,28 +123,19 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 
 class RedisServer:
-    def __init__(self, binary: str, directory: Path) -> None:
+    def __init__(
+        self, binary: str, directory: Path, extra_args: tuple[str, ...] = (), name: str = "redis"
+    ) -> None:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.child = Child(
-            "redis",
-            [
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(directory),
-            ],
+            name,
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(directory), *extra_args],
             log_path=directory / "redis.log",
             ready=self.answers,
             ready_timeout=15,
-        )
+        )  # fmt: skip
 
     def answers(self) -> bool:
         try:
@@ -165,34 +156,12 @@ class RedisServer:
         wait_until(self.answers, 15, "redis answers again")
 
 
-class PasswordRedis:
+class PasswordRedis(RedisServer):
     """A redis-server with ``requirepass`` (its own: the shared one has no password)."""
 
     def __init__(self, binary: str, directory: Path, password: str) -> None:
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
         self.password = password
-        self.child = Child(
-            "redis-auth",
-            [
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(directory),
-                "--requirepass",
-                password,
-            ],
-            log_path=directory / "redis.log",
-            ready=self.answers,
-            ready_timeout=15,
-        )
+        super().__init__(binary, directory, ("--requirepass", password), name="redis-auth")
 
     def client(self) -> redis.Redis:
         return redis.Redis(

@@ -18,7 +18,7 @@ from openai import OpenAI
 from controllers.xds.main import XdsApp
 from controllers.xds.main import parse_args as xds_args
 from matrixinfer.envoy_config import AdsBootstrap, render_ads_bootstrap
-from matrixinfer.process import Child, find_envoy, free_port, http_ok
+from matrixinfer.process import Child, envoy_child, free_port, http_ok
 from sim.fleet import Fleet
 from tests.policies.conftest import PasswordRedis
 from tests.policies.test_kube_secrets import (
@@ -132,20 +132,12 @@ async def test_secrets_through_envoy(
             bootstrap.write_text(
                 render_ads_bootstrap(AdsBootstrap(admin_port=admin, xds_port=app.bound_port))
             )
-            envoy = Child(
+            envoy = envoy_child(
                 "envoy",
-                [
-                    find_envoy(),
-                    "-c",
-                    str(bootstrap),
-                    "--disable-hot-restart",
-                    "--log-level",
-                    "warn",
-                    "--concurrency",
-                    "1",
-                ],
-                log_path=tmp_path / "envoy.log",
-                ready=functools.partial(http_ok, f"http://127.0.0.1:{admin}/ready"),
+                bootstrap,
+                admin,
+                tmp_path / "envoy.log",
+                concurrency=1,
             )
             await asyncio.to_thread(envoy.start)
             url = f"http://127.0.0.1:{listen_port}/v1"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import sys
 import urllib.request
@@ -19,7 +18,7 @@ import pytest
 
 from controllers.xds.main import XdsApp, parse_args
 from matrixinfer.envoy_config import AdsBootstrap, render_ads_bootstrap
-from matrixinfer.process import Child, find_envoy, free_port, http_ok
+from matrixinfer.process import Child, envoy_child, free_port, http_ok
 from sim.fleet import Fleet
 
 ROUTES = """apiVersion: networking.matrixinfer.ai/v1alpha1
@@ -181,20 +180,12 @@ async def gateway(tmp: Path, fleet: Fleet, nodes: int = 1) -> AsyncIterator[Gate
                     AdsBootstrap(admin_port=admin, xds_port=app.bound_port, node_id=f"node-{i}")
                 )
             )
-            child = Child(
+            child = envoy_child(
                 f"envoy-{i}",
-                [
-                    find_envoy(),
-                    "-c",
-                    str(bootstrap),
-                    "--disable-hot-restart",
-                    "--log-level",
-                    "warn",
-                    "--concurrency",
-                    "1",
-                ],
-                log_path=tmp / f"envoy-{i}.log",
-                ready=functools.partial(http_ok, f"http://127.0.0.1:{admin}/ready"),
+                bootstrap,
+                admin,
+                tmp / f"envoy-{i}.log",
+                concurrency=1,
             )
             gw.envoys.append(Envoy(child, admin, listen_port))
             await asyncio.to_thread(child.start)

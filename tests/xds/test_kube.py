@@ -15,7 +15,7 @@ import pytest
 
 from controllers.xds.main import XdsApp, parse_args
 from matrixinfer.envoy_config import AdsBootstrap, render_ads_bootstrap
-from matrixinfer.process import Child, find_envoy, free_port, http_ok
+from matrixinfer.process import Child, envoy_child, free_port, http_ok
 from sim.fleet import Fleet
 from tests.xds.conftest import Envoy, get_json
 from tests.xds.kube import (
@@ -115,20 +115,12 @@ async def test_kubernetes_source_end_to_end(tmp_path: Path, fleet: Fleet) -> Non
             bootstrap.write_text(
                 render_ads_bootstrap(AdsBootstrap(admin_port=admin, xds_port=app.bound_port))
             )
-            child = Child(
+            child = envoy_child(
                 "envoy",
-                [
-                    find_envoy(),
-                    "-c",
-                    str(bootstrap),
-                    "--disable-hot-restart",
-                    "--log-level",
-                    "warn",
-                    "--concurrency",
-                    "1",
-                ],
-                log_path=tmp_path / "envoy.log",
-                ready=functools.partial(http_ok, f"http://127.0.0.1:{admin}/ready"),
+                bootstrap,
+                admin,
+                tmp_path / "envoy.log",
+                concurrency=1,
             )
             envoy = Envoy(child, admin, listen_port)
             await asyncio.to_thread(child.start)

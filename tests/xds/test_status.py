@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,7 @@ import pytest
 
 from controllers.status.compute import PodView, route_status, server_status
 from matrixinfer.envoy_config import AdsBootstrap, render_ads_bootstrap
-from matrixinfer.process import Child, find_envoy, free_port, http_ok
+from matrixinfer.process import envoy_child, free_port
 from tests.controllers.kmockenv import Api, eventually, operator
 from tests.xds.conftest import Envoy
 from tests.xds.kube import create_pod, create_route, create_server, kube, set_pod_ready
@@ -121,20 +120,12 @@ async def test_controllers_serve_ads_from_the_api(tmp_path: Path) -> None:
         ):
             bootstrap = tmp_path / "envoy.yaml"
             bootstrap.write_text(render_ads_bootstrap(AdsBootstrap(admin, xds_port)))
-            child = Child(
+            child = envoy_child(
                 "envoy",
-                [
-                    find_envoy(),
-                    "-c",
-                    str(bootstrap),
-                    "--disable-hot-restart",
-                    "--log-level",
-                    "warn",
-                    "--concurrency",
-                    "1",
-                ],
-                log_path=tmp_path / "envoy.log",
-                ready=functools.partial(http_ok, f"http://127.0.0.1:{admin}/ready"),
+                bootstrap,
+                admin,
+                tmp_path / "envoy.log",
+                concurrency=1,
             )
             await asyncio.to_thread(child.start)
             try:
