@@ -15,8 +15,7 @@ Served: the methods passed in (:class:`GrpcMethod`), ``/grpc.health.v1.Health/Ch
 (SERVING, NOT_SERVING once :meth:`H2Server.stop` began, NOT_FOUND for an unknown service name);
 anything else is ``UNIMPLEMENTED``. Compressed messages are refused with ``UNIMPLEMENTED``,
 messages over ``max_message`` with ``RESOURCE_EXHAUSTED``. A RST_STREAM from the peer (or the
-connection going away) cancels the handler's task, unless it is only waiting for the EOF the
-peer already sent (Envoy's normal END_STREAM + RST_STREAM). Shutdown: GOAWAY in two steps (the last
+connection going away) cancels the handler's task. Shutdown: GOAWAY in two steps (the last
 stream id once the peer has acknowledged a PING), in-flight streams finish until the grace
 deadline, then are cancelled. A protocol error is answered by h2's GOAWAY, logged in one line,
 and the connection closed; the process goes on.
@@ -124,7 +123,6 @@ class StreamContext:
                 return grpc.aio.EOF
             self._waiter = self._conn.loop.create_future()
             await self._waiter
-            self._waiter = None
         return queue.popleft()
 
     async def write(self, message: Any) -> None:
@@ -155,11 +153,6 @@ class StreamContext:
         w = self._waiter
         if w is not None and not w.done():
             w.set_result(None)
-
-    def _reads_eof_next(self) -> bool:
-        """The handler waits in :meth:`read` and will get EOF: the peer half-closed, nothing is
-        queued. (Its task then ends by itself; cancelling it would only cost an exception.)"""
-        return self.ended and not self._queue and self._waiter is not None
 
 
 class _Stream:
@@ -427,9 +420,7 @@ class _Connection(asyncio.Protocol):
         s = self.streams.get(ev.stream_id or 0)
         if s is not None:
             self._forget(s)
-            # Envoy ends every ext_proc stream with END_STREAM + RST_STREAM once the HTTP request
-            # is over: a handler already reading its EOF finishes without a cancellation
-            if s.task is not None and not (s.ctx is not None and s.ctx._reads_eof_next()):
+            if s.task is not None:
                 s.task.cancel()
 
     def _on_window(self, ev: h2.events.WindowUpdated) -> None:
