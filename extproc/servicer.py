@@ -177,9 +177,28 @@ def _lb_metadata_bytes(routed: Routed) -> bytes:
     return _ld(b"\x42", _ld(b"\x0a", _LB_KEY + _ld(b"\x12", _ld(b"\x2a", inner))))
 
 
+_reply_cache: dict[tuple[bool, tuple[str, ...], tuple[tuple[str, str], ...]], bytes] = {}
+
+
 def decision_bytes(routed: Routed, duplex: bool) -> bytes:
-    """The serialised ``ProcessingResponse`` that routes a request (see :func:`from_decision`)."""
+    """The serialised ``ProcessingResponse`` that routes a request (see :func:`from_decision`).
+
+    Without a body rewrite or policy metadata the reply depends only on the endpoints and the
+    headers, which repeat (pods x fallback orders x ModelServers): those replies are kept."""
     body = routed.body
+    if body is None and routed.metadata is None:
+        key = (duplex, tuple(routed.endpoints), tuple(routed.headers.items()))
+        found = _reply_cache.get(key)
+        if found is None:
+            found = _build_decision(routed, None, duplex)
+            if len(_reply_cache) >= _CACHE_LIMIT:
+                _reply_cache.clear()
+            _reply_cache[key] = found
+        return found
+    return _build_decision(routed, body, duplex)
+
+
+def _build_decision(routed: Routed, body: bytes | None, duplex: bool) -> bytes:
     mutation = _ld(b"\x12", _mutation_bytes(routed, len(body) if body is not None else None))
     if duplex:  # the held request-headers reply; the body follows as a streamed_response
         return _ld(b"\x0a", _ld(b"\x0a", mutation)) + _lb_metadata_bytes(routed)

@@ -372,3 +372,16 @@ async def test_real_gateway_reply_fields(ctx_cls: type[_AioLikeContext]) -> None
         == "10.0.0.2:8000,10.0.0.1:8000,10.0.0.0:8000"
     )
     assert ds.in_flight_total() == 3  # the stream ended: back to the two + one set up above
+
+
+@pytest.mark.parametrize("duplex", [False, True])
+def test_kept_replies_follow_endpoints_and_headers(duplex: bool) -> None:
+    """Replies without a body or metadata are kept by (endpoints, headers): every change of
+    either gives the reference bytes again, a repeat gives the same bytes."""
+    rnd = Random(3)
+    for _ in range(400):
+        endpoints = [f"10.0.0.{i}:80" for i in rnd.sample(range(5), rnd.randint(1, 3))]
+        headers = {k: rnd.choice(["", "1", "2"]) for k in rnd.sample(["x-a", "x-b", "x-c"], 2)}
+        routed = Routed(endpoints, POD, None, headers)
+        got = from_decision(routed, RAW, duplex).SerializeToString(deterministic=True)
+        assert got == _reference(routed, RAW, duplex)
