@@ -17,7 +17,7 @@ from openai import OpenAI
 from openai.types.chat import ChatCompletionMessageParam
 from prometheus_client.parser import text_string_to_metric_families
 
-from matrixinfer.process import wait_until
+from matrixinfer.process import ReadinessTimeout, wait_until
 from matrixinfer.stack import GatewayStack
 from sim.fleet import Fleet
 from tests.policies.conftest import (
@@ -146,7 +146,20 @@ def test_every_report_is_charged_whichever_process_it_reaches(
             total(stack, "matrixinfer_gateway_usage_reports_total", source="reported") >= requests
         )
 
-    wait_until(settled, 20, "every usage report settled on one process or the other")
+    try:
+        wait_until(settled, 20, "every usage report settled on one process or the other")
+    except ReadinessTimeout:
+        by_source = {
+            x: total(stack, "matrixinfer_gateway_usage_reports_total", source=x)
+            for x in ("reported", "aborted", "error", "unreported")
+        }
+        foreign_by = {
+            x: total(stack, "matrixinfer_gateway_usage_foreign_reports_total", result=x)
+            for x in ("settled", "no_charge", "duplicate", "invalid")
+        }
+        raise AssertionError(
+            f"{requests} requests; reports by source {by_source}; foreign {foreign_by}"
+        ) from None
     # Envoy (one worker) streams its access log to one process: the other's requests were
     # settled there from the charge they carried
     foreign = total(stack, "matrixinfer_gateway_usage_foreign_reports_total", result="settled")
