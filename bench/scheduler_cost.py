@@ -276,6 +276,11 @@ def simulate(profile: SchedulerProfile | None, w: Workload, seed: int) -> dict[s
                 )
             if now < w.seconds + 30:
                 push(now + w.scrape, "scrape", None)
+    if not e2es or not ttfts or not imbalance:
+        raise SystemExit(
+            f"the quality simulation finished no request in {w.seconds:g} simulated seconds; "
+            "use a longer --seconds"
+        )
     ttfts.sort()
     e2es.sort()
     return {
