@@ -25,6 +25,7 @@ from extproc.metrics import GatewayMetrics
 from extproc.scheduling.types import Pod
 from extproc.servicer import (
     ExtProcServicer,
+    decision_bytes,
     from_decision,
     immediate_response,
     timeout_override,
@@ -181,11 +182,23 @@ def test_decision_replies_match_the_reference_builder(duplex: bool) -> None:
             headers[f"x-h{j}"] = value
         body = rnd.choice([None, b"", b"{}", b"b" * rnd.randint(1, 70000)])
         metadata = rnd.choice(
-            [None, {"matrixinfer_rid": f"rid-{rnd.random()}"}, {"a": "1", "zz": "é"}]
+            [
+                None,
+                {"matrixinfer_rid": f"rid-{rnd.random()}"},
+                {"a": "1", "zz": "é"},
+                {
+                    "matrixinfer_rid": "r",
+                    "matrixinfer_charge": "c" * 200,
+                    "matrixinfer_strip": True,
+                },
+                {"n": 1.5, "l": ["x", 2], "d": {"k": None}},
+            ]
         )
         routed = Routed(endpoints, POD, body, headers, metadata)
+        want = _reference(routed, RAW, duplex)
+        assert decision_bytes(routed, duplex) == want  # the raw bytes written on h2
         got = from_decision(routed, RAW, duplex).SerializeToString(deterministic=True)
-        assert got == _reference(routed, RAW, duplex)
+        assert got == want
 
 
 # ---------------------------------------------------------------- through Process
@@ -383,5 +396,4 @@ def test_kept_replies_follow_endpoints_and_headers(duplex: bool) -> None:
         endpoints = [f"10.0.0.{i}:80" for i in rnd.sample(range(5), rnd.randint(1, 3))]
         headers = {k: rnd.choice(["", "1", "2"]) for k in rnd.sample(["x-a", "x-b", "x-c"], 2)}
         routed = Routed(endpoints, POD, None, headers)
-        got = from_decision(routed, RAW, duplex).SerializeToString(deterministic=True)
-        assert got == _reference(routed, RAW, duplex)
+        assert decision_bytes(routed, duplex) == _reference(routed, RAW, duplex)
