@@ -155,7 +155,7 @@ class Datastore:
         self.clock = clock
         self._version = 0
         self.on_pod_removed: list[Callable[[str], None]] = []
-        # pods whose metrics went stale (scrapes failing): not ready until a scrape succeeds again
+        # pods whose scrape found nothing listening: not ready until a scrape succeeds again
         self._scrape_down: set[str] = set()
         self._configured_ready: dict[str, bool] = {}
         self.snapshot = self._build(GatewayConfig(), {})
@@ -251,15 +251,17 @@ class Datastore:
 
     # ---- metrics ------------------------------------------------------------------------------
     def publish_metrics(self, pod_name: str, metrics: PodMetrics) -> None:
-        """Install a pod's new metrics; stale metrics (scrapes failing) make the pod not ready."""
+        """Install a pod's new metrics. Stale metrics are unknown to the scheduler but leave the
+        pod in rotation (a slow /metrics is not a dead engine); an unreachable pod (nothing
+        listens) is not ready until a scrape succeeds again."""
         pod = self.snapshot.pods.get(pod_name)
         if pod is None:
             return
         pod.metrics = metrics
-        if metrics.stale:
+        if metrics.unreachable:
             self._scrape_down.add(pod_name)
             pod.ready = False
-        elif pod_name in self._scrape_down:
+        elif not metrics.stale and pod_name in self._scrape_down:
             self._scrape_down.discard(pod_name)
             pod.ready = self._configured_ready.get(pod_name, True)
 

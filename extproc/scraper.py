@@ -591,7 +591,9 @@ class MetricsScraper:
                 last = state.last_metrics
                 self._safe_publish(
                     target.pod_name,
-                    replace(last, stale=True) if last is not None else PodMetrics(stale=True),
+                    replace(last, stale=True, unreachable=True)
+                    if last is not None
+                    else PodMetrics(stale=True, unreachable=True),
                 )
             return
         finally:

@@ -14,7 +14,8 @@ class PodMetrics:
     """What the scraper last read from one pod's /metrics, engine names already mapped.
 
     ``None`` means "not reported"; ``stale`` marks a read older than the staleness bound, which
-    plugins must treat as unknown.
+    plugins must treat as unknown. ``unreachable``: the last scrape found nothing listening (the
+    pod is gone or its engine exited) — the datastore takes such a pod out of rotation.
     """
 
     waiting: float | None = None  # requests queued in the engine
@@ -27,6 +28,7 @@ class PodMetrics:
     max_loras: int | None = None
     scraped_at: float = 0.0  # monotonic time of the read
     stale: bool = True
+    unreachable: bool = False
 
 
 @dataclass(slots=True)

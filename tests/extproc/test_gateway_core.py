@@ -88,9 +88,14 @@ def test_server_without_pods_is_503_and_unready_pods_are_skipped() -> None:
     answer = gw.decide(state, lonely)
     assert isinstance(answer, Immediate) and answer.status == 503
     assert b"nobody" in answer.body
-    # stale metrics (scrapes failing) take pods out; none left -> 503 with the scheduler's reason
+    # stale metrics (slow or failing scrapes) are unknown: the pods stay in rotation
     for name in ("p0", "p1", "p2"):
         ds.publish_metrics(name, PodMetrics(stale=True))
+    state, _ = gw.start(HEADERS, end_of_stream=False)
+    assert isinstance(gw.decide(state, BODY), Routed)
+    # unreachable pods (nothing listens) are taken out; none left -> 503 with the reason
+    for name in ("p0", "p1", "p2"):
+        ds.publish_metrics(name, PodMetrics(stale=True, unreachable=True))
     state, _ = gw.start(HEADERS, end_of_stream=False)
     answer = gw.decide(state, BODY)
     assert isinstance(answer, Immediate) and answer.status == 503

@@ -54,7 +54,6 @@ def stack(tmp_path: Path, policy_fleet: Fleet, redis_server: RedisServer) -> Ite
         config,
         tmp_path / "run",
         policy_fleet,
-        # a scrape that times out on a busy machine must not make the pods unready (503s)
         ("--usage-grace", "1", "--stale-after", "5"),
         extproc_processes=2,
     )

@@ -260,8 +260,9 @@ async def test_scrape_once_healthy_slow_and_dead_pods(engines: Callable[..., Fak
         # keeps the staleness bound, so nothing is published for it yet
         assert set(published) == {"good", "dead"}
         assert published["dead"].stale is True and published["dead"].waiting is None
+        assert published["dead"].unreachable is True
         assert published["good"].waiting == 1.0 and published["good"].kv_cache_usage == 0.25
-        assert published["good"].stale is False
+        assert published["good"].stale is False and published["good"].unreachable is False
         errors = registry.get_sample_value
         assert errors("matrixinfer_gateway_scrape_errors_total", {"pod": "dead"}) == 1.0
         assert errors("matrixinfer_gateway_scrape_errors_total", {"pod": "slow"}) == 1.0
@@ -318,6 +319,7 @@ async def test_staleness_published_once_and_cleared_by_a_good_scrape(
         clock.now += 0.6
         await scraper.scrape_once()
         assert len(reads) == 2 and reads[-1].stale is True and reads[-1].waiting == 3.0
+        assert reads[-1].unreachable is False  # HTTP errors: unknown metrics, not a gone pod
         clock.now += 1.0
         await scraper.scrape_once()
         assert len(reads) == 2  # stale is published once
