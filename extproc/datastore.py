@@ -36,6 +36,9 @@ class StaticEndpoint:
     labels: Mapping[str, str] = field(default_factory=dict)
     ready: bool = True
     source: str = ""
+    # a Kubernetes pod's namespace: only ModelServers of that namespace select it; None (files):
+    # any ModelServer whose selector matches
+    namespace: str | None = None
 
 
 @dataclass(slots=True)
@@ -187,7 +190,10 @@ class Datastore:
             port_obj = getattr(spec, "workload_port", None)
             port = getattr(port_obj, "port", None)
             members: list[Pod] = []
+            namespace = getattr(server.metadata, "namespace", None) or "default"
             for endpoint in selected(selector, by_label):
+                if endpoint.namespace is not None and endpoint.namespace != namespace:
+                    continue  # a selector picks pods of its own namespace only
                 address = _address(endpoint, port)
                 if address is None:
                     warnings.append(

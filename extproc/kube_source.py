@@ -448,8 +448,16 @@ class KubeSource:
             ]
             if not any(selects(s, pod.labels) for s in candidates):
                 continue
+            # "namespace/name": pods of two namespaces may share a name
             endpoints.append(
-                StaticEndpoint(pod.name, pod.ip, pod.labels, pod.ready, f"Pod {pod.namespace}")
+                StaticEndpoint(
+                    f"{pod.namespace}/{pod.name}",
+                    pod.ip,
+                    pod.labels,
+                    pod.ready,
+                    f"Pod {pod.namespace}",
+                    namespace=pod.namespace,
+                )
             )
         endpoints.sort(key=lambda e: e.name)
         return GatewayConfig(

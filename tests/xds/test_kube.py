@@ -19,6 +19,7 @@ from matrixinfer.process import Child, envoy_child, free_port, http_ok
 from sim.fleet import Fleet
 from tests.xds.conftest import Envoy, get_json
 from tests.xds.kube import (
+    NS,
     CuttableProxy,
     create_pod,
     create_route,
@@ -42,7 +43,7 @@ async def served_by(session: aiohttp.ClientSession, url: str, model: str = "demo
 
 def pod_ready(state: dict[str, Any], name: str) -> bool | None:
     for pod in state.get("pods", []):
-        if pod["name"] == name:
+        if pod["name"] == f"{NS}/{name}":  # Kubernetes pods are named namespace/name
             return bool(pod["ready"])
     return None
 
