@@ -34,6 +34,7 @@ Envoy-side config; ``controllers.xds.sources.with_policy_filters`` places them i
 from __future__ import annotations
 
 import logging
+import sysconfig
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -72,10 +73,13 @@ _ROOT = Path(__file__).resolve().parent.parent
 
 
 def lua_source() -> str:
-    for candidate in (_ROOT / "envoy" / "usage.lua", Path(__file__).with_name("usage.lua")):
+    """``envoy/usage.lua`` from a source checkout, or from a wheel's data files
+    (``<prefix>/share/matrixinfer/envoy``, as matrixinfer.resources looks them up)."""
+    installed = Path(sysconfig.get_path("data")) / "share" / "matrixinfer" / "envoy" / "usage.lua"
+    for candidate in (_ROOT / "envoy" / "usage.lua", installed):
         if candidate.is_file():
             return candidate.read_text()
-    raise FileNotFoundError(f"envoy/usage.lua not found under {_ROOT}")
+    raise FileNotFoundError(f"envoy/usage.lua not found under {_ROOT} or {installed.parent}")
 
 
 def envoy_http_filters() -> list[dict[str, Any]]:
