@@ -108,7 +108,7 @@ def _ld(tag: bytes, payload: bytes) -> bytes:
 
 
 _APPEND_OVERWRITE = b"\x18" + _varint(_OVERWRITE)  # HeaderValueOption.append_action
-_CACHE_LIMIT = 4096  # distinct header (name, value) pairs kept pre-encoded
+_CACHE_LIMIT = 4096  # entries per cache below (header entries, removals, whole replies)
 _set_cache: dict[tuple[str, str], bytes] = {}
 _remove_cache: dict[str, bytes] = {}
 
@@ -170,7 +170,7 @@ def _lb_metadata_bytes(routed: Routed) -> bytes:
     elif all(type(v) is str for v in extra.values()):
         fields = {**extra, DESTINATION_HEADER: destination}
         inner = b"".join(_string_entry(_ld(b"\x0a", k.encode()), fields[k]) for k in sorted(fields))
-    else:  # other JSON values (never on the request path today): let protobuf encode them
+    else:  # other JSON values (e.g. the policies' matrixinfer_strip flag): protobuf encodes
         lb = struct_pb2.Struct()
         lb.update({DESTINATION_HEADER: destination, **extra})
         inner = lb.SerializeToString(deterministic=True)
