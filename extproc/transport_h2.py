@@ -45,7 +45,6 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
-import hpack
 from grpc_health.v1 import health_pb2
 from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
@@ -80,34 +79,6 @@ _RESPONSE_HEADERS = [
     (b"grpc-accept-encoding", b"identity"),
 ]
 _TRAILERS_OK = [(b"grpc-status", b"0")]
-
-
-def _hpack_literal(name: bytes, value: bytes) -> bytes:
-    """An HPACK "literal header field without indexing - new name", no Huffman (RFC 7541 6.2.2):
-    it neither reads nor changes either side's dynamic table, so the bytes never go stale."""
-    assert len(name) < 127 and len(value) < 127
-    return b"\x00" + bytes((len(name),)) + name + bytes((len(value),)) + value
-
-
-# our two constant header blocks, encoded once: ":status: 200" is static-table entry 8
-_PRE_ENCODED_RESPONSE = b"\x88" + b"".join(_hpack_literal(k, v) for k, v in _RESPONSE_HEADERS[1:])
-_PRE_ENCODED_TRAILERS_OK = _hpack_literal(*_TRAILERS_OK[0])
-
-
-class _Encoder(hpack.Encoder):
-    """h2's HPACK encoder, except that our two constant header lists (h2 hands over equal copies)
-    get their pre-encoded blocks. A pending dynamic table size update goes through the real
-    encoder, which must send it first."""
-
-    def encode(self, headers: Any, huffman: bool = True) -> bytes:
-        if not self.header_table.resized:
-            if headers == _RESPONSE_HEADERS:
-                return _PRE_ENCODED_RESPONSE
-            if headers == _TRAILERS_OK:
-                return _PRE_ENCODED_TRAILERS_OK
-        return super().encode(headers, huffman)
-
-
 # grpc-message is percent-encoded; printable ASCII except "%" passes as is
 _MESSAGE_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if c != 0x25)
 
@@ -227,7 +198,6 @@ class _Connection(asyncio.Protocol):
                 normalize_outbound_headers=False,
             )
         )
-        self.conn.encoder = _Encoder()
         self.transport: Any = None  # asyncio.Transport or uvloop's
         self.streams: dict[int, _Stream] = {}
         self.blocked: set[int] = set()

@@ -300,27 +300,3 @@ def _frame_types(data: bytes) -> list[int]:
         out.append(data[i + 3])
         i += 9 + length
     return out
-
-
-def test_pre_encoded_header_blocks_decode_to_the_same_headers() -> None:
-    """The response headers and OK trailers go out pre-encoded (literal, never indexed): they
-    decode to the same lists and leave the peer's dynamic table untouched; a pending table size
-    update still goes first (through hpack's own encoder)."""
-    import hpack
-
-    from extproc.transport_h2 import _RESPONSE_HEADERS, _TRAILERS_OK, _Encoder
-
-    encoder = _Encoder()
-    decoder = hpack.Decoder()
-    for headers in (_RESPONSE_HEADERS, _TRAILERS_OK):
-        for _ in range(2):
-            block = encoder.encode([(bytes(k), bytes(v)) for k, v in headers])  # h2 passes copies
-            assert decoder.decode(block, raw=True) == headers
-            assert len(decoder.header_table.dynamic_entries) == 0
-    encoder.header_table_size = 1024
-    block = encoder.encode(list(_RESPONSE_HEADERS))
-    assert block[0] & 0xE0 == 0x20  # a dynamic table size update first
-    assert decoder.decode(block, raw=True) == _RESPONSE_HEADERS
-    assert decoder.header_table.maxsize == 1024
-    other = [(b"grpc-status", b"13"), (b"grpc-message", b"boom")]
-    assert decoder.decode(encoder.encode(other), raw=True) == other
