@@ -76,141 +76,85 @@ def immediate_response(answer: Immediate) -> pb.ProcessingResponse:
     )
 
 
-# ---- pre-encoded replies ----------------------------------------------------------------------
-# The routing reply is built as protobuf wire bytes from cached pieces instead of message objects:
-# building HeaderValueOption/Struct objects cost ~40 us per request, these bytes ~3 us. The
-# bytes are exactly what ``SerializeToString(deterministic=True)`` gives for the same message
-# (pinned by tests/extproc/test_servicer_replies.py against the object builder). Field numbers:
-# ProcessingResponse request_headers=1 request_body=3 dynamic_metadata=8; Headers/BodyResponse
-# response=1; CommonResponse header_mutation=2 body_mutation=3; HeaderMutation set_headers=1
-# remove_headers=2; HeaderValueOption header=1 append_action=3; HeaderValue key=1 raw_value=3;
-# BodyMutation body=1 streamed_response=3; StreamedBodyResponse body=1 end_of_stream=2;
-# Struct fields=1 (map entry key=1 value=2); Value string_value=3 struct_value=5.
+# ---- routing replies --------------------------------------------------------------------------
+# Built with the protobuf messages and serialised by protobuf (deterministic map order). A reply
+# without a body rewrite or policy metadata depends only on the endpoints and the headers, which
+# repeat (pods x fallback orders x ModelServers): those serialised replies are kept (bounded),
+# so most requests build no reply message at all.
 
-_LEN = [bytes((i,)) for i in range(128)]
-
-
-def _varint(n: int) -> bytes:
-    if n < 0x80:
-        return _LEN[n]
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _ld(tag: bytes, payload: bytes) -> bytes:
-    """A length-delimited field: tag, varint length, payload."""
-    n = len(payload)
-    return tag + (_LEN[n] if n < 0x80 else _varint(n)) + payload
-
-
-_APPEND_OVERWRITE = b"\x18" + _varint(_OVERWRITE)  # HeaderValueOption.append_action
-_CACHE_LIMIT = 4096  # entries per cache below (header entries, removals, whole replies)
-_set_cache: dict[tuple[str, str], bytes] = {}
-_remove_cache: dict[str, bytes] = {}
-
-
-def _set_bytes(key: str, value: str) -> bytes:
-    """One ``HeaderMutation.set_headers`` entry (field 1), overwrite-or-add."""
-    found = _set_cache.get((key, value))
-    if found is None:
-        header = _ld(b"\x0a", key.encode()) + _ld(b"\x1a", value.encode())
-        found = _ld(b"\x0a", _ld(b"\x0a", header) + _APPEND_OVERWRITE)
-        if len(_set_cache) >= _CACHE_LIMIT:
-            _set_cache.clear()
-        _set_cache[(key, value)] = found
-    return found
-
-
-def _remove_bytes(key: str) -> bytes:
-    """One ``HeaderMutation.remove_headers`` entry (field 2)."""
-    found = _remove_cache.get(key)
-    if found is None:
-        found = _ld(b"\x12", key.encode())
-        if len(_remove_cache) >= _CACHE_LIMIT:
-            _remove_cache.clear()
-        _remove_cache[key] = found
-    return found
-
-
-def _mutation_bytes(routed: Routed, body_len: int | None) -> bytes:
-    """``HeaderMutation`` towards the pod; an empty value means "remove the client's copy"."""
-    parts = [_set_bytes(DESTINATION_HEADER, routed.endpoints[0])]
-    removed = []
-    for k, v in routed.headers.items():
-        if v:
-            parts.append(_set_bytes(k, v))
-        else:
-            removed.append(_remove_bytes(k))
-    if body_len is not None:
-        parts.append(_set_bytes("content-length", str(body_len)))
-    parts.extend(removed)
-    return b"".join(parts)
-
-
-_LB_KEY = _ld(b"\x0a", LB_NAMESPACE.encode())
-_DEST_KEY = _ld(b"\x0a", DESTINATION_HEADER.encode())
-
-
-def _string_entry(key_field: bytes, value: str) -> bytes:
-    """A ``Struct.fields`` map entry holding a string ``Value``."""
-    return _ld(b"\x0a", key_field + _ld(b"\x12", _ld(b"\x1a", value.encode())))
-
-
-def _lb_metadata_bytes(routed: Routed) -> bytes:
-    """``ProcessingResponse.dynamic_metadata`` (field 8): ``{"envoy.lb": {destination, ...}}``
-    with the map entries in key order (as deterministic serialisation writes them)."""
-    destination = ",".join(routed.endpoints)
-    extra = routed.metadata
-    if not extra:
-        inner = _string_entry(_DEST_KEY, destination)
-    elif all(type(v) is str for v in extra.values()):
-        fields = {**extra, DESTINATION_HEADER: destination}
-        inner = b"".join(_string_entry(_ld(b"\x0a", k.encode()), fields[k]) for k in sorted(fields))
-    else:  # other JSON values (e.g. the policies' matrixinfer_strip flag): protobuf encodes
-        lb = struct_pb2.Struct()
-        lb.update({DESTINATION_HEADER: destination, **extra})
-        inner = lb.SerializeToString(deterministic=True)
-    return _ld(b"\x42", _ld(b"\x0a", _LB_KEY + _ld(b"\x12", _ld(b"\x2a", inner))))
-
-
+_CACHE_LIMIT = 4096  # kept replies
 _reply_cache: dict[tuple[bool, tuple[str, ...], tuple[tuple[str, str], ...]], bytes] = {}
 
 
-def decision_bytes(routed: Routed, duplex: bool) -> bytes:
-    """The serialised ``ProcessingResponse`` that routes a request (see :func:`from_decision`).
+def _mutation(routed: Routed, body_len: int | None) -> pb.HeaderMutation:
+    """Headers towards the pod; an empty value means "remove the client's copy"."""
+    headers = [_set(DESTINATION_HEADER, routed.endpoints[0])]
+    headers.extend(_set(k, v) for k, v in routed.headers.items() if v)
+    if body_len is not None:
+        headers.append(_set("content-length", str(body_len)))
+    removed = [k for k, v in routed.headers.items() if not v]
+    return pb.HeaderMutation(set_headers=headers, remove_headers=removed)
 
-    Without a body rewrite or policy metadata the reply depends only on the endpoints and the
-    headers, which repeat (pods x fallback orders x ModelServers): those replies are kept."""
-    body = routed.body
-    if body is None and routed.metadata is None:
+
+def _lb_metadata(routed: Routed) -> struct_pb2.Struct:
+    md = struct_pb2.Struct()
+    lb: dict[str, Any] = {DESTINATION_HEADER: ",".join(routed.endpoints)}
+    if routed.metadata is not None:  # policies: the id the usage report comes back with
+        lb.update(routed.metadata)
+    md.update({LB_NAMESPACE: lb})
+    return md
+
+
+def from_decision(routed: Routed, raw: bytes, duplex: bool) -> pb.ProcessingResponse:
+    """The routing reply: the body reply (BUFFERED; with the rewritten body), or the held
+    request-headers reply (FULL_DUPLEX_STREAMED); both carry the ``envoy.lb`` metadata."""
+    new_len = len(routed.body) if routed.body is not None else None
+    common = pb.CommonResponse(header_mutation=_mutation(routed, new_len))
+    if duplex:
+        return pb.ProcessingResponse(
+            request_headers=pb.HeadersResponse(response=common),
+            dynamic_metadata=_lb_metadata(routed),
+        )
+    if routed.body is not None:
+        common.body_mutation.body = routed.body
+    return pb.ProcessingResponse(
+        request_body=pb.BodyResponse(response=common), dynamic_metadata=_lb_metadata(routed)
+    )
+
+
+def _serialised(message: pb.ProcessingResponse) -> bytes:
+    data: bytes = message.SerializeToString(deterministic=True)
+    return data
+
+
+def decision_bytes(routed: Routed, duplex: bool) -> bytes:
+    """:func:`from_decision` serialised; kept when it depends on endpoints and headers only."""
+    if routed.body is None and routed.metadata is None:
         key = (duplex, tuple(routed.endpoints), tuple(routed.headers.items()))
         found = _reply_cache.get(key)
         if found is None:
-            found = _build_decision(routed, None, duplex)
+            found = _serialised(from_decision(routed, b"", duplex))
             if len(_reply_cache) >= _CACHE_LIMIT:
                 _reply_cache.clear()
             _reply_cache[key] = found
         return found
-    return _build_decision(routed, body, duplex)
-
-
-def _build_decision(routed: Routed, body: bytes | None, duplex: bool) -> bytes:
-    mutation = _ld(b"\x12", _mutation_bytes(routed, len(body) if body is not None else None))
-    if duplex:  # the held request-headers reply; the body follows as a streamed_response
-        return _ld(b"\x0a", _ld(b"\x0a", mutation)) + _lb_metadata_bytes(routed)
-    common = mutation if body is None else mutation + _ld(b"\x1a", _ld(b"\x0a", body))
-    return _ld(b"\x1a", _ld(b"\x0a", common)) + _lb_metadata_bytes(routed)
+    return _serialised(from_decision(routed, b"", duplex))
 
 
 def duplex_body_bytes(routed: Routed, raw: bytes) -> bytes:
-    """The serialised ``streamed_response`` with the (possibly rewritten) body, end of stream."""
+    """The ``streamed_response`` with the (possibly rewritten) body, end of stream, serialised."""
     body = routed.body if routed.body is not None else raw
-    streamed = (_ld(b"\x0a", body) if body else b"") + b"\x10\x01"
-    return _ld(b"\x1a", _ld(b"\x0a", _ld(b"\x1a", _ld(b"\x1a", streamed))))
+    return _serialised(
+        pb.ProcessingResponse(
+            request_body=pb.BodyResponse(
+                response=pb.CommonResponse(
+                    body_mutation=pb.BodyMutation(
+                        streamed_response=pb.StreamedBodyResponse(body=body, end_of_stream=True)
+                    )
+                )
+            )
+        )
+    )
 
 
 _CONTINUE_BYTES = _CONTINUE_HEADERS.SerializeToString()
@@ -302,9 +246,3 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         finally:
             if state is not None:
                 gateway.finish(state)
-
-
-def from_decision(routed: Routed, raw: bytes, duplex: bool) -> pb.ProcessingResponse:
-    """The routing reply as a message: the body reply (BUFFERED; with the rewritten body), or the
-    held request-headers reply (FULL_DUPLEX_STREAMED); both carry the ``envoy.lb`` metadata."""
-    return pb.ProcessingResponse.FromString(decision_bytes(routed, duplex))
