@@ -253,15 +253,21 @@ class KubeSource:
         self._dirty.set()
         return str((data.get("metadata") or {}).get("resourceVersion") or "")
 
-    async def _stream(self, kind: str, rv: str) -> None:
-        assert self._session is not None and self._conn is not None
+    def _watch_params(self, rv: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        """Query of a watch from resource version ``rv`` (bookmarks on, server-side timeout)."""
         params = {
+            **(extra or {}),
             "watch": "true",
             "allowWatchBookmarks": "true",
             "timeoutSeconds": str(self.watch_timeout),
         }
         if rv:
             params["resourceVersion"] = rv
+        return params
+
+    async def _stream(self, kind: str, rv: str) -> None:
+        assert self._session is not None and self._conn is not None
+        params = self._watch_params(rv)
         url = self._conn.base + self._path(kind)
         async with self._session.get(url, params=params) as resp:
             if resp.status >= 400:
@@ -350,14 +356,7 @@ class KubeSource:
                 self._secret_changed(ns, name, found[0] if found else None)
                 failures = 0
                 rv = str((data.get("metadata") or {}).get("resourceVersion") or "")
-                params = {
-                    **selector,
-                    "watch": "true",
-                    "allowWatchBookmarks": "true",
-                    "timeoutSeconds": str(self.watch_timeout),
-                }
-                if rv:
-                    params["resourceVersion"] = rv
+                params = self._watch_params(rv, selector)
                 async with session.get(url, params=params) as resp:
                     if resp.status >= 400:
                         raise RuntimeError(f"watch: HTTP {resp.status}")
