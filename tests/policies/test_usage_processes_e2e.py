@@ -156,8 +156,13 @@ def test_every_report_is_charged_whichever_process_it_reaches(
             x: total(stack, "matrixinfer_gateway_usage_foreign_reports_total", result=x)
             for x in ("settled", "no_charge", "duplicate", "invalid")
         }
+        with urllib.request.urlopen(
+            f"{stack.admin_url}/stats?filter=grpc_access_log", timeout=2
+        ) as resp:
+            als = resp.read().decode().strip().replace("\n", "; ")
         raise AssertionError(
-            f"{requests} requests; reports by source {by_source}; foreign {foreign_by}"
+            f"{requests} requests; reports by source {by_source}; foreign {foreign_by}; "
+            f"Envoy: {als}"
         ) from None
     # Envoy (one worker) streams its access log to one process: the other's requests were
     # settled there from the charge they carried
