@@ -210,13 +210,30 @@ def routing_replies(destination: str) -> tuple[Any, Any]:
     return headers_reply, body_reply
 
 
-def serve_minimal(port: int, destination: str) -> None:
-    """A do-nothing ext_proc servicer (same stubs, grpc.aio + uvloop, same 4 messages): it sends
-    every request to ``destination``. Its cost is the floor any Python ext_proc pays here."""
+def serve_ext_proc(servicer: Any, port: int) -> None:
+    """Serve ``servicer`` as the ext_proc service on 127.0.0.1:``port`` (grpc.aio on uvloop)
+    until the process is stopped: the bench-only servicers' process body."""
     import asyncio
 
     import grpc
     import uvloop
+    from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+
+    async def run() -> None:
+        server = grpc.aio.server()
+        pb_grpc.add_ExternalProcessorServicer_to_server(servicer, server)
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        await server.wait_for_termination()
+
+    uvloop.install()
+    asyncio.run(run())
+
+
+def serve_minimal(port: int, destination: str) -> None:
+    """A do-nothing ext_proc servicer (same stubs, grpc.aio + uvloop, same 4 messages): it sends
+    every request to ``destination``. Its cost is the floor any Python ext_proc pays here."""
+    import grpc
     from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
     headers_reply, body_reply = routing_replies(destination)
@@ -233,15 +250,7 @@ def serve_minimal(port: int, destination: str) -> None:
                 elif kind == "request_body":
                     await context.write(body_reply)
 
-    async def run() -> None:
-        server = grpc.aio.server()
-        pb_grpc.add_ExternalProcessorServicer_to_server(Minimal(), server)
-        server.add_insecure_port(f"127.0.0.1:{port}")
-        await server.start()
-        await server.wait_for_termination()
-
-    uvloop.install()
-    asyncio.run(run())
+    serve_ext_proc(Minimal(), port)
 
 
 def minimal_stack(run: Path, upstream_port: int) -> tuple[Child, Child, str]:

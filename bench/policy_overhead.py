@@ -42,6 +42,7 @@ from bench.gateway_overhead import (
     pct,
     request_body,
     routing_replies,
+    serve_ext_proc,
 )
 from matrixinfer.process import Child, envoy_child, free_port, wait_until
 from matrixinfer.stack import GatewayStack, StackOptions
@@ -219,11 +220,9 @@ def serve_streamed(port: int, destination: str, scan: bool) -> None:
     """Bench-only ext_proc: routes every request to ``destination``; with ``scan`` it also gets
     every response body chunk (STREAMED) and looks for the usage event, as a Python design
     without an Envoy-side filter would."""
-    import asyncio
     import re
 
     import grpc
-    import uvloop
     from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
     from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
@@ -255,15 +254,7 @@ def serve_streamed(port: int, destination: str, scan: bool) -> None:
                             seen.append(int(m.group(1)))
                     await context.write(resp_body_reply)
 
-    async def run() -> None:
-        server = grpc.aio.server()
-        pb_grpc.add_ExternalProcessorServicer_to_server(Streamed(), server)
-        server.add_insecure_port(f"127.0.0.1:{port}")
-        await server.start()
-        await server.wait_for_termination()
-
-    uvloop.install()
-    asyncio.run(run())
+    serve_ext_proc(Streamed(), port)
 
 
 def streamed_stack(run: Path, pod: str, scan: bool) -> tuple[Child, Child, str]:
