@@ -419,13 +419,18 @@ def build_policies(args: argparse.Namespace, metrics: GatewayMetrics) -> Any:
     return Policies(settings, metrics.registry)
 
 
-async def serve(args: argparse.Namespace) -> None:
+def signalled_stop() -> asyncio.Event:
+    """An event that SIGTERM or SIGINT sets: a service's orderly stop (call in the running loop)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    await ExtProcApp(args).run(stop)
+    return stop
+
+
+async def serve(args: argparse.Namespace) -> None:
+    await ExtProcApp(args).run(signalled_stop())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -186,12 +184,9 @@ class XdsApp:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    await XdsApp(args).run(stop)
+    from extproc.main import signalled_stop
+
+    await XdsApp(args).run(signalled_stop())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
