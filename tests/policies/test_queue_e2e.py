@@ -129,17 +129,7 @@ def test_light_user_is_served_ahead_of_a_flood(queue_stack: GatewayStack) -> Non
     heavy: list[float] = []
     errors: list[BaseException] = []
 
-    def flood() -> None:
-        while not stop.is_set():
-            try:
-                heavy.append(call(queue_stack, "key-heavy", "busy-model", tokens=60))
-            except BaseException as exc:  # collected, asserted below
-                errors.append(exc)
-                return
-
-    threads = [threading.Thread(target=flood, daemon=True) for _ in range(12)]
-    for t in threads:
-        t.start()
+    threads = heavy_load(queue_stack, stop, 12, heavy, errors)
     try:
         wait_until(
             lambda: (
@@ -162,15 +152,39 @@ def test_light_user_is_served_ahead_of_a_flood(queue_stack: GatewayStack) -> Non
     assert metric(queue_stack, "matrixinfer_gateway_queue_outcomes_total", result="dispatched") > 0
 
 
-def _saturate(stack: GatewayStack, stop: threading.Event) -> list[threading.Thread]:
+def heavy_load(
+    stack: GatewayStack,
+    stop: threading.Event,
+    callers: int,
+    served: list[float] | None = None,
+    errors: list[BaseException] | None = None,
+) -> list[threading.Thread]:
+    """``callers`` started threads calling busy-model as the heavy user (60 tokens) in a closed
+    loop until ``stop``: latencies go to ``served``; with ``errors`` a thread's error is collected
+    there and ends that thread, without it API errors are ignored."""
+
     def load() -> None:
         while not stop.is_set():
-            with contextlib.suppress(openai.APIError):
-                call(stack, "key-heavy", "busy-model", tokens=60)
+            try:
+                took = call(stack, "key-heavy", "busy-model", tokens=60)
+            except BaseException as exc:  # collected, asserted by the caller
+                if errors is None:
+                    if isinstance(exc, openai.APIError):
+                        continue
+                    raise
+                errors.append(exc)
+                return
+            if served is not None:
+                served.append(took)
 
-    threads = [threading.Thread(target=load, daemon=True) for _ in range(8)]
+    threads = [threading.Thread(target=load, daemon=True) for _ in range(callers)]
     for t in threads:
         t.start()
+    return threads
+
+
+def _saturate(stack: GatewayStack, stop: threading.Event) -> list[threading.Thread]:
+    threads = heavy_load(stack, stop, 8)
     wait_until(
         lambda: metric(stack, "matrixinfer_gateway_queue_length", model="busy-model") >= 2,
         20,
@@ -264,17 +278,7 @@ def test_requests_queued_past_the_base_message_timeout_succeed(queue_stack: Gate
     served: list[float] = []
     errors: list[BaseException] = []
 
-    def load() -> None:
-        while not stop.is_set():
-            try:
-                served.append(call(queue_stack, "key-heavy", "busy-model", tokens=60))
-            except BaseException as exc:  # collected, asserted below
-                errors.append(exc)
-                return
-
-    threads = [threading.Thread(target=load, daemon=True) for _ in range(10)]
-    for t in threads:
-        t.start()
+    threads = heavy_load(queue_stack, stop, 10, served, errors)
     try:
         # 10 callers on a pod serving 2 at a time (~0.6 s each): waits reach several seconds
         wait_until(
