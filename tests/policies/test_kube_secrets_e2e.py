@@ -15,10 +15,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from controllers.xds.main import XdsApp
-from controllers.xds.main import parse_args as xds_args
-from matrixinfer.envoy_config import AdsBootstrap, render_ads_bootstrap
-from matrixinfer.process import Child, envoy_child, free_port, http_ok
+from matrixinfer.process import Child, free_port, http_ok
 from sim.fleet import Fleet
 from tests.policies.conftest import PasswordRedis
 from tests.policies.test_kube_secrets import (
@@ -30,7 +27,8 @@ from tests.policies.test_kube_secrets import (
     until,
     until_async,
 )
-from tests.xds.kube import NS, create_pod, create_server, create_service, kube
+from tests.xds.conftest import ads_envoy
+from tests.xds.kube import NS, create_pod, create_server, create_service, kube, kube_xds_app
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -100,26 +98,7 @@ async def test_secrets_through_envoy(
             log_path=tmp_path / "extproc.log",
             ready=functools.partial(http_ok, f"http://127.0.0.1:{http_port}/readyz"),
         )
-        app = XdsApp(
-            xds_args(
-                [
-                    "--source",
-                    "kubernetes",
-                    "--server",
-                    api.url,
-                    "--namespace",
-                    NS,
-                    "--extproc-port",
-                    str(grpc_port),
-                    "--port",
-                    "0",
-                    "--listen-port",
-                    str(listen_port),
-                    "--debounce",
-                    "0.02",
-                ]
-            )
-        )
+        app = kube_xds_app(api, grpc_port, listen_port)
         stop = asyncio.Event()
         task = asyncio.create_task(app.run(stop))
         envoy: Child | None = None
@@ -127,18 +106,7 @@ async def test_secrets_through_envoy(
             await asyncio.to_thread(extproc.start)
             await until(lambda: bool(app.bound_port), "ADS server up")
             await until(lambda: bool(app.ads.cache.versions().get("LDS")), "first generated set")
-            admin = free_port()
-            bootstrap = tmp_path / "envoy.yaml"
-            bootstrap.write_text(
-                render_ads_bootstrap(AdsBootstrap(admin_port=admin, xds_port=app.bound_port))
-            )
-            envoy = envoy_child(
-                "envoy",
-                bootstrap,
-                admin,
-                tmp_path / "envoy.log",
-                concurrency=1,
-            )
+            envoy, _ = ads_envoy(tmp_path, app.bound_port)
             await asyncio.to_thread(envoy.start)
             url = f"http://127.0.0.1:{listen_port}/v1"
 

@@ -64,6 +64,19 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         yield f
 
 
+def ads_envoy(
+    directory: Path, xds_port: int, name: str = "envoy", node_id: str = "matrixinfer-gateway"
+) -> tuple[Child, int]:
+    """An Envoy (one worker) bootstrapped against the ADS server on ``xds_port``, not started,
+    and its admin port."""
+    admin = free_port()
+    bootstrap = directory / f"{name}.yaml"
+    bootstrap.write_text(
+        render_ads_bootstrap(AdsBootstrap(admin_port=admin, xds_port=xds_port, node_id=node_id))
+    )
+    return envoy_child(name, bootstrap, admin, directory / f"{name}.log", concurrency=1), admin
+
+
 def get_json(url: str) -> Any:
     with urllib.request.urlopen(url, timeout=3) as resp:
         return json.loads(resp.read())
@@ -173,20 +186,7 @@ async def gateway(tmp: Path, fleet: Fleet, nodes: int = 1) -> AsyncIterator[Gate
             await asyncio.sleep(0.05)
         assert app.bound_port, "the ADS server did not start"
         for i in range(nodes):
-            admin = free_port()
-            bootstrap = tmp / f"envoy-{i}.yaml"
-            bootstrap.write_text(
-                render_ads_bootstrap(
-                    AdsBootstrap(admin_port=admin, xds_port=app.bound_port, node_id=f"node-{i}")
-                )
-            )
-            child = envoy_child(
-                f"envoy-{i}",
-                bootstrap,
-                admin,
-                tmp / f"envoy-{i}.log",
-                concurrency=1,
-            )
+            child, admin = ads_envoy(tmp, app.bound_port, f"envoy-{i}", f"node-{i}")
             gw.envoys.append(Envoy(child, admin, listen_port))
             await asyncio.to_thread(child.start)
         yield gw

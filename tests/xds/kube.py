@@ -6,11 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import kmock
 
 from tests.controllers.kmockenv import VERBS, Api, emulator
+
+if TYPE_CHECKING:
+    from controllers.xds.main import XdsApp
 
 NS = "ns"
 NET = "/apis/networking.matrixinfer.ai/v1alpha1/namespaces/ns"
@@ -29,6 +32,19 @@ async def kube() -> AsyncIterator[Api]:
     async with emulator() as api:
         declare_gateway_kinds(api)
         yield api
+
+
+def kube_xds_app(api: Api, extproc_port: int, listen_port: int) -> XdsApp:
+    """The xDS server on the emulated API server (namespace NS), ADS on a free port."""
+    from controllers.xds.main import XdsApp, parse_args
+
+    return XdsApp(
+        parse_args(
+            ["--source", "kubernetes", "--server", api.url, "--namespace", NS,
+             "--extproc-port", str(extproc_port), "--port", "0",
+             "--listen-port", str(listen_port), "--debounce", "0.02"]
+        )
+    )  # fmt: skip
 
 
 def meta(api: Api, name: str, **extra: Any) -> dict[str, Any]:

@@ -13,11 +13,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from controllers.xds.main import XdsApp, parse_args
-from matrixinfer.envoy_config import AdsBootstrap, render_ads_bootstrap
-from matrixinfer.process import Child, envoy_child, free_port, http_ok
+from matrixinfer.process import Child, free_port, http_ok
 from sim.fleet import Fleet
-from tests.xds.conftest import Envoy, get_json
+from tests.xds.conftest import Envoy, ads_envoy, get_json
 from tests.xds.kube import (
     NS,
     CuttableProxy,
@@ -26,6 +24,7 @@ from tests.xds.kube import (
     create_server,
     create_service,
     kube,
+    kube_xds_app,
     set_pod_ready,
 )
 from tests.xds.test_ads_envoy import until
@@ -84,26 +83,7 @@ async def test_kubernetes_source_end_to_end(tmp_path: Path, fleet: Fleet) -> Non
             ready=functools.partial(http_ok, f"http://127.0.0.1:{http_port}/readyz"),
         )
         state_url = f"http://127.0.0.1:{http_port}/debug/state"
-        app = XdsApp(
-            parse_args(
-                [
-                    "--source",
-                    "kubernetes",
-                    "--server",
-                    api.url,
-                    "--namespace",
-                    "ns",
-                    "--extproc-port",
-                    str(grpc_port),
-                    "--port",
-                    "0",
-                    "--listen-port",
-                    str(listen_port),
-                    "--debounce",
-                    "0.02",
-                ]
-            )
-        )
+        app = kube_xds_app(api, grpc_port, listen_port)
         stop = asyncio.Event()
         task = asyncio.create_task(app.run(stop))
         envoy: Envoy | None = None
@@ -111,18 +91,7 @@ async def test_kubernetes_source_end_to_end(tmp_path: Path, fleet: Fleet) -> Non
             await asyncio.to_thread(extproc.start)
             await until(lambda: app.bound_port, 10, "ADS server up")
             await until(lambda: app.ads.cache.versions().get("LDS"), 10, "first generated set")
-            admin = free_port()
-            bootstrap = tmp_path / "envoy.yaml"
-            bootstrap.write_text(
-                render_ads_bootstrap(AdsBootstrap(admin_port=admin, xds_port=app.bound_port))
-            )
-            child = envoy_child(
-                "envoy",
-                bootstrap,
-                admin,
-                tmp_path / "envoy.log",
-                concurrency=1,
-            )
+            child, admin = ads_envoy(tmp_path, app.bound_port)
             envoy = Envoy(child, admin, listen_port)
             await asyncio.to_thread(child.start)
 

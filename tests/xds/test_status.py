@@ -9,10 +9,9 @@ from typing import Any
 import pytest
 
 from controllers.status.compute import PodView, route_status, server_status
-from matrixinfer.envoy_config import AdsBootstrap, render_ads_bootstrap
-from matrixinfer.process import envoy_child, free_port
+from matrixinfer.process import free_port
 from tests.controllers.kmockenv import Api, eventually, operator
-from tests.xds.conftest import Envoy
+from tests.xds.conftest import Envoy, ads_envoy
 from tests.xds.kube import create_pod, create_route, create_server, kube, set_pod_ready
 from tests.xds.test_ads_envoy import until
 
@@ -107,7 +106,7 @@ async def test_operator_writes_route_and_server_status() -> None:
 
 async def test_controllers_serve_ads_from_the_api(tmp_path: Path) -> None:
     """matrixinfer-controllers --xds-port: the ADS server runs in the operator process."""
-    xds_port, admin, listen = free_port(), free_port(), free_port()
+    xds_port, listen = free_port(), free_port()
     async with kube() as api:
         await create_server(api, "pool", {"app": "sim"}, 8000)
         await create_route(api, "good", "m1", ["pool"])
@@ -118,15 +117,7 @@ async def test_controllers_serve_ads_from_the_api(tmp_path: Path) -> None:
             xds_host="127.0.0.1",
             xds_args=["--listen-port", str(listen)],
         ):
-            bootstrap = tmp_path / "envoy.yaml"
-            bootstrap.write_text(render_ads_bootstrap(AdsBootstrap(admin, xds_port)))
-            child = envoy_child(
-                "envoy",
-                bootstrap,
-                admin,
-                tmp_path / "envoy.log",
-                concurrency=1,
-            )
+            child, admin = ads_envoy(tmp_path, xds_port)
             await asyncio.to_thread(child.start)
             try:
                 envoy = Envoy(child, admin, listen)
