@@ -18,10 +18,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import grpc
-from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
-from google.protobuf import struct_pb2
+
+from bench.gateway_overhead import routing_replies
 
 METHOD = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
 # ProcessingRequest oneof field numbers
@@ -34,23 +34,6 @@ OPTIONS_TUNED = [
     ("grpc.http2.bdp_probe", 0),
     ("grpc.optimization_target", "throughput"),
 ]
-
-
-def replies(dest: str) -> tuple[pb.ProcessingResponse, pb.ProcessingResponse]:
-    header = base_pb2.HeaderValueOption(
-        header=base_pb2.HeaderValue(key="x-gateway-destination-endpoint", raw_value=dest.encode()),
-        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
-    )
-    md = struct_pb2.Struct()
-    md.update({"envoy.lb": {"x-gateway-destination-endpoint": dest}})
-    headers_reply = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
-    body_reply = pb.ProcessingResponse(
-        request_body=pb.BodyResponse(
-            response=pb.CommonResponse(header_mutation=pb.HeaderMutation(set_headers=[header]))
-        ),
-        dynamic_metadata=md,
-    )
-    return headers_reply, body_reply
 
 
 def kind_of(raw: bytes) -> int:
@@ -93,7 +76,7 @@ def _varint(raw: bytes, i: int) -> tuple[int, int]:
 
 
 def aio_pb(dest: str) -> grpc.GenericRpcHandler:
-    headers_reply, body_reply = replies(dest)
+    headers_reply, body_reply = routing_replies(dest)
 
     class Servicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         async def Process(self, request_iterator: object, context: Any) -> None:
@@ -112,7 +95,7 @@ def aio_pb(dest: str) -> grpc.GenericRpcHandler:
 
 
 def aio_pbgen(dest: str) -> Any:
-    headers_reply, body_reply = replies(dest)
+    headers_reply, body_reply = routing_replies(dest)
 
     class Servicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         async def Process(self, request_iterator: Any, context: Any) -> Any:
@@ -135,7 +118,7 @@ def raw_handler(dest: str, fn: Any) -> grpc.GenericRpcHandler:
 
 
 def aio_raw(dest: str) -> grpc.GenericRpcHandler:
-    h, b = (m.SerializeToString() for m in replies(dest))
+    h, b = (m.SerializeToString() for m in routing_replies(dest))
 
     async def process(request_iterator: object, context: Any) -> None:
         read, write = context.read, context.write
@@ -153,7 +136,7 @@ def aio_raw(dest: str) -> grpc.GenericRpcHandler:
 
 
 def sync_raw(dest: str) -> grpc.GenericRpcHandler:
-    h, b = (m.SerializeToString() for m in replies(dest))
+    h, b = (m.SerializeToString() for m in routing_replies(dest))
 
     def process(request_iterator: Iterator[bytes], context: Any) -> Iterator[bytes]:
         for raw in request_iterator:
@@ -195,7 +178,6 @@ def serve_grpc(variant: str, port: int, dest: str, options: list[tuple[str, Any]
 
 
 def serve_h2lib(port: int, servicer: Any) -> None:
-    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
     from extproc.transport_h2 import PROCESS_PATH, GrpcMethod, H2Server
 
