@@ -326,6 +326,10 @@ class Gateway:
             request = self._scheduling_request(state, parsed, decision)
             scheduler = self.scheduler_for(view, snap.default_profile)
             try:
+                if policies.waiting(view.key):
+                    # others already wait for this server: a newcomer takes its place in the
+                    # fair queue (priority, fair share) instead of overtaking them on a free slot
+                    raise AllPodsSaturated("requests are already waiting in the fair queue")
                 result = self._schedule(view, scheduler, request)
                 self.datastore.begin(result.primary)
             except AllPodsSaturated:

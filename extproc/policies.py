@@ -471,6 +471,10 @@ class Policies:
                     ) from None
         return self.settings.tenant_priorities.get(tenant, 0)
 
+    def waiting(self, server_key: str) -> bool:
+        """Whether requests wait in this server's fair queue (a newcomer then queues too)."""
+        return bool(self.queues.get(server_key))
+
     async def wait_for_pod(
         self,
         server_key: str,
@@ -504,8 +508,11 @@ class Policies:
             await notice(policy.max_wait + QUEUE_TIMEOUT_MARGIN)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         entry = QueueEntry(charge.user, priority, charge.estimate, payload=(future, attempt))
+        ahead = len(queue)
         queue.push(entry)
         self._attempts[server_key] = attempt
+        if ahead:  # joined without trying a pod itself: serve the queue's best if one has room
+            self.dispatch(server_key, limit=1)
         labels = (model, str(priority))
         m.queue_length.labels(*labels).inc()
         self._ensure_ticker()

@@ -82,3 +82,68 @@ async def test_rejected_request_is_a_429_with_headers(tmp_path: Path) -> None:
     assert isinstance(limited, Immediate) and limited.status == 429
     assert limited.headers["x-ratelimit-remaining-requests"] == "0"
     assert int(limited.headers["retry-after"]) >= 1
+
+
+QUEUED = """---
+apiVersion: networking.matrixinfer.ai/v1alpha1
+kind: ModelServer
+metadata: {name: s}
+spec:
+  inferenceEngine: vLLM
+  workloadSelector: {matchLabels: {app: x}}
+  workloadPort: {port: 8000}
+  scheduler:
+    filters: [{name: saturation, args: {maxWaiting: 1}}]
+    scorers: [{name: least-request, weight: 1}]
+---
+apiVersion: networking.matrixinfer.ai/v1alpha1
+kind: ModelRoute
+metadata: {name: r}
+spec:
+  modelName: m
+  queue: {maxQueued: 10, maxWait: 30s, priorityHeader: x-priority}
+  rules: [{targets: [{modelServerName: s}]}]
+"""
+
+
+async def test_a_newcomer_queues_behind_waiting_requests(tmp_path: Path) -> None:
+    """While requests wait for a server, a newcomer joins the fair queue even if the pod shows
+    room at that instant: the waiting request with the higher priority is served first, the
+    newcomer when the next slot frees."""
+    import asyncio
+
+    from extproc.datastore import Datastore
+    from extproc.scraper import PodMetrics
+
+    keys = tmp_path / "keys.yaml"
+    digest = hashlib.sha256(b"secret-key").hexdigest()
+    keys.write_text(f"keys: [{{sha256: {digest}, tenant: t, user: u}}]\n")
+    ds = Datastore()
+    ds.apply(config(QUEUED, [("p0", "10.0.0.1:8000", {"app": "x"})]))
+    gw = Gateway(ds, GatewayMetrics())
+    settings = PolicySettings(auth=AuthConfig(api_keys_file=keys), dispatch_interval=3600.0)
+    gw.policies = policies = Policies(settings, gw.metrics.registry)
+    ds.publish_metrics("p0", PodMetrics(stale=False, waiting=5, running=2))  # saturated
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+    async def request(priority: str) -> Routed | Immediate:
+        state, answer = gw.start({**HEADERS, "x-priority": priority}, False)
+        assert answer is None
+        decided = gw.decide(state, body)
+        return decided if isinstance(decided, (Routed, Immediate)) else await decided
+
+    first = asyncio.create_task(request("5"))
+    for _ in range(1000):  # the first request reaches the queue within a few loop turns
+        if policies.waiting("default/s"):
+            break
+        await asyncio.sleep(0)
+    assert policies.waiting("default/s")
+    ds.publish_metrics("p0", PodMetrics(stale=False, waiting=0, running=0))  # room for one
+    newcomer = asyncio.create_task(request("0"))
+    # the waiting request got the free slot
+    assert isinstance(await asyncio.wait_for(first, 5), Routed)
+    await asyncio.sleep(0.01)
+    assert not newcomer.done()  # the newcomer waits in the queue, it did not overtake
+    policies.dispatch("default/s")  # the next slot: now the newcomer is served
+    assert isinstance(await asyncio.wait_for(newcomer, 5), Routed)
+    await policies.close()
