@@ -246,11 +246,13 @@ class Datastore:
     @staticmethod
     def begin(pod: Pod) -> None:
         pod.in_flight += 1
+        pod.since_scrape += 1
 
     def finish(self, pod_name: str) -> None:
         pod = self.snapshot.pods.get(pod_name)
         if pod is not None and pod.in_flight > 0:
             pod.in_flight -= 1
+            pod.since_scrape -= 1
 
     def in_flight_total(self) -> int:
         return sum(p.in_flight for p in self.snapshot.pods.values())
@@ -264,6 +266,8 @@ class Datastore:
         if pod is None:
             return
         pod.metrics = metrics
+        if not metrics.stale:
+            pod.since_scrape = 0  # the engine's own counts include what was sent so far
         if metrics.unreachable:
             self._scrape_down.add(pod_name)
             pod.ready = False

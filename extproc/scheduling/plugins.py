@@ -157,7 +157,8 @@ class SaturationArgs(BaseModel):
 
 class SaturationFilter(Filter):
     """Drops pods whose engine queue (waiting >= max_waiting) or KV cache (usage >=
-    max_kv_cache_usage) is full. Unknown or stale metrics never make a pod saturated."""
+    max_kv_cache_usage) is full; ``waiting`` counts what was sent and finished since the scrape
+    (:meth:`waiting`). Unknown or stale metrics never make a pod saturated."""
 
     name = "saturation"
     Args = SaturationArgs
@@ -168,11 +169,24 @@ class SaturationFilter(Filter):
         self.max_waiting = args.max_waiting
         self.max_kv = args.max_kv_cache_usage
 
+    @staticmethod
+    def waiting(pod: Pod) -> float | None:
+        """The engine queue now, as far as this gateway knows: the last scrape's ``waiting`` plus
+        the requests sent there since, minus those that finished (each frees a running slot for
+        a queued one). Between scrapes (200 ms) this keeps a burst of dispatches from
+        overfilling a pod that the last read showed with room."""
+        waiting = pod.metrics.waiting
+        if waiting is None:
+            return None
+        estimate = waiting + pod.since_scrape
+        return estimate if estimate > 0.0 else 0.0
+
     def saturated(self, pod: Pod) -> bool:
         m = pod.metrics
         if m.stale:
             return False
-        if m.waiting is not None and m.waiting >= self.max_waiting:
+        waiting = self.waiting(pod)
+        if waiting is not None and waiting >= self.max_waiting:
             return True
         return m.kv_cache_usage is not None and m.kv_cache_usage >= self.max_kv
 
@@ -183,14 +197,14 @@ class SaturationFilter(Filter):
             for p in pods
             if (m := p.metrics).stale
             or (
-                (m.waiting is None or m.waiting < max_waiting)
+                (m.waiting is None or m.waiting + p.since_scrape < max_waiting)
                 and (m.kv_cache_usage is None or m.kv_cache_usage < max_kv)
             )
         ]
 
     def error(self, ctx: Context, pods: list[Pod]) -> NoPodAvailable:
         limit = self.max_waiting
-        by_queue = sum(1 for p in pods if (p.metrics.waiting or 0.0) >= limit)
+        by_queue = sum(1 for p in pods if (self.waiting(p) or 0.0) >= limit)
         by_kv = len(pods) - by_queue
         why = []
         if by_queue:

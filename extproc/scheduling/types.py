@@ -41,6 +41,9 @@ class Pod:
     ready: bool = True
     metrics: PodMetrics = field(default_factory=PodMetrics)
     in_flight: int = 0  # requests this gateway has sent there and not yet finished
+    # requests sent there minus requests finished since its last fresh metrics: how far the
+    # engine's queue may have moved since that read (the saturation filter adds it to ``waiting``)
+    since_scrape: int = 0
 
 
 @dataclass(slots=True)

@@ -144,6 +144,9 @@ async def test_a_newcomer_queues_behind_waiting_requests(tmp_path: Path) -> None
     assert isinstance(await asyncio.wait_for(first, 5), Routed)
     await asyncio.sleep(0.01)
     assert not newcomer.done()  # the newcomer waits in the queue, it did not overtake
+    policies.dispatch("default/s")
+    assert not newcomer.done()  # the slot was taken: the pod is full as far as the gateway knows
+    ds.publish_metrics("p0", PodMetrics(stale=False, waiting=0, running=1))  # room again
     policies.dispatch("default/s")  # the next slot: now the newcomer is served
     assert isinstance(await asyncio.wait_for(newcomer, 5), Routed)
     await policies.close()

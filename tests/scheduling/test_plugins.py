@@ -90,6 +90,32 @@ def test_saturation_filter_queue_and_kv() -> None:
         assert s.schedule(req(f"r{i}"), pods).primary.name == "p3"
 
 
+def test_saturation_counts_what_was_sent_and_finished_since_the_scrape() -> None:
+    """A pod the last scrape showed with room fills up as requests are sent to it before the next
+    scrape; requests finishing make room again; fresh metrics replace the estimate."""
+    from extproc.datastore import Datastore
+    from tests.extproc.helpers import config, server_yaml
+
+    ds = Datastore()
+    ds.apply(config(server_yaml("s", {"app": "x"}), [("p1", "10.0.0.1:8000", {"app": "x"})]))
+    p1 = ds.snapshot.pods["p1"]
+    ds.publish_metrics("p1", metrics(waiting=2, running=4))
+    s = sched(SchedulerProfile(filters=[PluginSpec(name="saturation", args={"max_waiting": 4})]))
+    for _ in range(2):  # 2 + 2 sent = 4 queued as far as the gateway knows
+        ds.begin(s.schedule(req(), [p1]).primary)
+    with pytest.raises(AllPodsSaturated, match="1 with waiting >= 4"):
+        s.schedule(req(), [p1])
+    ds.finish("p1")  # one finished: a queued request took its running slot
+    ds.begin(s.schedule(req(), [p1]).primary)
+    with pytest.raises(AllPodsSaturated):
+        s.schedule(req(), [p1])
+    ds.publish_metrics("p1", metrics(waiting=1, running=4))  # a fresh read replaces the guess
+    assert p1.since_scrape == 0 and p1.in_flight == 2
+    assert s.schedule(req(), [p1]).primary is p1
+    ds.publish_metrics("p1", metrics(waiting=9, stale=True))  # stale: unknown, not saturated
+    assert s.schedule(req(), [p1]).primary is p1
+
+
 def test_saturation_unknown_or_stale_is_not_saturated() -> None:
     s = sched(only("saturation"))
     pods = [
