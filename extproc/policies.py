@@ -437,19 +437,10 @@ class Policies:
         if charge.bucket is None or charge.limits is None:
             return
         limits = charge.limits
-        if limits.redis is not None:
-            task = asyncio.get_running_loop().create_task(
-                self._redis(limits).settle(
-                    charge.bucket,
-                    limits,
-                    charge.estimate,
-                    usage.prompt,
-                    usage.completion,
-                    charge.where,
-                )
+        if limits.redis is not None:  # queued: carried on the next admission to that Redis
+            self._redis(limits).settle(
+                charge.bucket, limits, charge.estimate, usage.prompt, usage.completion, charge.where
             )
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
         else:
             self.local.settle(
                 charge.bucket, limits, charge.estimate, usage.prompt, usage.completion
@@ -594,6 +585,12 @@ class Policies:
             await asyncio.sleep(1.0)
             self.ledger.sweep()
             self.local.sweep(86400.0 * 2)
+
+    async def flush(self) -> None:
+        """Write the settlements queued for Redis now (they go with the next admission, or by
+        themselves after ``RedisBuckets.flush_delay``)."""
+        for r in list(self.redis.values()):
+            await r.flush()
 
     async def close(self) -> None:
         if self._ticker is not None:

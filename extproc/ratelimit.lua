@@ -1,50 +1,74 @@
 -- MatrixInfer token buckets in Redis: the algorithm of extproc.ratelimit.Buckets, atomically.
--- KEYS[1]: the bucket hash (fields r, i, o: levels; t: last update, seconds from Redis TIME)
--- ARGV: op ("admit" | "settle"), requests cap, input cap, output cap (0 = unlimited), period (s),
---       then for admit: estimate; for settle: input correction (estimate - prompt), completion.
--- Returns {admitted (1/0), requests level, input level, output level} (levels as strings).
-local key = KEYS[1]
-local op = ARGV[1]
-local caps = {tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])}
-local period = tonumber(ARGV[5])
+-- One call settles N requests' usage, then (optionally) admits one request: a replica carries the
+-- settlements it has received on its next admission, so a request costs one round trip.
+-- KEYS: the bucket hashes (fields r, i, o: levels; t: last update, seconds from Redis TIME) of
+--       the N settlements, then the admission's.
+-- ARGV[1]: N; ARGV[2]: 1 to admit after settling, 0 not to. Then per settlement 6 values:
+--       requests cap, input cap, output cap (0 = unlimited), period (s), input correction
+--       (estimate - prompt), completion tokens; then for the admission 5 values: the caps,
+--       period, input estimate.
+-- Returns {admitted (1/0), requests level, input level, output level} of the admission (levels
+-- as strings), or {N} when there is none.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local names = {'r', 'i', 'o'}
-local cur = redis.call('HMGET', key, 'r', 'i', 'o', 't')
-local levels = {}
-local last = tonumber(cur[4])
-for n = 1, 3 do
-  local cap = caps[n]
-  local level = tonumber(cur[n])
-  if level == nil or last == nil then
-    level = cap
-  elseif cap > 0 then
-    local dt = now - last
-    if dt > 0 then level = math.min(cap, level + dt * cap / period) end
+
+-- the levels of a key's buckets refilled up to now, and its caps and period (from ARGV at i)
+local function load(key, i)
+  local caps = {tonumber(ARGV[i]), tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])}
+  local period = tonumber(ARGV[i + 3])
+  local cur = redis.call('HMGET', key, 'r', 'i', 'o', 't')
+  local last = tonumber(cur[4])
+  local levels = {}
+  for n = 1, 3 do
+    local cap = caps[n]
+    local level = tonumber(cur[n])
+    if level == nil or last == nil then
+      level = cap
+    elseif cap > 0 then
+      local dt = now - last
+      if dt > 0 then level = math.min(cap, level + dt * cap / period) end
+    end
+    levels[n] = level
   end
-  levels[n] = level
+  return levels, caps, period
 end
+
+local function store(key, levels, caps, period)
+  redis.call('HSET', key, 'r', tostring(levels[1]), 'i', tostring(levels[2]),
+    'o', tostring(levels[3]), 't', tostring(now))
+  -- expire once every bucket would be full again, plus one period
+  local longest = period
+  for n = 1, 3 do
+    if caps[n] > 0 and levels[n] < caps[n] then
+      longest = math.max(longest, (caps[n] - levels[n]) * period / caps[n] + period)
+    end
+  end
+  redis.call('EXPIRE', key, math.ceil(longest))
+end
+
+local settlements = tonumber(ARGV[1])
+local i = 3
+for k = 1, settlements do
+  local key = KEYS[k]
+  local levels, caps, period = load(key, i)
+  if caps[2] > 0 then levels[2] = math.min(caps[2], levels[2] + tonumber(ARGV[i + 4])) end
+  if caps[3] > 0 then levels[3] = levels[3] - tonumber(ARGV[i + 5]) end
+  store(key, levels, caps, period)
+  i = i + 6
+end
+if ARGV[2] ~= '1' then
+  return {settlements}
+end
+
+local key = KEYS[settlements + 1]
+local levels, caps, period = load(key, i)
 local admitted = 1
-if op == 'admit' then
-  if caps[1] > 0 and levels[1] < 1 then admitted = 0 end
-  if caps[2] > 0 and levels[2] <= 0 then admitted = 0 end
-  if caps[3] > 0 and levels[3] <= 0 then admitted = 0 end
-  if admitted == 1 then
-    if caps[1] > 0 then levels[1] = levels[1] - 1 end
-    if caps[2] > 0 then levels[2] = levels[2] - tonumber(ARGV[6]) end
-  end
-else
-  if caps[2] > 0 then levels[2] = math.min(caps[2], levels[2] + tonumber(ARGV[6])) end
-  if caps[3] > 0 then levels[3] = levels[3] - tonumber(ARGV[7]) end
+if caps[1] > 0 and levels[1] < 1 then admitted = 0 end
+if caps[2] > 0 and levels[2] <= 0 then admitted = 0 end
+if caps[3] > 0 and levels[3] <= 0 then admitted = 0 end
+if admitted == 1 then
+  if caps[1] > 0 then levels[1] = levels[1] - 1 end
+  if caps[2] > 0 then levels[2] = levels[2] - tonumber(ARGV[i + 4]) end
 end
-redis.call('HSET', key, 'r', tostring(levels[1]), 'i', tostring(levels[2]),
-  'o', tostring(levels[3]), 't', tostring(now))
--- expire once every bucket would be full again, plus one period
-local longest = period
-for n = 1, 3 do
-  if caps[n] > 0 and levels[n] < caps[n] then
-    longest = math.max(longest, (caps[n] - levels[n]) * period / caps[n] + period)
-  end
-end
-redis.call('EXPIRE', key, math.ceil(longest))
+store(key, levels, caps, period)
 return {admitted, tostring(levels[1]), tostring(levels[2]), tostring(levels[3])}

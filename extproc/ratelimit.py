@@ -13,14 +13,16 @@ A bucket may go into debt (a large request, or a large answer); later requests g
 refill has repaid it, so no request size escapes the budget. Over any window the admitted input is
 at most the budget plus its refill plus one request's estimate.
 
-:class:`RedisBuckets` runs the same algorithm in one atomic Lua script per call with Redis ``TIME``
-as the clock and keys that expire one unit after they would be full again, shared by every gateway
-replica. When Redis is unreachable it answers per the fail mode: ``open`` falls back to local
+:class:`RedisBuckets` runs the same algorithm in one atomic Lua script with Redis ``TIME`` as the
+clock and keys that expire one unit after they would be full again, shared by every gateway
+replica: one call per request, an admission carrying the settlements received since the previous
+call. When Redis is unreachable it answers per the fail mode: ``open`` falls back to local
 buckets (logged, counted), ``closed`` answers 503; it retries Redis after ``retry_after`` seconds.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -218,8 +220,28 @@ def limiter_unavailable(address: str) -> GatewayError:
     )
 
 
+@dataclass(slots=True)
+class _Settlement:
+    """A settlement on its way to Redis: carried on the next admission or flushed by the timer."""
+
+    key: str
+    limits: Limits
+    correction: int  # added to the input level: estimate - prompt (-prompt: reserved locally)
+    completion: int  # debited from the output level
+    queued: float  # loop time it was queued
+    kept: bool = False  # kept through an outage (Redis down): replayed when it is back
+
+
 class RedisBuckets:
-    """The same buckets in Redis (one hash per key), shared by every gateway replica."""
+    """The same buckets in Redis (one hash per key), shared by every gateway replica.
+
+    One round trip per request: an admission is one ``EVALSHA`` that first settles the usage
+    reports this replica has received since its previous call (up to ``carry`` of them), then
+    admits. Settlements no admission carries within ``flush_delay`` seconds go in a call of their
+    own. So this replica's admissions always see every settlement it has received (the budget
+    holds as with one call per settlement), and other replicas see them at most ``flush_delay``
+    later (their reports already take Envoy's access-log flush interval to arrive).
+    """
 
     def __init__(
         self,
@@ -233,6 +255,11 @@ class RedisBuckets:
         retry_after: float = 1.0,
         on_outage: Callable[[bool], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        flush_delay: float = 0.02,
+        carry: int = 32,
+        batch: int = 256,
+        backlog_limit: int = 100_000,
+        single_connection: bool = False,
     ) -> None:
         import redis.asyncio as aioredis
         from redis.asyncio.retry import Retry
@@ -243,13 +270,16 @@ class RedisBuckets:
         self.password = password
         self.password_ref = password_ref  # (namespace, Secret, key) the password comes from
 
+        # No socket_timeout: redis-py would run every send in a task of its own (asyncio.wait_for)
+        # and arm a timer per read; _call puts one deadline of ``timeout`` around the whole call
+        # instead (a cancelled call closes its connection in redis-py, as a timed-out one does).
         def connect(password: str | None) -> Any:
             return aioredis.Redis(
                 host=host,
                 port=int(port),
                 password=password,
-                socket_timeout=timeout,
                 socket_connect_timeout=timeout,
+                single_connection_client=single_connection,
                 retry=Retry(NoBackoff(), 0),  # an outage must cost one fast failure, not retries
             )
 
@@ -258,6 +288,7 @@ class RedisBuckets:
         self._lua = LUA_PATH.read_text()
         self.script = self.client.register_script(self._lua)
         self._retired: list[Any] = []  # clients replaced by a password change, closed later
+        self.timeout = timeout
         self.fail_open = fail_open
         self.fallback = fallback or Buckets(clock)
         self.retry_after = retry_after
@@ -265,26 +296,49 @@ class RedisBuckets:
         self.clock = clock
         self.down_since: float | None = None
         self._next_try = float("-inf")
-        # settlements Redis could not take (bounded), replayed in order when it is back
-        self.backlog: deque[tuple[str, Limits, int, int]] = deque(maxlen=100_000)
-        self.replayed = 0
+        self.flush_delay = flush_delay
+        self.carry = carry
+        self.batch = batch
+        # settlements not yet in Redis, oldest first: the ones received since the last call, and
+        # during an outage the ones Redis could not take (bounded: the oldest are dropped)
+        self.pending: deque[_Settlement] = deque()
+        self.backlog_limit = backlog_limit
+        self.dropped = 0
+        self.replayed = 0  # settlements written after an outage had kept them
+        self._timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
 
-    def _args(self, limits: Limits) -> list[Any]:
-        return [
-            limits.requests or 0,
-            limits.input or 0,
-            limits.output or 0,
-            limits.period,
-        ]
+    @staticmethod
+    def _args(limits: Limits) -> tuple[int, int, int, float]:
+        return (limits.requests or 0, limits.input or 0, limits.output or 0, limits.period)
 
-    async def _call(self, key: str, op: str, limits: Limits, *extra: int) -> list[Any] | None:
-        if self.down_since is not None and self.clock() < self._next_try:
-            return None
+    def _waiting_out_outage(self) -> bool:
+        return self.down_since is not None and self.clock() < self._next_try
+
+    async def _call(
+        self, settlements: list[_Settlement], admission: tuple[str, Limits, int] | None
+    ) -> list[Any] | None:
+        """One EVALSHA: settle ``settlements``, then admit ``admission`` (key, limits, estimate).
+        None when Redis failed; the settlements are then back at the front of ``pending``."""
+        keys = [f"mi:rl:{s.key}" for s in settlements]
+        args: list[Any] = [len(settlements), 0 if admission is None else 1]
+        for s in settlements:
+            args.extend(self._args(s.limits))
+            args.append(s.correction)
+            args.append(s.completion)
+        if admission is not None:
+            key, limits, estimate = admission
+            keys.append(f"mi:rl:{key}")
+            args.extend(self._args(limits))
+            args.append(estimate)
         try:
-            result: list[Any] = await self.script(
-                keys=[f"mi:rl:{key}"], args=[op, *self._args(limits), *extra]
-            )
+            async with asyncio.timeout(self.timeout):
+                result: list[Any] = await self.script(keys=keys, args=args)
         except Exception as exc:  # connection refused/reset, timeout, script error
+            for s in reversed(settlements):
+                s.kept = True
+                self.pending.appendleft(s)
+            self._trim()
             now = self.clock()
             self._next_try = now + self.retry_after
             if self.down_since is None:
@@ -297,7 +351,12 @@ class RedisBuckets:
                 )
                 if self.on_outage:
                     self.on_outage(True)
+            if self.pending:
+                self._arm(self.retry_after)
             return None
+        for s in settlements:
+            if s.kept:
+                self.replayed += 1
         if self.down_since is not None:
             log.warning(
                 "Redis rate limiter %s is back after %.1fs",
@@ -307,12 +366,15 @@ class RedisBuckets:
             self.down_since = None
             if self.on_outage:
                 self.on_outage(False)
-            if self.backlog:
-                await self._replay()
+        if len(self.pending) > self.carry:  # a backlog (after an outage): write it now
+            self._arm(0.0)
         return result
 
     async def admit(self, key: str, limits: Limits, estimate: int) -> Admission:
-        result = await self._call(key, "admit", limits, estimate)
+        result = None
+        if not self._waiting_out_outage():
+            carried = [self.pending.popleft() for _ in range(min(self.carry, len(self.pending)))]
+            result = await self._call(carried, (key, limits, estimate))
         if result is None:
             if self.fail_open:
                 return self.fallback.admit(key, limits, estimate)
@@ -323,7 +385,7 @@ class RedisBuckets:
         _, wait, reason = decide(limits, levels)
         return Admission(False, wait, _headers(limits, levels), reason)
 
-    async def settle(
+    def settle(
         self,
         key: str,
         limits: Limits,
@@ -334,28 +396,61 @@ class RedisBuckets:
     ) -> None:
         """Settle where the reservation was made; the shared budget always learns the usage:
         a request admitted locally during an outage is charged to Redis in full (its real prompt
-        and output), and settlements Redis could not take are replayed when it is back."""
+        and output). Queued for Redis: carried on this replica's next admission, or written by
+        itself after ``flush_delay``; kept through an outage and replayed when Redis is back."""
         if where == "local":
             self.fallback.settle(key, limits, estimate, prompt, completion)
             correction = -prompt  # Redis never reserved this request's estimate
         else:
             correction = estimate - prompt
-        result = await self._call(key, "settle", limits, correction, completion)
-        if result is None:
-            self.backlog.append((key, limits, correction, completion))
+        loop = asyncio.get_running_loop()
+        queued = _Settlement(
+            key, limits, correction, completion, loop.time(), self.down_since is not None
+        )
+        self.pending.append(queued)
+        self._trim()
+        if self._timer is None:
+            self._timer = loop.call_later(self.flush_delay, self._due)
 
-    async def _replay(self) -> None:
-        while self.backlog:
-            key, limits, correction, completion = self.backlog[0]
-            try:
-                await self.script(
-                    keys=[f"mi:rl:{key}"],
-                    args=["settle", *self._args(limits), correction, completion],
+    def _trim(self) -> None:
+        while len(self.pending) > self.backlog_limit:
+            self.pending.popleft()
+            if not self.dropped:
+                log.error(
+                    "Redis rate limiter %s: more than %d settlements wait for Redis; dropping "
+                    "the oldest",
+                    self.address,
+                    self.backlog_limit,
                 )
-            except Exception:  # down again: keep the rest for the next recovery
+            self.dropped += 1
+
+    def _arm(self, delay: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(delay, self._due)
+
+    def _due(self) -> None:
+        self._timer = None
+        if not self.pending:
+            return  # admissions carried everything: re-armed by the next settlement
+        if self._waiting_out_outage():
+            self._arm(self._next_try - self.clock())
+            return
+        loop = asyncio.get_running_loop()
+        wait = self.pending[0].queued + self.flush_delay - loop.time()
+        if wait > 0.001:  # the oldest came after the last call: give an admission its chance
+            self._arm(wait)
+            return
+        task = loop.create_task(self.flush())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def flush(self) -> None:
+        """Write every pending settlement now (in calls of ``batch``); stops at a failure."""
+        while self.pending and not self._waiting_out_outage():
+            batch = [self.pending.popleft() for _ in range(min(self.batch, len(self.pending)))]
+            if await self._call(batch, None) is None:
                 return
-            self.backlog.popleft()
-            self.replayed += 1
 
     async def set_password(self, password: str | None) -> None:
         """Reconnect with a new password (the Secret changed). Calls in flight finish on the old
@@ -373,6 +468,13 @@ class RedisBuckets:
         self._retired = [old]
 
     async def close(self) -> None:
+        """Write what is pending (unless Redis is down), then close the connections."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.flush()
         for retired in self._retired:
             await retired.aclose()
         self._retired.clear()

@@ -48,7 +48,8 @@ async def test_two_replicas_share_one_budget(redis_server: RedisServer) -> None:
         # settlement returns an over-estimate and debits output from the exact usage
         lim3 = limits(redis_server, input=100, output=100)
         assert (await a.admit("shared-3", lim3, 90)).ok
-        await b.settle("shared-3", lim3, 90, 10, 150)  # prompt 10 (80 back), 150 output tokens
+        b.settle("shared-3", lim3, 90, 10, 150)  # prompt 10 (80 back), 150 output tokens
+        await b.flush()  # (else carried on b's next admission)
         r = await a.admit("shared-3", lim3, 1)
         assert not r.ok and "output tokens" in r.reason  # the output bucket is in debt
         assert r.headers["x-ratelimit-remaining-input-tokens"] == "90"  # the 10 really used
@@ -182,21 +183,96 @@ async def test_settlements_during_an_outage_are_replayed(redis_server: RedisServ
         before = await buckets.admit("replay", lim, 100)
         assert before.ok and before.where == "redis"
         redis_server.stop()
-        await buckets.settle("replay", lim, 100, 40, 300, "redis")  # Redis down: kept
+        buckets.settle("replay", lim, 100, 40, 300, "redis")
+        await buckets.flush()  # Redis down: kept
         during = await buckets.admit("replay", lim, 10)  # fail-open: a local reservation
         assert during.ok and during.where == "local"
-        await buckets.settle("replay", lim, 10, 10, 200, "local")  # charged locally and kept
-        assert len(buckets.backlog) == 2
+        buckets.settle("replay", lim, 10, 10, 200, "local")  # charged locally and kept
+        assert len(buckets.pending) == 2
         redis_server.restart()
         await asyncio.sleep(0.25)
         # Redis restarted empty (no persistence): the replay charges the outage's usage to the
         # fresh shared bucket — nothing settled during the outage is lost
         assert (await buckets.admit("replay", lim, 0)).ok
-        assert not buckets.backlog and buckets.replayed == 2
+        assert not buckets.pending and buckets.replayed == 2
         level = float(await direct.hget("mi:rl:replay", "o") or 0)
         assert level == pytest.approx(1000 - 300 - 200, abs=1)
     finally:
         if not redis_server.answers():
             redis_server.restart()
         await buckets.close()
+        await direct.aclose()
+
+
+async def test_settlements_ride_on_the_next_admission(redis_server: RedisServer) -> None:
+    """One round trip per request: the settlements a replica received go with its next
+    admission (settled first, so that admission sees them), in one script call."""
+    import redis.asyncio as aioredis
+
+    buckets = RedisBuckets(redis_server.address, timeout=5.0, flush_delay=30.0)
+    direct = aioredis.Redis(host="127.0.0.1", port=redis_server.port)
+    lim = limits(redis_server, input=1000, output=100)
+    other = limits(redis_server, requests=5)
+    calls = 0
+    script = buckets.script
+
+    async def counted(**kw: object) -> object:
+        nonlocal calls
+        calls += 1
+        return await script(**kw)
+
+    buckets.script = counted
+    try:
+        assert (await buckets.admit("ride-a", lim, 100)).ok
+        assert (await buckets.admit("ride-b", other, 0)).ok
+        buckets.settle("ride-a", lim, 100, 30, 120)  # 70 back, the output bucket in debt by 20
+        buckets.settle("ride-b", other, 0, 0, 0)
+        assert len(buckets.pending) == 2 and calls == 2  # nothing written yet (flush in 30 s)
+        denied = await buckets.admit("ride-a", lim, 10)  # settles both, then admits: in debt
+        assert calls == 3 and not buckets.pending
+        assert not denied.ok and "output tokens" in denied.reason
+        assert denied.headers["x-ratelimit-remaining-input-tokens"] == "970"
+        assert float(await direct.hget("mi:rl:ride-b", "r") or 0) == pytest.approx(4, abs=0.01)
+        assert await direct.ttl("mi:rl:ride-a") > 3600  # expires once full again, plus a unit
+    finally:
+        await buckets.close()
+        await direct.aclose()
+
+
+async def test_settlements_without_admissions_are_flushed(redis_server: RedisServer) -> None:
+    import redis.asyncio as aioredis
+
+    buckets = RedisBuckets(redis_server.address, timeout=5.0, flush_delay=0.02)
+    direct = aioredis.Redis(host="127.0.0.1", port=redis_server.port)
+    lim = limits(redis_server, output=1000)
+    try:
+        assert (await buckets.admit("flushed", lim, 0)).ok
+        for _ in range(3):
+            buckets.settle("flushed", lim, 0, 0, 100)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while float(await direct.hget("mi:rl:flushed", "o") or 0) > 750:
+            assert loop.time() < deadline, "the flush timer did not write the settlements"
+            await asyncio.sleep(0.01)
+        assert not buckets.pending
+        level = float(await direct.hget("mi:rl:flushed", "o") or 0)
+        assert level == pytest.approx(700, abs=1)
+    finally:
+        await buckets.close()
+        await direct.aclose()
+
+
+async def test_close_writes_pending_settlements(redis_server: RedisServer) -> None:
+    import redis.asyncio as aioredis
+
+    buckets = RedisBuckets(redis_server.address, timeout=5.0, flush_delay=30.0)
+    direct = aioredis.Redis(host="127.0.0.1", port=redis_server.port)
+    lim = limits(redis_server, output=1000)
+    try:
+        assert (await buckets.admit("closing", lim, 0)).ok
+        buckets.settle("closing", lim, 0, 0, 400)
+        await buckets.close()
+        level = float(await direct.hget("mi:rl:closing", "o") or 0)
+        assert level == pytest.approx(600, abs=1)
+    finally:
         await direct.aclose()

@@ -4,7 +4,6 @@ the admitting replica's sweep counts nothing twice."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 from collections.abc import AsyncIterator
@@ -279,12 +278,12 @@ async def deliver(gw: Gateway, *messages: als_pb2.StreamAccessLogsMessage) -> No
 
 
 async def settled(*gws: Gateway) -> None:
-    """Wait until the replicas' Redis settlements (background tasks) are done."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 5
-    while any(gw.policies is not None and gw.policies._tasks for gw in gws):
-        assert loop.time() < deadline, "settlements did not reach Redis within 5 s"
-        await asyncio.sleep(0.01)
+    """Write the replicas' queued Redis settlements now (they wait for the next admission or
+    the flush timer)."""
+    for gw in gws:
+        assert gw.policies is not None
+        await gw.policies.flush()
+        assert all(not r.pending for r in gw.policies.redis.values())
 
 
 def sample(gw: Gateway, name: str, **labels: str) -> float:
@@ -376,7 +375,7 @@ async def test_shared_redis_budget_is_exact_whichever_replica_settles(
         assert 0 <= o - (500 - completion) <= 500 * hours + 1e-6, (o, completion)
         clock.now += 6
         assert a.policies.ledger.sweep() == 4  # B's four: unreported here
-        assert not a.policies._tasks  # no Redis call for them
+        assert all(not r.pending for r in a.policies.redis.values())  # nothing for Redis
         assert levels() == (i, o)
         for kind, total in (("prompt", prompt), ("completion", completion)):
             counted = sum(
