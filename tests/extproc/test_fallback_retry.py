@@ -58,7 +58,7 @@ def restart_and_wait(fleet: Fleet, victim: int, stack: GatewayStack) -> None:
     next test uses it."""
     fleet.restart(victim)
     name = fleet.pods[victim].name
-    wait_until(lambda: pod_state(stack, name)["ready"], 10, f"{name} ready again")
+    wait_until(lambda: pod_state(stack, name)["ready"], 30, f"{name} ready again")
 
 
 def test_dead_pod_picked_is_retried_on_a_fallback(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import http.client
 import json
 import threading
 import urllib.error
@@ -19,7 +20,7 @@ from openai import OpenAI
 from matrixinfer.process import wait_until
 from matrixinfer.stack import GatewayStack
 from sim.fleet import Fleet
-from tests.extproc.conftest import BODY_LIMIT, SCRAPE_INTERVAL, STALE_AFTER, post_json
+from tests.extproc.conftest import BODY_LIMIT, post_json
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -194,8 +195,6 @@ def test_413_over_the_body_limit(client: OpenAI) -> None:
 
 def test_413_without_content_length(stack: GatewayStack) -> None:
     """A chunked body has no content-length: the limit is checked on the body itself."""
-    import http.client
-
     host, port = stack.url.split("//", 1)[1].split("/", 1)[0].split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=10)
     head = b'{"model": "demo-model", "messages": [{"role": "user", "content": "'
@@ -226,33 +225,39 @@ def test_503_when_no_pod_is_ready(client: OpenAI) -> None:
 # ------------------------------------------------------------------------------ load
 
 
+def _hung_request(stack: GatewayStack, headers: dict[str, str]) -> http.client.HTTPConnection:
+    """A chat request sent without reading its answer: it stays in flight until the connection
+    is closed (no client timeout ends it while the test runs, however slow the machine)."""
+    host, port = stack.url.split("//", 1)[1].split("/", 1)[0].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    body = {"model": "demo-model", "messages": [{"role": "user", "content": "hang"}]}
+    conn.request(
+        "POST",
+        "/v1/chat/completions",
+        body=json.dumps(body).encode(),
+        headers={"content-type": "application/json", **headers},
+    )
+    return conn
+
+
 def test_least_request_moves_load_off_a_busy_pod(
     stack: GatewayStack, client: OpenAI, fleet: Fleet
 ) -> None:
     busy = fleet.pods[0]
     post_json(f"{busy.url}/sim/fault", {"hang_rate": 1.0})
-    hung = OpenAI(base_url=stack.url, api_key="unused", max_retries=0, timeout=8)
-    errors: list[BaseException] = []
-
-    def hang() -> None:
-        try:
-            chat(hung, headers={"x-pin": "sim-0"})
-        except BaseException as exc:  # the timeout that ends the hang
-            errors.append(exc)
-
-    threads = [threading.Thread(target=hang, daemon=True) for _ in range(4)]
+    hung: list[http.client.HTTPConnection] = []
     try:
-        for t in threads:
-            t.start()
-        wait_until(lambda: pod_state(stack, "sim-0")["inFlight"] >= 4, 10, "4 requests on sim-0")
+        hung.extend(_hung_request(stack, {"x-pin": "sim-0"}) for _ in range(4))
+        wait_until(lambda: pod_state(stack, "sim-0")["inFlight"] >= 4, 30, "4 requests on sim-0")
         served = [chat(client)[0] for _ in range(12)]
         assert "sim-0" not in served, served
+        # the premise held throughout: the four hung requests were still in flight on sim-0
+        assert pod_state(stack, "sim-0")["inFlight"] >= 4
     finally:
         post_json(f"{busy.url}/sim/fault", {"hang_rate": 0.0})
-        hung.close()
-        for t in threads:
-            t.join(timeout=10)
-    wait_until(lambda: pod_state(stack, "sim-0")["inFlight"] == 0, 10, "hung requests finished")
+        for conn in hung:
+            conn.close()  # the client goes away: Envoy resets the stream, the sim drops it
+    wait_until(lambda: pod_state(stack, "sim-0")["inFlight"] == 0, 30, "hung requests finished")
 
 
 def test_lora_affinity(stack: GatewayStack, client: OpenAI, fleet: Fleet) -> None:
@@ -269,7 +274,7 @@ def test_lora_affinity(stack: GatewayStack, client: OpenAI, fleet: Fleet) -> Non
     t.start()
     wait_until(
         lambda: "lora-a" in pod_state(stack, "sim-0")["metrics"]["runningLoras"] or done.is_set(),
-        10,
+        30,
         "sim-0 reports lora-a running",
     )
     assert not done.is_set(), "the long LoRA request ended before the test could use it"
@@ -303,10 +308,10 @@ def test_killed_pod_is_avoided_and_no_request_fails(
             served.append(chat(client)[0])
             return not pod_state(stack, name)["ready"]
 
-        # a bound on the poll (10 intervals), not a latency claim; it is well inside the staleness
-        # bound (STALE_AFTER), so only the refused-connection path of the scraper can meet it
-        deadline = min(10 * SCRAPE_INTERVAL, STALE_AFTER / 2)
-        wait_until(noticed, deadline, f"the scraper marking the killed pod {name}")
+        # a generous bound on the poll, not a latency claim (a loaded CI machine may take seconds
+        # per round here). Only the refused-connection path can make the pod not ready: a scrape
+        # that just goes stale (STALE_AFTER) leaves a pod in rotation (Datastore.publish_metrics)
+        wait_until(noticed, 30, f"the scraper marking the killed pod {name}")
         assert name not in served
         state = pod_state(stack, name)
         assert state["metrics"]["stale"] is True
@@ -317,7 +322,7 @@ def test_killed_pod_is_avoided_and_no_request_fails(
         assert picks(stack).get(name, 0) == before
     finally:
         fleet.restart(victim)
-    wait_until(lambda: pod_state(stack, name)["ready"], 10, f"{name} ready again")
+    wait_until(lambda: pod_state(stack, name)["ready"], 30, f"{name} ready again")
 
 
 def envoy_retry_successes(stack: GatewayStack) -> int:
@@ -339,7 +344,7 @@ def test_bad_config_keeps_the_last_good_one(
     try:
         wait_until(
             lambda: "zz-bad.yaml" in (stack.state()["config"].get("lastError") or ""),
-            10,
+            30,
             "the bad file reported",
         )
         error = stack.state()["config"]["lastError"]
@@ -349,13 +354,13 @@ def test_bad_config_keeps_the_last_good_one(
             chat(client, model="extra-model")
         bad.write_text(bad.read_text().replace("weight: 900", "weight: 90"))
         wait_until(
-            lambda: "extra-model" in {m.id for m in client.models.list()}, 10, "fixed file applied"
+            lambda: "extra-model" in {m.id for m in client.models.list()}, 30, "fixed file applied"
         )
         assert chat(client, model="extra-model")[0].startswith("sim-")
     finally:
         bad.unlink(missing_ok=True)
     wait_until(
-        lambda: "extra-model" not in {m.id for m in client.models.list()}, 10, "file removed"
+        lambda: "extra-model" not in {m.id for m in client.models.list()}, 30, "file removed"
     )
 
 

@@ -180,7 +180,7 @@ async def gateway(tmp: Path, fleet: Fleet, nodes: int = 1) -> AsyncIterator[Gate
     gw = Gateway(config, app, extproc)
     try:
         await asyncio.to_thread(extproc.start)
-        for _ in range(50):
+        for _ in range(600):  # up to 30 s: a loaded CI machine starts things slowly
             if app.bound_port:
                 break
             await asyncio.sleep(0.05)

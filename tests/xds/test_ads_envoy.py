@@ -42,6 +42,12 @@ spec:
 """
 
 
+# a bound on a wait, not a latency claim (bench/xds_push.py measures how fast a push lands): a
+# loaded CI machine is several times slower than a developer's, and a push has no other path
+# into Envoy than the ADS stream, so any deadline proves the same thing
+PUSH_DEADLINE = 30.0
+
+
 async def until(check, within: float, what: str):  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + within
     last = None
@@ -93,7 +99,9 @@ async def test_envoys_get_generated_config_and_route(tmp_path: Path, fleet: Flee
         assert gw.nacks() == 0
 
 
-async def test_route_file_edit_reaches_envoy_within_a_second(tmp_path: Path, fleet: Fleet) -> None:
+async def test_route_file_edit_reaches_envoy_without_a_restart(
+    tmp_path: Path, fleet: Fleet
+) -> None:
     async with gateway(tmp_path, fleet) as gw:
         envoy = gw.envoys[0]
         pid = envoy.child.pid
@@ -101,7 +109,9 @@ async def test_route_file_edit_reaches_envoy_within_a_second(tmp_path: Path, fle
             await until(lambda: len(statuses) >= 3, 10, "traffic flowing")
             (gw.config_dir / "routes.yaml").write_text(ROUTES + NEW_ROUTE)
             await until(
-                lambda: "modelserver/default/pool-b" in envoy.route_names(), 1.0, "new route"
+                lambda: "modelserver/default/pool-b" in envoy.route_names(),
+                PUSH_DEADLINE,
+                "new route",
             )
             n = len(statuses)
             await until(lambda: len(statuses) >= n + 3, 10, "more traffic after the push")
@@ -120,7 +130,7 @@ async def test_route_file_edit_reaches_envoy_within_a_second(tmp_path: Path, fle
         assert policy["num_retries"] == 3 and policy["retriable_status_codes"] == [503]
         assert policy["per_try_idle_timeout"] == "30s"
         # the extproc polls the same directory itself: it may learn model-b after Envoy did
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + PUSH_DEADLINE
         async with aiohttp.ClientSession() as session:
             status = await chat(session, envoy.url, "model-b")
             while status == 404 and time.monotonic() < deadline:
@@ -147,7 +157,9 @@ async def test_invalid_resource_is_nacked_and_old_config_serves(
         async with traffic(envoy.url) as statuses:
             await until(lambda: len(statuses) >= 3, 10, "traffic flowing")
             gw.app.ads.cache.set_raw(ROUTE_TYPE, {"openai": packed})
-            await until(lambda: gw.nacks() >= 2, 5, "both nodes NACK the route configuration")
+            await until(
+                lambda: gw.nacks() >= 2, PUSH_DEADLINE, "both nodes NACK the route configuration"
+            )
             n = len(statuses)
             await until(lambda: len(statuses) >= n + 3, 10, "traffic after the NACK")
         assert set(statuses) == {200}, statuses
@@ -157,6 +169,8 @@ async def test_invalid_resource_is_nacked_and_old_config_serves(
         # a valid change afterwards is accepted again (the last good cluster set is untouched)
         clusters_version = gw.app.ads.cache.versions()["CDS"]
         (gw.config_dir / "routes.yaml").write_text(ROUTES + NEW_ROUTE)
-        await until(lambda: "modelserver/default/pool-b" in envoy.route_names(), 5, "recovery")
+        await until(
+            lambda: "modelserver/default/pool-b" in envoy.route_names(), PUSH_DEADLINE, "recovery"
+        )
         assert gw.app.ads.cache.versions()["CDS"] == clusters_version
         assert CLUSTER in gw.app.ads.cache._types

@@ -27,7 +27,7 @@ from tests.xds.kube import (
     kube_xds_app,
     set_pod_ready,
 )
-from tests.xds.test_ads_envoy import until
+from tests.xds.test_ads_envoy import PUSH_DEADLINE, until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -89,8 +89,10 @@ async def test_kubernetes_source_end_to_end(tmp_path: Path, fleet: Fleet) -> Non
         envoy: Envoy | None = None
         try:
             await asyncio.to_thread(extproc.start)
-            await until(lambda: app.bound_port, 10, "ADS server up")
-            await until(lambda: app.ads.cache.versions().get("LDS"), 10, "first generated set")
+            await until(lambda: app.bound_port, PUSH_DEADLINE, "ADS server up")
+            await until(
+                lambda: app.ads.cache.versions().get("LDS"), PUSH_DEADLINE, "first generated set"
+            )
             child, admin = ads_envoy(tmp_path, app.bound_port)
             envoy = Envoy(child, admin, listen_port)
             await asyncio.to_thread(child.start)
@@ -118,22 +120,26 @@ async def test_kubernetes_source_end_to_end(tmp_path: Path, fleet: Fleet) -> Non
                 # a pod turning not-ready leaves the rotation
                 await set_pod_ready(api, sim1.name, sim1.host, False)
                 await until(
-                    lambda: pod_ready(get_json(state_url), sim1.name) is False, 5, "sim-1 not ready"
+                    lambda: pod_ready(get_json(state_url), sim1.name) is False,
+                    PUSH_DEADLINE,
+                    "sim-1 not ready",
                 )
                 seen = {await served_by(session, envoy.url) for _ in range(10)}
                 assert seen == {sim0.name}
 
-                # a ModelRoute (and its ModelServer) created in the API reaches Envoy quickly
+                # a ModelRoute (and its ModelServer) created in the API reaches Envoy
                 await create_server(api, "pool-b", {"app": "sim"}, fleet.port)
                 await create_route(api, "model-b", "model-b", ["pool-b"])
                 await until(
-                    lambda: "modelserver/ns/pool-b" in envoy.route_names(), 1.0, "route in Envoy"
+                    lambda: "modelserver/ns/pool-b" in envoy.route_names(),
+                    PUSH_DEADLINE,
+                    "route in Envoy",
                 )
                 await until(
                     lambda: any(
                         r["modelName"] == "model-b" for r in get_json(state_url)["modelRoutes"]
                     ),
-                    5,
+                    PUSH_DEADLINE,
                     "route in the extproc",
                 )
                 assert await served_by(session, envoy.url, "model-b") == sim0.name
@@ -145,7 +151,11 @@ async def test_kubernetes_source_end_to_end(tmp_path: Path, fleet: Fleet) -> Non
                 await asyncio.sleep(0.3)  # the extproc is disconnected for a while
                 assert pod_ready(get_json(state_url), sim1.name) is False
                 proxy.resume()
-                await until(lambda: pod_ready(get_json(state_url), sim1.name) is True, 10, "resync")
+                await until(
+                    lambda: pod_ready(get_json(state_url), sim1.name) is True,
+                    PUSH_DEADLINE,
+                    "resync",
+                )
                 seen = {await served_by(session, envoy.url) for _ in range(12)}
                 assert seen == {sim0.name, sim1.name}
             assert child.pid is not None and child.running()

@@ -13,7 +13,7 @@ from matrixinfer.process import free_port
 from tests.controllers.kmockenv import Api, eventually, operator
 from tests.xds.conftest import Envoy, ads_envoy
 from tests.xds.kube import create_pod, create_route, create_server, kube, set_pod_ready
-from tests.xds.test_ads_envoy import until
+from tests.xds.test_ads_envoy import PUSH_DEADLINE, until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -125,7 +125,9 @@ async def test_controllers_serve_ads_from_the_api(tmp_path: Path) -> None:
                 await create_server(api, "pool-b", {"app": "sim"}, 8000)
                 await create_route(api, "model-b", "m2", ["pool-b"])
                 await until(
-                    lambda: "modelserver/ns/pool-b" in envoy.route_names(), 1.0, "new route"
+                    lambda: "modelserver/ns/pool-b" in envoy.route_names(),
+                    PUSH_DEADLINE,
+                    "new route",
                 )
             finally:
                 await asyncio.to_thread(child.stop)
