@@ -131,8 +131,28 @@ def start_stack(config: Path, run: Path, wanted: set[str], extra: tuple[str, ...
     return stack
 
 
-def bench_admission(run: Path, seconds: float, rate: float, rounds: int) -> list[Window]:
-    out: list[Window] = []
+@dataclass
+class Admission:
+    """One configuration's median window and its deltas against the data path, paired per round
+    (both measured in the same round, minutes apart at most): the median over the rounds and the
+    range."""
+
+    window: Window
+    dp50: list[float]  # per round: p50 - the data path's p50 in that round
+    dcpu: list[float]  # per round: (Envoy + extproc) CPU/req - the data path's
+
+
+def paired(ws: list[Window], base: list[Window]) -> tuple[list[float], list[float]]:
+    dp = [w.p50 - b.p50 for w, b in zip(ws, base, strict=True)]
+    dc = [
+        w.cpu_envoy_ms + w.cpu_extproc_ms - b.cpu_envoy_ms - b.cpu_extproc_ms
+        for w, b in zip(ws, base, strict=True)
+    ]
+    return dp, dc
+
+
+def bench_admission(run: Path, seconds: float, rate: float, rounds: int) -> list[Admission]:
+    out: list[Admission] = []
     upstream_port = free_port(UPSTREAM_HOSTS[0])
     wanted = {f"{h}:{upstream_port}" for h in UPSTREAM_HOSTS}
     body = request_body()
@@ -182,12 +202,19 @@ def bench_admission(run: Path, seconds: float, rate: float, rounds: int) -> list
                         (stack.envoy.pid, stack.extproc.pid), auth)  # fmt: skip
                 for r in range(rounds):
                     print(f"round {r + 1}/{rounds}", flush=True)
-                    for name, stack, body_file in stacks:
-                        pids = (stack.envoy.pid, stack.extproc.pid)
+                    # the order rotates: no configuration always runs first (or after another)
+                    for name, stack, body_file in (
+                        stacks[r % len(stacks) :] + stacks[: r % len(stacks)]
+                    ):
+                        pids: tuple[int | None, ...] = (stack.envoy.pid, stack.extproc.pid)
+                        if "Redis" in name:
+                            pids += (redis.child.pid,)  # the redis-server's CPU: its own column
                         url = f"{stack.url}/chat/completions"
                         windows[name].append(hey(name, url, body_file, rate, seconds, pids, auth))
+                base = windows[stacks[0][0]]
                 for name, _, _ in stacks:
-                    out.append(median_window(name, windows[name]))
+                    dp, dc = paired(windows[name], base)
+                    out.append(Admission(median_window(name, windows[name]), dp, dc))
             finally:
                 for _, stack, _ in stacks:
                     stack.stop()
@@ -210,6 +237,7 @@ def median_window(name: str, ws: list[Window]) -> Window:
         st.median(w.p99 for w in ws),
         st.median(w.cpu_envoy_ms for w in ws),
         st.median(w.cpu_extproc_ms for w in ws),
+        st.median(w.cpu_other_ms for w in ws),
     )
 
 
@@ -366,31 +394,38 @@ spec:
     return out
 
 
-def report(admission: list[Window], usage: list[Window], args: argparse.Namespace) -> str:
+def report(admission: list[Admission], usage: list[Window], args: argparse.Namespace) -> str:
     lines = [
         "# Policy overhead",
         "",
-        f"`python -m bench.policy_overhead --seconds {args.seconds:g}` on {platform.node()} "
-        f"({os.cpu_count()} CPUs, load average {args.load[0][0]:.2f} before, "
+        f"`python -m bench.policy_overhead --seconds {args.seconds:g} --rounds {args.rounds}` on "
+        f"{platform.node()} ({os.cpu_count()} CPUs, load average {args.load[0][0]:.2f} before, "
         f"{args.load[1][0]:.2f} after; the machine is shared, latency is noisy, CPU per request "
         "is the steadier figure).",
         "",
         "## Admission policies at 200 req/s (nginx upstream, 1 KB chat body)",
         "",
         f"All four stacks running, measured in {args.rounds} interleaved rounds of "
-        f"{args.seconds:g} s; medians over the rounds.",
+        f"{args.seconds:g} s (the order rotates each round); p50 … CPU columns: medians over the "
+        "rounds. Δ columns: the difference to the data path measured in the same round, median "
+        "over the rounds [lowest, highest]. ΔCPU is Envoy + extproc; the Redis limits' "
+        "redis-server has its own column (not in ΔCPU).",
         "",
         "| configuration | p50 ms | p90 ms | p99 ms | errors | CPU/req Envoy ms | "
-        "CPU/req extproc ms | Δp50 vs data path | ΔCPU/req vs data path |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "CPU/req extproc ms | CPU/req redis-server ms | Δp50 vs data path ms | "
+        "ΔCPU/req vs data path ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    base = admission[0] if admission else None
-    for w in admission:
-        dp = w.p50 - base.p50 if base else 0.0
-        dc = w.cpu_total_ms - base.cpu_total_ms if base else 0.0
+    import statistics as st
+
+    for a in admission:
+        w = a.window
+        redis = f"{w.cpu_other_ms:.3f}" if w.cpu_other_ms else "—"
+        dp = f"{st.median(a.dp50):+.2f} [{min(a.dp50):+.2f}, {max(a.dp50):+.2f}]"
+        dc = f"{st.median(a.dcpu):+.3f} [{min(a.dcpu):+.3f}, {max(a.dcpu):+.3f}]"
         lines.append(
             f"| {w.name} | {w.p50:.2f} | {w.p90:.2f} | {w.p99:.2f} | {w.errors}/{w.count} | "
-            f"{w.cpu_envoy_ms:.3f} | {w.cpu_extproc_ms:.3f} | {dp:+.2f} | {dc:+.3f} |"
+            f"{w.cpu_envoy_ms:.3f} | {w.cpu_extproc_ms:.3f} | {redis} | {dp} | {dc} |"
         )
     lines += [
         "",
@@ -437,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         serve_streamed(int(port), dest, scan == "1")
         return 0
     load_before = os.getloadavg()
-    admission: list[Window] = []
+    admission: list[Admission] = []
     usage: list[Window] = []
     with tempfile.TemporaryDirectory(prefix="policy-bench-") as tmp:
         run = Path(tmp)

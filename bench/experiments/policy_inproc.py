@@ -111,12 +111,14 @@ def log_entry(lb: struct_pb2.Struct) -> al.HTTPAccessLogEntry:
     return e
 
 
-async def bench(gw: Gateway, wire: list[bytes], n: int, als: bool) -> list[float]:
+async def bench(
+    gw: Gateway, wire: list[bytes], n: int, als: bool, rounds: int = 5
+) -> list[float]:
     servicer = ExtProcServicer(gw)
     policies = gw.policies
     usage = AccessLogServicer(policies.ledger) if policies is not None else None
     out = []
-    for _ in range(5):
+    for _ in range(rounds):
         entries: list[al.HTTPAccessLogEntry] = []
         t0 = time.process_time()
         for _ in range(n):
@@ -166,6 +168,8 @@ def build(tmp: Path, config: str) -> Gateway:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.experiments.policy_inproc")
     p.add_argument("--n", type=int, default=5000)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--case", type=int, help="run only this case (0-4; for callgrind)")
     args = p.parse_args(argv)
     body = request_body()
     limited = json.loads(body)
@@ -177,11 +181,13 @@ def main(argv: list[str] | None = None) -> int:
         ("auth + local limits, decision", "local", json.dumps(limited).encode(), False),
         ("auth + local limits, decision + report", "local", json.dumps(limited).encode(), True),
     )
-    for label, config, raw, als in cases:
+    for i, (label, config, raw, als) in enumerate(cases):
+        if args.case is not None and i != args.case:
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             gw = build(Path(tmp), config)
             wire = messages(raw, auth=True)
-            us = uvloop.run(bench(gw, wire, args.n, als))
+            us = uvloop.run(bench(gw, wire, args.n, als, args.rounds))
             print(f"{label:45s} best {min(us):6.1f} us/request, rounds "
                   f"{', '.join(f'{x:.1f}' for x in us)}")  # fmt: skip
     return 0
