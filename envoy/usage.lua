@@ -2,7 +2,7 @@
 --
 -- Only requests the extproc marked (dynamic metadata envoy.lb/matrixinfer_rid: the one namespace
 -- the ext_proc filter accepts) are looked at. The filter reads the exact usage the engine reports
--- and stores it in dynamic metadata `matrixinfer.usage` (prompt, completion, events, done). The
+-- and stores it in dynamic metadata `matrixinfer.usage` (prompt, completion, events). The
 -- gRPC access log then carries it to the extproc once per request, in batches. No chunk goes
 -- through Python.
 --
@@ -160,19 +160,21 @@ function envoy_on_response(handle)
       end
     end
     -- a stream that ends inside an event: SSE clients drop an incomplete event, so does this
-    md(handle):set(NS, "events", events)
+    local meta = md(handle) -- no yield from here on: the object may be kept
+    meta:set(NS, "events", events)
     local prompt, completion = usage_of(tail)
-    if prompt ~= nil then md(handle):set(NS, "prompt", tonumber(prompt)) end
-    if completion ~= nil then md(handle):set(NS, "completion", tonumber(completion)) end
-    md(handle):set(NS, "done", true)
+    if prompt ~= nil then meta:set(NS, "prompt", tonumber(prompt)) end
+    if completion ~= nil then meta:set(NS, "completion", tonumber(completion)) end
   else
     local body = handle:body()
     if body ~= nil then
       local n = body:length()
       local prompt, completion = usage_of(body:getBytes(math.max(0, n - 4096), math.min(n, 4096)))
-      if prompt ~= nil then md(handle):set(NS, "prompt", tonumber(prompt)) end
-      if completion ~= nil then md(handle):set(NS, "completion", tonumber(completion)) end
+      if prompt ~= nil then
+        local meta = md(handle)
+        meta:set(NS, "prompt", tonumber(prompt))
+        if completion ~= nil then meta:set(NS, "completion", tonumber(completion)) end
+      end
     end
-    md(handle):set(NS, "done", true)
   end
 end

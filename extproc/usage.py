@@ -62,7 +62,7 @@ __all__ = [
 
 log = logging.getLogger("matrixinfer.extproc.usage")
 
-METADATA_NAMESPACE = "matrixinfer"  # written by the Lua filter: prompt, completion, events, done
+METADATA_NAMESPACE = "matrixinfer"  # written by the Lua filter: prompt, completion, events
 RID_NAMESPACE = "envoy.lb"  # written by the extproc (the namespace its ext_proc filter accepts)
 RID_KEY = "matrixinfer_rid"
 STRIP_KEY = "matrixinfer_strip"  # envoy.lb flag: hide the forced usage event from the client

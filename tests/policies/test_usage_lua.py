@@ -122,7 +122,7 @@ def test_usage_event_removed_however_the_stream_is_cut(
     full, expected = stream(texts, eol)
     passed, md = run_filter(cut(full, points), strip=True)
     assert b"".join(passed) == expected
-    assert md["prompt"] == 17 and md["completion"] == 3 and md["done"] is True
+    assert md["prompt"] == 17 and md["completion"] == 3
     assert md["events"] == full.count(b"data:")
 
 
@@ -170,7 +170,7 @@ def test_stream_cut_inside_an_event_at_its_end() -> None:
 def test_json_answers_untouched_and_read() -> None:
     body = orjson.dumps({"choices": [{"message": {"content": "hi"}}], "usage": USAGE})
     passed, md = run_filter([body], strip=True, ctype=b"application/json")
-    assert md["prompt"] == 17 and md["completion"] == 3 and md["done"] is True
+    assert md["prompt"] == 17 and md["completion"] == 3
     assert passed == []  # the JSON branch reads the buffered body (handle:body), not chunks
 
 
