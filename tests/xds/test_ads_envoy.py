@@ -15,7 +15,7 @@ from google.protobuf import any_pb2
 from controllers.xds.generate import CLUSTER, ROUTE_TYPE
 from controllers.xds.protos import to_message
 from sim.fleet import Fleet
-from tests.xds.conftest import ROUTES, chat, gateway
+from tests.xds.conftest import ROUTES, Gateway, chat, gateway
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -81,6 +81,16 @@ async def traffic(url: str) -> AsyncIterator[list[int]]:
         await task
 
 
+def all_acked(gw: Gateway, nodes: int) -> bool:
+    """Every stream of ``nodes`` Envoys has ACKed the current version of every type."""
+    status = gw.app.ads.status()
+    return len(status["streams"]) == nodes and all(
+        versions["ackedVersion"] == status["versions"][t]
+        for stream in status["streams"]
+        for t, versions in stream["types"].items()
+    )
+
+
 async def test_envoys_get_generated_config_and_route(tmp_path: Path, fleet: Fleet) -> None:
     async with gateway(tmp_path, fleet, nodes=2) as gw:
         for envoy in gw.envoys:
@@ -89,6 +99,12 @@ async def test_envoys_get_generated_config_and_route(tmp_path: Path, fleet: Flee
             listeners = envoy.config_dump("dynamic_listeners")
             assert [x["name"] for x in listeners] == ["openai"]
             assert envoy.route_names() == {"modelserver/default/pool", "default"}
+        # an Envoy reports /ready once it has applied its routes; its RDS ACK may reach the server
+        # a moment later (an inherent race, seen on a loaded machine): wait for the ACKs, then check
+        for _ in range(int(PUSH_DEADLINE / 0.05)):
+            if all_acked(gw, 2):
+                break
+            await asyncio.sleep(0.05)
         status = gw.app.ads.status()
         assert sorted(s["node"] for s in status["streams"]) == ["node-0", "node-1"]
         for stream in status["streams"]:
