@@ -219,13 +219,13 @@ class GatewayStack:
         return all(http_ok(f"http://127.0.0.1:{port}/readyz") for port in self.http_ports)
 
     def state(self) -> dict[str, Any]:
-        with urllib.request.urlopen(f"{self.extproc_url}/debug/state", timeout=2) as resp:
+        with urllib.request.urlopen(f"{self.extproc_url}/debug/state", timeout=10) as resp:
             data: dict[str, Any] = json.loads(resp.read())
             return data
 
     def envoy_hosts(self) -> set[str]:
         """Addresses Envoy currently has in the pods cluster (from its admin /clusters)."""
-        with urllib.request.urlopen(f"{self.admin_url}/clusters?format=json", timeout=2) as resp:
+        with urllib.request.urlopen(f"{self.admin_url}/clusters?format=json", timeout=10) as resp:
             data = json.loads(resp.read())
         out: set[str] = set()
         for cluster in data.get("cluster_statuses", []):

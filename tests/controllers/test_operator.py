@@ -344,7 +344,7 @@ async def test_metrics_and_liveness_endpoints(api: Api, kubelet: Kubelet) -> Non
         await eventually(lambda: converged(api, 2), what="2 groups")
 
         def scraped() -> dict[str, float]:
-            text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2)
+            text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10)
             out: dict[str, float] = {}
             for fam in text_string_to_metric_families(text.read().decode()):
                 for s in fam.samples:

@@ -68,7 +68,7 @@ def raw_post(url: str, body: bytes) -> Reply:
 
 
 def picks(stack: GatewayStack) -> dict[str, int]:
-    with urllib.request.urlopen(f"{stack.extproc_url}/metrics", timeout=2) as resp:
+    with urllib.request.urlopen(f"{stack.extproc_url}/metrics", timeout=10) as resp:
         text = resp.read().decode()
     out: dict[str, int] = collections.Counter()
     for line in text.splitlines():
@@ -327,7 +327,7 @@ def test_killed_pod_is_avoided_and_no_request_fails(
 
 def envoy_retry_successes(stack: GatewayStack) -> int:
     url = f"{stack.admin_url}/stats?filter=cluster.matrixinfer_pods.upstream_rq_retry_success"
-    with urllib.request.urlopen(url, timeout=2) as resp:
+    with urllib.request.urlopen(url, timeout=10) as resp:
         text = resp.read().decode()
     return int(text.strip().rsplit(":", 1)[1])
 
@@ -366,9 +366,9 @@ def test_bad_config_keeps_the_last_good_one(
 
 def test_side_port_endpoints(stack: GatewayStack) -> None:
     for path in ("/healthz", "/readyz"):
-        with urllib.request.urlopen(stack.extproc_url + path, timeout=2) as resp:
+        with urllib.request.urlopen(stack.extproc_url + path, timeout=10) as resp:
             assert resp.status == 200
-    with urllib.request.urlopen(stack.extproc_url + "/metrics", timeout=2) as resp:
+    with urllib.request.urlopen(stack.extproc_url + "/metrics", timeout=10) as resp:
         text = resp.read().decode()
     for name in (
         "matrixinfer_gateway_requests_total",
@@ -380,7 +380,9 @@ def test_side_port_endpoints(stack: GatewayStack) -> None:
     ):
         assert name in text, name
     assert 'code="404"' in text and 'route="demo"' in text
-    state = json.loads(urllib.request.urlopen(stack.extproc_url + "/debug/state", timeout=2).read())
+    state = json.loads(
+        urllib.request.urlopen(stack.extproc_url + "/debug/state", timeout=10).read()
+    )
     assert {p["name"] for p in state["pods"]} == {"sim-0", "sim-1", "sim-2", "sim-3"}
 
 

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.timeout(90)
 
 
 def decisions(http_port: int) -> int:
-    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=2) as resp:
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10) as resp:
         text = resp.read().decode()
     return sum(
         int(float(line.rsplit(" ", 1)[1]))
@@ -34,7 +34,7 @@ def test_two_extproc_processes_share_the_requests(
     stack = start_stack(config_dir, tmp_path / "run", fleet, extproc_processes=2)
     try:
         assert len(stack.extprocs) == 2 and all(c.running() for c in stack.extprocs)
-        with urllib.request.urlopen(f"{stack.admin_url}/clusters?format=json", timeout=2) as r:
+        with urllib.request.urlopen(f"{stack.admin_url}/clusters?format=json", timeout=10) as r:
             clusters = json.loads(r.read())["cluster_statuses"]
         extproc_hosts = {
             h["address"]["socket_address"]["port_value"]

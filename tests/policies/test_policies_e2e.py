@@ -75,7 +75,7 @@ def client(stack: GatewayStack, key: str | None) -> OpenAI:
 
 
 def metric(stack: GatewayStack, name: str, **labels: str) -> float:
-    with urllib.request.urlopen(f"{stack.extproc_url}/metrics", timeout=2) as resp:
+    with urllib.request.urlopen(f"{stack.extproc_url}/metrics", timeout=10) as resp:
         text = resp.read().decode()
     total = 0.0
     for family in text_string_to_metric_families(text):

@@ -210,7 +210,7 @@ def test_full_queue_429_and_timeout_503_and_disconnect(queue_stack: GatewayStack
         stop.set()
         for t in threads:
             t.join(30)
-    with urllib.request.urlopen(f"{queue_stack.extproc_url}/metrics", timeout=2) as resp:
+    with urllib.request.urlopen(f"{queue_stack.extproc_url}/metrics", timeout=10) as resp:
         text = resp.read().decode()
     assert 'matrixinfer_gateway_queue_wait_seconds_bucket{le="0.005",model="busy-model"' in text
 
@@ -252,7 +252,7 @@ def _gives_up_while_queued(stack: GatewayStack, attempts: int = 5) -> bool:
 
 
 def envoy_stat(stack: GatewayStack, suffix: str) -> int:
-    with urllib.request.urlopen(f"{stack.admin_url}/stats?filter=ext_proc", timeout=2) as resp:
+    with urllib.request.urlopen(f"{stack.admin_url}/stats?filter=ext_proc", timeout=10) as resp:
         lines = resp.read().decode().splitlines()
     return sum(int(v) for k, _, v in (x.partition(": ") for x in lines) if k.endswith(suffix))
 

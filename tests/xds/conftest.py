@@ -78,7 +78,7 @@ def ads_envoy(
 
 
 def get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=3) as resp:
+    with urllib.request.urlopen(url, timeout=10) as resp:
         return json.loads(resp.read())
 
 
