@@ -152,11 +152,11 @@ def test_keys_rotate_without_restart(stack: GatewayStack) -> None:
         except openai.AuthenticationError:
             return False
 
-    wait_until(new_key_works, 10, "the rotated key file is picked up")
+    wait_until(new_key_works, 30, "the rotated key file is picked up")
     with pytest.raises(openai.AuthenticationError):
         chat(client(stack, "key-carol"), "members-model")
     (secrets / "keys.yaml").write_text(keys_yaml(KEYS))
-    wait_until(lambda: _works(stack, "key-carol"), 10, "the original keys are back")
+    wait_until(lambda: _works(stack, "key-carol"), 30, "the original keys are back")
 
 
 def _works(stack: GatewayStack, key: str) -> bool:
@@ -207,7 +207,7 @@ def test_large_streamed_output_is_fully_charged(stack: GatewayStack) -> None:
         lambda: (
             metric(stack, "matrixinfer_gateway_usage_reports_total", source="reported") > reported
         ),
-        10,
+        30,
         "the usage report of the stream reached the extproc",
     )
     after = metric(stack, "matrixinfer_gateway_usage_tokens_total", kind="completion")
@@ -241,7 +241,7 @@ def test_aborted_stream_is_charged_what_was_sent(stack: GatewayStack) -> None:
         lambda: (
             metric(stack, "matrixinfer_gateway_usage_reports_total", source="aborted") > aborted
         ),
-        15,
+        30,
         "the aborted stream was settled",
     )
     charged = metric(stack, "matrixinfer_gateway_usage_tokens_total", kind="completion") - before
