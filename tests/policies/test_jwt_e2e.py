@@ -88,7 +88,7 @@ class JwksServer:
     def start(self) -> None:
         self._thread.start()
         started: Future[None] = asyncio.run_coroutine_threadsafe(self._start(), self._loop)
-        started.result(timeout=10)
+        started.result(timeout=30)
 
     def stop(self) -> None:
         if self._runner is not None:

@@ -58,7 +58,7 @@ async def put_secret(api: Api, name: str, data: dict[str, str], *, create: bool 
     await api.request("PATCH", f"{SECRETS}/{name}", patch)
 
 
-async def until(cond: Callable[[], bool], what: str, limit: float = 10.0) -> None:
+async def until(cond: Callable[[], bool], what: str, limit: float = 30.0) -> None:
     deadline = time.monotonic() + limit
     while not cond():
         if time.monotonic() > deadline:
@@ -66,7 +66,7 @@ async def until(cond: Callable[[], bool], what: str, limit: float = 10.0) -> Non
         await asyncio.sleep(0.02)
 
 
-async def until_async(cond: Callable[[], Awaitable[bool]], what: str, limit: float = 10.0) -> None:
+async def until_async(cond: Callable[[], Awaitable[bool]], what: str, limit: float = 30.0) -> None:
     deadline = time.monotonic() + limit
     while not await cond():
         if time.monotonic() > deadline:
