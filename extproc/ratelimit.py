@@ -374,7 +374,10 @@ class RedisBuckets:
         result = None
         if not self._waiting_out_outage():
             carried = [self.pending.popleft() for _ in range(min(self.carry, len(self.pending)))]
-            result = await self._call(carried, (key, limits, estimate))
+            call = self._call(carried, (key, limits, estimate))
+            # a request cancelled meanwhile (client gone) must not take the settlements it
+            # carries with it: the call then runs to its end in a task of its own
+            result = await (asyncio.shield(call) if carried else call)
         if result is None:
             if self.fail_open:
                 return self.fallback.admit(key, limits, estimate)

@@ -276,3 +276,35 @@ async def test_close_writes_pending_settlements(redis_server: RedisServer) -> No
         assert level == pytest.approx(600, abs=1)
     finally:
         await direct.aclose()
+
+
+async def test_a_cancelled_admission_still_writes_what_it_carried(
+    redis_server: RedisServer,
+) -> None:
+    """The client of the admitting request goes away while its admission is in Redis: the
+    settlements that admission carried still reach Redis (once)."""
+    import redis.asyncio as aioredis
+
+    buckets = RedisBuckets(redis_server.address, timeout=5.0, flush_delay=30.0)
+    direct = aioredis.Redis(host="127.0.0.1", port=redis_server.port)
+    lim = limits(redis_server, output=1000)
+    try:
+        assert (await buckets.admit("cancelled", lim, 0)).ok
+        buckets.settle("cancelled", lim, 0, 0, 250)
+        task = asyncio.create_task(buckets.admit("cancelled", lim, 0))
+        await asyncio.sleep(0)  # the call is sent
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while float(await direct.hget("mi:rl:cancelled", "o") or 0) > 800:
+            assert loop.time() < deadline, "the carried settlement was lost"
+            await asyncio.sleep(0.01)
+        assert not buckets.pending
+        await buckets.flush()
+        level = float(await direct.hget("mi:rl:cancelled", "o") or 0)
+        assert level == pytest.approx(750, abs=1)
+    finally:
+        await buckets.close()
+        await direct.aclose()
