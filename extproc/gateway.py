@@ -443,13 +443,12 @@ class Gateway:
     def _finish_policies(self, state: RequestState, policies: Policies) -> None:
         if state.charge is not None:
             policies.finished(state.charge.rid)
-        if state.pod_name is not None:
-            # this request's pod frees up: let the fair queue try (after the in-flight drop)
-            key = state.server_key
-            loop_call = policies.capacity_freed
+        if state.pod_name is not None and policies.waiting(state.server_key):
+            # this request's pod frees up: let the fair queue try (after the in-flight drop;
+            # nobody waiting: nothing to try — a newcomer sees the dropped count itself)
             try:
                 import asyncio
 
-                asyncio.get_running_loop().call_soon(loop_call, key)
+                asyncio.get_running_loop().call_soon(policies.capacity_freed, state.server_key)
             except RuntimeError:
                 pass
