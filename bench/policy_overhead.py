@@ -65,6 +65,7 @@ class Window:
     cpu_envoy_ms: float
     cpu_extproc_ms: float
     cpu_other_ms: float = 0.0
+    redis_calls: float = 0.0  # EVALSHA calls per request (auth + Redis limits)
 
     @property
     def cpu_total_ms(self) -> float:
@@ -210,7 +211,11 @@ def bench_admission(run: Path, seconds: float, rate: float, rounds: int) -> list
                         if "Redis" in name:
                             pids += (redis.child.pid,)  # the redis-server's CPU: its own column
                         url = f"{stack.url}/chat/completions"
-                        windows[name].append(hey(name, url, body_file, rate, seconds, pids, auth))
+                        calls = evalsha_calls(redis.port)
+                        w = hey(name, url, body_file, rate, seconds, pids, auth)
+                        # EVALSHA per request: Redis round trips (admission + settlement)
+                        w.redis_calls = (evalsha_calls(redis.port) - calls) / max(1, w.count)
+                        windows[name].append(w)
                 base = windows[stacks[0][0]]
                 for name, _, _ in stacks:
                     dp, dc = paired(windows[name], base)
@@ -221,6 +226,18 @@ def bench_admission(run: Path, seconds: float, rate: float, rounds: int) -> list
         finally:
             redis.stop()
     return out
+
+
+def evalsha_calls(port: int) -> int:
+    """EVALSHA calls the redis-server has answered so far (``INFO commandstats``)."""
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
+    try:
+        stats = client.info("commandstats")
+    finally:
+        client.close()
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
 
 
 def median_window(name: str, ws: list[Window]) -> Window:
@@ -238,6 +255,7 @@ def median_window(name: str, ws: list[Window]) -> Window:
         st.median(w.cpu_envoy_ms for w in ws),
         st.median(w.cpu_extproc_ms for w in ws),
         st.median(w.cpu_other_ms for w in ws),
+        st.median(w.redis_calls for w in ws),
     )
 
 
@@ -412,20 +430,21 @@ def report(admission: list[Admission], usage: list[Window], args: argparse.Names
         "redis-server has its own column (not in ΔCPU).",
         "",
         "| configuration | p50 ms | p90 ms | p99 ms | errors | CPU/req Envoy ms | "
-        "CPU/req extproc ms | CPU/req redis-server ms | Δp50 vs data path ms | "
+        "CPU/req extproc ms | CPU/req redis-server ms | Redis calls/req | Δp50 vs data path ms | "
         "ΔCPU/req vs data path ms |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     import statistics as st
 
     for a in admission:
         w = a.window
         redis = f"{w.cpu_other_ms:.3f}" if w.cpu_other_ms else "—"
+        calls = f"{w.redis_calls:.2f}" if "Redis" in w.name else "—"
         dp = f"{st.median(a.dp50):+.2f} [{min(a.dp50):+.2f}, {max(a.dp50):+.2f}]"
         dc = f"{st.median(a.dcpu):+.3f} [{min(a.dcpu):+.3f}, {max(a.dcpu):+.3f}]"
         lines.append(
             f"| {w.name} | {w.p50:.2f} | {w.p90:.2f} | {w.p99:.2f} | {w.errors}/{w.count} | "
-            f"{w.cpu_envoy_ms:.3f} | {w.cpu_extproc_ms:.3f} | {redis} | {dp} | {dc} |"
+            f"{w.cpu_envoy_ms:.3f} | {w.cpu_extproc_ms:.3f} | {redis} | {calls} | {dp} | {dc} |"
         )
     lines += [
         "",
