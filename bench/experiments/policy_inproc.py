@@ -111,9 +111,7 @@ def log_entry(lb: struct_pb2.Struct) -> al.HTTPAccessLogEntry:
     return e
 
 
-async def bench(
-    gw: Gateway, wire: list[bytes], n: int, als: bool, rounds: int = 5
-) -> list[float]:
+async def bench(gw: Gateway, wire: list[bytes], n: int, als: bool, rounds: int = 5) -> list[float]:
     servicer = ExtProcServicer(gw)
     policies = gw.policies
     usage = AccessLogServicer(policies.ledger) if policies is not None else None
