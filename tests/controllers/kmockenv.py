@@ -235,11 +235,11 @@ async def operator(api: Api, **config: Any) -> AsyncIterator[Operator]:
     thread = threading.Thread(target=main, name="kopf-operator", daemon=True)
     thread.start()
     try:
-        await eventually(ready.is_set, 10, "the operator to start")
+        await eventually(ready.is_set, 30, "the operator to start")
         yield Operator(thread, stop, ready, errors)
     finally:
         stop.set()
-        await eventually(lambda: not thread.is_alive(), 15, "the operator to stop")
+        await eventually(lambda: not thread.is_alive(), 30, "the operator to stop")
     assert not errors, f"the operator failed: {errors!r}"
 
 
