@@ -223,7 +223,7 @@ def start_stack(config_dir: Path, run_dir: Path, fleet: Fleet, **options: Any) -
         addresses = {p.address for p in fleet.pods}
         wait_until(
             lambda: stack.extproc_ready() and addresses <= stack.envoy_hosts(),
-            20,
+            60,
             "gateway config applied and pods known to Envoy",
         )
     except ReadinessTimeout as exc:

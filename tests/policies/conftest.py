@@ -95,7 +95,7 @@ def policy_stack(
         addresses = {p.address for p in fleet.pods}
         wait_until(
             lambda: stack.extproc_ready() and addresses <= stack.envoy_hosts(),
-            30,
+            60,
             "gateway config applied and pods known to Envoy",
         )
     except BaseException:
@@ -134,7 +134,7 @@ class RedisServer:
              "--appendonly", "no", "--dir", str(directory), *extra_args],
             log_path=directory / "redis.log",
             ready=self.answers,
-            ready_timeout=15,
+            ready_timeout=30,
         )  # fmt: skip
 
     def answers(self) -> bool:
@@ -153,7 +153,7 @@ class RedisServer:
 
     def restart(self) -> None:
         self.child.start()
-        wait_until(self.answers, 15, "redis answers again")
+        wait_until(self.answers, 30, "redis answers again")
 
 
 class PasswordRedis(RedisServer):
