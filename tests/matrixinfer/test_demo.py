@@ -14,7 +14,7 @@ import pytest
 
 from matrixinfer.process import free_port, http_ok, wait_until
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(240)
 
 
 def _demo_argv(run_dir: Path, *extra: str) -> list[str]:
@@ -39,7 +39,7 @@ def test_demo_without_a_terminal_sends_requests_and_exits_zero(tmp_path: Path) -
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
-        timeout=100,
+        timeout=180,
     )
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
@@ -62,7 +62,7 @@ def test_demo_live_view_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     try:
         assert proc.stdout is not None
         lines: list[str] = []
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             line = proc.stdout.readline()
             if not line:

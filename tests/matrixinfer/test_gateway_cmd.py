@@ -15,7 +15,7 @@ import pytest
 from matrixinfer.process import free_port, http_ok, wait_until
 from sim.fleet import Fleet
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = pytest.mark.timeout(180)
 
 CONFIG = """apiVersion: networking.matrixinfer.ai/v1alpha1
 kind: ModelServer
@@ -71,7 +71,7 @@ def test_gateway_serves_existing_endpoints_and_stops_on_sigterm(tmp_path: Path) 
         )
         base = f"http://127.0.0.1:{listen}/v1"
         try:
-            wait_until(lambda: http_ok(f"{base}/models"), 30, "gateway")
+            wait_until(lambda: http_ok(f"{base}/models"), 90, "gateway")
             body = {"model": "demo-model", "messages": [{"role": "user", "content": "hi"}]}
             served = set()
             for _ in range(6):
