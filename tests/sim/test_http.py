@@ -15,7 +15,9 @@ from .conftest import MODEL, SimFactory, get, metrics, post, sample, state
 
 pytestmark = pytest.mark.timeout(60)
 
-LONG_PROMPT = " ".join(f"word{i % 97} topic{i % 13}" for i in range(350))  # ~1.4k tokens
+# ~7k tokens: its prefill (~0.5 s at time scale 1) dwarfs the scheduling delays a loaded machine
+# adds to both requests' TTFT, so the cached request's shorter TTFT is not left to chance
+LONG_PROMPT = " ".join(f"word{i % 97} topic{i % 13}" for i in range(1750))
 
 
 def client(pod: SimPod) -> openai.OpenAI:
@@ -207,7 +209,7 @@ def test_vllm_metric_names_types_labels_and_buckets(shared_sim: SimPod) -> None:
 
 
 def test_repeated_long_prompt_hits_the_prefix_cache(sim_factory: SimFactory) -> None:
-    # time scale 1: a 1.4k-token prefill (~105 ms) against a cached one (~10 ms)
+    # time scale 1: a 7k-token prefill (~0.5 s) against a cached one (~10 ms)
     with sim_factory("--time-scale", "1") as pod:
         c = client(pod)
         msgs = [{"role": "user", "content": LONG_PROMPT}]
