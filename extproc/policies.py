@@ -130,6 +130,17 @@ class PolicyMetrics(LabelCache):
             ["result"],
             registry=r,
         )
+        self.usage_log_messages = Counter(
+            "matrixinfer_gateway_usage_log_messages",
+            "gRPC access-log messages from Envoy (each a batch of usage reports; Envoy flushes a "
+            "worker's batch every 100 ms or at 16 KiB).",
+            registry=r,
+        )
+        self.usage_log_entries = Counter(
+            "matrixinfer_gateway_usage_log_entries",
+            "Access-log entries (usage reports) in those messages.",
+            registry=r,
+        )
         self.queue_length = Gauge(
             "matrixinfer_gateway_queue_length",
             "Requests waiting in the fair queue, by model and priority.",
@@ -201,6 +212,7 @@ class Policies:
             clock=clock,
             prefix=self._prefix,
             on_ignored=lambda reason: self.metrics.child(self.metrics.usage_foreign, reason).inc(),
+            on_batch=self._log_batch,
         )
         self.window = UsageWindow(
             settings.fairness_window, settings.input_weight, settings.output_weight, clock
@@ -399,6 +411,10 @@ class Policies:
                 task = asyncio.get_running_loop().create_task(client.set_password(password))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
+
+    def _log_batch(self, entries: int) -> None:
+        self.metrics.usage_log_messages.inc()
+        self.metrics.usage_log_entries.inc(entries)
 
     def release(self, charge: Charge | None) -> None:
         """An admitted request that was not routed after all: give its reservation back."""

@@ -313,8 +313,10 @@ class UsageLedger:
         prefix: str = "",
         on_ignored: Callable[[str], None] | None = None,
         remember: int = 100_000,
+        on_batch: Callable[[int], None] | None = None,
     ) -> None:
         self.settle_cb = settle
+        self.on_batch = on_batch  # an access-log message arrived with this many entries
         self.grace = grace
         self.clock = clock
         self.prefix = prefix
@@ -427,8 +429,12 @@ class AccessLogServicer(_servicer_base()):  # type: ignore[misc]
     async def StreamAccessLogs(self, request_iterator: Any, context: Any) -> Any:
         from envoy.service.accesslog.v3 import als_pb2
 
+        on_batch = self.ledger.on_batch
         async for message in request_iterator:
-            for entry in message.http_logs.log_entry:
+            entries = message.http_logs.log_entry
+            if on_batch is not None:
+                on_batch(len(entries))
+            for entry in entries:
                 filter_md = entry.common_properties.metadata.filter_metadata
                 lb = filter_md.get(RID_NAMESPACE)
                 if lb is None or RID_KEY not in lb.fields:

@@ -358,8 +358,16 @@ async def test_shared_redis_budget_is_exact_whichever_replica_settles(
         on_b = [log_entry(lb, p, c) for (_, lb), (p, c) in zip(routed[:4], usage[:4], strict=True)]
         on_a = [log_entry(lb, p, c) for (_, lb), (p, c) in zip(routed[4:], usage[4:], strict=True)]
         await deliver(b, *on_b)
-        await deliver(a, *on_a)
+        batch = als_pb2.StreamAccessLogsMessage()  # A's two reports in one message, as Envoy does
+        for m in on_a:
+            batch.http_logs.log_entry.extend(m.http_logs.log_entry)
+        await deliver(a, batch)
         await settled(a, b)
+        # how Envoy batched the reports is counted
+        assert sample(b, "matrixinfer_gateway_usage_log_messages_total") == 4
+        assert sample(b, "matrixinfer_gateway_usage_log_entries_total") == 4
+        assert sample(a, "matrixinfer_gateway_usage_log_messages_total") == 1
+        assert sample(a, "matrixinfer_gateway_usage_log_entries_total") == 2
 
         def levels() -> tuple[float, float]:
             raw = client.hmget(f"mi:rl:{bucket}", "i", "o")
