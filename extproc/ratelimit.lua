@@ -7,16 +7,25 @@
 --       requests cap, input cap, output cap (0 = unlimited), period (s), input correction
 --       (estimate - prompt), completion tokens; then for the admission 5 values: the caps,
 --       period, input estimate.
--- Returns {admitted (1/0), requests level, input level, output level} of the admission (levels
--- as strings), or {N} when there is none.
+-- Returns {admitted (1/0), requests level, input level, output level, skipped} of the admission
+-- (levels as strings), or {N, skipped} when there is none. skipped: settlements whose key Redis
+-- refused (not a hash: something else wrote into mi:rl:*) — left out so that one bad key cannot
+-- fail the calls that carry it (an error on the admission's own key still fails the call).
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 
--- the levels of a key's buckets refilled up to now, and its caps and period (from ARGV at i)
-local function load(key, i)
+-- the levels of a key's buckets refilled up to now, and its caps and period (from ARGV at i);
+-- nil when the key is not a hash and `soft` (a settlement's key)
+local function load(key, i, soft)
   local caps = {tonumber(ARGV[i]), tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])}
   local period = tonumber(ARGV[i + 3])
-  local cur = redis.call('HMGET', key, 'r', 'i', 'o', 't')
+  local cur
+  if soft then
+    cur = redis.pcall('HMGET', key, 'r', 'i', 'o', 't')
+    if cur.err then return nil end
+  else
+    cur = redis.call('HMGET', key, 'r', 'i', 'o', 't')
+  end
   local last = tonumber(cur[4])
   local levels = {}
   for n = 1, 3 do
@@ -47,17 +56,22 @@ local function store(key, levels, caps, period)
 end
 
 local settlements = tonumber(ARGV[1])
+local skipped = 0
 local i = 3
 for k = 1, settlements do
   local key = KEYS[k]
-  local levels, caps, period = load(key, i)
-  if caps[2] > 0 then levels[2] = math.min(caps[2], levels[2] + tonumber(ARGV[i + 4])) end
-  if caps[3] > 0 then levels[3] = levels[3] - tonumber(ARGV[i + 5]) end
-  store(key, levels, caps, period)
+  local levels, caps, period = load(key, i, true)
+  if levels == nil then
+    skipped = skipped + 1
+  else
+    if caps[2] > 0 then levels[2] = math.min(caps[2], levels[2] + tonumber(ARGV[i + 4])) end
+    if caps[3] > 0 then levels[3] = levels[3] - tonumber(ARGV[i + 5]) end
+    store(key, levels, caps, period)
+  end
   i = i + 6
 end
 if ARGV[2] ~= '1' then
-  return {settlements}
+  return {settlements, skipped}
 end
 
 local key = KEYS[settlements + 1]
@@ -71,4 +85,4 @@ if admitted == 1 then
   if caps[2] > 0 then levels[2] = levels[2] - tonumber(ARGV[i + 4]) end
 end
 store(key, levels, caps, period)
-return {admitted, tostring(levels[1]), tostring(levels[2]), tostring(levels[3])}
+return {admitted, tostring(levels[1]), tostring(levels[2]), tostring(levels[3]), skipped}

@@ -305,6 +305,7 @@ class RedisBuckets:
         self.backlog_limit = backlog_limit
         self.dropped = 0
         self.replayed = 0  # settlements written after an outage had kept them
+        self.skipped = 0  # settlements whose key Redis refused (not a hash)
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -357,6 +358,15 @@ class RedisBuckets:
         for s in settlements:
             if s.kept:
                 self.replayed += 1
+        skipped = int(result[-1]) if settlements else 0
+        if skipped:
+            self.skipped += skipped
+            log.error(
+                "Redis rate limiter %s: %d settlement(s) not written: their key is not a bucket "
+                "hash (something else wrote into mi:rl:*)",
+                self.address,
+                skipped,
+            )
         if self.down_since is not None:
             log.warning(
                 "Redis rate limiter %s is back after %.1fs",

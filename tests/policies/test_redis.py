@@ -308,3 +308,28 @@ async def test_a_cancelled_admission_still_writes_what_it_carried(
     finally:
         await buckets.close()
         await direct.aclose()
+
+
+async def test_a_settlement_on_a_foreign_key_does_not_fail_the_admission_carrying_it(
+    redis_server: RedisServer,
+) -> None:
+    """Something else wrote a string at a bucket's key: its settlement is left out (counted,
+    logged); the admission that carries it and the other settlements go through."""
+    import redis.asyncio as aioredis
+
+    buckets = RedisBuckets(redis_server.address, timeout=5.0, flush_delay=30.0)
+    direct = aioredis.Redis(host="127.0.0.1", port=redis_server.port)
+    lim = limits(redis_server, output=1000)
+    try:
+        assert (await buckets.admit("good", lim, 0)).ok
+        await direct.set("mi:rl:foreign", "not a hash")
+        buckets.settle("foreign", lim, 0, 0, 10)
+        buckets.settle("good", lim, 0, 0, 300)
+        admitted = await buckets.admit("good", lim, 0)
+        assert admitted.ok and admitted.where == "redis" and buckets.down_since is None
+        assert buckets.skipped == 1 and not buckets.pending
+        assert float(await direct.hget("mi:rl:good", "o") or 0) == pytest.approx(700, abs=1)
+        assert await direct.get("mi:rl:foreign") == b"not a hash"
+    finally:
+        await buckets.close()
+        await direct.aclose()
