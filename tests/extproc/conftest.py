@@ -14,6 +14,7 @@ import pytest
 from matrixinfer.process import ReadinessTimeout, free_port, wait_until
 from matrixinfer.stack import GatewayStack, StackOptions
 from sim.fleet import Fleet
+from tests.conftest import E2E_MESSAGE_TIMEOUT_MS
 
 BODY_LIMIT = 256 * 1024
 SCRAPE_INTERVAL = 0.1
@@ -216,6 +217,7 @@ def start_stack(config_dir: Path, run_dir: Path, fleet: Fleet, **options: Any) -
         "access_log": True,
         "envoy_concurrency": 1,
         "extra_extproc_args": ("--stale-after", str(STALE_AFTER)),
+        "message_timeout_ms": E2E_MESSAGE_TIMEOUT_MS,
     }
     opts = StackOptions(**(settings | options))
     stack = GatewayStack(config_dir, run_dir, opts).start()

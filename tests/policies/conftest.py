@@ -16,6 +16,7 @@ import redis
 from matrixinfer.process import Child, free_port, wait_until
 from matrixinfer.stack import GatewayStack, StackOptions
 from sim.fleet import Fleet
+from tests.conftest import E2E_MESSAGE_TIMEOUT_MS
 from tests.extproc.conftest import endpoints_yaml
 from tests.extproc.helpers import server_yaml
 
@@ -82,7 +83,10 @@ def policy_stack(
     extproc_args: tuple[str, ...],
     **options: Any,
 ) -> GatewayStack:
-    """A stack with policies on; returns once the config is applied and Envoy knows the pods."""
+    """A stack with policies on; returns once the config is applied and Envoy knows the pods.
+    Envoy waits E2E_MESSAGE_TIMEOUT_MS for each ext_proc reply unless ``message_timeout_ms`` is
+    given (None: the product's base)."""
+    options.setdefault("message_timeout_ms", E2E_MESSAGE_TIMEOUT_MS)
     opts = StackOptions(
         scrape_interval=0.1,
         config_poll=0.1,

@@ -89,8 +89,9 @@ def queue_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewaySta
             tmp_path_factory.mktemp("queue-run"),
             fleet,
             ("--auth-config", str(secrets / "auth.yaml")),
-            # no message_timeout_ms: the generator's base timeout (1 s); queued requests are
-            # extended by the extproc up to the max_message_timeout derived from maxWait (8 s)
+            # the generator's base timeout (1 s); queued requests are extended by the extproc up
+            # to the max_message_timeout derived from maxWait (8 s)
+            message_timeout_ms=None,
         )
         try:
             yield stack

@@ -22,6 +22,10 @@ from extproc.scheduling import (
 )
 from extproc.scheduling.profile import PluginSpec
 
+# the property tests spend their time in Hypothesis' data generation (21 s for 200 examples on a
+# starved machine, once past the default 120 s with three suites at once): room, not a bound
+pytestmark = pytest.mark.timeout(600)
+
 # ------------------------------------------------------------------------------ profile building
 
 

@@ -20,6 +20,7 @@ from controllers.xds.main import XdsApp, parse_args
 from matrixinfer.envoy_config import AdsBootstrap, render_ads_bootstrap
 from matrixinfer.process import Child, envoy_child, free_port, http_ok
 from sim.fleet import Fleet
+from tests.conftest import E2E_MESSAGE_TIMEOUT_MS
 
 ROUTES = """apiVersion: networking.matrixinfer.ai/v1alpha1
 kind: ModelServer
@@ -172,6 +173,8 @@ async def gateway(tmp: Path, fleet: Fleet, nodes: int = 1) -> AsyncIterator[Gate
             str(listen_port),
             "--debounce",
             "0.02",
+            "--message-timeout-ms",
+            str(E2E_MESSAGE_TIMEOUT_MS),
         ]
     )
     app = XdsApp(args)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import kmock
 
+from tests.conftest import E2E_MESSAGE_TIMEOUT_MS
 from tests.controllers.kmockenv import VERBS, Api, emulator
 
 if TYPE_CHECKING:
@@ -42,7 +43,8 @@ def kube_xds_app(api: Api, extproc_port: int, listen_port: int) -> XdsApp:
         parse_args(
             ["--source", "kubernetes", "--server", api.url, "--namespace", NS,
              "--extproc-port", str(extproc_port), "--port", "0",
-             "--listen-port", str(listen_port), "--debounce", "0.02"]
+             "--listen-port", str(listen_port), "--debounce", "0.02",
+             "--message-timeout-ms", str(E2E_MESSAGE_TIMEOUT_MS)]
         )
     )  # fmt: skip
 
