@@ -127,7 +127,9 @@ def stack(
         f"  audience: {AUDIENCE}\n"
         f"  jwksUrl: {jwks.url}\n"
         "  algorithms: [RS256]\n"
-        "  leewaySeconds: 5\n"
+        # a leeway far above what a loaded machine takes per request: the expired-within-leeway
+        # check below must not turn into a race against the clock
+        "  leewaySeconds: 60\n"
         "  refreshSeconds: 3600\n"  # rotation below must come from the unknown-kid refetch
         "  tenantClaim: tenant\n"
         "  userClaim: sub\n"
@@ -167,7 +169,7 @@ def test_expired_and_wrong_audience_are_401(
 ) -> None:
     now = int(time.time())
     with pytest.raises(openai.AuthenticationError) as exc:
-        chat(stack, token(first_key, "k1", iat=now - 600, exp=now - 60))  # past the 5 s leeway
+        chat(stack, token(first_key, "k1", iat=now - 900, exp=now - 600))  # past the 60 s leeway
     assert exc.value.status_code == 401
     assert "expired" in str(exc.value)
     with pytest.raises(openai.AuthenticationError) as exc:
@@ -177,6 +179,7 @@ def test_expired_and_wrong_audience_are_401(
         chat(stack, token(new_key(), "k1"))  # right kid, wrong signature
     assert "invalid token" in str(exc.value)
     # within the leeway an expired-by-2-s token still passes
+    now = int(time.time())
     assert chat(stack, token(first_key, "k1", iat=now - 600, exp=now - 2))
 
 
