@@ -114,6 +114,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--redis-password-file", type=Path, default=None, help="file holding the Redis password"
     )
     pol.add_argument(
+        "--charge-key-file",
+        type=Path,
+        default=None,
+        help="file holding the key (at least 16 bytes) that signs the charge carried with each "
+        "request; give every extproc replica behind one Envoy the same file so any of them can "
+        "settle a usage report (default: a random key per process)",
+    )
+    pol.add_argument(
         "--tenant-priority",
         action="append",
         default=[],
@@ -388,6 +396,9 @@ def build_policies(args: argparse.Namespace, metrics: GatewayMetrics) -> Any:
     password = None
     if args.redis_password_file is not None:
         password = args.redis_password_file.read_text().strip()
+    charge_key = None
+    if args.charge_key_file is not None:
+        charge_key = _read_charge_key(args.charge_key_file)
     try:
         auth = AuthConfig.load(args.auth_config) if args.auth_config is not None else None
         policy_config = (
@@ -415,8 +426,22 @@ def build_policies(args: argparse.Namespace, metrics: GatewayMetrics) -> Any:
         usage_grace=args.usage_grace,
         tenant_priorities=priorities,
         token_estimate=policy_config.token_estimate if policy_config is not None else None,
+        charge_key=charge_key,
     )
     return Policies(settings, metrics.registry)
+
+
+def _read_charge_key(path: Path) -> bytes:
+    try:
+        key = path.read_bytes().strip()
+    except OSError as exc:
+        raise SystemExit(f"matrixinfer-extproc: --charge-key-file {path}: {exc.strerror}") from None
+    if len(key) < 16:
+        raise SystemExit(
+            f"matrixinfer-extproc: --charge-key-file {path}: the key has {len(key)} bytes, at "
+            "least 16 are needed (e.g. `openssl rand -hex 32`)"
+        )
+    return key
 
 
 def signalled_stop() -> asyncio.Event:

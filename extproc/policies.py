@@ -174,6 +174,9 @@ class PolicySettings:
     tenant_priorities: dict[str, int] = field(default_factory=dict)
     dispatch_interval: float = 0.05
     token_estimate: TokenEstimateConfig | None = None  # --policy-config tokenEstimate
+    # --charge-key-file: signs the charge carried with each request (extproc.usage); the same on
+    # every replica behind one Envoy. None: a random key (one replica settles only its own)
+    charge_key: bytes | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -213,6 +216,7 @@ class Policies:
             prefix=self._prefix,
             on_ignored=lambda reason: self.metrics.child(self.metrics.usage_foreign, reason).inc(),
             on_batch=self._log_batch,
+            charge_key=settings.charge_key,
         )
         self.window = UsageWindow(
             settings.fairness_window, settings.input_weight, settings.output_weight, clock
@@ -423,11 +427,11 @@ class Policies:
         self._settle(charge, Usage(0, 0, True, "error"), count=False)
 
     # ---- usage settlement ---------------------------------------------------------------------
-    @staticmethod
-    def metadata(charge: Charge) -> dict[str, Any]:
+    def metadata(self, charge: Charge) -> dict[str, Any]:
         """The ``envoy.lb`` dynamic metadata of a routed request: its id, by which the usage
-        report comes back, and its charge, so that any replica the report reaches can settle it."""
-        return {RID_KEY: charge.rid, CHARGE_KEY: encode_charge(charge)}
+        report comes back, and its signed charge, so that any replica the report reaches (and
+        that shares the charge key) can settle it."""
+        return {RID_KEY: charge.rid, CHARGE_KEY: encode_charge(charge, self.ledger.charge_key)}
 
     def expect(self, charge: Charge) -> None:
         self.ledger.expect(charge)

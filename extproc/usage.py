@@ -33,7 +33,11 @@ Envoy-side config; ``controllers.xds.sources.with_policy_filters`` places them i
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import logging
+import secrets
 import sysconfig
 import time
 from collections import OrderedDict
@@ -176,10 +180,22 @@ _SCOPES = frozenset(("route", "tenant", "user"))
 _PERIODS = frozenset(UNIT_SECONDS.values())
 
 
-def encode_charge(charge: Charge) -> str:
+CHARGE_MAC_BYTES = 16  # HMAC-SHA256 truncated to 128 bits
+
+
+def _mac(key: bytes, rid: str, body: bytes) -> str:
+    digest = hmac.new(key, rid.encode() + b"\0" + body, hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest[:CHARGE_MAC_BYTES]).rstrip(b"=").decode()
+
+
+def encode_charge(charge: Charge, key: bytes) -> str:
     """The charge as the short string carried in ``envoy.lb``/``matrixinfer_charge``:
     ``[1, estimate, kind, user, model, bucket, where, limits]`` in JSON, ``limits`` being
-    ``[requests, input, output, period, scope, redis, [ns, secret, key]]`` or null."""
+    ``[requests, input, output, period, scope, redis, [ns, secret, key]]`` or null, then ``~``
+    and an HMAC-SHA256 of the request id and that JSON under the replicas' shared charge ``key``
+    (``--charge-key-file``): a replica settles only charges a replica with the same key made, so
+    whoever reaches the access-log port cannot credit a bucket or point the extproc at a Redis or
+    a Secret of their choosing."""
     limits = charge.limits
     lim = (
         None
@@ -194,7 +210,7 @@ def encode_charge(charge: Charge) -> str:
             limits.password_ref,
         )
     )
-    return orjson.dumps(
+    body = orjson.dumps(
         (
             CHARGE_VERSION,
             charge.estimate,
@@ -205,7 +221,8 @@ def encode_charge(charge: Charge) -> str:
             charge.where,
             lim,
         )
-    ).decode()
+    )
+    return f"{body.decode()}~{_mac(key, charge.rid, body)}"
 
 
 def _int_or_none(value: Any, what: str) -> int | None:
@@ -248,10 +265,19 @@ def _limits(raw: Any) -> Limits | None:
     )
 
 
-def decode_charge(rid: str, text: str) -> Charge:
-    """The :class:`Charge` of :func:`encode_charge`; ValueError naming what is wrong."""
+def decode_charge(rid: str, text: str, key: bytes) -> Charge:
+    """The :class:`Charge` of :func:`encode_charge` for request ``rid``, its signature checked
+    with ``key``; ValueError naming what is wrong."""
+    body, sep, mac = text.rpartition("~")
+    if not sep:
+        raise ValueError("is not signed")
+    if not hmac.compare_digest(mac, _mac(key, rid, body.encode())):
+        raise ValueError(
+            "has a signature this replica's charge key does not match (give every extproc "
+            "replica the same --charge-key-file)"
+        )
     try:
-        raw = orjson.loads(text)
+        raw = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise ValueError(f"not JSON: {exc}") from None
     if not isinstance(raw, list) or not raw or raw[0] != CHARGE_VERSION:
@@ -314,9 +340,13 @@ class UsageLedger:
         on_ignored: Callable[[str], None] | None = None,
         remember: int = 100_000,
         on_batch: Callable[[int], None] | None = None,
+        charge_key: bytes | None = None,
     ) -> None:
         self.settle_cb = settle
         self.on_batch = on_batch  # an access-log message arrived with this many entries
+        # signs the charges this replica hands out and checks those other replicas made; without
+        # a shared key (--charge-key-file) a random one: only this replica's own charges verify
+        self.charge_key = charge_key if charge_key is not None else secrets.token_bytes(32)
         self.grace = grace
         self.clock = clock
         self.prefix = prefix
@@ -363,7 +393,7 @@ class UsageLedger:
             self._ignore("no_charge")
             return None
         try:
-            return decode_charge(rid, charge_text)
+            return decode_charge(rid, charge_text, self.charge_key)
         except ValueError as exc:
             if not self._invalid_logged:  # once: every report of an incompatible replica fails
                 self._invalid_logged = True

@@ -9,6 +9,7 @@ polled with a deadline, SIGTERM then SIGKILL).
 from __future__ import annotations
 
 import json
+import secrets
 import sys
 import urllib.request
 from collections.abc import Sequence
@@ -73,6 +74,12 @@ class GatewayStack:
         self.xds_port = free_port()
         self.xds_http_port = free_port()
         self.bootstrap_path = self.run_dir / "envoy.yaml"
+        # one key signs the charges every extproc process hands out (any of them settles a usage
+        # report, whichever process Envoy's access-log stream reaches)
+        own_key = _policies_on(o.extra_extproc_args) and not any(
+            a.startswith("--charge-key-file") for a in o.extra_extproc_args
+        )
+        self.charge_key_path = self.run_dir / "charge.key" if own_key else None
         self.extprocs = [
             self._extproc_child(i, grpc, http)
             for i, (grpc, http) in enumerate(zip(self.grpc_ports, self.http_ports, strict=True))
@@ -158,6 +165,11 @@ class GatewayStack:
                 o.extproc_log_level,
                 "--transport",
                 o.transport,
+                *(
+                    ["--charge-key-file", str(self.charge_key_path)]
+                    if self.charge_key_path is not None
+                    else []
+                ),
                 *o.extra_extproc_args,
             ],
             log_path=self.run_dir / f"extproc{suffix}.log",
@@ -192,6 +204,9 @@ class GatewayStack:
 
     def start(self) -> GatewayStack:
         self.write_bootstrap()
+        if self.charge_key_path is not None and not self.charge_key_path.exists():
+            self.charge_key_path.touch(mode=0o600)
+            self.charge_key_path.write_text(secrets.token_hex(32) + "\n")
         try:
             for child in self.extprocs:
                 child.start()

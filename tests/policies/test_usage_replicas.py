@@ -36,6 +36,8 @@ from extproc.usage import (
 from tests.extproc.helpers import config, server_yaml
 from tests.policies.conftest import RedisServer
 
+KEY = b"charge-key-shared-by-the-replicas"
+
 
 class Clock:
     def __init__(self) -> None:
@@ -85,8 +87,8 @@ def test_charge_round_trip(
         model=model,
         where=where,
     )
-    text = encode_charge(charge)
-    back = decode_charge("r-1", text)
+    text = encode_charge(charge, KEY)
+    back = decode_charge("r-1", text, KEY)
     assert back.rebuilt and not charge.rebuilt
     back.rebuilt = False
     assert back == charge
@@ -96,7 +98,7 @@ def test_encoded_charge_is_short() -> None:
     limits = Limits(None, 20000, 10000, 3600.0, "user", "10.0.0.5:6379", None)
     charge = Charge("r", 123, "chat", "acme/alice", "acme/chat|u:acme/alice", limits, None, "m")
     charge.where = "redis"
-    assert len(encode_charge(charge)) < 120
+    assert len(encode_charge(charge, KEY)) < 150
 
 
 @pytest.mark.parametrize(
@@ -119,7 +121,40 @@ def test_encoded_charge_is_short() -> None:
 )
 def test_bad_charge_is_named(text: str, named: str) -> None:
     with pytest.raises(ValueError, match=named):
-        decode_charge("r", text)
+        decode_charge("r", signed("r", text), KEY)
+
+
+def signed(rid: str, body: str, key: bytes = KEY) -> str:
+    """``body`` with the signature the format prescribes: HMAC-SHA256 over rid, NUL, body,
+    truncated to 16 bytes, base64url without padding."""
+    import base64
+    import hmac
+
+    mac = hmac.new(key, rid.encode() + b"\0" + body.encode(), "sha256").digest()[:16]
+    return f"{body}~{base64.urlsafe_b64encode(mac).rstrip(b'=').decode()}"
+
+
+def test_only_a_charge_signed_with_the_shared_key_for_that_request_decodes() -> None:
+    limits = Limits(None, 1000, 500, 60.0, "user", "10.0.0.5:6379", ("ns", "redis", "password"))
+    text = encode_charge(Charge("r-1", 40, "chat", "t/u", "b", limits, None, "m", "redis"), KEY)
+    body = text.rpartition("~")[0]
+    assert text == signed("r-1", body)  # the documented format, computed independently
+    assert decode_charge("r-1", text, KEY).limits == limits
+    forged = body.replace("10.0.0.5:6379", "203.0.113.9:6379")
+    cases = [
+        (body, "is not signed"),
+        (text.replace("[1,40,", "[1,0,"), "does not match"),  # a smaller estimate: a refund
+        (signed("r-1", forged, b"a key of someone else's choosing"), "does not match"),
+        (signed("r-1", forged), None),  # (only the holder of the key can do this)
+    ]
+    for candidate, named in cases:
+        if named is None:
+            assert decode_charge("r-1", candidate, KEY).limits.redis == "203.0.113.9:6379"  # type: ignore[union-attr]
+            continue
+        with pytest.raises(ValueError, match=named):
+            decode_charge("r-1", candidate, KEY)
+    with pytest.raises(ValueError, match="does not match"):  # moved to another request
+        decode_charge("r-2", text, KEY)
 
 
 # ---- the ledger ------------------------------------------------------------------------------
@@ -135,6 +170,7 @@ def ledger_of(prefix: str = "") -> tuple[UsageLedger, list[tuple[Charge, Usage]]
         clock=clock,
         prefix=prefix,
         on_ignored=ignored.append,
+        charge_key=KEY,
     )
     return ledger, got, ignored, clock
 
@@ -143,7 +179,9 @@ def test_unknown_rid_with_charge_is_settled_from_it() -> None:
     limits = Limits(None, 1000, 500, 60.0, "user")
     admitted = Charge("a-7", 40, "chat", "t/u", "r|u:t/u", limits, None, "m", "local")
     ledger, got, ignored, _ = ledger_of("b-")
-    usage = ledger.report("a-7", {"prompt": 42.0, "completion": 9.0}, 200, encode_charge(admitted))
+    usage = ledger.report(
+        "a-7", {"prompt": 42.0, "completion": 9.0}, 200, encode_charge(admitted, KEY)
+    )
     assert usage == Usage(42, 9, True, "reported")
     charge, settled = got[-1]
     assert settled == usage and charge.rebuilt
@@ -155,7 +193,7 @@ def test_unknown_rid_with_charge_is_settled_from_it() -> None:
     )
     assert ignored == []
     # an aborted stream settled elsewhere: the events count as there
-    ledger.report("a-8", {"events": 6.0}, 200, encode_charge(Charge("a-8", 11, "chat", "t/u")))
+    ledger.report("a-8", {"events": 6.0}, 200, encode_charge(Charge("a-8", 11, "chat", "t/u"), KEY))
     assert got[-1][1] == Usage(11, 5, False, "aborted")
 
 
@@ -163,13 +201,15 @@ def test_unknown_rid_without_charge_or_with_a_bad_one_is_ignored() -> None:
     ledger, got, ignored, _ = ledger_of("b-")
     assert ledger.report("a-1", {"prompt": 3.0, "completion": 1.0}, 200) is None
     assert ledger.report("a-2", {"prompt": 3.0, "completion": 1.0}, 200, "") is None
-    assert ledger.report("a-3", {"prompt": 3.0}, 200, "[9]") is None
-    assert got == [] and ignored == ["no_charge", "no_charge", "invalid"]
+    assert ledger.report("a-3", {"prompt": 3.0}, 200, signed("a-3", "[9]")) is None
+    other = encode_charge(Charge("a-4", 10, "chat", "t/u"), b"another replica's own key")
+    assert ledger.report("a-4", {"prompt": 3.0}, 200, other) is None
+    assert got == [] and ignored == ["no_charge", "no_charge", "invalid", "invalid"]
 
 
 def test_own_request_settles_once_and_late_reports_still_count() -> None:
     ledger, got, ignored, clock = ledger_of("b-")
-    text = encode_charge(Charge("b-1", 10, "chat", "t/u"))
+    text = encode_charge(Charge("b-1", 10, "chat", "t/u"), KEY)
     ledger.expect(Charge("b-1", 10, "chat", "t/u"))
     assert ledger.report("b-1", {"prompt": 12.0, "completion": 3.0}, 200, text) is not None
     # the same report again (never sent by Envoy, but a forged or replayed one): ignored
@@ -181,6 +221,7 @@ def test_own_request_settles_once_and_late_reports_still_count() -> None:
     clock.now += 6
     assert ledger.sweep() == 1
     assert got[-1][1] == Usage(20, 0, False, "unreported")
+    text = encode_charge(Charge("b-2", 20, "chat", "t/u"), KEY)
     late = ledger.report("b-2", {"prompt": 21.0, "completion": 4.0}, 200, text)
     assert late == Usage(21, 4, True, "reported") and got[-1][0].rebuilt
     assert ledger.report("b-2", {"prompt": 21.0}, 200, text) is None  # and only once
@@ -217,7 +258,9 @@ HEADERS = {
 }
 
 
-def replica(keys: Path, clock: Clock, redis_address: str | None = None) -> Gateway:
+def replica(
+    keys: Path, clock: Clock, redis_address: str | None = None, charge_key: bytes = KEY
+) -> Gateway:
     from extproc.datastore import Datastore
 
     extra = f", global: {{redis: {{address: '{redis_address}'}}}}" if redis_address else ""
@@ -229,7 +272,9 @@ def replica(keys: Path, clock: Clock, redis_address: str | None = None) -> Gatew
         )
     )
     gw = Gateway(ds, GatewayMetrics(CollectorRegistry()))
-    settings = PolicySettings(auth=AuthConfig(api_keys_file=keys), usage_grace=5)
+    settings = PolicySettings(
+        auth=AuthConfig(api_keys_file=keys), usage_grace=5, charge_key=charge_key
+    )
     gw.policies = Policies(settings, gw.metrics.registry, clock=clock)
     return gw
 
@@ -395,3 +440,34 @@ async def test_shared_redis_budget_is_exact_whichever_replica_settles(
         for gw in (a, b):
             assert gw.policies is not None
             await gw.policies.close()
+
+
+async def test_a_replica_without_the_shared_key_settles_nothing(keys: Path) -> None:
+    """A report whose charge another key signed (a replica started without the shared
+    --charge-key-file, or a forger) is refused as invalid: no bucket or token changes."""
+    clock = Clock()
+    a, b = replica(keys, clock), replica(keys, clock, charge_key=b"not the shared key at all")
+    assert a.policies is not None and b.policies is not None
+    rid, lb = await route(a)
+    charge = a.policies.ledger.open[rid]
+    assert charge.bucket is not None and charge.limits is not None
+    before = b.policies.local.levels(charge.bucket, charge.limits)
+    await deliver(b, log_entry(lb, prompt=150, completion=30))
+    assert b.policies.local.levels(charge.bucket, charge.limits) == before
+    assert sample(b, "matrixinfer_gateway_usage_foreign_reports_total", result="invalid") == 1
+    assert sample(b, "matrixinfer_gateway_usage_tokens_total", model="m", kind="prompt") == 0
+
+
+def test_charge_key_file_sets_the_shared_key(tmp_path: Path) -> None:
+    from extproc.main import build_policies, parse_args
+
+    good, short = tmp_path / "charge.key", tmp_path / "short.key"
+    good.write_text("0123456789abcdef0123\n")
+    short.write_text("too-short\n")
+    metrics = GatewayMetrics(CollectorRegistry())
+    args = parse_args(["--config", str(tmp_path), "--policies", "--charge-key-file", str(good)])
+    assert build_policies(args, metrics).ledger.charge_key == b"0123456789abcdef0123"
+    for path, named in ((short, "9 bytes, at least 16"), (tmp_path / "none", "No such file")):
+        args = parse_args(["--config", str(tmp_path), "--policies", "--charge-key-file", str(path)])
+        with pytest.raises(SystemExit, match=named):
+            build_policies(args, metrics)
