@@ -34,7 +34,6 @@ Envoy-side config; ``controllers.xds.sources.with_policy_filters`` places them i
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
 import logging
 import secrets
@@ -184,7 +183,7 @@ CHARGE_MAC_BYTES = 16  # HMAC-SHA256 truncated to 128 bits
 
 
 def _mac(key: bytes, rid: str, body: bytes) -> str:
-    digest = hmac.new(key, rid.encode() + b"\0" + body, hashlib.sha256).digest()
+    digest = hmac.digest(key, rid.encode() + b"\0" + body, "sha256")
     return base64.urlsafe_b64encode(digest[:CHARGE_MAC_BYTES]).rstrip(b"=").decode()
 
 
