@@ -243,7 +243,7 @@ async def operator(api: Api, **config: Any) -> AsyncIterator[Operator]:
     assert not errors, f"the operator failed: {errors!r}"
 
 
-async def eventually(check: Callable[[], Any], within: float = 20.0, what: str = "") -> Any:
+async def eventually(check: Callable[[], Any], within: float = 45.0, what: str = "") -> Any:
     """Poll `check` until it returns a truthy value; fail with `what` after `within` seconds."""
     deadline = time.monotonic() + within
     last: Any = None

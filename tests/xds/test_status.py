@@ -15,7 +15,7 @@ from tests.xds.conftest import Envoy, ads_envoy
 from tests.xds.kube import create_pod, create_route, create_server, kube, set_pod_ready
 from tests.xds.test_ads_envoy import PUSH_DEADLINE, until
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(180)
 
 NET = "networking.matrixinfer.ai/v1alpha1"
 
