@@ -608,9 +608,9 @@ class Policies:
 
     async def flush(self) -> None:
         """Write the settlements queued for Redis now (they go with the next admission, or by
-        themselves after ``RedisBuckets.flush_delay``)."""
+        themselves after ``RedisBuckets.flush_delay``) and wait for those already on their way."""
         for r in list(self.redis.values()):
-            await r.flush()
+            await r.drain()
 
     async def close(self) -> None:
         if self._ticker is not None:

@@ -308,6 +308,7 @@ class RedisBuckets:
         self.skipped = 0  # settlements whose key Redis refused (not a hash)
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._carrying: set[asyncio.Future[None]] = set()  # calls with settlements on their way
 
     @staticmethod
     def _args(limits: Limits) -> tuple[int, int, int, float]:
@@ -332,6 +333,10 @@ class RedisBuckets:
             keys.append(f"mi:rl:{key}")
             args.extend(self._args(limits))
             args.append(estimate)
+        carrying: asyncio.Future[None] | None = None
+        if settlements:
+            carrying = asyncio.get_running_loop().create_future()
+            self._carrying.add(carrying)
         try:
             async with asyncio.timeout(self.timeout):
                 result: list[Any] = await self.script(keys=keys, args=args)
@@ -355,6 +360,10 @@ class RedisBuckets:
             if self.pending:
                 self._arm(self.retry_after)
             return None
+        finally:
+            if carrying is not None:
+                self._carrying.discard(carrying)
+                carrying.set_result(None)
         for s in settlements:
             if s.kept:
                 self.replayed += 1
@@ -465,6 +474,16 @@ class RedisBuckets:
             if await self._call(batch, None) is None:
                 return
 
+    async def drain(self) -> None:
+        """Return once every settlement received so far is in Redis, or kept for after an
+        outage: the pending ones are written, and calls already carrying some (the flush timer's,
+        an admission's) have ended."""
+        while True:
+            await self.flush()
+            if not self._carrying:
+                return
+            await asyncio.gather(*self._carrying)  # a failed one puts its settlements back
+
     async def set_password(self, password: str | None) -> None:
         """Reconnect with a new password (the Secret changed). Calls in flight finish on the old
         client; the next call uses the new one at once (an outage's retry wait is skipped)."""
@@ -487,7 +506,7 @@ class RedisBuckets:
             self._timer = None
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.flush()
+        await self.drain()
         for retired in self._retired:
             await retired.aclose()
         self._retired.clear()

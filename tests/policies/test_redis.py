@@ -25,6 +25,25 @@ def limits(redis: RedisServer, **kw: int) -> Limits:
     )
 
 
+async def test_drain_waits_for_settlements_already_on_their_way(redis_server: RedisServer) -> None:
+    """drain() returns only when the settlements received so far are in Redis: also those a
+    call already carries (the flush timer's, an admission's), not just the pending ones."""
+    buckets = RedisBuckets(redis_server.address, timeout=5.0)
+    lim = limits(redis_server, input=1000)
+    try:
+        assert (await buckets.admit("drain-1", lim, 100)).ok
+        buckets.settle("drain-1", lim, 100, 40, 0)  # 60 of the reservation back
+        in_flight = asyncio.create_task(buckets.flush())  # as the flush timer starts it
+        await asyncio.sleep(0)  # it has taken the settlement and waits for Redis
+        assert not buckets.pending and not in_flight.done()
+        await buckets.drain()
+        assert in_flight.done()
+        level = await buckets.client.hget("mi:rl:drain-1", "i")
+        assert 960 <= float(level) < 961  # 1000 - the 40 really used (+ a second's refill)
+    finally:
+        await buckets.close()
+
+
 async def test_two_replicas_share_one_budget(redis_server: RedisServer) -> None:
     # a generous client timeout: this test is about atomic sharing, not outages (with the 100 ms
     # default a loaded CI machine timed calls out and the fail-open local buckets admitted more)
