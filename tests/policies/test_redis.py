@@ -4,11 +4,12 @@ and end to end with two gateway stacks (two extproc replicas) sharing one budget
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import openai
 import pytest
+import redis.asyncio as aioredis
 from openai import OpenAI
 
 from extproc.errors import GatewayError
@@ -17,6 +18,16 @@ from matrixinfer.process import wait_until
 from matrixinfer.stack import GatewayStack
 from sim.fleet import Fleet
 from tests.policies.conftest import KEYS, RedisServer, keys_yaml, policy_stack, write_config
+
+
+@pytest.fixture
+async def direct(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    """A plain client on the test's Redis, to read and write bucket hashes directly."""
+    client = aioredis.Redis(host="127.0.0.1", port=redis_server.port)
+    try:
+        yield client
+    finally:
+        await client.aclose()
 
 
 def limits(redis: RedisServer, **kw: int) -> Limits:
@@ -192,11 +203,10 @@ def test_two_gateways_share_the_redis_budget_and_survive_an_outage(
     assert first.extproc.running() and second.extproc.running()
 
 
-async def test_settlements_during_an_outage_are_replayed(redis_server: RedisServer) -> None:
-    import redis.asyncio as aioredis
-
+async def test_settlements_during_an_outage_are_replayed(
+    redis_server: RedisServer, direct: aioredis.Redis
+) -> None:
     buckets = RedisBuckets(redis_server.address, fail_open=True, retry_after=0.2)
-    direct = aioredis.Redis(host="127.0.0.1", port=redis_server.port)
     lim = limits(redis_server, input=1000, output=1000)
     try:
         before = await buckets.admit("replay", lim, 100)
@@ -220,16 +230,14 @@ async def test_settlements_during_an_outage_are_replayed(redis_server: RedisServ
         if not redis_server.answers():
             redis_server.restart()
         await buckets.close()
-        await direct.aclose()
 
 
-async def test_settlements_ride_on_the_next_admission(redis_server: RedisServer) -> None:
+async def test_settlements_ride_on_the_next_admission(
+    redis_server: RedisServer, direct: aioredis.Redis
+) -> None:
     """One round trip per request: the settlements a replica received go with its next
     admission (settled first, so that admission sees them), in one script call."""
-    import redis.asyncio as aioredis
-
     buckets = RedisBuckets(redis_server.address, timeout=5.0, flush_delay=30.0)
-    direct = aioredis.Redis(host="127.0.0.1", port=redis_server.port)
     lim = limits(redis_server, input=1000, output=100)
     other = limits(redis_server, requests=5)
     calls = 0
@@ -255,14 +263,12 @@ async def test_settlements_ride_on_the_next_admission(redis_server: RedisServer)
         assert await direct.ttl("mi:rl:ride-a") > 3600  # expires once full again, plus a unit
     finally:
         await buckets.close()
-        await direct.aclose()
 
 
-async def test_settlements_without_admissions_are_flushed(redis_server: RedisServer) -> None:
-    import redis.asyncio as aioredis
-
+async def test_settlements_without_admissions_are_flushed(
+    redis_server: RedisServer, direct: aioredis.Redis
+) -> None:
     buckets = RedisBuckets(redis_server.address, timeout=5.0, flush_delay=0.02)
-    direct = aioredis.Redis(host="127.0.0.1", port=redis_server.port)
     lim = limits(redis_server, output=1000)
     try:
         assert (await buckets.admit("flushed", lim, 0)).ok
@@ -278,34 +284,28 @@ async def test_settlements_without_admissions_are_flushed(redis_server: RedisSer
         assert level == pytest.approx(700, abs=1)
     finally:
         await buckets.close()
-        await direct.aclose()
 
 
-async def test_close_writes_pending_settlements(redis_server: RedisServer) -> None:
-    import redis.asyncio as aioredis
-
+async def test_close_writes_pending_settlements(
+    redis_server: RedisServer, direct: aioredis.Redis
+) -> None:
     buckets = RedisBuckets(redis_server.address, timeout=5.0, flush_delay=30.0)
-    direct = aioredis.Redis(host="127.0.0.1", port=redis_server.port)
     lim = limits(redis_server, output=1000)
     try:
         assert (await buckets.admit("closing", lim, 0)).ok
         buckets.settle("closing", lim, 0, 0, 400)
-        await buckets.close()
-        level = float(await direct.hget("mi:rl:closing", "o") or 0)
-        assert level == pytest.approx(600, abs=1)
     finally:
-        await direct.aclose()
+        await buckets.close()  # writes the pending settlement
+    level = float(await direct.hget("mi:rl:closing", "o") or 0)
+    assert level == pytest.approx(600, abs=1)
 
 
 async def test_a_cancelled_admission_still_writes_what_it_carried(
-    redis_server: RedisServer,
+    redis_server: RedisServer, direct: aioredis.Redis
 ) -> None:
     """The client of the admitting request goes away while its admission is in Redis: the
     settlements that admission carried still reach Redis (once)."""
-    import redis.asyncio as aioredis
-
     buckets = RedisBuckets(redis_server.address, timeout=5.0, flush_delay=30.0)
-    direct = aioredis.Redis(host="127.0.0.1", port=redis_server.port)
     lim = limits(redis_server, output=1000)
     try:
         assert (await buckets.admit("cancelled", lim, 0)).ok
@@ -326,18 +326,14 @@ async def test_a_cancelled_admission_still_writes_what_it_carried(
         assert level == pytest.approx(750, abs=1)
     finally:
         await buckets.close()
-        await direct.aclose()
 
 
 async def test_a_settlement_on_a_foreign_key_does_not_fail_the_admission_carrying_it(
-    redis_server: RedisServer,
+    redis_server: RedisServer, direct: aioredis.Redis
 ) -> None:
     """Something else wrote a string at a bucket's key: its settlement is left out (counted,
     logged); the admission that carries it and the other settlements go through."""
-    import redis.asyncio as aioredis
-
     buckets = RedisBuckets(redis_server.address, timeout=5.0, flush_delay=30.0)
-    direct = aioredis.Redis(host="127.0.0.1", port=redis_server.port)
     lim = limits(redis_server, output=1000)
     try:
         assert (await buckets.admit("good", lim, 0)).ok
@@ -351,4 +347,3 @@ async def test_a_settlement_on_a_foreign_key_does_not_fail_the_admission_carryin
         assert await direct.get("mi:rl:foreign") == b"not a hash"
     finally:
         await buckets.close()
-        await direct.aclose()
