@@ -7,6 +7,7 @@ import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -34,18 +35,20 @@ HEADERS = {
 }
 
 
-def gateway(tmp_path: Path) -> Gateway:
+def gateway(tmp_path: Path, text: str | None = None, **settings: Any) -> Gateway:
+    """A gateway with policies on one pod p0 of ModelServer s: ``text`` (default: s + ROUTE),
+    the API key ``secret-key`` of t/u, ``settings`` for PolicySettings."""
     from extproc.datastore import Datastore
 
     keys = tmp_path / "keys.yaml"
     digest = hashlib.sha256(b"secret-key").hexdigest()
     keys.write_text(f"keys: [{{sha256: {digest}, tenant: t, user: u}}]\n")
     ds = Datastore()
-    ds.apply(
-        config(server_yaml("s", {"app": "x"}) + ROUTE, [("p0", "10.0.0.1:8000", {"app": "x"})])
-    )
+    text = server_yaml("s", {"app": "x"}) + ROUTE if text is None else text
+    ds.apply(config(text, [("p0", "10.0.0.1:8000", {"app": "x"})]))
     gw = Gateway(ds, GatewayMetrics())
-    gw.policies = Policies(PolicySettings(auth=AuthConfig(api_keys_file=keys)), gw.metrics.registry)
+    auth = AuthConfig(api_keys_file=keys)
+    gw.policies = Policies(PolicySettings(auth=auth, **settings), gw.metrics.registry)
     return gw
 
 
@@ -112,17 +115,11 @@ async def test_a_newcomer_queues_behind_waiting_requests(tmp_path: Path) -> None
     newcomer when the next slot frees."""
     import asyncio
 
-    from extproc.datastore import Datastore
-    from extproc.scraper import PodMetrics
+    from extproc.scheduling import PodMetrics
 
-    keys = tmp_path / "keys.yaml"
-    digest = hashlib.sha256(b"secret-key").hexdigest()
-    keys.write_text(f"keys: [{{sha256: {digest}, tenant: t, user: u}}]\n")
-    ds = Datastore()
-    ds.apply(config(QUEUED, [("p0", "10.0.0.1:8000", {"app": "x"})]))
-    gw = Gateway(ds, GatewayMetrics())
-    settings = PolicySettings(auth=AuthConfig(api_keys_file=keys), dispatch_interval=3600.0)
-    gw.policies = policies = Policies(settings, gw.metrics.registry)
+    gw = gateway(tmp_path, QUEUED, dispatch_interval=3600.0)  # dispatches only when the test says
+    ds, policies = gw.datastore, gw.policies
+    assert policies is not None
     ds.publish_metrics("p0", PodMetrics(stale=False, waiting=5, running=2))  # saturated
     body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
 
