@@ -432,7 +432,7 @@ class RedisBuckets:
         self.pending.append(queued)
         self._trim()
         if self._timer is None:
-            self._timer = loop.call_later(self.flush_delay, self._due)
+            self._arm(self.flush_delay)
 
     def _trim(self) -> None:
         while len(self.pending) > self.backlog_limit:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -82,7 +82,8 @@ def immediate_response(answer: Immediate) -> pb.ProcessingResponse:
 # repeat (pods x fallback orders x ModelServers): those serialised replies are kept (bounded),
 # so most requests build no reply message at all.
 
-_CACHE_LIMIT = 4096  # kept replies
+_CACHE_LIMIT = 4096  # kept replies (and kept header mutations)
+_V = TypeVar("_V")
 _reply_cache: dict[tuple[bool, tuple[str, ...], tuple[tuple[str, str], ...]], bytes] = {}
 
 
@@ -101,14 +102,18 @@ def _mutation(routed: Routed, body_len: int | None) -> pb.HeaderMutation:
 _mutation_cache: dict[tuple[tuple[str, ...], tuple[tuple[str, str], ...]], pb.HeaderMutation] = {}
 
 
+def _keep(cache: dict[Any, _V], key: Any, value: _V) -> _V:
+    """Keep ``value`` under ``key`` in a bounded cache (full: start over) and return it."""
+    if len(cache) >= _CACHE_LIMIT:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
 def _kept_mutation(routed: Routed) -> pb.HeaderMutation:
     key = (tuple(routed.endpoints), tuple(routed.headers.items()))
     found = _mutation_cache.get(key)
-    if found is None:
-        if len(_mutation_cache) >= _CACHE_LIMIT:
-            _mutation_cache.clear()
-        found = _mutation_cache[key] = _mutation(routed, None)
-    return found
+    return found if found is not None else _keep(_mutation_cache, key, _mutation(routed, None))
 
 
 def _lb_metadata(routed: Routed) -> struct_pb2.Struct:
@@ -158,10 +163,7 @@ def decision_bytes(routed: Routed, duplex: bool) -> bytes:
         key = (duplex, tuple(routed.endpoints), tuple(routed.headers.items()))
         found = _reply_cache.get(key)
         if found is None:
-            found = _serialised(from_decision(routed, b"", duplex))
-            if len(_reply_cache) >= _CACHE_LIMIT:
-                _reply_cache.clear()
-            _reply_cache[key] = found
+            found = _keep(_reply_cache, key, _serialised(from_decision(routed, b"", duplex)))
         return found
     return _serialised(from_decision(routed, b"", duplex))
 
