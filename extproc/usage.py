@@ -451,9 +451,8 @@ def _servicer_base() -> type:
 class AccessLogServicer(_servicer_base()):  # type: ignore[misc]
     """``envoy.service.accesslog.v3.AccessLogService``: usage entries into the ledger."""
 
-    def __init__(self, ledger: UsageLedger, on_report: Callable[[Usage], None] | None = None):
+    def __init__(self, ledger: UsageLedger):
         self.ledger = ledger
-        self.on_report = on_report
 
     async def StreamAccessLogs(self, request_iterator: Any, context: Any) -> Any:
         from envoy.service.accesslog.v3 import als_pb2
@@ -472,12 +471,10 @@ class AccessLogServicer(_servicer_base()):  # type: ignore[misc]
                 md = filter_md.get(METADATA_NAMESPACE)
                 fields = _struct_fields(md) if md is not None else {}
                 carried = lb.fields.get(CHARGE_KEY)
-                usage = self.ledger.report(
+                self.ledger.report(
                     rid,
                     fields,
                     entry.response.response_code.value,
                     carried.string_value if carried is not None else None,
                 )
-                if usage is not None and self.on_report is not None:
-                    self.on_report(usage)
         return als_pb2.StreamAccessLogsResponse()
