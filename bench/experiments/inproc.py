@@ -14,6 +14,7 @@ import asyncio
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,9 @@ from extproc.metrics import GatewayMetrics
 from extproc.servicer import ExtProcServicer
 
 
-def messages(body: bytes) -> list[pb.ProcessingRequest]:
+def messages(body: bytes, extra: Sequence[tuple[str, str]] = ()) -> list[pb.ProcessingRequest]:
+    """The request-headers and request-body messages Envoy sends for a chat request (``extra``
+    headers appended)."""
     hdrs = [
         (":method", "POST"),
         (":path", "/v1/chat/completions"),
@@ -40,6 +43,7 @@ def messages(body: bytes) -> list[pb.ProcessingRequest]:
         ("user-agent", "wrk"),
         ("x-forwarded-proto", "http"),
         ("x-request-id", "b1c4e3a0-1111-2222-3333-444455556666"),
+        *extra,
     ]
     h = pb.ProcessingRequest(
         request_headers=pb.HttpHeaders(

@@ -23,10 +23,10 @@ import uvloop
 from envoy.config.core.v3 import base_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2 as al
 from envoy.service.accesslog.v3 import als_pb2
-from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import struct_pb2
 
 from bench.experiments.inproc import FakeContext
+from bench.experiments.inproc import messages as chat_messages
 from bench.gateway_overhead import gateway_config, request_body
 from bench.policy_overhead import KEY, policy_routes
 from extproc.auth import AuthConfig
@@ -42,28 +42,8 @@ BATCH = 20  # entries per access-log message (100 ms of 200 req/s)
 
 
 def messages(body: bytes, auth: bool) -> list[bytes]:
-    hdrs = [
-        (":method", "POST"),
-        (":path", "/v1/chat/completions"),
-        (":authority", "gw"),
-        (":scheme", "http"),
-        ("content-type", "application/json"),
-        ("content-length", str(len(body))),
-        ("user-agent", "hey/0.0.1"),
-        ("x-forwarded-proto", "http"),
-        ("x-request-id", "b1c4e3a0-1111-2222-3333-444455556666"),
-    ]
-    if auth:
-        hdrs.append(("authorization", f"Bearer {KEY}"))
-    h = pb.ProcessingRequest(
-        request_headers=pb.HttpHeaders(
-            headers=base_pb2.HeaderMap(
-                headers=[base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in hdrs]
-            )
-        )
-    )
-    b = pb.ProcessingRequest(request_body=pb.HttpBody(body=body, end_of_stream=True))
-    return [h.SerializeToString(), b.SerializeToString()]
+    extra = [("authorization", f"Bearer {KEY}")] if auth else []
+    return [m.SerializeToString() for m in chat_messages(body, extra)]
 
 
 class Capture(FakeContext):
