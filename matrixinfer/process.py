@@ -7,7 +7,9 @@ polled with a deadline, and stopping is SIGTERM then SIGKILL after a grace perio
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import http.client
 import os
 import shutil
 import signal
@@ -36,11 +38,24 @@ class ReadinessTimeout(RuntimeError):
     """A child did not become ready before its deadline."""
 
 
+# Ports handed out lately by free_port, whatever the host. A caller binds its port some time after
+# asking (a child process starts first), and the kernel may offer a port again as soon as the probe
+# socket closes: two children of one stack were once given the same port, and the readiness check
+# of one read the other's HTTP/2 greeting.
+_ISSUED: collections.deque[int] = collections.deque(maxlen=4096)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A TCP port that is free on ``host`` right now and that this process has not been given by an
+    earlier call lately (so the ports of one stack never collide before their owners bind them)."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if port not in _ISSUED:
+            _ISSUED.append(port)
+            return port
+    raise OSError(f"no fresh free port on {host} after 100 tries")
 
 
 def http_ok(url: str, timeout: float = 1.0) -> bool:
@@ -48,7 +63,8 @@ def http_ok(url: str, timeout: float = 1.0) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
             return 200 <= int(resp.status) < 300
-    except (urllib.error.URLError, OSError, ValueError):
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException):
+        # HTTPException: something that is not (yet) our HTTP server answered
         return False
 
 
