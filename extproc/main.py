@@ -114,6 +114,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--redis-password-file", type=Path, default=None, help="file holding the Redis password"
     )
     pol.add_argument(
+        "--redis-headroom",
+        type=_headroom,
+        default=0.25,
+        metavar="FRACTION",
+        help="admit without waiting for Redis (and charge it behind the request) while this "
+        "replica's recent view of the budget shows more than this fraction of every limited "
+        "bucket left after the request; closer to the limit, ask Redis first (default 0.25; "
+        "1 = always ask Redis first)",
+    )
+    pol.add_argument(
         "--charge-key-file",
         type=Path,
         default=None,
@@ -427,8 +437,19 @@ def build_policies(args: argparse.Namespace, metrics: GatewayMetrics) -> Any:
         tenant_priorities=priorities,
         token_estimate=policy_config.token_estimate if policy_config is not None else None,
         charge_key=charge_key,
+        redis_headroom=args.redis_headroom,
     )
     return Policies(settings, metrics.registry)
+
+
+def _headroom(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
 
 
 def _read_charge_key(path: Path) -> bytes:

@@ -177,6 +177,9 @@ class PolicySettings:
     # --charge-key-file: signs the charge carried with each request (extproc.usage); the same on
     # every replica behind one Envoy. None: a random key (one replica settles only its own)
     charge_key: bytes | None = None
+    # --redis-headroom: admit without waiting for Redis while more than this fraction of every
+    # limited bucket would be left (extproc.ratelimit.RedisBuckets); 1 = always ask Redis first
+    redis_headroom: float = 0.25
 
 
 @dataclass(slots=True, frozen=True)
@@ -362,6 +365,7 @@ class Policies:
                 password_ref=ref,
                 on_outage=outage,
                 clock=self.clock,
+                headroom=self.settings.redis_headroom,
             )
             self.metrics.redis_up.labels(address).set(1)
         return found
@@ -605,6 +609,8 @@ class Policies:
             await asyncio.sleep(1.0)
             self.ledger.sweep()
             self.local.sweep(86400.0 * 2)
+            for r in self.redis.values():
+                r.sweep(60.0)
 
     async def flush(self) -> None:
         """Write the settlements queued for Redis now (they go with the next admission, or by

@@ -3,12 +3,14 @@
 -- settlements it has received on its next admission, so a request costs one round trip.
 -- KEYS: the bucket hashes (fields r, i, o: levels; t: last update, seconds from Redis TIME) of
 --       the N settlements, then the admission's.
--- ARGV[1]: N; ARGV[2]: 1 to admit after settling, 0 not to. Then per settlement 6 values:
+-- ARGV[1]: N; ARGV[2]: 1 to admit after settling, 2 to charge a request the replica has already
+--       admitted (debited whatever the levels), 0 neither. Then per settlement 7 values:
 --       requests cap, input cap, output cap (0 = unlimited), period (s), input correction
---       (estimate - prompt), completion tokens; then for the admission 5 values: the caps,
---       period, input estimate.
--- Returns {admitted (1/0), requests level, input level, output level, skipped} of the admission
--- (levels as strings), or {N, skipped} when there is none. skipped: settlements whose key Redis
+--       (estimate - prompt), completion tokens, requests to debit; then for the admission 5
+--       values: the caps, period, input estimate.
+-- Returns {admitted (1/0), requests level, input level, output level, skipped, now} of the
+-- admission (levels and now, the Redis TIME of the call, as strings), or {N, skipped} when there
+-- is none. skipped: settlements whose key Redis
 -- refused (not a hash: something else wrote into mi:rl:*) — left out so that one bad key cannot
 -- fail the calls that carry it (an error on the admission's own key still fails the call).
 local t = redis.call('TIME')
@@ -66,23 +68,27 @@ for k = 1, settlements do
   else
     if caps[2] > 0 then levels[2] = math.min(caps[2], levels[2] + tonumber(ARGV[i + 4])) end
     if caps[3] > 0 then levels[3] = levels[3] - tonumber(ARGV[i + 5]) end
+    if caps[1] > 0 then levels[1] = levels[1] - tonumber(ARGV[i + 6]) end
     store(key, levels, caps, period)
   end
-  i = i + 6
+  i = i + 7
 end
-if ARGV[2] ~= '1' then
+if ARGV[2] == '0' then
   return {settlements, skipped}
 end
 
 local key = KEYS[settlements + 1]
 local levels, caps, period = load(key, i)
 local admitted = 1
-if caps[1] > 0 and levels[1] < 1 then admitted = 0 end
-if caps[2] > 0 and levels[2] <= 0 then admitted = 0 end
-if caps[3] > 0 and levels[3] <= 0 then admitted = 0 end
+if ARGV[2] == '1' then
+  if caps[1] > 0 and levels[1] < 1 then admitted = 0 end
+  if caps[2] > 0 and levels[2] <= 0 then admitted = 0 end
+  if caps[3] > 0 and levels[3] <= 0 then admitted = 0 end
+end
 if admitted == 1 then
   if caps[1] > 0 then levels[1] = levels[1] - 1 end
   if caps[2] > 0 then levels[2] = levels[2] - tonumber(ARGV[i + 4]) end
 end
 store(key, levels, caps, period)
-return {admitted, tostring(levels[1]), tostring(levels[2]), tostring(levels[3]), skipped}
+return {admitted, tostring(levels[1]), tostring(levels[2]), tostring(levels[3]), skipped,
+  tostring(now)}

@@ -16,7 +16,9 @@ at most the budget plus its refill plus one request's estimate.
 :class:`RedisBuckets` runs the same algorithm in one atomic Lua script with Redis ``TIME`` as the
 clock and keys that expire one unit after they would be full again, shared by every gateway
 replica: one call per request, an admission carrying the settlements received since the previous
-call. When Redis is unreachable it answers per the fail mode: ``open`` falls back to local
+call. Far from the limit a replica admits from its latest view of the key and charges Redis
+behind the request (no wait); near it (less than ``headroom`` of a bucket would be left), it asks
+Redis first. When Redis is unreachable it answers per the fail mode: ``open`` falls back to local
 buckets (logged, counted), ``closed`` answers 503; it retries Redis after ``retry_after`` seconds.
 """
 
@@ -145,6 +147,14 @@ def _unit(limits: Limits) -> str:
     return f"{limits.period:g}s"
 
 
+def _refill(levels: list[float], limits: Limits, dt: float) -> None:
+    """Refill ``levels`` (requests, input, output) in place for ``dt`` seconds."""
+    if dt > 0:
+        for n, cap in enumerate((limits.requests, limits.input, limits.output)):
+            if cap is not None:
+                levels[n] = min(float(cap), levels[n] + dt * cap / limits.period)
+
+
 class Buckets:
     """Per-process buckets. ``state[key] = [requests, input, output, updated]``."""
 
@@ -159,11 +169,8 @@ class Buckets:
             st = [float(c or 0) for c in caps] + [now]
             self.state[key] = st
             return st
-        dt = max(0.0, now - st[3])
-        if dt:
-            for n, cap in enumerate(caps):
-                if cap is not None:
-                    st[n] = min(float(cap), st[n] + dt * cap / limits.period)
+        if now > st[3]:
+            _refill(st, limits, now - st[3])
             st[3] = now
         return st
 
@@ -230,6 +237,20 @@ class _Settlement:
     completion: int  # debited from the output level
     queued: float  # loop time it was queued
     kept: bool = False  # kept through an outage (Redis down): replayed when it is back
+    requests: int = 0  # requests debited (a charge Redis did not take: 1)
+
+
+@dataclass(slots=True)
+class _Mirror:
+    """A replica's view of one key's buckets in Redis: the levels of the latest reply (by Redis
+    ``TIME``: ``seen``), refilled up to ``at`` and with this replica's settlements since applied.
+    ``heard``: local time of that reply; ``busy``: this replica's calls for the key under way."""
+
+    levels: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    at: float = float("-inf")
+    heard: float = float("-inf")
+    seen: float = float("-inf")
+    busy: int = 0
 
 
 class RedisBuckets:
@@ -241,6 +262,19 @@ class RedisBuckets:
     own. So this replica's admissions always see every settlement it has received (the budget
     holds as with one call per settlement), and other replicas see them at most ``flush_delay``
     later (their reports already take Envoy's access-log flush interval to arrive).
+
+    **Admitting ahead.** Every reply carries the key's levels; the replica keeps them (a
+    :class:`_Mirror`, refilled by the clock, its own settlements applied). When that view is
+    recent (a reply within ``fresh_for`` seconds), no call of this replica for the key is under
+    way, and the admission would leave at least ``headroom`` of every limited bucket, the request
+    is admitted at once and charged to Redis by a call that does not hold it up (and debits
+    whatever the levels: the replica has admitted it). Otherwise the admission asks Redis first,
+    as above. So near the limit every decision is Redis's own (the budget holds within one
+    request's estimate), and far from it a request waits for nobody. The budget can only be
+    overrun if, within ``fresh_for`` of this replica's last reply, the other replicas took more
+    than ``headroom`` of a bucket; what is overrun is debt, repaid before the next admission. A
+    charge Redis does not take (an outage) is kept and replayed like a settlement.
+    ``headroom >= 1`` asks Redis first every time.
     """
 
     def __init__(
@@ -260,7 +294,11 @@ class RedisBuckets:
         batch: int = 256,
         backlog_limit: int = 100_000,
         single_connection: bool = False,
+        headroom: float = 0.25,
+        fresh_for: float = 0.25,
     ) -> None:
+        if not headroom > 0:
+            raise ValueError(f"headroom must be > 0 (a fraction of each bucket), got {headroom}")
         import redis.asyncio as aioredis
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
@@ -309,6 +347,10 @@ class RedisBuckets:
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._carrying: set[asyncio.Future[None]] = set()  # calls with settlements on their way
+        self.headroom = headroom
+        self.fresh_for = fresh_for
+        self.mirrors: dict[str, _Mirror] = {}
+        self.ahead = 0  # requests admitted ahead of their charge (not waiting for Redis)
 
     @staticmethod
     def _args(limits: Limits) -> tuple[int, int, int, float]:
@@ -318,29 +360,45 @@ class RedisBuckets:
         return self.down_since is not None and self.clock() < self._next_try
 
     async def _call(
-        self, settlements: list[_Settlement], admission: tuple[str, Limits, int] | None
+        self,
+        settlements: list[_Settlement],
+        admission: tuple[str, Limits, int] | None,
+        charge: bool = False,
     ) -> list[Any] | None:
-        """One EVALSHA: settle ``settlements``, then admit ``admission`` (key, limits, estimate).
-        None when Redis failed; the settlements are then back at the front of ``pending``."""
+        """One EVALSHA: settle ``settlements``, then admit ``admission`` (key, limits, estimate)
+        — or, with ``charge``, debit it (already admitted ahead). None when Redis failed; the
+        settlements (and the charge, as one) are then back at the front of ``pending``."""
         keys = [f"mi:rl:{s.key}" for s in settlements]
-        args: list[Any] = [len(settlements), 0 if admission is None else 1]
+        args: list[Any] = [len(settlements), 0 if admission is None else 2 if charge else 1]
         for s in settlements:
             args.extend(self._args(s.limits))
             args.append(s.correction)
             args.append(s.completion)
+            args.append(s.requests)
+        mirror: _Mirror | None = None
         if admission is not None:
             key, limits, estimate = admission
             keys.append(f"mi:rl:{key}")
             args.extend(self._args(limits))
             args.append(estimate)
+            mirror = self.mirrors.get(key)
+            if mirror is None:
+                mirror = self.mirrors[key] = _Mirror()
+            mirror.busy += 1
         carrying: asyncio.Future[None] | None = None
-        if settlements:
+        if settlements or charge:
             carrying = asyncio.get_running_loop().create_future()
             self._carrying.add(carrying)
         try:
             async with asyncio.timeout(self.timeout):
                 result: list[Any] = await self.script(keys=keys, args=args)
         except Exception as exc:  # connection refused/reset, timeout, script error
+            if charge and admission is not None:
+                key, limits, estimate = admission
+                settlements = [
+                    *settlements,
+                    _Settlement(key, limits, -estimate, 0, 0.0, False, int(bool(limits.requests))),
+                ]
             for s in reversed(settlements):
                 s.kept = True
                 self.pending.appendleft(s)
@@ -361,13 +419,17 @@ class RedisBuckets:
                 self._arm(self.retry_after)
             return None
         finally:
+            if mirror is not None:
+                mirror.busy -= 1
             if carrying is not None:
                 self._carrying.discard(carrying)
                 carrying.set_result(None)
         for s in settlements:
             if s.kept:
                 self.replayed += 1
-        skipped = int(result[-1]) if settlements else 0
+        if mirror is not None:
+            self._observe(mirror, result)
+        skipped = int(result[1] if admission is None else result[4]) if settlements else 0
         if skipped:
             self.skipped += skipped
             log.error(
@@ -389,7 +451,50 @@ class RedisBuckets:
             self._arm(0.0)
         return result
 
+    def _observe(self, mirror: _Mirror, result: list[Any]) -> None:
+        """Keep a reply's levels as the key's view, unless a later call's reply came first."""
+        seen = float(result[5])
+        if seen >= mirror.seen:
+            mirror.levels = [float(result[1]), float(result[2]), float(result[3])]
+            mirror.seen = seen
+            mirror.at = mirror.heard = self.clock()
+
+    def _may_admit_ahead(self, mirror: _Mirror, limits: Limits, estimate: int) -> bool:
+        now = self.clock()
+        if mirror.busy or now - mirror.heard > self.fresh_for or self.down_since is not None:
+            return False
+        levels = mirror.levels
+        _refill(levels, limits, now - mirror.at)
+        mirror.at = now
+        h = self.headroom
+        return (
+            (limits.requests is None or levels[0] - 1 >= h * limits.requests)
+            and (limits.input is None or levels[1] - estimate >= h * limits.input)
+            and (limits.output is None or levels[2] >= h * limits.output)
+        )
+
+    async def _charge(self, key: str, limits: Limits, estimate: int, mirror: _Mirror) -> None:
+        try:
+            carried = [self.pending.popleft() for _ in range(min(self.carry, len(self.pending)))]
+            await self._call(carried, (key, limits, estimate), charge=True)
+        finally:
+            mirror.busy -= 1
+
     async def admit(self, key: str, limits: Limits, estimate: int) -> Admission:
+        mirror = self.mirrors.get(key)
+        if mirror is not None and self._may_admit_ahead(mirror, limits, estimate):
+            if limits.requests is not None:
+                mirror.levels[0] -= 1
+            if limits.input is not None:
+                mirror.levels[1] -= estimate
+            mirror.busy += 1  # until its charge is in: the next admission asks Redis
+            self.ahead += 1
+            task = asyncio.get_running_loop().create_task(
+                self._charge(key, limits, estimate, mirror)
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return _ADMITTED_REDIS
         result = None
         if not self._waiting_out_outage():
             carried = [self.pending.popleft() for _ in range(min(self.carry, len(self.pending)))]
@@ -425,6 +530,12 @@ class RedisBuckets:
             correction = -prompt  # Redis never reserved this request's estimate
         else:
             correction = estimate - prompt
+        mirror = self.mirrors.get(key)
+        if mirror is not None:  # this replica's view learns its own usage at once
+            if limits.input is not None:
+                mirror.levels[1] = min(float(limits.input), mirror.levels[1] + correction)
+            if limits.output is not None:
+                mirror.levels[2] -= completion
         loop = asyncio.get_running_loop()
         queued = _Settlement(
             key, limits, correction, completion, loop.time(), self.down_since is not None
@@ -477,12 +588,22 @@ class RedisBuckets:
     async def drain(self) -> None:
         """Return once every settlement received so far is in Redis, or kept for after an
         outage: the pending ones are written, and calls already carrying some (the flush timer's,
-        an admission's) have ended."""
+        an admission's, a charge behind an admitted request) have ended."""
         while True:
             await self.flush()
-            if not self._carrying:
+            under_way = [*self._carrying, *self._tasks]
+            if not under_way:
                 return
-            await asyncio.gather(*self._carrying)  # a failed one puts its settlements back
+            # a failed one puts its settlements back
+            await asyncio.gather(*under_way, return_exceptions=True)
+
+    def sweep(self, horizon: float) -> int:
+        """Forget the views of keys not heard of for ``horizon`` seconds."""
+        now = self.clock()
+        old = [k for k, m in self.mirrors.items() if not m.busy and now - m.heard > horizon]
+        for k in old:
+            del self.mirrors[k]
+        return len(old)
 
     async def set_password(self, password: str | None) -> None:
         """Reconnect with a new password (the Secret changed). Calls in flight finish on the old

@@ -57,9 +57,10 @@ async def test_drain_waits_for_settlements_already_on_their_way(redis_server: Re
 
 async def test_two_replicas_share_one_budget(redis_server: RedisServer) -> None:
     # a generous client timeout: this test is about atomic sharing, not outages (with the 100 ms
-    # default a loaded CI machine timed calls out and the fail-open local buckets admitted more)
-    a = RedisBuckets(redis_server.address, timeout=5.0)
-    b = RedisBuckets(redis_server.address, timeout=5.0)
+    # default a loaded CI machine timed calls out and the fail-open local buckets admitted more);
+    # headroom=1: every admission asks Redis first (admitting ahead has tests of its own)
+    a = RedisBuckets(redis_server.address, timeout=5.0, headroom=1.0)
+    b = RedisBuckets(redis_server.address, timeout=5.0, headroom=1.0)
     lim = limits(redis_server, requests=10, input=1000)
     try:
         results = await asyncio.gather(
@@ -91,11 +92,13 @@ async def test_two_replicas_share_one_budget(redis_server: RedisServer) -> None:
 async def test_outage_fail_open_then_closed_then_recovery(redis_server: RedisServer) -> None:
     events: list[bool] = []
     local = Buckets()
+    # headroom=1: each admission asks Redis (one admitted ahead right after the stop would be
+    # answered before the outage is known: test_a_charge_redis_did_not_take_is_replayed)
     open_ = RedisBuckets(
         redis_server.address, fail_open=True, fallback=local, retry_after=0.2,
-        on_outage=events.append,
+        on_outage=events.append, headroom=1.0,
     )  # fmt: skip
-    closed = RedisBuckets(redis_server.address, fail_open=False, retry_after=0.2)
+    closed = RedisBuckets(redis_server.address, fail_open=False, retry_after=0.2, headroom=1.0)
     lim = limits(redis_server, requests=1000)
     try:
         assert (await open_.admit("outage", lim, 1)).ok
@@ -304,8 +307,9 @@ async def test_a_cancelled_admission_still_writes_what_it_carried(
     redis_server: RedisServer, direct: aioredis.Redis
 ) -> None:
     """The client of the admitting request goes away while its admission is in Redis: the
-    settlements that admission carried still reach Redis (once)."""
-    buckets = RedisBuckets(redis_server.address, timeout=5.0, flush_delay=30.0)
+    settlements that admission carried still reach Redis (once). (headroom=1: the admission
+    asks Redis first; one admitted ahead never waits, so there is nothing to cancel.)"""
+    buckets = RedisBuckets(redis_server.address, timeout=5.0, flush_delay=30.0, headroom=1.0)
     lim = limits(redis_server, output=1000)
     try:
         assert (await buckets.admit("cancelled", lim, 0)).ok
@@ -341,9 +345,152 @@ async def test_a_settlement_on_a_foreign_key_does_not_fail_the_admission_carryin
         buckets.settle("foreign", lim, 0, 0, 10)
         buckets.settle("good", lim, 0, 0, 300)
         admitted = await buckets.admit("good", lim, 0)
+        await buckets.drain()  # (admitted ahead: its charge carries the settlements)
         assert admitted.ok and admitted.where == "redis" and buckets.down_since is None
         assert buckets.skipped == 1 and not buckets.pending
         assert float(await direct.hget("mi:rl:good", "o") or 0) == pytest.approx(700, abs=1)
         assert await direct.get("mi:rl:foreign") == b"not a hash"
     finally:
         await buckets.close()
+
+
+def counting(buckets: RedisBuckets) -> list[int]:
+    """Count the script calls ``buckets`` makes: [calls]."""
+    calls = [0]
+    script = buckets.script
+
+    async def counted(**kw: object) -> object:
+        calls[0] += 1
+        return await script(**kw)
+
+    buckets.script = counted
+    return calls
+
+
+async def test_far_from_the_limit_an_admission_does_not_wait_for_redis(
+    redis_server: RedisServer, direct: aioredis.Redis
+) -> None:
+    """With a recent view of the key and plenty left, the request is admitted at once and
+    charged to Redis behind it; the charge takes exactly what an asked-first admission takes."""
+    buckets = RedisBuckets(redis_server.address, timeout=5.0, fresh_for=5.0)
+    calls = counting(buckets)
+    lim = limits(redis_server, requests=100, input=10_000)
+    try:
+        assert (await buckets.admit("ahead", lim, 100)).ok  # no view yet: asks Redis
+        assert calls[0] == 1 and buckets.ahead == 0
+        task = asyncio.create_task(buckets.admit("ahead", lim, 100))
+        await asyncio.sleep(0)  # one step: it never waits for Redis
+        assert task.done() and task.result().ok and task.result().where == "redis"
+        assert buckets.ahead == 1 and calls[0] == 1  # the charge has not even started
+        await buckets.drain()
+        assert calls[0] == 2
+        r, i = await direct.hmget("mi:rl:ahead", "r", "i")
+        assert float(r or 0) == pytest.approx(98, abs=0.1)
+        assert float(i or 0) == pytest.approx(9800, abs=5)
+    finally:
+        await buckets.close()
+
+
+async def test_a_stale_view_asks_redis_first(redis_server: RedisServer) -> None:
+    now = [0.0]
+    buckets = RedisBuckets(redis_server.address, timeout=5.0, clock=lambda: now[0])
+    lim = limits(redis_server, requests=100)
+    try:
+        assert (await buckets.admit("stale", lim, 0)).ok
+        now[0] += buckets.fresh_for + 0.01  # no reply for the key since: the view is too old
+        task = asyncio.create_task(buckets.admit("stale", lim, 0))
+        await asyncio.sleep(0)
+        assert not task.done()  # waiting for Redis
+        assert (await task).ok and buckets.ahead == 0
+        assert buckets.sweep(60.0) == 0 and "stale" in buckets.mirrors
+        now[0] += 61  # the view of a key not heard of for a minute is dropped
+        assert buckets.sweep(60.0) == 1 and not buckets.mirrors
+    finally:
+        await buckets.close()
+
+
+async def test_near_the_limit_redis_decides(redis_server: RedisServer) -> None:
+    """Admitting ahead stops once less than the headroom would be left: the last admissions and
+    the refusal are Redis's own, so one replica never takes more than budget + one estimate."""
+    buckets = RedisBuckets(redis_server.address, timeout=5.0, fresh_for=5.0)
+    lim = limits(redis_server, input=1000)
+    try:
+        admitted = 0
+        for _ in range(20):
+            if (await buckets.admit("near", lim, 100)).ok:
+                admitted += 100
+        assert 1000 <= admitted <= 1100
+        assert buckets.ahead > 0  # some went ahead (while more than 250 stayed)
+        denied = await buckets.admit("near", lim, 100)
+        assert not denied.ok and denied.headers["x-ratelimit-limit-input-tokens"] == "1000"
+    finally:
+        await buckets.close()
+
+
+async def test_two_replicas_admitting_ahead_hold_the_budget(redis_server: RedisServer) -> None:
+    """Two replicas alternate; each hears from Redis after each of its requests (its charge is
+    in), so its view misses at most the other's one request (150 < the headroom of 250)."""
+    a = RedisBuckets(redis_server.address, timeout=5.0, fresh_for=5.0)
+    b = RedisBuckets(redis_server.address, timeout=5.0, fresh_for=5.0)
+    lim = limits(redis_server, input=1000)
+    try:
+        admitted = 0
+        for i in range(40):
+            replica = a if i % 2 else b
+            if (await replica.admit("ahead-shared", lim, 150)).ok:
+                admitted += 150
+            await replica.drain()
+        assert 1000 <= admitted <= 1000 + 150  # budget plus one request's estimate
+        assert a.ahead > 0 and b.ahead > 0
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_charge_redis_did_not_take_is_replayed(
+    redis_server: RedisServer, direct: aioredis.Redis
+) -> None:
+    """Admitted ahead just as Redis went away: the charge fails, is kept (a request and the
+    estimate), and reaches Redis with the next call once it is back."""
+    buckets = RedisBuckets(redis_server.address, retry_after=0.2, timeout=2.0, fresh_for=5.0)
+    lim = limits(redis_server, requests=100, input=1000)
+    try:
+        assert (await buckets.admit("kept-charge", lim, 50)).ok
+        redis_server.stop()
+        admitted = await buckets.admit("kept-charge", lim, 50)
+        assert admitted.ok and buckets.ahead == 1  # the outage is not known yet
+        await buckets.drain()  # the charge fails: kept
+        assert buckets.down_since is not None
+        assert [(s.requests, s.correction) for s in buckets.pending] == [(1, -50)]
+        redis_server.restart()  # empty (no persistence)
+        await asyncio.sleep(0.25)  # past retry_after
+        assert (await buckets.admit("kept-charge", lim, 0)).ok  # asks Redis, carrying the charge
+        assert buckets.replayed == 1 and not buckets.pending and buckets.down_since is None
+        r, i = await direct.hmget("mi:rl:kept-charge", "r", "i")
+        assert float(r or 0) == pytest.approx(98, abs=0.1)  # the kept request and this one
+        assert float(i or 0) == pytest.approx(950, abs=1)
+    finally:
+        if not redis_server.answers():
+            redis_server.restart()
+        await buckets.close()
+
+
+def test_headroom_must_be_positive(redis_server: RedisServer) -> None:
+    with pytest.raises(ValueError, match="headroom must be > 0"):
+        RedisBuckets(redis_server.address, headroom=0)
+
+
+def test_redis_headroom_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from extproc.main import build_policies, parse_args
+    from extproc.metrics import GatewayMetrics
+
+    args = parse_args(["--config", str(tmp_path), "--policies", "--redis-headroom", "0.5"])
+    policies = build_policies(args, GatewayMetrics(CollectorRegistry()))
+    assert policies.settings.redis_headroom == 0.5
+    assert parse_args(["--config", str(tmp_path)]).redis_headroom == 0.25
+    for bad, named in (("0", "must be in (0, 1], got 0"), ("lots", "not a number: 'lots'")):
+        with pytest.raises(SystemExit):
+            parse_args(["--config", str(tmp_path), "--redis-headroom", bad])
+        assert named in capsys.readouterr().err
