@@ -66,6 +66,7 @@ class Window:
     cpu_extproc_ms: float
     cpu_other_ms: float = 0.0
     redis_calls: float = 0.0  # EVALSHA calls per request (auth + Redis limits)
+    ahead: float = 0.0  # share of the requests admitted ahead of Redis (auth + Redis limits)
 
     @property
     def cpu_total_ms(self) -> float:
@@ -212,9 +213,11 @@ def bench_admission(run: Path, seconds: float, rate: float, rounds: int) -> list
                             pids += (redis.child.pid,)  # the redis-server's CPU: its own column
                         url = f"{stack.url}/chat/completions"
                         calls = evalsha_calls(redis.port)
+                        ahead = admitted_ahead(stack)
                         w = hey(name, url, body_file, rate, seconds, pids, auth)
                         # EVALSHA per request: Redis round trips (admission + settlement)
                         w.redis_calls = (evalsha_calls(redis.port) - calls) / max(1, w.count)
+                        w.ahead = (admitted_ahead(stack) - ahead) / max(1, w.count)
                         windows[name].append(w)
                 base = windows[stacks[0][0]]
                 for name, _, _ in stacks:
@@ -240,6 +243,24 @@ def evalsha_calls(port: int) -> int:
     return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
 
 
+def admitted_ahead(stack: GatewayStack) -> float:
+    """Requests the extproc has admitted ahead of Redis so far (its metrics)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = f"http://127.0.0.1:{stack.http_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        text = resp.read().decode()
+    return sum(
+        s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name == "matrixinfer_gateway_ratelimit_redis_admissions_total"
+        and s.labels.get("decided") == "ahead"
+    )
+
+
 def median_window(name: str, ws: list[Window]) -> Window:
     import statistics as st
 
@@ -256,6 +277,7 @@ def median_window(name: str, ws: list[Window]) -> Window:
         st.median(w.cpu_extproc_ms for w in ws),
         st.median(w.cpu_other_ms for w in ws),
         st.median(w.redis_calls for w in ws),
+        st.median(w.ahead for w in ws),
     )
 
 
@@ -430,9 +452,9 @@ def report(admission: list[Admission], usage: list[Window], args: argparse.Names
         "redis-server has its own column (not in ΔCPU).",
         "",
         "| configuration | p50 ms | p90 ms | p99 ms | errors | CPU/req Envoy ms | "
-        "CPU/req extproc ms | CPU/req redis-server ms | Redis calls/req | Δp50 vs data path ms | "
-        "ΔCPU/req vs data path ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "CPU/req extproc ms | CPU/req redis-server ms | Redis calls/req | admitted ahead | "
+        "Δp50 vs data path ms | ΔCPU/req vs data path ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     import statistics as st
 
@@ -440,11 +462,13 @@ def report(admission: list[Admission], usage: list[Window], args: argparse.Names
         w = a.window
         redis = f"{w.cpu_other_ms:.3f}" if w.cpu_other_ms else "—"
         calls = f"{w.redis_calls:.2f}" if "Redis" in w.name else "—"
+        ahead = f"{w.ahead:.0%}" if "Redis" in w.name else "—"
         dp = f"{st.median(a.dp50):+.2f} [{min(a.dp50):+.2f}, {max(a.dp50):+.2f}]"
         dc = f"{st.median(a.dcpu):+.3f} [{min(a.dcpu):+.3f}, {max(a.dcpu):+.3f}]"
         lines.append(
             f"| {w.name} | {w.p50:.2f} | {w.p90:.2f} | {w.p99:.2f} | {w.errors}/{w.count} | "
-            f"{w.cpu_envoy_ms:.3f} | {w.cpu_extproc_ms:.3f} | {redis} | {calls} | {dp} | {dc} |"
+            f"{w.cpu_envoy_ms:.3f} | {w.cpu_extproc_ms:.3f} | {redis} | {calls} | {ahead} | "
+            f"{dp} | {dc} |"
         )
     lines += [
         "",

@@ -99,6 +99,14 @@ class PolicyMetrics(LabelCache):
             ["address"],
             registry=r,
         )
+        self.redis_admitted = Counter(
+            "matrixinfer_gateway_ratelimit_redis_admissions",
+            "Requests admitted against shared (Redis) buckets, by who decided: ahead (this "
+            "replica's recent view, far from the limit; charged to Redis behind the request) | "
+            "redis (asked Redis first) | fallback (Redis unreachable, fail-open local bucket).",
+            ["address", "decided"],
+            registry=r,
+        )
         self.redis_outages = Counter(
             "matrixinfer_gateway_ratelimit_redis_outages",
             "Times the Redis holding shared buckets became unreachable.",
@@ -314,6 +322,13 @@ class Policies:
             self.metrics.child(m, policy.name, "limited").inc()
             raise self._limited(admission, policy.name)
         self.metrics.child(m, policy.name, "admitted").inc()
+        if limits.redis is not None:
+            decided = "ahead" if admission.ahead else admission.where
+            self.metrics.child(
+                self.metrics.redis_admitted,
+                limits.redis,
+                "fallback" if decided == "local" else decided,
+            ).inc()
         charge.bucket = key
         charge.limits = limits
         charge.where = admission.where

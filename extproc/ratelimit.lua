@@ -3,11 +3,11 @@
 -- settlements it has received on its next admission, so a request costs one round trip.
 -- KEYS: the bucket hashes (fields r, i, o: levels; t: last update, seconds from Redis TIME) of
 --       the N settlements, then the admission's.
--- ARGV[1]: N; ARGV[2]: 1 to admit after settling, 2 to charge a request the replica has already
---       admitted (debited whatever the levels), 0 neither. Then per settlement 7 values:
---       requests cap, input cap, output cap (0 = unlimited), period (s), input correction
---       (estimate - prompt), completion tokens, requests to debit; then for the admission 5
---       values: the caps, period, input estimate.
+-- ARGV[1]: N; ARGV[2]: after settling, 1 to admit, 2 only to read the levels of the last key
+--       (a replica's view of it), 0 neither. Then per settlement 7 values: requests cap, input
+--       cap, output cap (0 = unlimited), period (s), input correction (estimate - prompt; a
+--       request admitted ahead: -estimate), completion tokens, requests to debit (admitted
+--       ahead: 1); then for the admission (or the read) 5 values: the caps, period, estimate.
 -- Returns {admitted (1/0), requests level, input level, output level, skipped, now} of the
 -- admission (levels and now, the Redis TIME of the call, as strings), or {N, skipped} when there
 -- is none. skipped: settlements whose key Redis
@@ -84,11 +84,11 @@ if ARGV[2] == '1' then
   if caps[1] > 0 and levels[1] < 1 then admitted = 0 end
   if caps[2] > 0 and levels[2] <= 0 then admitted = 0 end
   if caps[3] > 0 and levels[3] <= 0 then admitted = 0 end
+  if admitted == 1 then
+    if caps[1] > 0 then levels[1] = levels[1] - 1 end
+    if caps[2] > 0 then levels[2] = levels[2] - tonumber(ARGV[i + 4]) end
+  end
+  store(key, levels, caps, period)
 end
-if admitted == 1 then
-  if caps[1] > 0 then levels[1] = levels[1] - 1 end
-  if caps[2] > 0 then levels[2] = levels[2] - tonumber(ARGV[i + 4]) end
-end
-store(key, levels, caps, period)
 return {admitted, tostring(levels[1]), tostring(levels[2]), tostring(levels[3]), skipped,
   tostring(now)}

@@ -95,10 +95,12 @@ class Admission:
     headers: dict[str, str] = field(default_factory=dict)
     reason: str = ""
     where: str = "local"  # local | redis: the bucket that holds the reservation
+    ahead: bool = False  # admitted from this replica's view of Redis, charged behind it
 
 
 _ADMITTED = Admission(True)
 _ADMITTED_REDIS = Admission(True, where="redis")
+_ADMITTED_AHEAD = Admission(True, where="redis", ahead=True)
 
 
 def _fmt(seconds: float) -> str:
@@ -237,20 +239,24 @@ class _Settlement:
     completion: int  # debited from the output level
     queued: float  # loop time it was queued
     kept: bool = False  # kept through an outage (Redis down): replayed when it is back
-    requests: int = 0  # requests debited (a charge Redis did not take: 1)
+    requests: int = 0  # requests debited: 1 for the charge of a request admitted ahead
 
 
 @dataclass(slots=True)
 class _Mirror:
     """A replica's view of one key's buckets in Redis: the levels of the latest reply (by Redis
     ``TIME``: ``seen``), refilled up to ``at`` and with this replica's settlements since applied.
-    ``heard``: local time of that reply; ``busy``: this replica's calls for the key under way."""
+    ``heard``: local time of that reply; ``busy``: admissions for the key in Redis now;
+    ``owed``/``owed_input``: charges of requests admitted ahead that no reply has included yet."""
 
     levels: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     at: float = float("-inf")
     heard: float = float("-inf")
     seen: float = float("-inf")
     busy: int = 0
+    owed: int = 0
+    owed_input: int = 0
+    reading: bool = False  # a read of the key is planned or under way
 
 
 class RedisBuckets:
@@ -263,18 +269,20 @@ class RedisBuckets:
     holds as with one call per settlement), and other replicas see them at most ``flush_delay``
     later (their reports already take Envoy's access-log flush interval to arrive).
 
-    **Admitting ahead.** Every reply carries the key's levels; the replica keeps them (a
-    :class:`_Mirror`, refilled by the clock, its own settlements applied). When that view is
-    recent (a reply within ``fresh_for`` seconds), no call of this replica for the key is under
-    way, and the admission would leave at least ``headroom`` of every limited bucket, the request
-    is admitted at once and charged to Redis by a call that does not hold it up (and debits
-    whatever the levels: the replica has admitted it). Otherwise the admission asks Redis first,
-    as above. So near the limit every decision is Redis's own (the budget holds within one
-    request's estimate), and far from it a request waits for nobody. The budget can only be
-    overrun if, within ``fresh_for`` of this replica's last reply, the other replicas took more
-    than ``headroom`` of a bucket; what is overrun is debt, repaid before the next admission. A
-    charge Redis does not take (an outage) is kept and replayed like a settlement.
-    ``headroom >= 1`` asks Redis first every time.
+    **Admitting ahead.** Every reply to an admission or a read carries the key's levels; the
+    replica keeps them (a :class:`_Mirror`: refilled by the clock, its own charges and
+    settlements applied). When that view is recent (a reply within ``fresh_for`` seconds), no
+    admission of this replica for the key is in Redis, fewer than ``max_owed`` of its charges are
+    unconfirmed, and the request would leave at least ``headroom`` of every limited bucket, the
+    request is admitted at once. Its charge (a request and the estimate) is queued like a
+    settlement — so any call that goes first carries it, an admission asking Redis included — and
+    ``charge_delay`` later a read of the key carries it if nothing has, bringing a fresh view.
+    Otherwise the admission asks Redis first, as above. So near the limit every decision is
+    Redis's own (the budget holds within one request's estimate), and far from it a request
+    waits for nobody. The budget can only be overrun if, within ``fresh_for`` of this replica's
+    last reply, the other replicas took more than ``headroom`` of a bucket; the overrun is debt,
+    repaid before the next admission. A charge Redis does not take (an outage) is kept and
+    replayed like any settlement. ``headroom >= 1`` asks Redis first every time.
     """
 
     def __init__(
@@ -296,6 +304,8 @@ class RedisBuckets:
         single_connection: bool = False,
         headroom: float = 0.25,
         fresh_for: float = 0.25,
+        charge_delay: float = 0.002,
+        max_owed: int = 4,
     ) -> None:
         if not headroom > 0:
             raise ValueError(f"headroom must be > 0 (a fraction of each bucket), got {headroom}")
@@ -349,6 +359,10 @@ class RedisBuckets:
         self._carrying: set[asyncio.Future[None]] = set()  # calls with settlements on their way
         self.headroom = headroom
         self.fresh_for = fresh_for
+        # a charge starts this long after its admission: its Python work (~0.25 ms) then runs
+        # after the request's reply to Envoy is on its way, not before it on the same event loop
+        self.charge_delay = charge_delay
+        self.max_owed = max_owed
         self.mirrors: dict[str, _Mirror] = {}
         self.ahead = 0  # requests admitted ahead of their charge (not waiting for Redis)
 
@@ -363,13 +377,13 @@ class RedisBuckets:
         self,
         settlements: list[_Settlement],
         admission: tuple[str, Limits, int] | None,
-        charge: bool = False,
+        read: bool = False,
     ) -> list[Any] | None:
         """One EVALSHA: settle ``settlements``, then admit ``admission`` (key, limits, estimate)
-        — or, with ``charge``, debit it (already admitted ahead). None when Redis failed; the
-        settlements (and the charge, as one) are then back at the front of ``pending``."""
+        — or, with ``read``, only read that key's levels. None when Redis failed; the settlements
+        are then back at the front of ``pending``."""
         keys = [f"mi:rl:{s.key}" for s in settlements]
-        args: list[Any] = [len(settlements), 0 if admission is None else 2 if charge else 1]
+        args: list[Any] = [len(settlements), 0 if admission is None else 2 if read else 1]
         for s in settlements:
             args.extend(self._args(s.limits))
             args.append(s.correction)
@@ -384,21 +398,16 @@ class RedisBuckets:
             mirror = self.mirrors.get(key)
             if mirror is None:
                 mirror = self.mirrors[key] = _Mirror()
-            mirror.busy += 1
+            if not read:
+                mirror.busy += 1
         carrying: asyncio.Future[None] | None = None
-        if settlements or charge:
+        if settlements:
             carrying = asyncio.get_running_loop().create_future()
             self._carrying.add(carrying)
         try:
             async with asyncio.timeout(self.timeout):
                 result: list[Any] = await self.script(keys=keys, args=args)
         except Exception as exc:  # connection refused/reset, timeout, script error
-            if charge and admission is not None:
-                key, limits, estimate = admission
-                settlements = [
-                    *settlements,
-                    _Settlement(key, limits, -estimate, 0, 0.0, False, int(bool(limits.requests))),
-                ]
             for s in reversed(settlements):
                 s.kept = True
                 self.pending.appendleft(s)
@@ -407,6 +416,8 @@ class RedisBuckets:
             self._next_try = now + self.retry_after
             if self.down_since is None:
                 self.down_since = now
+                for m in self.mirrors.values():  # ask Redis first once it is back
+                    m.heard = float("-inf")
                 log.error(
                     "Redis rate limiter %s unreachable (%s): failing %s",
                     self.address,
@@ -419,7 +430,7 @@ class RedisBuckets:
                 self._arm(self.retry_after)
             return None
         finally:
-            if mirror is not None:
+            if mirror is not None and not read:
                 mirror.busy -= 1
             if carrying is not None:
                 self._carrying.discard(carrying)
@@ -427,6 +438,8 @@ class RedisBuckets:
         for s in settlements:
             if s.kept:
                 self.replayed += 1
+            if s.requests:  # a charge: now in Redis
+                self._confirmed(s)
         if mirror is not None:
             self._observe(mirror, result)
         skipped = int(result[1] if admission is None else result[4]) if settlements else 0
@@ -451,17 +464,34 @@ class RedisBuckets:
             self._arm(0.0)
         return result
 
+    def _confirmed(self, charge: _Settlement) -> None:
+        """A charge is in Redis (or dropped): its key's view no longer owes it."""
+        mirror = self.mirrors.get(charge.key)
+        if mirror is not None and mirror.owed:
+            mirror.owed -= 1
+            mirror.owed_input += charge.correction  # (-estimate)
+
     def _observe(self, mirror: _Mirror, result: list[Any]) -> None:
-        """Keep a reply's levels as the key's view, unless a later call's reply came first."""
+        """Keep a reply's levels, less the charges it does not include yet, as the key's view,
+        unless a later call's reply came first."""
         seen = float(result[5])
         if seen >= mirror.seen:
-            mirror.levels = [float(result[1]), float(result[2]), float(result[3])]
+            mirror.levels = [
+                float(result[1]) - mirror.owed,
+                float(result[2]) - mirror.owed_input,
+                float(result[3]),
+            ]
             mirror.seen = seen
             mirror.at = mirror.heard = self.clock()
 
     def _may_admit_ahead(self, mirror: _Mirror, limits: Limits, estimate: int) -> bool:
         now = self.clock()
-        if mirror.busy or now - mirror.heard > self.fresh_for or self.down_since is not None:
+        if (
+            mirror.busy
+            or mirror.owed >= self.max_owed
+            or now - mirror.heard > self.fresh_for
+            or self.down_since is not None
+        ):
             return False
         levels = mirror.levels
         _refill(levels, limits, now - mirror.at)
@@ -473,12 +503,17 @@ class RedisBuckets:
             and (limits.output is None or levels[2] >= h * limits.output)
         )
 
-    async def _charge(self, key: str, limits: Limits, estimate: int, mirror: _Mirror) -> None:
+    async def _read(self, key: str, limits: Limits, mirror: _Mirror, since: float) -> None:
+        """``charge_delay`` after a request was admitted ahead (its reply to Envoy is on its way
+        by then): carry the queued charges and settlements and read the key's levels — unless a
+        reply for the key has come since (an admission that asked Redis carried the charge)."""
         try:
-            carried = [self.pending.popleft() for _ in range(min(self.carry, len(self.pending)))]
-            await self._call(carried, (key, limits, estimate), charge=True)
+            await asyncio.sleep(self.charge_delay)
+            if mirror.heard <= since and not self._waiting_out_outage():
+                n = min(self.carry, len(self.pending))
+                await self._call([self.pending.popleft() for _ in range(n)], (key, limits, 0), True)
         finally:
-            mirror.busy -= 1
+            mirror.reading = False
 
     async def admit(self, key: str, limits: Limits, estimate: int) -> Admission:
         mirror = self.mirrors.get(key)
@@ -487,14 +522,20 @@ class RedisBuckets:
                 mirror.levels[0] -= 1
             if limits.input is not None:
                 mirror.levels[1] -= estimate
-            mirror.busy += 1  # until its charge is in: the next admission asks Redis
+            mirror.owed += 1
+            mirror.owed_input += estimate
             self.ahead += 1
-            task = asyncio.get_running_loop().create_task(
-                self._charge(key, limits, estimate, mirror)
-            )
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-            return _ADMITTED_REDIS
+            loop = asyncio.get_running_loop()
+            self.pending.append(_Settlement(key, limits, -estimate, 0, loop.time(), requests=1))
+            self._trim()
+            if self._timer is None:
+                self._arm(self.flush_delay)
+            if not mirror.reading:
+                mirror.reading = True
+                task = loop.create_task(self._read(key, limits, mirror, self.clock()))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            return _ADMITTED_AHEAD
         result = None
         if not self._waiting_out_outage():
             carried = [self.pending.popleft() for _ in range(min(self.carry, len(self.pending)))]
@@ -547,7 +588,8 @@ class RedisBuckets:
 
     def _trim(self) -> None:
         while len(self.pending) > self.backlog_limit:
-            self.pending.popleft()
+            if (dropped := self.pending.popleft()).requests:
+                self._confirmed(dropped)
             if not self.dropped:
                 log.error(
                     "Redis rate limiter %s: more than %d settlements wait for Redis; dropping "
@@ -600,7 +642,11 @@ class RedisBuckets:
     def sweep(self, horizon: float) -> int:
         """Forget the views of keys not heard of for ``horizon`` seconds."""
         now = self.clock()
-        old = [k for k, m in self.mirrors.items() if not m.busy and now - m.heard > horizon]
+        old = [
+            k
+            for k, m in self.mirrors.items()
+            if not (m.busy or m.owed or m.reading) and now - m.heard > horizon
+        ]
         for k in old:
             del self.mirrors[k]
         return len(old)

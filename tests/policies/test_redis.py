@@ -4,6 +4,7 @@ and end to end with two gateway stacks (two extproc replicas) sharing one budget
 from __future__ import annotations
 
 import asyncio
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -184,12 +185,31 @@ def ask(stack: GatewayStack) -> bool:
     return True
 
 
+def redis_admissions(stack: GatewayStack) -> dict[str, float]:
+    """``matrixinfer_gateway_ratelimit_redis_admissions_total`` of a stack's extproc, by
+    ``decided``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{stack.http_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return {
+        s.labels["decided"]: s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name == "matrixinfer_gateway_ratelimit_redis_admissions_total"
+    }
+
+
 def test_two_gateways_share_the_redis_budget_and_survive_an_outage(
     two_stacks: tuple[GatewayStack, GatewayStack], redis_server: RedisServer, tmp_path: Path
 ) -> None:
     first, second = two_stacks
     admitted = sum(ask(first if i % 2 else second) for i in range(20))
     assert admitted == 12  # one global budget across both replicas
+    # far from the limit some went ahead of Redis, near it Redis decided: all 12 are counted
+    decided = [redis_admissions(first), redis_admissions(second)]
+    assert sum(d.get("ahead", 0) + d.get("redis", 0) for d in decided) == 12, decided
+    assert sum(d.get("redis", 0) for d in decided) >= 2, decided
     redis_server.stop()
     try:
         # fail-open: each replica falls back to its own local bucket (the same 12/hour), no crash
@@ -382,11 +402,41 @@ async def test_far_from_the_limit_an_admission_does_not_wait_for_redis(
         await asyncio.sleep(0)  # one step: it never waits for Redis
         assert task.done() and task.result().ok and task.result().where == "redis"
         assert buckets.ahead == 1 and calls[0] == 1  # the charge has not even started
-        await buckets.drain()
-        assert calls[0] == 2
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while buckets.pending or buckets.mirrors["ahead"].reading:  # 2 ms later: a read
+            assert loop.time() < deadline, "the charge was not sent"
+            await asyncio.sleep(0.005)
+        assert calls[0] == 2  # the read carried the charge
         r, i = await direct.hmget("mi:rl:ahead", "r", "i")
         assert float(r or 0) == pytest.approx(98, abs=0.1)
         assert float(i or 0) == pytest.approx(9800, abs=5)
+    finally:
+        await buckets.close()
+
+
+async def test_a_charge_goes_with_whichever_call_is_first(
+    redis_server: RedisServer, direct: aioredis.Redis
+) -> None:
+    """The charges of requests admitted ahead wait like settlements: an admission that asks
+    Redis (here: the replica owes max_owed charges already) carries them and is decided after
+    them, so it sees every request this replica has admitted."""
+    buckets = RedisBuckets(
+        redis_server.address, timeout=5.0, fresh_for=5.0, max_owed=2, charge_delay=1.0
+    )
+    calls = counting(buckets)
+    lim = limits(redis_server, requests=100)
+    try:
+        assert (await buckets.admit("first-call", lim, 0)).ok  # asks (no view yet)
+        assert (await buckets.admit("first-call", lim, 0)).ok  # ahead
+        assert (await buckets.admit("first-call", lim, 0)).ok  # ahead
+        assert calls[0] == 1 and buckets.ahead == 2 and len(buckets.pending) == 2
+        task = asyncio.create_task(buckets.admit("first-call", lim, 0))
+        await asyncio.sleep(0)
+        assert not task.done()  # two charges owed: this one asks Redis, carrying them
+        assert (await task).ok and calls[0] == 2 and not buckets.pending
+        assert float(await direct.hget("mi:rl:first-call", "r") or 0) == pytest.approx(96, abs=0.1)
+        assert buckets.mirrors["first-call"].owed == 0
     finally:
         await buckets.close()
 
@@ -463,8 +513,12 @@ async def test_a_charge_redis_did_not_take_is_replayed(
         assert buckets.down_since is not None
         assert [(s.requests, s.correction) for s in buckets.pending] == [(1, -50)]
         redis_server.restart()  # empty (no persistence)
-        await asyncio.sleep(0.25)  # past retry_after
-        assert (await buckets.admit("kept-charge", lim, 0)).ok  # asks Redis, carrying the charge
+        await asyncio.sleep(0.25)  # past retry_after (the retry timer may write the charge now)
+        # the view from before the outage is not used: this admission asks Redis (and carries
+        # the kept charge unless the timer has written it)
+        task = asyncio.create_task(buckets.admit("kept-charge", lim, 0))
+        await asyncio.sleep(0)
+        assert not task.done() and (await task).ok and buckets.ahead == 1
         assert buckets.replayed == 1 and not buckets.pending and buckets.down_since is None
         r, i = await direct.hmget("mi:rl:kept-charge", "r", "i")
         assert float(r or 0) == pytest.approx(98, abs=0.1)  # the kept request and this one
