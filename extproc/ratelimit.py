@@ -256,7 +256,7 @@ class _Mirror:
     busy: int = 0
     owed: int = 0
     owed_input: int = 0
-    reading: bool = False  # a read of the key is planned or under way
+    reading: bool = False  # a read of the key is planned (charge_delay after an admission)
 
 
 class RedisBuckets:
@@ -509,11 +509,11 @@ class RedisBuckets:
         reply for the key has come since (an admission that asked Redis carried the charge)."""
         try:
             await asyncio.sleep(self.charge_delay)
-            if mirror.heard <= since and not self._waiting_out_outage():
-                n = min(self.carry, len(self.pending))
-                await self._call([self.pending.popleft() for _ in range(n)], (key, limits, 0), True)
         finally:
-            mirror.reading = False
+            mirror.reading = False  # from now on a new admission ahead plans a read of its own
+        if mirror.heard <= since and not self._waiting_out_outage():
+            n = min(self.carry, len(self.pending))
+            await self._call([self.pending.popleft() for _ in range(n)], (key, limits, 0), True)
 
     async def admit(self, key: str, limits: Limits, estimate: int) -> Admission:
         mirror = self.mirrors.get(key)
