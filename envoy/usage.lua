@@ -9,7 +9,7 @@
 -- Streams (text/event-stream): every chunk is scanned in C (string.find) for SSE `data:` events,
 -- the running count is stored so an aborted stream still reports a lower bound, and the last
 -- 1 KiB is kept: the final usage event (forced by the extproc with stream_options.include_usage)
--- sits in it. JSON answers: the body is read once at its end.
+-- sits in it. JSON answers: passed on chunk by chunk, the usage read from the last 4 KiB.
 --
 -- When the extproc forced include_usage on a client that had not asked for it, it also sets
 -- envoy.lb/matrixinfer_strip: the usage-only event (`"choices":[]` and `"usage":{...}`) is then
@@ -21,6 +21,7 @@
 
 local NS = "matrixinfer"
 local TAIL = 1024
+local JSON_TAIL = 4096 -- a JSON answer's usage object sits in its last 4 KiB
 local HOLD_MAX = 4096 -- a usage-only event is a few hundred bytes; longer partial events pass on
 
 local find, sub, byte = string.find, string.sub, string.byte
@@ -166,15 +167,21 @@ function envoy_on_response(handle)
     if prompt ~= nil then meta:set(NS, "prompt", tonumber(prompt)) end
     if completion ~= nil then meta:set(NS, "completion", tonumber(completion)) end
   else
-    local body = handle:body()
-    if body ~= nil then
-      local n = body:length()
-      local prompt, completion = usage_of(body:getBytes(math.max(0, n - 4096), math.min(n, 4096)))
-      if prompt ~= nil then
-        local meta = md(handle)
-        meta:set(NS, "prompt", tonumber(prompt))
-        if completion ~= nil then meta:set(NS, "completion", tonumber(completion)) end
+    -- passed on chunk by chunk (body() would hold the answer until its end); the last 4 KiB kept
+    local tail = ""
+    for chunk in handle:bodyChunks() do
+      local n = chunk:length()
+      if n >= JSON_TAIL then
+        tail = chunk:getBytes(n - JSON_TAIL, JSON_TAIL)
+      elseif n > 0 then
+        tail = sub(tail .. chunk:getBytes(0, n), -JSON_TAIL)
       end
+    end
+    local prompt, completion = usage_of(tail)
+    if prompt ~= nil then
+      local meta = md(handle)
+      meta:set(NS, "prompt", tonumber(prompt))
+      if completion ~= nil then meta:set(NS, "completion", tonumber(completion)) end
     end
   end
 end

@@ -304,8 +304,8 @@ class RedisBuckets:
         single_connection: bool = False,
         headroom: float = 0.25,
         fresh_for: float = 0.25,
-        charge_delay: float = 0.002,
-        max_owed: int = 4,
+        charge_delay: float = 0.01,
+        max_owed: int = 16,
     ) -> None:
         if not headroom > 0:
             raise ValueError(f"headroom must be > 0 (a fraction of each bucket), got {headroom}")
@@ -359,8 +359,9 @@ class RedisBuckets:
         self._carrying: set[asyncio.Future[None]] = set()  # calls with settlements on their way
         self.headroom = headroom
         self.fresh_for = fresh_for
-        # a charge starts this long after its admission: its Python work (~0.25 ms) then runs
-        # after the request's reply to Envoy is on its way, not before it on the same event loop
+        # a read carries the charges this long after an admission ahead: its Python work
+        # (~0.25 ms) then runs after the request's reply to Envoy is on its way, not before it on
+        # the same event loop, and the charges and settlements of that time share one call
         self.charge_delay = charge_delay
         self.max_owed = max_owed
         self.mirrors: dict[str, _Mirror] = {}

@@ -171,7 +171,13 @@ def test_json_answers_untouched_and_read() -> None:
     body = orjson.dumps({"choices": [{"message": {"content": "hi"}}], "usage": USAGE})
     passed, md = run_filter([body], strip=True, ctype=b"application/json")
     assert md["prompt"] == 17 and md["completion"] == 3
-    assert passed == []  # the JSON branch reads the buffered body (handle:body), not chunks
+    assert passed == [body]  # passed on as it came (chunk by chunk, nothing held or changed)
+    # a long answer cut anywhere: the usage is read from the last 4 KiB across the cuts
+    long = orjson.dumps({"choices": [{"message": {"content": "x" * 9000}}], "usage": USAGE})
+    for points in ([len(long) - 30], [100, 5000, len(long) - 2], [len(long) - 4096]):
+        passed, md = run_filter(cut(long, points), strip=True, ctype=b"application/json")
+        assert md["prompt"] == 17 and md["completion"] == 3, points
+        assert b"".join(passed) == long
 
 
 def test_lua_file_is_the_shipped_one() -> None:
