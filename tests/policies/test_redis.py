@@ -215,6 +215,7 @@ def test_two_gateways_share_the_redis_budget_and_survive_an_outage(
         # fail-open: each replica falls back to its own local bucket (the same 12/hour), no crash
         assert ask(first) and ask(second)
         wait_until(lambda: "failing open" in first.extproc.log_tail(200), 5, "the outage is logged")
+        assert redis_admissions(first).get("fallback") == 1  # counted as the local fallback's
     finally:
         redis_server.restart()
     # Redis came back empty (no persistence): the shared budget starts again and is shared again
