@@ -681,4 +681,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from matrixinfer.process import unwind_on_sigterm
+
+    unwind_on_sigterm()  # SIGTERM unwinds like Ctrl-C: the children started are stopped
     sys.exit(main())

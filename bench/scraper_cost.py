@@ -335,5 +335,8 @@ def _reading(results: list[dict[str, float]]) -> list[str]:
 
 
 if __name__ == "__main__":
+    from matrixinfer.process import unwind_on_sigterm
+
+    unwind_on_sigterm()  # SIGTERM unwinds like Ctrl-C: the children started are stopped
     with contextlib.suppress(KeyboardInterrupt):
         main()

@@ -282,4 +282,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from matrixinfer.process import unwind_on_sigterm
+
+    unwind_on_sigterm()  # SIGTERM unwinds like Ctrl-C: the children started are stopped
     main()

@@ -30,6 +30,7 @@ __all__ = [
     "find_envoy",
     "free_port",
     "http_ok",
+    "unwind_on_sigterm",
     "wait_until",
 ]
 
@@ -56,6 +57,17 @@ def free_port(host: str = "127.0.0.1") -> int:
             _ISSUED.append(port)
             return port
     raise OSError(f"no fresh free port on {host} after 100 tries")
+
+
+def unwind_on_sigterm() -> None:
+    """Make SIGTERM raise ``SystemExit`` in the main thread (as Ctrl-C raises KeyboardInterrupt),
+    so that ``finally`` blocks and ``with`` statements stop the children a command started; by
+    default SIGTERM ends Python at once and leaves them running."""
+
+    def unwind(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, unwind)
 
 
 def http_ok(url: str, timeout: float = 1.0) -> bool:

@@ -5,7 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from matrixinfer.process import Child, ReadinessTimeout, find_envoy, free_port, http_ok
+from matrixinfer.process import (
+    Child,
+    ReadinessTimeout,
+    find_envoy,
+    free_port,
+    http_ok,
+    wait_until,
+)
 
 
 def test_free_port_is_bindable() -> None:
@@ -73,3 +80,35 @@ def test_child_that_exits_early_reports_its_log(logdir: Path) -> None:
 
 def test_envoy_binary_is_found() -> None:
     assert Path(find_envoy()).is_file()
+
+
+def test_sigterm_unwinds_and_stops_the_children(tmp_path: Path) -> None:
+    """A command that called unwind_on_sigterm() and got SIGTERM stops what it started (by
+    default Python would end at once and leave its child running)."""
+    import os
+    import signal
+    import subprocess
+
+    pid_file = tmp_path / "child.pid"
+    script = f"""
+import sys, time
+from pathlib import Path
+from matrixinfer.process import Child, unwind_on_sigterm
+unwind_on_sigterm()
+child = Child("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"],
+              log_path=Path({str(tmp_path / "child.log")!r}), ready=lambda: True, ready_timeout=10)
+with child:
+    Path({str(pid_file)!r}).write_text(str(child.pid))
+    time.sleep(60)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        wait_until(pid_file.exists, 20, "the child started")
+        child_pid = int(pid_file.read_text())
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 128 + signal.SIGTERM
+        with pytest.raises(ProcessLookupError):  # the child was stopped (and reaped) by Child
+            os.kill(child_pid, 0)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
