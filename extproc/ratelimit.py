@@ -29,7 +29,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -513,8 +513,7 @@ class RedisBuckets:
         finally:
             mirror.reading = False  # from now on a new admission ahead plans a read of its own
         if mirror.heard <= since and not self._waiting_out_outage():
-            n = min(self.carry, len(self.pending))
-            await self._call([self.pending.popleft() for _ in range(n)], (key, limits, 0), True)
+            await self._call(self._take(self.carry), (key, limits, 0), True)
 
     async def admit(self, key: str, limits: Limits, estimate: int) -> Admission:
         mirror = self.mirrors.get(key)
@@ -526,20 +525,14 @@ class RedisBuckets:
             mirror.owed += 1
             mirror.owed_input += estimate
             self.ahead += 1
-            loop = asyncio.get_running_loop()
-            self.pending.append(_Settlement(key, limits, -estimate, 0, loop.time(), requests=1))
-            self._trim()
-            if self._timer is None:
-                self._arm(self.flush_delay)
+            self._queue(_Settlement(key, limits, -estimate, 0, self._loop_time(), requests=1))
             if not mirror.reading:
                 mirror.reading = True
-                task = loop.create_task(self._read(key, limits, mirror, self.clock()))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._spawn(self._read(key, limits, mirror, self.clock()))
             return _ADMITTED_AHEAD
         result = None
         if not self._waiting_out_outage():
-            carried = [self.pending.popleft() for _ in range(min(self.carry, len(self.pending)))]
+            carried = self._take(self.carry)
             call = self._call(carried, (key, limits, estimate))
             # a request cancelled meanwhile (client gone) must not take the settlements it
             # carries with it: the call then runs to its end in a task of its own
@@ -578,14 +571,33 @@ class RedisBuckets:
                 mirror.levels[1] = min(float(limits.input), mirror.levels[1] + correction)
             if limits.output is not None:
                 mirror.levels[2] -= completion
-        loop = asyncio.get_running_loop()
-        queued = _Settlement(
-            key, limits, correction, completion, loop.time(), self.down_since is not None
+        self._queue(
+            _Settlement(
+                key, limits, correction, completion, self._loop_time(), self.down_since is not None
+            )
         )
-        self.pending.append(queued)
+
+    @staticmethod
+    def _loop_time() -> float:
+        return asyncio.get_running_loop().time()
+
+    def _queue(self, settlement: _Settlement) -> None:
+        """Queue for Redis: carried by the next call, or written by the timer ``flush_delay``
+        later (armed here if it is not)."""
+        self.pending.append(settlement)
         self._trim()
         if self._timer is None:
             self._arm(self.flush_delay)
+
+    def _take(self, n: int) -> list[_Settlement]:
+        """The oldest ``n`` queued settlements (fewer if fewer wait), off the queue."""
+        return [self.pending.popleft() for _ in range(min(n, len(self.pending)))]
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` in a task of its own that ``drain`` and ``close`` wait for."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _trim(self) -> None:
         while len(self.pending) > self.backlog_limit:
@@ -612,20 +624,16 @@ class RedisBuckets:
         if self._waiting_out_outage():
             self._arm(self._next_try - self.clock())
             return
-        loop = asyncio.get_running_loop()
-        wait = self.pending[0].queued + self.flush_delay - loop.time()
+        wait = self.pending[0].queued + self.flush_delay - self._loop_time()
         if wait > 0.001:  # the oldest came after the last call: give an admission its chance
             self._arm(wait)
             return
-        task = loop.create_task(self.flush())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self.flush())
 
     async def flush(self) -> None:
         """Write every pending settlement now (in calls of ``batch``); stops at a failure."""
         while self.pending and not self._waiting_out_outage():
-            batch = [self.pending.popleft() for _ in range(min(self.batch, len(self.pending)))]
-            if await self._call(batch, None) is None:
+            if await self._call(self._take(self.batch), None) is None:
                 return
 
     async def drain(self) -> None:
