@@ -245,20 +245,9 @@ def evalsha_calls(port: int) -> int:
 
 def admitted_ahead(stack: GatewayStack) -> float:
     """Requests the extproc has admitted ahead of Redis so far (its metrics)."""
-    import urllib.request
+    from tests.policies.conftest import metric
 
-    from prometheus_client.parser import text_string_to_metric_families
-
-    url = f"http://127.0.0.1:{stack.http_port}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        text = resp.read().decode()
-    return sum(
-        s.value
-        for fam in text_string_to_metric_families(text)
-        for s in fam.samples
-        if s.name == "matrixinfer_gateway_ratelimit_redis_admissions_total"
-        and s.labels.get("decided") == "ahead"
-    )
+    return metric(stack, "matrixinfer_gateway_ratelimit_redis_admissions_total", decided="ahead")
 
 
 def median_window(name: str, ws: list[Window]) -> Window:

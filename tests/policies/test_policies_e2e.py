@@ -13,7 +13,6 @@ from typing import Any
 import openai
 import pytest
 from openai import OpenAI
-from prometheus_client.parser import text_string_to_metric_families
 
 from matrixinfer.process import free_port, wait_until
 from matrixinfer.stack import GatewayStack
@@ -24,6 +23,7 @@ from tests.policies.conftest import (
     POOL,
     documents,
     keys_yaml,
+    metric,
     policy_stack,
     route_yaml,
     write_config,
@@ -105,17 +105,6 @@ def stack(
 
 def client(stack: GatewayStack, key: str | None) -> OpenAI:
     return OpenAI(base_url=stack.url, api_key=key or "", max_retries=0, timeout=20)
-
-
-def metric(stack: GatewayStack, name: str, **labels: str) -> float:
-    with urllib.request.urlopen(f"{stack.extproc_url}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
 
 
 def chat(c: OpenAI, model: str, max_tokens: int = 5) -> str:

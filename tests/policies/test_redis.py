@@ -4,7 +4,6 @@ and end to end with two gateway stacks (two extproc replicas) sharing one budget
 from __future__ import annotations
 
 import asyncio
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -18,7 +17,14 @@ from extproc.ratelimit import Buckets, Limits, RedisBuckets
 from matrixinfer.process import wait_until
 from matrixinfer.stack import GatewayStack
 from sim.fleet import Fleet
-from tests.policies.conftest import KEYS, RedisServer, keys_yaml, policy_stack, write_config
+from tests.policies.conftest import (
+    KEYS,
+    RedisServer,
+    keys_yaml,
+    metric,
+    policy_stack,
+    write_config,
+)
 
 
 @pytest.fixture
@@ -185,19 +191,9 @@ def ask(stack: GatewayStack) -> bool:
     return True
 
 
-def redis_admissions(stack: GatewayStack) -> dict[str, float]:
-    """``matrixinfer_gateway_ratelimit_redis_admissions_total`` of a stack's extproc, by
-    ``decided``."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{stack.http_port}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    return {
-        s.labels["decided"]: s.value
-        for fam in text_string_to_metric_families(text)
-        for s in fam.samples
-        if s.name == "matrixinfer_gateway_ratelimit_redis_admissions_total"
-    }
+def redis_admissions(stack: GatewayStack, decided: str) -> float:
+    """``matrixinfer_gateway_ratelimit_redis_admissions_total{decided}`` of a stack."""
+    return metric(stack, "matrixinfer_gateway_ratelimit_redis_admissions_total", decided=decided)
 
 
 def test_two_gateways_share_the_redis_budget_and_survive_an_outage(
@@ -207,15 +203,15 @@ def test_two_gateways_share_the_redis_budget_and_survive_an_outage(
     admitted = sum(ask(first if i % 2 else second) for i in range(20))
     assert admitted == 12  # one global budget across both replicas
     # far from the limit some went ahead of Redis, near it Redis decided: all 12 are counted
-    decided = [redis_admissions(first), redis_admissions(second)]
-    assert sum(d.get("ahead", 0) + d.get("redis", 0) for d in decided) == 12, decided
-    assert sum(d.get("redis", 0) for d in decided) >= 2, decided
+    by = {d: [redis_admissions(s, d) for s in two_stacks] for d in ("ahead", "redis")}
+    assert sum(by["ahead"]) + sum(by["redis"]) == 12, by
+    assert sum(by["redis"]) >= 2, by
     redis_server.stop()
     try:
         # fail-open: each replica falls back to its own local bucket (the same 12/hour), no crash
         assert ask(first) and ask(second)
         wait_until(lambda: "failing open" in first.extproc.log_tail(200), 5, "the outage is logged")
-        assert redis_admissions(first).get("fallback") == 1  # counted as the local fallback's
+        assert redis_admissions(first, "fallback") == 1  # counted as the local fallback's
     finally:
         redis_server.restart()
     # Redis came back empty (no persistence): the shared budget starts again and is shared again

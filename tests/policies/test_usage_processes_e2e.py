@@ -15,7 +15,6 @@ import pytest
 import redis
 from openai import OpenAI
 from openai.types.chat import ChatCompletionMessageParam
-from prometheus_client.parser import text_string_to_metric_families
 
 from matrixinfer.process import ReadinessTimeout, wait_until
 from matrixinfer.stack import GatewayStack
@@ -24,7 +23,9 @@ from tests.policies.conftest import (
     POOL,
     RedisServer,
     documents,
+    metric,
     policy_stack,
+    port_metric,
     route_yaml,
     write_config,
 )
@@ -61,21 +62,6 @@ def stack(tmp_path: Path, policy_fleet: Fleet, redis_server: RedisServer) -> Ite
         yield s
     finally:
         s.stop()
-
-
-def metric(http_port: int, name: str, **labels: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=2) as resp:
-        text = resp.read().decode()
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
-    )
-
-
-def total(stack: GatewayStack, name: str, **labels: str) -> float:
-    return sum(metric(port, name, **labels) for port in stack.http_ports)
 
 
 def one_conversation(stack: GatewayStack, n: int) -> tuple[int, int]:
@@ -134,7 +120,7 @@ def test_every_report_is_charged_whichever_process_it_reaches(
     requests = 3 * conversations
 
     admitted = [
-        metric(port, "matrixinfer_gateway_ratelimit_decisions_total", result="admitted")
+        port_metric(port, "matrixinfer_gateway_ratelimit_decisions_total", result="admitted")
         for port in stack.http_ports
     ]
     assert sum(admitted) == requests
@@ -142,18 +128,18 @@ def test_every_report_is_charged_whichever_process_it_reaches(
 
     def settled() -> bool:
         return (
-            total(stack, "matrixinfer_gateway_usage_reports_total", source="reported") >= requests
+            metric(stack, "matrixinfer_gateway_usage_reports_total", source="reported") >= requests
         )
 
     try:
         wait_until(settled, 20, "every usage report settled on one process or the other")
     except ReadinessTimeout:
         by_source = {
-            x: total(stack, "matrixinfer_gateway_usage_reports_total", source=x)
+            x: metric(stack, "matrixinfer_gateway_usage_reports_total", source=x)
             for x in ("reported", "aborted", "error", "unreported")
         }
         foreign_by = {
-            x: total(stack, "matrixinfer_gateway_usage_foreign_reports_total", result=x)
+            x: metric(stack, "matrixinfer_gateway_usage_foreign_reports_total", result=x)
             for x in ("settled", "no_charge", "duplicate", "invalid")
         }
         with urllib.request.urlopen(
@@ -166,22 +152,22 @@ def test_every_report_is_charged_whichever_process_it_reaches(
         ) from None
     # Envoy (one worker) streams its access log to one process: the other's requests were
     # settled there from the charge they carried
-    foreign = total(stack, "matrixinfer_gateway_usage_foreign_reports_total", result="settled")
+    foreign = metric(stack, "matrixinfer_gateway_usage_foreign_reports_total", result="settled")
     assert foreign > 0
-    assert total(stack, "matrixinfer_gateway_usage_reports_total", source="reported") == requests
+    assert metric(stack, "matrixinfer_gateway_usage_reports_total", source="reported") == requests
     # the admitting process drops those after --usage-grace as unreported, counting nothing
     wait_until(
         lambda: (
-            total(stack, "matrixinfer_gateway_usage_reports_total", source="unreported") >= foreign
+            metric(stack, "matrixinfer_gateway_usage_reports_total", source="unreported") >= foreign
         ),
         20,
         "the admitting processes swept the charges settled elsewhere",
     )
-    assert total(stack, "matrixinfer_gateway_usage_reports_total", source="unreported") == foreign
-    assert total(stack, "matrixinfer_gateway_usage_foreign_reports_total", result="no_charge") == 0
+    assert metric(stack, "matrixinfer_gateway_usage_reports_total", source="unreported") == foreign
+    assert metric(stack, "matrixinfer_gateway_usage_foreign_reports_total", result="no_charge") == 0
     tokens = "matrixinfer_gateway_usage_tokens_total"
-    assert total(stack, tokens, model="budget-model", kind="prompt") == prompt
-    assert total(stack, tokens, model="budget-model", kind="completion") == completion
+    assert metric(stack, tokens, model="budget-model", kind="prompt") == prompt
+    assert metric(stack, tokens, model="budget-model", kind="completion") == completion
 
     # the shared budget: exactly the engines' tokens below capacity, but for the refill since
     # the first admission (Redis TIME)
