@@ -9,6 +9,7 @@ import pytest
 from hypothesis import settings
 
 from matrixinfer.process import free_port
+from sim.fleet import Fleet
 
 # Hypothesis' per-example deadline (200 ms) measures the machine, not the code: on a loaded CI
 # machine a slow example fails as DeadlineExceeded/Flaky. Tests check behaviour, never timings.
@@ -20,6 +21,26 @@ settings.load_profile("matrixinfer")
 # average 16 measured) exceeded it and Envoy answered 503 ext_proc_error_per-message_timeout to a
 # test that checks usage accounting, not latency. The queue e2e keeps the 1 s base on purpose.
 E2E_MESSAGE_TIMEOUT_MS = 10_000
+
+
+def sim_fleet(
+    tmp_path_factory: pytest.TempPathFactory,
+    host: str,
+    replicas: int,
+    *sim_args: str,
+    logs: str,
+    **kw: str,
+) -> Fleet:
+    """``replicas`` simulators from ``host`` on (a port free there), ``sim_args`` for each, logs in
+    a fresh folder named after ``logs``; ``with`` starts and stops them."""
+    return Fleet(
+        replicas,
+        port=free_port(host),
+        first_host=host,
+        args=sim_args,
+        log_dir=tmp_path_factory.mktemp(logs),
+        **kw,
+    )
 
 
 @pytest.fixture

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from matrixinfer.process import ReadinessTimeout, free_port, wait_until
+from matrixinfer.process import ReadinessTimeout, wait_until
 from matrixinfer.stack import GatewayStack, StackOptions
 from sim.fleet import Fleet
-from tests.conftest import E2E_MESSAGE_TIMEOUT_MS
+from tests.conftest import E2E_MESSAGE_TIMEOUT_MS, sim_fleet
 
 BODY_LIMIT = 256 * 1024
 SCRAPE_INTERVAL = 0.1
@@ -181,23 +181,11 @@ def endpoints_yaml(fleet: Fleet) -> str:
 
 @pytest.fixture(scope="session")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    logs = tmp_path_factory.mktemp("sims")
-    f = Fleet(
-        4,
-        port=free_port("127.0.0.60"),
-        first_host="127.0.0.60",
-        args=(
-            "--time-scale",
-            "0.02",
-            "--max-loras",
-            "2",
-            "--lora-modules",
-            "lora-a=/l/a",
-            "lora-b=/l/b",
-        ),
-        log_dir=logs,
-    )
-    with f:
+    with sim_fleet(
+        tmp_path_factory, "127.0.0.60", 4,
+        "--time-scale", "0.02", "--max-loras", "2", "--lora-modules", "lora-a=/l/a", "lora-b=/l/b",
+        logs="sims",
+    ) as f:  # fmt: skip
         yield f
 
 

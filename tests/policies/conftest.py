@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from matrixinfer.process import Child, free_port, wait_until
 from matrixinfer.stack import GatewayStack, StackOptions
 from sim.fleet import Fleet
-from tests.conftest import E2E_MESSAGE_TIMEOUT_MS
+from tests.conftest import E2E_MESSAGE_TIMEOUT_MS, sim_fleet
 from tests.extproc.conftest import endpoints_yaml
 from tests.extproc.helpers import server_yaml
 
@@ -62,14 +62,9 @@ def keys_yaml(keys: dict[str, tuple[str, str, list[str]]]) -> str:
 
 @pytest.fixture(scope="session")
 def policy_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    f = Fleet(
-        2,
-        port=free_port("127.0.0.70"),
-        first_host="127.0.0.70",
-        args=("--time-scale", "0.01"),
-        log_dir=tmp_path_factory.mktemp("policy-sims"),
-    )
-    with f:
+    with sim_fleet(
+        tmp_path_factory, "127.0.0.70", 2, "--time-scale", "0.01", logs="policy-sims"
+    ) as f:
         yield f
 
 

@@ -14,9 +14,10 @@ import openai
 import pytest
 from openai import OpenAI
 
-from matrixinfer.process import free_port, wait_until
+from matrixinfer.process import wait_until
 from matrixinfer.stack import GatewayStack
 from sim.fleet import Fleet
+from tests.conftest import sim_fleet
 from tests.extproc.helpers import server_yaml
 from tests.policies.conftest import (
     KEYS,
@@ -58,15 +59,10 @@ SLOW_ROUTE = documents(
 
 @pytest.fixture(scope="module")
 def slow_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    f = Fleet(
-        1,
-        port=free_port("127.0.0.76"),
-        first_host="127.0.0.76",
-        args=("--time-scale", "1"),
-        log_dir=tmp_path_factory.mktemp("policy-slow-sim"),
+    with sim_fleet(
+        tmp_path_factory, "127.0.0.76", 1, "--time-scale", "1", logs="policy-slow-sim",
         name_prefix="slow",
-    )
-    with f:
+    ) as f:  # fmt: skip
         yield f
 
 

@@ -15,9 +15,9 @@ import openai
 import pytest
 from openai import OpenAI
 
-from matrixinfer.process import ReadinessTimeout, free_port, wait_until
+from matrixinfer.process import ReadinessTimeout, wait_until
 from matrixinfer.stack import GatewayStack
-from sim.fleet import Fleet
+from tests.conftest import sim_fleet
 from tests.policies.conftest import KEYS, keys_yaml, policy_stack, write_config
 from tests.policies.test_policies_e2e import metric
 
@@ -70,15 +70,11 @@ spec:
 
 @pytest.fixture(scope="module")
 def queue_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayStack]:
-    fleet = Fleet(
-        1,
-        port=free_port("127.0.0.80"),
-        first_host="127.0.0.80",
-        # one pod that runs 2 sequences at a time, 60 tokens take ~0.6 s
-        args=("--time-scale", "1", "--max-num-seqs", "2"),
-        log_dir=tmp_path_factory.mktemp("queue-sims"),
-    )
-    with fleet:
+    # one pod that runs 2 sequences at a time, 60 tokens take ~0.6 s
+    with sim_fleet(
+        tmp_path_factory, "127.0.0.80", 1, "--time-scale", "1", "--max-num-seqs", "2",
+        logs="queue-sims",
+    ) as fleet:  # fmt: skip
         config = tmp_path_factory.mktemp("queue-config")
         write_config(config, fleet, ROUTES)
         secrets = tmp_path_factory.mktemp("queue-secrets")

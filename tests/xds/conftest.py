@@ -20,7 +20,7 @@ from controllers.xds.main import XdsApp, parse_args
 from matrixinfer.envoy_config import AdsBootstrap, render_ads_bootstrap
 from matrixinfer.process import Child, envoy_child, free_port, http_ok
 from sim.fleet import Fleet
-from tests.conftest import E2E_MESSAGE_TIMEOUT_MS
+from tests.conftest import E2E_MESSAGE_TIMEOUT_MS, sim_fleet
 
 ROUTES = """apiVersion: networking.matrixinfer.ai/v1alpha1
 kind: ModelServer
@@ -54,14 +54,7 @@ def endpoints_yaml(fleet: Fleet) -> str:
 
 @pytest.fixture(scope="package")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    f = Fleet(
-        2,
-        port=free_port("127.0.0.80"),
-        first_host="127.0.0.80",
-        args=("--time-scale", "0.01"),
-        log_dir=tmp_path_factory.mktemp("xds-sims"),
-    )
-    with f:
+    with sim_fleet(tmp_path_factory, "127.0.0.80", 2, "--time-scale", "0.01", logs="xds-sims") as f:
         yield f
 
 
