@@ -3,19 +3,22 @@ stacks (xDS + extproc + Envoy) started with policies on."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import shutil
 import socket
+import threading
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import pytest
 import redis
+from aiohttp import ClientSession, web
 from prometheus_client.parser import text_string_to_metric_families
 
-from matrixinfer.process import Child, free_port, wait_until
+from matrixinfer.process import Child, free_port, http_ok, wait_until
 from matrixinfer.stack import GatewayStack, StackOptions
 from sim.fleet import Fleet
 from tests.conftest import E2E_MESSAGE_TIMEOUT_MS, sim_fleet
@@ -195,6 +198,71 @@ def password_redis(tmp_path: Path) -> Iterator[PasswordRedis]:
         yield server
     finally:
         server.child.stop()
+
+
+class EngineStandIn:
+    """An engine stand-in between Envoy and a simulator, on its own event loop thread: each
+    request is passed to ``upstream`` (:meth:`forward`) and its answer reshaped by
+    :meth:`handle` (subclasses), to give Envoy answers of a shape the simulator never sends."""
+
+    def __init__(self, upstream: str, host: str) -> None:
+        self.upstream = upstream
+        self.host = host
+        self.port = free_port(host)
+        self.address = f"{host}:{self.port}"
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.runner: web.AppRunner | None = None
+        self.session: ClientSession | None = None
+
+    def start(self) -> Self:
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(10)
+        wait_until(lambda: http_ok(f"http://{self.address}/health"), 10, "the stand-in answers")
+        return self
+
+    def stop(self) -> None:
+        if self.thread.is_alive():
+            asyncio.run_coroutine_threadsafe(self._stop(), self.loop).result(10)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+
+    async def _start(self) -> None:
+        self.session = ClientSession()
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, self.host, self.port).start()
+
+    async def _stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+        if self.session is not None:
+            await self.session.close()
+
+    async def forward(self, request: web.Request) -> tuple[int, str, bytes]:
+        """(status, content-type, body) of the simulator's answer to ``request``."""
+        assert self.session is not None
+        raw = await request.read()
+        headers = {"content-type": request.headers.get("content-type", "application/json")}
+        async with self.session.request(
+            request.method, self.upstream + request.path_qs, data=raw or None, headers=headers
+        ) as up:
+            body = await up.read()
+            return up.status, up.headers.get("content-type", "application/octet-stream"), body
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        status, ctype, body = await self.forward(request)
+        return web.Response(body=body, status=status, headers={"Content-Type": ctype})
+
+    def endpoints_yaml(self, name: str, labels: str) -> str:
+        """A config-dir Endpoints document with this stand-in as pod ``<name>-0``."""
+        return (
+            "apiVersion: gateway.matrixinfer.ai/v1alpha1\nkind: Endpoints\n"
+            f"metadata: {{name: {name}}}\nspec:\n  endpoints:\n"
+            f"  - {{name: {name}-0, address: '{self.address}', labels: {labels}}}\n"
+        )
 
 
 def port_metric(http_port: int, name: str, **labels: str) -> float:

@@ -14,14 +14,21 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from aiohttp import ClientSession, web
+from aiohttp import web
 from openai import OpenAI
 
-from matrixinfer.process import free_port, http_ok, wait_until
+from matrixinfer.process import wait_until
 from matrixinfer.stack import GatewayStack
 from sim.fleet import Fleet
 from tests.extproc.helpers import server_yaml
-from tests.policies.conftest import POOL, documents, policy_stack, route_yaml, write_config
+from tests.policies.conftest import (
+    POOL,
+    EngineStandIn,
+    documents,
+    policy_stack,
+    route_yaml,
+    write_config,
+)
 from tests.policies.test_policies_e2e import metric
 
 ROUTES = documents(
@@ -40,61 +47,20 @@ ROUTES = documents(
 WORDS = 40
 
 
-class Splitter:
+class Splitter(EngineStandIn):
     """An engine stand-in between Envoy and a simulator: answers like the simulator, but writes
     each SSE answer in three pieces that end inside events (the second one inside the usage
     event), each written only after the client saw what came before — so Envoy's Lua filter gets
     them as separate chunks, for sure."""
 
     def __init__(self, upstream: str, host: str = "127.0.0.79") -> None:
-        self.upstream = upstream
-        self.host = host
-        self.port = free_port(host)
-        self.address = f"{host}:{self.port}"
+        super().__init__(upstream, host)
         self.saw_role = threading.Event()
         self.saw_finish = threading.Event()
         self.gates_passed: list[bool] = []
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.runner: web.AppRunner | None = None
-        self.session: ClientSession | None = None
-
-    def start(self) -> Splitter:
-        self.thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(10)
-        wait_until(lambda: http_ok(f"http://{self.address}/health"), 10, "the splitter answers")
-        return self
-
-    def stop(self) -> None:
-        if self.thread.is_alive():
-            asyncio.run_coroutine_threadsafe(self._stop(), self.loop).result(10)
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(10)
-
-    async def _start(self) -> None:
-        self.session = ClientSession()
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, self.host, self.port).start()
-
-    async def _stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
-        if self.session is not None:
-            await self.session.close()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        assert self.session is not None
-        raw = await request.read()
-        headers = {"content-type": request.headers.get("content-type", "application/json")}
-        async with self.session.request(
-            request.method, self.upstream + request.path_qs, data=raw or None, headers=headers
-        ) as up:
-            body = await up.read()
-            ctype = up.headers.get("content-type", "application/octet-stream")
-            status = up.status
+        status, ctype, body = await self.forward(request)
         if "text/event-stream" not in ctype:
             return web.Response(body=body, status=status, headers={"Content-Type": ctype})
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -130,11 +96,7 @@ def stack(
 ) -> Iterator[GatewayStack]:
     config = tmp_path_factory.mktemp("usage-stream-config")
     write_config(config, policy_fleet, ROUTES)
-    (config / "splitter.yaml").write_text(
-        "apiVersion: gateway.matrixinfer.ai/v1alpha1\nkind: Endpoints\n"
-        "metadata: {name: splitter}\nspec:\n  endpoints:\n"
-        f"  - {{name: splitter-0, address: '{splitter.address}', labels: {{app: splitter}}}}\n"
-    )
+    (config / "splitter.yaml").write_text(splitter.endpoints_yaml("splitter", "{app: splitter}"))
     s = policy_stack(
         config, tmp_path_factory.mktemp("usage-stream-run"), policy_fleet, ("--usage-grace", "5")
     )
