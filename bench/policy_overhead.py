@@ -115,12 +115,17 @@ spec:
 """
 
 
-def start_stack(config: Path, run: Path, wanted: set[str], extra: tuple[str, ...]) -> GatewayStack:
+def start_stack(
+    config: Path, run: Path, wanted: set[str], extra: tuple[str, ...], xds: tuple[str, ...] = ()
+) -> GatewayStack:
     stack = GatewayStack(
         config,
         run,
         StackOptions(
-            extproc_log_level="WARNING", extra_extproc_args=extra, message_timeout_ms=2000
+            extproc_log_level="WARNING",
+            extra_extproc_args=extra,
+            extra_xds_args=xds,
+            message_timeout_ms=2000,
         ),
     ).start()
     try:

@@ -43,6 +43,7 @@ class StackOptions:
     envoy_log_level: str = "warn"
     envoy_concurrency: int = 2
     extra_extproc_args: Sequence[str] = field(default_factory=tuple)
+    extra_xds_args: Sequence[str] = field(default_factory=tuple)  # e.g. --no-policy-filters
     transport: str = "grpc"  # extproc's ext_proc server: grpc (grpc.aio) or h2 (docs/gateway.md)
     # extproc processes (replicas) behind Envoy's ext_proc cluster; each keeps its own in-flight
     # counts, prefix index, queue and local buckets (docs/gateway.md "Several extproc processes")
@@ -123,6 +124,7 @@ class GatewayStack:
                 *([] if _policies_on(o.extra_extproc_args) else ["--no-policy-filters"]),
                 "--log-level",
                 o.extproc_log_level,
+                *o.extra_xds_args,
             ],
             log_path=self.run_dir / "xds.log",
             ready=lambda: http_ok(f"{self.xds_url}/healthz"),
