@@ -6,6 +6,11 @@
 -- gRPC access log then carries it to the extproc once per request, in batches. No chunk goes
 -- through Python.
 --
+-- Envoy's matcher (extproc.usage.envoy_http_filters) hands this filter only marked answers of
+-- unknown length or of 1 MB or more (no content-length of at most 6 digits): streams, chunked
+-- answers, long JSON answers. Shorter JSON answers are read by Envoy's json_to_metadata filter
+-- instead (C++, cheaper; it holds the answer, which is why it does not get long ones).
+--
 -- Streams (text/event-stream): every chunk is scanned in C (string.find) for SSE `data:` events,
 -- the running count is stored so an aborted stream still reports a lower bound, and the last
 -- 1 KiB is kept: the final usage event (forced by the extproc with stream_options.include_usage)
