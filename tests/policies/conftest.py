@@ -10,6 +10,7 @@ import socket
 import threading
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Self
 
@@ -221,6 +222,12 @@ class EngineStandIn:
         wait_until(lambda: http_ok(f"http://{self.address}/health"), 10, "the stand-in answers")
         return self
 
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def stop(self) -> None:
         if self.thread.is_alive():
             asyncio.run_coroutine_threadsafe(self._stop(), self.loop).result(10)
@@ -263,6 +270,28 @@ class EngineStandIn:
             f"metadata: {{name: {name}}}\nspec:\n  endpoints:\n"
             f"  - {{name: {name}-0, address: '{self.address}', labels: {labels}}}\n"
         )
+
+
+@contextmanager
+def stand_in_stack(
+    tmp_path_factory: pytest.TempPathFactory,
+    fleet: Fleet,
+    stand_in: EngineStandIn,
+    routes_yaml: str,
+    name: str,
+    extproc_args: tuple[str, ...] = (),
+) -> Iterator[GatewayStack]:
+    """A policy stack over ``fleet`` and ``stand_in`` (pod ``<name>-0``, labels ``app: <name>``),
+    once Envoy knows the stand-in; stopped on exit."""
+    config = tmp_path_factory.mktemp(f"{name}-config")
+    write_config(config, fleet, routes_yaml)
+    (config / f"{name}.yaml").write_text(stand_in.endpoints_yaml(name, f"{{app: {name}}}"))
+    stack = policy_stack(config, tmp_path_factory.mktemp(f"{name}-run"), fleet, extproc_args)
+    try:
+        wait_until(lambda: stand_in.address in stack.envoy_hosts(), 30, f"Envoy knows the {name}")
+        yield stack
+    finally:
+        stack.stop()
 
 
 def port_metric(http_port: int, name: str, **labels: str) -> float:

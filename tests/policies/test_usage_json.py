@@ -24,9 +24,8 @@ from tests.policies.conftest import (
     EngineStandIn,
     documents,
     metric,
-    policy_stack,
     route_yaml,
-    write_config,
+    stand_in_stack,
 )
 
 ROUTES = documents(
@@ -67,26 +66,16 @@ class Reshaper(EngineStandIn):
 
 @pytest.fixture(scope="module")
 def reshaper(policy_fleet: Fleet) -> Iterator[Reshaper]:
-    s = Reshaper(policy_fleet.pods[0].url, "127.0.0.78").start()
-    try:
+    with Reshaper(policy_fleet.pods[0].url, "127.0.0.78") as s:
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="module")
 def stack(
     tmp_path_factory: pytest.TempPathFactory, policy_fleet: Fleet, reshaper: Reshaper
 ) -> Iterator[GatewayStack]:
-    config = tmp_path_factory.mktemp("usage-json-config")
-    write_config(config, policy_fleet, ROUTES)
-    (config / "reshaper.yaml").write_text(reshaper.endpoints_yaml("reshaper", "{app: reshaper}"))
-    s = policy_stack(config, tmp_path_factory.mktemp("usage-json-run"), policy_fleet, ())
-    try:
-        wait_until(lambda: reshaper.address in s.envoy_hosts(), 30, "Envoy knows the reshaper")
+    with stand_in_stack(tmp_path_factory, policy_fleet, reshaper, ROUTES, "reshaper") as s:
         yield s
-    finally:
-        s.stop()
 
 
 def envoy_counter(stack: GatewayStack, name: str) -> int:

@@ -25,9 +25,8 @@ from tests.policies.conftest import (
     POOL,
     EngineStandIn,
     documents,
-    policy_stack,
     route_yaml,
-    write_config,
+    stand_in_stack,
 )
 from tests.policies.test_policies_e2e import metric
 
@@ -83,28 +82,17 @@ class Splitter(EngineStandIn):
 
 @pytest.fixture(scope="module")
 def splitter(policy_fleet: Fleet) -> Iterator[Splitter]:
-    s = Splitter(policy_fleet.pods[0].url).start()
-    try:
+    with Splitter(policy_fleet.pods[0].url) as s:
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="module")
 def stack(
     tmp_path_factory: pytest.TempPathFactory, policy_fleet: Fleet, splitter: Splitter
 ) -> Iterator[GatewayStack]:
-    config = tmp_path_factory.mktemp("usage-stream-config")
-    write_config(config, policy_fleet, ROUTES)
-    (config / "splitter.yaml").write_text(splitter.endpoints_yaml("splitter", "{app: splitter}"))
-    s = policy_stack(
-        config, tmp_path_factory.mktemp("usage-stream-run"), policy_fleet, ("--usage-grace", "5")
-    )
-    try:
-        wait_until(lambda: splitter.address in s.envoy_hosts(), 30, "Envoy knows the splitter")
+    args = ("--usage-grace", "5")
+    with stand_in_stack(tmp_path_factory, policy_fleet, splitter, ROUTES, "splitter", args) as s:
         yield s
-    finally:
-        s.stop()
 
 
 def tokens(stack: GatewayStack, model: str, kind: str) -> float:
