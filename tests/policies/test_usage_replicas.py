@@ -105,18 +105,18 @@ def test_encoded_charge_is_short() -> None:
     ("text", "named"),
     [
         ("not json", "not JSON"),
-        ("[2, 1]", "version"),
+        ("[1, 1]", "version"),  # version 1 (HMAC-SHA256) is not decoded
         ('{"a": 1}', "version"),
-        ('[1, 5, "chat", "u", "m", null, "local"]', "8 elements"),
-        ('[1, -5, "chat", "u", "m", null, "local", null]', "estimate"),
-        ('[1, 5, "rerank", "u", "m", null, "local", null]', "kind"),
-        ('[1, 5, "chat", 7, "m", null, "local", null]', "user"),
-        ('[1, 5, "chat", "u", "m", null, "far", null]', "where"),
-        ('[1, 5, "chat", "u", "m", "b", "local", null]', "bucket and limits"),
-        ('[1, 5, "chat", "u", "m", "b", "local", [1, 2, 3, 7.0, "user", null, null]]', "period"),
-        ('[1, 5, "chat", "u", "m", "b", "local", [1, 2, 3, 60, "all", null, null]]', "scope"),
-        ('[1, 5, "chat", "u", "m", "b", "local", [1.5, 2, 3, 60, "user", null, null]]', "requests"),
-        ('[1, 5, "chat", "u", "m", "b", "local", [1, 2, 3, 60, "user", null, ["a"]]]', "password"),
+        ('[2, 5, "chat", "u", "m", null, "local"]', "8 elements"),
+        ('[2, -5, "chat", "u", "m", null, "local", null]', "estimate"),
+        ('[2, 5, "rerank", "u", "m", null, "local", null]', "kind"),
+        ('[2, 5, "chat", 7, "m", null, "local", null]', "user"),
+        ('[2, 5, "chat", "u", "m", null, "far", null]', "where"),
+        ('[2, 5, "chat", "u", "m", "b", "local", null]', "bucket and limits"),
+        ('[2, 5, "chat", "u", "m", "b", "local", [1, 2, 3, 7.0, "user", null, null]]', "period"),
+        ('[2, 5, "chat", "u", "m", "b", "local", [1, 2, 3, 60, "all", null, null]]', "scope"),
+        ('[2, 5, "chat", "u", "m", "b", "local", [1.5, 2, 3, 60, "user", null, null]]', "requests"),
+        ('[2, 5, "chat", "u", "m", "b", "local", [1, 2, 3, 60, "user", null, ["a"]]]', "password"),
     ],
 )
 def test_bad_charge_is_named(text: str, named: str) -> None:
@@ -125,12 +125,12 @@ def test_bad_charge_is_named(text: str, named: str) -> None:
 
 
 def signed(rid: str, body: str, key: bytes = KEY) -> str:
-    """``body`` with the signature the format prescribes: HMAC-SHA256 over rid, NUL, body,
-    truncated to 16 bytes, base64url without padding."""
+    """``body`` with the signature the format prescribes: BLAKE2b keyed with ``key``, 16-byte
+    digest, over rid, NUL, body; base64url without padding."""
     import base64
-    import hmac
+    import hashlib
 
-    mac = hmac.new(key, rid.encode() + b"\0" + body.encode(), "sha256").digest()[:16]
+    mac = hashlib.blake2b(rid.encode() + b"\0" + body.encode(), key=key, digest_size=16).digest()
     return f"{body}~{base64.urlsafe_b64encode(mac).rstrip(b'=').decode()}"
 
 
@@ -143,7 +143,7 @@ def test_only_a_charge_signed_with_the_shared_key_for_that_request_decodes() -> 
     forged = body.replace("10.0.0.5:6379", "203.0.113.9:6379")
     cases = [
         (body, "is not signed"),
-        (text.replace("[1,40,", "[1,0,"), "does not match"),  # a smaller estimate: a refund
+        (text.replace("[2,40,", "[2,0,"), "does not match"),  # a smaller estimate: a refund
         (signed("r-1", forged, b"a key of someone else's choosing"), "does not match"),
         (signed("r-1", forged), None),  # (only the holder of the key can do this)
     ]
