@@ -27,11 +27,13 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from bench.gateway_overhead import (
     MODEL,
@@ -49,6 +51,7 @@ from matrixinfer.stack import GatewayStack, StackOptions
 
 REPORT = Path(__file__).parent / "reports" / "policy_overhead.md"
 KEY = "bench-key-0123456789"
+T = TypeVar("T")
 STREAM_WORKERS = 20  # a 500-token stream takes ~0.5 s: enough concurrent streams for the rate
 
 
@@ -163,6 +166,18 @@ def median_ci(
     return meds[int(tail * resamples)], meds[min(resamples - 1, int((1 - tail) * resamples))]
 
 
+def rotation(items: Sequence[T], round_: int) -> list[T]:
+    """``items`` in the order of round ``round_``: each round starts one further on, so no
+    configuration always runs first (or right after another)."""
+    k = round_ % len(items)
+    return [*items[k:], *items[:k]]
+
+
+def paired_median(ws: list[Window], base: list[Window], get: Callable[[Window], float]) -> float:
+    """The median over the rounds of ``get(window) - get(the base's window of that round)``."""
+    return statistics.median(get(w) - get(b) for w, b in zip(ws, base, strict=True))
+
+
 def paired(ws: list[Window], base: list[Window]) -> tuple[list[float], list[float]]:
     dp = [w.p50 - b.p50 for w, b in zip(ws, base, strict=True)]
     dc = [
@@ -223,10 +238,7 @@ def bench_admission(run: Path, seconds: float, rate: float, rounds: int) -> list
                         (stack.envoy.pid, stack.extproc.pid), auth)  # fmt: skip
                 for r in range(rounds):
                     print(f"round {r + 1}/{rounds}", flush=True)
-                    # the order rotates: no configuration always runs first (or after another)
-                    for name, stack, body_file in (
-                        stacks[r % len(stacks) :] + stacks[: r % len(stacks)]
-                    ):
+                    for name, stack, body_file in rotation(stacks, r):
                         pids: tuple[int | None, ...] = (stack.envoy.pid, stack.extproc.pid)
                         if "Redis" in name:
                             pids += (redis.child.pid,)  # the redis-server's CPU: its own column

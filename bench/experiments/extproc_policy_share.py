@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from bench.gateway_overhead import UPSTREAM_HOSTS, gateway_config, nginx_child, request_body
-from bench.policy_overhead import Window, hey, start_stack
+from bench.policy_overhead import Window, hey, paired_median, rotation, start_stack
 from matrixinfer.process import free_port, unwind_on_sigterm
 
 STACKS = (
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
                     stacks.append((name, start_stack(config, run / f"run-{i}", wanted, extra, xds)))
                 rows: dict[str, list[Window]] = {name: [] for name, _ in stacks}
                 for r in range(args.rounds):
-                    for name, s in stacks[r % len(stacks) :] + stacks[: r % len(stacks)]:
+                    for name, s in rotation(stacks, r):
                         pids = (s.envoy.pid, s.extproc.pid)
                         w = hey(name, f"{s.url}/chat/completions", body, args.rate, args.seconds,
                                 pids)  # fmt: skip
@@ -58,15 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'stack':34} {'p50':>6} {'Δp50':>6} {'Envoy':>6} {'ΔEnvoy':>7} {'extproc':>7} "
           f"{'Δextproc':>8}  (ms; CPU per request)")  # fmt: skip
     for name, ws in rows.items():
-
-        def delta(get, ws=ws):  # type: ignore[no-untyped-def]
-            return st.median(get(a) - get(b) for a, b in zip(ws, base, strict=True))
-
-        print(f"{name:34} {st.median(w.p50 for w in ws):6.2f} {delta(lambda w: w.p50):+6.2f} "
+        print(f"{name:34} {st.median(w.p50 for w in ws):6.2f} "
+              f"{paired_median(ws, base, lambda w: w.p50):+6.2f} "
               f"{st.median(w.cpu_envoy_ms for w in ws):6.3f} "
-              f"{delta(lambda w: w.cpu_envoy_ms):+7.3f} "
+              f"{paired_median(ws, base, lambda w: w.cpu_envoy_ms):+7.3f} "
               f"{st.median(w.cpu_extproc_ms for w in ws):7.3f} "
-              f"{delta(lambda w: w.cpu_extproc_ms):+8.3f}")  # fmt: skip
+              f"{paired_median(ws, base, lambda w: w.cpu_extproc_ms):+8.3f}")  # fmt: skip
     return 0
 
 

@@ -31,11 +31,10 @@ from typing import Any
 
 from bench.gateway_overhead import (
     UPSTREAM_HOSTS,
-    hey_run,
     nginx_child,
-    pct,
     request_body,
 )
+from bench.policy_overhead import Window, hey, paired_median, rotation
 from extproc.usage import (
     LOG_NAME,
     RID_KEY,
@@ -229,28 +228,22 @@ def main(argv: list[str] | None = None) -> int:
                 env = envoy_child(v, cfg, admin, run / f"{v}.log").start()
                 children.append(env)
                 urls[v] = (f"http://127.0.0.1:{listen}/v1/chat/completions", env.pid)
-            rows: dict[str, list[tuple[float, float, int]]] = {v: [] for v in variants}
+            rows: dict[str, list[Window]] = {v: [] for v in variants}
             for r in range(args.rounds):
-                order = variants[r % len(variants) :] + variants[: r % len(variants)]
-                for v in order:
+                for v in rotation(variants, r):
                     url, pid = urls[v]
-                    h = hey_run(url, body, args.rate, args.seconds, (pid,))
-                    rows[v].append((pct(h.latencies, 0.5), h.cpu_ms[0], h.errors))
+                    rows[v].append(hey(v, url, body, args.rate, args.seconds, (pid,)))
                 print(f"round {r + 1}/{args.rounds} done", flush=True)
             time.sleep(1.0)
             print(f"sink: {sink_out.read_text()}")
-            base = variants[0]
+            base = rows[variants[0]]
             print(f"{'variant':10} {'p50 ms':>8} {'Δp50':>7} {'CPU/req ms':>11} {'ΔCPU':>7} errors")
-            for v in variants:
-                p50 = statistics.median(x[0] for x in rows[v])
-                cpu = statistics.median(x[1] for x in rows[v])
-                dp = statistics.median(
-                    a[0] - b[0] for a, b in zip(rows[v], rows[base], strict=True)
-                )
-                dc = statistics.median(
-                    a[1] - b[1] for a, b in zip(rows[v], rows[base], strict=True)
-                )
-                errs = sum(x[2] for x in rows[v])
+            for v, ws in rows.items():
+                p50 = statistics.median(w.p50 for w in ws)
+                cpu = statistics.median(w.cpu_envoy_ms for w in ws)
+                dp = paired_median(ws, base, lambda w: w.p50)
+                dc = paired_median(ws, base, lambda w: w.cpu_envoy_ms)
+                errs = sum(w.errors for w in ws)
                 print(f"{v:10} {p50:8.3f} {dp:+7.3f} {cpu:11.4f} {dc:+7.4f} {errs}")
         finally:
             for c in reversed(children):

@@ -294,6 +294,15 @@ def stand_in_stack(
         stack.stop()
 
 
+def envoy_counter(stack: GatewayStack, stats_filter: str, suffix: str = "") -> int:
+    """The sum of the Envoy counters that match ``stats_filter`` (admin ``/stats?filter=``, a
+    regex) and whose names end with ``suffix``."""
+    url = f"{stack.admin_url}/stats?filter={stats_filter}"
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        lines = resp.read().decode().splitlines()
+    return sum(int(v) for k, _, v in (x.partition(": ") for x in lines) if k.endswith(suffix))
+
+
 def port_metric(http_port: int, name: str, **labels: str) -> float:
     """The sum of the samples ``name`` with ``labels`` that one extproc process serves."""
     with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10) as resp:

@@ -18,7 +18,7 @@ from openai import OpenAI
 from matrixinfer.process import ReadinessTimeout, wait_until
 from matrixinfer.stack import GatewayStack
 from tests.conftest import sim_fleet
-from tests.policies.conftest import KEYS, keys_yaml, policy_stack, write_config
+from tests.policies.conftest import KEYS, envoy_counter, keys_yaml, policy_stack, write_config
 from tests.policies.test_policies_e2e import metric
 
 ROUTES = """
@@ -248,12 +248,6 @@ def _gives_up_while_queued(stack: GatewayStack, attempts: int = 5) -> bool:
     return False
 
 
-def envoy_stat(stack: GatewayStack, suffix: str) -> int:
-    with urllib.request.urlopen(f"{stack.admin_url}/stats?filter=ext_proc", timeout=10) as resp:
-        lines = resp.read().decode().splitlines()
-    return sum(int(v) for k, _, v in (x.partition(": ") for x in lines) if k.endswith(suffix))
-
-
 def waited_longer_than(stack: GatewayStack, seconds: float) -> float:
     """Dispatched-or-not queue waits above ``seconds`` (histogram count minus that bucket)."""
     total = metric(stack, "matrixinfer_gateway_queue_wait_seconds_count", model="busy-model")
@@ -266,7 +260,7 @@ def waited_longer_than(stack: GatewayStack, seconds: float) -> float:
 def test_requests_queued_past_the_base_message_timeout_succeed(queue_stack: GatewayStack) -> None:
     """The stack keeps the generator's 1 s base message timeout: requests that wait longer in the
     queue are still served, because the extproc extends Envoy's timeout for them."""
-    timeouts_before = envoy_stat(queue_stack, ".message_timeouts")
+    timeouts_before = envoy_counter(queue_stack, "ext_proc", ".message_timeouts")
     long_before = waited_longer_than(queue_stack, 1.0)
     dispatched_before = metric(
         queue_stack, "matrixinfer_gateway_queue_outcomes_total", result="dispatched"
@@ -303,9 +297,9 @@ def test_requests_queued_past_the_base_message_timeout_succeed(queue_stack: Gate
             t.join(30)
     assert not errors, errors[:3]
     # the long waits ended in dispatch (served), not in Envoy's per-message timeout
-    assert envoy_stat(queue_stack, ".message_timeouts") == timeouts_before
-    assert envoy_stat(queue_stack, ".override_message_timeout_received") > 0
-    assert envoy_stat(queue_stack, ".override_message_timeout_ignored") == 0
+    assert envoy_counter(queue_stack, "ext_proc", ".message_timeouts") == timeouts_before
+    assert envoy_counter(queue_stack, "ext_proc", ".override_message_timeout_received") > 0
+    assert envoy_counter(queue_stack, "ext_proc", ".override_message_timeout_ignored") == 0
     dispatched = metric(
         queue_stack, "matrixinfer_gateway_queue_outcomes_total", result="dispatched"
     )

@@ -8,7 +8,6 @@ extproc, a simulator behind an engine stand-in that reshapes its JSON answers, t
 from __future__ import annotations
 
 import json
-import urllib.request
 from collections.abc import Iterator
 
 import pytest
@@ -23,6 +22,7 @@ from tests.policies.conftest import (
     POOL,
     EngineStandIn,
     documents,
+    envoy_counter,
     metric,
     route_yaml,
     stand_in_stack,
@@ -78,12 +78,6 @@ def stack(
         yield s
 
 
-def envoy_counter(stack: GatewayStack, name: str) -> int:
-    with urllib.request.urlopen(f"{stack.admin_url}/stats?filter=^{name}$", timeout=10) as r:
-        text = r.read().decode().strip()
-    return int(text.rsplit(":", 1)[1]) if text else 0
-
-
 def tokens(stack: GatewayStack, kind: str) -> float:
     return metric(stack, "matrixinfer_gateway_usage_tokens_total", model="shaped-model", kind=kind)
 
@@ -92,7 +86,7 @@ def tokens(stack: GatewayStack, kind: str) -> float:
 def test_json_answer_charged_exactly_whatever_its_shape(
     stack: GatewayStack, shape: str, by_json_filter: int
 ) -> None:
-    reads = envoy_counter(stack, "json_to_metadata.resp.success")
+    reads = envoy_counter(stack, "^json_to_metadata.resp.success$")
     prompt0, completion0 = tokens(stack, "prompt"), tokens(stack, "completion")
     client = OpenAI(base_url=stack.url, api_key="unused", max_retries=0, timeout=30)
     raw = client.chat.completions.with_raw_response.create(
@@ -112,4 +106,4 @@ def test_json_answer_charged_exactly_whatever_its_shape(
     )
     assert tokens(stack, "prompt") - prompt0 == answer.usage.prompt_tokens
     # read by json_to_metadata only when short and of known length (else by usage.lua)
-    assert envoy_counter(stack, "json_to_metadata.resp.success") - reads == by_json_filter
+    assert envoy_counter(stack, "^json_to_metadata.resp.success$") - reads == by_json_filter
