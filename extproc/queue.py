@@ -37,7 +37,13 @@ class QueueEntry:
 
 
 class UsageWindow:
-    """Weighted token use per user over a sliding window."""
+    """Weighted token use per user over a sliding window.
+
+    Use is kept in ``slots`` time slots per window (a slot sums every settlement that falls in
+    it), so a user's record is at most ``slots + 1`` numbers whatever the request rate, and the
+    window slides by one slot (``window / slots``) at a time. Expired slots are dropped when the
+    user is written or read, and users with nothing left in the window by a sweep once a window
+    (every request settles here, queue or not: without this the record would grow for ever)."""
 
     def __init__(
         self,
@@ -45,20 +51,41 @@ class UsageWindow:
         input_weight: float = 1.0,
         output_weight: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
+        slots: int = 60,
     ) -> None:
         self.window = window
         self.input_weight = input_weight
         self.output_weight = output_weight
         self.clock = clock
-        self._events: dict[str, deque[tuple[float, float]]] = {}
+        self.slot = window / slots
+        self._events: dict[str, deque[list[float]]] = {}  # user -> [slot start, amount]
         self._sums: dict[str, float] = {}
+        self._next_sweep = clock() + window
+
+    def __len__(self) -> int:
+        """Users with use in the window (or not yet swept)."""
+        return len(self._events)
 
     def add(self, user: str, input_tokens: float, output_tokens: float) -> None:
         amount = self.input_weight * input_tokens + self.output_weight * output_tokens
         if amount == 0:
             return
-        self._events.setdefault(user, deque()).append((self.clock(), amount))
-        self._sums[user] = self._sums.get(user, 0.0) + amount
+        now = self.clock()
+        if now >= self._next_sweep:
+            self._sweep(now)
+        events = self._events.get(user)
+        if events is None:
+            events = self._events[user] = deque()
+        start = now - now % self.slot
+        if events and events[-1][0] == start:
+            events[-1][1] += amount
+        else:
+            events.append([start, amount])
+        total = self._sums.get(user, 0.0) + amount
+        horizon = now - self.window
+        while events[0][0] + self.slot <= horizon:  # the newest slot is never expired
+            total -= events.popleft()[1]
+        self._sums[user] = total
 
     def use(self, user: str) -> float:
         events = self._events.get(user)
@@ -66,7 +93,7 @@ class UsageWindow:
             return 0.0
         horizon = self.clock() - self.window
         total = self._sums[user]
-        while events and events[0][0] < horizon:
+        while events and events[0][0] + self.slot <= horizon:
             total -= events.popleft()[1]
         if not events:
             del self._events[user]
@@ -74,6 +101,14 @@ class UsageWindow:
             return 0.0
         self._sums[user] = total
         return max(0.0, total)
+
+    def _sweep(self, now: float) -> None:
+        self._next_sweep = now + self.window
+        horizon = now - self.window
+        idle = [u for u, ev in self._events.items() if ev[-1][0] + self.slot <= horizon]
+        for user in idle:
+            del self._events[user]
+            self._sums.pop(user, None)
 
 
 @dataclass(slots=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -196,6 +196,43 @@ def test_usage_window_slides() -> None:
     assert w.use("u") == 20
     clock.now += 11
     assert w.use("u") == 0
+
+
+def test_usage_window_record_is_bounded_without_reads() -> None:
+    """Every request settles into the window, queue or not: an hour of 100 req/s by one user keeps
+    at most one window of slots, and a user gone quiet is dropped a window later."""
+    clock = Clock()
+    w = UsageWindow(60.0, 1, 2, clock, slots=60)
+    for _ in range(3600):  # one hour, 100 settlements a second
+        for _ in range(100):
+            w.add("busy", 10, 5)
+        clock.now += 1.0
+        if clock.now < 1000.0 + 30:
+            w.add("gone", 1, 0)
+    assert len(w._events["busy"]) <= 61
+    assert w.use("busy") == 60 * 100 * 20  # the last 60 s (a settlement exactly 60 s old counts)
+    assert len(w) == 1  # "gone" was swept
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 30), st.integers(0, 100)), max_size=40), st.floats(0, 40))
+def test_usage_window_counts_the_window_to_one_slot(
+    adds: list[tuple[float, int]], later: float
+) -> None:
+    """use() holds every settlement younger than the window and none older than window + one
+    slot (the slot granularity), whatever the order of reads and writes."""
+    clock = Clock()
+    w = UsageWindow(10.0, 1, 2, clock, slots=10)
+    history: list[tuple[float, int]] = []
+    for step, amount in adds:
+        clock.now += step / 10
+        w.add("u", amount, 0)
+        history.append((clock.now, amount))
+    clock.now += later / 4
+    got = w.use("u")
+    now = clock.now
+    assert sum(a for t, a in history if now - t < 10.0) <= got
+    assert got <= sum(a for t, a in history if now - t < 11.0)
 
 
 def test_bucket_keys_by_scope() -> None:
