@@ -318,17 +318,6 @@ class ExtProcApp:
 
             usage_servicer = AccessLogServicer(self.policies.ledger)
             als_pb2_grpc.add_AccessLogServiceServicer_to_server(usage_servicer, server)
-            import os
-
-            if os.environ.get("MI_FLUENTD_PORT"):
-                from extproc.usage import FluentdUsageProtocol
-
-                ledger = self.policies.ledger
-                self._fluentd = await asyncio.get_running_loop().create_server(
-                    lambda: FluentdUsageProtocol(ledger),  # type: ignore[arg-type,return-value]
-                    args.host,
-                    args.grpc_port + int(os.environ["MI_FLUENTD_PORT"]),
-                )
         background = await self._start_policy_tasks()
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

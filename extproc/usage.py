@@ -77,7 +77,6 @@ CHARGE_KEY = "matrixinfer_charge"  # envoy.lb: the Charge, for the replica the r
 # 1 was HMAC-SHA256)
 CHARGE_VERSION = 2
 LOG_NAME = "matrixinfer_usage"
-_USAGE_FIELDS = ("prompt", "completion", "events")  # what usage.lua / json_to_metadata write
 # JSON answers with a content-length of at most this many digits (< 1 MB) are read by Envoy's
 # json_to_metadata filter (C++; it buffers them, far below the listener's buffer limit of the
 # request body limit + 1 MiB); longer ones and chunked ones by usage.lua (the last 4 KiB)
@@ -200,53 +199,12 @@ def envoy_http_filters(small_json_digits: int | None = None) -> list[dict[str, A
 
 
 def envoy_access_logs(
-    extproc_cluster: str = "matrixinfer_extproc",
-    flush_interval_ms: int = 100,
-    transport: str = "grpc",
+    extproc_cluster: str = "matrixinfer_extproc", flush_interval_ms: int = 100
 ) -> list[dict[str, Any]]:
-    """HTTP connection manager ``access_log`` entries: the usage of marked requests, by gRPC
-    (``transport="grpc"``) or as Fluentd-forward records (``"fluentd"``)."""
-    import os
-
-    if os.environ.get("MI_FLUENTD_PORT"):
-        transport, extproc_cluster = "fluentd", "matrixinfer_usage"
-    if os.environ.get("MI_SINK_ADDR"):
-        extproc_cluster = "mi_sink"
-    if os.environ.get("MI_FLUSH_MS"):
-        flush_interval_ms = int(os.environ["MI_FLUSH_MS"])
-    if transport == "fluentd":
-        typed: dict[str, Any] = {
-            "@type": "type.googleapis.com/"
-            "envoy.extensions.access_loggers.fluentd.v3.FluentdAccessLogConfig",
-            "cluster": extproc_cluster,
-            "tag": LOG_NAME,
-            "stat_prefix": LOG_NAME,
-            "buffer_flush_interval": f"{flush_interval_ms / 1000:.3f}s",
-            "buffer_size_bytes": 16384,
-            "record": {
-                "rid": f"%DYNAMIC_METADATA({RID_NAMESPACE}:{RID_KEY})%",
-                "charge": f"%DYNAMIC_METADATA({RID_NAMESPACE}:{CHARGE_KEY})%",
-                "status": "%RESPONSE_CODE%",
-                **{k: f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:{k})%" for k in _USAGE_FIELDS},
-            },
-        }
-        name = "envoy.access_loggers.fluentd"
-    else:
-        typed = {
-            "@type": "type.googleapis.com/"
-            "envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
-            "common_config": {
-                "log_name": LOG_NAME,
-                "transport_api_version": "V3",
-                "grpc_service": {"envoy_grpc": {"cluster_name": extproc_cluster}},
-                "buffer_flush_interval": f"{flush_interval_ms / 1000:.3f}s",
-                "buffer_size_bytes": int(os.environ.get("MI_BUF", "16384")),
-            },
-        }
-        name = "envoy.access_loggers.http_grpc"
+    """HTTP connection manager ``access_log`` entries: the usage of marked requests, by gRPC."""
     return [
         {
-            "name": name,
+            "name": "envoy.access_loggers.http_grpc",
             "filter": {
                 "metadata_filter": {
                     "matcher": {
@@ -256,7 +214,17 @@ def envoy_access_logs(
                     }
                 }
             },
-            "typed_config": typed,
+            "typed_config": {
+                "@type": "type.googleapis.com/"
+                "envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
+                "common_config": {
+                    "log_name": LOG_NAME,
+                    "transport_api_version": "V3",
+                    "grpc_service": {"envoy_grpc": {"cluster_name": extproc_cluster}},
+                    "buffer_flush_interval": f"{flush_interval_ms / 1000:.3f}s",
+                    "buffer_size_bytes": 16384,
+                },
+            },
         }
     ]
 
@@ -564,6 +532,7 @@ class UsageLedger:
             log.exception("settling the usage of request %s failed", charge.rid)
 
 
+_USAGE_FIELDS = ("prompt", "completion", "events")  # what usage.lua / json_to_metadata write
 
 
 def _usage_fields(struct: Any) -> dict[str, float]:
@@ -576,45 +545,6 @@ def _usage_fields(struct: Any) -> dict[str, float]:
         if value is not None:
             out[key] = value.number_value
     return out
-
-
-class FluentdUsageProtocol:
-    """PROTOTYPE: usage entries as Fluentd-forward records (msgpack over TCP) into the ledger."""
-
-    def __init__(self, ledger: UsageLedger):
-        import msgpack
-
-        self.ledger = ledger
-        self.unpacker = msgpack.Unpacker()
-
-    def connection_made(self, transport: Any) -> None:
-        self.transport = transport
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        pass
-
-    def eof_received(self) -> bool:
-        return False
-
-    def pause_writing(self) -> None:
-        pass
-
-    def resume_writing(self) -> None:
-        pass
-
-    def data_received(self, data: bytes) -> None:
-        self.unpacker.feed(data)
-        report = self.ledger.report
-        on_batch = self.ledger.on_batch
-        for _tag, entries in self.unpacker:
-            if on_batch is not None:
-                on_batch(len(entries))
-            for _time, rec in entries:
-                rid = rec.get("rid")
-                if not rid:
-                    continue
-                fields = {k: rec[k] for k in _USAGE_FIELDS if rec.get(k) is not None}
-                report(rid, fields, rec.get("status") or 0, rec.get("charge"))
 
 
 def _servicer_base() -> type:

@@ -108,13 +108,4 @@ def render_ads_bootstrap(settings: AdsBootstrap) -> str:
         "XDS_HOST": settings.xds_host,
         "XDS_PORT": str(settings.xds_port),
     }
-    text = string.Template(text).substitute(values)
-    import os
-
-    if os.environ.get("MI_FLUENTD_PORT"):
-        text += """  - name: matrixinfer_usage
-    type: EDS
-    connect_timeout: 0.25s
-    eds_cluster_config: {eds_config: {ads: {}, resource_api_version: V3}}
-"""
-    return text
+    return string.Template(text).substitute(values)

@@ -11,9 +11,7 @@ answer with ``usage``), all running at once and measured in interleaved rounds w
   ``envoy_http_filters(small_json_digits=0)``), ``new`` is json_to_metadata for answers under
   1 MB plus usage.lua for streams and longer answers (``envoy_http_filters()``);
 - **lua** / **new**: the same on a marked request (the usage read into matrixinfer.*);
-- **lua+als** / **new+als**: + the gRPC access log of the marked request to a sink;
-- **new+fluentd**: + the Fluentd-forward access log (msgpack over TCP) of the marked request to
-  a sink, with the fields the ledger needs.
+- **lua+als** / **new+als**: + the gRPC access log of the marked request to a sink.
 
 Prints Envoy CPU per request and p50 per variant (medians over rounds) and the sink's count of
 entries carrying the usage (so a variant that does not extract it shows up).
@@ -46,7 +44,7 @@ from extproc.usage import (
 )
 from matrixinfer.process import Child, envoy_child, free_port, unwind_on_sigterm
 
-VARIANTS = ("plain", "lua-idle", "new-idle", "lua", "new", "lua+als", "new+als", "new+fluentd")
+VARIANTS = ("plain", "lua-idle", "new-idle", "lua", "new", "lua+als", "new+als")
 
 
 def set_metadata(namespace: str) -> dict[str, Any]:
@@ -59,9 +57,7 @@ def set_metadata(namespace: str) -> dict[str, Any]:
     }
 
 
-def bootstrap(
-    variant: str, listen: int, admin: int, upstream: int, sink: int, fsink: int
-) -> dict[str, Any]:
+def bootstrap(variant: str, listen: int, admin: int, upstream: int, sink: int) -> dict[str, Any]:
     filters = [set_metadata("other" if variant.endswith("-idle") else RID_NAMESPACE)]
     if variant.startswith("lua"):
         filters += envoy_http_filters(small_json_digits=0)
@@ -95,8 +91,6 @@ def bootstrap(
     }
     if variant.endswith("+als"):
         hcm["access_log"] = envoy_access_logs("sink")
-    elif variant.endswith("+fluentd"):
-        hcm["access_log"] = envoy_access_logs("fsink", transport="fluentd")
 
     def cluster(name: str, hosts: list[str], port: int, h2: bool) -> dict[str, Any]:
         c: dict[str, Any] = {
@@ -153,7 +147,6 @@ def bootstrap(
             "clusters": [
                 cluster("up", list(UPSTREAM_HOSTS), upstream, False),
                 cluster("sink", ["127.0.0.1"], sink, True),
-                cluster("fsink", ["127.0.0.1"], fsink, False),
             ],
         },
     }
@@ -175,10 +168,6 @@ def run_sink(port: int, out: Path) -> None:
                 if msg.identifier.log_name and msg.identifier.log_name != LOG_NAME:
                     continue
                 counts["messages"] += 1
-                counts.setdefault("cpu0", time.process_time())
-                counts["cpu1"] = time.process_time()
-                if counts["messages"] == 50:
-                    out.with_suffix(".bin").write_bytes(msg.SerializeToString())
                 for e in msg.http_logs.log_entry:
                     counts["entries"] += 1
                     md = e.common_properties.metadata.filter_metadata.get("matrixinfer")
@@ -192,47 +181,6 @@ def run_sink(port: int, out: Path) -> None:
         server.add_insecure_port(f"127.0.0.1:{port}")
         await server.start()
         while True:
-            counts["cpu_s"] = round(time.process_time(), 3)
-            await asyncio.to_thread(out.write_text, json.dumps(counts))
-            await asyncio.sleep(0.5)
-
-    asyncio.run(serve())
-
-
-def run_fluentd_sink(port: int, out: Path) -> None:
-    """A Fluentd-forward sink counting records and those carrying prompt == 250."""
-    import msgpack
-
-    counts = {"entries": 0, "with_usage": 0, "messages": 0, "sample": None}
-
-    class Sink(asyncio.Protocol):
-        def connection_made(self, transport: Any) -> None:
-            self.unpacker = msgpack.Unpacker()
-
-        def data_received(self, data: bytes) -> None:
-            t0 = time.process_time()
-            self._inner(data)
-            counts["inside"] = counts.get("inside", 0) + time.process_time() - t0
-
-        def _inner(self, data: bytes) -> None:
-            if counts["messages"] == 50:
-                out.with_suffix(".bin").write_bytes(data)
-            self.unpacker.feed(data)
-            for _tag, entries in self.unpacker:
-                counts["messages"] += 1
-                counts.setdefault("cpu0", time.process_time())
-                counts["cpu1"] = time.process_time()
-                for _t, record in entries:
-                    counts["entries"] += 1
-                    counts["sample"] = record
-                    if record.get("prompt") == 250:
-                        counts["with_usage"] += 1
-
-    async def serve() -> None:
-        loop = asyncio.get_running_loop()
-        await loop.create_server(Sink, "127.0.0.1", port)
-        while True:
-            counts["cpu_s"] = round(time.process_time(), 3)
             await asyncio.to_thread(out.write_text, json.dumps(counts))
             await asyncio.sleep(0.5)
 
@@ -250,13 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--sink", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--sink-out", type=Path, help=argparse.SUPPRESS)
-    ap.add_argument("--fluentd-sink", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.sink:
         run_sink(args.sink, args.sink_out)
-        return 0
-    if args.fluentd_sink:
-        run_fluentd_sink(args.fluentd_sink, args.sink_out)
         return 0
     variants = [v for v in args.variants.split(",") if v]
     unknown = set(variants) - set(VARIANTS)
@@ -264,12 +208,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp)
-        run = Path("/tmp/uf"); run.mkdir(exist_ok=True)
         body = run / "body.json"
         body.write_bytes(request_body())
         upstream = free_port(UPSTREAM_HOSTS[0])
         sink_port, sink_out = free_port(), run / "sink.json"
-        fsink_port, fsink_out = free_port(), run / "fsink.json"
         children: list[Child] = []
         urls: dict[str, tuple[str, int | None]] = {}
         try:
@@ -279,15 +221,10 @@ def main(argv: list[str] | None = None) -> int:
             children.append(
                 Child("sink", argv_sink, log_path=run / "sink.log", ready=sink_out.exists).start()
             )
-            argv_fsink = [sys.executable, "-m", "bench.experiments.usage_filters",
-                          "--fluentd-sink", str(fsink_port), "--sink-out", str(fsink_out)]  # fmt: skip
-            children.append(
-                Child("fsink", argv_fsink, log_path=run / "fsink.log", ready=fsink_out.exists).start()
-            )
             for v in variants:
                 listen, admin = free_port(), free_port()
                 cfg = run / f"{v}.json"
-                cfg.write_text(json.dumps(bootstrap(v, listen, admin, upstream, sink_port, fsink_port)))
+                cfg.write_text(json.dumps(bootstrap(v, listen, admin, upstream, sink_port)))
                 env = envoy_child(v, cfg, admin, run / f"{v}.log").start()
                 children.append(env)
                 urls[v] = (f"http://127.0.0.1:{listen}/v1/chat/completions", env.pid)
@@ -299,7 +236,6 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"round {r + 1}/{args.rounds} done", flush=True)
             time.sleep(1.0)
             print(f"sink: {sink_out.read_text()}")
-            print(f"fluentd sink: {fsink_out.read_text()}")
             base = rows[variants[0]]
             print(f"{'variant':10} {'p50 ms':>8} {'Δp50':>7} {'CPU/req ms':>11} {'ΔCPU':>7} errors")
             for v, ws in rows.items():

@@ -355,7 +355,7 @@ def _access_logs(settings: GatewaySettings) -> list[dict[str, Any]]:
                     "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3."
                     "StdoutAccessLog",
                     "log_format": {
-                        "text_format_source": {"inline_string": __import__("os").environ.get("MI_AL_FORMAT", DEFAULT_ACCESS_LOG_FORMAT)}
+                        "text_format_source": {"inline_string": DEFAULT_ACCESS_LOG_FORMAT}
                     },
                 },
             }
@@ -483,47 +483,19 @@ def _extproc_cluster(settings: GatewaySettings, endpoints: Sequence[str]) -> dic
     }
 
 
-def _usage_cluster(endpoints: Sequence[str]) -> dict[str, Any]:
-    import os
-
-    off = int(os.environ["MI_FLUENTD_PORT"])
-    eps = [f"{e.rpartition(':')[0]}:{int(e.rpartition(':')[2]) + off}" for e in endpoints]
-    return {
-        "@type": CLUSTER,
-        "name": "matrixinfer_usage",
-        "type": "STATIC",
-        "connect_timeout": "0.25s",
-        "load_assignment": {"cluster_name": "matrixinfer_usage", "endpoints": _lb_endpoints(eps)},
-    }
-
-
 def generate(settings: GatewaySettings, inputs: XdsInputs) -> Resources:
     """Every resource for one gateway, by type URL then name (protobuf-JSON dicts)."""
-    import os
-
-    extra: dict[str, Any] = {}
-    eds_extra: dict[str, Any] = {}
-    if os.environ.get("MI_FLUENTD_PORT"):
-        c = _usage_cluster(inputs.extproc_endpoints)
-        eds_extra = {"matrixinfer_usage": {"@type": ENDPOINT_TYPE, **c["load_assignment"]}}
-    if os.environ.get("MI_SINK_ADDR"):
-        sink = _extproc_cluster(settings, [os.environ["MI_SINK_ADDR"]])
-        sink["name"] = sink["load_assignment"]["cluster_name"] = "mi_sink"
-        del sink["health_checks"]
-        extra["mi_sink"] = sink
     return {
         CLUSTER: {
             EXTPROC_CLUSTER: _extproc_cluster(settings, inputs.extproc_endpoints),
             PODS_CLUSTER: _pods_cluster(settings),
-            **extra,
         },
         ENDPOINT_TYPE: {
             PODS_CLUSTER: {
                 "@type": ENDPOINT_TYPE,
                 "cluster_name": PODS_CLUSTER,
                 "endpoints": _lb_endpoints(inputs.pod_addresses),
-            },
-            **eds_extra,
+            }
         },
         LISTENER_TYPE: {LISTENER: _listener(settings, inputs.routes)},
         ROUTE_TYPE: {ROUTE_CONFIG: _route_config(settings, inputs)},
