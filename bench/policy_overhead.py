@@ -150,18 +150,39 @@ class Admission:
     window: Window
     dp50: list[float]  # per round: p50 - the data path's p50 in that round
     dcpu: list[float]  # per round: (Envoy + extproc) CPU/req - the data path's
+    blocks: list[int]  # per round: the block (set of freshly started stacks) it ran in
 
 
 def median_ci(
-    values: list[float], level: float = 0.95, resamples: int = 4000
+    values: list[float],
+    level: float = 0.95,
+    resamples: int = 4000,
+    groups: Sequence[int] | None = None,
 ) -> tuple[float, float]:
     """A bootstrap confidence interval of the median of ``values`` (percentile method, fixed
-    seed so that a report is reproducible from its rounds)."""
+    seed so that a report is reproducible from its rounds).
+
+    ``groups``: the block each value was measured in (fresh stacks per block). With more than one
+    block the resampling draws blocks first, then values within each drawn block, so that what
+    differs between blocks (a stack's placement on the machine) is inside the interval too."""
     import random
     import statistics as st
 
     rng = random.Random(0)
-    meds = sorted(st.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    blocks: dict[int, list[float]] = {}
+    for i, v in enumerate(values):
+        blocks.setdefault(groups[i] if groups is not None else 0, []).append(v)
+    parts = list(blocks.values())
+
+    def one() -> float:
+        if len(parts) == 1:
+            return st.median(rng.choices(values, k=len(values)))
+        pooled: list[float] = []
+        for part in rng.choices(parts, k=len(parts)):
+            pooled += rng.choices(part, k=len(part))
+        return st.median(pooled)
+
+    meds = sorted(one() for _ in range(resamples))
     tail = (1 - level) / 2
     return meds[int(tail * resamples)], meds[min(resamples - 1, int((1 - tail) * resamples))]
 
@@ -187,7 +208,9 @@ def paired(ws: list[Window], base: list[Window]) -> tuple[list[float], list[floa
     return dp, dc
 
 
-def bench_admission(run: Path, seconds: float, rate: float, rounds: int) -> list[Admission]:
+def bench_admission(
+    run: Path, seconds: float, rate: float, rounds: int, blocks: int = 1
+) -> list[Admission]:
     out: list[Admission] = []
     upstream_port = free_port(UPSTREAM_HOSTS[0])
     wanted = {f"{h}:{upstream_port}" for h in UPSTREAM_HOSTS}
@@ -222,41 +245,53 @@ def bench_admission(run: Path, seconds: float, rate: float, rounds: int) -> list
                 ("auth + Redis limits", redis.address,
                  ("--auth-config", str(secrets / "auth.yaml"))),
             )  # fmt: skip
-            stacks: list[tuple[str, GatewayStack, Path]] = []
-            try:
-                # all stacks up at once, measured in interleaved rounds: a change of machine load
-                # hits every configuration alike; each figure is the median over the rounds
-                for name, redis_addr, extra in configs:
-                    config = gateway_config(run / name.replace(" ", "_"), upstream_port)
-                    (config / "limited.yaml").write_text(policy_routes(upstream_port, redis_addr))
-                    stack = start_stack(config, run / f"run-{len(stacks)}", wanted, extra)
-                    limited = "--auth-config" in extra
-                    stacks.append((name, stack, run / ("limited.json" if limited else "body.json")))
-                windows: dict[str, list[Window]] = {name: [] for name, _, _ in stacks}
-                for name, stack, body_file in stacks:  # warm-up
-                    hey(name, f"{stack.url}/chat/completions", body_file, rate, 2,
-                        (stack.envoy.pid, stack.extproc.pid), auth)  # fmt: skip
-                for r in range(rounds):
-                    print(f"round {r + 1}/{rounds}", flush=True)
-                    for name, stack, body_file in rotation(stacks, r):
-                        pids: tuple[int | None, ...] = (stack.envoy.pid, stack.extproc.pid)
-                        if "Redis" in name:
-                            pids += (redis.child.pid,)  # the redis-server's CPU: its own column
-                        url = f"{stack.url}/chat/completions"
-                        calls = evalsha_calls(redis.port)
-                        ahead = admitted_ahead(stack)
-                        w = hey(name, url, body_file, rate, seconds, pids, auth)
-                        # EVALSHA per request: Redis round trips (admission + settlement)
-                        w.redis_calls = (evalsha_calls(redis.port) - calls) / max(1, w.count)
-                        w.ahead = (admitted_ahead(stack) - ahead) / max(1, w.count)
-                        windows[name].append(w)
-                base = windows[stacks[0][0]]
-                for name, _, _ in stacks:
-                    dp, dc = paired(windows[name], base)
-                    out.append(Admission(median_window(name, windows[name]), dp, dc))
-            finally:
-                for _, stack, _ in stacks:
-                    stack.stop()
+            windows: dict[str, list[Window]] = {name: [] for name, _, _ in configs}
+            block_of: list[int] = []
+            done = 0
+            for b in range(blocks):
+                # fresh stacks per block: a stack's placement on the machine (which processes
+                # share a core) lasts as long as the stack; blocks put it inside the interval
+                todo = (rounds - done) // (blocks - b)
+                stacks: list[tuple[str, GatewayStack, Path]] = []
+                try:
+                    # all stacks up at once, measured in interleaved rounds: a change of machine
+                    # load hits every configuration alike; each figure is the median over rounds
+                    for name, redis_addr, extra in configs:
+                        where = run / f"b{b}-{len(stacks)}"
+                        config = gateway_config(where / "config", upstream_port)
+                        (config / "limited.yaml").write_text(
+                            policy_routes(upstream_port, redis_addr)
+                        )
+                        stack = start_stack(config, where / "run", wanted, extra)
+                        limited = "--auth-config" in extra
+                        body_file = run / ("limited.json" if limited else "body.json")
+                        stacks.append((name, stack, body_file))
+                    for name, stack, body_file in stacks:  # warm-up
+                        hey(name, f"{stack.url}/chat/completions", body_file, rate, 2,
+                            (stack.envoy.pid, stack.extproc.pid), auth)  # fmt: skip
+                    for r in range(done, done + todo):
+                        print(f"round {r + 1}/{rounds} (block {b + 1}/{blocks})", flush=True)
+                        for name, stack, body_file in rotation(stacks, r):
+                            pids: tuple[int | None, ...] = (stack.envoy.pid, stack.extproc.pid)
+                            if "Redis" in name:
+                                pids += (redis.child.pid,)  # the redis-server's CPU: own column
+                            url = f"{stack.url}/chat/completions"
+                            calls = evalsha_calls(redis.port)
+                            ahead = admitted_ahead(stack)
+                            w = hey(name, url, body_file, rate, seconds, pids, auth)
+                            # EVALSHA per request: Redis round trips (admission + settlement)
+                            w.redis_calls = (evalsha_calls(redis.port) - calls) / max(1, w.count)
+                            w.ahead = (admitted_ahead(stack) - ahead) / max(1, w.count)
+                            windows[name].append(w)
+                        block_of.append(b)
+                finally:
+                    for _, stack, _ in stacks:
+                        stack.stop()
+                done += todo
+            base = windows[configs[0][0]]
+            for name, _, _ in configs:
+                dp, dc = paired(windows[name], base)
+                out.append(Admission(median_window(name, windows[name]), dp, dc, block_of))
         finally:
             redis.stop()
     return out
@@ -458,7 +493,8 @@ def report(admission: list[Admission], usage: list[Window], args: argparse.Names
     lines = [
         "# Policy overhead",
         "",
-        f"`python -m bench.policy_overhead --seconds {args.seconds:g} --rounds {args.rounds}` on "
+        f"`python -m bench.policy_overhead --seconds {args.seconds:g} --rounds {args.rounds} "
+        f"--blocks {args.blocks}` on "
         f"{platform.node()} ({os.cpu_count()} CPUs, load average {args.load[0][0]:.2f} before, "
         f"{args.load[1][0]:.2f} after; the machine is shared, latency is noisy, CPU per request "
         "is the steadier figure).",
@@ -466,9 +502,11 @@ def report(admission: list[Admission], usage: list[Window], args: argparse.Names
         "## Admission policies at 200 req/s (nginx upstream, 1 KB chat body)",
         "",
         f"All four stacks running, measured in {args.rounds} interleaved rounds of "
-        f"{args.seconds:g} s (the order rotates each round); p50 … CPU columns: medians over the "
+        f"{args.seconds:g} s (the order rotates each round), in {args.blocks} block(s) of freshly "
+        "started stacks; p50 … CPU columns: medians over the "
         "rounds. Δ columns: the difference to the data path measured in the same round, median "
-        "over the rounds (95 % bootstrap confidence interval of that median: a target inside "
+        "over the rounds (95 % bootstrap confidence interval of that median, resampling blocks "
+        "and then rounds within them: a target inside "
         "the interval is neither shown met nor missed). ΔCPU is Envoy + extproc; the Redis "
         "limits' "
         "redis-server has its own column (not in ΔCPU).",
@@ -485,7 +523,8 @@ def report(admission: list[Admission], usage: list[Window], args: argparse.Names
         redis = f"{w.cpu_other_ms:.3f}" if w.cpu_other_ms else "—"
         calls = f"{w.redis_calls:.2f}" if "Redis" in w.name else "—"
         ahead = f"{w.ahead:.0%}" if "Redis" in w.name else "—"
-        (p_lo, p_hi), (c_lo, c_hi) = median_ci(a.dp50), median_ci(a.dcpu)
+        (p_lo, p_hi) = median_ci(a.dp50, groups=a.blocks)
+        (c_lo, c_hi) = median_ci(a.dcpu, groups=a.blocks)
         dp = f"{st.median(a.dp50):+.2f} ({p_lo:+.2f} … {p_hi:+.2f})"
         dc = f"{st.median(a.dcpu):+.3f} ({c_lo:+.3f} … {c_hi:+.3f})"
         lines.append(
@@ -527,6 +566,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--rate", type=float, default=200.0)
     p.add_argument("--rounds", type=int, default=3, help="interleaved admission rounds")
+    p.add_argument(
+        "--blocks",
+        type=int,
+        default=1,
+        help="restart the stacks this many times, the rounds split among the blocks; the "
+        "intervals are drawn over blocks and rounds (default 1)",
+    )
     p.add_argument("--stream-rate", type=float, default=20.0)
     p.add_argument("--skip-admission", action="store_true")
     p.add_argument("--skip-usage", action="store_true")
@@ -544,7 +590,9 @@ def main(argv: list[str] | None = None) -> int:
         run = Path(tmp)
         if not args.skip_admission:
             (run / "a").mkdir()
-            admission = bench_admission(run / "a", args.seconds, args.rate, args.rounds)
+            admission = bench_admission(
+                run / "a", args.seconds, args.rate, args.rounds, args.blocks
+            )
         if not args.skip_usage:
             (run / "u").mkdir()
             usage = bench_usage(run / "u", args.seconds, args.stream_rate)
