@@ -59,7 +59,6 @@ class UsageWindow:
         self.clock = clock
         self.slot = window / slots
         self._events: dict[str, deque[list[float]]] = {}  # user -> [slot start, amount]
-        self._sums: dict[str, float] = {}
         self._next_sweep = clock() + window
 
     def __len__(self) -> int:
@@ -81,34 +80,30 @@ class UsageWindow:
             events[-1][1] += amount
         else:
             events.append([start, amount])
-        total = self._sums.get(user, 0.0) + amount
-        horizon = now - self.window
-        while events[0][0] + self.slot <= horizon:  # the newest slot is never expired
-            total -= events.popleft()[1]
-        self._sums[user] = total
+        self._trim(events, now)
 
     def use(self, user: str) -> float:
         events = self._events.get(user)
         if not events:
             return 0.0
-        horizon = self.clock() - self.window
-        total = self._sums[user]
-        while events and events[0][0] + self.slot <= horizon:
-            total -= events.popleft()[1]
+        self._trim(events, self.clock())
         if not events:
             del self._events[user]
-            self._sums.pop(user, None)
             return 0.0
-        self._sums[user] = total
-        return max(0.0, total)
+        return sum(amount for _, amount in events)  # at most slots + 1 numbers
+
+    def _expired(self, start: float, now: float) -> bool:
+        """The slot starting at ``start`` holds nothing younger than the window."""
+        return start + self.slot <= now - self.window
+
+    def _trim(self, events: deque[list[float]], now: float) -> None:
+        while events and self._expired(events[0][0], now):
+            events.popleft()
 
     def _sweep(self, now: float) -> None:
         self._next_sweep = now + self.window
-        horizon = now - self.window
-        idle = [u for u, ev in self._events.items() if ev[-1][0] + self.slot <= horizon]
-        for user in idle:
+        for user in [u for u, ev in self._events.items() if self._expired(ev[-1][0], now)]:
             del self._events[user]
-            self._sums.pop(user, None)
 
 
 @dataclass(slots=True)
