@@ -254,7 +254,7 @@ def serve_minimal(port: int, destination: str) -> None:
 
 
 def minimal_stack(run: Path, upstream_port: int) -> tuple[Child, Child, str]:
-    from extproc.envoy_eds import write_eds
+    from fleet.envoy_eds import write_eds
     from matrixinfer.envoy_config import EnvoySettings, render_bootstrap
 
     grpc_port, listen, admin = free_port(), free_port(), free_port()

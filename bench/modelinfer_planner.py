@@ -127,7 +127,7 @@ def planner_bench(groups: int, runs: int) -> list[tuple[str, float, float, float
 
 
 async def operator_bench(modelinfers: int, groups: int) -> dict[str, Any]:
-    from tests.controllers.kmockenv import Kubelet, emulator, operator
+    from matrixinfer.testing.kube import Kubelet, emulator, operator
 
     tmpl = {"spec": {"containers": [{"name": "engine", "image": "vllm:1"}]}}
     async with emulator(history_limit=32) as api:
@@ -210,7 +210,7 @@ async def operator_bench(modelinfers: int, groups: int) -> dict[str, Any]:
 
 async def emulator_baseline(n: int) -> float:
     """Seconds for n pod creates straight into the emulator (what the operator cannot beat)."""
-    from tests.controllers.kmockenv import emulator
+    from matrixinfer.testing.kube import emulator
 
     async with emulator(history_limit=32) as api:
         t0 = time.perf_counter()

@@ -231,7 +231,7 @@ def bench_admission(
     auth = {"authorization": f"Bearer {KEY}"}
     import shutil
 
-    from tests.policies.conftest import RedisServer
+    from matrixinfer.testing.redis import RedisServer
 
     redis = RedisServer(shutil.which("redis-server") or "redis-server", run)
     with nginx_child(run, upstream_port):
@@ -311,7 +311,7 @@ def evalsha_calls(port: int) -> int:
 
 def admitted_ahead(stack: GatewayStack) -> float:
     """Requests the extproc has admitted ahead of Redis so far (its metrics)."""
-    from tests.policies.conftest import metric
+    from matrixinfer.testing.metrics import metric
 
     return metric(stack, "matrixinfer_gateway_ratelimit_redis_admissions_total", decided="ahead")
 
@@ -381,7 +381,7 @@ def serve_streamed(port: int, destination: str, scan: bool) -> None:
 
 
 def streamed_stack(run: Path, pod: str, scan: bool) -> tuple[Child, Child, str]:
-    from extproc.envoy_eds import write_eds
+    from fleet.envoy_eds import write_eds
     from matrixinfer.envoy_config import EnvoySettings, render_bootstrap
 
     grpc_port, listen, admin = free_port(), free_port(), free_port()

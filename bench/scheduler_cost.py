@@ -26,16 +26,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from extproc.scheduling import (
-    DEFAULT_PROFILE,
-    Pod,
-    PodMetrics,
-    SchedulerProfile,
-    SchedulingRequest,
-    build_scheduler,
-)
+from extproc.scheduling import DEFAULT_PROFILE, SchedulerProfile, SchedulingRequest, build_scheduler
 from extproc.scheduling.prefix import block_hashes
-from extproc.scheduling.profile import PluginSpec
+from fleet.pods import Pod, PodMetrics
+from fleet.profile import PluginSpec
 
 REPORT = Path(__file__).parent / "reports" / "scheduler_cost.md"
 

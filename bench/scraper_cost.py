@@ -32,7 +32,7 @@ HOST = "127.0.0.2"
 
 
 def _page() -> str:
-    from tests.scheduling.pages import EngineState, vllm_page
+    from matrixinfer.testing.engine_pages import EngineState, vllm_page
 
     return vllm_page(
         EngineState(
@@ -98,8 +98,8 @@ def _run(coro: Coroutine[Any, Any, None]) -> None:
 async def measure(
     ports: list[int], interval: float, seconds: float, cap: float | None
 ) -> dict[str, float]:
-    from extproc.scheduling.types import PodMetrics
     from extproc.scraper import MetricsScraper, ScrapeTarget
+    from fleet.pods import PodMetrics
 
     targets = [
         ScrapeTarget(f"pod-{i}", f"http://{HOST}:{p}/metrics", "vLLM") for i, p in enumerate(ports)
@@ -180,7 +180,7 @@ def run_case(
 def parser_costs() -> dict[str, float]:
     from prometheus_client.parser import text_string_to_metric_families
 
-    from extproc.scraper import parse_metrics
+    from fleet.engine_metrics import parse_metrics
 
     page = _page()
     ours = min(timeit.repeat(lambda: parse_metrics(page, "vLLM", None, 0.0), number=300, repeat=5))

@@ -33,7 +33,8 @@ import crds
 from controllers.xds.generate import ROUTE_TYPE, GatewaySettings, XdsInputs, generate
 from controllers.xds.protos import to_any
 from controllers.xds.server import AdsServer
-from extproc.datastore import Datastore, GatewayConfig, StaticEndpoint
+from extproc.datastore import Datastore
+from fleet.config import GatewayConfig, StaticEndpoint
 from matrixinfer.envoy_config import AdsBootstrap, render_ads_bootstrap
 from matrixinfer.process import envoy_child, free_port
 
@@ -167,7 +168,7 @@ def datastore_cost(n_pods: int = 5000, n_servers: int = 50) -> dict[str, Any]:
 
     apply_time = time_it(one_pod_not_ready, 5)
 
-    from extproc.kube_source import KubeSource, pod_info
+    from fleet.kube import KubeSource, pod_info
 
     source = KubeSource("http://127.0.0.1:1", lambda c: None)
     for _i, e in enumerate(endpoints):

@@ -11,45 +11,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from extproc.routing import RouteTable, object_key
-from extproc.scheduling.types import Pod, PodMetrics
+from extproc.routing import RouteTable
+from fleet.config import GatewayConfig, object_key
+from fleet.pods import Pod, PodMetrics, index_by_label
+from fleet.pods import members as fleet_members
 
 __all__ = [
     "Datastore",
-    "GatewayConfig",
     "ServerView",
     "Snapshot",
-    "StaticEndpoint",
-    "selects",
 ]
-
-
-@dataclass(slots=True, frozen=True)
-class StaticEndpoint:
-    """A pod a standalone gateway serves (from an ``Endpoints`` document)."""
-
-    name: str
-    address: str  # "host:port" or "host" (then the ModelServer's workloadPort is used)
-    labels: Mapping[str, str] = field(default_factory=dict)
-    ready: bool = True
-    source: str = ""
-    # a Kubernetes pod's namespace: only ModelServers of that namespace select it; None (files):
-    # any ModelServer whose selector matches
-    namespace: str | None = None
-
-
-@dataclass(slots=True)
-class GatewayConfig:
-    """Everything a configuration source delivers, already validated."""
-
-    routes: list[Any] = field(default_factory=list)  # crds.ModelRoute
-    servers: list[Any] = field(default_factory=list)  # crds.ModelServer
-    endpoints: list[StaticEndpoint] = field(default_factory=list)
-    scheduler_profile: Any = None  # gateway-wide default profile (None = the scheduler's default)
-    source: str = ""
 
 
 @dataclass(slots=True, frozen=True)
@@ -106,48 +80,6 @@ class Snapshot:
     warnings: tuple[str, ...] = ()
 
 
-def selects(match_labels: Mapping[str, str] | None, labels: Mapping[str, str]) -> bool:
-    """Kubernetes ``matchLabels`` semantics: every listed label present with the same value."""
-    if not match_labels:
-        return False  # an empty selector selects nothing here (never every pod by accident)
-    return all(labels.get(k) == v for k, v in match_labels.items())
-
-
-def index_by_label(
-    endpoints: list[StaticEndpoint],
-) -> dict[tuple[str, str], list[StaticEndpoint]]:
-    """Endpoints by each (label, value) pair they carry, in configuration order."""
-    index: dict[tuple[str, str], list[StaticEndpoint]] = {}
-    for endpoint in endpoints:
-        for pair in endpoint.labels.items():
-            index.setdefault(pair, []).append(endpoint)
-    return index
-
-
-def selected(
-    match_labels: Mapping[str, str] | None,
-    index: Mapping[tuple[str, str], list[StaticEndpoint]],
-) -> list[StaticEndpoint]:
-    """The endpoints ``match_labels`` selects (``selects`` semantics), in configuration order.
-
-    Only the endpoints carrying the selector's rarest label pair are tested, so building a
-    snapshot costs O(pods), not O(ModelServers x pods).
-    """
-    if not match_labels:
-        return []
-    lists = [index.get(pair, []) for pair in match_labels.items()]
-    fewest = min(lists, key=len)
-    return [e for e in fewest if selects(match_labels, e.labels)]
-
-
-def _address(endpoint: StaticEndpoint, port: int | None) -> str | None:
-    if endpoint.address.rsplit(":", 1)[-1].isdigit() and ":" in endpoint.address:
-        return endpoint.address
-    if port is None:
-        return None
-    return f"{endpoint.address}:{port}"
-
-
 def _engine(spec: Any) -> str:
     engine = getattr(spec, "inference_engine", None) or "vLLM"
     return str(getattr(engine, "value", engine))
@@ -186,21 +118,10 @@ class Datastore:
         for server in config.servers:
             key = object_key(server)
             spec = server.spec
-            selector = getattr(getattr(spec, "workload_selector", None), "match_labels", None)
-            port_obj = getattr(spec, "workload_port", None)
-            port = getattr(port_obj, "port", None)
+            port = spec.workload_port.port if spec.workload_port else None
             members: list[Pod] = []
-            namespace = getattr(server.metadata, "namespace", None) or "default"
-            for endpoint in selected(selector, by_label):
-                if endpoint.namespace is not None and endpoint.namespace != namespace:
-                    continue  # a selector picks pods of its own namespace only
-                address = _address(endpoint, port)
-                if address is None:
-                    warnings.append(
-                        f"endpoint '{endpoint.name}' has no port and ModelServer '{key}' sets no "
-                        "workloadPort; skipped"
-                    )
-                    continue
+            for member in fleet_members(server, by_label, warnings):
+                endpoint, address = member.endpoint, member.address
                 pod = pods.get(endpoint.name)
                 if pod is None:
                     kept = previous.get(endpoint.name)

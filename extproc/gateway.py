@@ -36,16 +36,16 @@ from extproc.parsing import DEFAULT_BODY_LIMIT, Endpoint, classify, estimate_tok
 from extproc.scheduling.types import (
     AllPodsSaturated,
     NoPodAvailable,
-    Pod,
     SchedulingRequest,
     SchedulingResult,
 )
+from fleet.pods import Pod
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
 
     from extproc.parsing import ParsedRequest
-    from extproc.policies import Policies
+    from extproc.policies.enforce import Policies
     from extproc.routing import RouteDecision
 
 __all__ = [
@@ -358,7 +358,7 @@ class Gateway:
             charge = state.charge
             routed.metadata = policies.metadata(charge)  # rid + charge (any replica settles)
             if parsed.stream and parsed.kind != "embeddings":
-                from extproc.usage import force_usage
+                from extproc.policies.usage import force_usage
 
                 if force_usage(parsed.body):  # Envoy's usage.lua hides the forced usage event
                     routed.metadata["matrixinfer_strip"] = True

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
-import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -18,14 +16,17 @@ from aiohttp import web
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from extproc.config_files import ConfigWatcher
-from extproc.datastore import Datastore, GatewayConfig
-from extproc.envoy_eds import write_eds
+from extproc.datastore import Datastore
 from extproc.gateway import Gateway
-from extproc.http_side import build_app
 from extproc.metrics import GatewayMetrics
 from extproc.parsing import DEFAULT_BODY_LIMIT
-from extproc.servicer import BODY_MODES, ExtProcServicer
+from extproc.scheduling import check_profile
+from extproc.transport.grpc_servicer import BODY_MODES, ExtProcServicer
+from extproc.transport.http_side import build_app
+from fleet.config import GatewayConfig
+from fleet.envoy_eds import write_eds
+from fleet.files import ConfigWatcher
+from fleet.service import signalled_stop
 
 __all__ = ["main", "parse_args", "serve"]
 
@@ -184,7 +185,7 @@ class ExtProcApp:
             self.gateway.policies = self.policies
         self.watcher: Any
         if args.source == "kubernetes":
-            from extproc.kube_source import KubeSource
+            from fleet.kube import KubeSource
 
             secrets: list[tuple[str, str]] = []
             auth = self.policies.settings.auth if self.policies is not None else None
@@ -202,7 +203,11 @@ class ExtProcApp:
             )
         else:
             self.watcher = ConfigWatcher(
-                args.config, self._apply, interval=args.config_poll, on_result=self._counted
+                args.config,
+                self._apply,
+                interval=args.config_poll,
+                on_result=self._counted,
+                check_profile=check_profile,
             )
         self.scraper: Any = None
         self.started = time.monotonic()
@@ -314,7 +319,7 @@ class ExtProcApp:
         if self.policies is not None:
             from envoy.service.accesslog.v3 import als_pb2_grpc
 
-            from extproc.usage import AccessLogServicer
+            from extproc.policies.usage import AccessLogServicer
 
             usage_servicer = AccessLogServicer(self.policies.ledger)
             als_pb2_grpc.add_AccessLogServiceServicer_to_server(usage_servicer, server)
@@ -349,7 +354,7 @@ class ExtProcApp:
         """The same services on ``extproc.transport_h2`` instead of grpc.aio."""
         from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-        from extproc.transport_h2 import PROCESS_PATH, GrpcMethod, H2Server
+        from extproc.transport.h2 import PROCESS_PATH, GrpcMethod, H2Server
 
         args = self.args
         servicer = ExtProcServicer(
@@ -359,7 +364,7 @@ class ExtProcApp:
         if self.policies is not None:
             from envoy.service.accesslog.v3 import als_pb2
 
-            from extproc.usage import AccessLogServicer
+            from extproc.policies.usage import AccessLogServicer
 
             usage = AccessLogServicer(self.policies.ledger)
             methods["/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs"] = GrpcMethod(
@@ -392,9 +397,9 @@ class ExtProcApp:
 
 
 def build_policies(args: argparse.Namespace, metrics: GatewayMetrics) -> Any:
-    from extproc.auth import AuthConfig
-    from extproc.policies import Policies, PolicySettings
-    from extproc.token_estimate import PolicyConfig
+    from extproc.policies.auth import AuthConfig
+    from extproc.policies.enforce import Policies, PolicySettings
+    from extproc.policies.token_estimate import PolicyConfig
 
     priorities: dict[str, int] = {}
     for item in args.tenant_priority:
@@ -463,16 +468,6 @@ def _read_charge_key(path: Path) -> bytes:
             "least 16 are needed (e.g. `openssl rand -hex 32`)"
         )
     return key
-
-
-def signalled_stop() -> asyncio.Event:
-    """An event that SIGTERM or SIGINT sets: a service's orderly stop (call in the running loop)."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    return stop
 
 
 async def serve(args: argparse.Namespace) -> None:

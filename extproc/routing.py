@@ -23,6 +23,7 @@ from random import Random
 from typing import Any
 
 from extproc.errors import GatewayError, model_not_found, no_rule_matched
+from fleet.config import object_key
 
 __all__ = [
     "CompiledRoute",
@@ -35,13 +36,6 @@ __all__ = [
 
 
 _DECISIONS_KEPT = 65536
-
-
-def object_key(obj: Any) -> str:
-    """``namespace/name`` of a custom-resource object (namespace defaults to ``default``)."""
-    meta = obj.metadata
-    namespace = getattr(meta, "namespace", None) or "default"
-    return f"{namespace}/{meta.name}"
 
 
 @dataclass(slots=True, frozen=True)

@@ -1,21 +1,26 @@
 """Start and stop fleets of simulator processes, one loopback address per pod.
 
 Replica ``i`` is named ``f"{name_prefix}-{i}"`` and binds ``first_host + i`` (127.0.0.10,
-127.0.0.11, ...) on the same port, as pods of one Deployment would. Each replica is a
-:class:`matrixinfer.process.Child` (own process group, log file, readiness = ``GET /health``).
+127.0.0.11, ...) on the same port, as pods of one Deployment would. Each replica is its own
+process (own session, optional log file) and is ready when ``GET /health`` answers 200. The
+simulator stands alone, so this launcher uses nothing of the platform.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import os
+import signal
+import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from matrixinfer.process import Child, http_ok
-
-__all__ = ["Fleet", "SimPod", "sim_argv"]
+__all__ = ["Fleet", "SimPod", "SimProcess", "sim_argv"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +58,74 @@ def sim_argv(pod: SimPod, model: str, args: Sequence[str] = ()) -> list[str]:
     ]
 
 
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=0.5) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
+class SimProcess:
+    """One simulator process: started in its own session, stopped with SIGTERM (then SIGKILL)."""
+
+    def __init__(self, pod: SimPod, argv: list[str], log_path: Path | None, timeout: float):
+        self.pod = pod
+        self.argv = argv
+        self.log_path = log_path
+        self.timeout = timeout
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> None:
+        """Start and wait for ``/health``; raise (with the log's tail) if it exits or is slow."""
+        out: int | object = subprocess.DEVNULL
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            out = self.log_path.open("ab")
+        env = {**os.environ, "POD_NAME": self.pod.name, "PYTHONUNBUFFERED": "1"}
+        try:
+            self.proc = subprocess.Popen(
+                self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=env, start_new_session=True,
+            )  # fmt: skip
+        finally:
+            if not isinstance(out, int):
+                out.close()  # type: ignore[attr-defined]  # the child holds its own copy
+        deadline = time.monotonic() + self.timeout
+        while not _healthy(f"{self.pod.url}/health"):
+            if not self.running() or time.monotonic() > deadline:
+                code = self.proc.poll()
+                self.stop()
+                state = f"exited with code {code}" if code is not None else "not ready in time"
+                raise RuntimeError(f"{self.pod.name} {state}{self._log_tail()}")
+            time.sleep(0.05)
+
+    def _log_tail(self) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        lines = self.log_path.read_text(errors="replace").splitlines()[-20:]
+        return "; last log lines:\n" + "\n".join(lines)
+
+    def signal(self, sig: int) -> None:
+        if self.running():
+            assert self.proc is not None
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+
+    def stop(self, grace: float = 5.0) -> None:
+        if self.proc is None:
+            return
+        self.signal(signal.SIGTERM)
+        try:
+            self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            self.proc.wait()
+
+
 class Fleet:
     """N simulator processes; use as a context manager or call start() / stop()."""
 
@@ -85,18 +158,11 @@ class Fleet:
         self.pods: list[SimPod] = [
             SimPod(f"{name_prefix}-{i}", str(first + i), port) for i in range(replicas)
         ]
-        self._children: list[Child] = [self._child(p) for p in self.pods]
+        self._children: list[SimProcess] = [self._child(p) for p in self.pods]
 
-    def _child(self, pod: SimPod) -> Child:
-        health = f"{pod.url}/health"
-        return Child(
-            pod.name,
-            sim_argv(pod, self.model, self.args),
-            log_path=(self.log_dir / f"{pod.name}.log") if self.log_dir else None,
-            env={"POD_NAME": pod.name, "PYTHONUNBUFFERED": "1"},
-            ready=lambda: http_ok(health, timeout=0.5),
-            ready_timeout=self.ready_timeout,
-        )
+    def _child(self, pod: SimPod) -> SimProcess:
+        log_path = (self.log_dir / f"{pod.name}.log") if self.log_dir else None
+        return SimProcess(pod, sim_argv(pod, self.model, self.args), log_path, self.ready_timeout)
 
     def start(self) -> Fleet:
         """Start every pod and wait until each answers /health; on failure stop them all."""
@@ -114,7 +180,10 @@ class Fleet:
 
     def kill(self, index: int) -> None:
         """SIGKILL one pod (a crash); it stays down until restart()."""
-        self._children[index].kill()
+        child = self._children[index]
+        child.signal(signal.SIGKILL)
+        if child.proc is not None:
+            child.proc.wait()
 
     def restart(self, index: int) -> None:
         """Stop (if still running) and start pod ``index`` again, waiting for its /health."""

@@ -23,11 +23,12 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from bench.gateway_overhead import UPSTREAM_HOSTS, gateway_config, request_body
-from extproc.config_files import ConfigWatcher
-from extproc.datastore import Datastore, GatewayConfig
+from extproc.datastore import Datastore
 from extproc.gateway import Gateway
 from extproc.metrics import GatewayMetrics
-from extproc.servicer import ExtProcServicer
+from extproc.transport.grpc_servicer import ExtProcServicer
+from fleet.config import GatewayConfig
+from fleet.files import ConfigWatcher
 
 
 def messages(body: bytes, extra: Sequence[tuple[str, str]] = ()) -> list[pb.ProcessingRequest]:

@@ -29,14 +29,15 @@ from bench.experiments.inproc import FakeContext
 from bench.experiments.inproc import messages as chat_messages
 from bench.gateway_overhead import gateway_config, request_body
 from bench.policy_overhead import KEY, policy_routes
-from extproc.auth import AuthConfig
-from extproc.config_files import ConfigWatcher
-from extproc.datastore import Datastore, GatewayConfig
+from extproc.datastore import Datastore
 from extproc.gateway import Gateway
 from extproc.metrics import GatewayMetrics
-from extproc.policies import Policies, PolicySettings
-from extproc.servicer import ExtProcServicer
-from extproc.usage import AccessLogServicer
+from extproc.policies.auth import AuthConfig
+from extproc.policies.enforce import Policies, PolicySettings
+from extproc.policies.usage import AccessLogServicer
+from extproc.transport.grpc_servicer import ExtProcServicer
+from fleet.config import GatewayConfig
+from fleet.files import ConfigWatcher
 
 BATCH = 20  # entries per access-log message (100 ms of 200 req/s)
 

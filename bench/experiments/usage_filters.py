@@ -35,7 +35,7 @@ from bench.gateway_overhead import (
     request_body,
 )
 from bench.policy_overhead import Window, hey, paired_median, rotation
-from extproc.usage import (
+from fleet.usage_envoy import (
     LOG_NAME,
     RID_KEY,
     RID_NAMESPACE,

@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from controllers.xds.generate import GatewaySettings, XdsInputs, generate
 from controllers.xds.server import AdsServer
 from controllers.xds.sources import inputs_from_config, with_policy_filters
+from fleet.service import signalled_stop
 
 __all__ = ["XdsApp", "main", "parse_args", "settings_from_args"]
 
@@ -120,7 +121,7 @@ class XdsApp:
             raise OSError(f"cannot listen on {address}")
         runner: web.AppRunner | None = None
         if args.source == "files":
-            from extproc.config_files import ConfigWatcher, load_directory
+            from fleet.files import ConfigWatcher, load_directory
 
             if args.config is None:
                 raise OSError("--config DIR is required with --source files")
@@ -135,7 +136,7 @@ class XdsApp:
                     generate(self.settings, inputs_from_config(config, args.extproc))
                 )
         else:
-            from extproc.kube_source import KubeSource, extproc_endpoints
+            from fleet.kube import KubeSource, extproc_endpoints
 
             def on_change(config: Any) -> None:
                 endpoints = extproc_endpoints(self.kube, args.extproc_service, args.extproc_port)
@@ -184,8 +185,6 @@ class XdsApp:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    from extproc.main import signalled_stop
-
     await XdsApp(args).run(signalled_stop())
 
 

@@ -9,16 +9,15 @@ Public surface::
 """
 
 from extproc.scheduling.plugins import PLUGINS, PluginInfo
-from extproc.scheduling.profile import DEFAULT_PROFILE, PluginSpec, SchedulerProfile
-from extproc.scheduling.scheduler import Scheduler, build_scheduler
+from extproc.scheduling.scheduler import ProfileLike, Scheduler, build_scheduler
 from extproc.scheduling.types import (
     AllPodsSaturated,
     NoPodAvailable,
-    Pod,
-    PodMetrics,
     SchedulingRequest,
     SchedulingResult,
 )
+from fleet.pods import Pod, PodMetrics
+from fleet.profile import DEFAULT_PROFILE, PluginSpec, SchedulerProfile
 
 __all__ = [
     "DEFAULT_PROFILE",
@@ -34,4 +33,10 @@ __all__ = [
     "SchedulingRequest",
     "SchedulingResult",
     "build_scheduler",
+    "check_profile",
 ]
+
+
+def check_profile(profile: ProfileLike) -> None:
+    """Raise ValueError (naming the plugin and argument) unless ``profile`` builds a scheduler."""
+    build_scheduler(profile=profile)

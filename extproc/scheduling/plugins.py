@@ -28,10 +28,10 @@ from extproc.scheduling.prefix import PrefixIndex, block_hashes
 from extproc.scheduling.types import (
     AllPodsSaturated,
     NoPodAvailable,
-    Pod,
     SchedulingRequest,
     SchedulingResult,
 )
+from fleet.pods import Pod
 
 __all__ = [
     "PLUGINS",

@@ -14,13 +14,9 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ValidationError
 
 from extproc.scheduling.plugins import PLUGINS, Context, Filter, Plugin, Scorer
-from extproc.scheduling.profile import DEFAULT_PROFILE
-from extproc.scheduling.types import (
-    NoPodAvailable,
-    Pod,
-    SchedulingRequest,
-    SchedulingResult,
-)
+from extproc.scheduling.types import NoPodAvailable, SchedulingRequest, SchedulingResult
+from fleet.pods import Pod
+from fleet.profile import DEFAULT_PROFILE
 
 __all__ = ["PluginSpecLike", "ProfileLike", "Scheduler", "build_scheduler"]
 

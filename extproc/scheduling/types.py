@@ -8,42 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-
-@dataclass(slots=True)
-class PodMetrics:
-    """What the scraper last read from one pod's /metrics, engine names already mapped.
-
-    ``None`` means "not reported"; ``stale`` marks a read older than the staleness bound, which
-    plugins must treat as unknown. ``unreachable``: the last scrape found nothing listening (the
-    pod is gone or its engine exited) — the datastore takes such a pod out of rotation.
-    """
-
-    waiting: float | None = None  # requests queued in the engine
-    running: float | None = None  # requests in the running batch
-    kv_cache_usage: float | None = None  # 0..1
-    ttft_seconds: float | None = None  # mean TTFT over the last scrape interval (histogram delta)
-    tpot_seconds: float | None = None  # mean inter-token latency over the last interval
-    running_loras: frozenset[str] = frozenset()
-    waiting_loras: frozenset[str] = frozenset()
-    max_loras: int | None = None
-    scraped_at: float = 0.0  # monotonic time of the read
-    stale: bool = True
-    unreachable: bool = False
-
-
-@dataclass(slots=True)
-class Pod:
-    """One endpoint a ModelServer may send requests to."""
-
-    name: str
-    address: str  # "ip:port" exactly as written into x-gateway-destination-endpoint
-    labels: Mapping[str, str] = field(default_factory=dict)
-    ready: bool = True
-    metrics: PodMetrics = field(default_factory=PodMetrics)
-    in_flight: int = 0  # requests this gateway has sent there and not yet finished
-    # requests sent there minus requests finished since its last fresh metrics: how far the
-    # engine's queue may have moved since that read (the saturation filter adds it to ``waiting``)
-    since_scrape: int = 0
+from fleet.pods import Pod
 
 
 @dataclass(slots=True)

@@ -14,8 +14,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from matrixinfer.process import Child, free_port, http_ok
+from matrixinfer.testing.kube import Api, Kubelet, emulator, eventually, operator
 from tests.controllers.fakecluster import container, make_object
-from tests.controllers.kmockenv import Api, Kubelet, emulator, eventually, operator
 
 pytestmark = pytest.mark.timeout(180)
 

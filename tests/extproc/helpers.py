@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import crds
-from extproc.datastore import GatewayConfig, StaticEndpoint
+from fleet.config import GatewayConfig, StaticEndpoint
 
 
 def objects(text: str) -> list[Any]:

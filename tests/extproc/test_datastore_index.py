@@ -5,7 +5,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from extproc.datastore import StaticEndpoint, index_by_label, selected, selects
+from fleet.config import StaticEndpoint
+from fleet.pods import index_by_label, selected, selects
 
 keys = st.sampled_from(["app", "role", "zone", "tier"])
 values = st.sampled_from(["a", "b", "c"])
@@ -29,7 +30,8 @@ def test_index_selects_like_a_full_scan(
 def test_a_selector_picks_pods_of_its_own_namespace_only() -> None:
     """Kubernetes endpoints carry their namespace: two ModelServers with the same selector in two
     namespaces each get their own namespace's pods, and equal pod names do not collide."""
-    from extproc.datastore import Datastore, GatewayConfig
+    from extproc.datastore import Datastore
+    from fleet.config import GatewayConfig
     from tests.extproc.helpers import objects, server_yaml
 
     def in_namespace(text: str, ns: str) -> str:

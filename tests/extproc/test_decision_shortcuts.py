@@ -14,7 +14,7 @@ from random import Random
 
 from extproc.routing import RouteTable
 from extproc.scheduling.scheduler import _rank
-from extproc.scheduling.types import Pod
+from fleet.pods import Pod
 from tests.extproc.helpers import objects, server_yaml
 
 

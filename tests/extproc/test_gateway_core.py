@@ -9,7 +9,7 @@ import orjson
 from extproc.datastore import Datastore
 from extproc.gateway import Gateway, Immediate, Routed
 from extproc.metrics import GatewayMetrics
-from extproc.scheduling.types import PodMetrics
+from fleet.pods import PodMetrics
 from tests.extproc.helpers import config, server_yaml
 
 ROUTES = """apiVersion: networking.matrixinfer.ai/v1alpha1

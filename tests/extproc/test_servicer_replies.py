@@ -22,14 +22,14 @@ from google.protobuf import struct_pb2
 from extproc.datastore import Datastore
 from extproc.gateway import Gateway, Immediate, RequestState, Routed
 from extproc.metrics import GatewayMetrics
-from extproc.scheduling.types import Pod
-from extproc.servicer import (
+from extproc.transport.grpc_servicer import (
     ExtProcServicer,
     decision_bytes,
     from_decision,
     immediate_response,
     timeout_override,
 )
+from fleet.pods import Pod
 from tests.extproc.helpers import config, server_yaml
 
 POD = Pod("p0", "10.0.0.1:8000")

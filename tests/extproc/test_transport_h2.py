@@ -12,7 +12,7 @@ import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from extproc.transport_h2 import PROCESS_PATH, GrpcMethod, H2Server
+from extproc.transport.h2 import PROCESS_PATH, GrpcMethod, H2Server
 
 pytestmark = pytest.mark.timeout(60)
 

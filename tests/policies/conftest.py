@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import shutil
-import socket
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -15,12 +14,11 @@ from pathlib import Path
 from typing import Any, Self
 
 import pytest
-import redis
 from aiohttp import ClientSession, web
-from prometheus_client.parser import text_string_to_metric_families
 
-from matrixinfer.process import Child, free_port, http_ok, wait_until
+from matrixinfer.process import free_port, http_ok, wait_until
 from matrixinfer.stack import GatewayStack, StackOptions
+from matrixinfer.testing.redis import PasswordRedis, RedisServer
 from sim.fleet import Fleet
 from tests.conftest import E2E_MESSAGE_TIMEOUT_MS, sim_fleet
 from tests.extproc.conftest import endpoints_yaml
@@ -125,67 +123,6 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         yield server
     finally:
         server.stop()
-
-
-class RedisServer:
-    def __init__(
-        self, binary: str, directory: Path, extra_args: tuple[str, ...] = (), name: str = "redis"
-    ) -> None:
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.child = Child(
-            name,
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(directory), *extra_args],
-            log_path=directory / "redis.log",
-            ready=self.answers,
-            ready_timeout=30,
-        )  # fmt: skip
-
-    def answers(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    def start(self) -> None:
-        self.child.start()
-
-    def stop(self) -> None:
-        self.child.stop()
-
-    def restart(self) -> None:
-        self.child.start()
-        wait_until(self.answers, 30, "redis answers again")
-
-
-class PasswordRedis(RedisServer):
-    """A redis-server with ``requirepass`` (its own: the shared one has no password)."""
-
-    def __init__(self, binary: str, directory: Path, password: str) -> None:
-        self.password = password
-        super().__init__(binary, directory, ("--requirepass", password), name="redis-auth")
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(
-            host="127.0.0.1", port=self.port, password=self.password, socket_timeout=2
-        )
-
-    def answers(self) -> bool:
-        try:
-            return bool(self.client().ping())
-        except redis.RedisError:
-            return False
-
-    def change_password(self, new: str) -> None:
-        """Set a new password and drop every client connection (they must AUTH again)."""
-        c = self.client()
-        c.config_set("requirepass", new)
-        self.password = new
-        c.client_kill_filter(_type="normal", skipme=True)
-        c.close()
 
 
 @pytest.fixture
@@ -301,20 +238,3 @@ def envoy_counter(stack: GatewayStack, stats_filter: str, suffix: str = "") -> i
     with urllib.request.urlopen(url, timeout=10) as resp:
         lines = resp.read().decode().splitlines()
     return sum(int(v) for k, _, v in (x.partition(": ") for x in lines) if k.endswith(suffix))
-
-
-def port_metric(http_port: int, name: str, **labels: str) -> float:
-    """The sum of the samples ``name`` with ``labels`` that one extproc process serves."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
-    )
-
-
-def metric(stack: GatewayStack, name: str, **labels: str) -> float:
-    """:func:`port_metric` summed over the stack's extproc processes."""
-    return sum(port_metric(port, name, **labels) for port in stack.http_ports)

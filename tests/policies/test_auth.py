@@ -16,18 +16,18 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from crds.networking import Access
-from extproc.auth import (
+from extproc.errors import GatewayError
+from extproc.policies.auth import (
     ApiKeyStore,
     AuthConfig,
     Authenticator,
     Identity,
-    JwksCache,
     JwtConfig,
     authorize,
     hash_key,
     parse_key_file,
 )
-from extproc.errors import GatewayError
+from extproc.policies.jwks import JwksCache
 from tests.policies.conftest import keys_yaml
 
 

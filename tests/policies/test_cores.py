@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from extproc.queue import FairQueue, QueueEntry, UsageWindow
-from extproc.ratelimit import Buckets, Limits, bucket_key, decide
-from extproc.usage import Charge, Usage, UsageLedger, force_usage, usage_from_fields
+from extproc.policies.queue import FairQueue, QueueEntry, UsageWindow
+from extproc.policies.ratelimit import Buckets, Limits, bucket_key, decide
+from extproc.policies.usage import Charge, Usage, UsageLedger, force_usage, usage_from_fields
 
 
 class Clock:

@@ -11,11 +11,11 @@ from typing import Any
 
 import orjson
 
-from extproc.auth import AuthConfig
 from extproc.gateway import Gateway, Immediate, Routed
 from extproc.metrics import GatewayMetrics
-from extproc.policies import Policies, PolicySettings
-from extproc.servicer import from_decision
+from extproc.policies.auth import AuthConfig
+from extproc.policies.enforce import Policies, PolicySettings
+from extproc.transport.grpc_servicer import from_decision
 from tests.extproc.helpers import config, server_yaml
 
 ROUTE = """---
@@ -115,7 +115,7 @@ async def test_a_newcomer_queues_behind_waiting_requests(tmp_path: Path) -> None
     newcomer when the next slot frees."""
     import asyncio
 
-    from extproc.scheduling import PodMetrics
+    from fleet.pods import PodMetrics
 
     gw = gateway(tmp_path, QUEUED, dispatch_interval=3600.0)  # dispatches only when the test says
     ds, policies = gw.datastore, gw.policies

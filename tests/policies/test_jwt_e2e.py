@@ -21,9 +21,9 @@ from openai import OpenAI
 
 from matrixinfer.process import free_port, wait_until
 from matrixinfer.stack import GatewayStack
+from matrixinfer.testing.metrics import metric
 from sim.fleet import Fleet
 from tests.policies.conftest import POOL, documents, policy_stack, route_yaml, write_config
-from tests.policies.test_policies_e2e import metric
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -17,13 +17,13 @@ from typing import Any
 import kmock
 import pytest
 
-from extproc.auth import AuthConfig, Identity, SecretKeyStore, hash_key
 from extproc.errors import GatewayError
-from extproc.kube_source import KubeSource
 from extproc.main import ExtProcApp, parse_args
+from extproc.policies.auth import AuthConfig, Identity, SecretKeyStore, hash_key
+from fleet.kube import KubeSource
 from matrixinfer.process import free_port
-from tests.controllers.kmockenv import VERBS, Api
-from tests.policies.conftest import PasswordRedis
+from matrixinfer.testing.kube import VERBS, Api
+from matrixinfer.testing.redis import PasswordRedis
 from tests.xds.kube import NET, NS, create_pod, create_server, kube, meta
 
 pytestmark = pytest.mark.timeout(60)

@@ -16,8 +16,8 @@ import pytest
 from openai import OpenAI
 
 from matrixinfer.process import Child, free_port, http_ok
+from matrixinfer.testing.redis import PasswordRedis
 from sim.fleet import Fleet
-from tests.policies.conftest import PasswordRedis
 from tests.policies.test_kube_secrets import (
     create_route,
     declare_secrets,

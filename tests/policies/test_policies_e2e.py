@@ -16,6 +16,7 @@ from openai import OpenAI
 
 from matrixinfer.process import wait_until
 from matrixinfer.stack import GatewayStack
+from matrixinfer.testing.metrics import metric
 from sim.fleet import Fleet
 from tests.conftest import sim_fleet
 from tests.extproc.helpers import server_yaml
@@ -24,7 +25,6 @@ from tests.policies.conftest import (
     POOL,
     documents,
     keys_yaml,
-    metric,
     policy_stack,
     route_yaml,
     write_config,

@@ -17,9 +17,9 @@ from openai import OpenAI
 
 from matrixinfer.process import ReadinessTimeout, wait_until
 from matrixinfer.stack import GatewayStack
+from matrixinfer.testing.metrics import metric
 from tests.conftest import sim_fleet
 from tests.policies.conftest import KEYS, envoy_counter, keys_yaml, policy_stack, write_config
-from tests.policies.test_policies_e2e import metric
 
 ROUTES = """
 apiVersion: networking.matrixinfer.ai/v1alpha1

@@ -13,18 +13,14 @@ import redis.asyncio as aioredis
 from openai import OpenAI
 
 from extproc.errors import GatewayError
-from extproc.ratelimit import Buckets, Limits, RedisBuckets
+from extproc.policies.ratelimit import Buckets, Limits
+from extproc.policies.redis_buckets import RedisBuckets
 from matrixinfer.process import wait_until
 from matrixinfer.stack import GatewayStack
+from matrixinfer.testing.metrics import metric
+from matrixinfer.testing.redis import RedisServer
 from sim.fleet import Fleet
-from tests.policies.conftest import (
-    KEYS,
-    RedisServer,
-    keys_yaml,
-    metric,
-    policy_stack,
-    write_config,
-)
+from tests.policies.conftest import KEYS, keys_yaml, policy_stack, write_config
 
 
 @pytest.fixture

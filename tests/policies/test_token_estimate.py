@@ -16,17 +16,17 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from extproc.auth import Identity
 from extproc.errors import GatewayError
-from extproc.policies import Policies, PolicySettings, RoutePolicy
-from extproc.ratelimit import Limits
-from extproc.scheduling.types import Pod
-from extproc.token_estimate import (
+from extproc.policies.auth import Identity
+from extproc.policies.enforce import Policies, PolicySettings, RoutePolicy
+from extproc.policies.ratelimit import Limits
+from extproc.policies.token_estimate import (
     PolicyConfig,
     TokenEstimateConfig,
     TokenEstimator,
     tokenize_request,
 )
+from fleet.pods import Pod
 from matrixinfer.process import free_port
 
 

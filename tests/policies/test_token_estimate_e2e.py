@@ -14,9 +14,9 @@ from openai import OpenAI
 from extproc.parsing import estimate_tokens, parse_body
 from matrixinfer.process import wait_until
 from matrixinfer.stack import GatewayStack
+from matrixinfer.testing.metrics import metric
 from sim.fleet import Fleet
 from tests.policies.conftest import POOL, documents, policy_stack, route_yaml, write_config
-from tests.policies.test_policies_e2e import metric
 
 ROUTES = documents(
     POOL,

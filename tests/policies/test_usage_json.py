@@ -16,6 +16,7 @@ from openai import OpenAI
 
 from matrixinfer.process import wait_until
 from matrixinfer.stack import GatewayStack
+from matrixinfer.testing.metrics import metric
 from sim.fleet import Fleet
 from tests.extproc.helpers import server_yaml
 from tests.policies.conftest import (
@@ -23,7 +24,6 @@ from tests.policies.conftest import (
     EngineStandIn,
     documents,
     envoy_counter,
-    metric,
     route_yaml,
     stand_in_stack,
 )

@@ -16,7 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from extproc.gateway import Routed
-from extproc.usage import STRIP_KEY, force_usage, lua_source
+from extproc.policies.usage import force_usage
+from fleet.usage_envoy import STRIP_KEY, lua_source
 
 lupa = pytest.importorskip("lupa.luajit21")
 

@@ -18,17 +18,10 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from matrixinfer.process import ReadinessTimeout, wait_until
 from matrixinfer.stack import GatewayStack
+from matrixinfer.testing.metrics import metric, port_metric
+from matrixinfer.testing.redis import RedisServer
 from sim.fleet import Fleet
-from tests.policies.conftest import (
-    POOL,
-    RedisServer,
-    documents,
-    metric,
-    policy_stack,
-    port_metric,
-    route_yaml,
-    write_config,
-)
+from tests.policies.conftest import POOL, documents, policy_stack, route_yaml, write_config
 
 pytestmark = pytest.mark.timeout(150)
 

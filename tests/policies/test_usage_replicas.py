@@ -17,15 +17,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from extproc.auth import AuthConfig
 from extproc.gateway import Gateway, Routed
 from extproc.metrics import GatewayMetrics
-from extproc.policies import Policies, PolicySettings
-from extproc.ratelimit import UNIT_SECONDS, Limits
-from extproc.servicer import from_decision
-from extproc.usage import (
-    CHARGE_KEY,
-    RID_KEY,
+from extproc.policies.auth import AuthConfig
+from extproc.policies.enforce import Policies, PolicySettings
+from extproc.policies.ratelimit import UNIT_SECONDS, Limits
+from extproc.policies.usage import (
     AccessLogServicer,
     Charge,
     Usage,
@@ -33,8 +30,10 @@ from extproc.usage import (
     decode_charge,
     encode_charge,
 )
+from extproc.transport.grpc_servicer import from_decision
+from fleet.usage_envoy import CHARGE_KEY, RID_KEY
+from matrixinfer.testing.redis import RedisServer
 from tests.extproc.helpers import config, server_yaml
-from tests.policies.conftest import RedisServer
 
 KEY = b"charge-key-shared-by-the-replicas"
 

@@ -19,6 +19,7 @@ from openai import OpenAI
 
 from matrixinfer.process import wait_until
 from matrixinfer.stack import GatewayStack
+from matrixinfer.testing.metrics import metric
 from sim.fleet import Fleet
 from tests.extproc.helpers import server_yaml
 from tests.policies.conftest import (
@@ -28,7 +29,6 @@ from tests.policies.conftest import (
     route_yaml,
     stand_in_stack,
 )
-from tests.policies.test_policies_e2e import metric
 
 ROUTES = documents(
     POOL,

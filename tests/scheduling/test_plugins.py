@@ -9,14 +9,13 @@ import pytest
 from extproc.scheduling import (
     AllPodsSaturated,
     NoPodAvailable,
-    Pod,
-    PodMetrics,
     SchedulerProfile,
     SchedulingRequest,
     build_scheduler,
 )
 from extproc.scheduling.prefix import PrefixIndex, block_hashes
-from extproc.scheduling.profile import PluginSpec
+from fleet.pods import Pod, PodMetrics
+from fleet.profile import PluginSpec
 
 
 def metrics(**kw: object) -> PodMetrics:

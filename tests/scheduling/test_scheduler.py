@@ -14,13 +14,12 @@ from extproc.scheduling import (
     DEFAULT_PROFILE,
     PLUGINS,
     NoPodAvailable,
-    Pod,
-    PodMetrics,
     SchedulerProfile,
     SchedulingRequest,
     build_scheduler,
 )
-from extproc.scheduling.profile import PluginSpec
+from fleet.pods import Pod, PodMetrics
+from fleet.profile import PluginSpec
 
 # the property tests spend their time in Hypothesis' data generation (21 s for 200 examples on a
 # starved machine, once past the default 120 s with three suites at once): room, not a bound

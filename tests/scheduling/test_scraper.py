@@ -13,16 +13,11 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from extproc.scheduling.types import PodMetrics
-from extproc.scraper import (
-    LatencyState,
-    MetricsScraper,
-    ScrapeTarget,
-    is_connection_refused,
-    parse_metrics,
-)
+from extproc.scraper import MetricsScraper, ScrapeTarget, is_connection_refused
+from fleet.engine_metrics import LatencyState, parse_metrics
+from fleet.pods import PodMetrics
 from matrixinfer.process import free_port
-from tests.scheduling.pages import EngineState, sglang_page, vllm_page
+from matrixinfer.testing.engine_pages import EngineState, sglang_page, vllm_page
 
 # ------------------------------------------------------------------------------------- parsing
 

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import kmock
 
+from matrixinfer.testing.kube import VERBS, Api, emulator
 from tests.conftest import E2E_MESSAGE_TIMEOUT_MS
-from tests.controllers.kmockenv import VERBS, Api, emulator
 
 if TYPE_CHECKING:
     from controllers.xds.main import XdsApp

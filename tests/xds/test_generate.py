@@ -24,8 +24,8 @@ from controllers.xds.generate import (
 )
 from controllers.xds.protos import ResourceError, to_any
 from controllers.xds.sources import inputs_from_config, with_policy_filters
-from extproc.datastore import GatewayConfig, StaticEndpoint
-from extproc.policies import QUEUE_TIMEOUT_MARGIN
+from extproc.policies.enforce import QUEUE_TIMEOUT_MARGIN
+from fleet.config import GatewayConfig, StaticEndpoint
 
 DOCS = """apiVersion: networking.matrixinfer.ai/v1alpha1
 kind: ModelServer
@@ -225,8 +225,9 @@ def test_inputs_from_a_gateway_config_resolve_pods_like_the_extproc() -> None:
     assert list(got.pod_addresses) == ["10.0.0.1:8000", "10.0.0.2:9000"]
 
 
-def test_usage_filters_come_from_extproc_usage() -> None:
-    usage = pytest.importorskip("extproc.usage")
+def test_usage_filters_come_from_fleet_usage_envoy() -> None:
+    from fleet import usage_envoy as usage
+
     settings = with_policy_filters(GatewaySettings())
     res = generate(settings, inputs())
     hcm = res[LISTENER_TYPE]["openai"]["filter_chains"][0]["filters"][0]["typed_config"]
@@ -238,7 +239,7 @@ def test_usage_filters_come_from_extproc_usage() -> None:
 
 
 def test_static_bootstrap_from_the_same_resources_is_valid_for_envoy(tmp_path: Path) -> None:
-    from extproc.envoy_eds import write_eds
+    from fleet.envoy_eds import write_eds
     from matrixinfer.envoy_config import EnvoySettings, render_bootstrap
     from matrixinfer.process import find_envoy
 

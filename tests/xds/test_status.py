@@ -10,7 +10,7 @@ import pytest
 
 from controllers.status.compute import PodView, route_status, server_status
 from matrixinfer.process import free_port
-from tests.controllers.kmockenv import Api, eventually, operator
+from matrixinfer.testing.kube import Api, eventually, operator
 from tests.xds.conftest import Envoy, ads_envoy
 from tests.xds.kube import create_pod, create_route, create_server, kube, set_pod_ready
 from tests.xds.test_ads_envoy import PUSH_DEADLINE, until

@@ -38,7 +38,8 @@ from typing import Any
 import aiohttp
 import orjson
 
-from extproc.datastore import GatewayConfig, StaticEndpoint, selects
+from fleet.config import GatewayConfig, StaticEndpoint
+from fleet.pods import selects
 
 __all__ = [
     "KINDS",

@@ -36,8 +36,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from extproc.datastore import GatewayConfig, StaticEndpoint
-from extproc.scheduling.profile import SchedulerProfile
+from fleet.config import GatewayConfig, StaticEndpoint
+from fleet.profile import SchedulerProfile
 
 __all__ = [
     "ConfigError",
@@ -119,7 +119,9 @@ def _config_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in (".yaml", ".yml"))
 
 
-def load_directory(directory: Path | str) -> GatewayConfig:
+def load_directory(
+    directory: Path | str, check_profile: Callable[[Any], None] | None = None
+) -> GatewayConfig:
     """Read and validate every document; raise :class:`ConfigError` listing every problem."""
     import crds
 
@@ -188,7 +190,8 @@ def load_directory(directory: Path | str) -> GatewayConfig:
                         obj_kind,
                         obj.metadata.name,
                     )
-    errors.extend(_check_profiles(config, seen))
+    if check_profile is not None:
+        errors.extend(_check_profiles(config, seen, check_profile))
     names: dict[str, str] = {}
     for endpoint in config.endpoints:
         if endpoint.name in names:
@@ -202,10 +205,14 @@ def load_directory(directory: Path | str) -> GatewayConfig:
     return config
 
 
-def _check_profiles(config: GatewayConfig, seen: dict[tuple[str, str], str]) -> list[str]:
-    """Scheduler profiles are checked now (unknown plugins or arguments), not on a request."""
-    from extproc.scheduling import build_scheduler
-
+def _check_profiles(
+    config: GatewayConfig,
+    seen: dict[tuple[str, str], str],
+    check_profile: Callable[[Any], None],
+) -> list[str]:
+    """Scheduler profiles are checked at load (unknown plugins or arguments), not on a request:
+    ``check_profile`` raises ValueError naming the plugin and argument (the scheduler's own
+    check, ``extproc.scheduling.check_profile``)."""
     errors: list[str] = []
     checks: list[tuple[str, str, Any]] = []
     for (kind, key), where in seen.items():
@@ -221,7 +228,7 @@ def _check_profiles(config: GatewayConfig, seen: dict[tuple[str, str], str]) -> 
             checks.append((where, f'ModelServer "{server.metadata.name}"', profile))
     for where, who, profile in checks:
         try:
-            build_scheduler(profile=profile)
+            check_profile(profile)
         except ValueError as exc:
             errors.append(f"{where}: {who}: spec.{exc}")
     return errors
@@ -255,8 +262,10 @@ class ConfigWatcher:
         *,
         interval: float = 1.0,
         on_result: Callable[[bool], None] | None = None,
+        check_profile: Callable[[Any], None] | None = None,
     ) -> None:
         self.directory = Path(directory)
+        self.check_profile = check_profile
         self.apply = apply
         self.interval = interval
         self.on_result = on_result
@@ -268,7 +277,7 @@ class ConfigWatcher:
         """Load synchronously (used at start-up); True when the configuration was applied."""
         self._fingerprint = _fingerprint(self.directory)
         try:
-            config = load_directory(self.directory)
+            config = load_directory(self.directory, self.check_profile)
         except ConfigError as exc:
             return self._rejected(str(exc))
         return self._applied(config)

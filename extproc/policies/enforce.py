@@ -24,15 +24,18 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from crds.common import parse_duration
-from extproc.auth import ANONYMOUS, AuthConfig, Authenticator, Identity, authorize
 from extproc.errors import GatewayError
 from extproc.metrics import LabelCache
-from extproc.queue import FairQueue, QueueEntry, UsageWindow
-from extproc.ratelimit import Admission, Buckets, Limits, RedisBuckets, bucket_key, limits_of
-from extproc.routing import object_key
+from extproc.policies.auth import ANONYMOUS, AuthConfig, Authenticator, Identity, authorize
+from extproc.policies.jwks import JwksCache
+from extproc.policies.queue import FairQueue, QueueEntry, UsageWindow
+from extproc.policies.ratelimit import Admission, Buckets, Limits, bucket_key, limits_of
+from extproc.policies.redis_buckets import RedisBuckets
+from extproc.policies.token_estimate import TokenEstimateConfig, TokenEstimator
+from extproc.policies.usage import Charge, Usage, UsageLedger, encode_charge
 from extproc.scheduling.types import NoPodAvailable
-from extproc.token_estimate import TokenEstimateConfig, TokenEstimator
-from extproc.usage import CHARGE_KEY, RID_KEY, Charge, Usage, UsageLedger, encode_charge
+from fleet.config import object_key
+from fleet.usage_envoy import CHARGE_KEY, RID_KEY
 
 __all__ = [
     "QUEUE_TIMEOUT_MARGIN",
@@ -214,7 +217,9 @@ class Policies:
         self.metrics = PolicyMetrics(registry)
         self.clock = clock
         if authenticator is None and settings.auth is not None:
-            authenticator = Authenticator(settings.auth)
+            jwt = settings.auth.jwt
+            jwks = JwksCache(jwt.jwks_url, refresh=jwt.refresh_seconds) if jwt else None
+            authenticator = Authenticator(settings.auth, jwks=jwks)
         self.auth = authenticator
         self.local = Buckets(clock)
         self.redis: dict[str, RedisBuckets] = {}
@@ -353,7 +358,7 @@ class Policies:
 
     @staticmethod
     def _limited(admission: Admission, route: str) -> PolicyError:
-        from extproc.ratelimit import rate_limited
+        from extproc.policies.ratelimit import rate_limited
 
         headers = dict(admission.headers)
         headers["retry-after"] = str(max(1, math.ceil(admission.retry_after)))
@@ -408,7 +413,7 @@ class Policies:
     def update_secret(self, namespace: str, name: str, secret: Mapping[str, Any] | None) -> None:
         """A watched Secret changed (``None``: gone): API keys are replaced, Redis clients whose
         passwordSecretRef names it reconnect with the new password."""
-        from extproc.auth import SecretKeyStore, secret_data
+        from extproc.policies.auth import SecretKeyStore, secret_data
 
         keys = self.auth.keys if self.auth is not None else None
         if isinstance(keys, SecretKeyStore) and keys.ref == (namespace, name):

@@ -1,6 +1,7 @@
 """Who is calling, and may they call this route: API keys, JWT (JWKS), per-route anonymous access.
 
-Pure apart from the JWKS fetch (:class:`JwksCache.refresh`, aiohttp) and the key file's ``stat``:
+Pure apart from the key file's ``stat``: JWT signing keys come from a :class:`SigningKeys` source
+(:class:`extproc.policies.jwks.JwksCache` fetches them), injected by the caller.
 
 - **API keys** (``Authorization: Bearer <key>``) are stored as SHA-256 hex digests in a file, each
   mapping to a tenant, a user and groups. The file is either ``{"keys": [...]}`` (YAML or JSON) or a
@@ -17,9 +18,7 @@ Pure apart from the JWKS fetch (:class:`JwksCache.refresh`, aiohttp) and the key
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import contextlib
 import hashlib
 import logging
 import os
@@ -27,10 +26,9 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import jwt
-import orjson
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
@@ -43,9 +41,9 @@ __all__ = [
     "AuthConfig",
     "Authenticator",
     "Identity",
-    "JwksCache",
     "JwtConfig",
     "SecretKeyStore",
+    "SigningKeys",
     "authorize",
     "forbidden",
     "hash_key",
@@ -293,81 +291,6 @@ class SecretKeyStore:
         return self.keys.get(hash_key(key))
 
 
-class JwksCache:
-    """Signing keys by ``kid``; refreshed periodically, on an unknown kid (rate-limited), with
-    exponential backoff after failures."""
-
-    def __init__(
-        self,
-        url: str,
-        *,
-        refresh: float = 300.0,
-        min_refetch: float = 5.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.url = url
-        self.refresh_every = refresh
-        self.min_refetch = min_refetch
-        self.clock = clock
-        self.keys: dict[str, jwt.PyJWK] = {}
-        self.fetched_at = float("-inf")
-        self.failures = 0
-        self.next_attempt = float("-inf")
-        self._task: asyncio.Task[bool] | None = None
-
-    def load(self, jwks: Mapping[str, Any]) -> None:
-        keys: dict[str, jwt.PyJWK] = {}
-        for item in jwks.get("keys", []):
-            try:
-                key = jwt.PyJWK(dict(item))
-            except jwt.PyJWTError as exc:
-                log.warning("JWKS %s: skipping key %s: %s", self.url, item.get("kid"), exc)
-                continue
-            keys[str(item.get("kid", ""))] = key
-        self.keys = keys
-
-    async def refresh(self) -> bool:
-        import aiohttp
-
-        now = self.clock()
-        try:
-            timeout = aiohttp.ClientTimeout(total=5)
-            async with (
-                aiohttp.ClientSession(timeout=timeout) as session,
-                session.get(self.url) as resp,
-            ):
-                resp.raise_for_status()
-                self.load(orjson.loads(await resp.read()))
-        except Exception as exc:  # network, HTTP or JSON: keep the old keys, back off
-            self.failures += 1
-            backoff = min(self.refresh_every, self.min_refetch * 2 ** min(self.failures, 10))
-            self.next_attempt = now + backoff
-            log.warning("JWKS %s: fetch failed (%s); retry in %.1fs", self.url, exc, backoff)
-            return False
-        self.failures = 0
-        self.fetched_at = now
-        self.next_attempt = now + self.min_refetch
-        return True
-
-    def want_refresh(self) -> None:
-        """An unknown kid: fetch again soon (not more often than ``min_refetch``/backoff)."""
-        if self.clock() < self.next_attempt or (self._task and not self._task.done()):
-            return
-        with contextlib.suppress(RuntimeError):  # no running loop: nothing to schedule on
-            self._task = asyncio.get_running_loop().create_task(self.refresh())
-
-    async def run(self) -> None:
-        """Background refresh loop (cancel to stop)."""
-        while True:
-            now = self.clock()
-            if now - self.fetched_at >= self.refresh_every and now >= self.next_attempt:
-                await self.refresh()
-            await asyncio.sleep(1.0)
-
-    def key_for(self, kid: str) -> jwt.PyJWK | None:
-        return self.keys.get(kid)
-
-
 def _claim(claims: Mapping[str, Any], path: str) -> Any:
     value: Any = claims
     for part in path.split("."):
@@ -375,6 +298,13 @@ def _claim(claims: Mapping[str, Any], path: str) -> Any:
             return None
         value = value.get(part)
     return value
+
+
+class SigningKeys(Protocol):
+    """Where JWT signing keys come from (:class:`extproc.policies.jwks.JwksCache`)."""
+
+    def key_for(self, kid: str) -> Any: ...
+    def want_refresh(self) -> None: ...
 
 
 class Authenticator:
@@ -385,7 +315,7 @@ class Authenticator:
         config: AuthConfig,
         *,
         keys: ApiKeyStore | SecretKeyStore | None = None,
-        jwks: JwksCache | None = None,
+        jwks: SigningKeys | None = None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
@@ -396,7 +326,7 @@ class Authenticator:
             keys = SecretKeyStore(namespace, name)
         self.keys = keys
         if jwks is None and config.jwt is not None:
-            jwks = JwksCache(config.jwt.jwks_url, refresh=config.jwt.refresh_seconds)
+            raise ValueError("jwt is configured: pass its signing keys (extproc.policies.jwks)")
         self.jwks = jwks
         self.wall_clock = wall_clock
         self.anonymous_routes = frozenset(config.anonymous_routes)

@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2, struct_pb2
 
 from extproc.gateway import DESTINATION_HEADER, Gateway, Immediate, RequestState, Routed
 from extproc.parsing import DEFAULT_BODY_LIMIT
-from extproc.policies import queue_notice
+from extproc.policies.enforce import queue_notice
 
 __all__ = ["BODY_MODES", "ExtProcServicer"]
 

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
 from extproc.metrics import LabelCache
-from extproc.scheduling.types import Pod
+from fleet.pods import Pod
 
 __all__ = [
     "PolicyConfig",

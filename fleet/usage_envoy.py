@@ -1,0 +1,166 @@
+"""The Envoy side of usage accounting: the metadata names the extproc and Envoy share, and the
+HTTP filters and access log that read each answer's usage (one place; the xDS generator
+places them in the listener, the extproc reads what they write)."""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+from typing import Any
+
+METADATA_NAMESPACE = "matrixinfer"  # written by the Lua filter: prompt, completion, events
+RID_NAMESPACE = "envoy.lb"  # written by the extproc (the namespace its ext_proc filter accepts)
+RID_KEY = "matrixinfer_rid"
+STRIP_KEY = "matrixinfer_strip"  # envoy.lb flag: hide the forced usage event from the client
+CHARGE_KEY = "matrixinfer_charge"  # envoy.lb: the Charge, for the replica the report reaches
+LOG_NAME = "matrixinfer_usage"
+# JSON answers with a content-length of at most this many digits (< 1 MB) are read by Envoy's
+# json_to_metadata filter (C++; it buffers them, far below the listener's buffer limit of the
+# request body limit + 1 MiB); longer ones and chunked ones by usage.lua (the last 4 KiB)
+SMALL_JSON_DIGITS = 6
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+def lua_source() -> str:
+    """``envoy/usage.lua`` from a source checkout, or from a wheel's data files
+    (``<prefix>/share/matrixinfer/envoy``, as matrixinfer.resources looks them up)."""
+    installed = Path(sysconfig.get_path("data")) / "share" / "matrixinfer" / "envoy" / "usage.lua"
+    for candidate in (_ROOT / "envoy" / "usage.lua", installed):
+        if candidate.is_file():
+            return candidate.read_text()
+    raise FileNotFoundError(f"envoy/usage.lua not found under {_ROOT} or {installed.parent}")
+
+
+def _predicate(name: str, input_type: str, match: dict[str, Any], **fields: Any) -> Any:
+    """An xDS matcher single predicate on one input (Envoy JSON shape); ``match`` is its
+    ``value_match`` or ``custom_match``."""
+    typed = {"@type": f"type.googleapis.com/{input_type}", **fields}
+    return {"single_predicate": {"input": {"name": name, "typed_config": typed}, **match}}
+
+
+def _run_only_when(inner: dict[str, Any], predicate: dict[str, Any]) -> dict[str, Any]:
+    """``inner`` wrapped in Envoy's ExtensionWithMatcher: skipped unless ``predicate`` holds."""
+    skip = {
+        "name": "skip",
+        "typed_config": {
+            "@type": "type.googleapis.com/"
+            "envoy.extensions.filters.common.matcher.action.v3.SkipFilter"
+        },
+    }
+    otherwise = {"predicate": {"not_matcher": predicate}, "on_match": {"action": skip}}
+    return {
+        "name": inner["name"],
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher",
+            "xds_matcher": {"matcher_list": {"matchers": [otherwise]}},
+            "extension_config": inner,
+        },
+    }
+
+
+def _json_to_metadata() -> dict[str, Any]:
+    """Envoy's json_to_metadata on JSON answers: ``usage.prompt_tokens`` / ``completion_tokens``
+    into ``matrixinfer``/``prompt`` / ``completion`` (numbers, as usage.lua writes them)."""
+
+    def rule(field: str, key: str) -> dict[str, Any]:
+        into = {"metadata_namespace": METADATA_NAMESPACE, "key": key, "type": "NUMBER"}
+        return {"selectors": [{"key": "usage"}, {"key": field}], "on_present": into}
+
+    return {
+        "name": "envoy.filters.http.json_to_metadata",
+        "typed_config": {
+            "@type": "type.googleapis.com/"
+            "envoy.extensions.filters.http.json_to_metadata.v3.JsonToMetadata",
+            "response_rules": {
+                "rules": [rule("prompt_tokens", "prompt"), rule("completion_tokens", "completion")],
+                # application/json with or without parameters (charset=utf-8)
+                "allow_content_types_regex": {"regex": r"application/json\s*(;.*)?"},
+            },
+        },
+    }
+
+
+def _lua() -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.http.lua",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+            "default_source_code": {"inline_string": lua_source()},
+        },
+    }
+
+
+def envoy_http_filters(small_json_digits: int | None = None) -> list[dict[str, Any]]:
+    """HTTP filters to put after ext_proc and before the router (Envoy JSON shape).
+
+    Only requests the extproc marked (``envoy.lb``/``matrixinfer_rid``) are looked at, and each
+    by one filter, chosen by Envoy's matcher on the answer's headers:
+
+    - a content-length of at most ``small_json_digits`` digits (default
+      :data:`SMALL_JSON_DIGITS`): Envoy's json_to_metadata (C++) reads the JSON answer's usage;
+    - anything else (streams, chunked answers, longer answers): ``usage.lua`` (the SSE events and
+      the final usage event; a JSON answer's last 4 KiB).
+
+    ``small_json_digits=0``: usage.lua alone reads every marked answer (the design measured
+    before json_to_metadata, kept for ``bench.experiments.usage_filters``).
+    """
+    digits = SMALL_JSON_DIGITS if small_json_digits is None else small_json_digits
+    marked = _predicate(
+        "rid",
+        "envoy.extensions.matching.common_inputs.network.v3.DynamicMetadataInput",
+        {
+            "custom_match": {
+                "name": "present",
+                "typed_config": {
+                    "@type": "type.googleapis.com/"
+                    "envoy.extensions.matching.input_matchers.metadata.v3.Metadata",
+                    "value": {"present_match": True},
+                },
+            }
+        },
+        filter=RID_NAMESPACE,
+        path=[{"key": RID_KEY}],
+    )
+    if digits <= 0:
+        return [_run_only_when(_lua(), marked)]
+    small = _predicate(
+        "content-length",
+        "envoy.type.matcher.v3.HttpResponseHeaderMatchInput",
+        {"value_match": {"safe_regex": {"google_re2": {}, "regex": f"[0-9]{{1,{digits}}}"}}},
+        header_name="content-length",
+    )
+    return [
+        _run_only_when(_lua(), {"and_matcher": {"predicate": [marked, {"not_matcher": small}]}}),
+        _run_only_when(_json_to_metadata(), {"and_matcher": {"predicate": [marked, small]}}),
+    ]
+
+
+def envoy_access_logs(
+    extproc_cluster: str = "matrixinfer_extproc", flush_interval_ms: int = 100
+) -> list[dict[str, Any]]:
+    """HTTP connection manager ``access_log`` entries: the usage of marked requests, by gRPC."""
+    return [
+        {
+            "name": "envoy.access_loggers.http_grpc",
+            "filter": {
+                "metadata_filter": {
+                    "matcher": {
+                        "filter": RID_NAMESPACE,
+                        "path": [{"key": RID_KEY}],
+                        "value": {"present_match": True},
+                    }
+                }
+            },
+            "typed_config": {
+                "@type": "type.googleapis.com/"
+                "envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
+                "common_config": {
+                    "log_name": LOG_NAME,
+                    "transport_api_version": "V3",
+                    "grpc_service": {"envoy_grpc": {"cluster_name": extproc_cluster}},
+                    "buffer_flush_interval": f"{flush_interval_ms / 1000:.3f}s",
+                    "buffer_size_bytes": 16384,
+                },
+            },
+        }
+    ]
