@@ -279,7 +279,7 @@ def write_report(
         "",
         "| parser | time per page |",
         "|---|---|",
-        f"| `extproc.scraper.parse_metrics` (one regex pass) | {parse['ours_us']:.0f} us |",
+        f"| `fleet.engine_metrics.parse_metrics` (one regex pass) | {parse['ours_us']:.0f} us |",
         "| `prometheus_client.parser.text_string_to_metric_families` | "
         f"{parse['prometheus_client_us']:.0f} us |",
         "",
