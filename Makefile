@@ -34,7 +34,7 @@ test: setup
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy crds extproc controllers
+	$(VENV)/bin/mypy crds fleet extproc controllers sim matrixinfer
 	$(VENV)/bin/lint-imports
 
 format: $(STAMP)

@@ -19,6 +19,7 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 __all__ = ["Fleet", "SimPod", "SimProcess", "sim_argv"]
 
@@ -81,7 +82,7 @@ class SimProcess:
 
     def start(self) -> None:
         """Start and wait for ``/health``; raise (with the log's tail) if it exits or is slow."""
-        out: int | object = subprocess.DEVNULL
+        out: int | IO[bytes] = subprocess.DEVNULL
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             out = self.log_path.open("ab")
@@ -93,7 +94,7 @@ class SimProcess:
             )  # fmt: skip
         finally:
             if not isinstance(out, int):
-                out.close()  # type: ignore[attr-defined]  # the child holds its own copy
+                out.close()  # the child holds its own copy
         deadline = time.monotonic() + self.timeout
         while not _healthy(f"{self.pod.url}/health"):
             if not self.running() or time.monotonic() > deadline:
