@@ -309,3 +309,35 @@ def test_revision_hash_is_stable_and_ignores_key_order() -> None:
     ]
     assert spec_from_object(shuffled).template.revision == rev
     assert spec_from_object(with_image(obj, "other")).template.revision != rev
+
+
+def test_revision_hashes_are_pinned() -> None:
+    """Pods and ControllerRevisions in running clusters carry these hashes: a change to how they
+    are computed would roll every InferGroup on a controller upgrade."""
+    tmpl = {"spec": {"schedulerName": "volcano", "containers": [{"name": "e", "image": "x"}]}}
+    roles = [
+        {
+            "name": "prefill",
+            "replicas": 2,
+            "workerReplicas": 1,
+            "entryTemplate": tmpl,
+            "workerTemplate": tmpl,
+        },
+        {"name": "decode", "replicas": 3, "entryTemplate": tmpl},
+    ]
+    cases = [
+        (make_object(), "2f8e893ccf", ["ca371d26b3", "a6ea2be7d8"]),
+        (
+            make_object(
+                roles=roles,
+                gangPolicy={"minRoleReplicas": {"decode": 1}},
+                restartGracePeriodSeconds=5,
+            ),
+            "c179c495fc",
+            ["62907c6099", "39af1871cc"],
+        ),
+    ]
+    for obj, group_rev, role_revs in cases:
+        template = spec_from_object(obj).template
+        assert template.revision == group_rev
+        assert [r.revision for r in template.roles] == role_revs
