@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from controllers.modelinfer import manifests as m
 from controllers.modelinfer.types import (
     LABEL_REVISION,
     ChildToCreate,
-    Condition,
     EventNote,
     GroupState,
     GroupTemplate,
@@ -36,6 +35,7 @@ from controllers.modelinfer.types import (
     RecoveryPolicy,
     RolloutType,
 )
+from crds.common import Condition
 
 __all__ = ["plan"]
 
@@ -100,6 +100,9 @@ def _group_complete(g: _Group, tmpl: GroupTemplate) -> bool:
             if inst is None or len(inst.pods) != role.instance_size:
                 return False
     return True
+
+
+_MAX_MESSAGE = 32768  # Condition.message's maxLength in the API
 
 
 def _iso(now: float) -> str:
@@ -519,14 +522,25 @@ class _Planner:
 
     # ---- status --------------------------------------------------------------------------
     def condition(self, type_: str, status: bool, reason: str, message: str) -> Condition:
-        st = "True" if status else "False"
+        """A condition; its lastTransitionTime moves only when its status changes."""
+        st: Literal["True", "False"] = "True" if status else "False"
+        since = _iso(self.now)
         for c in self.obs.conditions:
             if c.type == type_ and c.status == st:
-                return Condition(type_, st, reason, message, c.last_transition_time)
-        return Condition(type_, st, reason, message, _iso(self.now))
+                since = c.last_transition_time or since
+                break
+        return Condition(
+            type=type_,
+            status=st,
+            reason=reason,
+            message=message[:_MAX_MESSAGE],
+            last_transition_time=since,
+        )
 
     def finish_status(self, status: dict[str, Any], conditions: list[Condition]) -> dict[str, Any]:
-        status["conditions"] = [c.as_json() for c in conditions]
+        status["conditions"] = [
+            c.model_dump(by_alias=True, exclude_none=True, mode="json") for c in conditions
+        ]
         old = {c.type: c for c in self.obs.conditions}
         for c in conditions:
             prev = old.get(c.type)

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from crds.common import Condition
+
 API_GROUP = "workload.matrixinfer.ai"
 API_VERSION = "v1alpha1"
 PLURAL = "modelinfers"
@@ -179,24 +181,6 @@ class ObservedPodGroup:
 
 
 @dataclass(frozen=True, slots=True)
-class Condition:
-    type: str
-    status: str  # "True" | "False" | "Unknown"
-    reason: str
-    message: str
-    last_transition_time: str = ""
-
-    def as_json(self) -> dict[str, str]:
-        return {
-            "type": self.type,
-            "status": self.status,
-            "reason": self.reason,
-            "message": self.message,
-            "lastTransitionTime": self.last_transition_time,
-        }
-
-
-@dataclass(frozen=True, slots=True)
 class Observed:
     """What exists in the cluster for one ModelInfer (children found by label and owner)."""
 
@@ -206,7 +190,7 @@ class Observed:
     revisions: Mapping[str, GroupTemplate] = field(default_factory=dict)  # ControllerRevisions
     gang_available: bool = False  # the Volcano PodGroup CRD is served (discovery)
     current_revision: str | None = None  # from .status.currentRevision
-    conditions: tuple[Condition, ...] = ()  # from .status.conditions
+    conditions: tuple[Condition, ...] = ()  # from .status.conditions (the API's type)
     status: JSON = field(default_factory=dict)  # the whole previous .status, to skip no-op patches
 
 

@@ -24,6 +24,7 @@ from controllers.modelinfer.types import (
     Plan,
     PlannerState,
 )
+from crds.common import Condition
 
 _uids = itertools.count(1)
 
@@ -77,16 +78,11 @@ class FakeCluster:
     created: list[str] = field(default_factory=list)
 
     def observe(self) -> Observed:
-        from controllers.modelinfer.types import Condition
-
         revs: dict[str, GroupTemplate] = {}
         for cr in self.revisions.values():
             t = group_template_from_data(cr["data"])
             revs[t.revision] = t
-        conds = tuple(
-            Condition(c["type"], c["status"], c["reason"], c["message"], c["lastTransitionTime"])
-            for c in self.status.get("conditions", [])
-        )
+        conds = tuple(Condition.model_validate(c) for c in self.status.get("conditions", []))
         return Observed(
             pods=tuple(p.observed() for p in self.pods.values()),
             services=tuple(
