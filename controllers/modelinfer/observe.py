@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from controllers.modelinfer.spec import group_template_from_data
+from controllers.modelinfer.spec import group_template
 from controllers.modelinfer.types import (
     ANNOTATION_DELETION_COST,
     LABEL_GROUP,
@@ -23,6 +23,7 @@ from controllers.modelinfer.types import (
     ObservedService,
 )
 from crds.common import Condition
+from crds.workload import InferGroupTemplate
 
 
 def _time(text: Any) -> float | None:
@@ -98,9 +99,10 @@ def podgroup_from_json(body: Mapping[str, Any]) -> ObservedPodGroup | None:
 
 
 def revision_from_json(body: Mapping[str, Any]) -> GroupTemplate | None:
+    """The template a ControllerRevision keeps; None when its data is not one."""
     try:
-        return group_template_from_data(body.get("data") or {})
-    except (TypeError, ValueError, AttributeError):
+        return group_template(InferGroupTemplate.model_validate(body.get("data") or {}))
+    except ValidationError:
         return None
 
 

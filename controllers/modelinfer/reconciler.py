@@ -24,7 +24,7 @@ from controllers.kube import ApiError, KubeClient
 from controllers.metrics import ControllerMetrics
 from controllers.modelinfer import observe
 from controllers.modelinfer.planner import plan as make_plan
-from controllers.modelinfer.spec import spec_from_object
+from controllers.modelinfer.spec import parse
 from controllers.modelinfer.types import (
     API_GROUP,
     API_VERSION,
@@ -269,8 +269,7 @@ class ModelInferController:
     ) -> Plan:
         started = time.perf_counter()
         try:
-            obj = {k: body[k] for k in body}
-            spec = spec_from_object(obj)
+            spec = parse(body)  # the one validation of the object; problems go to its status
             observed = await self.observe(key, body, indexes)
             loop = self.loop_for(key)
             p = make_plan(spec, observed, loop.state, self.clock())
