@@ -72,9 +72,6 @@ class _Group:
             return fallback
         return min(r for r, n in self.revisions.items() if n == best)
 
-    def all_pods(self) -> list[ObservedPod]:
-        return [p for inst in self.instances.values() for p in inst.pods.values()]
-
 
 def _index(pods: tuple[ObservedPod, ...]) -> dict[int, _Group]:
     groups: dict[int, _Group] = {}

@@ -43,6 +43,7 @@ from controllers.modelinfer.types import (
 Key = tuple[str, str]  # (namespace, ModelInfer name)
 CONTROLLER = "modelinfer"
 EXPECTATION_TTL = 30.0
+GANG_REFRESH = 60.0  # seconds between discoveries of the Volcano PodGroup CRD
 
 
 def pods_path(ns: str, name: str | None = None) -> str:
@@ -119,7 +120,6 @@ class ModelInferController:
         metrics: ControllerMetrics | None = None,
         resync: float = 30.0,
         clock: Callable[[], float] = time.time,
-        gang_refresh: float = 60.0,
         debounce: float = 0.05,
         status_interval: float = 1.0,
     ) -> None:
@@ -132,7 +132,6 @@ class ModelInferController:
         self.closing = False  # the operator is shutting down: every loop exits
         self._gang: tuple[bool, float] | None = None
         self._gang_lock: asyncio.Lock | None = None
-        self._gang_refresh = gang_refresh
         self.debounce = debounce  # after a wake-up, let a burst of watch events land first
         self.status_interval = status_interval  # counters-only status patches at most this often
 
@@ -164,7 +163,7 @@ class ModelInferController:
             self._gang_lock = asyncio.Lock()
         async with self._gang_lock:
             now = time.monotonic()
-            if self._gang is None or now - self._gang[1] > self._gang_refresh:
+            if self._gang is None or now - self._gang[1] > GANG_REFRESH:
                 assert self.client is not None
                 served = await self.client.resource_served(
                     "scheduling.volcano.sh/v1beta1", "podgroups"
