@@ -25,8 +25,9 @@ from typing import Any
 
 from controllers.modelinfer import observe
 from controllers.modelinfer.planner import plan
-from controllers.modelinfer.spec import spec_from_object
+from controllers.modelinfer.spec import group_template, parse
 from controllers.modelinfer.types import Observed, PlannerState
+from crds.workload import ModelInfer
 
 ROLES = ("prefill", "decode", "router", "cache")
 
@@ -49,6 +50,12 @@ def big_object(groups: int, image: str = "vllm:1") -> dict[str, Any]:
         "metadata": {"name": "big", "namespace": "ns", "uid": "u", "generation": 1},
         "spec": {"replicas": groups, "template": {"roles": roles}},
     }
+
+
+def model_infer(obj: dict[str, Any]) -> ModelInfer:
+    spec = parse(obj)
+    assert isinstance(spec, ModelInfer), spec
+    return spec
 
 
 def timed(fn: Callable[[], Any], runs: int) -> tuple[float, float, float, float]:
@@ -74,7 +81,8 @@ def timed(fn: Callable[[], Any], runs: int) -> tuple[float, float, float, float]
 
 
 def planner_bench(groups: int, runs: int) -> list[tuple[str, float, float, float, float]]:
-    spec = spec_from_object(big_object(groups))
+    spec = model_infer(big_object(groups))
+    template = group_template(spec.spec.template)
     cold = plan(spec, Observed(), PlannerState(), 0.0)
     pod_json = []
     for c in cold.create_pods:
@@ -82,7 +90,7 @@ def planner_bench(groups: int, runs: int) -> list[tuple[str, float, float, float
         m["status"] = {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}
         pod_json.append(m)
     pods = tuple(p for p in (observe.pod_from_json(j, 0.0) for j in pod_json) if p is not None)
-    revisions = {spec.template.revision: spec.template}
+    revisions = {template.revision: template}
     services = tuple(
         s for s in (observe.service_from_json(c.manifest) for c in cold.create_services) if s
     )
@@ -90,19 +98,19 @@ def planner_bench(groups: int, runs: int) -> list[tuple[str, float, float, float
         pods=pods,
         services=services,
         revisions=revisions,
-        current_revision=spec.template.revision,
+        current_revision=template.revision,
     )
     first = plan(spec, steady_obs, PlannerState(), 0.0)
     steady_obs = Observed(
         pods=pods,
         services=services,
         revisions=revisions,
-        current_revision=spec.template.revision,
+        current_revision=template.revision,
         status=first.status or {},
         conditions=observe.conditions_from_status(first.status or {}),
     )
     assert not plan(spec, steady_obs, PlannerState(), 0.0).has_changes
-    new_spec = spec_from_object(big_object(groups, "vllm:2"))
+    new_spec = model_infer(big_object(groups, "vllm:2"))
     update = plan(new_spec, steady_obs, PlannerState(), 0.0)
     assert len(update.delete_pods) == 8  # one group (maxUnavailable 1) of 8 pods
     rows = [

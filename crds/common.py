@@ -217,12 +217,27 @@ IntOrPercent = Annotated[
 
 
 def resolve_int_or_percent(value: int | str, total: int, *, round_up: bool) -> int:
-    """The absolute number ``value`` stands for out of ``total`` (``"25%"`` of 10 is 3 rounding
-    up, 2 rounding down); integers are returned as they are."""
-    if isinstance(value, int) and not isinstance(value, bool):
+    """The absolute number ``value`` stands for out of ``total``.
+
+    The rule is the one :data:`IntOrPercent` validates and the CRD schema enforces (an integer
+    ``minimum: 0``, a string ``pattern`` of :data:`PERCENT_PATTERN`):
+
+    - an integer >= 0 is returned as it is (``3`` → 3);
+    - a string must be a percentage from ``"0%"`` to ``"100%"`` and is taken of ``total``,
+      rounded up or down (``"25%"`` of 10 is 3 rounding up, 2 rounding down);
+    - anything else raises ValueError naming the value: a negative integer, a bool, and a string
+      of digits without ``%`` (``"3"``), which the API server rejects too.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"invalid int-or-percent value {value!r}: use an integer or 'NN%'")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"invalid int-or-percent value {value!r}: must not be negative")
         return value
-    if not isinstance(value, str) or not _PERCENT_RE.match(value):
-        raise ValueError(f"invalid int-or-percent value {value!r}")
+    if not _PERCENT_RE.match(value):
+        raise ValueError(
+            f'invalid int-or-percent value {value!r}: a string must be a percentage "0%" to "100%"'
+        )
     pct = int(value[:-1])
     whole, rest = divmod(pct * total, 100)
     return whole + (1 if round_up and rest else 0)

@@ -16,8 +16,16 @@ from typing import Any
 import kopf
 
 from controllers.modelinfer import observe
-from controllers.modelinfer.reconciler import ModelInferController
-from controllers.modelinfer.types import API_GROUP, API_VERSION, LABEL_MODEL_INFER, PLURAL
+from controllers.modelinfer.reconciler import Key, ModelInferController
+from controllers.modelinfer.types import (
+    API_GROUP,
+    API_VERSION,
+    LABEL_MODEL_INFER,
+    PLURAL,
+    GroupTemplate,
+    ObservedPod,
+    ObservedService,
+)
 
 INDEX_IDS = ("modelinfer_pods", "modelinfer_services", "modelinfer_revisions")
 _OURS = {LABEL_MODEL_INFER: kopf.PRESENT}
@@ -27,13 +35,13 @@ def register(registry: kopf.OperatorRegistry, controller: ModelInferController) 
     """Register the ModelInfer handlers into `registry`."""
 
     @kopf.index("pods", labels=_OURS, id="modelinfer_pods", registry=registry)
-    def modelinfer_pods(body: kopf.Body, **_: Any) -> dict[tuple[str, str], Any] | None:
+    def modelinfer_pods(body: kopf.Body, **_: Any) -> dict[Key, ObservedPod] | None:
         key = observe.owner_key(body)
         pod = observe.pod_from_json(body, time.time())
         return {key: pod} if key is not None and pod is not None else None
 
     @kopf.index("services", labels=_OURS, id="modelinfer_services", registry=registry)
-    def modelinfer_services(body: kopf.Body, **_: Any) -> dict[tuple[str, str], Any] | None:
+    def modelinfer_services(body: kopf.Body, **_: Any) -> dict[Key, ObservedService] | None:
         key = observe.owner_key(body)
         svc = observe.service_from_json(body)
         return {key: svc} if key is not None and svc is not None else None
@@ -46,7 +54,7 @@ def register(registry: kopf.OperatorRegistry, controller: ModelInferController) 
         id="modelinfer_revisions",
         registry=registry,
     )
-    def modelinfer_revisions(body: kopf.Body, **_: Any) -> dict[tuple[str, str], Any] | None:
+    def modelinfer_revisions(body: kopf.Body, **_: Any) -> dict[Key, GroupTemplate] | None:
         key = observe.owner_key(body)
         tmpl = observe.revision_from_json(body)
         return {key: tmpl} if key is not None and tmpl is not None else None

@@ -34,11 +34,12 @@ from controllers.modelinfer.types import (
     LABEL_ROLE_REPLICA,
     LABEL_ROLE_REVISION,
     GroupTemplate,
-    ModelInferSpec,
-    RoleSpec,
+    generation_of,
+    instance_size,
+    name_of,
+    namespace_of,
 )
-
-ENV_NAMES = ("ENTRY_ADDRESS", "GROUP_SIZE", "WORKER_INDEX", "ROLE", "GROUP_INDEX", "ROLE_REPLICA")
+from crds.workload import InferGroupTemplate, ModelInfer, Role
 
 
 def revision_hash(obj: Any) -> str:
@@ -68,12 +69,12 @@ def label_selector(mi: str) -> str:
     return f"{LABEL_MODEL_INFER}={mi},{LABEL_ENTRY}=true"
 
 
-def owner_reference(spec: ModelInferSpec) -> dict[str, Any]:
+def owner_reference(mi: ModelInfer) -> dict[str, Any]:
     return {
         "apiVersion": f"{API_GROUP}/{API_VERSION}",
         "kind": KIND,
-        "name": spec.name,
-        "uid": spec.uid,
+        "name": name_of(mi),
+        "uid": mi.metadata.uid or "",
         "controller": True,
         "blockOwnerDeletion": True,
     }
@@ -86,9 +87,9 @@ def _with_env(container: dict[str, Any], env: list[dict[str, str]]) -> None:
 
 
 def pod_manifest(
-    spec: ModelInferSpec,
+    mi: ModelInfer,
     template: GroupTemplate,
-    role: RoleSpec,
+    role: Role,
     group: int,
     role_replica: int,
     index: int,
@@ -96,36 +97,37 @@ def pod_manifest(
 ) -> dict[str, Any]:
     """The pod `index` of one role instance, built from the entry or worker pod template."""
     source: JSON = role.entry_template if index == 0 else (role.worker_template or {})
-    name = pod_name(spec.name, group, role.name, role_replica, index)
-    svc = instance_name(spec.name, group, role.name, role_replica)
+    mi_name, namespace = name_of(mi), namespace_of(mi)
+    name = pod_name(mi_name, group, role.name, role_replica, index)
+    svc = instance_name(mi_name, group, role.name, role_replica)
     meta_in: JSON = source.get("metadata") or {}
     labels: dict[str, str] = dict(meta_in.get("labels") or {})
     labels.update(
         {
-            LABEL_MODEL_INFER: spec.name,
+            LABEL_MODEL_INFER: mi_name,
             LABEL_GROUP: str(group),
             LABEL_ROLE: role.name,
             LABEL_ROLE_REPLICA: str(role_replica),
             LABEL_ENTRY: "true" if index == 0 else "false",
             LABEL_REVISION: template.revision,
-            LABEL_ROLE_REVISION: role.revision,
+            LABEL_ROLE_REVISION: template.role_revisions[role.name],
         }
     )
     annotations: dict[str, str] = dict(meta_in.get("annotations") or {})
     if gang:
-        annotations[ANNOTATION_VOLCANO_GROUP] = podgroup_name(spec.name, group)
+        annotations[ANNOTATION_VOLCANO_GROUP] = podgroup_name(mi_name, group)
         annotations[ANNOTATION_VOLCANO_TASK] = role.name
     pod_spec: dict[str, Any] = copy.deepcopy(dict(source.get("spec") or {}))
     env = [
-        {"name": "GROUP_SIZE", "value": str(role.instance_size)},
+        {"name": "GROUP_SIZE", "value": str(instance_size(role))},
         {"name": "WORKER_INDEX", "value": str(index)},
         {"name": "ROLE", "value": role.name},
         {"name": "GROUP_INDEX", "value": str(group)},
         {"name": "ROLE_REPLICA", "value": str(role_replica)},
     ]
     if role.worker_replicas > 0:
-        entry = pod_name(spec.name, group, role.name, role_replica, 0)
-        env.insert(0, {"name": "ENTRY_ADDRESS", "value": f"{entry}.{svc}.{spec.namespace}.svc"})
+        entry = pod_name(mi_name, group, role.name, role_replica, 0)
+        env.insert(0, {"name": "ENTRY_ADDRESS", "value": f"{entry}.{svc}.{namespace}.svc"})
         pod_spec["hostname"] = name
         pod_spec["subdomain"] = svc
     for key in ("containers", "initContainers"):
@@ -133,21 +135,19 @@ def pod_manifest(
             _with_env(container, env)
     metadata: dict[str, Any] = {
         "name": name,
-        "namespace": spec.namespace,
+        "namespace": namespace,
         "labels": labels,
-        "ownerReferences": [owner_reference(spec)],
+        "ownerReferences": [owner_reference(mi)],
     }
     if annotations:
         metadata["annotations"] = annotations
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
 
 
-def service_manifest(
-    spec: ModelInferSpec, template: GroupTemplate, role: RoleSpec, group: int, role_replica: int
-) -> dict[str, Any]:
+def service_manifest(mi: ModelInfer, role: Role, group: int, role_replica: int) -> dict[str, Any]:
     """The headless Service that gives a role instance's pods stable DNS names."""
     selector = {
-        LABEL_MODEL_INFER: spec.name,
+        LABEL_MODEL_INFER: name_of(mi),
         LABEL_GROUP: str(group),
         LABEL_ROLE: role.name,
         LABEL_ROLE_REPLICA: str(role_replica),
@@ -156,10 +156,10 @@ def service_manifest(
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": {
-            "name": instance_name(spec.name, group, role.name, role_replica),
-            "namespace": spec.namespace,
+            "name": instance_name(name_of(mi), group, role.name, role_replica),
+            "namespace": namespace_of(mi),
             "labels": dict(selector),
-            "ownerReferences": [owner_reference(spec)],
+            "ownerReferences": [owner_reference(mi)],
         },
         "spec": {
             "clusterIP": "None",
@@ -169,16 +169,16 @@ def service_manifest(
     }
 
 
-def podgroup_manifest(spec: ModelInferSpec, template: GroupTemplate, group: int) -> dict[str, Any]:
+def podgroup_manifest(mi: ModelInfer, template: GroupTemplate, group: int) -> dict[str, Any]:
     """A Volcano PodGroup: the group's pods are scheduled all together or not at all."""
     return {
         "apiVersion": "scheduling.volcano.sh/v1beta1",
         "kind": "PodGroup",
         "metadata": {
-            "name": podgroup_name(spec.name, group),
-            "namespace": spec.namespace,
-            "labels": {LABEL_MODEL_INFER: spec.name, LABEL_GROUP: str(group)},
-            "ownerReferences": [owner_reference(spec)],
+            "name": podgroup_name(name_of(mi), group),
+            "namespace": namespace_of(mi),
+            "labels": {LABEL_MODEL_INFER: name_of(mi), LABEL_GROUP: str(group)},
+            "ownerReferences": [owner_reference(mi)],
         },
         "spec": {
             "minMember": template.min_member(),
@@ -187,34 +187,37 @@ def podgroup_manifest(spec: ModelInferSpec, template: GroupTemplate, group: int)
     }
 
 
-def template_data(template: GroupTemplate) -> dict[str, Any]:
-    """The canonical JSON form of a group template (what revisions store and hash)."""
-    return {
-        "roles": [
-            {
-                "name": r.name,
-                "replicas": r.replicas,
-                "workerReplicas": r.worker_replicas,
-                "entryTemplate": r.entry_template,
-                **({"workerTemplate": r.worker_template} if r.worker_template else {}),
-            }
-            for r in template.roles
-        ],
-        "gangPolicy": {"minRoleReplicas": dict(template.min_role_replicas)},
-    }
+def template_data(template: InferGroupTemplate) -> dict[str, Any]:
+    """The canonical JSON of a group template: what a ControllerRevision stores and the revision
+    hashes are taken over (defaults written in; `restartGracePeriodSeconds` is not part of it,
+    so changing it replaces no pod). Changing this shape would roll every InferGroup."""
+    roles = []
+    for r in template.roles:
+        role: dict[str, Any] = {
+            "name": r.name,
+            "replicas": r.replicas,
+            "workerReplicas": r.worker_replicas,
+            "entryTemplate": r.entry_template,
+        }
+        if r.worker_template:
+            role["workerTemplate"] = r.worker_template
+        roles.append(role)
+    gang = template.gang_policy
+    min_role_replicas = dict(gang.min_role_replicas or {}) if gang is not None else {}
+    return {"roles": roles, "gangPolicy": {"minRoleReplicas": min_role_replicas}}
 
 
-def revision_manifest(spec: ModelInferSpec, template: GroupTemplate) -> dict[str, Any]:
+def revision_manifest(mi: ModelInfer, template: GroupTemplate) -> dict[str, Any]:
     """An apps/v1 ControllerRevision keeping a template, so older groups can be recreated."""
     return {
         "apiVersion": "apps/v1",
         "kind": "ControllerRevision",
         "metadata": {
-            "name": revision_name(spec.name, template.revision),
-            "namespace": spec.namespace,
-            "labels": {LABEL_MODEL_INFER: spec.name, LABEL_REVISION: template.revision},
-            "ownerReferences": [owner_reference(spec)],
+            "name": revision_name(name_of(mi), template.revision),
+            "namespace": namespace_of(mi),
+            "labels": {LABEL_MODEL_INFER: name_of(mi), LABEL_REVISION: template.revision},
+            "ownerReferences": [owner_reference(mi)],
         },
-        "data": template_data(template),
-        "revision": spec.generation,
+        "data": template_data(template.spec),
+        "revision": generation_of(mi),
     }

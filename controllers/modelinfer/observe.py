@@ -6,7 +6,9 @@ import datetime
 from collections.abc import Mapping
 from typing import Any
 
-from controllers.modelinfer.spec import group_template_from_data
+from pydantic import ValidationError
+
+from controllers.modelinfer.spec import group_template
 from controllers.modelinfer.types import (
     ANNOTATION_DELETION_COST,
     LABEL_GROUP,
@@ -15,12 +17,13 @@ from controllers.modelinfer.types import (
     LABEL_ROLE,
     LABEL_ROLE_REPLICA,
     LABEL_ROLE_REVISION,
-    Condition,
     GroupTemplate,
     ObservedPod,
     ObservedPodGroup,
     ObservedService,
 )
+from crds.common import Condition
+from crds.workload import InferGroupTemplate
 
 
 def _time(text: Any) -> float | None:
@@ -96,25 +99,27 @@ def podgroup_from_json(body: Mapping[str, Any]) -> ObservedPodGroup | None:
 
 
 def revision_from_json(body: Mapping[str, Any]) -> GroupTemplate | None:
+    """The template a ControllerRevision keeps; None when its data is not one."""
     try:
-        return group_template_from_data(body.get("data") or {})
-    except (TypeError, ValueError, AttributeError):
+        return group_template(InferGroupTemplate.model_validate(body.get("data") or {}))
+    except ValidationError:
         return None
 
 
+_CONDITION_KEYS = ("type", "status", "reason", "message", "lastTransitionTime")
+
+
 def conditions_from_status(status: Mapping[str, Any]) -> tuple[Condition, ...]:
+    """The well-formed conditions of a status (others are skipped: the planner rewrites them)."""
     out = []
     for c in status.get("conditions") or []:
         if isinstance(c, Mapping) and "type" in c:
-            out.append(
-                Condition(
-                    str(c["type"]),
-                    str(c.get("status", "Unknown")),
-                    str(c.get("reason", "")),
-                    str(c.get("message", "")),
-                    str(c.get("lastTransitionTime", "")),
-                )
-            )
+            fields = {k: c[k] for k in _CONDITION_KEYS if k in c}
+            fields.setdefault("status", "Unknown")
+            try:
+                out.append(Condition.model_validate(fields))
+            except ValidationError:
+                continue
     return tuple(out)
 
 

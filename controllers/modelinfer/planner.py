@@ -17,25 +17,30 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from controllers.modelinfer import manifests as m
+from controllers.modelinfer.spec import resolve
 from controllers.modelinfer.types import (
     LABEL_REVISION,
     ChildToCreate,
-    Condition,
     EventNote,
     GroupState,
     GroupTemplate,
+    InvalidSpec,
     LabelPatch,
-    ModelInferSpec,
     Observed,
     ObservedPod,
     Plan,
     PlannerState,
-    RecoveryPolicy,
-    RolloutType,
+    Resolved,
+    SpecProblem,
+    generation_of,
+    instance_size,
+    name_of,
 )
+from crds.common import Condition
+from crds.workload import ModelInfer
 
 __all__ = ["plan"]
 
@@ -67,9 +72,6 @@ class _Group:
             return fallback
         return min(r for r, n in self.revisions.items() if n == best)
 
-    def all_pods(self) -> list[ObservedPod]:
-        return [p for inst in self.instances.values() for p in inst.pods.values()]
-
 
 def _index(pods: tuple[ObservedPod, ...]) -> dict[int, _Group]:
     groups: dict[int, _Group] = {}
@@ -97,9 +99,12 @@ def _group_complete(g: _Group, tmpl: GroupTemplate) -> bool:
     for role in tmpl.roles:
         for rr in range(role.replicas):
             inst = g.instances.get((role.name, rr))
-            if inst is None or len(inst.pods) != role.instance_size:
+            if inst is None or len(inst.pods) != instance_size(role):
                 return False
     return True
+
+
+_MAX_MESSAGE = 32768  # Condition.message's maxLength in the API
 
 
 def _iso(now: float) -> str:
@@ -108,19 +113,33 @@ def _iso(now: float) -> str:
 
 class _Planner:
     def __init__(
-        self, spec: ModelInferSpec, observed: Observed, state: PlannerState, now: float
+        self,
+        mi: ModelInfer,
+        resolved: Resolved,
+        observed: Observed,
+        state: PlannerState,
+        now: float,
     ) -> None:
-        self.spec = spec
+        self.mi = mi
+        self.name = name_of(mi)
+        self.generation = generation_of(mi)
+        self.replicas = mi.spec.replicas
+        self.template = resolved.template
+        self.partition = resolved.partition
+        self.max_unavailable = resolved.max_unavailable
+        self.rollout_type = mi.spec.rollout_strategy.type
+        self.recovery = mi.spec.recovery_policy
+        self.grace = float(mi.spec.template.restart_grace_period_seconds or 0)
         self.obs = observed
         self.state = state
         self.now = now
         self.plan = Plan()
-        self.update_rev = spec.template.revision
+        self.update_rev = self.template.revision
         self.templates: dict[str, GroupTemplate] = dict(observed.revisions)
-        self.templates[self.update_rev] = spec.template
+        self.templates[self.update_rev] = self.template
         cur = observed.current_revision
         self.current_rev = cur if cur else self.update_rev
-        self.gang = observed.gang_available and spec.template.uses_volcano()
+        self.gang = observed.gang_available and self.template.uses_volcano()
         self.failures: dict[str, float] = {}
         self.recreating: set[int] = set(state.recreating)
         self.states: dict[int, GroupState] = {}
@@ -133,7 +152,7 @@ class _Planner:
 
     # ---- helpers -------------------------------------------------------------------------
     def template_for(self, rev: str) -> GroupTemplate:
-        return self.templates.get(rev) or self.spec.template
+        return self.templates.get(rev) or self.template
 
     def instance_size(self, inst: _Instance, fallback: GroupTemplate) -> int:
         """Pods an instance should have, by the revision its pods were made from."""
@@ -145,13 +164,17 @@ class _Planner:
                 tmpl = self.templates.get(p.revision)
                 role = tmpl.by_name.get(inst.role) if tmpl is not None else None
                 size = 0
-                if role is not None and role.revision == p.role_revision:
-                    size = role.instance_size
+                if (
+                    tmpl is not None
+                    and role is not None
+                    and tmpl.role_revisions[role.name] == p.role_revision
+                ):
+                    size = instance_size(role)
                 self.size_memo[memo_key] = size
             if size:
                 return size
         role = fallback.by_name.get(inst.role)
-        return role.instance_size if role is not None else len(inst.pods)
+        return instance_size(role) if role is not None else len(inst.pods)
 
     def group_ready(self, g: _Group) -> bool:
         """Every expected role instance exists, complete, every pod running and ready."""
@@ -189,17 +212,12 @@ class _Planner:
 
     def create_instance(self, tmpl: GroupTemplate, role_name: str, group: int, rr: int) -> None:
         role = tmpl.by_name[role_name]
-        for i in range(role.instance_size):
-            manifest = m.pod_manifest(self.spec, tmpl, role, group, rr, i, self.gang)
+        for i in range(instance_size(role)):
+            manifest = m.pod_manifest(self.mi, tmpl, role, group, rr, i, self.gang)
             self.plan.create_pods.append(ChildToCreate(manifest["metadata"]["name"], manifest))
 
     # ---- main ----------------------------------------------------------------------------
     def run(self) -> Plan:
-        spec = self.spec
-        if spec.problems:
-            self.plan.status = self.status_for_invalid()
-            self.plan.state = self.state
-            return self.plan
         groups = _index(self.obs.pods)
         kept, victims = self.choose_groups(groups)
         for g in victims:
@@ -207,12 +225,12 @@ class _Planner:
             self.states[g.index] = GroupState.DELETING
             self.removed_groups.append(g.index)
             self.recreating.discard(g.index)
-        new_indices = self.new_group_indices(groups, spec.replicas - len(kept))
+        new_indices = self.new_group_indices(groups, self.replicas - len(kept))
         targets: dict[int, GroupTemplate] = {}
         for g in kept:
             targets[g.index] = self.reconcile_group(g)
         for idx in new_indices:
-            rev = self.current_rev if idx < spec.partition else self.update_rev
+            rev = self.current_rev if idx < self.partition else self.update_rev
             if rev not in self.templates:
                 rev = self.update_rev
             tmpl = self.templates[rev]
@@ -240,7 +258,7 @@ class _Planner:
     def choose_groups(self, groups: dict[int, _Group]) -> tuple[list[_Group], list[_Group]]:
         """Keep `replicas` groups; victims: deleting ones, not ready, cheapest, highest index."""
         live = list(groups.values())
-        excess = len(live) - self.spec.replicas
+        excess = len(live) - self.replicas
         if excess <= 0:
             return live, []
 
@@ -270,10 +288,7 @@ class _Planner:
         own = g.revision(self.update_rev)
         if own not in self.templates:
             own = self.update_rev
-        if (
-            self.spec.rollout_type is RolloutType.ROLE_ROLLING_UPDATE
-            and g.index >= self.spec.partition
-        ):
+        if self.rollout_type == "RoleRollingUpdate" and g.index >= self.partition:
             return self.update_rev
         return own
 
@@ -312,9 +327,7 @@ class _Planner:
                     continue
                 if any(p is None or p.failed for p in pods):
                     broken.append(inst)
-        if self.spec.rollout_type is RolloutType.GROUP_ROLLING_UPDATE or (
-            g.index < self.spec.partition
-        ):
+        if self.rollout_type == "GroupRollingUpdate" or (g.index < self.partition):
             for key, inst in g.instances.items():
                 if key not in expected:
                     self.delete_instance(inst)
@@ -323,11 +336,11 @@ class _Planner:
             ready = self.group_ready(g)  # instances outside the template must be healthy too
         self.ready_cache[g.index] = ready
         state = GroupState.READY if ready else GroupState.STARTING
-        if broken and self.spec.recovery_policy is not RecoveryPolicy.NONE:
+        if broken and self.recovery != "None":
             due = self.due_failures(g, broken)
             if due:
                 state = GroupState.RECOVERING
-                if self.spec.recovery_policy is RecoveryPolicy.GROUP_RECREATE:
+                if self.recovery == "GroupRecreate":
                     self.delete_group(g)
                     self.recreating.add(g.index)
                     self.plan.events.append(
@@ -360,7 +373,7 @@ class _Planner:
         return tmpl
 
     def due_failures(self, g: _Group, broken: list[_Instance]) -> list[_Instance]:
-        grace = self.spec.restart_grace_period_seconds
+        grace = self.grace
         due: list[_Instance] = []
         for inst in broken:
             key = f"{g.index}/{inst.role}/{inst.role_replica}"
@@ -379,20 +392,19 @@ class _Planner:
 
     # ---- rolling update ------------------------------------------------------------------
     def rollout(self, kept: list[_Group], targets: dict[int, GroupTemplate]) -> None:
-        spec = self.spec
         ready = sum(
             1
             for g in kept
             if self.states.get(g.index) is GroupState.READY and g.index not in self.touched
         )
-        unavailable = max(0, spec.replicas - ready)
+        unavailable = max(0, self.replicas - ready)
         candidates: list[_Group] = []
         for g in kept:
-            if g.index < spec.partition or g.live_pods == 0:
+            if g.index < self.partition or g.live_pods == 0:
                 continue
             if g.index in self.touched:
                 continue  # already being recovered this round
-            if spec.rollout_type is RolloutType.GROUP_ROLLING_UPDATE:
+            if self.rollout_type == "GroupRollingUpdate":
                 if set(g.revisions) != {self.update_rev}:
                     candidates.append(g)
             elif self.role_outdated(g) or self.needs_relabel(g):
@@ -400,15 +412,15 @@ class _Planner:
         candidates.sort(key=lambda g: (self.states.get(g.index) is GroupState.READY, -g.index))
         for g in candidates:
             is_ready = self.states.get(g.index) is GroupState.READY
-            if spec.rollout_type is RolloutType.ROLE_ROLLING_UPDATE and not self.role_outdated(g):
+            if self.rollout_type == "RoleRollingUpdate" and not self.role_outdated(g):
                 self.relabel(g)  # nothing to replace: only the revision label moves
                 continue
             if is_ready:
-                if unavailable >= spec.max_unavailable:
+                if unavailable >= self.max_unavailable:
                     continue
                 unavailable += 1
             self.states[g.index] = GroupState.UPDATING
-            if spec.rollout_type is RolloutType.GROUP_ROLLING_UPDATE:
+            if self.rollout_type == "GroupRollingUpdate":
                 self.delete_group(g)
                 self.recreating.add(g.index)
             else:
@@ -416,13 +428,13 @@ class _Planner:
                 self.replace_next_role(g)
 
     def role_outdated(self, g: _Group) -> bool:
-        tmpl = self.spec.template
+        tmpl = self.template
         for (role_name, rr), inst in g.instances.items():
             role = tmpl.by_name.get(role_name)
             if role is None or rr >= role.replicas:
                 return True
             for p in inst.pods.values():
-                if not p.terminating and p.role_revision != role.revision:
+                if not p.terminating and p.role_revision != tmpl.role_revisions[role_name]:
                     return True
         return False
 
@@ -430,7 +442,7 @@ class _Planner:
         return any(rev != self.update_rev for rev in g.revisions)
 
     def relabel(self, g: _Group) -> None:
-        tmpl = self.spec.template
+        tmpl = self.template
         for (role_name, _rr), inst in g.instances.items():
             role = tmpl.by_name.get(role_name)
             if role is None:
@@ -438,7 +450,7 @@ class _Planner:
             for p in inst.pods.values():
                 if (
                     not p.terminating
-                    and p.role_revision == role.revision
+                    and p.role_revision == tmpl.role_revisions[role_name]
                     and p.revision != self.update_rev
                 ):
                     self.plan.relabel_pods.append(
@@ -447,7 +459,7 @@ class _Planner:
 
     def replace_next_role(self, g: _Group) -> None:
         """RoleRollingUpdate: replace the outdated instances of the first outdated role."""
-        tmpl = self.spec.template
+        tmpl = self.template
         for (role_name, rr), inst in list(g.instances.items()):
             role = tmpl.by_name.get(role_name)
             if role is None or rr >= role.replicas:
@@ -457,7 +469,9 @@ class _Planner:
                 inst
                 for (rn, _rr), inst in g.instances.items()
                 if rn == role.name
-                and any(p.role_revision != role.revision for p in inst.pods.values())
+                and any(
+                    p.role_revision != tmpl.role_revisions[role.name] for p in inst.pods.values()
+                )
             ]
             if outdated:
                 for inst in outdated:
@@ -466,13 +480,12 @@ class _Planner:
 
     # ---- Services, PodGroups, revisions --------------------------------------------------
     def children(self, targets: dict[int, GroupTemplate]) -> None:
-        spec = self.spec
         want_svc: dict[str, tuple[GroupTemplate, str, int, int]] = {}
         for idx, tmpl in targets.items():
             for role in tmpl.roles:
                 if role.worker_replicas > 0:
                     for rr in range(role.replicas):
-                        want_svc[m.instance_name(spec.name, idx, role.name, rr)] = (
+                        want_svc[m.instance_name(self.name, idx, role.name, rr)] = (
                             tmpl,
                             role.name,
                             idx,
@@ -484,15 +497,15 @@ class _Planner:
                 self.plan.delete_services.append(s.name)
         for name, (tmpl, role_name, idx, rr) in want_svc.items():
             if name not in have_svc:
-                manifest = m.service_manifest(spec, tmpl, tmpl.by_name[role_name], idx, rr)
+                manifest = m.service_manifest(self.mi, tmpl.by_name[role_name], idx, rr)
                 self.plan.create_services.append(ChildToCreate(name, manifest))
         have_pg = {pg.name: pg for pg in self.obs.podgroups}
         want_pg: set[str] = set()
         if self.gang:
             for idx, tmpl in targets.items():
-                name = m.podgroup_name(spec.name, idx)
+                name = m.podgroup_name(self.name, idx)
                 want_pg.add(name)
-                manifest = m.podgroup_manifest(spec, tmpl, idx)
+                manifest = m.podgroup_manifest(self.mi, tmpl, idx)
                 current = have_pg.get(name)
                 if current is None:
                     self.plan.create_podgroups.append(ChildToCreate(name, manifest))
@@ -506,55 +519,24 @@ class _Planner:
 
     def revisions(self, groups: dict[int, _Group]) -> None:
         if self.update_rev not in self.obs.revisions:
-            manifest = m.revision_manifest(self.spec, self.spec.template)
+            manifest = m.revision_manifest(self.mi, self.template)
             self.plan.create_revisions.append(ChildToCreate(manifest["metadata"]["name"], manifest))
         used = {self.update_rev}
-        if self.spec.partition > 0:
+        if self.partition > 0:
             used.add(self.current_rev)  # new groups below the partition are made from it
         for g in groups.values():
             used.update(g.revisions)
         for rev in self.obs.revisions:
             if rev not in used:
-                self.plan.delete_revisions.append(m.revision_name(self.spec.name, rev))
+                self.plan.delete_revisions.append(m.revision_name(self.name, rev))
 
     # ---- status --------------------------------------------------------------------------
     def condition(self, type_: str, status: bool, reason: str, message: str) -> Condition:
-        st = "True" if status else "False"
-        for c in self.obs.conditions:
-            if c.type == type_ and c.status == st:
-                return Condition(type_, st, reason, message, c.last_transition_time)
-        return Condition(type_, st, reason, message, _iso(self.now))
-
-    def finish_status(self, status: dict[str, Any], conditions: list[Condition]) -> dict[str, Any]:
-        status["conditions"] = [c.as_json() for c in conditions]
-        old = {c.type: c for c in self.obs.conditions}
-        for c in conditions:
-            prev = old.get(c.type)
-            if prev is not None and prev.status != c.status:
-                bad = c.status == "False" and c.type in ("Available", "SpecValid", "GangScheduling")
-                kind = "Warning" if bad else "Normal"
-                self.plan.events.append(
-                    EventNote(kind, f"{c.type}{c.status}", f"{c.type} is {c.status}: {c.message}")
-                )
-        return status
-
-    def status_for_invalid(self) -> dict[str, Any] | None:
-        spec = self.spec
-        first = spec.problems[0]
-        status: dict[str, Any] = dict(self.obs.status)
-        status.pop("conditions", None)
-        status["observedGeneration"] = spec.generation
-        status["labelSelector"] = m.label_selector(spec.name)
-        msg = "; ".join(f"{p.field}: {p.message}" for p in spec.problems)
-        conds = [c for c in self.obs.conditions if c.type != "SpecValid"]
-        conds.append(self.condition("SpecValid", False, first.reason, msg))
-        out = self.finish_status(status, conds)
-        return None if _same_status(out, self.obs.status) else out
+        return _condition(self.obs, self.now, type_, status, reason, message)
 
     def status(
         self, groups: dict[int, _Group], kept: list[_Group], targets: dict[int, GroupTemplate]
     ) -> dict[str, Any] | None:
-        spec = self.spec
         existing = [g for g in kept if g.live_pods > 0]
         ready = sum(
             1
@@ -567,30 +549,30 @@ class _Planner:
             if g.index not in self.touched
             and len(g.revisions) == 1
             and self.update_rev in g.revisions
-            and (self.ready_cache.get(g.index) or _group_complete(g, spec.template))
+            and (self.ready_cache.get(g.index) or _group_complete(g, self.template))
         )
         current_rev = self.current_rev
-        if updated == spec.replicas and ready == spec.replicas and not self.plan.has_changes:
+        if updated == self.replicas and ready == self.replicas and not self.plan.has_changes:
             current_rev = self.update_rev
         converged = (
             not self.plan.has_changes
-            and ready == spec.replicas
-            and len(groups) == spec.replicas
+            and ready == self.replicas
+            and len(groups) == self.replicas
             and not self.failures
         )
         pending_update = [
             g.index
             for g in kept
-            if g.index >= spec.partition and set(g.revisions) != {self.update_rev}
+            if g.index >= self.partition and set(g.revisions) != {self.update_rev}
         ]
-        min_ready = max(1, spec.replicas - spec.max_unavailable) if spec.replicas > 0 else 0
+        min_ready = max(1, self.replicas - self.max_unavailable) if self.replicas > 0 else 0
         conds = [
             self.condition("SpecValid", True, "Valid", "the spec is valid"),
             self.condition(
                 "Available",
                 ready >= min_ready,
                 "MinimumGroupsReady" if ready >= min_ready else "GroupsUnavailable",
-                f"{ready}/{spec.replicas} InferGroups ready (at least {min_ready} needed)",
+                f"{ready}/{self.replicas} InferGroups ready (at least {min_ready} needed)",
             ),
             self.condition(
                 "Progressing",
@@ -598,7 +580,7 @@ class _Planner:
                 "Reconciling" if not converged else "Complete",
                 "creating, deleting or waiting for InferGroups"
                 if not converged
-                else f"{spec.replicas} InferGroups at the desired state",
+                else f"{self.replicas} InferGroups at the desired state",
             ),
             self.condition(
                 "UpdateInProgress",
@@ -606,10 +588,10 @@ class _Planner:
                 "RollingUpdate" if pending_update else "Updated",
                 f"{len(pending_update)} InferGroups not yet at revision {self.update_rev}"
                 if pending_update
-                else f"all InferGroups from index {spec.partition} at revision {self.update_rev}",
+                else f"all InferGroups from index {self.partition} at revision {self.update_rev}",
             ),
         ]
-        if spec.template.uses_volcano():
+        if self.template.uses_volcano():
             conds.append(
                 self.condition(
                     "GangScheduling",
@@ -622,14 +604,14 @@ class _Planner:
                 )
             )
         status: dict[str, Any] = {
-            "observedGeneration": spec.generation,
+            "observedGeneration": self.generation,
             "replicas": len(existing),
             "readyReplicas": ready,
             "updatedReplicas": updated,
             "availableReplicas": ready,
             "currentRevision": current_rev,
             "updateRevision": self.update_rev,
-            "labelSelector": m.label_selector(spec.name),
+            "labelSelector": m.label_selector(self.name),
         }
         if self.created_groups:
             self.plan.events.append(
@@ -647,8 +629,67 @@ class _Planner:
                     "scale-down: deleting InferGroups " + ", ".join(map(str, self.removed_groups)),
                 )
             )
-        out = self.finish_status(status, conds)
-        return None if _same_status(out, self.obs.status) else out
+        return _finish_status(self.obs, self.plan, status, conds)
+
+
+def _condition(
+    obs: Observed, now: float, type_: str, status: bool, reason: str, message: str
+) -> Condition:
+    """A condition; its lastTransitionTime moves only when its status changes."""
+    st: Literal["True", "False"] = "True" if status else "False"
+    since = _iso(now)
+    for c in obs.conditions:
+        if c.type == type_ and c.status == st:
+            since = c.last_transition_time or since
+            break
+    return Condition(
+        type=type_,
+        status=st,
+        reason=reason,
+        message=message[:_MAX_MESSAGE],
+        last_transition_time=since,
+    )
+
+
+def _finish_status(
+    obs: Observed, p: Plan, status: dict[str, Any], conditions: list[Condition]
+) -> dict[str, Any] | None:
+    """`status` with `conditions`, an event per condition that changed status; None when the
+    status is what the object already has (no patch)."""
+    status["conditions"] = [
+        c.model_dump(by_alias=True, exclude_none=True, mode="json") for c in conditions
+    ]
+    old = {c.type: c for c in obs.conditions}
+    for c in conditions:
+        prev = old.get(c.type)
+        if prev is not None and prev.status != c.status:
+            bad = c.status == "False" and c.type in ("Available", "SpecValid", "GangScheduling")
+            kind = "Warning" if bad else "Normal"
+            p.events.append(
+                EventNote(kind, f"{c.type}{c.status}", f"{c.type} is {c.status}: {c.message}")
+            )
+    return None if _same_status(status, obs.status) else status
+
+
+def _invalid_plan(
+    name: str,
+    generation: int,
+    problems: tuple[SpecProblem, ...],
+    obs: Observed,
+    state: PlannerState,
+    now: float,
+) -> Plan:
+    """A spec the planner will not act on: no pod is touched, SpecValid says why."""
+    p = Plan(state=state)
+    status: dict[str, Any] = dict(obs.status)
+    status.pop("conditions", None)
+    status["observedGeneration"] = generation
+    status["labelSelector"] = m.label_selector(name)
+    msg = "; ".join(f"{x.field}: {x.message}" for x in problems)
+    conds = [c for c in obs.conditions if c.type != "SpecValid"]
+    conds.append(_condition(obs, now, "SpecValid", False, problems[0].reason, msg))
+    p.status = _finish_status(obs, p, status, conds)
+    return p
 
 
 def _same_status(new: dict[str, Any], old: Any) -> bool:
@@ -658,7 +699,21 @@ def _same_status(new: dict[str, Any], old: Any) -> bool:
 
 
 def plan(
-    spec: ModelInferSpec, observed: Observed, state: PlannerState | None = None, now: float = 0.0
+    spec: ModelInfer | InvalidSpec,
+    observed: Observed,
+    state: PlannerState | None = None,
+    now: float = 0.0,
 ) -> Plan:
-    """The actions that move the cluster one step towards `spec`; ``now`` is epoch seconds."""
-    return _Planner(spec, observed, state or PlannerState(), now).run()
+    """The actions that move the cluster one step towards `spec`; ``now`` is epoch seconds.
+
+    `spec` is the ModelInfer as the API models validated it, or, when they rejected it, the
+    problems to report (see :func:`controllers.modelinfer.spec.parse`).
+    """
+    state = state or PlannerState()
+    if isinstance(spec, InvalidSpec):
+        return _invalid_plan(spec.name, spec.generation, spec.problems, observed, state, now)
+    resolved = resolve(spec)
+    if resolved.problems:
+        gen = generation_of(spec)
+        return _invalid_plan(name_of(spec), gen, resolved.problems, observed, state, now)
+    return _Planner(spec, resolved, observed, state, now).run()

@@ -16,7 +16,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import kopf
 
@@ -24,7 +24,7 @@ from controllers.kube import ApiError, KubeClient
 from controllers.metrics import ControllerMetrics
 from controllers.modelinfer import observe
 from controllers.modelinfer.planner import plan as make_plan
-from controllers.modelinfer.spec import spec_from_object
+from controllers.modelinfer.spec import parse
 from controllers.modelinfer.types import (
     API_GROUP,
     API_VERSION,
@@ -41,8 +41,10 @@ from controllers.modelinfer.types import (
 )
 
 Key = tuple[str, str]  # (namespace, ModelInfer name)
+T = TypeVar("T")
 CONTROLLER = "modelinfer"
 EXPECTATION_TTL = 30.0
+GANG_REFRESH = 60.0  # seconds between discoveries of the Volcano PodGroup CRD
 
 
 def pods_path(ns: str, name: str | None = None) -> str:
@@ -119,7 +121,6 @@ class ModelInferController:
         metrics: ControllerMetrics | None = None,
         resync: float = 30.0,
         clock: Callable[[], float] = time.time,
-        gang_refresh: float = 60.0,
         debounce: float = 0.05,
         status_interval: float = 1.0,
     ) -> None:
@@ -132,7 +133,6 @@ class ModelInferController:
         self.closing = False  # the operator is shutting down: every loop exits
         self._gang: tuple[bool, float] | None = None
         self._gang_lock: asyncio.Lock | None = None
-        self._gang_refresh = gang_refresh
         self.debounce = debounce  # after a wake-up, let a burst of watch events land first
         self.status_interval = status_interval  # counters-only status patches at most this often
 
@@ -164,7 +164,7 @@ class ModelInferController:
             self._gang_lock = asyncio.Lock()
         async with self._gang_lock:
             now = time.monotonic()
-            if self._gang is None or now - self._gang[1] > self._gang_refresh:
+            if self._gang is None or now - self._gang[1] > GANG_REFRESH:
                 assert self.client is not None
                 served = await self.client.resource_served(
                     "scheduling.volcano.sh/v1beta1", "podgroups"
@@ -226,12 +226,12 @@ class ModelInferController:
         ns, name = key
         now = self.clock()
         pods: dict[str, ObservedPod] = {}
-        for pod in _store(indexes.get("modelinfer_pods"), key):
+        for pod in _store(indexes.get("modelinfer_pods"), key, ObservedPod):
             pods[pod.name] = pod
         loop = self.loop_for(key)
-        services = tuple(_store(indexes.get("modelinfer_services"), key))
+        services = tuple(_store(indexes.get("modelinfer_services"), key, ObservedService))
         revisions: dict[str, GroupTemplate] = {
-            t.revision: t for t in _store(indexes.get("modelinfer_revisions"), key)
+            t.revision: t for t in _store(indexes.get("modelinfer_revisions"), key, GroupTemplate)
         }
         gang = await self.gang_available()
         podgroups: tuple[ObservedPodGroup, ...] = ()
@@ -251,7 +251,7 @@ class ModelInferController:
         status = body.get("status") or {}
         return Observed(
             pods=tuple(loop.expect.overlay(pods, now)),
-            services=tuple(s for s in services if isinstance(s, ObservedService)),
+            services=services,
             podgroups=podgroups,
             revisions=revisions,
             gang_available=gang,
@@ -269,8 +269,7 @@ class ModelInferController:
     ) -> Plan:
         started = time.perf_counter()
         try:
-            obj = {k: body[k] for k in body}
-            spec = spec_from_object(obj)
+            spec = parse(body)  # the one validation of the object; problems go to its status
             observed = await self.observe(key, body, indexes)
             loop = self.loop_for(key)
             p = make_plan(spec, observed, loop.state, self.clock())
@@ -400,7 +399,7 @@ class ModelInferController:
         self.wake(key)
         ns, name = key
         loop = self.loops.get(key)
-        pods = {p.name for p in _store(indexes.get("modelinfer_pods"), key)}
+        pods = {p.name for p in _store(indexes.get("modelinfer_pods"), key, ObservedPod)}
         if loop is not None:
             pods.update(loop.expect.created)
         # the API is the truth here: also list, in case the index has not seen a fresh pod yet
@@ -409,9 +408,12 @@ class ModelInferController:
             meta = item.get("metadata") or {}
             if (meta.get("labels") or {}).get(LABEL_MODEL_INFER) == name:
                 pods.add(str(meta.get("name")))
-        services = {s.name for s in _store(indexes.get("modelinfer_services"), key)}
+        services = {
+            s.name for s in _store(indexes.get("modelinfer_services"), key, ObservedService)
+        }
         revisions = {
-            f"{name}-{t.revision}" for t in _store(indexes.get("modelinfer_revisions"), key)
+            f"{name}-{t.revision}"
+            for t in _store(indexes.get("modelinfer_revisions"), key, GroupTemplate)
         }
         podgroups: set[str] = set()
         if await self.gang_available():
@@ -441,11 +443,9 @@ def _selector(name: str) -> str:
     return "?labelSelector=" + urllib.parse.quote(f"{LABEL_MODEL_INFER}={name}")
 
 
-def _store(index: Any, key: Key) -> list[Any]:
-    if index is None:
+def _store(index: object, key: Key, kind: type[T]) -> list[T]:
+    """What a Kopf index (a mapping of key -> store of values) holds for `key`, of type `kind`."""
+    if not isinstance(index, Mapping):
         return []
-    try:
-        store = index[key]
-    except KeyError:
-        return []
-    return list(store)
+    store = index.get(key)
+    return [v for v in store or () if isinstance(v, kind)]

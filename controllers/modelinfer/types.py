@@ -1,7 +1,9 @@
 """The ModelInfer planner's vocabulary: what is wanted, what is seen, and what to do.
 
-Pure data, no Kopf, HTTP or Kubernetes client here. Pod templates stay opaque JSON-like mappings:
-they are Kubernetes API objects the planner copies into pods, never inspects beyond a few fields.
+Pure data, no Kopf, HTTP or Kubernetes client here. What is wanted is the API's own model,
+`crds.ModelInfer`, validated once at the edge; this module adds only what the planner derives
+from it (revision hashes, resolved int-or-percent values) and what it observes and decides. Pod
+templates stay opaque JSON-like mappings: Kubernetes objects the planner copies into pods.
 """
 
 from __future__ import annotations
@@ -10,6 +12,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
+
+from crds.common import Condition
+from crds.workload import InferGroupTemplate, ModelInfer, Role
 
 API_GROUP = "workload.matrixinfer.ai"
 API_VERSION = "v1alpha1"
@@ -35,17 +40,6 @@ MAX_NAME_LENGTH = 63  # a pod name is also its hostname: one DNS label
 JSON = Mapping[str, Any]
 
 
-class RecoveryPolicy(StrEnum):
-    ROLE_RECREATE = "RoleRecreate"
-    GROUP_RECREATE = "GroupRecreate"
-    NONE = "None"
-
-
-class RolloutType(StrEnum):
-    GROUP_ROLLING_UPDATE = "GroupRollingUpdate"
-    ROLE_ROLLING_UPDATE = "RoleRollingUpdate"
-
-
 class GroupState(StrEnum):
     """How the controller sees one InferGroup (the `state` label of the groups metric)."""
 
@@ -56,87 +50,81 @@ class GroupState(StrEnum):
     DELETING = "Deleting"  # removed by a scale-down
 
 
-@dataclass(frozen=True, slots=True)
-class RoleSpec:
-    """One role of an InferGroup: `replicas` role instances, each an entry pod plus workers."""
+def instance_size(role: Role) -> int:
+    """Pods of one role instance: the entry pod and its workers."""
+    return 1 + role.worker_replicas
 
-    name: str
-    replicas: int
-    worker_replicas: int
-    entry_template: JSON
-    worker_template: JSON | None
-    revision: str  # hash of this role's canonical JSON (RoleRollingUpdate compares these)
 
-    @property
-    def instance_size(self) -> int:
-        return 1 + self.worker_replicas
-
-    def uses_volcano(self) -> bool:
-        for tmpl in (self.entry_template, self.worker_template):
-            if tmpl and (tmpl.get("spec") or {}).get("schedulerName") == VOLCANO_SCHEDULER:
-                return True
-        return False
+def _uses_volcano(role: Role) -> bool:
+    for tmpl in (role.entry_template, role.worker_template):
+        if tmpl and (tmpl.get("spec") or {}).get("schedulerName") == VOLCANO_SCHEDULER:
+            return True
+    return False
 
 
 @dataclass(frozen=True, slots=True)
 class GroupTemplate:
-    """The InferGroup template at one revision (the update revision or an older one)."""
+    """The InferGroup template at one revision (the update revision or an older one kept in a
+    ControllerRevision): the API's template and the hashes the planner compares."""
 
-    revision: str
-    roles: tuple[RoleSpec, ...]
-    min_role_replicas: Mapping[str, int] = field(default_factory=dict)
-    by_name: Mapping[str, RoleSpec] = field(default_factory=dict, compare=False)
+    spec: InferGroupTemplate
+    revision: str  # hash of the template's canonical JSON (the pods' `revision` label)
+    role_revisions: Mapping[str, str]  # role name -> hash of the role (`role-revision` label)
+    by_name: Mapping[str, Role] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         if not self.by_name:
-            object.__setattr__(self, "by_name", {r.name: r for r in self.roles})
+            object.__setattr__(self, "by_name", {r.name: r for r in self.spec.roles})
 
     @property
-    def group_size(self) -> int:
-        return sum(r.replicas * r.instance_size for r in self.roles)
+    def roles(self) -> list[Role]:
+        return self.spec.roles
+
+    def min_role_replicas(self, role: Role) -> int:
+        """Instances of `role` Volcano must place together (`minRoleReplicas`, default all)."""
+        gang = self.spec.gang_policy
+        if gang is None or gang.min_role_replicas is None:
+            return role.replicas
+        return gang.min_role_replicas.get(role.name, role.replicas)
 
     def min_member(self) -> int:
         """Pods Volcano must place together: `minRoleReplicas` instances of each role."""
-        total = 0
-        for r in self.roles:
-            total += self.min_role_replicas.get(r.name, r.replicas) * r.instance_size
-        return total
+        return sum(self.min_role_replicas(r) * instance_size(r) for r in self.spec.roles)
 
     def min_task_member(self) -> dict[str, int]:
-        return {
-            r.name: self.min_role_replicas.get(r.name, r.replicas) * r.instance_size
-            for r in self.roles
-        }
+        return {r.name: self.min_role_replicas(r) * instance_size(r) for r in self.spec.roles}
 
     def uses_volcano(self) -> bool:
-        return any(r.uses_volcano() for r in self.roles)
+        return any(_uses_volcano(r) for r in self.spec.roles)
 
 
 @dataclass(frozen=True, slots=True)
 class SpecProblem:
-    """Something the CRD schema could not reject; reported on the SpecValid condition."""
+    """A value the planner will not act on, reported on the SpecValid condition."""
 
     field: str  # e.g. "spec.template.roles[1].workerTemplate"
-    reason: str  # CamelCase, names the field, e.g. "WorkerTemplateMissing"
+    reason: str  # CamelCase, names the field, e.g. "InvalidWorkerTemplate"
     message: str
 
 
 @dataclass(frozen=True, slots=True)
-class ModelInferSpec:
-    """The desired state of one ModelInfer, already validated and resolved at the edge."""
+class InvalidSpec:
+    """A ModelInfer the API models reject: what the planner needs to report it, and why."""
 
     name: str
     namespace: str
-    uid: str
     generation: int
-    replicas: int
+    problems: tuple[SpecProblem, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """What the planner derives from a valid ModelInfer (none of it is in the API object)."""
+
     template: GroupTemplate  # at the update revision
-    recovery_policy: RecoveryPolicy = RecoveryPolicy.ROLE_RECREATE
-    rollout_type: RolloutType = RolloutType.GROUP_ROLLING_UPDATE
-    max_unavailable: int = 1  # resolved against replicas, >= 1
-    partition: int = 0  # resolved against replicas
-    restart_grace_period_seconds: float = 0.0
-    problems: tuple[SpecProblem, ...] = ()
+    max_unavailable: int  # rolloutStrategy.maxUnavailable resolved against replicas, >= 1
+    partition: int  # rolloutStrategy.partition resolved against replicas
+    problems: tuple[SpecProblem, ...] = ()  # what the API models cannot check (name lengths)
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,24 +167,6 @@ class ObservedPodGroup:
 
 
 @dataclass(frozen=True, slots=True)
-class Condition:
-    type: str
-    status: str  # "True" | "False" | "Unknown"
-    reason: str
-    message: str
-    last_transition_time: str = ""
-
-    def as_json(self) -> dict[str, str]:
-        return {
-            "type": self.type,
-            "status": self.status,
-            "reason": self.reason,
-            "message": self.message,
-            "lastTransitionTime": self.last_transition_time,
-        }
-
-
-@dataclass(frozen=True, slots=True)
 class Observed:
     """What exists in the cluster for one ModelInfer (children found by label and owner)."""
 
@@ -206,7 +176,7 @@ class Observed:
     revisions: Mapping[str, GroupTemplate] = field(default_factory=dict)  # ControllerRevisions
     gang_available: bool = False  # the Volcano PodGroup CRD is served (discovery)
     current_revision: str | None = None  # from .status.currentRevision
-    conditions: tuple[Condition, ...] = ()  # from .status.conditions
+    conditions: tuple[Condition, ...] = ()  # from .status.conditions (the API's type)
     status: JSON = field(default_factory=dict)  # the whole previous .status, to skip no-op patches
 
 
@@ -271,3 +241,15 @@ class Plan:
             or self.create_pods
             or self.relabel_pods
         )
+
+
+def name_of(mi: ModelInfer) -> str:
+    return mi.metadata.name or ""
+
+
+def namespace_of(mi: ModelInfer) -> str:
+    return mi.metadata.namespace or "default"
+
+
+def generation_of(mi: ModelInfer) -> int:
+    return mi.metadata.generation or 1

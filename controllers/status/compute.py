@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from crds.common import Condition
+
 __all__ = ["PodView", "merge_conditions", "route_status", "server_status"]
 
 
@@ -25,28 +27,29 @@ class PodView:
     ready: bool
 
 
-def _condition(type_: str, ok: bool, reason: str, message: str, generation: int) -> dict[str, Any]:
-    return {
-        "type": type_,
-        "status": "True" if ok else "False",
-        "reason": reason,
-        "message": message,
-        "observedGeneration": generation,
-    }
+def _condition(type_: str, ok: bool, reason: str, message: str, generation: int) -> Condition:
+    return Condition(
+        type=type_,
+        status="True" if ok else "False",
+        reason=reason,
+        message=message,
+        observed_generation=generation,
+    )
 
 
 def merge_conditions(
-    old: Iterable[Mapping[str, Any]] | None, new: list[dict[str, Any]], now: str
+    old: Iterable[Mapping[str, Any]] | None, new: list[Condition], now: str
 ) -> list[dict[str, Any]]:
+    """`new` as status JSON, each keeping its previous lastTransitionTime if its status held."""
     previous = {c.get("type"): c for c in old or ()}
     out = []
     for cond in new:
-        prev = previous.get(cond["type"])
-        if prev is not None and prev.get("status") == cond["status"]:
-            cond["lastTransitionTime"] = prev.get("lastTransitionTime") or now
-        else:
-            cond["lastTransitionTime"] = now
-        out.append(cond)
+        prev = previous.get(cond.type)
+        since = now
+        if prev is not None and prev.get("status") == cond.status:
+            since = prev.get("lastTransitionTime") or now
+        stamped = cond.model_copy(update={"last_transition_time": since})
+        out.append(stamped.model_dump(by_alias=True, exclude_none=True, mode="json"))
     return out
 
 

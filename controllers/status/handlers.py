@@ -18,6 +18,7 @@ from controllers.status.compute import PodView, route_status, server_status
 __all__ = ["register"]
 
 GROUP, VERSION = "networking.matrixinfer.ai", "v1alpha1"
+INTERVAL = 1.0  # seconds between two status computations of one ModelRoute / ModelServer
 
 
 def _now() -> str:
@@ -40,7 +41,7 @@ def _changed(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
     return any(old.get(k) != v for k, v in new.items())
 
 
-def register(registry: kopf.OperatorRegistry, interval: float = 1.0) -> None:
+def register(registry: kopf.OperatorRegistry) -> None:
     @kopf.index(GROUP, VERSION, "modelservers", id="gateway_servers", registry=registry)
     def gateway_servers(namespace: str | None, name: str | None, **_: Any) -> Any:
         return {namespace or "default": name}
@@ -61,7 +62,7 @@ def register(registry: kopf.OperatorRegistry, interval: float = 1.0) -> None:
         return {None: PodView(namespace or "default", labels, ready)}
 
     @kopf.timer(
-        GROUP, VERSION, "modelroutes", id="modelroute-status", interval=interval, registry=registry
+        GROUP, VERSION, "modelroutes", id="modelroute-status", interval=INTERVAL, registry=registry
     )
     def modelroute_status(body: kopf.Body, patch: kopf.Patch, **kwargs: Any) -> None:
         gateway_servers: kopf.Index[str, str] = kwargs["gateway_servers"]
@@ -78,7 +79,7 @@ def register(registry: kopf.OperatorRegistry, interval: float = 1.0) -> None:
         VERSION,
         "modelservers",
         id="modelserver-status",
-        interval=interval,
+        interval=INTERVAL,
         registry=registry,
     )
     def modelserver_status(body: kopf.Body, patch: kopf.Patch, **kwargs: Any) -> None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
+from controllers.modelinfer.observe import revision_from_json
 from controllers.modelinfer.planner import plan
-from controllers.modelinfer.spec import group_template_from_data, spec_from_object
+from controllers.modelinfer.spec import parse, resolve
 from controllers.modelinfer.types import (
     ANNOTATION_DELETION_COST,
     LABEL_GROUP,
@@ -16,14 +17,17 @@ from controllers.modelinfer.types import (
     LABEL_ROLE_REPLICA,
     LABEL_ROLE_REVISION,
     GroupTemplate,
-    ModelInferSpec,
+    InvalidSpec,
     Observed,
     ObservedPod,
     ObservedPodGroup,
     ObservedService,
     Plan,
     PlannerState,
+    SpecProblem,
 )
+from crds.common import Condition
+from crds.workload import ModelInfer
 
 _uids = itertools.count(1)
 
@@ -77,16 +81,12 @@ class FakeCluster:
     created: list[str] = field(default_factory=list)
 
     def observe(self) -> Observed:
-        from controllers.modelinfer.types import Condition
-
         revs: dict[str, GroupTemplate] = {}
         for cr in self.revisions.values():
-            t = group_template_from_data(cr["data"])
+            t = revision_from_json(cr)
+            assert t is not None, f"unreadable ControllerRevision {cr['metadata']['name']}"
             revs[t.revision] = t
-        conds = tuple(
-            Condition(c["type"], c["status"], c["reason"], c["message"], c["lastTransitionTime"])
-            for c in self.status.get("conditions", [])
-        )
+        conds = tuple(Condition.model_validate(c) for c in self.status.get("conditions", []))
         return Observed(
             pods=tuple(p.observed() for p in self.pods.values()),
             services=tuple(
@@ -106,7 +106,7 @@ class FakeCluster:
             status=self.status,
         )
 
-    def reconcile(self, spec: ModelInferSpec) -> Plan:
+    def reconcile(self, spec: ModelInfer | InvalidSpec) -> Plan:
         p = plan(spec, self.observe(), self.state, self.now)
         self.apply(p)
         return p
@@ -174,7 +174,7 @@ class FakeCluster:
             out.setdefault(int(p.manifest["metadata"]["labels"][LABEL_GROUP]), []).append(p)
         return out
 
-    def converge(self, spec: ModelInferSpec, rounds: int = 60) -> int:
+    def converge(self, spec: ModelInfer, rounds: int = 60) -> int:
         """Reconcile and tick until a plan has nothing to do and all pods are ready."""
         for i in range(rounds):
             p = self.reconcile(spec)
@@ -219,8 +219,28 @@ def make_object(
     }
 
 
-def make_spec(**kw: Any) -> ModelInferSpec:
-    return spec_from_object(make_object(**kw))
+def model_infer(obj: dict[str, Any]) -> ModelInfer:
+    """The object as the planner takes it; fails the test when the API models reject it."""
+    spec = parse(obj)
+    assert isinstance(spec, ModelInfer), spec
+    return spec
+
+
+def make_spec(**kw: Any) -> ModelInfer:
+    return model_infer(make_object(**kw))
+
+
+def template_of(spec: ModelInfer) -> GroupTemplate:
+    """The template at the update revision, with its revision hashes."""
+    return resolve(spec).template
+
+
+def problems_of(obj: dict[str, Any]) -> tuple[SpecProblem, ...]:
+    """Why the planner will not act on `obj`: rejected by the API models or by its own checks."""
+    spec = parse(obj)
+    if isinstance(spec, InvalidSpec):
+        return spec.problems
+    return resolve(spec).problems
 
 
 def with_image(spec_obj: dict[str, Any], image: str, role: int | None = None) -> dict[str, Any]:
@@ -241,6 +261,8 @@ __all__ = [
     "container",
     "make_object",
     "make_spec",
-    "replace",
+    "model_infer",
+    "problems_of",
+    "template_of",
     "with_image",
 ]

@@ -6,7 +6,7 @@ import copy
 from typing import Any
 
 from controllers.modelinfer.planner import plan
-from controllers.modelinfer.spec import spec_from_object
+from controllers.modelinfer.spec import parse, resolve
 from controllers.modelinfer.types import (
     ANNOTATION_DELETION_COST,
     ANNOTATION_VOLCANO_GROUP,
@@ -15,7 +15,16 @@ from controllers.modelinfer.types import (
     GroupState,
     Observed,
 )
-from tests.controllers.fakecluster import FakeCluster, container, make_object, make_spec, with_image
+from tests.controllers.fakecluster import (
+    FakeCluster,
+    container,
+    make_object,
+    make_spec,
+    model_infer,
+    problems_of,
+    template_of,
+    with_image,
+)
 
 
 def env_of(manifest: dict[str, Any]) -> dict[str, str]:
@@ -50,7 +59,8 @@ def test_create_builds_pods_services_env_and_status() -> None:
     assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
     assert c.status["replicas"] == 2 and c.status["readyReplicas"] == 2
     assert (
-        c.status["updatedReplicas"] == 2 and c.status["currentRevision"] == spec.template.revision
+        c.status["updatedReplicas"] == 2
+        and c.status["currentRevision"] == template_of(spec).revision
     )
     conds = {x["type"]: x for x in c.status["conditions"]}
     assert conds["Available"]["status"] == "True"
@@ -59,7 +69,7 @@ def test_create_builds_pods_services_env_and_status() -> None:
     assert c.status["labelSelector"] == (
         "workload.matrixinfer.ai/model-infer=llama,workload.matrixinfer.ai/entry=true"
     )
-    assert list(c.revisions) == [f"llama-{spec.template.revision}"]
+    assert list(c.revisions) == [f"llama-{template_of(spec).revision}"]
 
 
 def test_same_world_same_plan_and_no_status_patch_when_converged() -> None:
@@ -115,12 +125,12 @@ def unavailable(c: FakeCluster, replicas: int) -> int:
 def test_group_rolling_update_respects_max_unavailable_and_partition() -> None:
     c = FakeCluster()
     obj = make_object(replicas=5, rolloutStrategy={"maxUnavailable": 2, "partition": 1})
-    c.converge(spec_from_object(obj))
-    old = spec_from_object(obj).template.revision
+    c.converge(model_infer(obj))
+    old = template_of(model_infer(obj)).revision
     keep = {p.uid for p in c.groups()[0]}
     new_obj = with_image(obj, "vllm:2")
     new_obj["metadata"]["generation"] = 2
-    spec = spec_from_object(new_obj)
+    spec = model_infer(new_obj)
     seen_updating = False
     for _ in range(40):
         p = c.reconcile(spec)
@@ -138,7 +148,7 @@ def test_group_rolling_update_respects_max_unavailable_and_partition() -> None:
         for g, pods in c.groups().items()
     }
     assert revs[0] == {old}
-    assert all(revs[g] == {spec.template.revision} for g in (1, 2, 3, 4))
+    assert all(revs[g] == {template_of(spec).revision} for g in (1, 2, 3, 4))
     assert {p.uid for p in c.groups()[0]} == keep
     assert c.status["currentRevision"] == old  # partition holds group 0 back
     assert c.status["updatedReplicas"] == 4
@@ -149,14 +159,14 @@ def test_group_rolling_update_respects_max_unavailable_and_partition() -> None:
 def test_role_rolling_update_replaces_only_the_changed_role_and_relabels_the_rest() -> None:
     c = FakeCluster()
     obj = make_object(replicas=2, rolloutStrategy={"type": "RoleRollingUpdate"})
-    c.converge(spec_from_object(obj))
+    c.converge(model_infer(obj))
     prefill_uids = {n: p.uid for n, p in c.pods.items() if "prefill" in n}
     new_obj = with_image(obj, "vllm:2", role=1)  # only decode changes
-    spec = spec_from_object(new_obj)
+    spec = model_infer(new_obj)
     c.converge(spec)
     assert {n: p.uid for n, p in c.pods.items() if "prefill" in n} == prefill_uids
     assert all(
-        p.manifest["metadata"]["labels"][LABEL_REVISION] == spec.template.revision
+        p.manifest["metadata"]["labels"][LABEL_REVISION] == template_of(spec).revision
         for p in c.pods.values()
     )
     assert all(
@@ -165,7 +175,8 @@ def test_role_rolling_update_replaces_only_the_changed_role_and_relabels_the_res
         if "decode" in n
     )
     assert (
-        c.status["updatedReplicas"] == 2 and c.status["currentRevision"] == spec.template.revision
+        c.status["updatedReplicas"] == 2
+        and c.status["currentRevision"] == template_of(spec).revision
     )
 
 
@@ -186,7 +197,7 @@ def test_role_recreate_recreates_only_the_broken_instance() -> None:
 
 def test_group_recreate_recreates_the_whole_group_in_place() -> None:
     c = FakeCluster()
-    spec = spec_from_object(make_object(replicas=2, recoveryPolicy="GroupRecreate"))
+    spec = model_infer(make_object(replicas=2, recoveryPolicy="GroupRecreate"))
     c.converge(spec)
     uids = {n: p.uid for n, p in c.pods.items()}
     c.fail("llama-1-decode-1-0")
@@ -200,7 +211,7 @@ def test_group_recreate_recreates_the_whole_group_in_place() -> None:
 
 def test_recovery_none_leaves_failures_alone() -> None:
     c = FakeCluster()
-    spec = spec_from_object(make_object(replicas=1, recoveryPolicy="None"))
+    spec = model_infer(make_object(replicas=1, recoveryPolicy="None"))
     c.converge(spec)
     c.fail("llama-0-decode-0-0")
     p = c.reconcile(spec)
@@ -210,7 +221,7 @@ def test_recovery_none_leaves_failures_alone() -> None:
 
 def test_restart_grace_period_delays_the_recreate() -> None:
     c = FakeCluster()
-    spec = spec_from_object(make_object(replicas=1, restartGracePeriodSeconds=30))
+    spec = model_infer(make_object(replicas=1, restartGracePeriodSeconds=30))
     c.converge(spec)
     c.fail("llama-0-decode-0-0")
     p = c.reconcile(spec)
@@ -226,9 +237,9 @@ def test_restart_grace_period_delays_the_recreate() -> None:
 def test_partition_group_recreated_at_its_old_revision() -> None:
     c = FakeCluster()
     obj = make_object(replicas=2, rolloutStrategy={"partition": 1})
-    c.converge(spec_from_object(obj))
-    old = spec_from_object(obj).template.revision
-    spec = spec_from_object(with_image(obj, "vllm:2"))
+    c.converge(model_infer(obj))
+    old = template_of(model_infer(obj)).revision
+    spec = model_infer(with_image(obj, "vllm:2"))
     c.converge(spec)
     c.vanish("llama-0-decode-0-0")
     c.converge(spec)
@@ -238,7 +249,7 @@ def test_partition_group_recreated_at_its_old_revision() -> None:
     assert len(c.revisions) == 2  # old and new kept while group 0 uses the old one
     obj2 = with_image(obj, "vllm:2")
     obj2["spec"]["rolloutStrategy"] = {"partition": 0}
-    c.converge(spec_from_object(obj2))
+    c.converge(model_infer(obj2))
     assert len(c.revisions) == 1  # the old ControllerRevision is collected
 
 
@@ -256,17 +267,17 @@ def test_gang_scheduling_podgroups_when_volcano_and_crd_present() -> None:
     ]
     obj = make_object(replicas=2, roles=roles, gangPolicy={"minRoleReplicas": {"decode": 1}})
     c = FakeCluster(gang_available=True)
-    c.converge(spec_from_object(obj))
+    c.converge(model_infer(obj))
     assert sorted(c.podgroups) == ["llama-0", "llama-1"]
     assert c.podgroups["llama-0"]["spec"]["minMember"] == 2 * 2 + 1 * 1
     assert c.podgroups["llama-0"]["spec"]["minTaskMember"] == {"prefill": 4, "decode": 1}
     ann = c.pods["llama-1-decode-2-0"].manifest["metadata"]["annotations"]
     assert ann[ANNOTATION_VOLCANO_GROUP] == "llama-1"
-    c.converge(spec_from_object(make_object(replicas=1, roles=roles)))
+    c.converge(model_infer(make_object(replicas=1, roles=roles)))
     assert sorted(c.podgroups) == ["llama-0"]
     assert c.podgroups["llama-0"]["spec"]["minMember"] == 2 * 2 + 3
     plain = FakeCluster(gang_available=False)
-    plain.converge(spec_from_object(obj))
+    plain.converge(model_infer(obj))
     assert plain.podgroups == {}
     conds = {x["type"]: x for x in plain.status["conditions"]}
     assert conds["GangScheduling"]["reason"] == "PodGroupCRDMissing"
@@ -274,7 +285,7 @@ def test_gang_scheduling_podgroups_when_volcano_and_crd_present() -> None:
 
 def test_invalid_spec_is_reported_and_nothing_is_touched() -> None:
     roles = [{"name": "prefill", "replicas": 1, "workerReplicas": 2, "entryTemplate": container()}]
-    spec = spec_from_object(make_object(roles=roles))
+    spec = parse(make_object(roles=roles))
     p = plan(spec, Observed(), None, 0.0)
     assert not p.has_changes
     assert p.status is not None
@@ -284,28 +295,73 @@ def test_invalid_spec_is_reported_and_nothing_is_touched() -> None:
 
 
 def test_long_names_and_bad_int_or_percent_are_reported() -> None:
-    spec = spec_from_object(make_object(name="m" * 55, replicas=12))
-    assert [p.reason for p in spec.problems] == ["NameTooLong"]
-    assert spec.problems[0].field == "metadata.name"
-    spec = spec_from_object(make_object(rolloutStrategy={"maxUnavailable": "lots"}))
-    assert spec.problems[0].field == "spec.rolloutStrategy.maxUnavailable"
-    spec = spec_from_object(
-        make_object(replicas=8, rolloutStrategy={"maxUnavailable": "25%", "partition": "50%"})
+    problems = problems_of(make_object(name="m" * 55, replicas=12))
+    assert [p.reason for p in problems] == ["NameTooLong"]
+    assert problems[0].field == "metadata.name"
+    problems = problems_of(make_object(rolloutStrategy={"maxUnavailable": "lots"}))
+    assert problems[0].field == "spec.rolloutStrategy.maxUnavailable"
+    resolved = resolve(
+        model_infer(
+            make_object(replicas=8, rolloutStrategy={"maxUnavailable": "25%", "partition": "50%"})
+        )
     )
-    assert (spec.max_unavailable, spec.partition) == (2, 4)
-    spec = spec_from_object(make_object(gangPolicy={"minRoleReplicas": {"nope": 1}}))
-    assert spec.problems[0].reason == "InvalidMinRoleReplicas"
-    assert spec.problems[0].field == "spec.template.gangPolicy.minRoleReplicas"
-    spec = spec_from_object(make_object(name="1abc"))
-    assert spec.problems[0].reason == "InvalidNameForService"
+    assert (resolved.max_unavailable, resolved.partition) == (2, 4)
+    problems = problems_of(make_object(gangPolicy={"minRoleReplicas": {"nope": 1}}))
+    assert problems[0].reason == "InvalidMinRoleReplicas"
+    assert problems[0].field == "spec.template.gangPolicy.minRoleReplicas"
+    problems = problems_of(make_object(name="1abc"))
+    assert problems[0].reason == "InvalidNameForService"
+
+
+def test_int_or_percent_follows_the_api_rule() -> None:
+    """A digit string is not a count: the API server rejects maxUnavailable "3" (the CRD pattern
+    admits only "NN%" strings), and so does the controller, naming the field."""
+    for field, value in (("maxUnavailable", "3"), ("partition", "3"), ("partition", -1)):
+        problems = problems_of(make_object(rolloutStrategy={field: value}))
+        assert problems and problems[0].field == f"spec.rolloutStrategy.{field}", problems
+        assert problems[0].reason == f"Invalid{field[0].upper()}{field[1:]}"
+    resolved = resolve(model_infer(make_object(rolloutStrategy={"maxUnavailable": 3})))
+    assert resolved.max_unavailable == 3
 
 
 def test_revision_hash_is_stable_and_ignores_key_order() -> None:
     obj = make_object()
-    rev = spec_from_object(obj).template.revision
+    rev = template_of(model_infer(obj)).revision
     shuffled = copy.deepcopy(obj)
     shuffled["spec"]["template"]["roles"] = [
         dict(reversed(list(r.items()))) for r in shuffled["spec"]["template"]["roles"]
     ]
-    assert spec_from_object(shuffled).template.revision == rev
-    assert spec_from_object(with_image(obj, "other")).template.revision != rev
+    assert template_of(model_infer(shuffled)).revision == rev
+    assert template_of(model_infer(with_image(obj, "other"))).revision != rev
+
+
+def test_revision_hashes_are_pinned() -> None:
+    """Pods and ControllerRevisions in running clusters carry these hashes: a change to how they
+    are computed would roll every InferGroup on a controller upgrade."""
+    tmpl = {"spec": {"schedulerName": "volcano", "containers": [{"name": "e", "image": "x"}]}}
+    roles = [
+        {
+            "name": "prefill",
+            "replicas": 2,
+            "workerReplicas": 1,
+            "entryTemplate": tmpl,
+            "workerTemplate": tmpl,
+        },
+        {"name": "decode", "replicas": 3, "entryTemplate": tmpl},
+    ]
+    cases = [
+        (make_object(), "2f8e893ccf", ["ca371d26b3", "a6ea2be7d8"]),
+        (
+            make_object(
+                roles=roles,
+                gangPolicy={"minRoleReplicas": {"decode": 1}},
+                restartGracePeriodSeconds=5,
+            ),
+            "c179c495fc",
+            ["62907c6099", "39af1871cc"],
+        ),
+    ]
+    for obj, group_rev, role_revs in cases:
+        template = template_of(model_infer(obj))
+        assert template.revision == group_rev
+        assert [template.role_revisions[r.name] for r in template.roles] == role_revs

@@ -8,9 +8,16 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from controllers.modelinfer.spec import group_template_from_data, spec_from_object
-from controllers.modelinfer.types import LABEL_REVISION, GroupTemplate, ModelInferSpec
-from tests.controllers.fakecluster import FakeCluster, make_object, with_image
+from controllers.modelinfer.observe import revision_from_json
+from controllers.modelinfer.spec import resolve
+from controllers.modelinfer.types import LABEL_REVISION, GroupTemplate, instance_size
+from tests.controllers.fakecluster import (
+    FakeCluster,
+    make_object,
+    model_infer,
+    template_of,
+    with_image,
+)
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -29,15 +36,18 @@ step = st.one_of(
 
 
 def expected_pod_names(
-    spec: ModelInferSpec, groups: list[int], templates: dict[int, GroupTemplate] | None = None
+    name: str,
+    template: GroupTemplate,
+    groups: list[int],
+    templates: dict[int, GroupTemplate] | None = None,
 ) -> set[str]:
     out = set()
     for g in groups:
-        tmpl = (templates or {}).get(g, spec.template)
+        tmpl = (templates or {}).get(g, template)
         for role in tmpl.roles:
             for rr in range(role.replicas):
-                for i in range(role.instance_size):
-                    out.add(f"{spec.name}-{g}-{role.name}-{rr}-{i}")
+                for i in range(instance_size(role)):
+                    out.add(f"{name}-{g}-{role.name}-{rr}-{i}")
     return out
 
 
@@ -87,42 +97,46 @@ def test_any_history_converges_to_the_desired_state(
     revisions_by_index: dict[int, set[str]] = {}
     for s in steps:
         obj = apply_step(obj, c, s)
-        c.reconcile(spec_from_object(obj))
-    spec = spec_from_object(obj)
-    assert not spec.problems
+        c.reconcile(model_infer(obj))
+    spec = model_infer(obj)
+    resolved = resolve(spec)
+    assert not resolved.problems
+    template, partition = resolved.template, resolved.partition
     c.converge(spec, rounds=80)
     groups = sorted(c.groups())
-    assert len(groups) == spec.replicas
+    assert len(groups) == spec.spec.replicas
     # groups below the partition keep their revision's template (from its ControllerRevision)
     by_rev = {
-        t.revision: t for t in (group_template_from_data(cr["data"]) for cr in c.revisions.values())
+        t.revision: t
+        for t in (revision_from_json(cr) for cr in c.revisions.values())
+        if t is not None
     }
     below = {
         g: by_rev[pods[0].manifest["metadata"]["labels"][LABEL_REVISION]]
         for g, pods in c.groups().items()
-        if g < spec.partition
+        if g < partition
         and len({p.manifest["metadata"]["labels"][LABEL_REVISION] for p in pods}) == 1
     }
-    frozen_mixed = {g for g in groups if g < spec.partition and g not in below}
+    frozen_mixed = {g for g in groups if g < partition and g not in below}
     checked = [g for g in groups if g not in frozen_mixed]
     have = {n for n in c.pods if int(n.split("-")[1]) not in frozen_mixed}
-    assert have == expected_pod_names(spec, checked, below)
+    assert have == expected_pod_names("llama", template, checked, below)
     assert all(p.ready and p.phase == "Running" for p in c.pods.values())
     for g, pods in c.groups().items():
         revs = {p.manifest["metadata"]["labels"][LABEL_REVISION] for p in pods}
         revisions_by_index[g] = revs
-        if g >= spec.partition:
-            assert revs == {spec.template.revision}, f"group {g} at revisions {revs}"
+        if g >= partition:
+            assert revs == {template.revision}, f"group {g} at revisions {revs}"
         else:  # frozen by the partition; a RoleRollingUpdate may have been caught half-way
             assert len(revs) == 1 or rollout == "RoleRollingUpdate", f"group {g} mixes {revs}"
-    workers = spec.template.by_name["prefill"].worker_replicas
+    workers = template.by_name["prefill"].worker_replicas
     want_services = {f"llama-{g}-prefill-0" for g in groups} if workers > 0 else set()
     # groups below the partition may run an older template, with or without workers
-    assert {s for s in c.services if int(s.split("-")[1]) >= spec.partition} == {
-        s for s in want_services if int(s.split("-")[1]) >= spec.partition
+    assert {s for s in c.services if int(s.split("-")[1]) >= partition} == {
+        s for s in want_services if int(s.split("-")[1]) >= partition
     }
-    assert c.status["readyReplicas"] == spec.replicas
-    assert c.status["observedGeneration"] == spec.generation
+    assert c.status["readyReplicas"] == spec.spec.replicas
+    assert c.status["observedGeneration"] == spec.metadata.generation
 
 
 def ready_groups(c: FakeCluster, size: int) -> set[int]:
@@ -159,10 +173,10 @@ def test_rolling_update_keeps_max_unavailable_and_partition(
         },
     )
     c = FakeCluster()
-    c.converge(spec_from_object(obj))
-    old_rev = spec_from_object(obj).template.revision
+    c.converge(model_infer(obj))
+    old_rev = template_of(model_infer(obj)).revision
     below = {g: {p.uid for p in pods} for g, pods in c.groups().items() if g < partition}
-    spec = spec_from_object(with_image(obj, "v9", role=role))
+    spec = model_infer(with_image(obj, "v9", role=role))
     size = 4
     done = False
     for d in delays:
@@ -181,5 +195,5 @@ def test_rolling_update_keeps_max_unavailable_and_partition(
     for g, pods in c.groups().items():
         if g >= partition:
             assert {p.manifest["metadata"]["labels"][LABEL_REVISION] for p in pods} == {
-                spec.template.revision
+                template_of(spec).revision
             }
