@@ -27,7 +27,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from matrixinfer.process import ReadinessTimeout, free_port, wait_until
+from matrixinfer.process import ReadinessTimeout, free_port, port_is_free, wait_until
 from matrixinfer.resources import project_file
 from matrixinfer.stack import GatewayStack, StackOptions
 
@@ -51,14 +51,8 @@ def _say(text: str = "") -> None:
 
 
 def _port_or_free(host: str, wanted: int) -> int:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind((host, wanted))
-            return wanted
-        except OSError:
-            pass
+    if port_is_free(host, wanted):
+        return wanted
     port = free_port(host)
     _say(f"port {wanted} is busy on {host}; using {port}")
     return port

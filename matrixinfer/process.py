@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import http.client
 import os
 import shutil
@@ -26,13 +27,45 @@ from pathlib import Path
 __all__ = [
     "Child",
     "ReadinessTimeout",
+    "die_with_parent",
     "envoy_child",
     "find_envoy",
     "free_port",
     "http_ok",
+    "port_is_free",
     "unwind_on_sigterm",
     "wait_until",
 ]
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent: int) -> Callable[[], None]:
+    """A ``preexec_fn`` for children of process ``parent``: the kernel sends the child SIGTERM when
+    its parent dies, however it dies (``kill -9`` included), so no child outlives the command that
+    started it. If the parent is already gone when the child gets here, the child exits at once."""
+
+    def arm() -> None:
+        with contextlib.suppress(OSError, AttributeError):  # not Linux: no such guarantee
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return arm
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """True when a server could listen on ``host:port`` now. The probe sets SO_REUSEADDR, as
+    Envoy and the other servers do, so connections of a stopped server still in TIME-WAIT do not
+    make the port look busy."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
 
 
 class ReadinessTimeout(RuntimeError):
@@ -173,6 +206,7 @@ class Child:
             env=env,
             cwd=self.cwd,
             start_new_session=True,
+            preexec_fn=die_with_parent(os.getpid()),
         )
         if self.ready is not None:
             ready = self.ready

@@ -9,6 +9,7 @@ simulator stands alone, so this launcher uses nothing of the platform.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import ipaddress
 import os
 import signal
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -67,6 +68,18 @@ def _healthy(url: str) -> bool:
         return False
 
 
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """``preexec_fn``: the simulator gets SIGTERM when the launcher dies (even by SIGKILL)."""
+
+    def arm() -> None:
+        with contextlib.suppress(OSError, AttributeError):  # not Linux: no such guarantee
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return arm
+
+
 class SimProcess:
     """One simulator process: started in its own session, stopped with SIGTERM (then SIGKILL)."""
 
@@ -90,7 +103,7 @@ class SimProcess:
         try:
             self.proc = subprocess.Popen(
                 self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=env, start_new_session=True,
+                env=env, start_new_session=True, preexec_fn=_die_with_parent(os.getpid()),
             )  # fmt: skip
         finally:
             if not isinstance(out, int):
