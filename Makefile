@@ -3,16 +3,28 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+RUNTIME_STAMP := $(VENV)/.installed-runtime
 
 .PHONY: all setup system-deps test lint format demo crds crds-check bench clean
 
 all: test
 
-# Python environment: created once, re-installed when pyproject.toml changes.
-$(STAMP): pyproject.toml
+# Python environments: created once, re-installed when pyproject.toml changes. The demo needs the
+# runtime dependencies only; tests, lint and benchmarks add the dev extras.
+$(RUNTIME_STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	@echo "installing MatrixInfer and its runtime dependencies into $(VENV) (once)"
+	@$(PY) -m pip install --quiet --upgrade pip
+	@$(PY) -m pip install --progress-bar off -e . | grep -E '^(Collecting|Successfully)' || true
+	@$(PY) -c "import extproc, controllers, sim, matrixinfer" 2>/dev/null || \
+	  { echo "error: the runtime install failed; run: $(PY) -m pip install -e ."; exit 1; }
+	@touch $(RUNTIME_STAMP)
+
+$(STAMP): $(RUNTIME_STAMP) pyproject.toml
+	@echo "installing the development extras (tests, lint, benchmarks) into $(VENV) (once)"
+	@$(PY) -m pip install --progress-bar off -e '.[dev]' | grep -E '^(Collecting|Successfully)' || true
+	@$(PY) -c "import pytest, mypy, kmock" 2>/dev/null || \
+	  { echo "error: the dev install failed; run: $(PY) -m pip install -e '.[dev]'"; exit 1; }
 	@touch $(STAMP)
 
 # Debian packages the tests use (installed only when missing, and only as root).
@@ -47,7 +59,7 @@ crds: $(STAMP)
 crds-check: $(STAMP)
 	$(PY) -m crds --check
 
-demo: $(STAMP)
+demo: $(RUNTIME_STAMP)
 	$(VENV)/bin/matrixinfer demo
 
 bench: setup

@@ -24,6 +24,7 @@ from controllers.metrics import ControllerMetrics
 from controllers.modelinfer import handlers as modelinfer_handlers
 from controllers.modelinfer.reconciler import ModelInferController
 from controllers.status import handlers as status_handlers
+from fleet.service import add_service_args, configure_logging
 
 FINALIZER = "workload.matrixinfer.ai/finalizer"
 ANNOTATION_PREFIX = "kopf.matrixinfer.ai"
@@ -170,12 +171,10 @@ def parse_args(argv: Sequence[str] | None) -> ControllerConfig:
         default=[],
         help="extra matrixinfer-xds flag, e.g. --xds-arg=--listen-port=8080 (repeatable)",
     )
-    ap.add_argument("--verbose", "-v", action="store_true")
+    ap.add_argument("--verbose", "-v", action="store_true", help="same as --log-level debug")
+    add_service_args(ap)
     args = ap.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    configure_logging("debug" if args.verbose else args.log_level, args.log_format)
     return ControllerConfig(
         namespaces=list(args.namespace),
         server=args.server,

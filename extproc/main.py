@@ -26,7 +26,7 @@ from extproc.transport.http_side import build_app
 from fleet.config import GatewayConfig
 from fleet.envoy_eds import write_eds
 from fleet.files import ConfigWatcher
-from fleet.service import signalled_stop
+from fleet.service import add_service_args, configure_logging, signalled_stop
 
 __all__ = ["main", "parse_args", "serve"]
 
@@ -152,7 +152,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="ext_proc server: grpc = grpc.aio; h2 = the lean h2-library transport "
         "(extproc/transport_h2.py, docs/gateway.md) (default grpc)",
     )
-    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    add_service_args(p)
     p.add_argument("--no-uvloop", action="store_true", help="use the default asyncio loop")
     args = p.parse_args(argv)
     if args.source == "files" and args.config is None:
@@ -476,10 +476,7 @@ async def serve(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.log_level, args.log_format)
     if not args.no_uvloop:
         try:
             import uvloop

@@ -27,6 +27,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from fleet.service import version
 from matrixinfer.process import ReadinessTimeout, free_port, port_is_free, wait_until
 from matrixinfer.resources import project_file
 from matrixinfer.stack import GatewayStack, StackOptions
@@ -372,6 +373,7 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="matrixinfer", description="MatrixInfer command line")
+    p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="run the local stack: simulated pods, extproc and Envoy")

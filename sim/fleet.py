@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -68,8 +69,11 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def _die_with_parent(parent: int) -> Callable[[], None]:
-    """``preexec_fn``: the simulator gets SIGTERM when the launcher dies (even by SIGKILL)."""
+def _die_with_parent(parent: int) -> Callable[[], None] | None:
+    """``preexec_fn``: the simulator gets SIGTERM when the launcher dies (even by SIGKILL). The
+    kernel ties it to the forking thread, so only children of the main thread get it."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
 
     def arm() -> None:
         with contextlib.suppress(OSError, AttributeError):  # not Linux: no such guarantee

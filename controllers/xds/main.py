@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from controllers.xds.generate import GatewaySettings, XdsInputs, generate
 from controllers.xds.server import AdsServer
 from controllers.xds.sources import inputs_from_config, with_policy_filters
-from fleet.service import signalled_stop
+from fleet.service import add_service_args, configure_logging, signalled_stop
 
 __all__ = ["XdsApp", "main", "parse_args", "settings_from_args"]
 
@@ -76,7 +76,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="leave out extproc.usage's Envoy filters/access logs (usage accounting)",
     )
-    p.add_argument("--log-level", default="INFO")
+    add_service_args(p)
     return p.parse_args(argv)
 
 
@@ -190,10 +190,7 @@ async def serve(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.log_level, args.log_format)
     try:
         asyncio.run(serve(args))
     except OSError as exc:
