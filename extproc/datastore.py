@@ -235,6 +235,7 @@ class Datastore:
                     "runningLoras": sorted(m.running_loras),
                     "waitingLoras": sorted(m.waiting_loras),
                     "maxLoras": m.max_loras,
+                    "loadedLoras": None if m.loaded_loras is None else sorted(m.loaded_loras),
                     "stale": m.stale,
                     "ageSeconds": round(now - m.scraped_at, 3) if m.scraped_at else None,
                 },

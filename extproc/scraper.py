@@ -23,6 +23,16 @@ Engine name maps (the first name present wins; histograms are read from their _s
 - LoRA: ``vllm:lora_requests_info`` labels ``running_lora_adapters``, ``waiting_lora_adapters``,
   ``max_lora`` of the sample with the latest value (a timestamp) | not reported by SGLang
 
+Loaded LoRA adapters: a vLLM pod's ``/v1/models`` lists every adapter it has loaded as an entry
+whose ``parent`` is the base model (:func:`parse_loaded_loras`). The scraper reads it per pod on its
+own slower interval (``loras_interval``, default 2 s), at once when a pod appears, when its metrics
+come back after a failure (an engine restart forgets adapters loaded at run time), when the metrics
+show a running or waiting adapter the list lacks (one was loaded since), and when
+:meth:`MetricsScraper.refresh_loras` asks (e.g. after an engine answered 404 for an adapter). The
+list rides on every published :class:`PodMetrics` as ``loaded_loras``; a changed list is published
+at once. A failed read keeps the last list (staleness is the metrics' business); a pod whose engine
+does not list adapters (SGLang) keeps ``loaded_loras=None``: unknown.
+
 Gauges are summed over series (several engines / data-parallel ranks behind one port), except the KV
 cache usage, which is averaged. Histograms give the mean over the last interval:
 (sum now - sum before) / (count now - count before); an interval without new observations keeps
@@ -33,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 import zlib
@@ -46,9 +57,11 @@ from fleet.engine_metrics import LatencyState, parse_metrics
 from fleet.pods import PodMetrics
 
 __all__ = [
+    "LISTS_LORAS",
     "MetricsScraper",
     "ScrapeTarget",
     "is_connection_refused",
+    "parse_loaded_loras",
 ]
 
 log = logging.getLogger("matrixinfer.extproc.scraper")
@@ -59,6 +72,39 @@ class ScrapeTarget:
     pod_name: str
     url: str  # "http://ip:port/metrics"
     engine: str  # "vLLM" | "SGLang"
+
+    @property
+    def models_url(self) -> str:
+        """The engine's model list beside its metrics page: ``http://ip:port/v1/models``."""
+        base = self.url.removesuffix("/metrics").rstrip("/")
+        return f"{base}/v1/models"
+
+
+LISTS_LORAS = frozenset({"vLLM"})
+"""Engines whose ``/v1/models`` lists the loaded LoRA adapters (entries with a ``parent``)."""
+
+
+def parse_loaded_loras(body: bytes | str) -> frozenset[str]:
+    """The LoRA adapters an engine's ``/v1/models`` answer lists: the ids of entries whose
+    ``parent`` names a base model (vLLM lists base models with ``parent: null``).
+
+    Raises ValueError naming what is wrong when the body is not an OpenAI model list.
+    """
+    try:
+        doc = json.loads(body)
+    except ValueError as exc:
+        raise ValueError(f"/v1/models answer is not JSON: {exc}") from None
+    data = doc.get("data") if isinstance(doc, dict) else None
+    if not isinstance(data, list):
+        raise ValueError("/v1/models answer has no 'data' list")
+    loras: set[str] = set()
+    for entry in data:
+        if not isinstance(entry, dict):
+            raise ValueError(f"/v1/models 'data' holds a {type(entry).__name__}, not an object")
+        mid, parent = entry.get("id"), entry.get("parent")
+        if isinstance(mid, str) and mid and isinstance(parent, str) and parent:
+            loras.add(mid)
+    return frozenset(loras)
 
 
 # ------------------------------------------------------------------------------------- scraper
@@ -90,6 +136,11 @@ class _PodState:
     stale_published: bool = False
     failing: bool = False
     task: asyncio.Task[None] | None = None
+    # the loaded LoRA adapters (engines in LISTS_LORAS only), read on their own interval
+    loras: frozenset[str] | None = None
+    loras_due: float = float("inf")  # when the next /v1/models read should start
+    loras_failing: bool = False
+    loras_task: asyncio.Task[None] | None = None
 
 
 _DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -132,6 +183,7 @@ class MetricsScraper:
         max_scrapes_per_second: float = 500.0,
         max_connections: int = 100,
         latency_window: float = 10.0,
+        loras_interval: float = 2.0,
     ) -> None:
         if interval <= 0:
             raise ValueError(f"interval must be > 0, got {interval}")
@@ -141,6 +193,8 @@ class MetricsScraper:
             raise ValueError(f"stale_after must be > 0, got {stale_after}")
         if max_scrapes_per_second <= 0:
             raise ValueError(f"max_scrapes_per_second must be > 0, got {max_scrapes_per_second}")
+        if loras_interval <= 0:
+            raise ValueError(f"loras_interval must be > 0, got {loras_interval}")
         self._targets = targets
         self._publish = publish
         self.interval = interval
@@ -148,6 +202,7 @@ class MetricsScraper:
         self.stale_after = stale_after
         self.max_scrapes_per_second = max_scrapes_per_second
         self.latency_window = latency_window
+        self.loras_interval = loras_interval
         self.max_connections = max_connections
         self._clock = clock
         self._pods: dict[str, _PodState] = {}
@@ -158,6 +213,7 @@ class MetricsScraper:
         self._duration: Histogram | None = None
         self.scrapes = 0  # successful scrapes (for /debug and benchmarks)
         self.failures = 0
+        self.lora_reads = 0  # successful /v1/models reads
         if registry is not None:
             self._errors = Counter(
                 "matrixinfer_gateway_scrape_errors",
@@ -204,7 +260,12 @@ class MetricsScraper:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        pending = [s.task for s in self._pods.values() if s.task is not None and not s.task.done()]
+        pending = [
+            t
+            for s in self._pods.values()
+            for t in (s.task, s.loras_task)
+            if t is not None and not t.done()
+        ]
         for t in pending:
             t.cancel()
         if pending:
@@ -214,17 +275,29 @@ class MetricsScraper:
             await session.close()
 
     async def scrape_once(self) -> None:
-        """Scrape every current target now (joining scrapes already in progress) and wait."""
+        """Scrape every current target now, and read the adapter list of those that list them
+        (joining reads already in progress), and wait."""
         self._ensure_session()
         now = self._clock()
         self._refresh(now)
         for state in self._pods.values():
             if state.task is None or state.task.done():
                 self._launch(state)
-        tasks = [s.task for s in self._pods.values() if s.task is not None]
+            if state.target.engine in LISTS_LORAS and (
+                state.loras_task is None or state.loras_task.done()
+            ):
+                self._launch_loras(state, now)
+        tasks = [t for s in self._pods.values() for t in (s.task, s.loras_task) if t is not None]
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         self._check_stale(self._clock())
+
+    def refresh_loras(self, pod_name: str) -> None:
+        """Read the pod's loaded adapters again soon (next tick), e.g. after its engine answered
+        404 for an adapter the last list named. Unknown pods are ignored."""
+        state = self._pods.get(pod_name)
+        if state is not None and state.target.engine in LISTS_LORAS:
+            state.loras_due = min(state.loras_due, self._clock())
 
     # -- internals
 
@@ -262,11 +335,16 @@ class MetricsScraper:
         every = max(self.interval, len(current) / self.max_scrapes_per_second)
         for name, target in current.items():
             state = self._pods.get(name)
+            lists = target.engine in LISTS_LORAS
             if state is None:
-                self._pods[name] = _PodState(target, now, due=now + _phase(name) * every)
+                state = _PodState(target, now, due=now + _phase(name) * every)
+                state.loras_due = now if lists else float("inf")  # read at once
+                self._pods[name] = state
             elif state.target != target:
                 state.target = target
                 state.latency = None
+                state.loras = None
+                state.loras_due = now if lists else float("inf")
 
     def _start_due(self, now: float) -> None:
         every = self.effective_interval
@@ -277,14 +355,21 @@ class MetricsScraper:
                 state.due += every
                 if state.due <= now:
                     state.due = now + every
+            if state.loras_due <= now and (state.loras_task is None or state.loras_task.done()):
+                self._launch_loras(state, now)
 
     def _launch(self, state: _PodState) -> None:
         state.task = asyncio.create_task(self._scrape(state))
 
+    def _launch_loras(self, state: _PodState, now: float) -> None:
+        state.loras_due = now + self.loras_interval
+        state.loras_task = asyncio.create_task(self._read_loras(state))
+
     def _drop(self, name: str) -> None:
         state = self._pods.pop(name)
-        if state.task is not None and not state.task.done():
-            state.task.cancel()
+        for task in (state.task, state.loras_task):
+            if task is not None and not task.done():
+                task.cancel()
         for metric in (self._errors, self._age):
             if metric is not None:
                 with contextlib.suppress(KeyError):
@@ -354,16 +439,68 @@ class MetricsScraper:
         finally:
             if self._duration is not None:
                 self._duration.observe(time.perf_counter() - started)
+        if self._pods.get(target.pod_name) is not state:
+            return  # dropped while in flight
+        lists = target.engine in LISTS_LORAS
         if state.failing:
             state.failing = False
             log.info("scraping %s (%s) works again", target.pod_name, target.url)
-        if self._pods.get(target.pod_name) is not state:
-            return  # dropped while in flight
+            if lists:  # a restarted engine has forgotten adapters loaded at run time
+                state.loras_due = now
+        loras = state.loras
+        if (
+            lists
+            and loras is not None
+            and not (metrics.running_loras <= loras and metrics.waiting_loras <= loras)
+        ):
+            state.loras_due = now  # an adapter was loaded since the last read
+        metrics.loaded_loras = loras
         self.scrapes += 1
         state.last_metrics = metrics
         state.last_success = metrics.scraped_at
         state.stale_published = False
         self._safe_publish(target.pod_name, metrics)
+
+    async def _read_loras(self, state: _PodState) -> None:
+        """One read of the pod's ``/v1/models``; a changed adapter list is published at once."""
+        target = state.target
+        session = self._ensure_session()
+        try:
+            async with session.get(
+                target.models_url, headers={"Accept": "application/json"}
+            ) as resp:
+                if resp.status != 200:
+                    raise ScrapeError(f"HTTP {resp.status}")
+                body = await resp.read()
+            loras = parse_loaded_loras(body)
+        except asyncio.CancelledError:
+            raise
+        except (aiohttp.ClientError, TimeoutError, OSError, ScrapeError, ValueError) as exc:
+            if not state.loras_failing:
+                state.loras_failing = True
+                log.warning(
+                    "reading the LoRA adapters of %s (%s) failed: %s",
+                    target.pod_name,
+                    target.models_url,
+                    str(exc) or type(exc).__name__,
+                )
+            return
+        if state.loras_failing:
+            state.loras_failing = False
+            log.info("reading the LoRA adapters of %s works again", target.pod_name)
+        if self._pods.get(target.pod_name) is not state:
+            return  # dropped while in flight
+        self.lora_reads += 1
+        if loras == state.loras:
+            return
+        names = ", ".join(sorted(loras)) or "none"
+        log.info("pod %s has LoRA adapters loaded: %s", target.pod_name, names)
+        state.loras = loras
+        last = state.last_metrics
+        if last is not None:
+            state.last_metrics = replace(last, loaded_loras=loras)
+            if not state.stale_published:
+                self._safe_publish(target.pod_name, state.last_metrics)
 
     def _safe_publish(self, pod_name: str, metrics: PodMetrics) -> None:
         try:

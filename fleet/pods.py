@@ -41,6 +41,10 @@ class PodMetrics:
     running_loras: frozenset[str] = frozenset()
     waiting_loras: frozenset[str] = frozenset()
     max_loras: int | None = None
+    # LoRA adapters the engine has loaded (its /v1/models entries with a ``parent``), read on a
+    # slower interval than the metrics; None = not known (not read yet, or not an engine that lists
+    # them)
+    loaded_loras: frozenset[str] | None = None
     scraped_at: float = 0.0  # monotonic time of the read
     stale: bool = True
     unreachable: bool = False

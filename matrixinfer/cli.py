@@ -59,6 +59,28 @@ def _port_or_free(host: str, wanted: int) -> int:
     return port
 
 
+def _demo_adapters(examples: Path) -> list[str]:
+    """The LoRA adapters the demo's ModelRoutes declare (``spec.loraAdapters``), in order."""
+    import crds
+
+    names: list[str] = []
+    for path in sorted(examples.glob("*.y*ml")):
+        for obj in crds.load_documents(path.read_text(), str(path)):
+            if obj.kind == "ModelRoute":
+                names += [n for n in obj.spec.lora_adapters or () if n not in names]
+    return names
+
+
+def _demo_sim_args(examples: Path, time_scale: float) -> list[str]:
+    """Every demo simulator loads the adapters the demo's routes declare, as vLLM's
+    ``--lora-modules NAME=PATH`` does, so that every model ``/v1/models`` lists can be served."""
+    args = ["--time-scale", str(time_scale), "--max-loras", "2"]
+    adapters = _demo_adapters(examples)
+    if adapters:
+        args += ["--lora-modules", *(f"{name}=/adapters/{name}" for name in adapters)]
+    return args
+
+
 def _demo_config_dir(examples: Path, run_dir: Path, pods: Sequence[Any]) -> Path:
     config = run_dir / "config"
     config.mkdir(parents=True, exist_ok=True)
@@ -233,7 +255,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     examples = Path(args.examples) if args.examples else project_file("examples/demo")
     listen_port = _port_or_free(args.host, args.port)
     sim_port = free_port(args.first_host)
-    sim_args = ["--time-scale", str(args.time_scale), "--max-loras", "2"]
+    sim_args = _demo_sim_args(examples, args.time_scale)
     _say(
         f"MatrixInfer demo: {args.replicas} simulated vLLM pods, extproc and Envoy "
         f"(logs: {run_dir})"

@@ -8,7 +8,7 @@ Public surface::
     sched.forget_pod(pod_name)
 """
 
-from extproc.scheduling.plugins import PLUGINS, PluginInfo
+from extproc.scheduling.plugins import PLUGINS, PluginInfo, lora_servable
 from extproc.scheduling.scheduler import ProfileLike, Scheduler, build_scheduler
 from extproc.scheduling.types import (
     AllPodsSaturated,
@@ -34,6 +34,7 @@ __all__ = [
     "SchedulingResult",
     "build_scheduler",
     "check_profile",
+    "lora_servable",
 ]
 
 

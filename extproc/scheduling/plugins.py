@@ -50,6 +50,7 @@ __all__ = [
     "SaturationFilter",
     "Scorer",
     "SessionAffinityScorer",
+    "lora_servable",
 ]
 
 
@@ -127,6 +128,10 @@ def _neutral_fill(values: list[float | None], default: float = 0.5) -> list[floa
 
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _pods_have(n: int) -> str:
+    return "1 pod has" if n == 1 else f"{n} pods have"
 
 
 # --------------------------------------------------------------------------------------- filters
@@ -216,34 +221,81 @@ class SaturationFilter(Filter):
         )
 
 
+class LoraCapableArgs(BaseModel):
+    model_config = ARGS_CONFIG
+
+    dynamic_loading: bool = Field(
+        default=False,
+        description="The engines load an adapter on its first request (e.g. vLLM with a LoRA "
+        "resolver): a pod that has not loaded the adapter stays a candidate if it has a free "
+        "adapter slot. Off: only pods that have loaded the adapter are candidates.",
+    )
+
+
 class LoraCapableFilter(Filter):
-    """For a LoRA request, keeps pods that run or queue the adapter or have a free adapter slot
-    (fewer running adapters than max_lora). Pods whose LoRA state is unknown (stale metrics or no
-    ``max_lora`` reported) are kept. Requests without an adapter pass unchanged."""
+    """For a LoRA request, keeps pods that have loaded the adapter (their ``/v1/models`` lists it)
+    and run or queue it or have a free adapter slot (fewer running adapters than max_lora). With
+    ``dynamicLoading`` a pod that has not loaded the adapter is kept too when it has a free slot.
+    What is unknown never drops a pod: stale metrics, no adapter list read, no ``max_lora``
+    reported. Requests without an adapter pass unchanged."""
 
     name = "lora-capable"
+    Args = LoraCapableArgs
+
+    def __init__(self, args: BaseModel) -> None:
+        super().__init__(args)
+        assert isinstance(args, LoraCapableArgs)
+        self.dynamic_loading = args.dynamic_loading
 
     @staticmethod
-    def capable(pod: Pod, lora: str) -> bool:
+    def missing(pod: Pod, lora: str) -> bool:
+        """True when the pod's fresh adapter list is known and lacks ``lora``."""
         m = pod.metrics
-        if m.stale or m.max_loras is None:
-            return True
+        loaded = m.loaded_loras
         return (
-            lora in m.running_loras or lora in m.waiting_loras or len(m.running_loras) < m.max_loras
+            not m.stale
+            and loaded is not None
+            and lora not in loaded
+            and lora not in m.running_loras
+            and lora not in m.waiting_loras
         )
+
+    @staticmethod
+    def capable(pod: Pod, lora: str, dynamic_loading: bool = False) -> bool:
+        m = pod.metrics
+        if m.stale:
+            return True
+        if lora in m.running_loras or lora in m.waiting_loras:
+            return True
+        if not dynamic_loading and LoraCapableFilter.missing(pod, lora):
+            return False
+        return m.max_loras is None or len(m.running_loras) < m.max_loras
 
     def filter(self, ctx: Context, pods: list[Pod]) -> list[Pod]:
         lora = ctx.request.lora
         if not lora:
             return pods
-        capable = self.capable
-        return [p for p in pods if capable(p, lora)]
+        capable, dynamic = self.capable, self.dynamic_loading
+        return [p for p in pods if capable(p, lora, dynamic)]
 
     def error(self, ctx: Context, pods: list[Pod]) -> NoPodAvailable:
+        lora = ctx.request.lora or ""
+        missing = 0 if self.dynamic_loading else sum(1 for p in pods if self.missing(p, lora))
+        busy = len(pods) - missing
+        why = []
+        if missing:
+            why.append(f"{_pods_have(missing)} not loaded it")
+        if busy:
+            why.append(f"{_pods_have(busy)} every adapter slot (max_lora) busy with others")
         return NoPodAvailable(
-            f"no pod of {ctx.server} can serve LoRA adapter '{ctx.request.lora}': all "
-            f"{_plural(len(pods), 'pod')} have every adapter slot (max_lora) busy with others"
+            f"no pod of {ctx.server} can serve LoRA adapter '{lora}': {', '.join(why)}"
         )
+
+
+def lora_servable(pods: Sequence[Pod], lora: str) -> bool:
+    """True when some ready pod of ``pods`` may serve adapter ``lora``: it has loaded it, or what
+    it has loaded is unknown (for listing a model only when some pod can serve it)."""
+    return any(p.ready and not LoraCapableFilter.missing(p, lora) for p in pods)
 
 
 # --------------------------------------------------------------------------------------- scorers
@@ -411,8 +463,9 @@ class LeastLatencyScorer(Scorer):
 
 
 class LoraAffinityScorer(Scorer):
-    """For a LoRA request: adapter running on the pod 1.0 > free adapter slot 0.8 > adapter
-    waiting 0.6 > none 0. Unknown = neutral; requests without an adapter score 1 everywhere."""
+    """For a LoRA request: adapter running on the pod 1.0 > loaded with a free adapter slot 0.8 >
+    adapter waiting 0.6 > not loaded, or no free slot, 0. Unknown = neutral; requests without an
+    adapter score 1 everywhere."""
 
     name = "lora-affinity"
 
@@ -423,12 +476,15 @@ class LoraAffinityScorer(Scorer):
             return None
         if lora in m.running_loras:
             return 1.0
+        if LoraCapableFilter.missing(pod, lora):
+            return 0.0  # it must be loaded first
         if m.max_loras is not None and len(m.running_loras) < m.max_loras:
             return 0.8
         if lora in m.waiting_loras:
             return 0.6
         if m.max_loras is None and not m.running_loras and not m.waiting_loras:
-            return None  # the engine does not report LoRA state
+            # no LoRA metrics: only a known adapter list says something
+            return None if m.loaded_loras is None else 0.8
         return 0.0
 
     def score(self, ctx: Context, pods: list[Pod]) -> list[float] | None:

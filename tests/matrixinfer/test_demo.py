@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -87,3 +89,52 @@ def test_demo_live_view_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_demo_lora_models_answer_from_pods_with_the_adapter(tmp_path: Path) -> None:
+    """Issue #23: /v1/models lists demo-lora-a and demo-lora-b; requests for them answer 200 from
+    a pod that has the adapter (every demo pod loads the adapters the demo's route declares)."""
+    from openai import OpenAI
+
+    proc = subprocess.Popen(
+        _demo_argv(tmp_path, "--replicas", "2", "--requests", "0"),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        text = ""
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and "Press Ctrl-C to stop." not in text:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            text += line
+        url = re.search(r"OpenAI API at (http://\S+/v1)", text)
+        assert url is not None, text
+        pods = dict(re.findall(r"pod (sim-\d) at (http://\S+)", text))
+        assert len(pods) == 2, text
+        client = OpenAI(base_url=url.group(1), api_key="unused", max_retries=0, timeout=30)
+        listed = {m.id for m in client.models.list()}
+        assert {"demo-model", "demo-lora-a", "demo-lora-b"} <= listed
+        for model in ("demo-lora-a", "demo-lora-b") * 4:
+            raw = client.chat.completions.with_raw_response.create(
+                model=model, messages=[{"role": "user", "content": "Hello!"}], max_tokens=4
+            )
+            assert raw.status_code == 200
+            assert raw.parse().model == model
+            pod = raw.headers["x-inference-pod"]
+            assert model in pod_models(pods[pod]), (model, pod)
+        client.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+
+
+def pod_models(pod_url: str) -> set[str]:
+    """The models (base and adapters) one simulator pod serves, from its own /v1/models."""
+    with urllib.request.urlopen(f"{pod_url}/v1/models", timeout=10) as resp:
+        return {m["id"] for m in json.loads(resp.read())["data"]}

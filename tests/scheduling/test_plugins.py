@@ -12,6 +12,7 @@ from extproc.scheduling import (
     SchedulerProfile,
     SchedulingRequest,
     build_scheduler,
+    lora_servable,
 )
 from extproc.scheduling.prefix import PrefixIndex, block_hashes
 from fleet.pods import Pod, PodMetrics
@@ -176,6 +177,74 @@ def test_lora_capable_unknown_state_is_capable_and_none_qualifies_is_explained()
     assert not isinstance(e.value, AllPodsSaturated)
 
 
+def test_lora_capable_drops_pods_that_have_not_loaded_the_adapter() -> None:
+    s = sched(only("lora-capable", scorers=(("random", 1, None),)))
+    pods = [
+        pod("p1", max_loras=2, loaded_loras=frozenset({"sql"})),
+        pod("p2", max_loras=2, loaded_loras=frozenset({"other"})),  # free slot, no "sql"
+        pod("p3", max_loras=2, loaded_loras=frozenset()),
+        pod("p4", max_loras=2),  # adapter list not read yet: unknown, kept
+        pod("p5", max_loras=2, loaded_loras=frozenset(), stale=True),  # stale: unknown, kept
+    ]
+    picked = {s.schedule(req(f"r{i}", lora="sql"), pods).primary.name for i in range(80)}
+    assert picked == {"p1", "p4", "p5"}
+    # a running or waiting adapter counts as loaded even if the list read predates its loading
+    late = pod("p6", max_loras=2, loaded_loras=frozenset(), waiting_loras=frozenset({"sql"}))
+    assert s.schedule(req(lora="sql"), [pods[1], late]).primary.name == "p6"
+    # requests without an adapter go anywhere
+    picked = {s.schedule(req(f"q{i}"), pods).primary.name for i in range(80)}
+    assert picked == {"p1", "p2", "p3", "p4", "p5"}
+
+
+def test_lora_capable_explains_missing_adapters_and_busy_slots() -> None:
+    s = sched(only("lora-capable"))
+    pods = [
+        pod("p1", max_loras=1, loaded_loras=frozenset({"a"})),
+        pod("p2", max_loras=1, loaded_loras=frozenset({"a"})),
+        pod(
+            "p3", max_loras=1, running_loras=frozenset({"a"}), loaded_loras=frozenset({"a", "sql"})
+        ),
+    ]
+    with pytest.raises(NoPodAvailable) as e:
+        s.schedule(req(lora="sql"), pods)
+    assert e.value.reason == (
+        "no pod of ModelServer llama-vllm can serve LoRA adapter 'sql': 2 pods have not loaded "
+        "it, 1 pod has every adapter slot (max_lora) busy with others"
+    )
+
+
+def test_lora_capable_dynamic_loading_keeps_pods_with_a_free_slot() -> None:
+    s = sched(
+        SchedulerProfile(
+            filters=[PluginSpec(name="lora-capable", args={"dynamicLoading": True})],
+            scorers=[PluginSpec(name="random", weight=1)],
+        )
+    )
+    pods = [
+        pod("p1", max_loras=1, loaded_loras=frozenset()),  # free slot: may load it
+        pod("p2", max_loras=1, running_loras=frozenset({"x"}), loaded_loras=frozenset({"x"})),
+    ]
+    picked = {s.schedule(req(f"r{i}", lora="sql"), pods).primary.name for i in range(40)}
+    assert picked == {"p1"}
+    with pytest.raises(ValueError, match="unknown argument"):
+        sched(only_with_args("lora-capable", {"dynamic": True}))
+
+
+def only_with_args(name: str, args: dict[str, object]) -> SchedulerProfile:
+    return SchedulerProfile(filters=[PluginSpec(name=name, args=args)])
+
+
+def test_lora_servable_lists_a_model_only_when_a_ready_pod_can_serve_it() -> None:
+    with_it = pod("p1", max_loras=2, loaded_loras=frozenset({"sql"}))
+    without = pod("p2", max_loras=2, loaded_loras=frozenset())
+    unknown = pod("p3", max_loras=2)
+    assert lora_servable([without, with_it], "sql")
+    assert not lora_servable([without], "sql")
+    assert lora_servable([without, unknown], "sql")  # unknown is not "cannot"
+    with_it.ready = False
+    assert not lora_servable([with_it, without], "sql")
+
+
 # ----------------------------------------------------------------------------------- scorers
 
 
@@ -293,6 +362,19 @@ def test_lora_affinity_order() -> None:
     r = s.schedule(req(lora="sql"), pods)
     assert r.scores() == pytest.approx({"p1": 1.0, "p2": 0.8, "p3": 0.6, "p4": 0.0})
     assert [r.primary.name, *(p.name for p in r.fallbacks)] == ["p1", "p2", "p3"]
+
+
+def test_lora_affinity_knows_loaded_adapters() -> None:
+    s = sched(only(scorers=(("lora-affinity", 1, None),)))
+    pods = [
+        pod("p1", max_loras=2, loaded_loras=frozenset({"sql"})),  # loaded, free slot
+        pod("p2", max_loras=2, loaded_loras=frozenset()),  # free slot but not loaded
+        pod("p3", loaded_loras=frozenset({"sql"})),  # no LoRA metrics, list says loaded
+        pod("p4", waiting=1),  # nothing known
+    ]
+    r = s.schedule(req(lora="sql"), pods)
+    # p4 is unknown: the mean of the known scores (0.8 + 0 + 0.8) / 3
+    assert r.scores() == pytest.approx({"p1": 0.8, "p2": 0.0, "p3": 0.8, "p4": 1.6 / 3})
 
 
 def test_session_affinity_sticks_and_falls_back() -> None:

@@ -13,7 +13,12 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from extproc.scraper import MetricsScraper, ScrapeTarget, is_connection_refused
+from extproc.scraper import (
+    MetricsScraper,
+    ScrapeTarget,
+    is_connection_refused,
+    parse_loaded_loras,
+)
 from fleet.engine_metrics import LatencyState, parse_metrics
 from fleet.pods import PodMetrics
 from matrixinfer.process import free_port
@@ -166,6 +171,8 @@ class FakeEngine:
     delay: float = 0.0
     status: int = 200
     hits: int = 0
+    loras: list[str] | None = None  # adapters /v1/models lists (vLLM style); None: 404
+    model_hits: int = 0
     runner: web.AppRunner | None = None
     port: int = 0
     release: asyncio.Event = field(default_factory=asyncio.Event)
@@ -178,10 +185,21 @@ class FakeEngine:
                 await asyncio.wait_for(self.release.wait(), self.delay)
         return web.Response(text=self.page, status=self.status, content_type="text/plain")
 
+    async def models(self, request: web.Request) -> web.Response:
+        self.model_hits += 1
+        if self.loras is None:
+            return web.json_response({"error": "not found"}, status=404)
+        base = {"id": "base", "object": "model", "root": "base", "parent": None}
+        cards = [
+            {"id": n, "object": "model", "root": f"/l/{n}", "parent": "base"} for n in self.loras
+        ]
+        return web.json_response({"object": "list", "data": [base, *cards]})
+
     async def start(self, port: int = 0) -> None:
         """Listen on a free port (or on ``port``, e.g. to restart on the same address)."""
         app = web.Application()
         app.router.add_get("/metrics", self.handle)
+        app.router.add_get("/v1/models", self.models)
         self.runner = web.AppRunner(app, handle_signals=False)
         await self.runner.setup()
         self.port = port or free_port(self.host)
@@ -427,6 +445,8 @@ def test_bad_settings_are_rejected() -> None:
         MetricsScraper(list, lambda n, m: None, interval=0)
     with pytest.raises(ValueError, match="stale_after must be > 0"):
         MetricsScraper(list, lambda n, m: None, stale_after=-1)
+    with pytest.raises(ValueError, match="loras_interval must be > 0"):
+        MetricsScraper(list, lambda n, m: None, loras_interval=0)
 
 
 async def test_rate_cap_stretches_interval_and_staleness() -> None:
@@ -445,5 +465,142 @@ async def test_rate_cap_stretches_interval_and_staleness() -> None:
         assert scraper.failures == 50  # connection refused, counted per pod
         assert scraper.effective_interval == pytest.approx(0.5)  # 50 pods / 100 per second
         assert scraper.effective_stale_after == pytest.approx(1.25)
+    finally:
+        await scraper.stop()
+
+
+# ------------------------------------------------------------------------- loaded LoRA adapters
+
+
+def test_parse_loaded_loras_takes_entries_with_a_parent() -> None:
+    body = (
+        b'{"object": "list", "data": ['
+        b'{"id": "llama", "object": "model", "root": "llama", "parent": null},'
+        b'{"id": "sql", "object": "model", "root": "/adapters/sql", "parent": "llama"},'
+        b'{"id": "chat", "object": "model", "root": "/adapters/chat", "parent": "llama"}]}'
+    )
+    assert parse_loaded_loras(body) == frozenset({"sql", "chat"})
+    assert parse_loaded_loras('{"object": "list", "data": [{"id": "llama"}]}') == frozenset()
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        (b"<html>", "/v1/models answer is not JSON"),
+        (b'{"object": "list"}', "has no 'data' list"),
+        (b"[1, 2]", "has no 'data' list"),
+        (b'{"data": ["sql"]}', "'data' holds a str, not an object"),
+    ],
+)
+def test_parse_loaded_loras_names_what_is_wrong(body: bytes, error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        parse_loaded_loras(body)
+
+
+def test_models_url_sits_beside_the_metrics_page() -> None:
+    assert ScrapeTarget("p", "http://10.0.0.1:8000/metrics", "vLLM").models_url == (
+        "http://10.0.0.1:8000/v1/models"
+    )
+
+
+async def test_loaded_loras_ride_on_published_metrics(engines: Callable[..., FakeEngine]) -> None:
+    vllm = engines("127.0.0.2", vllm_page(EngineState(max_lora=2)), loras=["sql"])
+    sglang = engines("127.0.0.3", sglang_page(EngineState(waiting=1)), loras=["sql"])
+    old = engines("127.0.0.4", vllm_page(EngineState(max_lora=2)))  # /v1/models answers 404
+    for e in (vllm, sglang, old):
+        await e.start()
+    targets = [
+        ScrapeTarget("vllm", vllm.url, "vLLM"),
+        ScrapeTarget("sglang", sglang.url, "SGLang"),
+        ScrapeTarget("old", old.url, "vLLM"),
+    ]
+    published: dict[str, PodMetrics] = {}
+    scraper = MetricsScraper(lambda: targets, published.__setitem__, loras_interval=3600)
+    try:
+        await scraper.scrape_once()
+        assert published["vllm"].loaded_loras == frozenset({"sql"})
+        assert published["vllm"].stale is False
+        assert published["sglang"].loaded_loras is None and sglang.model_hits == 0
+        assert published["old"].loaded_loras is None and old.model_hits == 1
+    finally:
+        await scraper.stop()
+
+
+async def test_adapter_list_is_read_again_on_load_signal_and_on_request(
+    engines: Callable[..., FakeEngine],
+) -> None:
+    engine = engines("127.0.0.2", vllm_page(EngineState(max_lora=2)), loras=[])
+    await engine.start()
+    targets = [ScrapeTarget("p", engine.url, "vLLM")]
+    reads: list[PodMetrics] = []
+    # the periodic read is an hour away: every read after the first is triggered
+    scraper = MetricsScraper(
+        lambda: targets, lambda n, m: reads.append(m), interval=0.05, loras_interval=3600
+    )
+    await scraper.start()
+    try:
+        await wait_for(lambda: bool(reads) and reads[-1].loaded_loras == frozenset())
+        assert engine.model_hits == 1
+        # an adapter is loaded and shows up running in the metrics: the list is read again
+        engine.loras = ["sql"]
+        engine.page = vllm_page(EngineState(max_lora=2, running_loras=("sql",)))
+        await wait_for(lambda: reads[-1].loaded_loras == frozenset({"sql"}))
+        assert engine.model_hits == 2
+        # unloaded: nothing in the metrics says so; refresh_loras (e.g. after a 404) reads again
+        engine.loras = []
+        engine.page = vllm_page(EngineState(max_lora=2))
+        await wait_for(lambda: engine.hits >= 10)
+        assert reads[-1].loaded_loras == frozenset({"sql"}) and engine.model_hits == 2
+        scraper.refresh_loras("p")
+        scraper.refresh_loras("unknown-pod")  # ignored
+        await wait_for(lambda: reads[-1].loaded_loras == frozenset())
+        assert engine.model_hits == 3
+    finally:
+        await scraper.stop()
+
+
+async def test_adapter_list_is_read_on_its_interval(engines: Callable[..., FakeEngine]) -> None:
+    engine = engines("127.0.0.2", vllm_page(EngineState(max_lora=2)), loras=["a"])
+    await engine.start()
+    reads: list[PodMetrics] = []
+    scraper = MetricsScraper(
+        lambda: [ScrapeTarget("p", engine.url, "vLLM")],
+        lambda n, m: reads.append(m),
+        interval=0.05,
+        loras_interval=0.2,
+    )
+    await scraper.start()
+    try:
+        await wait_for(lambda: bool(reads) and reads[-1].loaded_loras == frozenset({"a"}))
+        engine.loras = ["a", "b"]  # loaded without any sign in the metrics
+        await wait_for(lambda: reads[-1].loaded_loras == frozenset({"a", "b"}))
+        assert engine.model_hits < engine.hits  # a slower interval than the metrics
+    finally:
+        await scraper.stop()
+
+
+async def test_adapter_list_is_read_again_when_a_pod_comes_back(
+    engines: Callable[..., FakeEngine],
+) -> None:
+    engine = engines("127.0.0.2", vllm_page(EngineState(max_lora=2)), loras=["sql"])
+    await engine.start()
+    port = engine.port
+    published: dict[str, PodMetrics] = {}
+    scraper = MetricsScraper(
+        lambda: [ScrapeTarget("p", engine.url, "vLLM")],
+        published.__setitem__,
+        interval=0.05,
+        loras_interval=3600,
+    )
+    await scraper.start()
+    try:
+        await wait_for(lambda: "p" in published and published["p"].loaded_loras == {"sql"})
+        await engine.stop()  # the engine restarts and forgets its adapters
+        await wait_for(lambda: published["p"].unreachable)
+        engine.loras = []
+        engine.release = asyncio.Event()
+        await engine.start(port)
+        await wait_for(lambda: published["p"].loaded_loras == frozenset())
+        assert not published["p"].stale
     finally:
         await scraper.stop()
