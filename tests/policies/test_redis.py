@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from openai import OpenAI
 
 from extproc.errors import GatewayError
-from extproc.policies.ratelimit import Buckets, Limits
+from extproc.policies.ratelimit import Buckets, Limits, output_reservation
 from extproc.policies.redis_buckets import RedisBuckets
 from matrixinfer.process import wait_until
 from matrixinfer.stack import GatewayStack
@@ -432,6 +432,45 @@ async def test_a_charge_goes_with_whichever_call_is_first(
         assert buckets.mirrors["first-call"].owed == 0
     finally:
         await buckets.close()
+
+
+async def test_concurrent_streams_against_an_output_budget_two_replicas(
+    redis_server: RedisServer, direct: aioredis.Redis
+) -> None:
+    """Eight streams of max_tokens 300 at once, from two replicas with fresh views of the key,
+    against 100 output tokens: the reservation (300, capped at 100) leaves no headroom, so no
+    replica admits ahead; Redis admits one and refuses seven. Its exact usage then refunds what
+    it did not use, for both replicas; an admission ahead charges its reservation."""
+    a = RedisBuckets(redis_server.address, timeout=5.0, fresh_for=60.0)
+    b = RedisBuckets(redis_server.address, timeout=5.0, fresh_for=60.0)
+    lim = Limits(None, None, 100, 60.0, "user", redis_server.address)
+    await direct.delete("mi:rl:streams")
+    try:
+        for replica in (a, b):  # a fresh view each (a read), so that admitting ahead is possible
+            await replica._call([], ("streams", lim, 0, 0), True)
+        reserve = output_reservation(lim, 300)
+        results = await asyncio.gather(
+            *[(a if n % 2 else b).admit("streams", lim, 0, reserve) for n in range(8)]
+        )
+        assert sum(r.ok for r in results) == 1 and a.ahead == b.ahead == 0
+        refused = next(r for r in results if not r.ok)
+        assert refused.limit == "output-tokens" and refused.retry_after > 50
+        winner = a if results.index(next(r for r in results if r.ok)) % 2 else b
+        winner.settle("streams", lim, 0, 0, 30, "redis", reserve)  # 30 answered: 70 back
+        await winner.drain()
+        level = float(await direct.hget("mi:rl:streams", "o") or 0)
+        assert 70 <= level < 72  # (+ the refill of the test's seconds)
+        other = b if winner is a else a
+        assert not (await other.admit("streams", lim, 0, 80)).ok  # 80 not covered
+        # far enough from the limit (the refusal brought a fresh view): admitted ahead, and the
+        # charges carry the reservations
+        assert (await other.admit("streams", lim, 0, 10)).ok
+        assert (await other.admit("streams", lim, 0, 10)).ok and other.ahead == 2
+        await other.drain()
+        assert 50 <= float(await direct.hget("mi:rl:streams", "o") or 0) < 52
+    finally:
+        await a.close()
+        await b.close()
 
 
 async def test_a_stale_view_asks_redis_first(redis_server: RedisServer) -> None:
