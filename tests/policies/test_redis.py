@@ -94,14 +94,17 @@ async def test_two_replicas_share_one_budget(redis_server: RedisServer) -> None:
 
 async def test_outage_fail_open_then_closed_then_recovery(redis_server: RedisServer) -> None:
     events: list[bool] = []
+    now = [0.0]  # the injected clock: the retry wait passes without sleeping
     local = Buckets()
     # headroom=1: each admission asks Redis (one admitted ahead right after the stop would be
     # answered before the outage is known: test_a_charge_redis_did_not_take_is_replayed)
     open_ = RedisBuckets(
         redis_server.address, fail_open=True, fallback=local, retry_after=0.2,
-        on_outage=events.append, headroom=1.0,
+        on_outage=events.append, headroom=1.0, clock=lambda: now[0],
     )  # fmt: skip
-    closed = RedisBuckets(redis_server.address, fail_open=False, retry_after=0.2, headroom=1.0)
+    closed = RedisBuckets(
+        redis_server.address, fail_open=False, retry_after=0.2, headroom=1.0, clock=lambda: now[0]
+    )
     lim = limits(redis_server, requests=1000)
     try:
         assert (await open_.admit("outage", lim, 1)).ok
@@ -115,7 +118,7 @@ async def test_outage_fail_open_then_closed_then_recovery(redis_server: RedisSer
             await closed.admit("outage", lim, 1)
         assert exc.value.status == 503 and exc.value.code == "rate_limiter_unavailable"
         redis_server.restart()
-        await asyncio.sleep(0.25)  # past retry_after: the next call tries Redis again
+        now[0] += 0.25  # past retry_after: the next call tries Redis again
 
         async def back() -> bool:
             return (await closed.admit("outage", lim, 1)).ok
@@ -222,7 +225,10 @@ def test_two_gateways_share_the_redis_budget_and_survive_an_outage(
 async def test_settlements_during_an_outage_are_replayed(
     redis_server: RedisServer, direct: aioredis.Redis
 ) -> None:
-    buckets = RedisBuckets(redis_server.address, fail_open=True, retry_after=0.2)
+    now = [0.0]
+    buckets = RedisBuckets(
+        redis_server.address, fail_open=True, retry_after=0.2, clock=lambda: now[0]
+    )
     lim = limits(redis_server, input=1000, output=1000)
     try:
         before = await buckets.admit("replay", lim, 100)
@@ -235,7 +241,7 @@ async def test_settlements_during_an_outage_are_replayed(
         buckets.settle("replay", lim, 10, 10, 200, "local")  # charged locally and kept
         assert len(buckets.pending) == 2
         redis_server.restart()
-        await asyncio.sleep(0.25)
+        now[0] += 0.25  # past retry_after
         # Redis restarted empty (no persistence): the replay charges the outage's usage to the
         # fresh shared bucket — nothing settled during the outage is lost
         assert (await buckets.admit("replay", lim, 0)).ok
@@ -534,7 +540,10 @@ async def test_a_charge_redis_did_not_take_is_replayed(
 ) -> None:
     """Admitted ahead just as Redis went away: the charge fails, is kept (a request and the
     estimate), and reaches Redis with the next call once it is back."""
-    buckets = RedisBuckets(redis_server.address, retry_after=0.2, timeout=2.0, fresh_for=5.0)
+    now = [0.0]
+    buckets = RedisBuckets(
+        redis_server.address, retry_after=0.2, timeout=2.0, fresh_for=5.0, clock=lambda: now[0]
+    )
     lim = limits(redis_server, requests=100, input=1000)
     try:
         assert (await buckets.admit("kept-charge", lim, 50)).ok
@@ -545,7 +554,7 @@ async def test_a_charge_redis_did_not_take_is_replayed(
         assert buckets.down_since is not None
         assert [(s.requests, s.correction) for s in buckets.pending] == [(1, -50)]
         redis_server.restart()  # empty (no persistence)
-        await asyncio.sleep(0.25)  # past retry_after (the retry timer may write the charge now)
+        now[0] += 0.25  # past retry_after (the retry timer may write the charge now)
         # the view from before the outage is not used: this admission asks Redis (and carries
         # the kept charge unless the timer has written it)
         task = asyncio.create_task(buckets.admit("kept-charge", lim, 0))
