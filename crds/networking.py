@@ -207,8 +207,17 @@ class RateLimit(ApiModel):
     )
     output_tokens_per_unit: int | None = Field(
         default=None,
-        description="Completion tokens allowed per unit, debited from the exact usage after the"
-        " response; a bucket may go into debt and later requests wait or get 429.",
+        description="Completion tokens allowed per unit. Admission reserves the request's"
+        " max_tokens (or max_completion_tokens, else outputTokensEstimate), at most this, and"
+        " refuses when the bucket cannot cover it; the exact usage after the response replaces"
+        " the reservation (an answer beyond it puts the bucket into debt: later requests get 429).",
+        ge=1,
+    )
+    output_tokens_estimate: int | None = Field(
+        default=None,
+        description="Output tokens a request without max_tokens or max_completion_tokens reserves"
+        " at admission (at most outputTokensPerUnit); absent: the whole outputTokensPerUnit, so"
+        " such a request waits for a full bucket.",
         ge=1,
     )
     requests_per_unit: int | None = Field(

@@ -320,7 +320,13 @@ class Gateway:
                     parsed.model,
                 )
             state.charge = await policies.admit(
-                state.identity, policy, estimate, parsed.kind, parsed.model, count=count
+                state.identity,
+                policy,
+                estimate,
+                parsed.kind,
+                parsed.model,
+                count=count,
+                max_tokens=parsed.max_tokens,
             )
             view = snap.servers[decision.server_key]
             request = self._scheduling_request(state, parsed, decision)

@@ -29,7 +29,14 @@ from extproc.metrics import LabelCache
 from extproc.policies.auth import ANONYMOUS, AuthConfig, Authenticator, Identity, authorize
 from extproc.policies.jwks import JwksCache
 from extproc.policies.queue import FairQueue, QueueEntry, UsageWindow
-from extproc.policies.ratelimit import Admission, Buckets, Limits, bucket_key, limits_of
+from extproc.policies.ratelimit import (
+    Admission,
+    Buckets,
+    Limits,
+    bucket_key,
+    limits_of,
+    output_reservation,
+)
 from extproc.policies.redis_buckets import RedisBuckets
 from extproc.policies.token_estimate import TokenEstimateConfig, TokenEstimator
 from extproc.policies.usage import Charge, Usage, UsageLedger, encode_charge
@@ -296,10 +303,13 @@ class Policies:
         kind: str,
         model: str = "",
         count: Callable[[], Awaitable[int]] | None = None,
+        max_tokens: int | None = None,
     ) -> Charge:
         """Identify, authorise and admit against the budget; the Charge to settle later.
         ``count``: the engine's count of the prompt (``TokenEstimator``), asked only for an
-        authorised caller on a route with an input-token limit; else ``estimate`` is reserved."""
+        authorised caller on a route with an input-token limit; else ``estimate`` is reserved.
+        ``max_tokens``: the request's ``max_tokens``/``max_completion_tokens`` (None: not set),
+        the output it reserves on a route with an output-token limit (``output_reservation``)."""
         who = self._identify(identity, policy)
         charge = Charge(
             rid=self._prefix + str(next(self._ids)),
@@ -314,12 +324,13 @@ class Policies:
         if count is not None and limits.input is not None:
             estimate = charge.estimate = await count()
         key = bucket_key(policy.key, limits.scope, who.tenant, who.user)
+        output = output_reservation(limits, max_tokens)
         m = self.metrics.ratelimit
         try:
             if limits.redis is not None:
-                admission = await self._redis(limits).admit(key, limits, estimate)
+                admission = await self._redis(limits).admit(key, limits, estimate, output)
             else:
-                admission = self.local.admit(key, limits, estimate)
+                admission = self.local.admit(key, limits, estimate, output)
         except GatewayError:
             self.metrics.child(m, policy.name, "unavailable").inc()
             raise
@@ -337,6 +348,7 @@ class Policies:
         charge.bucket = key
         charge.limits = limits
         charge.where = admission.where
+        charge.output_reserved = output
         return charge
 
     def _identify(self, identity: Identity | None, policy: RoutePolicy) -> Identity:
@@ -468,7 +480,7 @@ class Policies:
         if usage.source == "unreported":
             # no report reached this replica: another one may have settled it (the report
             # carried the charge), so nothing is counted twice — no tokens, no fair-share use,
-            # and no bucket change (settling the estimate with no output would change nothing)
+            # and no bucket change (the reservations stay: what the request is charged)
             m.child(m.usage_reports, "unreported").inc()
             return
         if charge.rebuilt:
@@ -483,11 +495,22 @@ class Policies:
         limits = charge.limits
         if limits.redis is not None:  # queued: carried on the next admission to that Redis
             self._redis(limits).settle(
-                charge.bucket, limits, charge.estimate, usage.prompt, usage.completion, charge.where
+                charge.bucket,
+                limits,
+                charge.estimate,
+                usage.prompt,
+                usage.completion,
+                charge.where,
+                charge.output_reserved,
             )
         else:
             self.local.settle(
-                charge.bucket, limits, charge.estimate, usage.prompt, usage.completion
+                charge.bucket,
+                limits,
+                charge.estimate,
+                usage.prompt,
+                usage.completion,
+                charge.output_reserved,
             )
 
     # ---- the fair queue -----------------------------------------------------------------------

@@ -6,8 +6,10 @@
 -- ARGV[1]: N; ARGV[2]: after settling, 1 to admit, 2 only to read the levels of the last key
 --       (a replica's view of it), 0 neither. Then per settlement 7 values: requests cap, input
 --       cap, output cap (0 = unlimited), period (s), input correction (estimate - prompt; a
---       request admitted ahead: -estimate), completion tokens, requests to debit (admitted
---       ahead: 1); then for the admission (or the read) 5 values: the caps, period, estimate.
+--       request admitted ahead: -estimate), output debit (completion - reservation: negative is
+--       a refund; admitted ahead: the reservation), requests to debit (admitted ahead: 1); then
+--       for the admission (or the read) 6 values: the caps, period, estimate, output reservation
+--       (admitted only if the output level covers it, and is at least 1).
 -- Returns {admitted (1/0), requests level, input level, output level, skipped, now} of the
 -- admission (levels and now, the Redis TIME of the call, as strings), or {N, skipped} when there
 -- is none. skipped: settlements whose key Redis
@@ -67,7 +69,7 @@ for k = 1, settlements do
     skipped = skipped + 1
   else
     if caps[2] > 0 then levels[2] = math.min(caps[2], levels[2] + tonumber(ARGV[i + 4])) end
-    if caps[3] > 0 then levels[3] = levels[3] - tonumber(ARGV[i + 5]) end
+    if caps[3] > 0 then levels[3] = math.min(caps[3], levels[3] - tonumber(ARGV[i + 5])) end
     if caps[1] > 0 then levels[1] = levels[1] - tonumber(ARGV[i + 6]) end
     store(key, levels, caps, period)
   end
@@ -83,10 +85,12 @@ local admitted = 1
 if ARGV[2] == '1' then
   if caps[1] > 0 and levels[1] < 1 then admitted = 0 end
   if caps[2] > 0 and levels[2] <= 0 then admitted = 0 end
-  if caps[3] > 0 and levels[3] <= 0 then admitted = 0 end
+  local reserve = tonumber(ARGV[i + 5])
+  if caps[3] > 0 and levels[3] < math.max(reserve, 1) then admitted = 0 end
   if admitted == 1 then
     if caps[1] > 0 then levels[1] = levels[1] - 1 end
     if caps[2] > 0 then levels[2] = levels[2] - tonumber(ARGV[i + 4]) end
+    if caps[3] > 0 then levels[3] = levels[3] - reserve end
   end
   store(key, levels, caps, period)
 end

@@ -6,12 +6,17 @@ continuously refilled buckets of ``limit`` per ``unit`` (capacity ``limit``):
 - **requests**: admission needs one whole request (level >= 1) and takes it;
 - **input tokens**: admission needs a positive level and reserves the estimate (chars/4); the
   settlement corrects the reservation to the exact ``prompt_tokens``;
-- **output tokens**: admission needs a positive level; the exact ``completion_tokens`` are debited
-  at settlement.
+- **output tokens**: admission reserves the request's output (:func:`output_reservation`: its
+  ``max_tokens``, else the route's ``outputTokensEstimate``, else the whole budget; at most the
+  budget) and needs a level that covers it; the settlement replaces the reservation with the
+  exact ``completion_tokens`` (a refund, or debt for an answer beyond its reservation).
 
 A bucket may go into debt (a large request, or a large answer); later requests get 429 until the
 refill has repaid it, so no request size escapes the budget. Over any window the admitted input is
-at most the budget plus its refill plus one request's estimate.
+at most the budget plus its refill plus one request's estimate; the admitted output (reservations
+of open requests, exact usage of settled ones) is at most the budget plus its refill, plus only
+what answers produced beyond their reservations — nothing when every ``max_tokens`` is within the
+budget — whatever the concurrency.
 
 :class:`RedisBuckets` runs the same algorithm in one atomic Lua script with Redis ``TIME`` as the
 clock and keys that expire one unit after they would be full again, shared by every gateway
@@ -37,9 +42,11 @@ __all__ = [
     "UNIT_SECONDS",
     "Admission",
     "Buckets",
+    "Decision",
     "Limits",
     "bucket_key",
     "limits_of",
+    "output_reservation",
     "rate_limited",
 ]
 
@@ -58,6 +65,9 @@ class Limits:
     redis: str | None = None  # host:port for global buckets
     # (namespace, Secret name, key) of the Redis password (redis.passwordSecretRef)
     password_ref: tuple[str, str, str] | None = None
+    # output tokens a request without max_tokens reserves (rateLimit.outputTokensEstimate); None:
+    # the whole output budget. Used at admission only (a charge carries its reservation).
+    output_estimate: int | None = None
 
 
 def limits_of(spec: Any, namespace: str = "default") -> Limits:
@@ -72,7 +82,20 @@ def limits_of(spec: Any, namespace: str = "default") -> Limits:
         scope=spec.scope,
         redis=g.redis.address if g is not None else None,
         password_ref=(namespace, ref.name, ref.key) if ref is not None else None,
+        output_estimate=spec.output_tokens_estimate,
     )
+
+
+def output_reservation(limits: Limits, max_tokens: int | None) -> int:
+    """Output tokens a request reserves at admission: its ``max_tokens`` (or
+    ``max_completion_tokens``), else the route's ``output_estimate``, else the whole budget — at
+    most the budget, so that a full bucket always admits; 0 without an output limit."""
+    cap = limits.output
+    if cap is None:
+        return 0
+    if max_tokens is None:
+        max_tokens = limits.output_estimate if limits.output_estimate is not None else cap
+    return min(max_tokens, cap)
 
 
 def bucket_key(route_key: str, scope: str, tenant: str, user: str) -> str:
@@ -89,6 +112,7 @@ class Admission:
     retry_after: float = 0.0  # seconds until the failing bucket allows a request
     headers: dict[str, str] = field(default_factory=dict)
     reason: str = ""
+    limit: str = ""  # the refusing bucket: requests | input-tokens | output-tokens
     where: str = "local"  # local | redis: the bucket that holds the reservation
     ahead: bool = False  # admitted from this replica's view of Redis, charged behind it
 
@@ -115,24 +139,51 @@ def limit_headers(limits: Limits, levels: tuple[float, float, float]) -> dict[st
     return out
 
 
-def decide(limits: Limits, levels: tuple[float, float, float]) -> tuple[bool, float, str]:
-    """Whether a request may start at these bucket levels; else seconds until it may, and why."""
+@dataclass(slots=True, frozen=True)
+class Decision:
+    """:func:`decide`'s answer: ``ok``, else ``wait`` seconds until the refusing bucket (``limit``:
+    requests | input-tokens | output-tokens) admits, and ``reason`` in words."""
+
+    ok: bool
+    wait: float = 0.0
+    reason: str = ""
+    limit: str = ""
+
+
+_OK = Decision(True)
+
+
+def output_needed(reserve: int) -> int:
+    """The output level an admission reserving ``reserve`` tokens needs (at least 1: a bucket in
+    debt, or empty, admits nothing)."""
+    return max(reserve, 1)
+
+
+def decide(limits: Limits, levels: tuple[float, float, float], output: int = 0) -> Decision:
+    """Whether a request reserving ``output`` tokens may start at these bucket levels: a whole
+    request, a positive input level, an output level covering the reservation."""
     wait = 0.0
-    reason = ""
+    reason = limit = ""
     r, i, o = levels
     if limits.requests is not None and r < 1:
         w = (1 - r) * limits.period / limits.requests
         if w > wait:
-            wait, reason = w, f"requests per {_unit(limits)} ({limits.requests})"
+            wait, limit = w, "requests"
+            reason = f"requests per {_unit(limits)} ({limits.requests})"
     if limits.input is not None and i <= 0:
         w = (-i + 1) * limits.period / limits.input
         if w > wait:
-            wait, reason = w, f"input tokens per {_unit(limits)} ({limits.input})"
-    if limits.output is not None and o <= 0:
-        w = (-o + 1) * limits.period / limits.output
+            wait, limit = w, "input-tokens"
+            reason = f"input tokens per {_unit(limits)} ({limits.input})"
+    if limits.output is not None and o < (need := output_needed(output)):
+        w = (need - o) * limits.period / limits.output
         if w > wait:
-            wait, reason = w, f"output tokens per {_unit(limits)} ({limits.output})"
-    return wait == 0.0, wait, reason
+            wait, limit = w, "output-tokens"
+            reason = f"output tokens per {_unit(limits)} ({limits.output})"
+            if output > 1:
+                left = max(0, math.floor(o))
+                reason += f" — this request reserves {output} for its output, {left} left"
+    return _OK if wait == 0.0 else Decision(False, wait, reason, limit)
 
 
 def _unit(limits: Limits) -> str:
@@ -169,25 +220,37 @@ class Buckets:
             st[3] = now
         return st
 
-    def admit(self, key: str, limits: Limits, estimate: int) -> Admission:
+    def admit(self, key: str, limits: Limits, estimate: int, output: int = 0) -> Admission:
+        """Admit a request reserving ``estimate`` input and ``output`` output tokens (see
+        :func:`output_reservation`), or say which bucket refuses and for how long."""
         st = self._levels(key, limits, self.clock())
-        ok, wait, reason = decide(limits, (st[0], st[1], st[2]))
-        if ok:
+        d = decide(limits, (st[0], st[1], st[2]), output)
+        if d.ok:
             if limits.requests is not None:
                 st[0] -= 1
             if limits.input is not None:
                 st[1] -= estimate
+            if limits.output is not None:
+                st[2] -= output
             return _ADMITTED  # headers are only sent with a 429: not built on the hot path
-        return Admission(ok, wait, limit_headers(limits, (st[0], st[1], st[2])), reason)
+        return refused(limits, (st[0], st[1], st[2]), d)
 
-    def settle(self, key: str, limits: Limits, estimate: int, prompt: int, completion: int) -> None:
-        """Correct the input reservation to ``prompt`` and debit ``completion`` output tokens."""
+    def settle(
+        self,
+        key: str,
+        limits: Limits,
+        estimate: int,
+        prompt: int,
+        completion: int,
+        reserved: int = 0,
+    ) -> None:
+        """Correct the input reservation ``estimate`` to ``prompt`` and the output reservation
+        ``reserved`` to ``completion`` (a refund, or debt); a level never refills beyond its cap."""
         st = self._levels(key, limits, self.clock())
         if limits.input is not None:
-            st[1] += estimate - prompt
-            st[1] = min(float(limits.input), st[1])
+            st[1] = min(float(limits.input), st[1] + estimate - prompt)
         if limits.output is not None:
-            st[2] -= completion
+            st[2] = min(float(limits.output), st[2] + reserved - completion)
 
     def levels(self, key: str, limits: Limits) -> tuple[float, float, float]:
         st = self._levels(key, limits, self.clock())
@@ -202,12 +265,19 @@ class Buckets:
         return len(old)
 
 
+def refused(limits: Limits, levels: tuple[float, float, float], d: Decision) -> Admission:
+    """The refusal of :func:`decide`'s ``d`` at ``levels``, with its x-ratelimit headers."""
+    return Admission(False, d.wait, limit_headers(limits, levels), d.reason, d.limit)
+
+
 def rate_limited(admission: Admission, route: str) -> GatewayError:
+    """The 429 of a refused admission; its type names the kind of limit, as OpenAI's does:
+    ``requests`` for the request budget, ``tokens`` for a token budget."""
     return GatewayError(
         429,
         f"rate limit of ModelRoute '{route}' reached: {admission.reason}; "
         f"retry after {math.ceil(admission.retry_after)}s",
-        error_type="requests",
+        error_type="requests" if admission.limit == "requests" else "tokens",
         code="rate_limit_exceeded",
     )
 

@@ -16,9 +16,10 @@ from extproc.policies.ratelimit import (
     Buckets,
     Limits,
     decide,
-    limit_headers,
     limiter_unavailable,
+    output_needed,
     refill,
+    refused,
 )
 
 __all__ = ["RedisBuckets"]
@@ -37,7 +38,9 @@ class _Settlement:
     key: str
     limits: Limits
     correction: int  # added to the input level: estimate - prompt (-prompt: reserved locally)
-    completion: int  # debited from the output level
+    # debited from the output level: completion - reservation (a refund when negative; the whole
+    # completion when reserved locally; the reservation for the charge of a request admitted ahead)
+    output: int
     queued: float  # loop time it was queued
     kept: bool = False  # kept through an outage (Redis down): replayed when it is back
     requests: int = 0  # requests debited: 1 for the charge of a request admitted ahead
@@ -48,7 +51,8 @@ class _Mirror:
     """A replica's view of one key's buckets in Redis: the levels of the latest reply (by Redis
     ``TIME``: ``seen``), refilled up to ``at`` and with this replica's settlements since applied.
     ``heard``: local time of that reply; ``busy``: admissions for the key in Redis now;
-    ``owed``/``owed_input``: charges of requests admitted ahead that no reply has included yet."""
+    ``owed``/``owed_input``/``owed_output``: charges (requests, input estimates, output
+    reservations) of requests admitted ahead that no reply has included yet."""
 
     levels: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     at: float = float("-inf")
@@ -57,6 +61,7 @@ class _Mirror:
     busy: int = 0
     owed: int = 0
     owed_input: int = 0
+    owed_output: int = 0
     reading: bool = False  # a read of the key is planned (charge_delay after an admission)
 
 
@@ -75,15 +80,15 @@ class RedisBuckets:
     settlements applied). When that view is recent (a reply within ``fresh_for`` seconds), no
     admission of this replica for the key is in Redis, fewer than ``max_owed`` of its charges are
     unconfirmed, and the request would leave at least ``headroom`` of every limited bucket, the
-    request is admitted at once. Its charge (a request and the estimate) is queued like a
-    settlement — so any call that goes first carries it, an admission asking Redis included — and
-    ``charge_delay`` later a read of the key carries it if nothing has, bringing a fresh view.
-    Otherwise the admission asks Redis first, as above. So near the limit every decision is
-    Redis's own (the budget holds within one request's estimate), and far from it a request
-    waits for nobody. The budget can only be overrun if, within ``fresh_for`` of this replica's
-    last reply, the other replicas took more than ``headroom`` of a bucket; the overrun is debt,
-    repaid before the next admission. A charge Redis does not take (an outage) is kept and
-    replayed like any settlement. ``headroom >= 1`` asks Redis first every time.
+    request is admitted at once. Its charge (a request, the estimate, the output reservation) is
+    queued like a settlement — so any call that goes first carries it, an admission asking Redis
+    included — and ``charge_delay`` later a read of the key carries it if nothing has, bringing a
+    fresh view. Otherwise the admission asks Redis first, as above. So near the limit every
+    decision is Redis's own (the budget holds within one request's estimate), and far from it a
+    request waits for nobody. The budget can only be overrun if, within ``fresh_for`` of this
+    replica's last reply, the other replicas took more than ``headroom`` of a bucket; the overrun
+    is debt, repaid before the next admission. A charge Redis does not take (an outage) is kept
+    and replayed like any settlement. ``headroom >= 1`` asks Redis first every time.
     """
 
     def __init__(
@@ -178,10 +183,11 @@ class RedisBuckets:
     async def _call(
         self,
         settlements: list[_Settlement],
-        admission: tuple[str, Limits, int] | None,
+        admission: tuple[str, Limits, int, int] | None,
         read: bool = False,
     ) -> list[Any] | None:
-        """One EVALSHA: settle ``settlements``, then admit ``admission`` (key, limits, estimate)
+        """One EVALSHA: settle ``settlements``, then admit ``admission`` (key, limits, estimate,
+        output reservation)
         — or, with ``read``, only read that key's levels. None when Redis failed; the settlements
         are then back at the front of ``pending``."""
         keys = [f"mi:rl:{s.key}" for s in settlements]
@@ -189,14 +195,15 @@ class RedisBuckets:
         for s in settlements:
             args.extend(self._args(s.limits))
             args.append(s.correction)
-            args.append(s.completion)
+            args.append(s.output)
             args.append(s.requests)
         mirror: _Mirror | None = None
         if admission is not None:
-            key, limits, estimate = admission
+            key, limits, estimate, output = admission
             keys.append(f"mi:rl:{key}")
             args.extend(self._args(limits))
             args.append(estimate)
+            args.append(output)
             mirror = self.mirrors.get(key)
             if mirror is None:
                 mirror = self.mirrors[key] = _Mirror()
@@ -272,6 +279,7 @@ class RedisBuckets:
         if mirror is not None and mirror.owed:
             mirror.owed -= 1
             mirror.owed_input += charge.correction  # (-estimate)
+            mirror.owed_output -= charge.output  # (the reservation)
 
     def _observe(self, mirror: _Mirror, result: list[Any]) -> None:
         """Keep a reply's levels, less the charges it does not include yet, as the key's view,
@@ -281,12 +289,12 @@ class RedisBuckets:
             mirror.levels = [
                 float(result[1]) - mirror.owed,
                 float(result[2]) - mirror.owed_input,
-                float(result[3]),
+                float(result[3]) - mirror.owed_output,
             ]
             mirror.seen = seen
             mirror.at = mirror.heard = self.clock()
 
-    def _may_admit_ahead(self, mirror: _Mirror, limits: Limits, estimate: int) -> bool:
+    def _may_admit_ahead(self, mirror: _Mirror, limits: Limits, estimate: int, output: int) -> bool:
         now = self.clock()
         if (
             mirror.busy
@@ -302,7 +310,10 @@ class RedisBuckets:
         return (
             (limits.requests is None or levels[0] - 1 >= h * limits.requests)
             and (limits.input is None or levels[1] - estimate >= h * limits.input)
-            and (limits.output is None or levels[2] >= h * limits.output)
+            and (
+                limits.output is None
+                or (levels[2] - output >= h * limits.output and levels[2] >= output_needed(output))
+            )
         )
 
     async def _read(self, key: str, limits: Limits, mirror: _Mirror, since: float) -> None:
@@ -314,19 +325,26 @@ class RedisBuckets:
         finally:
             mirror.reading = False  # from now on a new admission ahead plans a read of its own
         if mirror.heard <= since and not self._waiting_out_outage():
-            await self._call(self._take(self.carry), (key, limits, 0), True)
+            await self._call(self._take(self.carry), (key, limits, 0, 0), True)
 
-    async def admit(self, key: str, limits: Limits, estimate: int) -> Admission:
+    async def admit(self, key: str, limits: Limits, estimate: int, output: int = 0) -> Admission:
+        """Admit a request reserving ``estimate`` input and ``output`` output tokens: ahead from
+        this replica's view, or by Redis."""
+        if limits.output is None:
+            output = 0
         mirror = self.mirrors.get(key)
-        if mirror is not None and self._may_admit_ahead(mirror, limits, estimate):
+        if mirror is not None and self._may_admit_ahead(mirror, limits, estimate, output):
             if limits.requests is not None:
                 mirror.levels[0] -= 1
             if limits.input is not None:
                 mirror.levels[1] -= estimate
+            if limits.output is not None:
+                mirror.levels[2] -= output
             mirror.owed += 1
             mirror.owed_input += estimate
+            mirror.owed_output += output
             self.ahead += 1
-            self._queue(_Settlement(key, limits, -estimate, 0, self._loop_time(), requests=1))
+            self._queue(_Settlement(key, limits, -estimate, output, self._loop_time(), requests=1))
             if not mirror.reading:
                 mirror.reading = True
                 self._spawn(self._read(key, limits, mirror, self.clock()))
@@ -334,19 +352,18 @@ class RedisBuckets:
         result = None
         if not self._waiting_out_outage():
             carried = self._take(self.carry)
-            call = self._call(carried, (key, limits, estimate))
+            call = self._call(carried, (key, limits, estimate, output))
             # a request cancelled meanwhile (client gone) must not take the settlements it
             # carries with it: the call then runs to its end in a task of its own
             result = await (asyncio.shield(call) if carried else call)
         if result is None:
             if self.fail_open:
-                return self.fallback.admit(key, limits, estimate)
+                return self.fallback.admit(key, limits, estimate, output)
             raise limiter_unavailable(self.address)
         if int(result[0]) == 1:
             return _ADMITTED_REDIS
         levels = (float(result[1]), float(result[2]), float(result[3]))
-        _, wait, reason = decide(limits, levels)
-        return Admission(False, wait, limit_headers(limits, levels), reason)
+        return refused(limits, levels, decide(limits, levels, output))
 
     def settle(
         self,
@@ -356,25 +373,29 @@ class RedisBuckets:
         prompt: int,
         completion: int,
         where: str = "redis",
+        reserved: int = 0,
     ) -> None:
-        """Settle where the reservation was made; the shared budget always learns the usage:
-        a request admitted locally during an outage is charged to Redis in full (its real prompt
-        and output). Queued for Redis: carried on this replica's next admission, or written by
-        itself after ``flush_delay``; kept through an outage and replayed when Redis is back."""
+        """Settle where the reservation was made (``estimate`` input, ``reserved`` output
+        tokens); the shared budget always learns the usage: a request admitted locally during an
+        outage is charged to Redis in full (its real prompt and output). Queued for Redis:
+        carried on this replica's next admission, or written by itself after ``flush_delay``;
+        kept through an outage and replayed when Redis is back."""
         if where == "local":
-            self.fallback.settle(key, limits, estimate, prompt, completion)
+            self.fallback.settle(key, limits, estimate, prompt, completion, reserved)
             correction = -prompt  # Redis never reserved this request's estimate
+            output = completion  # nor its output
         else:
             correction = estimate - prompt
+            output = completion - reserved
         mirror = self.mirrors.get(key)
         if mirror is not None:  # this replica's view learns its own usage at once
             if limits.input is not None:
                 mirror.levels[1] = min(float(limits.input), mirror.levels[1] + correction)
             if limits.output is not None:
-                mirror.levels[2] -= completion
+                mirror.levels[2] = min(float(limits.output), mirror.levels[2] - output)
         self._queue(
             _Settlement(
-                key, limits, correction, completion, self._loop_time(), self.down_since is not None
+                key, limits, correction, output, self._loop_time(), self.down_since is not None
             )
         )
 

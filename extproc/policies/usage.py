@@ -19,14 +19,15 @@ How (the measurements are in docs/policies.md):
 Several extproc replicas (processes, or pods behind the extproc Service): Envoy's access-log
 stream goes to ONE replica, not necessarily the one that admitted the request. So the charge
 itself travels with the request: ``envoy.lb``/``matrixinfer_charge`` (:func:`encode_charge`, a
-short JSON array: estimate, kind, user, model, bucket key, where, the limits), and a replica that
+short JSON array: estimate, output reservation, kind, user, model, bucket key, where, the
+limits), and a replica that
 gets a report for a request it does not hold rebuilds the :class:`Charge` from it
 (:func:`decode_charge`) and settles it there — Redis buckets are shared, so the shared budget is
 exact whichever replica settles. The admitting replica cannot tell "reported elsewhere" from
 "never reported": when no report reached it within ``grace`` seconds of the request's end it
-drops the charge as ``unreported`` — no bucket change (the reservation of the estimate stays, as
-settling the estimate with no output would do) and no tokens counted (another replica may have
-counted them); a report that comes later still settles from the metadata.
+drops the charge as ``unreported`` — no bucket change (the reservations stay: the input estimate
+and the output reservation are what the request is charged) and no tokens counted (another
+replica may have counted them); a report that comes later still settles from the metadata.
 
 :func:`envoy_http_filters` / :func:`envoy_access_logs` are the ONE place that describes the
 Envoy-side config; ``controllers.xds.sources.with_policy_filters`` places them in the listener
@@ -64,9 +65,9 @@ __all__ = [
 log = logging.getLogger("matrixinfer.extproc.usage")
 
 
-# first element of the encoded charge; other versions are not decoded (2: the keyed-BLAKE2b MAC;
-# 1 was HMAC-SHA256)
-CHARGE_VERSION = 2
+# first element of the encoded charge; other versions are not decoded (3: with the output
+# reservation; 2: the keyed-BLAKE2b MAC; 1 was HMAC-SHA256)
+CHARGE_VERSION = 3
 
 
 def force_usage(body: dict[str, Any]) -> bool:
@@ -104,6 +105,7 @@ class Charge:
     model: str = ""
     where: str = "local"  # local | redis: where the rate-limit reservation was made
     rebuilt: bool = False  # rebuilt from a report's metadata (another replica, or a late report)
+    output_reserved: int = 0  # output tokens reserved at admission (ratelimit.output_reservation)
 
 
 @dataclass(slots=True, frozen=True)
@@ -133,12 +135,12 @@ def _mac(key: bytes, rid: str, body: bytes) -> str:
 
 def encode_charge(charge: Charge, key: bytes) -> str:
     """The charge as the short string carried in ``envoy.lb``/``matrixinfer_charge``:
-    ``[2, estimate, kind, user, model, bucket, where, limits]`` in JSON, ``limits`` being
-    ``[requests, input, output, period, scope, redis, [ns, secret, key]]`` or null, then ``~``
-    and a keyed BLAKE2b of the request id and that JSON under the replicas' shared charge ``key``
-    (``--charge-key-file``): a replica settles only charges a replica with the same key made, so
-    whoever reaches the access-log port cannot credit a bucket or point the extproc at a Redis or
-    a Secret of their choosing."""
+    ``[3, estimate, output reserved, kind, user, model, bucket, where, limits]`` in JSON,
+    ``limits`` being ``[requests, input, output, period, scope, redis, [ns, secret, key]]`` or
+    null, then ``~`` and a keyed BLAKE2b of the request id and that JSON under the replicas'
+    shared charge ``key`` (``--charge-key-file``): a replica settles only charges a replica with
+    the same key made, so whoever reaches the access-log port cannot credit a bucket or point the
+    extproc at a Redis or a Secret of their choosing."""
     limits = charge.limits
     lim = (
         None
@@ -157,6 +159,7 @@ def encode_charge(charge: Charge, key: bytes) -> str:
         (
             CHARGE_VERSION,
             charge.estimate,
+            charge.output_reserved,
             charge.kind,
             charge.user,
             charge.model,
@@ -226,10 +229,11 @@ def decode_charge(rid: str, text: str, key: bytes) -> Charge:
     if not isinstance(raw, list) or not raw or raw[0] != CHARGE_VERSION:
         version = raw[0] if isinstance(raw, list) and raw else None
         raise ValueError(f"not a version-{CHARGE_VERSION} charge (version {version!r})")
-    if len(raw) != 8:
-        raise ValueError(f"a charge has 8 elements, this one {len(raw)}")
-    _, estimate, kind, user, model, bucket, where, lim = raw
+    if len(raw) != 9:
+        raise ValueError(f"a charge has 9 elements, this one {len(raw)}")
+    _, estimate, reserved, kind, user, model, bucket, where, lim = raw
     estimate_ = _int_or_none(estimate, "estimate")
+    reserved_ = _int_or_none(reserved, "output reserved")
     limits = _limits(lim)
     if bucket is not None:
         _str(bucket, "bucket")
@@ -245,6 +249,7 @@ def decode_charge(rid: str, text: str, key: bytes) -> Charge:
         model=_str(model, "model"),
         where=_str(where, "where", frozenset(("local", "redis"))),
         rebuilt=True,
+        output_reserved=reserved_ or 0,
     )
 
 

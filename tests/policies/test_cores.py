@@ -4,12 +4,21 @@ from __future__ import annotations
 
 from collections import deque
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from extproc.policies.queue import FairQueue, QueueEntry, UsageWindow
-from extproc.policies.ratelimit import Buckets, Limits, bucket_key, decide
+from extproc.policies.ratelimit import (
+    Admission,
+    Buckets,
+    Limits,
+    bucket_key,
+    decide,
+    output_reservation,
+    rate_limited,
+)
 from extproc.policies.usage import Charge, Usage, UsageLedger, force_usage, usage_from_fields
 
 
@@ -24,55 +33,71 @@ class Clock:
 PERIOD = 60.0
 INPUT = 1000
 OUTPUT = 500
+ESTIMATE = 200  # output reserved by a request without max_tokens (rateLimit.outputTokensEstimate)
 REQUESTS = 20
 
 
 class BucketMachine(RuleBasedStateMachine):
-    """Whatever the order of admissions, settlements and time: what was admitted over the run never
-    exceeds the budget plus its refill plus one request's charge, and debt blocks admission."""
+    """Whatever the order of admissions, settlements and time — any number of requests open at
+    once: input admitted never exceeds the budget plus its refill plus one request's estimate;
+    output admitted (reservations of open requests, exact completions of settled ones) never
+    exceeds the budget plus its refill, but for answers beyond their reservation (debt, which
+    blocks admission); the engine stops at ``max_tokens``, so with ``max_tokens`` within the
+    budget that part is zero."""
 
     def __init__(self) -> None:
         super().__init__()
         self.clock = Clock()
         self.start = self.clock.now
         self.buckets = Buckets(self.clock)
-        self.limits = Limits(REQUESTS, INPUT, OUTPUT, PERIOD)
-        self.open: list[tuple[int, int]] = []  # (estimate, real prompt) of admitted requests
+        self.limits = Limits(REQUESTS, INPUT, OUTPUT, PERIOD, output_estimate=ESTIMATE)
+        # (estimate, real prompt, output reserved, most output the engine may answer)
+        self.open: list[tuple[int, int, int, int]] = []
         self.admitted_requests = 0
         self.input_charged = 0  # estimates of open requests + real prompts of settled ones
-        self.output_charged = 0
-        self.largest = 0
+        self.output_charged = 0  # reservations of open requests + completions of settled ones
+        self.excess = 0  # output answered beyond its reservation (settled)
 
     def budget(self, cap: int) -> float:
         return cap + cap * (self.clock.now - self.start) / PERIOD
 
-    @rule(estimate=st.integers(0, 3000), real=st.integers(0, 3000))
-    def admit(self, estimate: int, real: int) -> None:
+    @rule(
+        estimate=st.integers(0, 3000),
+        real=st.integers(0, 3000),
+        max_tokens=st.none() | st.integers(0, 2 * OUTPUT),
+    )
+    def admit(self, estimate: int, real: int, max_tokens: int | None) -> None:
         before = self.buckets.levels("k", self.limits)
-        adm = self.buckets.admit("k", self.limits, estimate)
-        ok, _, _ = decide(self.limits, before)
-        assert adm.ok == ok
+        reserve = output_reservation(self.limits, max_tokens)
+        assert reserve == min(ESTIMATE if max_tokens is None else max_tokens, OUTPUT)
+        adm = self.buckets.admit("k", self.limits, estimate, reserve)
+        assert adm.ok == decide(self.limits, before, reserve).ok
         if adm.ok:
             # admitted only while everything charged so far (estimates of open requests, exact
             # prompts of settled ones) is below the budget: beyond it by one estimate at most
             assert self.input_charged < self.budget(INPUT) + 1e-6
-            assert self.output_charged < self.budget(OUTPUT) + 1e-6
+            # the output reservation is covered: with it, what was charged is within the budget
+            assert self.output_charged + reserve <= self.budget(OUTPUT) + 1e-6
             assert self.admitted_requests + 1 <= self.budget(REQUESTS) + 1e-6
-            self.open.append((estimate, real))
+            most = 3 * OUTPUT if max_tokens is None else max_tokens
+            self.open.append((estimate, real, reserve, most))
             self.admitted_requests += 1
             self.input_charged += estimate
-            self.largest = max(self.largest, estimate, real)
+            self.output_charged += reserve
         else:
             assert adm.retry_after > 0
             assert adm.headers["x-ratelimit-limit-input-tokens"] == str(INPUT)
+            assert adm.limit in ("requests", "input-tokens", "output-tokens")
 
     @precondition(lambda self: self.open)
-    @rule(index=st.integers(0, 100), completion=st.integers(0, 2000))
-    def settle(self, index: int, completion: int) -> None:
-        estimate, real = self.open.pop(index % len(self.open))
-        self.buckets.settle("k", self.limits, estimate, real, completion)
+    @rule(index=st.integers(0, 100), share=st.floats(0, 1))
+    def settle(self, index: int, share: float) -> None:
+        estimate, real, reserved, most = self.open.pop(index % len(self.open))
+        completion = round(share * most)
+        self.buckets.settle("k", self.limits, estimate, real, completion, reserved)
         self.input_charged += real - estimate
-        self.output_charged += completion
+        self.output_charged += completion - reserved
+        self.excess += max(0, completion - reserved)
 
     @rule(dt=st.floats(0, 120))
     def wait(self, dt: float) -> None:
@@ -83,14 +108,65 @@ class BucketMachine(RuleBasedStateMachine):
         assert self.admitted_requests <= self.budget(REQUESTS) + 1e-6
 
     @invariant()
+    def output_within_budget_but_for_answers_beyond_their_reservation(self) -> None:
+        assert self.output_charged <= self.budget(OUTPUT) + self.excess + 1e-6
+
+    @invariant()
     def debt_blocks(self) -> None:
         r, i, o = self.buckets.levels("k", self.limits)
-        if i <= 0 or o <= 0 or r < 1:
-            assert not decide(self.limits, (r, i, o))[0]
+        if i <= 0 or o < 1 or r < 1:
+            assert not decide(self.limits, (r, i, o)).ok
 
 
 TestBuckets = BucketMachine.TestCase
 TestBuckets.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+
+
+def test_concurrent_streams_against_an_output_budget_reserve_max_tokens() -> None:
+    """Eight streams of max_tokens 300 at once against 100 output tokens a minute: the first
+    reserves the whole budget (300 capped at 100), the other seven are refused before any usage
+    is reported; its exact usage then refunds what it did not use."""
+    clock = Clock()
+    buckets = Buckets(clock)
+    limits = Limits(None, None, 100, 60.0, "user")
+    reserve = output_reservation(limits, 300)
+    results = [buckets.admit("u", limits, 10, reserve) for _ in range(8)]
+    assert [r.ok for r in results] == [True] + [False] * 7
+    refused = results[1]
+    assert refused.limit == "output-tokens" and "reserves 100" in refused.reason
+    assert refused.retry_after == pytest.approx(60.0)  # the whole budget must refill
+    assert refused.headers["x-ratelimit-remaining-output-tokens"] == "0"
+    buckets.settle("u", limits, 10, 10, 40, reserve)  # 40 answered: 60 back
+    assert buckets.levels("u", limits)[2] == pytest.approx(60.0)
+    assert not buckets.admit("u", limits, 10, output_reservation(limits, 61)).ok
+    assert buckets.admit("u", limits, 10, output_reservation(limits, 60)).ok
+    # an answer beyond its reservation is debt: nothing is admitted until it is repaid
+    buckets.settle("u", limits, 10, 10, 100, 60)
+    assert buckets.levels("u", limits)[2] == pytest.approx(-40.0)
+    assert not buckets.admit("u", limits, 10, 0).ok
+
+
+def test_output_reservation_without_max_tokens() -> None:
+    limits = Limits(None, None, 1000, 60.0)
+    assert output_reservation(limits, None) == 1000  # no estimate: the whole budget
+    assert output_reservation(Limits(None, None, 1000, 60.0, output_estimate=64), None) == 64
+    assert output_reservation(Limits(None, None, 10, 60.0, output_estimate=64), None) == 10
+    assert output_reservation(limits, 0) == 0
+    assert output_reservation(Limits(5, 100, None, 60.0), 300) == 0  # no output limit
+
+
+def test_token_limits_429_type_tokens_request_limit_type_requests() -> None:
+    def limited(limit: str) -> str:
+        return rate_limited(Admission(False, 1.0, {}, "x", limit), "r").error_type
+
+    assert limited("output-tokens") == "tokens"
+    assert limited("input-tokens") == "tokens"
+    assert limited("requests") == "requests"
+    buckets = Buckets(Clock())
+    limits = Limits(1, 100, None, 60.0)
+    assert buckets.admit("k", limits, 500).ok
+    refused = buckets.admit("k", limits, 1)  # both empty: the longer wait (input debt) names it
+    assert refused.limit == "input-tokens"
 
 
 class QueueMachine(RuleBasedStateMachine):

@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import json
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,11 @@ ROUTES = documents(
         "output-budget",
         "output-model",
         rateLimit="{outputTokensPerUnit: 300, unit: hour, scope: user}",
+    ),
+    route_yaml(
+        "stream-budget",
+        "stream-model",
+        rateLimit="{outputTokensPerUnit: 100, unit: minute, scope: user}",
     ),
     route_yaml(
         "request-budget",
@@ -199,12 +206,52 @@ def test_requests_per_unit_429_with_headers(stack: GatewayStack) -> None:
     assert chat(client(stack, "key-bob"), "request-model")
 
 
+def test_concurrent_streams_against_an_output_budget(stack: GatewayStack) -> None:
+    """100 output tokens a minute per user, eight streams of max_tokens 300 at once: the first
+    admitted reserves the whole budget (300, capped at 100), so the seven others get 429 with
+    type "tokens" — at once, not after its usage report lands."""
+    c = client(stack, "key-alice")
+    start = threading.Barrier(8)
+
+    def stream(_: int) -> str:
+        start.wait(10)
+        try:
+            answer = c.chat.completions.create(
+                model="stream-model",
+                messages=[{"role": "user", "content": "write a lot"}],
+                max_tokens=300,
+                stream=True,
+            )
+            for _chunk in answer:
+                pass
+        except openai.RateLimitError as exc:
+            error = exc.response.json()["error"]
+            assert error["type"] == "tokens" and error["code"] == "rate_limit_exceeded"
+            assert "output tokens per minute (100)" in error["message"]
+            return "limited"
+        return "streamed"
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(stream, range(8)))
+    assert results.count("streamed") == 1, results
+    # and after the stream ended: still refused (the refill of 100 takes a minute)
+    with pytest.raises(openai.RateLimitError):
+        chat(c, "stream-model")
+
+
 def test_large_streamed_output_is_fully_charged(stack: GatewayStack) -> None:
-    """300 output tokens an hour per user: one 500-token stream is admitted (the budget was
-    positive), charged in full from the engine's usage, and the debt blocks the next request."""
+    """300 output tokens an hour per user: one 500-token stream is admitted (it reserves the
+    whole budget, which is full), charged in full from the engine's usage, and the debt blocks
+    the next request. The wait reads output-model's own counter: the counters over all models
+    also move with other tests' late reports."""
     c = client(stack, "key-heavy")
-    before = metric(stack, "matrixinfer_gateway_usage_tokens_total", kind="completion")
-    reported = metric(stack, "matrixinfer_gateway_usage_reports_total", source="reported")
+
+    def completion_tokens() -> float:
+        return metric(
+            stack, "matrixinfer_gateway_usage_tokens_total", model="output-model", kind="completion"
+        )
+
+    before = completion_tokens()
     stream = c.chat.completions.create(
         model="output-model",
         messages=[{"role": "user", "content": "write a lot"}],
@@ -222,14 +269,9 @@ def test_large_streamed_output_is_fully_charged(stack: GatewayStack) -> None:
     assert usage_chunks == 0
     assert len("".join(pieces).split()) == 500
     wait_until(
-        lambda: (
-            metric(stack, "matrixinfer_gateway_usage_reports_total", source="reported") > reported
-        ),
-        30,
-        "the usage report of the stream reached the extproc",
+        lambda: completion_tokens() > before, 30, "the usage report of the stream was settled"
     )
-    after = metric(stack, "matrixinfer_gateway_usage_tokens_total", kind="completion")
-    assert after - before >= 500
+    assert completion_tokens() - before == 500
     with pytest.raises(openai.RateLimitError) as exc:
         chat(c, "output-model")
     assert exc.value.response.headers["x-ratelimit-limit-output-tokens"] == "300"

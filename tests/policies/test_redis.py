@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from openai import OpenAI
 
 from extproc.errors import GatewayError
-from extproc.policies.ratelimit import Buckets, Limits
+from extproc.policies.ratelimit import Buckets, Limits, output_reservation
 from extproc.policies.redis_buckets import RedisBuckets
 from matrixinfer.process import wait_until
 from matrixinfer.stack import GatewayStack
@@ -94,14 +94,17 @@ async def test_two_replicas_share_one_budget(redis_server: RedisServer) -> None:
 
 async def test_outage_fail_open_then_closed_then_recovery(redis_server: RedisServer) -> None:
     events: list[bool] = []
+    now = [0.0]  # the injected clock: the retry wait passes without sleeping
     local = Buckets()
     # headroom=1: each admission asks Redis (one admitted ahead right after the stop would be
     # answered before the outage is known: test_a_charge_redis_did_not_take_is_replayed)
     open_ = RedisBuckets(
         redis_server.address, fail_open=True, fallback=local, retry_after=0.2,
-        on_outage=events.append, headroom=1.0,
+        on_outage=events.append, headroom=1.0, clock=lambda: now[0],
     )  # fmt: skip
-    closed = RedisBuckets(redis_server.address, fail_open=False, retry_after=0.2, headroom=1.0)
+    closed = RedisBuckets(
+        redis_server.address, fail_open=False, retry_after=0.2, headroom=1.0, clock=lambda: now[0]
+    )
     lim = limits(redis_server, requests=1000)
     try:
         assert (await open_.admit("outage", lim, 1)).ok
@@ -115,7 +118,7 @@ async def test_outage_fail_open_then_closed_then_recovery(redis_server: RedisSer
             await closed.admit("outage", lim, 1)
         assert exc.value.status == 503 and exc.value.code == "rate_limiter_unavailable"
         redis_server.restart()
-        await asyncio.sleep(0.25)  # past retry_after: the next call tries Redis again
+        now[0] += 0.25  # past retry_after: the next call tries Redis again
 
         async def back() -> bool:
             return (await closed.admit("outage", lim, 1)).ok
@@ -222,7 +225,10 @@ def test_two_gateways_share_the_redis_budget_and_survive_an_outage(
 async def test_settlements_during_an_outage_are_replayed(
     redis_server: RedisServer, direct: aioredis.Redis
 ) -> None:
-    buckets = RedisBuckets(redis_server.address, fail_open=True, retry_after=0.2)
+    now = [0.0]
+    buckets = RedisBuckets(
+        redis_server.address, fail_open=True, retry_after=0.2, clock=lambda: now[0]
+    )
     lim = limits(redis_server, input=1000, output=1000)
     try:
         before = await buckets.admit("replay", lim, 100)
@@ -235,7 +241,7 @@ async def test_settlements_during_an_outage_are_replayed(
         buckets.settle("replay", lim, 10, 10, 200, "local")  # charged locally and kept
         assert len(buckets.pending) == 2
         redis_server.restart()
-        await asyncio.sleep(0.25)
+        now[0] += 0.25  # past retry_after
         # Redis restarted empty (no persistence): the replay charges the outage's usage to the
         # fresh shared bucket — nothing settled during the outage is lost
         assert (await buckets.admit("replay", lim, 0)).ok
@@ -434,6 +440,45 @@ async def test_a_charge_goes_with_whichever_call_is_first(
         await buckets.close()
 
 
+async def test_concurrent_streams_against_an_output_budget_two_replicas(
+    redis_server: RedisServer, direct: aioredis.Redis
+) -> None:
+    """Eight streams of max_tokens 300 at once, from two replicas with fresh views of the key,
+    against 100 output tokens: the reservation (300, capped at 100) leaves no headroom, so no
+    replica admits ahead; Redis admits one and refuses seven. Its exact usage then refunds what
+    it did not use, for both replicas; an admission ahead charges its reservation."""
+    a = RedisBuckets(redis_server.address, timeout=5.0, fresh_for=60.0)
+    b = RedisBuckets(redis_server.address, timeout=5.0, fresh_for=60.0)
+    lim = Limits(None, None, 100, 60.0, "user", redis_server.address)
+    await direct.delete("mi:rl:streams")
+    try:
+        for replica in (a, b):  # a fresh view each (a read), so that admitting ahead is possible
+            await replica._call([], ("streams", lim, 0, 0), True)
+        reserve = output_reservation(lim, 300)
+        results = await asyncio.gather(
+            *[(a if n % 2 else b).admit("streams", lim, 0, reserve) for n in range(8)]
+        )
+        assert sum(r.ok for r in results) == 1 and a.ahead == b.ahead == 0
+        refused = next(r for r in results if not r.ok)
+        assert refused.limit == "output-tokens" and refused.retry_after > 50
+        winner = a if results.index(next(r for r in results if r.ok)) % 2 else b
+        winner.settle("streams", lim, 0, 0, 30, "redis", reserve)  # 30 answered: 70 back
+        await winner.drain()
+        level = float(await direct.hget("mi:rl:streams", "o") or 0)
+        assert 70 <= level < 72  # (+ the refill of the test's seconds)
+        other = b if winner is a else a
+        assert not (await other.admit("streams", lim, 0, 80)).ok  # 80 not covered
+        # far enough from the limit (the refusal brought a fresh view): admitted ahead, and the
+        # charges carry the reservations
+        assert (await other.admit("streams", lim, 0, 10)).ok
+        assert (await other.admit("streams", lim, 0, 10)).ok and other.ahead == 2
+        await other.drain()
+        assert 50 <= float(await direct.hget("mi:rl:streams", "o") or 0) < 52
+    finally:
+        await a.close()
+        await b.close()
+
+
 async def test_a_stale_view_asks_redis_first(redis_server: RedisServer) -> None:
     now = [0.0]
     buckets = RedisBuckets(redis_server.address, timeout=5.0, clock=lambda: now[0])
@@ -495,7 +540,10 @@ async def test_a_charge_redis_did_not_take_is_replayed(
 ) -> None:
     """Admitted ahead just as Redis went away: the charge fails, is kept (a request and the
     estimate), and reaches Redis with the next call once it is back."""
-    buckets = RedisBuckets(redis_server.address, retry_after=0.2, timeout=2.0, fresh_for=5.0)
+    now = [0.0]
+    buckets = RedisBuckets(
+        redis_server.address, retry_after=0.2, timeout=2.0, fresh_for=5.0, clock=lambda: now[0]
+    )
     lim = limits(redis_server, requests=100, input=1000)
     try:
         assert (await buckets.admit("kept-charge", lim, 50)).ok
@@ -506,7 +554,7 @@ async def test_a_charge_redis_did_not_take_is_replayed(
         assert buckets.down_since is not None
         assert [(s.requests, s.correction) for s in buckets.pending] == [(1, -50)]
         redis_server.restart()  # empty (no persistence)
-        await asyncio.sleep(0.25)  # past retry_after (the retry timer may write the charge now)
+        now[0] += 0.25  # past retry_after (the retry timer may write the charge now)
         # the view from before the outage is not used: this admission asks Redis (and carries
         # the kept charge unless the timer has written it)
         task = asyncio.create_task(buckets.admit("kept-charge", lim, 0))

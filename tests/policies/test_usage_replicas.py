@@ -66,6 +66,7 @@ limits_st = st.one_of(
 
 @given(
     estimate=st.integers(0, 10**9),
+    reserved=st.integers(0, 10**9),
     kind=st.sampled_from(["chat", "completions", "embeddings"]),
     user=names,
     model=names,
@@ -74,7 +75,14 @@ limits_st = st.one_of(
     limits=limits_st,
 )
 def test_charge_round_trip(
-    estimate: int, kind: str, user: str, model: str, bucket: str, where: str, limits: Any
+    estimate: int,
+    reserved: int,
+    kind: str,
+    user: str,
+    model: str,
+    bucket: str,
+    where: str,
+    limits: Any,
 ) -> None:
     charge = Charge(
         "r-1",
@@ -85,6 +93,7 @@ def test_charge_round_trip(
         limits=limits,
         model=model,
         where=where,
+        output_reserved=reserved,
     )
     text = encode_charge(charge, KEY)
     back = decode_charge("r-1", text, KEY)
@@ -105,17 +114,25 @@ def test_encoded_charge_is_short() -> None:
     [
         ("not json", "not JSON"),
         ("[1, 1]", "version"),  # version 1 (HMAC-SHA256) is not decoded
+        ('[2, 5, "chat", "u", "m", null, "local", null]', "version"),  # no reservation
         ('{"a": 1}', "version"),
-        ('[2, 5, "chat", "u", "m", null, "local"]', "8 elements"),
-        ('[2, -5, "chat", "u", "m", null, "local", null]', "estimate"),
-        ('[2, 5, "rerank", "u", "m", null, "local", null]', "kind"),
-        ('[2, 5, "chat", 7, "m", null, "local", null]', "user"),
-        ('[2, 5, "chat", "u", "m", null, "far", null]', "where"),
-        ('[2, 5, "chat", "u", "m", "b", "local", null]', "bucket and limits"),
-        ('[2, 5, "chat", "u", "m", "b", "local", [1, 2, 3, 7.0, "user", null, null]]', "period"),
-        ('[2, 5, "chat", "u", "m", "b", "local", [1, 2, 3, 60, "all", null, null]]', "scope"),
-        ('[2, 5, "chat", "u", "m", "b", "local", [1.5, 2, 3, 60, "user", null, null]]', "requests"),
-        ('[2, 5, "chat", "u", "m", "b", "local", [1, 2, 3, 60, "user", null, ["a"]]]', "password"),
+        ('[3, 5, 0, "chat", "u", "m", null, "local"]', "9 elements"),
+        ('[3, -5, 0, "chat", "u", "m", null, "local", null]', "estimate"),
+        ('[3, 5, -1, "chat", "u", "m", null, "local", null]', "output reserved"),
+        ('[3, 5, 0, "rerank", "u", "m", null, "local", null]', "kind"),
+        ('[3, 5, 0, "chat", 7, "m", null, "local", null]', "user"),
+        ('[3, 5, 0, "chat", "u", "m", null, "far", null]', "where"),
+        ('[3, 5, 0, "chat", "u", "m", "b", "local", null]', "bucket and limits"),
+        ('[3, 5, 0, "chat", "u", "m", "b", "local", [1, 2, 3, 7.0, "user", null, null]]', "period"),
+        ('[3, 5, 0, "chat", "u", "m", "b", "local", [1, 2, 3, 60, "all", null, null]]', "scope"),
+        (
+            '[3, 5, 0, "chat", "u", "m", "b", "local", [1.5, 2, 3, 60, "user", null, null]]',
+            "requests",
+        ),
+        (
+            '[3, 5, 0, "chat", "u", "m", "b", "local", [1, 2, 3, 60, "user", null, ["a"]]]',
+            "password",
+        ),
     ],
 )
 def test_bad_charge_is_named(text: str, named: str) -> None:
@@ -142,7 +159,7 @@ def test_only_a_charge_signed_with_the_shared_key_for_that_request_decodes() -> 
     forged = body.replace("10.0.0.5:6379", "203.0.113.9:6379")
     cases = [
         (body, "is not signed"),
-        (text.replace("[2,40,", "[2,0,"), "does not match"),  # a smaller estimate: a refund
+        (text.replace("[3,40,", "[3,0,"), "does not match"),  # a smaller estimate: a refund
         (signed("r-1", forged, b"a key of someone else's choosing"), "does not match"),
         (signed("r-1", forged), None),  # (only the holder of the key can do this)
     ]
@@ -288,7 +305,12 @@ def keys(tmp_path: Path) -> Path:
 
 async def route(gw: Gateway, stream: bool = False) -> tuple[str, Any]:
     """Decide a request on ``gw``; (rid, the envoy.lb Struct Envoy would store)."""
-    body = {"model": "m", "messages": [{"role": "user", "content": "x" * 400}], "stream": stream}
+    body = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "x" * 400}],
+        "stream": stream,
+        "max_tokens": 50,
+    }
     state, answer = gw.start(HEADERS, False)
     assert answer is None
     decided = gw.decide(state, json.dumps(body).encode())
@@ -346,13 +368,15 @@ async def test_report_on_the_other_replica_settles_local_buckets(keys: Path) -> 
     assert bucket is not None and charge.limits is not None
     limits = charge.limits
     levels_a = a.policies.local.levels(bucket, limits)
-    assert levels_a[1] == 1000 - charge.estimate
+    assert levels_a[1:] == (1000 - charge.estimate, 500 - 50)  # max_tokens 50 reserved
+    assert charge.output_reserved == 50
 
     assert charge.estimate < 150
     await deliver(b, log_entry(lb, prompt=150, completion=30))
     # B settled: its bucket corrected as if it held the reservation (the sum over the replicas is
-    # the exact usage; a bucket never refills above its capacity), the tokens counted once, there
-    assert b.policies.local.levels(bucket, limits)[1:] == (1000.0 + charge.estimate - 150, 470.0)
+    # the exact usage; a bucket never refills above its capacity: 50 - 30 output back on a full
+    # one), the tokens counted once, there
+    assert b.policies.local.levels(bucket, limits)[1:] == (1000.0 + charge.estimate - 150, 500.0)
     assert sample(b, "matrixinfer_gateway_usage_tokens_total", model="m", kind="prompt") == 150
     assert sample(b, "matrixinfer_gateway_usage_tokens_total", model="m", kind="completion") == 30
     assert sample(b, "matrixinfer_gateway_usage_foreign_reports_total", result="settled") == 1
