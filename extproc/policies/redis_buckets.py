@@ -17,7 +17,6 @@ from extproc.policies.ratelimit import (
     Limits,
     decide,
     limiter_unavailable,
-    output_needed,
     refill,
     refused,
 )
@@ -89,6 +88,11 @@ class RedisBuckets:
     replica's last reply, the other replicas took more than ``headroom`` of a bucket; the overrun
     is debt, repaid before the next admission. A charge Redis does not take (an outage) is kept
     and replayed like any settlement. ``headroom >= 1`` asks Redis first every time.
+
+    A key with an output-token limit is never admitted ahead: every output reservation is Redis's
+    own decision, so across any number of replicas the admitted reservations exceed the budget by
+    at most one request's reservation (replicas admitting ahead from their own views could each
+    spend the same headroom).
     """
 
     def __init__(
@@ -308,12 +312,9 @@ class RedisBuckets:
         mirror.at = now
         h = self.headroom
         return (
-            (limits.requests is None or levels[0] - 1 >= h * limits.requests)
+            limits.output is None  # output reservations: Redis decides (see the class docstring)
+            and (limits.requests is None or levels[0] - 1 >= h * limits.requests)
             and (limits.input is None or levels[1] - estimate >= h * limits.input)
-            and (
-                limits.output is None
-                or (levels[2] - output >= h * limits.output and levels[2] >= output_needed(output))
-            )
         )
 
     async def _read(self, key: str, limits: Limits, mirror: _Mirror, since: float) -> None:

@@ -468,15 +468,37 @@ async def test_concurrent_streams_against_an_output_budget_two_replicas(
         assert 70 <= level < 72  # (+ the refill of the test's seconds)
         other = b if winner is a else a
         assert not (await other.admit("streams", lim, 0, 80)).ok  # 80 not covered
-        # far enough from the limit (the refusal brought a fresh view): admitted ahead, and the
-        # charges carry the reservations
+        # far from the limit and with a fresh view, an output reservation still asks Redis
         assert (await other.admit("streams", lim, 0, 10)).ok
-        assert (await other.admit("streams", lim, 0, 10)).ok and other.ahead == 2
+        assert (await other.admit("streams", lim, 0, 10)).ok and other.ahead == 0
         await other.drain()
         assert 50 <= float(await direct.hget("mi:rl:streams", "o") or 0) < 52
     finally:
         await a.close()
         await b.close()
+
+
+async def test_output_reservations_across_replicas_stay_within_one_reservation(
+    redis_server: RedisServer, direct: aioredis.Redis
+) -> None:
+    """Three replicas with fresh views and a full bucket, 30 concurrent requests reserving 10
+    output tokens each against 100: whatever the interleaving, the admitted reservations stay
+    within the budget plus one reservation (each replica alone would have admitted 7 ahead)."""
+    replicas = [RedisBuckets(redis_server.address, timeout=5.0, fresh_for=60.0) for _ in range(3)]
+    lim = Limits(None, None, 100, 3600.0, "user", redis_server.address)
+    await direct.delete("mi:rl:spread")
+    try:
+        for replica in replicas:
+            await replica._call([], ("spread", lim, 0, 0), True)
+        results = await asyncio.gather(
+            *[replicas[n % 3].admit("spread", lim, 0, 10) for n in range(30)]
+        )
+        admitted = 10 * sum(r.ok for r in results)
+        assert admitted + 10 >= 100 and admitted <= 100 + 10
+        assert all(r.ahead == 0 for r in replicas)
+    finally:
+        for replica in replicas:
+            await replica.close()
 
 
 async def test_a_stale_view_asks_redis_first(redis_server: RedisServer) -> None:
