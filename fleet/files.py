@@ -50,8 +50,6 @@ __all__ = [
 
 log = logging.getLogger("matrixinfer.extproc.config")
 
-GATEWAY_API_VERSION = "gateway.matrixinfer.ai/v1alpha1"
-
 
 class ConfigError(Exception):
     """A configuration directory that cannot be applied; the message names file, object, field."""

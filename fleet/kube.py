@@ -212,11 +212,6 @@ class KubeSource:
             await self._session.close()
             self._session = None
 
-    def drop_watches(self) -> None:
-        """Close every open connection (what a network blip does); the loops resync."""
-        if self._session is not None and self._session.connector is not None:
-            self._session.connector._close()
-
     # ---- list + watch -------------------------------------------------------------------------
     def _path(self, kind: str) -> str:
         prefix, plural = KINDS[kind]
