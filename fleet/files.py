@@ -113,6 +113,30 @@ def _describe(exc: ValidationError, where: str, kind: str, name: str) -> str:
     return f'{where}: {kind} "{name}": ' + "; ".join(parts)
 
 
+def _documents(path: Path) -> list[tuple[int, Any]]:
+    """(line where it starts, content) of each YAML document of ``path``; raises OSError or
+    ``yaml.YAMLError``."""
+    loader = yaml.SafeLoader(path.read_text())
+    loader.name = str(path)
+    out: list[tuple[int, Any]] = []
+    try:
+        while loader.check_node():
+            node = loader.get_node()
+            if node is not None:
+                out.append((node.start_mark.line + 1, loader.construct_document(node)))
+    finally:
+        loader.dispose()
+    return out
+
+
+def _yaml_error(path: Path, exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    if isinstance(exc, yaml.MarkedYAMLError) and mark is not None:
+        column = mark.column + 1
+        return f"{path}:{mark.line + 1}: not readable YAML: {exc.problem} (column {column})"
+    return f"{path}: not readable YAML: {exc}"
+
+
 def _config_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in (".yaml", ".yml"))
 
@@ -131,14 +155,17 @@ def load_directory(
     seen: dict[tuple[str, str], str] = {}
     for path in _config_files(directory):
         try:
-            documents = list(yaml.safe_load_all(path.read_text()))
-        except (OSError, yaml.YAMLError) as exc:
-            errors.append(f"{path}: not readable YAML: {exc}")
+            documents = _documents(path)
+        except OSError as exc:
+            errors.append(f"{path}: not readable: {exc}")
             continue
-        for index, doc in enumerate(documents, start=1):
+        except yaml.YAMLError as exc:
+            errors.append(_yaml_error(path, exc))
+            continue
+        for index, (line, doc) in enumerate(documents, start=1):
             if doc is None:
                 continue
-            where = f"{path} (document {index})"
+            where = f"{path}:{line} (document {index})"
             if not isinstance(doc, dict):
                 errors.append(f"{where}: a document must be a mapping with apiVersion and kind")
                 continue

@@ -180,3 +180,18 @@ def test_dangling_target_is_warned_and_its_model_not_listed(tmp_path: Path) -> N
     assert snap.routes.model_names() == ["chat"]
     state = {r["key"]: r for r in ds.to_json()["modelRoutes"]}
     assert state["default/ghostly"]["missingModelServers"] == ["default/ghost"]
+
+
+def test_errors_name_the_file_and_line(tmp_path: Path) -> None:
+    write_good(tmp_path)
+    bad_route = ROUTE.replace("modelServerName: pool", "modelServerName: pool, weight: 500")
+    # the bad ModelRoute is the second document and starts on line 9
+    (tmp_path / "30-bad.yaml").write_text(server_yaml("x", {"app": "x"}) + "---\n" + bad_route)
+    assert server_yaml("x", {"app": "x"}).count("\n") == 7
+    with pytest.raises(ConfigError) as err:
+        load_directory(tmp_path)
+    assert f"{tmp_path / '30-bad.yaml'}:9 (document 2)" in str(err.value)
+    (tmp_path / "30-bad.yaml").write_text("kind: ModelRoute\nmetadata:\n  name: [unclosed\n")
+    with pytest.raises(ConfigError) as err:
+        load_directory(tmp_path)
+    assert f"{tmp_path / '30-bad.yaml'}:4: not readable YAML" in str(err.value)
