@@ -37,7 +37,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fleet.config import GatewayConfig, StaticEndpoint
-from fleet.profile import SchedulerProfile
+from fleet.profile import Profile, SchedulerProfile
 
 __all__ = [
     "ConfigError",
@@ -142,7 +142,7 @@ def _config_files(directory: Path) -> list[Path]:
 
 
 def load_directory(
-    directory: Path | str, check_profile: Callable[[Any], None] | None = None
+    directory: Path | str, check_profile: Callable[[Profile], None] | None = None
 ) -> GatewayConfig:
     """Read and validate every document; raise :class:`ConfigError` listing every problem."""
     import crds
@@ -233,27 +233,26 @@ def load_directory(
 def _check_profiles(
     config: GatewayConfig,
     seen: dict[tuple[str, str], str],
-    check_profile: Callable[[Any], None],
+    check_profile: Callable[[Profile], None],
 ) -> list[str]:
     """Scheduler profiles are checked at load (unknown plugins or arguments), not on a request:
     ``check_profile`` raises ValueError naming the plugin and argument (the scheduler's own
     check, ``extproc.scheduling.check_profile``)."""
     errors: list[str] = []
-    checks: list[tuple[str, str, Any]] = []
+    checks: list[tuple[str, str, Profile]] = []
     for (kind, key), where in seen.items():
         if kind == "GatewayConfig" and config.scheduler_profile is not None:
             checks.append(
                 (where, f'GatewayConfig "{key.split("/", 1)[1]}"', config.scheduler_profile)
             )
     for server in config.servers:
-        profile = getattr(server.spec, "scheduler", None)
-        if profile is not None:
+        if server.spec.scheduler is not None:
             key = f"{server.metadata.namespace or 'default'}/{server.metadata.name}"
             where = seen.get(("ModelServer", key), "?")
-            checks.append((where, f'ModelServer "{server.metadata.name}"', profile))
-    for where, who, profile in checks:
+            checks.append((where, f'ModelServer "{server.metadata.name}"', server.spec.scheduler))
+    for where, who, checked in checks:
         try:
-            check_profile(profile)
+            check_profile(checked)
         except ValueError as exc:
             errors.append(f"{where}: {who}: spec.{exc}")
     return errors
@@ -287,7 +286,7 @@ class ConfigWatcher:
         *,
         interval: float = 1.0,
         on_result: Callable[[bool], None] | None = None,
-        check_profile: Callable[[Any], None] | None = None,
+        check_profile: Callable[[Profile], None] | None = None,
     ) -> None:
         self.directory = Path(directory)
         self.check_profile = check_profile
