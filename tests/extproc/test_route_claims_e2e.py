@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from openai import OpenAI
 from matrixinfer.process import wait_until
 from matrixinfer.stack import GatewayStack
 from tests.extproc.conftest import debug_state
-from tests.extproc.test_gateway_e2e import chat, client  # noqa: F401  (fixture)
+from tests.extproc.test_gateway_e2e import chat
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -23,6 +24,13 @@ spec:
 """
 
 
+@pytest.fixture(scope="module")
+def client(stack: GatewayStack) -> Iterator[OpenAI]:
+    c = OpenAI(base_url=stack.url, api_key="unused", max_retries=0, timeout=20)
+    yield c
+    c.close()
+
+
 def _routes(stack: GatewayStack) -> dict[str, dict[str, object]]:
     return {r["key"]: r for r in debug_state(stack)["modelRoutes"]}
 
@@ -30,7 +38,7 @@ def _routes(stack: GatewayStack) -> dict[str, dict[str, object]]:
 def test_hot_added_duplicate_route_leaves_the_incumbent_serving(
     stack: GatewayStack,
     client: OpenAI,
-    config_dir: Path,  # noqa: F811
+    config_dir: Path,
 ) -> None:
     # sorts before every other file and names itself first: the old rule gave it the model
     added = config_dir / "00-usurper.yaml"
