@@ -254,6 +254,7 @@ def serve_minimal(port: int, destination: str) -> None:
 
 
 def minimal_stack(run: Path, upstream_port: int) -> tuple[Child, Child, str]:
+    from controllers.xds.generate import GatewaySettings
     from fleet.envoy_eds import write_eds
     from matrixinfer.envoy_config import EnvoySettings, render_bootstrap
 
@@ -261,7 +262,9 @@ def minimal_stack(run: Path, upstream_port: int) -> tuple[Child, Child, str]:
     eds = run / "minimal-eds" / "pods.json"
     write_eds(eds, "matrixinfer_pods", [f"{h}:{upstream_port}" for h in UPSTREAM_HOSTS])
     bootstrap = run / "minimal-envoy.yaml"
-    bootstrap.write_text(render_bootstrap(EnvoySettings(listen, admin, grpc_port, eds)))
+    bootstrap.write_text(
+        render_bootstrap(EnvoySettings(admin, grpc_port, eds, GatewaySettings(listen_port=listen)))
+    )
     import socket
 
     def listening() -> bool:

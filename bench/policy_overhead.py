@@ -381,13 +381,18 @@ def serve_streamed(port: int, destination: str, scan: bool) -> None:
 
 
 def streamed_stack(run: Path, pod: str, scan: bool) -> tuple[Child, Child, str]:
+    from controllers.xds.generate import GatewaySettings
     from fleet.envoy_eds import write_eds
     from matrixinfer.envoy_config import EnvoySettings, render_bootstrap
 
     grpc_port, listen, admin = free_port(), free_port(), free_port()
     eds = run / "eds" / "pods.json"
     write_eds(eds, "matrixinfer_pods", [pod])
-    text = render_bootstrap(EnvoySettings(listen, admin, grpc_port, eds, message_timeout_ms=5000))
+    text = render_bootstrap(
+        EnvoySettings(
+            admin, grpc_port, eds, GatewaySettings(listen_port=listen, message_timeout_ms=5000)
+        )
+    )
     if scan:
         # the bootstrap is JSON: switch the ext_proc filter to response headers SEND + body STREAMED
         before = text

@@ -267,6 +267,10 @@ class ObjectMeta(BaseModel):
         default=None, description="Opaque version of the object, set by the API server."
     )
     uid: str | None = Field(default=None, description="Unique id of the object, set by the server.")
+    creation_timestamp: str | None = Field(
+        default=None,
+        description="When the object was created (RFC 3339, UTC), set by the API server.",
+    )
 
 
 class Condition(ApiModel):

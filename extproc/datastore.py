@@ -14,10 +14,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from crds.networking import ModelServerSpec
+from crds.networking import SchedulerProfile as ServerProfile
 from extproc.routing import RouteTable
 from fleet.config import GatewayConfig, object_key
 from fleet.pods import Pod, PodMetrics, index_by_label
 from fleet.pods import members as fleet_members
+from fleet.profile import SchedulerProfile
+from fleet.retry import envoy_retry
 
 __all__ = [
     "Datastore",
@@ -35,37 +39,29 @@ class ServerView:
     engine: str
     model: str | None
     port: int | None
-    profile: Any  # the ModelServer's scheduler profile, or None
+    profile: ServerProfile | None  # the ModelServer's own scheduler profile
     pods: tuple[Pod, ...]
-    spec: Any
+    spec: ModelServerSpec
     retry_headers: tuple[tuple[str, str], ...] = ()  # Envoy retry headers from trafficPolicy
 
 
-def retry_headers(spec: Any) -> tuple[tuple[str, str], ...]:
+def retry_headers(spec: ModelServerSpec) -> tuple[tuple[str, str], ...]:
     """``trafficPolicy.retry`` as Envoy request headers (set on every routed request, so a
     client's own copies never survive). Absent retry policy: no retries.
 
     Retries go to the next address of the fallback list (override_host), so the attempts are
     also capped by the number of fallbacks when the request is routed.
     """
-    retry = getattr(getattr(spec, "traffic_policy", None), "retry", None)
-    if retry is None:
+    policy = spec.traffic_policy
+    if policy is None or policy.retry is None:
         return (("x-envoy-max-retries", "0"), ("x-envoy-retry-on", "connect-failure"))
-    conditions: list[str] = []
-    codes: list[str] = []
-    for item in retry.retry_on:
-        if str(item).isdigit():
-            codes.append(str(item))
-        else:
-            conditions.append(str(item))
-    if codes and "retriable-status-codes" not in conditions:
-        conditions.append("retriable-status-codes")
+    retry = envoy_retry(policy.retry)
     out = [
-        ("x-envoy-max-retries", str(int(retry.attempts))),
-        ("x-envoy-retry-on", ",".join(conditions) or "connect-failure"),
+        ("x-envoy-max-retries", str(retry.attempts)),
+        ("x-envoy-retry-on", retry.retry_on),
     ]
-    if codes:
-        out.append(("x-envoy-retriable-status-codes", ",".join(codes)))
+    if retry.status_codes:
+        out.append(("x-envoy-retriable-status-codes", ",".join(map(str, retry.status_codes))))
     return tuple(out)
 
 
@@ -75,14 +71,9 @@ class Snapshot:
     routes: RouteTable
     servers: Mapping[str, ServerView]
     pods: Mapping[str, Pod]
-    default_profile: Any
+    default_profile: SchedulerProfile | None
     config: GatewayConfig
     warnings: tuple[str, ...] = ()
-
-
-def _engine(spec: Any) -> str:
-    engine = getattr(spec, "inference_engine", None) or "vLLM"
-    return str(getattr(engine, "value", engine))
 
 
 class Datastore:
@@ -93,13 +84,13 @@ class Datastore:
         # pods whose scrape found nothing listening: not ready until a scrape succeeds again
         self._scrape_down: set[str] = set()
         self._configured_ready: dict[str, bool] = {}
-        self.snapshot = self._build(GatewayConfig(), {})
+        self.snapshot = self._build(GatewayConfig(), {}, None)
 
     # ---- configuration ------------------------------------------------------------------------
     def apply(self, config: GatewayConfig) -> Snapshot:
         """Install a validated configuration; pods that disappear are reported to listeners."""
         old = self.snapshot
-        new = self._build(config, old.pods)
+        new = self._build(config, old.pods, old.routes)
         self.snapshot = new
         self._configured_ready = {e.name: e.ready for e in config.endpoints}
         for name in old.pods.keys() - new.pods.keys():
@@ -108,7 +99,11 @@ class Datastore:
                 listener(name)
         return new
 
-    def _build(self, config: GatewayConfig, previous: Mapping[str, Pod]) -> Snapshot:
+    def _build(
+        self, config: GatewayConfig, previous: Mapping[str, Pod], old_routes: RouteTable | None
+    ) -> Snapshot:
+        """``old_routes``: the previous snapshot's table; its routes keep the model names they
+        serve against newcomers (``fleet.claims``)."""
         self._version += 1
         warnings: list[str] = []
         pods: dict[str, Pod] = {}
@@ -138,21 +133,29 @@ class Datastore:
                         f"different ModelServers; {pod.address} is used"
                     )
                 members.append(pod)
-            model = getattr(spec, "model", None) or None
+            model = spec.model or None
             servers[key] = ServerView(
                 key=key,
-                name=server.metadata.name,
-                engine=_engine(spec),
+                name=server.metadata.name or "",
+                engine=spec.inference_engine,
                 model=model,
                 port=port,
-                profile=getattr(spec, "scheduler", None),
+                profile=spec.scheduler,
                 pods=tuple(members),
                 spec=spec,
                 retry_headers=retry_headers(spec),
             )
             server_models[key] = model
-        routes = RouteTable(config.routes, server_models)
+
+        def ready_server(key: str) -> bool:
+            view = servers.get(key)
+            return view is not None and any(pod.ready for pod in view.pods)
+
+        routes = RouteTable(
+            config.routes, server_models, previous=old_routes, ready_server=ready_server
+        )
         warnings.extend(routes.conflicts)
+        warnings.extend(routes.missing_server_warnings())
         return Snapshot(
             version=self._version,
             routes=routes,
@@ -250,6 +253,12 @@ class Datastore:
                     "key": r.key,
                     "modelName": r.model_name,
                     "loraAdapters": list(r.lora_adapters),
+                    # names this route claims that another route serves (fleet.claims)
+                    "notServed": [
+                        {"name": c.name, "servedBy": c.served_by}
+                        for c in snap.routes.lost.get(r.key, ())
+                    ],
+                    "missingModelServers": snap.routes.missing_servers.get(r.key, []),
                     "rules": [
                         {"name": rule.name, "servers": list(rule.servers), "total": rule.total}
                         for rule in r.rules

@@ -9,25 +9,35 @@ A :class:`RouteTable` is compiled once per configuration from the ``crds`` objec
 - one target of the rule is drawn by weight (weights unset = equal shares; weight 0 = never);
 - when the chosen ModelServer sets ``model``, the request's ``model`` is rewritten to it.
 
-When two routes claim the same model name, the first one (in configuration order) wins and the
-conflict is reported by :attr:`RouteTable.conflicts`.
+When two routes claim the same model name (or LoRA adapter), the route that served it first keeps
+it (:mod:`fleet.claims`: creation time, then the route that held it in the previous configuration,
+then namespace/name); every loser is reported by :attr:`RouteTable.conflicts` and
+:attr:`RouteTable.lost`. A target naming a ModelServer that does not exist is reported by
+:attr:`RouteTable.missing_servers`; such a request is answered 503.
+
+``GET /v1/models`` (:meth:`RouteTable.model_names`) lists a name only when a ready pod can serve
+it: one of its route's targets is a ModelServer with a ready pod (``ready_server``, asked at each
+call, since readiness changes between configurations).
 """
 
 from __future__ import annotations
 
 import bisect
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from random import Random
-from typing import Any
 
+from crds.common import StringMatch
+from crds.networking import ModelRoute, RouteRule
 from extproc.errors import GatewayError, model_not_found, no_rule_matched
+from fleet.claims import Claim, winners
 from fleet.config import object_key
 
 __all__ = [
     "CompiledRoute",
     "CompiledRule",
+    "LostClaim",
     "RouteDecision",
     "RouteTable",
     "StringMatcher",
@@ -47,16 +57,13 @@ class StringMatcher:
     pattern: re.Pattern[str] | None = None
 
     @classmethod
-    def from_crd(cls, match: Any) -> StringMatcher:
-        exact = getattr(match, "exact", None)
-        prefix = getattr(match, "prefix", None)
-        regex = getattr(match, "regex", None)
-        if exact is not None:
-            return cls("exact", exact)
-        if prefix is not None:
-            return cls("prefix", prefix)
-        if regex is not None:
-            return cls("regex", regex, re.compile(regex))
+    def from_crd(cls, match: StringMatch) -> StringMatcher:
+        if match.exact is not None:
+            return cls("exact", match.exact)
+        if match.prefix is not None:
+            return cls("prefix", match.prefix)
+        if match.regex is not None:
+            return cls("regex", match.regex, re.compile(match.regex))
         raise ValueError("a StringMatch needs one of exact, prefix or regex")
 
     def matches(self, value: str | None) -> bool:
@@ -113,22 +120,21 @@ class RouteDecision:
     rewritten: bool  # True when the body's model must change
 
 
-def _compile_rule(route_ns: str, index: int, rule: Any) -> CompiledRule | None:
-    name = getattr(rule, "name", None) or f"rule-{index}"
-    match = getattr(rule, "match", None)
+def _compile_rule(route_ns: str, index: int, rule: RouteRule) -> CompiledRule | None:
+    name = rule.name or f"rule-{index}"
+    match = rule.match
     headers: list[tuple[str, StringMatcher]] = []
     uri: StringMatcher | None = None
     if match is not None:
-        for header, sm in (getattr(match, "headers", None) or {}).items():
+        for header, sm in (match.headers or {}).items():
             headers.append((header.lower(), StringMatcher.from_crd(sm)))
-        if getattr(match, "uri", None) is not None:
+        if match.uri is not None:
             uri = StringMatcher.from_crd(match.uri)
     servers: list[str] = []
     cumulative: list[int] = []
     total = 0
     for target in rule.targets:
-        weight = target.weight
-        weight = 1 if weight is None else int(weight)
+        weight = 1 if target.weight is None else target.weight
         if weight <= 0:
             continue
         total += weight
@@ -139,18 +145,45 @@ def _compile_rule(route_ns: str, index: int, rule: Any) -> CompiledRule | None:
     return CompiledRule(name, tuple(headers), uri, tuple(servers), tuple(cumulative), total)
 
 
+@dataclass(slots=True, frozen=True)
+class LostClaim:
+    """A name a route claims but another route serves."""
+
+    name: str  # model name or LoRA adapter
+    served_by: str  # namespace/name of the route that serves it
+
+
+def _keys(index: Mapping[str, CompiledRoute]) -> dict[str, str]:
+    return {name: route.key for name, route in index.items()}
+
+
 class RouteTable:
     """Route lookup for one configuration; built once, then read-only."""
 
-    def __init__(self, routes: Iterable[Any], server_models: Mapping[str, str | None]) -> None:
-        """``server_models`` maps every known ModelServer key to its ``spec.model`` (or None)."""
+    def __init__(
+        self,
+        routes: Iterable[ModelRoute],
+        server_models: Mapping[str, str | None],
+        *,
+        previous: RouteTable | None = None,
+        ready_server: Callable[[str], bool] | None = None,
+    ) -> None:
+        """``server_models`` maps every known ModelServer key to its ``spec.model`` (or None);
+        ``previous``: the table of the previous configuration (its routes keep the names they
+        served when their rank otherwise ties); ``ready_server(key)``: the ModelServer has a
+        ready pod now (None: every ModelServer that exists counts as ready)."""
         self.routes: list[CompiledRoute] = []
         self.by_model: dict[str, CompiledRoute] = {}
         self.by_lora: dict[str, CompiledRoute] = {}
         self.conflicts: list[str] = []
+        self.lost: dict[str, list[LostClaim]] = {}  # route key -> the names it does not serve
+        self.missing_servers: dict[str, list[str]] = {}  # route key -> ModelServer keys
         self.server_models = dict(server_models)
+        self.ready_server = ready_server or self.server_models.__contains__
         # decisions are immutable and few (rule x target x model name): built once each
         self._decisions: dict[tuple[int, str, str], RouteDecision] = {}
+        model_claims: list[Claim] = []
+        lora_claims: list[Claim] = []
         for route in routes:
             key = object_key(route)
             namespace = key.split("/", 1)[0]
@@ -162,30 +195,67 @@ class RouteTable:
             )
             compiled = CompiledRoute(
                 key=key,
-                name=route.metadata.name,
+                name=route.metadata.name or "",
                 model_name=spec.model_name or None,
                 lora_adapters=tuple(spec.lora_adapters or ()),
                 rules=rules,
             )
             self.routes.append(compiled)
+            created = route.metadata.creation_timestamp
             if compiled.model_name:
-                self._claim(self.by_model, compiled.model_name, compiled)
-            for lora in compiled.lora_adapters:
-                self._claim(self.by_lora, lora, compiled)
+                model_claims.append(Claim(compiled.model_name, key, created))
+            lora_claims.extend(Claim(lora, key, created) for lora in compiled.lora_adapters)
+            missing = [s for rule in rules for s in rule.servers if s not in self.server_models]
+            if missing:
+                self.missing_servers[key] = sorted(set(missing))
+        by_key = {r.key: r for r in self.routes}
+        old_models = previous.by_model if previous is not None else {}
+        old_loras = previous.by_lora if previous is not None else {}
+        self._claim(self.by_model, model_claims, _keys(old_models), by_key)
+        self._claim(self.by_lora, lora_claims, _keys(old_loras), by_key)
 
-    def _claim(self, index: dict[str, CompiledRoute], name: str, route: CompiledRoute) -> None:
-        holder = index.get(name)
-        if holder is None:
-            index[name] = route
-        else:
+    def _claim(
+        self,
+        index: dict[str, CompiledRoute],
+        claims: list[Claim],
+        held_by: Mapping[str, str],
+        by_key: Mapping[str, CompiledRoute],
+    ) -> None:
+        won = winners(claims, held_by)
+        for name, key in won.items():
+            index[name] = by_key[key]
+        for claim in claims:
+            winner = won[claim.name]
+            if winner == claim.route:
+                continue
+            self.lost.setdefault(claim.route, []).append(LostClaim(claim.name, winner))
             self.conflicts.append(
-                f"ModelRoute '{route.key}' also claims '{name}', already served by "
-                f"ModelRoute '{holder.key}'; the first one wins"
+                f"ModelRoute '{claim.route}' also claims '{claim.name}', which ModelRoute "
+                f"'{winner}' serves; '{winner}' keeps it (it was created or applied first)"
             )
 
+    def missing_server_warnings(self) -> list[str]:
+        return [
+            f"ModelRoute '{key}' targets ModelServer "
+            + ", ".join(f"'{s.split('/', 1)[1]}'" for s in servers)
+            + f" that does not exist in namespace '{key.split('/', 1)[0]}'; requests sent "
+            "there are answered 503"
+            for key, servers in self.missing_servers.items()
+        ]
+
+    def servable(self, route: CompiledRoute) -> bool:
+        """A ready pod can serve the route: one of its targets is a ModelServer with one."""
+        return any(self.ready_server(s) for rule in route.rules for s in rule.servers)
+
     def model_names(self) -> list[str]:
-        """Every model name and LoRA adapter a caller may ask for (``GET /v1/models``)."""
-        return sorted({*self.by_model, *self.by_lora})
+        """Every model name and LoRA adapter a caller may ask for and a ready pod can serve
+        (``GET /v1/models``)."""
+        return sorted(
+            name
+            for index in (self.by_model, self.by_lora)
+            for name, route in index.items()
+            if self.servable(route)
+        )
 
     def lookup(self, model: str) -> tuple[CompiledRoute, str | None]:
         route = self.by_model.get(model)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+
+from crds.networking import ModelRoute, ModelServer
+from fleet.profile import SchedulerProfile
 
 __all__ = ["GatewayConfig", "StaticEndpoint", "object_key"]
 
@@ -27,15 +29,15 @@ class StaticEndpoint:
 class GatewayConfig:
     """Everything a configuration source delivers, already validated."""
 
-    routes: list[Any] = field(default_factory=list)  # crds.ModelRoute
-    servers: list[Any] = field(default_factory=list)  # crds.ModelServer
+    routes: list[ModelRoute] = field(default_factory=list)
+    servers: list[ModelServer] = field(default_factory=list)
     endpoints: list[StaticEndpoint] = field(default_factory=list)
-    scheduler_profile: Any = None  # gateway-wide default profile (None = the scheduler's default)
+    # gateway-wide default profile (None = the scheduler's default)
+    scheduler_profile: SchedulerProfile | None = None
     source: str = ""
 
 
-def object_key(obj: Any) -> str:
+def object_key(obj: ModelRoute | ModelServer) -> str:
     """``namespace/name`` of a custom-resource object (namespace defaults to ``default``)."""
     meta = obj.metadata
-    namespace = getattr(meta, "namespace", None) or "default"
-    return f"{namespace}/{meta.name}"
+    return f"{meta.namespace or 'default'}/{meta.name}"

@@ -37,7 +37,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fleet.config import GatewayConfig, StaticEndpoint
-from fleet.profile import SchedulerProfile
+from fleet.profile import Profile, SchedulerProfile
 
 __all__ = [
     "ConfigError",
@@ -49,8 +49,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("matrixinfer.extproc.config")
-
-GATEWAY_API_VERSION = "gateway.matrixinfer.ai/v1alpha1"
 
 
 class ConfigError(Exception):
@@ -115,12 +113,36 @@ def _describe(exc: ValidationError, where: str, kind: str, name: str) -> str:
     return f'{where}: {kind} "{name}": ' + "; ".join(parts)
 
 
+def _documents(path: Path) -> list[tuple[int, Any]]:
+    """(line where it starts, content) of each YAML document of ``path``; raises OSError or
+    ``yaml.YAMLError``."""
+    loader = yaml.SafeLoader(path.read_text())
+    loader.name = str(path)
+    out: list[tuple[int, Any]] = []
+    try:
+        while loader.check_node():
+            node = loader.get_node()
+            if node is not None:
+                out.append((node.start_mark.line + 1, loader.construct_document(node)))
+    finally:
+        loader.dispose()
+    return out
+
+
+def _yaml_error(path: Path, exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    if isinstance(exc, yaml.MarkedYAMLError) and mark is not None:
+        column = mark.column + 1
+        return f"{path}:{mark.line + 1}: not readable YAML: {exc.problem} (column {column})"
+    return f"{path}: not readable YAML: {exc}"
+
+
 def _config_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in (".yaml", ".yml"))
 
 
 def load_directory(
-    directory: Path | str, check_profile: Callable[[Any], None] | None = None
+    directory: Path | str, check_profile: Callable[[Profile], None] | None = None
 ) -> GatewayConfig:
     """Read and validate every document; raise :class:`ConfigError` listing every problem."""
     import crds
@@ -133,14 +155,17 @@ def load_directory(
     seen: dict[tuple[str, str], str] = {}
     for path in _config_files(directory):
         try:
-            documents = list(yaml.safe_load_all(path.read_text()))
-        except (OSError, yaml.YAMLError) as exc:
-            errors.append(f"{path}: not readable YAML: {exc}")
+            documents = _documents(path)
+        except OSError as exc:
+            errors.append(f"{path}: not readable: {exc}")
             continue
-        for index, doc in enumerate(documents, start=1):
+        except yaml.YAMLError as exc:
+            errors.append(_yaml_error(path, exc))
+            continue
+        for index, (line, doc) in enumerate(documents, start=1):
             if doc is None:
                 continue
-            where = f"{path} (document {index})"
+            where = f"{path}:{line} (document {index})"
             if not isinstance(doc, dict):
                 errors.append(f"{where}: a document must be a mapping with apiVersion and kind")
                 continue
@@ -208,27 +233,26 @@ def load_directory(
 def _check_profiles(
     config: GatewayConfig,
     seen: dict[tuple[str, str], str],
-    check_profile: Callable[[Any], None],
+    check_profile: Callable[[Profile], None],
 ) -> list[str]:
     """Scheduler profiles are checked at load (unknown plugins or arguments), not on a request:
     ``check_profile`` raises ValueError naming the plugin and argument (the scheduler's own
     check, ``extproc.scheduling.check_profile``)."""
     errors: list[str] = []
-    checks: list[tuple[str, str, Any]] = []
+    checks: list[tuple[str, str, Profile]] = []
     for (kind, key), where in seen.items():
         if kind == "GatewayConfig" and config.scheduler_profile is not None:
             checks.append(
                 (where, f'GatewayConfig "{key.split("/", 1)[1]}"', config.scheduler_profile)
             )
     for server in config.servers:
-        profile = getattr(server.spec, "scheduler", None)
-        if profile is not None:
+        if server.spec.scheduler is not None:
             key = f"{server.metadata.namespace or 'default'}/{server.metadata.name}"
             where = seen.get(("ModelServer", key), "?")
-            checks.append((where, f'ModelServer "{server.metadata.name}"', profile))
-    for where, who, profile in checks:
+            checks.append((where, f'ModelServer "{server.metadata.name}"', server.spec.scheduler))
+    for where, who, checked in checks:
         try:
-            check_profile(profile)
+            check_profile(checked)
         except ValueError as exc:
             errors.append(f"{where}: {who}: spec.{exc}")
     return errors
@@ -262,7 +286,7 @@ class ConfigWatcher:
         *,
         interval: float = 1.0,
         on_result: Callable[[bool], None] | None = None,
-        check_profile: Callable[[Any], None] | None = None,
+        check_profile: Callable[[Profile], None] | None = None,
     ) -> None:
         self.directory = Path(directory)
         self.check_profile = check_profile

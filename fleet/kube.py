@@ -33,11 +33,12 @@ import logging
 import ssl
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import orjson
 
+from crds.networking import ModelRoute, ModelServer
 from fleet.config import GatewayConfig, StaticEndpoint
 from fleet.pods import selects
 
@@ -50,6 +51,8 @@ __all__ = [
     "pod_info",
     "route_secret_refs",
 ]
+
+_Parsed = TypeVar("_Parsed", ModelRoute, ModelServer)
 
 log = logging.getLogger("matrixinfer.extproc.kube")
 
@@ -211,11 +214,6 @@ class KubeSource:
         if self._session is not None:
             await self._session.close()
             self._session = None
-
-    def drop_watches(self) -> None:
-        """Close every open connection (what a network blip does); the loops resync."""
-        if self._session is not None and self._session.connector is not None:
-            self._session.connector._close()
 
     # ---- list + watch -------------------------------------------------------------------------
     def _path(self, kind: str) -> str:
@@ -410,14 +408,19 @@ class KubeSource:
             if self.on_result:
                 self.on_result(True)
 
-    def _parsed(self, store: Mapping[tuple[str, str], dict[str, Any]], kind: str) -> list[Any]:
+    def _parsed(
+        self, store: Mapping[tuple[str, str], dict[str, Any]], model: type[_Parsed]
+    ) -> list[_Parsed]:
         import crds
 
-        out: list[Any] = []
+        kind = model.__name__
+        out: list[_Parsed] = []
         for (ns, name), raw in sorted(store.items()):
             where = f"{kind} {ns}/{name}"
             try:
                 obj = crds.parse_object(raw, where)
+                if not isinstance(obj, model):
+                    raise ValueError(f"a {obj.kind} where a {kind} was listed")
             except (crds.InvalidObject, ValueError) as exc:
                 if self.invalid.get(where) != str(exc):
                     log.error("%s is invalid and is ignored: %s", where, exc)
@@ -428,13 +431,13 @@ class KubeSource:
         return out
 
     def build(self) -> GatewayConfig:
-        routes = self._parsed(self.routes, "ModelRoute")
-        servers = self._parsed(self.servers, "ModelServer")
+        routes = self._parsed(self.routes, ModelRoute)
+        servers = self._parsed(self.servers, ModelServer)
         # selectors indexed by (namespace, one of their label pairs): a pod is checked only against
         # the selectors that can match it (not every ModelServer: 5,000 pods x 50 servers)
         by_pair: dict[tuple[str, str, str], list[Mapping[str, str]]] = {}
         for server in servers:
-            sel = getattr(getattr(server.spec, "workload_selector", None), "match_labels", None)
+            sel = server.spec.workload_selector.match_labels
             if sel:
                 ns = server.metadata.namespace or "default"
                 k, v = next(iter(sorted(sel.items())))
@@ -468,13 +471,13 @@ class KubeSource:
         )
 
 
-def route_secret_refs(routes: Iterable[Any]) -> set[tuple[str, str]]:
+def route_secret_refs(routes: Iterable[ModelRoute]) -> set[tuple[str, str]]:
     """(namespace, name) of the Secrets named by routes' ``rateLimit.global.redis.
     passwordSecretRef`` (in the route's namespace)."""
     out: set[tuple[str, str]] = set()
     for route in routes:
         limit = route.spec.rate_limit
-        g = getattr(limit, "global_", None) if limit is not None else None
+        g = limit.global_ if limit is not None else None
         ref = g.redis.password_secret_ref if g is not None else None
         if ref is not None:
             out.add((route.metadata.namespace or "default", ref.name))

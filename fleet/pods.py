@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
+from crds.networking import ModelServer
 from fleet.config import GatewayConfig, StaticEndpoint, object_key
 
 __all__ = [
@@ -116,7 +116,7 @@ class Member:
 
 
 def members(
-    server: Any,
+    server: ModelServer,
     by_label: Mapping[tuple[str, str], list[StaticEndpoint]],
     warnings: list[str],
 ) -> Iterator[Member]:

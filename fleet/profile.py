@@ -12,6 +12,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from crds.networking import SchedulerProfile as ServerSchedulerProfile
+
 
 class PluginSpec(BaseModel):
     """One plugin in a profile: its registered name, its weight (scorers only) and its args."""
@@ -41,6 +43,9 @@ class SchedulerProfile(BaseModel):
         default=2, ge=0, le=8, description="How many next-best distinct pods follow the primary."
     )
 
+
+Profile = SchedulerProfile | ServerSchedulerProfile
+"""A gateway-wide profile (files' GatewayConfig) or a ModelServer's ``spec.scheduler``."""
 
 DEFAULT_PROFILE = SchedulerProfile(
     filters=[

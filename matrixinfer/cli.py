@@ -357,13 +357,21 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         stack.start()
         wait_until(stack.extproc_ready, 30, "extproc configuration")
         # the pods as the extproc resolved them (host-only endpoints take the workloadPort)
-        _wait_gateway(stack, {str(p["address"]) for p in stack.state()["pods"]})
+        state = stack.state()
+        _wait_gateway(stack, {str(p["address"]) for p in state["pods"]})
         _say(f"MatrixInfer gateway: OpenAI API at {stack.url}")
         _say(f"  models: {', '.join(_models(stack)) or '(none)'}")
         _say(f"  extproc: {stack.extproc_url}/metrics, /debug/state; Envoy admin {stack.admin_url}")
         _say(f"  logs: {run_dir}; configuration in {config} is watched. Ctrl-C stops.")
+        for line in config_news(None, state):
+            _say(line)
         while all(c.running() for c in (*stack.extprocs, stack.envoy)):
             time.sleep(0.5)
+            now = _read_state(stack)
+            if now is not None:
+                for line in config_news(state, now):
+                    _say(line)
+                state = now
         _say("error: a gateway process exited; see the logs")
         return 1
     except Stopped:
@@ -373,6 +381,42 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         return 1
     finally:
         stack.stop()
+
+
+def config_news(before: dict[str, Any] | None, after: dict[str, Any]) -> list[str]:
+    """Terminal lines for what changed between two extproc ``/debug/state`` reads: a rejected
+    reload (its error names file and line), a configuration applied again after a rejection, a
+    reload, and warnings not shown before (all of them on the first read)."""
+    out: list[str] = []
+    old = (before or {}).get("config") or {}
+    new = after.get("config") or {}
+    if before is not None:
+        if new.get("rejected", 0) > old.get("rejected", 0) and new.get("lastError"):
+            error = "\n".join(f"    {line}" for line in str(new["lastError"]).splitlines())
+            out.append(
+                f"configuration rejected; the last good one stays in force:\n{error}\n"
+                f"  fix the file and save it: {new.get('directory', '')} is watched"
+            )
+        if new.get("applied", 0) > old.get("applied", 0):
+            sizes = (
+                f"{len(after.get('modelRoutes') or [])} ModelRoutes, "
+                f"{len(after.get('modelServers') or [])} ModelServers, "
+                f"{len(after.get('pods') or [])} pods"
+            )
+            if old.get("lastError"):
+                out.append(f"configuration accepted again (the error is fixed): {sizes}")
+            else:
+                out.append(f"configuration reloaded: {sizes}")
+    seen = set((before or {}).get("warnings") or ())
+    out.extend(f"warning: {w}" for w in after.get("warnings") or () if w not in seen)
+    return out
+
+
+def _read_state(stack: GatewayStack) -> dict[str, Any] | None:
+    try:
+        return stack.state()
+    except (urllib.error.URLError, OSError, ValueError):
+        return None  # a busy or restarting extproc: ask again on the next turn
 
 
 def _models(stack: GatewayStack) -> list[str]:

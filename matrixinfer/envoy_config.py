@@ -3,11 +3,13 @@ from the same xDS resources (benchmarks)."""
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from controllers.xds.generate import GatewaySettings, XdsInputs, static_bootstrap
+from controllers.xds.sources import with_policy_filters
 from matrixinfer.resources import project_file
 
 __all__ = [
@@ -27,24 +29,17 @@ def template_path() -> Path:
     return project_file(f"envoy/{TEMPLATE}")
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, frozen=True)
 class EnvoySettings:
-    listen_port: int
+    """A static bootstrap: the gateway's Envoy settings (``GatewaySettings``, the one definition
+    the xDS server uses too) plus what only a bootstrap without xDS needs."""
+
     admin_port: int
     extproc_port: int
     eds_path: Path
-    listen_host: str = "127.0.0.1"
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)
     extproc_host: str = "127.0.0.1"
     node_id: str = "matrixinfer-gateway"
-    body_mode: str = "BUFFERED"  # or FULL_DUPLEX_STREAMED
-    body_limit: int = 10 * 1024 * 1024
-    message_timeout_ms: int | None = None  # None: the generator's default (GatewaySettings)
-    fail_open: bool = False
-    retries: int = 2
-    connect_timeout_ms: int = 1000
-    route_timeout_s: int = 0  # 0: no limit on the whole exchange (answers stream)
-    stream_idle_timeout_s: int = 300
-    access_log: bool = False
     policy_filters: bool = False  # add extproc.usage's Envoy filters/access logs
 
 
@@ -53,28 +48,8 @@ def render_bootstrap(settings: EnvoySettings) -> str:
     (``controllers.xds.generate.static_bootstrap``): the one definition of the gateway's Envoy
     config. Used by the benchmarks; the local stack runs Envoy on ADS
     (:func:`render_ads_bootstrap`)."""
-    import json
-
-    from controllers.xds.generate import GatewaySettings, XdsInputs, static_bootstrap
-    from controllers.xds.sources import with_policy_filters
-
     s = settings
-    gateway = GatewaySettings(
-        listen_host=s.listen_host,
-        listen_port=s.listen_port,
-        body_mode=s.body_mode,
-        body_limit=s.body_limit,
-        fail_open=s.fail_open,
-        retries=s.retries,
-        connect_timeout_ms=s.connect_timeout_ms,
-        route_timeout_s=s.route_timeout_s,
-        stream_idle_timeout_s=s.stream_idle_timeout_s,
-        access_log=s.access_log,
-    )
-    if s.message_timeout_ms is not None:  # else the generator's default stands
-        gateway = dataclasses.replace(gateway, message_timeout_ms=s.message_timeout_ms)
-    if s.policy_filters:
-        gateway = with_policy_filters(gateway)
+    gateway = with_policy_filters(s.gateway) if s.policy_filters else s.gateway
     bootstrap = static_bootstrap(
         gateway,
         XdsInputs(extproc_endpoints=[f"{s.extproc_host}:{s.extproc_port}"]),

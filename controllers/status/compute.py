@@ -1,7 +1,9 @@
 """Pure status computation for ModelRoute and ModelServer (plain dicts in, status dicts out).
 
-- ModelRoute: ``Accepted`` (the object validates against the API; reason ``Accepted`` /
-  ``Invalid`` with the first error) and ``ResolvedRefs`` (every target ModelServer exists in the
+- ModelRoute: ``Accepted`` (the object validates against the API and serves every name it
+  claims; reason ``Accepted`` / ``Invalid`` with the first error / ``ModelNameTaken`` naming the
+  route that serves a claimed model name or LoRA adapter, by :mod:`fleet.claims`) and
+  ``ResolvedRefs`` (every target ModelServer exists in the
   route's namespace; reason ``ResolvedRefs`` / ``BackendNotFound`` naming the missing ones).
 - ModelServer: ``readyEndpoints`` (pods of its namespace its ``workloadSelector.matchLabels``
   selects that are Running and Ready with an IP) and condition ``Ready`` (at least one).
@@ -16,8 +18,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from crds.common import Condition
+from fleet.claims import Claim, winners
 
-__all__ = ["PodView", "merge_conditions", "route_status", "server_status"]
+__all__ = [
+    "PodView",
+    "merge_conditions",
+    "route_claims",
+    "route_status",
+    "server_status",
+    "taken_names",
+]
 
 
 @dataclass(slots=True, frozen=True)
@@ -53,25 +63,61 @@ def merge_conditions(
     return out
 
 
+def route_claims(raw: Mapping[str, Any]) -> list[tuple[str, Claim]]:
+    """The names a raw ModelRoute claims: ``("model", claim)`` for ``modelName``, ``("lora",
+    claim)`` for each LoRA adapter (the two are looked up apart, as the gateway does)."""
+    meta = raw.get("metadata") or {}
+    key = f"{meta.get('namespace') or 'default'}/{meta.get('name')}"
+    created = meta.get("creationTimestamp")
+    spec = raw.get("spec") or {}
+    out: list[tuple[str, Claim]] = []
+    if spec.get("modelName"):
+        out.append(("model", Claim(str(spec["modelName"]), key, created)))
+    out.extend(("lora", Claim(str(lora), key, created)) for lora in spec.get("loraAdapters") or ())
+    return out
+
+
+def taken_names(
+    raw: Mapping[str, Any], claims_of: Callable[[str, str], Iterable[Claim]]
+) -> dict[str, str]:
+    """Names ``raw`` claims that another route serves → that route's namespace/name.
+    ``claims_of(kind, name)``: every route's claim on ``name`` (``kind`` "model" or "lora")."""
+    out: dict[str, str] = {}
+    for kind, claim in route_claims(raw):
+        winner = winners([claim, *claims_of(kind, claim.name)]).get(claim.name, claim.route)
+        if winner != claim.route:
+            out[claim.name] = winner
+    return out
+
+
 def route_status(
     raw: Mapping[str, Any],
     server_exists: Callable[[str, str], bool],
     validate: Callable[[Mapping[str, Any]], str | None],
     now: str,
+    taken: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
+    """``taken``: claimed names another route serves → that route (:func:`taken_names`)."""
     meta = raw.get("metadata") or {}
     ns = meta.get("namespace") or "default"
     generation = int(meta.get("generation") or 0)
     error = validate(raw)
-    conditions = [
-        _condition(
+    if error is not None:
+        accepted = _condition("Accepted", False, "Invalid", error, generation)
+    elif taken:
+        accepted = _condition(
             "Accepted",
-            error is None,
-            "Accepted" if error is None else "Invalid",
-            "the route is valid" if error is None else error,
+            False,
+            "ModelNameTaken",
+            "; ".join(
+                f"'{name}' is served by ModelRoute '{winner}' (created first)"
+                for name, winner in sorted(taken.items())
+            ),
             generation,
         )
-    ]
+    else:
+        accepted = _condition("Accepted", True, "Accepted", "the route is valid", generation)
+    conditions = [accepted]
     targets: list[str] = []
     for rule in (raw.get("spec") or {}).get("rules") or []:
         for target in rule.get("targets") or []:

@@ -1,8 +1,9 @@
 """Kopf handlers writing ModelRoute and ModelServer status (the only writer of it).
 
-Indexes: ModelServer names per namespace, and a compact view of every pod (namespace, labels,
-ready). A timer per ModelRoute / ModelServer recomputes its status (pure functions in
-:mod:`controllers.status.compute`) and patches it only when it changed.
+Indexes: ModelServer names per namespace, every ModelRoute's claims on model names and LoRA
+adapters (``fleet.claims`` decides who serves a contested name), and a compact view of every pod
+(namespace, labels, ready). A timer per ModelRoute / ModelServer recomputes its status (pure
+functions in :mod:`controllers.status.compute`) and patches it only when it changed.
 """
 
 from __future__ import annotations
@@ -13,7 +14,14 @@ from typing import Any
 
 import kopf
 
-from controllers.status.compute import PodView, route_status, server_status
+from controllers.status.compute import (
+    PodView,
+    route_claims,
+    route_status,
+    server_status,
+    taken_names,
+)
+from fleet.claims import Claim
 
 __all__ = ["register"]
 
@@ -46,6 +54,10 @@ def register(registry: kopf.OperatorRegistry) -> None:
     def gateway_servers(namespace: str | None, name: str | None, **_: Any) -> Any:
         return {namespace or "default": name}
 
+    @kopf.index(GROUP, VERSION, "modelroutes", id="gateway_route_claims", registry=registry)
+    def gateway_route_claims(body: kopf.Body, **_: Any) -> Any:
+        return {(kind, claim.name): claim for kind, claim in route_claims(dict(body))}
+
     @kopf.index("pods", id="gateway_pods", registry=registry)
     def gateway_pods(body: kopf.Body, namespace: str | None, **_: Any) -> Any:
         status = body.get("status") or {}
@@ -66,11 +78,16 @@ def register(registry: kopf.OperatorRegistry) -> None:
     )
     def modelroute_status(body: kopf.Body, patch: kopf.Patch, **kwargs: Any) -> None:
         gateway_servers: kopf.Index[str, str] = kwargs["gateway_servers"]
+        claims: kopf.Index[tuple[str, str], Claim] = kwargs["gateway_route_claims"]
 
         def exists(ns: str, name: str) -> bool:
             return name in gateway_servers.get(ns, ())
 
-        status = route_status(dict(body), exists, _validate, _now())
+        def claims_of(kind: str, name: str) -> list[Claim]:
+            return list(claims.get((kind, name), ()))
+
+        raw = dict(body)
+        status = route_status(raw, exists, _validate, _now(), taken_names(raw, claims_of))
         if _changed(body.get("status"), status):
             patch.status.update(status)
 

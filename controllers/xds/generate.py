@@ -30,6 +30,9 @@ from typing import Any
 
 import orjson
 
+from crds.networking import RetryPolicy
+from fleet.retry import envoy_retry
+
 __all__ = [
     "CLUSTER",
     "DEFAULT_ACCESS_LOG_FORMAT",
@@ -169,23 +172,17 @@ def _ns(obj: Any) -> str:
     return getattr(obj.metadata, "namespace", None) or "default"
 
 
-def _retry_policy(retry: Any, default_retries: int, per_try_idle: float | None) -> dict[str, Any]:
+def _retry_policy(
+    retry: RetryPolicy | None, default_retries: int, per_try_idle: float | None
+) -> dict[str, Any]:
     out: dict[str, Any] = {"per_try_timeout": "0s"}
     if retry is None:
         out.update(retry_on=DEFAULT_RETRY_ON, num_retries=default_retries)
     else:
-        conditions: list[str] = []
-        codes: list[int] = []
-        for item in retry.retry_on:
-            if str(item).isdigit():
-                codes.append(int(item))
-            else:
-                conditions.append(str(item))
-        if codes and "retriable-status-codes" not in conditions:
-            conditions.append("retriable-status-codes")
-        out.update(retry_on=",".join(conditions) or "connect-failure", num_retries=retry.attempts)
-        if codes:
-            out["retriable_status_codes"] = codes
+        envoy = envoy_retry(retry)
+        out.update(retry_on=envoy.retry_on, num_retries=envoy.attempts)
+        if envoy.status_codes:
+            out["retriable_status_codes"] = list(envoy.status_codes)
     if per_try_idle is not None:
         out["per_try_idle_timeout"] = _seconds(per_try_idle)
     return out

@@ -138,3 +138,60 @@ def test_other_matrixinfer_kinds_are_ignored(tmp_path: Path) -> None:
     )
     config = load_directory(tmp_path)
     assert [r.metadata.name for r in config.routes] == ["chat"]
+
+
+async def test_hot_added_duplicate_route_leaves_the_incumbent_serving(tmp_path: Path) -> None:
+    """A file added later that claims a served model (and sorts first) does not take it."""
+    write_good(tmp_path)
+    ds = Datastore()
+    watcher = ConfigWatcher(tmp_path, ds.apply, interval=0.05)
+    assert watcher.load_now()
+    (tmp_path / "00-newcomer.yaml").write_text(
+        server_yaml("other", {"app": "other"}, port=9000)
+        + "---\n"
+        + ROUTE.replace("{name: chat}", "{name: aaa-newcomer}").replace("pool", "other")
+    )
+    assert await watcher.check() is True
+    snap = ds.snapshot
+    assert snap.routes.lookup("chat")[0].key == "default/chat"
+    assert any("'default/aaa-newcomer' also claims 'chat'" in w for w in snap.warnings)
+    state = {r["key"]: r for r in ds.to_json()["modelRoutes"]}
+    assert state["default/aaa-newcomer"]["notServed"] == [
+        {"name": "chat", "servedBy": "default/chat"}
+    ]
+    assert state["default/chat"]["notServed"] == []
+    # when the incumbent goes away, the newcomer serves the model
+    (tmp_path / "10-model.yaml").write_text(server_yaml("pool", {"app": "chat"}, port=8001))
+    assert await watcher.check() is True
+    assert ds.snapshot.routes.lookup("chat")[0].key == "default/aaa-newcomer"
+
+
+def test_dangling_target_is_warned_and_its_model_not_listed(tmp_path: Path) -> None:
+    write_good(tmp_path)
+    (tmp_path / "30-ghost.yaml").write_text(
+        ROUTE.replace("{name: chat}", "{name: ghostly}")
+        .replace("modelName: chat", "modelName: ghost-model")
+        .replace("pool", "ghost")
+    )
+    ds = Datastore()
+    snap = ds.apply(load_directory(tmp_path))
+    (warning,) = [w for w in snap.warnings if "ghostly" in w]
+    assert "ModelServer 'ghost'" in warning and "does not exist" in warning
+    assert snap.routes.model_names() == ["chat"]
+    state = {r["key"]: r for r in ds.to_json()["modelRoutes"]}
+    assert state["default/ghostly"]["missingModelServers"] == ["default/ghost"]
+
+
+def test_errors_name_the_file_and_line(tmp_path: Path) -> None:
+    write_good(tmp_path)
+    bad_route = ROUTE.replace("modelServerName: pool", "modelServerName: pool, weight: 500")
+    # the bad ModelRoute is the second document and starts on line 9
+    (tmp_path / "30-bad.yaml").write_text(server_yaml("x", {"app": "x"}) + "---\n" + bad_route)
+    assert server_yaml("x", {"app": "x"}).count("\n") == 7
+    with pytest.raises(ConfigError) as err:
+        load_directory(tmp_path)
+    assert f"{tmp_path / '30-bad.yaml'}:9 (document 2)" in str(err.value)
+    (tmp_path / "30-bad.yaml").write_text("kind: ModelRoute\nmetadata:\n  name: [unclosed\n")
+    with pytest.raises(ConfigError) as err:
+        load_directory(tmp_path)
+    assert f"{tmp_path / '30-bad.yaml'}:4: not readable YAML" in str(err.value)

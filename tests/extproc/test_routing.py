@@ -5,7 +5,7 @@ from random import Random
 import pytest
 
 from extproc.errors import GatewayError
-from extproc.routing import RouteTable
+from extproc.routing import LostClaim, RouteTable
 from tests.extproc.helpers import objects
 
 ROUTES = """
@@ -47,10 +47,11 @@ spec:
 """
 
 
+SERVERS = {"default/big": "meta-llama/Llama-3-70B", "default/small": None}
+
+
 def table() -> RouteTable:
-    return RouteTable(
-        objects(ROUTES), {"default/big": "meta-llama/Llama-3-70B", "default/small": None}
-    )
+    return RouteTable(objects(ROUTES), SERVERS)
 
 
 def test_first_matching_rule_wins_and_rewrites_model() -> None:
@@ -103,9 +104,65 @@ def test_missing_model_server_is_503_naming_it() -> None:
     assert err.value.status == 503 and "'ghost'" in err.value.message
 
 
+def _route(name: str, model: str, created: str | None = None, server: str = "small") -> str:
+    meta = f"name: {name}" + (f", creationTimestamp: '{created}'" if created else "")
+    return (
+        "apiVersion: networking.matrixinfer.ai/v1alpha1\nkind: ModelRoute\n"
+        f"metadata: {{{meta}}}\nspec:\n  modelName: {model}\n"
+        f"  rules: [{{targets: [{{modelServerName: {server}}}]}}]\n"
+    )
+
+
 def test_models_list_and_conflicts() -> None:
     dup = ROUTES + "\n---\n" + ROUTES.split("---")[1].replace("name: strict}", "name: strict2}")
-    t = RouteTable(objects(dup), {})
+    t = RouteTable(objects(dup), SERVERS)
     assert t.model_names() == ["llama", "sql-lora", "strict-model"]
-    assert any("strict2" in c and "first one wins" in c for c in t.conflicts)
+    assert any("strict2" in c and "'default/strict' keeps it" in c for c in t.conflicts)
     assert t.lookup("strict-model")[0].name == "strict"
+    assert [(c.name, c.served_by) for c in t.lost["default/strict2"]] == [
+        ("strict-model", "default/strict")
+    ]
+
+
+def test_a_newcomer_does_not_take_a_served_model() -> None:
+    """Files: the route applied first keeps its model, whatever the newcomer's name."""
+    first = RouteTable(objects(_route("zeta", "chat")), SERVERS)
+    assert first.lookup("chat")[0].name == "zeta"
+    both = objects(_route("alpha", "chat", server="big") + "---\n" + _route("zeta", "chat"))
+    second = RouteTable(both, SERVERS, previous=first)
+    assert second.lookup("chat")[0].name == "zeta"
+    assert second.lost == {"default/alpha": [LostClaim("chat", "default/zeta")]}
+    # and it keeps it on the next reload too
+    assert RouteTable(both, SERVERS, previous=second).lookup("chat")[0].name == "zeta"
+    # without history, the name decides
+    assert RouteTable(both, SERVERS).lookup("chat")[0].name == "alpha"
+
+
+def test_the_oldest_route_wins_over_the_incumbent() -> None:
+    """Kubernetes: the creation time decides, then the route that held the name."""
+    old = _route("zeta", "chat", "2025-01-01T00:00:00Z")
+    new = _route("alpha", "chat", "2025-06-01T00:00:00Z")
+    t = RouteTable(objects(new + "---\n" + old), SERVERS)
+    assert t.lookup("chat")[0].name == "zeta"
+    same = _route("alpha", "chat", "2025-01-01T00:00:00Z")
+    held = RouteTable(objects(old), SERVERS)
+    assert (
+        RouteTable(objects(same + "---\n" + old), SERVERS, previous=held).lookup("chat")[0].name
+        == "zeta"
+    )
+
+
+def test_missing_model_server_is_reported_and_its_model_not_listed() -> None:
+    t = RouteTable(objects(_route("lost", "ghost-model", server="ghost")), SERVERS)
+    assert t.missing_servers == {"default/lost": ["default/ghost"]}
+    (warning,) = t.missing_server_warnings()
+    assert "'default/lost'" in warning and "'ghost'" in warning
+    assert t.model_names() == []
+
+
+def test_models_without_a_ready_pod_are_not_listed() -> None:
+    ready = {"default/big"}
+    t = RouteTable(objects(ROUTES), SERVERS, ready_server=ready.__contains__)
+    assert t.model_names() == ["llama", "sql-lora"]  # strict-model: only 'small' and 'ghost'
+    ready.add("default/small")
+    assert t.model_names() == ["llama", "sql-lora", "strict-model"]

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import urllib.request
 from pathlib import Path
 
@@ -41,6 +42,15 @@ spec:
 """
 
 
+BAD_ROUTE = """apiVersion: networking.matrixinfer.ai/v1alpha1
+kind: ModelRoute
+metadata: {name: extra}
+spec:
+  modelName: extra-model
+  rules: [{targets: [{modelServerName: ghost, weight: WEIGHT}]}]
+"""
+
+
 def test_gateway_serves_existing_endpoints_and_stops_on_sigterm(tmp_path: Path) -> None:
     port = free_port("127.0.0.75")
     with Fleet(2, port=port, first_host="127.0.0.75", args=("--time-scale", "0.02")) as fleet:
@@ -70,6 +80,15 @@ def test_gateway_serves_existing_endpoints_and_stops_on_sigterm(tmp_path: Path) 
             start_new_session=True,
         )
         base = f"http://127.0.0.1:{listen}/v1"
+        lines: list[str] = []
+
+        def read() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                lines.append(line)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
         try:
             wait_until(lambda: http_ok(f"{base}/models"), 90, "gateway")
             body = {"model": "demo-model", "messages": [{"role": "user", "content": "hi"}]}
@@ -83,8 +102,20 @@ def test_gateway_serves_existing_endpoints_and_stops_on_sigterm(tmp_path: Path) 
                 with urllib.request.urlopen(req, timeout=10) as resp:
                     served.add(resp.headers["x-inference-pod"])
             assert served <= {"sim-0", "sim-1"} and served
+            # a rejected reload is printed with its file and line, then the recovery
+            wait_until(lambda: "Ctrl-C stops" in "".join(lines), 30, "the start-up lines")
+            bad = config / "zz-extra.yaml"
+            bad.write_text(BAD_ROUTE.replace("WEIGHT", "900"))
+            wait_until(lambda: "configuration rejected" in "".join(lines), 30, "rejection shown")
+            assert f"{bad}:1 (document 1)" in "".join(lines)
+            bad.write_text(BAD_ROUTE.replace("WEIGHT", "90"))
+            wait_until(lambda: "accepted again" in "".join(lines), 30, "recovery shown")
+            # the fixed file still names a ModelServer that does not exist: a warning
+            wait_until(lambda: "ModelServer 'ghost'" in "".join(lines), 30, "dangling warning")
             proc.send_signal(signal.SIGTERM)
-            out, _ = proc.communicate(timeout=30)
+            proc.wait(timeout=30)
+            reader.join(timeout=10)
+            out = "".join(lines)
             assert proc.returncode == 0, out
             assert "OpenAI API at" in out and "demo-model" in out
             assert not http_ok(f"{base}/models", timeout=0.5)

@@ -99,11 +99,14 @@ async def create_server(api: Api, name: str, labels: dict[str, str], port: int) 
     await api.request("POST", f"{NET}/modelservers", body)
 
 
-async def create_route(api: Api, name: str, model: str, servers: list[str]) -> None:
+async def create_route(
+    api: Api, name: str, model: str, servers: list[str], created: str | None = None
+) -> None:
+    extra = {"creationTimestamp": created} if created else {}
     body = {
         "apiVersion": "networking.matrixinfer.ai/v1alpha1",
         "kind": "ModelRoute",
-        "metadata": meta(api, name),
+        "metadata": meta(api, name, **extra),
         "spec": {
             "modelName": model,
             "rules": [{"targets": [{"modelServerName": s} for s in servers]}],

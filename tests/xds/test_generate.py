@@ -239,6 +239,7 @@ def test_usage_filters_come_from_fleet_usage_envoy() -> None:
 
 
 def test_static_bootstrap_from_the_same_resources_is_valid_for_envoy(tmp_path: Path) -> None:
+    from controllers.xds.generate import GatewaySettings
     from fleet.envoy_eds import write_eds
     from matrixinfer.envoy_config import EnvoySettings, render_bootstrap
     from matrixinfer.process import find_envoy
@@ -247,7 +248,13 @@ def test_static_bootstrap_from_the_same_resources_is_valid_for_envoy(tmp_path: P
     write_eds(eds, "matrixinfer_pods", ["127.0.0.1:8000"])
     for policy_filters in (False, True):
         text = render_bootstrap(
-            EnvoySettings(8080, 9901, 9002, eds, access_log=True, policy_filters=policy_filters)
+            EnvoySettings(
+                9901,
+                9002,
+                eds,
+                GatewaySettings(listen_port=8080, access_log=True),
+                policy_filters=policy_filters,
+            )
         )
         doc = json.loads(text)
         listener = doc["static_resources"]["listeners"][0]

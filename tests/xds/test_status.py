@@ -8,7 +8,13 @@ from typing import Any
 
 import pytest
 
-from controllers.status.compute import PodView, route_status, server_status
+from controllers.status.compute import (
+    PodView,
+    route_claims,
+    route_status,
+    server_status,
+    taken_names,
+)
 from matrixinfer.process import free_port
 from matrixinfer.testing.kube import Api, eventually, operator
 from tests.xds.conftest import Envoy, ads_envoy
@@ -53,6 +59,30 @@ def test_route_status_pure() -> None:
     assert cond3["ResolvedRefs"]["lastTransitionTime"] == "T3"
 
 
+def test_route_that_claims_a_served_model_is_not_accepted() -> None:
+    def route(name: str, created: str) -> dict[str, Any]:
+        return {
+            "metadata": {"name": name, "namespace": "ns", "creationTimestamp": created},
+            "spec": {"modelName": "chat", "loraAdapters": ["sql"], "rules": []},
+        }
+
+    old, new = route("zeta", "2025-01-01T00:00:00Z"), route("alpha", "2025-02-01T00:00:00Z")
+    index: dict[tuple[str, str], list[Any]] = {}
+    for raw in (old, new):
+        for kind, claim in route_claims(raw):
+            index.setdefault((kind, claim.name), []).append(claim)
+
+    def claims_of(kind: str, name: str) -> list[Any]:
+        return index.get((kind, name), [])
+
+    assert taken_names(old, claims_of) == {}
+    assert taken_names(new, claims_of) == {"chat": "ns/zeta", "sql": "ns/zeta"}
+    st = route_status(new, lambda ns, n: True, lambda _: None, "T1", taken_names(new, claims_of))
+    accepted = {c["type"]: c for c in st["conditions"]}["Accepted"]
+    assert (accepted["status"], accepted["reason"]) == ("False", "ModelNameTaken")
+    assert "'chat' is served by ModelRoute 'ns/zeta'" in accepted["message"]
+
+
 def test_server_status_pure() -> None:
     raw = {
         "metadata": {"name": "s", "namespace": "ns"},
@@ -71,8 +101,10 @@ def test_server_status_pure() -> None:
 async def test_operator_writes_route_and_server_status() -> None:
     async with kube() as api:
         await create_server(api, "pool", {"app": "sim"}, 8000)
-        await create_route(api, "good", "m1", ["pool"])
+        await create_route(api, "good", "m1", ["pool"], created="2025-01-01T00:00:00Z")
         await create_route(api, "dangling", "m2", ["pool", "missing"])
+        # claims m1 too, created later: not accepted, naming the route that serves m1
+        await create_route(api, "aaa-late", "m1", ["pool"], created="2999-01-01T00:00:00Z")
         await create_pod(api, "p0", "10.0.0.1", {"app": "sim"})
         await create_pod(api, "p1", "10.0.0.2", {"app": "sim"})
         await create_pod(api, "other", "10.0.0.3", {"app": "other"})
@@ -82,6 +114,12 @@ async def test_operator_writes_route_and_server_status() -> None:
                 what="good route resolved",
             )
             assert conditions(api, "modelroutes", "good")["Accepted"]["status"] == "True"
+            await eventually(
+                lambda: conditions(api, "modelroutes", "aaa-late")["Accepted"]["status"] == "False",
+                what="the late duplicate route not accepted",
+            )
+            late = conditions(api, "modelroutes", "aaa-late")["Accepted"]
+            assert late["reason"] == "ModelNameTaken" and "'ns/good'" in late["message"]
             await eventually(
                 lambda: (
                     conditions(api, "modelroutes", "dangling")["ResolvedRefs"]["status"] == "False"
