@@ -46,11 +46,11 @@ HEADERS = {":method": "POST", ":path": "/v1/chat/completions", "x-request-id": "
 BODY = orjson.dumps({"model": "chat", "messages": [{"role": "user", "content": "hi"}]})
 
 
-def test_routed_request_counts_in_flight_until_the_stream_ends() -> None:
+async def test_routed_request_counts_in_flight_until_the_stream_ends() -> None:
     gw, ds = make()
     state, early = gw.start(HEADERS, end_of_stream=False)
     assert early is None
-    decision = gw.decide(state, BODY)
+    decision = await gw.decide(state, BODY)
     assert isinstance(decision, Routed)
     assert decision.endpoints[0] == decision.pod.address and len(decision.endpoints) >= 2
     assert len(set(decision.endpoints)) == len(decision.endpoints)
@@ -62,10 +62,10 @@ def test_routed_request_counts_in_flight_until_the_stream_ends() -> None:
     assert ds.in_flight_total() == 0
 
 
-def test_no_rewrite_keeps_the_body_untouched() -> None:
+async def test_no_rewrite_keeps_the_body_untouched() -> None:
     gw, _ = make(model=None)
     state, _ = gw.start(HEADERS, end_of_stream=False)
-    decision = gw.decide(state, BODY)
+    decision = await gw.decide(state, BODY)
     assert isinstance(decision, Routed) and decision.body is None
 
 
@@ -80,36 +80,36 @@ def test_models_list_and_early_answers() -> None:
     assert answer is not None and answer.status == 400
 
 
-def test_server_without_pods_is_503_and_unready_pods_are_skipped() -> None:
+async def test_server_without_pods_is_503_and_unready_pods_are_skipped() -> None:
     gw, ds = make()
     state, _ = gw.start(HEADERS, end_of_stream=False)
     lonely = orjson.dumps({"model": "lonely", "prompt": "x"})
     state, _ = gw.start({**HEADERS, ":path": "/v1/completions"}, end_of_stream=False)
-    answer = gw.decide(state, lonely)
+    answer = await gw.decide(state, lonely)
     assert isinstance(answer, Immediate) and answer.status == 503
     assert b"nobody" in answer.body
     # stale metrics (slow or failing scrapes) are unknown: the pods stay in rotation
     for name in ("p0", "p1", "p2"):
         ds.publish_metrics(name, PodMetrics(stale=True))
     state, _ = gw.start(HEADERS, end_of_stream=False)
-    assert isinstance(gw.decide(state, BODY), Routed)
+    assert isinstance(await gw.decide(state, BODY), Routed)
     # unreachable pods (nothing listens) are taken out; none left -> 503 with the reason
     for name in ("p0", "p1", "p2"):
         ds.publish_metrics(name, PodMetrics(stale=True, unreachable=True))
     state, _ = gw.start(HEADERS, end_of_stream=False)
-    answer = gw.decide(state, BODY)
+    answer = await gw.decide(state, BODY)
     assert isinstance(answer, Immediate) and answer.status == 503
     assert b"ready" in answer.body
     ds.publish_metrics("p1", PodMetrics(stale=False, waiting=0, running=0))
     state, _ = gw.start(HEADERS, end_of_stream=False)
-    decision = gw.decide(state, BODY)
+    decision = await gw.decide(state, BODY)
     assert isinstance(decision, Routed) and decision.pod.name == "p1"
 
 
-def test_reload_keeps_pod_state_and_forgets_removed_pods() -> None:
+async def test_reload_keeps_pod_state_and_forgets_removed_pods() -> None:
     gw, ds = make()
     state, _ = gw.start(HEADERS, end_of_stream=False)
-    decision = gw.decide(state, BODY)
+    decision = await gw.decide(state, BODY)
     assert isinstance(decision, Routed)
     picked = decision.pod.name
     text = server_yaml("pool", {"app": "chat"}) + "---\n" + ROUTES
@@ -121,10 +121,10 @@ def test_reload_keeps_pod_state_and_forgets_removed_pods() -> None:
     assert set(ds.snapshot.pods) == {picked}
 
 
-def test_traffic_policy_retries_become_envoy_headers() -> None:
+async def test_traffic_policy_retries_become_envoy_headers() -> None:
     gw, ds = make()
     state, _ = gw.start({**HEADERS, "x-envoy-max-retries": "9"}, end_of_stream=False)
-    decision = gw.decide(state, BODY)
+    decision = await gw.decide(state, BODY)
     assert isinstance(decision, Routed)
     # no retry policy: none (the client's own header is overwritten, its status codes removed)
     assert decision.headers["x-envoy-max-retries"] == "0"
@@ -134,7 +134,7 @@ def test_traffic_policy_retries_become_envoy_headers() -> None:
     )
     ds.apply(config(retrying + "---\n" + ROUTES, PODS))
     state, _ = gw.start(HEADERS, end_of_stream=False)
-    decision = gw.decide(state, BODY)
+    decision = await gw.decide(state, BODY)
     assert isinstance(decision, Routed)
     h = decision.headers
     # capped by the fallbacks the scheduler returned (each retry goes to the next one)
@@ -143,7 +143,7 @@ def test_traffic_policy_retries_become_envoy_headers() -> None:
     assert h["x-envoy-retriable-status-codes"] == "503"
 
 
-def test_a_scheduler_bug_costs_one_request_a_500_not_the_process() -> None:
+async def test_a_scheduler_bug_costs_one_request_a_500_not_the_process() -> None:
     gw, ds = make()
 
     class Broken:
@@ -153,7 +153,7 @@ def test_a_scheduler_bug_costs_one_request_a_500_not_the_process() -> None:
     for key in ds.snapshot.servers:
         gw._schedulers[key] = (ds.snapshot.servers[key].profile, Broken())  # type: ignore[assignment]
     state, _ = gw.start(HEADERS, end_of_stream=False)
-    answer = gw.decide(state, BODY)
+    answer = await gw.decide(state, BODY)
     assert isinstance(answer, Immediate) and answer.status == 500
     assert b"request id r1" in answer.body
     assert ds.in_flight_total() == 0
