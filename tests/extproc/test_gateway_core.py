@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from random import Random
+from typing import Any
 
 import orjson
+import pytest
 
+import extproc.parsing
 from extproc.datastore import Datastore
-from extproc.gateway import Gateway, Immediate, Routed
+from extproc.gateway import NO_POLICIES, Gateway, Immediate, NoPolicies, RequestState, Routed
 from extproc.metrics import GatewayMetrics
+from extproc.policies.enforce import Policies, PolicySettings
 from fleet.pods import PodMetrics
 from tests.extproc.helpers import config, server_yaml
 
@@ -157,3 +161,131 @@ async def test_a_scheduler_bug_costs_one_request_a_500_not_the_process() -> None
     assert isinstance(answer, Immediate) and answer.status == 500
     assert b"request id r1" in answer.body
     assert ds.in_flight_total() == 0
+
+
+# ---------------------------------------------------------------- the pipeline's stages
+
+
+class RecordedStages(NoPolicies):
+    """Policy stages that only record their calls (``wait``: as if others waited in the queue)."""
+
+    def __init__(self, calls: list[str], wait: bool = False) -> None:
+        self.calls = calls
+        self.wait = wait
+
+    def authenticate(self, state: RequestState) -> None:
+        self.calls.append("authenticate")
+
+    async def admit(self, *args: Any) -> None:
+        self.calls.append("admit")
+
+    def waiting(self, server_key: str) -> bool:
+        return self.wait
+
+    async def queue(self, state: RequestState, parsed: Any, view: Any, *rest: Any) -> Any:
+        self.calls.append("queue")
+        attempt = rest[1]  # (saturated, attempt, undo)
+        return attempt()  # dispatched at once: the schedule stage runs from the queue
+
+    def mark(self, state: RequestState, parsed: Any, routed: Routed) -> None:
+        self.calls.append("mark")
+
+
+def recording(gw: Gateway, calls: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Record the gateway's own stages (parse, route, schedule) into ``calls``."""
+
+    def spy(name: str, fn: Any) -> Any:
+        def recorded(*args: Any, **kwargs: Any) -> Any:
+            calls.append(name)
+            return fn(*args, **kwargs)
+
+        return recorded
+
+    classify = spy("parse request line", extproc.parsing.classify)
+    monkeypatch.setattr("extproc.gateway.classify", classify)
+    for stage in ("parse", "route", "schedule"):
+        monkeypatch.setattr(gw, f"_{stage}", spy(stage, getattr(gw, f"_{stage}")))
+
+
+@pytest.mark.parametrize("wait", [False, True])
+async def test_pipeline_runs_the_stages_in_order(
+    wait: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gw, ds = make()
+    calls: list[str] = []
+    recording(gw, calls, monkeypatch)
+    gw.policy_stages = RecordedStages(calls, wait=wait)
+    state, early = gw.start(HEADERS, end_of_stream=False)
+    assert early is None
+    decision = await gw.decide(state, BODY)
+    assert isinstance(decision, Routed) and ds.in_flight_total() == 1
+    queued = ["queue"] if wait else []
+    assert calls == [
+        "parse request line",
+        "authenticate",
+        "parse",
+        "route",
+        "admit",
+        *queued,
+        "schedule",
+        "mark",
+    ]
+    gw.finish(state)
+    assert ds.in_flight_total() == 0
+
+
+async def test_without_policies_no_policy_stage_runs(tmp_path: Any) -> None:
+    gw, _ = make()
+    policies = Policies(PolicySettings(), gw.metrics.registry)
+    calls: list[str] = []
+    authenticate, admit = policies.authenticate, policies.admit
+
+    def spy_authenticate(headers: Any) -> Any:
+        calls.append("authenticate")
+        return authenticate(headers)
+
+    async def spy_admit(*args: Any, **kwargs: Any) -> Any:
+        calls.append("admit")
+        return await admit(*args, **kwargs)
+
+    policies.authenticate = spy_authenticate  # type: ignore[method-assign]
+    policies.admit = spy_admit  # type: ignore[method-assign]
+    headers = {**HEADERS, "authorization": "Bearer not-checked"}
+
+    async def request() -> tuple[RequestState, Routed]:
+        state, early = gw.start(headers, end_of_stream=False)
+        assert early is None
+        decision = await gw.decide(state, BODY)
+        assert isinstance(decision, Routed)
+        gw.finish(state)
+        return state, decision
+
+    gw.policies = policies  # configured: both stages run, the request carries its charge
+    state, decision = await request()
+    assert calls == ["authenticate", "admit"] and state.charge is not None
+    assert decision.metadata is not None and decision.headers["authorization"] == ""
+
+    gw.policies = None  # off: no-op stages, nothing authenticated, admitted or marked
+    assert gw.policy_stages is NO_POLICIES
+    calls.clear()
+    state, decision = await request()
+    assert calls == [] and state.identity is None and state.charge is None
+    assert decision.metadata is None and "authorization" not in decision.headers
+
+
+async def test_a_failing_stage_answers_500_and_releases_the_pod() -> None:
+    gw, ds = make()
+
+    class Failing(NoPolicies):
+        def mark(self, state: RequestState, parsed: Any, routed: Routed) -> None:
+            raise RuntimeError("bug after the pod was taken")
+
+    gw.policy_stages = Failing()
+    state, _ = gw.start(HEADERS, end_of_stream=False)
+    answer = await gw.decide(state, BODY)
+    assert isinstance(answer, Immediate) and answer.status == 500
+    assert b"request id r1" in answer.body
+    assert ds.in_flight_total() == 0 and state.pod_name is None
+    assert gw.metrics.in_flight._value.get() == 0
+    gw.finish(state)  # the stream's end does not count the request off twice
+    assert ds.in_flight_total() == 0 and gw.metrics.in_flight._value.get() == 0
