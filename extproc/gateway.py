@@ -5,7 +5,7 @@ A request passes these stages, in order:
 1. **parse** the request line (``start``): ``GET /v1/models`` is answered here, an unknown path
    or an announced oversize body is rejected;
 2. **authenticate** the caller from the headers (``start``: a bad credential is answered before
-   the body is sent);
+   the body is read);
 3. **parse** the body (``decide``): the OpenAI JSON, its ``model``, prompt and ``stream``;
 4. **route**: the ModelRoute and ModelServer for the model (``extproc.routing``);
 5. **admit**: authorise the caller on the route and reserve its token budget;
@@ -13,9 +13,10 @@ A request passes these stages, in order:
    fair queue until a pod has room;
 7. **schedule**: the scheduler picks the pod and its fallbacks; the pod's in-flight count rises.
 
-Authenticate, admit and queue are the policy stages (``extproc.policies``): without policies they
-are :class:`NoPolicies`, whose methods return at once (no credential is looked at, nothing is
-reserved, a saturated ModelServer answers 503). Any stage may fail: :meth:`Gateway._failed` turns a
+Authenticate, admit, queue and the marking of a routed request for usage accounting are the policy
+stages (``extproc.policies``): without policies they are :class:`NoPolicies`, whose methods return
+at once (no credential is looked at, nothing is reserved or marked, a saturated ModelServer answers
+503). Any stage may fail: :meth:`Gateway._failed` turns a
 :class:`GatewayError` into its answer and any other exception into a logged 500, and gives back what
 the request took (budget reservation, in-flight count) — in one place.
 
