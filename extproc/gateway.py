@@ -1,17 +1,39 @@
-"""The gateway's decisions for one request: parse, route, schedule, answer. Pure of gRPC.
+"""The gateway's decisions for one request, as one pipeline of stages. Pure of gRPC.
 
-The ext_proc servicer (``extproc.servicer``) calls, per request stream:
+A request passes these stages, in order:
 
-1. :meth:`Gateway.start` with the request headers — answers ``GET /v1/models`` and rejects bad
-   request lines or announced oversize bodies at once;
-2. :meth:`Gateway.decide` with the whole body — returns :class:`Routed` (endpoints, best first, and
-   the body to forward when the model is rewritten) or :class:`Immediate` (an OpenAI-style error);
+1. **parse** the request line (``start``): ``GET /v1/models`` is answered here, an unknown path
+   or an announced oversize body is rejected;
+2. **authenticate** the caller from the headers (``start``: a bad credential is answered before
+   the body is read);
+3. **parse** the body (``decide``): the OpenAI JSON, its ``model``, prompt and ``stream``;
+4. **route**: the ModelRoute and ModelServer for the model (``extproc.routing``);
+5. **admit**: authorise the caller on the route and reserve its token budget;
+6. **queue**: when others already wait for the ModelServer, or every pod is saturated, wait in the
+   fair queue until a pod has room;
+7. **schedule**: the scheduler picks the pod and its fallbacks; the pod's in-flight count rises.
+
+Authenticate, admit, queue and the marking of a routed request for usage accounting are the policy
+stages (``extproc.policies``): without policies they are :class:`NoPolicies`, whose methods return
+at once (no credential is looked at, nothing is reserved or marked, a saturated ModelServer answers
+503). Any stage may fail: :meth:`Gateway._failed` turns a
+:class:`GatewayError` into its answer and any other exception into a logged 500, and gives back what
+the request took (budget reservation, in-flight count) — in one place.
+
+The ext_proc servicer (``extproc.transport.grpc_servicer``) calls, per request stream:
+
+1. :meth:`Gateway.start` with the request headers — ``(state, None)`` to go on, or an
+   :class:`Immediate` answer;
+2. ``await`` :meth:`Gateway.decide` with the whole body — :class:`Routed` (endpoints, best first,
+   and the body to forward when it changed) or :class:`Immediate` (an OpenAI-style error);
 3. :meth:`Gateway.routed` once the answer went out (credits the scheduler's prefix/session state);
 4. :meth:`Gateway.finish` when the stream ends (the request is over: in-flight count drops).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -23,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
-from extproc.datastore import Datastore, ServerView
+from extproc.datastore import Datastore, ServerView, Snapshot
 from extproc.errors import (
     GatewayError,
     bad_request,
@@ -42,8 +64,6 @@ from extproc.scheduling.types import (
 from fleet.pods import Pod
 
 if TYPE_CHECKING:
-    from collections.abc import Coroutine
-
     from extproc.parsing import ParsedRequest
     from extproc.policies.enforce import Policies
     from extproc.routing import RouteDecision
@@ -51,8 +71,10 @@ if TYPE_CHECKING:
 __all__ = [
     "DESTINATION_HEADER",
     "SESSION_HEADER",
+    "EnforcedPolicies",
     "Gateway",
     "Immediate",
+    "NoPolicies",
     "RequestState",
     "Routed",
     "SchedulerLike",
@@ -116,11 +138,162 @@ class RequestState:
     code: int = 0
     identity: Any = None  # extproc.auth.Identity when policies authenticate the caller
     charge: Any = None  # extproc.usage.Charge of an admitted request (policies)
+    policy: Any = None  # extproc.policies.enforce.RoutePolicy of the route (policies)
 
 
 def _error(exc: GatewayError) -> Immediate:
     headers = getattr(exc, "headers", None)
     return Immediate(exc.status, exc.body(), headers=dict(headers) if headers else {})
+
+
+# ---- the policy stages ------------------------------------------------------------------------
+Attempt = Callable[[], tuple[ServerView, SchedulingResult]]
+
+
+class NoPolicies:
+    """The policy stages when no policies are configured: each returns at once.
+
+    :class:`EnforcedPolicies` has the same methods; the gateway calls them at their place in the
+    pipeline either way, so the pipeline has one shape."""
+
+    __slots__ = ()
+
+    def authenticate(self, state: RequestState) -> None:
+        """The authenticate stage: set ``state.identity`` from the credentials in the headers."""
+
+    async def admit(
+        self,
+        state: RequestState,
+        parsed: ParsedRequest,
+        decision: RouteDecision,
+        snapshot: Snapshot,
+    ) -> None:
+        """The admit stage: authorise the caller on the route, reserve its token budget
+        (``state.charge``)."""
+
+    def waiting(self, server_key: str) -> bool:
+        """Whether requests wait for this ModelServer (a newcomer then queues behind them)."""
+        return False
+
+    async def queue(
+        self,
+        state: RequestState,
+        parsed: ParsedRequest,
+        view: ServerView,
+        saturated: AllPodsSaturated,
+        attempt: Attempt,
+        undo: Callable[[tuple[ServerView, SchedulingResult]], None],
+    ) -> tuple[ServerView, SchedulingResult]:
+        """The queue stage, entered when every pod is ``saturated`` (or others wait): wait until
+        ``attempt()`` (the schedule stage) finds a pod; ``undo`` what it took for a request that
+        gave up just as it was dispatched. Without a queue: 503 at once."""
+        raise saturated
+
+    def mark(self, state: RequestState, parsed: ParsedRequest, routed: Routed) -> None:
+        """Mark a routed request for usage accounting; strip the caller's credentials."""
+
+    def release(self, state: RequestState) -> None:
+        """Give back the budget reserved by ``admit`` of a request that is not routed after all."""
+
+    def finish(self, state: RequestState) -> None:
+        """The request ended: its usage report is due; its freed pod may serve the queue."""
+
+
+NO_POLICIES = NoPolicies()
+
+
+class EnforcedPolicies(NoPolicies):
+    """The policy stages over :class:`extproc.policies.enforce.Policies` (auth, token budgets,
+    the fair queue, usage marking)."""
+
+    __slots__ = ("policies",)
+
+    def __init__(self, policies: Policies) -> None:
+        self.policies = policies
+
+    def authenticate(self, state: RequestState) -> None:
+        state.identity = self.policies.authenticate(state.headers)
+
+    async def admit(
+        self,
+        state: RequestState,
+        parsed: ParsedRequest,
+        decision: RouteDecision,
+        snapshot: Snapshot,
+    ) -> None:
+        policies = self.policies
+        policy = policies.route_policy(snapshot, parsed.model)
+        state.policy = policy
+        estimate = estimate_tokens(parsed.prompt)
+        count = None
+        if policies.estimator is not None:  # the engine's /tokenize, asked by admit()
+            count = functools.partial(
+                policies.estimator.estimate,
+                snapshot.servers[decision.server_key].pods,
+                parsed.kind,
+                parsed.body,
+                decision.upstream_model,
+                estimate,
+                parsed.model,
+            )
+        state.charge = await policies.admit(
+            state.identity,
+            policy,
+            estimate,
+            parsed.kind,
+            parsed.model,
+            count=count,
+            max_tokens=parsed.max_tokens,
+        )
+
+    def waiting(self, server_key: str) -> bool:
+        return self.policies.waiting(server_key)
+
+    async def queue(
+        self,
+        state: RequestState,
+        parsed: ParsedRequest,
+        view: ServerView,
+        saturated: AllPodsSaturated,
+        attempt: Attempt,
+        undo: Callable[[tuple[ServerView, SchedulingResult]], None],
+    ) -> tuple[ServerView, SchedulingResult]:
+        policies = self.policies
+        identity = state.identity
+        tenant = identity.tenant if identity is not None else "anonymous"
+        priority = policies.priority_of(state.policy, state.headers, tenant)
+        result: tuple[ServerView, SchedulingResult] = await policies.wait_for_pod(
+            view.key, parsed.model, state.policy, state.charge, priority, attempt, undo
+        )
+        return result
+
+    def mark(self, state: RequestState, parsed: ParsedRequest, routed: Routed) -> None:
+        policies = self.policies
+        charge = state.charge
+        routed.metadata = policies.metadata(charge)  # rid + charge (any replica settles)
+        if parsed.stream and parsed.kind != "embeddings":
+            from extproc.policies.usage import force_usage
+
+            if force_usage(parsed.body):  # Envoy's usage.lua hides the forced usage event
+                routed.metadata["matrixinfer_strip"] = True
+                routed.body = orjson.dumps(parsed.body)
+        policies.expect(charge)
+        if "authorization" in state.headers:
+            routed.headers["authorization"] = ""  # credentials never reach the engine
+
+    def release(self, state: RequestState) -> None:
+        self.policies.release(state.charge)
+        state.charge = None
+
+    def finish(self, state: RequestState) -> None:
+        policies = self.policies
+        if state.charge is not None:
+            policies.finished(state.charge.rid)
+        if state.pod_name is not None and policies.waiting(state.server_key):
+            # this request's pod frees up: let the fair queue try (after the in-flight drop;
+            # nobody waiting: nothing to try — a newcomer sees the dropped count itself)
+            with contextlib.suppress(RuntimeError):  # no loop: nothing waits either
+                asyncio.get_running_loop().call_soon(policies.capacity_freed, state.server_key)
 
 
 class Gateway:
@@ -134,6 +307,7 @@ class Gateway:
         rng: Random | None = None,
         clock: Callable[[], float] = time.monotonic,
         session_header: str = SESSION_HEADER,
+        policies: Policies | None = None,
     ) -> None:
         self.datastore = datastore
         self.metrics = metrics or GatewayMetrics()
@@ -144,7 +318,18 @@ class Gateway:
         self.session_header = session_header
         self._schedulers: dict[str, tuple[Any, SchedulerLike]] = {}
         datastore.on_pod_removed.append(self._forget_pod)
-        self.policies: Policies | None = None  # extproc.policies (auth, limits, queue, usage)
+        self.policy_stages: NoPolicies = NO_POLICIES
+        self.policies = policies
+
+    @property
+    def policies(self) -> Policies | None:
+        """``extproc.policies`` (auth, token budgets, the fair queue, usage), or None."""
+        return self._policies
+
+    @policies.setter
+    def policies(self, policies: Policies | None) -> None:
+        self._policies = policies
+        self.policy_stages = NO_POLICIES if policies is None else EnforcedPolicies(policies)
 
     # ---- schedulers ---------------------------------------------------------------------------
     def scheduler_for(self, view: ServerView, default_profile: Any) -> SchedulerLike:
@@ -160,10 +345,12 @@ class Gateway:
         for _, scheduler in self._schedulers.values():
             scheduler.forget_pod(pod_name)
 
-    # ---- request phases -----------------------------------------------------------------------
+    # ---- the pipeline -------------------------------------------------------------------------
     def start(
         self, headers: Mapping[str, str], end_of_stream: bool
     ) -> tuple[RequestState, Immediate | None]:
+        """The headers' stages: parse the request line, authenticate. ``(state, None)``: go on
+        with :meth:`decide`; else the answer."""
         request_id = headers.get("x-request-id") or uuid.uuid4().hex
         state = RequestState(request_id, self.clock(), dict(headers))
         try:
@@ -178,10 +365,9 @@ class Gateway:
                 raise bad_request(
                     "the request body is empty; send a JSON object with a 'model' field"
                 )
-            if self.policies is not None:
-                state.identity = self.policies.authenticate(headers)
-        except GatewayError as exc:
-            return state, self._answer(state, _error(exc))
+            self.policy_stages.authenticate(state)
+        except Exception as exc:
+            return state, self._failed(state, exc)
         return state, None
 
     def too_large(self, state: RequestState, size: int) -> Immediate:
@@ -195,61 +381,82 @@ class Gateway:
         ]
         return orjson.dumps({"object": "list", "data": data})
 
-    def decide(
-        self, state: RequestState, raw: bytes
-    ) -> Routed | Immediate | Coroutine[Any, Any, Routed | Immediate]:
-        """Routed/Immediate; with policies configured, a coroutine to await (they may wait)."""
-        if self.policies is not None:
-            return self._decide_with_policies(state, raw, self.policies)
+    async def decide(self, state: RequestState, raw: bytes) -> Routed | Immediate:
+        """The body's stages: parse, route, admit, queue, schedule. :class:`Routed`, or the
+        :class:`Immediate` answer of the stage that refused (or failed)."""
         began = time.perf_counter()
+        stages = self.policy_stages
         try:
-            return self._decide(state, raw)
-        except GatewayError as exc:
-            return self._answer(state, _error(exc))
-        except Exception:  # a bug must cost one request a 500, never the process or the stream
-            log.exception("request %s: the gateway failed to decide", state.request_id)
+            parsed = self._parse(state, raw)
+            snap = self.datastore.snapshot
+            decision = self._route(state, parsed, snap)
+            await stages.admit(state, parsed, decision, snap)
+            view = snap.servers[decision.server_key]
+            request = self._scheduling_request(state, parsed, decision)
+            scheduler = self.scheduler_for(view, snap.default_profile)
+            try:
+                if stages.waiting(view.key):
+                    # others already wait for this server: a newcomer takes its place in the
+                    # fair queue (priority, fair share) instead of overtaking them on a free slot
+                    raise AllPodsSaturated("requests are already waiting in the fair queue")
+                result = self._schedule(view, scheduler, request)
+            except AllPodsSaturated as saturated:
+                mark = time.perf_counter()
+                attempt = functools.partial(self._attempt, view, scheduler, request)
+                view, result = await stages.queue(
+                    state, parsed, view, saturated, attempt, self._undo
+                )
+                began += time.perf_counter() - mark  # the wait is not the gateway's decision time
+            routed = self._book(state, parsed, decision, view, scheduler, request, result)
+            stages.mark(state, parsed, routed)
+            return routed
+        except Exception as exc:
+            return self._failed(state, exc)
+        except BaseException:  # cancelled: the client went away (while waiting)
             self._release(state)
-            return self._answer(state, _error(internal_error(state.request_id)))
+            raise
         finally:
             self.metrics.decision_duration.observe(time.perf_counter() - began)
 
-    def _route(self, state: RequestState, raw: bytes) -> tuple[ParsedRequest, RouteDecision]:
+    # ---- the stages (the policy stages are ``self.policy_stages``) ----------------------------
+    def _parse(self, state: RequestState, raw: bytes) -> ParsedRequest:
         assert state.endpoint is not None
         parsed = parse_body(state.endpoint.kind, raw, self.body_limit)
         state.model = parsed.model
-        snap = self.datastore.snapshot
+        return parsed
+
+    def _route(self, state: RequestState, parsed: ParsedRequest, snap: Snapshot) -> RouteDecision:
+        assert state.endpoint is not None
         decision = snap.routes.decide(parsed.model, state.headers, state.endpoint.path, self.rng)
         state.route = decision.route
         state.server = decision.server
         state.server_key = decision.server_key
-        return parsed, decision
+        return decision
 
     def _schedule(
         self, view: ServerView, scheduler: SchedulerLike, request: SchedulingRequest
     ) -> SchedulingResult:
+        """Pick the pod (and fallbacks) and count the request in flight on it."""
         if not view.pods:
             raise no_pod_available(f"ModelServer '{view.name}' has no pods")
         began = time.perf_counter()
         try:
-            return scheduler.schedule(request, view.pods)
+            result = scheduler.schedule(request, view.pods)
         finally:
             m = self.metrics
             m.child(m.scheduling_duration, view.name).observe(time.perf_counter() - began)
-
-    def _decide(self, state: RequestState, raw: bytes) -> Routed:
-        parsed, decision = self._route(state, raw)
-        snap = self.datastore.snapshot
-        view = snap.servers[decision.server_key]
-        if not view.pods:
-            raise no_pod_available(f"ModelServer '{view.name}' has no pods")
-        request = self._scheduling_request(state, parsed, decision)
-        scheduler = self.scheduler_for(view, snap.default_profile)
-        try:
-            result = self._schedule(view, scheduler, request)
-        except NoPodAvailable as exc:
-            raise no_pod_available(f"ModelServer '{view.name}': {exc.reason}") from None
         self.datastore.begin(result.primary)
-        return self._routed(state, parsed, decision, view, scheduler, request, result)
+        return result
+
+    def _attempt(
+        self, view: ServerView, scheduler: SchedulerLike, request: SchedulingRequest
+    ) -> tuple[ServerView, SchedulingResult]:
+        """The schedule stage for a request in the fair queue, on the server's current pods."""
+        current = self.datastore.snapshot.servers.get(view.key, view)
+        return current, self._schedule(current, scheduler, request)
+
+    def _undo(self, held: tuple[ServerView, SchedulingResult]) -> None:
+        self.datastore.finish(held[1].primary.name)
 
     def _scheduling_request(
         self, state: RequestState, parsed: ParsedRequest, decision: RouteDecision
@@ -264,7 +471,7 @@ class Gateway:
             headers=state.headers,
         )
 
-    def _routed(
+    def _book(
         self,
         state: RequestState,
         parsed: ParsedRequest,
@@ -274,14 +481,14 @@ class Gateway:
         request: SchedulingRequest,
         result: SchedulingResult,
     ) -> Routed:
-        """Book a scheduled request (the caller already did ``datastore.begin(primary)``)."""
+        """Book a scheduled request (``_schedule`` counted it on its pod) and build its answer."""
         pod = result.primary
         state.pod_name = pod.name
+        self.metrics.in_flight.inc()
         state.scheduling_request = request
         state.result = result
         state.scheduler = scheduler
         state.code = 200
-        self.metrics.in_flight.inc()
         m = self.metrics
         m.child(m.pod_picks, view.name, pod.name).inc()
         m.child(m.requests, parsed.model, decision.route, view.name, "200").inc()
@@ -295,100 +502,6 @@ class Gateway:
             body=body,
             headers=self._route_headers(view, len(result.fallbacks)),
         )
-
-    async def _decide_with_policies(
-        self, state: RequestState, raw: bytes, policies: Policies
-    ) -> Routed | Immediate:
-        """The data path plus authentication, authorisation, budgets, the fair queue and usage
-        marking (``extproc.policies``)."""
-        began = time.perf_counter()
-        waited = 0.0
-        try:
-            parsed, decision = self._route(state, raw)
-            snap = self.datastore.snapshot
-            policy = policies.route_policy(snap, parsed.model)
-            estimate = estimate_tokens(parsed.prompt)
-            count = None
-            if policies.estimator is not None:  # the engine's /tokenize, asked by admit()
-                count = functools.partial(
-                    policies.estimator.estimate,
-                    snap.servers[decision.server_key].pods,
-                    parsed.kind,
-                    parsed.body,
-                    decision.upstream_model,
-                    estimate,
-                    parsed.model,
-                )
-            state.charge = await policies.admit(
-                state.identity,
-                policy,
-                estimate,
-                parsed.kind,
-                parsed.model,
-                count=count,
-                max_tokens=parsed.max_tokens,
-            )
-            view = snap.servers[decision.server_key]
-            request = self._scheduling_request(state, parsed, decision)
-            scheduler = self.scheduler_for(view, snap.default_profile)
-            try:
-                if policies.waiting(view.key):
-                    # others already wait for this server: a newcomer takes its place in the
-                    # fair queue (priority, fair share) instead of overtaking them on a free slot
-                    raise AllPodsSaturated("requests are already waiting in the fair queue")
-                result = self._schedule(view, scheduler, request)
-                self.datastore.begin(result.primary)
-            except AllPodsSaturated:
-                key = view.key
-
-                def attempt() -> tuple[ServerView, SchedulingResult]:
-                    current = self.datastore.snapshot.servers.get(key, view)
-                    found = self._schedule(current, scheduler, request)
-                    self.datastore.begin(found.primary)
-                    return current, found
-
-                def undo(held: tuple[ServerView, SchedulingResult]) -> None:
-                    self.datastore.finish(held[1].primary.name)
-
-                identity = state.identity
-                tenant = identity.tenant if identity is not None else "anonymous"
-                priority = policies.priority_of(policy, state.headers, tenant)
-                mark = time.perf_counter()
-                view, result = await policies.wait_for_pod(
-                    key, parsed.model, policy, state.charge, priority, attempt, undo
-                )
-                waited = time.perf_counter() - mark
-            except NoPodAvailable as exc:
-                raise no_pod_available(f"ModelServer '{view.name}': {exc.reason}") from None
-            routed = self._routed(state, parsed, decision, view, scheduler, request, result)
-            charge = state.charge
-            routed.metadata = policies.metadata(charge)  # rid + charge (any replica settles)
-            if parsed.stream and parsed.kind != "embeddings":
-                from extproc.policies.usage import force_usage
-
-                if force_usage(parsed.body):  # Envoy's usage.lua hides the forced usage event
-                    routed.metadata["matrixinfer_strip"] = True
-                    routed.body = orjson.dumps(parsed.body)
-            policies.expect(charge)
-            if "authorization" in state.headers:
-                routed.headers["authorization"] = ""  # credentials never reach the engine
-            return routed
-        except GatewayError as exc:
-            policies.release(state.charge)
-            state.charge = None
-            return self._answer(state, _error(exc))
-        except BaseException as exc:
-            if not isinstance(exc, Exception):  # cancelled: the client went away while waiting
-                policies.release(state.charge)
-                state.charge = None
-                raise
-            log.exception("request %s: the gateway failed to decide", state.request_id)
-            policies.release(state.charge)
-            state.charge = None
-            self._release(state)
-            return self._answer(state, _error(internal_error(state.request_id)))
-        finally:
-            self.metrics.decision_duration.observe(time.perf_counter() - began - waited)
 
     @staticmethod
     def _route_headers(view: ServerView, fallbacks: int) -> dict[str, str]:
@@ -416,8 +529,22 @@ class Gateway:
             )
         return immediate
 
+    def _failed(self, state: RequestState, exc: Exception) -> Immediate:
+        """The answer to a stage that raised: a GatewayError is its own answer; anything else is a
+        bug, which costs this request a 500 (logged), never the process or the stream. Either way
+        the request gives back what it took (budget reservation, in-flight count)."""
+        self._release(state)
+        if isinstance(exc, NoPodAvailable):
+            exc = no_pod_available(f"ModelServer '{state.server}': {exc.reason}")
+        elif not isinstance(exc, GatewayError):
+            log.exception("request %s: the gateway failed to decide", state.request_id)
+            exc = internal_error(state.request_id)
+        return self._answer(state, _error(exc))
+
     def _release(self, state: RequestState) -> None:
-        """Undo the in-flight count of a request that will not be routed after all."""
+        """Undo what a request that will not be routed after all took."""
+        if state.charge is not None:
+            self.policy_stages.release(state)
         if state.pod_name is not None:
             self.datastore.finish(state.pod_name)
             self.metrics.in_flight.dec()
@@ -431,8 +558,7 @@ class Gateway:
                 log.exception("scheduler on_routed failed for request %s", state.request_id)
 
     def finish(self, state: RequestState) -> None:
-        if self.policies is not None:
-            self._finish_policies(state, self.policies)
+        self.policy_stages.finish(state)
         if state.pod_name is None:
             return
         self.datastore.finish(state.pod_name)
@@ -445,16 +571,3 @@ class Gateway:
             except Exception:
                 log.exception("scheduler on_finished failed for request %s", state.request_id)
         state.pod_name = None
-
-    def _finish_policies(self, state: RequestState, policies: Policies) -> None:
-        if state.charge is not None:
-            policies.finished(state.charge.rid)
-        if state.pod_name is not None and policies.waiting(state.server_key):
-            # this request's pod frees up: let the fair queue try (after the in-flight drop;
-            # nobody waiting: nothing to try — a newcomer sees the dropped count itself)
-            try:
-                import asyncio
-
-                asyncio.get_running_loop().call_soon(policies.capacity_freed, state.server_key)
-            except RuntimeError:
-                pass

@@ -267,11 +267,8 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                     if not body.end_of_stream:
                         continue
                     raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                    decided = gateway.decide(state, raw)
-                    # with policies the decision may wait (Redis, the fair queue): a coroutine
-                    decision = (
-                        decided if isinstance(decided, (Routed, Immediate)) else await decided
-                    )
+                    # the pipeline may wait (Redis, the fair queue): Envoy holds the request
+                    decision = await gateway.decide(state, raw)
                     if isinstance(decision, Immediate):
                         await write(immediate_response(decision))
                         return

@@ -215,7 +215,7 @@ class _FakeGateway:
         self.calls.append("start")
         return RequestState("r1", 0.0, dict(headers)), None
 
-    def decide(self, state: RequestState, raw: bytes) -> Routed | Immediate:
+    async def decide(self, state: RequestState, raw: bytes) -> Routed | Immediate:
         self.calls.append(f"decide:{len(raw)}")
         return self.decision
 

@@ -55,8 +55,7 @@ def gateway(tmp_path: Path, text: str | None = None, **settings: Any) -> Gateway
 async def decide(gw: Gateway, body: Mapping[str, object]) -> Routed | Immediate:
     state, answer = gw.start(HEADERS, False)
     assert answer is None
-    decided = gw.decide(state, json.dumps(body).encode())
-    result = decided if isinstance(decided, (Routed, Immediate)) else await decided
+    result = await gw.decide(state, json.dumps(body).encode())
     gw.finish(state)
     return result
 
@@ -126,8 +125,7 @@ async def test_a_newcomer_queues_behind_waiting_requests(tmp_path: Path) -> None
     async def request(priority: str) -> Routed | Immediate:
         state, answer = gw.start({**HEADERS, "x-priority": priority}, False)
         assert answer is None
-        decided = gw.decide(state, body)
-        return decided if isinstance(decided, (Routed, Immediate)) else await decided
+        return await gw.decide(state, body)
 
     first = asyncio.create_task(request("5"))
     for _ in range(1000):  # the first request reaches the queue within a few loop turns
