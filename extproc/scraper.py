@@ -11,17 +11,8 @@ listens on the port: the pod was killed or its engine exited) publishes the pod 
 without waiting for that bound, so the pod leaves the rotation within one scrape interval; timeouts
 and HTTP errors (a slow or overloaded pod) keep the bound. A good scrape clears staleness.
 
-Engine name maps (the first name present wins; histograms are read from their _sum/_count):
-
-- waiting: ``vllm:num_requests_waiting`` | ``sglang:num_queue_reqs``
-- running: ``vllm:num_requests_running`` | ``sglang:num_running_reqs``
-- kv_cache_usage: ``vllm:kv_cache_usage_perc``, else ``vllm:gpu_cache_usage_perc`` |
-  ``sglang:token_usage``
-- ttft_seconds: ``vllm:time_to_first_token_seconds`` | ``sglang:time_to_first_token_seconds``
-- tpot_seconds: ``vllm:inter_token_latency_seconds``, else ``vllm:time_per_output_token_seconds`` |
-  ``sglang:inter_token_latency_seconds``, else ``sglang:time_per_output_token_seconds``
-- LoRA: ``vllm:lora_requests_info`` labels ``running_lora_adapters``, ``waiting_lora_adapters``,
-  ``max_lora`` of the sample with the latest value (a timestamp) | not reported by SGLang
+Which engine metric names map to which :class:`PodMetrics` field, and how gauges and histograms
+are combined: :mod:`fleet.engine_metrics`.
 
 Loaded LoRA adapters: a vLLM pod's ``/v1/models`` lists every adapter it has loaded as an entry
 whose ``parent`` is the base model (:func:`parse_loaded_loras`). The scraper reads it per pod on its
