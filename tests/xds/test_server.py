@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 from envoy.service.discovery.v3 import discovery_pb2
 from google.rpc import status_pb2
 
@@ -109,11 +110,16 @@ def test_ack_nack_stale_and_order() -> None:
     assert ads._responses(stream) == []
 
 
+@pytest.mark.looptime
 async def test_publish_is_debounced() -> None:
+    """In fake loop time (looptime): five publishes within the debounce are sent as one, the
+    last, and only once the debounce has passed."""
     ads = AdsServer(debounce=0.05)
     for i in range(5):
         ads.publish(resources([f"10.0.0.{i + 1}:8000"]))
-    await asyncio.sleep(0.15)
+    await asyncio.sleep(0.04)
+    assert ads.published == 0
+    await asyncio.sleep(0.02)
     assert ads.published == 1
     eds = ads.cache.get(ENDPOINT_TYPE)
     assert eds is not None
