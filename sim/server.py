@@ -28,7 +28,7 @@ from aiohttp import web
 from sim.config import FaultConfig, SimConfig
 from sim.driver import EngineDriver
 from sim.engine import SGLANG_BUCKETS, VLLM_BUCKETS, Engine, QueueFull, Request
-from sim.kvevents import ZmqEventPublisher
+from sim.kvpublisher import ZmqEventPublisher
 from sim.metrics import LoraView, SglangCollector, VllmCollector, make_registry, render
 from sim.protocol import (
     ApiError,

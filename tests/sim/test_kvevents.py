@@ -23,7 +23,8 @@ from matrixinfer.process import free_port
 from sim.blockhash import cbor, external, hash_fn, root_hash
 from sim.config import EngineConfig
 from sim.engine import Engine, Request
-from sim.kvevents import KVEventsConfig, ZmqEventPublisher
+from sim.kvevents import KVEventsConfig
+from sim.kvpublisher import ZmqEventPublisher
 from sim.tokenizer import Tokenizer
 
 # ----------------------------------------------------------------- a vLLM-shaped decoder
