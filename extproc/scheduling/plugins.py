@@ -19,12 +19,15 @@ import random
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from extproc import kvindex
+from extproc.kvindex import KVBlockIndex, PromptHasher
 from extproc.scheduling.prefix import PrefixIndex, block_hashes
+from extproc.scheduling.tokenizers import TOKENIZERS
 from extproc.scheduling.types import (
     AllPodsSaturated,
     NoPodAvailable,
@@ -44,6 +47,7 @@ __all__ = [
     "LoraCapableFilter",
     "Plugin",
     "PluginInfo",
+    "PrecisePrefixScorer",
     "PrefixCacheScorer",
     "RandomScorer",
     "ReadyFilter",
@@ -424,6 +428,101 @@ class PrefixCacheScorer(Scorer):
         self.index.forget(pod_name)
 
 
+class PrecisePrefixArgs(BaseModel):
+    model_config = ARGS_CONFIG
+
+    tokenizer: Literal["simulator"] = Field(
+        default="simulator",
+        description="How the engines tokenize: 'simulator' (matrixinfer-sim's documented rules).",
+    )
+    hash_algo: Literal["sha256", "sha256_cbor"] = Field(
+        default="sha256",
+        description="The engines' --prefix-caching-hash-algo (vLLM's default: sha256).",
+    )
+    hash_seed: str = Field(
+        default="0", description="The engines' PYTHONHASHSEED (the first block's parent hash)."
+    )
+    block_size: int | None = Field(
+        default=None,
+        ge=1,
+        le=4096,
+        description="Tokens per KV block; unset: the block size the engines' events report.",
+    )
+    max_blocks: int = Field(
+        default=512, ge=1, le=65536, description="Only the prompt's first max_blocks blocks count."
+    )
+    request_cost: float = Field(
+        default=256.0,
+        ge=0,
+        description="Prefill+decode work of one request already queued or running on a pod, in "
+        "prompt tokens: the exchange rate between a pod's load and a cache miss.",
+    )
+
+
+class PrecisePrefixScorer(Scorer):
+    """Prefers the pod that costs least to serve the request, in one unit (prompt tokens):
+    cost = prompt tokens the pod must still prefill (those past its cached prefix, as its own KV
+    events report) + request_cost x its load (max of gateway in-flight and engine waiting +
+    running). Score = (min cost + block) / (cost + block). Pods unknown to the KV-block index
+    cost as if nothing were cached; when no candidate is known (no KV events) it abstains."""
+
+    name = "precise-prefix"
+    Args = PrecisePrefixArgs
+    default_weight = 3.0
+
+    def __init__(self, args: BaseModel, index: KVBlockIndex | None = None) -> None:
+        super().__init__(args)
+        assert isinstance(args, PrecisePrefixArgs)
+        self.index = index if index is not None else kvindex.default_index
+        self.tokenizer = TOKENIZERS[args.tokenizer]()
+        self.algo, self.seed = args.hash_algo, args.hash_seed
+        self.block_size = args.block_size
+        self.max_blocks = args.max_blocks
+        self.request_cost = args.request_cost
+        self._hashers: dict[int, PromptHasher] = {}
+        self._hashes: OrderedDict[tuple[str, str | None, int, str], tuple[int, list[int]]] = (
+            OrderedDict()
+        )
+
+    def hashes(self, request: SchedulingRequest, block_size: int) -> tuple[int, list[int]]:
+        """(prompt tokens, block hashes) of the request; the last 4096 prompts are cached."""
+        key = (request.prompt, request.lora, block_size, request.headers.get(":path", ""))
+        hit = self._hashes.get(key)
+        if hit is not None:
+            self._hashes.move_to_end(key)
+            return hit
+        ids = self.tokenizer.prompt_ids(request.prompt, request.headers)
+        hasher = self._hashers.get(block_size)
+        if hasher is None:
+            hasher = self._hashers[block_size] = PromptHasher(self.algo, self.seed, block_size)
+        hit = (len(ids), hasher.hashes(ids, request.lora, self.max_blocks))
+        self._hashes[key] = hit
+        if len(self._hashes) > 4096:
+            self._hashes.popitem(last=False)
+        return hit
+
+    def score(self, ctx: Context, pods: list[Pod]) -> list[float] | None:
+        sizes = self.index.block_sizes
+        block_size = self.block_size
+        known = False
+        for p in pods:
+            bs = sizes.get(p.name)
+            if bs is not None:
+                known = True
+                block_size = block_size or bs
+                break
+        if not known or block_size is None:
+            return None
+        n_tokens, hashes = self.hashes(ctx.request, block_size)
+        matched = self.index.prefix_blocks(hashes, [p.name for p in pods])
+        ctx.state[self.key] = matched
+        rc = self.request_cost
+        load = LeastRequestScorer.load
+        costs = [max(0, n_tokens - matched[p.name] * block_size) + rc * load(p) for p in pods]
+        top = min(costs) + block_size
+        return [top / (c + block_size) for c in costs]
+
+
 class LeastLatencyArgs(BaseModel):
     model_config = ARGS_CONFIG
 
@@ -579,6 +678,7 @@ _CLASSES: Sequence[type[Filter] | type[Scorer]] = (
     LeastRequestScorer,
     KvCacheScorer,
     PrefixCacheScorer,
+    PrecisePrefixScorer,
     LeastLatencyScorer,
     LoraAffinityScorer,
     SessionAffinityScorer,
