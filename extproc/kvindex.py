@@ -262,6 +262,20 @@ class PromptHasher:
             self._fn, self.root, token_ids, self.block_size, lora, max_blocks=max_blocks
         )
 
+    def extend(
+        self, parent: bytes, token_ids: Sequence[int], lora: str | None = None
+    ) -> tuple[list[int], bytes]:
+        """Continue a chain: the hashes of the full blocks of ``token_ids`` after ``parent`` (a
+        digest, or :attr:`root`), and the digest of the last one (``parent`` when none)."""
+        fn, bs = self._fn, self.block_size
+        extra = (lora,) if lora is not None else None
+        ids = tuple(token_ids)
+        out: list[int] = []
+        for i in range(0, len(ids) - bs + 1, bs):
+            parent = fn((parent, ids[i : i + bs], extra))
+            out.append(int.from_bytes(parent[-8:], "big"))
+        return out, parent
+
 
 def block_hashes(
     fn: Callable[[Any], bytes],

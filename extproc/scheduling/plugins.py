@@ -16,6 +16,7 @@ Every plugin has a pydantic ``Args`` model (unknown arguments are rejected) and 
 from __future__ import annotations
 
 import random
+import re
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -428,6 +429,24 @@ class PrefixCacheScorer(Scorer):
         self.index.forget(pod_name)
 
 
+_SEGMENT = 256  # characters per cached prompt segment (cut at the next whitespace)
+_SEGMENTS_KEPT = 65536  # ~16 MB of prompt text
+_SPACE = re.compile(r"\s+")
+
+
+@dataclass(slots=True)
+class _Segment:
+    """One cached piece of a prompt: its tokens' effect on the block chain."""
+
+    serial: int
+    parent: _Segment | None
+    hashes: list[int]  # block hashes this segment completed
+    digest: bytes  # chain digest after them (parent for the next block)
+    tail: tuple[int, ...]  # token ids after the last full block
+    n_tokens: int  # prompt tokens up to the end of this segment
+    n_blocks: int
+
+
 class PrecisePrefixArgs(BaseModel):
     model_config = ARGS_CONFIG
 
@@ -480,26 +499,82 @@ class PrecisePrefixScorer(Scorer):
         self.max_blocks = args.max_blocks
         self.request_cost = args.request_cost
         self._hashers: dict[int, PromptHasher] = {}
-        self._hashes: OrderedDict[tuple[str, str | None, int, str], tuple[int, list[int]]] = (
+        self._segments: OrderedDict[tuple[int, str], _Segment] = OrderedDict()
+        self._prompts: OrderedDict[tuple[str, str | None, int, str], tuple[int, list[int]]] = (
             OrderedDict()
         )
+        self._roots: dict[tuple[int, str | None], int] = {}
+        self._serial = 0
 
     def hashes(self, request: SchedulingRequest, block_size: int) -> tuple[int, list[int]]:
-        """(prompt tokens, block hashes) of the request; the last 4096 prompts are cached."""
-        key = (request.prompt, request.lora, block_size, request.headers.get(":path", ""))
-        hit = self._hashes.get(key)
+        """(prompt tokens, block hashes) of the request.
+
+        The engine's text is cut at whitespace about every ``_SEGMENT`` characters; each segment's
+        tokens and block hashes are cached under (the segment before it, its text), so prompts
+        that share a prefix (a system prompt, earlier chat turns) tokenize and hash only what
+        follows it. Valid because the tokenizer concatenates at whitespace. Whole prompts are
+        cached too (the last 4096)."""
+        whole = (request.prompt, request.lora, block_size, request.headers.get(":path", ""))
+        hit = self._prompts.get(whole)
         if hit is not None:
-            self._hashes.move_to_end(key)
+            self._prompts.move_to_end(whole)
             return hit
-        ids = self.tokenizer.prompt_ids(request.prompt, request.headers)
+        hit = self._hash_segments(request, block_size)
+        self._prompts[whole] = hit
+        if len(self._prompts) > 4096:
+            self._prompts.popitem(last=False)
+        return hit
+
+    def _hash_segments(self, request: SchedulingRequest, block_size: int) -> tuple[int, list[int]]:
         hasher = self._hashers.get(block_size)
         if hasher is None:
             hasher = self._hashers[block_size] = PromptHasher(self.algo, self.seed, block_size)
-        hit = (len(ids), hasher.hashes(ids, request.lora, self.max_blocks))
-        self._hashes[key] = hit
-        if len(self._hashes) > 4096:
-            self._hashes.popitem(last=False)
-        return hit
+        text = self.tokenizer.engine_text(request.prompt, request.headers)
+        cache = self._segments
+        root_key = (block_size, request.lora)
+        parent_serial = self._roots.get(root_key)
+        if parent_serial is None:
+            self._serial -= 1
+            parent_serial = self._roots[root_key] = self._serial
+        node: _Segment | None = None
+        pos, n = 0, len(text)
+        max_blocks = self.max_blocks
+        while pos < n:
+            m = _SPACE.search(text, pos + _SEGMENT)
+            end = m.end() if m else n
+            key = (parent_serial, text[pos:end])
+            found = cache.get(key)
+            if found is None:
+                ids = self.tokenizer.encode(key[1])
+                tail = (node.tail + tuple(ids)) if node is not None else tuple(ids)
+                n_blocks = node.n_blocks if node is not None else 0
+                digest = node.digest if node is not None else hasher.root
+                new: list[int] = []
+                if n_blocks < max_blocks:
+                    full = min(len(tail) // block_size, max_blocks - n_blocks) * block_size
+                    new, digest = hasher.extend(digest, tail[:full], request.lora)
+                    tail = tail[full:]
+                    n_blocks += len(new)
+                self._serial += 1
+                n_tokens = (node.n_tokens if node is not None else 0) + len(ids)
+                found = _Segment(self._serial, node, new, digest, tail, n_tokens, n_blocks)
+                if n_blocks >= max_blocks:
+                    found.tail = ()  # no more blocks are hashed past max_blocks
+                cache[key] = found
+                if len(cache) > _SEGMENTS_KEPT:
+                    cache.popitem(last=False)
+            else:
+                cache.move_to_end(key)
+            node, parent_serial, pos = found, found.serial, end
+        if node is None:
+            return 0, []
+        chain: list[list[int]] = []
+        seg: _Segment | None = node
+        while seg is not None:
+            if seg.hashes:
+                chain.append(seg.hashes)
+            seg = seg.parent
+        return node.n_tokens, [h for part in reversed(chain) for h in part]
 
     def score(self, ctx: Context, pods: list[Pod]) -> list[float] | None:
         sizes = self.index.block_sizes

@@ -59,6 +59,15 @@ class SimulatorTokenizer:
                 out.extend(piece(p[i : i + _CHUNK]) for i in range(0, len(p), _CHUNK))
         return out
 
+    # encode(a + b) == encode(a) + encode(b) when a ends at whitespace: no piece spans
+    # whitespace. The precise-prefix scorer caches per prefix segment on that property.
+    concatenates_at_whitespace = True
+
+    def engine_text(self, prompt: str, headers: Mapping[str, str]) -> str:
+        """The text the engine tokenizes (the chat template applied for chat completions)."""
+        chat = headers.get(":path", "").split("?", 1)[0].endswith("/chat/completions")
+        return self.chat_text(prompt) if chat else prompt
+
     @staticmethod
     def chat_text(flattened: str) -> str:
         """The simulator's chat template over the gateway's flattened ``role: content`` lines."""
@@ -74,8 +83,7 @@ class SimulatorTokenizer:
 
     def prompt_ids(self, prompt: str, headers: Mapping[str, str]) -> list[int]:
         """Token ids of the request's prompt (chat template applied for chat completions)."""
-        chat = headers.get(":path", "").split("?", 1)[0].endswith("/chat/completions")
-        return self.encode(self.chat_text(prompt) if chat else prompt)
+        return self.encode(self.engine_text(prompt, headers))
 
 
 TOKENIZERS = {"simulator": SimulatorTokenizer}

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import random
+from unittest import mock
 
 import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from extproc.kvevents import decode_batch
-from extproc.kvindex import KVBlockIndex
+from extproc.kvindex import KVBlockIndex, PromptHasher
 from extproc.parsing import parse_body
+from extproc.scheduling import plugins
 from extproc.scheduling.plugins import (
     Context,
     PrecisePrefixArgs,
@@ -45,6 +47,25 @@ def test_chat_prompt_is_tokenized_with_the_simulators_template() -> None:
     assert SimulatorTokenizer().prompt_ids("user: hi", COMPLETIONS) == Tokenizer().encode(
         "user: hi"
     )
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.text(alphabet="ab cd\n,é", max_size=1500),
+    st.lists(st.text(alphabet="ab cd\n,é", max_size=700), min_size=1, max_size=4),
+    st.sampled_from([None, "ad"]),
+    st.integers(1, 40),
+)
+def test_prefix_segment_cache_equals_hashing_the_whole_prompt(
+    prefix: str, suffixes: list[str], lora: str | None, max_blocks: int
+) -> None:
+    scorer = PrecisePrefixScorer(PrecisePrefixArgs(maxBlocks=max_blocks), index=KVBlockIndex())
+    hasher = PromptHasher("sha256", "0", 4)
+    with mock.patch.object(plugins, "_SEGMENT", 16):  # many segments per prompt
+        for suffix in suffixes:  # later prompts reuse the cached segments of the shared prefix
+            request = SchedulingRequest("r", "m", lora=lora, prompt=prefix + suffix, headers=CHAT)
+            ids = Tokenizer().encode(SimulatorTokenizer.chat_text(prefix + suffix))
+            assert scorer.hashes(request, 4) == (len(ids), hasher.hashes(ids, lora, max_blocks))
 
 
 def engine() -> Engine:
