@@ -102,4 +102,5 @@ def encode_batch(ts: float, events: list[KVEvent], data_parallel_rank: int | Non
     body: list[object] = [ts, [e.to_list() for e in events]]
     if data_parallel_rank is not None:
         body.append(data_parallel_rank)
-    return msgpack.packb(body, use_bin_type=True)
+    payload: bytes = msgpack.packb(body, use_bin_type=True)
+    return payload
