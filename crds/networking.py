@@ -449,6 +449,17 @@ class KVEvents(ApiModel):
     topic: str = Field(
         default="", description="Topic the engine publishes on (`topic`).", max_length=256
     )
+    hash_seed: str = Field(
+        description="The PYTHONHASHSEED the engines run with: the first block's parent hash is "
+        "derived from it (without it vLLM starts from random bytes and no router can match its "
+        "blocks).",
+        min_length=1,
+        max_length=64,
+    )
+    hash_algo: Literal["sha256", "sha256_cbor"] = Field(
+        default="sha256",
+        description="The engines' --prefix-caching-hash-algo (vLLM's default: sha256).",
+    )
 
 
 class SchedulerPlugin(ApiModel):

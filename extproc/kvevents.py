@@ -86,6 +86,8 @@ class KVEventsTarget:
     endpoint: str  # tcp://ip:port
     replay_endpoint: str | None
     topic: str = ""
+    hash_algo: str = "sha256"  # how the engine names blocks (ModelServer kvEvents)
+    hash_seed: str = "0"
 
 
 def _host(address: str) -> str:
@@ -108,7 +110,14 @@ def targets_of(servers: Iterable[Any]) -> list[KVEventsTarget]:
                 continue
             host = _host(pod.address)
             replay = f"tcp://{host}:{cfg.replay_port}" if cfg.replay_port else None
-            out[pod.name] = KVEventsTarget(pod.name, f"tcp://{host}:{cfg.port}", replay, cfg.topic)
+            out[pod.name] = KVEventsTarget(
+                pod.name,
+                f"tcp://{host}:{cfg.port}",
+                replay,
+                cfg.topic,
+                cfg.hash_algo,
+                cfg.hash_seed,
+            )
     return list(out.values())
 
 
@@ -196,6 +205,7 @@ class KVEventsSubscriber:
                 self._forget(name)
         for name, target in wanted.items():
             if name not in self.feeds:
+                self.index.register(name, target.hash_algo, target.hash_seed)
                 feed = self.feeds[name] = _Feed(target)
                 feed.task = asyncio.create_task(self._follow(feed), name=f"kv-events-{name}")
         self.m_blocks.set(len(self.index))
@@ -204,7 +214,7 @@ class KVEventsSubscriber:
         feed = self.feeds.pop(name, None)
         if feed is not None and feed.task is not None:
             feed.task.cancel()
-        self.index.drop_pod(name)
+        self.index.forget_pod(name)
         with contextlib.suppress(KeyError):
             self.m_lag.remove(name)
 
@@ -247,7 +257,7 @@ class KVEventsSubscriber:
             raise
         except Exception:
             log.exception("KV events: subscription to pod %s failed", t.pod)
-            self.index.drop_pod(t.pod)
+            self.index.clear_pod(t.pod)
         finally:
             sub.close(linger=0)
 
@@ -260,7 +270,7 @@ class KVEventsSubscriber:
         elif seq > expected:
             await self._resync(feed, expected, seq, "gap")
         elif seq < expected:
-            self.index.drop_pod(pod)
+            self.index.clear_pod(pod)
             await self._resync(feed, 0, seq, "restart")
         self._apply(feed, seq, payload)
 
@@ -279,7 +289,7 @@ class KVEventsSubscriber:
                     pod, start, upto - 1, "no replay socket" if batches is None else "not replayed",
                 )  # fmt: skip
                 self.m_resyncs.labels(pod, "lost").inc()
-            self.index.drop_pod(pod)
+            self.index.clear_pod(pod)
             # only what follows the last lost batch is safe: an earlier store may have been
             # undone by a lost removal
             missing = set(range(start, upto)).difference(s for s, _ in got)
@@ -319,7 +329,7 @@ class KVEventsSubscriber:
             log.warning(
                 "KV events from pod %s, batch %d: %s; its blocks are dropped", pod, seq, exc
             )
-            self.index.drop_pod(pod)
+            self.index.clear_pod(pod)
             return
         self.index.apply(pod, events)
         feed.last_ts = ts

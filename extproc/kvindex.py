@@ -71,7 +71,7 @@ KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
 class KVBlockIndex:
     """block hash -> the pods holding it, bounded to ``capacity`` hashes (LRU)."""
 
-    __slots__ = ("_blocks", "_pods", "block_sizes", "capacity", "evicted")
+    __slots__ = ("_blocks", "_pods", "block_sizes", "capacity", "evicted", "naming")
 
     def __init__(self, capacity: int = 1_000_000) -> None:
         if capacity < 1:
@@ -80,6 +80,8 @@ class KVBlockIndex:
         self._blocks: OrderedDict[int, set[str]] = OrderedDict()
         self._pods: dict[str, set[int]] = {}
         self.block_sizes: dict[str, int] = {}  # per pod, from its BlockStored events
+        # per subscribed pod: (hash algorithm, hash seed) its engine names blocks with
+        self.naming: dict[str, tuple[str, str]] = {}
         self.evicted = 0  # hashes forgotten for lack of room
 
     # ---- events
@@ -92,7 +94,19 @@ class KVBlockIndex:
             elif isinstance(event, BlockRemoved):
                 self.removed(pod, event.block_hashes)
             else:
-                self.drop_pod(pod)
+                self.clear_pod(pod)
+
+    def register(self, pod: str, hash_algo: str, hash_seed: str) -> None:
+        """``pod``'s events are followed; its engine hashes blocks with ``hash_algo``/``seed``."""
+        if hash_algo not in HASH_ALGOS:
+            raise ValueError(f"unknown KV block hash algorithm {hash_algo!r}")
+        self.naming[pod] = (hash_algo, hash_seed)
+
+    def forget_pod(self, pod: str) -> None:
+        """The pod is no longer followed: drop its blocks and what is known about it."""
+        self.clear_pod(pod)
+        self.naming.pop(pod, None)
+        self.block_sizes.pop(pod, None)
 
     def stored(self, pod: str, hashes: Iterable[int]) -> None:
         blocks = self._blocks
@@ -126,10 +140,9 @@ class KVBlockIndex:
                 if not holders:
                     del blocks[h]
 
-    def drop_pod(self, pod: str) -> None:
-        """Forget everything about ``pod`` (its cache was cleared, or the pod is gone)."""
+    def clear_pod(self, pod: str) -> None:
+        """Drop every block of ``pod`` (its cache was cleared, or its events were lost)."""
         mine = self._pods.pop(pod, None)
-        self.block_sizes.pop(pod, None)
         if not mine:
             return
         blocks = self._blocks

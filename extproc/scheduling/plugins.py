@@ -342,6 +342,8 @@ class LeastRequestScorer(Scorer):
         return engine if engine > pod.in_flight else float(pod.in_flight)
 
     def score(self, ctx: Context, pods: list[Pod]) -> list[float] | None:
+        if PRECISE in ctx.state:
+            return None  # the precise-prefix cost already counts the load
         loads = [
             p.in_flight
             if (m := p.metrics).stale
@@ -406,6 +408,8 @@ class PrefixCacheScorer(Scorer):
         return block_hashes(request.prompt, self.block_size, self.max_blocks)
 
     def score(self, ctx: Context, pods: list[Pod]) -> list[float] | None:
+        if PRECISE in ctx.state:
+            return None  # precise-prefix knows what the engines cache
         hashes = self.hashes(ctx.request)
         ctx.state[self.key] = hashes
         n = len(hashes)
@@ -454,19 +458,6 @@ class PrecisePrefixArgs(BaseModel):
         default="simulator",
         description="How the engines tokenize: 'simulator' (matrixinfer-sim's documented rules).",
     )
-    hash_algo: Literal["sha256", "sha256_cbor"] = Field(
-        default="sha256",
-        description="The engines' --prefix-caching-hash-algo (vLLM's default: sha256).",
-    )
-    hash_seed: str = Field(
-        default="0", description="The engines' PYTHONHASHSEED (the first block's parent hash)."
-    )
-    block_size: int | None = Field(
-        default=None,
-        ge=1,
-        le=4096,
-        description="Tokens per KV block; unset: the block size the engines' events report.",
-    )
     max_blocks: int = Field(
         default=512, ge=1, le=65536, description="Only the prompt's first max_blocks blocks count."
     )
@@ -478,60 +469,68 @@ class PrecisePrefixArgs(BaseModel):
     )
 
 
+PRECISE = "precise-prefix:active"
+"""``Context.state`` key set when precise-prefix scored the request: ``prefix-cache`` and
+``least-request`` listed after it then abstain (the precise cost already holds both)."""
+
+_Naming = tuple[str, str, int]  # hash algorithm, hash seed, block size
+
+
 class PrecisePrefixScorer(Scorer):
     """Prefers the pod that costs least to serve the request, in one unit (prompt tokens):
     cost = prompt tokens the pod must still prefill (those past its cached prefix, as its own KV
     events report) + request_cost x its load (max of gateway in-flight and engine waiting +
-    running). Score = (min cost + block) / (cost + block). Pods unknown to the KV-block index
-    cost as if nothing were cached; when no candidate is known (no KV events) it abstains."""
+    running). Score = (min cost + block) / (cost + block). How blocks are hashed comes from the
+    ModelServer's kvEvents (hashAlgo, hashSeed) and the events (block size). When no candidate's
+    events are followed it abstains; when it scores, the prefix-cache and least-request scorers
+    listed after it abstain."""
 
     name = "precise-prefix"
     Args = PrecisePrefixArgs
-    default_weight = 3.0
+    default_weight = 5.0
 
     def __init__(self, args: BaseModel, index: KVBlockIndex | None = None) -> None:
         super().__init__(args)
         assert isinstance(args, PrecisePrefixArgs)
         self.index = index if index is not None else kvindex.default_index
         self.tokenizer = TOKENIZERS[args.tokenizer]()
-        self.algo, self.seed = args.hash_algo, args.hash_seed
-        self.block_size = args.block_size
         self.max_blocks = args.max_blocks
         self.request_cost = args.request_cost
-        self._hashers: dict[int, PromptHasher] = {}
+        self._hashers: dict[_Naming, PromptHasher] = {}
         self._segments: OrderedDict[tuple[int, str], _Segment] = OrderedDict()
-        self._prompts: OrderedDict[tuple[str, str | None, int, str], tuple[int, list[int]]] = (
+        self._prompts: OrderedDict[tuple[str, str | None, _Naming, str], tuple[int, list[int]]] = (
             OrderedDict()
         )
-        self._roots: dict[tuple[int, str | None], int] = {}
+        self._roots: dict[tuple[_Naming, str | None], int] = {}
         self._serial = 0
 
-    def hashes(self, request: SchedulingRequest, block_size: int) -> tuple[int, list[int]]:
-        """(prompt tokens, block hashes) of the request.
+    def hashes(self, request: SchedulingRequest, naming: _Naming) -> tuple[int, list[int]]:
+        """(prompt tokens, block hashes) of the request for engines that name blocks ``naming``.
 
         The engine's text is cut at whitespace about every ``_SEGMENT`` characters; each segment's
         tokens and block hashes are cached under (the segment before it, its text), so prompts
         that share a prefix (a system prompt, earlier chat turns) tokenize and hash only what
         follows it. Valid because the tokenizer concatenates at whitespace. Whole prompts are
         cached too (the last 4096)."""
-        whole = (request.prompt, request.lora, block_size, request.headers.get(":path", ""))
+        whole = (request.prompt, request.lora, naming, request.headers.get(":path", ""))
         hit = self._prompts.get(whole)
         if hit is not None:
             self._prompts.move_to_end(whole)
             return hit
-        hit = self._hash_segments(request, block_size)
+        hit = self._hash_segments(request, naming)
         self._prompts[whole] = hit
         if len(self._prompts) > 4096:
             self._prompts.popitem(last=False)
         return hit
 
-    def _hash_segments(self, request: SchedulingRequest, block_size: int) -> tuple[int, list[int]]:
-        hasher = self._hashers.get(block_size)
+    def _hash_segments(self, request: SchedulingRequest, naming: _Naming) -> tuple[int, list[int]]:
+        hasher = self._hashers.get(naming)
         if hasher is None:
-            hasher = self._hashers[block_size] = PromptHasher(self.algo, self.seed, block_size)
+            hasher = self._hashers[naming] = PromptHasher(*naming)
+        block_size = naming[2]
         text = self.tokenizer.engine_text(request.prompt, request.headers)
         cache = self._segments
-        root_key = (block_size, request.lora)
+        root_key = (naming, request.lora)
         parent_serial = self._roots.get(root_key)
         if parent_serial is None:
             self._serial -= 1
@@ -577,25 +576,31 @@ class PrecisePrefixScorer(Scorer):
         return node.n_tokens, [h for part in reversed(chain) for h in part]
 
     def score(self, ctx: Context, pods: list[Pod]) -> list[float] | None:
-        sizes = self.index.block_sizes
-        block_size = self.block_size
-        known = False
+        index = self.index
+        naming, sizes = index.naming, index.block_sizes
+        groups: dict[_Naming, list[str]] = {}
         for p in pods:
+            nm = naming.get(p.name)
             bs = sizes.get(p.name)
-            if bs is not None:
-                known = True
-                block_size = block_size or bs
-                break
-        if not known or block_size is None:
+            if nm is not None and bs is not None:
+                groups.setdefault((nm[0], nm[1], bs), []).append(p.name)
+        if not groups:
             return None
-        n_tokens, hashes = self.hashes(ctx.request, block_size)
-        matched = self.index.prefix_blocks(hashes, [p.name for p in pods])
+        ctx.state[PRECISE] = True
+        matched: dict[str, int] = {}  # cached prompt tokens per pod
+        n_tokens = 0
+        for group, names in groups.items():
+            n_tokens, hashes = self.hashes(ctx.request, group)
+            for name, blocks in index.prefix_blocks(hashes, names).items():
+                matched[name] = blocks * group[2]
         ctx.state[self.key] = matched
         rc = self.request_cost
         load = LeastRequestScorer.load
-        costs = [max(0, n_tokens - matched[p.name] * block_size) + rc * load(p) for p in pods]
-        top = min(costs) + block_size
-        return [top / (c + block_size) for c in costs]
+        get = matched.get
+        costs = [max(0, n_tokens - get(p.name, 0)) + rc * load(p) for p in pods]
+        slack = min(group[2] for group in groups)
+        top = min(costs) + slack
+        return [top / (c + slack) for c in costs]
 
 
 class LeastLatencyArgs(BaseModel):

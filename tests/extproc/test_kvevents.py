@@ -192,9 +192,11 @@ async def test_a_pod_that_goes_away_drops_out(engine: Engine) -> None:
     sub = await subscribed(engine, index, targets)
     try:
         await warm_up(engine, index)
+        assert index.naming["pod-a"] == ("sha256", "0")
         targets.clear()
         await until(lambda: "pod-a" not in sub.feeds)
         assert index.blocks_of("pod-a") == frozenset() and len(index) == 0
+        assert "pod-a" not in index.naming
     finally:
         await sub.stop()
 
@@ -202,11 +204,11 @@ async def test_a_pod_that_goes_away_drops_out(engine: Engine) -> None:
 def test_targets_are_the_ready_pods_of_servers_with_kv_events() -> None:
     ready = Pod("a", "10.0.0.1:8000")
     down = Pod("b", "10.0.0.2:8000", ready=False)
+    events = KVEvents(port=5557, replay_port=5558, hash_seed="9")
     views = [
-        SimpleNamespace(spec=SimpleNamespace(kv_events=KVEvents(port=5557, replay_port=5558)),
-                        pods=(ready, down)),
+        SimpleNamespace(spec=SimpleNamespace(kv_events=events), pods=(ready, down)),
         SimpleNamespace(spec=SimpleNamespace(kv_events=None), pods=(Pod("c", "10.0.0.3:8000"),)),
-    ]  # fmt: skip
+    ]
     assert targets_of(views) == [
-        KVEventsTarget("a", "tcp://10.0.0.1:5557", "tcp://10.0.0.1:5558", "")
+        KVEventsTarget("a", "tcp://10.0.0.1:5557", "tcp://10.0.0.1:5558", "", "sha256", "9")
     ]

@@ -32,10 +32,7 @@ spec:
   inferenceEngine: vLLM
   workloadSelector: {{matchLabels: {{app: sim}}}}
   workloadPort: {{port: 8000}}
-  kvEvents: {{port: {port}, replayPort: {replay_port}}}
-  scheduler:
-    filters: [{{name: ready}}]
-    scorers: [{{name: precise-prefix, args: {{hashSeed: "7"}}}}]
+  kvEvents: {{port: {port}, replayPort: {replay_port}, hashSeed: "7"}}
 ---
 apiVersion: networking.matrixinfer.ai/v1alpha1
 kind: ModelRoute
@@ -54,7 +51,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         "endpoint": f"tcp://*:{port}", "replay_endpoint": f"tcp://*:{replay}",
     })  # fmt: skip
     old = os.environ.get("PYTHONHASHSEED")
-    os.environ["PYTHONHASHSEED"] = "7"  # the engines' seed: the scorer's hashSeed
+    os.environ["PYTHONHASHSEED"] = "7"  # the engines' seed: kvEvents.hashSeed
     try:
         with sim_fleet(
             tmp_path_factory, HOST, 2, "--time-scale", "0.02", "--kv-events-config", events,

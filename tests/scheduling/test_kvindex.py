@@ -47,7 +47,7 @@ def test_index_matches_reference_model(
             index.apply(pod, [AllBlocksCleared()])
             model[pod].clear()
         else:  # the pod went away
-            index.drop_pod(pod)
+            index.forget_pod(pod)
             model[pod].clear()
         for p in PODS:
             assert index.blocks_of(p) == model[p]

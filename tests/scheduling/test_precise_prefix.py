@@ -12,9 +12,12 @@ from hypothesis import strategies as st
 from extproc.kvevents import decode_batch
 from extproc.kvindex import KVBlockIndex, PromptHasher
 from extproc.parsing import parse_body
-from extproc.scheduling import plugins
+from extproc.scheduling import DEFAULT_PROFILE, build_scheduler, plugins
 from extproc.scheduling.plugins import (
+    PRECISE,
     Context,
+    LeastRequestArgs,
+    LeastRequestScorer,
     PrecisePrefixArgs,
     PrecisePrefixScorer,
     PrefixCacheArgs,
@@ -60,12 +63,14 @@ def test_prefix_segment_cache_equals_hashing_the_whole_prompt(
     prefix: str, suffixes: list[str], lora: str | None, max_blocks: int
 ) -> None:
     scorer = PrecisePrefixScorer(PrecisePrefixArgs(maxBlocks=max_blocks), index=KVBlockIndex())
+    naming = ("sha256", "0", 4)
     hasher = PromptHasher("sha256", "0", 4)
     with mock.patch.object(plugins, "_SEGMENT", 16):  # many segments per prompt
         for suffix in suffixes:  # later prompts reuse the cached segments of the shared prefix
             request = SchedulingRequest("r", "m", lora=lora, prompt=prefix + suffix, headers=CHAT)
             ids = Tokenizer().encode(SimulatorTokenizer.chat_text(prefix + suffix))
-            assert scorer.hashes(request, 4) == (len(ids), hasher.hashes(ids, lora, max_blocks))
+            want = (len(ids), hasher.hashes(ids, lora, max_blocks))
+            assert scorer.hashes(request, naming) == want
 
 
 def engine() -> Engine:
@@ -83,6 +88,7 @@ def run(eng: Engine, text: str, rid: str) -> None:
 
 def feed(index: KVBlockIndex, pod: str, eng: Engine) -> None:
     """The engine's events through vLLM's wire format into the index."""
+    index.register(pod, "sha256", "0")  # the ModelServer's kvEvents (the engines' settings)
     _, events = decode_batch(encode_batch(0.0, eng.kv.take_events()))
     index.apply(pod, events)
 
@@ -107,7 +113,7 @@ def test_precise_scorer_sees_the_eviction_the_approximate_index_cannot() -> None
     a, b = engine(), engine()
     index = KVBlockIndex()
     approx = PrefixCacheScorer(PrefixCacheArgs(block_size=64))
-    precise = PrecisePrefixScorer(PrecisePrefixArgs(hash_seed="0"), index=index)
+    precise = PrecisePrefixScorer(PrecisePrefixArgs(), index=index)
     pa, pb = pods()
 
     # the prefix was served by pod a first (the approximate index credits a) ...
@@ -133,8 +139,8 @@ def test_load_outweighs_a_cached_prefix_in_prompt_tokens() -> None:
     index = KVBlockIndex()
     run(a, shared, "1")
     feed(index, "a", a)
-    index.apply("b", [])  # b is subscribed but holds nothing
-    index.block_sizes["b"] = 16
+    feed(index, "b", engine())  # b is subscribed but holds nothing
+    index.block_sizes["b"] = 16  # (learned from its first BlockStored)
     pa, pb = pods()
     precise = PrecisePrefixScorer(PrecisePrefixArgs(request_cost=100), index=index)
     n = len(Tokenizer().encode(shared))  # 400: "w123456" is two tokens
@@ -148,3 +154,36 @@ def test_load_outweighs_a_cached_prefix_in_prompt_tokens() -> None:
 def test_abstains_without_kv_events() -> None:
     precise = PrecisePrefixScorer(PrecisePrefixArgs(), index=KVBlockIndex())
     assert precise.score(ctx(words(100, 3)), pods()) is None
+
+
+def test_default_profile_routes_on_events_when_they_are_followed() -> None:
+    shared = words(300, 5)
+    a, b = engine(), engine()
+    run(a, shared, "1")
+    run(b, shared, "2")
+    for i in range(3):
+        run(a, words(300, 200 + i), f"x{i}")  # evicts the shared prefix on pod a
+    index = KVBlockIndex()
+    feed(index, "a", a)
+    feed(index, "b", b)
+    sched = build_scheduler(DEFAULT_PROFILE, rng=random.Random(0))
+    precise = next(s for s, _ in sched.scorers if isinstance(s, PrecisePrefixScorer))
+    approx = next(s for s, _ in sched.scorers if isinstance(s, PrefixCacheScorer))
+    pa, pb = pods()
+    approx.index.credit("a", approx.hashes(SchedulingRequest("0", "m", prompt=shared)))
+    request = SchedulingRequest("r", "m", prompt=shared, headers=COMPLETIONS)
+
+    precise.index = KVBlockIndex()  # no events followed: the approximate scorers decide
+    result = sched.schedule(request, [pa, pb])
+    assert result.primary is pa and PRECISE not in result.plugin_state
+
+    precise.index = index  # events followed: the engines' truth, in one unit
+    result = sched.schedule(request, [pa, pb])
+    assert result.primary is pb and result.plugin_state[PRECISE] is True
+
+
+def test_prefix_cache_and_least_request_abstain_when_precise_scored() -> None:
+    c = ctx("some prompt words " * 40)
+    c.state[PRECISE] = True
+    assert PrefixCacheScorer(PrefixCacheArgs()).score(c, pods()) is None
+    assert LeastRequestScorer(LeastRequestArgs()).score(c, pods()) is None
