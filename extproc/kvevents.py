@@ -9,15 +9,16 @@ Sequence numbers drive the resync:
   what the engine cached before the gateway subscribed;
 - a gap (``seq`` beyond the next expected one; messages were dropped or the connection broke and
   ZMQ reconnected): the missing batches are replayed, in order, before this one is applied;
-- ``seq`` below the expected one: the engine restarted (its counter starts again at 0): the pod's
-  blocks are dropped and its history replayed;
+- a reconnect of the SUB socket (the engine or the network went away and came back; the engine may
+  have restarted with a fresh sequence), or ``seq`` below the expected one (a restart): the pod's
+  blocks are dropped and its history replayed from 0;
 - when the missing batches cannot be had (no replay port, or the replay buffer no longer holds
   them) the pod's blocks are dropped: the index may under-report a pod's cache, never over-report.
 
 A pod that leaves the ready set is unsubscribed and dropped from the index. Metrics:
 ``matrixinfer_kv_index_blocks``, ``matrixinfer_kv_events_lag_seconds{pod}`` (now - the last
 applied batch's timestamp), ``matrixinfer_kv_events_batches_total{pod}``,
-``matrixinfer_kv_events_resyncs_total{pod,reason}``.
+``matrixinfer_kv_events_resyncs_total{pod,reason}`` (history, gap, restart, reconnect, lost).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import msgpack
 import zmq
 import zmq.asyncio
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from zmq.utils.monitor import parse_monitor_message
 
 from extproc.kvindex import AllBlocksCleared, BlockRemoved, BlockStored, KVBlockIndex, KVEvent
 
@@ -170,7 +172,7 @@ class KVEventsSubscriber:
         )
         self.m_resyncs = Counter(
             "matrixinfer_kv_events_resyncs",
-            "Resynchronisations of a pod's KV events (reason: history, gap, restart, lost)",
+            "Resyncs of a pod's KV events (reason: history, gap, restart, reconnect, lost)",
             ["pod", "reason"],
             registry=registry,
         )
@@ -239,26 +241,55 @@ class KVEventsSubscriber:
 
     # ---- one pod
     async def _follow(self, feed: _Feed) -> None:
+        """Receive one pod's stream until cancelled; after an error, start over (resync)."""
+        while True:
+            try:
+                await self._stream(feed)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("KV events: subscription to pod %s failed", feed.target.pod)
+            self.index.clear_pod(feed.target.pod)
+            feed.next_seq = None  # the next message replays the history again
+            await asyncio.sleep(self.interval)
+
+    async def _stream(self, feed: _Feed) -> None:
         t = feed.target
         sub = self._ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.SUBSCRIBE, t.topic.encode())
+        # connection events: after a reconnect the engine may have restarted (its sequence
+        # starting again below or above ours): resync from its replay history
+        monitor = sub.get_monitor_socket(zmq.EVENT_CONNECTED)
         sub.connect(t.endpoint)
         log.info("KV events: subscribed to pod %s at %s", t.pod, t.endpoint)
+        poller = zmq.asyncio.Poller()
+        poller.register(sub, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
+        connected = False
         try:
             while True:
+                ready = dict(await poller.poll())
+                if monitor in ready:
+                    parse_monitor_message(await monitor.recv_multipart())
+                    if connected and feed.next_seq is not None:
+                        log.info("KV events: pod %s reconnected; resyncing", t.pod)
+                        self.m_resyncs.labels(t.pod, "reconnect").inc()
+                        feed.resyncs["reconnect"] = feed.resyncs.get("reconnect", 0) + 1
+                        self.index.clear_pod(t.pod)
+                        feed.next_seq = None
+                    connected = True
+                if sub not in ready:
+                    continue
                 frames = await sub.recv_multipart()
                 if len(frames) != 3:
                     log.warning("KV events from pod %s: %d frames, expected 3", t.pod, len(frames))
                     continue
                 _, seq_bytes, payload = frames
                 await self._receive(feed, int.from_bytes(seq_bytes, "big"), payload)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("KV events: subscription to pod %s failed", t.pod)
-            self.index.clear_pod(t.pod)
         finally:
+            sub.disable_monitor()
+            monitor.close(linger=0)
             sub.close(linger=0)
 
     async def _receive(self, feed: _Feed, seq: int, payload: bytes) -> None:

@@ -212,3 +212,24 @@ def test_targets_are_the_ready_pods_of_servers_with_kv_events() -> None:
     assert targets_of(views) == [
         KVEventsTarget("a", "tcp://10.0.0.1:5557", "tcp://10.0.0.1:5558", "", "sha256", "9")
     ]
+
+
+async def test_an_engine_restart_resets_the_pods_blocks() -> None:
+    e = Engine()
+    index = KVBlockIndex()
+    sub = await subscribed(e, index)
+    try:
+        await warm_up(e, index)
+        e.store(1, 2, 3)
+        await until(lambda: index.holds("pod-a", 3))
+        e.pub.close()  # the engine restarts on the same ports: its sequence starts again at 0
+        cfg = e.pub.cfg
+        e.pub = ZmqEventPublisher(cfg)
+        e.blocks = set()
+        await warm_up(e, index)
+        assert index.blocks_of("pod-a") == e.blocks and not index.holds("pod-a", 1)
+        resyncs = sub.feeds["pod-a"].resyncs
+        assert resyncs.get("reconnect", 0) + resyncs.get("restart", 0) >= 1
+    finally:
+        await sub.stop()
+        e.pub.close()
