@@ -127,5 +127,9 @@ def test_requests_follow_the_blocks_the_engines_report(stack: GatewayStack, flee
         assert {chat(client, prompt) for _ in range(4)} == {other.name}
         state = stack.state()["kvEvents"]
         assert state["blocks"] >= 20 and state["pods"][other.name]["lagSeconds"] is not None
+        with urllib.request.urlopen(f"{stack.extproc_url}/metrics", timeout=10) as resp:
+            metrics = resp.read().decode()
+        assert "matrixinfer_kv_index_blocks " in metrics
+        assert f'matrixinfer_kv_events_lag_seconds{{pod="{other.name}"}}' in metrics
     finally:
         client.close()
