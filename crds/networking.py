@@ -25,6 +25,7 @@ __all__ = [
     "Access",
     "GlobalRateLimit",
     "KVConnector",
+    "KVEvents",
     "ModelRoute",
     "ModelRouteSpec",
     "ModelRouteStatus",
@@ -434,6 +435,42 @@ class KVConnector(ApiModel):
     )
 
 
+class KVEvents(ApiModel):
+    """Where the engines publish their KV-cache events (vLLM --kv-events-config, ZMQ).
+
+    The gateway subscribes to ``tcp://<pod IP>:<port>`` on every ready pod and keeps an index of
+    the blocks each engine caches, for the precise-prefix scorer (docs/scheduling.md).
+    """
+
+    port: int = Field(
+        default=5557,
+        description="Port of the engine's PUB socket (the port of its `endpoint`).",
+        ge=1,
+        le=65535,
+    )
+    replay_port: int | None = Field(
+        default=None,
+        description="Port of the engine's replay socket (`replay_endpoint`); absent: lost "
+        "events cannot be replayed and the pod's index entries are dropped instead.",
+        ge=1,
+        le=65535,
+    )
+    topic: str = Field(
+        default="", description="Topic the engine publishes on (`topic`).", max_length=256
+    )
+    hash_seed: str = Field(
+        description="The PYTHONHASHSEED the engines run with: the first block's parent hash is "
+        "derived from it (without it vLLM starts from random bytes and no router can match its "
+        "blocks).",
+        min_length=1,
+        max_length=64,
+    )
+    hash_algo: Literal["sha256", "sha256_cbor"] = Field(
+        default="sha256",
+        description="The engines' --prefix-caching-hash-algo (vLLM's default: sha256).",
+    )
+
+
 class SchedulerPlugin(ApiModel):
     """A scheduler plugin and its settings."""
 
@@ -529,6 +566,10 @@ class ModelServerSpec(ApiModel):
     )
     kv_connector: KVConnector | None = Field(
         default=None, description="KV transfer for prefill/decode serving."
+    )
+    kv_events: KVEvents | None = Field(
+        default=None,
+        description="The engines publish KV-cache events; absent: the gateway does not subscribe.",
     )
     scheduler: SchedulerProfile | None = Field(
         default=None, description="Scheduler plugin profile; absent: the gateway default profile."

@@ -16,8 +16,10 @@ from aiohttp import web
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from extproc import kvindex
 from extproc.datastore import Datastore
 from extproc.gateway import Gateway
+from extproc.kvevents import KVEventsSubscriber, targets_of
 from extproc.metrics import GatewayMetrics
 from extproc.parsing import DEFAULT_BODY_LIMIT
 from extproc.scheduling import check_profile
@@ -83,6 +85,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="write the pods as an Envoy ClusterLoadAssignment to this file (for override_host)",
     )
     p.add_argument("--eds-cluster", default="matrixinfer_pods", help="cluster name in --eds-file")
+    p.add_argument(
+        "--kv-index-capacity",
+        type=int,
+        default=1_000_000,
+        help="block hashes kept from the engines' KV events, LRU (default 1000000, ~200 MB)",
+    )
     pol = p.add_argument_group("policies (docs/policies.md); none given: the plain data path")
     pol.add_argument(
         "--policies",
@@ -210,6 +218,14 @@ class ExtProcApp:
                 check_profile=check_profile,
             )
         self.scraper: Any = None
+        if args.kv_index_capacity < 1:
+            raise SystemExit(f"--kv-index-capacity must be >= 1, got {args.kv_index_capacity}")
+        kvindex.default_index.capacity = args.kv_index_capacity
+        self.kv_events = KVEventsSubscriber(
+            kvindex.default_index,
+            lambda: targets_of(self.datastore.snapshot.servers.values()),
+            registry=self.metrics.registry,
+        )
         self.started = time.monotonic()
 
     def _apply(self, config: GatewayConfig) -> None:
@@ -239,6 +255,7 @@ class ExtProcApp:
             "rejected": self.watcher.status.rejected,
             "lastError": self.watcher.status.last_error,
         }
+        out["kvEvents"] = self.kv_events.state()
         return out
 
     def _start_scraper(self) -> None:
@@ -284,6 +301,7 @@ class ExtProcApp:
         self._start_scraper()
         if self.scraper is not None:
             await self.scraper.start()
+        await self.kv_events.start()
         return runner
 
     async def _stop_side_services(self, background: list[asyncio.Task[None]]) -> None:
@@ -294,6 +312,7 @@ class ExtProcApp:
             await self.policies.close()
         if self.scraper is not None:
             await self.scraper.stop()
+        await self.kv_events.stop()
 
     async def run(self, stop: asyncio.Event) -> None:
         args = self.args

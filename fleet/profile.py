@@ -54,6 +54,9 @@ DEFAULT_PROFILE = SchedulerProfile(
         PluginSpec(name="lora-capable"),
     ],
     scorers=[
+        # abstains unless the candidates' KV events are followed; when it scores, prefix-cache
+        # and least-request abstain (its cost holds both)
+        PluginSpec(name="precise-prefix", weight=5.0),
         PluginSpec(name="prefix-cache", weight=2.0),
         PluginSpec(name="least-request", weight=3.0),
         PluginSpec(name="kv-cache", weight=1.0),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from sim.config import EngineConfig, FaultConfig, SimConfig, TimingModel
+from sim.kvevents import KVEventsConfig
 
 __all__ = ["build_config", "main", "serve_parser"]
 
@@ -27,6 +29,17 @@ def _lora_module(spec: str) -> tuple[str, str]:
     if not sep or not name or not path:
         raise argparse.ArgumentTypeError(f"--lora-modules expects NAME=PATH, got {spec!r}")
     return name, path
+
+
+def _kv_events_config(text: str) -> KVEventsConfig:
+    try:
+        return KVEventsConfig.model_validate_json(text)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(x) for x in e.get('loc', ())) or 'value'}: {e.get('msg')}"
+            for e in exc.errors()
+        )
+        raise argparse.ArgumentTypeError(f"--kv-events-config: {problems}") from None
 
 
 def serve_parser() -> argparse.ArgumentParser:
@@ -68,6 +81,14 @@ def serve_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora-modules", nargs="*", type=_lora_module, default=[],
                    metavar="NAME=PATH", help="adapters loaded at start")  # fmt: skip
     g.add_argument("--nixl-side-channel-port", type=int, default=5600)
+    g.add_argument("--prefix-caching-hash-algo", default=e.prefix_caching_hash_algo,
+                   choices=["sha256", "sha256_cbor", "builtin"],
+                   help="block hash function, as vLLM's; the first block's parent is "
+                   "hash(PYTHONHASHSEED), random when unset (default %(default)s)")  # fmt: skip
+    g.add_argument("--kv-events-config", type=_kv_events_config, default=KVEventsConfig(),
+                   metavar="JSON", help="KV events as vLLM publishes them, e.g. "
+                   '\'{"enable_kv_cache_events": true, "publisher": "zmq", '
+                   '"endpoint": "tcp://*:5557", "replay_endpoint": "tcp://*:5558"}\'')  # fmt: skip
     g = p.add_argument_group("timing model (simulated seconds)")
     g.add_argument("--step-base", type=float, default=t.step_base)
     g.add_argument("--prefill-per-token", type=float, default=t.prefill_per_token)
@@ -105,6 +126,8 @@ def build_config(ns: argparse.Namespace) -> SimConfig:
         max_model_len=ns.max_model_len,
         max_waiting=ns.max_waiting,
         max_loras=ns.max_loras,
+        prefix_caching_hash_algo=ns.prefix_caching_hash_algo,
+        hash_seed=os.environ.get("PYTHONHASHSEED"),
         timing=timing,
     )
     faults = FaultConfig(
@@ -129,6 +152,7 @@ def build_config(ns: argparse.Namespace) -> SimConfig:
         max_cpu_loras=ns.max_cpu_loras,
         lora_modules=dict(ns.lora_modules),
         nixl_side_channel_port=ns.nixl_side_channel_port,
+        kv_events=ns.kv_events_config,
     )
 
 

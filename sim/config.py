@@ -13,6 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from sim.kvevents import KVEventsConfig
+
 EngineKind = Literal["vllm", "sglang"]
 Role = Literal["prefill", "decode", "both"]
 
@@ -106,6 +108,12 @@ class EngineConfig(BaseModel):
     max_model_len: int = Field(8192, ge=2)
     max_waiting: int | None = Field(None, ge=0, description="waiting-queue bound; over it: 429")
     max_loras: int = Field(4, ge=1, description="distinct LoRA adapters per running batch")
+    prefix_caching_hash_algo: Literal["sha256", "sha256_cbor", "builtin"] = Field(
+        "sha256", description="block hash function (vLLM's --prefix-caching-hash-algo)"
+    )
+    hash_seed: str | None = Field(
+        None, description="seed of the first block's parent hash ($PYTHONHASHSEED); None: random"
+    )
     timing: TimingModel = Field(default_factory=TimingModel)
 
     @model_validator(mode="after")
@@ -151,6 +159,9 @@ class SimConfig(BaseModel):
     max_cpu_loras: int | None = Field(None, ge=1, description="max loaded adapters (None: any)")
     lora_modules: dict[str, str] = Field(default_factory=dict, description="name -> path at start")
     nixl_side_channel_port: int = Field(5600, ge=1, le=65535)
+    kv_events: KVEventsConfig = Field(
+        default_factory=KVEventsConfig, description="vLLM's --kv-events-config"
+    )
 
     @field_validator("output_len")
     @classmethod

@@ -16,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from sim.engine import Engine, Request
+from sim.kvevents import KVEvent
 
 __all__ = ["EngineDriver"]
 
@@ -30,8 +31,10 @@ class EngineDriver:
         *,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        publish: Callable[[list[KVEvent]], object] | None = None,
     ) -> None:
         self.engine = engine
+        self._publish = publish  # receives each step's KV events (sim.kvevents)
         self.scale = time_scale
         self._clock = clock
         self._sleep = sleep
@@ -72,6 +75,12 @@ class EngineDriver:
                 await fut
             finally:
                 req.waiter = None
+
+    def publish_events(self) -> None:
+        """Hand the KV events recorded since the last call to the publisher (one batch)."""
+        events = self.engine.kv.take_events()
+        if events and self._publish is not None:
+            self._publish(events)
 
     # --------------------------------------------------------------- loop
 
@@ -123,6 +132,8 @@ class EngineDriver:
             delay = (batch.end - self.wall_now()) * scale
             await self._sleep(delay if delay > 0 else 0)
             updated = engine.finish_step(batch, batch.end)
+            if self._publish is not None:
+                self.publish_events()
             for req in updated:
                 w = req.waiter
                 if w is not None and not w.done():

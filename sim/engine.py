@@ -228,10 +228,19 @@ class Batch:
 class Engine:
     """The scheduler, the KV cache and the statistics of one simulated engine."""
 
-    def __init__(self, cfg: EngineConfig, buckets: Buckets = VLLM_BUCKETS) -> None:
+    def __init__(
+        self, cfg: EngineConfig, buckets: Buckets = VLLM_BUCKETS, *, record_events: bool = False
+    ) -> None:
         self.cfg = cfg
         self.timing = cfg.timing
-        self.kv = KVCacheManager(cfg.num_gpu_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.kv = KVCacheManager(
+            cfg.num_gpu_blocks,
+            cfg.block_size,
+            cfg.enable_prefix_caching,
+            hash_algo=cfg.prefix_caching_hash_algo,
+            hash_seed=cfg.hash_seed,
+            record_events=record_events,
+        )
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.transferring: list[Request] = []

@@ -1,16 +1,23 @@
 """Paged KV cache with automatic prefix caching (the vLLM v1 model, written for the simulator).
 
 ``num_blocks`` blocks of ``block_size`` token slots. A *full* block whose KV is computed is
-registered under a chained hash: ``hash((parent_hash, lora, tokens of the block))``, so a block
-hash names its whole prefix. Blocks whose reference count drops to zero go to the tail of a free
+registered under a chained hash computed as vLLM does (:mod:`sim.blockhash`), so a block hash
+names its whole prefix. Blocks whose reference count drops to zero go to the tail of a free
 queue but keep their hash: a later request with the same prefix takes them back (a hit) unless
 they were evicted first; allocation evicts from the head (least recently freed).
+
+With ``record_events`` the pool records vLLM's KV events (:mod:`sim.kvevents`) as blocks are
+registered (``BlockStored``), evicted (``BlockRemoved``) or all dropped (``AllBlocksCleared``);
+the engine's driver takes them after each step (:meth:`KVCacheManager.take_events`).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Protocol
+from typing import Any, Protocol
+
+from sim.blockhash import BlockHash, external, hash_fn, root_hash
+from sim.kvevents import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
 __all__ = ["BlockPool", "KVCacheManager", "SeqLike"]
 
@@ -22,21 +29,22 @@ class SeqLike(Protocol):
     lora: str | None
     num_computed: int
     block_ids: list[int]
-    block_hashes: list[int]
+    block_hashes: list[Any]
     num_cached_blocks: int
 
 
 class BlockPool:
     """Block ids, reference counts, the LRU free queue and the hash -> block map."""
 
-    __slots__ = ("block_hash", "cached", "free", "num_blocks", "ref")
+    __slots__ = ("block_hash", "cached", "events", "free", "num_blocks", "ref")
 
-    def __init__(self, num_blocks: int) -> None:
+    def __init__(self, num_blocks: int, record_events: bool = False) -> None:
         self.num_blocks = num_blocks
         self.ref = [0] * num_blocks
-        self.block_hash: list[int | None] = [None] * num_blocks
+        self.block_hash: list[BlockHash | None] = [None] * num_blocks
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
-        self.cached: dict[int, int] = {}
+        self.cached: dict[BlockHash, int] = {}
+        self.events: list[KVEvent] | None = [] if record_events else None
 
     @property
     def num_free(self) -> int:
@@ -54,6 +62,7 @@ class BlockPool:
     def take(self, n: int) -> list[int]:
         """Pop ``n`` free blocks (evicting their cached hashes); caller checked ``num_free``."""
         out: list[int] = []
+        removed: list[int] = []
         free, cached, bh, ref = self.free, self.cached, self.block_hash, self.ref
         for _ in range(n):
             b, _v = free.popitem(last=False)
@@ -61,9 +70,12 @@ class BlockPool:
             if h is not None:
                 if cached.get(h) == b:
                     del cached[h]
+                    removed.append(external(h))
                 bh[b] = None
             ref[b] = 1
             out.append(b)
+        if removed and self.events is not None:
+            self.events.append(BlockRemoved(removed))
         return out
 
     def release(self, blocks: list[int]) -> None:
@@ -75,34 +87,78 @@ class BlockPool:
             if ref[b] == 0:
                 free[b] = None
 
-    def register(self, block: int, h: int) -> None:
-        if h not in self.cached:
-            self.cached[h] = block
-            self.block_hash[block] = h
+    def register(self, block: int, h: BlockHash) -> bool:
+        """Cache ``block`` under ``h``; False when another block already holds that hash."""
+        if h in self.cached:
+            return False
+        self.cached[h] = block
+        self.block_hash[block] = h
+        return True
+
+    def reset(self) -> bool:
+        """Drop every cached hash (vLLM's reset_prefix_cache); refused while blocks are in use."""
+        if len(self.free) != self.num_blocks:
+            return False
+        self.cached.clear()
+        self.block_hash = [None] * self.num_blocks
+        if self.events is not None:
+            self.events.append(AllBlocksCleared())
+        return True
 
 
 class KVCacheManager:
     """Per-sequence view over a BlockPool: prefix lookup, slot allocation, caching, freeing."""
 
-    __slots__ = ("block_size", "caching", "pool")
+    __slots__ = ("_hash", "_lora_ids", "block_size", "caching", "pool", "root")
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
-        self.pool = BlockPool(num_blocks)
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool,
+        *,
+        hash_algo: str = "sha256",
+        hash_seed: str | None = None,
+        record_events: bool = False,
+    ) -> None:
+        self.pool = BlockPool(num_blocks, record_events)
         self.block_size = block_size
         self.caching = enable_prefix_caching
+        self._hash = hash_fn(hash_algo)
+        self.root = root_hash(hash_algo, hash_seed)
+        self._lora_ids: dict[str, int] = {}
 
-    def _hashes(self, seq: SeqLike, num_tokens: int) -> list[int]:
+    def _hashes(self, seq: SeqLike, num_tokens: int) -> list[BlockHash]:
         """Chained hashes of the full blocks among the first ``num_tokens`` tokens."""
         hs = seq.block_hashes
         bs = self.block_size
         want = num_tokens // bs
         if len(hs) < want:
             ids = seq.all_ids
-            parent = hs[-1] if hs else 0
+            fn = self._hash
+            extra = (seq.lora,) if seq.lora is not None else None
+            parent = hs[-1] if hs else self.root
             for i in range(len(hs), want):
-                parent = hash((parent, seq.lora, tuple(ids[i * bs : (i + 1) * bs])))
+                parent = fn((parent, tuple(ids[i * bs : (i + 1) * bs]), extra))
                 hs.append(parent)
         return hs
+
+    def take_events(self) -> list[KVEvent]:
+        """The KV events recorded since the last call (empty when not recording)."""
+        events = self.pool.events
+        if not events:
+            return []
+        self.pool.events = []
+        return events
+
+    def reset_prefix_cache(self) -> bool:
+        return self.pool.reset()
+
+    def lora_id(self, lora: str | None) -> int | None:
+        """A stable integer per adapter name (vLLM's ``lora_int_id``), 1 for the first seen."""
+        if lora is None:
+            return None
+        return self._lora_ids.setdefault(lora, len(self._lora_ids) + 1)
 
     def lookup(self, seq: SeqLike, num_tokens: int) -> list[int]:
         """Cached blocks holding a prefix of the sequence's first ``num_tokens`` tokens.
@@ -156,9 +212,33 @@ class KVCacheManager:
         hs = self._hashes(seq, seq.num_computed)
         blocks = seq.block_ids
         register = self.pool.register
-        for i in range(seq.num_cached_blocks, full):
-            register(blocks[i], hs[i])
+        events = self.pool.events
+        if events is None:
+            for i in range(seq.num_cached_blocks, full):
+                register(blocks[i], hs[i])
+        else:
+            run: list[int] = []  # consecutive newly cached blocks: one BlockStored each
+            for i in range(seq.num_cached_blocks, full + 1):
+                if i < full and register(blocks[i], hs[i]):
+                    run.append(i)
+                    continue
+                if run:
+                    self._stored(seq, hs, run, events)
+                    run = []
         seq.num_cached_blocks = full
+
+    def _stored(self, seq: SeqLike, hs: list[BlockHash], run: list[int], events: list[Any]) -> None:
+        bs = self.block_size
+        first, last = run[0], run[-1]
+        events.append(
+            BlockStored(
+                block_hashes=[external(hs[i]) for i in run],
+                parent_block_hash=external(hs[first - 1]) if first else None,
+                token_ids=list(seq.all_ids[first * bs : (last + 1) * bs]),
+                block_size=bs,
+                lora_id=self.lora_id(seq.lora),
+            )
+        )
 
     def free(self, seq: SeqLike) -> None:
         if seq.block_ids:

@@ -28,6 +28,7 @@ from aiohttp import web
 from sim.config import FaultConfig, SimConfig
 from sim.driver import EngineDriver
 from sim.engine import SGLANG_BUCKETS, VLLM_BUCKETS, Engine, QueueFull, Request
+from sim.kvpublisher import ZmqEventPublisher
 from sim.metrics import LoraView, SglangCollector, VllmCollector, make_registry, render
 from sim.protocol import (
     ApiError,
@@ -94,8 +95,20 @@ class SimServer:
     def __init__(self, cfg: SimConfig) -> None:
         self.cfg = cfg
         self.sglang = cfg.engine_kind == "sglang"
-        self.engine = Engine(cfg.engine, SGLANG_BUCKETS if self.sglang else VLLM_BUCKETS)
-        self.driver = EngineDriver(self.engine, cfg.time_scale)
+        self.kv_publisher: ZmqEventPublisher | None = None
+        if cfg.kv_events.active:
+            # each simulator stands for a pod with its own IP: "*" binds the simulator's --host
+            self.kv_publisher = ZmqEventPublisher(cfg.kv_events, bind_host=cfg.host)
+        self.engine = Engine(
+            cfg.engine,
+            SGLANG_BUCKETS if self.sglang else VLLM_BUCKETS,
+            record_events=self.kv_publisher is not None,
+        )
+        self.driver = EngineDriver(
+            self.engine,
+            cfg.time_scale,
+            publish=self.kv_publisher.publish if self.kv_publisher is not None else None,
+        )
         self.tokenizer = Tokenizer()
         self.pod_name = cfg.pod_name or os.environ.get("POD_NAME") or f"sim-{cfg.host}-{cfg.port}"
         self.faults = cfg.faults.model_copy()
@@ -136,6 +149,7 @@ class SimServer:
         r.add_get("/sim/fault", self.get_fault)
         r.add_post("/sim/fault", self.set_fault)
         r.add_get("/sim/state", self.state)
+        r.add_post("/reset_prefix_cache", self.reset_prefix_cache)
         app.on_startup.append(self._on_startup)
         app.on_cleanup.append(self._on_cleanup)
         return app
@@ -146,6 +160,15 @@ class SimServer:
 
     async def _on_cleanup(self, app: web.Application) -> None:
         await self.driver.stop()
+        if self.kv_publisher is not None:
+            self.kv_publisher.close()
+
+    async def reset_prefix_cache(self, request: web.Request) -> web.Response:
+        """vLLM's dev endpoint: drop every cached block; 400 while requests hold blocks."""
+        if not self.engine.kv.reset_prefix_cache():
+            raise ApiError(400, "cannot reset the prefix cache while requests hold KV blocks")
+        self.driver.publish_events()
+        return web.Response(text="")
 
     async def _identity(self, request: web.Request, response: web.StreamResponse) -> None:
         response.headers[POD_HEADER] = self.pod_name
@@ -609,7 +632,10 @@ class SimServer:
 
 async def serve(cfg: SimConfig, *, ready: asyncio.Event | None = None) -> None:
     """Run one simulator until SIGTERM/SIGINT (or cancellation)."""
-    server = SimServer(cfg)
+    try:
+        server = SimServer(cfg)
+    except OSError as exc:
+        raise SystemExit(f"matrixinfer-sim: {exc}") from None
     runner = web.AppRunner(server.app(), access_log=None, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, cfg.host, cfg.port, backlog=2048)

@@ -16,15 +16,19 @@ Every plugin has a pydantic ``Args`` model (unknown arguments are rejected) and 
 from __future__ import annotations
 
 import random
+import re
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from extproc import kvindex
+from extproc.kvindex import KVBlockIndex, PromptHasher
 from extproc.scheduling.prefix import PrefixIndex, block_hashes
+from extproc.scheduling.tokenizers import TOKENIZERS
 from extproc.scheduling.types import (
     AllPodsSaturated,
     NoPodAvailable,
@@ -44,6 +48,7 @@ __all__ = [
     "LoraCapableFilter",
     "Plugin",
     "PluginInfo",
+    "PrecisePrefixScorer",
     "PrefixCacheScorer",
     "RandomScorer",
     "ReadyFilter",
@@ -337,6 +342,8 @@ class LeastRequestScorer(Scorer):
         return engine if engine > pod.in_flight else float(pod.in_flight)
 
     def score(self, ctx: Context, pods: list[Pod]) -> list[float] | None:
+        if PRECISE in ctx.state:
+            return None  # the precise-prefix cost already counts the load
         loads = [
             p.in_flight
             if (m := p.metrics).stale
@@ -401,6 +408,8 @@ class PrefixCacheScorer(Scorer):
         return block_hashes(request.prompt, self.block_size, self.max_blocks)
 
     def score(self, ctx: Context, pods: list[Pod]) -> list[float] | None:
+        if PRECISE in ctx.state:
+            return None  # precise-prefix knows what the engines cache
         hashes = self.hashes(ctx.request)
         ctx.state[self.key] = hashes
         n = len(hashes)
@@ -422,6 +431,176 @@ class PrefixCacheScorer(Scorer):
 
     def forget_pod(self, pod_name: str) -> None:
         self.index.forget(pod_name)
+
+
+_SEGMENT = 256  # characters per cached prompt segment (cut at the next whitespace)
+_SEGMENTS_KEPT = 65536  # ~16 MB of prompt text
+_SPACE = re.compile(r"\s+")
+
+
+@dataclass(slots=True)
+class _Segment:
+    """One cached piece of a prompt: its tokens' effect on the block chain."""
+
+    serial: int
+    parent: _Segment | None
+    hashes: list[int]  # block hashes this segment completed
+    digest: bytes  # chain digest after them (parent for the next block)
+    tail: tuple[int, ...]  # token ids after the last full block
+    n_tokens: int  # prompt tokens up to the end of this segment
+    n_blocks: int
+
+
+class PrecisePrefixArgs(BaseModel):
+    model_config = ARGS_CONFIG
+
+    tokenizer: Literal["simulator"] = Field(
+        default="simulator",
+        description="How the engines tokenize: 'simulator' (matrixinfer-sim's documented rules).",
+    )
+    max_blocks: int = Field(
+        default=512, ge=1, le=65536, description="Only the prompt's first max_blocks blocks count."
+    )
+    request_cost: float = Field(
+        default=256.0,
+        ge=0,
+        description="Prefill+decode work of one request already queued or running on a pod, in "
+        "prompt tokens: the exchange rate between a pod's load and a cache miss.",
+    )
+
+
+PRECISE = "precise-prefix:active"
+"""``Context.state`` key set when precise-prefix scored the request: ``prefix-cache`` and
+``least-request`` listed after it then abstain (the precise cost already holds both)."""
+
+_Naming = tuple[str, str, int]  # hash algorithm, hash seed, block size
+
+
+class PrecisePrefixScorer(Scorer):
+    """Prefers the pod that costs least to serve the request, in one unit (prompt tokens):
+    cost = prompt tokens the pod must still prefill (those past its cached prefix, as its own KV
+    events report) + request_cost x its load (max of gateway in-flight and engine waiting +
+    running). Score = (min cost + block) / (cost + block). How blocks are hashed comes from the
+    ModelServer's kvEvents (hashAlgo, hashSeed) and the events (block size). When no candidate's
+    events are followed it abstains; when it scores, the prefix-cache and least-request scorers
+    listed after it abstain."""
+
+    name = "precise-prefix"
+    Args = PrecisePrefixArgs
+    default_weight = 5.0
+
+    def __init__(self, args: BaseModel, index: KVBlockIndex | None = None) -> None:
+        super().__init__(args)
+        assert isinstance(args, PrecisePrefixArgs)
+        self.index = index if index is not None else kvindex.default_index
+        self.tokenizer = TOKENIZERS[args.tokenizer]()
+        self.max_blocks = args.max_blocks
+        self.request_cost = args.request_cost
+        self._hashers: dict[_Naming, PromptHasher] = {}
+        self._segments: OrderedDict[tuple[int, str], _Segment] = OrderedDict()
+        self._prompts: OrderedDict[tuple[str, str | None, _Naming, str], tuple[int, list[int]]] = (
+            OrderedDict()
+        )
+        self._roots: dict[tuple[_Naming, str | None], int] = {}
+        self._serial = 0
+
+    def hashes(self, request: SchedulingRequest, naming: _Naming) -> tuple[int, list[int]]:
+        """(prompt tokens, block hashes) of the request for engines that name blocks ``naming``.
+
+        The engine's text is cut at whitespace about every ``_SEGMENT`` characters; each segment's
+        tokens and block hashes are cached under (the segment before it, its text), so prompts
+        that share a prefix (a system prompt, earlier chat turns) tokenize and hash only what
+        follows it. Valid because the tokenizer concatenates at whitespace. Whole prompts are
+        cached too (the last 4096)."""
+        whole = (request.prompt, request.lora, naming, request.headers.get(":path", ""))
+        hit = self._prompts.get(whole)
+        if hit is not None:
+            self._prompts.move_to_end(whole)
+            return hit
+        hit = self._hash_segments(request, naming)
+        self._prompts[whole] = hit
+        if len(self._prompts) > 4096:
+            self._prompts.popitem(last=False)
+        return hit
+
+    def _hash_segments(self, request: SchedulingRequest, naming: _Naming) -> tuple[int, list[int]]:
+        hasher = self._hashers.get(naming)
+        if hasher is None:
+            hasher = self._hashers[naming] = PromptHasher(*naming)
+        block_size = naming[2]
+        text = self.tokenizer.engine_text(request.prompt, request.headers)
+        cache = self._segments
+        root_key = (naming, request.lora)
+        parent_serial = self._roots.get(root_key)
+        if parent_serial is None:
+            self._serial -= 1
+            parent_serial = self._roots[root_key] = self._serial
+        node: _Segment | None = None
+        pos, n = 0, len(text)
+        max_blocks = self.max_blocks
+        while pos < n:
+            m = _SPACE.search(text, pos + _SEGMENT)
+            end = m.end() if m else n
+            key = (parent_serial, text[pos:end])
+            found = cache.get(key)
+            if found is None:
+                ids = self.tokenizer.encode(key[1])
+                tail = (node.tail + tuple(ids)) if node is not None else tuple(ids)
+                n_blocks = node.n_blocks if node is not None else 0
+                digest = node.digest if node is not None else hasher.root
+                new: list[int] = []
+                if n_blocks < max_blocks:
+                    full = min(len(tail) // block_size, max_blocks - n_blocks) * block_size
+                    new, digest = hasher.extend(digest, tail[:full], request.lora)
+                    tail = tail[full:]
+                    n_blocks += len(new)
+                self._serial += 1
+                n_tokens = (node.n_tokens if node is not None else 0) + len(ids)
+                found = _Segment(self._serial, node, new, digest, tail, n_tokens, n_blocks)
+                if n_blocks >= max_blocks:
+                    found.tail = ()  # no more blocks are hashed past max_blocks
+                cache[key] = found
+                if len(cache) > _SEGMENTS_KEPT:
+                    cache.popitem(last=False)
+            else:
+                cache.move_to_end(key)
+            node, parent_serial, pos = found, found.serial, end
+        if node is None:
+            return 0, []
+        chain: list[list[int]] = []
+        seg: _Segment | None = node
+        while seg is not None:
+            if seg.hashes:
+                chain.append(seg.hashes)
+            seg = seg.parent
+        return node.n_tokens, [h for part in reversed(chain) for h in part]
+
+    def score(self, ctx: Context, pods: list[Pod]) -> list[float] | None:
+        index = self.index
+        naming, sizes = index.naming, index.block_sizes
+        groups: dict[_Naming, list[str]] = {}
+        for p in pods:
+            nm = naming.get(p.name)
+            bs = sizes.get(p.name)
+            if nm is not None and bs is not None:
+                groups.setdefault((nm[0], nm[1], bs), []).append(p.name)
+        if not groups:
+            return None
+        ctx.state[PRECISE] = True
+        matched: dict[str, int] = {}  # cached prompt tokens per pod
+        n_tokens = 0
+        for group, names in groups.items():
+            n_tokens, hashes = self.hashes(ctx.request, group)
+            for name, blocks in index.prefix_blocks(hashes, names).items():
+                matched[name] = blocks * group[2]
+        ctx.state[self.key] = matched
+        rc = self.request_cost
+        load = LeastRequestScorer.load
+        get = matched.get
+        costs = [max(0, n_tokens - get(p.name, 0)) + rc * load(p) for p in pods]
+        slack = min(group[2] for group in groups)
+        top = min(costs) + slack
+        return [top / (c + slack) for c in costs]
 
 
 class LeastLatencyArgs(BaseModel):
@@ -579,6 +758,7 @@ _CLASSES: Sequence[type[Filter] | type[Scorer]] = (
     LeastRequestScorer,
     KvCacheScorer,
     PrefixCacheScorer,
+    PrecisePrefixScorer,
     LeastLatencyScorer,
     LoraAffinityScorer,
     SessionAffinityScorer,

@@ -51,6 +51,7 @@ def test_registry_lists_every_plugin() -> None:
         "least-request",
         "kv-cache",
         "prefix-cache",
+        "precise-prefix",
         "least-latency",
         "lora-affinity",
         "session-affinity",

@@ -1,0 +1,189 @@
+"""The precise-prefix scorer: the engines' own KV events against the approximate index."""
+
+from __future__ import annotations
+
+import random
+from unittest import mock
+
+import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from extproc.kvevents import decode_batch
+from extproc.kvindex import KVBlockIndex, PromptHasher
+from extproc.parsing import parse_body
+from extproc.scheduling import DEFAULT_PROFILE, build_scheduler, plugins
+from extproc.scheduling.plugins import (
+    PRECISE,
+    Context,
+    LeastRequestArgs,
+    LeastRequestScorer,
+    PrecisePrefixArgs,
+    PrecisePrefixScorer,
+    PrefixCacheArgs,
+    PrefixCacheScorer,
+)
+from extproc.scheduling.tokenizers import SimulatorTokenizer
+from extproc.scheduling.types import SchedulingRequest, SchedulingResult
+from fleet.pods import Pod, PodMetrics
+from sim.config import EngineConfig
+from sim.engine import Engine, Request
+from sim.kvevents import encode_batch
+from sim.tokenizer import Tokenizer, apply_chat_template
+
+COMPLETIONS = {":path": "/v1/completions"}
+CHAT = {":path": "/v1/chat/completions"}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=200))
+def test_simulator_tokenizer_matches_the_simulator(text: str) -> None:
+    assert SimulatorTokenizer().encode(text) == Tokenizer().encode(text)
+
+
+def test_chat_prompt_is_tokenized_with_the_simulators_template() -> None:
+    messages = [("system", "Be brief."), ("user", "What is a KV cache?\nExplain: slowly.")]
+    body = {"model": "m", "messages": [{"role": r, "content": c} for r, c in messages]}
+    flattened = parse_body("chat", orjson.dumps(body)).prompt
+    ids = SimulatorTokenizer().prompt_ids(flattened, CHAT)
+    assert ids == Tokenizer().encode(apply_chat_template(messages))
+    assert SimulatorTokenizer().prompt_ids("user: hi", COMPLETIONS) == Tokenizer().encode(
+        "user: hi"
+    )
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.text(alphabet="ab cd\n,é", max_size=1500),
+    st.lists(st.text(alphabet="ab cd\n,é", max_size=700), min_size=1, max_size=4),
+    st.sampled_from([None, "ad"]),
+    st.integers(1, 40),
+)
+def test_prefix_segment_cache_equals_hashing_the_whole_prompt(
+    prefix: str, suffixes: list[str], lora: str | None, max_blocks: int
+) -> None:
+    scorer = PrecisePrefixScorer(PrecisePrefixArgs(maxBlocks=max_blocks), index=KVBlockIndex())
+    naming = ("sha256", "0", 4)
+    hasher = PromptHasher("sha256", "0", 4)
+    with mock.patch.object(plugins, "_SEGMENT", 16):  # many segments per prompt
+        for suffix in suffixes:  # later prompts reuse the cached segments of the shared prefix
+            request = SchedulingRequest("r", "m", lora=lora, prompt=prefix + suffix, headers=CHAT)
+            ids = Tokenizer().encode(SimulatorTokenizer.chat_text(prefix + suffix))
+            want = (len(ids), hasher.hashes(ids, lora, max_blocks))
+            assert scorer.hashes(request, naming) == want
+
+
+def engine() -> Engine:
+    cfg = EngineConfig(
+        block_size=16, num_gpu_blocks=64, max_model_len=1024, hash_seed="0",
+        max_num_batched_tokens=4096,
+    )  # fmt: skip
+    return Engine(cfg, record_events=True)
+
+
+def run(eng: Engine, text: str, rid: str) -> None:
+    eng.add(Request(rid, Tokenizer().encode(text), [1], 0.0))
+    eng.run_until_idle()
+
+
+def feed(index: KVBlockIndex, pod: str, eng: Engine) -> None:
+    """The engine's events through vLLM's wire format into the index."""
+    index.register(pod, "sha256", "0")  # the ModelServer's kvEvents (the engines' settings)
+    _, events = decode_batch(encode_batch(0.0, eng.kv.take_events()))
+    index.apply(pod, events)
+
+
+def words(n: int, seed: int) -> str:
+    rng = random.Random(seed)
+    return " ".join(f"w{rng.randrange(10**6)}" for _ in range(n))
+
+
+def pods() -> list[Pod]:
+    m = PodMetrics(waiting=0, running=0, stale=False)
+    return [Pod("a", "10.0.0.1:8000", metrics=m), Pod("b", "10.0.0.2:8000", metrics=m)]
+
+
+def ctx(prompt: str) -> Context:
+    request = SchedulingRequest("r", "m", prompt=prompt, headers=COMPLETIONS)
+    return Context(request, 0.0, random.Random(0), "the ModelServer", {})
+
+
+def test_precise_scorer_sees_the_eviction_the_approximate_index_cannot() -> None:
+    shared = words(300, 1)  # ~19 blocks of 16 tokens
+    a, b = engine(), engine()
+    index = KVBlockIndex()
+    approx = PrefixCacheScorer(PrefixCacheArgs(block_size=64))
+    precise = PrecisePrefixScorer(PrecisePrefixArgs(), index=index)
+    pa, pb = pods()
+
+    # the prefix was served by pod a first (the approximate index credits a) ...
+    run(a, shared, "1")
+    approx.on_routed(SchedulingRequest("1", "m", prompt=shared), SchedulingResult(pa))
+    # ... later by pod b too, which the approximate index never credited (another gateway)
+    run(b, shared, "2")
+    # then other prompts fill pod a's cache and evict the shared prefix
+    for i in range(3):
+        run(a, words(300, 100 + i), f"x{i}")
+    feed(index, "a", a)
+    feed(index, "b", b)
+
+    assert approx.score(ctx(shared), [pa, pb]) == [1.0, 0.0]  # still believes pod a
+    sa, sb = precise.score(ctx(shared), [pa, pb]) or []
+    assert sb == 1.0 and sa < 0.3  # pod b really holds it
+    assert a.kv.lookup(Request("q", Tokenizer().encode(shared), [1], 0.0), 300) == []
+
+
+def test_load_outweighs_a_cached_prefix_in_prompt_tokens() -> None:
+    shared = words(200, 2)
+    a = engine()
+    index = KVBlockIndex()
+    run(a, shared, "1")
+    feed(index, "a", a)
+    feed(index, "b", engine())  # b is subscribed but holds nothing
+    index.block_sizes["b"] = 16  # (learned from its first BlockStored)
+    pa, pb = pods()
+    precise = PrecisePrefixScorer(PrecisePrefixArgs(request_cost=100), index=index)
+    n = len(Tokenizer().encode(shared))  # 400: "w123456" is two tokens
+    left = n - (n // 16) * 16  # pod a must still prefill the partial last block
+    assert precise.score(ctx(shared), [pa, pb]) == [1.0, (left + 16) / (n + 16)]
+    pa.in_flight = 5  # 5 x 100 prompt-token equivalents queued > the ~400 tokens saved
+    sa, sb = precise.score(ctx(shared), [pa, pb]) or []
+    assert sb == 1.0 and sa < 1.0
+
+
+def test_abstains_without_kv_events() -> None:
+    precise = PrecisePrefixScorer(PrecisePrefixArgs(), index=KVBlockIndex())
+    assert precise.score(ctx(words(100, 3)), pods()) is None
+
+
+def test_default_profile_routes_on_events_when_they_are_followed() -> None:
+    shared = words(300, 5)
+    a, b = engine(), engine()
+    run(a, shared, "1")
+    run(b, shared, "2")
+    for i in range(3):
+        run(a, words(300, 200 + i), f"x{i}")  # evicts the shared prefix on pod a
+    index = KVBlockIndex()
+    feed(index, "a", a)
+    feed(index, "b", b)
+    sched = build_scheduler(DEFAULT_PROFILE, rng=random.Random(0))
+    precise = next(s for s, _ in sched.scorers if isinstance(s, PrecisePrefixScorer))
+    approx = next(s for s, _ in sched.scorers if isinstance(s, PrefixCacheScorer))
+    pa, pb = pods()
+    approx.index.credit("a", approx.hashes(SchedulingRequest("0", "m", prompt=shared)))
+    request = SchedulingRequest("r", "m", prompt=shared, headers=COMPLETIONS)
+
+    precise.index = KVBlockIndex()  # no events followed: the approximate scorers decide
+    result = sched.schedule(request, [pa, pb])
+    assert result.primary is pa and PRECISE not in result.plugin_state
+
+    precise.index = index  # events followed: the engines' truth, in one unit
+    result = sched.schedule(request, [pa, pb])
+    assert result.primary is pb and result.plugin_state[PRECISE] is True
+
+
+def test_prefix_cache_and_least_request_abstain_when_precise_scored() -> None:
+    c = ctx("some prompt words " * 40)
+    c.state[PRECISE] = True
+    assert PrefixCacheScorer(PrefixCacheArgs()).score(c, pods()) is None
+    assert LeastRequestScorer(LeastRequestArgs()).score(c, pods()) is None
