@@ -30,7 +30,6 @@ __all__ = [
     "PromptHasher",
     "block_hashes",
     "cbor",
-    "default_index",
 ]
 
 HashAlgo = Literal["sha256", "sha256_cbor"]
@@ -183,7 +182,6 @@ class KVBlockIndex:
         return len(self._blocks)
 
 
-default_index = KVBlockIndex()
 """The gateway process's index: fed by :class:`extproc.kvevents.KVEventsSubscriber` (started by
 ``extproc.main``), read by the ``precise-prefix`` scorer of every scheduler."""
 

@@ -16,13 +16,13 @@ from aiohttp import web
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from extproc import kvindex
 from extproc.datastore import Datastore
 from extproc.gateway import Gateway
 from extproc.kvevents import KVEventsSubscriber, targets_of
+from extproc.kvindex import KVBlockIndex
 from extproc.metrics import GatewayMetrics
 from extproc.parsing import DEFAULT_BODY_LIMIT
-from extproc.scheduling import check_profile
+from extproc.scheduling import build_scheduler, check_profile
 from extproc.transport.grpc_servicer import BODY_MODES, ExtProcServicer
 from extproc.transport.http_side import build_app
 from fleet.config import GatewayConfig
@@ -181,7 +181,16 @@ class ExtProcApp:
         self.args = args
         self.metrics = GatewayMetrics()
         self.datastore = Datastore()
-        self.gateway = Gateway(self.datastore, self.metrics, body_limit=args.body_limit)
+        if args.kv_index_capacity < 1:
+            raise SystemExit(f"--kv-index-capacity must be >= 1, got {args.kv_index_capacity}")
+        self.kv_index = KVBlockIndex(args.kv_index_capacity)
+        kv_index = self.kv_index
+        self.gateway = Gateway(
+            self.datastore,
+            self.metrics,
+            body_limit=args.body_limit,
+            scheduler_factory=lambda profile: build_scheduler(profile=profile, kv_index=kv_index),
+        )
         self.policies: Any = None
         if (
             args.policies
@@ -218,11 +227,8 @@ class ExtProcApp:
                 check_profile=check_profile,
             )
         self.scraper: Any = None
-        if args.kv_index_capacity < 1:
-            raise SystemExit(f"--kv-index-capacity must be >= 1, got {args.kv_index_capacity}")
-        kvindex.default_index.capacity = args.kv_index_capacity
         self.kv_events = KVEventsSubscriber(
-            kvindex.default_index,
+            self.kv_index,
             lambda: targets_of(self.datastore.snapshot.servers.values()),
             registry=self.metrics.registry,
         )

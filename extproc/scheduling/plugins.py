@@ -25,7 +25,6 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from extproc import kvindex
 from extproc.kvindex import KVBlockIndex, PromptHasher
 from extproc.scheduling.prefix import PrefixIndex, block_hashes
 from extproc.scheduling.tokenizers import TOKENIZERS
@@ -91,6 +90,10 @@ class Plugin:
     def __init__(self, args: BaseModel) -> None:
         self.args = args
         self.key = self.name
+
+    def bind(self, kv_index: KVBlockIndex) -> None:
+        """Shared state the scheduler's owner hands every plugin once it is built (the KV-block
+        index the gateway keeps from the engines' events); most plugins need none."""
 
     def on_routed(self, request: SchedulingRequest, result: SchedulingResult) -> None:
         """The gateway sent ``request`` to ``result.primary``."""
@@ -492,7 +495,8 @@ class PrecisePrefixScorer(Scorer):
     def __init__(self, args: BaseModel, index: KVBlockIndex | None = None) -> None:
         super().__init__(args)
         assert isinstance(args, PrecisePrefixArgs)
-        self.index = index if index is not None else kvindex.default_index
+        # until bound to the gateway's index (or given one), an empty index: the scorer abstains
+        self.index = index if index is not None else KVBlockIndex()
         self.tokenizer = TOKENIZERS[args.tokenizer]()
         self.max_blocks = args.max_blocks
         self.request_cost = args.request_cost
@@ -574,6 +578,9 @@ class PrecisePrefixScorer(Scorer):
                 chain.append(seg.hashes)
             seg = seg.parent
         return node.n_tokens, [h for part in reversed(chain) for h in part]
+
+    def bind(self, kv_index: KVBlockIndex) -> None:
+        self.index = kv_index
 
     def score(self, ctx: Context, pods: list[Pod]) -> list[float] | None:
         index = self.index

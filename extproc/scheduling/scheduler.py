@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ValidationError
 
+from extproc.kvindex import KVBlockIndex
 from extproc.scheduling.plugins import PLUGINS, Context, Filter, Plugin, Scorer
 from extproc.scheduling.types import NoPodAvailable, SchedulingRequest, SchedulingResult
 from fleet.pods import Pod
@@ -207,6 +208,7 @@ def build_scheduler(
     clock: Callable[[], float] = time.monotonic,
     rng: random.Random | None = None,
     max_fallbacks: int | None = None,
+    kv_index: KVBlockIndex | None = None,
 ) -> Scheduler:
     """A scheduler for ``profile`` (None = :data:`DEFAULT_PROFILE`).
 
@@ -214,6 +216,7 @@ def build_scheduler(
     ``.weight`` and ``.args`` (``ModelServer.spec.scheduler`` or :class:`SchedulerProfile`).
     Unknown plugins or bad arguments raise ValueError naming the plugin and the argument.
     ``max_fallbacks`` defaults to the profile's ``fallbacks`` if it has one, else 2.
+    ``kv_index``: the gateway's KV-block index, bound to every plugin (:meth:`Plugin.bind`).
     """
     if profile is None:
         profile = DEFAULT_PROFILE
@@ -225,6 +228,9 @@ def build_scheduler(
     for i, spec in enumerate(getattr(profile, "scorers", None) or ()):
         plugin, weight = _build_plugin("scorer", i, spec)
         scorers.append((plugin, weight))
+    if kv_index is not None:
+        for plugin in (*filters, *(scorer for scorer, _ in scorers)):
+            plugin.bind(kv_index)
     if max_fallbacks is None:
         fb = getattr(profile, "fallbacks", None)
         max_fallbacks = fb if isinstance(fb, int) and not isinstance(fb, bool) else 2
