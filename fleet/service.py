@@ -107,6 +107,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
             return action.help
         return super()._get_help_string(action)
 
+    def _get_default_metavar_for_optional(self, action: argparse.Action) -> str:
+        return (
+            "DURATION"
+            if action.type is duration
+            else super()._get_default_metavar_for_optional(action)
+        )
+
 
 def signalled_stop() -> asyncio.Event:
     """An event that SIGTERM or SIGINT sets: a service's orderly stop (call in the running loop)."""

@@ -78,6 +78,13 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
             return action.help
         return super()._get_help_string(action)
 
+    def _get_default_metavar_for_optional(self, action: argparse.Action) -> str:
+        return (
+            "DURATION"
+            if action.type is _duration
+            else super()._get_default_metavar_for_optional(action)
+        )
+
 
 _LORA_JSON_KEYS = {"name", "path", "base_model_name"}
 
