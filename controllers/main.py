@@ -1,6 +1,7 @@
 """`matrixinfer-controllers`: the Kopf operator process (ModelInfer controller).
 
     matrixinfer-controllers [--namespace NS ...] [--metrics-port 9090] [--liveness-port 8080]
+                            [--resync 30s]
 
 Credentials: in-cluster service account or kubeconfig (via the `kubernetes` client), or
 `--server URL` (plain, no auth; for the emulated API server in tests and demos).
@@ -24,7 +25,13 @@ from controllers.metrics import ControllerMetrics
 from controllers.modelinfer import handlers as modelinfer_handlers
 from controllers.modelinfer.reconciler import ModelInferController
 from controllers.status import handlers as status_handlers
-from fleet.service import add_service_args, configure_logging
+from fleet.service import (
+    DeprecatedAlias,
+    HelpFormatter,
+    add_service_args,
+    configure_logging,
+    duration,
+)
 
 FINALIZER = "workload.matrixinfer.ai/finalizer"
 ANNOTATION_PREFIX = "kopf.matrixinfer.ai"
@@ -154,16 +161,23 @@ async def _run_kopf(
     )
 
 
-def parse_args(argv: Sequence[str] | None) -> ControllerConfig:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``matrixinfer-controllers``."""
     ap = argparse.ArgumentParser(
-        prog="matrixinfer-controllers", description="MatrixInfer Kopf operator"
+        prog="matrixinfer-controllers",
+        description="MatrixInfer Kopf operator. Durations: 500ms, 2s, 1m30s (a bare number is "
+        "seconds).",
+        formatter_class=HelpFormatter,
     )
     ap.add_argument("--namespace", "-n", action="append", default=[], help="watch only these")
     ap.add_argument("--server", help="API server URL without credentials (emulators only)")
-    ap.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port")
-    ap.add_argument("--metrics-host", default="0.0.0.0")
-    ap.add_argument("--liveness-port", type=int, default=8080, help="Kopf /healthz port")
-    ap.add_argument("--resync-seconds", type=float, default=30.0)
+    ap.add_argument("--metrics-port", type=int, default=9090, help="/metrics port (0: off)")
+    ap.add_argument("--metrics-host", default="0.0.0.0", help="address of the metrics port")
+    ap.add_argument("--liveness-port", type=int, default=8080, help="Kopf /healthz port (0: off)")
+    ap.add_argument("--resync", type=duration, default="30s",
+                    help="reconcile every ModelInfer at least this often")  # fmt: skip
+    ap.add_argument("--resync-seconds", type=duration, dest="resync", action=DeprecatedAlias,
+                    replacement="--resync")  # fmt: skip
     ap.add_argument("--xds-port", type=int, default=0, help="serve ADS on this port (0: off)")
     ap.add_argument(
         "--xds-arg",
@@ -173,7 +187,11 @@ def parse_args(argv: Sequence[str] | None) -> ControllerConfig:
     )
     ap.add_argument("--verbose", "-v", action="store_true", help="same as --log-level debug")
     add_service_args(ap)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def parse_args(argv: Sequence[str] | None) -> ControllerConfig:
+    args = build_parser().parse_args(argv)
     configure_logging("debug" if args.verbose else args.log_level, args.log_format)
     return ControllerConfig(
         namespaces=list(args.namespace),
@@ -183,7 +201,7 @@ def parse_args(argv: Sequence[str] | None) -> ControllerConfig:
         liveness_endpoint=(
             f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port > 0 else None
         ),
-        resync_seconds=args.resync_seconds,
+        resync_seconds=args.resync,
         consistency_timeout=5.0,
         xds_port=args.xds_port or None,
         xds_args=list(args.xds_arg),

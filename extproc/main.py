@@ -28,19 +28,28 @@ from extproc.transport.http_side import build_app
 from fleet.config import GatewayConfig
 from fleet.envoy_eds import write_eds
 from fleet.files import ConfigWatcher
-from fleet.service import add_service_args, configure_logging, signalled_stop
+from fleet.service import (
+    HelpFormatter,
+    add_service_args,
+    configure_logging,
+    duration,
+    signalled_stop,
+)
 
-__all__ = ["main", "parse_args", "serve"]
+__all__ = ["build_parser", "main", "parse_args", "serve"]
 
 log = logging.getLogger("matrixinfer.extproc")
 
 EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``matrixinfer-extproc`` (:func:`parse_args` checks the combinations)."""
     p = argparse.ArgumentParser(
         prog="matrixinfer-extproc",
-        description="MatrixInfer gateway: the Envoy ext_proc server that routes OpenAI requests.",
+        description="MatrixInfer gateway: the Envoy ext_proc server that routes OpenAI requests. "
+        "Durations: 500ms, 2s, 1m30s (a bare number is seconds).",
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--config", type=Path, default=None, help="directory of YAML configuration")
     p.add_argument(
@@ -51,32 +60,30 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--server", default=None, help="API server URL without credentials (emulators)")
     p.add_argument("--namespace", default=None, help="--source kubernetes: one namespace only")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--grpc-port", type=int, default=9002, help="ext_proc gRPC port (default 9002)")
-    p.add_argument("--http-port", type=int, default=9090, help="metrics/health port (default 9090)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--grpc-port", type=int, default=9002, help="ext_proc gRPC port")
+    p.add_argument("--http-port", type=int, default=9090, help="metrics/health port")
     p.add_argument(
         "--body-mode",
         choices=BODY_MODES,
         default="BUFFERED",
-        help="must match the Envoy filter's request_body_mode (default BUFFERED)",
+        help="must match the Envoy filter's request_body_mode",
     )
     p.add_argument(
         "--body-limit",
         type=int,
         default=DEFAULT_BODY_LIMIT,
-        help=f"largest request body in bytes; larger ones get 413 (default {DEFAULT_BODY_LIMIT})",
+        help="largest request body in bytes; larger ones get 413",
     )
-    p.add_argument(
-        "--scrape-interval", type=float, default=0.2, help="pod /metrics period, s (default 0.2)"
-    )
+    p.add_argument("--scrape-interval", type=duration, default="200ms", help="pod /metrics period")
     p.add_argument(
         "--stale-after",
-        type=float,
+        type=duration,
         default=None,
         help="a pod whose scrapes fail this long is not ready (default 2 x scrape interval)",
     )
     p.add_argument(
-        "--config-poll", type=float, default=1.0, help="config directory poll period, s (default 1)"
+        "--config-poll", type=duration, default="1s", help="config directory poll period"
     )
     p.add_argument(
         "--eds-file",
@@ -117,7 +124,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--ratelimit-fail",
         choices=("open", "closed"),
         default="open",
-        help="Redis unreachable: open = local buckets, closed = 503 (default open)",
+        help="Redis unreachable: open = local buckets, closed = 503",
     )
     pol.add_argument(
         "--redis-password-file", type=Path, default=None, help="file holding the Redis password"
@@ -129,8 +136,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="FRACTION",
         help="admit without waiting for Redis (and charge it behind the request) while this "
         "replica's recent view of the budget shows more than this fraction of every limited "
-        "bucket left after the request; closer to the limit, ask Redis first (default 0.25; "
-        "1 = always ask Redis first)",
+        "bucket left after the request; closer to the limit, ask Redis first "
+        "(1 = always ask Redis first)",
     )
     pol.add_argument(
         "--charge-key-file",
@@ -149,19 +156,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     pol.add_argument(
         "--usage-grace",
-        type=float,
-        default=10.0,
-        help="seconds to wait for a request's usage report before charging its estimate",
+        type=duration,
+        default="10s",
+        help="how long to wait for a request's usage report before charging its estimate",
     )
     p.add_argument(
         "--transport",
         choices=("grpc", "h2"),
         default="grpc",
         help="ext_proc server: grpc = grpc.aio; h2 = the lean h2-library transport "
-        "(extproc/transport_h2.py, docs/gateway.md) (default grpc)",
+        "(extproc/transport/h2.py, docs/gateway.md)",
     )
     add_service_args(p)
     p.add_argument("--no-uvloop", action="store_true", help="use the default asyncio loop")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.source == "files" and args.config is None:
         p.error("--config DIR is required (or --source kubernetes)")

@@ -27,7 +27,15 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from fleet.service import version
+from controllers.xds.generate import GatewaySettings
+from fleet.service import (
+    DeprecatedAlias,
+    HelpFormatter,
+    duration,
+    format_duration,
+    milliseconds,
+    version,
+)
 from matrixinfer.process import ReadinessTimeout, free_port, port_is_free, wait_until
 from matrixinfer.resources import project_file
 from matrixinfer.stack import GatewayStack, StackOptions
@@ -35,6 +43,7 @@ from matrixinfer.stack import GatewayStack, StackOptions
 __all__ = ["main"]
 
 DEMO_MODEL = "demo-model"
+_DEFAULT_MESSAGE_TIMEOUT = GatewaySettings().message_timeout_ms / 1000  # the gateway's, seconds
 DEMO_LABELS = {"app": DEMO_MODEL}
 
 
@@ -310,6 +319,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 0
     except Stopped as exc:
         _say(f"\nstopping ({exc})")
+        if stack is not None:
+            _drain(stack, args.drain_timeout)
         return 0
     except ReadinessTimeout as exc:
         _say(f"error: {exc}")
@@ -346,7 +357,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
             body_mode=args.body_mode,
             body_limit=args.body_limit,
             fail_open=args.fail_open,
-            message_timeout_ms=args.message_timeout_ms,
+            message_timeout_ms=round(args.message_timeout * 1000),
             scrape_interval=args.scrape_interval,
             access_log=args.access_log,
             transport=args.transport,
@@ -375,12 +386,21 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         _say("error: a gateway process exited; see the logs")
         return 1
     except Stopped:
+        _drain(stack, args.drain_timeout)
         return 0
     except ReadinessTimeout as exc:
         _say(f"error: {exc}")
         return 1
     finally:
         stack.stop()
+
+
+def _drain(stack: GatewayStack, timeout: float) -> None:
+    """Before the stack stops: Envoy takes no new requests and those in flight finish (bounded)."""
+    _say(f"draining: no new requests; up to {format_duration(timeout)} for those in flight")
+    if not stack.drain(timeout):
+        left = stack.active_requests()
+        _say(f"drain timeout: {left if left is not None else 'some'} requests cut")
 
 
 def config_news(before: dict[str, Any] | None, after: dict[str, Any]) -> list[str]:
@@ -437,18 +457,32 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _add_drain_timeout(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--drain-timeout",
+        type=duration,
+        default="10s",
+        help="on Ctrl-C / SIGTERM: Envoy stops accepting and requests in flight (streams "
+        "included) get this long to finish before everything stops",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="matrixinfer", description="MatrixInfer command line")
+    p = argparse.ArgumentParser(
+        prog="matrixinfer",
+        description="MatrixInfer command line. Durations: 500ms, 2s, 1m30s (a bare number is "
+        "seconds).",
+        formatter_class=HelpFormatter,
+    )
     p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="run the local stack: simulated pods, extproc and Envoy")
-    demo.add_argument("--replicas", type=int, default=4, help="simulated pods (default 4)")
+    demo = sub.add_parser("demo", help="run the local stack: simulated pods, extproc and Envoy",
+                          formatter_class=HelpFormatter)  # fmt: skip
+    demo.add_argument("--replicas", type=int, default=4, help="simulated pods")
     demo.add_argument("--host", default="127.0.0.1", help="Envoy listen address")
-    demo.add_argument("--port", type=int, default=8080, help="Envoy listen port (default 8080)")
-    demo.add_argument(
-        "--first-host", default="127.0.0.10", help="first pod IP (default 127.0.0.10)"
-    )
+    demo.add_argument("--port", type=int, default=8080, help="Envoy listen port")
+    demo.add_argument("--first-host", default="127.0.0.10", help="first pod IP")
     demo.add_argument(
         "--requests",
         type=int,
@@ -460,40 +494,46 @@ def build_parser() -> argparse.ArgumentParser:
         "--once", action="store_const", const=1, dest="requests", help="= --requests 1"
     )
     demo.add_argument(
-        "--time-scale", type=float, default=0.05, help="simulator speed factor (default 0.05)"
+        "--time-scale", type=float, default=0.05, help="simulator wall seconds per simulated second"
     )
     demo.add_argument("--run-dir", default=None, help="folder for logs and generated config")
     demo.add_argument("--examples", default=None, help="config folder (default examples/demo)")
+    _add_drain_timeout(demo)
     demo.set_defaults(func=cmd_demo)
 
-    gw = sub.add_parser("gateway", help="run extproc + Envoy in front of existing endpoints")
+    gw = sub.add_parser("gateway", help="run extproc + Envoy in front of existing endpoints",
+                        formatter_class=HelpFormatter)  # fmt: skip
     gw.add_argument("--config", required=True, help="directory of YAML configuration")
-    gw.add_argument("--host", default="127.0.0.1", help="Envoy listen address (default 127.0.0.1)")
-    gw.add_argument("--port", type=int, default=8080, help="Envoy listen port (default 8080)")
+    gw.add_argument("--host", default="127.0.0.1", help="Envoy listen address")
+    gw.add_argument("--port", type=int, default=8080, help="Envoy listen port")
     gw.add_argument("--fail-open", action="store_true", help="route round-robin when extproc fails")
-    gw.add_argument("--body-mode", default="BUFFERED", choices=("BUFFERED", "FULL_DUPLEX_STREAMED"))
-    gw.add_argument("--body-limit", type=int, default=10 * 1024 * 1024, help="bytes (10 MiB)")
+    gw.add_argument("--body-mode", default="BUFFERED", choices=("BUFFERED", "FULL_DUPLEX_STREAMED"),
+                    help="ext_proc request body mode")  # fmt: skip
+    gw.add_argument("--body-limit", type=int, default=10 * 1024 * 1024, help="bytes")
     gw.add_argument(
-        "--message-timeout-ms",
-        type=int,
-        default=None,
-        help="ext_proc message timeout (default: the gateway's, 1 s; queued requests extend it)",
+        "--message-timeout",
+        type=duration,
+        default=format_duration(_DEFAULT_MESSAGE_TIMEOUT),
+        help="ext_proc wait per reply outside the queue (queued requests extend it)",
     )
-    gw.add_argument("--scrape-interval", type=float, default=0.2, help="pod /metrics period, s")
+    gw.add_argument("--message-timeout-ms", type=milliseconds, dest="message_timeout",
+                    action=DeprecatedAlias, replacement="--message-timeout")  # fmt: skip
+    gw.add_argument("--scrape-interval", type=duration, default="200ms", help="pod /metrics period")
     gw.add_argument("--access-log", action="store_true", help="Envoy access log in the log folder")
     gw.add_argument(
         "--transport",
         default="grpc",
         choices=("grpc", "h2"),
-        help="extproc's ext_proc server: grpc (grpc.aio, default) or h2 (the h2 library)",
+        help="extproc's ext_proc server: grpc (grpc.aio) or h2 (the h2 library)",
     )
     gw.add_argument(
         "--extproc-processes",
         type=_positive_int,
         default=1,
-        help="extproc processes behind Envoy (default 1; each keeps its own scheduler state)",
+        help="extproc processes behind Envoy (each keeps its own scheduler state)",
     )
     gw.add_argument("--run-dir", default=None, help="folder for logs and the rendered bootstrap")
+    _add_drain_timeout(gw)
     gw.set_defaults(func=cmd_gateway)
     return p
 

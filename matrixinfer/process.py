@@ -284,11 +284,12 @@ def envoy_child(
     ready_timeout: float = 30.0,
 ) -> Child:
     """Envoy on ``config`` (hot restart off, so several run side by side), ready once its admin
-    ``/ready`` on 127.0.0.1:``admin_port`` answers 200."""
+    ``/ready`` on 127.0.0.1:``admin_port`` answers 200. A drain (admin ``/drain_listeners``) tells
+    every request from then on to close its connection (``--drain-strategy immediate``)."""
     return Child(
         name,
         [find_envoy(), "-c", str(config), "--disable-hot-restart", "--log-level", log_level,
-         "--concurrency", str(concurrency)],
+         "--concurrency", str(concurrency), "--drain-strategy", "immediate"],
         log_path=log_path,
         ready=lambda: http_ok(f"http://127.0.0.1:{admin_port}/ready"),
         ready_timeout=ready_timeout,

@@ -11,12 +11,15 @@ from __future__ import annotations
 import json
 import secrets
 import sys
+import time
+import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fleet.service import format_duration
 from matrixinfer.envoy_config import AdsBootstrap, render_ads_bootstrap
 from matrixinfer.process import Child, envoy_child, free_port, http_ok
 
@@ -39,7 +42,7 @@ class StackOptions:
     config_poll: float = 1.0
     retries: int = 2
     access_log: bool = False
-    extproc_log_level: str = "INFO"
+    extproc_log_level: str = "info"
     envoy_log_level: str = "warn"
     envoy_concurrency: int = 2
     extra_extproc_args: Sequence[str] = field(default_factory=tuple)
@@ -97,7 +100,7 @@ class GatewayStack:
                 "--config",
                 str(self.config_dir),
                 "--config-poll",
-                str(o.config_poll),
+                format_duration(o.config_poll),
                 "--port",
                 str(self.xds_port),
                 "--http-port",
@@ -112,7 +115,7 @@ class GatewayStack:
                 "--body-limit",
                 str(o.body_limit),
                 *(
-                    ["--message-timeout-ms", str(o.message_timeout_ms)]
+                    ["--message-timeout", f"{o.message_timeout_ms}ms"]
                     if o.message_timeout_ms is not None
                     else []
                 ),
@@ -160,9 +163,9 @@ class GatewayStack:
                 "--body-limit",
                 str(o.body_limit),
                 "--scrape-interval",
-                str(o.scrape_interval),
+                format_duration(o.scrape_interval),
                 "--config-poll",
-                str(o.config_poll),
+                format_duration(o.config_poll),
                 "--log-level",
                 o.extproc_log_level,
                 "--transport",
@@ -219,6 +222,43 @@ class GatewayStack:
             raise
         return self
 
+    def drain(self, timeout: float) -> bool:
+        """Envoy stops taking new requests (admin ``POST /drain_listeners?graceful``: every new
+        request is told to close its connection, then the listeners close) while the requests in
+        flight, streams included, finish; returns once none is left (True) or after ``timeout``
+        seconds (False). Call before :meth:`stop`."""
+        if not self.envoy.running():
+            return True
+        try:
+            # connections open now are told to close after their request; the listeners close
+            _admin_post(f"{self.admin_url}/drain_listeners?graceful")
+            _admin_post(f"{self.admin_url}/drain_listeners")
+        except (urllib.error.URLError, OSError):
+            return False
+        deadline = time.monotonic() + timeout
+        while True:
+            active = self.active_requests()
+            if active == 0:
+                return True
+            if time.monotonic() >= deadline or active is None:
+                return False
+            time.sleep(0.05)
+
+    def active_requests(self) -> int | None:
+        """Requests in flight on Envoy's listeners (``http.<prefix>.downstream_rq_active`` summed
+        over every HTTP connection manager but the admin's own); None when Envoy does not answer."""
+        url = f"{self.admin_url}/stats?filter=downstream_rq_active$&format=json"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                stats = json.loads(resp.read()).get("stats", [])
+        except (urllib.error.URLError, OSError, ValueError):
+            return None
+        return sum(
+            int(s.get("value", 0))
+            for s in stats
+            if s.get("name", "").startswith("http.") and not s["name"].startswith("http.admin.")
+        )
+
     def stop(self) -> None:
         self.envoy.stop()
         self.xds.stop()
@@ -252,3 +292,8 @@ class GatewayStack:
                 sock = host["address"]["socket_address"]
                 out.add(f"{sock['address']}:{sock['port_value']}")
         return out
+
+
+def _admin_post(url: str) -> None:
+    with urllib.request.urlopen(urllib.request.Request(url, method="POST", data=b""), timeout=5):
+        pass

@@ -22,19 +22,34 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from controllers.xds.generate import GatewaySettings, XdsInputs, generate
 from controllers.xds.server import AdsServer
 from controllers.xds.sources import inputs_from_config, with_policy_filters
-from fleet.service import add_service_args, configure_logging, signalled_stop
+from fleet.service import (
+    DeprecatedAlias,
+    HelpFormatter,
+    add_service_args,
+    configure_logging,
+    duration,
+    format_duration,
+    milliseconds,
+    signalled_stop,
+)
 
-__all__ = ["XdsApp", "main", "parse_args", "settings_from_args"]
+__all__ = ["XdsApp", "build_parser", "main", "parse_args", "settings_from_args"]
 
 log = logging.getLogger("matrixinfer.xds")
 _DEFAULTS = GatewaySettings()  # the one place the gateway's defaults are written
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``matrixinfer-xds``."""
     p = argparse.ArgumentParser(
-        prog="matrixinfer-xds", description="MatrixInfer ADS server: Envoy config over xDS."
+        prog="matrixinfer-xds",
+        description="MatrixInfer ADS server: Envoy config over xDS. "
+        "Durations: 500ms, 2s, 1m30s (a bare number is seconds).",
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("--source", choices=("files", "kubernetes"), default="files")
+    p.add_argument(
+        "--source", choices=("files", "kubernetes"), default="files", help="where the config is"
+    )
     p.add_argument("--config", type=Path, help="configuration directory (--source files)")
     p.add_argument("--server", help="API server URL without credentials (emulators only)")
     p.add_argument("--namespace", default=None, help="watch one namespace (default: all)")
@@ -42,42 +57,51 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--extproc-service", default="matrixinfer-extproc", help="extproc Service name (kubernetes)"
     )
     p.add_argument("--extproc-port", type=int, default=9002, help="extproc gRPC port (kubernetes)")
-    p.add_argument("--config-poll", type=float, default=1.0, help="directory poll period, s")
+    p.add_argument("--config-poll", type=duration, default="1s", help="directory poll period")
     p.add_argument("--host", default="127.0.0.1", help="address of the ADS and HTTP ports")
-    p.add_argument("--port", type=int, default=18000, help="ADS gRPC port (default 18000)")
-    p.add_argument("--http-port", type=int, default=0, help="/healthz, /metrics, /debug/xds")
-    p.add_argument("--debounce", type=float, default=0.05, help="push debounce, s (default 0.05)")
+    p.add_argument("--port", type=int, default=18000, help="ADS gRPC port")
+    p.add_argument("--http-port", type=int, default=0, help="/healthz /metrics /debug/xds (0: off)")
+    p.add_argument("--debounce", type=duration, default="50ms", help="push debounce")
     p.add_argument(
         "--extproc", action="append", default=[], help="extproc host:port (repeatable; files)"
     )
-    p.add_argument("--listen-host", default="127.0.0.1")
-    p.add_argument("--listen-port", type=int, default=8080)
-    p.add_argument("--gateway-name", default="matrixinfer-gateway")
-    p.add_argument("--body-mode", default="BUFFERED", choices=("BUFFERED", "FULL_DUPLEX_STREAMED"))
-    p.add_argument("--body-limit", type=int, default=10 * 1024 * 1024)
+    p.add_argument("--listen-host", default="127.0.0.1", help="Envoy listener address")
+    p.add_argument("--listen-port", type=int, default=8080, help="Envoy listener port")
+    p.add_argument("--gateway-name", default="matrixinfer-gateway", help="Gateway this serves")
+    p.add_argument("--body-mode", default="BUFFERED", choices=("BUFFERED", "FULL_DUPLEX_STREAMED"),
+                   help="ext_proc request body mode (must match the extproc's)")  # fmt: skip
+    p.add_argument("--body-limit", type=int, default=10 * 1024 * 1024, help="bytes")
     p.add_argument(
-        "--message-timeout-ms",
-        type=int,
-        default=_DEFAULTS.message_timeout_ms,
-        help=f"ext_proc wait per reply outside the queue (default {_DEFAULTS.message_timeout_ms})",
+        "--message-timeout",
+        type=duration,
+        default=format_duration(_DEFAULTS.message_timeout_ms / 1000),
+        help="ext_proc wait per reply outside the queue",
     )
+    p.add_argument("--message-timeout-ms", type=milliseconds, dest="message_timeout",
+                   action=DeprecatedAlias, replacement="--message-timeout")  # fmt: skip
     p.add_argument(
-        "--max-message-timeout-cap-ms",
-        type=int,
-        default=_DEFAULTS.max_message_timeout_cap_ms,
-        help="ceiling of the queued-request extension, derived from the longest queue.maxWait "
-        f"(default {_DEFAULTS.max_message_timeout_cap_ms})",
+        "--max-message-timeout-cap",
+        type=duration,
+        default=format_duration(_DEFAULTS.max_message_timeout_cap_ms / 1000),
+        help="ceiling of the queued-request extension, derived from the longest queue.maxWait",
     )
-    p.add_argument("--fail-open", action="store_true")
-    p.add_argument("--retries", type=int, default=2)
-    p.add_argument("--access-log", action="store_true")
+    p.add_argument("--max-message-timeout-cap-ms", type=milliseconds,
+                   dest="max_message_timeout_cap", action=DeprecatedAlias,
+                   replacement="--max-message-timeout-cap")  # fmt: skip
+    p.add_argument("--fail-open", action="store_true", help="route round-robin if extproc fails")
+    p.add_argument("--retries", type=int, default=2, help="Envoy num_retries of the default route")
+    p.add_argument("--access-log", action="store_true", help="Envoy access log to stdout")
     p.add_argument(
         "--no-policy-filters",
         action="store_true",
         help="leave out extproc.usage's Envoy filters/access logs (usage accounting)",
     )
     add_service_args(p)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
@@ -87,8 +111,8 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         gateway_name=args.gateway_name,
         body_mode=args.body_mode,
         body_limit=args.body_limit,
-        message_timeout_ms=args.message_timeout_ms,
-        max_message_timeout_cap_ms=args.max_message_timeout_cap_ms,
+        message_timeout_ms=round(args.message_timeout * 1000),
+        max_message_timeout_cap_ms=round(args.max_message_timeout_cap * 1000),
         fail_open=args.fail_open,
         retries=args.retries,
         access_log=args.access_log,

@@ -166,8 +166,8 @@ async def gateway(tmp: Path, fleet: Fleet, nodes: int = 1) -> AsyncIterator[Gate
             str(listen_port),
             "--debounce",
             "0.02",
-            "--message-timeout-ms",
-            str(E2E_MESSAGE_TIMEOUT_MS),
+            "--message-timeout",
+            f"{E2E_MESSAGE_TIMEOUT_MS}ms",
         ]
     )
     app = XdsApp(args)

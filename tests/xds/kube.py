@@ -44,7 +44,7 @@ def kube_xds_app(api: Api, extproc_port: int, listen_port: int) -> XdsApp:
             ["--source", "kubernetes", "--server", api.url, "--namespace", NS,
              "--extproc-port", str(extproc_port), "--port", "0",
              "--listen-port", str(listen_port), "--debounce", "0.02",
-             "--message-timeout-ms", str(E2E_MESSAGE_TIMEOUT_MS)]
+             "--message-timeout", f"{E2E_MESSAGE_TIMEOUT_MS}ms"]
         )
     )  # fmt: skip
 
