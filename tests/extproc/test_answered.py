@@ -3,19 +3,21 @@ records from them (the status the client got, timings, output tokens, the LoRA 4
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
+import pytest
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2
 from prometheus_client import generate_latest
 
-from extproc.gateway import Immediate
+from extproc.gateway import Immediate, Routed
 from extproc.policies.usage import AccessLogServicer, answered
 from extproc.transport.http_side import build_app
 from fleet.usage_envoy import Answered
-from tests.extproc.test_gateway_core import HEADERS, make
+from tests.extproc.test_gateway_core import BODY, HEADERS, make
 
 
 def entry(
@@ -129,6 +131,19 @@ async def test_the_servicer_hands_every_entry_over_without_policies() -> None:
 
     await servicer.StreamAccessLogs(stream(), None)
     assert [a.status for a in got] == [200, 404]
+
+
+async def test_the_routing_decision_is_logged_with_the_request_id(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    gw, _ = make()
+    with caplog.at_level(logging.DEBUG, logger="matrixinfer.extproc"):
+        state, _ = gw.start(HEADERS, end_of_stream=False)
+        routed = await gw.decide(state, BODY)
+    assert isinstance(routed, Routed)
+    (record,) = [r for r in caplog.records if "routed" in r.getMessage()]
+    assert record.request_id == "r1" and record.pod == routed.pod.name  # type: ignore[attr-defined]
+    assert "ModelServer pool" in record.getMessage() and "model chat" in record.getMessage()
 
 
 def test_debug_state_is_opt_in() -> None:

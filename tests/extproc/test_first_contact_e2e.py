@@ -116,6 +116,25 @@ def test_request_id_round_trip_on_success(client: OpenAI, sent: str | None) -> N
     assert raw.parse()._request_id == raw.request_id  # what the openai SDK shows
 
 
+def test_envoys_access_line_names_the_request_model_and_pod(
+    client: OpenAI, json_stack: GatewayStack, fleet: Fleet
+) -> None:
+    rid = f"line-{uuid.uuid4().hex}"
+    pod = _chat(client, "demo-model", rid).headers["x-inference-pod"]
+    envoy_log = Path(json_stack.run_dir) / "envoy.log"
+
+    def line() -> str | None:
+        found = [x for x in envoy_log.read_text().splitlines() if f"request_id={rid} " in x]
+        return found[0] if found else None
+
+    wait_until(line, 10, "Envoy's access line for the request")
+    text = line()
+    assert text is not None and " 200 " in text
+    assert "model=demo-model server=pool upstream=" in text
+    address = {p.name: p.address for p in fleet.pods}[pod]
+    assert f"upstream={address} " in text
+
+
 @pytest.mark.parametrize("sent", ["client-sent", None])
 def test_request_id_round_trip_on_a_gateway_error(
     client: OpenAI, json_stack: GatewayStack, sent: str | None
