@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -168,3 +169,13 @@ def test_one_model_and_the_engine_endpoints() -> None:
         _, answer = gw.start({":method": "GET", ":path": f"/v1/models/{model}"}, True)
         assert answer is not None and answer.status == 404
         assert orjson.loads(answer.body)["error"]["code"] == "model_not_found"
+
+
+def test_the_extproc_wires_the_lora_signal_to_its_scraper(tmp_path: Path) -> None:
+    from extproc.main import ExtProcApp, parse_args
+
+    app = ExtProcApp(parse_args(["--config", str(tmp_path)]))
+    app._start_scraper()
+    assert app.gateway.on_lora_missing == [app.scraper.refresh_loras]
+    servicer = app.access_log_servicer()
+    assert servicer.on_answer == app.gateway.answered and servicer.ledger is None
