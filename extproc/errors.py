@@ -97,8 +97,10 @@ def no_rule_matched(route: str, model: str) -> GatewayError:
 def path_not_found(method: str, path: str) -> GatewayError:
     return GatewayError(
         404,
-        f"{method} {path} is not served by this gateway; use /v1/chat/completions, "
-        "/v1/completions, /v1/embeddings or GET /v1/models",
+        f"{method} {path} is not served by this gateway; it serves GET /v1/models, "
+        "GET /v1/models/{model} and POST /v1/chat/completions, /v1/completions, /v1/embeddings, "
+        "/v1/responses, /tokenize, /detokenize, /v1/rerank, /v1/score, /pooling, /classify and "
+        "/v1/audio/*",
         error_type="invalid_request_error",
         code="unknown_url",
     )

@@ -51,10 +51,18 @@ from extproc.errors import (
     bad_request,
     body_too_large,
     internal_error,
+    model_not_found,
     no_pod_available,
 )
 from extproc.metrics import GatewayMetrics
-from extproc.parsing import DEFAULT_BODY_LIMIT, Endpoint, classify, estimate_tokens, parse_body
+from extproc.parsing import (
+    DEFAULT_BODY_LIMIT,
+    USAGE_STREAM_KINDS,
+    Endpoint,
+    classify,
+    estimate_tokens,
+    parse_body,
+)
 from extproc.scheduling.types import (
     AllPodsSaturated,
     NoPodAvailable,
@@ -62,6 +70,7 @@ from extproc.scheduling.types import (
     SchedulingResult,
 )
 from fleet.pods import Pod
+from fleet.usage_envoy import LORA_HEADER, MODEL_HEADER, ROUTE_HEADER, SERVER_HEADER, Answered
 
 if TYPE_CHECKING:
     from extproc.parsing import ParsedRequest
@@ -70,6 +79,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DESTINATION_HEADER",
+    "REQUEST_ID_HEADER",
     "SESSION_HEADER",
     "EnforcedPolicies",
     "Gateway",
@@ -84,6 +94,7 @@ log = logging.getLogger("matrixinfer.extproc")
 
 DESTINATION_HEADER = "x-gateway-destination-endpoint"
 SESSION_HEADER = "x-session-id"
+REQUEST_ID_HEADER = "x-request-id"  # Envoy keeps the client's or makes one (HCM settings)
 
 
 class SchedulerLike(Protocol):
@@ -139,6 +150,10 @@ class RequestState:
     identity: Any = None  # extproc.auth.Identity when policies authenticate the caller
     charge: Any = None  # extproc.usage.Charge of an admitted request (policies)
     policy: Any = None  # extproc.policies.enforce.RoutePolicy of the route (policies)
+
+
+def _model_object(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "matrixinfer"}
 
 
 def _error(exc: GatewayError) -> Immediate:
@@ -271,7 +286,7 @@ class EnforcedPolicies(NoPolicies):
         policies = self.policies
         charge = state.charge
         routed.metadata = policies.metadata(charge)  # rid + charge (any replica settles)
-        if parsed.stream and parsed.kind != "embeddings":
+        if parsed.stream and parsed.kind in USAGE_STREAM_KINDS:
             from extproc.policies.usage import force_usage
 
             if force_usage(parsed.body):  # Envoy's usage.lua hides the forced usage event
@@ -320,6 +335,15 @@ class Gateway:
         datastore.on_pod_removed.append(self._forget_pod)
         self.policy_stages: NoPolicies = NO_POLICIES
         self.policies = policies
+        # called with the pod's name when its engine answered 404 to a request for a LoRA
+        # adapter (the pod's adapters are not what the gateway last read)
+        self.on_lora_missing: list[Callable[[str], None]] = []
+        # (snapshot, its ModelServer names, pod name by address): what _labels checks against
+        self._known: tuple[Snapshot | None, frozenset[str], dict[str, str]] = (
+            None,
+            frozenset(),
+            {},
+        )
 
     @property
     def policies(self) -> Policies | None:
@@ -351,13 +375,15 @@ class Gateway:
     ) -> tuple[RequestState, Immediate | None]:
         """The headers' stages: parse the request line, authenticate. ``(state, None)``: go on
         with :meth:`decide`; else the answer."""
-        request_id = headers.get("x-request-id") or uuid.uuid4().hex
+        request_id = headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
         state = RequestState(request_id, self.clock(), dict(headers))
         try:
             endpoint = classify(headers.get(":method", "GET"), headers.get(":path", "/"))
             state.endpoint = endpoint
             if endpoint.kind == "models":
                 return state, self._answer(state, Immediate(200, self.models_body()))
+            if endpoint.kind == "model":
+                return state, self._answer(state, Immediate(200, self.model_body(endpoint.model)))
             length = headers.get("content-length")
             if length is not None and length.isdigit() and int(length) > self.body_limit:
                 raise body_too_large(int(length), self.body_limit)
@@ -374,12 +400,15 @@ class Gateway:
         return self._answer(state, _error(body_too_large(size, self.body_limit)))
 
     def models_body(self) -> bytes:
-        created = 0
-        data = [
-            {"id": name, "object": "model", "created": created, "owned_by": "matrixinfer"}
-            for name in self.datastore.snapshot.routes.model_names()
-        ]
+        """``GET /v1/models``: every model name a caller may ask for and a ready pod serves."""
+        data = [_model_object(name) for name in self.datastore.snapshot.routes.model_names()]
         return orjson.dumps({"object": "list", "data": data})
+
+    def model_body(self, model: str) -> bytes:
+        """``GET /v1/models/{model}``: the model's object, when ``GET /v1/models`` lists it."""
+        if model not in self.datastore.snapshot.routes.model_names():
+            raise model_not_found(model)
+        return orjson.dumps(_model_object(model))
 
     async def decide(self, state: RequestState, raw: bytes) -> Routed | Immediate:
         """The body's stages: parse, route, admit, queue, schedule. :class:`Routed`, or the
@@ -421,7 +450,8 @@ class Gateway:
     # ---- the stages (the policy stages are ``self.policy_stages``) ----------------------------
     def _parse(self, state: RequestState, raw: bytes) -> ParsedRequest:
         assert state.endpoint is not None
-        parsed = parse_body(state.endpoint.kind, raw, self.body_limit)
+        content_type = state.headers.get("content-type", "")
+        parsed = parse_body(state.endpoint.kind, raw, self.body_limit, content_type)
         state.model = parsed.model
         return parsed
 
@@ -490,22 +520,37 @@ class Gateway:
         state.scheduler = scheduler
         state.code = 200
         m = self.metrics
-        m.child(m.pod_picks, view.name, pod.name).inc()
-        m.child(m.requests, parsed.model, decision.route, view.name, "200").inc()
+        m.child(m.pod_picks, view.name, pod.name).inc()  # (its status counts once answered)
         body: bytes | None = None
         if decision.rewritten:
-            parsed.body["model"] = decision.upstream_model
-            body = orjson.dumps(parsed.body)
-        return Routed(
+            body = parsed.with_model(decision.upstream_model)
+        routed = Routed(
             endpoints=result.endpoints(),
             pod=pod,
             body=body,
-            headers=self._route_headers(view, len(result.fallbacks)),
+            headers=self._route_headers(view, len(result.fallbacks), parsed.model, decision),
         )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "request %s routed: model %s, ModelRoute %s, ModelServer %s, pod %s (%s)%s",
+                state.request_id,
+                parsed.model,
+                decision.route,
+                view.name,
+                pod.name,
+                ", ".join(routed.endpoints),
+                f", LoRA adapter {decision.lora}" if decision.lora else "",
+                extra={"request_id": state.request_id, "model": parsed.model, "pod": pod.name},
+            )
+        return routed
 
     @staticmethod
-    def _route_headers(view: ServerView, fallbacks: int) -> dict[str, str]:
-        headers = {"x-gateway-model-server": view.name}
+    def _route_headers(
+        view: ServerView, fallbacks: int, model: str, decision: RouteDecision
+    ) -> dict[str, str]:
+        headers = {SERVER_HEADER: view.name, MODEL_HEADER: model, ROUTE_HEADER: decision.route}
+        # always set: a client-sent copy is overwritten (empty = removed)
+        headers[LORA_HEADER] = decision.lora or ""
         for name, value in view.retry_headers:
             if name == "x-envoy-max-retries":
                 value = str(min(int(value), fallbacks))
@@ -516,6 +561,7 @@ class Gateway:
 
     def _answer(self, state: RequestState, immediate: Immediate) -> Immediate:
         state.code = immediate.status
+        immediate.headers[REQUEST_ID_HEADER] = state.request_id
         # the model label only carries names a route serves (callers cannot grow the series)
         model = state.model if state.route else ""
         m = self.metrics
@@ -526,6 +572,11 @@ class Gateway:
                 state.request_id,
                 immediate.status,
                 immediate.body.decode(errors="replace"),
+                extra={
+                    "request_id": state.request_id,
+                    "model": state.model,
+                    "status": immediate.status,
+                },
             )
         return immediate
 
@@ -537,7 +588,11 @@ class Gateway:
         if isinstance(exc, NoPodAvailable):
             exc = no_pod_available(f"ModelServer '{state.server}': {exc.reason}")
         elif not isinstance(exc, GatewayError):
-            log.exception("request %s: the gateway failed to decide", state.request_id)
+            log.exception(
+                "request %s: the gateway failed to decide",
+                state.request_id,
+                extra={"request_id": state.request_id},
+            )
             exc = internal_error(state.request_id)
         return self._answer(state, _error(exc))
 
@@ -550,12 +605,67 @@ class Gateway:
             self.metrics.in_flight.dec()
             state.pod_name = None
 
+    # ---- after the answer (Envoy's access log) ---------------------------------------------
+    def answered(self, answer: Answered) -> None:
+        """A request's answer is over (Envoy's access log says so): count the status the client
+        got, the time to the first byte and the output tokens; log an engine's error answer; an
+        engine's 404 to a LoRA request makes the pod's adapters be read again."""
+        if answer.by_gateway:
+            return  # counted and logged by _answer when the gateway made it
+        model, route, server, pod = self._labels(answer)
+        m = self.metrics
+        m.child(m.requests, model, route, server, str(answer.status)).inc()
+        if not answer.upstream:
+            return
+        if answer.first_byte > 0:
+            m.child(m.first_byte, model).observe(answer.first_byte)
+        tokens = answer.completion_tokens
+        if tokens is not None:
+            m.child(m.output_tokens, model).inc(tokens)
+            if tokens > 0 and answer.duration > 0:
+                m.child(m.output_token_rate, model).observe(tokens / answer.duration)
+        if answer.status >= 400:
+            log.info(
+                "request %s answered %d by pod %s (%s) of ModelServer %s for model %s",
+                answer.request_id,
+                answer.status,
+                pod,
+                answer.upstream,
+                server,
+                model,
+                extra={"request_id": answer.request_id, "model": model, "pod": pod,
+                       "status": answer.status},
+            )  # fmt: skip
+            if answer.status == 404 and answer.lora and pod:
+                for callback in self.on_lora_missing:
+                    callback(pod)
+
+    def _labels(self, answer: Answered) -> tuple[str, str, str, str]:
+        """``(model, route, server, pod)`` of an answer; a name the configuration does not
+        know reads as "" (the headers of a request the extproc did not route are the
+        client's: they must not grow the metric series)."""
+        snap = self.datastore.snapshot
+        held, servers, pods = self._known
+        if held is not snap:
+            servers = frozenset(view.name for view in snap.servers.values())
+            pods = {pod.address: pod.name for pod in snap.pods.values()}
+            self._known = (snap, servers, pods)
+        routes = snap.routes
+        found = routes.by_model.get(answer.model) or routes.by_lora.get(answer.model)
+        if found is None or found.name != answer.route or answer.server not in servers:
+            return "", "", "", pods.get(answer.upstream, "")
+        return answer.model, answer.route, answer.server, pods.get(answer.upstream, "")
+
     def routed(self, state: RequestState) -> None:
         if state.scheduler is not None and state.scheduling_request and state.result:
             try:
                 state.scheduler.on_routed(state.scheduling_request, state.result)
             except Exception:  # a plugin bug must not break the request path
-                log.exception("scheduler on_routed failed for request %s", state.request_id)
+                log.exception(
+                    "scheduler on_routed failed for request %s",
+                    state.request_id,
+                    extra={"request_id": state.request_id},
+                )
 
     def finish(self, state: RequestState) -> None:
         self.policy_stages.finish(state)
@@ -569,5 +679,9 @@ class Gateway:
             try:
                 state.scheduler.on_finished(state.request_id, state.pod_name)
             except Exception:
-                log.exception("scheduler on_finished failed for request %s", state.request_id)
+                log.exception(
+                    "scheduler on_finished failed for request %s",
+                    state.request_id,
+                    extra={"request_id": state.request_id},
+                )
         state.pod_name = None

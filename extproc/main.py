@@ -15,6 +15,7 @@ import grpc
 from aiohttp import web
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import disable_created_metrics
 
 from extproc.datastore import Datastore
 from extproc.gateway import Gateway
@@ -97,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1_000_000,
         help="block hashes kept from the engines' KV events, LRU (default 1000000, ~200 MB)",
+    )
+    p.add_argument(
+        "--debug-state",
+        action="store_true",
+        help="serve GET /debug/state (the datastore: pods, addresses, configuration errors) on "
+        "the HTTP port; off by default, as that port also serves /metrics beyond loopback",
     )
     pol = p.add_argument_group("policies (docs/policies.md); none given: the plain data path")
     pol.add_argument(
@@ -286,7 +293,7 @@ class ExtProcApp:
         def targets() -> list[Any]:
             return [ScrapeTarget(n, u, e) for n, u, e in self.datastore.scrape_targets()]
 
-        self.scraper = MetricsScraper(
+        self.scraper = scraper = MetricsScraper(
             targets,
             self.datastore.publish_metrics,
             interval=self.args.scrape_interval,
@@ -296,6 +303,15 @@ class ExtProcApp:
             else 2 * self.args.scrape_interval,
             registry=self.metrics.registry,
         )
+        self.gateway.on_lora_missing.append(scraper.refresh_loras)
+
+    def access_log_servicer(self) -> Any:
+        """Envoy's access-log service: every answered request (the gateway's status counter,
+        timings, logs) and, with policies, the usage reports."""
+        from extproc.policies.usage import AccessLogServicer
+
+        ledger = self.policies.ledger if self.policies is not None else None
+        return AccessLogServicer(ledger, self.gateway.answered)
 
     async def _start_policy_tasks(self) -> list[asyncio.Task[None]]:
         """The policies' background work (usage settlement, JWKS refresh), when policies run."""
@@ -310,9 +326,10 @@ class ExtProcApp:
 
     async def _start_side_services(self) -> web.AppRunner:
         """The HTTP side port, the config watcher and the metrics scraper (both transports)."""
-        runner = web.AppRunner(
-            build_app(self.metrics.registry, self.state, self.ready), access_log=None
+        app = build_app(
+            self.metrics.registry, self.state, self.ready, debug_state=self.args.debug_state
         )
+        runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, self.args.host, self.args.http_port).start()
         self.watcher.start()
@@ -353,13 +370,9 @@ class ExtProcApp:
             ExtProcServicer(self.gateway, body_mode=args.body_mode, body_limit=args.body_limit),
             server,
         )
-        if self.policies is not None:
-            from envoy.service.accesslog.v3 import als_pb2_grpc
+        from envoy.service.accesslog.v3 import als_pb2_grpc
 
-            from extproc.policies.usage import AccessLogServicer
-
-            usage_servicer = AccessLogServicer(self.policies.ledger)
-            als_pb2_grpc.add_AccessLogServiceServicer_to_server(usage_servicer, server)
+        als_pb2_grpc.add_AccessLogServiceServicer_to_server(self.access_log_servicer(), server)
         background = await self._start_policy_tasks()
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -397,16 +410,14 @@ class ExtProcApp:
         servicer = ExtProcServicer(
             self.gateway, body_mode=args.body_mode, body_limit=args.body_limit
         )
+        from envoy.service.accesslog.v3 import als_pb2
+
         methods = {PROCESS_PATH: GrpcMethod(servicer.Process, pb.ProcessingRequest.FromString)}
-        if self.policies is not None:
-            from envoy.service.accesslog.v3 import als_pb2
-
-            from extproc.policies.usage import AccessLogServicer
-
-            usage = AccessLogServicer(self.policies.ledger)
-            methods["/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs"] = GrpcMethod(
-                usage.StreamAccessLogs, als_pb2.StreamAccessLogsMessage.FromString, True
-            )
+        methods["/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs"] = GrpcMethod(
+            self.access_log_servicer().StreamAccessLogs,
+            als_pb2.StreamAccessLogsMessage.FromString,
+            True,
+        )
         background = await self._start_policy_tasks()
         server = H2Server(
             methods,
@@ -514,6 +525,9 @@ async def serve(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging(args.log_level, args.log_format)
+    # counters and histograms without their *_created series (a timestamp per labelled child
+    # that dashboards do not use and that doubles the scraped series)
+    disable_created_metrics()  # type: ignore[no-untyped-call]
     if not args.no_uvloop:
         try:
             import uvloop

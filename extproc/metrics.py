@@ -27,6 +27,7 @@ _LATENCY_BUCKETS = (
     60.0,
     120.0,
 )
+_RATE_BUCKETS = (1.0, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0, 1280.0, 2560.0)
 _SCHEDULING_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1)
 
 
@@ -55,14 +56,39 @@ class GatewayMetrics(LabelCache):
         r = self.registry
         self.requests = Counter(
             "matrixinfer_gateway_requests",
-            "Requests decided by the gateway, by model, ModelRoute, ModelServer and the status the "
-            "gateway answered (200 = routed to a pod; 4xx/5xx = answered by the gateway itself).",
+            "Requests by model, ModelRoute, ModelServer and the HTTP status the client got "
+            "(code 0: no status, the client went away first). The gateway's own answers count "
+            "when it makes them; the others when Envoy's access log reports them.",
             ["model", "route", "server", "code"],
+            registry=r,
+        )
+        self.first_byte = Histogram(
+            "matrixinfer_gateway_time_to_first_byte_seconds",
+            "Seconds from a routed request reaching Envoy to the first byte of the pod's answer "
+            "leaving Envoy, by model (for a stream: its response headers, which engines send "
+            "before the first token).",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.output_tokens = Counter(
+            "matrixinfer_gateway_output_tokens",
+            "Output (completion) tokens of routed requests, by model, as the engine reported "
+            "them (requests the usage filters read: with --policies).",
+            ["model"],
+            registry=r,
+        )
+        self.output_token_rate = Histogram(
+            "matrixinfer_gateway_output_tokens_per_second",
+            "Output tokens per second of each routed request that reported its usage: its "
+            "completion tokens over its whole duration (prefill included), by model.",
+            ["model"],
+            buckets=_RATE_BUCKETS,
             registry=r,
         )
         self.request_duration = Histogram(
             "matrixinfer_gateway_request_duration_seconds",
-            "Time from the request headers reaching the gateway to the end of the request "
+            "Seconds from the request headers reaching the gateway to the end of the request "
             "(the ext_proc stream's lifetime), by model and ModelServer.",
             ["model", "server"],
             buckets=_LATENCY_BUCKETS,

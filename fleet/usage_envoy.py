@@ -1,10 +1,12 @@
-"""The Envoy side of usage accounting: the metadata names the extproc and Envoy share, and the
-HTTP filters and access log that read each answer's usage (one place; the xDS generator
-places them in the listener, the extproc reads what they write)."""
+"""The Envoy side of what the extproc learns after an answer: the metadata and header names the
+extproc and Envoy share, the HTTP filters that read each answer's usage, and the gRPC access log
+that reports every request back to the extproc (one place; the xDS generator places them in the
+listener, the extproc reads what they write: :class:`Answered`)."""
 
 from __future__ import annotations
 
 import sysconfig
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,16 @@ RID_NAMESPACE = "envoy.lb"  # written by the extproc (the namespace its ext_proc
 RID_KEY = "matrixinfer_rid"
 STRIP_KEY = "matrixinfer_strip"  # envoy.lb flag: hide the forced usage event from the client
 CHARGE_KEY = "matrixinfer_charge"  # envoy.lb: the Charge, for the replica the report reaches
-LOG_NAME = "matrixinfer_usage"
+LOG_NAME = "matrixinfer_requests"
+# headers the extproc sets on a routed request (towards the pod); the access log reports them
+SERVER_HEADER = "x-gateway-model-server"  # the ModelServer
+MODEL_HEADER = "x-gateway-model"  # the model name the client asked for
+ROUTE_HEADER = "x-gateway-route"  # the ModelRoute
+LORA_HEADER = "x-gateway-lora"  # the LoRA adapter, when the request names one
+LOGGED_HEADERS = (MODEL_HEADER, ROUTE_HEADER, SERVER_HEADER, LORA_HEADER)
+# ImmediateResponse details of the extproc's own answers (Envoy reports them as the
+# response_code_details): the extproc counted those when it answered
+GATEWAY_DETAILS_PREFIX = "matrixinfer_gateway_"
 # JSON answers with a content-length of at most this many digits (< 1 MB) are read by Envoy's
 # json_to_metadata filter (C++; it buffers them, far below the listener's buffer limit of the
 # request body limit + 1 MiB); longer ones and chunked ones by usage.lua (the last 4 KiB)
@@ -138,19 +149,14 @@ def envoy_http_filters(small_json_digits: int | None = None) -> list[dict[str, A
 def envoy_access_logs(
     extproc_cluster: str = "matrixinfer_extproc", flush_interval_ms: int = 100
 ) -> list[dict[str, Any]]:
-    """HTTP connection manager ``access_log`` entries: the usage of marked requests, by gRPC."""
+    """HTTP connection manager ``access_log`` entries: every request (load balancers' health
+    checks aside) reported to the extproc by gRPC, batched by Envoy off the request path — the
+    status the client got, the request id, the pod, the timings, the headers of
+    :data:`LOGGED_HEADERS` and, for requests marked for usage accounting, their usage."""
     return [
         {
             "name": "envoy.access_loggers.http_grpc",
-            "filter": {
-                "metadata_filter": {
-                    "matcher": {
-                        "filter": RID_NAMESPACE,
-                        "path": [{"key": RID_KEY}],
-                        "value": {"present_match": True},
-                    }
-                }
-            },
+            "filter": {"not_health_check_filter": {}},
             "typed_config": {
                 "@type": "type.googleapis.com/"
                 "envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
@@ -161,6 +167,29 @@ def envoy_access_logs(
                     "buffer_flush_interval": f"{flush_interval_ms / 1000:.3f}s",
                     "buffer_size_bytes": 16384,
                 },
+                "additional_request_headers_to_log": list(LOGGED_HEADERS),
             },
         }
     ]
+
+
+@dataclass(slots=True)
+class Answered:
+    """One request as Envoy's access log reports it, once the answer is over."""
+
+    request_id: str
+    status: int  # the status the client got (0: none, e.g. the client went away first)
+    details: str  # Envoy's response_code_details (e.g. via_upstream, matrixinfer_gateway_404)
+    upstream: str  # "ip:port" of the pod that answered ("" when none did)
+    model: str = ""  # the routed request's headers (empty when the extproc did not route it)
+    route: str = ""
+    server: str = ""
+    lora: str = ""
+    first_byte: float = 0.0  # seconds from the request's start to the answer's first byte
+    duration: float = 0.0  # seconds from the request's start to the answer's last byte
+    completion_tokens: int | None = None  # the engine's usage, when the usage filters read it
+
+    @property
+    def by_gateway(self) -> bool:
+        """The extproc answered this request itself (an ImmediateResponse)."""
+        return self.details.startswith(GATEWAY_DETAILS_PREFIX)

@@ -40,7 +40,8 @@ class EnvoySettings:
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
     extproc_host: str = "127.0.0.1"
     node_id: str = "matrixinfer-gateway"
-    policy_filters: bool = False  # add extproc.usage's Envoy filters/access logs
+    # add the usage filters (fleet.usage_envoy); the access log to the extproc is always there
+    policy_filters: bool = False
 
 
 def render_bootstrap(settings: EnvoySettings) -> str:

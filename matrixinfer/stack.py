@@ -170,6 +170,8 @@ class GatewayStack:
                 o.extproc_log_level,
                 "--transport",
                 o.transport,
+                # the local stack reads /debug/state (matrixinfer gateway's reload messages)
+                "--debug-state",
                 *(
                     ["--charge-key-file", str(self.charge_key_path)]
                     if self.charge_key_path is not None

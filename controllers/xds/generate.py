@@ -32,6 +32,7 @@ import orjson
 
 from crds.networking import RetryPolicy
 from fleet.retry import envoy_retry
+from fleet.usage_envoy import envoy_access_logs
 
 __all__ = [
     "CLUSTER",
@@ -71,9 +72,10 @@ DESTINATION_HEADER = "x-gateway-destination-endpoint"
 EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 DEFAULT_RETRY_ON = "connect-failure,refused-stream,reset-before-request"
 DEFAULT_ACCESS_LOG_FORMAT = (
-    "[access] %START_TIME% %REQ(:METHOD)% %REQ(:PATH)% %RESPONSE_CODE% flags=%RESPONSE_FLAGS% "
-    "details=%RESPONSE_CODE_DETAILS% upstream=%UPSTREAM_HOST% "
-    "attempts=%UPSTREAM_REQUEST_ATTEMPT_COUNT% %DURATION%ms\n"
+    "[access] %START_TIME% %REQ(:METHOD)% %REQ(:PATH)% %RESPONSE_CODE% "
+    "request_id=%REQ(X-REQUEST-ID)% model=%REQ(X-GATEWAY-MODEL)% "
+    "server=%REQ(X-GATEWAY-MODEL-SERVER)% upstream=%UPSTREAM_HOST% flags=%RESPONSE_FLAGS% "
+    "details=%RESPONSE_CODE_DETAILS% attempts=%UPSTREAM_REQUEST_ATTEMPT_COUNT% %DURATION%ms\n"
 )
 
 _ADS: dict[str, Any] = {"ads": {}, "resource_api_version": "V3"}
@@ -109,7 +111,12 @@ class GatewaySettings:
     connect_timeout_ms: int = 1000
     route_timeout_s: int = 0  # 0: no limit on the whole exchange (answers stream)
     stream_idle_timeout_s: int = 300
-    access_log: bool = False
+    access_log: bool = False  # Envoy's own access line on stdout
+    # every request reported to the extproc by gRPC (fleet.usage_envoy.envoy_access_logs): the
+    # status the client got, timings and usage, for its metrics, logs and usage accounting
+    request_log: bool = True
+    # answered by Envoy itself (load balancers' probes): 200 while an extproc is healthy
+    health_path: str = "/healthz"
     extproc_health_interval_ms: int = 2000
     extra_http_filters: tuple[Mapping[str, Any], ...] = ()  # before the router (policy filters)
     extra_access_logs: tuple[Mapping[str, Any], ...] = ()
@@ -357,8 +364,25 @@ def _access_logs(settings: GatewaySettings) -> list[dict[str, Any]]:
                 },
             }
         )
+    if settings.request_log:
+        logs.extend(envoy_access_logs(EXTPROC_CLUSTER))
     logs.extend(dict(x) for x in settings.extra_access_logs)
     return logs
+
+
+def _health_check_filter(settings: GatewaySettings) -> dict[str, Any]:
+    """``GET <health_path>`` answered by Envoy: 200 while at least one extproc replica passes its
+    health check, 503 otherwise (and while Envoy drains)."""
+    return {
+        "name": "envoy.filters.http.health_check",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.health_check.v3."
+            "HealthCheck",
+            "pass_through_mode": False,
+            "headers": [{"name": ":path", "string_match": {"exact": settings.health_path}}],
+            "cluster_min_healthy_percentages": {EXTPROC_CLUSTER: {"value": 1}},
+        },
+    }
 
 
 def _listener(settings: GatewaySettings, routes: Sequence[Any]) -> dict[str, Any]:
@@ -367,9 +391,15 @@ def _listener(settings: GatewaySettings, routes: Sequence[Any]) -> dict[str, Any
         "v3.HttpConnectionManager",
         "stat_prefix": "openai",
         "stream_idle_timeout": _seconds(settings.stream_idle_timeout_s),
+        # every request has an id: the client's x-request-id is kept, else Envoy makes one; the
+        # extproc logs it and answers it, and every answer carries it back
+        "generate_request_id": True,
+        "preserve_external_request_id": True,
+        "always_set_request_id_in_response": True,
         "rds": {"route_config_name": ROUTE_CONFIG, "config_source": _ADS},
         "local_reply_config": _local_reply_config(),
         "http_filters": [
+            *([_health_check_filter(settings)] if settings.health_path else []),
             _ext_proc_filter(settings, routes),
             *(dict(f) for f in settings.extra_http_filters),
             {

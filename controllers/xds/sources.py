@@ -13,7 +13,7 @@ from dataclasses import replace
 from controllers.xds.generate import GatewaySettings, XdsInputs
 from fleet.config import GatewayConfig
 from fleet.pods import pod_addresses
-from fleet.usage_envoy import envoy_access_logs, envoy_http_filters
+from fleet.usage_envoy import envoy_http_filters
 
 __all__ = ["inputs_from_config", "with_policy_filters"]
 
@@ -28,10 +28,8 @@ def inputs_from_config(config: GatewayConfig, extproc_endpoints: Sequence[str]) 
 
 
 def with_policy_filters(settings: GatewaySettings) -> GatewaySettings:
-    """The usage-accounting filters and access log (:mod:`fleet.usage_envoy`) placed in the
-    listener after the settings' own."""
+    """The usage-accounting filters (:mod:`fleet.usage_envoy`) placed in the listener after the
+    settings' own (the access log that reports their usage is always there: ``request_log``)."""
     return replace(
-        settings,
-        extra_http_filters=(*settings.extra_http_filters, *envoy_http_filters()),
-        extra_access_logs=(*settings.extra_access_logs, *envoy_access_logs()),
+        settings, extra_http_filters=(*settings.extra_http_filters, *envoy_http_filters())
     )

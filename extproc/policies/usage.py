@@ -9,7 +9,7 @@ How (the measurements are in docs/policies.md):
    json_to_metadata filter, anything else (streams, long or chunked answers) by the Lua filter
    ``envoy/usage.lua``, which reads the engine's final usage event (or the JSON body's last
    ``usage``) and counts SSE events on the way;
-3. Envoy's gRPC access-log service (config from :func:`envoy_access_logs`, only marked requests)
+3. Envoy's gRPC access-log service (config from :func:`envoy_access_logs`: every request)
    delivers one entry per request, batched, to :class:`AccessLogServicer` in the extproc;
 4. the :class:`UsageLedger` (pure) matches the entry to the request's :class:`Charge` and
    settles it: exact ``prompt_tokens``/``completion_tokens`` when the engine reported them; for
@@ -49,14 +49,26 @@ from typing import Any
 
 import orjson
 
+from extproc.parsing import ENDPOINTS
 from extproc.policies.ratelimit import UNIT_SECONDS, Limits
-from fleet.usage_envoy import CHARGE_KEY, METADATA_NAMESPACE, RID_KEY, RID_NAMESPACE
+from fleet.usage_envoy import (
+    CHARGE_KEY,
+    LORA_HEADER,
+    METADATA_NAMESPACE,
+    MODEL_HEADER,
+    RID_KEY,
+    RID_NAMESPACE,
+    ROUTE_HEADER,
+    SERVER_HEADER,
+    Answered,
+)
 
 __all__ = [
     "AccessLogServicer",
     "Charge",
     "Usage",
     "UsageLedger",
+    "answered",
     "decode_charge",
     "encode_charge",
     "force_usage",
@@ -97,7 +109,7 @@ class Charge:
 
     rid: str
     estimate: int  # estimated prompt tokens reserved at admission
-    kind: str  # chat | completions | embeddings
+    kind: str  # the endpoint kind (extproc.parsing.ENDPOINTS): chat, completions, ...
     user: str  # fairness key (tenant/user)
     bucket: str | None = None  # rate-limit bucket key (None: no rate limit)
     limits: Limits | None = None
@@ -116,7 +128,7 @@ class Usage:
     source: str  # reported | aborted | error | unreported
 
 
-_KINDS = frozenset(("chat", "completions", "embeddings"))
+_KINDS = frozenset(ENDPOINTS.values())  # every endpoint a charge can be for
 _SCOPES = frozenset(("route", "tenant", "user"))
 _PERIODS = frozenset(UNIT_SECONDS.values())
 
@@ -399,21 +411,68 @@ def _servicer_base() -> type:
     return base
 
 
-class AccessLogServicer(_servicer_base()):  # type: ignore[misc]
-    """``envoy.service.accesslog.v3.AccessLogService``: usage entries into the ledger."""
+def _seconds(duration: Any) -> float:
+    return float(duration.seconds) + float(duration.nanos) / 1e9
 
-    def __init__(self, ledger: UsageLedger):
+
+def _address(address: Any) -> str:
+    sock = address.socket_address
+    return f"{sock.address}:{sock.port_value}" if sock.address else ""
+
+
+def answered(entry: Any) -> Answered:
+    """The :class:`Answered` of one ``HTTPAccessLogEntry``."""
+    common, request, response = entry.common_properties, entry.request, entry.response
+    headers = request.request_headers
+    usage = common.metadata.filter_metadata.get(METADATA_NAMESPACE)
+    completion = usage.fields.get("completion") if usage is not None else None
+    return Answered(
+        request_id=request.request_id,
+        status=response.response_code.value,
+        details=response.response_code_details,
+        upstream=_address(common.upstream_remote_address),
+        model=headers.get(MODEL_HEADER, ""),
+        route=headers.get(ROUTE_HEADER, ""),
+        server=headers.get(SERVER_HEADER, ""),
+        lora=headers.get(LORA_HEADER, ""),
+        first_byte=_seconds(common.time_to_first_downstream_tx_byte),
+        duration=_seconds(common.time_to_last_downstream_tx_byte),
+        completion_tokens=int(completion.number_value) if completion is not None else None,
+    )
+
+
+class AccessLogServicer(_servicer_base()):  # type: ignore[misc]
+    """``envoy.service.accesslog.v3.AccessLogService``: Envoy reports every request here once
+    its answer is over. Each entry goes to ``on_answer`` (the gateway's status counter, timings,
+    logs) as an :class:`Answered`; an entry of a request marked for usage accounting also
+    settles its charge in the ``ledger`` (policies)."""
+
+    def __init__(
+        self,
+        ledger: UsageLedger | None = None,
+        on_answer: Callable[[Answered], None] | None = None,
+    ):
         self.ledger = ledger
+        self.on_answer = on_answer
 
     async def StreamAccessLogs(self, request_iterator: Any, context: Any) -> Any:
         from envoy.service.accesslog.v3 import als_pb2
 
-        on_batch = self.ledger.on_batch
+        ledger, on_answer = self.ledger, self.on_answer
+        on_batch = ledger.on_batch if ledger is not None else None
         async for message in request_iterator:
             entries = message.http_logs.log_entry
             if on_batch is not None:
                 on_batch(len(entries))
             for entry in entries:
+                if on_answer is not None:
+                    try:
+                        on_answer(answered(entry))
+                    except Exception:  # a bug here must not stop the usage reports
+                        log.exception("recording the answer of request %s failed",
+                                      entry.request.request_id)  # fmt: skip
+                if ledger is None:
+                    continue
                 filter_md = entry.common_properties.metadata.filter_metadata
                 lb = filter_md.get(RID_NAMESPACE)
                 if lb is None or RID_KEY not in lb.fields:
@@ -422,7 +481,7 @@ class AccessLogServicer(_servicer_base()):  # type: ignore[misc]
                 md = filter_md.get(METADATA_NAMESPACE)
                 fields = _usage_fields(md) if md is not None else {}
                 carried = lb.fields.get(CHARGE_KEY)
-                self.ledger.report(
+                ledger.report(
                     rid,
                     fields,
                     entry.response.response_code.value,

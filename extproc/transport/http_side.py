@@ -1,4 +1,5 @@
-"""The extproc HTTP side port: /metrics, /healthz, /readyz, /debug/state (the datastore)."""
+"""The extproc HTTP side port: /metrics, /healthz, /readyz, and /debug/state (the datastore) when
+asked for (``--debug-state``: it shows every pod's address and the configuration's errors)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ def build_app(
     registry: CollectorRegistry,
     state: Callable[[], dict[str, Any]],
     ready: Callable[[], tuple[bool, str]],
+    *,
+    debug_state: bool = False,
 ) -> web.Application:
     async def metrics(_: web.Request) -> web.Response:
         body = generate_latest(registry)
@@ -28,7 +31,7 @@ def build_app(
         ok, reason = ready()
         return web.Response(text=reason + "\n", status=200 if ok else 503)
 
-    async def debug_state(_: web.Request) -> web.Response:
+    async def debug_state_handler(_: web.Request) -> web.Response:
         return web.Response(
             body=orjson.dumps(state(), option=orjson.OPT_INDENT_2),
             content_type="application/json",
@@ -38,5 +41,6 @@ def build_app(
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/debug/state", debug_state)
+    if debug_state:
+        app.router.add_get("/debug/state", debug_state_handler)
     return app

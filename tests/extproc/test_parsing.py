@@ -76,3 +76,62 @@ def test_body_limit_gives_413() -> None:
         parse_body("chat", b"x" * 101, limit=100)
     assert err.value.status == 413
     assert "100 bytes" in err.value.message
+
+
+@pytest.mark.parametrize(
+    ("path", "kind"),
+    [
+        ("/v1/responses", "responses"),
+        ("/tokenize", "tokenize"),
+        ("/detokenize", "detokenize"),
+        ("/v1/rerank", "rerank"),
+        ("/rerank", "rerank"),
+        ("/v1/score", "score"),
+        ("/pooling", "pooling"),
+        ("/v1/audio/transcriptions", "audio"),
+    ],
+)
+def test_engine_endpoints_are_classified(path: str, kind: str) -> None:
+    assert classify("POST", path).kind == kind
+
+
+def test_one_model_path_carries_the_decoded_model() -> None:
+    endpoint = classify("GET", "/v1/models/org%2Fmodel-7b")
+    assert (endpoint.kind, endpoint.model) == ("model", "org/model-7b")
+    assert classify("GET", "/v1/models/meta-llama/Llama-3").model == "meta-llama/Llama-3"
+    with pytest.raises(GatewayError) as err:
+        classify("DELETE", "/v1/models/x")
+    assert err.value.status == 405
+
+
+def test_other_endpoints_need_only_a_model() -> None:
+    body = {"model": "m", "input": [{"role": "user", "content": "hi"}], "max_output_tokens": 9}
+    parsed = parse_body("responses", orjson.dumps(body))
+    assert (parsed.model, parsed.prompt, parsed.max_tokens) == ("m", "hi", 9)
+    rerank = {"model": "m", "query": "q", "documents": ["a", {"text": "b"}]}
+    assert parse_body("rerank", orjson.dumps(rerank)).prompt == "q\na\nb"
+    assert parse_body("detokenize", orjson.dumps({"model": "m", "tokens": [1, 2]})).prompt == ""
+    with pytest.raises(GatewayError, match="'model' field is required"):
+        parse_body("score", orjson.dumps({"text_1": "a"}))
+
+
+FORM = (
+    b"--XyZ\r\n"
+    b'Content-Disposition: form-data; name="file"; filename="a.wav"\r\n'
+    b"Content-Type: audio/wav\r\n\r\n"
+    b"RIFF\x00\x01binary\r\n"
+    b"--XyZ\r\n"
+    b'Content-Disposition: form-data; name="model"\r\n\r\n'
+    b"whisper\r\n"
+    b"--XyZ--\r\n"
+)
+
+
+def test_a_multipart_form_names_its_model_and_can_be_rewritten() -> None:
+    parsed = parse_body("audio", FORM, content_type='multipart/form-data; boundary="XyZ"')
+    assert parsed.model == "whisper" and not parsed.stream
+    rewritten = parsed.with_model("org/whisper-large")
+    assert rewritten == FORM.replace(b"\r\nwhisper\r\n", b"\r\norg/whisper-large\r\n")
+    with pytest.raises(GatewayError, match="no 'model' field"):
+        parse_body("audio", FORM.replace(b'name="model"', b'name="x"'),
+                   content_type="multipart/form-data; boundary=XyZ")  # fmt: skip

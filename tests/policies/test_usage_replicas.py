@@ -119,7 +119,7 @@ def test_encoded_charge_is_short() -> None:
         ('[3, 5, 0, "chat", "u", "m", null, "local"]', "9 elements"),
         ('[3, -5, 0, "chat", "u", "m", null, "local", null]', "estimate"),
         ('[3, 5, -1, "chat", "u", "m", null, "local", null]', "output reserved"),
-        ('[3, 5, 0, "rerank", "u", "m", null, "local", null]', "kind"),
+        ('[3, 5, 0, "nonsense", "u", "m", null, "local", null]', "kind"),
         ('[3, 5, 0, "chat", 7, "m", null, "local", null]', "user"),
         ('[3, 5, 0, "chat", "u", "m", null, "far", null]', "where"),
         ('[3, 5, 0, "chat", "u", "m", "b", "local", null]', "bucket and limits"),

@@ -13,6 +13,7 @@ import crds
 from controllers.xds.generate import (
     CLUSTER,
     ENDPOINT_TYPE,
+    EXTPROC_CLUSTER,
     LISTENER_TYPE,
     QUEUE_TIMEOUT_MARGIN_MS,
     ROUTE_TYPE,
@@ -80,9 +81,10 @@ def inputs(**kw: Any) -> XdsInputs:
 def ext_proc(res: dict[str, Any]) -> dict[str, Any]:
     hcm = res[LISTENER_TYPE]["openai"]["filter_chains"][0]["filters"][0]["typed_config"]
     filters = hcm["http_filters"]
-    assert filters[0]["name"] == "envoy.filters.http.ext_proc"
+    assert filters[0]["name"] == "envoy.filters.http.health_check"  # the health path
+    assert filters[1]["name"] == "envoy.filters.http.ext_proc"
     assert filters[-1]["name"] == "envoy.filters.http.router"
-    return dict(filters[0]["typed_config"])
+    return dict(filters[1]["typed_config"])
 
 
 def test_every_resource_fits_envoys_schema() -> None:
@@ -187,6 +189,7 @@ def test_policy_filters_go_before_the_router() -> None:
     res = generate(GatewaySettings(extra_http_filters=(extra,)), inputs())
     hcm = res[LISTENER_TYPE]["openai"]["filter_chains"][0]["filters"][0]["typed_config"]
     assert [f["name"] for f in hcm["http_filters"]] == [
+        "envoy.filters.http.health_check",
         "envoy.filters.http.ext_proc",
         "envoy.filters.http.lua",
         "envoy.filters.http.router",
@@ -233,7 +236,12 @@ def test_usage_filters_come_from_fleet_usage_envoy() -> None:
     hcm = res[LISTENER_TYPE]["openai"]["filter_chains"][0]["filters"][0]["typed_config"]
     names = [f["name"] for f in hcm["http_filters"]]
     expected = [f["name"] for f in usage.envoy_http_filters()]
-    assert names == ["envoy.filters.http.ext_proc", *expected, "envoy.filters.http.router"]
+    assert names == [
+        "envoy.filters.http.health_check",
+        "envoy.filters.http.ext_proc",
+        *expected,
+        "envoy.filters.http.router",
+    ]
     assert [a["name"] for a in hcm["access_log"]] == [a["name"] for a in usage.envoy_access_logs()]
     assert to_any(res[LISTENER_TYPE]["openai"]).value  # Envoy's schema accepts them
 
@@ -271,3 +279,21 @@ def test_static_bootstrap_from_the_same_resources_is_valid_for_envoy(tmp_path: P
             timeout=60,
         )
         assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_every_request_is_reported_to_the_extproc_and_has_an_id() -> None:
+    from fleet import usage_envoy as usage
+
+    res = generate(GatewaySettings(), inputs())
+    hcm = res[LISTENER_TYPE]["openai"]["filter_chains"][0]["filters"][0]["typed_config"]
+    # one gRPC access log, to the extproc, for every request but health checks
+    assert hcm["access_log"] == usage.envoy_access_logs(EXTPROC_CLUSTER)
+    (als,) = hcm["access_log"]
+    assert als["filter"] == {"not_health_check_filter": {}}
+    assert als["typed_config"]["additional_request_headers_to_log"] == list(usage.LOGGED_HEADERS)
+    assert hcm["preserve_external_request_id"] is True
+    assert hcm["always_set_request_id_in_response"] is True
+    off = generate(GatewaySettings(request_log=False, health_path=""), inputs())
+    hcm = off[LISTENER_TYPE]["openai"]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert "access_log" not in hcm
+    assert hcm["http_filters"][0]["name"] == "envoy.filters.http.ext_proc"

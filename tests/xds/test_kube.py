@@ -78,6 +78,7 @@ async def test_kubernetes_source_end_to_end(tmp_path: Path, fleet: Fleet) -> Non
                 str(grpc_port),
                 "--http-port",
                 str(http_port),
+                "--debug-state",
             ],
             log_path=tmp_path / "extproc.log",
             ready=functools.partial(http_ok, f"http://127.0.0.1:{http_port}/readyz"),
