@@ -64,6 +64,7 @@ from extproc.scheduling import build_scheduler, check_profile
 from extproc.scraper import _phase
 from fleet.engine_metrics import LatencyState, parse_metrics
 from fleet.files import load_directory
+from fleet.profile import SchedulerProfile
 from sim.config import SimConfig
 from sim.engine import SGLANG_BUCKETS, VLLM_BUCKETS, Batch, Engine, QueueFull, Request
 from sim.fleet import SimPod
@@ -83,6 +84,12 @@ __all__ = [
 _WORD: dict[int, str] = {}
 for _w, _i in zip(OUTPUT_WORDS, OUTPUT_WORD_IDS, strict=True):
     _WORD.setdefault(_i, _w)
+
+_TOKENIZER = Tokenizer()
+# token ids of one chat message in the simulator's template, shared by every simulation of the
+# process (contenders of one comparison see the same prompts); bounded
+_TEMPLATE: dict[tuple[str, str], list[int]] = {}
+_GENERATION_PROMPT = _TOKENIZER.encode("<|assistant|>\n")
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,7 +256,9 @@ class _Simulation:
         duration: float,
         drain_timeout: float,
         concurrency: int | None,
+        default_profile: SchedulerProfile | None,
     ) -> None:
+        self.default_profile = default_profile
         self.fleet = fleet
         self.contender = contender
         self.cfg = fleet.sim_config()
@@ -264,9 +273,6 @@ class _Simulation:
         self.records: list[SimRecord] = []
         self.load: list[LoadSample] = []
         self.scrapes = 0
-        self.tokenizer = Tokenizer()
-        self._template: dict[tuple[str, str], list[int]] = {}
-        self._gen_prompt = self.tokenizer.encode("<|assistant|>\n")
         self.adapters = frozenset(adapter_names(fleet.adapters))
         self.open: dict[str, _Flight] = {}
         self.rid = 0
@@ -297,6 +303,9 @@ class _Simulation:
                 profile=self.contender.profile,
             )
             config = load_directory(directory, check_profile=check_profile)
+        if self.default_profile is not None:
+            check_profile(self.default_profile)
+            config.scheduler_profile = self.default_profile
         datastore = Datastore(clock=clock)
         datastore.apply(config)
 
@@ -473,19 +482,20 @@ class _Simulation:
         if pod.batch is None:
             self._schedule_step(pod)
 
-    def _encode_chat(self, messages: list[tuple[str, str]]) -> list[int]:
+    @staticmethod
+    def _encode_chat(messages: list[tuple[str, str]]) -> list[int]:
         """``Tokenizer.encode(apply_chat_template(messages))``, one cached piece per message: the
         template ends every message with a newline, and whitespace never joins two tokens."""
-        cache = self._template
+        cache = _TEMPLATE
         ids: list[int] = []
         for m in messages:
             part = cache.get(m)
             if part is None:
                 if len(cache) > 20_000:
                     cache.clear()
-                part = cache[m] = self.tokenizer.encode(f"<|{m[0]}|>\n{m[1]}\n")
+                part = cache[m] = _TOKENIZER.encode(f"<|{m[0]}|>\n{m[1]}\n")
             ids += part
-        ids += self._gen_prompt
+        ids += _GENERATION_PROMPT
         return ids
 
     def _fail(self, flight: _Flight, status: int, text: str) -> None:
@@ -585,11 +595,15 @@ def simulate(
     concurrency: int | None = None,
     workload: str = "",
     qps: float = math.nan,
+    default_profile: SchedulerProfile | None = None,
 ) -> SimResult:
     """Run ``sessions`` through ``contender`` on a virtual fleet; deterministic for ``seed``.
 
     ``duration``: no session starts after it (default: the last arrival). ``concurrency``: closed
     loop with that many clients (sessions back to back, arrivals ignored) instead of open loop.
+    ``default_profile``: the gateway-wide default scheduler profile (the one a ModelServer without
+    ``scheduler`` uses, as ``ours-default``'s does); unlike a ModelServer's, its weights may be
+    fractional.
     """
     if isinstance(contender, str):
         contender = contender_named(contender)
@@ -605,6 +619,7 @@ def simulate(
         duration=duration,
         drain_timeout=drain_timeout,
         concurrency=concurrency,
+        default_profile=default_profile,
     )
     sim.run()
     return SimResult(
