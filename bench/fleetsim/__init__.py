@@ -1,9 +1,9 @@
 """Fleet simulation in virtual time: the real scheduler and datastore against simulated engines.
 
-``python -m bench.fleetsim --help``; see :mod:`bench.fleetsim.simulate` for what runs.
+``python -m bench.fleetsim --help``; see :mod:`bench.fleetsim.core` for what runs.
 """
 
-from bench.fleetsim.simulate import FleetSpec, LoadSample, SimRecord, SimResult, simulate
+from bench.fleetsim.core import FleetSpec, LoadSample, SimRecord, SimResult, simulate
 from bench.fleetsim.trace import (
     TraceError,
     TraceSession,

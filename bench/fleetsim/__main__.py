@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.fleetsim.simulate import FleetSpec, SimResult, simulate
+from bench.fleetsim.core import FleetSpec, SimResult, simulate
 from bench.fleetsim.trace import TraceError, load_jsonl, make_workload
 
 
@@ -132,13 +132,15 @@ def _calibrate(ns: argparse.Namespace) -> int:
 
     data = json.loads(Path(ns.suite_json).read_text())
     result = data.get("result", data)
-    compared, seconds = calibrate(result)
+    seeds = [int(x) for x in ns.seeds.split(",")]
+    compared, seconds = calibrate(result, seeds=seeds, http_latency=ns.http_latency)
     print(format_calibration(compared))
-    requests = sum(len(c.virtual.records) for c in compared)
+    requests = sum(len(v.records) for c in compared for v in c.virtual)
     wall_requests = sum(p["summary"]["requests"] for p in result["points"])
     print(
         f"\nvirtual: {requests} requests in {seconds:.2f} wall s ({requests / seconds:.0f} req/s); "
         f"wall clock: {wall_requests} requests in {result['seconds']:.0f} s "
+        f"({len(seeds)} virtual runs per wall-clock point) "
         f"({wall_requests / result['seconds']:.1f} req/s)"
     )
     return 0
@@ -179,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     tune.add_argument("--metric", default="ttft_p90", help="summary field to minimise")
     cal = sub.add_parser("calibrate", help="replay a wall-clock suite JSON in virtual time")
     cal.add_argument("suite_json", type=Path)
+    cal.add_argument("--seeds", default="0,1,2,3,4", help="scheduler seeds per point")
+    cal.add_argument(
+        "--http-latency", type=float, default=0.0, help="s from send to engine (default 0)"
+    )
     speed = sub.add_parser("speed", help="simulated requests per wall second, 8 pods")
     _fleet_args(speed)
     ns = ap.parse_args(argv)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.fleetsim.simulate import SimResult
+from bench.fleetsim.core import SimResult
 from bench.suite.report import _point_rows, write_plots
 
 __all__ = [

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.fleetsim.simulate import FleetSpec, simulate
+from bench.fleetsim.core import FleetSpec, simulate
 from bench.fleetsim.trace import TraceSession
 from fleet.profile import DEFAULT_PROFILE, SchedulerProfile
 

@@ -30,8 +30,8 @@ from bench.fleetsim import (
     make_workload,
     simulate,
 )
+from bench.fleetsim.core import _Simulation, contender_named, metrics_page
 from bench.fleetsim.report import comparison_table, summary_table
-from bench.fleetsim.simulate import _Simulation, contender_named, metrics_page
 from bench.fleetsim.tune import apply, parse_param, tune
 from fleet.engine_metrics import parse_metrics
 from fleet.profile import DEFAULT_PROFILE, PluginSpec, SchedulerProfile
@@ -244,9 +244,14 @@ def test_the_gateway_is_driven_as_the_extproc_drives_it() -> None:
 
 def test_round_robin_spreads_evenly_and_records_every_metric() -> None:
     wl = make_workload("long_context:qps=8", seed=SEED, duration=4)
-    res = simulate(wl, "envoy-rr")
+    res = simulate(wl, "envoy-rr", fleet=FleetSpec(envoy_workers=1))
     counts = res.summary().pods
     assert len(counts) == 8 and max(counts.values()) - min(counts.values()) <= 1
+    seq = [r.pod for r in res.records]
+    assert all(a != b for a, b in itertools.pairwise(seq))
+    # Envoy's 2 workers: two interleaved cursors, so a pod may take two requests in a row
+    two = [r.pod for r in simulate(wl, "envoy-rr").records]
+    assert len(set(two)) == 8 and any(a == b for a, b in itertools.pairwise(two))
     for r in res.records:
         assert r.ttft is not None and r.e2e is not None and r.e2e >= r.ttft > 0
         assert r.queue is not None and r.queue >= 0
@@ -282,6 +287,15 @@ def test_minimal_metrics_page_parses_like_the_simulators_whole_page() -> None:
     a = simulate(wl, "ours-default", fleet=FleetSpec(metrics_page="full"))
     b = simulate(wl, "ours-default")
     assert [r.pod for r in a.records] == [r.pod for r in b.records]
+
+
+def test_http_latency_delays_the_engine_arrival() -> None:
+    one = [TraceSession(arrival=1.0, model="bench-model", max_tokens=4, turns=("hello there",))]
+    for contender in ("envoy-rr", "ours-default"):
+        base = simulate(one, contender).records[0]
+        slow = simulate(one, contender, fleet=FleetSpec(http_latency=0.006)).records[0]
+        assert base.ttft is not None and slow.ttft is not None
+        assert slow.ttft == pytest.approx(base.ttft + 0.006)
 
 
 def test_chat_prompts_tokenise_as_the_simulator_does() -> None:

@@ -32,8 +32,12 @@ metric scrapes, load samples) drives:
   after ``duration``; requests still open ``drain_timeout`` after the last session started are
   counted as errors, as ``bench.loadgen`` counts them.
 
-Round-robin (``envoy-rr``) cycles over the pods from a seeded start and calls no gateway code.
-Everything is deterministic for the seed.
+Round-robin (``envoy-rr``) is modelled as the suite's Envoy runs it: ``envoy_workers`` worker
+threads (``--concurrency 2``), each with its own ROUND_ROBIN cursor starting at a random pod, and
+each request landing on a random worker (the kernel spreads the client's connections over them).
+Two interleaved cursors spread load less evenly than one; the calibration
+(``bench/reports/fleetsim.md``) shows this is what the wall-clock baseline does. It calls no
+gateway code. Everything is deterministic for the seed.
 """
 
 from __future__ import annotations
@@ -103,6 +107,10 @@ class FleetSpec:
     scrape_interval: float = 0.2  # extproc --scrape-interval default
     metrics_page: Literal["minimal", "full"] = "minimal"
     load_sample_interval: float = 0.5
+    envoy_workers: int = 2  # envoy-rr: Envoy worker threads, each with its own round-robin
+    # s from the client's send to the engine's arrival (the HTTP path: loadgen, Envoy, ext_proc,
+    # the sim's event loop); 0 = the engines alone. The calibration measures it from the probes.
+    http_latency: float = 0.0
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
@@ -111,6 +119,10 @@ class FleetSpec:
             raise ValueError(f"scrape_interval must be > 0, got {self.scrape_interval}")
         if not self.load_sample_interval > 0:
             raise ValueError(f"load_sample_interval must be > 0, got {self.load_sample_interval}")
+        if not self.http_latency >= 0:
+            raise ValueError(f"http_latency must be >= 0, got {self.http_latency}")
+        if self.envoy_workers < 1:
+            raise ValueError(f"envoy_workers must be >= 1, got {self.envoy_workers}")
         if self.metrics_page not in ("minimal", "full"):
             raise ValueError(f"metrics_page must be 'minimal' or 'full', got {self.metrics_page!r}")
 
@@ -242,7 +254,7 @@ class _Flight:
     last_token: float = 0.0
 
 
-_ARRIVE, _STEP, _SCRAPE, _SAMPLE, _NEXT_SESSION = range(5)
+_ARRIVE, _STEP, _SCRAPE, _SAMPLE, _NEXT_SESSION, _AT_ENGINE = range(6)
 
 
 class _Simulation:
@@ -280,8 +292,10 @@ class _Simulation:
         hosts = [SimPod(f"sim-{i}", f"127.0.0.{10 + i}", 8000) for i in range(fleet.replicas)]
         self.pods = [_Pod(h.name, Engine(self.cfg.engine, buckets)) for h in hosts]
         self.by_name = {p.name: p for p in self.pods}
-        rng = random.Random(f"fleetsim/{seed}")
-        self.rr_next = rng.randrange(fleet.replicas)
+        self.rr_rng = random.Random(f"envoy-rr/{seed}")
+        self.rr_cursors = [
+            self.rr_rng.randrange(fleet.replicas) for _ in range(fleet.envoy_workers)
+        ]
         self.gateway: Gateway | None = None
         if contender.kind == "ours":
             self.gateway = self._gateway(hosts, seed)
@@ -380,6 +394,8 @@ class _Simulation:
                 self._sample()
                 if self.open or t < last_start:
                     self.push(t + self.fleet.load_sample_interval, _SAMPLE, None)
+            elif kind == _AT_ENGINE:
+                self._engine_add(*data)
             elif kind == _NEXT_SESSION:
                 self._next_session()
         for flight in list(self.open.values()):
@@ -417,8 +433,10 @@ class _Simulation:
         flight = _Flight(rec, session, turn, messages)
         model = session.model
         if self.gateway is None:
-            pod = self.pods[self.rr_next]
-            self.rr_next = (self.rr_next + 1) % len(self.pods)
+            cursors = self.rr_cursors
+            worker = self.rr_rng.randrange(len(cursors)) if len(cursors) > 1 else 0
+            pod = self.pods[cursors[worker]]
+            cursors[worker] = (cursors[worker] + 1) % len(self.pods)
         else:
             raw = orjson.dumps(body)
             headers = {
@@ -446,7 +464,10 @@ class _Simulation:
         pod.in_flight += 1
         self.open[rid] = flight
         rec.pod = pod.name
-        self._engine_add(flight, pod, model)
+        if self.fleet.http_latency > 0:
+            self.push(now + self.fleet.http_latency, _AT_ENGINE, (flight, pod, model))
+        else:
+            self._engine_add(flight, pod, model)
 
     def _engine_add(self, flight: _Flight, pod: _Pod, model: str) -> None:
         """What ``SimServer._build`` and ``EngineDriver.submit`` do with the request."""
