@@ -145,7 +145,7 @@ def tune(
 
 def format_table(base: Setting, settings: Sequence[Setting], metric: str) -> str:
     workloads = list(base.metric)
-    head = ["rank", "setting", *(f"{w} {metric} (ms)" for w in workloads)]
+    head = ["rank", "setting", *(f"W{i + 1} {metric} (ms)" for i in range(len(workloads)))]
     head += ["vs base", "vs best", "errors"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     best = settings[0].ratio if settings else math.nan
@@ -155,4 +155,6 @@ def format_table(base: Setting, settings: Sequence[Setting], metric: str) -> str
         cells = [rank, s.label(), *(f"{s.metric[w] * 1000:.0f}" for w in workloads)]
         cells += [f"{ratio:.3f}", f"{(ratio / best - 1) * 100:+.1f}%", str(s.errors)]
         lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines += [f"- W{i + 1}: `{w}`" for i, w in enumerate(workloads)]
     return "\n".join(lines)
