@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from bench.fleetsim.core import FleetSpec, SimResult, simulate
-from bench.fleetsim.trace import TraceError, load_jsonl, make_workload
+from bench.fleetsim.trace import TraceError, TraceSession, load_jsonl, make_workload
 
 
 def _fleet_args(p: argparse.ArgumentParser) -> None:
@@ -51,8 +51,8 @@ def _fleet(ns: argparse.Namespace) -> FleetSpec:
     )
 
 
-def _workloads(ns: argparse.Namespace) -> list[tuple[str, list]]:
-    out: list[tuple[str, list]] = []
+def _workloads(ns: argparse.Namespace) -> list[tuple[str, list[TraceSession]]]:
+    out: list[tuple[str, list[TraceSession]]] = []
     for spec in ns.workload or []:
         out.append((spec, make_workload(spec, seed=ns.seed, duration=ns.duration)))
     for path in ns.trace or []:

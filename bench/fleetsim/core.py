@@ -25,7 +25,8 @@ metric scrapes, load samples) drives:
   ``fleet.engine_metrics.parse_metrics`` and installed with ``Datastore.publish_metrics`` - the
   scheduler sees metrics exactly as stale as the real gateway does. ``metrics_page="full"``
   renders the simulator's whole page (``sim.metrics.VllmCollector``); the default ``"minimal"``
-  renders only the series the parser reads (the same values; ~40x cheaper, see the report).
+  renders only the series the parser reads (the same values; ~60x cheaper per scrape, see
+  the report).
   Every adapter is loaded on every pod (as the suite does), so ``loaded_loras`` is that set.
 - **the clients**: open loop (sessions start at their arrival; the next turn of a session is sent
   ``think_time`` after the previous answer ended, with the history) or closed loop; no new session
@@ -187,7 +188,8 @@ class SimResult:
 
     def summary(self) -> Summary:
         ends = [r.sent + r.e2e for r in self.records if r.ok and r.e2e is not None]
-        result = LoadResult(self.records, max(ends, default=1e-9), 0.0, self.mode, self.qps)
+        records: list[RequestRecord] = list(self.records)
+        result = LoadResult(records, max(ends, default=1e-9), 0.0, self.mode, self.qps)
         return summarize(result)
 
     def point(self) -> dict[str, Any]:

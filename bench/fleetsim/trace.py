@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,7 +187,7 @@ def zipf_prefix(
     return out
 
 
-GENERATORS = {**WORKLOADS, "zipf_prefix": zipf_prefix}
+GENERATORS: dict[str, Callable[..., list[Conversation]]] = {**WORKLOADS, "zipf_prefix": zipf_prefix}
 """Every workload generator by name: ``bench.workloads.WORKLOADS`` plus ``zipf_prefix``."""
 
 
