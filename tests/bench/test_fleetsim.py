@@ -388,3 +388,41 @@ def test_cli_run_prints_the_suite_table(tmp_path: Path) -> None:
     assert {"ttft", "itl", "e2e", "queue", "cached_tokens", "pod"} <= set(first)
     assert (tmp_path / "fleetsim-load.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["tune", "--workload", "nope", "--param", "a.weight=1"]) == 2
+
+
+def test_calibrate_replays_the_suites_points_with_its_seeds() -> None:
+    """A suite result (the smoke suite's config, made-up wall-clock summaries) is replayed point by
+    point: the probe closed-loop with the probe's requests, sweep point i with seed + i."""
+    from bench.fleetsim.calibrate import calibrate, format_calibration
+    from bench.suite.config import SMOKE_SUITE
+    from bench.workloads import WORKLOADS as GENERATORS
+
+    cfg = SMOKE_SUITE.model_dump()
+
+    def point(contender: str, workload: str, mode: str, qps: float) -> dict[str, object]:
+        summary = {"ttft_p50": 0.05, "ttft_p90": 0.1, "cached_fraction": 0.5, "ok": 1}
+        return {"contender": contender, "workload": workload, "mode": mode, "qps": qps,
+                "summary": summary}  # fmt: skip
+
+    points = [point(c, "shared_prefix", "probe", 0.0) for c in ("envoy-rr", "ours-default")]
+    points += [point(c, "shared_prefix", "open", 8.0) for c in ("envoy-rr", "ours-default")]
+    points += [point("vllm-router-cache_aware", "shared_prefix", "open", 8.0)]  # not simulated
+    points += [point("ours-default", "lora_mix", "open", 4.0)]
+    compared, _ = calibrate({"config": cfg, "points": points}, seeds=(0, 1))
+    assert [(c.contender, c.mode, c.qps) for c in compared] == [
+        ("envoy-rr", "probe", 0.0),
+        ("ours-default", "probe", 0.0),
+        ("envoy-rr", "open", 8.0),
+        ("ours-default", "open", 8.0),
+        ("ours-default", "open", 4.0),
+    ]
+    probe, sweep = compared[0].virtual[0], compared[2].virtual[0]
+    assert len(probe.records) == cfg["probe_requests"] and probe.mode == "probe"
+    expected = GENERATORS["shared_prefix"](
+        qps=8.0, duration=cfg["duration"], seed=cfg["seed"] + 1, **cfg["sweep_args"]
+    )
+    assert [r.sent for r in sweep.records] == pytest.approx([c.arrival for c in expected])
+    assert len(compared[2].virtual) == 2
+    assert all(r.ok for c in compared for v in c.virtual for r in v.records)
+    table = format_calibration(compared)
+    assert "| shared_prefix @ 8 |" in table and "vllm-router" not in table
