@@ -30,6 +30,9 @@ def _fleet_args(p: argparse.ArgumentParser) -> None:
         default="minimal",
         help="parse the series the parser reads (minimal) or the sim's whole page (full)",
     )
+    p.add_argument(
+        "--http-latency", type=float, default=0.0, help="s from send to engine (default 0)"
+    )
     p.add_argument("--seed", type=int, default=1, help="workload seed (default 1)")
     p.add_argument("--duration", type=float, default=10.0, help="s of arrivals (default 10)")
     p.add_argument("--drain-timeout", type=float, default=30.0)
@@ -48,6 +51,7 @@ def _fleet(ns: argparse.Namespace) -> FleetSpec:
         sim_args=tuple(suite.sim_args),
         scrape_interval=ns.scrape_interval,
         metrics_page=ns.metrics_page,
+        http_latency=ns.http_latency,
     )
 
 
@@ -149,17 +153,23 @@ def _calibrate(ns: argparse.Namespace) -> int:
 def _speed(ns: argparse.Namespace) -> int:
     """Simulated requests per wall second, 8 pods, shared prefix at several QPS."""
     fleet = _fleet(ns)
-    print("| contender | QPS | requests | virtual s | wall s | simulated req / wall s |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print(
+        "| contender | QPS | requests | virtual s | wall s | CPU s | simulated req / wall s "
+        "| simulated req / CPU s |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for qps in (20.0, 30.0, 40.0):
         spec = f"shared_prefix:qps={qps:g},groups=16,system_tokens=4000,question_tokens=24"
         sessions = make_workload(spec, seed=ns.seed, duration=ns.duration)
         for c in ("envoy-rr", "ours-default"):
-            began = time.perf_counter()
+            began, cpu = time.perf_counter(), time.process_time()
             res = simulate(sessions, c, fleet=fleet, seed=ns.seed, drain_timeout=ns.drain_timeout)
-            wall = time.perf_counter() - began
+            wall, cpu = time.perf_counter() - began, time.process_time() - cpu
             n = len(res.records)
-            print(f"| {c} | {qps:g} | {n} | {res.sim_seconds:.1f} | {wall:.2f} | {n / wall:.0f} |")
+            print(
+                f"| {c} | {qps:g} | {n} | {res.sim_seconds:.1f} | {wall:.2f} | {cpu:.2f} | "
+                f"{n / wall:.0f} | {n / cpu:.0f} |"
+            )
     return 0
 
 
