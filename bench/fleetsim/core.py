@@ -289,6 +289,7 @@ class _Simulation:
         self.scrapes = 0
         self.adapters = frozenset(adapter_names(fleet.adapters))
         self.open: dict[str, _Flight] = {}
+        self.queue: list[TraceSession] = []  # closed loop: sessions not started yet, last first
         self.rid = 0
         buckets = SGLANG_BUCKETS if self.cfg.engine_kind == "sglang" else VLLM_BUCKETS
         hosts = [SimPod(f"sim-{i}", f"127.0.0.{10 + i}", 8000) for i in range(fleet.replicas)]
