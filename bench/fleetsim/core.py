@@ -257,6 +257,7 @@ class _Flight:
 
 
 _ARRIVE, _STEP, _SCRAPE, _SAMPLE, _NEXT_SESSION, _AT_ENGINE = range(6)
+_CLIENT_EVENTS = frozenset((_ARRIVE, _NEXT_SESSION, _AT_ENGINE))
 
 
 class _Simulation:
@@ -284,6 +285,7 @@ class _Simulation:
         self.now = 0.0
         self.events: list[tuple[float, int, int, Any]] = []
         self.seq = 0
+        self.pending = 0  # client events (arrivals, sessions, HTTP hops) in the heap
         self.records: list[SimRecord] = []
         self.load: list[LoadSample] = []
         self.scrapes = 0
@@ -355,7 +357,13 @@ class _Simulation:
 
     def push(self, t: float, kind: int, data: Any) -> None:
         self.seq += 1
+        if kind in _CLIENT_EVENTS:
+            self.pending += 1
         heapq.heappush(self.events, (t, self.seq, kind, data))
+
+    def busy(self) -> bool:
+        """Requests open or still to be sent: the periodic scrapes and samples go on."""
+        return bool(self.open) or self.pending > 0
 
     # ---- the loop -----------------------------------------------------------------------------
     def run(self) -> None:
@@ -385,17 +393,19 @@ class _Simulation:
             if t > self.deadline:
                 break
             self.now = t
+            if kind in _CLIENT_EVENTS:
+                self.pending -= 1
             if kind == _STEP:
                 self._step_end(data)
             elif kind == _ARRIVE:
                 self._send(*data)
             elif kind == _SCRAPE:
                 self._scrape(data)
-                if self.open or t < last_start:
+                if self.busy():
                     self.push(t + self.fleet.scrape_interval, _SCRAPE, data)
             elif kind == _SAMPLE:
                 self._sample()
-                if self.open or t < last_start:
+                if self.busy():
                     self.push(t + self.fleet.load_sample_interval, _SAMPLE, None)
             elif kind == _AT_ENGINE:
                 self._engine_add(*data)

@@ -426,3 +426,25 @@ def test_calibrate_replays_the_suites_points_with_its_seeds() -> None:
     assert all(r.ok for c in compared for v in c.virtual for r in v.records)
     table = format_calibration(compared)
     assert "| shared_prefix @ 8 |" in table and "vllm-router" not in table
+
+
+@pytest.mark.parametrize("concurrency", [None, 1])
+def test_scrapes_go_on_while_sessions_think_or_wait(concurrency: int | None) -> None:
+    """Between the turns of a session (think time) or the sessions of a closed loop nothing may be
+    open, yet requests are still to come: the scraper keeps reading every pod."""
+    wl = make_workload("multi_turn:qps=0.5,turns=3,think_time=3", seed=SEED, duration=4)
+    sim = _Simulation(
+        wl,
+        FleetSpec(),
+        contender_named("ours-default"),
+        seed=SEED,
+        duration=100,
+        drain_timeout=30,
+        concurrency=concurrency,
+        default_profile=None,
+    )
+    sim.run()
+    assert len(sim.records) == 3 * len(wl) and all(r.ok for r in sim.records)
+    pods = sim.gateway.datastore.snapshot.pods.values() if sim.gateway else []
+    last_send = max(r.sent for r in sim.records)
+    assert all(p.metrics.scraped_at > last_send for p in pods)
