@@ -66,12 +66,16 @@ def _workloads(ns: argparse.Namespace) -> list[tuple[str, list[TraceSession]]]:
     return out
 
 
-def _qps(spec: str) -> float:
-    for item in spec.partition(":")[2].split(","):
+def _qps(ns: argparse.Namespace, label: str) -> float:
+    """The offered QPS of a ``--workload`` spec (its ``qps=``, else the generators' default 10);
+    NaN for a trace."""
+    if label not in (ns.workload or []):
+        return float("nan")
+    for item in label.partition(":")[2].split(","):
         key, _, value = item.partition("=")
         if key.strip() == "qps":
             return float(value)
-    return 10.0 if ":" in spec or not spec.endswith(".jsonl") else float("nan")
+    return 10.0
 
 
 def _run(ns: argparse.Namespace) -> int:
@@ -88,8 +92,10 @@ def _run(ns: argparse.Namespace) -> int:
                 fleet=fleet,
                 seed=ns.seed,
                 drain_timeout=ns.drain_timeout,
-                workload=label.partition(":")[0],
-                qps=_qps(label),
+                workload=label.partition(":")[0]
+                if label in (ns.workload or [])
+                else Path(label).stem,
+                qps=_qps(ns, label),
             )
             results.append(res)
             print(

@@ -28,10 +28,25 @@ __all__ = [
 
 
 def summary_table(results: Sequence[SimResult], baseline: str = "envoy-rr") -> str:
-    """The suite's Markdown table of these points, ratios against ``baseline`` at the same QPS."""
+    """The suite's Markdown table of these points, one per workload (under a ``###`` heading when
+    there are several), ratios against ``baseline`` at the same QPS."""
     points = [r.point() for r in results]
-    base = {p["qps"]: p for p in points if p["contender"] == baseline and not math.isnan(p["qps"])}
-    return "\n".join(_point_rows(points, base))
+    workloads = list(dict.fromkeys(p["workload"] for p in points))
+    out: list[str] = []
+    for w in workloads:
+        mine = [p for p in points if p["workload"] == w]
+        # a trace's QPS is NaN: key it by a placeholder so its baseline is found
+        base = {_key(p["qps"]): p for p in mine if p["contender"] == baseline}
+        keyed = [{**p, "qps": _key(p["qps"])} for p in mine]
+        rows = _point_rows(keyed, base)
+        if len(workloads) > 1:
+            out += [f"### {w or 'trace'}", ""]
+        out += [*(r.replace("| -1 |", "| - |") for r in rows), ""]
+    return "\n".join(out).rstrip("\n")
+
+
+def _key(qps: float) -> float:
+    return -1.0 if math.isnan(qps) else qps
 
 
 def comparison_table(
@@ -115,7 +130,9 @@ def write_outputs(
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     for r in results:
-        stem = f"{name}-{r.contender}-{r.workload or 'trace'}-{r.qps:g}"
+        stem = f"{name}-{r.contender}-{r.workload or 'trace'}"
+        if not math.isnan(r.qps):
+            stem += f"-{r.qps:g}"
         write_requests(r, out_dir / f"{stem}.requests.jsonl")
         write_load_csv(r, out_dir / f"{stem}.load.csv")
         written += [out_dir / f"{stem}.requests.jsonl", out_dir / f"{stem}.load.csv"]

@@ -387,6 +387,12 @@ def test_cli_run_prints_the_suite_table(tmp_path: Path) -> None:
     first = json.loads(lines.splitlines()[0])
     assert {"ttft", "itl", "e2e", "queue", "cached_tokens", "pod"} <= set(first)
     assert (tmp_path / "fleetsim-load.png").read_bytes()[:4] == b"\x89PNG"
+    trace = tmp_path / "recorded.jsonl"
+    dump_jsonl(make_workload("lora_mix:qps=4", seed=1, duration=2), trace)
+    out = tmp_path / "trace-out"
+    assert main(["run", "--trace", str(trace), "--contenders", "envoy-rr,ours-default",
+                 "--out", str(out)]) == 0  # fmt: skip
+    assert (out / "fleetsim-ours-default-recorded.requests.jsonl").exists()
     assert main(["tune", "--workload", "nope", "--param", "a.weight=1"]) == 2
 
 
