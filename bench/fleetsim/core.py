@@ -1,0 +1,670 @@
+"""The discrete-event fleet simulation: engines, the gateway and the clients in virtual time.
+
+Nothing sleeps and nothing listens on a socket. One heap of events (arrivals, engine step ends,
+metric scrapes, load samples) drives:
+
+- **the engines**: one :class:`sim.engine.Engine` per pod, built from the same ``matrixinfer-sim``
+  flags as the wall-clock suite (``sim.cli.serve_parser`` + ``build_config``), so the timing model,
+  the KV cache and the continuous-batching scheduler are the simulator's own code. Each pod steps
+  as ``sim.driver.EngineDriver`` steps it: a step starts when the previous one ends while there is
+  work, or at once when an idle engine receives a request. The prompt is tokenised as the
+  simulator's HTTP edge tokenises it (``sim.tokenizer``, the chat template), and the output plan is
+  drawn from the same seed as ``SimServer._build``, so a multi-turn session resends the same
+  answer text the wall-clock sim would have produced.
+- **the gateway** (contenders of kind ``ours``): the real :class:`extproc.gateway.Gateway` over
+  the real :class:`extproc.datastore.Datastore`, configured from the same ModelServer /
+  ModelRoute / Endpoints YAML the suite writes (``bench.contenders.write_gateway_config`` read by
+  ``fleet.files.load_directory``). Per request it calls what the ext_proc servicer calls, in its
+  order: ``Gateway.start(headers)``, ``Gateway.decide(state, body)`` (parse, route, schedule with
+  the profile's plugins, ``Datastore.begin``), ``Gateway.routed(state)`` (the scheduler's
+  ``on_routed``: prefix index, sessions) and, when the stream ends, ``Gateway.finish(state)``
+  (``Datastore.finish`` and ``on_finished``). The scheduler is ``build_scheduler`` with the
+  virtual clock and a seeded rng; the gateway's own rng is seeded too.
+- **the scraper**: every ``scrape_interval`` (virtual seconds, each pod at the scraper's stable
+  phase ``extproc.scraper._phase``) each engine's Prometheus page is parsed by
+  ``fleet.engine_metrics.parse_metrics`` and installed with ``Datastore.publish_metrics`` - the
+  scheduler sees metrics exactly as stale as the real gateway does. ``metrics_page="full"``
+  renders the simulator's whole page (``sim.metrics.VllmCollector``); the default ``"minimal"``
+  renders only the series the parser reads (the same values; ~60x cheaper per scrape, see
+  the report).
+  Every adapter is loaded on every pod (as the suite does), so ``loaded_loras`` is that set.
+- **the clients**: open loop (sessions start at their arrival; the next turn of a session is sent
+  ``think_time`` after the previous answer ended, with the history) or closed loop; no new session
+  after ``duration``; requests still open ``drain_timeout`` after the last session started are
+  counted as errors, as ``bench.loadgen`` counts them.
+
+Round-robin (``envoy-rr``) is modelled as the suite's Envoy runs it: ``envoy_workers`` worker
+threads (``--concurrency 2``), each with its own ROUND_ROBIN cursor starting at a random pod, and
+each request landing on a random worker (the kernel spreads the client's connections over them).
+Two interleaved cursors spread load less evenly than one; the calibration
+(``bench/reports/fleetsim.md``) shows this is what the wall-clock baseline does. It calls no
+gateway code. Everything is deterministic for the seed.
+"""
+
+from __future__ import annotations
+
+import array
+import heapq
+import math
+import random
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+import xxhash
+
+from bench.contenders import CONTENDERS, Contender, write_gateway_config
+from bench.fleetsim.trace import TraceSession
+from bench.loadgen import LoadResult, RequestRecord, Summary, summarize
+from bench.suite.config import DEFAULT_SUITE
+from bench.workloads import adapter_names
+from extproc.datastore import Datastore
+from extproc.gateway import Gateway, Immediate, Routed
+from extproc.metrics import GatewayMetrics
+from extproc.scheduling import build_scheduler, check_profile
+from extproc.scraper import _phase
+from fleet.engine_metrics import LatencyState, parse_metrics
+from fleet.files import load_directory
+from fleet.profile import SchedulerProfile
+from sim.config import SimConfig
+from sim.engine import SGLANG_BUCKETS, VLLM_BUCKETS, Batch, Engine, QueueFull, Request
+from sim.fleet import SimPod
+from sim.metrics import LoraView, SglangCollector, VllmCollector, make_registry, render
+from sim.tokenizer import OUTPUT_WORD_IDS, OUTPUT_WORDS, VOCAB_SIZE, Tokenizer
+
+__all__ = [
+    "FleetSpec",
+    "LoadSample",
+    "SimRecord",
+    "SimResult",
+    "contender_named",
+    "metrics_page",
+    "simulate",
+]
+
+_WORD: dict[int, str] = {}
+for _w, _i in zip(OUTPUT_WORDS, OUTPUT_WORD_IDS, strict=True):
+    _WORD.setdefault(_i, _w)
+
+_TOKENIZER = Tokenizer()
+# token ids of one chat message in the simulator's template, shared by every simulation of the
+# process (contenders of one comparison see the same prompts); bounded
+_TEMPLATE: dict[tuple[str, str], list[int]] = {}
+_GENERATION_PROMPT = _TOKENIZER.encode("<|assistant|>\n")
+
+
+@dataclass(frozen=True, slots=True)
+class FleetSpec:
+    """The simulated fleet: like ``bench.suite.SuiteConfig``'s fleet fields, plus the scraper's."""
+
+    replicas: int = 8
+    model: str = "bench-model"
+    adapters: int = 6
+    sim_args: tuple[str, ...] = tuple(DEFAULT_SUITE.sim_args)
+    scrape_interval: float = 0.2  # extproc --scrape-interval default
+    metrics_page: Literal["minimal", "full"] = "minimal"
+    load_sample_interval: float = 0.5
+    envoy_workers: int = 2  # envoy-rr: Envoy worker threads, each with its own round-robin
+    # s from the client's send to the engine's arrival (the HTTP path: loadgen, Envoy, ext_proc,
+    # the sim's event loop); 0 = the engines alone. The calibration measures it from the probes.
+    http_latency: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1:
+            raise ValueError(f"replicas must be >= 1, got {self.replicas}")
+        if not self.scrape_interval > 0:
+            raise ValueError(f"scrape_interval must be > 0, got {self.scrape_interval}")
+        if not self.load_sample_interval > 0:
+            raise ValueError(f"load_sample_interval must be > 0, got {self.load_sample_interval}")
+        if not self.http_latency >= 0:
+            raise ValueError(f"http_latency must be >= 0, got {self.http_latency}")
+        if self.envoy_workers < 1:
+            raise ValueError(f"envoy_workers must be >= 1, got {self.envoy_workers}")
+        if self.metrics_page not in ("minimal", "full"):
+            raise ValueError(f"metrics_page must be 'minimal' or 'full', got {self.metrics_page!r}")
+
+    def sim_config(self) -> SimConfig:
+        """The engines' configuration from ``sim_args`` (the ``matrixinfer-sim`` flags)."""
+        from sim.cli import build_config, serve_parser
+
+        parser = serve_parser()
+        parser.exit_on_error = False
+        try:
+            ns = parser.parse_args(["--model", self.model, *self.sim_args])
+        except SystemExit:
+            raise ValueError(f"sim_args {list(self.sim_args)} are not valid sim flags") from None
+        return build_config(ns)
+
+
+def contender_named(name: str) -> Contender:
+    """A contender of ``bench.contenders.CONTENDERS`` that runs in virtual time."""
+    c = CONTENDERS.get(name)
+    if c is None:
+        raise ValueError(f"unknown contender {name!r}; known: {', '.join(sorted(CONTENDERS))}")
+    if c.kind not in ("envoy-rr", "ours"):
+        raise ValueError(
+            f"contender {name!r} ({c.description}) has no virtual-time model: only round-robin "
+            "and our gateway's profiles are simulated"
+        )
+    return c
+
+
+@dataclass(slots=True)
+class SimRecord(RequestRecord):
+    """``bench.loadgen.RequestRecord`` plus what only the simulation knows."""
+
+    request_id: str = ""
+    queue: float | None = None  # s from arrival at the engine to its first scheduling
+
+
+@dataclass(frozen=True, slots=True)
+class LoadSample:
+    """One pod at one instant: requests sent and not finished, the engine's queues and KV use."""
+
+    t: float
+    pod: str
+    in_flight: int
+    waiting: int
+    running: int
+    kv_usage: float
+
+
+@dataclass(slots=True)
+class SimResult:
+    contender: str
+    workload: str
+    qps: float
+    mode: str  # "open" | "probe" (closed loop, concurrency 1)
+    pods: list[str]
+    records: list[SimRecord]
+    load: list[LoadSample]
+    sim_seconds: float  # virtual time at the end
+    wall_seconds: float  # CPU wall time the simulation took
+    scrapes: int = 0
+
+    def summary(self) -> Summary:
+        ends = [r.sent + r.e2e for r in self.records if r.ok and r.e2e is not None]
+        records: list[RequestRecord] = list(self.records)
+        result = LoadResult(records, max(ends, default=1e-9), 0.0, self.mode, self.qps)
+        return summarize(result)
+
+    def point(self) -> dict[str, Any]:
+        """The shape of ``bench.suite.run.PointResult`` (as JSON), for the suite's report code."""
+        return {
+            "contender": self.contender,
+            "workload": self.workload,
+            "mode": self.mode,
+            "qps": self.qps,
+            "summary": self.summary().as_dict(),
+            "ttfts": sorted(r.ttft for r in self.records if r.ok and r.ttft is not None),
+            "machine_busy": math.nan,
+            "loadgen_cpu": 0.0,
+            "cpu": {},
+            "sim_state": {},
+        }
+
+
+# ------------------------------------------------------------------------------------ metrics
+
+
+def metrics_page(engine: Engine, model: str, max_loras: int, now: float) -> str:
+    """The series of the simulator's vLLM page that ``parse_metrics`` reads, same names, labels
+    and values as ``sim.metrics.VllmCollector`` renders them (the rest of the page is skipped)."""
+    s = engine.stats
+    lab = f'{{model_name="{model}",engine="0"}}'
+    return (
+        f"vllm:num_requests_running{lab} {len(engine.running)}\n"
+        f"vllm:num_requests_waiting{lab} {engine.num_waiting}\n"
+        f"vllm:kv_cache_usage_perc{lab} {engine.kv_usage()!r}\n"
+        f"vllm:time_to_first_token_seconds_sum{lab} {s.ttft.sum!r}\n"
+        f"vllm:time_to_first_token_seconds_count{lab} {s.ttft.count}\n"
+        f"vllm:inter_token_latency_seconds_sum{lab} {s.itl.sum!r}\n"
+        f"vllm:inter_token_latency_seconds_count{lab} {s.itl.count}\n"
+        f'vllm:lora_requests_info{{max_lora="{max_loras}",'
+        f'waiting_lora_adapters="{",".join(engine.waiting_loras())}",'
+        f'running_lora_adapters="{",".join(engine.running_loras())}"}} {now!r}\n'
+    )
+
+
+# ------------------------------------------------------------------------------------ the fleet
+
+
+@dataclass(slots=True, eq=False)
+class _Pod:
+    name: str
+    engine: Engine
+    batch: Batch | None = None
+    in_flight: int = 0
+    latency: LatencyState | None = None
+    page: Callable[[float], str] | None = None  # full-page renderer ("full" mode)
+
+
+@dataclass(slots=True, eq=False)
+class _Flight:
+    """One request on its way: its record, its session, the gateway's state for it."""
+
+    record: SimRecord
+    session: TraceSession
+    turn: int
+    messages: list[tuple[str, str]]
+    pod: _Pod | None = None
+    state: Any = None  # extproc.gateway.RequestState (gateway contenders)
+    last_token: float = 0.0
+
+
+_ARRIVE, _STEP, _SCRAPE, _SAMPLE, _NEXT_SESSION, _AT_ENGINE = range(6)
+_CLIENT_EVENTS = frozenset((_ARRIVE, _NEXT_SESSION, _AT_ENGINE))
+
+
+class _Simulation:
+    def __init__(
+        self,
+        sessions: Sequence[TraceSession],
+        fleet: FleetSpec,
+        contender: Contender,
+        *,
+        seed: int,
+        duration: float,
+        drain_timeout: float,
+        concurrency: int | None,
+        default_profile: SchedulerProfile | None,
+    ) -> None:
+        self.default_profile = default_profile
+        self.fleet = fleet
+        self.contender = contender
+        self.cfg = fleet.sim_config()
+        self.engine_name = "SGLang" if self.cfg.engine_kind == "sglang" else "vLLM"
+        self.sessions = list(sessions)
+        self.duration = duration
+        self.drain_timeout = drain_timeout
+        self.concurrency = concurrency
+        self.now = 0.0
+        self.events: list[tuple[float, int, int, Any]] = []
+        self.seq = 0
+        self.pending = 0  # client events (arrivals, sessions, HTTP hops) in the heap
+        self.records: list[SimRecord] = []
+        self.load: list[LoadSample] = []
+        self.scrapes = 0
+        self.adapters = frozenset(adapter_names(fleet.adapters))
+        self.open: dict[str, _Flight] = {}
+        self.queue: list[TraceSession] = []  # closed loop: sessions not started yet, last first
+        self.rid = 0
+        buckets = SGLANG_BUCKETS if self.cfg.engine_kind == "sglang" else VLLM_BUCKETS
+        hosts = [SimPod(f"sim-{i}", f"127.0.0.{10 + i}", 8000) for i in range(fleet.replicas)]
+        self.pods = [_Pod(h.name, Engine(self.cfg.engine, buckets)) for h in hosts]
+        self.by_name = {p.name: p for p in self.pods}
+        self.rr_rng = random.Random(f"envoy-rr/{seed}")
+        self.rr_cursors = [
+            self.rr_rng.randrange(fleet.replicas) for _ in range(fleet.envoy_workers)
+        ]
+        self.gateway: Gateway | None = None
+        if contender.kind == "ours":
+            self.gateway = self._gateway(hosts, seed)
+            if fleet.metrics_page == "full" or self.engine_name != "vLLM":
+                for p in self.pods:
+                    p.page = self._renderer(p)
+        elif contender.kind != "envoy-rr":
+            raise ValueError(f"contender {contender.name!r} has no virtual-time model")
+
+    # ---- set-up -------------------------------------------------------------------------------
+    def _gateway(self, hosts: list[SimPod], seed: int) -> Gateway:
+        clock = self.clock
+        with tempfile.TemporaryDirectory(prefix="fleetsim-") as tmp:
+            directory = write_gateway_config(
+                Path(tmp),
+                hosts,
+                model=self.fleet.model,
+                adapters=sorted(self.adapters),
+                profile=self.contender.profile,
+            )
+            config = load_directory(directory, check_profile=check_profile)
+        if self.default_profile is not None:
+            check_profile(self.default_profile)
+            config.scheduler_profile = self.default_profile
+        datastore = Datastore(clock=clock)
+        datastore.apply(config)
+
+        def factory(profile: Any) -> Any:
+            return build_scheduler(profile, clock=clock, rng=random.Random(f"scheduler/{seed}"))
+
+        return Gateway(
+            datastore,
+            GatewayMetrics(),
+            scheduler_factory=factory,
+            rng=random.Random(f"gateway/{seed}"),
+            clock=clock,
+        )
+
+    def _renderer(self, pod: _Pod) -> Callable[[float], str]:
+        if self.engine_name == "SGLang":
+            registry = make_registry(SglangCollector(pod.engine, self.fleet.model))
+        else:
+            collector = VllmCollector(
+                pod.engine,
+                self.fleet.model,
+                LoraView(self.cfg.engine.max_loras),
+                clock=self.clock,
+            )
+            registry = make_registry(collector)
+        return lambda now: render(registry).decode()
+
+    def clock(self) -> float:
+        return self.now
+
+    def push(self, t: float, kind: int, data: Any) -> None:
+        self.seq += 1
+        if kind in _CLIENT_EVENTS:
+            self.pending += 1
+        heapq.heappush(self.events, (t, self.seq, kind, data))
+
+    def busy(self) -> bool:
+        """Requests open or still to be sent: the periodic scrapes and samples go on."""
+        return bool(self.open) or self.pending > 0
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def run(self) -> None:
+        if self.concurrency is None:
+            for s in self.sessions:
+                if s.arrival <= self.duration:
+                    self.push(s.arrival, _ARRIVE, (s, 0, []))
+        else:
+            self.queue = list(reversed(self.sessions))
+            for _ in range(self.concurrency):
+                self.push(0.0, _NEXT_SESSION, None)
+        last_start = max((e[0] for e in self.events), default=0.0)
+        self.deadline = (
+            last_start + self.drain_timeout
+            if self.concurrency is None
+            else self.duration + self.drain_timeout
+        )
+        if self.gateway is not None:
+            iv = self.fleet.scrape_interval
+            for p in self.pods:
+                self.push(_phase(p.name) * iv, _SCRAPE, p)
+        self.push(0.0, _SAMPLE, None)
+        events = self.events
+        pop = heapq.heappop
+        while events:
+            t, _, kind, data = pop(events)
+            if t > self.deadline:
+                break
+            self.now = t
+            if kind in _CLIENT_EVENTS:
+                self.pending -= 1
+            if kind == _STEP:
+                self._step_end(data)
+            elif kind == _ARRIVE:
+                self._send(*data)
+            elif kind == _SCRAPE:
+                self._scrape(data)
+                if self.busy():
+                    self.push(t + self.fleet.scrape_interval, _SCRAPE, data)
+            elif kind == _SAMPLE:
+                self._sample()
+                if self.busy():
+                    self.push(t + self.fleet.load_sample_interval, _SAMPLE, None)
+            elif kind == _AT_ENGINE:
+                self._engine_add(*data)
+            elif kind == _NEXT_SESSION:
+                self._next_session()
+        for flight in list(self.open.values()):
+            flight.record.error = "cancelled: still open at the drain deadline"
+            self._release(flight)
+
+    def _next_session(self) -> None:
+        if self.queue and self.now < self.duration:
+            s = self.queue.pop()
+            self._send(s, 0, [])
+
+    # ---- a request ----------------------------------------------------------------------------
+    def _send(self, session: TraceSession, turn: int, history: list[tuple[str, str]]) -> None:
+        now = self.now
+        self.rid += 1
+        rid = f"req-{self.rid}"
+        rec = SimRecord(session.session, turn, now, now, request_id=rid)
+        self.records.append(rec)
+        messages = history
+        if session.prompt_ids is None:
+            if turn == 0:
+                messages = list(session.prefix)
+            messages.append(("user", session.turns[turn]))
+            path = "/v1/chat/completions"
+            body: dict[str, Any] = {
+                "model": session.model,
+                "messages": [{"role": r, "content": c} for r, c in messages],
+            }
+        else:
+            path = "/v1/completions"
+            body = {"model": session.model, "prompt": list(session.prompt_ids)}
+        body["max_tokens"] = session.max_tokens
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+        flight = _Flight(rec, session, turn, messages)
+        model = session.model
+        if self.gateway is None:
+            cursors = self.rr_cursors
+            worker = self.rr_rng.randrange(len(cursors)) if len(cursors) > 1 else 0
+            pod = self.pods[cursors[worker]]
+            cursors[worker] = (cursors[worker] + 1) % len(self.pods)
+        else:
+            raw = orjson.dumps(body)
+            headers = {
+                ":method": "POST",
+                ":path": path,
+                ":authority": "gateway",
+                "content-type": "application/json",
+                "content-length": str(len(raw)),
+                "x-request-id": rid,
+            }
+            gw = self.gateway
+            state, immediate = gw.start(headers, False)
+            flight.state = state
+            decided = immediate if immediate is not None else gw.decide(state, raw)
+            if isinstance(decided, Immediate):
+                self._fail(flight, decided.status, decided.body.decode(errors="replace"))
+                return
+            if not isinstance(decided, Routed):
+                raise RuntimeError("gateway policies (async decisions) are not simulated")
+            gw.routed(state)
+            pod = self.by_name[decided.pod.name]
+            if decided.body is not None:
+                model = orjson.loads(decided.body)["model"]
+        flight.pod = pod
+        pod.in_flight += 1
+        self.open[rid] = flight
+        rec.pod = pod.name
+        if self.fleet.http_latency > 0:
+            self.push(now + self.fleet.http_latency, _AT_ENGINE, (flight, pod, model))
+        else:
+            self._engine_add(flight, pod, model)
+
+    def _engine_add(self, flight: _Flight, pod: _Pod, model: str) -> None:
+        """What ``SimServer._build`` and ``EngineDriver.submit`` do with the request."""
+        session = flight.session
+        if model == self.fleet.model:
+            lora = None
+        elif model in self.adapters:
+            lora = model
+        else:
+            self._fail(flight, 404, f"The model `{model}` does not exist.")
+            return
+        if session.prompt_ids is None:
+            ids = self._encode_chat(flight.messages)
+        else:
+            ids = list(session.prompt_ids)
+            bad = [x for x in ids if not 0 <= x < VOCAB_SIZE]
+            if bad:
+                self._fail(flight, 400, f"invalid request: token id {bad[0]} out of vocabulary")
+                return
+        n = session.max_tokens
+        if len(ids) + n > self.cfg.engine.max_model_len:
+            self._fail(flight, 400, f"{len(ids)} + {n} tokens exceed the maximum context length")
+            return
+        h = xxhash.xxh64_intdigest(array.array("i", ids).tobytes(), seed=self.cfg.seed)
+        out = random.Random(h).choices(OUTPUT_WORD_IDS, k=n)
+        req = Request(flight.record.request_id, ids, out, self.now, "length", lora)
+        req.waiter = flight
+        try:
+            pod.engine.add(req)
+        except QueueFull as exc:
+            self._fail(flight, 429, str(exc))
+            return
+        if pod.batch is None:
+            self._schedule_step(pod)
+
+    @staticmethod
+    def _encode_chat(messages: list[tuple[str, str]]) -> list[int]:
+        """``Tokenizer.encode(apply_chat_template(messages))``, one cached piece per message: the
+        template ends every message with a newline, and whitespace never joins two tokens."""
+        cache = _TEMPLATE
+        ids: list[int] = []
+        for m in messages:
+            part = cache.get(m)
+            if part is None:
+                if len(cache) > 20_000:
+                    cache.clear()
+                part = cache[m] = _TOKENIZER.encode(f"<|{m[0]}|>\n{m[1]}\n")
+            ids += part
+        ids += _GENERATION_PROMPT
+        return ids
+
+    def _fail(self, flight: _Flight, status: int, text: str) -> None:
+        flight.record.status = status
+        flight.record.error = f"http {status}: {text[:200]}"
+        self._release(flight)
+
+    def _release(self, flight: _Flight) -> None:
+        if self.gateway is not None and flight.state is not None:
+            self.gateway.finish(flight.state)
+            flight.state = None
+        if flight.pod is not None:
+            flight.pod.in_flight -= 1
+            flight.pod = None
+        self.open.pop(flight.record.request_id, None)
+        if self.concurrency is not None and flight.record.error:
+            self.push(self.now, _NEXT_SESSION, None)
+
+    # ---- the engines --------------------------------------------------------------------------
+    def _schedule_step(self, pod: _Pod) -> None:
+        batch = pod.engine.schedule(self.now)
+        pod.batch = batch
+        if batch is not None:
+            self.push(batch.end, _STEP, pod)
+
+    def _step_end(self, pod: _Pod) -> None:
+        batch = pod.batch
+        assert batch is not None
+        now = self.now
+        for req in pod.engine.finish_step(batch, now):
+            flight: _Flight = req.waiter
+            rec = flight.record
+            if rec.ttft is None:
+                rec.ttft = now - rec.sent
+            else:
+                rec.itl.append(now - flight.last_token)
+            flight.last_token = now
+            if req.done:
+                self._done(flight, req)
+        pod.batch = None
+        if pod.engine.has_work():
+            self._schedule_step(pod)
+
+    def _done(self, flight: _Flight, req: Request) -> None:
+        now = self.now
+        rec = flight.record
+        rec.status = 200
+        rec.e2e = now - rec.sent
+        rec.output_tokens = req.num_output
+        rec.prompt_tokens = req.prompt_len
+        rec.cached_tokens = req.num_cached_tokens
+        if req.first_scheduled is not None:
+            rec.queue = req.first_scheduled - req.arrival
+        req.waiter = None
+        self._release(flight)
+        session = flight.session
+        if flight.turn + 1 < session.requests:
+            answer = " ".join(_WORD[t] for t in req.output_ids[: req.num_output])
+            flight.messages.append(("assistant", answer))
+            self.push(
+                now + session.think_time, _ARRIVE, (session, flight.turn + 1, flight.messages)
+            )
+        elif self.concurrency is not None:
+            self.push(now, _NEXT_SESSION, None)
+
+    # ---- scrapes and samples ------------------------------------------------------------------
+    def _scrape(self, pod: _Pod) -> None:
+        now = self.now
+        if pod.page is not None:
+            text = pod.page(now)
+        else:
+            text = metrics_page(pod.engine, self.fleet.model, self.cfg.engine.max_loras, now)
+        metrics, pod.latency = parse_metrics(text, self.engine_name, pod.latency, now)
+        if self.engine_name == "vLLM":
+            metrics.loaded_loras = self.adapters
+        assert self.gateway is not None
+        self.gateway.datastore.publish_metrics(pod.name, metrics)
+        self.scrapes += 1
+
+    def _sample(self) -> None:
+        now = self.now
+        for p in self.pods:
+            e = p.engine
+            self.load.append(
+                LoadSample(now, p.name, p.in_flight, e.num_waiting, len(e.running), e.kv_usage())
+            )
+
+
+def simulate(
+    sessions: Sequence[TraceSession],
+    contender: str | Contender,
+    *,
+    fleet: FleetSpec | None = None,
+    seed: int = 0,
+    duration: float | None = None,
+    drain_timeout: float = 30.0,
+    concurrency: int | None = None,
+    workload: str = "",
+    qps: float = math.nan,
+    default_profile: SchedulerProfile | None = None,
+) -> SimResult:
+    """Run ``sessions`` through ``contender`` on a virtual fleet; deterministic for ``seed``.
+
+    ``duration``: no session starts after it (default: the last arrival). ``concurrency``: closed
+    loop with that many clients (sessions back to back, arrivals ignored) instead of open loop.
+    ``default_profile``: the gateway-wide default scheduler profile (the one a ModelServer without
+    ``scheduler`` uses, as ``ours-default``'s does); unlike a ModelServer's, its weights may be
+    fractional.
+    """
+    if isinstance(contender, str):
+        contender = contender_named(contender)
+    fleet = fleet or FleetSpec()
+    if duration is None:
+        duration = max((s.arrival for s in sessions), default=0.0)
+    began = time.perf_counter()
+    sim = _Simulation(
+        sessions,
+        fleet,
+        contender,
+        seed=seed,
+        duration=duration,
+        drain_timeout=drain_timeout,
+        concurrency=concurrency,
+        default_profile=default_profile,
+    )
+    sim.run()
+    return SimResult(
+        contender=contender.name,
+        workload=workload,
+        qps=qps if concurrency is None else 0.0,
+        mode="open" if concurrency is None else "probe",
+        pods=[p.name for p in sim.pods],
+        records=sim.records,
+        load=sim.load,
+        sim_seconds=sim.now,
+        wall_seconds=time.perf_counter() - began,
+        scrapes=sim.scrapes,
+    )
