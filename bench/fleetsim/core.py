@@ -49,7 +49,7 @@ import math
 import random
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -260,6 +260,18 @@ _ARRIVE, _STEP, _SCRAPE, _SAMPLE, _NEXT_SESSION, _AT_ENGINE = range(6)
 _CLIENT_EVENTS = frozenset((_ARRIVE, _NEXT_SESSION, _AT_ENGINE))
 
 
+def _settled(decision: Coroutine[Any, Any, Routed | Immediate]) -> Routed | Immediate:
+    """Run ``Gateway.decide`` to its end without an event loop. Without policies no stage waits,
+    so the coroutine finishes at its first step; a stage that would wait (the fair queue, Redis)
+    is not simulated."""
+    try:
+        decision.send(None)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    decision.close()
+    raise RuntimeError("gateway policies (decisions that wait) are not simulated")
+
+
 class _Simulation:
     def __init__(
         self,
@@ -463,12 +475,10 @@ class _Simulation:
             gw = self.gateway
             state, immediate = gw.start(headers, False)
             flight.state = state
-            decided = immediate if immediate is not None else gw.decide(state, raw)
+            decided = immediate if immediate is not None else _settled(gw.decide(state, raw))
             if isinstance(decided, Immediate):
                 self._fail(flight, decided.status, decided.body.decode(errors="replace"))
                 return
-            if not isinstance(decided, Routed):
-                raise RuntimeError("gateway policies (async decisions) are not simulated")
             gw.routed(state)
             pod = self.by_name[decided.pod.name]
             if decided.body is not None:

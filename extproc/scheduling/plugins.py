@@ -242,10 +242,12 @@ class LoraCapableArgs(BaseModel):
 
 class LoraCapableFilter(Filter):
     """For a LoRA request, keeps pods that have loaded the adapter (their ``/v1/models`` lists it)
-    and run or queue it or have a free adapter slot (fewer running adapters than max_lora). With
-    ``dynamicLoading`` a pod that has not loaded the adapter is kept too when it has a free slot.
-    What is unknown never drops a pod: stale metrics, no adapter list read, no ``max_lora``
-    reported. Requests without an adapter pass unchanged."""
+    and run or queue it or have a free adapter slot (fewer running adapters than max_lora). When
+    every pod that has the adapter has all its slots busy with others, those pods are kept: the
+    engine queues the request until a slot frees, as vLLM does, rather than the gateway refusing
+    it. With ``dynamicLoading`` a pod that has not loaded the adapter counts as having it. What is
+    unknown never drops a pod: stale metrics, no adapter list read, no ``max_lora`` reported.
+    Requests without an adapter pass unchanged."""
 
     name = "lora-capable"
     Args = LoraCapableArgs
@@ -284,19 +286,17 @@ class LoraCapableFilter(Filter):
         if not lora:
             return pods
         capable, dynamic = self.capable, self.dynamic_loading
-        return [p for p in pods if capable(p, lora, dynamic)]
+        free = [p for p in pods if capable(p, lora, dynamic)]
+        if free:
+            return free
+        # every pod with the adapter is busy with others: they queue it (not a refusal)
+        return pods if dynamic else [p for p in pods if not self.missing(p, lora)]
 
     def error(self, ctx: Context, pods: list[Pod]) -> NoPodAvailable:
         lora = ctx.request.lora or ""
-        missing = 0 if self.dynamic_loading else sum(1 for p in pods if self.missing(p, lora))
-        busy = len(pods) - missing
-        why = []
-        if missing:
-            why.append(f"{_pods_have(missing)} not loaded it")
-        if busy:
-            why.append(f"{_pods_have(busy)} every adapter slot (max_lora) busy with others")
         return NoPodAvailable(
-            f"no pod of {ctx.server} can serve LoRA adapter '{lora}': {', '.join(why)}"
+            f"no pod of {ctx.server} can serve LoRA adapter '{lora}': "
+            f"{_pods_have(len(pods))} not loaded it"
         )
 
 

@@ -170,9 +170,12 @@ def test_lora_capable_unknown_state_is_capable_and_none_qualifies_is_explained()
     s = sched(only("lora-capable"))
     assert s.schedule(req(lora="sql"), [pod("p1", stale=True)]).primary.name == "p1"
     assert s.schedule(req(lora="sql"), [pod("p1", waiting=1)]).primary.name == "p1"  # no max_lora
+    # every adapter slot busy with others: the pods are kept, the engine queues the request
     full = [pod(f"p{i}", running_loras=frozenset({"a"}), max_loras=1) for i in range(3)]
+    assert s.schedule(req(lora="sql"), full).primary.name in {"p0", "p1", "p2"}
+    lacking = [pod(f"p{i}", max_loras=1, loaded_loras=frozenset({"a"})) for i in range(2)]
     with pytest.raises(NoPodAvailable) as e:
-        s.schedule(req(lora="sql"), full)
+        s.schedule(req(lora="sql"), lacking)
     assert "LoRA adapter 'sql'" in e.value.reason and "ModelServer llama-vllm" in e.value.reason
     assert not isinstance(e.value, AllPodsSaturated)
 
@@ -205,11 +208,12 @@ def test_lora_capable_explains_missing_adapters_and_busy_slots() -> None:
             "p3", max_loras=1, running_loras=frozenset({"a"}), loaded_loras=frozenset({"a", "sql"})
         ),
     ]
+    # p3 has it but its one slot is busy: it queues the request there (p1, p2 lack it)
+    assert {s.schedule(req(f"r{i}", lora="sql"), pods).primary.name for i in range(20)} == {"p3"}
     with pytest.raises(NoPodAvailable) as e:
-        s.schedule(req(lora="sql"), pods)
+        s.schedule(req(lora="sql"), pods[:2])
     assert e.value.reason == (
-        "no pod of ModelServer llama-vllm can serve LoRA adapter 'sql': 2 pods have not loaded "
-        "it, 1 pod has every adapter slot (max_lora) busy with others"
+        "no pod of ModelServer llama-vllm can serve LoRA adapter 'sql': 2 pods have not loaded it"
     )
 
 
