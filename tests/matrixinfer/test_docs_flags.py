@@ -31,6 +31,8 @@ OTHER_TOOLS = {
     "--transports", "--modes", "--processes", "--pacing", "--blocks", "--skip-admission",
     "--skip-usage", "--mode", "--from-literal", "--from-json", "--check", "--fix", "--policy",
     "--worker-urls", "--transport-h2",
+    # python -m bench.fleetsim
+    "--workload", "--trace", "--param", "--seeds", "--http-latency", "--metric",
 }  # fmt: skip
 
 
