@@ -91,8 +91,9 @@ lock:
 	  .lock-venv/bin/pip freeze --exclude matrixinfer; } > requirements.lock
 	rm -rf .lock-venv build *.egg-info
 
-# End to end on a real cluster (kind): see e2e/README.md; needs Docker, kind, kubectl and helm.
+# End to end on a real cluster (kind + the chart); needs Docker, kind, kubectl and helm.
 e2e: $(STAMP)
+	@test -d e2e || { echo "make e2e: the e2e/ suite is not written yet (docs/install.md)"; exit 1; }
 	$(PY) -m pytest -q -p no:cacheprovider e2e
 
 demo: $(RUNTIME_STAMP)

@@ -4,6 +4,7 @@ combinations that cannot work, with a message naming the value."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -253,3 +254,41 @@ def test_values_file_is_the_schemas_example() -> None:
     schema = yaml.safe_load((CHART / "values.schema.json").read_text())
     jsonschema.validate(values, schema)
     assert Path(CHART / "Chart.yaml").exists()
+
+
+def _doc_rbac_rows() -> set[tuple[str, str, str, frozenset[str]]]:
+    """(component, apiGroup, resource, verbs) from docs/install.md's RBAC table."""
+    text = (ROOT / "docs" / "install.md").read_text()
+    table = text.split("## RBAC", 1)[1]
+    rows: set[tuple[str, str, str, frozenset[str]]] = set()
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 4 or cells[0] in ("component", "---") or cells[1] == "—":
+            continue
+        component = cells[0].split()[0]
+        groups = ["" if g == '""' else g for g in (g.strip("`") for g in cells[1].split(", "))]
+        resources = [r for r in re.findall(r"`([a-z/]+)`", cells[2])]
+        verbs = frozenset(v.strip() for v in cells[3].split(","))
+        rows |= {(component, g, r, verbs) for g in groups for r in resources}
+    return rows
+
+
+def _chart_rbac_rows() -> set[tuple[str, str, str, frozenset[str]]]:
+    rows: set[tuple[str, str, str, frozenset[str]]] = set()
+    for combo in ("default", "one-namespace", "policies-redis"):
+        for o in objects(COMBINATIONS[combo]):
+            if o["kind"] not in ("Role", "ClusterRole"):
+                continue
+            component = "extproc" if "extproc" in o["metadata"]["name"] else "controllers"
+            for rule in o["rules"]:
+                for g in rule["apiGroups"]:
+                    for r in rule["resources"]:
+                        rows.add((component, g, r, frozenset(rule["verbs"])))
+    return rows
+
+
+def test_rbac_table_matches_the_chart() -> None:
+    doc, chart = _doc_rbac_rows(), _chart_rbac_rows()
+    assert len(doc) > 20
+    assert doc - chart == set(), "docs/install.md grants what the chart does not"
+    assert chart - doc == set(), "the chart grants what docs/install.md does not list"
