@@ -174,9 +174,9 @@ def test_one_namespace_uses_roles_only_there() -> None:
     roles = _by_kind(objs, "Role")
     assert {"mi-matrixinfer-extproc", "mi-matrixinfer-controllers"} <= set(roles)
     assert all(r["metadata"]["namespace"] == NAMESPACE for r in roles.values())
-    # cluster-wide only what Kopf needs in any mode: CRD discovery
-    for cr in _by_kind(objs, "ClusterRole").values():
-        assert [r["resources"] for r in cr["rules"]] == [["customresourcedefinitions"]]
+    # nothing cluster-wide
+    assert not _by_kind(objs, "ClusterRole")
+    assert not _by_kind(objs, "ClusterRoleBinding")
     assert _by_kind(objs, "KopfPeering")["matrixinfer"]["metadata"]["namespace"] == NAMESPACE
     cmd = _by_kind(objs, "Deployment")["mi-matrixinfer-extproc"]["spec"]["template"]["spec"][
         "containers"
@@ -289,6 +289,6 @@ def _chart_rbac_rows() -> set[tuple[str, str, str, frozenset[str]]]:
 
 def test_rbac_table_matches_the_chart() -> None:
     doc, chart = _doc_rbac_rows(), _chart_rbac_rows()
-    assert len(doc) > 20
+    assert len(doc) >= 20
     assert doc - chart == set(), "docs/install.md grants what the chart does not"
     assert chart - doc == set(), "the chart grants what docs/install.md does not list"
