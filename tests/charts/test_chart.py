@@ -292,3 +292,24 @@ def test_rbac_table_matches_the_chart() -> None:
     assert len(doc) >= 20
     assert doc - chart == set(), "docs/install.md grants what the chart does not"
     assert chart - doc == set(), "the chart grants what docs/install.md does not list"
+
+
+@pytest.mark.parametrize("combo", sorted(COMBINATIONS))
+def test_commands_parse_with_the_programs_own_parsers(combo: str) -> None:
+    """Every flag the chart passes exists (a typo would crash-loop the pod)."""
+    from controllers.main import parse_args as controllers_args
+    from controllers.xds.main import parse_args as xds_args
+    from extproc.main import parse_args as extproc_args
+
+    parsed = 0
+    for dep in _by_kind(objects(COMBINATIONS[combo]), "Deployment").values():
+        for c in dep["spec"]["template"]["spec"]["containers"]:
+            program, *argv = c["command"]
+            if program == "matrixinfer-extproc":
+                extproc_args(argv)
+                parsed += 1
+            elif program == "matrixinfer-controllers":
+                config = controllers_args(argv)
+                xds_args(["--source", "kubernetes", *config.xds_args])
+                parsed += 1
+    assert parsed == 2
