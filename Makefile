@@ -5,7 +5,8 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 RUNTIME_STAMP := $(VENV)/.installed-runtime
 
-.PHONY: all setup system-deps test lint format demo crds crds-check bench clean
+.PHONY: all setup system-deps test lint format demo crds crds-check chart-crds bench clean \
+	image lock e2e
 
 all: test
 
@@ -27,16 +28,22 @@ $(STAMP): $(RUNTIME_STAMP) pyproject.toml
 	  { echo "error: the dev install failed; run: $(PY) -m pip install -e '.[dev]'"; exit 1; }
 	@touch $(STAMP)
 
-# Debian packages the tests use (installed only when missing, and only as root).
+# Debian packages the tests use (installed only when missing, and only as root):
+# redis-server (policies tests), prometheus for promtool (tests/charts: alert rules).
+SYSTEM_DEPS := redis-server:redis-server promtool:prometheus
 system-deps:
-	@if ! command -v redis-server >/dev/null 2>&1; then \
-	  if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing redis-server (Debian package)"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
-	  else \
-	    echo "warning: redis-server is missing and cannot be installed here (need root + apt-get)"; \
+	@for dep in $(SYSTEM_DEPS); do \
+	  cmd=$${dep%%:*}; pkg=$${dep#*:}; \
+	  if ! command -v $$cmd >/dev/null 2>&1; then \
+	    if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
+	      echo "installing $$pkg (Debian package, for $$cmd)"; \
+	      { [ -n "$$apt_updated" ] || apt-get update -qq; } && apt_updated=1 && \
+	      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$pkg >/dev/null; \
+	    else \
+	      echo "warning: $$cmd is missing and cannot be installed here (need root + apt-get: $$pkg)"; \
+	    fi; \
 	  fi; \
-	fi
+	done
 
 setup: $(STAMP) system-deps
 
@@ -58,6 +65,39 @@ crds: $(STAMP)
 
 crds-check: $(STAMP)
 	$(PY) -m crds --check
+
+# The chart ships the generated CRDs (Helm installs charts/*/crds/ before the templates);
+# tests/charts/test_chart.py fails when the copies differ from crds/*.yaml.
+chart-crds:
+	cp crds/*.yaml charts/matrixinfer/crds/
+
+# The container image (Dockerfile): every matrixinfer-* program plus Envoy, from requirements.lock.
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE   ?= ghcr.io/matrixinfer/matrixinfer:$(VERSION)
+DOCKER  ?= docker
+image:
+	@$(DOCKER) info >/dev/null 2>&1 || { \
+	  echo "make image: no container engine answers here ('$(DOCKER) info' failed)."; \
+	  echo "Build where Docker (or DOCKER=podman) runs: make image IMAGE=$(IMAGE)"; exit 1; }
+	$(DOCKER) build --build-arg VERSION=$(VERSION) \
+	  --build-arg REVISION=$$(git rev-parse HEAD 2>/dev/null || echo unknown) -t $(IMAGE) .
+
+# requirements.lock: the runtime dependencies (not the dev extras) pinned, from a fresh virtualenv.
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet --progress-bar off .
+	{ echo "# Runtime dependencies of the image (Dockerfile), exact versions: 'make lock' regenerates this file"; \
+	  echo "# from 'pip install .' in a fresh virtualenv (pip freeze, without matrixinfer itself)."; \
+	  .lock-venv/bin/pip freeze --exclude matrixinfer; } > requirements.lock
+	rm -rf .lock-venv build *.egg-info
+
+# End to end on a kind cluster (image, chart, model, requests, scale, roll, kill, uninstall);
+# needs Docker, kind, kubectl and helm. The same suite runs on the local stack in `make test`.
+e2e: $(STAMP)
+	@for tool in $(DOCKER) kind kubectl helm; do command -v $$tool >/dev/null 2>&1 || { \
+	  echo "make e2e: $$tool is missing (the kind variant needs $(DOCKER), kind, kubectl, helm);"; \
+	  echo "the local-stack variant runs anywhere: $(PY) -m pytest e2e"; exit 1; }; done
+	$(PY) -m pytest -q -p no:cacheprovider e2e --cluster kind
 
 demo: $(RUNTIME_STAMP)
 	$(VENV)/bin/matrixinfer demo

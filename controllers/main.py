@@ -2,6 +2,12 @@
 
     matrixinfer-controllers [--namespace NS ...] [--metrics-port 9090] [--liveness-port 8080]
                             [--resync 30s]
+                            [--peering NAME [--priority N]]
+
+Several replicas: ``--peering NAME`` makes them Kopf peers through the (Cluster)KopfPeering object
+NAME (the chart installs the peering CRDs and object); each replica takes a random priority
+unless ``--priority`` is given, so exactly one (the highest) reconciles and the others pause until
+its keep-alive expires. Without it the operator runs standalone (one replica only).
 
 Credentials: in-cluster service account or kubeconfig (via the `kubernetes` client), or
 `--server URL` (plain, no auth; for the emulated API server in tests and demos).
@@ -13,6 +19,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import random
 import sys
 import threading
 from collections.abc import Sequence
@@ -55,6 +62,8 @@ class ControllerConfig:
     status_interval_seconds: float = (
         1.0  # status patches that only move counters, at most this often
     )
+    peering: str | None = None  # Kopf peering object name; None = standalone (one replica)
+    priority: int = 0  # this replica's peering priority: the highest live one reconciles
 
 
 def make_settings(config: ControllerConfig) -> kopf.OperatorSettings:
@@ -69,7 +78,10 @@ def make_settings(config: ControllerConfig) -> kopf.OperatorSettings:
     settings.persistence.consistency_timeout = config.consistency_timeout
     settings.posting.level = logging.WARNING  # only warnings and explicit kopf.event()s
     settings.scanning.disabled = True  # our CRDs are installed by the chart, not discovered live
-    settings.peering.standalone = True
+    # with --peering, kopf.operator() (below) also sets the name, mandatory (a missing peering
+    # object stops the operator instead of running a second leader) and clusterwide
+    settings.peering.standalone = config.peering is None
+    settings.peering.priority = config.priority
     settings.queueing.exit_timeout = config.queue_exit_timeout
     settings.queueing.idle_timeout = min(settings.queueing.idle_timeout, 5.0)
     return settings
@@ -152,7 +164,9 @@ async def _run_kopf(
     await kopf.operator(
         registry=registry,
         settings=make_settings(config),
-        standalone=True,
+        standalone=config.peering is None,
+        priority=config.priority,
+        peering_name=config.peering,
         clusterwide=not config.namespaces,
         namespaces=config.namespaces,
         liveness_endpoint=config.liveness_endpoint,
@@ -185,6 +199,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="extra matrixinfer-xds flag, e.g. --xds-arg=--listen-port=8080 (repeatable)",
     )
+    ap.add_argument(
+        "--peering",
+        default="",
+        help="Kopf peering object for several replicas (one reconciles); empty: standalone",
+    )
+    ap.add_argument(
+        "--priority",
+        type=int,
+        default=None,
+        help="peering priority (default: random per process, so the replicas never tie)",
+    )
     ap.add_argument("--verbose", "-v", action="store_true", help="same as --log-level debug")
     add_service_args(ap)
     return ap
@@ -205,6 +230,8 @@ def parse_args(argv: Sequence[str] | None) -> ControllerConfig:
         consistency_timeout=5.0,
         xds_port=args.xds_port or None,
         xds_args=list(args.xds_arg),
+        peering=args.peering or None,
+        priority=args.priority if args.priority is not None else random.randrange(1, 2**31),
     )
 
 
