@@ -17,6 +17,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extproc.datastore import Datastore
+from extproc.demand import DemandCollector
 from extproc.gateway import Gateway
 from extproc.metrics import GatewayMetrics
 from extproc.parsing import DEFAULT_BODY_LIMIT
@@ -183,6 +184,12 @@ class ExtProcApp:
         ):
             self.policies = build_policies(args, self.metrics)
             self.gateway.policies = self.policies
+        # per-ModelServer waiting / in-flight gauges: the autoscaler's gateway signal
+        self.metrics.registry.register(
+            DemandCollector(
+                self.datastore, lambda: self.policies.queues if self.policies is not None else None
+            )
+        )
         self.watcher: Any
         if args.source == "kubernetes":
             from fleet.kube import KubeSource
