@@ -1,4 +1,4 @@
-"""`matrixinfer-controllers`: the Kopf operator process (ModelInfer controller).
+"""`matrixinfer-controllers`: the Kopf operator process (ModelInfer controller, autoscaler).
 
     matrixinfer-controllers [--namespace NS ...] [--metrics-port 9090] [--liveness-port 8080]
 
@@ -20,6 +20,7 @@ from typing import Any
 
 import kopf
 
+from controllers.autoscaling import handlers as autoscaling_handlers
 from controllers.metrics import ControllerMetrics
 from controllers.modelinfer import handlers as modelinfer_handlers
 from controllers.modelinfer.reconciler import ModelInferController
@@ -48,6 +49,11 @@ class ControllerConfig:
     status_interval_seconds: float = (
         1.0  # status patches that only move counters, at most this often
     )
+    # the autoscaler: seconds between two syncs of a policy; extproc /metrics URLs (gateway source)
+    autoscale_interval: float = autoscaling_handlers.DEFAULT_INTERVAL
+    gateway_metrics_urls: list[str] = field(default_factory=list)
+    autoscale_stable_window: float | None = None  # None: the planner's default (60 s)
+    autoscale_panic_window: float | None = None  # None: the planner's default (6 s)
 
 
 def make_settings(config: ControllerConfig) -> kopf.OperatorSettings:
@@ -78,6 +84,12 @@ def build(config: ControllerConfig) -> tuple[kopf.OperatorRegistry, ModelInferCo
         debounce=config.debounce_seconds,
         status_interval=config.status_interval_seconds,
     )
+    autoscaler = autoscaling_handlers.Autoscaler(
+        metrics,
+        config.gateway_metrics_urls,
+        stable_window=config.autoscale_stable_window,
+        panic_window=config.autoscale_panic_window,
+    )
 
     @kopf.on.login(id="matrixinfer-login", registry=registry)
     def login(logger: kopf.Logger, **kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -89,15 +101,18 @@ def build(config: ControllerConfig) -> tuple[kopf.OperatorRegistry, ModelInferCo
         if info is None:
             return None
         controller.connect(info)
+        autoscaler.connect(info)
         return info
 
     @kopf.on.cleanup(id="matrixinfer-cleanup", registry=registry)
     async def close(**_: Any) -> None:
         await controller.close()
+        await autoscaler.close()
 
     modelinfer_handlers.register(registry, controller)
     # ModelRoute conditions and ModelServer readyEndpoints (the only status writer)
     status_handlers.register(registry)
+    autoscaling_handlers.register(registry, autoscaler, config.autoscale_interval)
     return registry, controller
 
 
@@ -171,6 +186,18 @@ def parse_args(argv: Sequence[str] | None) -> ControllerConfig:
         default=[],
         help="extra matrixinfer-xds flag, e.g. --xds-arg=--listen-port=8080 (repeatable)",
     )
+    ap.add_argument(
+        "--autoscale-interval",
+        type=float,
+        default=autoscaling_handlers.DEFAULT_INTERVAL,
+        help="seconds between two autoscaler syncs of an AutoscalingPolicy",
+    )
+    ap.add_argument(
+        "--gateway-metrics-url",
+        action="append",
+        default=[],
+        help="an extproc replica's /metrics URL, for gateway metric sources (repeatable)",
+    )
     ap.add_argument("--verbose", "-v", action="store_true", help="same as --log-level debug")
     add_service_args(ap)
     args = ap.parse_args(argv)
@@ -187,6 +214,8 @@ def parse_args(argv: Sequence[str] | None) -> ControllerConfig:
         consistency_timeout=5.0,
         xds_port=args.xds_port or None,
         xds_args=list(args.xds_arg),
+        autoscale_interval=args.autoscale_interval,
+        gateway_metrics_urls=list(args.gateway_metrics_url),
     )
 
 

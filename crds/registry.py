@@ -399,6 +399,12 @@ class AutoscalingTargetStatus(ApiModel):
         description="When the replicas were last changed (RFC 3339).",
         json_schema_extra={"format": "date-time"},
     )
+    last_scale_reason: str | None = Field(
+        default=None,
+        description="Why the replicas were last changed: ScaleUp, ScaleDown, PanicScaleUp,"
+        " WakeUp, ScaleToZero, Bounds or Rebalance.",
+        max_length=64,
+    )
 
 
 class AutoscalingPolicyStatus(StatusBase):

@@ -221,3 +221,38 @@ def test_extproc_publishes_the_demand_gauges(tmp_path: Any) -> None:
     app.datastore.apply(GatewayConfig(servers=objects(server_yaml("llama", {"app": "llama"}))))
     page = generate_latest(app.metrics.registry).decode()
     assert f'{GATEWAY_WAITING}{{namespace="default",server="llama"}} 0.0' in page
+
+
+def test_pod_targets_ready_entry_pods_by_port_or_port_name() -> None:
+    from controllers.autoscaling.handlers import pod_info, pod_targets
+    from crds.registry import MetricSource
+
+    def pod(name: str, ip: str | None, ready: bool = True, entry: str = "true") -> Any:
+        return pod_info(
+            {
+                "metadata": {"name": name, "labels": {"workload.matrixinfer.ai/entry": entry}},
+                "spec": {"containers": [{"ports": [{"name": "http", "containerPort": 8000}]}]},
+                "status": {
+                    "phase": "Running",
+                    "podIP": ip,
+                    "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+                },
+            }
+        )
+
+    pods = [
+        pod("a", "10.0.0.1"),
+        pod("b", "10.0.0.2", ready=False),
+        pod("c", "10.0.0.3", entry="false"),  # a worker pod serves no HTTP
+        pod("d", None),
+        pod("e", "fd00::5"),
+    ]
+    got, problems = pod_targets(pods, None)
+    assert [t.url for t in got] == ["http://10.0.0.1:8000/metrics", "http://[fd00::5]:8000/metrics"]
+    by_name = MetricSource.model_validate({"pod": {"name": "http", "path": "/m"}})
+    assert pod_targets(pods[:1], by_name)[0][0].url == "http://10.0.0.1:8000/m"
+    by_port = MetricSource.model_validate({"pod": {"port": 9100}})
+    assert pod_targets(pods[:1], by_port)[0][0].url == "http://10.0.0.1:9100/metrics"
+    missing = MetricSource.model_validate({"pod": {"name": "metrics"}})
+    assert pod_targets(pods[:1], missing) == ([], ["pod a: no container port named 'metrics'"])
+    assert not problems
