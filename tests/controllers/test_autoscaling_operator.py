@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import urllib.request
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 from controllers.autoscaling.sources import GATEWAY_IN_FLIGHT, GATEWAY_WAITING
+from matrixinfer.process import free_port
 from matrixinfer.testing.kube import Api, Kubelet, emulator, eventually, operator
 from tests.controllers.fakecluster import make_object
 
@@ -117,6 +120,18 @@ def condition(api: Api, name: str, type_: str) -> dict[str, Any] | None:
     return next((c for c in conds if c["type"] == type_), None)
 
 
+def scrape(port: int) -> dict[tuple[str, str], float]:
+    """The operator's metrics: (sample name, target or reason) -> value, for policy llama."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out: dict[tuple[str, str], float] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.labels.get("policy") == "llama":
+                out[(s.name, s.labels.get("target") or s.labels.get("reason") or "")] = s.value
+    return out
+
+
 def event_reasons(api: Api) -> list[str]:
     return [str(e.get("reason")) for e in api.objects("v1/events").values()]
 
@@ -125,12 +140,15 @@ async def test_gateway_demand_scales_a_modelinfer_through_scale_up_down_to_zero_
     api: Api, kubelet: Kubelet, gateway: tuple[Gateway, str]
 ) -> None:
     gw, url = gateway
+    port = free_port()
     async with operator(
         api,
         autoscale_interval=0.2,
         gateway_metrics_urls=[url],
         autoscale_stable_window=0.5,
         autoscale_panic_window=0.2,
+        metrics_port=port,
+        metrics_host="127.0.0.1",
     ):
         await api.create_modelinfer(make_object(replicas=1))
         gw.waiting["llama"] = 6
@@ -155,6 +173,10 @@ async def test_gateway_demand_scales_a_modelinfer_through_scale_up_down_to_zero_
         assert t["lastScaleReason"] == "ScaleUp" and t["lastScaleTime"].endswith("Z")
         owned = condition(api, "llama", "TargetOwned")
         assert owned is not None and owned["status"] == "True", owned
+        page = await asyncio.to_thread(scrape, port)
+        assert page[("matrixinfer_controller_autoscaler_desired_replicas", "llama")] == 3
+        assert page[("matrixinfer_controller_autoscaler_decisions_total", "ScaleUp")] >= 1
+        assert page[("matrixinfer_controller_autoscaler_panic", "")] == 0
 
         # a human scales: the autoscaler says so, then goes on from the new count
         await api.request("PATCH", f"{MI}/llama", {"spec": {"replicas": 1}})
