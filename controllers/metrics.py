@@ -65,7 +65,7 @@ class ControllerMetrics:
         self.autoscaler_decisions = Counter(
             "matrixinfer_controller_autoscaler_decisions_total",
             "Autoscaler decisions by reason (Steady, ScaleUp, ScaleDown, PanicScaleUp, WakeUp,"
-            " ScaleToZero, Bounds, Rebalance).",
+            " ScaleToZero, Bounds, Scheduled, Rebalance).",
             ["namespace", "policy", "reason"],
             registry=self.registry,
         )

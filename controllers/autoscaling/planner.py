@@ -25,21 +25,26 @@ One step, in order (each decision in one place):
 6. **Rate limits** (``behavior``): over any ``period``, replicas rise at most ``instances`` /
    ``percent`` above the lowest count of that period (Or: the larger limit, And: the smaller),
    and fall likewise below the highest. A percent limit always allows one replica.
-7. **Bounds** win over everything: the total stays in the target's min/max.
+7. **Bounds** win over everything: the total stays in the target's min/max, and at least the
+   largest active scheduled minimum (``scheduledMinimums``, evaluated in ``timeZone`` on the
+   injected wall clock), capped by the max.
 8. **Split** of the total over the targets: heterogeneous backends fill by cost, disaggregated
    roles keep the prefill:decode ratio (see :func:`allocate_by_cost`, :func:`split_roles`).
 """
 
 from __future__ import annotations
 
+import datetime
 import math
 import time
+import zoneinfo
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 from crds.common import parse_duration
+from crds.cron import CronSchedule, parse_cron
 from crds.registry import (
     AutoscalingPolicySpec,
     AutoscalingRules,
@@ -59,11 +64,13 @@ __all__ = [
     "Planner",
     "RateRule",
     "Reason",
+    "ScheduledWindow",
     "Settings",
     "Shape",
     "allocate_by_cost",
     "feasible_decode",
     "rate_bounds",
+    "scheduled_minimum",
     "shape_of",
     "split_roles",
 ]
@@ -77,6 +84,7 @@ Reason = Literal[
     "WakeUp",  # from zero on demand
     "ScaleToZero",
     "Bounds",  # only the min/max moved the count
+    "Scheduled",  # a scheduled minimum raised the count
     "Rebalance",  # same total, moved between backends or roles
 ]
 
@@ -137,6 +145,15 @@ DEFAULT_DOWN = RateRule(percent=100, period=15.0, stabilization=300.0)
 
 
 @dataclass(frozen=True, slots=True)
+class ScheduledWindow:
+    """At least `min_replicas` for `duration` seconds from every minute `schedule` matches."""
+
+    schedule: CronSchedule
+    duration: float
+    min_replicas: int
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     metrics: tuple[MetricGoal, ...]
     tolerance_percent: int = 10
@@ -146,6 +163,8 @@ class Settings:
     stable_window: float = DEFAULT_STABLE_WINDOW
     panic_window: float = DEFAULT_PANIC_WINDOW
     idle_window: float | None = None  # None: max(down.stabilization, stable_window)
+    scheduled: tuple[ScheduledWindow, ...] = ()
+    time_zone: str = "UTC"
 
     def __post_init__(self) -> None:
         if not self.metrics:
@@ -179,7 +198,17 @@ class Settings:
                 threshold_percent=panic_api.panic_threshold_percent,
                 hold=parse_duration(panic_api.panic_mode_hold),
             )
+        scheduled: tuple[ScheduledWindow, ...] = ()
+        time_zone = "UTC"
+        if isinstance(rules, AutoscalingPolicySpec):
+            scheduled = tuple(
+                ScheduledWindow(parse_cron(w.schedule), parse_duration(w.duration), w.min_replicas)
+                for w in rules.scheduled_minimums or []
+            )
+            time_zone = rules.time_zone
         return cls(
+            scheduled=scheduled,
+            time_zone=time_zone,
             metrics=tuple(MetricGoal(m.name, m.target_value) for m in rules.metrics),
             tolerance_percent=rules.tolerance_percent,
             up=RateRule.from_api(up_api.stable_policy if up_api else None, DEFAULT_UP),
@@ -298,6 +327,25 @@ def shape_of(spec: AutoscalingPolicySpec) -> Shape:
 
 # ----------------------------------------------------------------------------------------------
 # pure helpers
+
+
+def scheduled_minimum(windows: Sequence[ScheduledWindow], zone: datetime.tzinfo, now: float) -> int:
+    """The largest `min_replicas` of the windows active at `now` (epoch seconds): a window is
+    active when its schedule matched a minute in (now - duration, now]. Minutes are stepped in
+    UTC and read in `zone`, so daylight-saving changes neither skip nor repeat a window."""
+    best = 0
+    minute = math.floor(now / 60) * 60
+    for w in windows:
+        if w.min_replicas <= best:
+            continue
+        for i in range(int(w.duration // 60) + 1):
+            start = minute - 60 * i
+            if now - start >= w.duration:
+                break
+            if w.schedule.matches(datetime.datetime.fromtimestamp(start, zone)):
+                best = w.min_replicas
+                break
+    return best
 
 
 def rate_bounds(rule: RateRule, low: int, high: int, up: bool) -> int:
@@ -457,11 +505,17 @@ class Planner:
     """One AutoscalingPolicy's history and decisions. Not thread-safe; one owner calls step()."""
 
     def __init__(
-        self, settings: Settings, shape: Shape, clock: Callable[[], float] = time.monotonic
+        self,
+        settings: Settings,
+        shape: Shape,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.shape = shape
-        self.clock = clock
+        self.clock = clock  # for windows and rate limits
+        self.wall_clock = wall_clock  # epoch seconds, for scheduled minimums
+        self._zone = zoneinfo.ZoneInfo(settings.time_zone)
         self._series = {m.name: _Series() for m in settings.metrics}
         self._recs: deque[tuple[float, int]] = deque()  # (time, recommendation)
         self._timeline: deque[tuple[float, int]] = deque()  # (time, total replicas from then)
@@ -570,8 +624,11 @@ class Planner:
             floor_ = rate_bounds(s.down, 0, self._high(now, s.down.period), up=False)
             rec = min(total, max(rec, floor_))
 
-        # 7. bounds
+        # 7. bounds, raised by an active scheduled minimum (capped by the max)
         lo, hi = self.shape.total_bounds()
+        sched = scheduled_minimum(s.scheduled, self._zone, self.wall_clock()) if s.scheduled else 0
+        scheduled = sched > lo and rec < min(sched, hi)
+        lo = max(lo, min(sched, hi))
         bounded = min(max(rec, lo), hi)
 
         # 8. split
@@ -579,6 +636,8 @@ class Planner:
         desired_total = sum(replicas.values())
         self._note_total(now, desired_total)
         reason = self._reason(total, desired_total, rec, replicas, cur, in_panic, waking)
+        if reason == "Bounds" and scheduled and desired_total > total:
+            reason = "Scheduled"
         return Decision(
             replicas=replicas,
             current=cur,
