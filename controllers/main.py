@@ -1,4 +1,4 @@
-"""`matrixinfer-controllers`: the Kopf operator process (ModelInfer controller).
+"""`matrixinfer-controllers`: the Kopf operator process (ModelInfer controller, autoscaler).
 
     matrixinfer-controllers [--namespace NS ...] [--metrics-port 9090] [--liveness-port 8080]
                             [--resync 30s]
@@ -28,6 +28,7 @@ from typing import Any
 
 import kopf
 
+from controllers.autoscaling import handlers as autoscaling_handlers
 from controllers.metrics import ControllerMetrics
 from controllers.modelinfer import handlers as modelinfer_handlers
 from controllers.modelinfer.reconciler import ModelInferController
@@ -38,6 +39,7 @@ from fleet.service import (
     add_service_args,
     configure_logging,
     duration,
+    format_duration,
 )
 
 FINALIZER = "workload.matrixinfer.ai/finalizer"
@@ -64,6 +66,11 @@ class ControllerConfig:
     )
     peering: str | None = None  # Kopf peering object name; None = standalone (one replica)
     priority: int = 0  # this replica's peering priority: the highest live one reconciles
+    # the autoscaler: seconds between two syncs of a policy; extproc /metrics URLs (gateway source)
+    autoscale_interval: float = autoscaling_handlers.DEFAULT_INTERVAL
+    gateway_metrics_urls: list[str] = field(default_factory=list)
+    autoscale_stable_window: float | None = None  # None: the planner's default (60 s)
+    autoscale_panic_window: float | None = None  # None: the planner's default (6 s)
 
 
 def make_settings(config: ControllerConfig) -> kopf.OperatorSettings:
@@ -97,6 +104,12 @@ def build(config: ControllerConfig) -> tuple[kopf.OperatorRegistry, ModelInferCo
         debounce=config.debounce_seconds,
         status_interval=config.status_interval_seconds,
     )
+    autoscaler = autoscaling_handlers.Autoscaler(
+        metrics,
+        config.gateway_metrics_urls,
+        stable_window=config.autoscale_stable_window,
+        panic_window=config.autoscale_panic_window,
+    )
 
     @kopf.on.login(id="matrixinfer-login", registry=registry)
     def login(logger: kopf.Logger, **kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -108,15 +121,18 @@ def build(config: ControllerConfig) -> tuple[kopf.OperatorRegistry, ModelInferCo
         if info is None:
             return None
         controller.connect(info)
+        autoscaler.connect(info)
         return info
 
     @kopf.on.cleanup(id="matrixinfer-cleanup", registry=registry)
     async def close(**_: Any) -> None:
         await controller.close()
+        await autoscaler.close()
 
     modelinfer_handlers.register(registry, controller)
     # ModelRoute conditions and ModelServer readyEndpoints (the only status writer)
     status_handlers.register(registry)
+    autoscaling_handlers.register(registry, autoscaler, config.autoscale_interval)
     return registry, controller
 
 
@@ -210,6 +226,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="peering priority (default: random per process, so the replicas never tie)",
     )
+    ap.add_argument(
+        "--autoscale-interval",
+        type=duration,
+        default=format_duration(autoscaling_handlers.DEFAULT_INTERVAL),
+        help="time between two autoscaler syncs of an AutoscalingPolicy",
+    )
+    ap.add_argument(
+        "--gateway-metrics-url",
+        action="append",
+        default=[],
+        help="an extproc replica's /metrics URL, for gateway metric sources (repeatable)",
+    )
     ap.add_argument("--verbose", "-v", action="store_true", help="same as --log-level debug")
     add_service_args(ap)
     return ap
@@ -232,6 +260,8 @@ def parse_args(argv: Sequence[str] | None) -> ControllerConfig:
         xds_args=list(args.xds_arg),
         peering=args.peering or None,
         priority=args.priority if args.priority is not None else random.randrange(1, 2**31),
+        autoscale_interval=args.autoscale_interval,
+        gateway_metrics_urls=list(args.gateway_metrics_url),
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -41,6 +42,49 @@ class ControllerMetrics:
             ["namespace", "model_infer", "state"],
             registry=self.registry,
         )
+
+        self.autoscaler_desired = Gauge(
+            "matrixinfer_controller_autoscaler_desired_replicas",
+            "Replicas the autoscaler wants, by AutoscalingPolicy and target (ModelInfer or"
+            " ModelInfer/role).",
+            ["namespace", "policy", "target"],
+            registry=self.registry,
+        )
+        self.autoscaler_current = Gauge(
+            "matrixinfer_controller_autoscaler_current_replicas",
+            "Replicas the target had when the autoscaler last decided.",
+            ["namespace", "policy", "target"],
+            registry=self.registry,
+        )
+        self.autoscaler_panic = Gauge(
+            "matrixinfer_controller_autoscaler_panic",
+            "1 while the AutoscalingPolicy is in panic mode, else 0.",
+            ["namespace", "policy"],
+            registry=self.registry,
+        )
+        self.autoscaler_decisions = Counter(
+            "matrixinfer_controller_autoscaler_decisions_total",
+            "Autoscaler decisions by reason (Steady, ScaleUp, ScaleDown, PanicScaleUp, WakeUp,"
+            " ScaleToZero, Bounds, Scheduled, Rebalance).",
+            ["namespace", "policy", "reason"],
+            registry=self.registry,
+        )
+
+    def forget_policy(self, namespace: str, policy: str) -> None:
+        """Drop a deleted AutoscalingPolicy's series."""
+        for metric in (
+            self.autoscaler_desired,
+            self.autoscaler_current,
+            self.autoscaler_panic,
+            self.autoscaler_decisions,
+        ):
+            for fam in metric.collect():
+                for sample in fam.samples:
+                    lab = sample.labels
+                    if lab.get("namespace") == namespace and lab.get("policy") == policy:
+                        names = [lab[k] for k in metric._labelnames]
+                        with contextlib.suppress(KeyError):
+                            metric.remove(*names)
 
     def set_groups(self, namespace: str, name: str, counts: Mapping[Any, int]) -> None:
         for state, n in counts.items():

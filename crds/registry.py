@@ -3,9 +3,11 @@ AutoscalingPolicy (how replicas follow load)."""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+import zoneinfo
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Field, WithJsonSchema
+from pydantic_core import PydanticCustomError
 
 from crds.common import (
     DNS1035_LABEL,
@@ -18,6 +20,7 @@ from crds.common import (
     StatusBase,
     unique,
 )
+from crds.cron import CRON_PATTERN, parse_cron
 from crds.networking import Access, RateLimit, RouteMatch
 
 __all__ = [
@@ -52,6 +55,7 @@ __all__ = [
     "ScaleDownBehavior",
     "ScalePolicy",
     "ScaleUpBehavior",
+    "ScheduledMinimum",
     "TargetRef",
 ]
 
@@ -357,6 +361,61 @@ class AutoscalingRules(ApiModel):
     )
 
 
+def _check_cron(value: str) -> str:
+    try:
+        parse_cron(value)
+    except ValueError as exc:
+        raise PydanticCustomError("cron", "{error}", {"error": str(exc)}) from None
+    return value
+
+
+def _check_time_zone(value: str) -> str:
+    try:
+        zoneinfo.ZoneInfo(value)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise PydanticCustomError(
+            "time_zone",
+            "unknown time zone {value}: use an IANA name such as UTC or Europe/Paris",
+            {"value": repr(value)},
+        ) from None
+    return value
+
+
+def _at_most_a_day(s: Any) -> bool:
+    from crds.common import parse_duration
+
+    return parse_duration(s.duration) <= 86400
+
+
+class ScheduledMinimum(ApiModel):
+    """Warm capacity before a known peak: at least `minReplicas` for `duration` from every time
+    `schedule` matches (in the policy's `timeZone`)."""
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        CelRule(
+            rule="duration(self.duration) <= duration('24h')",
+            message="duration must be at most 24h",
+            check=_at_most_a_day,
+            field_path=".duration",
+        ),
+    )
+
+    schedule: Annotated[
+        str,
+        AfterValidator(_check_cron),
+        WithJsonSchema({"type": "string", "pattern": CRON_PATTERN, "maxLength": 128}),
+    ] = Field(
+        description="Five-field cron expression (minute hour day-of-month month day-of-week)"
+        ' of the window starts, e.g. "30 7 * * MON-FRI".',
+    )
+    duration: Duration = Field(description="How long each window lasts (at most 24h).")
+    min_replicas: int = Field(
+        description="Fewest replicas during the window (the total over a heterogeneous or"
+        " disaggregated target; still capped by the maximum).",
+        ge=0,
+    )
+
+
 class AutoscalingPolicySpec(AutoscalingRules):
     """How replicas follow load, and the one target they belong to."""
 
@@ -385,6 +444,15 @@ class AutoscalingPolicySpec(AutoscalingRules):
     disaggregated_target: DisaggregatedTarget | None = Field(
         default=None, description="Scale the prefill and decode roles of one ModelInfer."
     )
+    scheduled_minimums: list[ScheduledMinimum] | None = Field(
+        default=None,
+        description="Windows with a higher minimum (warm capacity before known peaks); the"
+        " largest active one applies.",
+        max_length=16,
+    )
+    time_zone: Annotated[
+        str, AfterValidator(_check_time_zone), WithJsonSchema({"type": "string", "maxLength": 64})
+    ] = Field(default="UTC", description="IANA time zone of scheduledMinimums.")
 
 
 class AutoscalingTargetStatus(ApiModel):
@@ -398,6 +466,12 @@ class AutoscalingTargetStatus(ApiModel):
         default=None,
         description="When the replicas were last changed (RFC 3339).",
         json_schema_extra={"format": "date-time"},
+    )
+    last_scale_reason: str | None = Field(
+        default=None,
+        description="Why the replicas were last changed: ScaleUp, ScaleDown, PanicScaleUp,"
+        " WakeUp, ScaleToZero, Bounds, Scheduled or Rebalance.",
+        max_length=64,
     )
 
 

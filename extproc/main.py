@@ -18,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import disable_created_metrics
 
 from extproc.datastore import Datastore
+from extproc.demand import DemandCollector
 from extproc.gateway import Gateway
 from extproc.kvevents import KVEventsSubscriber, targets_of
 from extproc.kvindex import KVBlockIndex
@@ -219,6 +220,12 @@ class ExtProcApp:
         ):
             self.policies = build_policies(args, self.metrics)
             self.gateway.policies = self.policies
+        # per-ModelServer waiting / in-flight gauges: the autoscaler's gateway signal
+        self.metrics.registry.register(
+            DemandCollector(
+                self.datastore, lambda: self.policies.queues if self.policies is not None else None
+            )
+        )
         self.watcher: Any
         if args.source == "kubernetes":
             from fleet.kube import KubeSource

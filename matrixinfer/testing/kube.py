@@ -75,6 +75,13 @@ def declare(k: kmock.KubernetesEmulator, volcano: bool = False) -> None:
         verbs=VERBS,
         subresources={"status", "scale"},
     )
+    res["registry.matrixinfer.ai/v1alpha1/autoscalingpolicies"] = kmock.ResourceInfo(
+        kind="AutoscalingPolicy",
+        singular="autoscalingpolicy",
+        namespaced=True,
+        verbs=VERBS,
+        subresources={"status"},
+    )
     if volcano:
         res["scheduling.volcano.sh/v1beta1/podgroups"] = kmock.ResourceInfo(
             kind="PodGroup", namespaced=True, verbs=VERBS
