@@ -10,7 +10,8 @@ the queue and the access log see one request. How the KV cache travels depends o
 - ``nixl``, ``mooncake``, ``lmcache`` (vLLM KV connectors): the prefill request carries
   ``kv_transfer_params: {do_remote_decode: true, ...}``, ``max_tokens: 1`` and no streaming; the
   prefill engine's answer carries ``kv_transfer_params`` (remote engine id, block ids, host,
-  port), which the decode request carries as is.
+  port), which the decode request carries as is. ``nixl`` and ``mooncake`` require them;
+  ``lmcache`` passes them on when present (its own sender moves the KV cache).
 - ``sglang``: both requests get the same ``bootstrap_host`` (the prefill pod), ``bootstrap_port``
   and a random ``bootstrap_room`` and are sent at once; the decode answer is streamed once the
   prefill answered.
@@ -63,6 +64,10 @@ log = logging.getLogger("matrixinfer.pd_proxy")
 Connector = Literal["nixl", "mooncake", "lmcache", "sglang", "http"]
 CONNECTORS: tuple[Connector, ...] = ("nixl", "mooncake", "lmcache", "sglang", "http")
 VLLM_CONNECTORS = frozenset({"nixl", "mooncake", "lmcache"})
+# connectors whose decode step cannot start without the prefill answer's kv_transfer_params
+# (LMCache moves the KV cache through its own store/sender, keyed by the prompt: the parameters
+# are passed on when the prefill engine returns some, but a missing set is no failure)
+TRANSFER_REQUIRED = frozenset({"nixl", "mooncake"})
 GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions")
 ATTEMPTS = 2  # the pick and one retry on the next prefill pod
 RECENT = 200  # handoffs kept for /debug/state
@@ -264,7 +269,7 @@ class PDProxy:
                 answer = await self._prefill(address, path, prefill_request(connector, body),
                                              headers)  # fmt: skip
                 transfer = answer.get("kv_transfer_params")
-                if connector in VLLM_CONNECTORS and not isinstance(transfer, dict):
+                if connector in TRANSFER_REQUIRED and not isinstance(transfer, dict):
                     raise PrefillFailed("its answer carries no kv_transfer_params")
             except (PrefillFailed, aiohttp.ClientError, TimeoutError) as exc:
                 self._failed_attempt(handoff, address, exc)

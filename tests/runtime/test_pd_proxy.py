@@ -45,3 +45,10 @@ def test_http_connector_decodes_the_unchanged_request() -> None:
     assert p["max_tokens"] == 1 and p["max_completion_tokens"] == 1
     assert "kv_transfer_params" not in p
     assert decode_request("http", BODY, {"ignored": True}) == BODY
+
+
+def test_only_nixl_and_mooncake_require_transfer_parameters() -> None:
+    from runtime.pd_proxy import TRANSFER_REQUIRED
+
+    assert {"nixl", "mooncake"} == TRANSFER_REQUIRED
+    assert "kv_transfer_params" not in decode_request("lmcache", BODY, None)
