@@ -22,6 +22,7 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -48,6 +49,10 @@ class Setup:
 def _host(first: str, i: int) -> str:
     a, b = first.rsplit(".", 1)
     return f"{a}.{int(b) + i}"
+
+
+def _health(url: str) -> Callable[[], bool]:
+    return lambda: http_ok(url)
 
 
 def start_pods(setup: Setup, first_host: str, logs: Path) -> tuple[list[Any], str, list[str]]:
@@ -86,7 +91,7 @@ def start_pods(setup: Setup, first_host: str, logs: Path) -> tuple[list[Any], st
                  "--port", str(port), "--connector", "nixl", "--pod-name", p.name,
                  "--log-level", "warning"],
                 log_path=logs / f"proxy-{p.name}.log",
-                ready=lambda h=p.host, pt=port: http_ok(f"http://{h}:{pt}/health"),
+                ready=_health(f"http://{p.host}:{port}/health"),
             ).start()  # fmt: skip
             stop.append(proxy)
             eps.append(f"  - {{name: {p.name}, address: '{p.host}:{port}', "

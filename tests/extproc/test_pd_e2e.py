@@ -190,15 +190,14 @@ def prefill_addresses(s: PDSet) -> set[str]:
 
 def ask(client: openai.OpenAI, model: str, *, stream: bool, headers: dict[str, str] | None = None
         ) -> str:  # fmt: skip
-    messages = [{"role": "user", "content": PROMPT}]
+    messages: list[Any] = [{"role": "user", "content": PROMPT}]
     if stream:
         chunks = client.chat.completions.create(
-            model=model, messages=messages, max_tokens=6, stream=True,  # type: ignore[arg-type]
-            extra_headers=headers,
+            model=model, messages=messages, max_tokens=6, stream=True, extra_headers=headers,
         )  # fmt: skip
         return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     answer = client.chat.completions.create(
-        model=model, messages=messages, max_tokens=6, extra_headers=headers,  # type: ignore[arg-type]
+        model=model, messages=messages, max_tokens=6, extra_headers=headers,
     )  # fmt: skip
     assert answer.usage is not None and answer.usage.completion_tokens == 6
     return answer.choices[0].message.content or ""
@@ -318,7 +317,7 @@ def test_a_client_that_goes_away_cancels_the_decode(sets: dict[str, PDSet]) -> N
     from tests.sim.conftest import metrics, sample
 
     def aborted() -> float:
-        fams = metrics(s.decode_pod)  # type: ignore[arg-type]
+        fams = metrics(s.decode_pod)
         try:
             return sample(fams, "vllm:request_success_total", finished_reason="abort")
         except KeyError:
