@@ -548,6 +548,12 @@ class ModelServerSpec(ApiModel):
             ),
             field_path=".kvConnector.type",
         ),
+        CelRule(
+            rule="!has(self.prefillScheduler) || has(self.workloadSelector.pdGroup)",
+            message="prefillScheduler requires workloadSelector.pdGroup",
+            check=lambda s: s.prefill_scheduler is None or s.workload_selector.pd_group is not None,
+            field_path=".prefillScheduler",
+        ),
     )
 
     model: str | None = Field(
@@ -572,7 +578,15 @@ class ModelServerSpec(ApiModel):
         description="The engines publish KV-cache events; absent: the gateway does not subscribe.",
     )
     scheduler: SchedulerProfile | None = Field(
-        default=None, description="Scheduler plugin profile; absent: the gateway default profile."
+        default=None,
+        description="Scheduler plugin profile; absent: the gateway default profile. With"
+        " workloadSelector.pdGroup it picks the decode pod (absent: the decode default, see"
+        " docs/pd.md).",
+    )
+    prefill_scheduler: SchedulerProfile | None = Field(
+        default=None,
+        description="With workloadSelector.pdGroup: the profile that picks the prefill pod among"
+        " the chosen decode pod's group; absent: the prefill default (docs/pd.md).",
     )
 
 

@@ -69,6 +69,7 @@ from extproc.scheduling.types import (
     SchedulingRequest,
     SchedulingResult,
 )
+from fleet.pd import PREFILL_HEADER, format_prefill
 from fleet.pods import Pod
 from fleet.usage_envoy import LORA_HEADER, MODEL_HEADER, ROUTE_HEADER, SERVER_HEADER, Answered
 
@@ -357,11 +358,23 @@ class Gateway:
 
     # ---- schedulers ---------------------------------------------------------------------------
     def scheduler_for(self, view: ServerView, default_profile: Any) -> SchedulerLike:
-        profile = view.profile if view.profile is not None else default_profile
+        pd_group = view.spec.workload_selector.pd_group
+        profile: Any = view.profile if view.profile is not None else default_profile
+        if pd_group is not None:  # prefill/decode pairs (extproc.scheduling.pd)
+            profile = (pd_group, view.profile, view.spec.prefill_scheduler)
         held = self._schedulers.get(view.key)
         if held is not None and held[0] == profile:
             return held[1]
-        scheduler = self.scheduler_factory(profile)
+        if pd_group is not None:
+            from extproc.scheduling.pd import DECODE_PROFILE, PREFILL_PROFILE, PDScheduler
+
+            scheduler: SchedulerLike = PDScheduler(
+                pd_group,
+                self.scheduler_factory(view.profile or DECODE_PROFILE),  # type: ignore[arg-type]
+                self.scheduler_factory(view.spec.prefill_scheduler or PREFILL_PROFILE),  # type: ignore[arg-type]
+            )
+        else:
+            scheduler = self.scheduler_factory(profile)
         self._schedulers[view.key] = (profile, scheduler)
         return scheduler
 
@@ -530,15 +543,21 @@ class Gateway:
             body=body,
             headers=self._route_headers(view, len(result.fallbacks), parsed.model, decision),
         )
+        # always set: a client-sent copy never reaches a PD proxy (empty = removed)
+        prefill = result.prefill
+        routed.headers[PREFILL_HEADER] = format_prefill(prefill.endpoints()) if prefill else ""
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
-                "request %s routed: model %s, ModelRoute %s, ModelServer %s, pod %s (%s)%s",
+                "request %s routed: model %s, ModelRoute %s, ModelServer %s, pod %s (%s)%s%s",
                 state.request_id,
                 parsed.model,
                 decision.route,
                 view.name,
                 pod.name,
                 ", ".join(routed.endpoints),
+                f", prefill pod {prefill.primary.name} ({routed.headers[PREFILL_HEADER]})"
+                if prefill
+                else "",
                 f", LoRA adapter {decision.lora}" if decision.lora else "",
                 extra={"request_id": state.request_id, "model": parsed.model, "pod": pod.name},
             )

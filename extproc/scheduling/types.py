@@ -37,6 +37,9 @@ class SchedulingResult:
     # the pods that passed the filters and their total weighted scores (same order), for logs
     candidates: list[Pod] = field(default_factory=list)
     totals: list[float] = field(default_factory=list)
+    # prefill/decode serving: the prefill pod (and its fallbacks) paired with ``primary``, the
+    # decode pod; None when the ModelServer has no pdGroup or the group has no ready prefill pod
+    prefill: SchedulingResult | None = None
 
     def endpoints(self) -> list[str]:
         return [self.primary.address, *(p.address for p in self.fallbacks)]
