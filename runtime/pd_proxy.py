@@ -439,7 +439,7 @@ async def _discard(task: asyncio.Future[aiohttp.ClientResponse]) -> None:
 
 
 # ---- command line --------------------------------------------------------------------------
-def parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="matrixinfer-pd-proxy",
         description="The PD proxy beside a decode engine: prefill on the pod the gateway chose,"
@@ -453,7 +453,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--connector", choices=CONNECTORS, default="nixl",
                    help="the ModelServer's kvConnector.type")  # fmt: skip
     p.add_argument("--pod-name", default="", help="this pod's name, for logs (default: $POD_NAME)")
-    p.add_argument("--prefill-timeout", type=duration, default=30.0,
+    p.add_argument("--prefill-timeout", type=duration, default="30s",
                    help="longest wait for one prefill step before the next pod")  # fmt: skip
     p.add_argument("--bootstrap-port", type=int, default=8998,
                    help="sglang: the prefill pods' disaggregation bootstrap port")  # fmt: skip
@@ -479,7 +479,7 @@ async def serve(settings: ProxySettings, host: str, port: int) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     import os
 
-    ns = parser().parse_args(argv)
+    ns = build_parser().parse_args(argv)
     configure_logging(ns.log_level, ns.log_format)
     settings = ProxySettings(
         engine=ns.engine.rstrip("/"),

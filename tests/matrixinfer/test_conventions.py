@@ -25,6 +25,7 @@ PROGRAMS = {
     "matrixinfer-controllers": "controllers.main",
     "matrixinfer": "matrixinfer.cli",
     "matrixinfer-sim": "sim",
+    "matrixinfer-pd-proxy": "runtime.pd_proxy",
 }
 
 
@@ -43,7 +44,7 @@ def test_version(program: str) -> None:
 
 @pytest.mark.parametrize(
     "program",
-    ["matrixinfer-extproc", "matrixinfer-xds", "matrixinfer-controllers", "matrixinfer-sim"],
+    sorted(set(PROGRAMS) - {"matrixinfer"}),
 )
 def test_log_level_is_a_checked_choice(program: str) -> None:
     done = _run(PROGRAMS[program], "--log-level", "loud")

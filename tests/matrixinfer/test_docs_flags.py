@@ -19,6 +19,7 @@ from controllers.xds.main import build_parser as xds_parser
 from extproc.main import build_parser as extproc_parser
 from fleet.service import DeprecatedAlias
 from matrixinfer.cli import build_parser as cli_parser
+from runtime.pd_proxy import build_parser as pd_proxy_parser
 from sim.cli import fleet_parser, serve_parser
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,6 +32,10 @@ OTHER_TOOLS = {
     "--transports", "--modes", "--processes", "--pacing", "--blocks", "--skip-admission",
     "--skip-usage", "--mode", "--from-literal", "--from-json", "--check", "--fix", "--policy",
     "--worker-urls", "--transport-h2",
+    # SGLang's launch_server
+    "--disaggregation-bootstrap-port",
+    # helm, kubectl
+    "--create-namespace", "--server-side",
     # python -m bench.fleetsim
     "--workload", "--trace", "--param", "--seeds", "--http-latency", "--metric",
 }  # fmt: skip
@@ -50,6 +55,7 @@ def parsers() -> dict[str, list[argparse.ArgumentParser]]:
         "matrixinfer-extproc": [extproc_parser()],
         "matrixinfer-xds": [xds_parser()],
         "matrixinfer-controllers": [controllers_parser()],
+        "matrixinfer-pd-proxy": [pd_proxy_parser()],
         "matrixinfer-sim fleet": [fleet_parser(), serve_parser()],  # the rest go to each replica
         "matrixinfer-sim": [serve_parser()],
         "matrixinfer demo": [_subparser(cli, "demo")],
