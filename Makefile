@@ -62,6 +62,7 @@ format: $(STAMP)
 
 crds: $(STAMP)
 	$(PY) -m crds
+	$(MAKE) --no-print-directory chart-crds
 
 crds-check: $(STAMP)
 	$(PY) -m crds --check
