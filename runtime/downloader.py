@@ -25,7 +25,7 @@ from runtime.artefacts import (
 )
 from runtime.fetch import Settings, fetch
 
-__all__ = ["EXIT_CODES", "main", "parser", "settings_from"]
+__all__ = ["EXIT_CODES", "add_source_flags", "main", "parser", "settings_from"]
 
 EXIT_CODES: dict[type[ArtefactError], int] = {AuthError: 3, MissingError: 4, DiskFullError: 5}
 
@@ -40,6 +40,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "uri", help="hf://org/name[@revision], s3://bucket/prefix, pvc://claim/path, file:///path"
     )
+    add_source_flags(p)
+    return p
+
+
+def add_source_flags(p: argparse.ArgumentParser) -> None:
+    """The cache and the sources' flags, shared with ``matrixinfer-runtime``."""
     p.add_argument(
         "--cache",
         type=Path,
@@ -76,7 +82,6 @@ def parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="seconds between progress lines (default 2)",
     )
-    return p
 
 
 def settings_from(ns: argparse.Namespace) -> Settings:
