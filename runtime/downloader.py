@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from fleet.service import HelpFormatter, add_service_args, configure_logging, duration
 from runtime.artefacts import (
     ArtefactError,
     AuthError,
@@ -33,6 +34,7 @@ EXIT_CODES: dict[type[ArtefactError], int] = {AuthError: 3, MissingError: 4, Dis
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="matrixinfer-downloader",
+        formatter_class=HelpFormatter,
         description="Download a model or LoRA adapter (hf://, s3://) into a cache directory, or"
         " check that a pvc:// or file:// one is present. Resumable, verified, one downloader per"
         " cache directory at a time.",
@@ -41,6 +43,14 @@ def parser() -> argparse.ArgumentParser:
         "uri", help="hf://org/name[@revision], s3://bucket/prefix, pvc://claim/path, file:///path"
     )
     add_source_flags(p)
+    p.add_argument(
+        "--progress-interval",
+        type=duration,
+        default="2s",
+        metavar="DURATION",
+        help="time between progress lines (default 2s)",
+    )
+    add_service_args(p)
     return p
 
 
@@ -48,39 +58,37 @@ def add_source_flags(p: argparse.ArgumentParser) -> None:
     """The cache and the sources' flags, shared with ``matrixinfer-runtime``."""
     p.add_argument(
         "--cache",
+        metavar="DIR",
         type=Path,
         default=Path(os.environ.get("MATRIXINFER_CACHE", "/cache")),
-        help="cache directory (env MATRIXINFER_CACHE; default /cache)",
+        help="cache directory (env MATRIXINFER_CACHE)",
     )
     p.add_argument(
         "--pvc-root",
+        metavar="DIR",
         type=Path,
         default=Path("/mnt/pvc"),
         help="where pvc://CLAIM is mounted: PVC_ROOT/CLAIM (default /mnt/pvc)",
     )
     p.add_argument(
         "--hf-token-file",
+        metavar="FILE",
         type=Path,
         default=os.environ.get("HF_TOKEN_FILE"),
         help="file holding the Hugging Face token (env HF_TOKEN_FILE); else env HF_TOKEN",
     )
     p.add_argument(
         "--hf-endpoint",
+        metavar="URL",
         default=os.environ.get("HF_ENDPOINT"),
         help="Hub or mirror URL (env HF_ENDPOINT; default https://huggingface.co)",
     )
     p.add_argument(
         "--s3-endpoint-url",
+        metavar="URL",
         default=os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
         help="S3-compatible store URL (env AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL);"
         " credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY",
-    )
-    p.add_argument(
-        "--progress-interval",
-        type=float,
-        default=2.0,
-        metavar="SECONDS",
-        help="seconds between progress lines (default 2)",
     )
 
 
@@ -98,16 +106,15 @@ def settings_from(ns: argparse.Namespace) -> Settings:
         hf_token=token,
         hf_endpoint=ns.hf_endpoint,
         s3_endpoint_url=ns.s3_endpoint_url,
-        progress_interval=ns.progress_interval,
+        progress_interval=getattr(ns, "progress_interval", 2.0),
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ns = parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s"
-    )
-    logging.getLogger("botocore").setLevel(logging.WARNING)
+    configure_logging(ns.log_level, ns.log_format)
+    for noisy in ("botocore", "boto3", "urllib3", "httpx", "httpx2"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         uri = parse_uri(ns.uri)
         settings = settings_from(ns)

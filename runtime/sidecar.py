@@ -38,6 +38,7 @@ from aiohttp import web
 from pydantic import TypeAdapter, ValidationError
 
 from crds.registry import LoraAdapter
+from fleet.service import HelpFormatter, add_service_args, configure_logging, duration
 from runtime.artefacts import (
     ArtefactError,
     AuthError,
@@ -353,10 +354,18 @@ def build_app(cfg: SidecarConfig) -> web.Application:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="matrixinfer-runtime",
+        formatter_class=HelpFormatter,
         description="The sidecar beside an engine: readiness, LoRA adapters, unified metrics.",
     )
-    p.add_argument("--engine", choices=ENGINE_KINDS, default="vllm", help="engine kind")
-    p.add_argument("--engine-url", default="http://127.0.0.1:8000", help="the engine's base URL")
+    p.add_argument(
+        "--engine", choices=ENGINE_KINDS, default="vllm", help="engine kind (default vllm)"
+    )
+    p.add_argument(
+        "--engine-url",
+        metavar="URL",
+        default="http://127.0.0.1:8000",
+        help="the engine's base URL (default http://127.0.0.1:8000)",
+    )
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     p.add_argument("--port", type=int, default=8100, help="port to listen on (default 8100)")
     p.add_argument(
@@ -369,20 +378,19 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--sync-interval",
-        type=float,
-        default=5.0,
-        metavar="SECONDS",
-        help="seconds between reads of the adapters file (default 5)",
+        type=duration,
+        default="5s",
+        metavar="DURATION",
+        help="time between reads of the adapters file (default 5s)",
     )
     add_source_flags(p)
+    add_service_args(p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ns = parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s"
-    )
+    configure_logging(ns.log_level, ns.log_format)
     try:
         cfg = SidecarConfig(
             engine=ns.engine,

@@ -25,6 +25,8 @@ PROGRAMS = {
     "matrixinfer-controllers": "controllers.main",
     "matrixinfer": "matrixinfer.cli",
     "matrixinfer-sim": "sim",
+    "matrixinfer-downloader": "runtime.downloader",
+    "matrixinfer-runtime": "runtime.sidecar",
 }
 
 
@@ -83,7 +85,7 @@ def _options() -> list[tuple[str, argparse.ArgumentParser, argparse.Action]]:
         for program, ps in parsers().items()
         for parser in ps
         for action in parser._actions
-        if not isinstance(action, SKIPPED)
+        if action.option_strings and not isinstance(action, SKIPPED)  # not positionals
     ]
 
 

@@ -35,12 +35,15 @@ class Seen:
 
 class Hub:
     """``Hub().start()``; ``url`` is its HF_ENDPOINT; ``repos[repo_id]`` what it serves;
-    ``chunk_delay`` slows each 64 KiB of a file (to interrupt a download mid-file)."""
+    ``chunk_delay`` slows each 64 KiB of a file (to interrupt a download mid-file); file bodies
+    wait while ``gate`` is clear."""
 
     def __init__(self) -> None:
         self.repos: dict[str, Repo] = {}
         self.seen: list[Seen] = []
         self.chunk_delay = 0.0
+        self.gate = threading.Event()  # file bodies wait until it is set
+        self.gate.set()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._loop = asyncio.new_event_loop()
@@ -109,6 +112,7 @@ class Hub:
         resp = web.StreamResponse(status=status, headers=headers)
         resp.content_length = len(data) - start
         await resp.prepare(request)
+        await asyncio.to_thread(self.gate.wait, 60)
         for i in range(start, len(data), 65536):
             if self.chunk_delay:
                 await asyncio.sleep(self.chunk_delay)

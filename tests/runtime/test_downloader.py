@@ -35,8 +35,14 @@ Run = Callable[..., tuple[int, str, str]]
 
 
 @pytest.fixture
-def run(capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> Run:
-    """main(argv) in process -> (exit code, stdout, stderr and log lines)."""
+def run(
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Run:
+    """main(argv) in process -> (exit code, stdout, stderr and log lines); pytest keeps the
+    logging set-up (the program's would replace caplog's handler)."""
+    monkeypatch.setattr("runtime.downloader.configure_logging", lambda *a: None)
 
     def call(*argv: str) -> tuple[int, str, str]:
         caplog.clear()
@@ -220,12 +226,14 @@ def test_interrupted_download_resumes_with_a_range_request(hub: Hub, tmp_path: P
 
 def test_two_downloaders_on_one_cache_fetch_once(hub: Hub, tmp_path: Path) -> None:
     hub.repos["org/demo"] = demo_repo()
-    hub.chunk_delay = 0.1
+    hub.gate.clear()  # the first downloader stalls on its first file, holding the lock
     cache = tmp_path / "cache"
     args = ("--cache", str(cache), "--hf-endpoint", hub.url)
     first, log1 = _downloader(tmp_path, "hf://org/demo", *args, log="a.log")
-    poll(lambda: bool(hub.resolves("model.safetensors")))  # the first one holds the lock
+    poll(lambda: any("/resolve/" in s.path for s in hub.seen))
     second, log2 = _downloader(tmp_path, "hf://org/demo", *args, log="b.log")
+    poll(lambda: "waiting" in log2.read_text())
+    hub.gate.set()
     out1, _ = first.communicate(timeout=60)
     out2, _ = second.communicate(timeout=60)
     assert first.returncode == 0, log1.read_text()
