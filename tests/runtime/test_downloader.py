@@ -275,6 +275,26 @@ def test_s3_prefix_download_with_md5_check(s3: S3, tmp_path: Path, run: Run) -> 
     assert (Path(out.strip()) / "config.json").read_bytes() == CONFIG
 
 
+def test_s3_resumes_a_partial_file(s3: S3, tmp_path: Path, run: Run) -> None:
+    s3.client.create_bucket(Bucket="models")
+    s3.client.put_object(Bucket="models", Key="llama/model.bin", Body=WEIGHTS)
+    dest = tmp_path / "s3/models/llama"
+    dest.mkdir(parents=True)
+    (dest / "model.bin.part").write_bytes(WEIGHTS[:70000])  # what an interrupted run left
+    code, _, err = run("s3://models/llama", "--cache", str(tmp_path), "--s3-endpoint-url", s3.url)
+    assert code == 0, err
+    assert f"resuming model.bin at byte 70000 of {len(WEIGHTS)}" in err
+    assert (dest / "model.bin").read_bytes() == WEIGHTS  # and the MD5 ETag matched
+
+    (dest / MARKER_FILE).unlink()  # a bad partial file fails the check and is removed
+    (dest / "model.bin").unlink()
+    (dest / "model.bin.part").write_bytes(b"x" * 70000)
+    code, _, err = run("s3://models/llama", "--cache", str(tmp_path), "--s3-endpoint-url", s3.url)
+    assert code == 1
+    assert "s3://models/llama: verification failed: model.bin: md5" in err
+    assert not (dest / "model.bin.part").exists()
+
+
 def test_s3_missing_bucket_and_prefix(s3: S3, tmp_path: Path, run: Run) -> None:
     s3.client.create_bucket(Bucket="models")
     for uri, words in [("s3://nobucket/x", "NoSuchBucket"), ("s3://models/absent", "no files")]:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -139,6 +143,7 @@ async def test_metrics_unified_match_the_engines_values(
         "matrixinfer_engine_generation_tokens",
     }
     assert all(n.startswith("matrixinfer_engine_") for n in names)
+    assert ("matrixinfer_engine_lora_requests_info" in names) == (kind == "vllm")
 
     m_engine, s_engine = parse_metrics(engine_text, ENGINE_NAMES[kind], None, 1.0)
     m_ours, s_ours = parse_metrics(unified_text, "MatrixInfer", None, 1.0)
@@ -274,3 +279,43 @@ async def test_engine_down_means_not_ready(
         assert r.status == 503, path
         assert fleet.pods[0].url in await r.text() or path == "/metrics"
     assert "unreachable" in await (await client.get("/ready")).text()
+
+
+def test_the_program_serves_the_sim_until_sigterm(tmp_path: Path) -> None:
+    """matrixinfer-runtime as a process: flags, the adapters file, readiness, a clean stop."""
+    adapter = adapter_dir(tmp_path, "sql")
+    f = tmp_path / "adapters.yaml"
+    f.write_text(f"loraAdapters:\n- {{name: sql, uri: 'file://{adapter}'}}\n")
+    port = free_port()
+    fleet = Fleet(1, port=free_port(), first_host="127.0.0.1", log_dir=tmp_path / "logs",
+                  args=["--time-scale", "0.05"])  # fmt: skip
+    with fleet, (tmp_path / "runtime.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "runtime.sidecar", "--engine", "vllm",
+             "--engine-url", fleet.pods[0].url, "--host", "127.0.0.1", "--port", str(port),
+             "--lora-adapters", str(f), "--sync-interval", "100ms", "--cache", str(tmp_path)],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+
+            def status(path: str) -> int:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
+                        return int(r.status)
+                except urllib.error.HTTPError as e:
+                    return e.code
+                except OSError:
+                    return 0
+
+            deadline = time.monotonic() + 30
+            while status("/ready") != 200:
+                assert proc.poll() is None, (tmp_path / "runtime.log").read_text()
+                assert time.monotonic() < deadline, (tmp_path / "runtime.log").read_text()
+                time.sleep(0.05)
+            with urllib.request.urlopen(f"{fleet.pods[0].url}/v1/models", timeout=2) as r:
+                assert "sql" in r.read().decode()
+        finally:
+            proc.terminate()
+            code = proc.wait(10)
+    assert code == 0, (tmp_path / "runtime.log").read_text()
+    assert "loaded LoRA adapter sql" in (tmp_path / "runtime.log").read_text()
