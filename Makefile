@@ -46,7 +46,7 @@ test: setup
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy crds fleet extproc controllers sim matrixinfer
+	$(VENV)/bin/mypy crds fleet extproc controllers sim runtime matrixinfer
 	$(VENV)/bin/lint-imports
 
 format: $(STAMP)
