@@ -220,6 +220,7 @@ class S3Source:
         self.uri = uri
         self._client: Any = boto3.client("s3", endpoint_url=endpoint_url)
         self._etags: list[str] = []
+        self._keys: dict[str, str] = {}  # relative path -> object key
 
     def list_files(self) -> list[RemoteFile]:
         prefix = self.uri.path
@@ -241,15 +242,13 @@ class S3Source:
                         continue  # a "directory" placeholder
                     etag = cast(str, obj.get("ETag", "")).strip('"')
                     self._etags.append(f"{rel}={etag}")
+                    self._keys[rel] = key
                     checksum = Checksum("md5", etag) if etag and "-" not in etag else None
                     files.append(RemoteFile(rel, int(obj["Size"]), checksum))
         except ArtefactError:
             raise
         except Exception as exc:
             raise s3_error(self.uri.text, exc) from exc
-        self._keys = {f.path: (prefix + "/" + f.path if prefix else f.path) for f in files}
-        if len(files) == 1 and prefix and files[0].path == prefix.rsplit("/", 1)[-1]:
-            self._keys = {files[0].path: prefix}
         return files
 
     def identity(self) -> str:
