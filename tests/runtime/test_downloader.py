@@ -274,6 +274,12 @@ def test_s3_prefix_download_with_md5_check(s3: S3, tmp_path: Path, run: Run) -> 
     assert code == 0, err
     assert (Path(out.strip()) / "config.json").read_bytes() == CONFIG
 
+    # a prefix holding one file named like the prefix's last part
+    s3.client.put_object(Bucket="models", Key="solo/solo", Body=b"inside")
+    code, out, err = run("s3://models/solo", "--cache", str(tmp_path), "--s3-endpoint-url", s3.url)
+    assert code == 0, err
+    assert (Path(out.strip()) / "solo").read_bytes() == b"inside"
+
 
 def test_s3_resumes_a_partial_file(s3: S3, tmp_path: Path, run: Run) -> None:
     s3.client.create_bucket(Bucket="models")
