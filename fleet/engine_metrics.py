@@ -11,6 +11,7 @@ Engine name maps (the first name present wins; histograms are read from their _s
   ``sglang:inter_token_latency_seconds``, else ``sglang:time_per_output_token_seconds``
 - LoRA: ``vllm:lora_requests_info`` labels ``running_lora_adapters``, ``waiting_lora_adapters``,
   ``max_lora`` of the sample with the latest value (a timestamp) | not reported by SGLang
+- ``MatrixInfer``: the runtime sidecar's ``matrixinfer_engine_*`` names (``runtime/metrics.py``)
 
 Gauges are summed over series (several engines / data-parallel ranks behind one port), except the KV
 cache usage, which is averaged. Histograms give the mean over the last interval:
@@ -103,8 +104,20 @@ ENGINES: dict[str, _EngineNames] = {
         "sglang:time_per_output_token_seconds",
         None,
     ),
+    "MatrixInfer": _names(  # the runtime sidecar's /metrics (runtime/metrics.py), either engine
+        "matrixinfer_engine_",
+        "matrixinfer_engine_requests_waiting",
+        "matrixinfer_engine_requests_running",
+        "matrixinfer_engine_kv_cache_usage_ratio",
+        None,
+        "matrixinfer_engine_time_to_first_token_seconds",
+        "matrixinfer_engine_inter_token_latency_seconds",
+        None,
+        "matrixinfer_engine_lora_requests_info",
+    ),
 }
-"""Metric name maps by ``ModelServer.spec.inferenceEngine``."""
+"""Metric name maps by ``ModelServer.spec.inferenceEngine`` (and ``MatrixInfer`` for pages the
+runtime sidecar serves)."""
 
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 

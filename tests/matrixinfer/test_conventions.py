@@ -26,6 +26,8 @@ PROGRAMS = {
     "matrixinfer": "matrixinfer.cli",
     "matrixinfer-sim": "sim",
     "matrixinfer-pd-proxy": "runtime.pd_proxy",
+    "matrixinfer-downloader": "runtime.downloader",
+    "matrixinfer-runtime": "runtime.sidecar",
 }
 
 
@@ -84,7 +86,7 @@ def _options() -> list[tuple[str, argparse.ArgumentParser, argparse.Action]]:
         for program, ps in parsers().items()
         for parser in ps
         for action in parser._actions
-        if not isinstance(action, SKIPPED)
+        if action.option_strings and not isinstance(action, SKIPPED)  # not positionals
     ]
 
 

@@ -19,7 +19,9 @@ from controllers.xds.main import build_parser as xds_parser
 from extproc.main import build_parser as extproc_parser
 from fleet.service import DeprecatedAlias
 from matrixinfer.cli import build_parser as cli_parser
+from runtime.downloader import build_parser as downloader_parser
 from runtime.pd_proxy import build_parser as pd_proxy_parser
+from runtime.sidecar import build_parser as runtime_parser
 from sim.cli import fleet_parser, serve_parser
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,11 +62,14 @@ def parsers() -> dict[str, list[argparse.ArgumentParser]]:
         "matrixinfer-sim": [serve_parser()],
         "matrixinfer demo": [_subparser(cli, "demo")],
         "matrixinfer gateway": [_subparser(cli, "gateway")],
+        "matrixinfer-downloader": [downloader_parser()],
+        "matrixinfer-runtime": [runtime_parser()],
     }
 
 
 PROGRAM = re.compile(
-    r"matrixinfer(?:-extproc|-xds|-controllers|-sim fleet|-sim| demo| gateway)(?![\w-])"
+    r"matrixinfer(?:-extproc|-xds|-controllers|-sim fleet|-sim| demo| gateway|-downloader"
+    r"|-runtime)(?![\w-])"
 )
 FLAG = re.compile(r"(?<![\w=-])--[a-z][a-z0-9-]*")
 STATED = re.compile(r"\[(--[a-z][a-z0-9-]*)[ =]([^\]\s|]+)\]")

@@ -115,7 +115,9 @@ def test_hand_written_exposition_details() -> None:
 
 
 def test_unknown_engine_is_a_clear_error() -> None:
-    with pytest.raises(ValueError, match=r"unknown inference engine 'TGI' \(known: vLLM, SGLang\)"):
+    with pytest.raises(
+        ValueError, match=r"unknown inference engine 'TGI' \(known: vLLM, SGLang, MatrixInfer\)"
+    ):
         parse_metrics("", "TGI", None, 0.0)
 
 
