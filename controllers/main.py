@@ -1,4 +1,4 @@
-"""`matrixinfer-controllers`: the Kopf operator process (ModelInfer controller).
+"""`matrixinfer-controllers`: the Kopf operator process (ModelInfer and Model controllers).
 
     matrixinfer-controllers [--namespace NS ...] [--metrics-port 9090] [--liveness-port 8080]
 
@@ -21,6 +21,8 @@ from typing import Any
 import kopf
 
 from controllers.metrics import ControllerMetrics
+from controllers.model import handlers as model_handlers
+from controllers.model.reconciler import ModelController
 from controllers.modelinfer import handlers as modelinfer_handlers
 from controllers.modelinfer.reconciler import ModelInferController
 from controllers.status import handlers as status_handlers
@@ -78,6 +80,7 @@ def build(config: ControllerConfig) -> tuple[kopf.OperatorRegistry, ModelInferCo
         debounce=config.debounce_seconds,
         status_interval=config.status_interval_seconds,
     )
+    models = ModelController(metrics=metrics)
 
     @kopf.on.login(id="matrixinfer-login", registry=registry)
     def login(logger: kopf.Logger, **kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -89,13 +92,16 @@ def build(config: ControllerConfig) -> tuple[kopf.OperatorRegistry, ModelInferCo
         if info is None:
             return None
         controller.connect(info)
+        models.connect(info)
         return info
 
     @kopf.on.cleanup(id="matrixinfer-cleanup", registry=registry)
     async def close(**_: Any) -> None:
         await controller.close()
+        await models.close()
 
     modelinfer_handlers.register(registry, controller)
+    model_handlers.register(registry, models, resync=config.resync_seconds)
     # ModelRoute conditions and ModelServer readyEndpoints (the only status writer)
     status_handlers.register(registry)
     return registry, controller

@@ -42,6 +42,17 @@ class ControllerMetrics:
             registry=self.registry,
         )
 
+        self.models = Gauge(
+            "matrixinfer_controller_models",
+            "Models by condition: Failed (Failed=True), Active (Active=True), else Initializing.",
+            ["condition"],
+            registry=self.registry,
+        )
+
+    def set_models(self, counts: Mapping[str, int]) -> None:
+        for condition, n in counts.items():
+            self.models.labels(condition).set(n)
+
     def set_groups(self, namespace: str, name: str, counts: Mapping[Any, int]) -> None:
         for state, n in counts.items():
             self.infer_groups.labels(namespace, name, str(state)).set(n)

@@ -1,0 +1,275 @@
+"""The Model controller in the real Kopf operator against the emulated API server (kmock), with
+the ModelInfer controller and a fake kubelet making the generated pods ready."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from matrixinfer.testing.kube import Api, Kubelet, emulator, eventually, operator
+
+pytestmark = pytest.mark.timeout(180)
+
+MI = "workload.matrixinfer.ai/v1alpha1/modelinfers"
+MS = "networking.matrixinfer.ai/v1alpha1/modelservers"
+MR = "networking.matrixinfer.ai/v1alpha1/modelroutes"
+AP = "registry.matrixinfer.ai/v1alpha1/autoscalingpolicies"
+KIND_PATHS = {"ModelInfer": MI, "ModelServer": MS, "ModelRoute": MR, "AutoscalingPolicy": AP}
+
+
+def model_object(**spec: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "backends": [
+            {
+                "name": "fast",
+                "type": "vLLM",
+                "modelURI": "hf://org/llama",
+                "image": "vllm:1",
+                "minReplicas": 1,
+                "maxReplicas": 3,
+                "routeWeight": 70,
+            },
+            {
+                "name": "cheap",
+                "type": "SGLang",
+                "modelURI": "pvc://weights/llama",
+                "minReplicas": 1,
+                "routeWeight": 30,
+            },
+        ],
+        "loraAdapters": [{"name": "sql", "uri": "hf://org/sql-lora"}],
+        "autoscalingPolicy": {"spec": {"metrics": [{"name": "gpu", "targetValue": 0.8}]}},
+    }
+    base.update(spec)
+    return {
+        "apiVersion": "registry.matrixinfer.ai/v1alpha1",
+        "kind": "Model",
+        "metadata": {"name": "llama", "namespace": "ns"},
+        "spec": base,
+    }
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[Api]:
+    async with emulator() as a:
+        yield a
+
+
+@pytest.fixture
+async def kubelet(api: Api) -> AsyncIterator[Kubelet]:
+    k = Kubelet(api)
+    task = asyncio.create_task(k.run())
+    try:
+        yield k
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def children(api: Api) -> dict[str, set[str]]:
+    return {kind: set(api.objects(path)) for kind, path in KIND_PATHS.items()}
+
+
+def conditions(api: Api, name: str = "llama") -> dict[str, dict[str, Any]]:
+    st = (api.model(name) or {}).get("status") or {}
+    return {c["type"]: c for c in st.get("conditions") or []}
+
+
+def all_children() -> dict[str, set[str]]:
+    return {
+        "ModelInfer": {"llama-fast", "llama-cheap"},
+        "ModelServer": {"llama-fast", "llama-cheap"},
+        "ModelRoute": {"llama"},
+        "AutoscalingPolicy": {"llama"},
+    }
+
+
+def active(api: Api) -> bool:
+    conds = conditions(api)
+    return (conds.get("Active") or {}).get("status") == "True" and (
+        conds.get("Initialized") or {}
+    ).get("status") == "True"
+
+
+async def test_apply_creates_owned_children_and_status(api: Api, kubelet: Kubelet) -> None:
+    async with operator(api):
+        await api.create_model(model_object())
+        await eventually(lambda: children(api) == all_children(), what="every child")
+        await eventually(lambda: active(api), what="Initialized and Active")
+    for kind, path in KIND_PATHS.items():
+        for obj in api.objects(path).values():
+            meta = obj["metadata"]
+            assert meta["labels"]["registry.matrixinfer.ai/model"] == "llama", (kind, meta)
+            (owner,) = meta["ownerReferences"]
+            assert owner["uid"] == "uid-llama" and owner["kind"] == "Model"
+            assert owner["controller"] is True and owner["blockOwnerDeletion"] is True
+    mi = api.objects(MI)["llama-fast"]
+    assert mi["metadata"]["labels"]["registry.matrixinfer.ai/backend"] == "fast"
+    engine = mi["spec"]["template"]["roles"][0]["entryTemplate"]["spec"]["containers"][0]
+    assert engine["image"] == "vllm:1"
+    assert engine["command"] == ["vllm", "serve"]
+    assert engine["args"][:1] == ["org/llama"]
+    assert "sql=org/sql-lora" in engine["args"]
+    cheap = api.objects(MI)["llama-cheap"]["spec"]["template"]["roles"][0]["entryTemplate"]
+    vol = cheap["spec"]["volumes"][0]
+    assert vol["persistentVolumeClaim"]["claimName"] == "weights"
+    route = api.objects(MR)["llama"]["spec"]
+    assert route["modelName"] == "llama" and route["loraAdapters"] == ["sql"]
+    assert route["rules"][0]["targets"] == [
+        {"modelServerName": "llama-fast", "weight": 70},
+        {"modelServerName": "llama-cheap", "weight": 30},
+    ]
+    ms = api.objects(MS)["llama-cheap"]["spec"]
+    assert ms["inferenceEngine"] == "SGLang"
+    assert ms["workloadSelector"]["matchLabels"] == {
+        "workload.matrixinfer.ai/model-infer": "llama-cheap",
+        "workload.matrixinfer.ai/entry": "true",
+    }
+    ap = api.objects(AP)["llama"]["spec"]
+    assert ap["homogeneousTarget"]["targetRef"]["name"] == "llama-fast"
+    model = api.model("llama")
+    assert model is not None
+    st = model["status"]
+    assert st["observedGeneration"] == 1
+    assert st["backends"] == [
+        {"name": "fast", "replicas": 1, "readyReplicas": 1},
+        {"name": "cheap", "replicas": 1, "readyReplicas": 1},
+    ]
+    assert conditions(api)["Failed"]["status"] == "False"
+    reasons = {e.get("reason") for e in api.objects("v1/events").values()}
+    assert {"ChildrenCreated", "BackendsReady"} <= reasons, reasons
+
+
+def engine_of(api: Api, name: str) -> dict[str, Any]:
+    mi = api.objects(MI)[name]
+    return dict(mi["spec"]["template"]["roles"][0]["entryTemplate"]["spec"]["containers"][0])
+
+
+async def test_edited_backend_patches_its_children(api: Api, kubelet: Kubelet) -> None:
+    async with operator(api):
+        obj = model_object()
+        await api.create_model(obj)
+        await eventually(lambda: active(api), what="Active")
+        before = api.objects(MI)["llama-cheap"]["metadata"]["uid"]
+        backends = copy.deepcopy(obj["spec"]["backends"])
+        backends[1]["image"] = "sglang:2"
+        backends[1]["args"] = ["--mem-fraction-static=0.8"]
+        backends[0]["routeWeight"] = 50
+        backends[1]["routeWeight"] = 50
+        await api.patch_model("llama", {"backends": backends})
+        await eventually(
+            lambda: engine_of(api, "llama-cheap")["image"] == "sglang:2", what="image patched"
+        )
+        assert engine_of(api, "llama-cheap")["args"][-1] == "--mem-fraction-static=0.8"
+        await eventually(
+            lambda: (
+                [t["weight"] for t in api.objects(MR)["llama"]["spec"]["rules"][0]["targets"]]
+                == [50, 50]
+            ),
+            what="route weights patched",
+        )
+        assert api.objects(MI)["llama-cheap"]["metadata"]["uid"] == before  # patched, not new
+        await eventually(
+            lambda: (api.model("llama") or {}).get("status", {}).get("observedGeneration") == 2,
+            what="observedGeneration 2",
+        )
+
+
+async def test_hand_edited_child_is_put_back(api: Api, kubelet: Kubelet) -> None:
+    async with operator(api, resync_seconds=600):  # the watch restores it, not a resync
+        await api.create_model(model_object())
+        await eventually(lambda: children(api) == all_children(), what="every child")
+        path = f"/apis/{MS.replace('modelservers', 'namespaces/ns/modelservers')}/llama-fast"
+        await api.request(
+            "PATCH", path, {"spec": {"workloadPort": {"port": 9999}, "model": "other"}}
+        )
+        await eventually(
+            lambda: (
+                api.objects(MS)["llama-fast"]["spec"]["workloadPort"]["port"] == 8000
+                and "model" not in api.objects(MS)["llama-fast"]["spec"]
+            ),
+            what="the port restored and the added field removed",
+        )
+        mi_path = f"/apis/{MI.replace('modelinfers', 'namespaces/ns/modelinfers')}/llama-cheap"
+        await api.request("PATCH", mi_path, {"spec": {"replicas": 5}})  # not autoscaled
+        await eventually(
+            lambda: api.objects(MI)["llama-cheap"]["spec"]["replicas"] == 1,
+            what="fixed replicas restored",
+        )
+        fast_path = mi_path.replace("llama-cheap", "llama-fast")
+        await api.request("PATCH", fast_path, {"spec": {"replicas": 2}})  # within 1..3
+        await api.request("PATCH", path, {"spec": {"workloadPort": {"port": 9998}}})
+        await eventually(
+            lambda: api.objects(MS)["llama-fast"]["spec"]["workloadPort"]["port"] == 8000,
+            what="a later reconcile",
+        )
+        assert api.objects(MI)["llama-fast"]["spec"]["replicas"] == 2  # the autoscaler's
+
+
+async def test_deleted_child_is_recreated(api: Api, kubelet: Kubelet) -> None:
+    async with operator(api, resync_seconds=600):  # the watch restores it, not a resync
+        await api.create_model(model_object())
+        await all_created(api)
+        await api.delete("/apis/networking.matrixinfer.ai/v1alpha1/namespaces/ns/modelroutes/llama")
+        await api.delete(
+            "/apis/registry.matrixinfer.ai/v1alpha1/namespaces/ns/autoscalingpolicies/llama"
+        )
+        await all_created(api)
+
+
+async def all_created(api: Api) -> None:
+    await eventually(lambda: children(api) == all_children(), what="every child")
+
+
+async def test_removed_backend_removes_its_children(api: Api, kubelet: Kubelet) -> None:
+    async with operator(api):
+        obj = model_object()
+        await api.create_model(obj)
+        await all_created(api)
+        fast = dict(obj["spec"]["backends"][0])
+        fast.pop("routeWeight")
+        await api.patch_model("llama", {"backends": [fast]})
+        await eventually(
+            lambda: (
+                children(api)
+                == {
+                    "ModelInfer": {"llama-fast"},
+                    "ModelServer": {"llama-fast"},
+                    "ModelRoute": {"llama"},
+                    "AutoscalingPolicy": {"llama"},
+                }
+            ),
+            what="the cheap backend's children gone",
+        )
+        targets = api.objects(MR)["llama"]["spec"]["rules"][0]["targets"]
+        assert targets == [{"modelServerName": "llama-fast"}]
+        # the ModelInfer controller removed the pods of the deleted ModelInfer
+        await eventually(
+            lambda: not any(n.startswith("llama-cheap-") for n in api.pods()),
+            what="the cheap backend's pods gone",
+        )
+
+
+async def test_deleting_the_model_removes_everything(api: Api, kubelet: Kubelet) -> None:
+    async with operator(api):
+        await api.create_model(model_object())
+        await eventually(lambda: active(api), what="Active")
+        assert api.pods()
+        model = api.model("llama")
+        assert model is not None
+        assert "workload.matrixinfer.ai/finalizer" in model["metadata"]["finalizers"]
+        await api.delete_model("llama")
+        await eventually(
+            lambda: (
+                api.model("llama") is None
+                and children(api) == {k: set() for k in KIND_PATHS}
+                and not api.pods()
+            ),
+            what="the Model, its children and their pods gone",
+        )
