@@ -13,10 +13,11 @@ import datetime
 import logging
 import time
 import urllib.parse
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+import aiohttp
 import kopf
 
 from controllers.kube import ApiError, KubeClient
@@ -30,6 +31,7 @@ from controllers.model.types import (
     Action,
     ChildRef,
     Desired,
+    EventNote,
     ObservedChild,
     Problem,
     model_path,
@@ -42,6 +44,7 @@ CONTROLLER = "model"
 MODEL_INDEX = "model_objects"
 CHILD_INDEXES = tuple(f"model_{info.plural}" for info in CHILD_KINDS.values())
 Logger = logging.Logger | logging.LoggerAdapter[Any]
+RETRY_FIRST, RETRY_MAX = 0.5, 30.0  # seconds before a failed reconcile is tried again
 
 
 def name_key(ns: str, kind: str, name: str) -> tuple[str, str, str, str]:
@@ -62,17 +65,26 @@ def _now() -> str:
 class _Slot:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     again: bool = False
+    backoff: float = RETRY_FIRST
+    retry: asyncio.TimerHandle | None = None
 
 
 class ModelController:
     """Reconciles Models; Kopf handlers call :meth:`reconcile` and :meth:`cleanup`."""
 
-    def __init__(self, metrics: ControllerMetrics | None = None) -> None:
+    def __init__(
+        self,
+        metrics: ControllerMetrics | None = None,
+        post_event: Callable[[Mapping[str, Any], EventNote], None] | None = None,
+    ) -> None:
         self.metrics = metrics or ControllerMetrics()
+        self.post_event = post_event or _kopf_event
         self.client: KubeClient | None = None
         self.slots: dict[Key, _Slot] = {}
         self.deleting: set[Key] = set()
         self.states: dict[Key, str] = {}
+        self.closing = False  # the operator is shutting down
+        self._tasks: set[asyncio.Future[None]] = set()  # retries in flight
         # the status last written per Model: the Model index may not show it yet, and a
         # transition must be announced (Event) once
         self.written: dict[Key, dict[str, Any]] = {}
@@ -81,6 +93,11 @@ class ModelController:
         self.client = KubeClient(info)
 
     async def close(self) -> None:
+        """Refuse new reconciles and close the client."""
+        self.closing = True
+        for slot in self.slots.values():
+            if slot.retry is not None:
+                slot.retry.cancel()
         if self.client is not None:
             await self.client.close()
 
@@ -102,23 +119,46 @@ class ModelController:
                 slot.again = False
                 current = body if body is not None else _model_body(indexes, key)
                 body = None
-                if current is None or key in self.deleting:
+                if current is None or key in self.deleting or self.closing:
                     return
                 if (current.get("metadata") or {}).get("deletionTimestamp"):
                     return
-                await self._timed(key, current, indexes, logger)
+                ok = await self._timed(key, current, indexes, logger)
+                if not ok:
+                    self._retry_later(key, slot, indexes, logger)
+                    return
+                slot.backoff = RETRY_FIRST
                 if not slot.again:
                     return
 
+    def _retry_later(
+        self, key: Key, slot: _Slot, indexes: Mapping[str, Any], logger: Logger
+    ) -> None:
+        """Reconcile ``key`` again after a growing delay (a failed write or a dropped
+        connection must not wait for the next event or resync)."""
+        if slot.retry is not None or self.closing:
+            return
+
+        def fire() -> None:
+            slot.retry = None
+            task = asyncio.ensure_future(self.reconcile(key, indexes, logger))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        slot.retry = asyncio.get_running_loop().call_later(slot.backoff, fire)
+        slot.backoff = min(slot.backoff * 2, RETRY_MAX)
+
     async def _timed(
         self, key: Key, body: Mapping[str, Any], indexes: Mapping[str, Any], logger: Logger
-    ) -> None:
+    ) -> bool:
+        """One reconcile, measured; False when it failed (it is retried later)."""
         started = time.perf_counter()
         try:
-            await self._reconcile_once(key, body, indexes, logger)
+            return await self._reconcile_once(key, body, indexes, logger)
         except Exception as exc:  # one bad reconcile must not stop the others
             self.metrics.reconcile_errors.labels(CONTROLLER, type(exc).__name__).inc()
-            logger.error(f"reconcile of Model {key[0]}/{key[1]} failed: {exc}")
+            logger.error(f"reconcile of Model {key[0]}/{key[1]} failed: {exc!r}")
+            return False
         finally:
             self.metrics.reconcile_duration.labels(CONTROLLER).observe(
                 time.perf_counter() - started
@@ -126,7 +166,7 @@ class ModelController:
 
     async def _reconcile_once(
         self, key: Key, body: Mapping[str, Any], indexes: Mapping[str, Any], logger: Logger
-    ) -> None:
+    ) -> bool:
         ns, name = key
         meta = body.get("metadata") or {}
         uid = str(meta.get("uid") or "")
@@ -171,9 +211,10 @@ class ModelController:
             await self.client.patch(model_path(ns, name, "status"), {"status": sp.status})
             self.written[key] = sp.status
         for ev in sp.events:
-            kopf.event(cast(kopf.Body, body), type=ev.type, reason=ev.reason, message=ev.message)
+            self.post_event(body, ev)
         self.states[key] = sp.state
         self._publish_states()
+        return not any(p.reason == "ApplyFailed" for p in problems)
 
     async def apply(self, ns: str, actions: Iterable[Action], logger: Logger) -> list[Problem]:
         """Creations, then patches, then deletions (a route drops a target before its
@@ -192,7 +233,7 @@ class ModelController:
                     await self.client.patch(path, a.body)
                 else:
                     await self.client.delete(path)
-            except (TimeoutError, ApiError, OSError) as exc:
+            except (TimeoutError, ApiError, OSError, aiohttp.ClientError) as exc:
                 self.metrics.reconcile_errors.labels(CONTROLLER, a.verb).inc()
                 logger.warning(f"{a.verb} {a.ref} in {ns} failed: {exc}")
                 problems.append(Problem("ApplyFailed", f"{a.verb} {a.ref}: {exc}"))
@@ -226,7 +267,9 @@ class ModelController:
             if await self.client.delete(CHILD_KINDS[ref.kind].path(ns, ref.name)):
                 deleted += 1
         self.states.pop(key, None)
-        self.slots.pop(key, None)
+        slot = self.slots.pop(key, None)
+        if slot is not None and slot.retry is not None:
+            slot.retry.cancel()
         self.written.pop(key, None)
         self._publish_states()
         self.deleting.discard(key)
@@ -254,6 +297,11 @@ def observe_children(
             for c in _store(indexes.get(by_kind[ref.kind]), name_key(ns, ref.kind, ref.name)):
                 seen[c.ref] = c
     return list(seen.values())
+
+
+def _kopf_event(body: Mapping[str, Any], ev: EventNote) -> None:
+    """Post a Kubernetes Event on the Model through Kopf's event poster."""
+    kopf.event(cast(kopf.Body, body), type=ev.type, reason=ev.reason, message=ev.message)
 
 
 def _differs(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:

@@ -6,11 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import urllib.request
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from matrixinfer.process import free_port
 from matrixinfer.testing.kube import Api, Kubelet, emulator, eventually, operator
 
 pytestmark = pytest.mark.timeout(180)
@@ -273,3 +276,68 @@ async def test_deleting_the_model_removes_everything(api: Api, kubelet: Kubelet)
             ),
             what="the Model, its children and their pods gone",
         )
+
+
+async def test_invalid_model_and_taken_names_are_reported_on_failed(
+    api: Api, kubelet: Kubelet
+) -> None:
+    taken = {
+        "apiVersion": "networking.matrixinfer.ai/v1alpha1",
+        "kind": "ModelServer",
+        "metadata": {"name": "llama-cheap", "namespace": "ns", "labels": {"team": "x"}},
+        "spec": {
+            "inferenceEngine": "vLLM",
+            "workloadSelector": {"matchLabels": {"app": "mine"}},
+            "workloadPort": {"port": 9000},
+        },
+    }
+    bad = model_object()
+    bad["spec"]["backends"][0]["modelURI"] = "ftp://nope"
+    bad["metadata"]["name"] = "broken"
+    async with operator(api):
+        await api.request(
+            "POST", "/apis/networking.matrixinfer.ai/v1alpha1/namespaces/ns/modelservers", taken
+        )
+        await api.create_model(model_object())
+        await api.create_model(bad)
+
+        def failed(name: str) -> dict[str, Any] | None:
+            c = conditions(api, name).get("Failed")
+            return c if c is not None and c["status"] == "True" else None
+
+        cond = await eventually(lambda: failed("llama"), what="Failed=True on llama")
+        assert cond["reason"] == "ChildConflict"
+        assert "ModelServer llama-cheap exists and belongs to something else" in cond["message"]
+        cond = await eventually(lambda: failed("broken"), what="Failed=True on broken")
+        assert cond["reason"] == "InvalidSpec"
+        assert "spec.backends[0].modelURI" in cond["message"]
+        await eventually(lambda: "llama-fast" in api.objects(MS), what="the other children")
+    assert api.objects(MS)["llama-cheap"]["spec"]["workloadPort"]["port"] == 9000  # untouched
+    assert not any(n.startswith("broken") for kind in children(api).values() for n in kind)
+    warnings = [e for e in api.objects("v1/events").values() if e.get("type") == "Warning"]
+    assert {"ChildConflict", "InvalidSpec"} <= {e.get("reason") for e in warnings}
+
+
+async def test_model_metrics(api: Api, kubelet: Kubelet) -> None:
+    port = free_port()
+    async with operator(api, metrics_port=port, metrics_host="127.0.0.1"):
+        await api.create_model(model_object())
+        await eventually(lambda: active(api), what="Active")
+
+        def scraped() -> dict[str, float] | None:
+            url = f"http://127.0.0.1:{port}/metrics"
+            text = urllib.request.urlopen(url, timeout=10).read().decode()
+            out: dict[str, float] = {}
+            for fam in text_string_to_metric_families(text):
+                for s in fam.samples:
+                    labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+                    out[f"{s.name}{{{labels}}}"] = s.value
+            return out if out.get("matrixinfer_controller_models{condition=Active}") == 1 else None
+
+        m = await eventually(scraped, what="one Active Model in the metrics")
+        assert m["matrixinfer_controller_reconcile_duration_seconds_count{controller=model}"] > 0
+        assert (
+            m["matrixinfer_controller_actions_total{action=create_ModelInfer,controller=model}"]
+            == 2
+        )
+        assert m["matrixinfer_controller_models{condition=Failed}"] == 0
