@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 import crds
 from controllers.model.engine import config_args
@@ -423,3 +424,13 @@ def test_merge_diff() -> None:
     assert merge_diff(old, new) == {"b": {"c": 2, "d": None}, "e": [2]}
     assert merge_diff({"a": {"x": 1}}, {"a": 3}) == {"a": 3}
     assert merge_diff({}, {}) == {}
+
+
+def test_docs_show_what_the_example_generates() -> None:
+    """docs/model.md pastes the planner's output for examples/model.yaml; keep them in step."""
+    text = (EXAMPLES.parent / "docs" / "model.md").read_text()
+    block = text.rsplit("```yaml\n", 1)[1].split("```", 1)[0]
+    m = crds.load_documents((EXAMPLES / "model.yaml").read_text())[0]
+    assert isinstance(m, crds.Model)
+    m.metadata.uid = "<uid of the Model>"
+    assert list(yaml.safe_load_all(block)) == [c.manifest for c in desired(m).children]
