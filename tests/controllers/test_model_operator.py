@@ -178,6 +178,14 @@ async def test_edited_backend_patches_its_children(api: Api, kubelet: Kubelet) -
             what="route weights patched",
         )
         assert api.objects(MI)["llama-cheap"]["metadata"]["uid"] == before  # patched, not new
+
+        def rolled_out() -> bool:
+            pods = [p for n, p in api.pods().items() if n.startswith("llama-cheap-")]
+            return bool(pods) and all(
+                p["spec"]["containers"][0]["image"] == "sglang:2" for p in pods
+            )
+
+        await eventually(rolled_out, 60, "the ModelInfer controller to roll out the new image")
         await eventually(
             lambda: (api.model("llama") or {}).get("status", {}).get("observedGeneration") == 2,
             what="observedGeneration 2",
@@ -341,3 +349,27 @@ async def test_model_metrics(api: Api, kubelet: Kubelet) -> None:
             == 2
         )
         assert m["matrixinfer_controller_models{condition=Failed}"] == 0
+
+
+async def test_a_restarted_operator_restores_drift_made_while_it_was_down(
+    api: Api, kubelet: Kubelet
+) -> None:
+    async with operator(api):
+        await api.create_model(model_object())
+        await eventually(lambda: active(api), what="Active")
+    uids = {n: o["metadata"]["uid"] for n, o in api.objects(MS).items()}
+    await api.request(
+        "PATCH",
+        "/apis/networking.matrixinfer.ai/v1alpha1/namespaces/ns/modelservers/llama-fast",
+        {"spec": {"workloadPort": {"port": 1}}},
+    )
+    await api.delete("/apis/networking.matrixinfer.ai/v1alpha1/namespaces/ns/modelroutes/llama")
+    async with operator(api, resync_seconds=600):  # resume, not the resync timer
+        await eventually(
+            lambda: (
+                children(api) == all_children()
+                and api.objects(MS)["llama-fast"]["spec"]["workloadPort"]["port"] == 8000
+            ),
+            what="the route recreated and the port restored",
+        )
+    assert {n: o["metadata"]["uid"] for n, o in api.objects(MS).items()} == uids
