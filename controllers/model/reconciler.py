@@ -173,7 +173,8 @@ class ModelController:
         model: Model | None = None
         problems: list[Problem] = []
         try:
-            parsed = parse_object({k: v for k, v in body.items() if k != "status"}, "Model")
+            doc = {k: v for k, v in body.items() if k != "status"}
+            parsed = parse_object(doc, f"namespace {ns}")
             assert isinstance(parsed, Model)
             model = parsed
         except InvalidObject as exc:
@@ -192,9 +193,10 @@ class ModelController:
             ours = [o for o in observed if owns(name, uid, o)]
             problems += child_problems(ours)
             by_ref = {o.ref: o for o in ours}
-            for b in model.spec.backends:
-                backends.append(b.name)
-                infers[b.name] = by_ref.get(ChildRef("ModelInfer", f"{name}-{b.name}"))
+            backends = [b.name for b in model.spec.backends]
+            for d in want.children:
+                if d.ref.kind == "ModelInfer" and d.backend is not None:
+                    infers[d.backend] = by_ref.get(d.ref)
         previous = self.written.get(key) or body.get("status") or {}
         sp = model_status(
             generation=meta.get("generation"),
