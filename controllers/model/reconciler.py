@@ -85,9 +85,12 @@ class ModelController:
         self.states: dict[Key, str] = {}
         self.closing = False  # the operator is shutting down
         self._tasks: set[asyncio.Future[None]] = set()  # retries in flight
-        # the status last written per Model: the Model index may not show it yet, and a
-        # transition must be announced (Event) once
+        # per Model, the status last written and the one whose transitions were last
+        # announced: the Model index may not show either yet. They differ when a status write
+        # failed; its Events are not posted twice when the write is retried, and a write whose
+        # answer was lost cannot swallow its Events.
         self.written: dict[Key, dict[str, Any]] = {}
+        self.announced: dict[Key, dict[str, Any]] = {}
 
     def connect(self, info: kopf.ConnectionInfo) -> None:
         self.client = KubeClient(info)
@@ -197,7 +200,7 @@ class ModelController:
             for d in want.children:
                 if d.ref.kind == "ModelInfer" and d.backend is not None:
                     infers[d.backend] = by_ref.get(d.ref)
-        previous = self.written.get(key) or body.get("status") or {}
+        stored = body.get("status") or {}
         sp = model_status(
             generation=meta.get("generation"),
             backends=backends,
@@ -205,15 +208,16 @@ class ModelController:
             missing=missing,
             problems=problems,
             spec_valid=model is not None,
-            previous=previous,
+            previous=self.announced.get(key) or stored,
             now=_now(),
         )
-        if _differs(previous, sp.status):
+        for ev in sp.events:
+            self.post_event(body, ev)
+        self.announced[key] = sp.status
+        if _differs(self.written.get(key) or stored, sp.status):
             assert self.client is not None
             await self.client.patch(model_path(ns, name, "status"), {"status": sp.status})
             self.written[key] = sp.status
-        for ev in sp.events:
-            self.post_event(body, ev)
         self.states[key] = sp.state
         self._publish_states()
         return not any(p.reason == "ApplyFailed" for p in problems)
@@ -273,6 +277,7 @@ class ModelController:
         if slot is not None and slot.retry is not None:
             slot.retry.cancel()
         self.written.pop(key, None)
+        self.announced.pop(key, None)
         self._publish_states()
         self.deleting.discard(key)
         logger.info(f"deleted {deleted} children of Model {ns}/{name}")

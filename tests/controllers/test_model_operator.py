@@ -309,21 +309,25 @@ async def test_invalid_model_and_taken_names_are_reported_on_failed(
         await api.create_model(model_object())
         await api.create_model(bad)
 
-        def failed(name: str) -> dict[str, Any] | None:
+        def failed(name: str, reason: str) -> dict[str, Any] | None:
             c = conditions(api, name).get("Failed")
-            return c if c is not None and c["status"] == "True" else None
+            ok = c is not None and c["status"] == "True" and c["reason"] == reason
+            return c if ok else None
 
-        cond = await eventually(lambda: failed("llama"), what="Failed=True on llama")
-        assert cond["reason"] == "ChildConflict"
+        cond = await eventually(lambda: failed("llama", "ChildConflict"), what="llama Failed")
         assert "ModelServer llama-cheap exists and belongs to something else" in cond["message"]
-        cond = await eventually(lambda: failed("broken"), what="Failed=True on broken")
-        assert cond["reason"] == "InvalidSpec"
+        cond = await eventually(lambda: failed("broken", "InvalidSpec"), what="broken Failed")
         assert "spec.backends[0].modelURI" in cond["message"]
         await eventually(lambda: "llama-fast" in api.objects(MS), what="the other children")
+
+        def warned() -> bool:
+            events = api.objects("v1/events").values()
+            reasons = {e.get("reason") for e in events if e.get("type") == "Warning"}
+            return {"ChildConflict", "InvalidSpec"} <= reasons
+
+        await eventually(warned, what="Warning Events for both")
     assert api.objects(MS)["llama-cheap"]["spec"]["workloadPort"]["port"] == 9000  # untouched
     assert not any(n.startswith("broken") for kind in children(api).values() for n in kind)
-    warnings = [e for e in api.objects("v1/events").values() if e.get("type") == "Warning"]
-    assert {"ChildConflict", "InvalidSpec"} <= {e.get("reason") for e in warnings}
 
 
 async def test_model_metrics(api: Api, kubelet: Kubelet) -> None:

@@ -3,6 +3,7 @@ and the status and Events tell what failed."""
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any
 
@@ -23,10 +24,12 @@ BODY = {
 
 
 class FlakyClient:
-    """Fails the first ``failures`` writes (alternating API errors and dropped connections)."""
+    """Fails the first ``failures`` writes (alternating API errors and dropped connections),
+    and the first ``status_failures`` status writes."""
 
-    def __init__(self, failures: int) -> None:
+    def __init__(self, failures: int, status_failures: int = 0) -> None:
         self.failures = failures
+        self.status_failures = status_failures
         self.created: list[str] = []
         self.status: list[dict[str, Any]] = []
 
@@ -44,6 +47,9 @@ class FlakyClient:
 
     async def patch(self, path: str, body: dict[str, Any]) -> Any:
         if path.endswith("/status"):
+            if self.status_failures > 0:
+                self.status_failures -= 1
+                raise aiohttp.ServerDisconnectedError()
             self.status.append(body["status"])
         return {}
 
@@ -74,4 +80,22 @@ async def test_failed_writes_are_retried_and_reported() -> None:
         10,
         "Failed back to False",
     )
+    await controller.close()
+
+
+async def test_a_failed_status_write_is_retried_and_its_events_posted_once() -> None:
+    events: list[EventNote] = []
+    controller = ModelController(ControllerMetrics(), post_event=lambda _b, ev: events.append(ev))
+    client = FlakyClient(failures=0, status_failures=1)
+    controller.client = client  # type: ignore[assignment]
+    bad = copy.deepcopy(BODY)
+    bad["spec"]["backends"][0]["modelURI"] = "ftp://x"
+    indexes = {MODEL_INDEX: {("ns", "m"): [bad]}}
+    await controller.reconcile(("ns", "m"), indexes, logging.getLogger("test"))
+    assert client.status == []
+    assert [(e.type, e.reason) for e in events] == [("Warning", "InvalidSpec")]
+    await eventually(lambda: client.status, 10, "the status written by the retry")
+    failed = {c["type"]: c for c in client.status[0]["conditions"]}["Failed"]
+    assert failed["reason"] == "InvalidSpec"
+    assert len(events) == 1  # announced once, not again by the retry
     await controller.close()
