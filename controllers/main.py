@@ -1,4 +1,5 @@
-"""`matrixinfer-controllers`: the Kopf operator process (ModelInfer controller, autoscaler).
+"""`matrixinfer-controllers`: the Kopf operator process (ModelInfer and Model controllers,
+the autoscaler).
 
     matrixinfer-controllers [--namespace NS ...] [--metrics-port 9090] [--liveness-port 8080]
                             [--resync 30s]
@@ -30,6 +31,8 @@ import kopf
 
 from controllers.autoscaling import handlers as autoscaling_handlers
 from controllers.metrics import ControllerMetrics
+from controllers.model import handlers as model_handlers
+from controllers.model.reconciler import ModelController
 from controllers.modelinfer import handlers as modelinfer_handlers
 from controllers.modelinfer.reconciler import ModelInferController
 from controllers.status import handlers as status_handlers
@@ -110,6 +113,7 @@ def build(config: ControllerConfig) -> tuple[kopf.OperatorRegistry, ModelInferCo
         stable_window=config.autoscale_stable_window,
         panic_window=config.autoscale_panic_window,
     )
+    models = ModelController(metrics=metrics)
 
     @kopf.on.login(id="matrixinfer-login", registry=registry)
     def login(logger: kopf.Logger, **kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -122,14 +126,17 @@ def build(config: ControllerConfig) -> tuple[kopf.OperatorRegistry, ModelInferCo
             return None
         controller.connect(info)
         autoscaler.connect(info)
+        models.connect(info)
         return info
 
     @kopf.on.cleanup(id="matrixinfer-cleanup", registry=registry)
     async def close(**_: Any) -> None:
         await controller.close()
         await autoscaler.close()
+        await models.close()
 
     modelinfer_handlers.register(registry, controller)
+    model_handlers.register(registry, models, resync=config.resync_seconds)
     # ModelRoute conditions and ModelServer readyEndpoints (the only status writer)
     status_handlers.register(registry)
     autoscaling_handlers.register(registry, autoscaler, config.autoscale_interval)

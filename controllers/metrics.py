@@ -85,6 +85,16 @@ class ControllerMetrics:
                         names = [lab[k] for k in metric._labelnames]
                         with contextlib.suppress(KeyError):
                             metric.remove(*names)
+        self.models = Gauge(
+            "matrixinfer_controller_models",
+            "Models by condition: Failed (Failed=True), Active (Active=True), else Initializing.",
+            ["condition"],
+            registry=self.registry,
+        )
+
+    def set_models(self, counts: Mapping[str, int]) -> None:
+        for condition, n in counts.items():
+            self.models.labels(condition).set(n)
 
     def set_groups(self, namespace: str, name: str, counts: Mapping[Any, int]) -> None:
         for state, n in counts.items():

@@ -22,11 +22,13 @@ import kmock
 from controllers.main import ControllerConfig, run_operator
 
 MI_PATH = "/apis/workload.matrixinfer.ai/v1alpha1/namespaces/{ns}/modelinfers"
+MODEL_PATH = "/apis/registry.matrixinfer.ai/v1alpha1/namespaces/{ns}/models"
 VERBS = {"list", "watch", "get", "create", "patch", "delete"}
 
 
 class Emulator(kmock.KubernetesEmulator):
-    """kmock plus `metadata.generateName` (Kopf names its Events that way).
+    """kmock plus `metadata.generateName` (Kopf names its Events that way), and a
+    `resourceVersion` and `uid` on every created object that has none (as the API server does).
 
     kmock matches every request against its whole recorded request history, which is quadratic
     over a long run; `history_limit` keeps only the newest requests (the benchmark sets it; tests
@@ -54,6 +56,11 @@ class Emulator(kmock.KubernetesEmulator):
             if isinstance(meta, dict) and not meta.get("name") and meta.get("generateName"):
                 type(self)._serial += 1
                 meta["name"] = f"{meta['generateName']}{type(self)._serial:06d}"
+            if isinstance(meta, dict) and not meta.get("resourceVersion"):
+                # the API server sets it on every object (controllers' creations included)
+                type(self)._serial += 1
+                meta["resourceVersion"] = str(type(self)._serial)
+                meta.setdefault("uid", f"uid-{meta.get('name')}-{type(self)._serial}")
         return await super()._handle(request)
 
 
@@ -75,13 +82,15 @@ def declare(k: kmock.KubernetesEmulator, volcano: bool = False) -> None:
         verbs=VERBS,
         subresources={"status", "scale"},
     )
-    res["registry.matrixinfer.ai/v1alpha1/autoscalingpolicies"] = kmock.ResourceInfo(
-        kind="AutoscalingPolicy",
-        singular="autoscalingpolicy",
-        namespaced=True,
-        verbs=VERBS,
-        subresources={"status"},
-    )
+    for plural, kind, group in (
+        ("models", "Model", "registry.matrixinfer.ai"),
+        ("autoscalingpolicies", "AutoscalingPolicy", "registry.matrixinfer.ai"),
+        ("modelservers", "ModelServer", "networking.matrixinfer.ai"),
+        ("modelroutes", "ModelRoute", "networking.matrixinfer.ai"),
+    ):
+        res[f"{group}/v1alpha1/{plural}"] = kmock.ResourceInfo(
+            kind=kind, namespaced=True, verbs=VERBS, subresources={"status"}
+        )
     if volcano:
         res["scheduling.volcano.sh/v1beta1/podgroups"] = kmock.ResourceInfo(
             kind="PodGroup", namespaced=True, verbs=VERBS
@@ -148,6 +157,33 @@ class Api:
             "metadata": {"generation": gen, "resourceVersion": self.next_rv()},
         }
         await self.request("PATCH", MI_PATH.format(ns=ns) + f"/{name}", body)
+
+    def model(self, name: str, ns: str = "ns") -> dict[str, Any] | None:
+        return self.objects("registry.matrixinfer.ai/v1alpha1/models", ns).get(name)
+
+    async def create_model(self, obj: dict[str, Any]) -> None:
+        obj = dict(obj)
+        meta = dict(obj["metadata"])
+        meta.setdefault("uid", f"uid-{meta['name']}")
+        meta["resourceVersion"] = self.next_rv()
+        meta.setdefault("generation", 1)
+        meta.setdefault("namespace", "ns")
+        obj["metadata"] = meta
+        await self.request("POST", MODEL_PATH.format(ns=meta["namespace"]), obj)
+
+    async def patch_model(self, name: str, spec_patch: dict[str, Any], ns: str = "ns") -> None:
+        """A spec change: the API server bumps generation and resourceVersion."""
+        current = self.model(name, ns)
+        assert current is not None
+        gen = int(current["metadata"].get("generation", 1)) + 1
+        body = {
+            "spec": spec_patch,
+            "metadata": {"generation": gen, "resourceVersion": self.next_rv()},
+        }
+        await self.request("PATCH", MODEL_PATH.format(ns=ns) + f"/{name}", body)
+
+    async def delete_model(self, name: str, ns: str = "ns") -> None:
+        await self.delete(MODEL_PATH.format(ns=ns) + f"/{name}")
 
     async def delete(self, path: str) -> None:
         await self.request("DELETE", path)
