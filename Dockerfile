@@ -24,6 +24,7 @@ COPY fleet fleet
 COPY extproc extproc
 COPY controllers controllers
 COPY sim sim
+COPY runtime runtime
 COPY matrixinfer matrixinfer
 COPY envoy envoy
 COPY examples/demo examples/demo

@@ -133,6 +133,23 @@ UNUSED_CONTROLLERS: dict[tuple[str, str, str], str] = {
             ("kopf.dev", "kopfpeerings"),
             ("scheduling.volcano.sh", "podgroups"),
             ("registry.matrixinfer.ai", "autoscalingpolicies"),
+            ("registry.matrixinfer.ai", "models"),
+        ]
+    },
+    **{
+        (g, r, v): "the Model controller's children (this run applies no Model: "
+        "tests/controllers/test_model_operator.py does)"
+        for g, r, v in [
+            ("registry.matrixinfer.ai", "models", "patch"),
+            ("registry.matrixinfer.ai", "models/status", "patch"),
+            ("workload.matrixinfer.ai", "modelinfers", "create"),
+            ("workload.matrixinfer.ai", "modelinfers", "delete"),
+            ("networking.matrixinfer.ai", "modelroutes", "create"),
+            ("networking.matrixinfer.ai", "modelroutes", "delete"),
+            ("networking.matrixinfer.ai", "modelservers", "create"),
+            ("networking.matrixinfer.ai", "modelservers", "delete"),
+            ("registry.matrixinfer.ai", "autoscalingpolicies", "create"),
+            ("registry.matrixinfer.ai", "autoscalingpolicies", "delete"),
         ]
     },
     ("registry.matrixinfer.ai", "autoscalingpolicies", "patch"): "Kopf's annotations on a "
