@@ -26,6 +26,7 @@ from extproc.transport.http_side import build_app
 from fleet.config import GatewayConfig
 from fleet.envoy_eds import write_eds
 from fleet.files import ConfigWatcher
+from fleet.kubeconfig import KubeAccess, KubeConfigError, add_kube_args
 from fleet.service import add_service_args, configure_logging, signalled_stop
 
 __all__ = ["main", "parse_args", "serve"]
@@ -47,7 +48,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="files",
         help="files: --config DIR; kubernetes: watch ModelRoute/ModelServer/Pods (docs/xds.md)",
     )
-    p.add_argument("--server", default=None, help="API server URL without credentials (emulators)")
     p.add_argument("--namespace", default=None, help="--source kubernetes: one namespace only")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--grpc-port", type=int, default=9002, help="ext_proc gRPC port (default 9002)")
@@ -152,6 +152,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="ext_proc server: grpc = grpc.aio; h2 = the lean h2-library transport "
         "(extproc/transport_h2.py, docs/gateway.md) (default grpc)",
     )
+    add_kube_args(p)
     add_service_args(p)
     p.add_argument("--no-uvloop", action="store_true", help="use the default asyncio loop")
     args = p.parse_args(argv)
@@ -193,7 +194,7 @@ class ExtProcApp:
                 ns, _, name = auth.api_keys_secret.partition("/")
                 secrets.append((ns, name))
             self.watcher = KubeSource(
-                args.server,
+                KubeAccess.from_args(args),
                 self._apply,
                 namespace=args.namespace,
                 on_result=self._counted,
@@ -471,7 +472,10 @@ def _read_charge_key(path: Path) -> bytes:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    await ExtProcApp(args).run(signalled_stop())
+    app = ExtProcApp(args)
+    if args.source == "kubernetes":
+        await app.watcher.connect()  # no or a broken configuration: KubeConfigError, before all
+    await app.run(signalled_stop())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -486,6 +490,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             pass
     try:
         asyncio.run(serve(args))
+    except KubeConfigError as exc:
+        print(f"matrixinfer-extproc: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         log.error("extproc cannot start: %s", exc)
         return 2
