@@ -200,7 +200,8 @@ class KubeCredentials:
             assert loaded is not None
         # runs the library's refresh hook (the in-cluster token file is re-read every minute)
         token = await loaded.configuration.get_api_key_with_prefix("BearerToken")
-        return {"Authorization": str(token)} if token else {}
+        # strip: a token file written by hand ends in a newline (client-go trims it too)
+        return {"Authorization": str(token).strip()} if token else {}
 
     async def refresh(self, seen: int | None = None) -> None:
         """Load the configuration again (token files re-read, exec plugins re-run).
@@ -287,9 +288,7 @@ class KubeAccess:
             if self.kubeconfig or self.context:
                 raise KubeConfigError("--server takes no --kubeconfig or --context")
             if not self.server.startswith(("http://", "https://")):
-                raise KubeConfigError(
-                    f"--server {self.server}: expected an http:// or https:// URL"
-                )
+                raise KubeConfigError(f"--server {self.server}: not an http:// or https:// URL")
             return KubeCredentials.static(self.server)
         files = self._kubeconfig_files(env)
         if files is not None:
@@ -299,7 +298,7 @@ class KubeAccess:
                 f"--context {self.context}: no kubeconfig (set --kubeconfig or $KUBECONFIG)"
             )
         if env.get("KUBERNETES_SERVICE_HOST"):
-            return await self._in_cluster()
+            return await self._in_cluster(env)
         raise KubeConfigError(NO_CONFIGURATION)
 
     def _kubeconfig_files(self, env: Mapping[str, str]) -> tuple[str, str] | None:
@@ -351,7 +350,7 @@ class KubeAccess:
         loaded = await load()
         return KubeCredentials(str(loaded.configuration.host), origin, loaded=loaded, reload=load)
 
-    async def _in_cluster(self) -> KubeCredentials:
+    async def _in_cluster(self, env: Mapping[str, str]) -> KubeCredentials:
         if self.context:
             raise KubeConfigError(f"--context {self.context}: needs a kubeconfig")
         origin = "in-cluster service account"
@@ -361,7 +360,7 @@ class KubeAccess:
 
             configuration = client.Configuration()
             try:
-                config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+                config.load_incluster_config(client_configuration=configuration, environ=dict(env))  # type: ignore[no-untyped-call]
             except Exception as exc:
                 raise KubeConfigError(f"{origin}: {_one_line(exc)}") from None
             return _Loaded(configuration, _tls_of(configuration))
