@@ -106,7 +106,9 @@ def build(
             await credentials.refresh()
         logins += 1
         info = await connection_info(credentials)
-        controller.connect(info)
+        client = controller.client
+        if client is None or client.credentials is not credentials:
+            controller.connect(info)  # else its client already sends the reloaded token
         return info
 
     @kopf.on.cleanup(id="matrixinfer-cleanup", registry=registry)
