@@ -278,16 +278,20 @@ class KubeSource:
                 self._dirty.set()
 
     async def _watch(self, kind: str) -> None:
+        failures = 0
         while True:
             try:
                 rv = await self._list(kind)
+                failures = 0
                 await self._stream(kind, rv)
                 log.debug("watch of %s ended; listing again", kind)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("watch of %s dropped (%s); resyncing in %.1fs", kind, exc, self.backoff)
-                await asyncio.sleep(self.backoff)
+                failures += 1  # unreachable or refusing: back off up to 30 s, not a log flood
+                wait = min(30.0, self.backoff * 2 ** min(failures - 1, 10))
+                log.warning("watch of %s dropped (%s); resyncing in %.1fs", kind, exc, wait)
+                await asyncio.sleep(wait)
 
     # ---- Secrets ------------------------------------------------------------------------------
     def watch_secrets(self, wanted: Iterable[tuple[str, str]]) -> None:

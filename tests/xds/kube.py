@@ -267,9 +267,17 @@ print(json.dumps({"apiVersion": "client.authentication.k8s.io/v1beta1",
 """
 
 
-def write_kubeconfig(path: Path, server: str, token_file: Path, user: str = "tokenFile") -> Path:
+def write_kubeconfig(
+    path: Path,
+    server: str,
+    token_file: Path,
+    user: str = "tokenFile",
+    plugin: str = EXEC_PLUGIN,
+    plugin_args: tuple[str, ...] = (),
+) -> Path:
     """A kubeconfig for ``server`` whose user reads ``token_file``: directly (``tokenFile``) or
-    through an exec credential plugin (``exec``)."""
+    through an exec credential plugin (``exec``: ``plugin`` run with the file and
+    ``plugin_args``)."""
     if user == "tokenFile":
         user_spec: dict[str, Any] = {"tokenFile": str(token_file)}
     else:
@@ -277,7 +285,7 @@ def write_kubeconfig(path: Path, server: str, token_file: Path, user: str = "tok
             "exec": {
                 "apiVersion": "client.authentication.k8s.io/v1beta1",
                 "command": sys.executable,
-                "args": ["-c", EXEC_PLUGIN, str(token_file)],
+                "args": ["-c", plugin, str(token_file), *plugin_args],
             }
         }
     config = {

@@ -215,3 +215,31 @@ async def test_the_controllers_client_rereads_a_rotated_token(
         assert (await connection_info(credentials)).token == "token-2"  # Kopf's next login
     finally:
         await client.close()
+
+
+EXPIRING_PLUGIN = """
+import datetime, json, sys
+token = open(sys.argv[1]).read().strip()
+soon = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=float(sys.argv[2]))
+status = {"token": token, "expirationTimestamp": soon.strftime("%Y-%m-%dT%H:%M:%SZ")}
+print(json.dumps({"apiVersion": "client.authentication.k8s.io/v1beta1",
+                  "kind": "ExecCredential", "status": status}))
+"""
+
+
+@pytest.mark.parametrize(("lifetime", "renewed"), [(5.0, True), (3600.0, False)])
+async def test_an_exec_token_is_fetched_again_before_it_expires(
+    tmp_path: Path, lifetime: float, renewed: bool
+) -> None:
+    """No 401 needed: a token within 30 s of its expirationTimestamp is fetched again."""
+    token = tmp_path / "token"
+    token.write_text("token-1")
+    path = write_kubeconfig(
+        tmp_path / "kc", "http://127.0.0.1:1", token, "exec", EXPIRING_PLUGIN, (str(lifetime),)
+    )
+    credentials = await KubeAccess(kubeconfig=str(path)).load()
+    assert credentials.expiry is not None
+    assert await credentials.headers() == {"Authorization": "Bearer token-1"}
+    token.write_text("token-2")
+    expected = "token-2" if renewed else "token-1"
+    assert await credentials.headers() == {"Authorization": f"Bearer {expected}"}
