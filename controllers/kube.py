@@ -1,20 +1,29 @@
 """A small asyncio Kubernetes API client for the controllers' writes (aiohttp).
 
-Kopf watches and indexes; this client creates, patches and deletes children. It is built from the
-same `kopf.ConnectionInfo` Kopf logged in with, so there is one source of credentials. Creating
-treats 409 AlreadyExists as success and deleting treats 404 as success: with deterministic names
-that is what makes every action idempotent.
+Kopf watches and indexes; this client creates, patches and deletes children. Creating treats 409
+AlreadyExists as success and deleting treats 404 as success: with deterministic names that is what
+makes every action idempotent.
+
+One source of credentials: the operator loads a :class:`~fleet.kubeconfig.KubeCredentials`
+(``--server`` / ``--kubeconfig`` / ``--context`` / in-cluster), logs Kopf in with it
+(:func:`connection_info`, again after every 401 Kopf meets), and this client sends its requests
+through the same object — so a token that expires or rotates is re-read for both, and a 401 here
+reloads it and retries once. A bare ``kopf.ConnectionInfo`` (from another login handler) works
+too, with its credentials as they are.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import ssl
 import tempfile
 from typing import Any
 
 import aiohttp
 import kopf
+
+from fleet.kubeconfig import KubeCredentials
 
 
 class ApiError(RuntimeError):
@@ -53,22 +62,51 @@ def _ssl_context(info: kopf.ConnectionInfo) -> ssl.SSLContext | bool:
     return ctx
 
 
+@dataclasses.dataclass(frozen=True)
+class CredentialsConnectionInfo(kopf.ConnectionInfo):
+    """What Kopf logs in with, carrying the credentials it was made from (for :class:`KubeClient`
+    built from it by a controller's ``connect(info)``)."""
+
+    credentials: KubeCredentials | None = dataclasses.field(default=None, compare=False, repr=False)
+
+
+async def connection_info(credentials: KubeCredentials) -> CredentialsConnectionInfo:
+    """Kopf's view of ``credentials`` as they are now (token, TLS files, expiry)."""
+    header = (await credentials.headers()).get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    tls = credentials.tls
+    return CredentialsConnectionInfo(
+        server=credentials.base,
+        ca_path=tls.ca_file,
+        insecure=not tls.verify,
+        scheme=scheme or None,
+        token=token or None,
+        certificate_path=tls.cert_file,
+        private_key_path=tls.key_file,
+        expiration=credentials.expiry,
+        credentials=credentials,
+    )
+
+
 class KubeClient:
     """create / patch / delete / get / list against one API server."""
 
-    def __init__(self, info: kopf.ConnectionInfo, timeout: float = 30.0) -> None:
-        self.info = info
-        self.base = info.server.rstrip("/")
+    def __init__(self, info: kopf.ConnectionInfo | KubeCredentials, timeout: float = 30.0) -> None:
+        if isinstance(info, KubeCredentials):
+            self.credentials = info
+        elif isinstance(info, CredentialsConnectionInfo) and info.credentials is not None:
+            self.credentials = info.credentials
+        else:  # someone else's login: its credentials as they are
+            self.credentials = KubeCredentials.static(
+                info.server, info.as_http_headers(), _ssl_context(info)
+            )
+        self.base = self.credentials.base
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None
 
     def _sess(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                headers=self.info.as_http_headers(),
-                connector=aiohttp.TCPConnector(ssl=_ssl_context(self.info), limit=32),
-                timeout=self._timeout,
-            )
+            self._session = self.credentials.session(timeout=self._timeout, limit=32)
         return self._session
 
     async def close(self) -> None:
@@ -80,8 +118,8 @@ class KubeClient:
         self, method: str, path: str, body: Any = None, content_type: str = "application/json"
     ) -> tuple[int, Any]:
         headers = {"Content-Type": content_type} if body is not None else {}
-        async with self._sess().request(
-            method, self.base + path, json=body, headers=headers
+        async with self.credentials.request(
+            self._sess(), method, self.base + path, json=body, headers=headers
         ) as resp:
             text = await resp.text()
             if resp.status >= 400:

@@ -2,7 +2,7 @@
 the autoscaler).
 
     matrixinfer-controllers [--namespace NS ...] [--metrics-port 9090] [--liveness-port 8080]
-                            [--resync 30s]
+                            [--resync 30s] [--kubeconfig PATH] [--context NAME] [--server URL]
                             [--peering NAME [--priority N]]
 
 Several replicas: ``--peering NAME`` makes them Kopf peers through the (Cluster)KopfPeering object
@@ -10,8 +10,11 @@ NAME (the chart installs the peering CRDs and object); each replica takes a rand
 unless ``--priority`` is given, so exactly one (the highest) reconciles and the others pause until
 its keep-alive expires. Without it the operator runs standalone (one replica only).
 
-Credentials: in-cluster service account or kubeconfig (via the `kubernetes` client), or
-`--server URL` (plain, no auth; for the emulated API server in tests and demos).
+Credentials (:mod:`fleet.kubeconfig`): ``--kubeconfig`` / ``$KUBECONFIG`` / ``~/.kube/config``
+(with ``--context``), else the in-cluster service account, or ``--server URL`` (plain, no auth;
+the emulated API server in tests and demos). They are loaded once before Kopf starts (none or a
+broken one: one line on stderr, exit code 2); Kopf's login handler hands them to Kopf and to the
+controllers' own client, and reloads them each time Kopf logs in again after a 401.
 """
 
 from __future__ import annotations
@@ -30,12 +33,14 @@ from typing import Any
 import kopf
 
 from controllers.autoscaling import handlers as autoscaling_handlers
+from controllers.kube import connection_info
 from controllers.metrics import ControllerMetrics
 from controllers.model import handlers as model_handlers
 from controllers.model.reconciler import ModelController
 from controllers.modelinfer import handlers as modelinfer_handlers
 from controllers.modelinfer.reconciler import ModelInferController
 from controllers.status import handlers as status_handlers
+from fleet.kubeconfig import KubeAccess, KubeConfigError, KubeCredentials, add_kube_args
 from fleet.service import (
     DeprecatedAlias,
     HelpFormatter,
@@ -53,6 +58,8 @@ ANNOTATION_PREFIX = "kopf.matrixinfer.ai"
 class ControllerConfig:
     namespaces: list[str] = field(default_factory=list)  # empty: cluster-wide
     server: str | None = None  # talk to this API server without credentials (emulators)
+    kubeconfig: str | None = None  # else this kubeconfig (default: $KUBECONFIG, ~/.kube/config)
+    context: str | None = None  # its context (default: current-context)
     metrics_port: int | None = None
     metrics_host: str = "0.0.0.0"
     liveness_endpoint: str | None = None
@@ -97,8 +104,16 @@ def make_settings(config: ControllerConfig) -> kopf.OperatorSettings:
     return settings
 
 
-def build(config: ControllerConfig) -> tuple[kopf.OperatorRegistry, ModelInferController]:
-    """A registry with every controller's handlers, and the ModelInfer controller behind them."""
+def access(config: ControllerConfig) -> KubeAccess:
+    return KubeAccess(config.server, config.kubeconfig, config.context)
+
+
+def build(
+    config: ControllerConfig, credentials: KubeCredentials | None = None
+) -> tuple[kopf.OperatorRegistry, ModelInferController]:
+    """A registry with every controller's handlers, and the ModelInfer controller behind them.
+
+    ``credentials``: loaded by the caller (else at Kopf's first login)."""
     registry = kopf.OperatorRegistry()
     metrics = ControllerMetrics()
     controller = ModelInferController(
@@ -115,18 +130,23 @@ def build(config: ControllerConfig) -> tuple[kopf.OperatorRegistry, ModelInferCo
     )
     models = ModelController(metrics=metrics)
 
+    logins = 0
+
     @kopf.on.login(id="matrixinfer-login", registry=registry)
-    def login(logger: kopf.Logger, **kwargs: Any) -> kopf.ConnectionInfo | None:
-        info: kopf.ConnectionInfo | None
-        if config.server:
-            info = kopf.ConnectionInfo(server=config.server, insecure=True)
-        else:
-            info = kopf.login_via_client(logger=logger, **kwargs)
-        if info is None:
-            return None
-        controller.connect(info)
-        autoscaler.connect(info)
-        models.connect(info)
+    async def login(**_: Any) -> kopf.ConnectionInfo:
+        nonlocal credentials, logins
+        if credentials is None:
+            credentials = await access(config).load()
+        elif logins:  # Kopf logs in again when the API server answered 401: re-read the token
+            await credentials.refresh()
+        logins += 1
+        info = await connection_info(credentials)
+        client = controller.client
+        if client is None or client.credentials is not credentials:
+            # else their clients already send the reloaded token
+            controller.connect(info)
+            autoscaler.connect(info)
+            models.connect(info)
         return info
 
     @kopf.on.cleanup(id="matrixinfer-cleanup", registry=registry)
@@ -148,10 +168,12 @@ async def run_operator(
     stop_flag: asyncio.Event | threading.Event | None = None,
     ready_flag: asyncio.Event | threading.Event | None = None,
 ) -> ModelInferController:
-    registry, controller = build(config)
+    # no or a broken configuration: KubeConfigError here, before Kopf starts (and retries forever)
+    credentials = await access(config).load()
+    registry, controller = build(config, credentials)
     if config.metrics_port is not None:
         controller.metrics.serve(config.metrics_port, config.metrics_host)
-    xds_task = _start_xds(config)
+    xds_task = _start_xds(config, credentials)
     try:
         await _run_kopf(config, registry, stop_flag, ready_flag)
     finally:
@@ -162,19 +184,18 @@ async def run_operator(
     return controller
 
 
-def _start_xds(config: ControllerConfig) -> asyncio.Task[None] | None:
-    """The ADS server in this process (``--xds-port``), watching the same API server."""
+def _start_xds(config: ControllerConfig, credentials: KubeCredentials) -> asyncio.Task[None] | None:
+    """The ADS server in this process (``--xds-port``), watching the same API server with the
+    same credentials."""
     if config.xds_port is None:
         return None
     from controllers.xds.main import XdsApp
     from controllers.xds.main import parse_args as xds_args
 
     argv = ["--source", "kubernetes", "--host", config.xds_host, "--port", str(config.xds_port)]
-    if config.server:
-        argv += ["--server", config.server]
     if len(config.namespaces) == 1:
         argv += ["--namespace", config.namespaces[0]]
-    app = XdsApp(xds_args([*argv, *config.xds_args]))
+    app = XdsApp(xds_args([*argv, *config.xds_args]), credentials)
     return asyncio.create_task(app.run(asyncio.Event()), name="xds-server")
 
 
@@ -207,7 +228,6 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     ap.add_argument("--namespace", "-n", action="append", default=[], help="watch only these")
-    ap.add_argument("--server", help="API server URL without credentials (emulators only)")
     ap.add_argument("--metrics-port", type=int, default=9090, help="/metrics port (0: off)")
     ap.add_argument("--metrics-host", default="0.0.0.0", help="address of the metrics port")
     ap.add_argument("--liveness-port", type=int, default=8080, help="Kopf /healthz port (0: off)")
@@ -246,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="an extproc replica's /metrics URL, for gateway metric sources (repeatable)",
     )
     ap.add_argument("--verbose", "-v", action="store_true", help="same as --log-level debug")
+    add_kube_args(ap)
     add_service_args(ap)
     return ap
 
@@ -256,6 +277,8 @@ def parse_args(argv: Sequence[str] | None) -> ControllerConfig:
     return ControllerConfig(
         namespaces=list(args.namespace),
         server=args.server,
+        kubeconfig=args.kubeconfig,
+        context=args.context,
         metrics_port=args.metrics_port if args.metrics_port > 0 else None,
         metrics_host=args.metrics_host,
         liveness_endpoint=(
@@ -278,6 +301,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(run_operator(config))
     except KeyboardInterrupt:
         return 0
+    except KubeConfigError as exc:
+        print(f"matrixinfer-controllers: {exc}", file=sys.stderr)
+        return 2
     except Exception as exc:  # a clear line, not a traceback, for the person running it
         print(f"matrixinfer-controllers: {exc}", file=sys.stderr)
         return 1

@@ -30,6 +30,7 @@ from extproc.transport.http_side import build_app
 from fleet.config import GatewayConfig
 from fleet.envoy_eds import write_eds
 from fleet.files import ConfigWatcher
+from fleet.kubeconfig import KubeAccess, KubeConfigError, add_kube_args
 from fleet.service import (
     HelpFormatter,
     add_service_args,
@@ -60,7 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
         default="files",
         help="files: --config DIR; kubernetes: watch ModelRoute/ModelServer/Pods (docs/xds.md)",
     )
-    p.add_argument("--server", default=None, help="API server URL without credentials (emulators)")
     p.add_argument("--namespace", default=None, help="--source kubernetes: one namespace only")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--grpc-port", type=int, default=9002, help="ext_proc gRPC port")
@@ -175,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="ext_proc server: grpc = grpc.aio; h2 = the lean h2-library transport "
         "(extproc/transport/h2.py, docs/gateway.md)",
     )
+    add_kube_args(p)
     add_service_args(p)
     p.add_argument("--no-uvloop", action="store_true", help="use the default asyncio loop")
     return p
@@ -236,7 +237,7 @@ class ExtProcApp:
                 ns, _, name = auth.api_keys_secret.partition("/")
                 secrets.append((ns, name))
             self.watcher = KubeSource(
-                args.server,
+                KubeAccess.from_args(args),
                 self._apply,
                 namespace=args.namespace,
                 on_result=self._counted,
@@ -526,7 +527,10 @@ def _read_charge_key(path: Path) -> bytes:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    await ExtProcApp(args).run(signalled_stop())
+    app = ExtProcApp(args)
+    if args.source == "kubernetes":
+        await app.watcher.connect()  # no or a broken configuration: KubeConfigError, before all
+    await app.run(signalled_stop())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -544,6 +548,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             pass
     try:
         asyncio.run(serve(args))
+    except KubeConfigError as exc:
+        print(f"matrixinfer-extproc: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         log.error("extproc cannot start: %s", exc)
         return 2

@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from controllers.xds.generate import GatewaySettings, XdsInputs, generate
 from controllers.xds.server import AdsServer
 from controllers.xds.sources import inputs_from_config, with_policy_filters
+from fleet.kubeconfig import KubeAccess, KubeConfigError, KubeCredentials, add_kube_args
 from fleet.service import (
     DeprecatedAlias,
     HelpFormatter,
@@ -51,7 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--source", choices=("files", "kubernetes"), default="files", help="where the config is"
     )
     p.add_argument("--config", type=Path, help="configuration directory (--source files)")
-    p.add_argument("--server", help="API server URL without credentials (emulators only)")
     p.add_argument("--namespace", default=None, help="watch one namespace (default: all)")
     p.add_argument(
         "--extproc-service", default="matrixinfer-extproc", help="extproc Service name (kubernetes)"
@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="leave out extproc.usage's Envoy filters/access logs (usage accounting)",
     )
+    add_kube_args(p)
     add_service_args(p)
     return p
 
@@ -121,8 +122,14 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
 
 
 class XdsApp:
-    def __init__(self, args: argparse.Namespace) -> None:
+    """``credentials``: the API server's, shared with the caller (the operator's process);
+    else loaded from ``--server`` / ``--kubeconfig`` / ``--context`` when ``run`` starts."""
+
+    def __init__(
+        self, args: argparse.Namespace, credentials: KubeCredentials | None = None
+    ) -> None:
         self.args = args
+        self.credentials = credentials
         self.settings = settings_from_args(args)
         self.ads = AdsServer(debounce=args.debounce)
         self.watcher: Any = None
@@ -137,6 +144,9 @@ class XdsApp:
 
     async def run(self, stop: asyncio.Event) -> None:
         args = self.args
+        if args.source == "kubernetes" and self.credentials is None:
+            # no or a broken configuration: KubeConfigError here, before anything listens
+            self.credentials = await KubeAccess.from_args(args).load()
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self.ads, server)
         address = f"{args.host}:{args.port}"
@@ -166,7 +176,7 @@ class XdsApp:
                 endpoints = extproc_endpoints(self.kube, args.extproc_service, args.extproc_port)
                 self.publish(inputs_from_config(config, endpoints))
 
-            self.kube = KubeSource(args.server, on_change, namespace=args.namespace)
+            self.kube = KubeSource(self.credentials, on_change, namespace=args.namespace)
         await server.start()
         if self.watcher is not None:
             self.watcher.start()
@@ -217,6 +227,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_level, args.log_format)
     try:
         asyncio.run(serve(args))
+    except KubeConfigError as exc:
+        print(f"matrixinfer-xds: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         log.error("matrixinfer-xds cannot start: %s", exc)
         return 2

@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from matrixinfer.process import Child, free_port, http_ok
 from matrixinfer.testing.kube import Api, Kubelet, emulator, eventually, operator
 from tests.controllers.fakecluster import container, make_object
+from tests.xds.kube import TokenProxy, write_kubeconfig
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -437,3 +438,49 @@ async def test_role_rolling_update_replaces_only_the_changed_role(
             p["metadata"]["labels"]["workload.matrixinfer.ai/revision"] == rev
             for p in api.pods().values()
         )
+
+
+async def test_the_operator_logs_in_again_with_a_rotated_token(
+    api: Api, kubelet: Kubelet, logdir: Path, tmp_path: Path
+) -> None:
+    """`matrixinfer-controllers --kubeconfig` through a proxy that admits only the token in a
+    file: after the token rotates, Kopf meets a 401 and logs in again; the login handler
+    re-reads the token, so the new one is sent. (That the operator then reconciles new objects
+    is not asserted: against the emulator it does not even after a plain dropped connection.)"""
+    token = tmp_path / "token"
+    token.write_text("token-1\n")
+    proxy = TokenProxy(api.url, token)
+    await proxy.start()
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", proxy.url, token)
+    live = free_port()
+    exe = Path(sys.executable).parent / "matrixinfer-controllers"
+    child = Child(
+        "controllers",
+        [str(exe), "--kubeconfig", str(kubeconfig), "--namespace", "ns",
+         "--liveness-port", str(live), "--metrics-port", "0"],
+        log_path=logdir / "controllers.log",
+        ready=lambda: http_ok(f"http://127.0.0.1:{live}/healthz"),
+        ready_timeout=30,
+    )  # fmt: skip
+    await asyncio.to_thread(child.start)
+    try:
+        await api.create_modelinfer(make_object(replicas=1))
+        await eventually(lambda: converged(api, 1), 20, "1 group with the first token")
+        assert proxy.refused == 0
+
+        # the token rotates; the open watches stay (as a real API server keeps them); Kopf's
+        # next request (patching the new object) is refused, Kopf logs in again
+        token.write_text("token-2\n")
+        await api.create_modelinfer(make_object(name="second", replicas=1))
+        log = logdir / "controllers.log"
+        await eventually(
+            lambda: "Re-authentication has finished" in log.read_text(), 30, "Kopf's new login"
+        )
+        await eventually(lambda: proxy.admitted.get("token-2", 0) > 0, 30, "the new token used")
+        assert proxy.refused > 0
+        assert "Kubernetes credentials loaded again" in log.read_text()
+        assert http_ok(f"http://127.0.0.1:{live}/healthz")
+    finally:
+        code = await asyncio.to_thread(child.stop)
+        await proxy.stop()
+    assert code in (0, -15), child.log_tail()

@@ -1,14 +1,20 @@
 """Emulated Kubernetes API (kmock, the controllers' harness) with the gateway's kinds, objects
-for pods/servers/routes, and a TCP proxy that can cut every connection (a dropped watch)."""
+for pods/servers/routes, a TCP proxy that can cut every connection (a dropped watch), and an
+HTTP proxy that checks a bearer token read from a file (token rotation)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import kmock
+from aiohttp import web
 
 from matrixinfer.testing.kube import VERBS, Api, emulator
 from tests.conftest import E2E_MESSAGE_TIMEOUT_MS
@@ -181,3 +187,114 @@ class CuttableProxy:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+
+
+class TokenProxy:
+    """A real HTTP hop in front of the emulator (which checks no credentials) that admits only
+    ``Authorization: Bearer <the token file's content now>``: rotating the file expires the old
+    token. ``cut()`` closes the open (watch) connections, as an API server restart would."""
+
+    def __init__(self, upstream: str, token_file: Path) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.token_file = token_file
+        self.refused = 0
+        self.admitted: dict[str, int] = {}  # token -> requests let through
+        self._open: dict[asyncio.Task[Any], asyncio.BaseTransport | None] = {}
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self.url = ""
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{port}"
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        token = self.token_file.read_text().strip()
+        if request.headers.get("Authorization") != f"Bearer {token}":
+            self.refused += 1
+            status = {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                      "reason": "Unauthorized", "message": "Unauthorized", "code": 401}  # fmt: skip
+            return web.json_response(status, status=401)
+        self.admitted[token] = self.admitted.get(token, 0) + 1
+        assert self._session is not None
+        body = await request.read()
+        headers = {k: v for k, v in request.headers.items() if k in ("Content-Type", "Accept")}
+        task = asyncio.current_task()
+        assert task is not None
+        self._open[task] = request.transport
+        try:
+            async with self._session.request(
+                request.method, self.upstream + request.path_qs, data=body or None, headers=headers
+            ) as up:
+                resp = web.StreamResponse(
+                    status=up.status,
+                    headers={"Content-Type": up.headers.get("Content-Type", "application/json")},
+                )
+                await resp.prepare(request)
+                with contextlib.suppress(ConnectionError, aiohttp.ClientError):
+                    async for chunk in up.content.iter_any():
+                        await resp.write(chunk)
+                return resp
+        finally:
+            self._open.pop(task, None)
+
+    def cut(self) -> None:
+        for task, transport in list(self._open.items()):
+            if transport is not None:
+                transport.close()
+            task.cancel()  # and the upstream watch with it
+
+    async def stop(self) -> None:
+        self.cut()
+        if self._session is not None:
+            await self._session.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+EXEC_PLUGIN = """
+import json, sys
+token = open(sys.argv[1]).read().strip()
+print(json.dumps({"apiVersion": "client.authentication.k8s.io/v1beta1",
+                  "kind": "ExecCredential", "status": {"token": token}}))
+"""
+
+
+def write_kubeconfig(
+    path: Path,
+    server: str,
+    token_file: Path,
+    user: str = "tokenFile",
+    plugin: str = EXEC_PLUGIN,
+    plugin_args: tuple[str, ...] = (),
+) -> Path:
+    """A kubeconfig for ``server`` whose user reads ``token_file``: directly (``tokenFile``) or
+    through an exec credential plugin (``exec``: ``plugin`` run with the file and
+    ``plugin_args``)."""
+    if user == "tokenFile":
+        user_spec: dict[str, Any] = {"tokenFile": str(token_file)}
+    else:
+        user_spec = {
+            "exec": {
+                "apiVersion": "client.authentication.k8s.io/v1beta1",
+                "command": sys.executable,
+                "args": ["-c", plugin, str(token_file), *plugin_args],
+            }
+        }
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "emulated", "cluster": {"server": server}}],
+        "users": [{"name": "tester", "user": user_spec}],
+        "contexts": [{"name": "test", "context": {"cluster": "emulated", "user": "tester"}}],
+        "current-context": "test",
+    }
+    path.write_text(json.dumps(config))  # JSON is YAML
+    return path
