@@ -69,6 +69,12 @@ class ControllerMetrics:
             ["namespace", "policy", "reason"],
             registry=self.registry,
         )
+        self.models = Gauge(
+            "matrixinfer_controller_models",
+            "Models by condition: Failed (Failed=True), Active (Active=True), else Initializing.",
+            ["condition"],
+            registry=self.registry,
+        )
 
     def forget_policy(self, namespace: str, policy: str) -> None:
         """Drop a deleted AutoscalingPolicy's series."""
@@ -85,12 +91,6 @@ class ControllerMetrics:
                         names = [lab[k] for k in metric._labelnames]
                         with contextlib.suppress(KeyError):
                             metric.remove(*names)
-        self.models = Gauge(
-            "matrixinfer_controller_models",
-            "Models by condition: Failed (Failed=True), Active (Active=True), else Initializing.",
-            ["condition"],
-            registry=self.registry,
-        )
 
     def set_models(self, counts: Mapping[str, int]) -> None:
         for condition, n in counts.items():

@@ -34,8 +34,10 @@ OTHER_TOOLS = {
     "--transports", "--modes", "--processes", "--pacing", "--blocks", "--skip-admission",
     "--skip-usage", "--mode", "--from-literal", "--from-json", "--check", "--fix", "--policy",
     "--worker-urls", "--transport-h2",
-    # SGLang's launch_server
-    "--disaggregation-bootstrap-port",
+    # the engines' own flags (vllm serve, SGLang's launch_server), as a Model's pods run them
+    "--disaggregation-bootstrap-port", "--dist-init-addr", "--enable-lora",
+    "--gpu-memory-utilization", "--kv-transfer-config", "--load-format", "--lora-paths",
+    "--model-path", "--nnodes", "--node-rank", "--key",
     # helm, kubectl
     "--create-namespace", "--server-side",
     # python -m bench.fleetsim
