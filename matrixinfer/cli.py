@@ -362,6 +362,12 @@ def cmd_gateway(args: argparse.Namespace) -> int:
             access_log=args.access_log,
             transport=args.transport,
             extproc_processes=args.extproc_processes,
+            policies=args.policies,
+            auth_config=args.auth_config,
+            policy_config=args.policy_config,
+            ratelimit_fail=args.ratelimit_fail,
+            redis_password_file=args.redis_password_file,
+            redis_headroom=args.redis_headroom,
         ),
     )
     try:
@@ -467,6 +473,65 @@ def _add_drain_timeout(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_policy_flags(parser: argparse.ArgumentParser) -> None:
+    """matrixinfer-extproc's policy flags, passed through to every extproc process."""
+    group = parser.add_argument_group("policies (docs/policies.md); none given: no policies")
+    group.add_argument(
+        "--policies",
+        action="store_true",
+        help="apply ModelRoute rateLimit/access/queue and account usage",
+    )
+    group.add_argument(
+        "--auth-config",
+        type=_existing_file,
+        default=None,
+        help="YAML: apiKeysFile, jwt, anonymousRoutes (implies --policies)",
+    )
+    group.add_argument(
+        "--policy-config",
+        type=_existing_file,
+        default=None,
+        help="YAML: gateway-wide policy options (implies --policies)",
+    )
+    group.add_argument(
+        "--ratelimit-fail",
+        choices=("open", "closed"),
+        default="open",
+        help="Redis unreachable: open = local buckets, closed = 503",
+    )
+    group.add_argument(
+        "--redis-password-file",
+        type=_existing_file,
+        default=None,
+        help="file holding the Redis password",
+    )
+    group.add_argument(
+        "--redis-headroom",
+        type=_fraction,
+        default=0.25,
+        metavar="FRACTION",
+        help="admit without waiting for Redis while more than this fraction of every limited "
+        "bucket is left (matrixinfer-extproc --help)",
+    )
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def _existing_file(text: str) -> Path:
+    path = Path(text).resolve()
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text}")
+    return path
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="matrixinfer",
@@ -534,6 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gw.add_argument("--run-dir", default=None, help="folder for logs and the rendered bootstrap")
     _add_drain_timeout(gw)
+    _add_policy_flags(gw)
     gw.set_defaults(func=cmd_gateway)
     return p
 
