@@ -32,7 +32,7 @@ import orjson
 
 from crds.networking import RetryPolicy
 from fleet.retry import envoy_retry
-from fleet.usage_envoy import envoy_access_logs
+from fleet.usage_envoy import envoy_access_logs, envoy_upstream_logs
 
 __all__ = [
     "CLUSTER",
@@ -385,6 +385,17 @@ def _health_check_filter(settings: GatewaySettings) -> dict[str, Any]:
     }
 
 
+def _router(settings: GatewaySettings) -> dict[str, Any]:
+    router: dict[str, Any] = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
+        "suppress_envoy_headers": True,
+    }
+    if settings.request_log:
+        # every attempt at a pod (retries included) to the extproc: its passive health
+        router["upstream_log"] = envoy_upstream_logs(EXTPROC_CLUSTER)
+    return {"name": "envoy.filters.http.router", "typed_config": router}
+
+
 def _listener(settings: GatewaySettings, routes: Sequence[Any]) -> dict[str, Any]:
     hcm: dict[str, Any] = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager."
@@ -402,13 +413,7 @@ def _listener(settings: GatewaySettings, routes: Sequence[Any]) -> dict[str, Any
             *([_health_check_filter(settings)] if settings.health_path else []),
             _ext_proc_filter(settings, routes),
             *(dict(f) for f in settings.extra_http_filters),
-            {
-                "name": "envoy.filters.http.router",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
-                    "suppress_envoy_headers": True,
-                },
-            },
+            _router(settings),
         ],
     }
     logs = _access_logs(settings)

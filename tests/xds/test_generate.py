@@ -297,3 +297,18 @@ def test_every_request_is_reported_to_the_extproc_and_has_an_id() -> None:
     hcm = off[LISTENER_TYPE]["openai"]["filter_chains"][0]["filters"][0]["typed_config"]
     assert "access_log" not in hcm
     assert hcm["http_filters"][0]["name"] == "envoy.filters.http.ext_proc"
+
+
+def test_every_attempt_at_a_pod_is_reported_for_passive_health() -> None:
+    from fleet import usage_envoy as usage
+
+    res = generate(GatewaySettings(), inputs())
+    hcm = res[LISTENER_TYPE]["openai"]["filter_chains"][0]["filters"][0]["typed_config"]
+    router = hcm["http_filters"][-1]
+    assert router["name"] == "envoy.filters.http.router"
+    (log,) = router["typed_config"]["upstream_log"]
+    assert log["typed_config"]["common_config"]["log_name"] == usage.ATTEMPTS_LOG_NAME
+    assert log["typed_config"]["additional_request_headers_to_log"] == [usage.SERVER_HEADER]
+    off = generate(GatewaySettings(request_log=False), inputs())
+    hcm = off[LISTENER_TYPE]["openai"]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert "upstream_log" not in hcm["http_filters"][-1]["typed_config"]
