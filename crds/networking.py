@@ -451,8 +451,14 @@ class TrafficPolicy(ApiModel):
     retry: RetryPolicy | None = Field(default=None, description="Retries; absent: none.")
     stream_idle_timeout: Duration | None = Field(
         default=None,
-        description="Longest silence on a streaming response before it is cut; absent: Envoy's"
-        " default (5m).",
+        description="Longest silence on a routed request's answer before it is cut; absent: the"
+        " gateway's stream idle timeout (5m by default).",
+    )
+    max_duration: Duration | None = Field(
+        default=None,
+        description="Longest a whole request may take, from its headers to the answer's last"
+        " byte (streams included); cut with 504 before the answer starts, else the answer is"
+        " cut off. Absent: no limit.",
     )
     passive_health: PassiveHealth | None = Field(
         default=None,

@@ -362,6 +362,9 @@ def cmd_gateway(args: argparse.Namespace) -> int:
             access_log=args.access_log,
             transport=args.transport,
             extproc_processes=args.extproc_processes,
+            request_headers_timeout=args.request_headers_timeout,
+            request_body_idle_timeout=args.request_body_idle_timeout,
+            stream_idle_timeout=args.stream_idle_timeout,
             policies=args.policies,
             auth_config=args.auth_config,
             policy_config=args.policy_config,
@@ -596,6 +599,25 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=1,
         help="extproc processes behind Envoy (each keeps its own scheduler state)",
+    )
+    gw.add_argument(
+        "--request-headers-timeout",
+        type=duration,
+        default=format_duration(GatewaySettings().request_headers_timeout_s),
+        help="a request's headers must arrive within this, else the connection is closed",
+    )
+    gw.add_argument(
+        "--request-body-idle-timeout",
+        type=duration,
+        default=format_duration(GatewaySettings().request_body_idle_timeout_s),
+        help="longest stall of a request body before it is routed (408)",
+    )
+    gw.add_argument(
+        "--stream-idle-timeout",
+        type=duration,
+        default=format_duration(GatewaySettings().stream_idle_timeout_s),
+        help="longest silence on a routed request's answer (a ModelServer's streamIdleTimeout "
+        "instead when it sets one)",
     )
     gw.add_argument("--run-dir", default=None, help="folder for logs and the rendered bootstrap")
     _add_drain_timeout(gw)

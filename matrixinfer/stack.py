@@ -39,6 +39,11 @@ class StackOptions:
     # (queued requests are extended by the extproc up to the derived max_message_timeout)
     message_timeout_ms: int | None = None
     scrape_interval: float = 0.2
+    # slow clients (docs/gateway.md "Timeouts for slow clients"), seconds; None: matrixinfer-xds's
+    # defaults (10s, 30s; 5m for a routed request's answer)
+    request_headers_timeout: float | None = None
+    request_body_idle_timeout: float | None = None
+    stream_idle_timeout: float | None = None
     config_poll: float = 1.0
     retries: int = 2
     access_log: bool = False
@@ -146,6 +151,16 @@ class GatewayStack:
                 ),
                 "--retries",
                 str(o.retries),
+                *(
+                    a
+                    for flag, value in (
+                        ("--request-headers-timeout", o.request_headers_timeout),
+                        ("--request-body-idle-timeout", o.request_body_idle_timeout),
+                        ("--stream-idle-timeout", o.stream_idle_timeout),
+                    )
+                    if value is not None
+                    for a in (flag, format_duration(value))
+                ),
                 *(["--fail-open"] if o.fail_open else []),
                 *(["--access-log"] if o.access_log else []),
                 # the usage-accounting filters only serve an extproc that runs its policies

@@ -110,7 +110,18 @@ class GatewaySettings:
     retries: int = 2
     connect_timeout_ms: int = 1000
     route_timeout_s: int = 0  # 0: no limit on the whole exchange (answers stream)
-    stream_idle_timeout_s: int = 300
+    # longest silence on a request once it is routed (a ModelServer's streamIdleTimeout instead
+    # when it sets one): long enough for an engine's silent prefill and unstreamed answers
+    stream_idle_timeout_s: float = 300
+    # slow clients (docs/gateway.md "Timeouts for slow clients"): the request's headers must
+    # arrive within this (else the connection is closed) ...
+    request_headers_timeout_s: float = 10
+    # ... and its body may not stall longer than this before the extproc routes it (408); a
+    # routed request's answer is under stream_idle_timeout_s instead, so streams are not cut
+    request_body_idle_timeout_s: float = 30
+    # the extproc runs its policies, so it may hold a request in its fair queue (silent) up to
+    # max_message_timeout: the body idle limit is never shorter than that
+    queueing: bool = False
     access_log: bool = False  # Envoy's own access line on stdout
     # every request reported to the extproc by gRPC (fleet.usage_envoy.envoy_access_logs): the
     # status the client got, timings and usage, for its metrics, logs and usage accounting
@@ -199,14 +210,17 @@ def _server_route(server: Any, settings: GatewaySettings) -> dict[str, Any]:
     policy = getattr(server.spec, "traffic_policy", None)
     timeout = _duration_seconds(getattr(policy, "timeout", None))
     idle = _duration_seconds(getattr(policy, "stream_idle_timeout", None))
+    longest = _duration_seconds(getattr(policy, "max_duration", None))
     action: dict[str, Any] = {
         "cluster": PODS_CLUSTER,
         "timeout": _seconds(settings.route_timeout_s),
         # no retry policy: no retries (the extproc's x-envoy-max-retries says the same)
         "retry_policy": _retry_policy(getattr(policy, "retry", None), 0, timeout),
+        # once routed here, the answer's silences are bounded by this, not the body's idle limit
+        "idle_timeout": _seconds(idle if idle is not None else settings.stream_idle_timeout_s),
     }
-    if idle is not None:
-        action["idle_timeout"] = _seconds(idle)
+    if longest is not None:
+        action["max_stream_duration"] = {"max_stream_duration": _seconds(longest)}
     return {
         "name": f"modelserver/{_ns(server)}/{server.metadata.name}",
         "match": {
@@ -215,6 +229,19 @@ def _server_route(server: Any, settings: GatewaySettings) -> dict[str, Any]:
         },
         "route": action,
     }
+
+
+def _unrouted_idle_timeout(settings: GatewaySettings, routes: Sequence[Any]) -> float:
+    """The catch-all route's ``idle_timeout``: the request body idle limit (a request is on that
+    route until the extproc routes it), but never shorter than the extproc may hold a queued
+    request in silence; with fail-open, requests may stay on it while their answer streams: the
+    stream idle timeout."""
+    if settings.fail_open:
+        return settings.stream_idle_timeout_s
+    idle = settings.request_body_idle_timeout_s
+    if settings.queueing:
+        idle = max(idle, max_message_timeout_ms(settings, routes) / 1000)
+    return idle
 
 
 def _route_config(settings: GatewaySettings, inputs: XdsInputs) -> dict[str, Any]:
@@ -240,6 +267,10 @@ def _route_config(settings: GatewaySettings, inputs: XdsInputs) -> dict[str, Any
                 "cluster": PODS_CLUSTER,
                 "timeout": _seconds(settings.route_timeout_s),
                 "retry_policy": _retry_policy(None, settings.retries, None),
+                # a request's route until the extproc has routed it: its body may not stall
+                # longer than the body idle timeout; fail-open (requests may stay here while
+                # their answer streams): the stream idle timeout
+                "idle_timeout": _seconds(_unrouted_idle_timeout(settings, inputs.routes)),
             },
         }
     )
@@ -402,6 +433,7 @@ def _listener(settings: GatewaySettings, routes: Sequence[Any]) -> dict[str, Any
         "v3.HttpConnectionManager",
         "stat_prefix": "openai",
         "stream_idle_timeout": _seconds(settings.stream_idle_timeout_s),
+        "request_headers_timeout": _seconds(settings.request_headers_timeout_s),
         # every request has an id: the client's x-request-id is kept, else Envoy makes one; the
         # extproc logs it and answers it, and every answer carries it back
         "generate_request_id": True,

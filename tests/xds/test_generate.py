@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -312,3 +313,34 @@ def test_every_attempt_at_a_pod_is_reported_for_passive_health() -> None:
     off = generate(GatewaySettings(request_log=False), inputs())
     hcm = off[LISTENER_TYPE]["openai"]["filter_chains"][0]["filters"][0]["typed_config"]
     assert "upstream_log" not in hcm["http_filters"][-1]["typed_config"]
+
+
+def test_slow_client_timeouts_and_max_duration() -> None:
+    docs = DOCS.replace("    timeout: 1500ms\n", "    timeout: 1500ms\n    maxDuration: 90s\n", 1)
+    objs = list(crds.load_documents(docs, "test.yaml"))
+    given = XdsInputs(
+        routes=[o for o in objs if o.kind == "ModelRoute"],
+        servers=[o for o in objs if o.kind == "ModelServer"],
+    )
+    settings = GatewaySettings(request_headers_timeout_s=3, request_body_idle_timeout_s=7)
+    res = generate(settings, given)
+    hcm = res[LISTENER_TYPE]["openai"]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert hcm["request_headers_timeout"] == "3s"
+    assert hcm["stream_idle_timeout"] == "300s"
+    routes = res[ROUTE_TYPE]["openai"]["virtual_hosts"][0]["routes"]
+    by_name = {r["name"]: r["route"] for r in routes}
+    # before the extproc routes a request it is on the default route: the body idle limit
+    assert by_name["default"]["idle_timeout"] == "7s"
+    # once routed, the answer's silences get the stream idle timeout (streams are not cut)
+    server = by_name["modelserver/ns/a"]
+    assert server["idle_timeout"] == "300s"
+    assert server["max_stream_duration"] == {"max_stream_duration": "90s"}
+    # with policies a queued request waits in silence up to max_message_timeout (the longest
+    # queue.maxWait, 60 s by default, + 5 s): the body idle limit never undercuts it
+    queued = generate(replace(settings, queueing=True), given)
+    routes = queued[ROUTE_TYPE]["openai"]["virtual_hosts"][0]["routes"]
+    assert routes[-1]["route"]["idle_timeout"] == "65s"
+    # fail-open: requests may stay on the default route while their answer streams
+    open_ = generate(GatewaySettings(fail_open=True), given)
+    routes = open_[ROUTE_TYPE]["openai"]["virtual_hosts"][0]["routes"]
+    assert routes[-1]["route"]["idle_timeout"] == "300s"
