@@ -359,7 +359,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
             fail_open=args.fail_open,
             message_timeout_ms=round(args.message_timeout * 1000),
             scrape_interval=args.scrape_interval,
-            access_log=args.access_log,
+            access_log=args.access_log != "off",
+            access_log_format="text" if args.access_log == "off" else args.access_log,
             transport=args.transport,
             extproc_processes=args.extproc_processes,
             request_headers_timeout=args.request_headers_timeout,
@@ -587,7 +588,15 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--message-timeout-ms", type=milliseconds, dest="message_timeout",
                     action=DeprecatedAlias, replacement="--message-timeout")  # fmt: skip
     gw.add_argument("--scrape-interval", type=duration, default="200ms", help="pod /metrics period")
-    gw.add_argument("--access-log", action="store_true", help="Envoy access log in the log folder")
+    gw.add_argument(
+        "--access-log",
+        nargs="?",
+        const="json",
+        default="json",
+        choices=("json", "text", "off"),
+        help="Envoy's access line per request in the log folder's envoy.log: json (one object "
+        "per request, docs/gateway.md), text, or off",
+    )
     gw.add_argument(
         "--transport",
         default="grpc",

@@ -47,6 +47,7 @@ class StackOptions:
     config_poll: float = 1.0
     retries: int = 2
     access_log: bool = False
+    access_log_format: str = "text"  # text | json (docs/gateway.md "Access log")
     extproc_log_level: str = "info"
     envoy_log_level: str = "warn"
     envoy_concurrency: int = 2
@@ -162,7 +163,11 @@ class GatewayStack:
                     for a in (flag, format_duration(value))
                 ),
                 *(["--fail-open"] if o.fail_open else []),
-                *(["--access-log"] if o.access_log else []),
+                *(
+                    ["--access-log", "--access-log-format", o.access_log_format]
+                    if o.access_log
+                    else []
+                ),
                 # the usage-accounting filters only serve an extproc that runs its policies
                 *([] if _policies_on(o.extproc_args()) else ["--no-policy-filters"]),
                 "--log-level",

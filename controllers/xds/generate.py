@@ -35,6 +35,7 @@ from fleet.retry import envoy_retry
 from fleet.usage_envoy import envoy_access_logs, envoy_upstream_logs
 
 __all__ = [
+    "ACCESS_LOG_JSON_FIELDS",
     "CLUSTER",
     "DEFAULT_ACCESS_LOG_FORMAT",
     "ENDPOINT_TYPE",
@@ -77,6 +78,31 @@ DEFAULT_ACCESS_LOG_FORMAT = (
     "server=%REQ(X-GATEWAY-MODEL-SERVER)% upstream=%UPSTREAM_HOST% flags=%RESPONSE_FLAGS% "
     "details=%RESPONSE_CODE_DETAILS% attempts=%UPSTREAM_REQUEST_ATTEMPT_COUNT% %DURATION%ms\n"
 )
+
+# the JSON access line (access_log_format "json"): one object per request, field -> Envoy command
+# operator; numbers stay numbers, a missing value is null (docs/gateway.md "Access log")
+ACCESS_LOG_JSON_FIELDS: dict[str, str] = {
+    "time": "%START_TIME%",
+    "request_id": "%REQ(X-REQUEST-ID)%",
+    "method": "%REQ(:METHOD)%",
+    "path": "%REQ(:PATH)%",
+    "model": "%REQ(X-GATEWAY-MODEL)%",
+    "route": "%REQ(X-GATEWAY-ROUTE)%",
+    "model_server": "%REQ(X-GATEWAY-MODEL-SERVER)%",
+    "lora": "%REQ(X-GATEWAY-LORA)%",
+    "pod": "%UPSTREAM_HOST%",
+    "status": "%RESPONSE_CODE%",
+    "details": "%RESPONSE_CODE_DETAILS%",
+    "flags": "%RESPONSE_FLAGS%",
+    "attempts": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
+    "bytes_received": "%BYTES_RECEIVED%",
+    "bytes_sent": "%BYTES_SENT%",
+    "first_byte_ms": "%RESPONSE_DURATION%",
+    "duration_ms": "%DURATION%",
+    "prompt_tokens": "%DYNAMIC_METADATA(matrixinfer:prompt)%",
+    "completion_tokens": "%DYNAMIC_METADATA(matrixinfer:completion)%",
+    "user_agent": "%REQ(USER-AGENT)%",
+}
 
 _ADS: dict[str, Any] = {"ads": {}, "resource_api_version": "V3"}
 
@@ -123,6 +149,7 @@ class GatewaySettings:
     # max_message_timeout: the body idle limit is never shorter than that
     queueing: bool = False
     access_log: bool = False  # Envoy's own access line on stdout
+    access_log_format: str = "text"  # text (DEFAULT_ACCESS_LOG_FORMAT) | json (one object a line)
     # every request reported to the extproc by gRPC (fleet.usage_envoy.envoy_access_logs): the
     # status the client got, timings and usage, for its metrics, logs and usage accounting
     request_log: bool = True
@@ -383,15 +410,21 @@ def _ext_proc_filter(settings: GatewaySettings, routes: Sequence[Any]) -> dict[s
 def _access_logs(settings: GatewaySettings) -> list[dict[str, Any]]:
     logs: list[dict[str, Any]] = []
     if settings.access_log:
+        if settings.access_log_format == "json":
+            log_format: dict[str, Any] = {"json_format": dict(ACCESS_LOG_JSON_FIELDS)}
+        elif settings.access_log_format == "text":
+            log_format = {"text_format_source": {"inline_string": DEFAULT_ACCESS_LOG_FORMAT}}
+        else:
+            raise ValueError(
+                f"access_log_format {settings.access_log_format!r}: expected text or json"
+            )
         logs.append(
             {
                 "name": "envoy.access_loggers.stdout",
                 "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3."
                     "StdoutAccessLog",
-                    "log_format": {
-                        "text_format_source": {"inline_string": DEFAULT_ACCESS_LOG_FORMAT}
-                    },
+                    "log_format": log_format,
                 },
             }
         )

@@ -112,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retries", type=int, default=2, help="Envoy num_retries of the default route")
     p.add_argument("--access-log", action="store_true", help="Envoy access log to stdout")
     p.add_argument(
+        "--access-log-format",
+        choices=("text", "json"),
+        default=_DEFAULTS.access_log_format,
+        help="--access-log lines: text, or one JSON object per request (docs/gateway.md)",
+    )
+    p.add_argument(
         "--no-policy-filters",
         action="store_true",
         help="leave out extproc.usage's Envoy filters/access logs (usage accounting)",
@@ -136,6 +142,7 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         fail_open=args.fail_open,
         retries=args.retries,
         access_log=args.access_log,
+        access_log_format=args.access_log_format,
         request_headers_timeout_s=args.request_headers_timeout,
         request_body_idle_timeout_s=args.request_body_idle_timeout,
         stream_idle_timeout_s=args.stream_idle_timeout,

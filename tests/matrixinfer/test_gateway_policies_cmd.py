@@ -71,6 +71,15 @@ def test_gateway_auth_config_requires_an_api_key(tmp_path: Path) -> None:
             assert _chat(base, None) == 401
             assert _chat(base, "sk-wrong") == 401
             assert _chat(base, "sk-good") == 200
+
+            # Envoy's JSON access line is on by default: one object per request in envoy.log
+            def lines() -> list[dict[str, object]]:
+                text = (run / "envoy.log").read_text()
+                return [json.loads(x) for x in text.splitlines() if x.startswith("{")]
+
+            wait_until(lambda: len(lines()) >= 4, 10, "JSON access lines")
+            assert {line["status"] for line in lines()} == {200, 401}
+            assert any(line["model_server"] == "byo" for line in lines())
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)

@@ -12,6 +12,7 @@ import pytest
 
 import crds
 from controllers.xds.generate import (
+    ACCESS_LOG_JSON_FIELDS,
     CLUSTER,
     ENDPOINT_TYPE,
     EXTPROC_CLUSTER,
@@ -344,3 +345,14 @@ def test_slow_client_timeouts_and_max_duration() -> None:
     open_ = generate(GatewaySettings(fail_open=True), given)
     routes = open_[ROUTE_TYPE]["openai"]["virtual_hosts"][0]["routes"]
     assert routes[-1]["route"]["idle_timeout"] == "300s"
+
+
+def test_json_access_line_fits_envoys_schema_and_bad_formats_are_named() -> None:
+    res = generate(GatewaySettings(access_log=True, access_log_format="json"), inputs())
+    listener = res[LISTENER_TYPE]["openai"]
+    assert to_any(listener).value  # Envoy's own protobuf schema accepts it
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    stdout = next(x for x in hcm["access_log"] if x["name"] == "envoy.access_loggers.stdout")
+    assert stdout["typed_config"]["log_format"] == {"json_format": ACCESS_LOG_JSON_FIELDS}
+    with pytest.raises(ValueError, match="access_log_format 'xml': expected text or json"):
+        generate(GatewaySettings(access_log=True, access_log_format="xml"), inputs())
