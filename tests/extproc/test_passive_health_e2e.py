@@ -55,14 +55,17 @@ def health_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         yield f
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["grpc", "h2"])
 def health_stack(
-    tmp_path_factory: pytest.TempPathFactory, health_fleet: Fleet
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, health_fleet: Fleet
 ) -> Iterator[GatewayStack]:
+    """The stack with either ext_proc transport (each serves Envoy's access-log streams too)."""
     config = tmp_path_factory.mktemp("health-config")
     (config / "model.yaml").write_text(CONFIG)
     (config / "sims.yaml").write_text(endpoints_yaml(health_fleet))
-    s = start_stack(config, tmp_path_factory.mktemp("health-run"), health_fleet)
+    s = start_stack(
+        config, tmp_path_factory.mktemp("health-run"), health_fleet, transport=request.param
+    )
     try:
         yield s
     finally:
