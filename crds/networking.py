@@ -34,6 +34,7 @@ __all__ = [
     "ModelServerStatus",
     "PDGroup",
     "ParentReference",
+    "PassiveHealth",
     "QueuePolicy",
     "RateLimit",
     "RedisConfig",
@@ -412,8 +413,36 @@ class RetryPolicy(ApiModel):
     )
 
 
+class PassiveHealth(ApiModel):
+    """Passive health checking: a pod whose requests fail leaves the gateway's candidates for a
+    while (ejected), then gets one request at a time (half-open) until one succeeds."""
+
+    consecutive_failures: int = Field(
+        default=5,
+        ge=1,
+        le=1000,
+        description="Failed attempts in a row (5xx answer, connect failure, reset, timeout) that"
+        " eject a pod; a successful answer resets the count.",
+    )
+    base_ejection_time: Duration = Field(
+        default="10s",
+        description="How long the first ejection lasts; each ejection that follows a failed"
+        " half-open request doubles it.",
+    )
+    max_ejection_time: Duration = Field(
+        default="5m", description="The longest an ejection lasts, however often it repeats."
+    )
+    max_ejection_percent: int = Field(
+        default=50,
+        ge=0,
+        le=100,
+        description="At most this share of the ModelServer's pods (rounded down) is ejected at"
+        " once; further failing pods stay candidates.",
+    )
+
+
 class TrafficPolicy(ApiModel):
-    """Timeouts and retries towards the pods."""
+    """Timeouts, retries and passive health checking towards the pods."""
 
     timeout: Duration | None = Field(
         default=None,
@@ -422,8 +451,19 @@ class TrafficPolicy(ApiModel):
     retry: RetryPolicy | None = Field(default=None, description="Retries; absent: none.")
     stream_idle_timeout: Duration | None = Field(
         default=None,
-        description="Longest silence on a streaming response before it is cut; absent: Envoy's"
-        " default (5m).",
+        description="Longest silence on a routed request's answer before it is cut; absent: the"
+        " gateway's stream idle timeout (5m by default).",
+    )
+    max_duration: Duration | None = Field(
+        default=None,
+        description="Longest a whole request may take, from its headers to the answer's last"
+        " byte (streams included); cut with 504 before the answer starts, else the answer is"
+        " cut off. Absent: no limit.",
+    )
+    passive_health: PassiveHealth | None = Field(
+        default=None,
+        description="Eject pods that fail requests (judged by the gateway from every attempt's"
+        " outcome); absent: off. `passiveHealth: {}` turns it on with the defaults.",
     )
 
 

@@ -9,19 +9,23 @@ counts survive a reload; metrics are replaced by the scraper with one assignment
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from crds.networking import ModelServerSpec
 from crds.networking import SchedulerProfile as ServerProfile
+from extproc.health import HealthPolicy, PassiveHealth, capped
 from extproc.routing import RouteTable
 from fleet.config import GatewayConfig, object_key
 from fleet.pods import Pod, PodMetrics, index_by_label
 from fleet.pods import members as fleet_members
 from fleet.profile import SchedulerProfile
 from fleet.retry import envoy_retry
+
+log = logging.getLogger("matrixinfer.extproc")
 
 __all__ = [
     "Datastore",
@@ -32,7 +36,8 @@ __all__ = [
 
 @dataclass(slots=True, frozen=True)
 class ServerView:
-    """One ModelServer and the pods it selects (ready or not), in endpoint order."""
+    """One ModelServer and the pods it selects (ready or not), in endpoint order: ``pods`` are
+    its candidates, ``ejected`` the ones passive health keeps out for now (extproc.health)."""
 
     key: str
     name: str
@@ -43,6 +48,14 @@ class ServerView:
     pods: tuple[Pod, ...]
     spec: ModelServerSpec
     retry_headers: tuple[tuple[str, str], ...] = ()  # Envoy retry headers from trafficPolicy
+    health: HealthPolicy | None = None  # trafficPolicy.passiveHealth; None: off
+    ejected: tuple[Pod, ...] = ()
+    selected: tuple[Pod, ...] = ()  # every pod it selects, in endpoint order (): ``pods``
+
+    @property
+    def members(self) -> tuple[Pod, ...]:
+        """Every pod the ModelServer selects, candidates and ejected ones, in endpoint order."""
+        return self.selected or self.pods
 
 
 def retry_headers(spec: ModelServerSpec) -> tuple[tuple[str, str], ...]:
@@ -84,6 +97,11 @@ class Datastore:
         # pods whose scrape found nothing listening: not ready until a scrape succeeds again
         self._scrape_down: set[str] = set()
         self._configured_ready: dict[str, bool] = {}
+        # passive health (trafficPolicy.passiveHealth): pods that fail requests leave the
+        # candidates; (ModelServer, pod, "ejected" | "returned") to the listeners
+        self.health = PassiveHealth(clock)
+        self._health_due: float | None = None
+        self.on_health: list[Callable[[str, str, str], None]] = []
         self.snapshot = self._build(GatewayConfig(), {}, None)
 
     # ---- configuration ------------------------------------------------------------------------
@@ -95,6 +113,7 @@ class Datastore:
         self._configured_ready = {e.name: e.ready for e in config.endpoints}
         for name in old.pods.keys() - new.pods.keys():
             self._scrape_down.discard(name)
+            self.health.forget(old.pods[name].address)
             for listener in self.on_pod_removed:
                 listener(name)
         return new
@@ -134,6 +153,8 @@ class Datastore:
                     )
                 members.append(pod)
             model = spec.model or None
+            policy = spec.traffic_policy
+            health = policy.passive_health if policy is not None else None
             servers[key] = ServerView(
                 key=key,
                 name=server.metadata.name or "",
@@ -144,16 +165,19 @@ class Datastore:
                 pods=tuple(members),
                 spec=spec,
                 retry_headers=retry_headers(spec),
+                health=HealthPolicy.from_spec(health) if health is not None else None,
             )
             server_models[key] = model
+        servers = {key: self._split(view) for key, view in servers.items()}
 
         def ready_server(key: str) -> bool:
             view = servers.get(key)
-            return view is not None and any(pod.ready for pod in view.pods)
+            return view is not None and any(pod.ready for pod in view.members)
 
         routes = RouteTable(
             config.routes, server_models, previous=old_routes, ready_server=ready_server
         )
+        self._health_due = self.health.next_change()
         warnings.extend(routes.conflicts)
         warnings.extend(routes.missing_server_warnings())
         return Snapshot(
@@ -166,11 +190,76 @@ class Datastore:
             warnings=tuple(warnings),
         )
 
+    # ---- passive health -----------------------------------------------------------------------
+    def _split(self, view: ServerView) -> ServerView:
+        """``view`` with its candidates and ejected pods as passive health has them now."""
+        members = view.members
+        if view.health is None:
+            return view if not view.ejected else replace(view, pods=members, ejected=())
+        pods, ejected = capped(members, self.health.excluded, view.health.max_ejection_percent)
+        return replace(view, pods=tuple(pods), ejected=tuple(ejected), selected=members)
+
+    def _refresh_health(self) -> None:
+        snap = self.snapshot
+        servers = {key: self._split(view) for key, view in snap.servers.items()}
+        self.snapshot = replace(snap, servers=servers)
+        self._health_due = self.health.next_change()
+
+    def attempt(self, address: str, server: str, failed: bool) -> None:
+        """Envoy's report of one attempt at a pod (``address``) for a request of ModelServer
+        ``server`` (its name, as the request's header carries it)."""
+        view = next((v for v in self.snapshot.servers.values() if v.name == server), None)
+        if view is None or view.health is None:
+            self.tick()
+            return
+        pod = next((p for p in view.members if p.address == address), None)
+        if pod is None:
+            return
+        change = self.health.record(address, view.health, failed)
+        if change is None:
+            self.tick()
+            return
+        self._refresh_health()
+        if change == "ejected" and all(p is not pod for p in self._view(view.key).ejected):
+            # maxEjectionPercent reached: the pod stays a candidate, its count starts again
+            self.health.forget(address)
+            self._refresh_health()
+            log.warning(
+                "pod %s (%s) of ModelServer %s fails its requests but stays a candidate: "
+                "maxEjectionPercent (%d%%) of its pods are ejected already",
+                pod.name, address, server, view.health.max_ejection_percent,
+                extra={"pod": pod.name},
+            )  # fmt: skip
+            return
+        if change == "ejected":
+            state = self.health.pods[address]
+            log.warning(
+                "pod %s (%s) of ModelServer %s ejected for %.1fs: its requests fail "
+                "(ejection %d in a row)",
+                pod.name, address, server, state.ejected_until - self.clock(), state.ejections,
+                extra={"pod": pod.name},
+            )  # fmt: skip
+        else:
+            log.info("pod %s (%s) of ModelServer %s is healthy again", pod.name, address, server,
+                     extra={"pod": pod.name})  # fmt: skip
+        for listener in self.on_health:
+            listener(server, pod.name, change)
+
+    def _view(self, key: str) -> ServerView:
+        return self.snapshot.servers[key]
+
+    def tick(self) -> None:
+        """Let ejections that are over end (called on every scrape and attempt report)."""
+        due = self._health_due
+        if due is not None and self.clock() >= due:
+            self._refresh_health()
+
     # ---- request path -------------------------------------------------------------------------
-    @staticmethod
-    def begin(pod: Pod) -> None:
+    def begin(self, pod: Pod) -> None:
         pod.in_flight += 1
         pod.since_scrape += 1
+        if self.health.pods and self.health.probe(pod.address):
+            self._refresh_health()  # half-open: one request at a time
 
     def finish(self, pod_name: str) -> None:
         pod = self.snapshot.pods.get(pod_name)
@@ -186,6 +275,7 @@ class Datastore:
         """Install a pod's new metrics. Stale metrics are unknown to the scheduler but leave the
         pod in rotation (a slow /metrics is not a dead engine); an unreachable pod (nothing
         listens) is not ready until a scrape succeeds again."""
+        self.tick()
         pod = self.snapshot.pods.get(pod_name)
         if pod is None:
             return
@@ -203,7 +293,7 @@ class Datastore:
         """(pod name, metrics URL, engine) for every pod of every ModelServer."""
         out: dict[str, tuple[str, str, str]] = {}
         for view in self.snapshot.servers.values():
-            for pod in view.pods:
+            for pod in view.members:
                 if pod.name not in out:
                     out[pod.name] = (pod.name, f"http://{pod.address}/metrics", view.engine)
         return list(out.values())
@@ -272,9 +362,12 @@ class Datastore:
                     "engine": v.engine,
                     "model": v.model,
                     "port": v.port,
-                    "pods": [p.name for p in v.pods],
+                    "pods": [p.name for p in v.members],
+                    "ejected": [p.name for p in v.ejected],
                 }
                 for v in snap.servers.values()
             ],
             "pods": [pod_json(p) for p in snap.pods.values()],
+            # passive health: pods with recent failures, by address
+            "passiveHealth": self.health.to_json(),
         }

@@ -20,6 +20,7 @@ from prometheus_client import disable_created_metrics
 from extproc.datastore import Datastore
 from extproc.demand import DemandCollector
 from extproc.gateway import Gateway
+from extproc.health import HealthMetrics
 from extproc.kvevents import KVEventsSubscriber, targets_of
 from extproc.kvindex import KVBlockIndex
 from extproc.metrics import GatewayMetrics
@@ -202,6 +203,7 @@ class ExtProcApp:
         self.args = args
         self.metrics = GatewayMetrics()
         self.datastore = Datastore()
+        HealthMetrics(self.metrics.registry, self.datastore)
         if args.kv_index_capacity < 1:
             raise SystemExit(f"--kv-index-capacity must be >= 1, got {args.kv_index_capacity}")
         self.kv_index = KVBlockIndex(args.kv_index_capacity)
@@ -319,7 +321,7 @@ class ExtProcApp:
         from extproc.policies.usage import AccessLogServicer
 
         ledger = self.policies.ledger if self.policies is not None else None
-        return AccessLogServicer(ledger, self.gateway.answered)
+        return AccessLogServicer(ledger, self.gateway.answered, self.datastore.attempt)
 
     async def _start_policy_tasks(self) -> list[asyncio.Task[None]]:
         """The policies' background work (usage settlement, JWKS refresh), when policies run."""

@@ -16,6 +16,8 @@ RID_KEY = "matrixinfer_rid"
 STRIP_KEY = "matrixinfer_strip"  # envoy.lb flag: hide the forced usage event from the client
 CHARGE_KEY = "matrixinfer_charge"  # envoy.lb: the Charge, for the replica the report reaches
 LOG_NAME = "matrixinfer_requests"
+# the router's upstream log: one entry per attempt at a pod (retries included), for passive health
+ATTEMPTS_LOG_NAME = "matrixinfer_attempts"
 # headers the extproc sets on a routed request (towards the pod); the access log reports them
 SERVER_HEADER = "x-gateway-model-server"  # the ModelServer
 MODEL_HEADER = "x-gateway-model"  # the model name the client asked for
@@ -168,6 +170,31 @@ def envoy_access_logs(
                     "buffer_size_bytes": 16384,
                 },
                 "additional_request_headers_to_log": list(LOGGED_HEADERS),
+            },
+        }
+    ]
+
+
+def envoy_upstream_logs(
+    extproc_cluster: str = "matrixinfer_extproc", flush_interval_ms: int = 100
+) -> list[dict[str, Any]]:
+    """The router's ``upstream_log`` entries: every attempt at a pod (the first and each retry)
+    reported to the extproc by gRPC under :data:`ATTEMPTS_LOG_NAME`, with the ModelServer's
+    header; the extproc's passive health reads the pod, the status and the response flags."""
+    return [
+        {
+            "name": "envoy.access_loggers.http_grpc",
+            "typed_config": {
+                "@type": "type.googleapis.com/"
+                "envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
+                "common_config": {
+                    "log_name": ATTEMPTS_LOG_NAME,
+                    "transport_api_version": "V3",
+                    "grpc_service": {"envoy_grpc": {"cluster_name": extproc_cluster}},
+                    "buffer_flush_interval": f"{flush_interval_ms / 1000:.3f}s",
+                    "buffer_size_bytes": 16384,
+                },
+                "additional_request_headers_to_log": [SERVER_HEADER],
             },
         }
     ]

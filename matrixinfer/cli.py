@@ -359,9 +359,19 @@ def cmd_gateway(args: argparse.Namespace) -> int:
             fail_open=args.fail_open,
             message_timeout_ms=round(args.message_timeout * 1000),
             scrape_interval=args.scrape_interval,
-            access_log=args.access_log,
+            access_log=args.access_log != "off",
+            access_log_format="text" if args.access_log == "off" else args.access_log,
             transport=args.transport,
             extproc_processes=args.extproc_processes,
+            request_headers_timeout=args.request_headers_timeout,
+            request_body_idle_timeout=args.request_body_idle_timeout,
+            stream_idle_timeout=args.stream_idle_timeout,
+            policies=args.policies,
+            auth_config=args.auth_config,
+            policy_config=args.policy_config,
+            ratelimit_fail=args.ratelimit_fail,
+            redis_password_file=args.redis_password_file,
+            redis_headroom=args.redis_headroom,
         ),
     )
     try:
@@ -467,6 +477,65 @@ def _add_drain_timeout(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_policy_flags(parser: argparse.ArgumentParser) -> None:
+    """matrixinfer-extproc's policy flags, passed through to every extproc process."""
+    group = parser.add_argument_group("policies (docs/policies.md); none given: no policies")
+    group.add_argument(
+        "--policies",
+        action="store_true",
+        help="apply ModelRoute rateLimit/access/queue and account usage",
+    )
+    group.add_argument(
+        "--auth-config",
+        type=_existing_file,
+        default=None,
+        help="YAML: apiKeysFile, jwt, anonymousRoutes (implies --policies)",
+    )
+    group.add_argument(
+        "--policy-config",
+        type=_existing_file,
+        default=None,
+        help="YAML: gateway-wide policy options (implies --policies)",
+    )
+    group.add_argument(
+        "--ratelimit-fail",
+        choices=("open", "closed"),
+        default="open",
+        help="Redis unreachable: open = local buckets, closed = 503",
+    )
+    group.add_argument(
+        "--redis-password-file",
+        type=_existing_file,
+        default=None,
+        help="file holding the Redis password",
+    )
+    group.add_argument(
+        "--redis-headroom",
+        type=_fraction,
+        default=0.25,
+        metavar="FRACTION",
+        help="admit without waiting for Redis while more than this fraction of every limited "
+        "bucket is left (matrixinfer-extproc --help)",
+    )
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def _existing_file(text: str) -> Path:
+    path = Path(text).resolve()
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text}")
+    return path
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="matrixinfer",
@@ -519,7 +588,15 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--message-timeout-ms", type=milliseconds, dest="message_timeout",
                     action=DeprecatedAlias, replacement="--message-timeout")  # fmt: skip
     gw.add_argument("--scrape-interval", type=duration, default="200ms", help="pod /metrics period")
-    gw.add_argument("--access-log", action="store_true", help="Envoy access log in the log folder")
+    gw.add_argument(
+        "--access-log",
+        nargs="?",
+        const="json",
+        default="json",
+        choices=("json", "text", "off"),
+        help="Envoy's access line per request in the log folder's envoy.log: json (one object "
+        "per request, docs/gateway.md), text, or off",
+    )
     gw.add_argument(
         "--transport",
         default="grpc",
@@ -532,8 +609,28 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="extproc processes behind Envoy (each keeps its own scheduler state)",
     )
+    gw.add_argument(
+        "--request-headers-timeout",
+        type=duration,
+        default=format_duration(GatewaySettings().request_headers_timeout_s),
+        help="a request's headers must arrive within this, else the connection is closed",
+    )
+    gw.add_argument(
+        "--request-body-idle-timeout",
+        type=duration,
+        default=format_duration(GatewaySettings().request_body_idle_timeout_s),
+        help="longest stall of a request body before it is routed (408)",
+    )
+    gw.add_argument(
+        "--stream-idle-timeout",
+        type=duration,
+        default=format_duration(GatewaySettings().stream_idle_timeout_s),
+        help="longest silence on a routed request's answer (a ModelServer's streamIdleTimeout "
+        "instead when it sets one)",
+    )
     gw.add_argument("--run-dir", default=None, help="folder for logs and the rendered bootstrap")
     _add_drain_timeout(gw)
+    _add_policy_flags(gw)
     gw.set_defaults(func=cmd_gateway)
     return p
 

@@ -39,9 +39,15 @@ class StackOptions:
     # (queued requests are extended by the extproc up to the derived max_message_timeout)
     message_timeout_ms: int | None = None
     scrape_interval: float = 0.2
+    # slow clients (docs/gateway.md "Timeouts for slow clients"), seconds; None: matrixinfer-xds's
+    # defaults (10s, 30s; 5m for a routed request's answer)
+    request_headers_timeout: float | None = None
+    request_body_idle_timeout: float | None = None
+    stream_idle_timeout: float | None = None
     config_poll: float = 1.0
     retries: int = 2
     access_log: bool = False
+    access_log_format: str = "text"  # text | json (docs/gateway.md "Access log")
     extproc_log_level: str = "info"
     envoy_log_level: str = "warn"
     envoy_concurrency: int = 2
@@ -51,6 +57,31 @@ class StackOptions:
     # extproc processes (replicas) behind Envoy's ext_proc cluster; each keeps its own in-flight
     # counts, prefix index, queue and local buckets (docs/gateway.md "Several extproc processes")
     extproc_processes: int = 1
+    # policies (docs/policies.md), passed to every extproc process as matrixinfer-extproc's flags
+    # of the same names; any of them turns the policies and Envoy's usage-accounting filters on
+    policies: bool = False
+    auth_config: Path | None = None
+    policy_config: Path | None = None
+    ratelimit_fail: str | None = None  # open | closed; None: the extproc's default (open)
+    redis_password_file: Path | None = None
+    redis_headroom: float | None = None
+
+    def policy_args(self) -> list[str]:
+        """The extproc flags for the policy fields set here."""
+        out = ["--policies"] if self.policies else []
+        for flag, value in (
+            ("--auth-config", self.auth_config),
+            ("--policy-config", self.policy_config),
+            ("--ratelimit-fail", self.ratelimit_fail),
+            ("--redis-password-file", self.redis_password_file),
+            ("--redis-headroom", self.redis_headroom),
+        ):
+            if value is not None:
+                out += [flag, str(value)]
+        return out
+
+    def extproc_args(self) -> list[str]:
+        return [*self.policy_args(), *self.extra_extproc_args]
 
 
 def _policies_on(extproc_args: Sequence[str]) -> bool:
@@ -80,7 +111,7 @@ class GatewayStack:
         self.bootstrap_path = self.run_dir / "envoy.yaml"
         # one key signs the charges every extproc process hands out (any of them settles a usage
         # report, whichever process Envoy's access-log stream reaches)
-        own_key = _policies_on(o.extra_extproc_args) and not any(
+        own_key = _policies_on(o.extproc_args()) and not any(
             a.startswith("--charge-key-file") for a in o.extra_extproc_args
         )
         self.charge_key_path = self.run_dir / "charge.key" if own_key else None
@@ -121,10 +152,24 @@ class GatewayStack:
                 ),
                 "--retries",
                 str(o.retries),
+                *(
+                    a
+                    for flag, value in (
+                        ("--request-headers-timeout", o.request_headers_timeout),
+                        ("--request-body-idle-timeout", o.request_body_idle_timeout),
+                        ("--stream-idle-timeout", o.stream_idle_timeout),
+                    )
+                    if value is not None
+                    for a in (flag, format_duration(value))
+                ),
                 *(["--fail-open"] if o.fail_open else []),
-                *(["--access-log"] if o.access_log else []),
+                *(
+                    ["--access-log", "--access-log-format", o.access_log_format]
+                    if o.access_log
+                    else []
+                ),
                 # the usage-accounting filters only serve an extproc that runs its policies
-                *([] if _policies_on(o.extra_extproc_args) else ["--no-policy-filters"]),
+                *([] if _policies_on(o.extproc_args()) else ["--no-policy-filters"]),
                 "--log-level",
                 o.extproc_log_level,
                 *o.extra_xds_args,
@@ -177,7 +222,7 @@ class GatewayStack:
                     if self.charge_key_path is not None
                     else []
                 ),
-                *o.extra_extproc_args,
+                *o.extproc_args(),
             ],
             log_path=self.run_dir / f"extproc{suffix}.log",
             ready=lambda: http_ok(f"http://127.0.0.1:{http_port}/healthz"),

@@ -32,9 +32,10 @@ import orjson
 
 from crds.networking import RetryPolicy
 from fleet.retry import envoy_retry
-from fleet.usage_envoy import envoy_access_logs
+from fleet.usage_envoy import envoy_access_logs, envoy_upstream_logs
 
 __all__ = [
+    "ACCESS_LOG_JSON_FIELDS",
     "CLUSTER",
     "DEFAULT_ACCESS_LOG_FORMAT",
     "ENDPOINT_TYPE",
@@ -78,6 +79,31 @@ DEFAULT_ACCESS_LOG_FORMAT = (
     "details=%RESPONSE_CODE_DETAILS% attempts=%UPSTREAM_REQUEST_ATTEMPT_COUNT% %DURATION%ms\n"
 )
 
+# the JSON access line (access_log_format "json"): one object per request, field -> Envoy command
+# operator; numbers stay numbers, a missing value is null (docs/gateway.md "Access log")
+ACCESS_LOG_JSON_FIELDS: dict[str, str] = {
+    "time": "%START_TIME%",
+    "request_id": "%REQ(X-REQUEST-ID)%",
+    "method": "%REQ(:METHOD)%",
+    "path": "%REQ(:PATH)%",
+    "model": "%REQ(X-GATEWAY-MODEL)%",
+    "route": "%REQ(X-GATEWAY-ROUTE)%",
+    "model_server": "%REQ(X-GATEWAY-MODEL-SERVER)%",
+    "lora": "%REQ(X-GATEWAY-LORA)%",
+    "pod": "%UPSTREAM_HOST%",
+    "status": "%RESPONSE_CODE%",
+    "details": "%RESPONSE_CODE_DETAILS%",
+    "flags": "%RESPONSE_FLAGS%",
+    "attempts": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
+    "bytes_received": "%BYTES_RECEIVED%",
+    "bytes_sent": "%BYTES_SENT%",
+    "first_byte_ms": "%RESPONSE_DURATION%",
+    "duration_ms": "%DURATION%",
+    "prompt_tokens": "%DYNAMIC_METADATA(matrixinfer:prompt)%",
+    "completion_tokens": "%DYNAMIC_METADATA(matrixinfer:completion)%",
+    "user_agent": "%REQ(USER-AGENT)%",
+}
+
 _ADS: dict[str, Any] = {"ads": {}, "resource_api_version": "V3"}
 
 # A queued request's message timeout is extended by the extproc to the route's queue.maxWait plus
@@ -110,8 +136,20 @@ class GatewaySettings:
     retries: int = 2
     connect_timeout_ms: int = 1000
     route_timeout_s: int = 0  # 0: no limit on the whole exchange (answers stream)
-    stream_idle_timeout_s: int = 300
+    # longest silence on a request once it is routed (a ModelServer's streamIdleTimeout instead
+    # when it sets one): long enough for an engine's silent prefill and unstreamed answers
+    stream_idle_timeout_s: float = 300
+    # slow clients (docs/gateway.md "Timeouts for slow clients"): the request's headers must
+    # arrive within this (else the connection is closed) ...
+    request_headers_timeout_s: float = 10
+    # ... and its body may not stall longer than this before the extproc routes it (408); a
+    # routed request's answer is under stream_idle_timeout_s instead, so streams are not cut
+    request_body_idle_timeout_s: float = 30
+    # the extproc runs its policies, so it may hold a request in its fair queue (silent) up to
+    # max_message_timeout: the body idle limit is never shorter than that
+    queueing: bool = False
     access_log: bool = False  # Envoy's own access line on stdout
+    access_log_format: str = "text"  # text (DEFAULT_ACCESS_LOG_FORMAT) | json (one object a line)
     # every request reported to the extproc by gRPC (fleet.usage_envoy.envoy_access_logs): the
     # status the client got, timings and usage, for its metrics, logs and usage accounting
     request_log: bool = True
@@ -199,14 +237,17 @@ def _server_route(server: Any, settings: GatewaySettings) -> dict[str, Any]:
     policy = getattr(server.spec, "traffic_policy", None)
     timeout = _duration_seconds(getattr(policy, "timeout", None))
     idle = _duration_seconds(getattr(policy, "stream_idle_timeout", None))
+    longest = _duration_seconds(getattr(policy, "max_duration", None))
     action: dict[str, Any] = {
         "cluster": PODS_CLUSTER,
         "timeout": _seconds(settings.route_timeout_s),
         # no retry policy: no retries (the extproc's x-envoy-max-retries says the same)
         "retry_policy": _retry_policy(getattr(policy, "retry", None), 0, timeout),
+        # once routed here, the answer's silences are bounded by this, not the body's idle limit
+        "idle_timeout": _seconds(idle if idle is not None else settings.stream_idle_timeout_s),
     }
-    if idle is not None:
-        action["idle_timeout"] = _seconds(idle)
+    if longest is not None:
+        action["max_stream_duration"] = {"max_stream_duration": _seconds(longest)}
     return {
         "name": f"modelserver/{_ns(server)}/{server.metadata.name}",
         "match": {
@@ -215,6 +256,19 @@ def _server_route(server: Any, settings: GatewaySettings) -> dict[str, Any]:
         },
         "route": action,
     }
+
+
+def _unrouted_idle_timeout(settings: GatewaySettings, routes: Sequence[Any]) -> float:
+    """The catch-all route's ``idle_timeout``: the request body idle limit (a request is on that
+    route until the extproc routes it), but never shorter than the extproc may hold a queued
+    request in silence; with fail-open, requests may stay on it while their answer streams: the
+    stream idle timeout."""
+    if settings.fail_open:
+        return settings.stream_idle_timeout_s
+    idle = settings.request_body_idle_timeout_s
+    if settings.queueing:
+        idle = max(idle, max_message_timeout_ms(settings, routes) / 1000)
+    return idle
 
 
 def _route_config(settings: GatewaySettings, inputs: XdsInputs) -> dict[str, Any]:
@@ -240,6 +294,10 @@ def _route_config(settings: GatewaySettings, inputs: XdsInputs) -> dict[str, Any
                 "cluster": PODS_CLUSTER,
                 "timeout": _seconds(settings.route_timeout_s),
                 "retry_policy": _retry_policy(None, settings.retries, None),
+                # a request's route until the extproc has routed it: its body may not stall
+                # longer than the body idle timeout; fail-open (requests may stay here while
+                # their answer streams): the stream idle timeout
+                "idle_timeout": _seconds(_unrouted_idle_timeout(settings, inputs.routes)),
             },
         }
     )
@@ -352,15 +410,21 @@ def _ext_proc_filter(settings: GatewaySettings, routes: Sequence[Any]) -> dict[s
 def _access_logs(settings: GatewaySettings) -> list[dict[str, Any]]:
     logs: list[dict[str, Any]] = []
     if settings.access_log:
+        if settings.access_log_format == "json":
+            log_format: dict[str, Any] = {"json_format": dict(ACCESS_LOG_JSON_FIELDS)}
+        elif settings.access_log_format == "text":
+            log_format = {"text_format_source": {"inline_string": DEFAULT_ACCESS_LOG_FORMAT}}
+        else:
+            raise ValueError(
+                f"access_log_format {settings.access_log_format!r}: expected text or json"
+            )
         logs.append(
             {
                 "name": "envoy.access_loggers.stdout",
                 "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3."
                     "StdoutAccessLog",
-                    "log_format": {
-                        "text_format_source": {"inline_string": DEFAULT_ACCESS_LOG_FORMAT}
-                    },
+                    "log_format": log_format,
                 },
             }
         )
@@ -385,12 +449,24 @@ def _health_check_filter(settings: GatewaySettings) -> dict[str, Any]:
     }
 
 
+def _router(settings: GatewaySettings) -> dict[str, Any]:
+    router: dict[str, Any] = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
+        "suppress_envoy_headers": True,
+    }
+    if settings.request_log:
+        # every attempt at a pod (retries included) to the extproc: its passive health
+        router["upstream_log"] = envoy_upstream_logs(EXTPROC_CLUSTER)
+    return {"name": "envoy.filters.http.router", "typed_config": router}
+
+
 def _listener(settings: GatewaySettings, routes: Sequence[Any]) -> dict[str, Any]:
     hcm: dict[str, Any] = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager."
         "v3.HttpConnectionManager",
         "stat_prefix": "openai",
         "stream_idle_timeout": _seconds(settings.stream_idle_timeout_s),
+        "request_headers_timeout": _seconds(settings.request_headers_timeout_s),
         # every request has an id: the client's x-request-id is kept, else Envoy makes one; the
         # extproc logs it and answers it, and every answer carries it back
         "generate_request_id": True,
@@ -402,13 +478,7 @@ def _listener(settings: GatewaySettings, routes: Sequence[Any]) -> dict[str, Any
             *([_health_check_filter(settings)] if settings.health_path else []),
             _ext_proc_filter(settings, routes),
             *(dict(f) for f in settings.extra_http_filters),
-            {
-                "name": "envoy.filters.http.router",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
-                    "suppress_envoy_headers": True,
-                },
-            },
+            _router(settings),
         ],
     }
     logs = _access_logs(settings)

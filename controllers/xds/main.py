@@ -11,6 +11,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -88,9 +89,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-message-timeout-cap-ms", type=milliseconds,
                    dest="max_message_timeout_cap", action=DeprecatedAlias,
                    replacement="--max-message-timeout-cap")  # fmt: skip
+    p.add_argument(
+        "--request-headers-timeout",
+        type=duration,
+        default=format_duration(_DEFAULTS.request_headers_timeout_s),
+        help="a request's headers must arrive within this, else the connection is closed",
+    )
+    p.add_argument(
+        "--request-body-idle-timeout",
+        type=duration,
+        default=format_duration(_DEFAULTS.request_body_idle_timeout_s),
+        help="longest stall of a request body before it is routed (408)",
+    )
+    p.add_argument(
+        "--stream-idle-timeout",
+        type=duration,
+        default=format_duration(_DEFAULTS.stream_idle_timeout_s),
+        help="longest silence on a routed request's answer (a ModelServer's streamIdleTimeout "
+        "instead when it sets one)",
+    )
     p.add_argument("--fail-open", action="store_true", help="route round-robin if extproc fails")
     p.add_argument("--retries", type=int, default=2, help="Envoy num_retries of the default route")
     p.add_argument("--access-log", action="store_true", help="Envoy access log to stdout")
+    p.add_argument(
+        "--access-log-format",
+        choices=("text", "json"),
+        default=_DEFAULTS.access_log_format,
+        help="--access-log lines: text, or one JSON object per request (docs/gateway.md)",
+    )
     p.add_argument(
         "--no-policy-filters",
         action="store_true",
@@ -117,8 +143,14 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         fail_open=args.fail_open,
         retries=args.retries,
         access_log=args.access_log,
+        access_log_format=args.access_log_format,
+        request_headers_timeout_s=args.request_headers_timeout,
+        request_body_idle_timeout_s=args.request_body_idle_timeout,
+        stream_idle_timeout_s=args.stream_idle_timeout,
     )
-    return settings if args.no_policy_filters else with_policy_filters(settings)
+    if args.no_policy_filters:
+        return settings
+    return with_policy_filters(replace(settings, queueing=True))
 
 
 class XdsApp:

@@ -49,9 +49,11 @@ from typing import Any
 
 import orjson
 
+from extproc.health import attempt_failed
 from extproc.parsing import ENDPOINTS
 from extproc.policies.ratelimit import UNIT_SECONDS, Limits
 from fleet.usage_envoy import (
+    ATTEMPTS_LOG_NAME,
     CHARGE_KEY,
     LORA_HEADER,
     METADATA_NAMESPACE,
@@ -451,17 +453,26 @@ class AccessLogServicer(_servicer_base()):  # type: ignore[misc]
         self,
         ledger: UsageLedger | None = None,
         on_answer: Callable[[Answered], None] | None = None,
+        on_attempt: Callable[[str, str, bool], None] | None = None,
     ):
         self.ledger = ledger
         self.on_answer = on_answer
+        # (pod address, ModelServer, failed): each attempt the router's upstream log reports
+        self.on_attempt = on_attempt
 
     async def StreamAccessLogs(self, request_iterator: Any, context: Any) -> Any:
         from envoy.service.accesslog.v3 import als_pb2
 
         ledger, on_answer = self.ledger, self.on_answer
         on_batch = ledger.on_batch if ledger is not None else None
+        log_name = ""
         async for message in request_iterator:
             entries = message.http_logs.log_entry
+            if message.HasField("identifier"):  # the stream's first message names its log
+                log_name = message.identifier.log_name
+            if log_name == ATTEMPTS_LOG_NAME:
+                self._attempts(entries)
+                continue
             if on_batch is not None:
                 on_batch(len(entries))
             for entry in entries:
@@ -488,3 +499,23 @@ class AccessLogServicer(_servicer_base()):  # type: ignore[misc]
                     carried.string_value if carried is not None else None,
                 )
         return als_pb2.StreamAccessLogsResponse()
+
+    def _attempts(self, entries: Any) -> None:
+        on_attempt = self.on_attempt
+        if on_attempt is None:
+            return
+        for entry in entries:
+            upstream = _address(entry.common_properties.upstream_remote_address)
+            if not upstream:
+                continue
+            flags = [
+                f.name for f, v in entry.common_properties.response_flags.ListFields() if v is True
+            ]
+            failed = attempt_failed(entry.response.response_code.value, flags)
+            if failed is None:
+                continue
+            server = entry.request.request_headers.get(SERVER_HEADER, "")
+            try:
+                on_attempt(upstream, server, failed)
+            except Exception:  # a bug here must not stop the reports
+                log.exception("recording an attempt at %s failed", upstream)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 
 import crds
 from controllers.xds.generate import (
+    ACCESS_LOG_JSON_FIELDS,
     CLUSTER,
     ENDPOINT_TYPE,
     EXTPROC_CLUSTER,
@@ -297,3 +299,60 @@ def test_every_request_is_reported_to_the_extproc_and_has_an_id() -> None:
     hcm = off[LISTENER_TYPE]["openai"]["filter_chains"][0]["filters"][0]["typed_config"]
     assert "access_log" not in hcm
     assert hcm["http_filters"][0]["name"] == "envoy.filters.http.ext_proc"
+
+
+def test_every_attempt_at_a_pod_is_reported_for_passive_health() -> None:
+    from fleet import usage_envoy as usage
+
+    res = generate(GatewaySettings(), inputs())
+    hcm = res[LISTENER_TYPE]["openai"]["filter_chains"][0]["filters"][0]["typed_config"]
+    router = hcm["http_filters"][-1]
+    assert router["name"] == "envoy.filters.http.router"
+    (log,) = router["typed_config"]["upstream_log"]
+    assert log["typed_config"]["common_config"]["log_name"] == usage.ATTEMPTS_LOG_NAME
+    assert log["typed_config"]["additional_request_headers_to_log"] == [usage.SERVER_HEADER]
+    off = generate(GatewaySettings(request_log=False), inputs())
+    hcm = off[LISTENER_TYPE]["openai"]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert "upstream_log" not in hcm["http_filters"][-1]["typed_config"]
+
+
+def test_slow_client_timeouts_and_max_duration() -> None:
+    docs = DOCS.replace("    timeout: 1500ms\n", "    timeout: 1500ms\n    maxDuration: 90s\n", 1)
+    objs = list(crds.load_documents(docs, "test.yaml"))
+    given = XdsInputs(
+        routes=[o for o in objs if o.kind == "ModelRoute"],
+        servers=[o for o in objs if o.kind == "ModelServer"],
+    )
+    settings = GatewaySettings(request_headers_timeout_s=3, request_body_idle_timeout_s=7)
+    res = generate(settings, given)
+    hcm = res[LISTENER_TYPE]["openai"]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert hcm["request_headers_timeout"] == "3s"
+    assert hcm["stream_idle_timeout"] == "300s"
+    routes = res[ROUTE_TYPE]["openai"]["virtual_hosts"][0]["routes"]
+    by_name = {r["name"]: r["route"] for r in routes}
+    # before the extproc routes a request it is on the default route: the body idle limit
+    assert by_name["default"]["idle_timeout"] == "7s"
+    # once routed, the answer's silences get the stream idle timeout (streams are not cut)
+    server = by_name["modelserver/ns/a"]
+    assert server["idle_timeout"] == "300s"
+    assert server["max_stream_duration"] == {"max_stream_duration": "90s"}
+    # with policies a queued request waits in silence up to max_message_timeout (the longest
+    # queue.maxWait, 60 s by default, + 5 s): the body idle limit never undercuts it
+    queued = generate(replace(settings, queueing=True), given)
+    routes = queued[ROUTE_TYPE]["openai"]["virtual_hosts"][0]["routes"]
+    assert routes[-1]["route"]["idle_timeout"] == "65s"
+    # fail-open: requests may stay on the default route while their answer streams
+    open_ = generate(GatewaySettings(fail_open=True), given)
+    routes = open_[ROUTE_TYPE]["openai"]["virtual_hosts"][0]["routes"]
+    assert routes[-1]["route"]["idle_timeout"] == "300s"
+
+
+def test_json_access_line_fits_envoys_schema_and_bad_formats_are_named() -> None:
+    res = generate(GatewaySettings(access_log=True, access_log_format="json"), inputs())
+    listener = res[LISTENER_TYPE]["openai"]
+    assert to_any(listener).value  # Envoy's own protobuf schema accepts it
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    stdout = next(x for x in hcm["access_log"] if x["name"] == "envoy.access_loggers.stdout")
+    assert stdout["typed_config"]["log_format"] == {"json_format": ACCESS_LOG_JSON_FIELDS}
+    with pytest.raises(ValueError, match="access_log_format 'xml': expected text or json"):
+        generate(GatewaySettings(access_log=True, access_log_format="xml"), inputs())
