@@ -66,7 +66,8 @@ class HealthPolicy:
 
     def ejection_seconds(self, ejections: int) -> float:
         """How long the ``ejections``-th ejection in a row lasts (1: the base time)."""
-        return min(self.base_ejection_s * 2 ** min(ejections - 1, 30), self.max_ejection_s)
+        doubled: float = self.base_ejection_s * 2.0 ** min(ejections - 1, 30)
+        return min(doubled, self.max_ejection_s)
 
 
 def attempt_failed(status: int, flags: Iterable[str]) -> bool | None:
