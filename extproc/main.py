@@ -25,7 +25,7 @@ from extproc.kvevents import KVEventsSubscriber, targets_of
 from extproc.kvindex import KVBlockIndex
 from extproc.metrics import GatewayMetrics
 from extproc.parsing import DEFAULT_BODY_LIMIT
-from extproc.scheduling import build_scheduler, check_profile
+from extproc.scheduling import build_scheduler
 from extproc.transport.grpc_servicer import BODY_MODES, ExtProcServicer
 from extproc.transport.http_side import build_app
 from fleet.config import GatewayConfig
@@ -253,7 +253,6 @@ class ExtProcApp:
                 self._apply,
                 interval=args.config_poll,
                 on_result=self._counted,
-                check_profile=check_profile,
             )
         self.scraper: Any = None
         self.kv_events = KVEventsSubscriber(

@@ -37,6 +37,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fleet.config import GatewayConfig, StaticEndpoint
+from fleet.plugins import check_profile
 from fleet.profile import Profile, SchedulerProfile
 
 __all__ = [
@@ -141,9 +142,7 @@ def _config_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in (".yaml", ".yml"))
 
 
-def load_directory(
-    directory: Path | str, check_profile: Callable[[Profile], None] | None = None
-) -> GatewayConfig:
+def load_directory(directory: Path | str) -> GatewayConfig:
     """Read and validate every document; raise :class:`ConfigError` listing every problem."""
     import crds
 
@@ -215,8 +214,7 @@ def load_directory(
                         obj_kind,
                         obj.metadata.name,
                     )
-    if check_profile is not None:
-        errors.extend(_check_profiles(config, seen, check_profile))
+    errors.extend(_check_profiles(config, seen))
     names: dict[str, str] = {}
     for endpoint in config.endpoints:
         if endpoint.name in names:
@@ -230,14 +228,9 @@ def load_directory(
     return config
 
 
-def _check_profiles(
-    config: GatewayConfig,
-    seen: dict[tuple[str, str], str],
-    check_profile: Callable[[Profile], None],
-) -> list[str]:
-    """Scheduler profiles are checked at load (unknown plugins or arguments), not on a request:
-    ``check_profile`` raises ValueError naming the plugin and argument (the scheduler's own
-    check, ``extproc.scheduling.check_profile``)."""
+def _check_profiles(config: GatewayConfig, seen: dict[tuple[str, str], str]) -> list[str]:
+    """Scheduler profiles are checked at load against the plugin catalogue (unknown plugins or
+    arguments, :func:`fleet.plugins.check_profile`), not on a request."""
     errors: list[str] = []
     checks: list[tuple[str, str, Profile]] = []
     for (kind, key), where in seen.items():
@@ -286,10 +279,8 @@ class ConfigWatcher:
         *,
         interval: float = 1.0,
         on_result: Callable[[bool], None] | None = None,
-        check_profile: Callable[[Profile], None] | None = None,
     ) -> None:
         self.directory = Path(directory)
-        self.check_profile = check_profile
         self.apply = apply
         self.interval = interval
         self.on_result = on_result
@@ -301,7 +292,7 @@ class ConfigWatcher:
         """Load synchronously (used at start-up); True when the configuration was applied."""
         self._fingerprint = _fingerprint(self.directory)
         try:
-            config = load_directory(self.directory, self.check_profile)
+            config = load_directory(self.directory)
         except ConfigError as exc:
             return self._rejected(str(exc))
         return self._applied(config)

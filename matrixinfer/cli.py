@@ -337,11 +337,10 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     if not config.is_dir():
         _say(f"error: --config {config} is not a directory")
         return 2
-    from extproc.scheduling import check_profile
     from fleet.files import ConfigError, load_directory
 
     try:
-        load_directory(config, check_profile)
+        load_directory(config)
     except ConfigError as exc:
         _say(f"error: the configuration in {config} is not valid:\n{exc}")
         return 2

@@ -65,10 +65,11 @@ from bench.workloads import adapter_names
 from extproc.datastore import Datastore
 from extproc.gateway import Gateway, Immediate, Routed
 from extproc.metrics import GatewayMetrics
-from extproc.scheduling import build_scheduler, check_profile
+from extproc.scheduling import build_scheduler
 from extproc.scraper import _phase
 from fleet.engine_metrics import LatencyState, parse_metrics
 from fleet.files import load_directory
+from fleet.plugins import check_profile
 from fleet.profile import SchedulerProfile
 from sim.config import SimConfig
 from sim.engine import SGLANG_BUCKETS, VLLM_BUCKETS, Batch, Engine, QueueFull, Request
@@ -333,7 +334,7 @@ class _Simulation:
                 adapters=sorted(self.adapters),
                 profile=self.contender.profile,
             )
-            config = load_directory(directory, check_profile=check_profile)
+            config = load_directory(directory)
         if self.default_profile is not None:
             check_profile(self.default_profile)
             config.scheduler_profile = self.default_profile

@@ -9,7 +9,7 @@ Public surface::
 """
 
 from extproc.scheduling.plugins import PLUGINS, PluginInfo, lora_servable
-from extproc.scheduling.scheduler import ProfileLike, Scheduler, build_scheduler
+from extproc.scheduling.scheduler import Scheduler, build_scheduler
 from extproc.scheduling.types import (
     AllPodsSaturated,
     NoPodAvailable,
@@ -33,11 +33,5 @@ __all__ = [
     "SchedulingRequest",
     "SchedulingResult",
     "build_scheduler",
-    "check_profile",
     "lora_servable",
 ]
-
-
-def check_profile(profile: ProfileLike) -> None:
-    """Raise ValueError (naming the plugin and argument) unless ``profile`` builds a scheduler."""
-    build_scheduler(profile=profile)

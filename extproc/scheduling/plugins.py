@@ -20,10 +20,9 @@ import re
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
-from pydantic.alias_generators import to_camel
+from pydantic import BaseModel
 
 from extproc.kvindex import KVBlockIndex, PromptHasher
 from extproc.scheduling.prefix import PrefixIndex, block_hashes
@@ -33,6 +32,16 @@ from extproc.scheduling.types import (
     NoPodAvailable,
     SchedulingRequest,
     SchedulingResult,
+)
+from fleet.plugins import (
+    CATALOGUE,
+    LeastLatencyArgs,
+    LeastRequestArgs,
+    LoraCapableArgs,
+    PrecisePrefixArgs,
+    PrefixCacheArgs,
+    SaturationArgs,
+    SessionAffinityArgs,
 )
 from fleet.pods import Pod
 
@@ -59,13 +68,6 @@ __all__ = [
 
 
 # Plugin arguments are written in the API's camelCase (``blockSize``); snake_case is accepted too.
-ARGS_CONFIG = ConfigDict(
-    extra="forbid", frozen=True, alias_generator=to_camel, populate_by_name=True
-)
-
-
-class NoArgs(BaseModel):
-    model_config = ARGS_CONFIG
 
 
 @dataclass(slots=True)
@@ -84,7 +86,6 @@ class Plugin:
 
     name: ClassVar[str]
     kind: ClassVar[str]
-    Args: ClassVar[type[BaseModel]] = NoArgs
     key: str  # unique within a scheduler: "<name>#<position>"
 
     def __init__(self, args: BaseModel) -> None:
@@ -118,7 +119,6 @@ class Filter(Plugin):
 
 class Scorer(Plugin):
     kind: ClassVar[str] = "scorer"
-    default_weight: ClassVar[float] = 1.0
 
     def score(self, ctx: Context, pods: list[Pod]) -> list[float] | None:
         """Scores in 0..1 for ``pods`` (same order), or None when it prefers no pod over another."""
@@ -157,24 +157,12 @@ class ReadyFilter(Filter):
         return NoPodAvailable(f"none of the {_plural(len(pods), 'pod')} of {ctx.server} is ready")
 
 
-class SaturationArgs(BaseModel):
-    model_config = ARGS_CONFIG
-
-    max_waiting: float = Field(
-        default=8, gt=0, description="A pod whose engine queue holds this many requests is full."
-    )
-    max_kv_cache_usage: float = Field(
-        default=0.95, gt=0, le=1, description="A pod whose KV cache is this full (0..1) is full."
-    )
-
-
 class SaturationFilter(Filter):
     """Drops pods whose engine queue (waiting >= max_waiting) or KV cache (usage >=
     max_kv_cache_usage) is full; ``waiting`` counts what was sent and finished since the scrape
     (:meth:`waiting`). Unknown or stale metrics never make a pod saturated."""
 
     name = "saturation"
-    Args = SaturationArgs
 
     def __init__(self, args: BaseModel) -> None:
         super().__init__(args)
@@ -229,17 +217,6 @@ class SaturationFilter(Filter):
         )
 
 
-class LoraCapableArgs(BaseModel):
-    model_config = ARGS_CONFIG
-
-    dynamic_loading: bool = Field(
-        default=False,
-        description="The engines load an adapter on its first request (e.g. vLLM with a LoRA "
-        "resolver): a pod that has not loaded the adapter stays a candidate if it has a free "
-        "adapter slot. Off: only pods that have loaded the adapter are candidates.",
-    )
-
-
 class LoraCapableFilter(Filter):
     """For a LoRA request, keeps pods that have loaded the adapter (their ``/v1/models`` lists it)
     and run or queue it or have a free adapter slot (fewer running adapters than max_lora). When
@@ -250,7 +227,6 @@ class LoraCapableFilter(Filter):
     Requests without an adapter pass unchanged."""
 
     name = "lora-capable"
-    Args = LoraCapableArgs
 
     def __init__(self, args: BaseModel) -> None:
         super().__init__(args)
@@ -309,17 +285,6 @@ def lora_servable(pods: Sequence[Pod], lora: str) -> bool:
 # --------------------------------------------------------------------------------------- scorers
 
 
-class LeastRequestArgs(BaseModel):
-    model_config = ARGS_CONFIG
-
-    slack: float = Field(
-        default=4.0,
-        gt=0,
-        description="Load added to every pod before comparing: score = (min_load + slack) / "
-        "(load + slack). Larger = gentler preference at low load.",
-    )
-
-
 class LeastRequestScorer(Scorer):
     """Prefers the least loaded pod. A pod's load is max(gateway in-flight, engine waiting +
     running): the gateway's count is exact and current for its own requests, the engine's counts
@@ -329,7 +294,6 @@ class LeastRequestScorer(Scorer):
     from 1 to 0."""
 
     name = "least-request"
-    Args = LeastRequestArgs
 
     def __init__(self, args: BaseModel) -> None:
         super().__init__(args)
@@ -378,27 +342,11 @@ class KvCacheScorer(Scorer):
         return _neutral_fill(values)
 
 
-class PrefixCacheArgs(BaseModel):
-    model_config = ARGS_CONFIG
-
-    block_size: int = Field(
-        default=128, ge=16, le=65536, description="Bytes of UTF-8 prompt text per hashed block."
-    )
-    max_blocks: int = Field(
-        default=128, ge=1, le=4096, description="Only the prompt's first max_blocks blocks count."
-    )
-    capacity: int = Field(
-        default=8192, ge=1, description="Block hashes remembered per pod (LRU); ~ its KV cache."
-    )
-
-
 class PrefixCacheScorer(Scorer):
     """Prefers the pod most likely to hold the prompt's prefix in its KV cache: score = matched
     leading blocks / prompt blocks, from an approximate per-pod index credited at routing time."""
 
     name = "prefix-cache"
-    Args = PrefixCacheArgs
-    default_weight = 2.0
 
     def __init__(self, args: BaseModel) -> None:
         super().__init__(args)
@@ -454,24 +402,6 @@ class _Segment:
     n_blocks: int
 
 
-class PrecisePrefixArgs(BaseModel):
-    model_config = ARGS_CONFIG
-
-    tokenizer: Literal["simulator"] = Field(
-        default="simulator",
-        description="How the engines tokenize: 'simulator' (matrixinfer-sim's documented rules).",
-    )
-    max_blocks: int = Field(
-        default=512, ge=1, le=65536, description="Only the prompt's first max_blocks blocks count."
-    )
-    request_cost: float = Field(
-        default=256.0,
-        ge=0,
-        description="Prefill+decode work of one request already queued or running on a pod, in "
-        "prompt tokens: the exchange rate between a pod's load and a cache miss.",
-    )
-
-
 PRECISE = "precise-prefix:active"
 """``Context.state`` key set when precise-prefix scored the request: ``prefix-cache`` and
 ``least-request`` listed after it then abstain (the precise cost already holds both)."""
@@ -489,8 +419,6 @@ class PrecisePrefixScorer(Scorer):
     listed after it abstain."""
 
     name = "precise-prefix"
-    Args = PrecisePrefixArgs
-    default_weight = 5.0
 
     def __init__(self, args: BaseModel, index: KVBlockIndex | None = None) -> None:
         super().__init__(args)
@@ -610,26 +538,16 @@ class PrecisePrefixScorer(Scorer):
         return [top / (c + slack) for c in costs]
 
 
-class LeastLatencyArgs(BaseModel):
-    model_config = ARGS_CONFIG
-
-    ttft_weight: float = Field(default=0.5, ge=0, description="Share of TTFT in the score.")
-    tpot_weight: float = Field(default=0.5, ge=0, description="Share of TPOT in the score.")
-
-
 class LeastLatencyScorer(Scorer):
     """Prefers pods with lower recent TTFT and TPOT (means over the last scrape interval with
     traffic). Each part scores fastest / own (1 for the fastest pod); unknown = neutral."""
 
     name = "least-latency"
-    Args = LeastLatencyArgs
 
     def __init__(self, args: BaseModel) -> None:
         super().__init__(args)
         assert isinstance(args, LeastLatencyArgs)
-        total = args.ttft_weight + args.tpot_weight
-        if total <= 0:
-            raise ValueError("ttft_weight + tpot_weight must be > 0")
+        total = args.ttft_weight + args.tpot_weight  # > 0: LeastLatencyArgs checks it
         self.w_ttft = args.ttft_weight / total
         self.w_tpot = args.tpot_weight / total
 
@@ -681,23 +599,12 @@ class LoraAffinityScorer(Scorer):
         return _neutral_fill([affinity(p, lora) for p in pods])
 
 
-class SessionAffinityArgs(BaseModel):
-    model_config = ARGS_CONFIG
-
-    header: str = Field(
-        default="x-session-id", min_length=1, description="Request header naming the session."
-    )
-    capacity: int = Field(default=65536, ge=1, description="Sessions remembered (LRU).")
-
-
 class SessionAffinityScorer(Scorer):
     """Sends a session back to the pod that served it last: 1 for that pod, 0 for the others. The
     session is the ``header`` value, else ``request.session_key``. When that pod is gone or filtered
     out (not ready, saturated) nobody scores 1, the others decide, and the session moves."""
 
     name = "session-affinity"
-    Args = SessionAffinityArgs
-    default_weight = 10.0
 
     def __init__(self, args: BaseModel) -> None:
         super().__init__(args)
@@ -745,6 +652,9 @@ class RandomScorer(Scorer):
 
 @dataclass(frozen=True, slots=True)
 class PluginInfo:
+    """A registered plugin: its catalogue entry (:mod:`fleet.plugins`: kind, arguments, default
+    weight) and the class that implements it."""
+
     name: str
     kind: str  # "filter" | "scorer"
     factory: Callable[[BaseModel], Plugin]
@@ -754,8 +664,11 @@ class PluginInfo:
 
 
 def _info(cls: type[Filter] | type[Scorer]) -> PluginInfo:
-    weight = cls.default_weight if issubclass(cls, Scorer) else None
-    return PluginInfo(cls.name, cls.kind, cls, cls.Args, weight, (cls.__doc__ or "").strip())
+    entry = CATALOGUE[cls.name]
+    if entry.kind != cls.kind:  # pragma: no cover - a programming error, caught at import
+        raise TypeError(f"plugin {cls.name!r} is a {cls.kind} here, a {entry.kind} in fleet")
+    doc = (cls.__doc__ or "").strip()
+    return PluginInfo(cls.name, cls.kind, cls, entry.args, entry.default_weight, doc)
 
 
 _CLASSES: Sequence[type[Filter] | type[Scorer]] = (

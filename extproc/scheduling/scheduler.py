@@ -8,34 +8,17 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
-
-from pydantic import BaseModel, ValidationError
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from extproc.kvindex import KVBlockIndex
 from extproc.scheduling.plugins import PLUGINS, Context, Filter, Plugin, Scorer
 from extproc.scheduling.types import NoPodAvailable, SchedulingRequest, SchedulingResult
+from fleet.plugins import PluginSpecLike, ProfileLike, validate_plugin
 from fleet.pods import Pod
 from fleet.profile import DEFAULT_PROFILE
 
 __all__ = ["PluginSpecLike", "ProfileLike", "Scheduler", "build_scheduler"]
-
-
-class PluginSpecLike(Protocol):
-    @property
-    def name(self) -> str: ...
-    @property
-    def weight(self) -> int | float | None: ...
-    @property
-    def args(self) -> Mapping[str, Any] | None: ...
-
-
-class ProfileLike(Protocol):
-    @property
-    def filters(self) -> Sequence[PluginSpecLike] | None: ...
-    @property
-    def scorers(self) -> Sequence[PluginSpecLike] | None: ...
 
 
 class Scheduler:
@@ -150,55 +133,12 @@ def _rank(pods: list[Pod], totals: list[float], k: int, rng: random.Random) -> l
     return ranked
 
 
-def _error_text(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(x) for x in err.get("loc", ())) or "args"
-        msg = err.get("msg", "invalid")
-        if err.get("type") == "extra_forbidden":
-            msg = "unknown argument"
-        parts.append(f"argument '{loc}': {msg}")
-    return "; ".join(parts)
-
-
 def _build_plugin(kind: str, position: int, spec: PluginSpecLike) -> tuple[Any, float]:
-    where = f"scheduler {kind}s[{position}]"
-    name = getattr(spec, "name", None)
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"{where}: a plugin needs a 'name'")
-    info = PLUGINS.get(name)
-    if info is None:
-        known = ", ".join(sorted(n for n, i in PLUGINS.items() if i.kind == kind))
-        raise ValueError(f"{where}: unknown {kind} plugin '{name}' (known {kind}s: {known})")
-    if info.kind != kind:
-        raise ValueError(f"{where}: plugin '{name}' is a {info.kind}, not a {kind}")
-    raw_args = getattr(spec, "args", None)
-    if raw_args is None:
-        raw_args = {}
-    if isinstance(raw_args, BaseModel):
-        raw_args = raw_args.model_dump()
-    if not isinstance(raw_args, Mapping):
-        raise ValueError(f"{where}: plugin '{name}': 'args' must be a mapping")
-    try:
-        args = info.args.model_validate(dict(raw_args))
-        plugin = info.factory(args)
-    except ValidationError as exc:
-        raise ValueError(f"{where}: plugin '{name}': {_error_text(exc)}") from None
-    except ValueError as exc:
-        raise ValueError(f"{where}: plugin '{name}': {exc}") from None
-    plugin.key = f"{name}#{position}"
-    weight: float = 0.0
-    if kind == "scorer":
-        raw_weight = getattr(spec, "weight", None)
-        if raw_weight is None:
-            raw_weight = info.default_weight if info.default_weight is not None else 1.0
-        if isinstance(raw_weight, bool) or not isinstance(raw_weight, int | float):
-            raise ValueError(f"{where}: plugin '{name}': 'weight' must be a number")
-        if not raw_weight >= 0 or raw_weight == float("inf"):
-            raise ValueError(
-                f"{where}: plugin '{name}': 'weight' must be a finite number >= 0, got {raw_weight}"
-            )
-        weight = float(raw_weight)
+    """The plugin ``spec`` names, checked against the catalogue (:func:`fleet.plugins.
+    validate_plugin`) and built, with its weight."""
+    entry, args, weight = validate_plugin(kind, position, spec)
+    plugin = PLUGINS[entry.name].factory(args)
+    plugin.key = f"{entry.name}#{position}"
     return plugin, weight
 
 

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 from extproc.datastore import Datastore
-from extproc.scheduling import check_profile
 from fleet.config import GatewayConfig
 from fleet.files import ConfigError, ConfigWatcher, load_directory
 from tests.extproc.helpers import server_yaml
@@ -121,9 +120,8 @@ def test_bad_scheduler_profile_is_a_config_error(tmp_path: Path) -> None:
     write_good(tmp_path)
     bad = server_yaml("odd", {"app": "x"}) + "  scheduler:\n    filters: [{name: no-such-filter}]\n"
     (tmp_path / "40-odd.yaml").write_text(bad)
-    load_directory(tmp_path)  # without the scheduler's check the profile is not read
     with pytest.raises(ConfigError) as err:
-        load_directory(tmp_path, check_profile)
+        load_directory(tmp_path)
     message = str(err.value)
     assert "40-odd.yaml" in message and 'ModelServer "odd"' in message
     assert "spec.scheduler filters[0]" in message and "no-such-filter" in message

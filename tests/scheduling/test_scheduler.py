@@ -340,3 +340,17 @@ def test_least_request_balances_a_stream(
         res.primary.in_flight += 1
         loads = [p.in_flight for p in pods]
         assert max(loads) - min(loads) <= 1
+
+
+def test_every_catalogued_plugin_is_implemented_and_the_other_way_round() -> None:
+    """fleet.plugins lists what a profile may name; extproc implements exactly that."""
+    from fleet.plugins import CATALOGUE
+
+    assert set(PLUGINS) == set(CATALOGUE)
+    for name, info in PLUGINS.items():
+        entry = CATALOGUE[name]
+        assert (info.kind, info.args, info.default_weight) == (
+            entry.kind,
+            entry.args,
+            entry.default_weight,
+        )
