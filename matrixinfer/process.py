@@ -79,24 +79,30 @@ class ReadinessTimeout(RuntimeError):
     """A child did not become ready before its deadline."""
 
 
-# Ports handed out lately by free_port, whatever the host. A caller binds its port some time after
-# asking (a child process starts first), and the kernel may offer a port again as soon as the probe
-# socket closes: two children of one stack were once given the same port, and the readiness check
-# of one read the other's HTTP/2 greeting.
-_ISSUED: collections.deque[int] = collections.deque(maxlen=4096)
+# Ports handed out by free_port stay bound here (SO_REUSEADDR, never listening) for the next
+# HELD_PORTS calls: while a port is held the kernel gives it to no other bind, so two children of
+# one stack (or two stacks of one test run) are never handed the same port, and the child it is
+# meant for can still take it, since every server MatrixInfer starts (Envoy, grpc, aiohttp, Redis)
+# binds with SO_REUSEADDR and a port may be shared while only one socket listens. A probe that
+# closed its socket at once let the kernel offer the port again: a CI run once gave an xDS server's
+# HTTP port to an extproc's gRPC port.
+HELD_PORTS = 512
+_HELD: collections.deque[socket.socket] = collections.deque()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now and that this process has not been given by an
-    earlier call lately (so the ports of one stack never collide before their owners bind them)."""
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind((host, 0))
-            port = int(s.getsockname()[1])
-        if port not in _ISSUED:
-            _ISSUED.append(port)
-            return port
-    raise OSError(f"no fresh free port on {host} after 100 tries")
+    """A TCP port that is free on ``host`` and held for its owner (see ``HELD_PORTS``)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, 0))
+    except OSError:
+        s.close()
+        raise
+    _HELD.append(s)
+    while len(_HELD) > HELD_PORTS:
+        _HELD.popleft().close()
+    return int(s.getsockname()[1])
 
 
 def unwind_on_sigterm() -> None:

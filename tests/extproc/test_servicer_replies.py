@@ -380,6 +380,7 @@ async def test_real_gateway_reply_fields(ctx_cls: type[_AioLikeContext]) -> None
     assert list(common.header_mutation.remove_headers) == [
         "x-gateway-lora",  # no adapter: a client's copy is removed
         "x-envoy-retriable-status-codes",
+        "x-matrixinfer-prefill-endpoint",  # no PD pairing: a client's copy is removed
     ]
     assert common.body_mutation.body == rewritten
     lb = reply.dynamic_metadata.fields["envoy.lb"].struct_value.fields

@@ -16,11 +16,30 @@ from matrixinfer.process import (
 
 
 def test_free_port_is_bindable() -> None:
+    """A server (SO_REUSEADDR, as Envoy, grpc, aiohttp and Redis bind) takes the held port."""
     import socket
 
     p = free_port()
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", p))
+        s.listen()
+
+
+def test_a_held_port_is_not_given_to_another_process() -> None:
+    """While held, other processes' own probes (bind to port 0) never get the port: the race of a
+    closed probe whose port the kernel hands to someone else before the child binds it."""
+    import subprocess
+    import sys
+
+    held = {free_port() for _ in range(200)}
+    probe = (
+        "import socket\n"
+        "for _ in range(3000):\n"
+        "    s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1]); s.close()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert not held & {int(x) for x in out.stdout.split()}
 
 
 def test_free_port_does_not_hand_out_a_port_twice() -> None:
