@@ -22,6 +22,7 @@ import kmock
 from controllers.main import ControllerConfig, run_operator
 
 MI_PATH = "/apis/workload.matrixinfer.ai/v1alpha1/namespaces/{ns}/modelinfers"
+REVIEW_GROUPS = {"authentication.k8s.io", "authorization.k8s.io"}
 VERBS = {"list", "watch", "get", "create", "patch", "delete"}
 
 
@@ -54,6 +55,9 @@ class Emulator(kmock.KubernetesEmulator):
             if isinstance(meta, dict) and not meta.get("name") and meta.get("generateName"):
                 type(self)._serial += 1
                 meta["name"] = f"{meta['generateName']}{type(self)._serial:06d}"
+        if getattr(getattr(request, "resource", None), "group", None) in REVIEW_GROUPS:
+            # reviews are answered, never stored (the emulator would store each under no name)
+            return await super(kmock.KubernetesEmulator, self)._handle(request)
         return await super()._handle(request)
 
 
@@ -82,10 +86,65 @@ def declare(k: kmock.KubernetesEmulator, volcano: bool = False) -> None:
         verbs=VERBS,
         subresources={"status"},
     )
+    res["registry.matrixinfer.ai/v1alpha1/models"] = kmock.ResourceInfo(
+        kind="Model", singular="model", namespaced=True, verbs=VERBS, subresources={"status"}
+    )
+    res["v1/nodes"] = kmock.ResourceInfo(kind="Node", namespaced=False, verbs=VERBS)
     if volcano:
         res["scheduling.volcano.sh/v1beta1/podgroups"] = kmock.ResourceInfo(
             kind="PodGroup", namespaced=True, verbs=VERBS
         )
+
+
+@dataclass
+class Reviews:
+    """TokenReview and SubjectAccessReview as an API server with RBAC would answer them:
+    ``tokens`` maps a bearer token to a user name; ``allow(user, attributes)`` decides each
+    SubjectAccessReview (``attributes``: its spec.resourceAttributes). Every review is kept."""
+
+    tokens: dict[str, str]
+    allow: Callable[[str, dict[str, Any]], bool]
+    seen: list[dict[str, Any]] = field(default_factory=list)
+
+    def token_review(self, request: Any) -> dict[str, Any]:
+        token = str(((request.data or {}).get("spec") or {}).get("token", ""))
+        self.seen.append({"kind": "TokenReview", "token": token})
+        user = self.tokens.get(token)
+        status: dict[str, Any] = {"authenticated": user is not None}
+        if user is not None:
+            status["user"] = {"username": user, "uid": f"uid-{user}", "groups": ["users"]}
+        return {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "status": status}
+
+    def access_review(self, request: Any) -> dict[str, Any]:
+        spec = (request.data or {}).get("spec") or {}
+        attrs = dict(spec.get("resourceAttributes") or {})
+        self.seen.append({"kind": "SubjectAccessReview", "user": spec.get("user"), **attrs})
+        ok = self.allow(str(spec.get("user")), attrs)
+        status = {"allowed": ok, "reason": "" if ok else "RBAC: no rule allows it"}
+        return {
+            "apiVersion": "authorization.k8s.io/v1",
+            "kind": "SubjectAccessReview",
+            "status": status,
+        }
+
+
+def serve_reviews(k: kmock.KubernetesEmulator, reviews: Reviews) -> None:
+    """Answer TokenReview and SubjectAccessReview creations with ``reviews``."""
+    k["post /apis/authentication.k8s.io/v1/tokenreviews"] << reviews.token_review
+    k["post /apis/authorization.k8s.io/v1/subjectaccessreviews"] << reviews.access_review
+
+
+def serve_logs(k: kmock.KubernetesEmulator, logs: dict[tuple[str, str], str]) -> None:
+    """Serve ``GET .../pods/<name>/log`` from ``logs[(namespace, pod)]`` as plain text (the
+    whole text, then the end: the emulator runs no containers to follow)."""
+
+    def log(request: Any) -> bytes:
+        text = logs.get((request.namespace, request.name))
+        if text is None:
+            raise kmock.KubernetesObjectNotFoundError()
+        return text.encode()  # bytes: served raw (a str would go out as JSON)
+
+    k[kmock.method.GET, kmock.subresource("log")] << log
 
 
 @dataclass

@@ -1,0 +1,98 @@
+"""The console served by uvicorn in the test's loop, against the emulated Kubernetes API (kmock)
+with TokenReview, SubjectAccessReview and pod logs answered, and GPU nodes declared."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import pytest
+import uvicorn
+
+from console.app import ConsoleConfig, create_app
+from matrixinfer.testing.kube import Api, Reviews, emulator, eventually, serve_logs, serve_reviews
+
+ADMIN, VIEWER, STRANGER = "admin-token", "viewer-token", "stranger-token"
+LOGS = {("ns", "chat-main-0"): "INFO engine started\nINFO serving on :8000\n"}
+
+
+def allow(user: str, attrs: dict[str, Any]) -> bool:
+    """RBAC of the test cluster: admin may do everything, viewer may read Models only."""
+    if user == "admin":
+        return True
+    reads = attrs.get("verb") in ("get", "list")
+    return user == "viewer" and reads and attrs["resource"] == "models"
+
+
+def gpu_node(name: str, product: str, gpus: int, memory_mib: int | None = None) -> dict[str, Any]:
+    labels = {"nvidia.com/gpu.product": product}
+    if memory_mib:
+        labels["nvidia.com/gpu.memory"] = str(memory_mib)
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name, "labels": labels},
+        "status": {"allocatable": {"cpu": "32", "nvidia.com/gpu": str(gpus)}},
+    }
+
+
+@dataclass
+class Console:
+    url: str
+    api: Api
+    reviews: Reviews
+    session: aiohttp.ClientSession
+
+    def headers(self, token: str = ADMIN) -> dict[str, str]:
+        return {"Authorization": f"Bearer {token}"}
+
+    async def call(
+        self, method: str, path: str, token: str | None = ADMIN, **kwargs: Any
+    ) -> tuple[int, Any]:
+        headers = self.headers(token) if token else {}
+        async with self.session.request(method, self.url + path, headers=headers, **kwargs) as r:
+            text = await r.text()
+            try:
+                import json
+
+                return r.status, json.loads(text)
+            except ValueError:
+                return r.status, text
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+async def console() -> AsyncIterator[Console]:
+    async with emulator() as api:
+        reviews = Reviews({ADMIN: "admin", VIEWER: "viewer"}, allow)
+        serve_reviews(api.k, reviews)
+        serve_logs(api.k, LOGS)
+        for node in (
+            gpu_node("l4-a", "NVIDIA-L4", 4),
+            gpu_node("l4-b", "NVIDIA-L4", 4),
+            gpu_node("h100-a", "NVIDIA-H100-80GB-HBM3", 8, 81559),
+        ):
+            await api.request("POST", "/api/v1/nodes", node)
+        app = create_app(ConsoleConfig(server=api.url, namespace="ns"))
+        port = free_port()
+        server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+        )
+        task = asyncio.create_task(server.serve())
+        try:
+            await eventually(lambda: server.started or task.done(), 20, "the console to start")
+            assert not task.done(), "the console exited at start"
+            async with aiohttp.ClientSession() as session:
+                yield Console(f"http://127.0.0.1:{port}", api, reviews, session)
+        finally:
+            server.should_exit = True
+            await asyncio.wait_for(task, 20)
