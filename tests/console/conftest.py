@@ -71,7 +71,13 @@ def free_port() -> int:
 
 
 @pytest.fixture
-async def console() -> AsyncIterator[Console]:
+def console_extra() -> dict[str, Any]:
+    """More ConsoleConfig fields (a test module overrides this fixture)."""
+    return {}
+
+
+@pytest.fixture
+async def console(console_extra: dict[str, Any]) -> AsyncIterator[Console]:
     async with emulator() as api:
         reviews = Reviews({ADMIN: "admin", VIEWER: "viewer"}, allow)
         serve_reviews(api.k, reviews)
@@ -82,7 +88,7 @@ async def console() -> AsyncIterator[Console]:
             gpu_node("h100-a", "NVIDIA-H100-80GB-HBM3", 8, 81559),
         ):
             await api.request("POST", "/api/v1/nodes", node)
-        app = create_app(ConsoleConfig(server=api.url, namespace="ns"))
+        app = create_app(ConsoleConfig(server=api.url, namespace="ns", **console_extra))
         port = free_port()
         server = uvicorn.Server(
             uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
