@@ -9,12 +9,12 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib import resources
-from pathlib import Path
+from pathlib import Path as FilePath
 from typing import Annotated, Any
 
 import aiohttp
 import yaml
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
@@ -38,6 +38,7 @@ from console.metrics import ModelMetrics, model_metrics
 from console.recommend import Recommendation, recommend
 from console.rules import EngineRules, EngineSpec, load_rules
 from crds import InvalidObject
+from crds.common import DNS1123_LABEL, DNS1123_SUBDOMAIN
 
 __all__ = ["ConsoleConfig", "ConsoleError", "create_app"]
 
@@ -50,9 +51,9 @@ class ConsoleConfig:
     gateway_url: str | None = None  # where models are served (OpenAI API)
     gateway_metrics_url: str | None = None  # the gateway's Prometheus /metrics
     hf_endpoint: str | None = field(default_factory=lambda: os.environ.get("HF_ENDPOINT"))
-    catalog_file: Path | None = None
-    rules_file: Path | None = None
-    prices_file: Path | None = None
+    catalog_file: FilePath | None = None
+    rules_file: FilePath | None = None
+    prices_file: FilePath | None = None
 
 
 class ConsoleError(Exception):
@@ -128,6 +129,7 @@ class ChatRequest(BaseModel):
     max_tokens: int | None = Field(default=None, gt=0)
 
 
+_SUBDOMAIN = DNS1123_SUBDOMAIN
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "No or invalid bearer token."},
     403: {"model": ErrorResponse, "description": "RBAC does not allow the action."},
@@ -157,7 +159,13 @@ def _state(request: Request) -> State:
 
 
 StateDep = Annotated[State, Depends(_state)]
-Namespace = Annotated[str | None, Query(description="Namespace; absent: the console's.")]
+Namespace = Annotated[
+    str | None,
+    Query(description="Namespace; absent: the console's.", pattern=DNS1123_LABEL, max_length=63),
+]
+Name = Annotated[
+    str, Path(description="The deployment (Model) name.", pattern=DNS1123_LABEL, max_length=63)
+]
 
 
 def authorize(action: str) -> Callable[..., Awaitable[User]]:
@@ -288,7 +296,7 @@ def create_app(cfg: ConsoleConfig) -> FastAPI:
 
     @app.get("/api/deployments/{name}", tags=["deployments"], responses=ERRORS)
     async def get_deployment(
-        name: str,
+        name: Name,
         user: Annotated[User, Depends(authorize("deployments.get"))],
         namespace: Namespace = None,
     ) -> DeploymentView:
@@ -339,7 +347,7 @@ def create_app(cfg: ConsoleConfig) -> FastAPI:
         responses={**ERRORS, 422: {"model": ErrorResponse, "description": "Invalid Model."}},
     )
     async def update_deployment(
-        name: str,
+        name: Name,
         body: DeploymentRequest,
         user: Annotated[User, Depends(authorize("deployments.update"))],
         namespace: Namespace = None,
@@ -361,7 +369,7 @@ def create_app(cfg: ConsoleConfig) -> FastAPI:
 
     @app.delete("/api/deployments/{name}", tags=["deployments"], responses=ERRORS)
     async def delete_deployment(
-        name: str,
+        name: Name,
         user: Annotated[User, Depends(authorize("deployments.delete"))],
         namespace: Namespace = None,
     ) -> dict[str, str]:
@@ -380,13 +388,14 @@ def create_app(cfg: ConsoleConfig) -> FastAPI:
         response_class=StreamingResponse,
     )
     async def deployment_logs(
-        name: str,
+        name: Name,
         user: Annotated[User, Depends(authorize("deployments.logs"))],
         namespace: Namespace = None,
         pod: Annotated[
-            str | None, Query(description="A pod of the deployment; absent: its first.")
+            str | None,
+            Query(description="A pod of the deployment; absent: its first.", pattern=_SUBDOMAIN),
         ] = None,
-        container: str | None = None,
+        container: Annotated[str | None, Query(pattern=DNS1123_LABEL)] = None,
         follow: bool = False,
         tail_lines: Annotated[int | None, Query(alias="tailLines", ge=0)] = None,
     ) -> StreamingResponse:
@@ -421,7 +430,7 @@ def create_app(cfg: ConsoleConfig) -> FastAPI:
 
     @app.get("/api/deployments/{name}/metrics", tags=["deployments"], responses=ERRORS)
     async def deployment_metrics(
-        name: str,
+        name: Name,
         user: Annotated[User, Depends(authorize("deployments.metrics"))],
         namespace: Namespace = None,
     ) -> ModelMetrics:
@@ -448,7 +457,7 @@ def create_app(cfg: ConsoleConfig) -> FastAPI:
         response_class=StreamingResponse,
     )
     async def chat(
-        name: str,
+        name: Name,
         body: ChatRequest,
         user: Annotated[User, Depends(authorize("deployments.chat"))],
         namespace: Namespace = None,

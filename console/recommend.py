@@ -1,6 +1,6 @@
 """Which engines and GPU shapes fit a model, with the memory arithmetic shown (pure).
 
-Memory of one replica (all its GPUs together)::
+Memory of one engine pod (all its GPUs together)::
 
     weights  = parameters x bytes per weight (the dtype)
     kv cache = 2 (K and V) x layers x kv_heads x head_dim x bytes per element
@@ -9,7 +9,8 @@ Memory of one replica (all its GPUs together)::
     fits when weights + kv cache + overhead <= GPU memory x gpu_memory_utilization x GPUs
 
 GPUs per replica (tensor parallel) are tried as 1, 2, 4, 8 up to the node's GPUs; the smallest
-that fits is the shape offered for each (engine, GPU pool).
+that fits is the shape offered for each (engine, GPU pool). The hourly cost of one replica is
+the GPU's price x GPUs x the engine's pods per replica (``pods`` in the rule file).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class Option(BaseModel):
     backend_type: str = Field(serialization_alias="backendType")
     gpu: str
     tensor_parallel: int = Field(serialization_alias="tensorParallel")
+    pods: int = Field(description="Engine pods per replica, each with tensorParallel GPUs.")
     memory: MemoryEstimate
     fits: bool = Field(description="Memory fits and every engine rule passes.")
     reasons: list[str] = Field(description="Why the option does not fit (empty when it does).")
@@ -115,6 +117,7 @@ def facts(
     dtype: str,
     pool: GpuPool,
     tensor_parallel: int,
+    pods: int,
     context_length: int,
     concurrency: int,
     lora: bool,
@@ -141,7 +144,7 @@ def facts(
             "count": pool.count,
             "nodes": pool.nodes,
         },
-        "shape": {"tensor_parallel": tensor_parallel},
+        "shape": {"tensor_parallel": tensor_parallel, "pods": pods},
         "want": {"context_length": context_length, "concurrency": concurrency, "lora": lora},
     }
 
@@ -168,7 +171,7 @@ def _option(
         rules.memory.gpu_memory_utilization,
         rules.memory.overhead_gib_per_gpu,
     )
-    seen = facts(model, dtype, pool, tp, context_length, concurrency, lora)
+    seen = facts(model, dtype, pool, tp, engine.pods, context_length, concurrency, lora)
     verdict = rules.evaluate(engine, seen)
     reasons = list(verdict.reasons)
     if not mem.fits:
@@ -182,11 +185,12 @@ def _option(
         backend_type=engine.backend_type,
         gpu=pool.product,
         tensor_parallel=tp,
+        pods=engine.pods,
         memory=mem,
         fits=not reasons,
         reasons=reasons,
         score=verdict.score,
-        hourly_cost=None if pool.hourly is None else pool.hourly * tp,
+        hourly_cost=None if pool.hourly is None else pool.hourly * tp * engine.pods,
         currency=currency,
     )
 

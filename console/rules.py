@@ -36,6 +36,9 @@ class EngineSpec(BaseModel):
     features: list[str] = Field(default_factory=list)
     requires: list[EngineRule] = Field(default_factory=list)
     score: str = Field(default="0", description="CEL expression (a number): higher first.")
+    pods: int = Field(
+        default=1, ge=1, description="Engine pods per replica, each with the shape's GPUs."
+    )
 
 
 class MemoryPolicy(BaseModel):

@@ -214,3 +214,19 @@ async def test_catalog_and_runtimes(console: Console) -> None:
     assert [r["backendType"] for r in runtimes] == ["vLLM", "SGLang", "vLLMDisaggregated"]
     status, _ = await console.call("GET", "/api/runtimes", token=STRANGER)
     assert status == 401
+
+
+async def test_names_in_urls_must_be_dns_labels(console: Console) -> None:
+    """Names go into the API server's URL paths: anything else is refused before they do."""
+    before = len(console.api.k._requests)
+    status, body = await console.call("GET", "/api/deployments?namespace=..%2Fkube-system")
+    assert status == 422 and body["error"]["fields"][0]["path"] == "query.namespace"
+    status, body = await console.call("GET", "/api/deployments/Bad_Name")
+    assert status == 422 and body["error"]["fields"][0]["path"] == "path.name"
+    status, body = await console.call("GET", "/api/deployments/chat/logs?pod=a%2Fb")
+    assert status == 422 and body["error"]["fields"][0]["path"] == "query.pod"
+    later = console.api.k._requests[before:]
+    assert {r.resource.group for r in later if r.resource} <= {  # reviews only: no names in URLs
+        "authentication.k8s.io",
+        "authorization.k8s.io",
+    }

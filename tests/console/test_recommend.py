@@ -60,7 +60,16 @@ def test_recommend_picks_the_smallest_tensor_parallel_that_fits() -> None:
     # bf16 weights 1.86 GiB + 8 MiB KV + 2 GiB overhead/GPU: 3.87 GiB > 1 x 3.6; 2 GPUs: 5.87 <= 7.2
     rec = recommend(TINY, [pool()], rules, context_length=1024, concurrency=8)
     vllm = next(o for o in rec.options if o.engine == "vllm")
-    assert vllm.tensor_parallel == 2 and vllm.fits and vllm.hourly_cost == 3.0
+    assert vllm.tensor_parallel == 2 and vllm.fits and vllm.hourly_cost == 3.0  # 2 x 1.5
+    big = TINY.model_copy(update={"params_b": 40.0})  # 74.5 GiB bf16: 4 GPUs of 24 GiB
+    big_rec = recommend(big, [pool(memory=24.0)], rules, context_length=1024, concurrency=1)
+    disagg = next(o for o in big_rec.options if o.engine == "vllm-disaggregated")
+    assert (disagg.tensor_parallel, disagg.pods, disagg.fits) == (4, 2, True)
+    assert disagg.hourly_cost == 1.5 * 4 * 2  # a prefill and a decode pod of 4 GPUs each
+    # 8 GPUs of this pool make one shape of 8 but not two of 8: no disaggregated tp=8
+    big_rec = recommend(big, [pool(memory=12.0)], rules, context_length=1024, concurrency=1)
+    disagg = next(o for o in big_rec.options if o.engine == "vllm-disaggregated")
+    assert disagg.tensor_parallel == 8 and "prefill and decode need" in " ".join(disagg.reasons)
     assert rec.best is not None and rec.best.tensor_parallel == 2
     # a context longer than the model's is not offered
     rec = recommend(TINY, [pool()], rules, context_length=8192, concurrency=1)
