@@ -18,9 +18,10 @@ from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from console.auth import ACTIONS, Authenticator, KubeAuth, User
+from console.base import ApiType
 from console.catalog import Catalog, Dtype, ModelCard, load_catalog
 from console.deployments import (
     MODEL_INFER_LABEL,
@@ -68,21 +69,21 @@ class ConsoleError(Exception):
         self.fields = fields or []
 
 
-class FieldError(BaseModel):
+class FieldError(ApiType):
     path: str
     message: str
 
 
-class ErrorBody(BaseModel):
+class ErrorBody(ApiType):
     message: str
     fields: list[FieldError] = Field(default_factory=list)
 
 
-class ErrorResponse(BaseModel):
+class ErrorResponse(ApiType):
     error: ErrorBody
 
 
-class DeploymentRequest(BaseModel):
+class DeploymentRequest(ApiType):
     """A deployment to create or replace: the wizard's form, or a whole Model in YAML."""
 
     model_config = ConfigDict(extra="forbid")
@@ -91,40 +92,40 @@ class DeploymentRequest(BaseModel):
     yaml: str | None = Field(default=None, description="A Model document (YAML or JSON).")
 
 
-class Preview(BaseModel):
+class Preview(ApiType):
     """What would be sent to the API server (``dryRun``)."""
 
     model: dict[str, Any]
     yaml: str
 
 
-class Runtime(BaseModel):
+class Runtime(ApiType):
     name: str
-    backend_type: str = Field(serialization_alias="backendType")
+    backend_type: str
     description: str
     features: list[str]
     requires: list[str] = Field(description="The rules' messages: what the engine needs.")
 
 
-class ModelHit(BaseModel):
+class ModelHit(ApiType):
     id: str
     source: str
     downloads: int | None = None
     likes: int | None = None
 
 
-class ModelsAnswer(BaseModel):
+class ModelsAnswer(ApiType):
     catalog: list[ModelCard]
     huggingface: list[ModelHit]
-    huggingface_error: str | None = Field(default=None, serialization_alias="huggingfaceError")
+    huggingface_error: str | None = Field(default=None)
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(ApiType):
     role: str
     content: str
 
 
-class ChatRequest(BaseModel):
+class ChatRequest(ApiType):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, gt=0)
 

@@ -9,6 +9,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from console.base import ApiType
+
 __all__ = ["DTYPE_BYTES", "Catalog", "Dtype", "InvalidDataFile", "ModelCard", "load_catalog"]
 
 Dtype = Literal["float32", "bfloat16", "float16", "fp8", "int8", "int4"]
@@ -49,7 +51,7 @@ def read_yaml(path: Path | None, default: str) -> tuple[str, object]:
         raise InvalidDataFile(f"{source}: invalid YAML: {exc}") from None
 
 
-class ModelCard(BaseModel):
+class ModelCard(ApiType):
     """What the console knows about one model."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -8,8 +8,9 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
+from console.base import ApiType
 from crds import InvalidObject, Model, parse_object, to_dict
 from crds.common import DNS1123_LABEL
 
@@ -32,7 +33,7 @@ _NAME = re.compile(DNS1123_LABEL)
 NAME_MAX = 40  # the generated children are named <model>-<backend>; labels stop at 63
 
 
-class DeploymentForm(BaseModel):
+class DeploymentForm(ApiType):
     """The deploy wizard's answers: one backend of one engine on one GPU shape."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
@@ -144,34 +145,34 @@ def model_document(model: Model) -> dict[str, Any]:
     return to_dict(model, exclude_unset=True)
 
 
-class PodView(BaseModel):
+class PodView(ApiType):
     name: str
     phase: str
     ready: bool
     ip: str | None
     node: str | None
-    model_infer: str | None = Field(serialization_alias="modelInfer")
+    model_infer: str | None
 
 
-class BackendView(BaseModel):
+class BackendView(ApiType):
     name: str
     type: str
-    model_uri: str = Field(serialization_alias="modelURI")
+    model_uri: str = Field(alias="modelURI")
     replicas: int | None
-    ready_replicas: int | None = Field(serialization_alias="readyReplicas")
+    ready_replicas: int | None
     pods: list[PodView]
 
 
-class EventView(BaseModel):
+class EventView(ApiType):
     type: str
     reason: str
     message: str
     count: int
-    last_timestamp: str | None = Field(serialization_alias="lastTimestamp")
+    last_timestamp: str | None
     object: str
 
 
-class DeploymentView(BaseModel):
+class DeploymentView(ApiType):
     """A Model as the console shows it."""
 
     name: str

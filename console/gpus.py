@@ -9,6 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from console.base import ApiType
 from console.catalog import InvalidDataFile, read_yaml, validation_message
 
 __all__ = [
@@ -54,7 +55,7 @@ def load_prices(path: Path | None = None) -> PriceTable:
         raise InvalidDataFile(validation_message(source, exc)) from None
 
 
-class GpuPool(BaseModel):
+class GpuPool(ApiType):
     """Nodes with the same GPU product and count: one shape a backend's pods can take."""
 
     model_config = ConfigDict(frozen=True)

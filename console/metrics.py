@@ -5,12 +5,13 @@ and output tokens per second."""
 from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
-from pydantic import BaseModel
+
+from console.base import ApiType
 
 __all__ = ["ModelMetrics", "model_metrics"]
 
 
-class ModelMetrics(BaseModel):
+class ModelMetrics(ApiType):
     model: str
     requests: float
     errors: float

@@ -18,8 +18,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
+from console.base import ApiType
 from console.catalog import DTYPE_BYTES, Dtype, ModelCard
 from console.gpus import GpuPool
 from console.rules import EngineRules, EngineSpec
@@ -30,7 +31,7 @@ GIB = float(1 << 30)
 TENSOR_PARALLEL = (1, 2, 4, 8)
 
 
-class MemoryEstimate(BaseModel):
+class MemoryEstimate(ApiType):
     """The memory arithmetic of one replica, in GiB, with the formula written out."""
 
     weights_gib: float
@@ -43,26 +44,26 @@ class MemoryEstimate(BaseModel):
     explanation: str
 
 
-class Option(BaseModel):
+class Option(ApiType):
     """One engine on one GPU shape."""
 
     engine: str
-    backend_type: str = Field(serialization_alias="backendType")
+    backend_type: str
     gpu: str
-    tensor_parallel: int = Field(serialization_alias="tensorParallel")
+    tensor_parallel: int
     pods: int = Field(description="Engine pods per replica, each with tensorParallel GPUs.")
     memory: MemoryEstimate
     fits: bool = Field(description="Memory fits and every engine rule passes.")
     reasons: list[str] = Field(description="Why the option does not fit (empty when it does).")
     score: float
-    hourly_cost: float | None = Field(serialization_alias="hourlyCost")
+    hourly_cost: float | None
     currency: str
 
 
-class Recommendation(BaseModel):
+class Recommendation(ApiType):
     model: ModelCard
     dtype: str
-    context_length: int = Field(serialization_alias="contextLength")
+    context_length: int
     concurrency: int
     options: list[Option] = Field(description="Fitting options first: cheapest, then best score.")
     best: Option | None = Field(description="The first fitting option, if any.")

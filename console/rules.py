@@ -11,6 +11,7 @@ from typing import Any
 import cel
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from console.base import ApiType
 from console.catalog import InvalidDataFile, read_yaml, validation_message
 
 __all__ = ["EngineRule", "EngineRules", "EngineSpec", "MemoryPolicy", "Verdict", "load_rules"]
@@ -25,7 +26,7 @@ class EngineRule(BaseModel):
     message: str = Field(default="", description="Why the engine is out when the rule is false.")
 
 
-class EngineSpec(BaseModel):
+class EngineSpec(ApiType):
     """An engine the console can deploy and what it supports."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

@@ -97,7 +97,7 @@ async function deployPage() {
   try {
     const models = await api("GET", "/api/models");
     document.getElementById("model").innerHTML = models.catalog.map((m) =>
-      `<option value="${esc(m.id)}">${esc(m.id)} — ${m.params_b}B, ${esc(m.architecture)}, ${m.context_length} ctx, ${esc(m.license)}${m.lora ? ", LoRA" : ""}</option>`).join("");
+      `<option value="${esc(m.id)}">${esc(m.id)} — ${m.paramsB}B, ${esc(m.architecture)}, ${m.contextLength} ctx, ${esc(m.license)}${m.lora ? ", LoRA" : ""}</option>`).join("");
     w.catalog = Object.fromEntries(models.catalog.map((m) => [m.id, m]));
   } catch (err) { return showError(errEl, err); }
   document.getElementById("step-model").addEventListener("submit", async (e) => {
@@ -207,7 +207,7 @@ async function deploymentPage(name) {
     } catch (err) { showError(errEl, err); }
     api("GET", `/api/deployments/${encodeURIComponent(name)}/metrics`).then((m) => {
       const el2 = document.getElementById("metrics");
-      if (el2) el2.textContent = `requests ${m.requests}, errors ${m.errors}, mean TTFT ${m.ttft_seconds_mean == null ? "–" : (m.ttft_seconds_mean * 1000).toFixed(0) + " ms"}, output tokens ${m.output_tokens}, mean tokens/s ${m.output_tokens_per_second_mean == null ? "–" : m.output_tokens_per_second_mean.toFixed(1)}`;
+      if (el2) el2.textContent = `requests ${m.requests}, errors ${m.errors}, mean TTFT ${m.ttftSecondsMean == null ? "–" : (m.ttftSecondsMean * 1000).toFixed(0) + " ms"}, output tokens ${m.outputTokens}, mean tokens/s ${m.outputTokensPerSecondMean == null ? "–" : m.outputTokensPerSecondMean.toFixed(1)}`;
     }).catch((err) => { const el2 = document.getElementById("metrics"); if (el2) el2.textContent = err.message; });
   };
   await render();

@@ -46,6 +46,7 @@ class Console:
     api: Api
     reviews: Reviews
     session: aiohttp.ClientSession
+    cfg: ConsoleConfig  # the running console's (a test may change it)
 
     def headers(self, token: str = ADMIN) -> dict[str, str]:
         return {"Authorization": f"Bearer {token}"}
@@ -88,7 +89,8 @@ async def console(console_extra: dict[str, Any]) -> AsyncIterator[Console]:
             gpu_node("h100-a", "NVIDIA-H100-80GB-HBM3", 8, 81559),
         ):
             await api.request("POST", "/api/v1/nodes", node)
-        app = create_app(ConsoleConfig(server=api.url, namespace="ns", **console_extra))
+        cfg = ConsoleConfig(server=api.url, namespace="ns", **console_extra)
+        app = create_app(cfg)
         port = free_port()
         server = uvicorn.Server(
             uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
@@ -98,7 +100,7 @@ async def console(console_extra: dict[str, Any]) -> AsyncIterator[Console]:
             await eventually(lambda: server.started or task.done(), 20, "the console to start")
             assert not task.done(), "the console exited at start"
             async with aiohttp.ClientSession() as session:
-                yield Console(f"http://127.0.0.1:{port}", api, reviews, session)
+                yield Console(f"http://127.0.0.1:{port}", api, reviews, session, cfg)
         finally:
             server.should_exit = True
             await asyncio.wait_for(task, 20)

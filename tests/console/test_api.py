@@ -198,7 +198,7 @@ async def test_recommendations_over_the_cluster_gpus(console: Console) -> None:
     # 19.69 GiB fits one L4 (24 GiB x 0.9 = 21.6 GiB) at 0.70 USD/h
     assert (best["engine"], best["gpu"], best["tensorParallel"]) == ("vllm", "NVIDIA-L4", 1)
     assert best["hourlyCost"] == 0.7
-    assert abs(best["memory"]["total_gib"] - 19.69) < 0.01
+    assert abs(best["memory"]["totalGib"] - 19.69) < 0.01
     status, body = await console.call("GET", "/api/recommendations?model=nope/nope")
     assert status == 404 and body["error"]["fields"][0]["path"] == "model"
     status, _ = await console.call("GET", "/api/recommendations?model=x", token=VIEWER)

@@ -1,6 +1,7 @@
 """What the console takes from the gateway: the chat relay (server-sent events passed on as they
-come) and a deployment's figures from the gateway's /metrics. The gateway here is a small aiohttp
-server speaking the OpenAI streaming format and Prometheus text."""
+come) and a deployment's figures from the gateway's /metrics; and the Hugging Face search. The
+gateway (and hub) here is a small aiohttp server speaking the OpenAI streaming format, Prometheus
+text and the hub's /api/models."""
 
 from __future__ import annotations
 
@@ -49,9 +50,17 @@ async def gateway() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
     async def metrics(request: aiohttp.web.Request) -> aiohttp.web.Response:
         return aiohttp.web.Response(text=METRICS)
 
+    async def hub_search(request: aiohttp.web.Request) -> aiohttp.web.Response:
+        seen.append(dict(request.query))
+        q = request.query["search"]
+        return aiohttp.web.json_response(
+            [{"id": f"someone/{q}-finetune", "downloads": 12, "likes": 3}, {"private": True}]
+        )
+
     app = aiohttp.web.Application()
     app.router.add_post("/v1/chat/completions", completions)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/api/models", hub_search)  # the Hugging Face hub's search
     runner = aiohttp.web.AppRunner(app)
     await runner.setup()
     site = aiohttp.web.TCPSite(runner, "127.0.0.1", 0)
@@ -66,7 +75,7 @@ async def gateway() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
 @pytest.fixture
 def console_extra(gateway: tuple[str, list[dict[str, Any]]]) -> dict[str, Any]:
     url, _ = gateway
-    return {"gateway_url": url, "gateway_metrics_url": url + "/metrics"}
+    return {"gateway_url": url, "gateway_metrics_url": url + "/metrics", "hf_endpoint": url}
 
 
 async def test_chat_streams_through_the_gateway(
@@ -98,7 +107,25 @@ async def test_metrics_of_a_deployment(console: Console) -> None:
         "model": "chat",
         "requests": 10.0,
         "errors": 2.0,
-        "ttft_seconds_mean": 0.25,
-        "output_tokens": 400.0,
-        "output_tokens_per_second_mean": 25.0,
+        "ttftSecondsMean": 0.25,
+        "outputTokens": 400.0,
+        "outputTokensPerSecondMean": 25.0,
     }
+
+
+async def test_models_search_adds_the_hub_when_reachable(
+    console: Console, gateway: tuple[str, list[dict[str, Any]]]
+) -> None:
+    status, body = await console.call("GET", "/api/models?q=qwen2.5-7b")
+    assert status == 200
+    assert [m["id"] for m in body["catalog"]] == ["Qwen/Qwen2.5-7B-Instruct"]
+    assert body["huggingface"] == [
+        {"id": "someone/qwen2.5-7b-finetune", "source": "huggingface", "downloads": 12, "likes": 3}
+    ]
+    assert body["huggingfaceError"] is None
+    assert {"search": "qwen2.5-7b", "limit": "20"} in gateway[1]
+
+    console.cfg.hf_endpoint = "http://127.0.0.1:9"  # nothing listens: catalog only, error said
+    status, body = await console.call("GET", "/api/models?q=qwen2.5-7b")
+    assert status == 200 and len(body["catalog"]) == 1 and body["huggingface"] == []
+    assert "http://127.0.0.1:9 unreachable" in body["huggingfaceError"]

@@ -84,13 +84,13 @@ def test_cel_rules_decide_the_engines(tmp_path: Path) -> None:
 memory: {gpu_memory_utilization: 1.0, overhead_gib_per_gpu: 0}
 engines:
   - name: big-gpus-only
-    backendType: vLLM
+    backend_type: vLLM
     requires:
       - rule: "gpu.memory_gib >= 40.0"
         message: "needs 40 GiB GPUs"
     score: "1"
   - name: any
-    backendType: SGLang
+    backend_type: SGLang
     requires:
       - rule: "model.attention_heads % shape.tensor_parallel == 0 && gpu.compute_capability >= 7.5"
         message: "heads or compute capability"
@@ -114,13 +114,13 @@ engines:
 
 def test_a_bad_rule_file_names_the_engine_and_rule(tmp_path: Path) -> None:
     bad = tmp_path / "rules.yaml"
-    bad.write_text("engines:\n  - {name: e, backendType: vLLM, requires: [{rule: 'gpu.x >'}]}\n")
+    bad.write_text("engines:\n  - {name: e, backend_type: vLLM, requires: [{rule: 'gpu.x >'}]}\n")
     with pytest.raises(InvalidDataFile, match=r"engines\[0\] \(e\)\.requires\[0\]: invalid CEL"):
         load_rules(bad)
-    bad.write_text("engines:\n  - {name: e, backendType: vLLM, colour: red}\n")
+    bad.write_text("engines:\n  - {name: e, backend_type: vLLM, colour: red}\n")
     with pytest.raises(InvalidDataFile, match=r"engines\.0\.colour: Extra inputs"):
         load_rules(bad)
-    bad.write_text("engines:\n  - {name: e, backendType: vLLM, requires: [{rule: 'nope.x'}]}\n")
+    bad.write_text("engines:\n  - {name: e, backend_type: vLLM, requires: [{rule: 'nope.x'}]}\n")
     loaded = load_rules(bad)
     with pytest.raises(InvalidDataFile, match=r"engine e: rule 'nope\.x' failed"):
         recommend(TINY, [pool()], loaded)
