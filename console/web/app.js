@@ -2,7 +2,7 @@
 "use strict";
 
 const main = document.getElementById("main");
-const state = { timer: null, wizard: {} };
+const state = { timer: null, page: 0, wizard: {} };
 
 // The bearer token: from the URL (#token=..., what the local stack prints) or the sign-in form.
 (function takeToken() {
@@ -21,13 +21,13 @@ async function api(method, path, body) {
   const headers = { Authorization: "Bearer " + (sessionStorage.getItem("token") || "") };
   if (body !== undefined) headers["Content-Type"] = "application/json";
   const r = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
-  if (r.status === 401) { signIn(); throw new Error("sign in first"); }
   const text = await r.text();
   let data = text;
   try { data = JSON.parse(text); } catch (e) { /* plain text */ }
   if (!r.ok) {
     const err = new Error((data && data.error && data.error.message) || text);
     err.fields = (data && data.error && data.error.fields) || [];
+    if (r.status === 401) signIn("The console refused the token: " + err.message);
     throw err;
   }
   return data;
@@ -43,29 +43,36 @@ function showError(el, err) {
   el.textContent = err.message + (err.fields && err.fields.length ? "\n" + err.fields.map((f) => `${f.path}: ${f.message}`).join("\n") : "");
 }
 
-function signIn() {
+function signIn(problem) {
   stop();
-  show(`<h1>Sign in</h1>
+  state.page += 1;
+  show(`<h1>Sign in</h1>${problem ? `<p class="error" role="alert">${esc(problem)}</p>` : ""}
   <form id="signin"><div class="field"><label for="token">Bearer token</label>
   <input id="token" name="token" type="password" autocomplete="off" required></div>
   <div class="actions"><button type="submit">Sign in</button></div></form>`);
   document.getElementById("signin").addEventListener("submit", (e) => {
     e.preventDefault();
     sessionStorage.setItem("token", document.getElementById("token").value.trim());
-    location.hash = "#/";
-    route();
+    if (location.hash === "#/") route(); else location.hash = "#/"; // hashchange routes
   });
 }
 
 function stop() { if (state.timer) { clearInterval(state.timer); state.timer = null; } }
 
+// Poll `render` every `ms` while the page that asked is still the one shown (a page left while
+// its first render was in flight must not install its timer over the next page's).
+function poll(page, render, ms) {
+  if (page === state.page) state.timer = setInterval(() => (page === state.page ? render() : null), ms);
+}
+
 // ---- deployments list (live status: polled)
 async function listPage() {
+  const page = state.page;
   show(`<h1>Deployments</h1><div id="list">Loading…</div>
   <div class="actions"><a href="#/deploy">Deploy a model</a></div>`);
   const render = async () => {
     const el = document.getElementById("list");
-    if (!el) return stop();
+    if (!el) return;
     try {
       const items = await api("GET", "/api/deployments");
       el.innerHTML = items.length ? `<table><caption class="explain">Refreshes every 2 seconds</caption>
@@ -78,7 +85,7 @@ async function listPage() {
     } catch (err) { showError(el, err); el.className = "error"; }
   };
   await render();
-  state.timer = setInterval(render, 2000);
+  poll(page, render, 2000);
 }
 
 // ---- deploy wizard: model -> engine and GPU shape -> options -> YAML preview -> deploy
@@ -179,6 +186,7 @@ function previewStep(w) {
 
 // ---- one deployment: backends, pods, events, logs, metrics, chat
 async function deploymentPage(name) {
+  const page = state.page;
   show(`<h1>Deployment ${esc(name)}</h1><div id="detail">Loading…</div>
   <h2>Logs</h2><div class="field"><label for="log-pod">Pod</label><select id="log-pod"></select></div>
   <div class="actions"><button type="button" class="secondary" id="load-logs">Show logs</button></div><pre id="logs" aria-label="pod log"></pre>
@@ -191,7 +199,7 @@ async function deploymentPage(name) {
   let pods = [];
   const render = async () => {
     const el = document.getElementById("detail");
-    if (!el) return stop();
+    if (!el) return;
     try {
       const d = await api("GET", "/api/deployments/" + encodeURIComponent(name));
       el.innerHTML = `<p>Status: <span class="phase ${esc(d.phase)}">${esc(d.phase)}</span> ${esc(d.message)}</p>
@@ -211,7 +219,7 @@ async function deploymentPage(name) {
     }).catch((err) => { const el2 = document.getElementById("metrics"); if (el2) el2.textContent = err.message; });
   };
   await render();
-  state.timer = setInterval(render, 3000);
+  poll(page, render, 3000);
   document.getElementById("load-logs").addEventListener("click", () => streamLogs(name));
   document.getElementById("chat-form").addEventListener("submit", (e) => { e.preventDefault(); chat(name); });
   document.getElementById("delete").addEventListener("click", async () => {
@@ -275,6 +283,7 @@ async function runtimesPage() {
 
 function route() {
   stop();
+  state.page += 1;
   if (!sessionStorage.getItem("token")) return signIn();
   const h = location.hash.replace(/^#/, "") || "/";
   if (h === "/deploy") return deployPage();

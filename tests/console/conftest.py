@@ -4,12 +4,14 @@ with TokenReview, SubjectAccessReview and pod logs answered, and GPU nodes decla
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import aiohttp.web
 import pytest
 import uvicorn
 
@@ -63,6 +65,79 @@ class Console:
                 return r.status, json.loads(text)
             except ValueError:
                 return r.status, text
+
+
+METRICS = """# TYPE matrixinfer_gateway_requests counter
+matrixinfer_gateway_requests_total{model="chat",route="r",server="s",code="200"} 8.0
+matrixinfer_gateway_requests_total{model="chat",route="r",server="s",code="429"} 2.0
+matrixinfer_gateway_requests_total{model="other",route="r",server="s",code="200"} 5.0
+# TYPE matrixinfer_gateway_time_to_first_byte_seconds histogram
+matrixinfer_gateway_time_to_first_byte_seconds_bucket{model="chat",le="+Inf"} 8.0
+matrixinfer_gateway_time_to_first_byte_seconds_sum{model="chat"} 2.0
+matrixinfer_gateway_time_to_first_byte_seconds_count{model="chat"} 8.0
+# TYPE matrixinfer_gateway_output_tokens counter
+matrixinfer_gateway_output_tokens_total{model="chat"} 400.0
+# TYPE matrixinfer_gateway_output_tokens_per_second histogram
+matrixinfer_gateway_output_tokens_per_second_bucket{model="chat",le="+Inf"} 4.0
+matrixinfer_gateway_output_tokens_per_second_sum{model="chat"} 100.0
+matrixinfer_gateway_output_tokens_per_second_count{model="chat"} 4.0
+"""
+
+
+@dataclass
+class Gateway:
+    """A stand-in gateway (and Hugging Face hub): OpenAI streaming chat, Prometheus /metrics,
+    the hub's model search; ``seen`` holds the chat bodies and search queries it got."""
+
+    url: str
+    seen: list[dict[str, Any]]
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "gateway_url": self.url,
+            "gateway_metrics_url": self.url + "/metrics",
+            "hf_endpoint": self.url,
+        }
+
+
+@pytest.fixture
+async def gateway() -> AsyncIterator[Gateway]:
+    seen: list[dict[str, Any]] = []
+
+    async def completions(request: aiohttp.web.Request) -> aiohttp.web.StreamResponse:
+        seen.append(await request.json())
+        resp = aiohttp.web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for word in ("Hello", " there"):
+            chunk = {"choices": [{"index": 0, "delta": {"content": word}}]}
+            await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            await asyncio.sleep(0)
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    async def metrics(request: aiohttp.web.Request) -> aiohttp.web.Response:
+        return aiohttp.web.Response(text=METRICS)
+
+    async def hub_search(request: aiohttp.web.Request) -> aiohttp.web.Response:
+        seen.append(dict(request.query))
+        q = request.query["search"]
+        return aiohttp.web.json_response(
+            [{"id": f"someone/{q}-finetune", "downloads": 12, "likes": 3}, {"private": True}]
+        )
+
+    app = aiohttp.web.Application()
+    app.router.add_post("/v1/chat/completions", completions)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/api/models", hub_search)  # the Hugging Face hub's search
+    runner = aiohttp.web.AppRunner(app)
+    await runner.setup()
+    site = aiohttp.web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield Gateway(f"http://127.0.0.1:{port}", seen)
+    finally:
+        await runner.cleanup()
 
 
 def free_port() -> int:

@@ -1,6 +1,7 @@
 """The web UI in real Chromium (Debian's, driven by Playwright) against the console over the
 emulated API server: deploy through the wizard, see it listed, open its page, read its logs,
-delete it; a screenshot of each page; every form field has a label; keyboard navigation."""
+chat with it (through a stand-in gateway), delete it; a screenshot of each page; every form
+field has a label; keyboard navigation."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 import pytest
 
 from matrixinfer.testing.kube import eventually
-from tests.console.conftest import ADMIN, Console
+from tests.console.conftest import ADMIN, Console, Gateway
 
 playwright_api = pytest.importorskip("playwright.async_api")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -32,6 +33,11 @@ pytestmark = pytest.mark.skipif(
 UNLABELLED = """() => [...document.querySelectorAll('input, select, textarea')]
   .filter(e => e.type !== 'hidden' && e.labels.length === 0 && !e.getAttribute('aria-label'))
   .map(e => e.id || e.name || e.outerHTML.slice(0, 80))"""
+
+
+@pytest.fixture
+def console_extra(gateway: Gateway) -> dict[str, Any]:
+    return gateway.config()
 
 
 @pytest.fixture
@@ -102,6 +108,12 @@ async def test_deploy_list_open_and_delete(console: Console, page: Any, tmp_path
     await page.get_by_role("cell", name="chat-main-0").wait_for(timeout=15000)
     await page.get_by_role("button", name="Show logs").click()
     await page.get_by_text("INFO serving on :8000").wait_for()
+    await page.get_by_text("requests 10, errors 2, mean TTFT 250 ms").wait_for()  # gateway figures
+
+    # the chat playground streams through the console to the gateway
+    await page.get_by_label("Message").fill("hi")
+    await page.get_by_role("button", name="Send").click()
+    await page.get_by_text("chat: Hello there").wait_for()
     await shot("4-deployment")
 
     # listed, with its status
@@ -148,7 +160,9 @@ async def test_sign_in_form_and_rejected_token(console: Console, page: Any) -> N
     await page.goto(f"{console.url}/ui/index.html")
     await page.get_by_label("Bearer token").fill("wrong")
     await page.get_by_role("button", name="Sign in").click()
-    await page.get_by_label("Bearer token").wait_for()  # sent back to sign in
+    await page.get_by_text(  # back to the sign-in form, with the reason
+        "The console refused the token: the bearer token is not valid"
+    ).wait_for()
     await page.get_by_label("Bearer token").fill(ADMIN)
     await page.keyboard.press("Enter")
     await page.get_by_text("No deployments yet.").wait_for()
