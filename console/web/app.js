@@ -101,12 +101,6 @@ async function deployPage() {
   <div id="step-engine"></div><div id="step-options"></div><div id="step-preview"></div>
   <p id="wizard-error" class="error" role="alert"></p>`);
   const errEl = document.getElementById("wizard-error");
-  try {
-    const models = await api("GET", "/api/models");
-    document.getElementById("model").innerHTML = models.catalog.map((m) =>
-      `<option value="${esc(m.id)}">${esc(m.id)} — ${m.paramsB}B, ${esc(m.architecture)}, ${m.contextLength} ctx, ${esc(m.license)}${m.lora ? ", LoRA" : ""}</option>`).join("");
-    w.catalog = Object.fromEntries(models.catalog.map((m) => [m.id, m]));
-  } catch (err) { return showError(errEl, err); }
   document.getElementById("step-model").addEventListener("submit", async (e) => {
     e.preventDefault(); errEl.textContent = "";
     w.model = document.getElementById("model").value;
@@ -115,6 +109,12 @@ async function deployPage() {
     try { w.rec = await api("GET", "/api/recommendations?" + q); } catch (err) { return showError(errEl, err); }
     engineStep(w);
   });
+  try {
+    const models = await api("GET", "/api/models");
+    document.getElementById("model").innerHTML = models.catalog.map((m) =>
+      `<option value="${esc(m.id)}">${esc(m.id)} — ${m.paramsB}B, ${esc(m.architecture)}, ${m.contextLength} ctx, ${esc(m.license)}${m.lora ? ", LoRA" : ""}</option>`).join("");
+    w.catalog = Object.fromEntries(models.catalog.map((m) => [m.id, m]));
+  } catch (err) { return showError(errEl, err); }
 }
 
 function engineStep(w) {
@@ -218,14 +218,15 @@ async function deploymentPage(name) {
       if (el2) el2.textContent = `requests ${m.requests}, errors ${m.errors}, mean TTFT ${m.ttftSecondsMean == null ? "–" : (m.ttftSecondsMean * 1000).toFixed(0) + " ms"}, output tokens ${m.outputTokens}, mean tokens/s ${m.outputTokensPerSecondMean == null ? "–" : m.outputTokensPerSecondMean.toFixed(1)}`;
     }).catch((err) => { const el2 = document.getElementById("metrics"); if (el2) el2.textContent = err.message; });
   };
-  await render();
-  poll(page, render, 3000);
+  // the controls work from the moment they are shown, not after the first render
   document.getElementById("load-logs").addEventListener("click", () => streamLogs(name));
   document.getElementById("chat-form").addEventListener("submit", (e) => { e.preventDefault(); chat(name); });
   document.getElementById("delete").addEventListener("click", async () => {
     if (!confirm(`Delete deployment ${name}?`)) return;
     try { await api("DELETE", "/api/deployments/" + encodeURIComponent(name)); location.hash = "#/"; } catch (err) { showError(errEl, err); }
   });
+  await render();
+  poll(page, render, 3000);
 }
 
 function table(head, rows) {
