@@ -1,6 +1,6 @@
 """The console's HTTP edge (FastAPI): the REST API under /api, its OpenAPI document at
 /api/openapi.json, and the web UI's files at /. Handlers translate and delegate: decisions live
-in ``deployments``, ``recommend``, ``rules``, ``gpus`` and ``auth``."""
+in `deployments`, `recommend`, `rules`, `gpus` and `auth`."""
 
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ class DeploymentRequest(ApiType):
 
 
 class Preview(ApiType):
-    """What would be sent to the API server (``dryRun``)."""
+    """What would be sent to the API server (`dryRun`)."""
 
     model: dict[str, Any]
     yaml: str
@@ -170,7 +170,7 @@ Name = Annotated[
 
 
 def authorize(action: str) -> Callable[..., Awaitable[User]]:
-    """A dependency: the caller's bearer token is valid and RBAC allows ``action``."""
+    """A dependency: the caller's bearer token is valid and RBAC allows `action`."""
     act = ACTIONS[action]
 
     async def check(request: Request, namespace: Namespace = None) -> User:
@@ -321,7 +321,7 @@ def create_app(cfg: ConsoleConfig) -> FastAPI:
         namespace: Namespace = None,
         dry_run: Annotated[bool, Query(alias="dryRun")] = False,
     ) -> DeploymentView | Preview:
-        """Create a Model from the wizard's form or from YAML. With ``dryRun`` nothing is
+        """Create a Model from the wizard's form or from YAML. With `dryRun` nothing is
         created: the Model is validated and returned (the wizard's YAML preview)."""
         ns = namespace or cfg.namespace
         model = _model_of(body, ns)
@@ -400,7 +400,7 @@ def create_app(cfg: ConsoleConfig) -> FastAPI:
         follow: bool = False,
         tail_lines: Annotated[int | None, Query(alias="tailLines", ge=0)] = None,
     ) -> StreamingResponse:
-        """A pod's log through the Kubernetes API (``follow``: streamed as it grows)."""
+        """A pod's log through the Kubernetes API (`follow`: streamed as it grows)."""
         ns = namespace or cfg.namespace
         try:
             raw = await st.kube.get_model(ns, name)
@@ -499,7 +499,7 @@ def create_app(cfg: ConsoleConfig) -> FastAPI:
         user: Annotated[User, Depends(authenticated)],
         q: Annotated[str, Query(description="Search text; empty: the whole catalog.")] = "",
     ) -> ModelsAnswer:
-        """The catalog's models matching ``q``, plus Hugging Face search results when
+        """The catalog's models matching `q`, plus Hugging Face search results when
         HF_ENDPOINT is set and reachable."""
         cards = st.catalog.search(q) if q else list(st.catalog.models.values())
         hits: list[ModelHit] = []

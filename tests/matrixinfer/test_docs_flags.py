@@ -54,11 +54,12 @@ def parsers() -> dict[str, list[argparse.ArgumentParser]]:
         "matrixinfer-sim": [serve_parser()],
         "matrixinfer demo": [_subparser(cli, "demo")],
         "matrixinfer gateway": [_subparser(cli, "gateway")],
+        "matrixinfer console": [_subparser(cli, "console")],
     }
 
 
 PROGRAM = re.compile(
-    r"matrixinfer(?:-extproc|-xds|-controllers|-sim fleet|-sim| demo| gateway)(?![\w-])"
+    r"matrixinfer(?:-extproc|-xds|-controllers|-sim fleet|-sim| demo| gateway| console)(?![\w-])"
 )
 FLAG = re.compile(r"(?<![\w=-])--[a-z][a-z0-9-]*")
 STATED = re.compile(r"\[(--[a-z][a-z0-9-]*)[ =]([^\]\s|]+)\]")
