@@ -98,7 +98,7 @@ def memory_estimate(
         f" x {width:g} B = {per_token:,.0f} B/token x {context_length} tokens"
         f" x {concurrency} sequences = {_gib(kv)} GiB; "
         f"overhead {overhead_gib_per_gpu:g} GiB x {tensor_parallel} GPU = {overhead:.2f} GiB; "
-        f"total {total:.2f} GiB {'<=' if fits else '>'} {gpu_memory_gib:g} GiB x {utilization:g}"
+        f"total {total:.2f} GiB {'<=' if fits else '>'} {gpu_memory_gib:.4g} GiB x {utilization:g}"
         f" x {tensor_parallel} GPU = {available:.2f} GiB"
     )
     return MemoryEstimate(

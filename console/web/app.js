@@ -197,6 +197,7 @@ async function deploymentPage(name) {
   <p id="page-error" class="error" role="alert"></p>`);
   const errEl = document.getElementById("page-error");
   let pods = [];
+  const history = []; // the gateway's counters at each poll: the charts' rates
   const render = async () => {
     const el = document.getElementById("detail");
     if (!el) return;
@@ -215,7 +216,14 @@ async function deploymentPage(name) {
     } catch (err) { showError(errEl, err); }
     api("GET", `/api/deployments/${encodeURIComponent(name)}/metrics`).then((m) => {
       const el2 = document.getElementById("metrics");
-      if (el2) el2.textContent = `requests ${m.requests}, errors ${m.errors}, mean TTFT ${m.ttftSecondsMean == null ? "–" : (m.ttftSecondsMean * 1000).toFixed(0) + " ms"}, output tokens ${m.outputTokens}, mean tokens/s ${m.outputTokensPerSecondMean == null ? "–" : m.outputTokensPerSecondMean.toFixed(1)}`;
+      if (!el2) return;
+      const now = Date.now() / 1000, prev = history[history.length - 1];
+      history.push({ t: now, requests: m.requests, tokens: m.outputTokens,
+        rps: prev ? Math.max(0, (m.requests - prev.requests) / (now - prev.t)) : 0,
+        tps: prev ? Math.max(0, (m.outputTokens - prev.tokens) / (now - prev.t)) : 0 });
+      if (history.length > 60) history.shift();
+      el2.innerHTML = `<p>requests ${m.requests}, errors ${m.errors}, mean TTFT ${m.ttftSecondsMean == null ? "–" : (m.ttftSecondsMean * 1000).toFixed(0) + " ms"}, output tokens ${m.outputTokens}, mean tokens/s ${m.outputTokensPerSecondMean == null ? "–" : m.outputTokensPerSecondMean.toFixed(1)}</p>` +
+        chart(history.map((h) => h.rps), "requests per second") + chart(history.map((h) => h.tps), "output tokens per second");
     }).catch((err) => { const el2 = document.getElementById("metrics"); if (el2) el2.textContent = err.message; });
   };
   // the controls work from the moment they are shown, not after the first render
@@ -227,6 +235,16 @@ async function deploymentPage(name) {
   });
   await render();
   poll(page, render, 3000);
+}
+
+// A small line chart (SVG) of `values`, newest right, with its last value in the caption.
+function chart(values, label) {
+  const w = 320, h = 60, max = Math.max(1e-9, ...values);
+  const pts = values.map((v, i) => `${(i * w) / Math.max(1, values.length - 1)},${h - (v / max) * (h - 4) - 2}`).join(" ");
+  const last = values.length ? values[values.length - 1] : 0;
+  return `<figure class="chart"><svg role="img" aria-label="${esc(label)}" width="${w}" height="${h}" viewBox="0 0 ${w} ${h}">
+    <rect width="${w}" height="${h}" fill="#fff" stroke="#d0d4da"/><polyline fill="none" stroke="#1b2a41" stroke-width="2" points="${pts}"/></svg>
+    <figcaption>${esc(label)}: ${last.toFixed(2)} (last ${values.length} polls)</figcaption></figure>`;
 }
 
 function table(head, rows) {

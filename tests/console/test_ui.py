@@ -109,6 +109,8 @@ async def test_deploy_list_open_and_delete(console: Console, page: Any, tmp_path
     await page.get_by_role("button", name="Show logs").click()
     await page.get_by_text("INFO serving on :8000").wait_for()
     await page.get_by_text("requests 10, errors 2, mean TTFT 250 ms").wait_for()  # gateway figures
+    await page.get_by_role("img", name="requests per second").wait_for()  # charted per poll
+    await page.get_by_role("img", name="output tokens per second").wait_for()
 
     # the chat playground streams through the console to the gateway
     await page.get_by_label("Message").fill("hi")
