@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import ConfigDict, Field
 
-from console.auth import ACTIONS, Authenticator, KubeAuth, User
+from console.auth import ACTIONS, Authenticator, CachedAuth, KubeAuth, User
 from console.base import ApiType
 from console.catalog import Catalog, Dtype, ModelCard, load_catalog
 from console.deployments import (
@@ -49,6 +49,7 @@ class ConsoleConfig:
     server: str | None = None  # API server URL; None: in-cluster or kubeconfig
     namespace: str = "default"
     token: str | None = None  # a fixed token (local stack) instead of TokenReview
+    auth_cache_seconds: float = 10.0  # how long TokenReview/SubjectAccessReview answers hold
     gateway_url: str | None = None  # where models are served (OpenAI API)
     gateway_metrics_url: str | None = None  # the gateway's Prometheus /metrics
     hf_endpoint: str | None = field(default_factory=lambda: os.environ.get("HF_ENDPOINT"))
@@ -149,6 +150,8 @@ class State:
             from console.auth import StaticTokenAuth
 
             self.auth = StaticTokenAuth(cfg.token)
+        elif cfg.auth_cache_seconds > 0:
+            self.auth = CachedAuth(KubeAuth(self.kube), ttl=cfg.auth_cache_seconds)
         else:
             self.auth = KubeAuth(self.kube)
         self.http: aiohttp.ClientSession | None = None

@@ -27,6 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local-token", action="store_true",
                    help="generate one token at start (printed with the URL) instead of "
                    "Kubernetes TokenReview/SubjectAccessReview: the local stack")  # fmt: skip
+    p.add_argument("--auth-cache-seconds", type=float, default=10.0,
+                   help="how long a TokenReview / SubjectAccessReview answer is reused "
+                   "(0: ask on every request)")  # fmt: skip
     p.add_argument("--catalog", type=Path, default=None, help="model catalog YAML (replaces)")
     p.add_argument("--rules", type=Path, default=None, help="engine rule file YAML (replaces)")
     p.add_argument("--prices", type=Path, default=None, help="GPU price table YAML (replaces)")
@@ -38,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
         server=args.server,
         namespace=args.namespace,
         token=token,
+        auth_cache_seconds=args.auth_cache_seconds,
         gateway_url=args.gateway,
         gateway_metrics_url=args.gateway_metrics,
         catalog_file=args.catalog,

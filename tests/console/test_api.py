@@ -230,3 +230,11 @@ async def test_names_in_urls_must_be_dns_labels(console: Console) -> None:
         "authentication.k8s.io",
         "authorization.k8s.io",
     }
+
+
+async def test_reviews_are_reused_within_the_cache_time(console: Console) -> None:
+    for _ in range(3):
+        status, _ = await console.call("GET", "/api/deployments")
+        assert status == 200
+    kinds = [r["kind"] for r in console.reviews.seen]
+    assert kinds == ["TokenReview", "SubjectAccessReview"]  # once each for three calls
