@@ -16,8 +16,9 @@ import aiohttp
 import yaml
 from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from pydantic import ConfigDict, Field
 
 from console.auth import ACTIONS, Authenticator, CachedAuth, KubeAuth, User
@@ -138,9 +139,23 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+class ConsoleMetrics:
+    """The console's own series (``matrixinfer_console_*``), in their own registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "matrixinfer_console_requests",
+            "REST API requests by method, route (the path template) and HTTP status.",
+            ["method", "route", "code"],
+            registry=self.registry,
+        )
+
+
 class State:
     def __init__(self, cfg: ConsoleConfig) -> None:
         self.cfg = cfg
+        self.metrics = ConsoleMetrics()
         self.kube = KubeClient(cfg.server)
         self.catalog: Catalog = load_catalog(cfg.catalog_file)
         self.rules: EngineRules = load_rules(cfg.rules_file)
@@ -287,6 +302,34 @@ def create_app(cfg: ConsoleConfig) -> FastAPI:
     async def health() -> dict[str, str]:
         """Liveness: the process serves requests."""
         return {"status": "ok"}
+
+    @app.get(
+        "/api/ready",
+        tags=["console"],
+        responses={503: {"model": ErrorResponse, "description": "The API server is unreachable."}},
+    )
+    async def ready() -> dict[str, str]:
+        """Readiness: the Kubernetes API answers (a list of the default namespace's Models)."""
+        try:
+            await st.kube.list_models(cfg.namespace)
+        except (KubeError, aiohttp.ClientError, TimeoutError) as exc:
+            raise ConsoleError(503, f"the Kubernetes API does not answer: {exc!s}") from None
+        return {"status": "ready"}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics_page() -> Response:
+        return Response(generate_latest(st.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.middleware("http")
+    async def count(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", None) or "unmatched"
+        if path.startswith("/api"):
+            st.metrics.requests.labels(request.method, path, str(response.status_code)).inc()
+        return response
 
     @app.get("/api/deployments", tags=["deployments"], responses=ERRORS)
     async def list_deployments(

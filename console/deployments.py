@@ -15,6 +15,7 @@ from crds import InvalidObject, Model, parse_object, to_dict
 from crds.common import DNS1123_LABEL
 
 __all__ = [
+    "GPU_PRODUCT_ANNOTATION",
     "MODEL_INFER_LABEL",
     "BackendView",
     "DeploymentForm",
@@ -23,12 +24,15 @@ __all__ = [
     "PodView",
     "deployment_view",
     "form_to_model",
+    "model_document",
     "model_from_yaml",
     "pod_view",
+    "related_names",
     "validate_model",
 ]
 
 MODEL_INFER_LABEL = "workload.matrixinfer.ai/model-infer"  # set on every pod of a ModelInfer
+GPU_PRODUCT_ANNOTATION = "console.matrixinfer.ai/gpu-product"
 _NAME = re.compile(DNS1123_LABEL)
 NAME_MAX = 40  # the generated children are named <model>-<backend>; labels stop at 63
 
@@ -48,7 +52,10 @@ class DeploymentForm(ApiType):
     backend_name: str = Field(default="main", alias="backendName", description="Backend name.")
     gpus: int = Field(default=1, ge=0, le=8, description="GPUs per engine pod (tensor parallel).")
     gpu_product: str | None = Field(
-        default=None, alias="gpuProduct", description="Pin pods to nodes with this GPU product."
+        default=None,
+        alias="gpuProduct",
+        description="The GPU product the recommendation chose, recorded in the annotation"
+        f" {GPU_PRODUCT_ANNOTATION} (a Model backend has no node selector: pods are not pinned).",
     )
     replicas: int = Field(default=1, ge=0, description="InferGroups to run (minReplicas).")
     max_replicas: int | None = Field(
@@ -95,7 +102,7 @@ def form_to_model(form: DeploymentForm, namespace: str) -> dict[str, Any]:
         spec["loraAdapters"] = [{"name": k, "uri": v} for k, v in form.lora_adapters.items()]
     meta: dict[str, Any] = {"name": form.name, "namespace": form.namespace or namespace}
     if form.gpu_product:
-        meta["annotations"] = {"console.matrixinfer.ai/gpu-product": form.gpu_product}
+        meta["annotations"] = {GPU_PRODUCT_ANNOTATION: form.gpu_product}
     return {
         "apiVersion": "registry.matrixinfer.ai/v1alpha1",
         "kind": "Model",

@@ -238,3 +238,23 @@ async def test_reviews_are_reused_within_the_cache_time(console: Console) -> Non
         assert status == 200
     kinds = [r["kind"] for r in console.reviews.seen]
     assert kinds == ["TokenReview", "SubjectAccessReview"]  # once each for three calls
+
+
+async def test_readiness_and_the_consoles_own_metrics(console: Console) -> None:
+    assert await console.call("GET", "/api/ready", token=None) == (200, {"status": "ready"})
+    await console.call("GET", "/api/deployments")
+    await console.call("GET", "/api/deployments", token=STRANGER)
+    status, text = await console.call("GET", "/metrics", token=None)
+    assert status == 200
+    assert (
+        'matrixinfer_console_requests_total{code="200",method="GET",route="/api/deployments"} 1.0'
+        in text
+    )
+    assert (
+        'matrixinfer_console_requests_total{code="401",method="GET",route="/api/deployments"} 1.0'
+        in text
+    )
+    # the API server no longer serves Models (as when it is down or the CRD is missing):
+    console.api.k.resources.pop("registry.matrixinfer.ai/v1alpha1/models")
+    status, body = await console.call("GET", "/api/ready", token=None)
+    assert status == 503 and "does not answer" in body["error"]["message"]

@@ -93,6 +93,8 @@ async def test_deploy_list_open_and_delete(console: Console, page: Any, tmp_path
     await page.get_by_role("heading", name="Deployment chat").wait_for()
     models = console.api.objects("registry.matrixinfer.ai/v1alpha1/models")
     assert models["chat"]["spec"]["backends"][0]["type"] == "vLLM"
+    annotations = models["chat"]["metadata"]["annotations"]
+    assert annotations == {"console.matrixinfer.ai/gpu-product": "NVIDIA-L4"}  # the chosen shape
     await console.api.request(
         "POST",
         "/api/v1/namespaces/ns/pods",
