@@ -134,15 +134,20 @@ def serve_reviews(k: kmock.KubernetesEmulator, reviews: Reviews) -> None:
     k["post /apis/authorization.k8s.io/v1/subjectaccessreviews"] << reviews.access_review
 
 
-def serve_logs(k: kmock.KubernetesEmulator, logs: dict[tuple[str, str], str]) -> None:
-    """Serve ``GET .../pods/<name>/log`` from ``logs[(namespace, pod)]`` as plain text (the
-    whole text, then the end: the emulator runs no containers to follow)."""
+LogSource = str | Callable[[], AsyncIterator[bytes]]
 
-    def log(request: Any) -> bytes:
-        text = logs.get((request.namespace, request.name))
-        if text is None:
+
+def serve_logs(k: kmock.KubernetesEmulator, logs: dict[tuple[str, str], LogSource]) -> None:
+    """Serve ``GET .../pods/<name>/log`` from ``logs[(namespace, pod)]``: a text (sent whole,
+    then the end), or a function returning the chunks as they come (a followed log)."""
+
+    def log(request: Any) -> Any:
+        source = logs.get((request.namespace, request.name))
+        if source is None:
             raise kmock.KubernetesObjectNotFoundError()
-        return text.encode()  # bytes: served raw (a str would go out as JSON)
+        if isinstance(source, str):
+            return source.encode()  # bytes: served raw (a str would go out as JSON)
+        return source()  # an async generator: kmock streams each chunk as it is yielded
 
     k[kmock.method.GET, kmock.subresource("log")] << log
 

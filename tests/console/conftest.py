@@ -16,10 +16,20 @@ import pytest
 import uvicorn
 
 from console.app import ConsoleConfig, create_app
-from matrixinfer.testing.kube import Api, Reviews, emulator, eventually, serve_logs, serve_reviews
+from matrixinfer.testing.kube import (
+    Api,
+    LogSource,
+    Reviews,
+    emulator,
+    eventually,
+    serve_logs,
+    serve_reviews,
+)
 
 ADMIN, VIEWER, STRANGER = "admin-token", "viewer-token", "stranger-token"
-LOGS = {("ns", "chat-main-0"): "INFO engine started\nINFO serving on :8000\n"}
+LOGS: dict[tuple[str, str], LogSource] = {
+    ("ns", "chat-main-0"): "INFO engine started\nINFO serving on :8000\n"
+}
 
 
 def allow(user: str, attrs: dict[str, Any]) -> bool:
@@ -49,6 +59,7 @@ class Console:
     reviews: Reviews
     session: aiohttp.ClientSession
     cfg: ConsoleConfig  # the running console's (a test may change it)
+    logs: dict[tuple[str, str], LogSource]  # what the emulated API serves as pod logs
 
     def headers(self, token: str = ADMIN) -> dict[str, str]:
         return {"Authorization": f"Bearer {token}"}
@@ -157,7 +168,8 @@ async def console(console_extra: dict[str, Any]) -> AsyncIterator[Console]:
     async with emulator() as api:
         reviews = Reviews({ADMIN: "admin", VIEWER: "viewer"}, allow)
         serve_reviews(api.k, reviews)
-        serve_logs(api.k, LOGS)
+        logs = dict(LOGS)
+        serve_logs(api.k, logs)
         for node in (
             gpu_node("l4-a", "NVIDIA-L4", 4),
             gpu_node("l4-b", "NVIDIA-L4", 4),
@@ -175,7 +187,7 @@ async def console(console_extra: dict[str, Any]) -> AsyncIterator[Console]:
             await eventually(lambda: server.started or task.done(), 20, "the console to start")
             assert not task.done(), "the console exited at start"
             async with aiohttp.ClientSession() as session:
-                yield Console(f"http://127.0.0.1:{port}", api, reviews, session, cfg)
+                yield Console(f"http://127.0.0.1:{port}", api, reviews, session, cfg, logs)
         finally:
             server.should_exit = True
             await asyncio.wait_for(task, 20)

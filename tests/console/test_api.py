@@ -3,6 +3,9 @@ SubjectAccessReview allow and deny, pods, events, logs, recommendations."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+
 import yaml
 
 from tests.console.conftest import STRANGER, VIEWER, Console
@@ -258,3 +261,38 @@ async def test_readiness_and_the_consoles_own_metrics(console: Console) -> None:
     console.api.k.resources.pop("registry.matrixinfer.ai/v1alpha1/models")
     status, body = await console.call("GET", "/api/ready", token=None)
     assert status == 503 and "does not answer" in body["error"]["message"]
+
+
+async def test_a_followed_log_streams_as_it_grows(console: Console) -> None:
+    more = asyncio.Event()
+
+    async def growing() -> AsyncIterator[bytes]:
+        yield b"first line\n"
+        await more.wait()  # the rest only once the test has seen the first line
+        yield b"second line\n"
+
+    console.logs[("ns", "chat-main-0")] = growing
+    status, _ = await console.call("POST", "/api/deployments", json={"form": FORM})
+    assert status == 201
+    await console.api.request(
+        "POST",
+        "/api/v1/namespaces/ns/pods",
+        {
+            "metadata": {
+                "name": "chat-main-0",
+                "namespace": "ns",
+                "labels": {"workload.matrixinfer.ai/model-infer": "chat-main"},
+            }
+        },
+    )
+    url = console.url + "/api/deployments/chat/logs?follow=true"
+    async with console.session.get(url, headers=console.headers()) as r:
+        assert r.status == 200
+        async with asyncio.timeout(10):
+            got = b""
+            while b"first line\n" not in got:
+                got += await r.content.readany()
+        assert b"second" not in got
+        more.set()
+        got += await r.content.read()
+    assert got == b"first line\nsecond line\n"
