@@ -21,7 +21,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from pydantic import ConfigDict, Field
 
-from console.auth import ACTIONS, Authenticator, CachedAuth, KubeAuth, User
+from console.auth import ACTIONS, Authenticator, CachedAuth, KubeAuth, StaticTokenAuth, User
 from console.base import ApiType
 from console.catalog import Catalog, Dtype, ModelCard, load_catalog
 from console.deployments import (
@@ -162,8 +162,6 @@ class State:
         self.prices: PriceTable = load_prices(cfg.prices_file)
         self.auth: Authenticator
         if cfg.token:
-            from console.auth import StaticTokenAuth
-
             self.auth = StaticTokenAuth(cfg.token)
         elif cfg.auth_cache_seconds > 0:
             self.auth = CachedAuth(KubeAuth(self.kube), ttl=cfg.auth_cache_seconds)
@@ -177,7 +175,6 @@ def _state(request: Request) -> State:
     return st
 
 
-StateDep = Annotated[State, Depends(_state)]
 Namespace = Annotated[
     str | None,
     Query(description="Namespace; absent: the console's.", pattern=DNS1123_LABEL, max_length=63),
@@ -193,13 +190,7 @@ def authorize(action: str) -> Callable[..., Awaitable[User]]:
 
     async def check(request: Request, namespace: Namespace = None) -> User:
         st = _state(request)
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise ConsoleError(401, "a bearer token is required (Authorization: Bearer <token>)")
-        user = await st.auth.authenticate(token.strip())
-        if user is None:
-            raise ConsoleError(401, "the bearer token is not valid")
+        user = await authenticated(request)
         ns = namespace or st.cfg.namespace
         name = request.path_params.get("name")
         ok, reason = await st.auth.allowed(user, act, ns, name)
@@ -216,12 +207,14 @@ def authorize(action: str) -> Callable[..., Awaitable[User]]:
 
 
 async def authenticated(request: Request) -> User:
-    """A dependency: any valid token (catalog and runtimes are not cluster data)."""
-    st = _state(request)
+    """A dependency: a valid bearer token (enough for the catalog and the runtimes, which are not
+    cluster data); `authorize` adds the RBAC check."""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    user = await st.auth.authenticate(token.strip()) if scheme.lower() == "bearer" else None
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ConsoleError(401, "a bearer token is required (Authorization: Bearer <token>)")
+    user = await _state(request).auth.authenticate(token.strip())
     if user is None:
-        raise ConsoleError(401, "a valid bearer token is required")
+        raise ConsoleError(401, "the bearer token is not valid")
     return user
 
 
