@@ -33,6 +33,9 @@ __all__ = [
 
 MODEL_INFER_LABEL = "workload.matrixinfer.ai/model-infer"  # set on every pod of a ModelInfer
 GPU_PRODUCT_ANNOTATION = "console.matrixinfer.ai/gpu-product"
+Phase = Literal["Pending", "Deploying", "Ready", "Failed"]
+"""A deployment's phase, from the Model's conditions: Failed, else Active (Ready), else
+Initialized (Deploying), else Pending."""
 _NAME = re.compile(DNS1123_LABEL)
 NAME_MAX = 40  # the generated children are named <model>-<backend>; labels stop at 63
 
@@ -184,7 +187,7 @@ class DeploymentView(ApiType):
 
     name: str
     namespace: str
-    phase: Literal["Pending", "Deploying", "Ready", "Failed"]
+    phase: Phase
     message: str
     created: str | None
     backends: list[BackendView]
@@ -208,15 +211,17 @@ def pod_view(raw: Mapping[str, Any]) -> PodView:
     )
 
 
-Phase = Literal["Pending", "Deploying", "Ready", "Failed"]
-
-
 def _phase(raw: Mapping[str, Any]) -> tuple[Phase, str]:
     conds = {c.get("type"): c for c in (raw.get("status") or {}).get("conditions") or []}
-    for kind, phase in (("Failed", "Failed"), ("Active", "Ready"), ("Initialized", "Deploying")):
+    phases: tuple[tuple[str, Phase], ...] = (
+        ("Failed", "Failed"),
+        ("Active", "Ready"),
+        ("Initialized", "Deploying"),
+    )
+    for kind, phase in phases:
         c = conds.get(kind)
         if c and c.get("status") == "True":
-            return phase, str(c.get("message") or "")  # type: ignore[return-value]
+            return phase, str(c.get("message") or "")
     return "Pending", "waiting for the Model controller"
 
 

@@ -4,6 +4,7 @@ emulators, ``kubectl proxy``), else in-cluster, else the kubeconfig."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -146,8 +147,6 @@ class KubeClient:
 async def _message(resp: aiohttp.ClientResponse) -> str:
     text = await resp.text()
     try:
-        import json
-
         doc = json.loads(text)
     except ValueError:
         return text[:500]

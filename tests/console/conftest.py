@@ -71,8 +71,6 @@ class Console:
         async with self.session.request(method, self.url + path, headers=headers, **kwargs) as r:
             text = await r.text()
             try:
-                import json
-
                 return r.status, json.loads(text)
             except ValueError:
                 return r.status, text
