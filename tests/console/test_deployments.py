@@ -22,14 +22,17 @@ def with_conditions(*conds: tuple[str, str]) -> dict[str, Any]:
     return {**MODEL, "status": status}
 
 
+WAITING = "waiting for the Model controller"
+
+
 @pytest.mark.parametrize(
     ("conds", "phase", "message"),
     [
-        ((), "Pending", "waiting for the Model controller"),
+        ((), "Pending", WAITING),
         ((("Initialized", "True"), ("Active", "False")), "Deploying", "Initialized says"),
         ((("Initialized", "True"), ("Active", "True")), "Ready", "Active says"),
         ((("Active", "True"), ("Failed", "True")), "Failed", "Failed says"),
-        ((("Failed", "False"), ("Active", "Unknown")), "Pending", "waiting for the Model controller"),
+        ((("Failed", "False"), ("Active", "Unknown")), "Pending", WAITING),
     ],
 )
 def test_phase_from_conditions(
