@@ -30,7 +30,7 @@ $(STAMP): $(RUNTIME_STAMP) pyproject.toml
 
 # Debian packages the tests use (installed only when missing, and only as root):
 # redis-server (policies tests), prometheus for promtool (tests/charts: alert rules).
-SYSTEM_DEPS := redis-server:redis-server promtool:prometheus
+SYSTEM_DEPS := redis-server:redis-server promtool:prometheus chromium:chromium  # chromium: tests/console (UI)
 system-deps:
 	@for dep in $(SYSTEM_DEPS); do \
 	  cmd=$${dep%%:*}; pkg=$${dep#*:}; \
@@ -53,7 +53,7 @@ test: setup
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy crds fleet extproc controllers sim runtime matrixinfer
+	$(VENV)/bin/mypy crds fleet extproc controllers sim runtime console matrixinfer
 	$(VENV)/bin/lint-imports
 
 format: $(STAMP)

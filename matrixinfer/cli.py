@@ -631,6 +631,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_drain_timeout(gw)
     _add_policy_flags(gw)
     gw.set_defaults(func=cmd_gateway)
+
+    con = sub.add_parser("console", help="serve the console: REST API (OpenAPI) and web UI",
+                         formatter_class=HelpFormatter)  # fmt: skip
+    from console.main import add_arguments, run
+
+    add_arguments(con)
+    con.set_defaults(func=run)
     return p
 
 

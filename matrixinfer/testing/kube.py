@@ -23,6 +23,7 @@ from controllers.main import ControllerConfig, run_operator
 
 MI_PATH = "/apis/workload.matrixinfer.ai/v1alpha1/namespaces/{ns}/modelinfers"
 MODEL_PATH = "/apis/registry.matrixinfer.ai/v1alpha1/namespaces/{ns}/models"
+REVIEW_GROUPS = {"authentication.k8s.io", "authorization.k8s.io"}
 VERBS = {"list", "watch", "get", "create", "patch", "delete"}
 
 
@@ -61,6 +62,9 @@ class Emulator(kmock.KubernetesEmulator):
                 type(self)._serial += 1
                 meta["resourceVersion"] = str(type(self)._serial)
                 meta.setdefault("uid", f"uid-{meta.get('name')}-{type(self)._serial}")
+        if getattr(getattr(request, "resource", None), "group", None) in REVIEW_GROUPS:
+            # reviews are answered, never stored (the emulator would store each under no name)
+            return await super(kmock.KubernetesEmulator, self)._handle(request)
         return await super()._handle(request)
 
 
@@ -91,10 +95,67 @@ def declare(k: kmock.KubernetesEmulator, volcano: bool = False) -> None:
         res[f"{group}/v1alpha1/{plural}"] = kmock.ResourceInfo(
             kind=kind, namespaced=True, verbs=VERBS, subresources={"status"}
         )
+    res["v1/nodes"] = kmock.ResourceInfo(kind="Node", namespaced=False, verbs=VERBS)
     if volcano:
         res["scheduling.volcano.sh/v1beta1/podgroups"] = kmock.ResourceInfo(
             kind="PodGroup", namespaced=True, verbs=VERBS
         )
+
+
+@dataclass
+class Reviews:
+    """TokenReview and SubjectAccessReview as an API server with RBAC would answer them:
+    ``tokens`` maps a bearer token to a user name; ``allow(user, attributes)`` decides each
+    SubjectAccessReview (``attributes``: its spec.resourceAttributes). Every review is kept."""
+
+    tokens: dict[str, str]
+    allow: Callable[[str, dict[str, Any]], bool]
+    seen: list[dict[str, Any]] = field(default_factory=list)
+
+    def token_review(self, request: Any) -> dict[str, Any]:
+        token = str(((request.data or {}).get("spec") or {}).get("token", ""))
+        self.seen.append({"kind": "TokenReview", "token": token})
+        user = self.tokens.get(token)
+        status: dict[str, Any] = {"authenticated": user is not None}
+        if user is not None:
+            status["user"] = {"username": user, "uid": f"uid-{user}", "groups": ["users"]}
+        return {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "status": status}
+
+    def access_review(self, request: Any) -> dict[str, Any]:
+        spec = (request.data or {}).get("spec") or {}
+        attrs = dict(spec.get("resourceAttributes") or {})
+        self.seen.append({"kind": "SubjectAccessReview", "user": spec.get("user"), **attrs})
+        ok = self.allow(str(spec.get("user")), attrs)
+        status = {"allowed": ok, "reason": "" if ok else "RBAC: no rule allows it"}
+        return {
+            "apiVersion": "authorization.k8s.io/v1",
+            "kind": "SubjectAccessReview",
+            "status": status,
+        }
+
+
+def serve_reviews(k: kmock.KubernetesEmulator, reviews: Reviews) -> None:
+    """Answer TokenReview and SubjectAccessReview creations with ``reviews``."""
+    k["post /apis/authentication.k8s.io/v1/tokenreviews"] << reviews.token_review
+    k["post /apis/authorization.k8s.io/v1/subjectaccessreviews"] << reviews.access_review
+
+
+LogSource = str | Callable[[], AsyncIterator[bytes]]
+
+
+def serve_logs(k: kmock.KubernetesEmulator, logs: dict[tuple[str, str], LogSource]) -> None:
+    """Serve ``GET .../pods/<name>/log`` from ``logs[(namespace, pod)]``: a text (sent whole,
+    then the end), or a function returning the chunks as they come (a followed log)."""
+
+    def log(request: Any) -> Any:
+        source = logs.get((request.namespace, request.name))
+        if source is None:
+            raise kmock.KubernetesObjectNotFoundError()
+        if isinstance(source, str):
+            return source.encode()  # bytes: served raw (a str would go out as JSON)
+        return source()  # an async generator: kmock streams each chunk as it is yielded
+
+    k[kmock.method.GET, kmock.subresource("log")] << log
 
 
 @dataclass

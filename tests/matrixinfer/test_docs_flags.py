@@ -66,11 +66,12 @@ def parsers() -> dict[str, list[argparse.ArgumentParser]]:
         "matrixinfer gateway": [_subparser(cli, "gateway")],
         "matrixinfer-downloader": [downloader_parser()],
         "matrixinfer-runtime": [runtime_parser()],
+        "matrixinfer console": [_subparser(cli, "console")],
     }
 
 
 PROGRAM = re.compile(
-    r"matrixinfer(?:-extproc|-xds|-controllers|-sim fleet|-sim| demo| gateway|-downloader"
+    r"matrixinfer(?:-extproc|-xds|-controllers|-sim fleet|-sim| demo| gateway| console|-downloader"
     r"|-runtime)(?![\w-])"
 )
 FLAG = re.compile(r"(?<![\w=-])--[a-z][a-z0-9-]*")
