@@ -96,6 +96,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GatewaySta
         scrape_interval=0.1,
         config_poll=0.1,
         envoy_concurrency=1,
+        request_body_idle_timeout=1.0,  # a waiting request is silent: the wait outlasts it
         message_timeout_ms=1000,  # the product's base: the wait must extend it
     )
     s = GatewayStack(config_dir, tmp_path_factory.mktemp("wake-run"), opts).start()
