@@ -25,7 +25,7 @@ from extproc.datastore import Datastore
 from extproc.demand import DemandCollector
 from extproc.gateway import Gateway, Immediate, Routed
 from extproc.metrics import GatewayMetrics
-from extproc.policies.enforce import QUEUE_TIMEOUT_MARGIN, queue_notice
+from extproc.policies.enforce import QUEUE_TIMEOUT_MARGIN, Policies, PolicySettings, queue_notice
 from fleet.pods import PodMetrics
 from tests.extproc.helpers import config, server_yaml
 
@@ -102,6 +102,20 @@ async def test_a_pod_that_becomes_ready_serves_the_waiting_request() -> None:
     ds.publish_metrics("p0", PodMetrics(stale=False, waiting=0, running=0))
     answer = await asyncio.wait_for(task, 10)
     assert isinstance(answer, Routed) and answer.pod.name == "p0"
+
+
+async def test_with_policies_the_request_waits_too_and_is_then_scheduled() -> None:
+    gw, ds = make([])
+    policies = Policies(PolicySettings(), gw.metrics.registry)
+    gw.policies = policies
+    task = asyncio.create_task(decide(gw))
+    await until(lambda: waiting(gw, ds) == 1.0, "the request counted as waiting")
+    assert not policies.queues  # it waits for a ready pod, not in the fair queue
+    ds.apply(config(text(), [POD]))
+    answer = await asyncio.wait_for(task, 10)
+    assert isinstance(answer, Routed) and answer.pod.name == "p0"
+    assert answer.metadata is not None  # the policy stages went on after the wait
+    await policies.close()
 
 
 async def test_route_max_wait_then_503_with_retry_after() -> None:
