@@ -57,6 +57,16 @@ class ServerView:
         """Every pod the ModelServer selects, candidates and ejected ones, in endpoint order."""
         return self.selected or self.pods
 
+    @property
+    def ready(self) -> bool:
+        """Whether one of its pods is ready (none: it is at zero, or its pods are starting)."""
+        return any(pod.ready for pod in self.members)
+
+
+def _ready_servers(snapshot: Snapshot) -> set[str]:
+    """The keys of the ModelServers with a ready pod."""
+    return {key for key, view in snapshot.servers.items() if view.ready}
+
 
 def retry_headers(spec: ModelServerSpec) -> tuple[tuple[str, str], ...]:
     """``trafficPolicy.retry`` as Envoy request headers (set on every routed request, so a
@@ -94,6 +104,9 @@ class Datastore:
         self.clock = clock
         self._version = 0
         self.on_pod_removed: list[Callable[[str], None]] = []
+        # called with a ModelServer's key when it goes from no ready pod to a ready one (its
+        # first pod after a scale from zero): requests waiting for it may be scheduled now
+        self.on_server_ready: list[Callable[[str], None]] = []
         # pods whose scrape found nothing listening: not ready until a scrape succeeds again
         self._scrape_down: set[str] = set()
         self._configured_ready: dict[str, bool] = {}
@@ -108,6 +121,7 @@ class Datastore:
     def apply(self, config: GatewayConfig) -> Snapshot:
         """Install a validated configuration; pods that disappear are reported to listeners."""
         old = self.snapshot
+        ready_before = _ready_servers(old)  # before _build: it updates the kept pods' readiness
         new = self._build(config, old.pods, old.routes)
         self.snapshot = new
         self._configured_ready = {e.name: e.ready for e in config.endpoints}
@@ -116,7 +130,13 @@ class Datastore:
             self.health.forget(old.pods[name].address)
             for listener in self.on_pod_removed:
                 listener(name)
+        self._report_ready(_ready_servers(new) - ready_before)
         return new
+
+    def _report_ready(self, keys: set[str]) -> None:
+        for key in keys:
+            for listener in self.on_server_ready:
+                listener(key)
 
     def _build(
         self, config: GatewayConfig, previous: Mapping[str, Pod], old_routes: RouteTable | None
@@ -172,7 +192,7 @@ class Datastore:
 
         def ready_server(key: str) -> bool:
             view = servers.get(key)
-            return view is not None and any(pod.ready for pod in view.members)
+            return view is not None and view.ready
 
         routes = RouteTable(
             config.routes, server_models, previous=old_routes, ready_server=ready_server
@@ -287,7 +307,9 @@ class Datastore:
             pod.ready = False
         elif not metrics.stale and pod_name in self._scrape_down:
             self._scrape_down.discard(pod_name)
+            before = _ready_servers(self.snapshot)
             pod.ready = self._configured_ready.get(pod_name, True)
+            self._report_ready(_ready_servers(self.snapshot) - before)
 
     def scrape_targets(self) -> list[tuple[str, str, str]]:
         """(pod name, metrics URL, engine) for every pod of every ModelServer."""

@@ -1,8 +1,9 @@
 """Per-ModelServer demand gauges, computed when /metrics is read (the autoscaler's gateway
 signal; every extproc replica publishes its own, the autoscaler sums them).
 
-- ``matrixinfer_gateway_server_waiting_requests{namespace, server}``: requests waiting in the
-  ModelServer's fair queue;
+- ``matrixinfer_gateway_server_waiting_requests{namespace, server}``: requests waiting for the
+  ModelServer: in its fair queue (every pod saturated) and in the gateway's wake stage (no ready
+  pod: at zero, or its pods are starting — the demand that wakes it);
 - ``matrixinfer_gateway_server_in_flight_requests{namespace, server}``: requests routed to its
   pods that have not finished.
 
@@ -26,15 +27,21 @@ IN_FLIGHT = "matrixinfer_gateway_server_in_flight_requests"
 
 class DemandCollector(Collector):
     def __init__(
-        self, datastore: Datastore, queues: Callable[[], Mapping[str, Sized] | None]
+        self,
+        datastore: Datastore,
+        queues: Callable[[], Mapping[str, Sized] | None],
+        waking: Callable[[], Mapping[str, int]] | None = None,
     ) -> None:
         self.datastore = datastore
         self.queues = queues  # server key -> its queue (None: no policies, nothing queues)
+        # server key -> requests waiting for its first ready pod (extproc.gateway.WakeRoom)
+        self.waking = waking
 
     def collect(self) -> Iterator[Any]:
         waiting = GaugeMetricFamily(
             WAITING,
-            "Requests waiting in the gateway's queue for a pod of the ModelServer.",
+            "Requests waiting in the gateway for a pod of the ModelServer (its fair queue, or no "
+            "ready pod yet).",
             labels=["namespace", "server"],
         )
         in_flight = GaugeMetricFamily(
@@ -43,10 +50,12 @@ class DemandCollector(Collector):
             labels=["namespace", "server"],
         )
         queues = self.queues() or {}
+        waking = self.waking() if self.waking is not None else {}
         for key, view in self.datastore.snapshot.servers.items():
             ns = key.partition("/")[0]
             q = queues.get(key)
-            waiting.add_metric([ns, view.name], float(len(q) if q is not None else 0))
+            count = (len(q) if q is not None else 0) + waking.get(key, 0)
+            waiting.add_metric([ns, view.name], float(count))
             in_flight.add_metric([ns, view.name], float(sum(p.in_flight for p in view.pods)))
         yield waiting
         yield in_flight

@@ -9,9 +9,14 @@ A request passes these stages, in order:
 3. **parse** the body (``decide``): the OpenAI JSON, its ``model``, prompt and ``stream``;
 4. **route**: the ModelRoute and ModelServer for the model (``extproc.routing``);
 5. **admit**: authorise the caller on the route and reserve its token budget;
-6. **queue**: when others already wait for the ModelServer, or every pod is saturated, wait in the
+6. **wake**: when the ModelServer has no ready pod (at zero, or its pods are starting), wait in
+   the :class:`WakeRoom` until it has one — at most the route's ``queue.maxWait`` (the gateway's
+   ``wake_timeout`` when the route sets no queue), then 503 with ``Retry-After``. Policies or not;
+   the waiting requests count as the ModelServer's demand (``extproc.demand``), which is what
+   wakes a target of the autoscaler at zero;
+7. **queue**: when others already wait for the ModelServer, or every pod is saturated, wait in the
    fair queue until a pod has room;
-7. **schedule**: the scheduler picks the pod and its fallbacks; the pod's in-flight count rises.
+8. **schedule**: the scheduler picks the pod and its fallbacks; the pod's in-flight count rises.
 
 Authenticate, admit, queue and the marking of a routed request for usage accounting are the policy
 stages (``extproc.policies``): without policies they are :class:`NoPolicies`, whose methods return
@@ -36,6 +41,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -45,6 +51,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
+from crds.common import parse_duration
 from extproc.datastore import Datastore, ServerView, Snapshot
 from extproc.errors import (
     GatewayError,
@@ -69,6 +76,7 @@ from extproc.scheduling.types import (
     SchedulingRequest,
     SchedulingResult,
 )
+from fleet.config import object_key
 from fleet.pd import PREFILL_HEADER, format_prefill
 from fleet.pods import Pod
 from fleet.usage_envoy import LORA_HEADER, MODEL_HEADER, ROUTE_HEADER, SERVER_HEADER, Answered
@@ -79,6 +87,7 @@ if TYPE_CHECKING:
     from extproc.routing import RouteDecision
 
 __all__ = [
+    "DEFAULT_WAKE_TIMEOUT",
     "DESTINATION_HEADER",
     "REQUEST_ID_HEADER",
     "SESSION_HEADER",
@@ -89,12 +98,16 @@ __all__ = [
     "RequestState",
     "Routed",
     "SchedulerLike",
+    "WakeRoom",
 ]
 
 log = logging.getLogger("matrixinfer.extproc")
 
 DESTINATION_HEADER = "x-gateway-destination-endpoint"
 SESSION_HEADER = "x-session-id"
+# how long a request waits for a ModelServer with no ready pod when its route sets no queue
+# (ModelRoute queue.maxWait otherwise; matrixinfer-extproc --wake-timeout)
+DEFAULT_WAKE_TIMEOUT = 60.0
 REQUEST_ID_HEADER = "x-request-id"  # Envoy keeps the client's or makes one (HCM settings)
 
 
@@ -312,6 +325,42 @@ class EnforcedPolicies(NoPolicies):
                 asyncio.get_running_loop().call_soon(policies.capacity_freed, state.server_key)
 
 
+class WakeRoom:
+    """Requests waiting for a ModelServer with no ready pod (the wake stage), by server key.
+
+    :meth:`server_ready` (the datastore's ``on_server_ready``) wakes every request waiting for
+    that ModelServer; each then checks the datastore again and goes on to the schedule stage."""
+
+    __slots__ = ("_waiters",)
+
+    def __init__(self) -> None:
+        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+
+    def counts(self) -> dict[str, int]:
+        """Server key -> how many requests wait for it (only keys with waiting requests)."""
+        return {key: len(waiters) for key, waiters in self._waiters.items()}
+
+    def server_ready(self, key: str) -> None:
+        for future in self._waiters.get(key, ()):
+            if not future.done():
+                future.set_result(None)
+
+    async def wait(self, key: str, seconds: float) -> bool:
+        """Wait until :meth:`server_ready` names ``key`` (True) or ``seconds`` pass (False)."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiters = self._waiters.setdefault(key, set())
+        waiters.add(future)
+        try:
+            await asyncio.wait_for(future, seconds)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            waiters.discard(future)
+            if not waiters:
+                del self._waiters[key]
+
+
 class Gateway:
     def __init__(
         self,
@@ -324,7 +373,10 @@ class Gateway:
         clock: Callable[[], float] = time.monotonic,
         session_header: str = SESSION_HEADER,
         policies: Policies | None = None,
+        wake_timeout: float = DEFAULT_WAKE_TIMEOUT,
     ) -> None:
+        if wake_timeout < 0:
+            raise ValueError(f"wake_timeout must be >= 0 seconds, not {wake_timeout}")
         self.datastore = datastore
         self.metrics = metrics or GatewayMetrics()
         self.body_limit = body_limit
@@ -334,6 +386,11 @@ class Gateway:
         self.session_header = session_header
         self._schedulers: dict[str, tuple[Any, SchedulerLike]] = {}
         datastore.on_pod_removed.append(self._forget_pod)
+        # the wake stage: requests for ModelServers with no ready pod (scale from zero)
+        self.wake_timeout = wake_timeout
+        self.waking = WakeRoom()
+        datastore.on_server_ready.append(self.waking.server_ready)
+        self._max_waits: tuple[int, dict[str, float | None]] = (-1, {})
         self.policy_stages: NoPolicies = NO_POLICIES
         self.policies = policies
         # called with the pod's name when its engine answered 404 to a request for a LoRA
@@ -434,6 +491,10 @@ class Gateway:
             decision = self._route(state, parsed, snap)
             await stages.admit(state, parsed, decision, snap)
             view = snap.servers[decision.server_key]
+            if not view.ready:
+                mark = time.perf_counter()
+                view = await self._wake(state, parsed, view, snap)
+                began += time.perf_counter() - mark  # the wait is not the gateway's decision time
             request = self._scheduling_request(state, parsed, decision)
             scheduler = self.scheduler_for(view, snap.default_profile)
             try:
@@ -475,6 +536,58 @@ class Gateway:
         state.server = decision.server
         state.server_key = decision.server_key
         return decision
+
+    async def _wake(
+        self, state: RequestState, parsed: ParsedRequest, view: ServerView, snap: Snapshot
+    ) -> ServerView:
+        """The wake stage: wait until the ModelServer has a ready pod (its view then), at most
+        the route's ``queue.maxWait``; 503 with ``Retry-After`` after that. A wait of 0 leaves
+        the 503 to the schedule stage at once."""
+        max_wait = self._max_wait(snap, parsed.model)
+        if max_wait <= 0:
+            return view
+        from extproc.policies.enforce import QUEUE_TIMEOUT_MARGIN, PolicyError, queue_notice
+
+        notice = queue_notice.get()
+        if notice is not None:  # tell Envoy to wait for this message while the request waits
+            await notice(max_wait + QUEUE_TIMEOUT_MARGIN)
+        log.info(
+            "request %s waits up to %gs for a ready pod of ModelServer %s",
+            state.request_id, max_wait, view.name,
+            extra={"request_id": state.request_id, "model": parsed.model},
+        )  # fmt: skip
+        deadline = self.clock() + max_wait
+        while True:
+            current = self.datastore.snapshot.servers.get(view.key)
+            if current is not None and current.ready:
+                return current
+            left = deadline - self.clock()
+            if left <= 0 or not await self.waking.wait(view.key, left):
+                break
+        retry = max(1, math.ceil(max_wait / 4))
+        raise PolicyError(
+            no_pod_available(
+                f"ModelServer '{view.name}' had no ready pod within {max_wait:g}s (it may be "
+                f"starting from zero; ModelRoute '{state.route}' queue.maxWait)"
+            ),
+            {"retry-after": str(retry)},
+        )
+
+    def _max_wait(self, snap: Snapshot, model: str) -> float:
+        """How long a request for ``model`` waits for a ready pod: its ModelRoute's
+        ``queue.maxWait``, or ``wake_timeout`` when the route sets no queue."""
+        version, by_route = self._max_waits
+        if version != snap.version:
+            by_route = {}
+            for route in snap.config.routes:
+                queue = route.spec.queue
+                by_route[object_key(route)] = (
+                    parse_duration(queue.max_wait) if queue is not None else None
+                )
+            self._max_waits = (snap.version, by_route)
+        compiled, _ = snap.routes.lookup(model)
+        wait = by_route.get(compiled.key)
+        return self.wake_timeout if wait is None else wait
 
     def _schedule(
         self, view: ServerView, scheduler: SchedulerLike, request: SchedulingRequest

@@ -19,7 +19,7 @@ from prometheus_client import disable_created_metrics
 
 from extproc.datastore import Datastore
 from extproc.demand import DemandCollector
-from extproc.gateway import Gateway
+from extproc.gateway import DEFAULT_WAKE_TIMEOUT, Gateway
 from extproc.health import HealthMetrics
 from extproc.kvevents import KVEventsSubscriber, targets_of
 from extproc.kvindex import KVBlockIndex
@@ -95,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the pods as an Envoy ClusterLoadAssignment to this file (for override_host)",
     )
     p.add_argument("--eds-cluster", default="matrixinfer_pods", help="cluster name in --eds-file")
+    p.add_argument(
+        "--wake-timeout",
+        type=duration,
+        default=f"{DEFAULT_WAKE_TIMEOUT:g}s",
+        help="how long a request for a ModelServer with no ready pod (at zero, or starting) waits "
+        "for one when its ModelRoute sets no queue (queue.maxWait otherwise); then 503 with "
+        "Retry-After; 0: 503 at once (default 60s)",
+    )
     p.add_argument(
         "--kv-index-capacity",
         type=int,
@@ -213,6 +221,7 @@ class ExtProcApp:
             self.metrics,
             body_limit=args.body_limit,
             scheduler_factory=lambda profile: build_scheduler(profile=profile, kv_index=kv_index),
+            wake_timeout=args.wake_timeout,
         )
         self.policies: Any = None
         if (
@@ -226,7 +235,9 @@ class ExtProcApp:
         # per-ModelServer waiting / in-flight gauges: the autoscaler's gateway signal
         self.metrics.registry.register(
             DemandCollector(
-                self.datastore, lambda: self.policies.queues if self.policies is not None else None
+                self.datastore,
+                lambda: self.policies.queues if self.policies is not None else None,
+                self.gateway.waking.counts,
             )
         )
         self.watcher: Any

@@ -145,9 +145,6 @@ class GatewaySettings:
     # ... and its body may not stall longer than this before the extproc routes it (408); a
     # routed request's answer is under stream_idle_timeout_s instead, so streams are not cut
     request_body_idle_timeout_s: float = 30
-    # the extproc runs its policies, so it may hold a request in its fair queue (silent) up to
-    # max_message_timeout: the body idle limit is never shorter than that
-    queueing: bool = False
     access_log: bool = False  # Envoy's own access line on stdout
     access_log_format: str = "text"  # text (DEFAULT_ACCESS_LOG_FORMAT) | json (one object a line)
     # every request reported to the extproc by gRPC (fleet.usage_envoy.envoy_access_logs): the
@@ -260,15 +257,14 @@ def _server_route(server: Any, settings: GatewaySettings) -> dict[str, Any]:
 
 def _unrouted_idle_timeout(settings: GatewaySettings, routes: Sequence[Any]) -> float:
     """The catch-all route's ``idle_timeout``: the request body idle limit (a request is on that
-    route until the extproc routes it), but never shorter than the extproc may hold a queued
-    request in silence; with fail-open, requests may stay on it while their answer streams: the
-    stream idle timeout."""
+    route until the extproc routes it), but never shorter than the extproc may hold a request in
+    silence (``max_message_timeout``: the fair queue, or a ModelServer with no ready pod yet);
+    with fail-open, requests may stay on it while their answer streams: the stream idle timeout."""
     if settings.fail_open:
         return settings.stream_idle_timeout_s
-    idle = settings.request_body_idle_timeout_s
-    if settings.queueing:
-        idle = max(idle, max_message_timeout_ms(settings, routes) / 1000)
-    return idle
+    return max(
+        settings.request_body_idle_timeout_s, max_message_timeout_ms(settings, routes) / 1000
+    )
 
 
 def _route_config(settings: GatewaySettings, inputs: XdsInputs) -> dict[str, Any]:

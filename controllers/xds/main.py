@@ -11,7 +11,6 @@ import asyncio
 import logging
 import sys
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -150,7 +149,7 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
     )
     if args.no_policy_filters:
         return settings
-    return with_policy_filters(replace(settings, queueing=True))
+    return with_policy_filters(settings)
 
 
 class XdsApp:

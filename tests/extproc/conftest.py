@@ -159,6 +159,7 @@ kind: ModelRoute
 metadata: {name: nowhere}
 spec:
   modelName: empty-model
+  queue: {maxWait: 1s}  # no pod ever comes: the wait for one (scale from zero) ends after 1 s
   rules: [{targets: [{modelServerName: empty}]}]
 """
 

@@ -43,7 +43,8 @@ def make(model: str | None = "upstream/chat-7b") -> tuple[Gateway, Datastore]:
     )
     ds = Datastore()
     ds.apply(config(text, PODS))
-    return Gateway(ds, GatewayMetrics(), rng=Random(3), body_limit=4096), ds
+    # no wake stage: a ModelServer without a ready pod answers 503 at once (test_wake.py waits)
+    return Gateway(ds, GatewayMetrics(), rng=Random(3), body_limit=4096, wake_timeout=0.0), ds
 
 
 HEADERS = {":method": "POST", ":path": "/v1/chat/completions", "x-request-id": "r1"}

@@ -220,6 +220,7 @@ def test_503_when_no_pod_is_ready(client: OpenAI) -> None:
         chat(client, model="empty-model")
     assert err.value.status_code == 503
     assert "no ready pod" in err.value.message and "empty" in err.value.message
+    assert err.value.response.headers["retry-after"] == "1"  # after the route's maxWait (1 s)
 
 
 # ------------------------------------------------------------------------------ load

@@ -21,7 +21,9 @@ from tests.extproc.conftest import endpoints_yaml, start_stack
 
 pytestmark = pytest.mark.timeout(120)
 
-# the cuts below happen after about a second; the answers that must survive last several
+# the cuts below happen after about a second (a stalled body: after max_message_timeout, as the
+# extproc may hold a request that long; the routes' maxWait of 1 s keeps it at the stack's base
+# message timeout, 10 s); the answers that must survive last several
 HEADERS_TIMEOUT = 1.0
 BODY_IDLE_TIMEOUT = 1.0
 LONG_TOKENS = 300  # ~3 s at --time-scale 1 (10 ms simulated per decode step)
@@ -50,6 +52,7 @@ kind: ModelRoute
 metadata: {name: open}
 spec:
   modelName: demo-model
+  queue: {maxWait: 1s}
   rules: [{targets: [{modelServerName: open}]}]
 ---
 apiVersion: networking.matrixinfer.ai/v1alpha1
@@ -57,6 +60,7 @@ kind: ModelRoute
 metadata: {name: capped}
 spec:
   modelName: capped-model
+  queue: {maxWait: 1s}
   rules: [{targets: [{modelServerName: capped}]}]
 """
 

@@ -323,7 +323,7 @@ def test_slow_client_timeouts_and_max_duration() -> None:
         routes=[o for o in objs if o.kind == "ModelRoute"],
         servers=[o for o in objs if o.kind == "ModelServer"],
     )
-    settings = GatewaySettings(request_headers_timeout_s=3, request_body_idle_timeout_s=7)
+    settings = GatewaySettings(request_headers_timeout_s=3, request_body_idle_timeout_s=70)
     res = generate(settings, given)
     hcm = res[LISTENER_TYPE]["openai"]["filter_chains"][0]["filters"][0]["typed_config"]
     assert hcm["request_headers_timeout"] == "3s"
@@ -331,15 +331,16 @@ def test_slow_client_timeouts_and_max_duration() -> None:
     routes = res[ROUTE_TYPE]["openai"]["virtual_hosts"][0]["routes"]
     by_name = {r["name"]: r["route"] for r in routes}
     # before the extproc routes a request it is on the default route: the body idle limit
-    assert by_name["default"]["idle_timeout"] == "7s"
+    assert by_name["default"]["idle_timeout"] == "70s"
     # once routed, the answer's silences get the stream idle timeout (streams are not cut)
     server = by_name["modelserver/ns/a"]
     assert server["idle_timeout"] == "300s"
     assert server["max_stream_duration"] == {"max_stream_duration": "90s"}
-    # with policies a queued request waits in silence up to max_message_timeout (the longest
-    # queue.maxWait, 60 s by default, + 5 s): the body idle limit never undercuts it
-    queued = generate(replace(settings, queueing=True), given)
-    routes = queued[ROUTE_TYPE]["openai"]["virtual_hosts"][0]["routes"]
+    # a request waits in silence (fair queue, or a ModelServer with no ready pod) up to
+    # max_message_timeout (the longest queue.maxWait, 60 s by default, + 5 s): the body idle
+    # limit never undercuts it, policies or not
+    held = generate(replace(settings, request_body_idle_timeout_s=7), given)
+    routes = held[ROUTE_TYPE]["openai"]["virtual_hosts"][0]["routes"]
     assert routes[-1]["route"]["idle_timeout"] == "65s"
     # fail-open: requests may stay on the default route while their answer streams
     open_ = generate(GatewaySettings(fail_open=True), given)
