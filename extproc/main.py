@@ -37,6 +37,7 @@ from fleet.service import (
     add_service_args,
     configure_logging,
     duration,
+    fraction,
     signalled_stop,
 )
 
@@ -148,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pol.add_argument(
         "--redis-headroom",
-        type=_headroom,
+        type=fraction,
         default=0.25,
         metavar="FRACTION",
         help="admit without waiting for Redis (and charge it behind the request) while this "
@@ -513,16 +514,6 @@ def build_policies(args: argparse.Namespace, metrics: GatewayMetrics) -> Any:
         redis_headroom=args.redis_headroom,
     )
     return Policies(settings, metrics.registry)
-
-
-def _headroom(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
 
 
 def _read_charge_key(path: Path) -> bytes:

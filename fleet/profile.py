@@ -47,12 +47,16 @@ class SchedulerProfile(BaseModel):
 Profile = SchedulerProfile | ServerSchedulerProfile
 """A gateway-wide profile (files' GatewayConfig) or a ModelServer's ``spec.scheduler``."""
 
+DEFAULT_FILTERS = [
+    PluginSpec(name="ready"),
+    PluginSpec(name="saturation", args={"max_waiting": 8, "max_kv_cache_usage": 0.95}),
+    PluginSpec(name="lora-capable"),
+]
+"""The filters every built-in profile starts with: ready pods, not saturated, able to serve the
+request's LoRA adapter."""
+
 DEFAULT_PROFILE = SchedulerProfile(
-    filters=[
-        PluginSpec(name="ready"),
-        PluginSpec(name="saturation", args={"max_waiting": 8, "max_kv_cache_usage": 0.95}),
-        PluginSpec(name="lora-capable"),
-    ],
+    filters=DEFAULT_FILTERS,
     scorers=[
         # abstains unless the candidates' KV events are followed; when it scores, prefix-cache
         # and least-request abstain (its cost holds both)

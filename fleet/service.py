@@ -28,6 +28,7 @@ __all__ = [
     "configure_logging",
     "duration",
     "format_duration",
+    "fraction",
     "milliseconds",
     "signalled_stop",
     "version",
@@ -169,3 +170,14 @@ def configure_logging(level: str, fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number in (0, 1] (a share of something), e.g. ``0.25``."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value

@@ -33,6 +33,7 @@ from fleet.service import (
     HelpFormatter,
     duration,
     format_duration,
+    fraction,
     milliseconds,
     version,
 )
@@ -510,22 +511,12 @@ def _add_policy_flags(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--redis-headroom",
-        type=_fraction,
+        type=fraction,
         default=0.25,
         metavar="FRACTION",
         help="admit without waiting for Redis while more than this fraction of every limited "
         "bucket is left (matrixinfer-extproc --help)",
     )
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
 
 
 def _existing_file(text: str) -> Path:

@@ -29,7 +29,7 @@ from extproc.scheduling.types import (
     SchedulingResult,
 )
 from fleet.pods import Pod, selects
-from fleet.profile import PluginSpec, SchedulerProfile
+from fleet.profile import DEFAULT_FILTERS, PluginSpec, SchedulerProfile
 
 __all__ = ["DECODE_PROFILE", "PREFILL_PROFILE", "PDGroupLike", "PDScheduler"]
 
@@ -46,11 +46,7 @@ class PDGroupLike(Protocol):
 
 
 DECODE_PROFILE = SchedulerProfile(
-    filters=[
-        PluginSpec(name="ready"),
-        PluginSpec(name="saturation", args={"max_waiting": 8, "max_kv_cache_usage": 0.95}),
-        PluginSpec(name="lora-capable"),
-    ],
+    filters=DEFAULT_FILTERS,
     scorers=[
         PluginSpec(name="session-affinity", weight=10.0),
         PluginSpec(name="least-request", weight=3.0),
@@ -62,11 +58,7 @@ DECODE_PROFILE = SchedulerProfile(
 the conversation's KV cache for the whole answer, so load, free KV cache and session affinity."""
 
 PREFILL_PROFILE = SchedulerProfile(
-    filters=[
-        PluginSpec(name="ready"),
-        PluginSpec(name="saturation", args={"max_waiting": 8, "max_kv_cache_usage": 0.95}),
-        PluginSpec(name="lora-capable"),
-    ],
+    filters=DEFAULT_FILTERS,
     scorers=[
         PluginSpec(name="precise-prefix", weight=5.0),
         PluginSpec(name="prefix-cache", weight=3.0),
