@@ -198,7 +198,8 @@ class Api:
             assert r.status < 400, f"{method} {path}: {r.status} {text[:300]}"
             return text
 
-    async def create_modelinfer(self, obj: dict[str, Any]) -> None:
+    async def _create(self, path: str, obj: dict[str, Any]) -> None:
+        """POST ``obj`` with what the API server would set (uid, resourceVersion, generation)."""
         obj = dict(obj)
         meta = dict(obj["metadata"])
         meta.setdefault("uid", f"uid-{meta['name']}")
@@ -206,42 +207,36 @@ class Api:
         meta.setdefault("generation", 1)
         meta.setdefault("namespace", "ns")
         obj["metadata"] = meta
-        await self.request("POST", MI_PATH.format(ns=meta["namespace"]), obj)
+        await self.request("POST", path.format(ns=meta["namespace"]), obj)
 
-    async def patch_modelinfer(self, name: str, spec_patch: dict[str, Any], ns: str = "ns") -> None:
+    async def _patch_spec(
+        self, path: str, current: dict[str, Any] | None, spec_patch: dict[str, Any]
+    ) -> None:
         """A spec change: the API server bumps generation and resourceVersion."""
-        current = self.modelinfer(name, ns)
         assert current is not None
         gen = int(current["metadata"].get("generation", 1)) + 1
         body = {
             "spec": spec_patch,
             "metadata": {"generation": gen, "resourceVersion": self.next_rv()},
         }
-        await self.request("PATCH", MI_PATH.format(ns=ns) + f"/{name}", body)
+        await self.request("PATCH", path, body)
+
+    async def create_modelinfer(self, obj: dict[str, Any]) -> None:
+        await self._create(MI_PATH, obj)
+
+    async def patch_modelinfer(self, name: str, spec_patch: dict[str, Any], ns: str = "ns") -> None:
+        path = MI_PATH.format(ns=ns) + f"/{name}"
+        await self._patch_spec(path, self.modelinfer(name, ns), spec_patch)
 
     def model(self, name: str, ns: str = "ns") -> dict[str, Any] | None:
         return self.objects("registry.matrixinfer.ai/v1alpha1/models", ns).get(name)
 
     async def create_model(self, obj: dict[str, Any]) -> None:
-        obj = dict(obj)
-        meta = dict(obj["metadata"])
-        meta.setdefault("uid", f"uid-{meta['name']}")
-        meta["resourceVersion"] = self.next_rv()
-        meta.setdefault("generation", 1)
-        meta.setdefault("namespace", "ns")
-        obj["metadata"] = meta
-        await self.request("POST", MODEL_PATH.format(ns=meta["namespace"]), obj)
+        await self._create(MODEL_PATH, obj)
 
     async def patch_model(self, name: str, spec_patch: dict[str, Any], ns: str = "ns") -> None:
-        """A spec change: the API server bumps generation and resourceVersion."""
-        current = self.model(name, ns)
-        assert current is not None
-        gen = int(current["metadata"].get("generation", 1)) + 1
-        body = {
-            "spec": spec_patch,
-            "metadata": {"generation": gen, "resourceVersion": self.next_rv()},
-        }
-        await self.request("PATCH", MODEL_PATH.format(ns=ns) + f"/{name}", body)
+        path = MODEL_PATH.format(ns=ns) + f"/{name}"
+        await self._patch_spec(path, self.model(name, ns), spec_patch)
 
     async def delete_model(self, name: str, ns: str = "ns") -> None:
         await self.delete(MODEL_PATH.format(ns=ns) + f"/{name}")
