@@ -91,6 +91,13 @@ def declare(k: kmock.KubernetesEmulator, volcano: bool = False) -> None:
         res[f"{group}/v1alpha1/{plural}"] = kmock.ResourceInfo(
             kind=kind, namespaced=True, verbs=VERBS, subresources={"status"}
         )
+    for plural, kind in (
+        ("validatingwebhookconfigurations", "ValidatingWebhookConfiguration"),
+        ("mutatingwebhookconfigurations", "MutatingWebhookConfiguration"),
+    ):  # cluster-scoped; the operator keeps them when it serves admission webhooks
+        res[f"admissionregistration.k8s.io/v1/{plural}"] = kmock.ResourceInfo(
+            kind=kind, namespaced=False, verbs=VERBS
+        )
     if volcano:
         res["scheduling.volcano.sh/v1beta1/podgroups"] = kmock.ResourceInfo(
             kind="PodGroup", namespaced=True, verbs=VERBS

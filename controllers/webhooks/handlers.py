@@ -1,0 +1,174 @@
+"""Kopf admission handlers for the five kinds: translate a request to a ``rules`` call and its
+:class:`~controllers.webhooks.rules.Review` to Kopf's answer (``kopf.AdmissionError`` to deny,
+``warnings`` to warn, the ``patch`` to mutate).
+
+The other objects a rule needs (routes' claims, Models' LoRA adapters, ModelServer and
+ModelInfer names) come from Kopf in-memory indices of the watched namespaces, so no admission
+request waits on the API server. Two objects admitted at the same moment may both pass a
+cross-object rule (the index has not seen the other yet); the ModelRoute status controller
+still reports the loser (``Accepted=False``, ``ModelNameTaken``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import kopf
+
+from controllers.status.compute import route_claims
+from controllers.webhooks import rules
+from controllers.webhooks.certs import self_signed
+from crds import AutoscalingPolicy, Model, ModelInfer, ModelRoute, ModelServer
+from fleet.claims import Claim
+
+__all__ = ["WebhookConfig", "configure", "register"]
+
+MANAGED = "matrixinfer.ai"
+"""Name of the ValidatingWebhookConfiguration and MutatingWebhookConfiguration Kopf manages."""
+
+DENIED = 422  # the HTTP code of a denial: the object is unprocessable as written
+
+KINDS: dict[str, tuple[str, str]] = {  # kind -> (group, plural)
+    "Model": ("registry.matrixinfer.ai", "models"),
+    "AutoscalingPolicy": ("registry.matrixinfer.ai", "autoscalingpolicies"),
+    "ModelInfer": ("workload.matrixinfer.ai", "modelinfers"),
+    "ModelServer": ("networking.matrixinfer.ai", "modelservers"),
+    "ModelRoute": ("networking.matrixinfer.ai", "modelroutes"),
+}
+VERSION = "v1alpha1"
+OPERATIONS: tuple[Literal["CREATE"], Literal["UPDATE"]] = ("CREATE", "UPDATE")
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookConfig:
+    """Where the webhook server listens and how the API server reaches it."""
+
+    port: int
+    addr: str = "0.0.0.0"  # listening address
+    host: str | None = None  # the host name in the webhooks' URL (and the certificate)
+    cert_dir: str | None = None  # tls.crt + tls.key given (e.g. cert-manager); None: self-signed
+    managed: str | None = MANAGED  # None: the webhook configurations are made by someone else
+
+
+def configure(settings: kopf.OperatorSettings, config: WebhookConfig) -> None:
+    """Serve admission on ``config.port`` over HTTPS and let Kopf keep the webhook
+    configurations named ``config.managed`` up to date."""
+    if config.cert_dir:
+        certfile, keyfile = Path(config.cert_dir, "tls.crt"), Path(config.cert_dir, "tls.key")
+        for f in (certfile, keyfile):
+            if not f.is_file():
+                raise ValueError(f"--webhook-cert-dir: {f} is missing")
+    else:
+        names = [config.host or "", config.addr, "localhost", "127.0.0.1"]
+        cert = self_signed(n for n in names if n not in ("", "0.0.0.0", "::"))
+        certfile, keyfile = cert.certfile, cert.keyfile
+    settings.admission.server = kopf.WebhookServer(
+        addr=config.addr,
+        port=config.port,
+        host=config.host,
+        certfile=str(certfile),
+        pkeyfile=str(keyfile),
+    )
+    settings.admission.managed = config.managed
+
+
+def _answer(review: rules.Review, warnings: list[str]) -> None:
+    warnings.extend(review.warnings)
+    if not review.allowed:
+        raise kopf.AdmissionError(review.message(), code=DENIED)
+
+
+def _parsed(body: Mapping[str, Any]) -> Any:
+    obj = rules.parse(body)
+    if isinstance(obj, rules.Review):
+        raise kopf.AdmissionError(obj.message(), code=DENIED)
+    return obj
+
+
+def _values(index: Any, key: Any) -> Iterable[Any]:
+    return index.get(key, ()) if index is not None else ()
+
+
+def register(registry: kopf.OperatorRegistry) -> None:
+    """The indices the rules read and one validating handler per kind, plus the ModelServer
+    defaulting handler."""
+
+    def on(kind: str) -> dict[str, Any]:
+        group, plural = KINDS[kind]
+        return {"group": group, "version": VERSION, "plural": plural, "registry": registry}
+
+    # -- indices -------------------------------------------------------------------------------
+    @kopf.index(**on("ModelRoute"), id="webhook_route_claims")
+    def index_routes(body: kopf.Body, **_: Any) -> dict[str, list[tuple[str, Claim]]]:
+        return {"all": route_claims(body)}
+
+    @kopf.index(**on("Model"), id="webhook_lora_adapters")
+    def index_models(body: kopf.Body, **_: Any) -> dict[str, list[tuple[str, str]]]:
+        meta, spec = body.get("metadata") or {}, body.get("spec") or {}
+        key = f"{meta.get('namespace') or 'default'}/{meta.get('name')}"
+        names = [a.get("name") for a in spec.get("loraAdapters") or () if isinstance(a, dict)]
+        return {"all": [(str(n), key) for n in names if n]}
+
+    @kopf.index(**on("ModelServer"), id="webhook_model_servers")
+    def index_servers(name: str, namespace: str | None, **_: Any) -> dict[str, str]:
+        return {namespace or "default": name}
+
+    @kopf.index(**on("ModelInfer"), id="webhook_model_infers")
+    def index_infers(name: str, namespace: str | None, **_: Any) -> dict[str, str]:
+        return {namespace or "default": name}
+
+    # -- validation ----------------------------------------------------------------------------
+    @kopf.on.validate(**on("ModelRoute"), id="validate-modelroute", operations=OPERATIONS)
+    def validate_route(body: kopf.Body, warnings: list[str], **kwargs: Any) -> None:
+        route: ModelRoute = _parsed(body)
+        stored = _values(kwargs.get("webhook_route_claims"), "all")
+        claims = [c for per_route in stored for c in per_route]
+        ns = route.metadata.namespace or "default"
+        servers = _values(kwargs.get("webhook_model_servers"), ns)
+        _answer(rules.check_model_route(route, claims, servers), warnings)
+
+    @kopf.on.validate(**on("Model"), id="validate-model", operations=OPERATIONS)
+    def validate_model(body: kopf.Body, warnings: list[str], **kwargs: Any) -> None:
+        model: Model = _parsed(body)
+        adapters = dict(
+            pair for pairs in _values(kwargs.get("webhook_lora_adapters"), "all") for pair in pairs
+        )
+        _answer(rules.check_model(model, adapters), warnings)
+
+    @kopf.on.validate(**on("ModelServer"), id="validate-modelserver", operations=OPERATIONS)
+    def validate_server(body: kopf.Body, warnings: list[str], **_: Any) -> None:
+        server: ModelServer = _parsed(body)
+        _answer(rules.check_model_server(server), warnings)
+
+    @kopf.on.validate(**on("ModelInfer"), id="validate-modelinfer", operations=OPERATIONS)
+    def validate_infer(body: kopf.Body, warnings: list[str], **kwargs: Any) -> None:
+        new: ModelInfer = _parsed(body)
+        old: kopf.Body | None = kwargs.get("old")
+        before: ModelInfer | None = None
+        live = 0
+        if old:
+            parsed = rules.parse(old)
+            before = parsed if isinstance(parsed, ModelInfer) else None
+            live = int((old.get("status") or {}).get("replicas") or 0)
+        _answer(rules.check_model_infer(new, before, live), warnings)
+
+    @kopf.on.validate(
+        **on("AutoscalingPolicy"), id="validate-autoscalingpolicy", operations=OPERATIONS
+    )
+    def validate_policy(body: kopf.Body, warnings: list[str], **kwargs: Any) -> None:
+        policy: AutoscalingPolicy = _parsed(body)
+        ns = policy.metadata.namespace or "default"
+        infers = list(_values(kwargs.get("webhook_model_infers"), ns))
+        _answer(rules.check_autoscaling_policy(policy, infers), warnings)
+
+    # -- defaulting ----------------------------------------------------------------------------
+    @kopf.on.mutate(**on("ModelServer"), id="default-modelserver", operations=OPERATIONS)
+    def default_server(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+        for path, value in rules.defaults(body):
+            target: Any = patch
+            for part in path[:-1]:
+                target = target.setdefault(part, {})
+            target[path[-1]] = value
