@@ -113,7 +113,10 @@ class Api:
     session: aiohttp.ClientSession
     rv: int = 1000
 
-    def objects(self, group_version_plural: str, ns: str = "ns") -> dict[str, dict[str, Any]]:
+    def objects(
+        self, group_version_plural: str, ns: str | None = "ns"
+    ) -> dict[str, dict[str, Any]]:
+        """Objects of one kind in namespace ``ns`` (None: cluster-scoped objects)."""
         out: dict[str, dict[str, Any]] = {}
         for key in list(self.k.objects):
             resource, namespace, name = key
