@@ -250,3 +250,13 @@ async def poll(check: Any, what: str, within: float = 30.0) -> Any:
             return result
         await asyncio.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+async def test_webhooks_removed_when_the_operator_stops() -> None:
+    async with emulator() as api:
+        config = WebhookConfig(port=free_port(), addr="127.0.0.1", host="127.0.0.1")
+        async with operator(api, webhooks=config):
+            await eventually(lambda: webhooks(api, VALIDATING), 30, "the webhooks")
+        # a stopped operator must not leave failurePolicy=Fail webhooks behind
+        assert MANAGED in api.objects(VALIDATING, ns=None)
+        assert webhooks(api, VALIDATING) == [] and webhooks(api, MUTATING) == []
