@@ -135,6 +135,7 @@ def build(
         panic_window=config.autoscale_panic_window,
     )
     models = ModelController(metrics=metrics)
+    reader = webhook_handlers.Reader(config.namespaces)
 
     logins = 0
 
@@ -153,6 +154,7 @@ def build(
             controller.connect(info)
             autoscaler.connect(info)
             models.connect(info)
+            reader.connect(info)
         return info
 
     @kopf.on.cleanup(id="matrixinfer-cleanup", registry=registry)
@@ -160,6 +162,7 @@ def build(
         await controller.close()
         await autoscaler.close()
         await models.close()
+        await reader.close()
 
     modelinfer_handlers.register(registry, controller)
     model_handlers.register(registry, models, resync=config.resync_seconds)
@@ -167,7 +170,7 @@ def build(
     status_handlers.register(registry)
     autoscaling_handlers.register(registry, autoscaler, config.autoscale_interval)
     if config.webhooks is not None:
-        webhook_handlers.register(registry)
+        webhook_handlers.register(registry, reader)
     return registry, controller
 
 

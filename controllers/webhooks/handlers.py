@@ -3,28 +3,28 @@
 ``warnings`` to warn, the ``patch`` to mutate).
 
 The other objects a rule needs (routes' claims, Models' LoRA adapters, ModelServer and
-ModelInfer names) come from Kopf in-memory indices of the watched namespaces, so no admission
-request waits on the API server. Two objects admitted at the same moment may both pass a
-cross-object rule (the index has not seen the other yet); the ModelRoute status controller
-still reports the loser (``Accepted=False``, ``ModelNameTaken``).
+ModelInfer names) are listed from the API server per request (:class:`Reader`). Two objects
+admitted at the same moment may both pass a cross-object rule (neither is stored yet); the
+ModelRoute status controller still reports the loser (``Accepted=False``, ``ModelNameTaken``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import aiohttp
 import kopf
 
+from controllers.kube import ApiError, KubeClient
 from controllers.status.compute import route_claims
 from controllers.webhooks import rules
 from controllers.webhooks.certs import self_signed
 from crds import AutoscalingPolicy, Model, ModelInfer, ModelRoute, ModelServer
-from fleet.claims import Claim
 
-__all__ = ["WebhookConfig", "configure", "register"]
+__all__ = ["Reader", "WebhookConfig", "configure", "register"]
 
 MANAGED = "matrixinfer.ai"
 """Name of the ValidatingWebhookConfiguration and MutatingWebhookConfiguration Kopf manages."""
@@ -88,54 +88,77 @@ def _parsed(body: Mapping[str, Any]) -> Any:
     return obj
 
 
-def _values(index: Any, key: Any) -> Iterable[Any]:
-    return index.get(key, ()) if index is not None else ()
+class Reader:
+    """The other objects the rules need, read from the API server when a request comes.
+
+    Read per request rather than from Kopf indices: a paused peer (``--peering``) stops its
+    watches while its webhook server keeps answering, so an index there would go stale.
+    Namespaced kinds are read in the namespaces the operator watches (all when cluster-wide)."""
+
+    def __init__(self, namespaces: Sequence[str] = ()) -> None:
+        self.namespaces = list(namespaces)
+        self.client: KubeClient | None = None
+
+    def connect(self, info: kopf.ConnectionInfo) -> None:
+        self.client = KubeClient(info)
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.close()
+
+    async def items(self, kind: str, namespace: str | None = None) -> list[dict[str, Any]]:
+        """Objects of ``kind`` in ``namespace`` (None: every watched namespace)."""
+        group, plural = KINDS[kind]
+        base = f"/apis/{group}/{VERSION}"
+        if namespace is not None:
+            paths = [f"{base}/namespaces/{namespace}/{plural}"]
+        elif self.namespaces:
+            paths = [f"{base}/namespaces/{ns}/{plural}" for ns in self.namespaces]
+        else:
+            paths = [f"{base}/{plural}"]
+        if self.client is None:
+            raise kopf.AdmissionError(f"cannot read {kind}s yet: not logged in", code=503)
+        out: list[dict[str, Any]] = []
+        for path in paths:
+            try:
+                doc = await self.client.get(path)
+            except (ApiError, aiohttp.ClientError, TimeoutError) as exc:
+                message = f"cannot read {kind}s to check the object: {exc}"
+                raise kopf.AdmissionError(message, code=503) from None
+            out.extend(i for i in (doc or {}).get("items") or () if isinstance(i, dict))
+        return out
 
 
-def register(registry: kopf.OperatorRegistry) -> None:
-    """The indices the rules read and one validating handler per kind, plus the ModelServer
-    defaulting handler."""
+def _names(items: Iterable[Mapping[str, Any]]) -> list[str]:
+    return [str((i.get("metadata") or {}).get("name")) for i in items]
+
+
+def register(registry: kopf.OperatorRegistry, reader: Reader) -> None:
+    """One validating handler per kind, plus the ModelServer defaulting handler."""
 
     def on(kind: str) -> dict[str, Any]:
         group, plural = KINDS[kind]
         return {"group": group, "version": VERSION, "plural": plural, "registry": registry}
 
-    # -- indices -------------------------------------------------------------------------------
-    @kopf.index(**on("ModelRoute"), id="webhook_route_claims")
-    def index_routes(body: kopf.Body, **_: Any) -> dict[str, list[tuple[str, Claim]]]:
-        return {"all": route_claims(body)}
-
-    @kopf.index(**on("Model"), id="webhook_lora_adapters")
-    def index_models(body: kopf.Body, **_: Any) -> dict[str, list[tuple[str, str]]]:
-        meta, spec = body.get("metadata") or {}, body.get("spec") or {}
-        key = f"{meta.get('namespace') or 'default'}/{meta.get('name')}"
-        names = [a.get("name") for a in spec.get("loraAdapters") or () if isinstance(a, dict)]
-        return {"all": [(str(n), key) for n in names if n]}
-
-    @kopf.index(**on("ModelServer"), id="webhook_model_servers")
-    def index_servers(name: str, namespace: str | None, **_: Any) -> dict[str, str]:
-        return {namespace or "default": name}
-
-    @kopf.index(**on("ModelInfer"), id="webhook_model_infers")
-    def index_infers(name: str, namespace: str | None, **_: Any) -> dict[str, str]:
-        return {namespace or "default": name}
-
     # -- validation ----------------------------------------------------------------------------
     @kopf.on.validate(**on("ModelRoute"), id="validate-modelroute", operations=OPERATIONS)
-    def validate_route(body: kopf.Body, warnings: list[str], **kwargs: Any) -> None:
+    async def validate_route(body: kopf.Body, warnings: list[str], **_: Any) -> None:
         route: ModelRoute = _parsed(body)
-        stored = _values(kwargs.get("webhook_route_claims"), "all")
-        claims = [c for per_route in stored for c in per_route]
+        claims = [c for item in await reader.items("ModelRoute") for c in route_claims(item)]
         ns = route.metadata.namespace or "default"
-        servers = _values(kwargs.get("webhook_model_servers"), ns)
+        servers = _names(await reader.items("ModelServer", ns))
         _answer(rules.check_model_route(route, claims, servers), warnings)
 
     @kopf.on.validate(**on("Model"), id="validate-model", operations=OPERATIONS)
-    def validate_model(body: kopf.Body, warnings: list[str], **kwargs: Any) -> None:
+    async def validate_model(body: kopf.Body, warnings: list[str], **_: Any) -> None:
         model: Model = _parsed(body)
-        adapters = dict(
-            pair for pairs in _values(kwargs.get("webhook_lora_adapters"), "all") for pair in pairs
-        )
+        adapters: dict[str, str] = {}
+        for item in await reader.items("Model"):
+            meta, spec = item.get("metadata") or {}, item.get("spec") or {}
+            key = f"{meta.get('namespace') or 'default'}/{meta.get('name')}"
+            for a in spec.get("loraAdapters") or ():
+                if isinstance(a, dict) and a.get("name"):
+                    adapters.setdefault(str(a["name"]), key)
         _answer(rules.check_model(model, adapters), warnings)
 
     @kopf.on.validate(**on("ModelServer"), id="validate-modelserver", operations=OPERATIONS)
@@ -158,10 +181,10 @@ def register(registry: kopf.OperatorRegistry) -> None:
     @kopf.on.validate(
         **on("AutoscalingPolicy"), id="validate-autoscalingpolicy", operations=OPERATIONS
     )
-    def validate_policy(body: kopf.Body, warnings: list[str], **kwargs: Any) -> None:
+    async def validate_policy(body: kopf.Body, warnings: list[str], **_: Any) -> None:
         policy: AutoscalingPolicy = _parsed(body)
         ns = policy.metadata.namespace or "default"
-        infers = list(_values(kwargs.get("webhook_model_infers"), ns))
+        infers = _names(await reader.items("ModelInfer", ns))
         _answer(rules.check_autoscaling_policy(policy, infers), warnings)
 
     # -- defaulting ----------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from cryptography import x509
 
 from controllers.main import make_settings, parse_args
 from controllers.webhooks.certs import self_signed
-from controllers.webhooks.handlers import MANAGED, WebhookConfig, configure
+from controllers.webhooks.handlers import MANAGED, Reader, WebhookConfig, configure
 
 
 def test_flags_turn_the_webhooks_on() -> None:
@@ -55,3 +55,9 @@ def test_given_cert_dir_must_hold_the_files(tmp_path: Path) -> None:
     server = settings.admission.server
     assert isinstance(server, kopf.WebhookServer)
     assert server.certfile == str(cert.certfile) and server.pkeyfile == str(cert.keyfile)
+
+
+async def test_reader_without_login_denies_with_503() -> None:
+    with pytest.raises(kopf.AdmissionError, match="cannot read ModelRoutes yet") as err:
+        await Reader(["ns"]).items("ModelRoute")
+    assert err.value.code == 503
