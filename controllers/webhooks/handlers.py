@@ -81,6 +81,11 @@ def _answer(review: rules.Review, warnings: list[str]) -> None:
         raise kopf.AdmissionError(review.message(), code=DENIED)
 
 
+def _skip(body: Mapping[str, Any], kwargs: Mapping[str, Any]) -> bool:
+    """An update that leaves the spec as it was is allowed unchecked (``rules.needs_review``)."""
+    return not rules.needs_review(body, kwargs.get("old"))
+
+
 def _parsed(body: Mapping[str, Any]) -> Any:
     obj = rules.parse(body)
     if isinstance(obj, rules.Review):
@@ -142,7 +147,9 @@ def register(registry: kopf.OperatorRegistry, reader: Reader) -> None:
 
     # -- validation ----------------------------------------------------------------------------
     @kopf.on.validate(**on("ModelRoute"), id="validate-modelroute", operations=OPERATIONS)
-    async def validate_route(body: kopf.Body, warnings: list[str], **_: Any) -> None:
+    async def validate_route(body: kopf.Body, warnings: list[str], **kwargs: Any) -> None:
+        if _skip(body, kwargs):
+            return
         route: ModelRoute = _parsed(body)
         claims = [c for item in await reader.items("ModelRoute") for c in route_claims(item)]
         ns = route.metadata.namespace or "default"
@@ -150,7 +157,9 @@ def register(registry: kopf.OperatorRegistry, reader: Reader) -> None:
         _answer(rules.check_model_route(route, claims, servers), warnings)
 
     @kopf.on.validate(**on("Model"), id="validate-model", operations=OPERATIONS)
-    async def validate_model(body: kopf.Body, warnings: list[str], **_: Any) -> None:
+    async def validate_model(body: kopf.Body, warnings: list[str], **kwargs: Any) -> None:
+        if _skip(body, kwargs):
+            return
         model: Model = _parsed(body)
         adapters: dict[str, str] = {}
         for item in await reader.items("Model"):
@@ -162,12 +171,16 @@ def register(registry: kopf.OperatorRegistry, reader: Reader) -> None:
         _answer(rules.check_model(model, adapters), warnings)
 
     @kopf.on.validate(**on("ModelServer"), id="validate-modelserver", operations=OPERATIONS)
-    def validate_server(body: kopf.Body, warnings: list[str], **_: Any) -> None:
+    def validate_server(body: kopf.Body, warnings: list[str], **kwargs: Any) -> None:
+        if _skip(body, kwargs):
+            return
         server: ModelServer = _parsed(body)
         _answer(rules.check_model_server(server), warnings)
 
     @kopf.on.validate(**on("ModelInfer"), id="validate-modelinfer", operations=OPERATIONS)
     def validate_infer(body: kopf.Body, warnings: list[str], **kwargs: Any) -> None:
+        if _skip(body, kwargs):
+            return
         new: ModelInfer = _parsed(body)
         old: kopf.Body | None = kwargs.get("old")
         before: ModelInfer | None = None
@@ -181,7 +194,9 @@ def register(registry: kopf.OperatorRegistry, reader: Reader) -> None:
     @kopf.on.validate(
         **on("AutoscalingPolicy"), id="validate-autoscalingpolicy", operations=OPERATIONS
     )
-    async def validate_policy(body: kopf.Body, warnings: list[str], **_: Any) -> None:
+    async def validate_policy(body: kopf.Body, warnings: list[str], **kwargs: Any) -> None:
+        if _skip(body, kwargs):
+            return
         policy: AutoscalingPolicy = _parsed(body)
         ns = policy.metadata.namespace or "default"
         infers = _names(await reader.items("ModelInfer", ns))

@@ -30,6 +30,7 @@ __all__ = [
     "check_model_route",
     "check_model_server",
     "defaults",
+    "needs_review",
     "parse",
 ]
 
@@ -60,6 +61,14 @@ def parse(doc: Mapping[str, Any]) -> Resource | Review:
         return parse_object(body, source="admission")
     except InvalidObject as exc:
         return Review(denials=tuple((path or "spec", msg) for path, msg in exc.errors))
+
+
+def needs_review(doc: Mapping[str, Any], old: Mapping[str, Any] | None) -> bool:
+    """False for an update that leaves ``spec`` as it was (labels, annotations, finalizers):
+    such an update is always allowed, so the controllers' own metadata patches (Kopf's
+    finalizer and progress annotations, a finalizer removed on deletion) never fail on an object
+    stored before a rule existed or that another object's change made conflict."""
+    return old is None or doc.get("spec") != old.get("spec")
 
 
 def key_of(obj: Resource) -> str:

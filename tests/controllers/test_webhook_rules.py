@@ -158,3 +158,12 @@ def test_autoscaling_policy_missing_target_is_a_warning() -> None:
     )
     ok: AutoscalingPolicy = parsed(w.policy(target="llama"))
     assert rules.check_autoscaling_policy(ok, ["llama"]) == rules.Review()
+
+
+def test_only_spec_changes_are_reviewed() -> None:
+    doc = w.route()
+    assert rules.needs_review(doc, None)  # create
+    relabelled = {**doc, "metadata": {**doc["metadata"], "finalizers": ["x"]}}
+    assert not rules.needs_review(relabelled, doc)
+    changed = w.route(model="other")
+    assert rules.needs_review(changed, doc)

@@ -151,6 +151,13 @@ async def test_model_route_name_claims(hooks: Webhooks) -> None:
     # the holder itself may be updated
     old = w.route("old", model="llama", loras=["sql"])
     assert (await hooks.review(old, old=old))["allowed"] is True
+    # a route stored in conflict (before the webhooks) still takes metadata patches (Kopf's
+    # finalizers and annotations), but no spec change while it conflicts
+    clash = w.route("clash", model="llama")
+    patched = {**clash, "metadata": {**clash["metadata"], "annotations": {"a": "b"}}}
+    assert (await hooks.review(patched, old=clash))["allowed"] is True
+    edited = w.route("clash", model="llama", server="ms2")
+    assert denied(await hooks.review(edited, old=clash)).startswith("spec.modelName: ")
 
 
 async def test_model_route_missing_target_warns(hooks: Webhooks) -> None:
