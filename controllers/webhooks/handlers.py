@@ -168,7 +168,8 @@ def register(registry: kopf.OperatorRegistry, reader: Reader) -> None:
             for a in spec.get("loraAdapters") or ():
                 if isinstance(a, dict) and a.get("name"):
                     adapters.setdefault(str(a["name"]), key)
-        _answer(rules.check_model(model, adapters), warnings)
+        claims = [c for item in await reader.items("ModelRoute") for c in route_claims(item)]
+        _answer(rules.check_model(model, adapters, claims), warnings)
 
     @kopf.on.validate(**on("ModelServer"), id="validate-modelserver", operations=OPERATIONS)
     def validate_server(body: kopf.Body, warnings: list[str], **kwargs: Any) -> None:

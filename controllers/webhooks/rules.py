@@ -130,21 +130,41 @@ def check_model_route(
 # Model
 
 
-def check_model(model: Model, other_adapters: Mapping[str, str]) -> Review:
-    """Deny LoRA adapter names another Model already serves.
+def check_model(
+    model: Model,
+    other_adapters: Mapping[str, str],
+    routes: Iterable[tuple[str, Claim]] = (),
+) -> Review:
+    """Deny LoRA adapter names another Model already serves, and names the Model's generated
+    ModelRoute (``namespace/<model name>``, claiming the Model's name and its adapters) could
+    not win because another ModelRoute serves them already.
 
     ``other_adapters``: adapter name → ``namespace/name`` of the Model that lists it (this
-    Model's own entries are ignored)."""
+    Model's own entries are ignored); ``routes``: the stored routes' claims as in
+    :func:`check_model_route` (the generated route's own claims are ignored)."""
     key = key_of(model)
-    denials = tuple(
-        (
-            f"spec.loraAdapters[{i}].name",
-            f"LoRA adapter {a.name!r} is already served by Model {other_adapters[a.name]}",
+    held = {kind: winners(c for k, c in routes if k == kind and c.route != key)
+            for kind in ("model", "lora")}  # fmt: skip
+    denials: list[tuple[str, str]] = []
+    name = model.metadata.name or ""
+    if name in held["model"]:
+        denials.append(
+            (
+                "metadata.name",
+                f"the Model serves model name {name!r}, already served by ModelRoute "
+                f"{held['model'][name]}",
+            )
         )
-        for i, a in enumerate(model.spec.lora_adapters or ())
-        if other_adapters.get(a.name, key) != key
-    )
-    return Review(denials=denials)
+    for i, a in enumerate(model.spec.lora_adapters or ()):
+        path = f"spec.loraAdapters[{i}].name"
+        if other_adapters.get(a.name, key) != key:
+            holder = f"Model {other_adapters[a.name]}"
+        elif a.name in held["lora"]:
+            holder = f"ModelRoute {held['lora'][a.name]}"
+        else:
+            continue
+        denials.append((path, f"LoRA adapter {a.name!r} is already served by {holder}"))
+    return Review(denials=tuple(denials))
 
 
 # --------------------------------------------------------------------------------------------

@@ -167,3 +167,21 @@ def test_only_spec_changes_are_reviewed() -> None:
     assert not rules.needs_review(relabelled, doc)
     changed = w.route(model="other")
     assert rules.needs_review(changed, doc)
+
+
+def test_model_names_taken_by_another_route_are_denied() -> None:
+    m: Model = parsed(w.model("llama", loras=["sql"]))
+    own = route_claims(w.route("llama", model="llama", loras=["sql"]))  # its generated route
+    assert rules.check_model(m, {}, own).allowed
+    other = route_claims(w.route("hand", model="llama", loras=["sql"]))
+    review = rules.check_model(m, {}, other)
+    assert review.denials == (
+        (
+            "metadata.name",
+            "the Model serves model name 'llama', already served by ModelRoute ns/hand",
+        ),
+        (
+            "spec.loraAdapters[0].name",
+            "LoRA adapter 'sql' is already served by ModelRoute ns/hand",
+        ),
+    )

@@ -179,6 +179,11 @@ async def test_model_lora_collision(hooks: Webhooks) -> None:
     assert message == (
         "spec.loraAdapters[1].name: LoRA adapter 'sql' is already served by Model ns/m1"
     )
+    await hooks.create(w.route("hand", model="m3"))
+    message = denied(await hooks.review(w.model("m3")))
+    assert message == (
+        "metadata.name: the Model serves model name 'm3', already served by ModelRoute ns/hand"
+    )
 
 
 async def test_model_server_profile(hooks: Webhooks) -> None:
