@@ -283,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--webhook-host",
         default="",
         help="host name the API server reaches the webhooks by, e.g. the Service's "
-        "NAME.NAMESPACE.svc (default: this machine's address)",
+        "NAME.NAMESPACE.svc (default: the listening address, 127.0.0.1 for 0.0.0.0)",
     )
     ap.add_argument(
         "--webhook-cert-dir",
