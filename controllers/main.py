@@ -4,6 +4,7 @@ the autoscaler).
     matrixinfer-controllers [--namespace NS ...] [--metrics-port 9090] [--liveness-port 8080]
                             [--resync 30s] [--kubeconfig PATH] [--context NAME] [--server URL]
                             [--peering NAME [--priority N]]
+                            [--webhook-port N [--webhook-host NAME] [--webhook-cert-dir DIR]]
 
 Several replicas: ``--peering NAME`` makes them Kopf peers through the (Cluster)KopfPeering object
 NAME (the chart installs the peering CRDs and object); each replica takes a random priority
@@ -40,6 +41,7 @@ from controllers.model.reconciler import ModelController
 from controllers.modelinfer import handlers as modelinfer_handlers
 from controllers.modelinfer.reconciler import ModelInferController
 from controllers.status import handlers as status_handlers
+from controllers.webhooks import handlers as webhook_handlers
 from fleet.kubeconfig import KubeAccess, KubeConfigError, KubeCredentials, add_kube_args
 from fleet.service import (
     DeprecatedAlias,
@@ -81,6 +83,8 @@ class ControllerConfig:
     gateway_metrics_urls: list[str] = field(default_factory=list)
     autoscale_stable_window: float | None = None  # None: the planner's default (60 s)
     autoscale_panic_window: float | None = None  # None: the planner's default (6 s)
+    # admission webhooks (controllers/webhooks): None = off
+    webhooks: webhook_handlers.WebhookConfig | None = None
 
 
 def make_settings(config: ControllerConfig) -> kopf.OperatorSettings:
@@ -101,6 +105,8 @@ def make_settings(config: ControllerConfig) -> kopf.OperatorSettings:
     settings.peering.priority = config.priority
     settings.queueing.exit_timeout = config.queue_exit_timeout
     settings.queueing.idle_timeout = min(settings.queueing.idle_timeout, 5.0)
+    if config.webhooks is not None:
+        webhook_handlers.configure(settings, config.webhooks)
     return settings
 
 
@@ -129,6 +135,7 @@ def build(
         panic_window=config.autoscale_panic_window,
     )
     models = ModelController(metrics=metrics)
+    reader = webhook_handlers.Reader(config.namespaces)
 
     logins = 0
 
@@ -147,6 +154,7 @@ def build(
             controller.connect(info)
             autoscaler.connect(info)
             models.connect(info)
+            reader.connect(info)
         return info
 
     @kopf.on.cleanup(id="matrixinfer-cleanup", registry=registry)
@@ -154,12 +162,15 @@ def build(
         await controller.close()
         await autoscaler.close()
         await models.close()
+        await reader.close()
 
     modelinfer_handlers.register(registry, controller)
     model_handlers.register(registry, models, resync=config.resync_seconds)
     # ModelRoute conditions and ModelServer readyEndpoints (the only status writer)
     status_handlers.register(registry)
     autoscaling_handlers.register(registry, autoscaler, config.autoscale_interval)
+    if config.webhooks is not None:
+        webhook_handlers.register(registry, reader)
     return registry, controller
 
 
@@ -265,6 +276,27 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="an extproc replica's /metrics URL, for gateway metric sources (repeatable)",
     )
+    ap.add_argument("--webhook-port", type=int, default=0,
+                    help="serve the admission webhooks (HTTPS) on this port (0: off)")  # fmt: skip
+    ap.add_argument("--webhook-addr", default="0.0.0.0", help="address the webhooks listen on")
+    ap.add_argument(
+        "--webhook-host",
+        default="",
+        help="host name the API server reaches the webhooks by, e.g. the Service's "
+        "NAME.NAMESPACE.svc (default: the listening address, 127.0.0.1 for 0.0.0.0)",
+    )
+    ap.add_argument(
+        "--webhook-cert-dir",
+        default="",
+        help="directory with tls.crt and tls.key for the webhooks (default: a self-signed "
+        "certificate made at start)",
+    )
+    ap.add_argument(
+        "--webhook-configuration",
+        default=webhook_handlers.MANAGED,
+        help="name of the Validating/MutatingWebhookConfiguration the operator keeps up to "
+        "date (empty: made by someone else)",
+    )
     ap.add_argument("--verbose", "-v", action="store_true", help="same as --log-level debug")
     add_kube_args(ap)
     add_service_args(ap)
@@ -292,6 +324,15 @@ def parse_args(argv: Sequence[str] | None) -> ControllerConfig:
         priority=args.priority if args.priority is not None else random.randrange(1, 2**31),
         autoscale_interval=args.autoscale_interval,
         gateway_metrics_urls=list(args.gateway_metrics_url),
+        webhooks=webhook_handlers.WebhookConfig(
+            port=args.webhook_port,
+            addr=args.webhook_addr,
+            host=args.webhook_host or None,
+            cert_dir=args.webhook_cert_dir or None,
+            managed=args.webhook_configuration or None,
+        )
+        if args.webhook_port > 0
+        else None,
     )
 
 

@@ -96,6 +96,13 @@ def declare(k: kmock.KubernetesEmulator, volcano: bool = False) -> None:
             kind=kind, namespaced=True, verbs=VERBS, subresources={"status"}
         )
     res["v1/nodes"] = kmock.ResourceInfo(kind="Node", namespaced=False, verbs=VERBS)
+    for plural, kind in (
+        ("validatingwebhookconfigurations", "ValidatingWebhookConfiguration"),
+        ("mutatingwebhookconfigurations", "MutatingWebhookConfiguration"),
+    ):  # cluster-scoped; the operator keeps them when it serves admission webhooks
+        res[f"admissionregistration.k8s.io/v1/{plural}"] = kmock.ResourceInfo(
+            kind=kind, namespaced=False, verbs=VERBS
+        )
     if volcano:
         res["scheduling.volcano.sh/v1beta1/podgroups"] = kmock.ResourceInfo(
             kind="PodGroup", namespaced=True, verbs=VERBS
@@ -167,7 +174,10 @@ class Api:
     session: aiohttp.ClientSession
     rv: int = 1000
 
-    def objects(self, group_version_plural: str, ns: str = "ns") -> dict[str, dict[str, Any]]:
+    def objects(
+        self, group_version_plural: str, ns: str | None = "ns"
+    ) -> dict[str, dict[str, Any]]:
+        """Objects of one kind in namespace ``ns`` (None: cluster-scoped objects)."""
         out: dict[str, dict[str, Any]] = {}
         for key in list(self.k.objects):
             resource, namespace, name = key
