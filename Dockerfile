@@ -25,6 +25,7 @@ COPY extproc extproc
 COPY controllers controllers
 COPY sim sim
 COPY runtime runtime
+COPY console console
 COPY matrixinfer matrixinfer
 COPY envoy envoy
 COPY examples/demo examples/demo
