@@ -342,6 +342,13 @@ class UsageLedger:
             if charge is None:
                 return None
         usage = usage_from_fields(charge, fields, status)
+        if usage.source == "aborted":  # no usage in the answer: say what the report held
+            log.info(
+                "request %s (%s): status %s, no usage in the answer (report fields %s): charged "
+                "the estimate and %d output tokens",
+                rid, charge.kind, status, sorted(fields), usage.completion,
+                extra={"request_id": rid},
+            )  # fmt: skip
         self._settle(charge, usage)
         return usage
 

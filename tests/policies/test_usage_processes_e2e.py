@@ -139,9 +139,15 @@ def test_every_report_is_charged_whichever_process_it_reaches(
             f"{stack.admin_url}/stats?filter=grpc_access_log", timeout=2
         ) as resp:
             als = resp.read().decode().strip().replace("\n", "; ")
+        aborted = [
+            line
+            for log in sorted(stack.run_dir.glob("extproc*.log"))
+            for line in log.read_text(errors="replace").splitlines()
+            if "no usage in the answer" in line
+        ]
         raise AssertionError(
             f"{requests} requests; reports by source {by_source}; foreign {foreign_by}; "
-            f"Envoy: {als}"
+            f"Envoy: {als}; aborted: {aborted}"
         ) from None
     # Envoy (one worker) streams its access log to one process: the other's requests were
     # settled there from the charge they carried
