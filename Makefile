@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 RUNTIME_STAMP := $(VENV)/.installed-runtime
 
-.PHONY: all setup system-deps test lint format demo crds crds-check chart-crds bench clean \
+.PHONY: all setup system-deps bench-deps test lint format demo crds crds-check chart-crds bench clean \
 	image lock e2e
 
 all: test
@@ -103,7 +103,13 @@ e2e: $(STAMP)
 demo: $(RUNTIME_STAMP)
 	$(VENV)/bin/matrixinfer demo
 
-bench: setup
+# Load tools the benchmarks drive (Debian packages): hey and wrk (load generators), nginx (the
+# fixed-answer upstream of the overhead benchmarks).
+BENCH_DEPS := hey:hey wrk:wrk nginx:nginx-light
+bench-deps:
+	@$(MAKE) --no-print-directory system-deps SYSTEM_DEPS="$(BENCH_DEPS)"
+
+bench: setup bench-deps
 	$(PY) -m bench
 
 clean:
