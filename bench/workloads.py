@@ -187,11 +187,46 @@ def bursts(
     return out
 
 
+def zipf_prefix(
+    *,
+    qps: float,
+    duration: float,
+    seed: int = 0,
+    model: str = "bench-model",
+    groups: int = 48,
+    zipf: float = 1.1,
+    system_tokens: int = 2000,
+    question_tokens: int = 24,
+    max_tokens: int = 64,
+) -> list[Conversation]:
+    """Shared-prefix traffic whose groups have Zipf(``zipf``) popularity (group k ~ 1/k^zipf):
+    with more groups than the fleet's caches hold, a few hot prompts and a long cold tail - cache
+    pressure with skewed popularity. Poisson arrivals at ``qps``."""
+    rng = random.Random(f"zipf-prefix/{seed}")
+    systems = [f"You are assistant {g}. " + words(rng, system_tokens) for g in range(groups)]
+    weights = [1.0 / (k + 1) ** zipf for k in range(groups)]
+    out: list[Conversation] = []
+    t = 0.0
+    i = 0
+    while qps > 0:
+        t += rng.expovariate(qps)
+        if t > duration:
+            break
+        g = rng.choices(range(groups), weights)[0]
+        question = f"Question {i}: " + words(rng, question_tokens)
+        out.append(
+            Conversation(t, model, (("system", systems[g]),), (question,), max_tokens, f"g{g}")
+        )
+        i += 1
+    return out
+
+
 WORKLOADS: dict[str, Callable[..., list[Conversation]]] = {
     "shared_prefix": shared_prefix,
     "multi_turn": multi_turn,
     "long_context": long_context,
     "lora_mix": lora_mix,
     "bursts": bursts,
+    "zipf_prefix": zipf_prefix,
 }
 """Every workload generator by name (all take ``qps``, ``duration``, ``seed`` and sizes)."""

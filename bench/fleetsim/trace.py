@@ -19,15 +19,14 @@ none. A bad line raises :class:`TraceError` naming the line and the field.
 from __future__ import annotations
 
 import json
-import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from bench.loadgen import Conversation
-from bench.workloads import WORKLOADS, words
+from bench.workloads import WORKLOADS
 
 __all__ = [
     "TraceError",
@@ -36,7 +35,6 @@ __all__ = [
     "from_conversations",
     "load_jsonl",
     "make_workload",
-    "zipf_prefix",
 ]
 
 
@@ -153,42 +151,8 @@ def dump_jsonl(sessions: Sequence[TraceSession], path: Path | str) -> None:
             f.write(json.dumps(line) + "\n")
 
 
-def zipf_prefix(
-    *,
-    qps: float,
-    duration: float,
-    seed: int = 0,
-    model: str = "bench-model",
-    groups: int = 48,
-    zipf: float = 1.1,
-    system_tokens: int = 2000,
-    question_tokens: int = 24,
-    max_tokens: int = 64,
-) -> list[Conversation]:
-    """Shared-prefix traffic whose groups have Zipf(``zipf``) popularity (group k ~ 1/k^zipf):
-    with more groups than the fleet's caches hold, a few hot prompts and a long cold tail - cache
-    pressure with skewed popularity. Poisson arrivals at ``qps``."""
-    rng = random.Random(f"zipf-prefix/{seed}")
-    systems = [f"You are assistant {g}. " + words(rng, system_tokens) for g in range(groups)]
-    weights = [1.0 / (k + 1) ** zipf for k in range(groups)]
-    out: list[Conversation] = []
-    t = 0.0
-    i = 0
-    while qps > 0:
-        t += rng.expovariate(qps)
-        if t > duration:
-            break
-        g = rng.choices(range(groups), weights)[0]
-        question = f"Question {i}: " + words(rng, question_tokens)
-        out.append(
-            Conversation(t, model, (("system", systems[g]),), (question,), max_tokens, f"g{g}")
-        )
-        i += 1
-    return out
-
-
-GENERATORS: dict[str, Callable[..., list[Conversation]]] = {**WORKLOADS, "zipf_prefix": zipf_prefix}
-"""Every workload generator by name: ``bench.workloads.WORKLOADS`` plus ``zipf_prefix``."""
+GENERATORS = WORKLOADS
+"""Every workload generator by name (``bench.workloads.WORKLOADS``)."""
 
 
 def make_workload(spec: str, *, seed: int, duration: float) -> list[TraceSession]:

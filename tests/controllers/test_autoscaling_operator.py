@@ -4,7 +4,6 @@ stand-in publishes the extproc demand gauges; the autoscaler scales a ModelInfer
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import urllib.request
 from collections.abc import AsyncIterator
 from typing import Any
@@ -29,18 +28,6 @@ async def api() -> AsyncIterator[Api]:
     async with emulator() as a:
         a.k.by_kind = {}
         yield a
-
-
-@pytest.fixture
-async def kubelet(api: Api) -> AsyncIterator[Kubelet]:
-    k = Kubelet(api)
-    task = asyncio.create_task(k.run())
-    try:
-        yield k
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 class Gateway:

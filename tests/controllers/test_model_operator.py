@@ -3,18 +3,15 @@ the ModelInfer controller and a fake kubelet making the generated pods ready."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import copy
 import urllib.request
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from matrixinfer.process import free_port
-from matrixinfer.testing.kube import Api, Kubelet, emulator, eventually, operator
+from matrixinfer.testing.kube import Api, Kubelet, eventually, operator
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -55,24 +52,6 @@ def model_object(**spec: Any) -> dict[str, Any]:
         "metadata": {"name": "llama", "namespace": "ns"},
         "spec": base,
     }
-
-
-@pytest.fixture
-async def api() -> AsyncIterator[Api]:
-    async with emulator() as a:
-        yield a
-
-
-@pytest.fixture
-async def kubelet(api: Api) -> AsyncIterator[Kubelet]:
-    k = Kubelet(api)
-    task = asyncio.create_task(k.run())
-    try:
-        yield k
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 def children(api: Api) -> dict[str, set[str]]:

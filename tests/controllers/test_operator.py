@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import sys
 import urllib.request
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,24 +18,6 @@ from tests.controllers.fakecluster import container, make_object
 from tests.xds.kube import TokenProxy, write_kubeconfig
 
 pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture
-async def api() -> AsyncIterator[Api]:
-    async with emulator() as a:
-        yield a
-
-
-@pytest.fixture
-async def kubelet(api: Api) -> AsyncIterator[Kubelet]:
-    k = Kubelet(api)
-    task = asyncio.create_task(k.run())
-    try:
-        yield k
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 def status_of(api: Api, name: str = "llama") -> dict[str, Any]:
