@@ -57,6 +57,11 @@ COMBINATIONS: dict[str, dict[str, Any]] = {
         }
     },
     "single-controller": {"controllers": {"replicas": 1, "leaderElection": {"enabled": False}}},
+    "webhooks-operator": {
+        "watchNamespace": NAMESPACE,
+        "controllers": {"replicas": 1, "webhooks": {"configurations": "operator"}},
+    },
+    "webhooks-cert-manager": {"controllers": {"webhooks": {"certManager": {"enabled": True}}}},
 }
 
 

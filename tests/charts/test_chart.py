@@ -26,6 +26,7 @@ FOREIGN_GROUPS = {
     "gateway.networking.k8s.io",
     "gateway.envoyproxy.io",
     "inference.networking.k8s.io",
+    "cert-manager.io",
 }
 
 
@@ -102,6 +103,7 @@ def test_default_install_runs_every_component() -> None:
     assert "--xds-arg=--extproc-service=mi-matrixinfer-extproc" in args
     assert set(_by_kind(objs, "Service")) == {
         "mi-matrixinfer-xds",
+        "mi-matrixinfer-webhook",
         "mi-matrixinfer-extproc",
         "mi-matrixinfer-gateway",
     }
@@ -174,7 +176,10 @@ def test_one_namespace_uses_roles_only_there() -> None:
     roles = _by_kind(objs, "Role")
     assert {"mi-matrixinfer-extproc", "mi-matrixinfer-controllers"} <= set(roles)
     assert all(r["metadata"]["namespace"] == NAMESPACE for r in roles.values())
-    # nothing cluster-wide
+    # nothing cluster-wide for the components: the admission webhooks' configurations are
+    # cluster-scoped, but by default the release owns them (webhooks.configurations: chart), so
+    # the operator needs no grant on them. With configurations: operator it writes them itself
+    # and gets a ClusterRole for them (test_one_namespace_operator_webhooks_need_a_cluster_role)
     assert not _by_kind(objs, "ClusterRole")
     assert not _by_kind(objs, "ClusterRoleBinding")
     assert _by_kind(objs, "KopfPeering")["matrixinfer"]["metadata"]["namespace"] == NAMESPACE
@@ -182,6 +187,15 @@ def test_one_namespace_uses_roles_only_there() -> None:
         "containers"
     ][0]["command"]
     assert f"--namespace={NAMESPACE}" in cmd
+
+
+def test_one_namespace_operator_webhooks_need_a_cluster_role() -> None:
+    objs = objects(COMBINATIONS["webhooks-operator"])
+    # the webhook configurations are cluster-scoped: a Role cannot grant them
+    assert set(_by_kind(objs, "ClusterRole")) == {"mi-matrixinfer-controllers-webhooks"}
+    assert set(_by_kind(objs, "ClusterRoleBinding")) == {"mi-matrixinfer-controllers-webhooks"}
+    rules = _by_kind(objs, "ClusterRole")["mi-matrixinfer-controllers-webhooks"]["rules"]
+    assert {g for r in rules for g in r["apiGroups"]} == {"admissionregistration.k8s.io"}
 
 
 def test_gateway_api_mode_points_ext_proc_at_the_extproc_service() -> None:
@@ -211,6 +225,11 @@ def test_gateway_api_mode_points_ext_proc_at_the_extproc_service() -> None:
         ),
         ({"watchNamespace": "models"}, NAMESPACE, 'watchNamespace "models"'),
         (
+            {"controllers": {"webhooks": {"configurations": "operator"}}},
+            NAMESPACE,
+            "controllers.webhooks.configurations: operator needs controllers.replicas: 1",
+        ),
+        (
             {"extproc": {"policies": {"apiKeysSecret": "keys"}}},
             NAMESPACE,
             "extproc.policies.enabled is false",
@@ -237,6 +256,7 @@ def test_schema_refuses_unknown_and_bad_values() -> None:
             {"envoy": {"mode": "nginx"}},
             {"extproc": {"replica": 3}},
             {"extproc": {"grpcPort": 0}},
+            {"controllers": {"webhooks": {"configurations": "kopf"}}},
         ):
             with pytest.raises(helm.HelmError):
                 chart.validate_schema(bad)
@@ -275,7 +295,7 @@ def _doc_rbac_rows() -> set[tuple[str, str, str, frozenset[str]]]:
 
 def _chart_rbac_rows() -> set[tuple[str, str, str, frozenset[str]]]:
     rows: set[tuple[str, str, str, frozenset[str]]] = set()
-    for combo in ("default", "one-namespace", "policies-redis"):
+    for combo in ("default", "one-namespace", "policies-redis", "webhooks-operator"):
         for o in objects(COMBINATIONS[combo]):
             if o["kind"] not in ("Role", "ClusterRole"):
                 continue

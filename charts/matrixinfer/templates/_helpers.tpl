@@ -72,3 +72,32 @@ affinity: {{- toYaml . | nindent 2 }}
 {{- define "mi.roleKind" -}}
 {{- if .Values.watchNamespace -}}Role{{- else -}}ClusterRole{{- end -}}
 {{- end -}}
+
+{{/* The admission webhooks' Service (the controllers' pods) and its in-cluster DNS name. */}}
+{{- define "mi.webhookService" -}}
+{{- include "mi.name" (dict "root" . "component" "webhook") -}}
+{{- end -}}
+
+{{- define "mi.webhookHost" -}}
+{{- printf "%s.%s.svc" (include "mi.webhookService" .) .Release.Namespace -}}
+{{- end -}}
+
+{{/* The Secret with the webhook server's tls.crt/tls.key (chart-made or cert-manager's); empty
+when the operator makes its own self-signed certificate (configurations: operator, no
+cert-manager). */}}
+{{- define "mi.webhookSecret" -}}
+{{- $w := .Values.controllers.webhooks -}}
+{{- if or $w.certManager.enabled (eq $w.configurations "chart") -}}
+{{- printf "%s-webhook-tls" (include "mi.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The operator's admission handlers (controllers/webhooks/handlers.py): id = URL path. */}}
+{{- define "mi.webhooks" -}}
+- {type: validating, id: validate-model, group: registry.matrixinfer.ai, plural: models}
+- {type: validating, id: validate-autoscalingpolicy, group: registry.matrixinfer.ai, plural: autoscalingpolicies}
+- {type: validating, id: validate-modelinfer, group: workload.matrixinfer.ai, plural: modelinfers}
+- {type: validating, id: validate-modelserver, group: networking.matrixinfer.ai, plural: modelservers}
+- {type: validating, id: validate-modelroute, group: networking.matrixinfer.ai, plural: modelroutes}
+- {type: mutating, id: default-modelserver, group: networking.matrixinfer.ai, plural: modelservers}
+{{- end -}}
