@@ -61,6 +61,7 @@ COMBINATIONS: dict[str, dict[str, Any]] = {
         "watchNamespace": NAMESPACE,
         "controllers": {"replicas": 1, "webhooks": {"configurations": "operator"}},
     },
+    "console": {"console": {"enabled": True}},
     "webhooks-cert-manager": {"controllers": {"webhooks": {"certManager": {"enabled": True}}}},
 }
 

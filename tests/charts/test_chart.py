@@ -295,11 +295,12 @@ def _doc_rbac_rows() -> set[tuple[str, str, str, frozenset[str]]]:
 
 def _chart_rbac_rows() -> set[tuple[str, str, str, frozenset[str]]]:
     rows: set[tuple[str, str, str, frozenset[str]]] = set()
-    for combo in ("default", "one-namespace", "policies-redis", "webhooks-operator"):
+    for combo in ("default", "one-namespace", "policies-redis", "webhooks-operator", "console"):
         for o in objects(COMBINATIONS[combo]):
             if o["kind"] not in ("Role", "ClusterRole"):
                 continue
-            component = "extproc" if "extproc" in o["metadata"]["name"] else "controllers"
+            name = o["metadata"]["name"]
+            component = next((c for c in ("extproc", "console") if c in name), "controllers")
             for rule in o["rules"]:
                 for g in rule["apiGroups"]:
                     for r in rule["resources"]:

@@ -101,3 +101,8 @@ cert-manager). */}}
 - {type: validating, id: validate-modelroute, group: networking.matrixinfer.ai, plural: modelroutes}
 - {type: mutating, id: default-modelserver, group: networking.matrixinfer.ai, plural: modelservers}
 {{- end -}}
+
+{{/* The namespace whose Models the console lists and creates. */}}
+{{- define "mi.consoleNamespace" -}}
+{{- .Values.console.namespace | default .Values.watchNamespace | default .Release.Namespace -}}
+{{- end -}}
