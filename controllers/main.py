@@ -170,7 +170,7 @@ def build(
     status_handlers.register(registry)
     autoscaling_handlers.register(registry, autoscaler, config.autoscale_interval)
     if config.webhooks is not None:
-        webhook_handlers.register(registry, reader)
+        webhook_handlers.register(registry, reader, metrics)
     return registry, controller
 
 

@@ -69,6 +69,28 @@ class ControllerMetrics:
             ["namespace", "policy", "reason"],
             registry=self.registry,
         )
+        self.autoscaler_max = Gauge(
+            "matrixinfer_controller_autoscaler_max_replicas",
+            "The most replicas the AutoscalingPolicy allows its targets in total (their"
+            " maxReplicas summed).",
+            ["namespace", "policy"],
+            registry=self.registry,
+        )
+        self.admission_reviews = Counter(
+            "matrixinfer_controller_admission_reviews_total",
+            "Admission requests the webhooks answered, by handler (validate-model, ...,"
+            " default-modelserver) and result (allowed, denied, error: the check could not be"
+            " made, e.g. the API server did not answer).",
+            ["handler", "result"],
+            registry=self.registry,
+        )
+        self.admission_duration = Histogram(
+            "matrixinfer_controller_admission_duration_seconds",
+            "Time to answer an admission request, by handler.",
+            ["handler"],
+            buckets=RECONCILE_BUCKETS,
+            registry=self.registry,
+        )
         self.models = Gauge(
             "matrixinfer_controller_models",
             "Models by condition: Failed (Failed=True), Active (Active=True), else Initializing.",
@@ -83,6 +105,7 @@ class ControllerMetrics:
             self.autoscaler_current,
             self.autoscaler_panic,
             self.autoscaler_decisions,
+            self.autoscaler_max,
         ):
             for fam in metric.collect():
                 for sample in fam.samples:

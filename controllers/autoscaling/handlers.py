@@ -311,7 +311,7 @@ class Autoscaler:
         await self._apply(state, key, shape, objs, decision, events)
         for etype, reason, message, target in events:
             await self._event(body, target, etype, reason, message)
-        self._record(key, decision)
+        self._record(key, decision, state.planner.shape.total_bounds()[1])
 
         status["targets"] = [
             {
@@ -499,9 +499,10 @@ class Autoscaler:
             except Exception:  # an event is best effort; the status says it too
                 log.debug("posting an event failed", exc_info=True)
 
-    def _record(self, key: Key, d: Decision) -> None:
+    def _record(self, key: Key, d: Decision, max_replicas: int) -> None:
         ns, name = key
         m = self.metrics
+        m.autoscaler_max.labels(ns, name).set(max_replicas)
         for k in d.replicas:
             m.autoscaler_desired.labels(ns, name, k).set(d.replicas[k])
             m.autoscaler_current.labels(ns, name, k).set(d.current[k])

@@ -10,7 +10,9 @@ ModelRoute status controller still reports the loser (``Accepted=False``, ``Mode
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import inspect
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +21,7 @@ import aiohttp
 import kopf
 
 from controllers.kube import ApiError, KubeClient
+from controllers.metrics import ControllerMetrics
 from controllers.status.compute import route_claims
 from controllers.webhooks import rules
 from controllers.webhooks.certs import self_signed
@@ -138,8 +141,44 @@ def _names(items: Iterable[Mapping[str, Any]]) -> list[str]:
     return [str((i.get("metadata") or {}).get("name")) for i in items]
 
 
-def register(registry: kopf.OperatorRegistry, reader: Reader) -> None:
-    """One validating handler per kind, plus the ModelServer defaulting handler."""
+Handler = Callable[..., Any]
+
+
+def measured(metrics: ControllerMetrics | None, handler_id: str) -> Callable[[Handler], Handler]:
+    """Count each answer of the handler by result (allowed, denied, error: a 5xx denial or an
+    exception) and time it (``matrixinfer_controller_admission_*``)."""
+
+    def decorate(fn: Handler) -> Handler:
+        if metrics is None:
+            return fn
+
+        async def answer(**kwargs: Any) -> None:
+            began = time.perf_counter()
+            result = "allowed"
+            try:
+                out = fn(**kwargs)
+                if inspect.isawaitable(out):
+                    await out
+            except kopf.AdmissionError as exc:
+                result = "error" if (exc.code or 0) >= 500 else "denied"
+                raise
+            except Exception:
+                result = "error"
+                raise
+            finally:
+                metrics.admission_reviews.labels(handler_id, result).inc()
+                metrics.admission_duration.labels(handler_id).observe(time.perf_counter() - began)
+
+        return answer
+
+    return decorate
+
+
+def register(
+    registry: kopf.OperatorRegistry, reader: Reader, metrics: ControllerMetrics | None = None
+) -> None:
+    """One validating handler per kind, plus the ModelServer defaulting handler; ``metrics``
+    counts and times their answers."""
 
     def on(kind: str) -> dict[str, Any]:
         group, plural = KINDS[kind]
@@ -147,6 +186,7 @@ def register(registry: kopf.OperatorRegistry, reader: Reader) -> None:
 
     # -- validation ----------------------------------------------------------------------------
     @kopf.on.validate(**on("ModelRoute"), id="validate-modelroute", operations=OPERATIONS)
+    @measured(metrics, "validate-modelroute")
     async def validate_route(body: kopf.Body, warnings: list[str], **kwargs: Any) -> None:
         if _skip(body, kwargs):
             return
@@ -157,6 +197,7 @@ def register(registry: kopf.OperatorRegistry, reader: Reader) -> None:
         _answer(rules.check_model_route(route, claims, servers), warnings)
 
     @kopf.on.validate(**on("Model"), id="validate-model", operations=OPERATIONS)
+    @measured(metrics, "validate-model")
     async def validate_model(body: kopf.Body, warnings: list[str], **kwargs: Any) -> None:
         if _skip(body, kwargs):
             return
@@ -172,6 +213,7 @@ def register(registry: kopf.OperatorRegistry, reader: Reader) -> None:
         _answer(rules.check_model(model, adapters, claims), warnings)
 
     @kopf.on.validate(**on("ModelServer"), id="validate-modelserver", operations=OPERATIONS)
+    @measured(metrics, "validate-modelserver")
     def validate_server(body: kopf.Body, warnings: list[str], **kwargs: Any) -> None:
         if _skip(body, kwargs):
             return
@@ -179,6 +221,7 @@ def register(registry: kopf.OperatorRegistry, reader: Reader) -> None:
         _answer(rules.check_model_server(server), warnings)
 
     @kopf.on.validate(**on("ModelInfer"), id="validate-modelinfer", operations=OPERATIONS)
+    @measured(metrics, "validate-modelinfer")
     def validate_infer(body: kopf.Body, warnings: list[str], **kwargs: Any) -> None:
         if _skip(body, kwargs):
             return
@@ -195,6 +238,7 @@ def register(registry: kopf.OperatorRegistry, reader: Reader) -> None:
     @kopf.on.validate(
         **on("AutoscalingPolicy"), id="validate-autoscalingpolicy", operations=OPERATIONS
     )
+    @measured(metrics, "validate-autoscalingpolicy")
     async def validate_policy(body: kopf.Body, warnings: list[str], **kwargs: Any) -> None:
         if _skip(body, kwargs):
             return
@@ -205,6 +249,7 @@ def register(registry: kopf.OperatorRegistry, reader: Reader) -> None:
 
     # -- defaulting ----------------------------------------------------------------------------
     @kopf.on.mutate(**on("ModelServer"), id="default-modelserver", operations=OPERATIONS)
+    @measured(metrics, "default-modelserver")
     def default_server(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
         for path, value in rules.defaults(body):
             target: Any = patch

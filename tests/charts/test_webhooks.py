@@ -22,6 +22,7 @@ from urllib.parse import urlparse
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from controllers.webhooks.handlers import MANAGED, WebhookConfig
 from matrixinfer.process import free_port
@@ -140,11 +141,12 @@ async def test_chart_mode_certificate_serves_the_webhooks_and_needs_no_configura
     command = deployment["spec"]["template"]["spec"]["containers"][0]["command"]
     assert f"--webhook-host={host}" in command
     assert "--webhook-configuration=" in command  # the release owns them
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     webhooks = WebhookConfig(port=port, addr="127.0.0.1", host=host, cert_dir=str(tmp_path),
                              managed=None)  # fmt: skip
     async with recording_api() as api, aiohttp.ClientSession() as session:
-        async with operator(api, webhooks=webhooks):
+        async with operator(api, webhooks=webhooks, metrics_port=metrics_port,
+                            metrics_host="127.0.0.1"):  # fmt: skip
             await listening(port)
             url = f"https://127.0.0.1:{port}{service['path']}"
             # the API server dials the Service name and checks it against the chart's CA
@@ -160,7 +162,21 @@ async def test_chart_mode_certificate_serves_the_webhooks_and_needs_no_configura
             # a certificate for another name is refused by the client, as the API server would
             with pytest.raises(aiohttp.ClientConnectorCertificateError):
                 await review(session, url, tls, w.server(), server_hostname="other.ns.svc")
+            # what the alerts watch (files/alerts.yaml: MatrixInferWebhook*)
+            async with session.get(f"http://127.0.0.1:{metrics_port}/metrics") as r:
+                page = await r.text()
         calls = component_calls(api)
+    samples = {
+        (s.name, s.labels.get("handler"), s.labels.get("result")): s.value
+        for family in text_string_to_metric_families(page)
+        for s in family.samples
+    }
+    reviews = "matrixinfer_controller_admission_reviews_total"
+    assert samples[(reviews, "validate-modelserver", "allowed")] == 1
+    assert samples[(reviews, "validate-modelserver", "denied")] == 1
+    assert samples[(reviews, "validate-modelroute", "allowed")] == 1
+    duration = "matrixinfer_controller_admission_duration_seconds_count"
+    assert samples[(duration, "validate-modelserver", None)] == 2
     assert not [c for c in calls if "webhookconfigurations" in c.resource], calls
     # the cross-object rule read ModelRoutes and ModelServers (the Reader)
     used = {(c.group, c.resource, c.verb) for c in calls}

@@ -164,6 +164,7 @@ async def test_gateway_demand_scales_a_modelinfer_through_scale_up_down_to_zero_
         assert page[("matrixinfer_controller_autoscaler_desired_replicas", "llama")] == 3
         assert page[("matrixinfer_controller_autoscaler_decisions_total", "ScaleUp")] >= 1
         assert page[("matrixinfer_controller_autoscaler_panic", "")] == 0
+        assert page[("matrixinfer_controller_autoscaler_max_replicas", "")] == 4  # maxReplicas
 
         # a human scales: the autoscaler says so, then goes on from the new count
         await api.request("PATCH", f"{MI}/llama", {"spec": {"replicas": 1}})
