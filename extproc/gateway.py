@@ -164,6 +164,8 @@ class RequestState:
     identity: Any = None  # extproc.auth.Identity when policies authenticate the caller
     charge: Any = None  # extproc.usage.Charge of an admitted request (policies)
     policy: Any = None  # extproc.policies.enforce.RoutePolicy of the route (policies)
+    # the proxy's subset hint (endpoint-picker protocol): pick only these "ip:port"; None: any
+    subset: frozenset[str] | None = None
 
 
 def _model_object(name: str) -> dict[str, Any]:
@@ -441,12 +443,17 @@ class Gateway:
 
     # ---- the pipeline -------------------------------------------------------------------------
     def start(
-        self, headers: Mapping[str, str], end_of_stream: bool
+        self,
+        headers: Mapping[str, str],
+        end_of_stream: bool,
+        subset: frozenset[str] | None = None,
     ) -> tuple[RequestState, Immediate | None]:
         """The headers' stages: parse the request line, authenticate. ``(state, None)``: go on
-        with :meth:`decide`; else the answer."""
+        with :meth:`decide`; else the answer. ``subset``: the proxy's subset hint, the only pod
+        addresses the request may go to (the endpoint-picker protocol's
+        ``x-gateway-destination-endpoint-subset``)."""
         request_id = headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
-        state = RequestState(request_id, self.clock(), dict(headers))
+        state = RequestState(request_id, self.clock(), dict(headers), subset=subset)
         try:
             endpoint = classify(headers.get(":method", "GET"), headers.get(":path", "/"))
             state.endpoint = endpoint
@@ -502,10 +509,10 @@ class Gateway:
                     # others already wait for this server: a newcomer takes its place in the
                     # fair queue (priority, fair share) instead of overtaking them on a free slot
                     raise AllPodsSaturated("requests are already waiting in the fair queue")
-                result = self._schedule(view, scheduler, request)
+                result = self._schedule(view, scheduler, request, state.subset)
             except AllPodsSaturated as saturated:
                 mark = time.perf_counter()
-                attempt = functools.partial(self._attempt, view, scheduler, request)
+                attempt = functools.partial(self._attempt, view, scheduler, request, state.subset)
                 view, result = await stages.queue(
                     state, parsed, view, saturated, attempt, self._undo
                 )
@@ -590,14 +597,28 @@ class Gateway:
         return self.wake_timeout if wait is None else wait
 
     def _schedule(
-        self, view: ServerView, scheduler: SchedulerLike, request: SchedulingRequest
+        self,
+        view: ServerView,
+        scheduler: SchedulerLike,
+        request: SchedulingRequest,
+        subset: frozenset[str] | None = None,
     ) -> SchedulingResult:
-        """Pick the pod (and fallbacks) and count the request in flight on it."""
+        """Pick the pod (and fallbacks), among ``subset`` when the proxy gave one, and count the
+        request in flight on it."""
         if not view.pods:
             raise no_pod_available(f"ModelServer '{view.name}' has no pods")
+        pods = view.pods
+        if subset is not None:
+            pods = tuple(p for p in pods if p.address in subset)
+            if not pods:
+                raise no_pod_available(
+                    f"none of the {len(subset)} endpoint(s) in the proxy's subset hint "
+                    f"(x-gateway-destination-endpoint-subset) is a pod of ModelServer "
+                    f"'{view.name}'"
+                )
         began = time.perf_counter()
         try:
-            result = scheduler.schedule(request, view.pods)
+            result = scheduler.schedule(request, pods)
         finally:
             m = self.metrics
             m.child(m.scheduling_duration, view.name).observe(time.perf_counter() - began)
@@ -605,11 +626,15 @@ class Gateway:
         return result
 
     def _attempt(
-        self, view: ServerView, scheduler: SchedulerLike, request: SchedulingRequest
+        self,
+        view: ServerView,
+        scheduler: SchedulerLike,
+        request: SchedulingRequest,
+        subset: frozenset[str] | None = None,
     ) -> tuple[ServerView, SchedulingResult]:
         """The schedule stage for a request in the fair queue, on the server's current pods."""
         current = self.datastore.snapshot.servers.get(view.key, view)
-        return current, self._schedule(current, scheduler, request)
+        return current, self._schedule(current, scheduler, request, subset)
 
     def _undo(self, held: tuple[ServerView, SchedulingResult]) -> None:
         self.datastore.finish(held[1].primary.name)

@@ -34,6 +34,9 @@ log = logging.getLogger("matrixinfer.extproc")
 
 BODY_MODES = ("BUFFERED", "FULL_DUPLEX_STREAMED")
 LB_NAMESPACE = "envoy.lb"
+# the endpoint-picker protocol's subset hint: the proxy may send the only pods to pick from
+SUBSET_NAMESPACE = "envoy.lb.subset_hint"
+SUBSET_KEY = "x-gateway-destination-endpoint-subset"
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _CONTINUE_HEADERS = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
 
@@ -54,6 +57,27 @@ def _headers_of(msg: pb.HttpHeaders) -> dict[str, str]:
     for h in msg.headers.headers:
         out[h.key] = h.raw_value.decode("latin-1") if h.raw_value else h.value
     return out
+
+
+def subset_hint(req: pb.ProcessingRequest) -> frozenset[str] | None:
+    """The ``ip:port`` list in the request's ``metadata_context`` under
+    ``envoy.lb.subset_hint`` / ``x-gateway-destination-endpoint-subset`` (a list of strings, or
+    one comma-separated string); None when the proxy sent no hint. An empty list is a hint that
+    allows nothing (the request is answered 503)."""
+    if not req.HasField("metadata_context"):
+        return None
+    hint = req.metadata_context.filter_metadata.get(SUBSET_NAMESPACE)
+    if hint is None or SUBSET_KEY not in hint.fields:
+        return None
+    value = hint.fields[SUBSET_KEY]
+    kind = value.WhichOneof("kind")
+    if kind == "list_value":
+        items = [v.string_value for v in value.list_value.values]
+    elif kind == "string_value":
+        items = value.string_value.split(",")
+    else:
+        items = []
+    return frozenset(i.strip() for i in items if i.strip())
 
 
 def _set(key: str, value: str) -> base_pb2.HeaderValueOption:
@@ -245,7 +269,9 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 kind = req.WhichOneof("request")
                 if kind == "request_headers":
                     headers = req.request_headers
-                    state, answer = gateway.start(_headers_of(headers), headers.end_of_stream)
+                    state, answer = gateway.start(
+                        _headers_of(headers), headers.end_of_stream, subset_hint(req)
+                    )
                     if answer is not None:
                         await write(immediate_response(answer))
                         return

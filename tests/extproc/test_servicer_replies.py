@@ -211,7 +211,9 @@ class _FakeGateway:
         self.decision = decision
         self.calls: list[str] = []
 
-    def start(self, headers: dict[str, str], end_of_stream: bool) -> tuple[RequestState, None]:
+    def start(
+        self, headers: dict[str, str], end_of_stream: bool, subset: frozenset[str] | None = None
+    ) -> tuple[RequestState, None]:
         self.calls.append("start")
         return RequestState("r1", 0.0, dict(headers)), None
 
