@@ -207,6 +207,12 @@ def test_gateway_api_mode_points_ext_proc_at_the_extproc_service() -> None:
     backend = policy["spec"]["extProc"][0]["backendRefs"][0]
     assert backend == {"name": "mi-matrixinfer-extproc", "port": 9002}
     assert policy["spec"]["targetRefs"][0]["name"] == "mi-matrixinfer-route"
+    # the endpoint-picker protocol: the subset hint in, the picked endpoints out
+    metadata = policy["spec"]["extProc"][0]["metadata"]
+    assert metadata == {
+        "accessibleNamespaces": ["envoy.lb.subset_hint"],
+        "writableNamespaces": ["envoy.lb"],
+    }
     pool = next(o for o in objs if o["kind"] == "InferencePool")
     assert pool["spec"]["endpointPickerRef"]["name"] == "mi-matrixinfer-extproc"
     route = _by_kind(objects(COMBINATIONS["gateway-api-service"]), "HTTPRoute")
