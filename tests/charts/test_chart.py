@@ -110,7 +110,10 @@ def test_default_install_runs_every_component() -> None:
     assert set(_by_kind(objs, "PodDisruptionBudget")) == {
         "mi-matrixinfer-extproc",
         "mi-matrixinfer-envoy",
+        "mi-matrixinfer-controllers",  # ADS and the admission webhooks through node drains
     }
+    single = objects(COMBINATIONS["single-controller"])
+    assert "mi-matrixinfer-controllers" not in _by_kind(single, "PodDisruptionBudget")
     # every pod runs the image's numeric non-root user
     for dep in deployments.values():
         assert dep["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
