@@ -110,6 +110,14 @@ def test_console_command_parses_and_points_at_the_release() -> None:
     assert not [o for o in objects({}) if "console" in o["metadata"]["name"]]
 
 
+def test_notes_show_the_console_when_enabled() -> None:
+    from .chart import render
+
+    notes = render({"console": {"enabled": True}})["matrixinfer/templates/NOTES.txt"]
+    assert "port-forward svc/mi-matrixinfer-console 8090:80" in notes
+    assert "console" not in render({})["matrixinfer/templates/NOTES.txt"]
+
+
 def test_gateway_api_mode_needs_the_gateway_url() -> None:
     import helm_python as helm
 
