@@ -4,6 +4,7 @@ the ModelInfer controller and a fake kubelet making the generated pods ready."""
 from __future__ import annotations
 
 import copy
+import json
 import urllib.request
 from typing import Any
 
@@ -96,10 +97,10 @@ async def test_apply_creates_owned_children_and_status(api: Api, kubelet: Kubele
     engine = mi["spec"]["template"]["roles"][0]["entryTemplate"]["spec"]["containers"][0]
     assert engine["image"] == "vllm:1"
     assert engine["command"] == ["vllm", "serve"]
-    assert engine["args"][:1] == ["org/llama"]
-    assert "sql=org/sql-lora" in engine["args"]
+    assert engine["args"][:1] == ["/var/cache/matrixinfer/hf/org/llama/main"]
+    assert "--enable-lora" in engine["args"]
     cheap = api.objects(MI)["llama-cheap"]["spec"]["template"]["roles"][0]["entryTemplate"]
-    vol = cheap["spec"]["volumes"][0]
+    (vol,) = [v for v in cheap["spec"]["volumes"] if "persistentVolumeClaim" in v]
     assert vol["persistentVolumeClaim"]["claimName"] == "weights"
     route = api.objects(MR)["llama"]["spec"]
     assert route["modelName"] == "llama" and route["loraAdapters"] == ["sql"]
@@ -356,3 +357,64 @@ async def test_a_restarted_operator_restores_drift_made_while_it_was_down(
             what="the route recreated and the port restored",
         )
     assert {n: o["metadata"]["uid"] for n, o in api.objects(MS).items()} == uids
+
+
+def entry_pods(api: Api, infer: str) -> list[dict[str, Any]]:
+    return [
+        p
+        for p in api.pods().values()
+        if p["metadata"]["labels"].get("workload.matrixinfer.ai/model-infer") == infer
+        and p["metadata"]["labels"].get("workload.matrixinfer.ai/entry") == "true"
+    ]
+
+
+async def test_s3_model_with_two_adapters_runs_downloader_and_sidecar(
+    api: Api, kubelet: Kubelet
+) -> None:
+    """A Model with an s3:// URI and two adapters: its pods (made by the ModelInfer controller)
+    fetch the weights in an init container and run the runtime sidecar with both adapters; a
+    changed adapter list rolls the pods out with the new list."""
+    adapters = [{"name": "sql", "uri": "s3://adapters/sql"}, {"name": "chat", "uri": "hf://o/chat"}]
+    creds = [
+        {"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {"name": "s3", "key": "id"}}}
+    ]
+    obj = model_object(
+        backends=[{"name": "fast", "type": "vLLM", "modelURI": "s3://models/llama", "env": creds}],
+        loraAdapters=adapters,
+    )
+    del obj["spec"]["autoscalingPolicy"]
+    async with operator(api, runtime_image="registry.local/matrixinfer:9"):
+        await api.create_model(obj)
+        await eventually(lambda: active(api), what="Active")
+        (pod,) = entry_pods(api, "llama-fast")
+        spec = pod["spec"]
+        (init,) = spec["initContainers"]
+        assert init["name"] == "download" and init["image"] == "registry.local/matrixinfer:9"
+        assert init["command"] == ["matrixinfer-downloader"]
+        assert init["args"][:3] == ["s3://models/llama", "--cache", "/var/cache/matrixinfer"]
+        env = {e["name"]: e for e in init["env"]}
+        assert env["AWS_ACCESS_KEY_ID"] == creds[0]
+        assert "WORKER_INDEX" in env  # the ModelInfer controller's env reaches it too
+        engine, runtime = spec["containers"]
+        assert engine["name"] == "engine"
+        assert engine["args"][0] == "/var/cache/matrixinfer/s3/models/llama"
+        assert runtime["name"] == "runtime" and runtime["image"] == "registry.local/matrixinfer:9"
+        assert runtime["readinessProbe"]["httpGet"] == {"path": "/ready", "port": 8100}
+        args = runtime["args"]
+        assert args[args.index("--lora-adapters") + 1] == "/etc/matrixinfer/lora/adapters.yaml"
+        note = pod["metadata"]["annotations"]["runtime.matrixinfer.ai/lora-adapters"]
+        assert json.loads(note) == adapters
+
+        await api.patch_model("llama", {"loraAdapters": adapters[:1]})
+
+        def rolled_out() -> bool:
+            pods = entry_pods(api, "llama-fast")
+            return (
+                len(pods) == 1
+                and json.loads(
+                    pods[0]["metadata"]["annotations"]["runtime.matrixinfer.ai/lora-adapters"]
+                )
+                == adapters[:1]
+            )
+
+        await eventually(rolled_out, 60, "the pods to roll out with one adapter")
