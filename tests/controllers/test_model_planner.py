@@ -660,3 +660,17 @@ def test_docs_show_what_the_example_generates() -> None:
     m.metadata.uid = "<uid of the Model>"
     generated = desired(m, runtime_image=DOCS_RUNTIME_IMAGE).children
     assert list(yaml.safe_load_all(block)) == [c.manifest for c in generated]
+
+
+def test_runtime_image_flag_env_and_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    from controllers.main import build_parser, parse_args
+    from controllers.model.pod import DEFAULT_RUNTIME_IMAGE
+    from fleet.service import version
+
+    monkeypatch.delenv("MATRIXINFER_IMAGE", raising=False)
+    assert f"ghcr.io/matrixinfer/matrixinfer:{version()}" == DEFAULT_RUNTIME_IMAGE
+    assert parse_args([]).runtime_image == DEFAULT_RUNTIME_IMAGE
+    monkeypatch.setenv("MATRIXINFER_IMAGE", "mirror.local/mi:1")
+    assert parse_args([]).runtime_image == "mirror.local/mi:1"
+    assert parse_args(["--runtime-image", "x/y:2"]).runtime_image == "x/y:2"
+    assert "--runtime-image" in build_parser().format_help()
