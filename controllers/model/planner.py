@@ -2,8 +2,9 @@
 
 - :func:`desired` — ``crds.Model`` → the children it owns: per backend a ModelInfer and a
   ModelServer (both named ``<model>-<backend>``), one ModelRoute and, for an inline
-  ``autoscalingPolicy.spec``, one AutoscalingPolicy (both named ``<model>``). Every child is
-  validated by the API's own model before it is offered; one that fails becomes a
+  ``autoscalingPolicy.spec``, one AutoscalingPolicy (both named ``<model>``); with LoRA
+  adapters, the ConfigMap ``<model>-lora-adapters`` the runtime sidecars read them from.
+  Every child is validated by the API's own model before it is offered; one that fails becomes a
   :class:`Problem` naming it and is *held*: neither created, patched nor deleted.
 - :func:`plan` — desired children + every observed object of the child kinds in the namespace →
   create / patch / delete actions. An object is this Model's when it carries the label
@@ -24,7 +25,14 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from controllers.model.engine import PD_CONNECTOR
-from controllers.model.pod import DEFAULT_RUNTIME_IMAGE, SERVE_PORT, check_cache_uri, pod_template
+from controllers.model.pod import (
+    DEFAULT_RUNTIME_IMAGE,
+    SERVE_PORT,
+    adapters_config_name,
+    adapters_file,
+    check_cache_uri,
+    pod_template,
+)
 from controllers.model.types import (
     CHILD_KINDS,
     LABEL_BACKEND,
@@ -48,6 +56,7 @@ from fleet.artefacts import parse_uri
 
 __all__ = ["desired", "merge_diff", "owns", "plan", "role_names"]
 
+_ORDER = {kind: i for i, kind in enumerate(CHILD_KINDS)}
 _SPEC_MODELS: dict[ChildKind, type[BaseModel]] = {
     "ModelInfer": ModelInferSpec,
     "ModelServer": ModelServerSpec,
@@ -265,6 +274,9 @@ def desired(model: Model, runtime_image: str = DEFAULT_RUNTIME_IMAGE) -> Desired
             continue
         spec, bounds = _model_infer(model, b, runtime_image)
         wanted.append(("ModelInfer", child_name(model, b), b.name, spec, bounds))
+    if model.spec.lora_adapters:
+        data = adapters_file(model.spec.lora_adapters)
+        wanted.append(("ConfigMap", adapters_config_name(_name(model)), None, data, None))
     for b in model.spec.backends:
         wanted.append(("ModelServer", child_name(model, b), b.name, _model_server(model, b), None))
     wanted.append(("ModelRoute", _name(model), None, _model_route(model), None))
@@ -274,15 +286,18 @@ def desired(model: Model, runtime_image: str = DEFAULT_RUNTIME_IMAGE) -> Desired
     elif scaling is not None:
         wanted.append(("AutoscalingPolicy", _name(model), None, scaling, None))
     children: list[DesiredChild] = []
-    for kind, name, backend, spec, bounds in wanted:
+    for kind, name, backend, spec, bounds in sorted(wanted, key=lambda w: _ORDER[w[0]]):
         info = CHILD_KINDS[kind]
         doc = {
             "apiVersion": info.api_version,
             "kind": kind,
             "metadata": _meta(model, name, backend),
-            "spec": spec,
+            info.content: spec,
         }
         ref = ChildRef(kind, name)
+        if kind == "ConfigMap":  # not an API kind of ours: nothing to validate it with
+            children.append(DesiredChild(ref, backend, doc, bounds))
+            continue
         try:
             manifest = to_dict(parse_object(doc, f"{kind} {name}"))
         except InvalidObject as exc:
@@ -321,7 +336,10 @@ def merge_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]
 
 
 def _normal(kind: ChildKind, spec: Mapping[str, Any]) -> Any:
-    """The spec as the API's model reads it (defaults written in); raw when it does not parse."""
+    """The spec as the API's model reads it (defaults written in); raw when it does not parse
+    (or the kind has no model of ours: a ConfigMap's data)."""
+    if kind not in _SPEC_MODELS:
+        return dict(spec)
     try:
         return _dump(_SPEC_MODELS[kind].model_validate(dict(spec)))
     except ValidationError:
@@ -329,7 +347,7 @@ def _normal(kind: ChildKind, spec: Mapping[str, Any]) -> Any:
 
 
 def _wanted_spec(d: DesiredChild, seen: ObservedChild) -> dict[str, Any]:
-    spec: dict[str, Any] = dict(d.manifest["spec"])
+    spec: dict[str, Any] = dict(d.manifest[CHILD_KINDS[d.ref.kind].content])
     if d.replica_bounds is not None:
         lo, hi = d.replica_bounds
         current = seen.spec.get("replicas", 1)
@@ -342,7 +360,7 @@ def _patch(d: DesiredChild, seen: ObservedChild) -> dict[str, Any]:
     body: dict[str, Any] = {}
     want = _wanted_spec(d, seen)
     if _normal(d.ref.kind, seen.spec) != _normal(d.ref.kind, want):
-        body["spec"] = merge_diff(seen.spec, want)
+        body[CHILD_KINDS[d.ref.kind].content] = merge_diff(seen.spec, want)
     labels = d.manifest["metadata"]["labels"]
     wrong = {k: v for k, v in labels.items() if seen.labels.get(k) != v}
     if wrong:

@@ -11,9 +11,10 @@ Every pod of a generated ModelInfer (docs/model.md, "The pod"):
 and entry pods (the ones that serve HTTP) also:
 
 - container ``runtime``: ``matrixinfer-runtime`` beside the engine: the pod's readiness
-  (``/ready``: the engine healthy and the Model's LoRA adapters loaded), the adapters (from the
-  pod annotation ``runtime.matrixinfer.ai/lora-adapters``, a file through the downward API) and
-  the unified ``/metrics`` on port ``runtime`` (8100);
+  (``/ready``: the engine healthy and the Model's LoRA adapters loaded), the adapters (the file
+  of the ConfigMap ``<model>-lora-adapters``, which follows the Model: the sidecar re-reads it,
+  so a changed list is loaded without a new pod) and the unified ``/metrics`` on port
+  ``runtime`` (8100);
 - container ``pd-proxy`` on the decode pods of a vLLMDisaggregated backend:
   ``matrixinfer-pd-proxy`` holds the serving port 8000 (the ModelServer's ``workloadPort``, so
   the gateway sends requests to it) and the decode engine moves to 8001 (docs/pd.md).
@@ -25,11 +26,12 @@ from the backend's ``env``, which the downloader and the sidecar get as the engi
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
+
+import yaml
 
 from controllers.model.engine import DEFAULT_IMAGES, PD_CONNECTOR, engine_args
 from crds.registry import Backend, BackendWorker, LoraAdapter
@@ -38,13 +40,15 @@ from fleet.service import version
 
 __all__ = [
     "ADAPTERS_FILE",
-    "ANNOTATION_LORA_ADAPTERS",
+    "ADAPTERS_KEY",
     "CACHE_MOUNT",
     "DEFAULT_RUNTIME_IMAGE",
     "PD_ENGINE_PORT",
     "PVC_ROOT",
     "RUNTIME_PORT",
     "SERVE_PORT",
+    "adapters_config_name",
+    "adapters_file",
     "check_cache_uri",
     "pod_template",
 ]
@@ -60,9 +64,8 @@ CACHE_MOUNT = "/var/cache/matrixinfer"
 PVC_ROOT = "/mnt/pvc"
 """``pvc://claim/...`` artefacts: the claim is mounted read-only at ``/mnt/pvc/<claim>``."""
 ADAPTERS_DIR = "/etc/matrixinfer/lora"
-ADAPTERS_FILE = f"{ADAPTERS_DIR}/adapters.yaml"
-ANNOTATION_LORA_ADAPTERS = "runtime.matrixinfer.ai/lora-adapters"
-"""Pod annotation holding the Model's ``loraAdapters`` (JSON), the sidecar's adapters file."""
+ADAPTERS_KEY = "adapters.yaml"
+ADAPTERS_FILE = f"{ADAPTERS_DIR}/{ADAPTERS_KEY}"
 RUNTIME_GID = 10001
 """The MatrixInfer image's user and group: a PVC cache is made writable for it (fsGroup)."""
 
@@ -76,6 +79,18 @@ def _runtime_resources() -> dict[str, Any]:
     """Requests of each MatrixInfer container (no limits: a download may need more for a
     while)."""
     return {"requests": {"cpu": "100m", "memory": "128Mi"}}
+
+
+def adapters_config_name(model: str) -> str:
+    """The ConfigMap holding a Model's ``loraAdapters`` (the sidecars' adapters file)."""
+    return f"{model}-lora-adapters"
+
+
+def adapters_file(adapters: Sequence[LoraAdapter]) -> dict[str, str]:
+    """That ConfigMap's ``data``: the adapters file ``matrixinfer-runtime --lora-adapters``
+    reads (a YAML list of ``{name, uri}``)."""
+    listed = [{"name": a.name, "uri": a.uri} for a in adapters]
+    return {ADAPTERS_KEY: yaml.safe_dump(listed, sort_keys=False)}
 
 
 def check_cache_uri(text: str) -> None:
@@ -231,17 +246,9 @@ def pod_template(
             runtime_mounts.append(
                 {"name": "lora-adapters", "mountPath": ADAPTERS_DIR, "readOnly": True}
             )
-            field_path = f"metadata.annotations['{ANNOTATION_LORA_ADAPTERS}']"
             vols.volumes.append(
-                {
-                    "name": "lora-adapters",
-                    "downwardAPI": {
-                        "items": [{"path": "adapters.yaml", "fieldRef": {"fieldPath": field_path}}]
-                    },
-                }
+                {"name": "lora-adapters", "configMap": {"name": adapters_config_name(served_name)}}
             )
-            listed = [{"name": a.name, "uri": a.uri} for a in adapters]
-            annotations[ANNOTATION_LORA_ADAPTERS] = json.dumps(listed, separators=(",", ":"))
         runtime: dict[str, Any] = {
             "name": "runtime",
             "image": runtime_image,

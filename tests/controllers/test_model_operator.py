@@ -4,11 +4,11 @@ the ModelInfer controller and a fake kubelet making the generated pods ready."""
 from __future__ import annotations
 
 import copy
-import json
 import urllib.request
 from typing import Any
 
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from matrixinfer.process import free_port
@@ -372,12 +372,11 @@ async def test_s3_model_with_two_adapters_runs_downloader_and_sidecar(
     api: Api, kubelet: Kubelet
 ) -> None:
     """A Model with an s3:// URI and two adapters: its pods (made by the ModelInfer controller)
-    fetch the weights in an init container and run the runtime sidecar with both adapters; a
-    changed adapter list rolls the pods out with the new list."""
+    fetch the weights in an init container and run the runtime sidecar, whose adapters file is
+    the Model's ConfigMap; a changed adapter list patches the ConfigMap and replaces no pod."""
     adapters = [{"name": "sql", "uri": "s3://adapters/sql"}, {"name": "chat", "uri": "hf://o/chat"}]
-    creds = [
-        {"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {"name": "s3", "key": "id"}}}
-    ]
+    secret = {"secretKeyRef": {"name": "s3", "key": "id"}}
+    creds = [{"name": "AWS_ACCESS_KEY_ID", "valueFrom": secret}]
     obj = model_object(
         backends=[{"name": "fast", "type": "vLLM", "modelURI": "s3://models/llama", "env": creds}],
         loraAdapters=adapters,
@@ -402,19 +401,36 @@ async def test_s3_model_with_two_adapters_runs_downloader_and_sidecar(
         assert runtime["readinessProbe"]["httpGet"] == {"path": "/ready", "port": 8100}
         args = runtime["args"]
         assert args[args.index("--lora-adapters") + 1] == "/etc/matrixinfer/lora/adapters.yaml"
-        note = pod["metadata"]["annotations"]["runtime.matrixinfer.ai/lora-adapters"]
-        assert json.loads(note) == adapters
+        (vol,) = [v for v in spec["volumes"] if v["name"] == "lora-adapters"]
+        assert vol["configMap"] == {"name": "llama-lora-adapters"}
+        assert adapters_in(api) == adapters
+        cm = api.objects(CM)["llama-lora-adapters"]["metadata"]
+        assert cm["ownerReferences"][0]["uid"] == "uid-llama"
 
+        uid = pod["metadata"]["uid"]
         await api.patch_model("llama", {"loraAdapters": adapters[:1]})
+        await eventually(lambda: adapters_in(api) == adapters[:1], what="the ConfigMap patched")
+        await eventually(
+            lambda: api.objects(MR)["llama"]["spec"]["loraAdapters"] == ["sql"],
+            what="the route patched",
+        )
+        assert [p["metadata"]["uid"] for p in entry_pods(api, "llama-fast")] == [uid]
 
-        def rolled_out() -> bool:
-            pods = entry_pods(api, "llama-fast")
-            return (
-                len(pods) == 1
-                and json.loads(
-                    pods[0]["metadata"]["annotations"]["runtime.matrixinfer.ai/lora-adapters"]
-                )
-                == adapters[:1]
-            )
+        # a hand edit of the ConfigMap is put back
+        await api.request(
+            "PATCH",
+            "/api/v1/namespaces/ns/configmaps/llama-lora-adapters",
+            {"data": {"adapters.yaml": "[]"}, "metadata": {"resourceVersion": api.next_rv()}},
+        )
+        await eventually(lambda: adapters_in(api) == adapters[:1], what="the ConfigMap restored")
+        # deleting the Model deletes it
+        await api.delete_model("llama")
+        await eventually(lambda: not api.objects(CM), what="the ConfigMap deleted")
 
-        await eventually(rolled_out, 60, "the pods to roll out with one adapter")
+
+CM = "v1/configmaps"
+
+
+def adapters_in(api: Api) -> Any:
+    cm = api.objects(CM).get("llama-lora-adapters")
+    return yaml.safe_load(cm["data"]["adapters.yaml"]) if cm else None

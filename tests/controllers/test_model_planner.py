@@ -13,7 +13,6 @@ import yaml
 import crds
 from controllers.model.engine import config_args
 from controllers.model.planner import desired, merge_diff, plan
-from controllers.model.pod import ANNOTATION_LORA_ADAPTERS as ANNOTATION
 from controllers.model.types import ChildRef
 from runtime.sidecar import read_adapters
 from tests.controllers.model_cluster import Namespace, foreign, model
@@ -63,6 +62,7 @@ def test_the_example_generates_every_child_owned_and_labelled() -> None:
     d = desired(m)
     assert d.problems == ()
     assert [str(c.ref) for c in d.children] == [
+        "ConfigMap llama-3-8b-lora-adapters",
         "ModelInfer llama-3-8b-vllm-a100",
         "ModelInfer llama-3-8b-sglang-l4",
         "ModelServer llama-3-8b-vllm-a100",
@@ -76,6 +76,8 @@ def test_the_example_generates_every_child_owned_and_labelled() -> None:
         assert meta["labels"]["registry.matrixinfer.ai/model"] == "llama-3-8b"
         if c.ref.kind in ("ModelInfer", "ModelServer"):
             assert meta["labels"]["registry.matrixinfer.ai/backend"] == c.backend
+        if c.ref.kind == "ConfigMap":
+            continue  # not a kind of our API
         assert meta["ownerReferences"] == [
             {
                 "apiVersion": "registry.matrixinfer.ai/v1alpha1",
@@ -170,9 +172,7 @@ def test_sglang_multi_pod_role_and_its_worker_pods() -> None:
     wspec = role["workerTemplate"]["spec"]
     assert [c["name"] for c in wspec["initContainers"]] == ["download"]
     assert [c["name"] for c in wspec["containers"]] == ["engine"]
-    assert "annotations" not in role["workerTemplate"]["metadata"] or (
-        ANNOTATION not in role["workerTemplate"]["metadata"]["annotations"]
-    )
+    assert [v["name"] for v in wspec["volumes"]] == ["cache"]  # no adapters file
     rt = containers(m)["runtime"]
     assert rt["args"][:2] == ["--engine", "sglang"]
 
@@ -305,47 +305,73 @@ def test_runtime_sidecar_beside_the_engine(tmp_path: Path) -> None:
     assert {"name": "lora-adapters", "mountPath": "/etc/matrixinfer/lora", "readOnly": True} in (
         rt["volumeMounts"]
     )
-    # the adapters file is the pod annotation, through the downward API
-    meta = m["spec"]["template"]["roles"][0]["entryTemplate"]["metadata"]
-    assert json.loads(meta["annotations"][ANNOTATION]) == adapters
+    # the adapters file is the Model's ConfigMap, which the sidecar re-reads
     (vol,) = [v for v in pod(m)["volumes"] if v["name"] == "lora-adapters"]
-    assert vol["downwardAPI"]["items"] == [
-        {
-            "path": "adapters.yaml",
-            "fieldRef": {
-                "fieldPath": "metadata.annotations['runtime.matrixinfer.ai/lora-adapters']"
-            },
-        }
+    assert vol == {"name": "lora-adapters", "configMap": {"name": "llama-lora-adapters"}}
+    cm = children({"backends": [backend()], "loraAdapters": adapters})[
+        ChildRef("ConfigMap", "llama-lora-adapters")
     ]
+    assert cm["apiVersion"] == "v1" and cm["kind"] == "ConfigMap"
+    assert cm["metadata"]["labels"] == {"registry.matrixinfer.ai/model": "llama"}
+    assert cm["metadata"]["ownerReferences"][0]["uid"] == "u-llama"
+    assert list(cm["data"]) == ["adapters.yaml"]
     # and the sidecar reads that file as the Model's adapters
     f = tmp_path / "adapters.yaml"
-    f.write_text(meta["annotations"][ANNOTATION])
+    f.write_text(cm["data"]["adapters.yaml"])
     assert read_adapters(f) == {"sql": "hf://org/sql", "chat": "s3://bkt/chat"}
 
 
-def test_without_adapters_the_sidecar_gets_no_adapters_file() -> None:
-    m = mi({"backends": [backend()]})
+def test_without_adapters_no_adapters_file() -> None:
+    spec = {"backends": [backend()]}
+    m = mi(spec)
     rt = containers(m)["runtime"]
     assert "--lora-adapters" not in rt["args"] and "env" not in rt
     assert [v["name"] for v in pod(m)["volumes"]] == ["cache"]
-    meta = m["spec"]["template"]["roles"][0]["entryTemplate"]["metadata"]
-    assert ANNOTATION not in meta.get("annotations", {})
+    assert not any(r.kind == "ConfigMap" for r in children(spec))
 
 
-def test_changed_adapters_change_only_the_annotation() -> None:
-    """A changed adapter list changes the entry pods' template (the ModelInfer controller rolls
-    the groups out); the engine's command stays the same while the Model has adapters."""
-    one = mi({"backends": [backend()], "loraAdapters": [{"name": "a", "uri": "hf://o/a"}]})
-    two = mi(
-        {
-            "backends": [backend()],
-            "loraAdapters": [{"name": "a", "uri": "hf://o/a"}, {"name": "b", "uri": "hf://o/b"}],
-        }
-    )
-    assert pod(one) == pod(two)
-    t1 = one["spec"]["template"]["roles"][0]["entryTemplate"]["metadata"]["annotations"]
-    t2 = two["spec"]["template"]["roles"][0]["entryTemplate"]["metadata"]["annotations"]
-    assert t1[ANNOTATION] != t2[ANNOTATION]
+ONE = [{"name": "a", "uri": "hf://o/a"}]
+TWO = [*ONE, {"name": "b", "uri": "hf://o/b"}]
+
+
+def test_changed_adapters_patch_only_the_configmap() -> None:
+    """While the Model has adapters, a changed list is a patch of the ConfigMap: the pod
+    templates stay the same, so no pod is replaced (the sidecars load and unload)."""
+    ns = Namespace()
+    ns.reconcile(model({"backends": [backend()], "loraAdapters": ONE}))
+    p = ns.reconcile(model({"backends": [backend()], "loraAdapters": TWO}))
+    assert sorted((a.verb, str(a.ref)) for a in p.actions) == [
+        ("patch", "ConfigMap llama-lora-adapters"),
+        ("patch", "ModelRoute llama"),  # the route names the new adapter
+    ]
+    a = next(a for a in p.actions if a.ref.kind == "ConfigMap")
+    assert a.body is not None and set(a.body) == {"data"}
+    cm = ns.objects[ChildRef("ConfigMap", "llama-lora-adapters")]
+    assert "name: b" in cm["data"]["adapters.yaml"]
+    assert ns.reconcile(model({"backends": [backend()], "loraAdapters": TWO})).actions == ()
+    # hand-edited data is put back like any child's spec
+    cm["data"] = {"adapters.yaml": "[]", "extra": "x"}
+    (a,) = ns.reconcile(model({"backends": [backend()], "loraAdapters": TWO})).actions
+    assert a.verb == "patch" and a.body is not None and a.body["data"]["extra"] is None
+
+
+def test_first_and_last_adapter_roll_the_engines() -> None:
+    """Going from no adapters to some (and back) changes the engine (--enable-lora) and the
+    sidecar's mounts: the ModelInfer is patched and the ConfigMap created (or deleted)."""
+    ns = Namespace()
+    ns.reconcile(model({"backends": [backend()]}))
+    p = ns.reconcile(model({"backends": [backend()], "loraAdapters": ONE}))
+    assert sorted((a.verb, str(a.ref)) for a in p.actions) == [
+        ("create", "ConfigMap llama-lora-adapters"),
+        ("patch", "ModelInfer llama-main"),
+        ("patch", "ModelRoute llama"),
+    ]
+    p = ns.reconcile(model({"backends": [backend()]}))
+    assert sorted((a.verb, str(a.ref)) for a in p.actions) == [
+        ("delete", "ConfigMap llama-lora-adapters"),
+        ("patch", "ModelInfer llama-main"),
+        ("patch", "ModelRoute llama"),
+    ]
 
 
 def test_the_runtime_image_is_a_setting() -> None:
