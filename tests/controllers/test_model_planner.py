@@ -700,3 +700,42 @@ def test_runtime_image_flag_env_and_default(monkeypatch: pytest.MonkeyPatch) -> 
     assert parse_args([]).runtime_image == "mirror.local/mi:1"
     assert parse_args(["--runtime-image", "x/y:2"]).runtime_image == "x/y:2"
     assert "--runtime-image" in build_parser().format_help()
+
+
+def test_generated_commands_parse_with_the_programs_own_parsers() -> None:
+    """Every MatrixInfer container a Model generates names an installed program and flags that
+    program takes (a typo would crash-loop every engine pod)."""
+    import tomllib
+
+    from runtime import downloader, pd_proxy, sidecar
+
+    scripts = tomllib.loads((EXAMPLES.parent / "pyproject.toml").read_text())["project"]["scripts"]
+    parsers = {
+        "matrixinfer-downloader": downloader.build_parser,
+        "matrixinfer-runtime": sidecar.build_parser,
+        "matrixinfer-pd-proxy": pd_proxy.build_parser,
+    }
+    workers = [{"type": "prefill"}, {"type": "decode"}]
+    spec = {
+        "backends": [backend(type="vLLMDisaggregated", workers=workers, cacheURI="pvc://c/x")],
+        "loraAdapters": [{"name": "a", "uri": "pvc://loras/a"}],
+    }
+    seen = {}
+    for role in (0, 1):
+        p = pod(mi(spec), role)
+        for c in [*p["initContainers"], *p["containers"]]:
+            program = c["command"][0]
+            if program not in parsers:
+                continue
+            assert program in scripts, program
+            seen[(program, role)] = parsers[program]().parse_args(c["args"])
+    dl = seen[("matrixinfer-downloader", 0)]
+    assert (dl.uri, str(dl.cache), str(dl.pvc_root)) == (
+        "hf://org/llama", "/var/cache/matrixinfer", "/mnt/pvc"
+    )  # fmt: skip
+    rt = seen[("matrixinfer-runtime", 1)]
+    assert (rt.engine, rt.engine_url, rt.port) == ("vllm", "http://127.0.0.1:8001", 8100)
+    assert str(rt.lora_adapters) == "/etc/matrixinfer/lora/adapters.yaml"
+    proxy = seen[("matrixinfer-pd-proxy", 1)]
+    assert (proxy.engine, proxy.port, proxy.connector) == ("http://127.0.0.1:8001", 8000, "nixl")
+    assert ("matrixinfer-pd-proxy", 0) not in seen  # prefill pods serve on their own
