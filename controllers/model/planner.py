@@ -31,6 +31,7 @@ from controllers.model.pod import (
     adapters_config_name,
     adapters_file,
     check_cache_uri,
+    check_mountable,
     pod_template,
 )
 from controllers.model.types import (
@@ -240,14 +241,14 @@ def _uri_problems(model: Model) -> tuple[list[Problem], set[str]]:
     bad_adapters = False
     for i, a in enumerate(model.spec.lora_adapters or []):
         try:
-            parse_uri(a.uri)
+            check_mountable(parse_uri(a.uri))
         except ValueError as exc:
             problems.append(Problem("InvalidURI", f"spec.loraAdapters[{i}].uri: {exc}"))
             bad_adapters = True
     held: set[str] = set()
     for i, b in enumerate(model.spec.backends):
         checks: list[tuple[str, str, Callable[[str], object]]] = [
-            ("modelURI", b.model_uri, parse_uri)
+            ("modelURI", b.model_uri, lambda text: check_mountable(parse_uri(text)))
         ]
         if b.cache_uri is not None:
             checks.append(("cacheURI", b.cache_uri, check_cache_uri))

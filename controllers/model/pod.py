@@ -50,6 +50,7 @@ __all__ = [
     "adapters_config_name",
     "adapters_file",
     "check_cache_uri",
+    "check_mountable",
     "pod_template",
 ]
 
@@ -91,6 +92,20 @@ def adapters_file(adapters: Sequence[LoraAdapter]) -> dict[str, str]:
     reads (a YAML list of ``{name, uri}``)."""
     listed = [{"name": a.name, "uri": a.uri} for a in adapters]
     return {ADAPTERS_KEY: yaml.safe_dump(listed, sort_keys=False)}
+
+
+def check_mountable(uri: Uri) -> None:
+    """ValueError when a file:// path cannot be mounted at its own path: the root, or a path
+    on or under (or above) the pod's own mounts (the cache, the claims, the adapters file)."""
+    if uri.scheme != "file":
+        return
+    path = PurePosixPath(uri.path)
+    if path == PurePosixPath("/"):
+        raise ValueError(f"{uri.text!r}: cannot mount the root directory")
+    for ours in (CACHE_MOUNT, PVC_ROOT, ADAPTERS_DIR):
+        mine = PurePosixPath(ours)
+        if path == mine or mine in path.parents or path in mine.parents:
+            raise ValueError(f"{uri.text!r}: overlaps {ours}, where the pod mounts its own files")
 
 
 def check_cache_uri(text: str) -> None:

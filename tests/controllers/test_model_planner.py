@@ -420,6 +420,9 @@ def test_pd_proxy_on_decode_entry_pods_holds_the_serving_port() -> None:
         ({"modelURI": "s3://B/x"}, "spec.backends[0].modelURI", "bad bucket"),
         ({"modelURI": "file://relative"}, "spec.backends[0].modelURI", "absolute"),
         ({"cacheURI": "pvc:///x"}, "spec.backends[0].cacheURI", "pvc://claim"),
+        ({"modelURI": "file:///"}, "spec.backends[0].modelURI", "root"),
+        ({"modelURI": "file:///var/cache"}, "spec.backends[0].modelURI", "overlaps"),
+        ({"modelURI": "file:///mnt/pvc/x"}, "spec.backends[0].modelURI", "overlaps"),
     ],
 )
 def test_an_unusable_uri_holds_its_modelinfer_and_names_the_field(
