@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import sys
 import threading
@@ -37,6 +38,7 @@ from controllers.autoscaling import handlers as autoscaling_handlers
 from controllers.kube import connection_info
 from controllers.metrics import ControllerMetrics
 from controllers.model import handlers as model_handlers
+from controllers.model.pod import DEFAULT_RUNTIME_IMAGE
 from controllers.model.reconciler import ModelController
 from controllers.modelinfer import handlers as modelinfer_handlers
 from controllers.modelinfer.reconciler import ModelInferController
@@ -85,6 +87,8 @@ class ControllerConfig:
     autoscale_panic_window: float | None = None  # None: the planner's default (6 s)
     # admission webhooks (controllers/webhooks): None = off
     webhooks: webhook_handlers.WebhookConfig | None = None
+    # the image of the downloader, runtime sidecar and PD proxy in the pods a Model generates
+    runtime_image: str = DEFAULT_RUNTIME_IMAGE
 
 
 def make_settings(config: ControllerConfig) -> kopf.OperatorSettings:
@@ -134,7 +138,7 @@ def build(
         stable_window=config.autoscale_stable_window,
         panic_window=config.autoscale_panic_window,
     )
-    models = ModelController(metrics=metrics)
+    models = ModelController(metrics=metrics, runtime_image=config.runtime_image)
     reader = webhook_handlers.Reader(config.namespaces)
 
     logins = 0
@@ -297,6 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="name of the Validating/MutatingWebhookConfiguration the operator keeps up to "
         "date (empty: made by someone else)",
     )
+    ap.add_argument(
+        "--runtime-image",
+        default=os.environ.get("MATRIXINFER_IMAGE") or DEFAULT_RUNTIME_IMAGE,
+        help="image of the downloader, runtime sidecar and PD proxy in the pods a Model"
+        f" generates (env MATRIXINFER_IMAGE; default {DEFAULT_RUNTIME_IMAGE})",
+    )
     ap.add_argument("--verbose", "-v", action="store_true", help="same as --log-level debug")
     add_kube_args(ap)
     add_service_args(ap)
@@ -333,6 +343,7 @@ def parse_args(argv: Sequence[str] | None) -> ControllerConfig:
         )
         if args.webhook_port > 0
         else None,
+        runtime_image=args.runtime_image,
     )
 
 

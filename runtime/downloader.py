@@ -16,13 +16,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from fleet.artefacts import parse_uri
 from fleet.service import HelpFormatter, add_service_args, configure_logging, duration
 from runtime.artefacts import (
     ArtefactError,
     AuthError,
     DiskFullError,
     MissingError,
-    parse_uri,
 )
 from runtime.fetch import Settings, fetch
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol, cast
 
+from fleet.artefacts import Uri, cache_dir, local_path
 from runtime.artefacts import (
     ArtefactError,
     AuthError,
@@ -33,11 +34,8 @@ from runtime.artefacts import (
     MissingError,
     Progress,
     RemoteFile,
-    Uri,
     VerifyError,
-    cache_dir,
     format_bytes,
-    local_path,
 )
 
 __all__ = [

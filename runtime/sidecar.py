@@ -38,13 +38,13 @@ from aiohttp import web
 from pydantic import TypeAdapter, ValidationError
 
 from crds.registry import LoraAdapter
+from fleet.artefacts import parse_uri
 from fleet.service import HelpFormatter, add_service_args, configure_logging, duration
 from runtime.artefacts import (
     ArtefactError,
     AuthError,
     DiskFullError,
     MissingError,
-    parse_uri,
 )
 from runtime.downloader import add_source_flags, settings_from
 from runtime.fetch import Settings, fetch

@@ -2,7 +2,8 @@
 
 - index ``model_objects``: every Model body by ``(namespace, name)``;
 - indexes ``model_<plural>`` per child kind: every object by name (to see a name taken by
-  someone else) and, when labelled ``registry.matrixinfer.ai/model``, by that Model;
+  someone else; of ConfigMaps only the labelled ones) and, when labelled
+  ``registry.matrixinfer.ai/model``, by that Model;
 - ``model-create`` / ``model-update`` / ``model-resume`` and the ``model-resync`` timer
   reconcile the Model;
 - ``model-child-<plural>`` event handlers reconcile the owning Model on any change of a child,
@@ -53,8 +54,8 @@ def register(
     ) -> dict[Key, dict[str, Any]]:
         return {_key(namespace, name): dict(body)}
 
-    for kind, info in CHILD_KINDS.items():
-        _register_child(registry, controller, kind, info.group, info.plural)
+    for kind in CHILD_KINDS:
+        _register_child(registry, controller, kind)
 
     @kopf.on.create(REGISTRY_GROUP, API_VERSION, MODEL_PLURAL, id="model-create", registry=registry)
     @kopf.on.update(REGISTRY_GROUP, API_VERSION, MODEL_PLURAL, id="model-update", registry=registry)
@@ -83,13 +84,17 @@ def register(
 
 
 def _register_child(
-    registry: kopf.OperatorRegistry,
-    controller: ModelController,
-    kind: ChildKind,
-    group: str,
-    plural: str,
+    registry: kopf.OperatorRegistry, controller: ModelController, kind: ChildKind
 ) -> None:
-    @kopf.index(group, API_VERSION, plural, id=f"model_{plural}", registry=registry)
+    info = CHILD_KINDS[kind]
+    plural = info.plural
+    # our kinds by group, version and plural; a core kind (ConfigMap) by plural, and only the
+    # labelled ones indexed: every ConfigMap of the namespaces would cost memory, and a name
+    # taken by an unlabelled one shows as a failed create instead
+    resource = (info.group, info.version, plural) if info.group else (plural,)
+    only_labelled = {LABEL_MODEL: kopf.PRESENT} if not info.group else None
+
+    @kopf.index(*resource, labels=only_labelled, id=f"model_{plural}", registry=registry)
     def child_index(
         namespace: str | None, body: kopf.Body, **_: Any
     ) -> dict[tuple[str, ...], ObservedChild] | None:
@@ -104,9 +109,7 @@ def _register_child(
         return out
 
     @kopf.on.event(
-        group,
-        API_VERSION,
-        plural,
+        *resource,
         labels={LABEL_MODEL: kopf.PRESENT},
         id=f"model-child-{plural}",
         registry=registry,

@@ -33,7 +33,7 @@ def child_from_json(kind: ChildKind, body: Mapping[str, Any]) -> ObservedChild |
         labels={str(k): str(v) for k, v in (meta.get("labels") or {}).items()},
         controller_uid=str(uid) if uid is not None else None,
         owner_refs=owners,
-        spec=dict(body.get("spec") or {}),
+        spec=dict(body.get(CHILD_KINDS[kind].content) or {}),
         status=dict(body.get("status") or {}),
         deleting=bool(meta.get("deletionTimestamp")),
     )

@@ -2,8 +2,9 @@
 
 - :func:`desired` — ``crds.Model`` → the children it owns: per backend a ModelInfer and a
   ModelServer (both named ``<model>-<backend>``), one ModelRoute and, for an inline
-  ``autoscalingPolicy.spec``, one AutoscalingPolicy (both named ``<model>``). Every child is
-  validated by the API's own model before it is offered; one that fails becomes a
+  ``autoscalingPolicy.spec``, one AutoscalingPolicy (both named ``<model>``); with LoRA
+  adapters, the ConfigMap ``<model>-lora-adapters`` the runtime sidecars read them from.
+  Every child is validated by the API's own model before it is offered; one that fails becomes a
   :class:`Problem` naming it and is *held*: neither created, patched nor deleted.
 - :func:`plan` — desired children + every observed object of the child kinds in the namespace →
   create / patch / delete actions. An object is this Model's when it carries the label
@@ -18,18 +19,20 @@ fields added by hand. Labels the Model sets are put back; other labels and annot
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from controllers.model.engine import (
-    CACHE_MOUNT,
-    DEFAULT_IMAGES,
-    ENGINE_PORT,
-    Storage,
-    cache_volume,
-    engine_args,
+from controllers.model.engine import PD_CONNECTOR
+from controllers.model.pod import (
+    DEFAULT_RUNTIME_IMAGE,
+    SERVE_PORT,
+    adapters_config_name,
+    adapters_file,
+    check_cache_uri,
+    check_mountable,
+    pod_template,
 )
 from controllers.model.types import (
     CHILD_KINDS,
@@ -50,9 +53,11 @@ from crds.loading import InvalidObject, parse_object, to_dict
 from crds.networking import ModelRouteSpec, ModelServerSpec
 from crds.registry import AutoscalingPolicySpec, Backend, BackendWorker, Model
 from crds.workload import ModelInferSpec
+from fleet.artefacts import parse_uri
 
 __all__ = ["desired", "merge_diff", "owns", "plan", "role_names"]
 
+_ORDER = {kind: i for i, kind in enumerate(CHILD_KINDS)}
 _SPEC_MODELS: dict[ChildKind, type[BaseModel]] = {
     "ModelInfer": ModelInferSpec,
     "ModelServer": ModelServerSpec,
@@ -83,40 +88,20 @@ def _workers(backend: Backend) -> list[BackendWorker]:
 
 
 def _pod_template(
-    model: Model, backend: Backend, worker: BackendWorker, entry: bool
+    model: Model, backend: Backend, worker: BackendWorker, entry: bool, runtime_image: str
 ) -> dict[str, Any]:
-    """The pod of one role; worker pods (``entry`` False) join the entry pod's engine and serve
-    no HTTP, so they get no port and no readiness probe."""
-    storage = Storage()
-    command, args = engine_args(
-        backend, worker, _name(model), list(model.spec.lora_adapters or []), storage
+    """The pod of one role (:func:`controllers.model.pod.pod_template`), labelled with the
+    Model and the backend."""
+    tmpl = pod_template(
+        _name(model),
+        backend,
+        worker,
+        list(model.spec.lora_adapters or []),
+        entry=entry,
+        runtime_image=runtime_image,
     )
-    cache_volume(backend.cache_uri, storage)
-    env = [dict(e) for e in backend.env or []]
-    if not any(e.get("name") == "HF_HOME" for e in env):
-        env.append({"name": "HF_HOME", "value": CACHE_MOUNT})
-    container: dict[str, Any] = {
-        "name": "engine",
-        "image": backend.image or DEFAULT_IMAGES[backend.type],
-        "command": command,
-        "args": args,
-        "env": env,
-        "ports": [{"name": "http", "containerPort": ENGINE_PORT, "protocol": "TCP"}],
-        "readinessProbe": {
-            "httpGet": {"path": "/health", "port": ENGINE_PORT},
-            "periodSeconds": 5,
-        },
-        "volumeMounts": storage.mounts,
-    }
-    if not entry:
-        del container["ports"], container["readinessProbe"]
-    resources = worker.resources if worker.resources is not None else backend.resources
-    if resources is not None:
-        container["resources"] = dict(resources)
-    return {
-        "metadata": {"labels": {LABEL_MODEL: _name(model), LABEL_BACKEND: backend.name}},
-        "spec": {"containers": [container], "volumes": storage.volumes},
-    }
+    tmpl["metadata"]["labels"] = {LABEL_MODEL: _name(model), LABEL_BACKEND: backend.name}
+    return tmpl
 
 
 def _name(model: Model) -> str:
@@ -149,18 +134,20 @@ def _meta(model: Model, name: str, backend: str | None) -> dict[str, Any]:
     }
 
 
-def _model_infer(model: Model, b: Backend) -> tuple[dict[str, Any], tuple[int, int] | None]:
+def _model_infer(
+    model: Model, b: Backend, runtime_image: str
+) -> tuple[dict[str, Any], tuple[int, int] | None]:
     workers = _workers(b)
     roles = []
     for rname, w in zip(role_names(workers), workers, strict=True):
         role: dict[str, Any] = {
             "name": rname,
             "replicas": w.replicas,
-            "entryTemplate": _pod_template(model, b, w, entry=True),
+            "entryTemplate": _pod_template(model, b, w, True, runtime_image),
             "workerReplicas": w.pods - 1,
         }
         if w.pods > 1:
-            role["workerTemplate"] = _pod_template(model, b, w, entry=False)
+            role["workerTemplate"] = _pod_template(model, b, w, False, runtime_image)
         roles.append(role)
     bounds = None
     if b.max_replicas is not None and b.max_replicas > b.min_replicas:
@@ -176,7 +163,7 @@ def _model_server(model: Model, b: Backend) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "inferenceEngine": "SGLang" if b.type == "SGLang" else "vLLM",
         "workloadSelector": selector,
-        "workloadPort": {"port": ENGINE_PORT, "protocol": "http"},
+        "workloadPort": {"port": SERVE_PORT, "protocol": "http"},
     }
     if b.type == "vLLMDisaggregated":
         workers = _workers(b)
@@ -188,7 +175,7 @@ def _model_server(model: Model, b: Backend) -> dict[str, Any]:
             "prefillLabels": {LABEL_ROLE: prefill},
             "decodeLabels": {LABEL_ROLE: decode},
         }
-        spec["kvConnector"] = {"type": "nixl"}
+        spec["kvConnector"] = {"type": PD_CONNECTOR}
     return spec
 
 
@@ -247,13 +234,50 @@ def _autoscaling(model: Model) -> dict[str, Any] | Problem | None:
     return spec
 
 
-def desired(model: Model) -> Desired:
-    """Every child ``model`` generates, each validated by its kind's API model."""
-    wanted: list[tuple[ChildKind, str, str | None, dict[str, Any], tuple[int, int] | None]] = []
+def _uri_problems(model: Model) -> tuple[list[Problem], set[str]]:
+    """Artefact URIs the pods could not use, each named by its field, and the backends whose
+    ModelInfer they hold back (a bad adapter URI holds every backend: all pods load them)."""
     problems: list[Problem] = []
+    bad_adapters = False
+    for i, a in enumerate(model.spec.lora_adapters or []):
+        try:
+            check_mountable(parse_uri(a.uri))
+        except ValueError as exc:
+            problems.append(Problem("InvalidURI", f"spec.loraAdapters[{i}].uri: {exc}"))
+            bad_adapters = True
+    held: set[str] = set()
+    for i, b in enumerate(model.spec.backends):
+        checks: list[tuple[str, str, Callable[[str], object]]] = [
+            ("modelURI", b.model_uri, lambda text: check_mountable(parse_uri(text)))
+        ]
+        if b.cache_uri is not None:
+            checks.append(("cacheURI", b.cache_uri, check_cache_uri))
+        for field_name, value, check in checks:
+            try:
+                check(value)
+            except ValueError as exc:
+                problems.append(Problem("InvalidURI", f"spec.backends[{i}].{field_name}: {exc}"))
+                held.add(b.name)
+        if bad_adapters:
+            held.add(b.name)
+    return problems, held
+
+
+def desired(model: Model, runtime_image: str = DEFAULT_RUNTIME_IMAGE) -> Desired:
+    """Every child ``model`` generates, each validated by its kind's API model; the pods run
+    the downloader, the runtime sidecar and the PD proxy from ``runtime_image``."""
+    wanted: list[tuple[ChildKind, str, str | None, dict[str, Any], tuple[int, int] | None]] = []
+    problems, bad_uri = _uri_problems(model)
+    held: list[ChildRef] = []
     for b in model.spec.backends:
-        spec, bounds = _model_infer(model, b)
+        if b.name in bad_uri:  # neither created, patched nor deleted until the URI is fixed
+            held.append(ChildRef("ModelInfer", child_name(model, b)))
+            continue
+        spec, bounds = _model_infer(model, b, runtime_image)
         wanted.append(("ModelInfer", child_name(model, b), b.name, spec, bounds))
+    if model.spec.lora_adapters:
+        data = adapters_file(model.spec.lora_adapters)
+        wanted.append(("ConfigMap", adapters_config_name(_name(model)), None, data, None))
     for b in model.spec.backends:
         wanted.append(("ModelServer", child_name(model, b), b.name, _model_server(model, b), None))
     wanted.append(("ModelRoute", _name(model), None, _model_route(model), None))
@@ -263,16 +287,18 @@ def desired(model: Model) -> Desired:
     elif scaling is not None:
         wanted.append(("AutoscalingPolicy", _name(model), None, scaling, None))
     children: list[DesiredChild] = []
-    held: list[ChildRef] = []
-    for kind, name, backend, spec, bounds in wanted:
+    for kind, name, backend, spec, bounds in sorted(wanted, key=lambda w: _ORDER[w[0]]):
         info = CHILD_KINDS[kind]
         doc = {
             "apiVersion": info.api_version,
             "kind": kind,
             "metadata": _meta(model, name, backend),
-            "spec": spec,
+            info.content: spec,
         }
         ref = ChildRef(kind, name)
+        if kind == "ConfigMap":  # not an API kind of ours: nothing to validate it with
+            children.append(DesiredChild(ref, backend, doc, bounds))
+            continue
         try:
             manifest = to_dict(parse_object(doc, f"{kind} {name}"))
         except InvalidObject as exc:
@@ -311,7 +337,10 @@ def merge_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]
 
 
 def _normal(kind: ChildKind, spec: Mapping[str, Any]) -> Any:
-    """The spec as the API's model reads it (defaults written in); raw when it does not parse."""
+    """The spec as the API's model reads it (defaults written in); raw when it does not parse
+    (or the kind has no model of ours: a ConfigMap's data)."""
+    if kind not in _SPEC_MODELS:
+        return dict(spec)
     try:
         return _dump(_SPEC_MODELS[kind].model_validate(dict(spec)))
     except ValidationError:
@@ -319,7 +348,7 @@ def _normal(kind: ChildKind, spec: Mapping[str, Any]) -> Any:
 
 
 def _wanted_spec(d: DesiredChild, seen: ObservedChild) -> dict[str, Any]:
-    spec: dict[str, Any] = dict(d.manifest["spec"])
+    spec: dict[str, Any] = dict(d.manifest[CHILD_KINDS[d.ref.kind].content])
     if d.replica_bounds is not None:
         lo, hi = d.replica_bounds
         current = seen.spec.get("replicas", 1)
@@ -332,7 +361,7 @@ def _patch(d: DesiredChild, seen: ObservedChild) -> dict[str, Any]:
     body: dict[str, Any] = {}
     want = _wanted_spec(d, seen)
     if _normal(d.ref.kind, seen.spec) != _normal(d.ref.kind, want):
-        body["spec"] = merge_diff(seen.spec, want)
+        body[CHILD_KINDS[d.ref.kind].content] = merge_diff(seen.spec, want)
     labels = d.manifest["metadata"]["labels"]
     wrong = {k: v for k, v in labels.items() if seen.labels.get(k) != v}
     if wrong:

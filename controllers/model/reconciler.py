@@ -24,6 +24,7 @@ from controllers.kube import ApiError, KubeClient
 from controllers.metrics import ControllerMetrics
 from controllers.model.observe import child_from_json
 from controllers.model.planner import desired, owns, plan
+from controllers.model.pod import DEFAULT_RUNTIME_IMAGE
 from controllers.model.status import child_problems, model_status
 from controllers.model.types import (
     CHILD_KINDS,
@@ -76,8 +77,10 @@ class ModelController:
         self,
         metrics: ControllerMetrics | None = None,
         post_event: Callable[[Mapping[str, Any], EventNote], None] | None = None,
+        runtime_image: str = DEFAULT_RUNTIME_IMAGE,
     ) -> None:
         self.metrics = metrics or ControllerMetrics()
+        self.runtime_image = runtime_image  # the downloader, sidecar and PD proxy in the pods
         self.post_event = post_event or _kopf_event
         self.client: KubeClient | None = None
         self.slots: dict[Key, _Slot] = {}
@@ -187,7 +190,7 @@ class ModelController:
         missing: tuple[ChildRef, ...] = ()
         if model is not None:
             model.metadata.namespace = model.metadata.namespace or ns
-            want = desired(model)
+            want = desired(model, self.runtime_image)
             observed = observe_children(indexes, ns, name, want)
             p = plan(want, observed, name, uid)
             missing = p.missing

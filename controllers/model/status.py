@@ -8,7 +8,8 @@ Initialized / Active / Failed with Events on their transitions.
   (``BackendsReady``; ``ScaledToZero`` when none wants any); otherwise False,
   ``BackendsNotReady`` naming each backend and its ModelInfer.
 - **Failed** — a problem stops the Model from being what it says: the Model is invalid
-  (``InvalidSpec``), a generated child is invalid (``InvalidChild``), a child's name is taken
+  (``InvalidSpec``), an artefact URI the pods could not use (``InvalidURI``), a generated
+  child is invalid (``InvalidChild``), a child's name is taken
   (``ChildConflict``), a child reports a failure (``ChildFailed``), an API write failed
   (``ApplyFailed``); the reason is the first problem's, the message lists them all.
 """

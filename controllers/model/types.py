@@ -20,33 +20,40 @@ LABEL_BACKEND = f"{REGISTRY_GROUP}/backend"
 
 JSON = Mapping[str, Any]
 
-ChildKind = Literal["ModelInfer", "ModelServer", "ModelRoute", "AutoscalingPolicy"]
+ChildKind = Literal["ConfigMap", "ModelInfer", "ModelServer", "ModelRoute", "AutoscalingPolicy"]
 
 
 @dataclass(frozen=True, slots=True)
 class KindInfo:
-    """Where a child kind lives in the API."""
+    """Where a child kind lives in the API (``group`` empty: the core API), and the field that
+    holds what the Model decides (``spec``, or ``data`` of a ConfigMap)."""
 
     kind: ChildKind
     group: str
     plural: str
+    version: str = API_VERSION
+    content: Literal["spec", "data"] = "spec"
 
     @property
     def api_version(self) -> str:
-        return f"{self.group}/{API_VERSION}"
+        return f"{self.group}/{self.version}" if self.group else self.version
 
     def path(self, namespace: str, name: str | None = None) -> str:
-        base = f"/apis/{self.group}/{API_VERSION}/namespaces/{namespace}/{self.plural}"
+        root = f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
+        base = f"{root}/namespaces/{namespace}/{self.plural}"
         return base + (f"/{name}" if name else "")
 
 
 CHILD_KINDS: dict[ChildKind, KindInfo] = {
+    # the runtime sidecars' adapters file: before the ModelInfers whose pods mount it
+    "ConfigMap": KindInfo("ConfigMap", "", "configmaps", version="v1", content="data"),
     "ModelInfer": KindInfo("ModelInfer", WORKLOAD_GROUP, "modelinfers"),
     "ModelServer": KindInfo("ModelServer", NETWORKING_GROUP, "modelservers"),
     "ModelRoute": KindInfo("ModelRoute", NETWORKING_GROUP, "modelroutes"),
     "AutoscalingPolicy": KindInfo("AutoscalingPolicy", REGISTRY_GROUP, "autoscalingpolicies"),
 }
-"""Every kind a Model generates, in the order they are created (workloads before routing)."""
+"""Every kind a Model generates, in the order they are created (what pods mount, then workloads,
+then routing)."""
 
 
 def model_path(namespace: str, name: str, sub: str = "") -> str:
@@ -87,7 +94,7 @@ class ObservedChild:
     labels: Mapping[str, str]
     controller_uid: str | None  # uid of the ownerReference with controller: true
     owner_refs: tuple[Mapping[str, Any], ...]
-    spec: Mapping[str, Any]
+    spec: Mapping[str, Any]  # the kind's content field: ``spec``, or a ConfigMap's ``data``
     status: Mapping[str, Any]
     deleting: bool = False
 

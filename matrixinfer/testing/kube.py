@@ -76,6 +76,7 @@ def declare(k: kmock.KubernetesEmulator, volcano: bool = False) -> None:
     )
     res["v1/services"] = kmock.ResourceInfo(kind="Service", namespaced=True, verbs=VERBS)
     res["v1/events"] = kmock.ResourceInfo(kind="Event", namespaced=True, verbs=VERBS)
+    res["v1/configmaps"] = kmock.ResourceInfo(kind="ConfigMap", namespaced=True, verbs=VERBS)
     res["apps/v1/controllerrevisions"] = kmock.ResourceInfo(
         kind="ControllerRevision", namespaced=True, verbs=VERBS
     )

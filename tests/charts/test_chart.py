@@ -341,5 +341,19 @@ def test_commands_parse_with_the_programs_own_parsers(combo: str) -> None:
             elif program == "matrixinfer-controllers":
                 config = controllers_args(argv)
                 xds_args(["--source", "kubernetes", *config.xds_args])
+                assert config.runtime_image == c["image"]  # the chart's image (below)
                 parsed += 1
     assert parsed == 2
+
+
+def test_model_pods_run_the_charts_image() -> None:
+    """The downloader, runtime sidecar and PD proxy in the pods a Model generates come from the
+    chart's own image (--runtime-image), a mirror included."""
+    from controllers.main import parse_args as controllers_args
+
+    values = {"image": {"repository": "mirror.local/mi", "tag": "7"}}
+    (dep,) = [d for d in _by_kind(objects(values), "Deployment").values()
+              if d["spec"]["template"]["spec"]["containers"][0]["command"][0]
+              == "matrixinfer-controllers"]  # fmt: skip
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    assert controllers_args(c["command"][1:]).runtime_image == "mirror.local/mi:7" == c["image"]

@@ -134,6 +134,7 @@ UNUSED_CONTROLLERS: dict[tuple[str, str, str], str] = {
             ("scheduling.volcano.sh", "podgroups"),
             ("registry.matrixinfer.ai", "autoscalingpolicies"),
             ("registry.matrixinfer.ai", "models"),
+            ("", "configmaps"),
         ]
     },
     **{
@@ -150,6 +151,9 @@ UNUSED_CONTROLLERS: dict[tuple[str, str, str], str] = {
             ("networking.matrixinfer.ai", "modelservers", "delete"),
             ("registry.matrixinfer.ai", "autoscalingpolicies", "create"),
             ("registry.matrixinfer.ai", "autoscalingpolicies", "delete"),
+            ("", "configmaps", "create"),  # the LoRA adapters ConfigMap
+            ("", "configmaps", "patch"),
+            ("", "configmaps", "delete"),
         ]
     },
     ("registry.matrixinfer.ai", "autoscalingpolicies", "patch"): "Kopf's annotations on a "

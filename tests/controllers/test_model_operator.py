@@ -8,6 +8,7 @@ import urllib.request
 from typing import Any
 
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from matrixinfer.process import free_port
@@ -96,10 +97,10 @@ async def test_apply_creates_owned_children_and_status(api: Api, kubelet: Kubele
     engine = mi["spec"]["template"]["roles"][0]["entryTemplate"]["spec"]["containers"][0]
     assert engine["image"] == "vllm:1"
     assert engine["command"] == ["vllm", "serve"]
-    assert engine["args"][:1] == ["org/llama"]
-    assert "sql=org/sql-lora" in engine["args"]
+    assert engine["args"][:1] == ["/var/cache/matrixinfer/hf/org/llama/main"]
+    assert "--enable-lora" in engine["args"]
     cheap = api.objects(MI)["llama-cheap"]["spec"]["template"]["roles"][0]["entryTemplate"]
-    vol = cheap["spec"]["volumes"][0]
+    (vol,) = [v for v in cheap["spec"]["volumes"] if "persistentVolumeClaim" in v]
     assert vol["persistentVolumeClaim"]["claimName"] == "weights"
     route = api.objects(MR)["llama"]["spec"]
     assert route["modelName"] == "llama" and route["loraAdapters"] == ["sql"]
@@ -356,3 +357,80 @@ async def test_a_restarted_operator_restores_drift_made_while_it_was_down(
             what="the route recreated and the port restored",
         )
     assert {n: o["metadata"]["uid"] for n, o in api.objects(MS).items()} == uids
+
+
+def entry_pods(api: Api, infer: str) -> list[dict[str, Any]]:
+    return [
+        p
+        for p in api.pods().values()
+        if p["metadata"]["labels"].get("workload.matrixinfer.ai/model-infer") == infer
+        and p["metadata"]["labels"].get("workload.matrixinfer.ai/entry") == "true"
+    ]
+
+
+async def test_s3_model_with_two_adapters_runs_downloader_and_sidecar(
+    api: Api, kubelet: Kubelet
+) -> None:
+    """A Model with an s3:// URI and two adapters: its pods (made by the ModelInfer controller)
+    fetch the weights in an init container and run the runtime sidecar, whose adapters file is
+    the Model's ConfigMap; a changed adapter list patches the ConfigMap and replaces no pod."""
+    adapters = [{"name": "sql", "uri": "s3://adapters/sql"}, {"name": "chat", "uri": "hf://o/chat"}]
+    secret = {"secretKeyRef": {"name": "s3", "key": "id"}}
+    creds = [{"name": "AWS_ACCESS_KEY_ID", "valueFrom": secret}]
+    obj = model_object(
+        backends=[{"name": "fast", "type": "vLLM", "modelURI": "s3://models/llama", "env": creds}],
+        loraAdapters=adapters,
+    )
+    del obj["spec"]["autoscalingPolicy"]
+    async with operator(api, runtime_image="registry.local/matrixinfer:9"):
+        await api.create_model(obj)
+        await eventually(lambda: active(api), what="Active")
+        (pod,) = entry_pods(api, "llama-fast")
+        spec = pod["spec"]
+        (init,) = spec["initContainers"]
+        assert init["name"] == "download" and init["image"] == "registry.local/matrixinfer:9"
+        assert init["command"] == ["matrixinfer-downloader"]
+        assert init["args"][:3] == ["s3://models/llama", "--cache", "/var/cache/matrixinfer"]
+        env = {e["name"]: e for e in init["env"]}
+        assert env["AWS_ACCESS_KEY_ID"] == creds[0]
+        assert "WORKER_INDEX" in env  # the ModelInfer controller's env reaches it too
+        engine, runtime = spec["containers"]
+        assert engine["name"] == "engine"
+        assert engine["args"][0] == "/var/cache/matrixinfer/s3/models/llama"
+        assert runtime["name"] == "runtime" and runtime["image"] == "registry.local/matrixinfer:9"
+        assert runtime["readinessProbe"]["httpGet"] == {"path": "/ready", "port": 8100}
+        args = runtime["args"]
+        assert args[args.index("--lora-adapters") + 1] == "/etc/matrixinfer/lora/adapters.yaml"
+        (vol,) = [v for v in spec["volumes"] if v["name"] == "lora-adapters"]
+        assert vol["configMap"] == {"name": "llama-lora-adapters"}
+        assert adapters_in(api) == adapters
+        cm = api.objects(CM)["llama-lora-adapters"]["metadata"]
+        assert cm["ownerReferences"][0]["uid"] == "uid-llama"
+
+        uid = pod["metadata"]["uid"]
+        await api.patch_model("llama", {"loraAdapters": adapters[:1]})
+        await eventually(lambda: adapters_in(api) == adapters[:1], what="the ConfigMap patched")
+        await eventually(
+            lambda: api.objects(MR)["llama"]["spec"]["loraAdapters"] == ["sql"],
+            what="the route patched",
+        )
+        assert [p["metadata"]["uid"] for p in entry_pods(api, "llama-fast")] == [uid]
+
+        # a hand edit of the ConfigMap is put back
+        await api.request(
+            "PATCH",
+            "/api/v1/namespaces/ns/configmaps/llama-lora-adapters",
+            {"data": {"adapters.yaml": "[]"}, "metadata": {"resourceVersion": api.next_rv()}},
+        )
+        await eventually(lambda: adapters_in(api) == adapters[:1], what="the ConfigMap restored")
+        # deleting the Model deletes it
+        await api.delete_model("llama")
+        await eventually(lambda: not api.objects(CM), what="the ConfigMap deleted")
+
+
+CM = "v1/configmaps"
+
+
+def adapters_in(api: Api) -> Any:
+    cm = api.objects(CM).get("llama-lora-adapters")
+    return yaml.safe_load(cm["data"]["adapters.yaml"]) if cm else None

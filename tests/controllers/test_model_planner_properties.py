@@ -13,7 +13,7 @@ from pydantic import BaseModel
 
 import crds
 from controllers.model.planner import desired
-from controllers.model.types import ChildRef
+from controllers.model.types import CHILD_KINDS, ChildRef
 from crds.networking import ModelRouteSpec, ModelServerSpec
 from crds.registry import AutoscalingPolicySpec
 from crds.workload import ModelInferSpec
@@ -34,7 +34,10 @@ def backends(draw: st.DrawFn, name: str, weighted: bool) -> dict[str, Any]:
     b: dict[str, Any] = {
         "name": name,
         "type": kind,
-        "modelURI": draw(st.sampled_from(["hf://o/m", "s3://b/m", "pvc://c/m", "file:///m"])),
+        # s3://B/m: a URI the pods could not use (InvalidURI: its ModelInfer is held)
+        "modelURI": draw(
+            st.sampled_from(["hf://o/m", "s3://bkt/m", "pvc://c/m", "file:///m", "s3://B/m"])
+        ),
     }
     if draw(st.booleans()):
         b["image"] = draw(st.sampled_from(["e:1", "e:2"]))
@@ -92,12 +95,17 @@ def parse(spec: dict[str, Any]) -> crds.Model | None:
 
 
 def normal(kind: str, spec: dict[str, Any]) -> Any:
+    if kind not in SPECS:  # a ConfigMap's data
+        return dict(spec)
     return (
         SPECS[kind].model_validate(spec).model_dump(mode="json", by_alias=True, exclude_none=True)
     )
 
 
 def tamper(obj: dict[str, Any], how: int) -> None:
+    if obj["kind"] == "ConfigMap":
+        obj["data"] = {"adapters.yaml": "[]", "byHand": "x"} if how % 2 else {}
+        return
     spec = obj["spec"]
     if how == 0:
         spec["addedByHand"] = True  # unknown field (an API server with pruning would drop it)
@@ -134,7 +142,8 @@ def check(ns: Namespace, m: crds.Model, strangers: dict[ChildRef, dict[str, Any]
         if d.ref in strangers:
             continue
         obj = ns.objects[d.ref]
-        got, exp = normal(d.ref.kind, obj["spec"]), normal(d.ref.kind, d.manifest["spec"])
+        content = CHILD_KINDS[d.ref.kind].content
+        got, exp = normal(d.ref.kind, obj[content]), normal(d.ref.kind, d.manifest[content])
         if d.replica_bounds is not None:
             lo, hi = d.replica_bounds
             assert lo <= got.pop("replicas") <= hi

@@ -11,17 +11,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 
-from runtime.artefacts import (
-    AuthError,
-    MissingError,
-    Progress,
-    cache_dir,
-    parse_uri,
-)
+from fleet.artefacts import artefact_path, cache_dir, parse_uri
+from runtime.artefacts import AuthError, MissingError, Progress
 from runtime.downloader import main
 from runtime.fetch import LOCK_FILE, MARKER_FILE, s3_error
 from tests.runtime.conftest import S3, S3_ENV
@@ -80,6 +75,12 @@ def test_parse_uri_and_cache_layout() -> None:
     s = parse_uri("s3://my-bucket/models/llama/")
     assert cache_dir(Path("/c"), s) == Path("/c/s3/my-bucket/models/llama")
     assert parse_uri("pvc://weights/llama").path == "llama"
+    # artefact_path: where the engine finds it once the downloader is done (in a pod's terms)
+    root, pvc = PurePosixPath("/cache"), PurePosixPath("/mnt/pvc")
+    assert artefact_path(s, root, pvc) == PurePosixPath("/cache/s3/my-bucket/models/llama")
+    got = artefact_path(parse_uri("pvc://weights/llama/v1"), root, pvc)
+    assert got == PurePosixPath("/mnt/pvc/weights/llama/v1")
+    assert artefact_path(parse_uri("file:///models/x"), root, pvc) == PurePosixPath("/models/x")
     for bad, words in [
         ("gs://b/x", "scheme"),
         ("hf://", "hf://org/name"),
