@@ -33,6 +33,10 @@ The ext_proc servicer (``extproc.transport.grpc_servicer``) calls, per request s
    and the body to forward when it changed) or :class:`Immediate` (an OpenAI-style error);
 3. :meth:`Gateway.routed` once the answer went out (credits the scheduler's prefix/session state);
 4. :meth:`Gateway.finish` when the stream ends (the request is over: in-flight count drops).
+
+With tracing on (``Gateway.tracing``, :mod:`extproc.tracing`) each stage is an OpenTelemetry span,
+a child of the request's trace context (``start``'s ``metadata``: the ext_proc stream's gRPC
+metadata); off, every stage enters the same no-op context.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from random import Random
 from typing import TYPE_CHECKING, Any, Protocol
@@ -76,6 +80,7 @@ from extproc.scheduling.types import (
     SchedulingRequest,
     SchedulingResult,
 )
+from extproc.tracing import NO_SPAN
 from fleet.config import object_key
 from fleet.pd import PREFILL_HEADER, format_prefill
 from fleet.pods import Pod
@@ -85,6 +90,7 @@ if TYPE_CHECKING:
     from extproc.parsing import ParsedRequest
     from extproc.policies.enforce import Policies
     from extproc.routing import RouteDecision
+    from extproc.tracing import Tracing
 
 __all__ = [
     "DEFAULT_WAKE_TIMEOUT",
@@ -164,6 +170,13 @@ class RequestState:
     identity: Any = None  # extproc.auth.Identity when policies authenticate the caller
     charge: Any = None  # extproc.usage.Charge of an admitted request (policies)
     policy: Any = None  # extproc.policies.enforce.RoutePolicy of the route (policies)
+    trace: Any = None  # extproc.tracing.RequestTrace when tracing is on
+
+
+def _stage(state: RequestState, stage: str) -> contextlib.AbstractContextManager[None]:
+    """The span of one pipeline stage (extproc.tracing), or the shared no-op without tracing."""
+    trace = state.trace
+    return NO_SPAN if trace is None else trace.stage(stage, state)
 
 
 def _model_object(name: str) -> dict[str, Any]:
@@ -374,6 +387,7 @@ class Gateway:
         session_header: str = SESSION_HEADER,
         policies: Policies | None = None,
         wake_timeout: float = DEFAULT_WAKE_TIMEOUT,
+        tracing: Tracing | None = None,
     ) -> None:
         if wake_timeout < 0:
             raise ValueError(f"wake_timeout must be >= 0 seconds, not {wake_timeout}")
@@ -384,6 +398,7 @@ class Gateway:
         self.rng = rng or Random()
         self.clock = clock
         self.session_header = session_header
+        self.tracing = tracing  # extproc.tracing: spans of the stages, or None (off)
         self._schedulers: dict[str, tuple[Any, SchedulerLike]] = {}
         datastore.on_pod_removed.append(self._forget_pod)
         # the wake stage: requests for ModelServers with no ready pod (scale from zero)
@@ -441,12 +456,18 @@ class Gateway:
 
     # ---- the pipeline -------------------------------------------------------------------------
     def start(
-        self, headers: Mapping[str, str], end_of_stream: bool
+        self,
+        headers: Mapping[str, str],
+        end_of_stream: bool,
+        metadata: Iterable[tuple[str, Any]] = (),
     ) -> tuple[RequestState, Immediate | None]:
         """The headers' stages: parse the request line, authenticate. ``(state, None)``: go on
-        with :meth:`decide`; else the answer."""
+        with :meth:`decide`; else the answer. ``metadata``: the ext_proc stream's gRPC metadata
+        (read for the trace context when tracing is on)."""
         request_id = headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
         state = RequestState(request_id, self.clock(), dict(headers))
+        if self.tracing is not None:
+            state.trace = self.tracing.request(request_id, metadata, headers)
         try:
             endpoint = classify(headers.get(":method", "GET"), headers.get(":path", "/"))
             state.endpoint = endpoint
@@ -461,7 +482,8 @@ class Gateway:
                 raise bad_request(
                     "the request body is empty; send a JSON object with a 'model' field"
                 )
-            self.policy_stages.authenticate(state)
+            with _stage(state, "authenticate"):
+                self.policy_stages.authenticate(state)
         except Exception as exc:
             return state, self._failed(state, exc)
         return state, None
@@ -486,14 +508,18 @@ class Gateway:
         began = time.perf_counter()
         stages = self.policy_stages
         try:
-            parsed = self._parse(state, raw)
+            with _stage(state, "parse"):
+                parsed = self._parse(state, raw)
             snap = self.datastore.snapshot
-            decision = self._route(state, parsed, snap)
-            await stages.admit(state, parsed, decision, snap)
+            with _stage(state, "route"):
+                decision = self._route(state, parsed, snap)
+            with _stage(state, "admit"):
+                await stages.admit(state, parsed, decision, snap)
             view = snap.servers[decision.server_key]
             if not view.ready:
                 mark = time.perf_counter()
-                view = await self._wake(state, parsed, view, snap)
+                with _stage(state, "wake"):
+                    view = await self._wake(state, parsed, view, snap)
                 began += time.perf_counter() - mark  # the wait is not the gateway's decision time
             request = self._scheduling_request(state, parsed, decision)
             scheduler = self.scheduler_for(view, snap.default_profile)
@@ -502,15 +528,18 @@ class Gateway:
                     # others already wait for this server: a newcomer takes its place in the
                     # fair queue (priority, fair share) instead of overtaking them on a free slot
                     raise AllPodsSaturated("requests are already waiting in the fair queue")
-                result = self._schedule(view, scheduler, request)
+                with _stage(state, "schedule"):
+                    result = self._schedule(view, scheduler, request)
+                    routed = self._book(state, parsed, decision, view, scheduler, request, result)
             except AllPodsSaturated as saturated:
                 mark = time.perf_counter()
                 attempt = functools.partial(self._attempt, view, scheduler, request)
-                view, result = await stages.queue(
-                    state, parsed, view, saturated, attempt, self._undo
-                )
+                with _stage(state, "queue"):  # the wait, then the schedule stage that ended it
+                    view, result = await stages.queue(
+                        state, parsed, view, saturated, attempt, self._undo
+                    )
+                    routed = self._book(state, parsed, decision, view, scheduler, request, result)
                 began += time.perf_counter() - mark  # the wait is not the gateway's decision time
-            routed = self._book(state, parsed, decision, view, scheduler, request, result)
             stages.mark(state, parsed, routed)
             return routed
         except Exception as exc:

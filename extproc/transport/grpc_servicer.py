@@ -245,7 +245,13 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 kind = req.WhichOneof("request")
                 if kind == "request_headers":
                     headers = req.request_headers
-                    state, answer = gateway.start(_headers_of(headers), headers.end_of_stream)
+                    # tracing: Envoy's trace context is in the stream's gRPC metadata
+                    traced = gateway.tracing is not None
+                    state, answer = gateway.start(
+                        _headers_of(headers),
+                        headers.end_of_stream,
+                        (context.invocation_metadata() or ()) if traced else (),
+                    )
                     if answer is not None:
                         await write(immediate_response(answer))
                         return

@@ -207,11 +207,15 @@ def test_decision_replies_match_the_reference_builder(duplex: bool) -> None:
 class _FakeGateway:
     """Answers every request with one fixed decision (the servicer's job is only the replies)."""
 
+    tracing = None
+
     def __init__(self, decision: Routed | Immediate) -> None:
         self.decision = decision
         self.calls: list[str] = []
 
-    def start(self, headers: dict[str, str], end_of_stream: bool) -> tuple[RequestState, None]:
+    def start(
+        self, headers: dict[str, str], end_of_stream: bool, metadata: Any = ()
+    ) -> tuple[RequestState, None]:
         self.calls.append("start")
         return RequestState("r1", 0.0, dict(headers)), None
 
