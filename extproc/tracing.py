@@ -1,7 +1,8 @@
 """OpenTelemetry spans of the request pipeline (docs/operations.md "Tracing").
 
 Off by default: then no request carries a :class:`RequestTrace` (``RequestState.trace`` is None),
-the gateway's stages enter one shared no-op context, and the OpenTelemetry SDK is never imported.
+each stage costs the gateway one ``is not None`` test, and the OpenTelemetry SDK is never
+imported.
 
 On (``matrixinfer-extproc --tracing``), :func:`setup` builds the SDK's tracer provider from the
 standard ``OTEL_*`` variables (``OTEL_EXPORTER_OTLP_ENDPOINT`` or
@@ -14,16 +15,14 @@ stream's gRPC metadata: the context of Envoy's span for that stream, a child of 
 request. Without one (Envoy not tracing), it is a ``traceparent`` the client sent in the request
 headers. Each stage (authenticate, parse, route, admit, wake, queue, schedule) is one span, a
 child of that parent, named ``matrixinfer.<stage>``, carrying the request id and, once known, the
-model, ModelRoute, ModelServer and pod; a stage that refused the request (or handed it on: every
-pod saturated, to the queue) ends with status ERROR and the reason.
+model, ModelRoute, ModelServer and pod; a stage that refused the request ends with status ERROR
+and the reason.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Iterable, Mapping
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -32,7 +31,6 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Span, Tracer
 
 __all__ = [
-    "NO_SPAN",
     "STAGES",
     "TRACE_HEADERS",
     "RequestTrace",
@@ -46,7 +44,6 @@ __all__ = [
 TRACE_HEADERS = ("traceparent", "tracestate")
 STAGES = ("authenticate", "parse", "route", "admit", "wake", "queue", "schedule")
 DEFAULT_SERVICE_NAME = "matrixinfer-extproc"
-NO_SPAN: contextlib.nullcontext[None] = contextlib.nullcontext()
 
 
 def span_name(stage: str) -> str:
@@ -69,15 +66,15 @@ class Tracing:
         self.provider = provider
         self._extract = propagate.extract  # honours OTEL_PROPAGATORS (default: tracecontext)
 
-    def request(
-        self, request_id: str, metadata: Iterable[tuple[str, Any]], headers: Mapping[str, str]
-    ) -> RequestTrace:
-        """The trace of one request: its parent from the ext_proc stream's gRPC ``metadata``
-        (Envoy's span), else from the request ``headers`` (the client's)."""
+    def request(self, state: Any, metadata: Iterable[tuple[str, Any]]) -> RequestTrace:
+        """The trace of one request (``state``: its ``extproc.gateway.RequestState``): its parent
+        from the ext_proc stream's gRPC ``metadata`` (Envoy's span), else from the request
+        headers (the client's)."""
         carrier = {k: v for k, v in metadata if k in TRACE_HEADERS and isinstance(v, str)}
         if "traceparent" not in carrier:
+            headers: Mapping[str, str] = state.headers
             carrier = {k: headers[k] for k in TRACE_HEADERS if k in headers}
-        return RequestTrace(self.tracer, self._extract(carrier), request_id)
+        return RequestTrace(self.tracer, self._extract(carrier), state)
 
     def shutdown(self) -> None:
         """Send the spans still batched and stop the exporter."""
@@ -86,63 +83,44 @@ class Tracing:
 
 
 class RequestTrace:
-    """One request's stage spans, children of its parent context."""
+    """One request's stage spans, children of its parent context, one open at a time:
+    :meth:`enter` ends the open span and starts the next stage's, :meth:`close` ends the open one
+    (with the exception that ended the stage, if one did)."""
 
-    __slots__ = ("parent", "request_id", "tracer")
+    __slots__ = ("parent", "span", "state", "tracer")
 
-    def __init__(self, tracer: Tracer, parent: Context, request_id: str) -> None:
+    def __init__(self, tracer: Tracer, parent: Context, state: Any) -> None:
         self.tracer = tracer
         self.parent = parent
-        self.request_id = request_id
+        self.state = state  # read when a span ends: request id, model, route, server, pod
+        self.span: Span | None = None
 
-    def stage(self, stage: str, labels: Any) -> StageSpan:
-        """A span for ``stage`` (a context manager); ``labels`` (the request's state: model,
-        route, server, pod_name) is read when the stage ends."""
-        return StageSpan(self, stage, labels)
+    def enter(self, stage: str) -> None:
+        self.close()
+        self.span = self.tracer.start_span(span_name(stage), context=self.parent)
 
-
-class StageSpan:
-    __slots__ = ("_labels", "_span", "_stage", "_trace")
-
-    def __init__(self, trace: RequestTrace, stage: str, labels: Any) -> None:
-        self._trace = trace
-        self._stage = stage
-        self._labels = labels
-        self._span: Span | None = None
-
-    def __enter__(self) -> None:
-        trace = self._trace
-        self._span = trace.tracer.start_span(
-            span_name(self._stage),
-            context=trace.parent,
-            attributes={"matrixinfer.request_id": trace.request_id},
-        )
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        span = self._span
+    def close(self, error: BaseException | None = None) -> None:
+        span = self.span
         if span is None:
             return
-        labels = self._labels
+        self.span = None
+        state = self.state
+        span.set_attribute("matrixinfer.request_id", state.request_id)
         for key, value in (
-            ("matrixinfer.model", labels.model),
-            ("matrixinfer.model_route", labels.route),
-            ("matrixinfer.model_server", labels.server),
-            ("matrixinfer.pod", labels.pod_name),
+            ("matrixinfer.model", state.model),
+            ("matrixinfer.model_route", state.route),
+            ("matrixinfer.model_server", state.server),
+            ("matrixinfer.pod", state.pod_name),
         ):
             if value:
                 span.set_attribute(key, value)
-        if exc is not None:
+        if error is not None:
             from opentelemetry.trace import Status, StatusCode
 
-            reason = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+            reason = getattr(error, "message", None) or str(error) or type(error).__name__
             span.set_status(Status(StatusCode.ERROR, str(reason)))
-            span.set_attribute("matrixinfer.error", type(exc).__name__)
-            status = getattr(exc, "status", None)
+            span.set_attribute("matrixinfer.error", type(error).__name__)
+            status = getattr(error, "status", None)
             if isinstance(status, int):
                 span.set_attribute("http.response.status_code", status)
         span.end()

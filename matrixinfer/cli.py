@@ -372,7 +372,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
             ratelimit_fail=args.ratelimit_fail,
             redis_password_file=args.redis_password_file,
             redis_headroom=args.redis_headroom,
-            tracing_collector=args.tracing_collector or None,
+            tracing_collector=args.tracing_collector,
         ),
     )
     try:
@@ -621,7 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gw.add_argument(
         "--tracing-collector",
-        default="",
+        default=None,
         metavar="HOST:PORT",
         help="OTLP/gRPC collector: Envoy and the extproc send OpenTelemetry spans there "
         "(docs/operations.md 'Tracing'; the extproc also reads the OTEL_* variables) "
