@@ -105,7 +105,7 @@ class RequestTrace:
             return
         self.span = None
         state = self.state
-        span.set_attribute("matrixinfer.request_id", state.request_id)
+        attributes = {"matrixinfer.request_id": state.request_id}  # one call: one lock, ~3x less
         for key, value in (
             ("matrixinfer.model", state.model),
             ("matrixinfer.model_route", state.route),
@@ -113,7 +113,8 @@ class RequestTrace:
             ("matrixinfer.pod", state.pod_name),
         ):
             if value:
-                span.set_attribute(key, value)
+                attributes[key] = value
+        span.set_attributes(attributes)
         if error is not None:
             from opentelemetry.trace import Status, StatusCode
 
