@@ -3,6 +3,7 @@ nothing traced (nor the SDK imported) when off, and the Envoy config the generat
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from controllers.xds.generate import (
 )
 from extproc.gateway import Routed
 from extproc.tracing import Tracing, TracingError, setup
+from tests.extproc.helpers import config
 from tests.extproc.test_gateway_core import BODY, HEADERS, make
 
 TRACE = "0af7651916cd43dd8448eb211c80319c"
@@ -172,3 +174,57 @@ def test_bad_tracing_settings_are_named() -> None:
         generate(GatewaySettings(tracing_collector="c:4317", tracing_sampling=150), inputs)
     with pytest.raises(ValueError, match="'collector' is not host:port"):
         generate(GatewaySettings(tracing_collector="collector"), inputs)
+
+
+async def test_a_wait_for_a_ready_pod_is_the_wake_span_then_the_schedule(
+    exported: tuple[Tracing, InMemorySpanExporter],
+) -> None:
+    from tests.extproc import test_wake
+
+    tracing, exporter = exported
+    gw, ds = test_wake.make([])
+    gw.tracing = tracing
+    task = asyncio.create_task(test_wake.decide(gw))
+    await test_wake.until(lambda: test_wake.waiting(gw, ds) == 1.0, "the request waiting")
+    ds.apply(config(test_wake.text(), [test_wake.POD]))
+    assert isinstance(await asyncio.wait_for(task, 10), Routed)
+    spans = exporter.get_finished_spans()
+    names = [s.name.removeprefix("matrixinfer.") for s in spans]
+    assert names == ["authenticate", "parse", "route", "admit", "wake", "schedule"]
+    wake, schedule = spans[4], spans[5]
+    assert wake.end_time is not None and schedule.start_time is not None
+    assert wake.end_time <= schedule.start_time  # one stage after the other
+    assert wake.status.status_code is StatusCode.UNSET
+
+
+async def test_a_wake_that_times_out_ends_its_span_with_the_503(
+    exported: tuple[Tracing, InMemorySpanExporter],
+) -> None:
+    from tests.extproc import test_wake
+
+    tracing, exporter = exported
+    gw, _ = test_wake.make([], queue="  queue: {maxWait: 100ms}\n")
+    gw.tracing = tracing
+    answer = await test_wake.decide(gw)
+    assert not isinstance(answer, Routed) and answer.status == 503
+    wake = exporter.get_finished_spans()[-1]
+    assert wake.name == "matrixinfer.wake" and wake.status.status_code is StatusCode.ERROR
+    assert (wake.attributes or {})["http.response.status_code"] == 503
+
+
+async def test_a_queued_request_has_a_queue_span_and_no_schedule_span(
+    exported: tuple[Tracing, InMemorySpanExporter],
+) -> None:
+    from tests.extproc.test_gateway_core import RecordedStages
+
+    tracing, exporter = exported
+    gw, _ = make()
+    gw.tracing = tracing
+    gw.policy_stages = RecordedStages([], wait=True)  # others wait: the request queues
+    state, _ = gw.start(HEADERS, False)
+    assert isinstance(await gw.decide(state, BODY), Routed)
+    spans = exporter.get_finished_spans()
+    assert [s.name.removeprefix("matrixinfer.") for s in spans] == [
+        "authenticate", "parse", "route", "admit", "queue"
+    ]  # fmt: skip
+    assert (spans[-1].attributes or {})["matrixinfer.pod"]  # the pick that ended the wait
