@@ -162,8 +162,8 @@ class GatewaySettings:
     # tracing (docs/operations.md "Tracing"): "host:port" of an OTLP/gRPC collector; "" = off
     tracing_collector: str = ""
     tracing_service_name: str = "matrixinfer-gateway"  # Envoy's spans' service.name
-    # percent of the requests without a client's trace decision Envoy traces (HCM random_sampling);
-    # a client's sampled traceparent is followed
+    # percent of the requests Envoy traces (HCM random_sampling); it decides for every request,
+    # a client's traceparent included (its trace id is kept, its sampled flag does not count)
     tracing_sampling: float = 100.0
     extra_http_filters: tuple[Mapping[str, Any], ...] = ()  # before the router (policy filters)
     extra_access_logs: tuple[Mapping[str, Any], ...] = ()

@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--tracing-sampling",
         type=float,
         default=_DEFAULTS.tracing_sampling,
-        help="percent of requests traced when the client sent no sampled traceparent",
+        help="percent of requests Envoy traces (a client's traceparent keeps its trace id; "
+        "Envoy decides whether it is sampled)",
     )
     p.add_argument(
         "--no-policy-filters",
