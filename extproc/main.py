@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tracing",
         action="store_true",
-        help="OpenTelemetry spans of the pipeline stages, children of Envoy's (docs/operations.md "
+        help="OpenTelemetry spans of the pipeline stages, children of Envoy's (docs/gateway.md "
         "'Tracing'), sent by OTLP/gRPC as the OTEL_* variables say (OTEL_EXPORTER_OTLP_ENDPOINT, "
         "OTEL_SERVICE_NAME, OTEL_TRACES_SAMPLER...); off by default",
     )

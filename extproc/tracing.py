@@ -1,4 +1,4 @@
-"""OpenTelemetry spans of the request pipeline (docs/operations.md "Tracing").
+"""OpenTelemetry spans of the request pipeline (docs/gateway.md "Tracing").
 
 Off by default: then no request carries a :class:`RequestTrace` (``RequestState.trace`` is None),
 each stage costs the gateway one ``is not None`` test, and the OpenTelemetry SDK is never

@@ -624,7 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="HOST:PORT",
         help="OTLP/gRPC collector: Envoy and the extproc send OpenTelemetry spans there "
-        "(docs/operations.md 'Tracing'; the extproc also reads the OTEL_* variables) "
+        "(docs/gateway.md 'Tracing'; the extproc also reads the OTEL_* variables) "
         "(default empty: no tracing)",
     )
     gw.add_argument("--run-dir", default=None, help="folder for logs and the rendered bootstrap")

@@ -65,7 +65,7 @@ class StackOptions:
     ratelimit_fail: str | None = None  # open | closed; None: the extproc's default (open)
     redis_password_file: Path | None = None
     redis_headroom: float | None = None
-    # tracing (docs/operations.md "Tracing"): "host:port" of an OTLP/gRPC collector; Envoy traces
+    # tracing (docs/gateway.md "Tracing"): "host:port" of an OTLP/gRPC collector; Envoy traces
     # (matrixinfer-xds --tracing-collector) and every extproc process (--tracing, with
     # OTEL_EXPORTER_OTLP_ENDPOINT pointing there; other OTEL_* variables are inherited)
     tracing_collector: str | None = None

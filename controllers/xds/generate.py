@@ -159,7 +159,7 @@ class GatewaySettings:
     # answered by Envoy itself (load balancers' probes): 200 while an extproc is healthy
     health_path: str = "/healthz"
     extproc_health_interval_ms: int = 2000
-    # tracing (docs/operations.md "Tracing"): "host:port" of an OTLP/gRPC collector; "" = off
+    # tracing (docs/gateway.md "Tracing"): "host:port" of an OTLP/gRPC collector; "" = off
     tracing_collector: str = ""
     tracing_service_name: str = "matrixinfer-gateway"  # Envoy's spans' service.name
     # percent of the requests Envoy traces (HCM random_sampling); it decides for every request,

@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=_DEFAULTS.tracing_collector,
         metavar="HOST:PORT",
         help="OTLP/gRPC collector: Envoy traces requests with its OpenTelemetry tracer and "
-        "sends W3C traceparent to the extproc and the engines (docs/operations.md 'Tracing'); "
+        "sends W3C traceparent to the extproc and the engines (docs/gateway.md 'Tracing') "
         "(default empty: no tracing)",
     )
     p.add_argument(

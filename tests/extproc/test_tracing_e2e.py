@@ -1,4 +1,4 @@
-"""OpenTelemetry tracing end to end (docs/operations.md "Tracing"): one request through real
+"""OpenTelemetry tracing end to end (docs/gateway.md "Tracing"): one request through real
 Envoy with its OpenTelemetry tracer on, the extproc with ``--tracing``, and a simulator behind a
 recording proxy (what the engine saw). An OTLP/gRPC receiver started here (the
 ``opentelemetry-proto`` TraceService) collects the spans of both processes.
