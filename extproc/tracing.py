@@ -57,24 +57,44 @@ class TracingError(ValueError):
 class Tracing:
     """The tracer of the extproc's pipeline and the propagator that reads parents."""
 
-    __slots__ = ("_extract", "provider", "tracer")
+    __slots__ = ("_extract", "_span_of", "follows_parent", "provider", "tracer")
 
     def __init__(self, tracer: Tracer, provider: TracerProvider | None = None) -> None:
         from opentelemetry import propagate
+        from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
+        from opentelemetry.trace import get_current_span
 
         self.tracer = tracer
         self.provider = provider
         self._extract = propagate.extract  # honours OTEL_PROPAGATORS (default: tracecontext)
+        self._span_of = get_current_span
+        # the parent-based samplers OTEL_TRACES_SAMPLER names (parentbased_*, the default) drop a
+        # request whose remote parent is not sampled: such a request gets no RequestTrace at all
+        # (its spans would record nothing, at ~55 us a request)
+        sampler = getattr(provider, "sampler", None)
+        self.follows_parent = (
+            isinstance(sampler, ParentBased)
+            and getattr(sampler, "_remote_parent_not_sampled", None) is ALWAYS_OFF
+        )
 
-    def request(self, state: Any, metadata: Iterable[tuple[str, Any]]) -> RequestTrace:
+    def request(self, state: Any, metadata: Iterable[tuple[str, Any]]) -> RequestTrace | None:
         """The trace of one request (``state``: its ``extproc.gateway.RequestState``): its parent
         from the ext_proc stream's gRPC ``metadata`` (Envoy's span), else from the request
-        headers (the client's)."""
+        headers (the client's). None when the parent is not sampled and the sampler follows it."""
         carrier = {k: v for k, v in metadata if k in TRACE_HEADERS and isinstance(v, str)}
         if "traceparent" not in carrier:
             headers: Mapping[str, str] = state.headers
             carrier = {k: headers[k] for k in TRACE_HEADERS if k in headers}
-        return RequestTrace(self.tracer, self._extract(carrier), state)
+        if self.follows_parent:  # W3C "00-<trace>-<span>-<flags>": bit 0 of flags is "sampled"
+            traceparent = carrier.get("traceparent", "")
+            if len(traceparent) == 55 and traceparent[-1] in "02468aceACE":
+                return None  # (cheaper than the propagator; a malformed one goes on to it)
+        parent = self._extract(carrier)
+        if self.follows_parent:
+            context = self._span_of(parent).get_span_context()
+            if context.is_valid and not context.trace_flags.sampled:
+                return None
+        return RequestTrace(self.tracer, parent, state)
 
     def shutdown(self) -> None:
         """Send the spans still batched and stop the exporter."""

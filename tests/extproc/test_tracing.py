@@ -228,3 +228,18 @@ async def test_a_queued_request_has_a_queue_span_and_no_schedule_span(
         "authenticate", "parse", "route", "admit", "queue"
     ]  # fmt: skip
     assert (spans[-1].attributes or {})["matrixinfer.pod"]  # the pick that ended the wait
+
+
+async def test_a_request_envoy_did_not_sample_gets_no_spans_at_all(
+    exported: tuple[Tracing, InMemorySpanExporter],
+) -> None:
+    tracing, exporter = exported
+    assert tracing.follows_parent  # the SDK's default sampler: parentbased_always_on
+    gw, _ = make()
+    gw.tracing = tracing
+    state, _ = gw.start(HEADERS, False, [("traceparent", f"00-{TRACE}-{ENVOY_SPAN}-00")])
+    assert state.trace is None  # nothing to record: no span objects either
+    assert isinstance(await gw.decide(state, BODY), Routed)
+    assert not exporter.get_finished_spans()
+    sampled, _ = gw.start(HEADERS, False, [("traceparent", f"00-{TRACE}-{ENVOY_SPAN}-01")])
+    assert sampled.trace is not None
