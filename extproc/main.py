@@ -26,6 +26,8 @@ from extproc.kvindex import KVBlockIndex
 from extproc.metrics import GatewayMetrics
 from extproc.parsing import DEFAULT_BODY_LIMIT
 from extproc.scheduling import build_scheduler
+from extproc.tracing import Tracing, TracingError
+from extproc.tracing import setup as setup_tracing
 from extproc.transport.grpc_servicer import BODY_MODES, ExtProcServicer
 from extproc.transport.http_side import build_app
 from fleet.config import GatewayConfig
@@ -115,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="serve GET /debug/state (the datastore: pods, addresses, configuration errors) on "
         "the HTTP port; off by default, as that port also serves /metrics beyond loopback",
+    )
+    p.add_argument(
+        "--tracing",
+        action="store_true",
+        help="OpenTelemetry spans of the pipeline stages, children of Envoy's (docs/gateway.md "
+        "'Tracing'), sent by OTLP/gRPC as the OTEL_* variables say (OTEL_EXPORTER_OTLP_ENDPOINT, "
+        "OTEL_SERVICE_NAME, OTEL_TRACES_SAMPLER...); off by default",
     )
     pol = p.add_argument_group("policies (docs/policies.md); none given: the plain data path")
     pol.add_argument(
@@ -217,12 +226,19 @@ class ExtProcApp:
             raise SystemExit(f"--kv-index-capacity must be >= 1, got {args.kv_index_capacity}")
         self.kv_index = KVBlockIndex(args.kv_index_capacity)
         kv_index = self.kv_index
+        self.tracing: Tracing | None = None
+        if args.tracing:
+            try:
+                self.tracing = setup_tracing()
+            except TracingError as exc:
+                raise SystemExit(f"matrixinfer-extproc: --tracing: {exc}") from None
         self.gateway = Gateway(
             self.datastore,
             self.metrics,
             body_limit=args.body_limit,
             scheduler_factory=lambda profile: build_scheduler(profile=profile, kv_index=kv_index),
             wake_timeout=args.wake_timeout,
+            tracing=self.tracing,
         )
         self.policies: Any = None
         if (
@@ -533,7 +549,11 @@ async def serve(args: argparse.Namespace) -> None:
     app = ExtProcApp(args)
     if args.source == "kubernetes":
         await app.watcher.connect()  # no or a broken configuration: KubeConfigError, before all
-    await app.run(signalled_stop())
+    try:
+        await app.run(signalled_stop())
+    finally:
+        if app.tracing is not None:  # the spans still batched go out
+            await asyncio.to_thread(app.tracing.shutdown)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

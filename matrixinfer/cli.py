@@ -372,6 +372,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
             ratelimit_fail=args.ratelimit_fail,
             redis_password_file=args.redis_password_file,
             redis_headroom=args.redis_headroom,
+            tracing_collector=args.tracing_collector,
         ),
     )
     try:
@@ -617,6 +618,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=format_duration(GatewaySettings().stream_idle_timeout_s),
         help="longest silence on a routed request's answer (a ModelServer's streamIdleTimeout "
         "instead when it sets one)",
+    )
+    gw.add_argument(
+        "--tracing-collector",
+        default=None,
+        metavar="HOST:PORT",
+        help="OTLP/gRPC collector: Envoy and the extproc send OpenTelemetry spans there "
+        "(docs/gateway.md 'Tracing'; the extproc also reads the OTEL_* variables) "
+        "(default empty: no tracing)",
     )
     gw.add_argument("--run-dir", default=None, help="folder for logs and the rendered bootstrap")
     _add_drain_timeout(gw)

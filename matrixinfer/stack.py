@@ -65,6 +65,10 @@ class StackOptions:
     ratelimit_fail: str | None = None  # open | closed; None: the extproc's default (open)
     redis_password_file: Path | None = None
     redis_headroom: float | None = None
+    # tracing (docs/gateway.md "Tracing"): "host:port" of an OTLP/gRPC collector; Envoy traces
+    # (matrixinfer-xds --tracing-collector) and every extproc process (--tracing, with
+    # OTEL_EXPORTER_OTLP_ENDPOINT pointing there; other OTEL_* variables are inherited)
+    tracing_collector: str | None = None
 
     def policy_args(self) -> list[str]:
         """The extproc flags for the policy fields set here."""
@@ -163,6 +167,7 @@ class GatewayStack:
                     for a in (flag, format_duration(value))
                 ),
                 *(["--fail-open"] if o.fail_open else []),
+                *(["--tracing-collector", o.tracing_collector] if o.tracing_collector else []),
                 *(
                     ["--access-log", "--access-log-format", o.access_log_format]
                     if o.access_log
@@ -223,7 +228,13 @@ class GatewayStack:
                     else []
                 ),
                 *o.extproc_args(),
+                *(["--tracing"] if o.tracing_collector else []),
             ],
+            env=(
+                {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{o.tracing_collector}"}
+                if o.tracing_collector
+                else None
+            ),
             log_path=self.run_dir / f"extproc{suffix}.log",
             ready=lambda: http_ok(f"http://127.0.0.1:{http_port}/healthz"),
             ready_timeout=30,

@@ -19,6 +19,10 @@ What is generated (one listener, one route configuration, three clusters):
   a decision; its ClusterLoadAssignment lists every pod the extproc may choose.
 - cluster ``matrixinfer_extproc``: the extproc Service's endpoints, HTTP/2, LEAST_REQUEST, gRPC
   health checked.
+- with ``tracing_collector`` set: the listener's OpenTelemetry tracer
+  (``envoy.tracers.opentelemetry``, W3C ``traceparent``): a span per request, one per ext_proc
+  stream, one per attempt at a pod (its context reaches the engine), exported by OTLP/gRPC to
+  cluster ``matrixinfer_otel_collector``.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ __all__ = [
     "EXTPROC_CLUSTER",
     "LISTENER",
     "LISTENER_TYPE",
+    "OTEL_CLUSTER",
     "PODS_CLUSTER",
     "QUEUE_TIMEOUT_MARGIN_MS",
     "ROUTE_CONFIG",
@@ -68,6 +73,7 @@ LISTENER = "openai"
 ROUTE_CONFIG = "openai"
 PODS_CLUSTER = "matrixinfer_pods"
 EXTPROC_CLUSTER = "matrixinfer_extproc"
+OTEL_CLUSTER = "matrixinfer_otel_collector"  # the OTLP/gRPC collector Envoy sends its spans to
 SERVER_HEADER = "x-gateway-model-server"
 DESTINATION_HEADER = "x-gateway-destination-endpoint"
 EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
@@ -153,6 +159,12 @@ class GatewaySettings:
     # answered by Envoy itself (load balancers' probes): 200 while an extproc is healthy
     health_path: str = "/healthz"
     extproc_health_interval_ms: int = 2000
+    # tracing (docs/gateway.md "Tracing"): "host:port" of an OTLP/gRPC collector; "" = off
+    tracing_collector: str = ""
+    tracing_service_name: str = "matrixinfer-gateway"  # Envoy's spans' service.name
+    # percent of the requests Envoy traces (HCM random_sampling); it decides for every request,
+    # a client's traceparent included (its trace id is kept, its sampled flag does not count)
+    tracing_sampling: float = 100.0
     extra_http_filters: tuple[Mapping[str, Any], ...] = ()  # before the router (policy filters)
     extra_access_logs: tuple[Mapping[str, Any], ...] = ()
 
@@ -456,6 +468,50 @@ def _router(settings: GatewaySettings) -> dict[str, Any]:
     return {"name": "envoy.filters.http.router", "typed_config": router}
 
 
+def _tracing(settings: GatewaySettings) -> dict[str, Any]:
+    """The HCM's OpenTelemetry tracer: a span per request (its context follows a client's W3C
+    ``traceparent``), a child span per ext_proc stream (its context goes to the extproc in the
+    stream's gRPC metadata) and per attempt at a pod (``spawn_upstream_span``; its context goes
+    to the engine as ``traceparent``)."""
+    if not 0 <= settings.tracing_sampling <= 100:
+        raise ValueError(
+            f"tracing_sampling must be a percentage in [0, 100], not {settings.tracing_sampling}"
+        )
+    return {
+        "provider": {
+            "name": "envoy.tracers.opentelemetry",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
+                "grpc_service": {"envoy_grpc": {"cluster_name": OTEL_CLUSTER}, "timeout": "1s"},
+                "service_name": settings.tracing_service_name,
+            },
+        },
+        "random_sampling": {"value": settings.tracing_sampling},
+        "spawn_upstream_span": True,
+    }
+
+
+def _otel_cluster(settings: GatewaySettings) -> dict[str, Any]:
+    """The OTLP/gRPC collector (a DNS name, e.g. a collector Service, or an address)."""
+    return {
+        "@type": CLUSTER,
+        "name": OTEL_CLUSTER,
+        "type": "STRICT_DNS",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3."
+                "HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        "load_assignment": {
+            "cluster_name": OTEL_CLUSTER,
+            "endpoints": _lb_endpoints([settings.tracing_collector]),
+        },
+    }
+
+
 def _listener(settings: GatewaySettings, routes: Sequence[Any]) -> dict[str, Any]:
     hcm: dict[str, Any] = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager."
@@ -480,6 +536,8 @@ def _listener(settings: GatewaySettings, routes: Sequence[Any]) -> dict[str, Any
     logs = _access_logs(settings)
     if logs:
         hcm["access_log"] = logs
+    if settings.tracing_collector:
+        hcm["tracing"] = _tracing(settings)
     return {
         "@type": LISTENER_TYPE,
         "name": LISTENER,
@@ -578,11 +636,14 @@ def _extproc_cluster(settings: GatewaySettings, endpoints: Sequence[str]) -> dic
 
 def generate(settings: GatewaySettings, inputs: XdsInputs) -> Resources:
     """Every resource for one gateway, by type URL then name (protobuf-JSON dicts)."""
+    clusters = {
+        EXTPROC_CLUSTER: _extproc_cluster(settings, inputs.extproc_endpoints),
+        PODS_CLUSTER: _pods_cluster(settings),
+    }
+    if settings.tracing_collector:
+        clusters[OTEL_CLUSTER] = _otel_cluster(settings)
     return {
-        CLUSTER: {
-            EXTPROC_CLUSTER: _extproc_cluster(settings, inputs.extproc_endpoints),
-            PODS_CLUSTER: _pods_cluster(settings),
-        },
+        CLUSTER: clusters,
         ENDPOINT_TYPE: {
             PODS_CLUSTER: {
                 "@type": ENDPOINT_TYPE,
@@ -635,6 +696,10 @@ def static_bootstrap(
         "admin": {"address": _socket(f"127.0.0.1:{admin_port}")},
         "static_resources": {
             "listeners": [listener],
-            "clusters": [bare(res[CLUSTER][EXTPROC_CLUSTER]), pods],
+            "clusters": [
+                bare(res[CLUSTER][EXTPROC_CLUSTER]),
+                pods,
+                *(bare(c) for name, c in res[CLUSTER].items() if name == OTEL_CLUSTER),
+            ],
         },
     }

@@ -117,6 +117,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="--access-log lines: text, or one JSON object per request (docs/gateway.md)",
     )
     p.add_argument(
+        "--tracing-collector",
+        default=_DEFAULTS.tracing_collector,
+        metavar="HOST:PORT",
+        help="OTLP/gRPC collector: Envoy traces requests with its OpenTelemetry tracer and "
+        "sends W3C traceparent to the extproc and the engines (docs/gateway.md 'Tracing') "
+        "(default empty: no tracing)",
+    )
+    p.add_argument(
+        "--tracing-sampling",
+        type=float,
+        default=_DEFAULTS.tracing_sampling,
+        help="percent of requests Envoy traces (a client's traceparent keeps its trace id; "
+        "Envoy decides whether it is sampled)",
+    )
+    p.add_argument(
         "--no-policy-filters",
         action="store_true",
         help="leave out extproc.usage's Envoy filters/access logs (usage accounting)",
@@ -146,6 +161,8 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         request_headers_timeout_s=args.request_headers_timeout,
         request_body_idle_timeout_s=args.request_body_idle_timeout,
         stream_idle_timeout_s=args.stream_idle_timeout,
+        tracing_collector=args.tracing_collector,
+        tracing_sampling=args.tracing_sampling,
     )
     if args.no_policy_filters:
         return settings

@@ -269,8 +269,13 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 kind = req.WhichOneof("request")
                 if kind == "request_headers":
                     headers = req.request_headers
+                    # tracing: Envoy's trace context is in the stream's gRPC metadata
+                    traced = gateway.tracing is not None
                     state, answer = gateway.start(
-                        _headers_of(headers), headers.end_of_stream, subset_hint(req)
+                        _headers_of(headers),
+                        headers.end_of_stream,
+                        subset_hint(req),
+                        (context.invocation_metadata() or ()) if traced else (),
                     )
                     if answer is not None:
                         await write(immediate_response(answer))

@@ -106,11 +106,14 @@ def _trailers(status: int, message: str = "") -> list[tuple[bytes, bytes]]:
 class StreamContext:
     """The part of a grpc.aio servicer context (and request iterator) our handlers use."""
 
-    __slots__ = ("_conn", "_queue", "_waiter", "ended", "sid")
+    __slots__ = ("_conn", "_queue", "_waiter", "ended", "metadata", "sid")
 
-    def __init__(self, conn: _Connection, sid: int) -> None:
+    def __init__(
+        self, conn: _Connection, sid: int, metadata: tuple[tuple[str, str], ...] = ()
+    ) -> None:
         self._conn = conn
         self.sid = sid
+        self.metadata = metadata  # the stream's trace-context headers (extproc.tracing)
         self._queue: collections.deque[Any] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
         self.ended = False
@@ -127,6 +130,10 @@ class StreamContext:
 
     async def write(self, message: Any) -> None:
         self._conn.send_message(self.sid, message.SerializeToString())
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        """The request headers of this stream a handler reads (W3C trace context only)."""
+        return self.metadata
 
     def write_raw(self, payload: bytes) -> None:
         """Send an already serialised message (no await: nothing here waits)."""
@@ -348,11 +355,14 @@ class _Connection(asyncio.Protocol):
             return
         path: Any = b""
         ctype: Any = b""
+        trace: tuple[tuple[str, str], ...] = ()
         for key, value in ev.headers or ():
             if key == b":path":
                 path = value
             elif key == b"content-type":
                 ctype = value
+            elif key == b"traceparent" or key == b"tracestate":
+                trace += ((key.decode(), value.decode("latin-1")),)
         if not ctype.startswith(b"application/grpc"):
             self.conn.send_headers(sid, [(b":status", b"415")], end_stream=True)
             return
@@ -361,7 +371,7 @@ class _Connection(asyncio.Protocol):
         s = self.streams[sid] = _Stream(sid, method)
         self.server._stream_opened()
         if method is not None:
-            ctx = s.ctx = StreamContext(self, sid)
+            ctx = s.ctx = StreamContext(self, sid, trace)
             s.task = self.loop.create_task(method.handler(ctx, ctx))
             s.task.add_done_callback(functools.partial(self._done, s))
         elif name != HEALTH_CHECK_PATH:

@@ -207,12 +207,18 @@ def test_decision_replies_match_the_reference_builder(duplex: bool) -> None:
 class _FakeGateway:
     """Answers every request with one fixed decision (the servicer's job is only the replies)."""
 
+    tracing = None
+
     def __init__(self, decision: Routed | Immediate) -> None:
         self.decision = decision
         self.calls: list[str] = []
 
     def start(
-        self, headers: dict[str, str], end_of_stream: bool, subset: frozenset[str] | None = None
+        self,
+        headers: dict[str, str],
+        end_of_stream: bool,
+        subset: frozenset[str] | None = None,
+        metadata: Any = (),
     ) -> tuple[RequestState, None]:
         self.calls.append("start")
         return RequestState("r1", 0.0, dict(headers)), None

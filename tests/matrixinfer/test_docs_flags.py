@@ -78,6 +78,7 @@ FLAG = re.compile(r"(?<![\w=-])--[a-z][a-z0-9-]*")
 STATED = re.compile(r"\[(--[a-z][a-z0-9-]*)[ =]([^\]\s|]+)\]")
 TABLE_ROW = re.compile(r"^\|\s*`(--[a-z][a-z0-9-]*)[^`]*`\s*\|(.*)\|\s*$")
 TABLE_DEFAULT = re.compile(r"\bdefault:? `?([0-9][0-9.]*(?:ns|us|ms|s|m|h)?)\b")
+CONTAINER = re.compile(r"(?m:^[ \t]*- name: [\w-]+$)")  # a container in a YAML manifest
 PLACEHOLDER = re.compile(r"^[A-Z][A-Z0-9_=.…-]*$")
 
 
@@ -108,8 +109,10 @@ def mentions() -> list[Mention]:
         text = doc.read_text()
         for line, unit in _units(text):
             program: str | None = None
-            for token in re.finditer(f"{PROGRAM.pattern}|{FLAG.pattern}", unit):
-                if token.group(0).startswith("--"):
+            for token in re.finditer(f"{PROGRAM.pattern}|{FLAG.pattern}|{CONTAINER.pattern}", unit):
+                if CONTAINER.fullmatch(token.group(0)):
+                    program = None  # a manifest's next container runs another program
+                elif token.group(0).startswith("--"):
                     out.append(Mention(f"{doc.name}:{line}", token.group(0), program))
                 else:
                     program = token.group(0)
