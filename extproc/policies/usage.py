@@ -269,6 +269,10 @@ def decode_charge(rid: str, text: str, key: bytes) -> Charge:
     )
 
 
+# the events of a /v1/responses stream before its first delta (vLLM's and the simulator's)
+RESPONSES_PREAMBLE_EVENTS = 4
+
+
 def usage_from_fields(charge: Charge, fields: dict[str, Any], status: int) -> Usage:
     """The settlement of one access-log entry's ``matrixinfer`` metadata."""
     prompt = fields.get("prompt")
@@ -280,6 +284,10 @@ def usage_from_fields(charge: Charge, fields: dict[str, Any], status: int) -> Us
     events = int(fields.get("events") or 0)
     if charge.kind == "chat":
         events -= 1  # the first chunk carries the role only
+    elif charge.kind == "responses":
+        # no token before the first delta: response.created, response.in_progress,
+        # response.output_item.added, response.content_part.added
+        events -= RESPONSES_PREAMBLE_EVENTS
     return Usage(charge.estimate, max(0, events), False, "aborted")
 
 
