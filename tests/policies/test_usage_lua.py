@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from extproc.gateway import Routed
 from extproc.policies.usage import force_usage
-from fleet.usage_envoy import STRIP_KEY, USAGE_KEY, lua_source
+from fleet.usage_envoy import RESPONSES_KEY, STRIP_KEY, USAGE_KEY, lua_source
 
 lupa = pytest.importorskip("lupa.luajit21")
 
@@ -309,3 +309,34 @@ async def test_gateway_marks_only_forced_streams(tmp_path: Path) -> None:
     assert isinstance(asked, Routed) and asked.metadata is not None
     assert STRIP_KEY not in asked.metadata
     assert asked.body is None  # the client's body goes to the engine as it was
+
+
+async def test_without_policies_streams_are_marked_too() -> None:
+    """No policies: a chat stream still asks for its usage event (hidden again from the client),
+    the model rewrite kept; a /v1/responses stream is flagged for usage.lua's first token; a JSON
+    request keeps the kept reply (no per-request metadata)."""
+    from tests.extproc.test_gateway_core import HEADERS, make
+
+    gw, _ = make()
+    assert gw.policies is None
+    messages = [{"role": "user", "content": "hi"}]
+
+    async def decide(path: str, body: dict[str, Any]) -> Routed:
+        state, answer = gw.start({**HEADERS, ":path": path}, end_of_stream=False)
+        assert answer is None
+        routed = await gw.decide(state, orjson.dumps(body))
+        gw.finish(state)
+        assert isinstance(routed, Routed)
+        return routed
+
+    chat = await decide("/v1/chat/completions", {"model": "chat", "messages": messages,
+                                                 "stream": True})  # fmt: skip
+    assert chat.metadata == {STRIP_KEY: True} and chat.body is not None
+    sent = orjson.loads(chat.body)
+    assert sent["stream_options"] == {"include_usage": True}
+    assert sent["model"] == "upstream/chat-7b"  # the ModelServer's model rewrite kept
+    responses = await decide("/v1/responses", {"model": "chat", "input": "hi", "stream": True})
+    assert responses.metadata == {RESPONSES_KEY: True}
+    assert "stream_options" not in orjson.loads(responses.body or b"{}")
+    plain = await decide("/v1/chat/completions", {"model": "chat", "messages": messages})
+    assert plain.metadata is None
