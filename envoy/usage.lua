@@ -122,8 +122,9 @@ function envoy_on_response(handle)
     local first_token = false
     local events = 0
     local reported = 0
-    local tail = ""
-    local edge = "" -- the last 4 bytes of the previous chunk
+    -- the last chunks, at least TAIL bytes of them (joined once, at the end: no copy per chunk)
+    local parts, oldest, newest, kept = {}, 1, 0, 0
+    local edge = "" -- the last 4 bytes so far, when they may start a "data:" (no newline last)
     local carry = "" -- incomplete trailing event held back from the previous chunk (strip only)
     local mid = false -- the next chunk starts inside an event already passed on (strip only)
     for chunk in handle:bodyChunks() do
@@ -138,7 +139,13 @@ function envoy_on_response(handle)
         if edge ~= "" and find(edge .. sub(s, 1, 4), "data:", 1, true) then
           events = events + 1 -- "data:" across the chunk boundary
         end
-        if n >= 4 then edge = sub(s, -4) else edge = sub(edge .. s, -4) end
+        if byte(s, n) == 10 then
+          edge = "" -- a chunk that ends a line (what engines write): no "data:" spans the edge
+        elseif n >= 4 then
+          edge = sub(s, -4)
+        else
+          edge = sub(edge .. s, -4)
+        end
         -- stored at once (one metadata write per stream): an aborted stream keeps it too
         if not first_token and events > 0 and (token_mark == "data:" or find(s, token_mark, 1, true)) then
           first_token = true
@@ -150,10 +157,13 @@ function envoy_on_response(handle)
           reported = events
           md(handle):set(NS, "events", events)
         end
-        if n >= TAIL then
-          tail = s
-        else
-          tail = sub(tail .. s, -TAIL)
+        newest = newest + 1
+        parts[newest] = s
+        kept = kept + n
+        while kept - #parts[oldest] >= TAIL do
+          kept = kept - #parts[oldest]
+          parts[oldest] = nil
+          oldest = oldest + 1
         end
         if strip then
           local data = s
@@ -180,7 +190,9 @@ function envoy_on_response(handle)
               mid = true -- too long for a usage event: pass the partial event on
             end
           end
-          local stripped = without_usage_events(data, from)
+          -- a plain search first: most chunks hold no usage object (the pattern search is slower)
+          local stripped = nil
+          if find(data, '"usage"', from, true) then stripped = without_usage_events(data, from) end
           if stripped ~= nil then
             data = stripped
             changed = true
@@ -192,7 +204,7 @@ function envoy_on_response(handle)
     -- a stream that ends inside an event: SSE clients drop an incomplete event, so does this
     local meta = md(handle) -- no yield from here on: the object may be kept
     meta:set(NS, "events", events)
-    local prompt, completion = usage_of(tail)
+    local prompt, completion = usage_of(table.concat(parts, "", oldest, newest))
     if prompt ~= nil then meta:set(NS, "prompt", tonumber(prompt)) end
     if completion ~= nil then meta:set(NS, "completion", tonumber(completion)) end
   else
