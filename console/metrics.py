@@ -1,6 +1,5 @@
 """A deployment's serving figures from the gateway's Prometheus text (pure): requests by status,
-time to first byte (the gateway's TTFT: a stream's response headers leave with the first token)
-and output tokens per second."""
+time to first token (the gateway's, of streamed requests) and output tokens per second."""
 
 from __future__ import annotations
 
@@ -47,7 +46,7 @@ def model_metrics(text: str, model: str) -> ModelMetrics:
         model=model,
         requests=requests,
         errors=errors,
-        ttft_seconds_mean=mean("matrixinfer_gateway_time_to_first_byte_seconds"),
+        ttft_seconds_mean=mean("matrixinfer_gateway_time_to_first_token_seconds"),
         output_tokens=tokens,
         output_tokens_per_second_mean=mean("matrixinfer_gateway_output_tokens_per_second"),
     )

@@ -1,20 +1,26 @@
--- MatrixInfer usage accounting (Envoy Lua HTTP filter), installed by extproc.usage.envoy_http_filters.
+-- MatrixInfer usage accounting (Envoy Lua HTTP filter), installed by fleet.usage_envoy.envoy_http_filters.
 --
--- Only requests the extproc marked (dynamic metadata envoy.lb/matrixinfer_rid: the one namespace
--- the ext_proc filter accepts) are looked at. The filter reads the exact usage the engine reports
--- and stores it in dynamic metadata `matrixinfer.usage` (prompt, completion, events). The
--- gRPC access log then carries it to the extproc once per request, in batches. No chunk goes
--- through Python.
+-- Only requests the extproc marked (dynamic metadata envoy.lb/matrixinfer_usage, set on every
+-- routed request; envoy.lb is the one namespace the ext_proc filter accepts) are looked at. The
+-- filter reads the exact usage the engine reports and stores it in dynamic metadata namespace
+-- `matrixinfer` (prompt, completion, events, first_token_us). The gRPC access log then carries it
+-- to the extproc once per request, in batches. No chunk goes through Python.
 --
--- Envoy's matcher (extproc.usage.envoy_http_filters) hands this filter only marked answers of
+-- Envoy's matcher (fleet.usage_envoy.envoy_http_filters) hands this filter only marked answers of
 -- unknown length or of 1 MB or more (no content-length of at most 6 digits): streams, chunked
 -- answers, long JSON answers. Shorter JSON answers are read by Envoy's json_to_metadata filter
 -- instead (C++, cheaper; it holds the answer, which is why it does not get long ones).
 --
 -- Streams (text/event-stream): every chunk is scanned in C (string.find) for SSE `data:` events,
 -- the running count is stored so an aborted stream still reports a lower bound, and the last
--- 1 KiB is kept: the final usage event (forced by the extproc with stream_options.include_usage)
--- sits in it. JSON answers: passed on chunk by chunk, the usage read from the last 4 KiB.
+-- 1 KiB is kept: the final usage event (forced by the extproc with stream_options.include_usage;
+-- a Responses API stream's response.completed) sits in it. The time the first token passed
+-- (wall clock, microseconds since the epoch: the access log's start time is on the same clock)
+-- is stored as first_token_us: the first `data:` event (vLLM and SGLang send their role chunk
+-- with the first token), or for a Responses API stream (envoy.lb/matrixinfer_responses) the
+-- first `*.delta` event. JSON answers: passed on chunk by chunk, the usage read from the last
+-- 4 KiB. Usage is `prompt_tokens`/`completion_tokens`, or a Responses API answer's
+-- `input_tokens`/`output_tokens`.
 --
 -- When the extproc forced include_usage on a client that had not asked for it, it also sets
 -- envoy.lb/matrixinfer_strip: the usage-only event (`"choices":[]` and `"usage":{...}`) is then
@@ -38,7 +44,16 @@ local function usage_of(text)
   local prompt, completion
   for p in string.gmatch(text, '"prompt_tokens"%s*:%s*(%d+)') do prompt = p end
   for c in string.gmatch(text, '"completion_tokens"%s*:%s*(%d+)') do completion = c end
+  if prompt == nil then -- a Responses API answer (/v1/responses)
+    for p in string.gmatch(text, '"input_tokens"%s*:%s*(%d+)') do prompt = p end
+    for c in string.gmatch(text, '"output_tokens"%s*:%s*(%d+)') do completion = c end
+  end
   return prompt, completion
+end
+
+-- now, wall clock, in microseconds since the epoch (the access log's start_time clock)
+local function now_us(handle)
+  return tonumber(handle:timestampString(EnvoyTimestampResolution.MICROSECOND))
 end
 
 -- Envoy objects must not be kept across a yield (bodyChunks/body): look metadata up each time.
@@ -93,7 +108,7 @@ end
 
 function envoy_on_response(handle)
   local lb = md(handle):get("envoy.lb")
-  if lb == nil or lb["matrixinfer_rid"] == nil then
+  if lb == nil or lb["matrixinfer_usage"] == nil then
     return
   end
   local headers = handle:headers()
@@ -101,10 +116,15 @@ function envoy_on_response(handle)
   if find(ctype, "text/event-stream", 1, true) then
     local strip = lb["matrixinfer_strip"] == true
     if strip then headers:remove("content-length") end
+    -- what marks the first token: any event, or a Responses API stream's first delta event
+    local token_mark = "data:"
+    if lb["matrixinfer_responses"] == true then token_mark = '.delta"' end
+    local first_token = false
     local events = 0
     local reported = 0
-    local tail = ""
-    local edge = "" -- the last 4 bytes of the previous chunk
+    -- the last chunks, at least TAIL bytes of them (joined once, at the end: no copy per chunk)
+    local parts, oldest, newest, kept = {}, 1, 0, 0
+    local edge = "" -- the last 4 bytes so far, when they may start a "data:" (no newline last)
     local carry = "" -- incomplete trailing event held back from the previous chunk (strip only)
     local mid = false -- the next chunk starts inside an event already passed on (strip only)
     for chunk in handle:bodyChunks() do
@@ -119,17 +139,31 @@ function envoy_on_response(handle)
         if edge ~= "" and find(edge .. sub(s, 1, 4), "data:", 1, true) then
           events = events + 1 -- "data:" across the chunk boundary
         end
-        if n >= 4 then edge = sub(s, -4) else edge = sub(edge .. s, -4) end
+        if byte(s, n) == 10 then
+          edge = "" -- a chunk that ends a line (what engines write): no "data:" spans the edge
+        elseif n >= 4 then
+          edge = sub(s, -4)
+        else
+          edge = sub(edge .. s, -4)
+        end
+        -- stored at once (one metadata write per stream): an aborted stream keeps it too
+        if not first_token and events > 0 and (token_mark == "data:" or find(s, token_mark, 1, true)) then
+          first_token = true
+          md(handle):set(NS, "first_token_us", now_us(handle))
+        end
         -- the running count survives an abort; updated every 8 events (a metadata write costs
         -- more than the scan), so an aborted stream is under-counted by at most 7 events
         if events - reported >= 8 then
           reported = events
           md(handle):set(NS, "events", events)
         end
-        if n >= TAIL then
-          tail = s
-        else
-          tail = sub(tail .. s, -TAIL)
+        newest = newest + 1
+        parts[newest] = s
+        kept = kept + n
+        while kept - #parts[oldest] >= TAIL do
+          kept = kept - #parts[oldest]
+          parts[oldest] = nil
+          oldest = oldest + 1
         end
         if strip then
           local data = s
@@ -156,7 +190,9 @@ function envoy_on_response(handle)
               mid = true -- too long for a usage event: pass the partial event on
             end
           end
-          local stripped = without_usage_events(data, from)
+          -- a plain search first: most chunks hold no usage object (the pattern search is slower)
+          local stripped = nil
+          if find(data, '"usage"', from, true) then stripped = without_usage_events(data, from) end
           if stripped ~= nil then
             data = stripped
             changed = true
@@ -168,7 +204,7 @@ function envoy_on_response(handle)
     -- a stream that ends inside an event: SSE clients drop an incomplete event, so does this
     local meta = md(handle) -- no yield from here on: the object may be kept
     meta:set(NS, "events", events)
-    local prompt, completion = usage_of(tail)
+    local prompt, completion = usage_of(table.concat(parts, "", oldest, newest))
     if prompt ~= nil then meta:set(NS, "prompt", tonumber(prompt)) end
     if completion ~= nil then meta:set(NS, "completion", tonumber(completion)) end
   else

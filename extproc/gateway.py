@@ -16,12 +16,15 @@ A request passes these stages, in order:
    wakes a target of the autoscaler at zero;
 7. **queue**: when others already wait for the ModelServer, or every pod is saturated, wait in the
    fair queue until a pod has room;
-8. **schedule**: the scheduler picks the pod and its fallbacks; the pod's in-flight count rises.
+8. **schedule**: the scheduler picks the pod and its fallbacks; the pod's in-flight count rises;
+9. **mark** the routed request for Envoy's usage filters (:func:`mark_usage`: a stream asks for
+   its final usage event), whose findings come back in the access log (:meth:`Gateway.answered`:
+   the metrics).
 
-Authenticate, admit, queue and the marking of a routed request for usage accounting are the policy
+Authenticate, admit, queue and the settling of a routed request's token charge are the policy
 stages (``extproc.policies``): without policies they are :class:`NoPolicies`, whose methods return
-at once (no credential is looked at, nothing is reserved or marked, a saturated ModelServer answers
-503). Any stage may fail: :meth:`Gateway._failed` turns a
+at once (no credential is looked at, nothing is reserved or settled, a saturated ModelServer
+answers 503). Any stage may fail: :meth:`Gateway._failed` turns a
 :class:`GatewayError` into its answer and any other exception into a logged 500, and gives back what
 the request took (budget reservation, in-flight count) — in one place.
 
@@ -76,6 +79,7 @@ from extproc.parsing import (
     estimate_tokens,
     parse_body,
 )
+from extproc.policies.usage import force_usage
 from extproc.scheduling.types import (
     AllPodsSaturated,
     NoPodAvailable,
@@ -85,7 +89,15 @@ from extproc.scheduling.types import (
 from fleet.config import object_key
 from fleet.pd import PREFILL_HEADER, format_prefill
 from fleet.pods import Pod
-from fleet.usage_envoy import LORA_HEADER, MODEL_HEADER, ROUTE_HEADER, SERVER_HEADER, Answered
+from fleet.usage_envoy import (
+    LORA_HEADER,
+    MODEL_HEADER,
+    RESPONSES_KEY,
+    ROUTE_HEADER,
+    SERVER_HEADER,
+    STRIP_KEY,
+    Answered,
+)
 
 if TYPE_CHECKING:
     from extproc.parsing import ParsedRequest
@@ -150,7 +162,9 @@ class Routed:
     pod: Pod
     body: bytes | None  # the body to forward when it changed (model rewrite), else None
     headers: dict[str, str] = field(default_factory=dict)  # headers to set towards the pod
-    metadata: dict[str, Any] | None = None  # dynamic metadata namespace "matrixinfer" (policies)
+    # dynamic metadata namespace "envoy.lb" beyond the endpoints and the usage mark (the
+    # transport adds those): per-request flags for usage.lua, the policies' id and charge
+    metadata: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)
@@ -187,6 +201,26 @@ def _error(exc: GatewayError) -> Immediate:
 
 # ---- the policy stages ------------------------------------------------------------------------
 Attempt = Callable[[], tuple[ServerView, SchedulingResult]]
+
+
+def mark_usage(parsed: ParsedRequest, routed: Routed) -> None:
+    """Prepare a routed request's answer for Envoy's usage filters (policies or not).
+
+    Every routed reply carries the mark the filters match (``envoy.lb``/``matrixinfer_usage``,
+    set by the transport with the endpoints): Envoy reads the answer's usage and, for a stream,
+    the time of its first token; the access log brings both back (:meth:`Gateway.answered`).
+    Here only streams change: a chat or completions stream asks the engine for its final usage
+    event (:func:`force_usage`; Envoy's usage.lua hides it from a client that had not asked for
+    it: ``matrixinfer_strip``); a Responses API stream is flagged so that usage.lua takes its
+    first delta event, not ``response.created``, as the first token."""
+    if not parsed.stream:
+        return
+    if parsed.kind in USAGE_STREAM_KINDS:
+        if force_usage(parsed.body):
+            routed.metadata = {STRIP_KEY: True}
+            routed.body = orjson.dumps(parsed.body)
+    elif parsed.kind == "responses":
+        routed.metadata = {RESPONSES_KEY: True}
 
 
 class NoPolicies:
@@ -229,7 +263,8 @@ class NoPolicies:
         raise saturated
 
     def mark(self, state: RequestState, parsed: ParsedRequest, routed: Routed) -> None:
-        """Mark a routed request for usage accounting; strip the caller's credentials."""
+        """Mark a routed request for usage accounting (the id its report settles, and its
+        charge); strip the caller's credentials."""
 
     def release(self, state: RequestState) -> None:
         """Give back the budget reserved by ``admit`` of a request that is not routed after all."""
@@ -309,13 +344,10 @@ class EnforcedPolicies(NoPolicies):
     def mark(self, state: RequestState, parsed: ParsedRequest, routed: Routed) -> None:
         policies = self.policies
         charge = state.charge
-        routed.metadata = policies.metadata(charge)  # rid + charge (any replica settles)
-        if parsed.stream and parsed.kind in USAGE_STREAM_KINDS:
-            from extproc.policies.usage import force_usage
-
-            if force_usage(parsed.body):  # Envoy's usage.lua hides the forced usage event
-                routed.metadata["matrixinfer_strip"] = True
-                routed.body = orjson.dumps(parsed.body)
+        metadata = policies.metadata(charge)  # rid + charge (any replica settles)
+        if routed.metadata is not None:  # the gateway's own marks (mark_usage)
+            metadata.update(routed.metadata)
+        routed.metadata = metadata
         policies.expect(charge)
         if "authorization" in state.headers:
             routed.headers["authorization"] = ""  # credentials never reach the engine
@@ -550,6 +582,7 @@ class Gateway:
                 )
                 began += time.perf_counter() - mark  # the wait is not the gateway's decision time
             routed = self._book(state, parsed, decision, view, scheduler, request, result)
+            mark_usage(parsed, routed)
             stages.mark(state, parsed, routed)
             if trace is not None:
                 trace.close()
@@ -803,7 +836,8 @@ class Gateway:
     # ---- after the answer (Envoy's access log) ---------------------------------------------
     def answered(self, answer: Answered) -> None:
         """A request's answer is over (Envoy's access log says so): count the status the client
-        got, the time to the first byte and the output tokens; log an engine's error answer; an
+        got, the time to the first byte, a stream's time to the first token and inter-token
+        latency, the input and output tokens; log an engine's error answer; an
         engine's 404 to a LoRA request makes the pod's adapters be read again."""
         if answer.by_gateway:
             return  # counted and logged by _answer when the gateway made it
@@ -814,11 +848,20 @@ class Gateway:
             return
         if answer.first_byte > 0:
             m.child(m.first_byte, model).observe(answer.first_byte)
+        first_token = answer.first_token
+        if first_token > 0:
+            m.child(m.first_token, model).observe(first_token)
+        if answer.prompt_tokens is not None:
+            m.child(m.input_tokens, model).inc(answer.prompt_tokens)
         tokens = answer.completion_tokens
         if tokens is not None:
             m.child(m.output_tokens, model).inc(tokens)
             if tokens > 0 and answer.duration > 0:
                 m.child(m.output_token_rate, model).observe(tokens / answer.duration)
+            if tokens > 1 and 0 < first_token < answer.duration:
+                m.child(m.inter_token, model).observe(
+                    (answer.duration - first_token) / (tokens - 1)
+                )
         if answer.status >= 400:
             log.info(
                 "request %s answered %d by pod %s (%s) of ModelServer %s for model %s",

@@ -27,6 +27,9 @@ _LATENCY_BUCKETS = (
     60.0,
     120.0,
 )
+_INTER_TOKEN_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5,
+)  # fmt: skip
 _RATE_BUCKETS = (1.0, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0, 1280.0, 2560.0)
 _SCHEDULING_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1)
 
@@ -71,10 +74,35 @@ class GatewayMetrics(LabelCache):
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.first_token = Histogram(
+            "matrixinfer_gateway_time_to_first_token_seconds",
+            "Seconds from a streamed request reaching Envoy to its first token passing Envoy "
+            "(the first SSE event; a /v1/responses stream's first delta event), by model. "
+            "Streamed requests only: a non-streamed answer's first token is not observable.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inter_token = Histogram(
+            "matrixinfer_gateway_inter_token_latency_seconds",
+            "Seconds per output token after the first of each streamed request: (its last "
+            "byte - its first token) / (completion tokens - 1), by model; streams of at least "
+            "two tokens that reported their usage.",
+            ["model"],
+            buckets=_INTER_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.input_tokens = Counter(
+            "matrixinfer_gateway_input_tokens",
+            "Input (prompt) tokens of routed requests, by model, as the engine reported them "
+            "(usage.prompt_tokens; usage.input_tokens of /v1/responses).",
+            ["model"],
+            registry=r,
+        )
         self.output_tokens = Counter(
             "matrixinfer_gateway_output_tokens",
             "Output (completion) tokens of routed requests, by model, as the engine reported "
-            "them (requests the usage filters read: with --policies).",
+            "them (usage.completion_tokens; usage.output_tokens of /v1/responses).",
             ["model"],
             registry=r,
         )

@@ -10,10 +10,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-METADATA_NAMESPACE = "matrixinfer"  # written by the Lua filter: prompt, completion, events
+# written by the usage filters: prompt, completion, events, first_token_us
+METADATA_NAMESPACE = "matrixinfer"
 RID_NAMESPACE = "envoy.lb"  # written by the extproc (the namespace its ext_proc filter accepts)
-RID_KEY = "matrixinfer_rid"
+# envoy.lb flag on every routed request: the usage filters read its answer (the mark they match)
+USAGE_KEY = "matrixinfer_usage"
+RID_KEY = "matrixinfer_rid"  # envoy.lb: the id its usage report settles (policies)
 STRIP_KEY = "matrixinfer_strip"  # envoy.lb flag: hide the forced usage event from the client
+# envoy.lb flag: a Responses API stream (/v1/responses), whose first token is its first
+# ``*.delta`` event (response.created and friends come before any token)
+RESPONSES_KEY = "matrixinfer_responses"
 CHARGE_KEY = "matrixinfer_charge"  # envoy.lb: the Charge, for the replica the report reaches
 LOG_NAME = "matrixinfer_requests"
 # the router's upstream log: one entry per attempt at a pod (retries included), for passive health
@@ -73,7 +79,8 @@ def _run_only_when(inner: dict[str, Any], predicate: dict[str, Any]) -> dict[str
 
 def _json_to_metadata() -> dict[str, Any]:
     """Envoy's json_to_metadata on JSON answers: ``usage.prompt_tokens`` / ``completion_tokens``
-    into ``matrixinfer``/``prompt`` / ``completion`` (numbers, as usage.lua writes them)."""
+    (``usage.input_tokens`` / ``output_tokens`` of a Responses API answer) into
+    ``matrixinfer``/``prompt`` / ``completion`` (numbers, as usage.lua writes them)."""
 
     def rule(field: str, key: str) -> dict[str, Any]:
         into = {"metadata_namespace": METADATA_NAMESPACE, "key": key, "type": "NUMBER"}
@@ -85,7 +92,12 @@ def _json_to_metadata() -> dict[str, Any]:
             "@type": "type.googleapis.com/"
             "envoy.extensions.filters.http.json_to_metadata.v3.JsonToMetadata",
             "response_rules": {
-                "rules": [rule("prompt_tokens", "prompt"), rule("completion_tokens", "completion")],
+                "rules": [
+                    rule("prompt_tokens", "prompt"),
+                    rule("completion_tokens", "completion"),
+                    rule("input_tokens", "prompt"),  # /v1/responses
+                    rule("output_tokens", "completion"),
+                ],
                 # application/json with or without parameters (charset=utf-8)
                 "allow_content_types_regex": {"regex": r"application/json\s*(;.*)?"},
             },
@@ -106,13 +118,13 @@ def _lua() -> dict[str, Any]:
 def envoy_http_filters(small_json_digits: int | None = None) -> list[dict[str, Any]]:
     """HTTP filters to put after ext_proc and before the router (Envoy JSON shape).
 
-    Only requests the extproc marked (``envoy.lb``/``matrixinfer_rid``) are looked at, and each
-    by one filter, chosen by Envoy's matcher on the answer's headers:
+    Only requests the extproc marked (``envoy.lb``/``matrixinfer_usage``: every routed request)
+    are looked at, and each by one filter, chosen by Envoy's matcher on the answer's headers:
 
     - a content-length of at most ``small_json_digits`` digits (default
       :data:`SMALL_JSON_DIGITS`): Envoy's json_to_metadata (C++) reads the JSON answer's usage;
-    - anything else (streams, chunked answers, longer answers): ``usage.lua`` (the SSE events and
-      the final usage event; a JSON answer's last 4 KiB).
+    - anything else (streams, chunked answers, longer answers): ``usage.lua`` (the SSE events,
+      the time of the first token and the final usage event; a JSON answer's last 4 KiB).
 
     ``small_json_digits=0``: usage.lua alone reads every marked answer (the design measured
     before json_to_metadata, kept for ``bench.experiments.usage_filters``).
@@ -132,7 +144,7 @@ def envoy_http_filters(small_json_digits: int | None = None) -> list[dict[str, A
             }
         },
         filter=RID_NAMESPACE,
-        path=[{"key": RID_KEY}],
+        path=[{"key": USAGE_KEY}],
     )
     if digits <= 0:
         return [_run_only_when(_lua(), marked)]
@@ -214,7 +226,11 @@ class Answered:
     lora: str = ""
     first_byte: float = 0.0  # seconds from the request's start to the answer's first byte
     duration: float = 0.0  # seconds from the request's start to the answer's last byte
-    completion_tokens: int | None = None  # the engine's usage, when the usage filters read it
+    # seconds from the request's start to the stream's first token (0.0: not a stream, or no
+    # token came); usage.lua notes the time of the first event that carries one
+    first_token: float = 0.0
+    prompt_tokens: int | None = None  # the engine's usage, when the usage filters read it
+    completion_tokens: int | None = None
 
     @property
     def by_gateway(self) -> bool:

@@ -173,8 +173,6 @@ class GatewayStack:
                     if o.access_log
                     else []
                 ),
-                # the usage-accounting filters only serve an extproc that runs its policies
-                *([] if _policies_on(o.extproc_args()) else ["--no-policy-filters"]),
                 "--log-level",
                 o.extproc_log_level,
                 *o.extra_xds_args,

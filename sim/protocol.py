@@ -12,6 +12,7 @@ __all__ = [
     "ChatBody",
     "CompletionBody",
     "LoadLoraBody",
+    "ResponsesBody",
     "TokenizeBody",
     "UnloadLoraBody",
     "parse_body",
@@ -80,6 +81,9 @@ class ContentPart(_Body):
     text: str | None = None
 
 
+_TEXT_PARTS = frozenset(("text", "input_text", "output_text"))  # chat's and the Responses API's
+
+
 class Message(_Body):
     role: str
     content: str | list[ContentPart] | None = None
@@ -89,7 +93,7 @@ class Message(_Body):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.text or "" for p in self.content if p.type == "text")
+        return "".join(p.text or "" for p in self.content if p.type in _TEXT_PARTS)
 
 
 class ChatBody(_GenBody):
@@ -99,6 +103,38 @@ class ChatBody(_GenBody):
 
 class CompletionBody(_GenBody):
     prompt: str | list[str] | list[int] | list[list[int]]
+
+
+class InputMessage(_Body):
+    role: str = "user"
+    content: str | list[ContentPart]
+
+
+class ResponsesBody(_Body):
+    """``POST /v1/responses`` (OpenAI's Responses API): the text it takes, as a chat."""
+
+    model: str | None = None
+    input: str | list[InputMessage]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    stream: bool = False
+    seed: int | None = None
+
+    def as_chat(self) -> ChatBody:
+        """The same generation as a chat request (the simulator's one generation path)."""
+        messages: list[Message] = []
+        if self.instructions:
+            messages.append(Message(role="system", content=self.instructions))
+        if isinstance(self.input, str):
+            messages.append(Message(role="user", content=self.input))
+        else:
+            messages.extend(Message(role=m.role, content=m.content) for m in self.input)
+        return ChatBody(
+            model=self.model,
+            messages=messages,
+            max_tokens=self.max_output_tokens,
+            seed=self.seed,
+        )
 
 
 class TokenizeBody(_Body):

@@ -36,6 +36,7 @@ from sim.protocol import (
     CompletionBody,
     LoadLoraBody,
     Message,
+    ResponsesBody,
     TokenizeBody,
     UnloadLoraBody,
     parse_body,
@@ -79,6 +80,7 @@ class _Gen:
     stream: bool
     include_usage: bool
     chat: bool
+    responses: bool = False  # answered in the Responses API's shape (/v1/responses)
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -137,6 +139,7 @@ class SimServer:
         r = app.router
         r.add_post("/v1/chat/completions", self.chat)
         r.add_post("/v1/completions", self.completions)
+        r.add_post("/v1/responses", self.responses)
         r.add_get("/v1/models", self.models)
         r.add_get("/health", self.health)
         r.add_get("/health_generate", self.health)  # SGLang's deeper health check
@@ -487,12 +490,25 @@ class SimServer:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, False)
 
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        """``POST /v1/responses``: generated as a chat, answered in the Responses API's shape
+        (usage ``input_tokens``/``output_tokens``; a stream's events end with
+        ``response.completed``, which carries the usage)."""
+        body = parse_body(await request.read(), ResponsesBody)
+        chat = body.as_chat()
+        chat.stream = body.stream
+        gen = self._build(chat, True)
+        gen.responses = True
+        return await self._run(request, gen)
+
     async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
         raw = await request.read()
         body: ChatBody | CompletionBody = (
             parse_body(raw, ChatBody) if chat else parse_body(raw, CompletionBody)
         )
-        gen = self._build(body, chat)
+        return await self._run(request, self._build(body, chat))
+
+    async def _run(self, request: web.Request, gen: _Gen) -> web.StreamResponse:
         await self._apply_faults(request)
         req = gen.req
         req.arrival = self.driver.now()
@@ -502,10 +518,14 @@ class SimServer:
             raise ApiError(429, f"too many requests: {exc}") from None
         try:
             if gen.stream:
+                if gen.responses:
+                    return await self._stream_responses(request, gen)
                 return await self._stream(request, gen)
             while not req.done:
                 await self.driver.wait(req)
                 req.sent = req.num_output
+            if gen.responses:
+                return _json(self._response_object(gen, "completed"))
             return _json(self._full_response(gen))
         finally:
             if not req.done:
@@ -584,10 +604,12 @@ class SimServer:
                 "model": gen.model,
             }
         )[:-1]
+        # vLLM (and SGLang) send a chat stream's role chunk when the first token is out, with it
+        role = b""
         if gen.chat:
             pre = b"data: " + head + b',"choices":[{"index":0,"delta":{"content":"'
             end_open = b'"},"logprobs":null,"finish_reason":'
-            await resp.write(
+            role = (
                 b"data: "
                 + head
                 + b',"choices":[{"index":0,"delta":{"role":"assistant","content":""},'
@@ -606,7 +628,8 @@ class SimServer:
             upto = req.num_output
             sent = req.sent
             if upto > sent:
-                parts = []
+                parts = [role] if role else []
+                role = b""
                 for i in range(sent, upto):
                     word = (nxt if i else first)[out_ids[i]]
                     if req.done and i == upto - 1:
@@ -631,6 +654,142 @@ class SimServer:
         await resp.write(_DONE)
         await resp.write_eof()
         return resp
+
+    def _response_object(self, gen: _Gen, status: str) -> dict[str, Any]:
+        """The Responses API's response object (``status`` completed, or in_progress while a
+        stream runs: no output, no usage yet)."""
+        req = gen.req
+        done = status != "in_progress"
+        if done and req.finish_reason == "length":
+            status = "incomplete"
+        output: list[dict[str, Any]] = []
+        if done:
+            text = {"type": "output_text", "text": self._text(req), "annotations": []}
+            output.append(_message_item(req, "completed", [text]))
+        return {
+            "id": f"resp_{req.request_id}",
+            "object": "response",
+            "created_at": int(time.time()),
+            "model": gen.model,
+            "status": status,
+            "incomplete_details": (
+                {"reason": "max_output_tokens"} if status == "incomplete" else None
+            ),
+            "output": output,
+            "usage": (
+                {
+                    "input_tokens": req.prompt_len,
+                    "input_tokens_details": {"cached_tokens": req.num_cached_tokens},
+                    "output_tokens": req.num_output,
+                    "output_tokens_details": {"reasoning_tokens": 0},
+                    "total_tokens": req.prompt_len + req.num_output,
+                }
+                if done
+                else None
+            ),
+        }
+
+    async def _stream_responses(self, request: web.Request, gen: _Gen) -> web.StreamResponse:
+        """A Responses API stream, as vLLM sends it: ``response.created`` and
+        ``response.in_progress`` at once, the output item and content part with the first
+        token, a ``response.output_text.delta`` per token, then the ``*.done`` events and
+        ``response.completed`` (with the usage)."""
+        req = gen.req
+        resp = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await resp.prepare(request)
+        seq = 0
+
+        def event(kind: str, **data: Any) -> bytes:
+            nonlocal seq
+            seq += 1
+            payload = orjson.dumps({"type": kind, "sequence_number": seq - 1, **data})
+            return b"event: " + kind.encode() + b"\ndata: " + payload + b"\n\n"
+
+        item_id = f"msg_{req.request_id}"
+        await resp.write(
+            event("response.created", response=self._response_object(gen, "in_progress"))
+            + event("response.in_progress", response=self._response_object(gen, "in_progress"))
+        )
+        started = False
+        while True:
+            await self.driver.wait(req)
+            upto, sent = req.num_output, req.sent
+            if upto > sent:
+                parts = []
+                if not started:
+                    started = True
+                    parts.append(
+                        event(
+                            "response.output_item.added",
+                            output_index=0,
+                            item=_message_item(req, "in_progress", []),
+                        )
+                    )
+                    parts.append(
+                        event(
+                            "response.content_part.added",
+                            item_id=item_id,
+                            output_index=0,
+                            content_index=0,
+                            part={"type": "output_text", "text": "", "annotations": []},
+                        )
+                    )
+                for i in range(sent, upto):
+                    word = (_NEXT if i else _FIRST)[req.output_ids[i]].decode()
+                    parts.append(
+                        event(
+                            "response.output_text.delta",
+                            item_id=item_id,
+                            output_index=0,
+                            content_index=0,
+                            delta=word,
+                            logprobs=[],
+                        )
+                    )
+                req.sent = upto
+                await resp.write(b"".join(parts))
+            if req.done:
+                break
+        text = self._text(req)
+        part = {"type": "output_text", "text": text, "annotations": []}
+        await resp.write(
+            event(
+                "response.output_text.done",
+                item_id=item_id,
+                output_index=0,
+                content_index=0,
+                text=text,
+                logprobs=[],
+            )
+            + event(
+                "response.content_part.done",
+                item_id=item_id,
+                output_index=0,
+                content_index=0,
+                part=part,
+            )
+            + event(
+                "response.output_item.done",
+                output_index=0,
+                item=_message_item(req, "completed", [part]),
+            )
+            + event("response.completed", response=self._response_object(gen, "completed"))
+        )
+        await resp.write_eof()
+        return resp
+
+
+def _message_item(req: Request, status: str, content: list[dict[str, Any]]) -> dict[str, Any]:
+    """The Responses API's assistant message output item."""
+    return {
+        "type": "message",
+        "id": f"msg_{req.request_id}",
+        "status": status,
+        "role": "assistant",
+        "content": content,
+    }
 
 
 async def serve(cfg: SimConfig, *, ready: asyncio.Event | None = None) -> None:

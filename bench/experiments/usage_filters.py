@@ -4,7 +4,7 @@ bench.experiments.usage_filters``). Not a test.
 Standalone Envoys (no ext_proc) in front of bench.gateway_overhead's nginx (a small JSON chat
 answer with ``usage``), all running at once and measured in interleaved rounds with `hey`:
 
-- **plain**: set_metadata (marks the request as the extproc would: envoy.lb/matrixinfer_rid) →
+- **plain**: set_metadata (marks the request as the extproc would: envoy.lb/matrixinfer_usage) →
   router;
 - **lua-idle** / **new-idle**: + the usage filters on an unmarked request (what the data path
   pays for them): ``lua`` is usage.lua reading every JSON answer (session 4's design,
@@ -39,6 +39,7 @@ from fleet.usage_envoy import (
     LOG_NAME,
     RID_KEY,
     RID_NAMESPACE,
+    USAGE_KEY,
     envoy_access_logs,
     envoy_http_filters,
 )
@@ -52,7 +53,9 @@ def set_metadata(namespace: str) -> dict[str, Any]:
         "name": "envoy.filters.http.set_metadata",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.set_metadata.v3.Config",
-            "metadata": [{"metadata_namespace": namespace, "value": {RID_KEY: "r-1"}}],
+            "metadata": [
+                {"metadata_namespace": namespace, "value": {RID_KEY: "r-1", USAGE_KEY: True}}
+            ],
         },
     }
 

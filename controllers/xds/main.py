@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-policy-filters",
         action="store_true",
-        help="leave out extproc.usage's Envoy filters/access logs (usage accounting)",
+        help="leave out the usage filters (fleet.usage_envoy): no usage accounting, token "
+        "metrics or time to first token",
     )
     add_kube_args(p)
     add_service_args(p)

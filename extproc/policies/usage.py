@@ -2,8 +2,10 @@
 
 How (the measurements are in docs/policies.md):
 
-1. the extproc forces ``stream_options.include_usage`` on streaming requests it accounts for
-   (:func:`force_usage`) and marks the request: dynamic metadata ``envoy.lb``/``matrixinfer_rid``;
+1. the extproc forces ``stream_options.include_usage`` on streaming requests
+   (:func:`force_usage`, ``extproc.gateway.mark_usage``: every routed request, policies or not, is
+   marked ``envoy.lb``/``matrixinfer_usage`` for Envoy's usage filters; the gateway's metrics read
+   what they find) and, with policies, gives it an id: ``envoy.lb``/``matrixinfer_rid``;
 2. Envoy reads the usage into dynamic metadata namespace ``matrixinfer`` (prompt, completion,
    events), config from :func:`envoy_http_filters`: a JSON answer under 1 MB by Envoy's
    json_to_metadata filter, anything else (streams, long or chunked answers) by the Lua filter
@@ -267,6 +269,10 @@ def decode_charge(rid: str, text: str, key: bytes) -> Charge:
     )
 
 
+# the events of a /v1/responses stream before its first delta (vLLM's and the simulator's)
+RESPONSES_PREAMBLE_EVENTS = 4
+
+
 def usage_from_fields(charge: Charge, fields: dict[str, Any], status: int) -> Usage:
     """The settlement of one access-log entry's ``matrixinfer`` metadata."""
     prompt = fields.get("prompt")
@@ -278,6 +284,10 @@ def usage_from_fields(charge: Charge, fields: dict[str, Any], status: int) -> Us
     events = int(fields.get("events") or 0)
     if charge.kind == "chat":
         events -= 1  # the first chunk carries the role only
+    elif charge.kind == "responses":
+        # no token before the first delta: response.created, response.in_progress,
+        # response.output_item.added, response.content_part.added
+        events -= RESPONSES_PREAMBLE_EVENTS
     return Usage(charge.estimate, max(0, events), False, "aborted")
 
 
@@ -429,12 +439,29 @@ def _address(address: Any) -> str:
     return f"{sock.address}:{sock.port_value}" if sock.address else ""
 
 
+def _first_token(common: Any, usage: Any) -> float:
+    """Seconds from the request's start to its first token: usage.lua's ``first_token_us``
+    (wall clock, µs) minus the entry's ``start_time`` (the same clock); 0.0 when none came."""
+    if usage is None:
+        return 0.0
+    value = usage.fields.get("first_token_us")
+    if value is None:
+        return 0.0
+    start = common.start_time
+    start_us = float(start.seconds * 1_000_000 + start.nanos // 1000)
+    seconds = (float(value.number_value) - start_us) / 1e6
+    return seconds if seconds > 0.0 else 0.0
+
+
 def answered(entry: Any) -> Answered:
     """The :class:`Answered` of one ``HTTPAccessLogEntry``."""
     common, request, response = entry.common_properties, entry.request, entry.response
     headers = request.request_headers
     usage = common.metadata.filter_metadata.get(METADATA_NAMESPACE)
-    completion = usage.fields.get("completion") if usage is not None else None
+    completion = prompt = None
+    if usage is not None:
+        completion = usage.fields.get("completion")
+        prompt = usage.fields.get("prompt")
     return Answered(
         request_id=request.request_id,
         status=response.response_code.value,
@@ -446,6 +473,8 @@ def answered(entry: Any) -> Answered:
         lora=headers.get(LORA_HEADER, ""),
         first_byte=_seconds(common.time_to_first_downstream_tx_byte),
         duration=_seconds(common.time_to_last_downstream_tx_byte),
+        first_token=_first_token(common, usage),
+        prompt_tokens=int(prompt.number_value) if prompt is not None else None,
         completion_tokens=int(completion.number_value) if completion is not None else None,
     )
 

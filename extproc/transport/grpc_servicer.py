@@ -27,6 +27,7 @@ from google.protobuf import duration_pb2, struct_pb2
 from extproc.gateway import DESTINATION_HEADER, Gateway, Immediate, RequestState, Routed
 from extproc.parsing import DEFAULT_BODY_LIMIT
 from extproc.policies.enforce import queue_notice
+from fleet.usage_envoy import USAGE_KEY
 
 __all__ = ["BODY_MODES", "ExtProcServicer"]
 
@@ -111,18 +112,17 @@ _V = TypeVar("_V")
 _reply_cache: dict[tuple[bool, bool, tuple[str, ...], tuple[tuple[str, str], ...]], bytes] = {}
 
 
-def _mutation(routed: Routed, body_len: int | None) -> pb.HeaderMutation:
+def _mutation(routed: Routed) -> pb.HeaderMutation:
     """Headers towards the pod; an empty value means "remove the client's copy"."""
     headers = [_set(DESTINATION_HEADER, routed.endpoints[0])]
     headers.extend(_set(k, v) for k, v in routed.headers.items() if v)
-    if body_len is not None:
-        headers.append(_set("content-length", str(body_len)))
     removed = [k for k, v in routed.headers.items() if not v]
     return pb.HeaderMutation(set_headers=headers, remove_headers=removed)
 
 
-# The header mutations of replies without a body rewrite, kept by (endpoints, headers) like the
-# replies: a policy reply (per-request metadata, so not kept itself) then builds only its metadata.
+# The header mutations, kept by (endpoints, headers) like the replies: a policy reply (per-request
+# metadata, so not kept itself) then builds only its metadata; a body rewrite (a forced usage
+# event, a model rewrite) copies one and adds the content-length.
 _mutation_cache: dict[tuple[tuple[str, ...], tuple[tuple[str, str], ...]], pb.HeaderMutation] = {}
 
 
@@ -137,7 +137,7 @@ def _keep(cache: dict[Any, _V], key: Any, value: _V) -> _V:
 def _kept_mutation(routed: Routed) -> pb.HeaderMutation:
     key = (tuple(routed.endpoints), tuple(routed.headers.items()))
     found = _mutation_cache.get(key)
-    return found if found is not None else _keep(_mutation_cache, key, _mutation(routed, None))
+    return found if found is not None else _keep(_mutation_cache, key, _mutation(routed))
 
 
 def _lb_metadata(routed: Routed) -> struct_pb2.Struct:
@@ -145,7 +145,8 @@ def _lb_metadata(routed: Routed) -> struct_pb2.Struct:
     lb = md.fields[LB_NAMESPACE].struct_value
     fields = lb.fields
     fields[DESTINATION_HEADER].string_value = ",".join(routed.endpoints)
-    if routed.metadata is not None:  # policies: the id the usage report comes back with
+    fields[USAGE_KEY].bool_value = True  # Envoy's usage filters read the answer (mark_usage)
+    if routed.metadata is not None:  # usage.lua's flags; policies: the id and the charge
         for key, value in routed.metadata.items():
             if type(value) is str:  # (fields set directly: Struct.update costs ~3x more)
                 fields[key].string_value = value
@@ -174,11 +175,9 @@ def from_decision(
     """The routing reply: the body reply (BUFFERED; with the rewritten body), or the held
     request-headers reply (FULL_DUPLEX_STREAMED); both carry the ``envoy.lb`` metadata (unless
     ``metadata`` is False: the reply without it, for :func:`decision_bytes` to add)."""
-    if routed.body is None:
-        mutation = _kept_mutation(routed)
-    else:
-        mutation = _mutation(routed, len(routed.body))
-    common = pb.CommonResponse(header_mutation=mutation)
+    common = pb.CommonResponse(header_mutation=_kept_mutation(routed))
+    if routed.body is not None:  # the kept mutation (a copy) plus the new body's length
+        common.header_mutation.set_headers.append(_set("content-length", str(len(routed.body))))
     md = _lb_metadata(routed) if metadata else None
     if duplex:
         return pb.ProcessingResponse(

@@ -83,8 +83,12 @@ matrixinfer_gateway_requests_total{model="chat",route="r",server="s",code="429"}
 matrixinfer_gateway_requests_total{model="other",route="r",server="s",code="200"} 5.0
 # TYPE matrixinfer_gateway_time_to_first_byte_seconds histogram
 matrixinfer_gateway_time_to_first_byte_seconds_bucket{model="chat",le="+Inf"} 8.0
-matrixinfer_gateway_time_to_first_byte_seconds_sum{model="chat"} 2.0
+matrixinfer_gateway_time_to_first_byte_seconds_sum{model="chat"} 0.8
 matrixinfer_gateway_time_to_first_byte_seconds_count{model="chat"} 8.0
+# TYPE matrixinfer_gateway_time_to_first_token_seconds histogram
+matrixinfer_gateway_time_to_first_token_seconds_bucket{model="chat",le="+Inf"} 8.0
+matrixinfer_gateway_time_to_first_token_seconds_sum{model="chat"} 2.0
+matrixinfer_gateway_time_to_first_token_seconds_count{model="chat"} 8.0
 # TYPE matrixinfer_gateway_output_tokens counter
 matrixinfer_gateway_output_tokens_total{model="chat"} 400.0
 # TYPE matrixinfer_gateway_output_tokens_per_second histogram

@@ -31,6 +31,8 @@ def entry(
     upstream: str = "10.0.0.1:8000",
     details: str = "via_upstream",
     completion: int | None = None,
+    prompt: int | None = None,
+    first_token_us: float | None = None,
 ) -> accesslog_pb2.HTTPAccessLogEntry:
     e = accesslog_pb2.HTTPAccessLogEntry()
     e.request.request_id = "rid-1"
@@ -46,11 +48,21 @@ def entry(
         e.common_properties.upstream_remote_address.socket_address.port_value = int(port)
     e.common_properties.time_to_first_downstream_tx_byte.nanos = 250_000_000
     e.common_properties.time_to_last_downstream_tx_byte.seconds = 2
+    e.common_properties.start_time.seconds = START_S
+    e.common_properties.start_time.nanos = 500_000  # 0.5 ms past START_S
+    usage: dict[str, float] = {}
     if completion is not None:
-        e.common_properties.metadata.filter_metadata["matrixinfer"].update(
-            {"completion": completion}
-        )
+        usage["completion"] = completion
+    if prompt is not None:
+        usage["prompt"] = prompt
+    if first_token_us is not None:
+        usage["first_token_us"] = first_token_us
+    if usage:
+        e.common_properties.metadata.filter_metadata["matrixinfer"].update(usage)
     return e
+
+
+START_S = 1_796_000_000  # the entry's start time (wall clock), seconds
 
 
 def test_an_entry_reads_as_answered() -> None:
@@ -69,6 +81,34 @@ def test_an_entry_reads_as_answered() -> None:
         completion_tokens=12,
     )
     assert answered(entry(200, upstream="")).completion_tokens is None
+    # a stream: usage.lua's first-token time (wall clock, µs) against the entry's start time
+    stream = answered(entry(200, completion=5, prompt=9, first_token_us=START_S * 1e6 + 300_500))
+    assert stream.first_token == pytest.approx(0.3) and stream.prompt_tokens == 9
+    assert answered(entry(200, completion=5)).first_token == 0.0  # not a stream
+
+
+def test_stream_metrics_time_to_first_token_and_inter_token_latency() -> None:
+    gw, _ = make()
+    # 2 s in all, the first of 5 tokens at 0.4 s: 0.4 s per token after it
+    first = START_S * 1e6 + 400_500
+    gw.answered(answered(entry(200, completion=5, prompt=9, first_token_us=first)))
+    assert sample(gw, "matrixinfer_gateway_time_to_first_token_seconds_count", model="chat") == 1
+    ttft = sample(gw, "matrixinfer_gateway_time_to_first_token_seconds_sum", model="chat")
+    assert ttft == pytest.approx(0.4)
+    itl = sample(gw, "matrixinfer_gateway_inter_token_latency_seconds_sum", model="chat")
+    assert itl == pytest.approx(0.4)
+    assert sample(gw, "matrixinfer_gateway_input_tokens_total", model="chat") == 9
+    assert sample(gw, "matrixinfer_gateway_output_tokens_total", model="chat") == 5
+    # a JSON answer: tokens, no first token, no inter-token latency
+    gw.answered(answered(entry(200, completion=3, prompt=4)))
+    assert sample(gw, "matrixinfer_gateway_time_to_first_token_seconds_count", model="chat") == 1
+    assert sample(gw, "matrixinfer_gateway_inter_token_latency_seconds_count", model="chat") == 1
+    assert sample(gw, "matrixinfer_gateway_input_tokens_total", model="chat") == 13
+    # a stream cut before its usage event: its first token counts, no tokens
+    gw.answered(answered(entry(200, first_token_us=START_S * 1e6 + 100_500)))
+    assert sample(gw, "matrixinfer_gateway_time_to_first_token_seconds_count", model="chat") == 2
+    assert sample(gw, "matrixinfer_gateway_inter_token_latency_seconds_count", model="chat") == 1
+    assert sample(gw, "matrixinfer_gateway_output_tokens_total", model="chat") == 8
 
 
 def sample(gw: Any, name: str, **labels: str) -> float | None:

@@ -341,6 +341,16 @@ def test_engine_error_costs_nothing() -> None:
     assert usage_from_fields(Charge("x", 50, "chat", "u"), {}, 400) == Usage(0, 0, True, "error")
 
 
+def test_responses_usage_and_aborted_responses_stream() -> None:
+    """/v1/responses: the usage filters write input/output tokens as prompt/completion; an
+    aborted stream is charged its delta events (the four events before the first carry none)."""
+    charge = Charge("r", 50, "responses", "u")
+    reported = usage_from_fields(charge, {"prompt": 9.0, "completion": 3.0, "events": 12.0}, 200)
+    assert reported == Usage(9, 3, True, "reported")
+    assert usage_from_fields(charge, {"events": 10.0}, 200) == Usage(50, 6, False, "aborted")
+    assert usage_from_fields(charge, {"events": 2.0}, 200) == Usage(50, 0, False, "aborted")
+
+
 def test_force_usage() -> None:
     body: dict[str, object] = {"stream": True}
     assert force_usage(body) is True

@@ -17,12 +17,14 @@ from hypothesis import strategies as st
 
 from extproc.gateway import Routed
 from extproc.policies.usage import force_usage
-from fleet.usage_envoy import STRIP_KEY, lua_source
+from fleet.usage_envoy import RESPONSES_KEY, STRIP_KEY, USAGE_KEY, lua_source
 
 lupa = pytest.importorskip("lupa.luajit21")
 
 HARNESS = b"""
 local chunks, lb, ctype = ...
+EnvoyTimestampResolution = {MILLISECOND = 0, MICROSECOND = 1}
+local clock = 0 -- a stand-in clock: microsecond 1000 * (the chunk being looked at)
 local meta = {["envoy.lb"] = lb}
 local dm = {
   get = function(self, ns) return meta[ns] end,
@@ -38,6 +40,10 @@ local seen = {}
 local handle = {
   streamInfo = function(self) return info end,
   headers = function(self) return headers end,
+  timestampString = function(self, resolution)
+    assert(resolution == EnvoyTimestampResolution.MICROSECOND)
+    return tostring(1000 * clock)
+  end,
   body = function(self)
     local b = {data = table.concat(chunks)}
     function b:length() return #self.data end
@@ -48,6 +54,7 @@ local handle = {
     local i = 0
     return function()
       i = i + 1
+      clock = i
       if chunks[i] == nil then return nil end
       local c = {data = chunks[i]}
       function c:length() return #self.data end
@@ -66,11 +73,18 @@ return out, meta["matrixinfer"], removed
 
 
 def run_filter(
-    chunks: list[bytes], strip: bool, ctype: bytes = b"text/event-stream"
+    chunks: list[bytes],
+    strip: bool,
+    ctype: bytes = b"text/event-stream",
+    responses: bool = False,
+    marked: bool = True,
 ) -> tuple[list[bytes], dict[str, Any]]:
     lua = lupa.LuaRuntime(encoding=None)
     lua.execute(lua_source().encode())
-    lb = lua.table_from({b"matrixinfer_rid": b"r-1", b"matrixinfer_strip": strip})
+    flags = {b"matrixinfer_strip": strip, b"matrixinfer_responses": responses}
+    if marked:
+        flags[USAGE_KEY.encode()] = True
+    lb = lua.table_from(flags)
     out, md, _ = lua.execute(HARNESS, lua.table_from(chunks), lb, ctype)
     passed = [out[i + 1] for i in range(len(out))]
     fields = {k.decode(): v for k, v in (md or {}).items()}
@@ -181,6 +195,72 @@ def test_json_answers_untouched_and_read() -> None:
         assert b"".join(passed) == long
 
 
+def test_first_token_is_the_first_event() -> None:
+    """A chat stream's first token is its first ``data:`` event (vLLM sends the role chunk with
+    the first token): usage.lua notes the clock when that chunk passes, once."""
+    full, _ = stream(["a", "b", "c"])
+    first = full.index(b"data:")
+    chunks = [b": keep-alive\n\n", full[: first + 20], full[first + 20 :]]
+    _, md = run_filter(chunks, strip=False)
+    assert md["first_token_us"] == 2000  # the second chunk (the first one carries no event)
+    # "data:" cut across two chunks: the chunk that completes it
+    _, md = run_filter([full[: first + 2], full[first + 2 :]], strip=False)
+    assert md["first_token_us"] == 2000
+    # no event at all: no first token
+    _, md = run_filter([b": keep-alive\n\n"], strip=False)
+    assert "first_token_us" not in md
+
+
+def responses_stream(texts: list[str]) -> list[bytes]:
+    """A Responses API stream (vLLM's shape), one chunk per group of events."""
+
+    def ev(kind: str, **data: Any) -> bytes:
+        payload = json.dumps({"type": kind, **data}, separators=(",", ":")).encode()
+        return b"event: " + kind.encode() + b"\ndata: " + payload + b"\n\n"
+
+    usage = {"input_tokens": 11, "output_tokens": len(texts), "total_tokens": 11 + len(texts)}
+    return [
+        ev("response.created", response={"status": "in_progress", "usage": None})
+        + ev("response.in_progress", response={"status": "in_progress", "usage": None}),
+        ev("response.output_item.added", item={"type": "message", "content": []}),
+        *(ev("response.output_text.delta", delta=t) for t in texts),
+        ev("response.output_text.done", text="".join(texts))
+        + ev("response.completed", response={"status": "completed", "usage": usage}),
+    ]
+
+
+def test_responses_stream_first_delta_and_usage() -> None:
+    """A /v1/responses stream: the first token is the first delta event (response.created
+    comes before any token); the usage is response.completed's input/output tokens."""
+    chunks = responses_stream(["x", " y", " z"])
+    passed, md = run_filter(chunks, strip=False, responses=True)
+    assert passed == chunks
+    assert md["first_token_us"] == 3000  # the third chunk: the first delta
+    assert md["prompt"] == 11 and md["completion"] == 3
+    # without the flag the first event counts (what a chat stream needs)
+    _, md = run_filter(chunks, strip=False)
+    assert md["first_token_us"] == 1000
+
+
+def test_responses_json_usage_read() -> None:
+    body = orjson.dumps(
+        {
+            "object": "response",
+            "output": [{"type": "message", "content": [{"text": "hi"}]}],
+            "max_output_tokens": 99,  # not the usage
+            "usage": {"input_tokens": 7, "output_tokens": 2, "total_tokens": 9},
+        }
+    )
+    _, md = run_filter([body], strip=False, ctype=b"application/json")
+    assert md["prompt"] == 7 and md["completion"] == 2 and "first_token_us" not in md
+
+
+def test_unmarked_answers_are_not_read() -> None:
+    full, _ = stream(["a"])
+    passed, md = run_filter([full], strip=False, marked=False)
+    assert passed == [] and md == {}  # returned before asking for the body
+
+
 def test_lua_file_is_the_shipped_one() -> None:
     assert (Path(__file__).resolve().parents[2] / "envoy" / "usage.lua").read_text() == (
         lua_source()
@@ -229,3 +309,34 @@ async def test_gateway_marks_only_forced_streams(tmp_path: Path) -> None:
     assert isinstance(asked, Routed) and asked.metadata is not None
     assert STRIP_KEY not in asked.metadata
     assert asked.body is None  # the client's body goes to the engine as it was
+
+
+async def test_without_policies_streams_are_marked_too() -> None:
+    """No policies: a chat stream still asks for its usage event (hidden again from the client),
+    the model rewrite kept; a /v1/responses stream is flagged for usage.lua's first token; a JSON
+    request keeps the kept reply (no per-request metadata)."""
+    from tests.extproc.test_gateway_core import HEADERS, make
+
+    gw, _ = make()
+    assert gw.policies is None
+    messages = [{"role": "user", "content": "hi"}]
+
+    async def decide(path: str, body: dict[str, Any]) -> Routed:
+        state, answer = gw.start({**HEADERS, ":path": path}, end_of_stream=False)
+        assert answer is None
+        routed = await gw.decide(state, orjson.dumps(body))
+        gw.finish(state)
+        assert isinstance(routed, Routed)
+        return routed
+
+    chat = await decide("/v1/chat/completions", {"model": "chat", "messages": messages,
+                                                 "stream": True})  # fmt: skip
+    assert chat.metadata == {STRIP_KEY: True} and chat.body is not None
+    sent = orjson.loads(chat.body)
+    assert sent["stream_options"] == {"include_usage": True}
+    assert sent["model"] == "upstream/chat-7b"  # the ModelServer's model rewrite kept
+    responses = await decide("/v1/responses", {"model": "chat", "input": "hi", "stream": True})
+    assert responses.metadata == {RESPONSES_KEY: True}
+    assert "stream_options" not in orjson.loads(responses.body or b"{}")
+    plain = await decide("/v1/chat/completions", {"model": "chat", "messages": messages})
+    assert plain.metadata is None

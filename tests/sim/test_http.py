@@ -241,3 +241,35 @@ def test_repeated_long_prompt_hits_the_prefix_cache(sim_factory: SimFactory) -> 
     first_ttft = ttft_sum(mid) - ttft_sum(before)
     second_ttft = ttft_sum(after) - ttft_sum(mid)
     assert second_ttft < first_ttft
+
+
+def test_responses_api(shared_sim: SimPod) -> None:
+    """``POST /v1/responses``: a JSON answer and a stream in the Responses API's shape, with
+    ``usage.input_tokens``/``output_tokens`` (the stream's in ``response.completed``)."""
+    c = client(shared_sim)
+    r = c.responses.create(model=MODEL, input="Hello there!", max_output_tokens=4)
+    assert r.object == "response" and r.status == "incomplete"  # stopped at max_output_tokens
+    assert r.usage is not None and r.usage.output_tokens == 4 and r.usage.input_tokens > 0
+    assert len(r.output_text.split()) == 4
+    events = list(
+        c.responses.create(
+            model=MODEL,
+            input=[{"role": "user", "content": [{"type": "input_text", "text": "hi"}]}],
+            instructions="be brief",
+            max_output_tokens=3,
+            stream=True,
+        )
+    )
+    kinds = [e.type for e in events]
+    assert kinds[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert kinds.count("response.output_text.delta") == 3
+    assert kinds[-1] == "response.completed"
+    done = events[-1]
+    assert done.type == "response.completed" and done.response.usage is not None
+    assert done.response.usage.output_tokens == 3
+    assert [e.sequence_number for e in events] == list(range(len(events)))
