@@ -72,7 +72,15 @@ from fleet.files import load_directory
 from fleet.plugins import check_profile
 from fleet.profile import SchedulerProfile
 from sim.config import SimConfig
-from sim.engine import SGLANG_BUCKETS, VLLM_BUCKETS, Batch, Engine, QueueFull, Request
+from sim.engine import (
+    FINISHED,
+    SGLANG_BUCKETS,
+    VLLM_BUCKETS,
+    Batch,
+    Engine,
+    QueueFull,
+    Request,
+)
 from sim.fleet import SimPod
 from sim.metrics import LoraView, SglangCollector, VllmCollector, make_registry, render
 from sim.tokenizer import OUTPUT_WORD_IDS, OUTPUT_WORDS, VOCAB_SIZE, Tokenizer
@@ -92,10 +100,19 @@ for _w, _i in zip(OUTPUT_WORDS, OUTPUT_WORD_IDS, strict=True):
     _WORD.setdefault(_i, _w)
 
 _TOKENIZER = Tokenizer()
-# token ids of one chat message in the simulator's template, shared by every simulation of the
-# process (contenders of one comparison see the same prompts); bounded
-_TEMPLATE: dict[tuple[str, str], list[int]] = {}
-_GENERATION_PROMPT = _TOKENIZER.encode("<|assistant|>\n")
+# token ids of one chat message in the simulator's template, and their bytes as the output plan's
+# hash reads them (int32 array; converting a long prompt costs ~40 ns a token, so once per
+# message), shared by every simulation of the process (contenders of one comparison see the same
+# prompts); bounded
+_Part = tuple[list[int], bytes]
+_TEMPLATE: dict[tuple[str, str], _Part] = {}
+
+
+def _part(ids: list[int]) -> _Part:
+    return ids, array.array("i", ids).tobytes()
+
+
+_GENERATION_PROMPT = _part(_TOKENIZER.encode("<|assistant|>\n"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +146,12 @@ class FleetSpec:
             raise ValueError(f"metrics_page must be 'minimal' or 'full', got {self.metrics_page!r}")
 
     def sim_config(self) -> SimConfig:
-        """The engines' configuration from ``sim_args`` (the ``matrixinfer-sim`` flags)."""
+        """The engines' configuration from ``sim_args`` (the ``matrixinfer-sim`` flags).
+
+        Every engine of the fleet gets the same block-hash seed (``$PYTHONHASHSEED``, else
+        ``"0"``) instead of a random one each: which blocks hit is the same either way (a block
+        hash names its prefix), but the fleet's engines and runs then compute equal digests,
+        which the process-wide hash memo (``sim.blockhash.memo``) computes once."""
         from sim.cli import build_config, serve_parser
 
         parser = serve_parser()
@@ -138,7 +160,11 @@ class FleetSpec:
             ns = parser.parse_args(["--model", self.model, *self.sim_args])
         except SystemExit:
             raise ValueError(f"sim_args {list(self.sim_args)} are not valid sim flags") from None
-        return build_config(ns)
+        cfg = build_config(ns)
+        if cfg.engine.hash_seed is None:
+            engine = cfg.engine.model_copy(update={"hash_seed": "0"})
+            cfg = cfg.model_copy(update={"engine": engine})
+        return cfg
 
 
 def contender_named(name: str) -> Contender:
@@ -504,18 +530,25 @@ class _Simulation:
             self._fail(flight, 404, f"The model `{model}` does not exist.")
             return
         if session.prompt_ids is None:
-            ids = self._encode_chat(flight.messages)
+            # the prompt and its output-plan hash, a message at a time (xxh64 streamed over the
+            # parts is xxh64 of their concatenation)
+            ids = []
+            hasher = xxhash.xxh64(seed=self.cfg.seed)
+            for part, raw in self._chat_parts(flight.messages):
+                ids += part
+                hasher.update(raw)
+            h = hasher.intdigest()
         else:
             ids = list(session.prompt_ids)
             bad = [x for x in ids if not 0 <= x < VOCAB_SIZE]
             if bad:
                 self._fail(flight, 400, f"invalid request: token id {bad[0]} out of vocabulary")
                 return
+            h = xxhash.xxh64_intdigest(array.array("i", ids).tobytes(), seed=self.cfg.seed)
         n = session.max_tokens
         if len(ids) + n > self.cfg.engine.max_model_len:
             self._fail(flight, 400, f"{len(ids)} + {n} tokens exceed the maximum context length")
             return
-        h = xxhash.xxh64_intdigest(array.array("i", ids).tobytes(), seed=self.cfg.seed)
         out = random.Random(h).choices(OUTPUT_WORD_IDS, k=n)
         req = Request(flight.record.request_id, ids, out, self.now, "length", lora)
         req.waiter = flight
@@ -528,19 +561,28 @@ class _Simulation:
             self._schedule_step(pod)
 
     @staticmethod
-    def _encode_chat(messages: list[tuple[str, str]]) -> list[int]:
-        """``Tokenizer.encode(apply_chat_template(messages))``, one cached piece per message: the
-        template ends every message with a newline, and whitespace never joins two tokens."""
+    def _chat_parts(messages: list[tuple[str, str]]) -> list[_Part]:
+        """``Tokenizer.encode(apply_chat_template(messages))`` in cached pieces, one per message
+        and the generation prompt: the template ends every message with a newline, and
+        whitespace never joins two tokens."""
         cache = _TEMPLATE
-        ids: list[int] = []
+        parts: list[_Part] = []
         for m in messages:
             part = cache.get(m)
             if part is None:
                 if len(cache) > 20_000:
                     cache.clear()
-                part = cache[m] = _TOKENIZER.encode(f"<|{m[0]}|>\n{m[1]}\n")
+                part = cache[m] = _part(_TOKENIZER.encode(f"<|{m[0]}|>\n{m[1]}\n"))
+            parts.append(part)
+        parts.append(_GENERATION_PROMPT)
+        return parts
+
+    @staticmethod
+    def _encode_chat(messages: list[tuple[str, str]]) -> list[int]:
+        """The prompt's token ids (``_chat_parts`` joined)."""
+        ids: list[int] = []
+        for part, _raw in _Simulation._chat_parts(messages):
             ids += part
-        ids += _GENERATION_PROMPT
         return ids
 
     def _fail(self, flight: _Flight, status: int, text: str) -> None:
@@ -578,7 +620,7 @@ class _Simulation:
             else:
                 rec.itl.append(now - flight.last_token)
             flight.last_token = now
-            if req.done:
+            if req.status >= FINISHED:  # req.done, inlined
                 self._done(flight, req)
         pod.batch = None
         if pod.engine.has_work():
