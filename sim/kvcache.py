@@ -13,14 +13,18 @@ the engine's driver takes them after each step (:meth:`KVCacheManager.take_event
 
 from __future__ import annotations
 
-import contextlib
+import operator
 from collections import OrderedDict
-from typing import Any, Protocol
+from functools import partial
+from itertools import islice, takewhile
+from typing import Any, Protocol, cast
 
 from sim.blockhash import BlockHash, ChainHasher, external
 from sim.kvevents import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
 __all__ = ["BlockPool", "KVCacheManager", "SeqLike"]
+
+_NOT_NONE = partial(operator.is_not, None)
 
 
 class SeqLike(Protocol):
@@ -194,10 +198,11 @@ class KVCacheManager:
             prefix = []
             start = 0
         if start < len(hs):
-            # one C-level pass; the hit is the prefix before the first miss
-            found: list[Any] = list(map(pool.cached.get, hs[start:] if start else hs))
-            with contextlib.suppress(ValueError):
-                del found[found.index(None) :]
+            # the hit is the prefix before the first miss (a C-level pass that stops there)
+            found = cast(
+                "list[int]",
+                list(takewhile(_NOT_NONE, map(pool.cached.get, islice(hs, start, None)))),
+            )
             if found:
                 prefix = prefix + found
         self._last_lookup = (seq, pool.evictions, prefix)
@@ -213,10 +218,12 @@ class KVCacheManager:
         """Make room for ``num_new`` more tokens (after taking ``hits``); False if it cannot."""
         pool = self.pool
         if hits:
-            free_hits = list(map(pool.ref.__getitem__, hits)).count(0)
             computed = len(hits) * self.block_size
             need = -(-(computed + num_new) // self.block_size) - len(hits)
-            if need > pool.num_free - free_hits:
+            free = len(pool.free)
+            # hit blocks in the free queue are not free for the rest: count them only when the
+            # answer depends on it (a waiting request retries this every step)
+            if need > free or need > free - list(map(pool.ref.__getitem__, hits)).count(0):
                 return False
             pool.touch(hits)
             seq.block_ids = list(hits)
