@@ -44,6 +44,7 @@ gateway code. Everything is deterministic for the seed.
 from __future__ import annotations
 
 import array
+import copy
 import heapq
 import math
 import random
@@ -67,10 +68,12 @@ from extproc.gateway import Gateway, Immediate, Routed
 from extproc.metrics import GatewayMetrics
 from extproc.scheduling import build_scheduler
 from extproc.scraper import _phase
+from fleet.config import GatewayConfig
 from fleet.engine_metrics import LatencyState, parse_metrics
 from fleet.files import load_directory
 from fleet.plugins import check_profile
 from fleet.profile import SchedulerProfile
+from sim.blockhash import clear_memos
 from sim.config import SimConfig
 from sim.engine import (
     FINISHED,
@@ -92,6 +95,7 @@ __all__ = [
     "SimResult",
     "contender_named",
     "metrics_page",
+    "reset_caches",
     "simulate",
 ]
 
@@ -110,6 +114,15 @@ _TEMPLATE: dict[tuple[str, str], _Part] = {}
 
 def _part(ids: list[int]) -> _Part:
     return ids, array.array("i", ids).tobytes()
+
+
+def reset_caches() -> None:
+    """Empty the process-wide caches a simulation fills (chat messages' token ids, block-hash
+    digests, loaded gateway configurations): the next run starts cold, as a process's first run
+    does."""
+    _TEMPLATE.clear()
+    _CONFIGS.clear()
+    clear_memos()
 
 
 _GENERATION_PROMPT = _part(_TOKENIZER.encode("<|assistant|>\n"))
@@ -299,6 +312,33 @@ def _settled(decision: Coroutine[Any, Any, Routed | Immediate]) -> Routed | Imme
     raise RuntimeError("gateway policies (decisions that wait) are not simulated")
 
 
+# the gateway configuration of a fleet and contender, as the suite's YAML files load (writing and
+# parsing them costs ~5 ms, a tenth of a short run); each simulation applies a deep copy
+_CONFIGS: dict[tuple[Any, ...], GatewayConfig] = {}
+
+
+def _gateway_config(
+    hosts: list[SimPod], model: str, adapters: list[str], contender: Contender
+) -> GatewayConfig:
+    key = (
+        tuple((h.name, h.host, h.port) for h in hosts),
+        model,
+        tuple(adapters),
+        orjson.dumps(contender.profile, option=orjson.OPT_SORT_KEYS),
+    )
+    config = _CONFIGS.get(key)
+    if config is None:
+        with tempfile.TemporaryDirectory(prefix="fleetsim-") as tmp:
+            directory = write_gateway_config(
+                Path(tmp), hosts, model=model, adapters=adapters, profile=contender.profile
+            )
+            config = load_directory(directory)
+        if len(_CONFIGS) >= 64:
+            _CONFIGS.clear()
+        _CONFIGS[key] = config
+    return copy.deepcopy(config)
+
+
 class _Simulation:
     def __init__(
         self,
@@ -352,15 +392,7 @@ class _Simulation:
     # ---- set-up -------------------------------------------------------------------------------
     def _gateway(self, hosts: list[SimPod], seed: int) -> Gateway:
         clock = self.clock
-        with tempfile.TemporaryDirectory(prefix="fleetsim-") as tmp:
-            directory = write_gateway_config(
-                Path(tmp),
-                hosts,
-                model=self.fleet.model,
-                adapters=sorted(self.adapters),
-                profile=self.contender.profile,
-            )
-            config = load_directory(directory)
+        config = _gateway_config(hosts, self.fleet.model, sorted(self.adapters), self.contender)
         if self.default_profile is not None:
             check_profile(self.default_profile)
             config.scheduler_profile = self.default_profile
@@ -427,16 +459,19 @@ class _Simulation:
         self.push(0.0, _SAMPLE, None)
         events = self.events
         pop = heapq.heappop
+        deadline = self.deadline
+        step_end = self._step_end
         while events:
             t, _, kind, data = pop(events)
-            if t > self.deadline:
+            if t > deadline:
                 break
             self.now = t
+            if kind == _STEP:  # most events by far
+                step_end(data)
+                continue
             if kind in _CLIENT_EVENTS:
                 self.pending -= 1
-            if kind == _STEP:
-                self._step_end(data)
-            elif kind == _ARRIVE:
+            if kind == _ARRIVE:
                 self._send(*data)
             elif kind == _SCRAPE:
                 self._scrape(data)
@@ -606,7 +641,8 @@ class _Simulation:
         batch = pod.engine.schedule(self.now)
         pod.batch = batch
         if batch is not None:
-            self.push(batch.end, _STEP, pod)
+            self.seq += 1  # self.push, inlined: a step is not a client event
+            heapq.heappush(self.events, (batch.start + batch.duration, self.seq, _STEP, pod))
 
     def _step_end(self, pod: _Pod) -> None:
         batch = pod.batch
