@@ -16,6 +16,16 @@ hashes).
   language: the algorithm to use when a router recomputes the hashes.
 - ``builtin``: Python's ``hash()`` (fast; only meaningful inside one process).
 
+A simulated engine hashes every block of every request it admits, and the same blocks come again
+and again (a system prompt sent to every pod, a chat history resent each turn): hashing was most
+of an engine step's cost. :class:`ChainHasher` computes the same digests cheaper, exactly:
+
+- a process-wide memo per algorithm maps a block's whole argument to its digest (a block seen
+  before costs a dict lookup instead of SHA-256 over pickle);
+- a sequence whose first block another recent sequence started with takes that sequence's
+  digests for the leading blocks whose tokens are equal (compared a span at a time), since a
+  block's digest depends only on the root, the extra keys and the tokens up to its end.
+
 KV events carry the *external* form of a hash: the digest's low 64 bits as an unsigned integer
 (``int.from_bytes(digest, "big") & (2**64 - 1)``), as vLLM sends with its default
 ``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES``.
@@ -27,15 +37,18 @@ import hashlib
 import os
 import pickle
 import struct
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 __all__ = [
     "HASH_ALGOS",
     "BlockHash",
+    "ChainHasher",
     "HashAlgo",
     "cbor",
     "chain",
+    "clear_memos",
     "external",
     "hash_fn",
     "root_hash",
@@ -115,6 +128,116 @@ def hash_fn(algo: str) -> Callable[[Any], BlockHash]:
     if algo == "builtin":
         return hash
     raise ValueError(f"unknown prefix-caching hash algorithm {algo!r} (known: {HASH_ALGOS})")
+
+
+class _Memo:
+    """What a process remembers of one algorithm's digests (bounded; see ChainHasher)."""
+
+    __slots__ = ("blocks", "donors")
+
+    BLOCKS = 1 << 15  # entries: a block's ~0.5-1 kB (its token-id tuple and digest)
+    DONORS = 128  # sequences: their token ids and digests (a few 10 kB each)
+
+    def __init__(self) -> None:
+        # (parent, block token ids, extra keys) -> digest
+        self.blocks: dict[tuple[Any, ...], BlockHash] = {}
+        # (root, first block's token ids, extra keys) -> (token ids, digests) of the latest
+        # sequence that started so
+        self.donors: OrderedDict[tuple[Any, ...], tuple[Sequence[int], list[BlockHash]]] = (
+            OrderedDict()
+        )
+
+
+_MEMOS: dict[str, _Memo] = {}
+
+
+def clear_memos() -> None:
+    """Forget every digest the process remembers (benchmarks measuring a cold start)."""
+    for memo in _MEMOS.values():
+        memo.blocks.clear()
+        memo.donors.clear()
+
+
+_SPAN = 16  # blocks compared at once when matching a donor's tokens
+
+
+class ChainHasher:
+    """The chained block digests of sequences: ``hash_fn(algo)`` from ``root_hash(algo, seed)``,
+    with the process-wide memo of the algorithm (no block memo for ``builtin``, whose ``hash()``
+    costs what a lookup would). Every digest is the one ``chain`` computes."""
+
+    __slots__ = ("_memo", "_memo_blocks", "block_size", "fn", "root")
+
+    def __init__(self, algo: str, seed: str | None, block_size: int) -> None:
+        if block_size < 1:
+            raise ValueError(f"block size must be >= 1, got {block_size}")
+        self.fn = hash_fn(algo)
+        self.root = root_hash(algo, seed)
+        self.block_size = block_size
+        memo = _MEMOS.get(algo)
+        if memo is None:
+            memo = _MEMOS[algo] = _Memo()
+        self._memo = memo
+        self._memo_blocks = algo != "builtin"
+
+    def extend(
+        self, ids: Sequence[int], extra: tuple[Any, ...] | None, hs: list[BlockHash], want: int
+    ) -> None:
+        """Append to ``hs`` (the digests of the first ``len(hs)`` full blocks of ``ids``) those
+        of the blocks up to ``want``."""
+        have = len(hs)
+        if have >= want:
+            return
+        bs = self.block_size
+        memo = self._memo
+        fn = self.fn
+        if not have:
+            donors = memo.donors
+            key = (self.root, tuple(ids[:bs]), extra)
+            donor = donors.get(key)
+            if donor is not None:
+                have = _common_blocks(ids, donor[0], min(want, len(donor[1])), bs)
+                hs.extend(donor[1][:have])
+                donors.move_to_end(key)
+            elif len(donors) >= memo.DONORS:
+                donors.popitem(last=False)
+            donors[key] = (ids, hs)
+            if have >= want:
+                return
+        if not self._memo_blocks:
+            parent = hs[-1] if hs else self.root
+            t = tuple(ids[have * bs : want * bs])
+            for i in range(0, len(t), bs):
+                parent = fn((parent, t[i : i + bs], extra))
+                hs.append(parent)
+            return
+        blocks = memo.blocks
+        get = blocks.get
+        parent = hs[-1] if hs else self.root
+        t = tuple(ids[have * bs : want * bs])
+        for i in range(0, len(t), bs):
+            k = (parent, t[i : i + bs], extra)
+            h = get(k)
+            if h is None:
+                h = fn(k)
+                if len(blocks) >= memo.BLOCKS:
+                    blocks.clear()
+                blocks[k] = h
+            parent = h
+            hs.append(h)
+
+
+def _common_blocks(a: Sequence[int], b: Sequence[int], n: int, bs: int) -> int:
+    """How many of the first ``n`` blocks of ``a`` and ``b`` hold equal tokens, leading."""
+    s = 0
+    while s < n:
+        e = min(n, s + _SPAN)
+        if a[s * bs : e * bs] != b[s * bs : e * bs]:
+            while a[s * bs : (s + 1) * bs] == b[s * bs : (s + 1) * bs]:
+                s += 1
+            return s
+        s = e
+    return n
 
 
 def root_hash(algo: str, seed: str | None) -> BlockHash:

@@ -318,28 +318,34 @@ class Engine:
                     self.waiting.appendleft(r)
 
         # 1. running requests
+        # (the engine's hottest loop: one pass per running request per step, attributes inlined)
         preempted = False
         running = self.running
+        block_size = kv.block_size
         i = 0
         while i < len(running) and budget > 0:
             req = running[i]
-            n = req.num_tokens - req.num_computed
+            computed = req.num_computed
+            prompt_len = len(req.prompt_ids)
+            n = prompt_len + req.num_output - computed
             if n > budget:
                 n = budget
-            scheduled = True
-            while not kv.allocate(req, n):
-                victim = running.pop()
-                self._preempt(victim)
-                preempted = True
-                if victim is req:
-                    scheduled = False
+            # a step that fits in the sequence's blocks allocates nothing (allocate would say so)
+            if computed + n > len(req.block_ids) * block_size:
+                scheduled = True
+                while not kv.allocate(req, n):
+                    victim = running.pop()
+                    self._preempt(victim)
+                    preempted = True
+                    if victim is req:
+                        scheduled = False
+                        break
+                if not scheduled:
                     break
-            if not scheduled:
-                break
             reqs.append(req)
             num_new.append(n)
             budget -= n
-            if req.num_computed >= req.prompt_len:
+            if computed >= prompt_len:
                 decode_seqs += 1
             else:
                 prefill_tokens += n
@@ -434,12 +440,19 @@ class Engine:
         stats.prefill_computed_tokens += batch.prefill_tokens
         out: list[Request] = []
         any_finished = False
+        # kv.cache_computed and stats.itl.observe inlined (once per running request per step)
+        caching = kv.caching
+        block_size = kv.block_size
+        itl = stats.itl
+        itl_bounds, itl_counts = itl.bounds, itl.counts
         for req, n in zip(batch.reqs, batch.num_new, strict=True):
             if req.status != RUNNING:
                 continue  # aborted or preempted meanwhile
-            req.num_computed += n
-            kv.cache_computed(req)
-            if req.num_computed < req.num_tokens:
+            computed = req.num_computed + n
+            req.num_computed = computed
+            if caching and computed // block_size > req.num_cached_blocks:
+                kv.cache_computed(req)
+            if computed < len(req.prompt_ids) + req.num_output:
                 continue  # a prefill chunk, or recomputation after preemption
             req.num_output += 1
             stats.generation_tokens += 1
@@ -448,7 +461,10 @@ class Engine:
                 stats.ttft.observe(now - req.arrival)
                 stats.prompt_tokens += req.prompt_len
             else:
-                stats.itl.observe(now - req.last_token)
+                v = now - req.last_token
+                itl_counts[bisect.bisect_left(itl_bounds, v)] += 1
+                itl.sum += v
+                itl.count += 1
             req.last_token = now
             if req.num_output >= len(req.output_ids):
                 self._finish(req, now)

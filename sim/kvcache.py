@@ -13,13 +13,18 @@ the engine's driver takes them after each step (:meth:`KVCacheManager.take_event
 
 from __future__ import annotations
 
+import operator
 from collections import OrderedDict
-from typing import Any, Protocol
+from functools import partial
+from itertools import islice, takewhile
+from typing import Any, Protocol, cast
 
-from sim.blockhash import BlockHash, external, hash_fn, root_hash
+from sim.blockhash import BlockHash, ChainHasher, external
 from sim.kvevents import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
 __all__ = ["BlockPool", "KVCacheManager", "SeqLike"]
+
+_NOT_NONE = partial(operator.is_not, None)
 
 
 class SeqLike(Protocol):
@@ -36,7 +41,7 @@ class SeqLike(Protocol):
 class BlockPool:
     """Block ids, reference counts, the LRU free queue and the hash -> block map."""
 
-    __slots__ = ("block_hash", "cached", "events", "free", "num_blocks", "ref")
+    __slots__ = ("block_hash", "cached", "events", "evictions", "free", "num_blocks", "ref")
 
     def __init__(self, num_blocks: int, record_events: bool = False) -> None:
         self.num_blocks = num_blocks
@@ -45,6 +50,7 @@ class BlockPool:
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
         self.cached: dict[BlockHash, int] = {}
         self.events: list[KVEvent] | None = [] if record_events else None
+        self.evictions = 0  # cached hashes dropped so far (by take or reset)
 
     @property
     def num_free(self) -> int:
@@ -63,19 +69,25 @@ class BlockPool:
         """Pop ``n`` free blocks (evicting their cached hashes); caller checked ``num_free``."""
         out: list[int] = []
         removed: list[int] = []
+        dropped = 0
         free, cached, bh, ref = self.free, self.cached, self.block_hash, self.ref
+        events = self.events
         for _ in range(n):
             b, _v = free.popitem(last=False)
             h = bh[b]
             if h is not None:
                 if cached.get(h) == b:
                     del cached[h]
-                    removed.append(external(h))
+                    dropped += 1
+                    if events is not None:
+                        removed.append(external(h))
                 bh[b] = None
             ref[b] = 1
             out.append(b)
-        if removed and self.events is not None:
-            self.events.append(BlockRemoved(removed))
+        if dropped:
+            self.evictions += dropped
+            if events is not None:
+                events.append(BlockRemoved(removed))
         return out
 
     def release(self, blocks: list[int]) -> None:
@@ -99,6 +111,7 @@ class BlockPool:
         """Drop every cached hash (vLLM's reset_prefix_cache); refused while blocks are in use."""
         if len(self.free) != self.num_blocks:
             return False
+        self.evictions += len(self.cached)
         self.cached.clear()
         self.block_hash = [None] * self.num_blocks
         if self.events is not None:
@@ -109,7 +122,15 @@ class BlockPool:
 class KVCacheManager:
     """Per-sequence view over a BlockPool: prefix lookup, slot allocation, caching, freeing."""
 
-    __slots__ = ("_hash", "_lora_ids", "block_size", "caching", "pool", "root")
+    __slots__ = (
+        "_hasher",
+        "_last_lookup",
+        "_lora_ids",
+        "block_size",
+        "caching",
+        "pool",
+        "root",
+    )
 
     def __init__(
         self,
@@ -124,23 +145,20 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks, record_events)
         self.block_size = block_size
         self.caching = enable_prefix_caching
-        self._hash = hash_fn(hash_algo)
-        self.root = root_hash(hash_algo, hash_seed)
+        self._hasher = ChainHasher(hash_algo, hash_seed, block_size)
+        self.root = self._hasher.root
         self._lora_ids: dict[str, int] = {}
+        # the last lookup: (sequence, pool.evictions then, its cached prefix before trimming)
+        self._last_lookup: tuple[SeqLike, int, list[int]] | None = None
 
     def _hashes(self, seq: SeqLike, num_tokens: int) -> list[BlockHash]:
-        """Chained hashes of the full blocks among the first ``num_tokens`` tokens."""
+        """Chained hashes of the full blocks among the first ``num_tokens`` tokens (computed once
+        per sequence, the new ones appended to ``seq.block_hashes``)."""
         hs = seq.block_hashes
-        bs = self.block_size
-        want = num_tokens // bs
+        want = num_tokens // self.block_size
         if len(hs) < want:
-            ids = seq.all_ids
-            fn = self._hash
             extra = (seq.lora,) if seq.lora is not None else None
-            parent = hs[-1] if hs else self.root
-            for i in range(len(hs), want):
-                parent = fn((parent, tuple(ids[i * bs : (i + 1) * bs]), extra))
-                hs.append(parent)
+            self._hasher.extend(seq.all_ids, extra, hs, want)
         return hs
 
     def take_events(self) -> list[KVEvent]:
@@ -167,13 +185,28 @@ class KVCacheManager:
         """
         if not self.caching:
             return []
-        cached = self.pool.cached
-        hits: list[int] = []
-        for h in self._hashes(seq, num_tokens):
-            b = cached.get(h)
-            if b is None:
-                break
-            hits.append(b)
+        pool = self.pool
+        hs = self._hashes(seq, num_tokens)
+        # A waiting request is looked up again at every engine step until it is admitted. If no
+        # cached hash was dropped since its last lookup, that prefix still hits (a hash, once
+        # cached, keeps its block until evicted): only the hashes after it are looked up again.
+        last = self._last_lookup
+        if last is not None and last[0] is seq and last[1] == pool.evictions:
+            prefix = last[2]
+            start = len(prefix)
+        else:
+            prefix = []
+            start = 0
+        if start < len(hs):
+            # the hit is the prefix before the first miss (a C-level pass that stops there)
+            found = cast(
+                "list[int]",
+                list(takewhile(_NOT_NONE, map(pool.cached.get, islice(hs, start, None)))),
+            )
+            if found:
+                prefix = prefix + found
+        self._last_lookup = (seq, pool.evictions, prefix)
+        hits = prefix[:]
         if hits and len(hits) * self.block_size >= num_tokens:
             hits.pop()
         return hits
@@ -185,10 +218,12 @@ class KVCacheManager:
         """Make room for ``num_new`` more tokens (after taking ``hits``); False if it cannot."""
         pool = self.pool
         if hits:
-            free_hits = sum(1 for b in hits if pool.ref[b] == 0)
             computed = len(hits) * self.block_size
             need = -(-(computed + num_new) // self.block_size) - len(hits)
-            if need > pool.num_free - free_hits:
+            free = len(pool.free)
+            # hit blocks in the free queue are not free for the rest: count them only when the
+            # answer depends on it (a waiting request retries this every step)
+            if need > free or need > free - list(map(pool.ref.__getitem__, hits)).count(0):
                 return False
             pool.touch(hits)
             seq.block_ids = list(hits)

@@ -6,6 +6,7 @@ python -m bench.fleetsim tune --workload shared_prefix:qps=30 --workload zipf_pr
     --param prefix-cache.weight=1,2,3 --param least-request.weight=2,3,4
 python -m bench.fleetsim calibrate bench/reports/fleetsim-calib.json
 python -m bench.fleetsim speed
+python -m bench.fleetsim speed bench/reports/fleetsim-calib.json --http-latency 0.006
 """
 
 from __future__ import annotations
@@ -157,7 +158,22 @@ def _calibrate(ns: argparse.Namespace) -> int:
 
 
 def _speed(ns: argparse.Namespace) -> int:
-    """Simulated requests per wall second, 8 pods, shared prefix at several QPS."""
+    """Simulated requests per wall second, 8 pods, shared prefix at several QPS; or, given suite
+    JSONs, each of their points against its wall-clock run."""
+    if ns.suite_json:
+        from bench.fleetsim.speed import format_speed, speed
+
+        rows = []
+        for path in ns.suite_json:
+            data = json.loads(Path(path).read_text())
+            rows += speed(
+                data.get("result", data),
+                repeat=ns.repeat,
+                warm=ns.warm,
+                http_latency=ns.http_latency,
+            )
+        print(format_speed(rows))
+        return 0
     fleet = _fleet(ns)
     print(
         "| contender | QPS | requests | virtual s | wall s | CPU s | simulated req / wall s "
@@ -203,6 +219,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     speed = sub.add_parser("speed", help="simulated requests per wall second, 8 pods")
     _fleet_args(speed)
+    speed.add_argument(
+        "suite_json",
+        nargs="*",
+        type=Path,
+        help="wall-clock suite results: time the simulation of each point against it",
+    )
+    speed.add_argument(
+        "--repeat", type=int, default=3, help="runs per point, the fastest counts (default 3)"
+    )
+    speed.add_argument(
+        "--warm",
+        action="store_true",
+        help="keep the process's token-id and block-hash caches between runs (default: cold)",
+    )
     ns = ap.parse_args(argv)
     try:
         return {"run": _run, "tune": _tune, "calibrate": _calibrate, "speed": _speed}[ns.command](

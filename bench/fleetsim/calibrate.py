@@ -26,7 +26,7 @@ from bench.fleetsim.core import FleetSpec, SimResult, contender_named, simulate
 from bench.fleetsim.trace import from_conversations
 from bench.workloads import WORKLOADS
 
-__all__ = ["Compared", "calibrate", "format_calibration", "rankings"]
+__all__ = ["Compared", "calibrate", "fleet_of", "format_calibration", "point_sessions", "rankings"]
 
 
 @dataclass(slots=True)
@@ -50,7 +50,18 @@ class Compared:
         return (self.median(key) - w) / w if w else math.nan
 
 
-def _sessions(cfg: dict[str, Any], point: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+def fleet_of(cfg: dict[str, Any], *, http_latency: float = 0.0) -> FleetSpec:
+    """The virtual fleet of a suite config (its ``config`` in the suite JSON)."""
+    return FleetSpec(
+        replicas=cfg["replicas"],
+        model=cfg["model"],
+        adapters=cfg["adapters"],
+        sim_args=tuple(cfg["sim_args"]),
+        http_latency=http_latency,
+    )
+
+
+def point_sessions(cfg: dict[str, Any], point: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
     """The conversations ``bench.suite.run`` sent for ``point``, and simulate() options."""
     sweep = cfg["sweep_workload"]
     if point["workload"] == sweep and point["mode"] == "probe":
@@ -79,13 +90,7 @@ def calibrate(
 ) -> tuple[list[Compared], float]:
     """(one comparison per simulable point, wall seconds the virtual runs took)."""
     cfg = result["config"]
-    fleet = FleetSpec(
-        replicas=cfg["replicas"],
-        model=cfg["model"],
-        adapters=cfg["adapters"],
-        sim_args=tuple(cfg["sim_args"]),
-        http_latency=http_latency,
-    )
+    fleet = fleet_of(cfg, http_latency=http_latency)
     out: list[Compared] = []
     began = time.perf_counter()
     for point in result["points"]:
@@ -93,7 +98,7 @@ def calibrate(
             contender = contender_named(point["contender"])
         except ValueError:
             continue
-        convs, options = _sessions(cfg, point)
+        convs, options = point_sessions(cfg, point)
         sessions = from_conversations(convs)
         runs = [
             simulate(

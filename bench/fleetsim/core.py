@@ -44,6 +44,7 @@ gateway code. Everything is deterministic for the seed.
 from __future__ import annotations
 
 import array
+import copy
 import heapq
 import math
 import random
@@ -67,12 +68,22 @@ from extproc.gateway import Gateway, Immediate, Routed
 from extproc.metrics import GatewayMetrics
 from extproc.scheduling import build_scheduler
 from extproc.scraper import _phase
+from fleet.config import GatewayConfig
 from fleet.engine_metrics import LatencyState, parse_metrics
 from fleet.files import load_directory
 from fleet.plugins import check_profile
 from fleet.profile import SchedulerProfile
+from sim.blockhash import clear_memos
 from sim.config import SimConfig
-from sim.engine import SGLANG_BUCKETS, VLLM_BUCKETS, Batch, Engine, QueueFull, Request
+from sim.engine import (
+    FINISHED,
+    SGLANG_BUCKETS,
+    VLLM_BUCKETS,
+    Batch,
+    Engine,
+    QueueFull,
+    Request,
+)
 from sim.fleet import SimPod
 from sim.metrics import LoraView, SglangCollector, VllmCollector, make_registry, render
 from sim.tokenizer import OUTPUT_WORD_IDS, OUTPUT_WORDS, VOCAB_SIZE, Tokenizer
@@ -84,6 +95,7 @@ __all__ = [
     "SimResult",
     "contender_named",
     "metrics_page",
+    "reset_caches",
     "simulate",
 ]
 
@@ -92,10 +104,28 @@ for _w, _i in zip(OUTPUT_WORDS, OUTPUT_WORD_IDS, strict=True):
     _WORD.setdefault(_i, _w)
 
 _TOKENIZER = Tokenizer()
-# token ids of one chat message in the simulator's template, shared by every simulation of the
-# process (contenders of one comparison see the same prompts); bounded
-_TEMPLATE: dict[tuple[str, str], list[int]] = {}
-_GENERATION_PROMPT = _TOKENIZER.encode("<|assistant|>\n")
+# token ids of one chat message in the simulator's template, and their bytes as the output plan's
+# hash reads them (int32 array; converting a long prompt costs ~40 ns a token, so once per
+# message), shared by every simulation of the process (contenders of one comparison see the same
+# prompts); bounded
+_Part = tuple[list[int], bytes]
+_TEMPLATE: dict[tuple[str, str], _Part] = {}
+
+
+def _part(ids: list[int]) -> _Part:
+    return ids, array.array("i", ids).tobytes()
+
+
+def reset_caches() -> None:
+    """Empty the process-wide caches a simulation fills (chat messages' token ids, block-hash
+    digests, loaded gateway configurations): the next run starts cold, as a process's first run
+    does."""
+    _TEMPLATE.clear()
+    _CONFIGS.clear()
+    clear_memos()
+
+
+_GENERATION_PROMPT = _part(_TOKENIZER.encode("<|assistant|>\n"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +159,12 @@ class FleetSpec:
             raise ValueError(f"metrics_page must be 'minimal' or 'full', got {self.metrics_page!r}")
 
     def sim_config(self) -> SimConfig:
-        """The engines' configuration from ``sim_args`` (the ``matrixinfer-sim`` flags)."""
+        """The engines' configuration from ``sim_args`` (the ``matrixinfer-sim`` flags).
+
+        Every engine of the fleet gets the same block-hash seed (``$PYTHONHASHSEED``, else
+        ``"0"``) instead of a random one each: which blocks hit is the same either way (a block
+        hash names its prefix), but the fleet's engines and runs then compute equal digests,
+        which the process-wide hash memo (``sim.blockhash.memo``) computes once."""
         from sim.cli import build_config, serve_parser
 
         parser = serve_parser()
@@ -138,7 +173,11 @@ class FleetSpec:
             ns = parser.parse_args(["--model", self.model, *self.sim_args])
         except SystemExit:
             raise ValueError(f"sim_args {list(self.sim_args)} are not valid sim flags") from None
-        return build_config(ns)
+        cfg = build_config(ns)
+        if cfg.engine.hash_seed is None:
+            engine = cfg.engine.model_copy(update={"hash_seed": "0"})
+            cfg = cfg.model_copy(update={"engine": engine})
+        return cfg
 
 
 def contender_named(name: str) -> Contender:
@@ -273,6 +312,33 @@ def _settled(decision: Coroutine[Any, Any, Routed | Immediate]) -> Routed | Imme
     raise RuntimeError("gateway policies (decisions that wait) are not simulated")
 
 
+# the gateway configuration of a fleet and contender, as the suite's YAML files load (writing and
+# parsing them costs ~5 ms, a tenth of a short run); each simulation applies a deep copy
+_CONFIGS: dict[tuple[Any, ...], GatewayConfig] = {}
+
+
+def _gateway_config(
+    hosts: list[SimPod], model: str, adapters: list[str], contender: Contender
+) -> GatewayConfig:
+    key = (
+        tuple((h.name, h.host, h.port) for h in hosts),
+        model,
+        tuple(adapters),
+        orjson.dumps(contender.profile, option=orjson.OPT_SORT_KEYS),
+    )
+    config = _CONFIGS.get(key)
+    if config is None:
+        with tempfile.TemporaryDirectory(prefix="fleetsim-") as tmp:
+            directory = write_gateway_config(
+                Path(tmp), hosts, model=model, adapters=adapters, profile=contender.profile
+            )
+            config = load_directory(directory)
+        if len(_CONFIGS) >= 64:
+            _CONFIGS.clear()
+        _CONFIGS[key] = config
+    return copy.deepcopy(config)
+
+
 class _Simulation:
     def __init__(
         self,
@@ -326,15 +392,7 @@ class _Simulation:
     # ---- set-up -------------------------------------------------------------------------------
     def _gateway(self, hosts: list[SimPod], seed: int) -> Gateway:
         clock = self.clock
-        with tempfile.TemporaryDirectory(prefix="fleetsim-") as tmp:
-            directory = write_gateway_config(
-                Path(tmp),
-                hosts,
-                model=self.fleet.model,
-                adapters=sorted(self.adapters),
-                profile=self.contender.profile,
-            )
-            config = load_directory(directory)
+        config = _gateway_config(hosts, self.fleet.model, sorted(self.adapters), self.contender)
         if self.default_profile is not None:
             check_profile(self.default_profile)
             config.scheduler_profile = self.default_profile
@@ -401,16 +459,19 @@ class _Simulation:
         self.push(0.0, _SAMPLE, None)
         events = self.events
         pop = heapq.heappop
+        deadline = self.deadline
+        step_end = self._step_end
         while events:
             t, _, kind, data = pop(events)
-            if t > self.deadline:
+            if t > deadline:
                 break
             self.now = t
+            if kind == _STEP:  # most events by far
+                step_end(data)
+                continue
             if kind in _CLIENT_EVENTS:
                 self.pending -= 1
-            if kind == _STEP:
-                self._step_end(data)
-            elif kind == _ARRIVE:
+            if kind == _ARRIVE:
                 self._send(*data)
             elif kind == _SCRAPE:
                 self._scrape(data)
@@ -504,18 +565,25 @@ class _Simulation:
             self._fail(flight, 404, f"The model `{model}` does not exist.")
             return
         if session.prompt_ids is None:
-            ids = self._encode_chat(flight.messages)
+            # the prompt and its output-plan hash, a message at a time (xxh64 streamed over the
+            # parts is xxh64 of their concatenation)
+            ids = []
+            hasher = xxhash.xxh64(seed=self.cfg.seed)
+            for part, raw in self._chat_parts(flight.messages):
+                ids += part
+                hasher.update(raw)
+            h = hasher.intdigest()
         else:
             ids = list(session.prompt_ids)
             bad = [x for x in ids if not 0 <= x < VOCAB_SIZE]
             if bad:
                 self._fail(flight, 400, f"invalid request: token id {bad[0]} out of vocabulary")
                 return
+            h = xxhash.xxh64_intdigest(array.array("i", ids).tobytes(), seed=self.cfg.seed)
         n = session.max_tokens
         if len(ids) + n > self.cfg.engine.max_model_len:
             self._fail(flight, 400, f"{len(ids)} + {n} tokens exceed the maximum context length")
             return
-        h = xxhash.xxh64_intdigest(array.array("i", ids).tobytes(), seed=self.cfg.seed)
         out = random.Random(h).choices(OUTPUT_WORD_IDS, k=n)
         req = Request(flight.record.request_id, ids, out, self.now, "length", lora)
         req.waiter = flight
@@ -528,19 +596,28 @@ class _Simulation:
             self._schedule_step(pod)
 
     @staticmethod
-    def _encode_chat(messages: list[tuple[str, str]]) -> list[int]:
-        """``Tokenizer.encode(apply_chat_template(messages))``, one cached piece per message: the
-        template ends every message with a newline, and whitespace never joins two tokens."""
+    def _chat_parts(messages: list[tuple[str, str]]) -> list[_Part]:
+        """``Tokenizer.encode(apply_chat_template(messages))`` in cached pieces, one per message
+        and the generation prompt: the template ends every message with a newline, and
+        whitespace never joins two tokens."""
         cache = _TEMPLATE
-        ids: list[int] = []
+        parts: list[_Part] = []
         for m in messages:
             part = cache.get(m)
             if part is None:
                 if len(cache) > 20_000:
                     cache.clear()
-                part = cache[m] = _TOKENIZER.encode(f"<|{m[0]}|>\n{m[1]}\n")
+                part = cache[m] = _part(_TOKENIZER.encode(f"<|{m[0]}|>\n{m[1]}\n"))
+            parts.append(part)
+        parts.append(_GENERATION_PROMPT)
+        return parts
+
+    @staticmethod
+    def _encode_chat(messages: list[tuple[str, str]]) -> list[int]:
+        """The prompt's token ids (``_chat_parts`` joined)."""
+        ids: list[int] = []
+        for part, _raw in _Simulation._chat_parts(messages):
             ids += part
-        ids += _GENERATION_PROMPT
         return ids
 
     def _fail(self, flight: _Flight, status: int, text: str) -> None:
@@ -564,7 +641,8 @@ class _Simulation:
         batch = pod.engine.schedule(self.now)
         pod.batch = batch
         if batch is not None:
-            self.push(batch.end, _STEP, pod)
+            self.seq += 1  # self.push, inlined: a step is not a client event
+            heapq.heappush(self.events, (batch.start + batch.duration, self.seq, _STEP, pod))
 
     def _step_end(self, pod: _Pod) -> None:
         batch = pod.batch
@@ -578,7 +656,7 @@ class _Simulation:
             else:
                 rec.itl.append(now - flight.last_token)
             flight.last_token = now
-            if req.done:
+            if req.status >= FINISHED:  # req.done, inlined
                 self._done(flight, req)
         pod.batch = None
         if pod.engine.has_work():

@@ -454,3 +454,55 @@ def test_scrapes_go_on_while_sessions_think_or_wait(concurrency: int | None) -> 
     pods = sim.gateway.datastore.snapshot.pods.values() if sim.gateway else []
     last_send = max(r.sent for r in sim.records)
     assert all(p.metrics.scraped_at > last_send for p in pods)
+
+
+def test_speed_times_each_suite_point_against_its_wall_clock(tmp_path: Path) -> None:
+    """``speed SUITE_JSON``: one row per simulable point, its simulated requests and CPU time
+    against the point's wall time; the CLI prints the table and the lowest ratio."""
+    from bench.fleetsim.__main__ import main
+    from bench.fleetsim.speed import format_speed, speed
+    from bench.suite.config import SMOKE_SUITE
+
+    cfg = SMOKE_SUITE.model_dump()
+
+    def point(contender: str, mode: str, qps: float, wall: float) -> dict[str, object]:
+        return {"contender": contender, "workload": "shared_prefix", "mode": mode, "qps": qps,
+                "summary": {"wall": wall}}  # fmt: skip
+
+    points = [point("envoy-rr", "probe", 0.0, 3.0), point("ours-default", "open", 8.0, 4.0)]
+    points += [point("vllm-router-cache_aware", "open", 8.0, 4.0)]  # not simulated
+    result = {"config": cfg, "points": points}
+    rows = speed(result, repeat=2)
+    assert [(r.contender, r.mode) for r in rows] == [
+        ("envoy-rr", "probe"),
+        ("ours-default", "open"),
+    ]
+    assert rows[0].requests == cfg["probe_requests"] and rows[1].requests > 0
+    assert all(r.cpu > 0 and r.ratio == pytest.approx(r.wall_clock / r.cpu) for r in rows)
+    assert rows[1].wall_clock == 4.0
+    table = format_speed(rows)
+    assert "vllm-router" not in table and "lowest" in table
+    path = tmp_path / "suite.json"
+    path.write_text(json.dumps({"result": result}))
+    assert main(["speed", str(path), "--repeat", "1", "--warm"]) == 0
+    with pytest.raises(ValueError, match="repeat"):
+        speed(result, repeat=0)
+
+
+def test_cold_runs_start_from_empty_caches() -> None:
+    """``reset_caches`` forgets the chat pieces and block digests a run filled; the results stay
+    the same either way (the caches only save work)."""
+    from bench.fleetsim import core
+    from sim import blockhash
+
+    wl = make_workload("shared_prefix:qps=8,groups=2,system_tokens=300", seed=SEED, duration=2)
+    first = simulate(wl, "ours-default")
+    assert core._TEMPLATE and blockhash._MEMOS["sha256"].blocks
+    core.reset_caches()
+    assert not core._TEMPLATE and not core._CONFIGS
+    assert not blockhash._MEMOS["sha256"].blocks and not blockhash._MEMOS["sha256"].donors
+    again = simulate(wl, "ours-default")
+    warm = simulate(wl, "ours-default")
+    key = [(r.pod, r.ttft, r.e2e, r.cached_tokens, r.itl) for r in first.records]
+    assert key == [(r.pod, r.ttft, r.e2e, r.cached_tokens, r.itl) for r in again.records]
+    assert key == [(r.pod, r.ttft, r.e2e, r.cached_tokens, r.itl) for r in warm.records]

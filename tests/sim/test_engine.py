@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from sim.blockhash import BlockHash, ChainHasher, chain, hash_fn, root_hash
 from sim.config import EngineConfig, TimingModel
 from sim.engine import FINISHED, RUNNING, Engine, QueueFull, Request
 from sim.kvcache import KVCacheManager
@@ -254,3 +255,46 @@ def test_lru_eviction_of_free_cached_blocks() -> None:
     again = req("c", PROMPT_1K[:640], t=t)
     run_one(e, again, t)
     assert again.num_cached_tokens < 640 - 16
+
+
+@pytest.mark.parametrize("algo", ["sha256", "sha256_cbor", "builtin"])
+def test_chain_hasher_gives_the_digests_of_the_plain_chain(algo: str) -> None:
+    """Memo and donor prefixes are exact: every digest equals what ``chain`` computes, whatever
+    earlier sequences of the process shared (a prefix, a whole span, nothing, another LoRA)."""
+    fn, root = hash_fn(algo), root_hash(algo, "7")
+    hasher = ChainHasher(algo, "7", 4)
+    base = list(range(1000, 1200))
+    seqs = [
+        base,  # first: nothing to share
+        base[:101] + [5] * 99,  # shares 25 blocks, then differs inside a span
+        base[:64] + [6] * 136,  # differs exactly at a span boundary (16 blocks of 4)
+        list(base),  # all of it
+        [9, *base[1:]],  # differs in the first block: no donor
+        base[:3],  # shorter than a block
+    ]
+    for ids in seqs:
+        for extra in (None, ("adapter-a",)):
+            hs: list[BlockHash] = []
+            hasher.extend(ids, extra, hs, len(ids) // 4 - 3)  # a lookup, then more blocks
+            hasher.extend(ids, extra, hs, len(ids) // 4)
+            assert hs == chain(fn, root, ids, 4, extra)
+
+
+def test_a_waiting_lookup_sees_evictions_and_new_blocks() -> None:
+    """Looking the same sequence up again (a request waiting for room) reuses the last answer
+    only while it is still true."""
+    kv = KVCacheManager(num_blocks=8, block_size=4, enable_prefix_caching=True, hash_seed="0")
+    a = req("a", list(range(16)))
+    assert kv.allocate(a, 16)
+    a.num_computed = 8  # two blocks computed and cached
+    kv.cache_computed(a)
+    b = req("b", list(range(16)))
+    assert len(kv.lookup(b, 16)) == 2
+    a.num_computed = 16  # a third block cached (the fourth is b's last token: left to compute)
+    kv.cache_computed(a)
+    assert len(kv.lookup(b, 16)) == 3
+    kv.free(a)  # its blocks go to the free queue, still cached
+    assert len(kv.lookup(b, 16)) == 3
+    other = req("c", [500 + i for i in range(32)])
+    assert kv.allocate(other, 32)  # takes all 8 blocks: the cached ones are evicted
+    assert kv.lookup(b, 16) == []
