@@ -216,13 +216,29 @@ def _live(
         time.sleep(1.0)
 
 
-def _api_pods(server: str) -> list[dict[str, Any]]:
+def _api_objects(server: str, kind: str) -> list[dict[str, Any]]:
     from matrixinfer.get import list_objects
 
     try:
-        return list_objects(server, "pods", timeout=2)
+        return list_objects(server, kind, timeout=2)
     except OSError:
         return []
+
+
+def _model_up(model: dict[str, Any]) -> bool:
+    """Every backend of the Model has all its replicas ready (its status, by the controller)."""
+    status = model.get("status") or {}
+    rows = status.get("backends") or []
+    backends = (model.get("spec") or {}).get("backends") or []
+    active = any(
+        c.get("type") == "Active" and c.get("status") == "True"
+        for c in status.get("conditions") or ()
+    )
+    return (
+        active
+        and len(rows) == len(backends)
+        and all(int(r.get("readyReplicas") or 0) >= int(r.get("replicas") or 0) for r in rows)
+    )
 
 
 def _print_lines(cluster: LocalCluster) -> None:
@@ -236,16 +252,17 @@ def _print_lines(cluster: LocalCluster) -> None:
 
 
 def _wait_model(cluster: LocalCluster, stack: GatewayStack, timeout: float) -> None:
-    """Until the API has pods, every one of them is Ready, and the gateway routes to them all
-    (the extproc lists them and Envoy knows their addresses); prints the cluster's lines
-    meanwhile, so the pods come up one by one on the terminal."""
+    """Until every Model in the API is up (:func:`_model_up`), every pod is Ready, and the
+    gateway routes to them all (the extproc lists them and Envoy knows their addresses); prints
+    the cluster's lines meanwhile, so the pods come up one by one on the terminal."""
     deadline = time.monotonic() + timeout
     while True:
         _print_lines(cluster)
         dead = cluster.alive()
         if dead:
             raise ReadinessTimeout(f"{dead} stopped: {cluster.errors!r}")
-        pods = _api_pods(cluster.url)
+        models = _api_objects(cluster.url, "models")
+        pods = _api_objects(cluster.url, "pods")
         ready = {
             f"{p['status']['podIP']}:8000"
             for p in pods
@@ -255,7 +272,8 @@ def _wait_model(cluster: LocalCluster, stack: GatewayStack, timeout: float) -> N
                 for c in p["status"].get("conditions") or ()
             )
         }
-        if pods and len(ready) == len(pods) and stack.extproc_ready():
+        models_up = all(_model_up(m) for m in models)
+        if pods and models_up and len(ready) == len(pods) and stack.extproc_ready():
             state = _read_state(stack) or {}
             routed = {str(p["address"]) for p in state.get("pods") or ()}
             if ready <= routed and routed <= stack.envoy_hosts():

@@ -68,6 +68,7 @@ class Emulator(kmock.KubernetesEmulator):
     by_kind: dict[str, int] | None = None  # requests by "METHOD plural[/subresource]"
     bookmark_interval: float | None = None
     bookmarks: int = 0  # BOOKMARK events sent
+    watches: int = 0  # watch requests served (a watcher's reconnect is one more)
     stamp_creation: bool = False  # set metadata.creationTimestamp on creation, as the API does
 
     def next_version(self) -> str:
@@ -77,6 +78,8 @@ class Emulator(kmock.KubernetesEmulator):
 
     async def _handle(self, request: Any) -> Any:
         self.handled += 1
+        if getattr(request, "action", None) == kmock.action.WATCH:
+            self.watches += 1
         if self.by_kind is not None:
             res = getattr(request, "resource", None)
             sub = getattr(request, "subresource", None)
@@ -104,42 +107,64 @@ class Emulator(kmock.KubernetesEmulator):
         return await super()._handle(request)
 
     async def _serve_watch(self, request: Any) -> AsyncIterator[Any]:
-        """kmock's watch stream, with a BOOKMARK whenever it was idle for ``bookmark_interval``."""
-        events = super()._serve_watch(request)
-        interval = self.bookmark_interval
-        if interval is None:
-            async for event in events:
-                yield event
-            return
+        """A watch: the existing objects as ADDED, then every change, with no gap between the
+        two. kmock's own takes its place on the event bus only after it has sent the existing
+        objects, so an object created meanwhile was never sent to that watcher: Kopf, which
+        watches anew after each reconnect, missed objects created during it for good. Here the
+        place is taken under the same lock as the snapshot. With ``bookmark_interval``, a
+        BOOKMARK whenever the stream was idle that long."""
+        yield b""  # the headers go out at once, even if nothing happens
         resource = request.resource
-        api_version = "/".join(x for x in (resource.group, resource.version) if x)
-        pending: asyncio.Future[Any] = asyncio.ensure_future(anext(events))
+        bus = self._buses[resource]
+        async with self._lock:
+            marker = await bus.mark()
+            events = [
+                {"type": "ADDED", "object": obj.raw}
+                for (res, ns, name), obj in self.objects.items()
+                if not obj.deleted and _selects(request, res, ns, name)
+            ]
         try:
-            while True:
-                done, _ = await asyncio.wait({pending}, timeout=interval)
-                if not done:
-                    self.bookmarks += 1
-                    yield {
-                        "type": "BOOKMARK",
-                        "object": {
-                            "apiVersion": api_version,
-                            "metadata": {"resourceVersion": str(type(self)._serial)},
-                        },
-                    }
-                    continue
-                try:
-                    event = pending.result()
-                except StopAsyncIteration:
-                    return
+            for event in events:
                 yield event
-                pending = asyncio.ensure_future(anext(events))
+            changes = bus.stream(since=marker)
+            interval = self.bookmark_interval
+            api_version = "/".join(x for x in (resource.group, resource.version) if x)
+            pending: asyncio.Future[Any] = asyncio.ensure_future(anext(changes))
+            try:
+                while True:
+                    done, _ = await asyncio.wait({pending}, timeout=interval)
+                    if not done:
+                        self.bookmarks += 1
+                        version = {"resourceVersion": str(type(self)._serial)}
+                        yield {
+                            "type": "BOOKMARK",
+                            "object": {"apiVersion": api_version, "metadata": version},
+                        }
+                        continue
+                    event = pending.result()
+                    meta = (event.get("object") or {}).get("metadata") or {}
+                    if _selects(request, resource, meta.get("namespace"), meta.get("name")):
+                        yield event
+                    pending = asyncio.ensure_future(anext(changes))
+            finally:
+                pending.cancel()
+                with contextlib.suppress(BaseException):
+                    await pending
+                close = getattr(changes, "aclose", None)  # an async generator's
+                if close is not None:
+                    await close()
         finally:
-            pending.cancel()
-            with contextlib.suppress(BaseException):
-                await pending
-            close = getattr(events, "aclose", None)
-            if close is not None:
-                await close()
+            await bus.unmark(marker)
+
+
+def _selects(request: Any, resource: Any, namespace: str | None, name: str | None) -> bool:
+    """Whether a watch ``request`` covers the object (kmock's own rule: a request without a
+    namespace covers every namespace)."""
+    return bool(
+        resource == request.resource
+        and (request.namespace is None or namespace == request.namespace)
+        and (request.name is None or name == request.name)
+    )
 
 
 def declare(k: kmock.KubernetesEmulator, volcano: bool = False) -> None:
