@@ -14,6 +14,7 @@ never touched.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,6 +219,7 @@ class Applier:
         self.fingerprint: tuple[tuple[str, int, int], ...] | None = None
         self.rejected = 0
         self.last: ApplyResult | None = None
+        self.first_applied: float | None = None  # time.monotonic() of the first creation
 
     def changed(self) -> bool:
         return _fingerprint(self.directory) != self.fingerprint
@@ -280,6 +282,8 @@ class Applier:
             if current is None:
                 await self._create(session, key, raw)
                 result.created.append(describe(key))
+                if self.first_applied is None:
+                    self.first_applied = time.monotonic()
             else:
                 if await self._patch(session, key, current, raw):
                     result.patched.append(describe(key))

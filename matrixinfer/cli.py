@@ -173,7 +173,8 @@ _PROMPTS = [
 ]
 
 
-def _run_requests(stack: GatewayStack, n: int) -> int:
+def _run_requests(stack: GatewayStack, n: int, on_answer: Callable[[], None] | None = None) -> int:
+    """``n`` requests (the second one streamed); ``on_answer`` after each answered one."""
     failures = 0
     for i in range(n):
         prompt = _PROMPTS[i % len(_PROMPTS)]
@@ -184,6 +185,8 @@ def _run_requests(stack: GatewayStack, n: int) -> int:
             failures += 1
             _say(f"request {i + 1}/{n} failed: {type(exc).__name__}: {exc}")
             continue
+        if on_answer is not None:
+            on_answer()
         kind = "stream" if stream else "chat"
         _say(f"request {i + 1}/{n} ({kind}) -> {pod}: {text.strip()[:70]!r}")
     _say("")
@@ -313,6 +316,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         )
     )
     stack: GatewayStack | None = None
+    with contextlib.suppress(ImportError):  # loaded now, not inside the first request's timing
+        import openai  # noqa: F401
     try:
         started = time.monotonic()
         cluster.start()
@@ -337,7 +342,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         _say("")
         _print_howto(stack.url)
         if requests > 0:
-            failures = _run_requests(stack, requests)
+            answered: list[float] = []
+            failures = _run_requests(stack, requests, lambda: answered.append(time.monotonic()))
+            if answered:
+                _say(_timing(cluster, answered[0]))
             if failures:
                 _say(f"{failures} of {requests} requests failed; logs in {run_dir}")
                 return 1
@@ -372,6 +380,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
             stack.stop()
         cluster.stop()
         _say("stopped: pods, controllers, local API server, extproc and Envoy")
+
+
+def _timing(cluster: LocalCluster, first_answer: float) -> str:
+    """How long the first answer took from the Model's creation, and how much of it the pods'
+    simulators spent starting (process start to ``/health`` 200, per pod)."""
+    applied = cluster.applier.first_applied if cluster.applier is not None else None
+    startup = sorted(cluster.kubelet.startup.values()) if cluster.kubelet is not None else []
+    if applied is None:
+        return "first answer: the configuration was never applied"
+    sims = f"{startup[0]:.2f}-{startup[-1]:.2f}s" if startup else "n/a"
+    return (
+        f"first answer {first_answer - applied:.2f}s after the Model was applied "
+        f"(simulator start-up, process to /health: {sims} per pod, {len(startup)} pods)"
+    )
 
 
 def cmd_get(args: argparse.Namespace) -> int:

@@ -222,6 +222,7 @@ class LocalKubelet:
         self.interval = interval
         self.say = say or (lambda line: log.info("%s", line))
         self.pods: dict[tuple[str, str, str], LocalPod] = {}
+        self.startup: dict[str, float] = {}  # pod -> seconds from process start to /health 200
         self.session: aiohttp.ClientSession | None = None
 
     async def run(self) -> None:
@@ -283,6 +284,7 @@ class LocalKubelet:
             local.ready = True
             await self._status(local, running=True, ready=True)
             took = time.monotonic() - local.started
+            self.startup[local.name] = took
             self.say(f"pod {local.name}: ready ({took:.1f}s)")
 
     async def _healthy(self, local: LocalPod) -> bool:
