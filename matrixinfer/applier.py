@@ -236,7 +236,11 @@ class Applier:
         if result.error is not None:
             self.rejected += 1
         else:
-            await self._write(session, wanted, result)
+            try:
+                await self._write(session, wanted, result)
+            except BaseException:
+                self.fingerprint = None  # not all applied: the next look tries again
+                raise
         self.last = result
         for line in result.lines():
             self.say(line)

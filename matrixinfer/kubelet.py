@@ -147,9 +147,10 @@ class Addresses:
 
     def take(self, port: int) -> str:
         ip = self.first
-        while ip.is_loopback and int(ip) & 0xFF != 0xFF:
+        while ip.is_loopback:
             host = str(ip)
-            if host not in self.taken and port_is_free(host, port):
+            last = int(ip) & 0xFF
+            if last not in (0, 255) and host not in self.taken and port_is_free(host, port):
                 self.taken.add(host)
                 return host
             ip += 1
@@ -254,7 +255,7 @@ class LocalKubelet:
             await self._check(self.pods[key])
         for key in [k for k in self.pods if k not in live]:
             local = self.pods.pop(key)
-            self._stop(local)
+            await self._stop(local)
             self.say(f"pod {local.name}: deleted, process stopped")
 
     async def _start(self, key: tuple[str, str, str], pod: Mapping[str, Any]) -> None:
@@ -323,22 +324,33 @@ class LocalKubelet:
             if r.status >= 400 and r.status != 404:  # 404: deleted meanwhile
                 raise aiohttp.ClientError(f"PATCH pod {local.name} status: HTTP {r.status}")
 
-    def _stop(self, local: LocalPod, grace: float = 5.0) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(local.proc.pid, signal.SIGTERM)
+    async def _stop(self, local: LocalPod, grace: float = 5.0) -> None:
+        """SIGTERM, then SIGKILL after ``grace`` seconds; waits without blocking the loop (the
+        API server shares it)."""
+        _signal(local, signal.SIGTERM)
         try:
-            local.proc.wait(grace)
+            await asyncio.to_thread(local.proc.wait, grace)
         except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(local.proc.pid, signal.SIGKILL)
-            local.proc.wait()
+            _signal(local, signal.SIGKILL)
+            await asyncio.to_thread(local.proc.wait)
         self.addresses.release(local.host)
 
-    def stop_all(self) -> None:
+    def stop_all(self, grace: float = 5.0) -> None:
+        """Every process: SIGTERM to all, then SIGKILL to those still running after ``grace``."""
         for local in self.pods.values():
-            if local.proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(local.proc.pid, signal.SIGTERM)
-        for local in list(self.pods.values()):
-            self._stop(local)
+            _signal(local, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for local in self.pods.values():
+            try:
+                local.proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal(local, signal.SIGKILL)
+                local.proc.wait()
         self.pods.clear()
+
+
+def _signal(local: LocalPod, sig: int) -> None:
+    """``sig`` to the pod's process group (its own session), if it still runs."""
+    if local.proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(local.proc.pid, sig)
