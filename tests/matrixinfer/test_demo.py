@@ -163,6 +163,17 @@ def _chat_pod(url: str, model: str = "demo-model") -> str:
     return str(raw.headers[POD_HEADER])
 
 
+def _served(demo: Demo, pod: str | None = None) -> bool:
+    """One request answered, by ``pod`` (None: by any pod the API lists)."""
+    from openai import OpenAIError
+
+    try:
+        got = _chat_pod(demo.url)
+    except OpenAIError:
+        return False
+    return got == pod if pod is not None else got in demo.pods()
+
+
 def test_the_model_answers_chat_and_streams_from_both_backends(demo: Demo) -> None:
     from openai import OpenAI
 
@@ -207,9 +218,7 @@ def test_editing_replicas_adds_and_removes_pods(demo: Demo) -> None:
     wait_until(lambda: len(demo.pods()) == 4, 30, "a fourth pod")
     new_ip = demo.pods()["demo-model-small-1-server-0-0"][2]
     # the gateway routes to it (the small backend now has two pods for its 30 %)
-    wait_until(
-        lambda: _chat_pod(demo.url) == "demo-model-small-1-server-0-0", 60, "the new pod serves"
-    )
+    wait_until(lambda: _served(demo, "demo-model-small-1-server-0-0"), 60, "the new pod serves")
     mark = len(demo.lines)
     demo.edit({"small": 1, "large": 1})
     demo.wait_for("deleted, process stopped", after=mark)
@@ -270,6 +279,21 @@ def _pid_of(pod: str) -> int:
         if b"sim" in argv and pod.encode() in argv and b"--pod-name" in argv:
             return int(cmdline.parent.name)
     raise AssertionError(f"no process runs {pod}")
+
+
+def test_removing_the_model_file_removes_everything_it_made(demo: Demo) -> None:
+    addresses = [cols[2] for cols in demo.pods().values()]
+    mark = len(demo.lines)
+    (demo.dir / "model.yaml").rename(demo.dir / "model.yaml.off")
+    demo.wait_for("deleted Model default/demo-model", after=mark)
+    for kind in ("models", "modelinfers", "modelservers", "modelroutes", "pods"):
+        wait_until(lambda k=kind: demo.get(k).startswith("No "), 30, f"no {kind} left")
+    for ip in addresses:
+        wait_until(lambda ip=ip: not http_ok(f"http://{ip}:8000/health", 0.3), 10, ip)
+    (demo.dir / "model.yaml.off").rename(demo.dir / "model.yaml")
+    demo.wait_for("created Model default/demo-model", after=mark)
+    wait_until(lambda: len(demo.pods()) == 3, 60, "three pods again")
+    wait_until(lambda: _served(demo), 60, "served again")
 
 
 def test_live_view_stops_everything_on_sigterm(demo: Demo) -> None:
