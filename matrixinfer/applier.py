@@ -95,7 +95,7 @@ def read_directory(directory: Path) -> tuple[list[Document], list[str]]:
             if not raw["metadata"].get("name"):
                 raise DirectoryError(f"{where}: metadata.name is missing")
             if raw.get("kind") not in KINDS:
-                notes.append(f"{where}: kind {raw.get('kind')!r} is not applied to the cluster")
+                notes.append(f"{where}: kind {raw.get('kind')!r} is not a kind of the cluster")
                 continue
             docs.append(Document(raw, where))
     return docs, notes
@@ -178,7 +178,8 @@ class ApplyResult:
     def lines(self) -> list[str]:
         if self.error is not None:
             return [f"configuration rejected, the last good one stays in force:\n{self.error}"]
-        out = [f"warning: {w}" for w in self.warnings]
+        out = [f"skipped: {n}" for n in self.notes]
+        out += [f"warning: {w}" for w in self.warnings]
         out += [f"created {x}" for x in self.created]
         out += [f"configured {x}" for x in self.patched]
         out += [f"deleted {x}" for x in self.deleted]

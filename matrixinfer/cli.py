@@ -25,7 +25,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from controllers.xds.generate import GatewaySettings
 from fleet.service import (
@@ -37,10 +37,13 @@ from fleet.service import (
     milliseconds,
     version,
 )
-from matrixinfer.localcluster import LocalCluster, LocalOptions, state_path
+from matrixinfer.get import state_path
 from matrixinfer.process import ReadinessTimeout, free_port, port_is_free, wait_until
 from matrixinfer.resources import project_file
 from matrixinfer.stack import GatewayStack, StackOptions
+
+if TYPE_CHECKING:
+    from matrixinfer.localcluster import LocalCluster
 
 __all__ = ["main"]
 
@@ -302,6 +305,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     examples = Path(args.examples) if args.examples else project_file("examples/demo")
     listen_port = _port_or_free(args.host, args.port)
+    from matrixinfer.localcluster import LocalCluster, LocalOptions
+
     _say(
         "MatrixInfer demo: a local cluster (API server, the controllers, a kubelet running pods "
         f"as simulators), extproc and Envoy (logs: {run_dir})"
@@ -376,6 +381,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         _say(f"error: {exc}")
         return 1
     finally:
+        # a second signal (the terminal closing sends SIGHUP after the Ctrl-C) must not cut the
+        # clean-up short: the pods, the operator and the state file go in order
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
         if stack is not None:
             stack.stop()
         cluster.stop()
@@ -396,6 +405,16 @@ def _timing(cluster: LocalCluster, first_answer: float) -> str:
     )
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: it exists
+    return True
+
+
 def cmd_get(args: argparse.Namespace) -> int:
     import datetime
 
@@ -410,11 +429,18 @@ def cmd_get(args: argparse.Namespace) -> int:
     if server is None:
         path = Path(args.state) if args.state else state_path()
         try:
-            server = str(json.loads(path.read_text())["server"])
-        except (OSError, ValueError, KeyError):
+            state = json.loads(path.read_text())
+            server, pid = str(state["server"]), int(state["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
             _say(
                 f"error: no running local cluster recorded in {path}; start `matrixinfer demo` "
                 "or pass --server URL"
+            )
+            return 1
+        if not _alive(pid):
+            _say(
+                f"error: no running local cluster: the one recorded in {path} (pid {pid}) has "
+                "exited; start `matrixinfer demo` or pass --server URL"
             )
             return 1
     try:
@@ -440,6 +466,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _say(f"error: the configuration in {config} is not valid:\n{exc}")
         return 2
+    _hint_local_mode(config)
     run_dir = (
         Path(args.run_dir) if args.run_dir else Path(tempfile.mkdtemp(prefix="matrixinfer-gw-"))
     )
@@ -498,6 +525,22 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         return 1
     finally:
         stack.stop()
+
+
+def _hint_local_mode(config: Path) -> None:
+    """Models, ModelInfers and AutoscalingPolicies need controllers: point to the local mode."""
+    from matrixinfer.applier import DirectoryError, read_directory
+
+    try:
+        docs, _ = read_directory(config)
+    except DirectoryError:
+        return
+    kinds = sorted({d.kind for d in docs} & {"Model", "ModelInfer", "AutoscalingPolicy"})
+    if kinds:
+        _say(
+            f"note: the {', '.join(kinds)} objects in {config} need the controllers; "
+            f"`matrixinfer demo --examples {config}` runs them (the local mode, docs/model.md)"
+        )
 
 
 def _drain(stack: GatewayStack, timeout: float) -> None:

@@ -9,12 +9,24 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-__all__ = ["KINDS", "list_objects", "table"]
+__all__ = ["DEFAULT_STATE", "KINDS", "list_objects", "state_path", "table"]
+
+DEFAULT_STATE = Path.home() / ".matrixinfer" / "local.json"
+"""Where a running local cluster writes its API server's URL (``matrixinfer get`` reads it)."""
+
+
+def state_path() -> Path:
+    """``$MATRIXINFER_STATE``, else :data:`DEFAULT_STATE`."""
+    env = os.environ.get("MATRIXINFER_STATE")
+    return Path(env) if env else DEFAULT_STATE
+
 
 Row = Callable[[Mapping[str, Any], datetime.datetime], list[str]]
 

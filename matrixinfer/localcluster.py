@@ -33,6 +33,7 @@ import kmock
 from controllers.main import ControllerConfig, run_operator
 from controllers.webhooks.handlers import KINDS
 from matrixinfer.applier import Applier, Key
+from matrixinfer.get import state_path
 from matrixinfer.kubelet import LocalKubelet
 
 __all__ = [
@@ -250,16 +251,6 @@ class OperatorThread:
         if self.thread is not None:
             self.thread.join(timeout)
         return not self.alive()
-
-
-DEFAULT_STATE = Path.home() / ".matrixinfer" / "local.json"
-"""Where a running local cluster writes its API server's URL (``matrixinfer get`` reads it)."""
-
-
-def state_path() -> Path:
-    """``$MATRIXINFER_STATE``, else :data:`DEFAULT_STATE`."""
-    env = os.environ.get("MATRIXINFER_STATE")
-    return Path(env) if env else DEFAULT_STATE
 
 
 @dataclass

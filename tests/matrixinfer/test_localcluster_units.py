@@ -105,7 +105,7 @@ def test_directory_errors_name_the_file(tmp_path: Path) -> None:
         read_directory(tmp_path)
     (tmp_path / "a.yaml").write_text("kind: Endpoints\nmetadata: {name: x}\n")
     docs, notes = read_directory(tmp_path)
-    assert docs == [] and "kind 'Endpoints' is not applied" in notes[0]
+    assert docs == [] and "kind 'Endpoints' is not a kind of the cluster" in notes[0]
 
 
 def test_get_tables_read_like_kubectl() -> None:
@@ -139,3 +139,39 @@ def test_get_tables_read_like_kubectl() -> None:
     assert kind_of("po") == "pods" and kind_of("Model") == "models"
     with pytest.raises(ValueError, match="unknown kind 'nodes'"):
         kind_of("nodes")
+
+
+def test_gateway_points_models_to_the_local_mode(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from matrixinfer.cli import _hint_local_mode
+
+    (tmp_path / "m.yaml").write_text(DEMO.read_text())
+    _hint_local_mode(tmp_path)
+    out = capsys.readouterr().out
+    assert "the Model objects in" in out and f"matrixinfer demo --examples {tmp_path}" in out
+    (tmp_path / "m.yaml").unlink()
+    _hint_local_mode(tmp_path)
+    assert capsys.readouterr().out == ""
+
+
+def test_get_names_a_state_file_whose_cluster_has_exited(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from matrixinfer.cli import main
+
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    state = tmp_path / "local.json"
+    state.write_text(json.dumps({"server": "http://127.0.0.1:1", "pid": int(done.stdout)}))
+    monkeypatch.setenv("MATRIXINFER_STATE", str(state))
+    assert main(["get", "pods"]) == 1
+    assert f"the one recorded in {state} (pid {int(done.stdout)}) has exited" in (
+        capsys.readouterr().out
+    )
+    assert main(["get", "nodes"]) == 2
+    assert "unknown kind 'nodes'" in capsys.readouterr().out
