@@ -392,16 +392,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _timing(cluster: LocalCluster, first_answer: float) -> str:
-    """How long the first answer took from the Model's creation, and how much of it the pods'
-    simulators spent starting (process start to ``/health`` 200, per pod)."""
+    """How long the first answer took from the Model's creation, when the controllers' first
+    pod started and the last one turned ready, and how much the pods' simulators spent starting
+    (process start to ``/health`` 200, per pod)."""
     applied = cluster.applier.first_applied if cluster.applier is not None else None
-    startup = sorted(cluster.kubelet.startup.values()) if cluster.kubelet is not None else []
-    if applied is None:
+    kubelet = cluster.kubelet
+    if applied is None or kubelet is None:
         return "first answer: the configuration was never applied"
+    startup = sorted(kubelet.startup.values())
     sims = f"{startup[0]:.2f}-{startup[-1]:.2f}s" if startup else "n/a"
+    first_pod = min(kubelet.started.values(), default=applied) - applied
+    all_ready = max(kubelet.ready_at.values(), default=applied) - applied
     return (
-        f"first answer {first_answer - applied:.2f}s after the Model was applied "
-        f"(simulator start-up, process to /health: {sims} per pod, {len(startup)} pods)"
+        f"first answer {first_answer - applied:.2f}s after the Model was applied (first pod "
+        f"started +{first_pod:.2f}s, all {len(startup)} ready +{all_ready:.2f}s; simulator "
+        f"start-up, process to /health: {sims} per pod)"
     )
 
 

@@ -224,6 +224,8 @@ class LocalKubelet:
         self.say = say or (lambda line: log.info("%s", line))
         self.pods: dict[tuple[str, str, str], LocalPod] = {}
         self.startup: dict[str, float] = {}  # pod -> seconds from process start to /health 200
+        self.started: dict[str, float] = {}  # pod -> time.monotonic() its process started
+        self.ready_at: dict[str, float] = {}  # pod -> time.monotonic() it turned Ready
         self.session: aiohttp.ClientSession | None = None
 
     async def run(self) -> None:
@@ -268,6 +270,7 @@ class LocalKubelet:
         proc = _spawn(command, log_path, env)
         local = LocalPod(ns, name, uid, host, command.port, proc, log_path, time.monotonic())
         self.pods[key] = local
+        self.started.setdefault(name, local.started)
         await self._status(local, running=True, ready=False)
         self.say(f"pod {name}: started {command.model} at {host}:{command.port}")
 
@@ -286,6 +289,7 @@ class LocalKubelet:
             await self._status(local, running=True, ready=True)
             took = time.monotonic() - local.started
             self.startup[local.name] = took
+            self.ready_at.setdefault(local.name, time.monotonic())
             self.say(f"pod {local.name}: ready ({took:.1f}s)")
 
     async def _healthy(self, local: LocalPod) -> bool:
