@@ -3,6 +3,7 @@ operator, pods as simulator processes), extproc and Envoy, from the shipped exam
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -281,15 +282,23 @@ def _pid_of(pod: str) -> int:
     raise AssertionError(f"no process runs {pod}")
 
 
+def _none_left(demo: Demo, kind: str) -> bool:
+    return demo.get(kind).startswith("No ")
+
+
+def _gone(ip: str) -> bool:
+    return not http_ok(f"http://{ip}:8000/health", 0.3)
+
+
 def test_removing_the_model_file_removes_everything_it_made(demo: Demo) -> None:
     addresses = [cols[2] for cols in demo.pods().values()]
     mark = len(demo.lines)
     (demo.dir / "model.yaml").rename(demo.dir / "model.yaml.off")
     demo.wait_for("deleted Model default/demo-model", after=mark)
     for kind in ("models", "modelinfers", "modelservers", "modelroutes", "pods"):
-        wait_until(lambda k=kind: demo.get(k).startswith("No "), 30, f"no {kind} left")
+        wait_until(functools.partial(_none_left, demo, kind), 30, f"no {kind} left")
     for ip in addresses:
-        wait_until(lambda ip=ip: not http_ok(f"http://{ip}:8000/health", 0.3), 10, ip)
+        wait_until(functools.partial(_gone, ip), 10, ip)
     (demo.dir / "model.yaml.off").rename(demo.dir / "model.yaml")
     demo.wait_for("created Model default/demo-model", after=mark)
     wait_until(lambda: len(demo.pods()) == 3, 60, "three pods again")

@@ -110,7 +110,7 @@ def test_directory_errors_name_the_file(tmp_path: Path) -> None:
 
 def test_get_tables_read_like_kubectl() -> None:
     now = datetime.datetime(2026, 1, 1, 12, 0, 0, tzinfo=datetime.UTC)
-    pods = [
+    pods: list[dict[str, Any]] = [
         {
             "metadata": {"name": "m-large-0", "namespace": "default",
                          "creationTimestamp": "2026-01-01T11:58:55Z"},
