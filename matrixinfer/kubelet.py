@@ -29,6 +29,7 @@ from typing import Any
 
 import aiohttp
 
+from controllers.modelinfer.types import LABEL_ROLE
 from matrixinfer.process import die_with_parent, port_is_free
 
 __all__ = ["LocalCommand", "LocalKubelet", "sim_command"]
@@ -91,7 +92,8 @@ def sim_command(
     --model-path MODEL ...``): ``--served-model-name`` (else the model) is the model the
     simulator serves, ``--port`` (else the container port, else 8000) its port, LoRA adapters
     (``--lora-modules`` / ``--lora-paths NAME=PATH``) are loaded, every other flag the
-    simulator knows is passed on, the rest listed in ``ignored``. ``extra``: simulator flags
+    simulator knows is passed on, the rest listed in ``ignored``; a pod of role ``prefill`` or
+    ``decode`` (the ModelInfer controller's role label) runs that role. ``extra``: simulator flags
     for every pod (e.g. ``--time-scale``), given last."""
     meta = pod.get("metadata") or {}
     name = str(meta.get("name") or "")
@@ -132,6 +134,9 @@ def sim_command(
         argv += ["--served-model-name", *served]
     if lora:
         argv += ["--lora-modules", *lora]
+    role = str((meta.get("labels") or {}).get(LABEL_ROLE) or "")
+    if role in ("prefill", "decode"):  # a disaggregated backend's role pods
+        argv += ["--role", role]
     return LocalCommand([*argv, *passed, *extra], port, served_name, ignored)
 
 

@@ -65,6 +65,14 @@ def test_sglang_pod_serves_the_sglang_api_and_lists_what_it_ignores() -> None:
     assert sim_command(pod, "127.0.0.11").ignored == ["--tensor-parallel-size", "2"]
 
 
+def test_prefill_and_decode_pods_run_their_role() -> None:
+    pod = demo_pods()["large"]
+    assert "--role" not in sim_command(pod, "127.0.0.10").argv
+    pod["metadata"]["labels"] = {"workload.matrixinfer.ai/role": "decode"}
+    argv = sim_command(pod, "127.0.0.10").argv
+    assert argv[argv.index("--role") + 1] == "decode"
+
+
 def test_addresses_skip_taken_ones_and_are_reused_after_release() -> None:
     a = Addresses("127.0.99.10")
     first, second = a.take(8000), a.take(8000)
