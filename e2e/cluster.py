@@ -1,21 +1,21 @@
 """The cluster interface the end-to-end suite is written against, and its two implementations:
 
-- :class:`LocalStackCluster` — the local stack (simulator processes on loopback addresses, the
-  extproc, the xDS server and Envoy from ``matrixinfer.stack``): runs on any machine, in
-  ``make test``. It plays the controllers' part itself (starts and replaces the pods, writes the
-  ModelServer/ModelRoute and the pods' Endpoints into the configuration directory).
+- :class:`LocalStackCluster` — the local stack in local mode (``matrixinfer.localcluster``: an
+  in-memory API server, the real operator, pods as simulator processes on loopback addresses;
+  the extproc, the xDS server and Envoy reading that API): runs on any machine, in
+  ``make test``. A model is a ``Model`` file in the directory the local cluster applies.
 - :class:`KindCluster` — a kind cluster: ``make image``, ``kind load``, ``helm install`` of
   ``charts/matrixinfer``, model resources applied with kubectl, the gateway reached through
   ``kubectl port-forward``. Needs Docker, kind, kubectl and helm (``make e2e``).
 
-A model here is a ModelServer + ModelRoute over ``replicas`` simulator pods labelled
-``app: <model>``; a *revision* replaces every pod (new names, new addresses).
+A *revision* replaces every pod. A pod's identity is ``name/uid`` (:meth:`Cluster.pod_ids`): a
+controller may give a replacement pod the old one's name (the ModelInfer controller does).
 """
 
 from __future__ import annotations
 
-import ipaddress
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -23,15 +23,23 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
+from matrixinfer.get import list_objects
+from matrixinfer.localcluster import LocalCluster, LocalOptions
 from matrixinfer.process import ReadinessTimeout, free_port, wait_until
 from matrixinfer.stack import GatewayStack, StackOptions
-from sim.fleet import SimPod, SimProcess, sim_argv
 
-__all__ = ["Cluster", "ClusterError", "KindCluster", "LocalStackCluster", "model_resources"]
+__all__ = [
+    "Cluster",
+    "ClusterError",
+    "KindCluster",
+    "LocalStackCluster",
+    "local_model",
+    "model_resources",
+]
 
 POD_HEADER = "x-inference-pod"  # the simulator names the pod that answered
 
@@ -59,7 +67,7 @@ class Cluster(Protocol):
         ...
 
     def kill_pod(self, model: str) -> str:
-        """SIGKILL one pod (a crash) and return its name; the pod is not replaced yet."""
+        """SIGKILL one pod (a crash) and return its id (``name/uid``); not replaced yet."""
         ...
 
     def wait_replaced(self, model: str, replicas: int) -> None:
@@ -68,6 +76,10 @@ class Cluster(Protocol):
 
     def pods(self, model: str) -> list[str]:
         """Names of the model's live pods."""
+        ...
+
+    def pod_ids(self, model: str) -> list[str]:
+        """``name/uid`` of the model's live pods."""
         ...
 
     def uninstall(self) -> None: ...
@@ -100,23 +112,42 @@ spec:
 """
 
 
+def local_model(model: str, replicas: int, revision: int = 0) -> str:
+    """The Model of the local stack: one vLLM backend whose pods the local kubelet runs as
+    simulators; ``revision`` changes the engine arguments (a new pod template)."""
+    return f"""apiVersion: registry.matrixinfer.ai/v1alpha1
+kind: Model
+metadata:
+  name: {model}
+spec:
+  backends:
+  - name: sim
+    type: vLLM
+    modelURI: hf://e2e/{model}
+    args: ["--seed={revision}"]
+    minReplicas: {replicas}
+"""
+
+
 @dataclass
 class _Model:
     name: str
+    replicas: int
     revision: int = 0
-    pods: dict[str, SimProcess] = field(default_factory=dict)
-    serial: int = 0  # a replacement pod gets a new name, as a controller's would
 
 
 class LocalStackCluster:
-    """The local stack as a cluster: pods are simulator processes on 127.0.1.x addresses."""
+    """The local stack in local mode: the Model controller, the ModelInfer controller and a local
+    kubelet (pods as simulator processes on 127.0.1.x) against an in-memory API server, and the
+    gateway reading that API."""
 
     def __init__(self, run_dir: Path | None = None, first_host: str = "127.0.1.1") -> None:
         self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix="matrixinfer-e2e-"))
         self.config_dir = self.run_dir / "config"
-        self.port = free_port(first_host)
-        self._next_host = ipaddress.IPv4Address(first_host)
+        self.first_host = first_host
         self._models: dict[str, _Model] = {}
+        self._killed: set[str] = set()  # ids of pods kill_pod crashed
+        self._local: LocalCluster | None = None
         self._stack: GatewayStack | None = None
 
     @property
@@ -127,140 +158,127 @@ class LocalStackCluster:
 
     def install(self) -> None:
         self.config_dir.mkdir(parents=True, exist_ok=True)
-        self._stack = GatewayStack(self.config_dir, self.run_dir, StackOptions(access_log=True))
+        self._local = LocalCluster(
+            LocalOptions(self.config_dir, self.run_dir, first_host=self.first_host)
+        ).start()
+        self._stack = GatewayStack(
+            self.config_dir,
+            self.run_dir,
+            StackOptions(access_log=True, kube_server=self._local.url),
+        )
         self._stack.start()
 
     def deploy_model(self, model: str, replicas: int) -> None:
-        m = self._models.setdefault(model, _Model(model))
-        (self.config_dir / f"{model}.yaml").write_text(model_resources(model, self.port))
-        self._converge(m, replicas)
+        self._models[model] = _Model(model, replicas)
+        self._write(self._models[model])
 
     def scale(self, model: str, replicas: int) -> None:
-        self._converge(self._model(model), replicas)
+        m = self._model(model)
+        m.replicas = replicas
+        self._write(m)
 
     def roll(self, model: str) -> None:
         m = self._model(model)
-        old = list(m.pods)
+        before = frozenset(self.pod_ids(model))
         m.revision += 1
-        for name in old:  # surge one, then retire one: the model keeps serving throughout
-            self._start_pod(m)
-            self._publish(m)
-            m.pods.pop(name).stop()
-            self._publish(m)
+        self._write(m, replaced=before)
 
     def kill_pod(self, model: str) -> str:
-        m = self._model(model)
-        name, proc = next(iter(m.pods.items()))
-        proc.signal(signal.SIGKILL)
-        if proc.proc is not None:
-            proc.proc.wait()
-        return name
+        pod = self._pods(model)[0]
+        name = pod["metadata"]["name"]
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                argv = cmdline.read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"--pod-name" in argv and argv[argv.index(b"--pod-name") + 1] == name.encode():
+                os.kill(int(cmdline.parent.name), signal.SIGKILL)
+                self._killed.add(_pod_id(pod))
+                return _pod_id(pod)
+        raise ClusterError(f"kill_pod: no process runs pod {name}")
 
     def wait_replaced(self, model: str, replicas: int) -> None:
-        m = self._model(model)
-        for name in [n for n, p in m.pods.items() if not p.running()]:
-            m.pods.pop(name).stop()
-        self._converge(m, replicas)
+        self._wait_served(self._model(model), replicas, frozenset(self._killed))
 
     def pods(self, model: str) -> list[str]:
-        return sorted(n for n, p in self._model(model).pods.items() if p.running())
+        return sorted(p["metadata"]["name"] for p in self._pods(model))
+
+    def pod_ids(self, model: str) -> list[str]:
+        return sorted(_pod_id(p) for p in self._pods(model))
 
     def uninstall(self) -> None:
         if self._stack is not None:
             self._stack.stop()
             self._stack = None
-        for m in self._models.values():
-            for proc in m.pods.values():
-                proc.stop()
-            m.pods.clear()
+        if self._local is not None:
+            self._local.stop()
+            self._local = None
 
-    # -- the controllers' part
+    # -- helpers
     def _model(self, model: str) -> _Model:
         if model not in self._models:
             raise ClusterError(f"model {model!r} is not deployed")
         return self._models[model]
 
-    def _start_pod(self, m: _Model) -> None:
-        name = f"{m.name}-r{m.revision}-{m.serial}"
-        m.serial += 1
-        host = str(self._next_host)
-        self._next_host += 1
-        if not self._next_host.is_loopback:
-            raise ClusterError("out of loopback addresses for pods")
-        pod = SimPod(name, host, self.port)
-        proc = SimProcess(
-            pod, sim_argv(pod, m.name), self.run_dir / f"{pod.name}.log", timeout=30.0
-        )
-        proc.start()
-        m.pods[pod.name] = proc
-
-    def _converge(self, m: _Model, replicas: int) -> None:
-        while len(m.pods) < replicas:
-            self._start_pod(m)
-        while len(m.pods) > replicas:
-            name = sorted(m.pods)[-1]
-            m.pods.pop(name).stop()
-        self._publish(m)
-
-    def _publish(self, m: _Model) -> None:
-        """The pods as the gateway's Endpoints document; wait until Envoy knows exactly them."""
-        lines = [
-            "apiVersion: gateway.matrixinfer.ai/v1alpha1",
-            "kind: Endpoints",
-            "metadata:",
-            f"  name: {m.name}-pods",
-            "spec:",
-            "  endpoints:",
-        ]
-        for name, proc in sorted(m.pods.items()):
-            address, labels = proc.pod.address, f"{{app: {m.name}}}"
-            lines.append(f"  - {{name: {name}, address: '{address}', labels: {labels}}}")
-        if not m.pods:
-            lines[-1] = "  endpoints: []"
-        path = self.config_dir / f"zz-{m.name}-pods.yaml"
+    def _write(self, m: _Model, replaced: frozenset[str] = frozenset()) -> None:
+        path = self.config_dir / f"{m.name}.yaml"
         tmp = path.with_suffix(".tmp")
-        tmp.write_text("\n".join(lines) + "\n")
-        tmp.replace(path)  # the config watcher never reads half a file
-        want = {p.pod.address for p in m.pods.values()}
+        tmp.write_text(local_model(m.name, m.replicas, m.revision))
+        tmp.replace(path)  # the applier never reads half a file
+        self._wait_served(m, m.replicas, replaced)
+
+    def _pods(self, model: str) -> list[dict[str, Any]]:
+        """The model's Running, Ready, not terminating pods, from the local API."""
+        if self._local is None:
+            raise ClusterError("not installed")
+        out = []
+        for p in list_objects(self._local.url, "pods"):
+            meta, status = p.get("metadata") or {}, p.get("status") or {}
+            labels = meta.get("labels") or {}
+            if labels.get("registry.matrixinfer.ai/model") != model and not str(
+                meta.get("name", "")
+            ).startswith(f"{model}-"):
+                continue
+            ready = any(
+                c.get("type") == "Ready" and c.get("status") == "True"
+                for c in status.get("conditions") or ()
+            )
+            if ready and status.get("phase") == "Running" and not meta.get("deletionTimestamp"):
+                out.append(p)
+        return out
+
+    def _wait_served(
+        self, m: _Model, replicas: int, replaced: frozenset[str] = frozenset()
+    ) -> None:
+        """Until ``replicas`` pods (none of ``replaced``) are ready and the gateway routes to
+        exactly them."""
         stack = self._stack
         if stack is None:
             raise ClusterError("deploy before install")
+
+        def served() -> bool:
+            pods = self._pods(m.name)
+            if len(pods) != replicas or {_pod_id(p) for p in pods} & replaced:
+                return False
+            want = {f"{p['status']['podIP']}:8000" for p in pods}
+            return want <= stack.envoy_hosts() and want == _ready_addresses(stack)
+
         try:
-            wait_until(lambda: self._served(stack, m.name, want), 30.0, f"{m.name} pods served")
+            wait_until(served, 90.0, f"{m.name}: {replicas} pods served")
         except ReadinessTimeout as exc:
             raise ClusterError(f"{exc}; logs in {self.run_dir}") from None
 
-    @staticmethod
-    def _served(stack: GatewayStack, model: str, want: set[str]) -> bool:
-        if not want <= stack.envoy_hosts():
-            return False
-        with urllib.request.urlopen(f"{stack.extproc_url}/debug/state", timeout=5) as resp:
-            state = json.loads(resp.read())
-        return want == _ready_addresses(state, model)
+
+def _pod_id(pod: dict[str, Any]) -> str:
+    meta = pod.get("metadata") or {}
+    return f"{meta.get('name')}/{meta.get('uid')}"
 
 
-def _ready_addresses(state: object, model: str) -> set[str]:
-    """The ready pod addresses the extproc's /debug/state lists for the ModelServer ``model``."""
-    found: set[str] = set()
-
-    def walk(node: object) -> None:
-        if isinstance(node, dict):
-            addr = node.get("address")
-            if isinstance(addr, str) and node.get("ready", True) and _names(node, model):
-                found.add(addr)
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v)
-
-    walk(state)
-    return found
-
-
-def _names(node: dict[str, object], model: str) -> bool:
-    labels = node.get("labels")
-    return isinstance(labels, dict) and labels.get("app") == model
+def _ready_addresses(stack: GatewayStack) -> set[str]:
+    """The ready pod addresses the extproc routes to (its /debug/state)."""
+    with urllib.request.urlopen(f"{stack.extproc_url}/debug/state", timeout=5) as resp:
+        state = json.loads(resp.read())
+    return {str(p["address"]) for p in state.get("pods") or () if p.get("ready", True)}
 
 
 class KindCluster:
@@ -345,18 +363,22 @@ spec:
         self._kubectl("rollout", "status", f"deploy/{model}", "--timeout=180s")
 
     def kill_pod(self, model: str) -> str:
-        name = self.pods(model)[0]
+        pod_id = self.pod_ids(model)[0]
+        name = pod_id.split("/")[0]
         self._kubectl("delete", "pod", name, "--grace-period=0", "--force", "--wait=false")
-        return name
+        return pod_id
 
     def wait_replaced(self, model: str, replicas: int) -> None:
         _poll(lambda: len(self.pods(model)) == replicas, 180.0, f"{model}: {replicas} pods")
 
     def pods(self, model: str) -> list[str]:
+        return sorted(i.split("/")[0] for i in self.pod_ids(model))
+
+    def pod_ids(self, model: str) -> list[str]:
         out = self._kubectl("get", "pods", "-l", f"app={model}", "-o", "json")
         items = json.loads(out)["items"]
         return sorted(
-            p["metadata"]["name"]
+            f"{p['metadata']['name']}/{p['metadata']['uid']}"
             for p in items
             if not p["metadata"].get("deletionTimestamp")
             and any(c["type"] == "Ready" and c["status"] == "True"

@@ -42,15 +42,16 @@ __all__ = [
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def die_with_parent(parent: int) -> Callable[[], None] | None:
+def die_with_parent(parent: int, any_thread: bool = False) -> Callable[[], None] | None:
     """A ``preexec_fn`` for children of process ``parent``: the kernel sends the child SIGTERM when
     its parent dies, however it dies (``kill -9`` included), so no child outlives the command that
     started it. If the parent is already gone when the child gets here, the child exits at once.
 
     The kernel ties this to the *thread* that forks, so it is armed only for children started
     from the main thread (a worker thread that ends would take its children with it); ``None``
-    elsewhere."""
-    if threading.current_thread() is not threading.main_thread():
+    elsewhere, unless ``any_thread``: a thread that lives exactly as long as its children (the
+    local kubelet's) may arm it too, and its children then die with that thread."""
+    if not any_thread and threading.current_thread() is not threading.main_thread():
         return None
 
     def arm() -> None:

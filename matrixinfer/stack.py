@@ -45,6 +45,9 @@ class StackOptions:
     request_body_idle_timeout: float | None = None
     stream_idle_timeout: float | None = None
     config_poll: float = 1.0
+    # None: ModelServers, ModelRoutes and pods come from the configuration directory; a URL: from
+    # that Kubernetes API server (the local cluster's, matrixinfer/localcluster.py), watched
+    kube_server: str | None = None
     retries: int = 2
     access_log: bool = False
     access_log_format: str = "text"  # text | json (docs/gateway.md "Access log")
@@ -132,10 +135,7 @@ class GatewayStack:
                 sys.executable,
                 "-m",
                 "controllers.xds.main",
-                "--config",
-                str(self.config_dir),
-                "--config-poll",
-                format_duration(o.config_poll),
+                *self._source_args(),
                 "--port",
                 str(self.xds_port),
                 "--http-port",
@@ -191,6 +191,13 @@ class GatewayStack:
             ready_timeout=30,
         )
 
+    def _source_args(self) -> list[str]:
+        """Where the extproc and the xDS server read the configuration from."""
+        o = self.options
+        if o.kube_server is not None:
+            return ["--source", "kubernetes", "--server", o.kube_server]
+        return ["--config", str(self.config_dir), "--config-poll", format_duration(o.config_poll)]
+
     def _extproc_child(self, index: int, grpc_port: int, http_port: int) -> Child:
         o = self.options
         suffix = "" if index == 0 else f"-{index}"
@@ -200,8 +207,7 @@ class GatewayStack:
                 sys.executable,
                 "-m",
                 "extproc.main",
-                "--config",
-                str(self.config_dir),
+                *self._source_args(),
                 "--grpc-port",
                 str(grpc_port),
                 "--http-port",
@@ -212,8 +218,6 @@ class GatewayStack:
                 str(o.body_limit),
                 "--scrape-interval",
                 format_duration(o.scrape_interval),
-                "--config-poll",
-                format_duration(o.config_poll),
                 "--log-level",
                 o.extproc_log_level,
                 "--transport",

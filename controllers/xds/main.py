@@ -63,7 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, default=0, help="/healthz /metrics /debug/xds (0: off)")
     p.add_argument("--debounce", type=duration, default="50ms", help="push debounce")
     p.add_argument(
-        "--extproc", action="append", default=[], help="extproc host:port (repeatable; files)"
+        "--extproc",
+        action="append",
+        default=[],
+        help="extproc host:port (repeatable; with --source kubernetes: instead of the Service)",
     )
     p.add_argument("--listen-host", default="127.0.0.1", help="Envoy listener address")
     p.add_argument("--listen-port", type=int, default=8080, help="Envoy listener port")
@@ -222,7 +225,10 @@ class XdsApp:
             from fleet.kube import KubeSource, extproc_endpoints
 
             def on_change(config: Any) -> None:
-                endpoints = extproc_endpoints(self.kube, args.extproc_service, args.extproc_port)
+                # --extproc given: those addresses (the local stack's processes), not a Service
+                endpoints = args.extproc or extproc_endpoints(
+                    self.kube, args.extproc_service, args.extproc_port
+                )
                 self.publish(inputs_from_config(config, endpoints))
 
             self.kube = KubeSource(self.credentials, on_change, namespace=args.namespace)

@@ -19,95 +19,28 @@ from typing import Any
 import aiohttp
 import kmock
 
-from controllers.main import ControllerConfig, run_operator
+from controllers.main import ControllerConfig
+from matrixinfer.localcluster import REVIEW_GROUPS, VERBS, Emulator, OperatorThread, declare
+
+__all__ = [
+    "REVIEW_GROUPS",
+    "VERBS",
+    "Api",
+    "Emulator",
+    "Kubelet",
+    "Operator",
+    "Reviews",
+    "declare",
+    "emulator",
+    "eventually",
+    "operator",
+    "ready_status",
+    "serve_logs",
+    "serve_reviews",
+]
 
 MI_PATH = "/apis/workload.matrixinfer.ai/v1alpha1/namespaces/{ns}/modelinfers"
 MODEL_PATH = "/apis/registry.matrixinfer.ai/v1alpha1/namespaces/{ns}/models"
-REVIEW_GROUPS = {"authentication.k8s.io", "authorization.k8s.io"}
-VERBS = {"list", "watch", "get", "create", "patch", "delete"}
-
-
-class Emulator(kmock.KubernetesEmulator):
-    """kmock plus `metadata.generateName` (Kopf names its Events that way), and a
-    `resourceVersion` and `uid` on every created object that has none (as the API server does).
-
-    kmock matches every request against its whole recorded request history, which is quadratic
-    over a long run; `history_limit` keeps only the newest requests (the benchmark sets it; tests
-    keep everything to inspect it). `handled` counts every request either way.
-    """
-
-    _serial: int = 0
-    history_limit: int | None = None
-    handled: int = 0
-    by_kind: dict[str, int] | None = None  # requests by "METHOD plural[/subresource]"
-
-    async def _handle(self, request: Any) -> Any:
-        self.handled += 1
-        if self.by_kind is not None:
-            res = getattr(request, "resource", None)
-            sub = getattr(request, "subresource", None)
-            kind = f"{request.method} {getattr(res, 'plural', '?')}" + (f"/{sub}" if sub else "")
-            self.by_kind[kind] = self.by_kind.get(kind, 0) + 1
-        limit = self.history_limit
-        if limit is not None and len(self._requests) > 2 * limit:
-            del self._requests[:-limit]  # the newest (including this one) stay matchable
-        data = getattr(request, "data", None)
-        if isinstance(data, dict) and request.method == "POST":
-            meta = data.get("metadata")
-            if isinstance(meta, dict) and not meta.get("name") and meta.get("generateName"):
-                type(self)._serial += 1
-                meta["name"] = f"{meta['generateName']}{type(self)._serial:06d}"
-            if isinstance(meta, dict) and not meta.get("resourceVersion"):
-                # the API server sets it on every object (controllers' creations included)
-                type(self)._serial += 1
-                meta["resourceVersion"] = str(type(self)._serial)
-                meta.setdefault("uid", f"uid-{meta.get('name')}-{type(self)._serial}")
-        if getattr(getattr(request, "resource", None), "group", None) in REVIEW_GROUPS:
-            # reviews are answered, never stored (the emulator would store each under no name)
-            return await super(kmock.KubernetesEmulator, self)._handle(request)
-        return await super()._handle(request)
-
-
-def declare(k: kmock.KubernetesEmulator, volcano: bool = False) -> None:
-    res = k.resources
-    res["v1/namespaces"] = kmock.ResourceInfo(kind="Namespace", namespaced=False, verbs=VERBS)
-    res["v1/pods"] = kmock.ResourceInfo(
-        kind="Pod", namespaced=True, verbs=VERBS, subresources={"status"}
-    )
-    res["v1/services"] = kmock.ResourceInfo(kind="Service", namespaced=True, verbs=VERBS)
-    res["v1/events"] = kmock.ResourceInfo(kind="Event", namespaced=True, verbs=VERBS)
-    res["v1/configmaps"] = kmock.ResourceInfo(kind="ConfigMap", namespaced=True, verbs=VERBS)
-    res["apps/v1/controllerrevisions"] = kmock.ResourceInfo(
-        kind="ControllerRevision", namespaced=True, verbs=VERBS
-    )
-    res["workload.matrixinfer.ai/v1alpha1/modelinfers"] = kmock.ResourceInfo(
-        kind="ModelInfer",
-        singular="modelinfer",
-        namespaced=True,
-        verbs=VERBS,
-        subresources={"status", "scale"},
-    )
-    for plural, kind, group in (
-        ("models", "Model", "registry.matrixinfer.ai"),
-        ("autoscalingpolicies", "AutoscalingPolicy", "registry.matrixinfer.ai"),
-        ("modelservers", "ModelServer", "networking.matrixinfer.ai"),
-        ("modelroutes", "ModelRoute", "networking.matrixinfer.ai"),
-    ):
-        res[f"{group}/v1alpha1/{plural}"] = kmock.ResourceInfo(
-            kind=kind, namespaced=True, verbs=VERBS, subresources={"status"}
-        )
-    res["v1/nodes"] = kmock.ResourceInfo(kind="Node", namespaced=False, verbs=VERBS)
-    for plural, kind in (
-        ("validatingwebhookconfigurations", "ValidatingWebhookConfiguration"),
-        ("mutatingwebhookconfigurations", "MutatingWebhookConfiguration"),
-    ):  # cluster-scoped; the operator keeps them when it serves admission webhooks
-        res[f"admissionregistration.k8s.io/v1/{plural}"] = kmock.ResourceInfo(
-            kind=kind, namespaced=False, verbs=VERBS
-        )
-    if volcano:
-        res["scheduling.volcano.sh/v1beta1/podgroups"] = kmock.ResourceInfo(
-            kind="PodGroup", namespaced=True, verbs=VERBS
-        )
 
 
 @dataclass
@@ -325,32 +258,20 @@ class Operator:
 
 @contextlib.asynccontextmanager
 async def operator(api: Api, **config: Any) -> AsyncIterator[Operator]:
-    """The real Kopf operator (standalone, no peering) against the emulator.
-
-    It runs in its own thread and event loop, like a separate process would (and so that Kopf's
-    shutdown does not wait for the emulator's own watch-stream tasks).
-    """
-    stop, ready = threading.Event(), threading.Event()
+    """The real Kopf operator (standalone, no peering) against the emulator, in its own thread
+    (:class:`matrixinfer.localcluster.OperatorThread`)."""
     config.setdefault("queue_exit_timeout", 0.1)
     config.setdefault("resync_seconds", 5.0)
-    cfg = ControllerConfig(namespaces=["ns"], server=api.url, **config)
-    errors: list[BaseException] = []
-
-    def main() -> None:
-        try:
-            asyncio.run(run_operator(cfg, stop_flag=stop, ready_flag=ready))
-        except BaseException as exc:  # reported by the test, not lost in the thread
-            errors.append(exc)
-
-    thread = threading.Thread(target=main, name="kopf-operator", daemon=True)
-    thread.start()
+    op = OperatorThread(ControllerConfig(namespaces=["ns"], server=api.url, **config))
+    op.start()
+    assert op.thread is not None
     try:
-        await eventually(ready.is_set, 30, "the operator to start")
-        yield Operator(thread, stop, ready, errors)
+        await eventually(op.ready.is_set, 30, "the operator to start")
+        yield Operator(op.thread, op.stop_flag, op.ready, op.errors)
     finally:
-        stop.set()
-        await eventually(lambda: not thread.is_alive(), 30, "the operator to stop")
-    assert not errors, f"the operator failed: {errors!r}"
+        op.stop_flag.set()
+        await eventually(lambda: not op.alive(), 30, "the operator to stop")
+    assert not op.errors, f"the operator failed: {op.errors!r}"
 
 
 async def eventually(check: Callable[[], Any], within: float = 45.0, what: str = "") -> Any:

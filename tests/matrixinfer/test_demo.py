@@ -1,140 +1,323 @@
-"""`matrixinfer demo` as a user runs it: a real fleet, extproc and Envoy, no terminal."""
+"""`matrixinfer demo` as a user runs it: the local cluster (emulated API server, the real
+operator, pods as simulator processes), extproc and Envoy, from the shipped example."""
 
 from __future__ import annotations
 
-import json
+import functools
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
-import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
+from controllers.webhooks import rules
 from matrixinfer.process import free_port, http_ok, wait_until
+from matrixinfer.resources import project_file
 
 pytestmark = pytest.mark.timeout(240)
 
+STARTED = re.compile(r"pod (\S+): started (\S+) at (\S+)")
+POD_HEADER = "x-inference-pod"
 
-def _demo_argv(run_dir: Path, *extra: str) -> list[str]:
+
+def _demo_argv(run_dir: Path, *extra: str, first_host: str = "127.0.0.70") -> list[str]:
     return [
-        sys.executable,
-        "-m",
-        "matrixinfer.cli",
-        "demo",
-        "--port",
-        str(free_port()),
-        "--first-host",
-        "127.0.0.70",
-        "--run-dir",
-        str(run_dir),
-        *extra,
-    ]
+        sys.executable, "-m", "matrixinfer.cli", "demo", "--port", str(free_port()),
+        "--first-host", first_host, "--run-dir", str(run_dir), *extra,
+    ]  # fmt: skip
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    return {**os.environ, "MATRIXINFER_STATE": str(tmp_path / "state.json")}
 
 
 def test_demo_without_a_terminal_sends_requests_and_exits_zero(tmp_path: Path) -> None:
     proc = subprocess.run(
-        _demo_argv(tmp_path, "--replicas", "2", "--requests", "3"),
+        _demo_argv(tmp_path, "--requests", "3"),
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
         timeout=180,
+        env=_env(tmp_path),
     )
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
+    assert "created Model default/demo-model" in out
+    started = STARTED.findall(out)
+    assert sorted(p for p, _, _ in started) == [
+        "demo-model-large-0-server-0-0",
+        "demo-model-large-1-server-0-0",
+        "demo-model-small-0-server-0-0",
+    ], out
+    assert len({addr for _, _, addr in started}) == 3  # one loopback address each
     assert "curl -s http://127.0.0.1:" in out and "from openai import OpenAI" in out
-    answers = re.findall(r"request (\d)/3 \((chat|stream)\) -> (sim-\d): '(.+)'", out)
+    answers = re.findall(r"request (\d)/3 \((chat|stream)\) -> (demo-model-\S+): '(.+)'", out)
     assert len(answers) == 3 and all(a[3].strip() for a in answers), out
     assert "stream" in {a[1] for a in answers}
-    assert "requests per pod:" in out and "stopped: simulators, extproc and Envoy" in out
+    assert "stopped: pods, controllers, local API server, extproc and Envoy" in out
+    assert not (tmp_path / "state.json").exists()  # the state file goes with the cluster
 
 
-def test_demo_live_view_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
-    proc = subprocess.Popen(
-        _demo_argv(tmp_path, "--replicas", "2", "--requests", "0"),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        assert proc.stdout is not None
-        lines: list[str] = []
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if line.startswith("requests per pod:"):
-                break
-        text = "".join(lines)
-        assert "Press Ctrl-C to stop." in text, text
-        url = re.search(r"OpenAI API at (http://\S+/v1)", text)
-        assert url is not None
-        assert http_ok(url.group(1) + "/models")
-        proc.send_signal(signal.SIGTERM)
-        rest, _ = proc.communicate(timeout=30)
-        assert proc.returncode == 0, text + rest
-        assert "stopped: simulators, extproc and Envoy" in rest
-        # nothing it started still answers
-        wait_until(lambda: not http_ok(url.group(1) + "/models", timeout=0.3), 5, "Envoy gone")
-        for log in ("sim-0.log", "extproc.log", "envoy.log"):
-            assert (tmp_path / log).exists(), log
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+class Demo:
+    """``matrixinfer demo --requests 0`` on a copy of examples/demo; its output is collected."""
 
-
-def test_demo_lora_models_answer_from_pods_with_the_adapter(tmp_path: Path) -> None:
-    """Issue #23: /v1/models lists demo-lora-a and demo-lora-b; requests for them answer 200 from
-    a pod that has the adapter (every demo pod loads the adapters the demo's route declares)."""
-    from openai import OpenAI
-
-    proc = subprocess.Popen(
-        _demo_argv(tmp_path, "--replicas", "2", "--requests", "0"),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        assert proc.stdout is not None
-        text = ""
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and "Press Ctrl-C to stop." not in text:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            text += line
+    def __init__(self, tmp_path: Path, first_host: str) -> None:
+        self.dir = tmp_path / "config"
+        self.dir.mkdir()
+        shutil.copy(project_file("examples/demo/model.yaml"), self.dir / "model.yaml")
+        self.run_dir = tmp_path / "run"
+        self.env = _env(tmp_path)
+        self.proc = subprocess.Popen(
+            _demo_argv(
+                self.run_dir, "--requests", "0", "--examples", str(self.dir),
+                first_host=first_host,
+            ),
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, start_new_session=True, env=self.env,
+        )  # fmt: skip
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        text = self.wait_for("Press Ctrl-C to stop.", 150)
         url = re.search(r"OpenAI API at (http://\S+/v1)", text)
         assert url is not None, text
-        pods = dict(re.findall(r"pod (sim-\d) at (http://\S+)", text))
-        assert len(pods) == 2, text
-        client = OpenAI(base_url=url.group(1), api_key="unused", max_retries=0, timeout=30)
-        listed = {m.id for m in client.models.list()}
-        assert {"demo-model", "demo-lora-a", "demo-lora-b"} <= listed
-        for model in ("demo-lora-a", "demo-lora-b") * 4:
-            raw = client.chat.completions.with_raw_response.create(
-                model=model, messages=[{"role": "user", "content": "Hello!"}], max_tokens=4
-            )
-            assert raw.status_code == 200
-            assert raw.parse().model == model
-            pod = raw.headers["x-inference-pod"]
-            assert model in pod_models(pods[pod]), (model, pod)
-        client.close()
+        self.url = url.group(1)
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, needle: str, within: float = 60, after: int = 0) -> str:
+        """The output once it holds ``needle`` (in the lines from index ``after`` on)."""
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            if needle in "".join(self.lines[after:]):
+                return self.text
+            if self.proc.poll() is not None and not self.reader.is_alive():
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"{needle!r} not in the demo's output:\n{self.text}")
+
+    def get(self, kind: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "matrixinfer.cli", "get", kind],
+            capture_output=True, text=True, timeout=30, env=self.env,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    def pods(self) -> dict[str, list[str]]:
+        """name -> the other columns of ``matrixinfer get pods``."""
+        rows = [line.split() for line in self.get("pods").splitlines()[1:]]
+        return {r[1]: r[2:] for r in rows}
+
+    def edit(self, change: dict[str, int]) -> None:
+        """Set ``minReplicas`` of the named backends in the Model file."""
+        doc = yaml.safe_load((self.dir / "model.yaml").read_text())
+        for b in doc["spec"]["backends"]:
+            if b["name"] in change:
+                b["minReplicas"] = change[b["name"]]
+        (self.dir / "model.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
+    d = Demo(tmp_path_factory.mktemp("demo"), first_host="127.0.0.80")
+    try:
+        yield d
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=30)
+        d.stop()
 
 
-def pod_models(pod_url: str) -> set[str]:
-    """The models (base and adapters) one simulator pod serves, from its own /v1/models."""
-    with urllib.request.urlopen(f"{pod_url}/v1/models", timeout=10) as resp:
-        return {m["id"] for m in json.loads(resp.read())["data"]}
+def _chat_pod(url: str, model: str = "demo-model") -> str:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=30)
+    raw = client.chat.completions.with_raw_response.create(
+        model=model, messages=[{"role": "user", "content": "Hello!"}], max_tokens=4
+    )
+    assert raw.status_code == 200
+    assert raw.parse().choices[0].message.content
+    client.close()
+    return str(raw.headers[POD_HEADER])
+
+
+def _served(demo: Demo, pod: str | None = None) -> bool:
+    """One request answered, by ``pod`` (None: by any pod the API lists)."""
+    from openai import OpenAIError
+
+    try:
+        got = _chat_pod(demo.url)
+    except OpenAIError:
+        return False
+    return got == pod if pod is not None else got in demo.pods()
+
+
+def test_the_model_answers_chat_and_streams_from_both_backends(demo: Demo) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=demo.url, api_key="unused", max_retries=0, timeout=30)
+    with client.chat.completions.with_streaming_response.create(
+        model="demo-model",
+        messages=[{"role": "user", "content": "Stream, please."}],
+        max_tokens=12,
+        stream=True,
+    ) as resp:
+        assert resp.headers[POD_HEADER].startswith("demo-model-")
+        text = "".join(c.choices[0].delta.content or "" for c in resp.parse() if c.choices)
+    assert text.strip()
+    listed = {m.id for m in client.models.list()}
+    assert {"demo-model", "demo-lora-a", "demo-lora-b"} <= listed
+    client.close()
+    # 70/30 between the backends: 40 requests all on one backend has odds below 1e-6
+    served = {_chat_pod(demo.url) for _ in range(40)}
+    assert {p.split("-")[2] for p in served} == {"large", "small"}, served
+    assert _chat_pod(demo.url, "demo-lora-b").startswith("demo-model-")
+
+
+def test_get_shows_what_the_controllers_made(demo: Demo) -> None:
+    models = demo.get("models").splitlines()
+    assert models[0].split() == ["NAMESPACE", "NAME", "BACKENDS", "READY", "STATUS", "AGE"]
+    row = models[1].split()
+    assert row[:5] == ["default", "demo-model", "large,small", "3/3", "Active"], models
+    infers = {r.split()[1]: r.split()[2] for r in demo.get("modelinfers").splitlines()[1:]}
+    assert infers == {"demo-model-large": "2/2", "demo-model-small": "1/1"}
+    pods = demo.pods()
+    assert len(pods) == 3 and all(cols[:2] == ["1/1", "Running"] for cols in pods.values())
+    assert all(cols[2].startswith("127.0.0.") for cols in pods.values())
+    routes = demo.get("modelroutes")
+    assert "demo-model-large=70" in routes and "demo-model-small=30" in routes
+
+
+def test_editing_replicas_adds_and_removes_pods(demo: Demo) -> None:
+    mark = len(demo.lines)
+    demo.edit({"small": 2})
+    demo.wait_for("configured Model default/demo-model", after=mark)
+    demo.wait_for("pod demo-model-small-1-server-0-0: ready", after=mark)
+    wait_until(lambda: len(demo.pods()) == 4, 30, "a fourth pod")
+    new_ip = demo.pods()["demo-model-small-1-server-0-0"][2]
+    # the gateway routes to it (the small backend now has two pods for its 30 %)
+    wait_until(lambda: _served(demo, "demo-model-small-1-server-0-0"), 60, "the new pod serves")
+    mark = len(demo.lines)
+    demo.edit({"small": 1, "large": 1})
+    demo.wait_for("deleted, process stopped", after=mark)
+    wait_until(lambda: len(demo.pods()) == 2, 30, "two pods left")
+    gone = {"demo-model-small-1-server-0-0", "demo-model-large-1-server-0-0"}
+    assert not gone & set(demo.pods())
+    wait_until(lambda: not http_ok(f"http://{new_ip}:8000/health", 0.3), 10, "its process gone")
+    served = {_chat_pod(demo.url) for _ in range(10)}
+    assert not served & gone
+    demo.edit({"small": 1, "large": 2})  # back to the example
+    wait_until(lambda: len(demo.pods()) == 3, 30, "three pods again")
+
+
+def test_a_bad_model_file_gets_the_webhooks_message_and_the_stack_keeps_serving(
+    demo: Demo,
+) -> None:
+    good = (demo.dir / "model.yaml").read_text()
+    doc = yaml.safe_load(good)
+    doc["spec"]["backends"][1]["routeWeight"] = None  # weights: all set or none
+    del doc["spec"]["backends"][1]["routeWeight"]
+    expected = rules.parse(doc)
+    assert isinstance(expected, rules.Review)
+    mark = len(demo.lines)
+    (demo.dir / "model.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    text = demo.wait_for("configuration rejected", after=mark)
+    assert expected.message() in text, text
+    assert 'admission webhook "validate-model" denied the request' in text
+    assert "model.yaml (document 1): Model default/demo-model" in text
+    pods = set(demo.pods())
+    assert len(pods) == 3
+    assert _chat_pod(demo.url) in pods  # the last good state stays in force
+    mark = len(demo.lines)
+    (demo.dir / "model.yaml").write_text(good)
+    time.sleep(1.5)  # nothing to wait for: the good file equals what is applied
+    assert "configuration rejected" not in "".join(demo.lines[mark:])
+    assert _chat_pod(demo.url) in pods
+
+
+def test_a_crashed_pod_is_replaced(demo: Demo) -> None:
+    pods = demo.pods()
+    victim = "demo-model-small-0-server-0-0"
+    assert victim in pods
+    mark = len(demo.lines)
+    os.kill(_pid_of(victim), signal.SIGKILL)
+    demo.wait_for(f"pod {victim}: process exited", after=mark)
+    demo.wait_for(f"pod {victim}: ready", 60, after=mark)  # the controller made it again
+    wait_until(lambda: len(demo.pods()) == 3, 30, "three pods")
+    assert demo.pods()[victim][:2] == ["1/1", "Running"]
+
+
+def _pid_of(pod: str) -> int:
+    """The pid of the simulator process running ``pod`` (its command line names the pod)."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"sim" in argv and pod.encode() in argv and b"--pod-name" in argv:
+            return int(cmdline.parent.name)
+    raise AssertionError(f"no process runs {pod}")
+
+
+def _none_left(demo: Demo, kind: str) -> bool:
+    return demo.get(kind).startswith("No ")
+
+
+def _gone(ip: str) -> bool:
+    return not http_ok(f"http://{ip}:8000/health", 0.3)
+
+
+def test_removing_the_model_file_removes_everything_it_made(demo: Demo) -> None:
+    addresses = [cols[2] for cols in demo.pods().values()]
+    mark = len(demo.lines)
+    (demo.dir / "model.yaml").rename(demo.dir / "model.yaml.off")
+    demo.wait_for("deleted Model default/demo-model", after=mark)
+    for kind in ("models", "modelinfers", "modelservers", "modelroutes", "pods"):
+        wait_until(functools.partial(_none_left, demo, kind), 30, f"no {kind} left")
+    for ip in addresses:
+        wait_until(functools.partial(_gone, ip), 10, ip)
+    (demo.dir / "model.yaml.off").rename(demo.dir / "model.yaml")
+    demo.wait_for("created Model default/demo-model", after=mark)
+    wait_until(lambda: len(demo.pods()) == 3, 60, "three pods again")
+    wait_until(lambda: _served(demo), 60, "served again")
+
+
+def test_live_view_stops_everything_on_sigterm(demo: Demo) -> None:
+    addresses = [cols[2] for cols in demo.pods().values()]
+    demo.stop()
+    assert demo.proc.returncode == 0, demo.text
+    demo.reader.join(10)
+    assert "stopped: pods, controllers, local API server, extproc and Envoy" in demo.text
+    wait_until(lambda: not http_ok(demo.url + "/models", timeout=0.3), 5, "Envoy gone")
+    for ip in addresses:
+        assert not http_ok(f"http://{ip}:8000/health", timeout=0.3), ip
+    assert (demo.run_dir / "extproc.log").exists()
+    assert list(demo.run_dir.glob("pod-default-demo-model-*.log"))
+    done = subprocess.run(
+        [sys.executable, "-m", "matrixinfer.cli", "get", "pods"],
+        capture_output=True, text=True, timeout=30, env=demo.env,
+    )  # fmt: skip
+    assert done.returncode == 1 and "no running local cluster" in done.stdout

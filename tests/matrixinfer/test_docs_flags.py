@@ -63,6 +63,7 @@ def parsers() -> dict[str, list[argparse.ArgumentParser]]:
         "matrixinfer-sim fleet": [fleet_parser(), serve_parser()],  # the rest go to each replica
         "matrixinfer-sim": [serve_parser()],
         "matrixinfer demo": [_subparser(cli, "demo")],
+        "matrixinfer get": [_subparser(cli, "get")],
         "matrixinfer gateway": [_subparser(cli, "gateway")],
         "matrixinfer-downloader": [downloader_parser()],
         "matrixinfer-runtime": [runtime_parser()],
@@ -71,8 +72,8 @@ def parsers() -> dict[str, list[argparse.ArgumentParser]]:
 
 
 PROGRAM = re.compile(
-    r"matrixinfer(?:-extproc|-xds|-controllers|-sim fleet|-sim| demo| gateway| console|-downloader"
-    r"|-runtime)(?![\w-])"
+    r"matrixinfer(?:-extproc|-xds|-controllers|-sim fleet|-sim| demo| get| gateway| console"
+    r"|-downloader|-runtime)(?![\w-])"
 )
 FLAG = re.compile(r"(?<![\w=-])--[a-z][a-z0-9-]*")
 STATED = re.compile(r"\[(--[a-z][a-z0-9-]*)[ =]([^\]\s|]+)\]")
