@@ -41,7 +41,8 @@ OTHER_TOOLS = {
     # helm, kubectl
     "--create-namespace", "--server-side",
     # python -m bench.fleetsim
-    "--workload", "--trace", "--param", "--seeds", "--http-latency", "--metric",
+    "--workload", "--trace", "--param", "--seeds", "--http-latency", "--metric", "--repeat",
+    "--warm",
 }  # fmt: skip
 
 
