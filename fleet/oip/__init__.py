@@ -1,1 +1,1 @@
-"""The Open Inference Protocol v2 (KServe/Triton) gRPC service: the .proto and its compiled modules."""
+"""The Open Inference Protocol v2 (KServe/Triton) gRPC service: its .proto, compiled modules."""
