@@ -9,9 +9,11 @@ from __future__ import annotations
 import orjson
 
 __all__ = [
+    "GRPC_CODES",
     "GatewayError",
     "bad_request",
     "body_too_large",
+    "grpc_unimplemented",
     "internal_error",
     "method_not_allowed",
     "model_not_found",
@@ -19,6 +21,24 @@ __all__ = [
     "no_rule_matched",
     "path_not_found",
 ]
+
+
+# the gRPC status code of a gateway answer to a gRPC caller, by the HTTP status of the same answer
+# (the codes of grpc/doc/statuscodes.md); any other status: UNKNOWN (2)
+GRPC_CODES: dict[int, int] = {
+    400: 3,  # INVALID_ARGUMENT
+    401: 16,  # UNAUTHENTICATED
+    403: 7,  # PERMISSION_DENIED
+    404: 5,  # NOT_FOUND
+    405: 12,  # UNIMPLEMENTED
+    408: 4,  # DEADLINE_EXCEEDED
+    413: 8,  # RESOURCE_EXHAUSTED (message larger than the limit)
+    429: 8,  # RESOURCE_EXHAUSTED
+    500: 13,  # INTERNAL
+    501: 12,  # UNIMPLEMENTED
+    503: 14,  # UNAVAILABLE
+    504: 4,  # DEADLINE_EXCEEDED
+}
 
 
 class GatewayError(Exception):
@@ -112,6 +132,17 @@ def method_not_allowed(method: str, path: str, allowed: str) -> GatewayError:
         f"{method} is not allowed on {path}; use {allowed}",
         error_type="invalid_request_error",
         code="method_not_allowed",
+    )
+
+
+def grpc_unimplemented(path: str) -> GatewayError:
+    return GatewayError(
+        501,
+        f"{path} is not a method of inference.GRPCInferenceService the gateway serves; it serves "
+        "ModelInfer, ModelStreamInfer, ModelReady, ModelMetadata, ServerLive, ServerReady and "
+        "ServerMetadata",
+        error_type="invalid_request_error",
+        code="unimplemented",
     )
 
 

@@ -63,6 +63,7 @@ import orjson
 from crds.common import parse_duration
 from extproc.datastore import Datastore, ServerView, Snapshot
 from extproc.errors import (
+    GRPC_CODES,
     GatewayError,
     bad_request,
     body_too_large,
@@ -77,7 +78,9 @@ from extproc.parsing import (
     Endpoint,
     classify,
     estimate_tokens,
+    grpc_frames,
     parse_body,
+    parse_oip,
 )
 from extproc.policies.usage import force_usage
 from extproc.scheduling.types import (
@@ -88,7 +91,7 @@ from extproc.scheduling.types import (
 )
 from fleet.config import object_key
 from fleet.pd import PREFILL_HEADER, format_prefill
-from fleet.pods import Pod
+from fleet.pods import Pod, grpc_address
 from fleet.usage_envoy import (
     LORA_HEADER,
     MODEL_HEADER,
@@ -154,6 +157,27 @@ class Immediate:
     body: bytes
     content_type: str = "application/json"
     headers: dict[str, str] = field(default_factory=dict)  # e.g. retry-after, x-ratelimit-*
+    # an answer to a gRPC caller: its gRPC status code (``body`` is then the grpc-message text);
+    # Envoy sends it as a trailers-only gRPC response (HTTP 200, grpc-status, grpc-message)
+    grpc_status: int | None = None
+
+
+_GRPC_KINDS = frozenset(("oip", "oip_server"))
+
+
+def _grpc_answer(immediate: Immediate) -> Immediate:
+    """An error answer as a gRPC caller gets it: the gRPC code of its HTTP status
+    (``extproc.errors.GRPC_CODES``) and its message as the grpc-message."""
+    message = immediate.body.decode(errors="replace")
+    with contextlib.suppress(orjson.JSONDecodeError, TypeError, KeyError, AttributeError):
+        message = orjson.loads(immediate.body)["error"]["message"]
+    return Immediate(
+        immediate.status,
+        message.encode(),
+        content_type="application/grpc",
+        headers=immediate.headers,
+        grpc_status=GRPC_CODES.get(immediate.status, 2),
+    )
 
 
 @dataclass(slots=True)
@@ -513,7 +537,9 @@ class Gateway:
                 raise body_too_large(int(length), self.body_limit)
             if end_of_stream:
                 raise bad_request(
-                    "the request body is empty; send a JSON object with a 'model' field"
+                    "the gRPC request body is empty: it carries no message"
+                    if endpoint.kind in _GRPC_KINDS
+                    else "the request body is empty; send a JSON object with a 'model' field"
                 )
             if trace is not None:
                 trace.enter("authenticate")
@@ -547,6 +573,8 @@ class Gateway:
         try:
             if trace is not None:
                 trace.enter("parse")
+            if state.endpoint is not None and state.endpoint.kind == "oip_server":
+                return self._any_grpc_pod(state, raw)
             parsed = self._parse(state, raw)
             snap = self.datastore.snapshot
             if trace is not None:
@@ -564,6 +592,8 @@ class Gateway:
                 began += time.perf_counter() - mark  # the wait is not the gateway's decision time
             request = self._scheduling_request(state, parsed, decision)
             scheduler = self.scheduler_for(view, snap.default_profile)
+            if parsed.kind == "oip":  # only the pods that serve gRPC
+                state.subset = self._grpc_subset(view, state.subset)
             try:
                 if stages.waiting(view.key):
                     # others already wait for this server: a newcomer takes its place in the
@@ -582,6 +612,8 @@ class Gateway:
                 )
                 began += time.perf_counter() - mark  # the wait is not the gateway's decision time
             routed = self._book(state, parsed, decision, view, scheduler, request, result)
+            if parsed.kind == "oip":
+                routed.endpoints = self._grpc_endpoints(view, routed.endpoints)
             mark_usage(parsed, routed)
             stages.mark(state, parsed, routed)
             if trace is not None:
@@ -597,9 +629,61 @@ class Gateway:
         finally:
             self.metrics.decision_duration.observe(time.perf_counter() - began)
 
+    # ---- gRPC calls (the Open Inference Protocol) ---------------------------------------------
+    @staticmethod
+    def _grpc_subset(view: ServerView, subset: frozenset[str] | None) -> frozenset[str]:
+        """The addresses of the ModelServer's pods that serve gRPC (within the proxy's subset)."""
+        serving = frozenset(
+            p.address for p in view.pods if grpc_address(p.address, p.labels) is not None
+        )
+        if not serving:
+            raise no_pod_available(
+                f"no pod of ModelServer '{view.name}' serves gRPC (none carries the label "
+                "matrixinfer.io/grpc-port)"
+            )
+        return serving if subset is None else serving & subset
+
+    @staticmethod
+    def _grpc_endpoints(view: ServerView, endpoints: list[str]) -> list[str]:
+        """The scheduled pods' gRPC addresses (``_grpc_subset`` picked only such pods)."""
+        by_address = {p.address: p for p in view.pods}
+        out: list[str] = []
+        for address in endpoints:
+            pod = by_address.get(address)
+            grpc = grpc_address(address, pod.labels) if pod is not None else None
+            if grpc is not None:
+                out.append(grpc)
+        return out
+
+    def _any_grpc_pod(self, state: RequestState, raw: bytes) -> Routed:
+        """ServerLive, ServerReady, ServerMetadata: about the server, not a model; any ready pod
+        that serves gRPC answers (the one with the fewest requests in flight). None: 503
+        (UNAVAILABLE), which is what a gRPC health check of the gateway should see."""
+        grpc_frames(raw)  # a well-framed body, or INVALID_ARGUMENT
+        best: tuple[int, str, Pod, str] | None = None
+        for pod in self.datastore.snapshot.pods.values():
+            grpc = grpc_address(pod.address, pod.labels)
+            if grpc is None or not pod.ready:
+                continue
+            if state.subset is not None and pod.address not in state.subset:
+                continue
+            key = (pod.in_flight, pod.name, pod, grpc)
+            if best is None or key[:2] < best[:2]:
+                best = key
+        if best is None:
+            raise no_pod_available("no ready pod serves gRPC (label matrixinfer.io/grpc-port)")
+        state.code = 200
+        if state.trace is not None:
+            state.trace.close()
+        return Routed(endpoints=[best[3]], pod=best[2], body=None)
+
     # ---- the stages (the policy stages are ``self.policy_stages``) ----------------------------
     def _parse(self, state: RequestState, raw: bytes) -> ParsedRequest:
         assert state.endpoint is not None
+        if state.endpoint.kind == "oip":
+            parsed = parse_oip(state.endpoint.path, raw, self.body_limit)
+            state.model = parsed.model
+            return parsed
         content_type = state.headers.get("content-type", "")
         parsed = parse_body(state.endpoint.kind, raw, self.body_limit, content_type)
         state.model = parsed.model
@@ -786,6 +870,12 @@ class Gateway:
         return headers
 
     def _answer(self, state: RequestState, immediate: Immediate) -> Immediate:
+        if (
+            state.endpoint is not None
+            and state.endpoint.kind in _GRPC_KINDS
+            and immediate.grpc_status is None
+        ):
+            immediate = _grpc_answer(immediate)
         state.code = immediate.status
         immediate.headers[REQUEST_ID_HEADER] = state.request_id
         # the model label only carries names a route serves (callers cannot grow the series)

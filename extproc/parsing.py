@@ -12,17 +12,28 @@ from urllib.parse import unquote
 
 import orjson
 
-from extproc.errors import bad_request, body_too_large, method_not_allowed, path_not_found
+from extproc.errors import (
+    bad_request,
+    body_too_large,
+    grpc_unimplemented,
+    method_not_allowed,
+    path_not_found,
+)
 
 __all__ = [
     "DEFAULT_BODY_LIMIT",
     "ENDPOINTS",
+    "OIP_MODEL_METHODS",
+    "OIP_SERVER_METHODS",
+    "OIP_SERVICE",
     "USAGE_STREAM_KINDS",
     "Endpoint",
     "ParsedRequest",
     "classify",
     "estimate_tokens",
+    "grpc_frames",
     "parse_body",
+    "parse_oip",
 ]
 
 DEFAULT_BODY_LIMIT = 10 * 1024 * 1024  # 10 MiB
@@ -50,6 +61,13 @@ ENDPOINTS: dict[str, str] = {
 }
 MODELS_PATH = "/v1/models"
 _MODEL_PREFIX = MODELS_PATH + "/"
+# The Open Inference Protocol v2 gRPC service (fleet/oip): ``POST /inference.GRPCInferenceService/
+# <Method>``. The model methods name their model in the protobuf body and are routed like HTTP
+# (kind ``oip``); the server methods name none and go to any ready pod (kind ``oip_server``).
+OIP_SERVICE = "inference.GRPCInferenceService"
+_OIP_PREFIX = f"/{OIP_SERVICE}/"
+OIP_MODEL_METHODS = frozenset(("ModelInfer", "ModelStreamInfer", "ModelReady", "ModelMetadata"))
+OIP_SERVER_METHODS = frozenset(("ServerLive", "ServerReady", "ServerMetadata"))
 # the kinds whose streamed answers carry OpenAI's usage event (stream_options.include_usage)
 USAGE_STREAM_KINDS = frozenset(("chat", "completions"))
 
@@ -76,9 +94,21 @@ class ParsedRequest:
     # a multipart form (audio): the raw body and where the model's value sits in it, for a
     # rewrite (``with_model``); None for a JSON body
     form: tuple[bytes, int, int] | None = None
+    # an Open Inference Protocol call (kind ``oip``): its decoded protobuf messages, for a rewrite
+    messages: list[Any] | None = None
 
     def with_model(self, model: str) -> bytes:
         """The body to forward with ``model`` instead of the client's model name."""
+        if self.messages is not None:
+            out: list[bytes] = []
+            for message in self.messages:
+                if hasattr(message, "model_name"):
+                    message.model_name = model
+                else:
+                    message.name = model
+                data = message.SerializeToString()
+                out.append(b"\x00" + len(data).to_bytes(4, "big") + data)
+            return b"".join(out)
         if self.form is not None:
             raw, start, end = self.form
             return raw[:start] + model.encode() + raw[end:]
@@ -96,6 +126,13 @@ def classify(method: str, path: str) -> Endpoint:
         if bare == MODELS_PATH:
             return Endpoint("models", bare)
         return Endpoint("model", bare, unquote(bare[len(_MODEL_PREFIX) :]))
+    if bare.startswith(_OIP_PREFIX):
+        method_name = bare[len(_OIP_PREFIX) :]
+        if method_name in OIP_MODEL_METHODS:
+            return Endpoint("oip", bare)
+        if method_name in OIP_SERVER_METHODS:
+            return Endpoint("oip_server", bare)
+        raise grpc_unimplemented(bare)
     kind = ENDPOINTS.get(bare)
     if kind is None:
         raise path_not_found(method, bare)
@@ -281,4 +318,110 @@ def parse_body(
         prompt=prompt,
         body=body,
         body_size=len(raw),
+    )
+
+
+# ---- gRPC (the Open Inference Protocol v2) -------------------------------------------------------
+_FRAME_HEADER = 5  # 1 byte compressed flag, 4 bytes big-endian message length
+
+
+def grpc_frames(raw: bytes) -> list[bytes]:
+    """The messages of a gRPC-framed body (length-prefixed messages); raise a 400 GatewayError
+    (INVALID_ARGUMENT) for an empty body, a truncated frame or a compressed message."""
+    if not raw:
+        raise bad_request("the gRPC request body is empty: it carries no message")
+    out: list[bytes] = []
+    at = 0
+    while at < len(raw):
+        if len(raw) - at < _FRAME_HEADER:
+            raise bad_request(
+                f"the gRPC body ends inside a frame header at byte {at} "
+                f"({len(raw) - at} of {_FRAME_HEADER} bytes)"
+            )
+        flag = raw[at]
+        size = int.from_bytes(raw[at + 1 : at + _FRAME_HEADER], "big")
+        if flag != 0:
+            raise bad_request(
+                f"the gRPC message at byte {at} is compressed (flag {flag}); the gateway reads "
+                "uncompressed messages only: send without grpc-encoding"
+            )
+        start = at + _FRAME_HEADER
+        if len(raw) - start < size:
+            raise bad_request(
+                f"the gRPC message at byte {at} is truncated: its frame says {size} bytes, "
+                f"{len(raw) - start} arrived"
+            )
+        out.append(raw[start : start + size])
+        at = start + size
+    return out
+
+
+def _oip_prompt(message: Any) -> str:
+    """The text of a ModelInferRequest's BYTES input tensors (for estimates and prefix hashing):
+    their ``contents.bytes_contents``, else their ``raw_input_contents`` (4-byte length-prefixed
+    elements), decoded as UTF-8 (undecodable bytes replaced)."""
+    parts: list[str] = []
+    raw_inputs = list(message.raw_input_contents)
+    for i, tensor in enumerate(message.inputs):
+        if tensor.datatype != "BYTES":
+            continue
+        if tensor.contents.bytes_contents:
+            parts.extend(b.decode(errors="replace") for b in tensor.contents.bytes_contents)
+        elif i < len(raw_inputs):
+            data = raw_inputs[i]
+            at = 0
+            while at + 4 <= len(data):
+                size = int.from_bytes(data[at : at + 4], "little")
+                parts.append(data[at + 4 : at + 4 + size].decode(errors="replace"))
+                at += 4 + size
+    return "\n".join(parts)
+
+
+def parse_oip(path: str, raw: bytes, limit: int = DEFAULT_BODY_LIMIT) -> ParsedRequest:
+    """Parse the gRPC-framed protobuf body of an Open Inference Protocol call (kind ``oip``):
+    its model (``model_name``, or ``name`` of ModelReady/ModelMetadata) and, for ModelInfer and
+    ModelStreamInfer, the text of its BYTES inputs (all messages of a stream's body). Raise 400
+    GatewayErrors (INVALID_ARGUMENT) for undecodable input, 413 above ``limit``."""
+    from google.protobuf.message import DecodeError
+
+    from fleet.oip import grpc_predict_v2_pb2 as oip
+
+    if len(raw) > limit:
+        raise body_too_large(len(raw), limit)
+    method_name = path.rsplit("/", 1)[-1]
+    frames = grpc_frames(raw)
+    infer = method_name in ("ModelInfer", "ModelStreamInfer")
+    model = ""
+    prompts: list[str] = []
+    messages: list[Any] = []
+    for i, frame in enumerate(frames):
+        message: Any = oip.ModelInferRequest() if infer else oip.ModelReadyRequest()
+        try:
+            message.ParseFromString(frame)
+        except DecodeError as exc:
+            raise bad_request(
+                f"gRPC message {i} is not a valid inference.{type(message).__name__}: {exc}"
+            ) from None
+        name = message.model_name if infer else message.name
+        field_name = "model_name" if infer else "name"
+        if not name:
+            raise bad_request(f"the '{field_name}' field is required", param=field_name)
+        if model and name != model:
+            raise bad_request(
+                f"the messages of one stream name different models ('{model}', '{name}')",
+                param=field_name,
+            )
+        model = name
+        messages.append(message)
+        if infer:
+            prompts.append(_oip_prompt(message))
+    return ParsedRequest(
+        kind="oip",
+        model=model,
+        stream=method_name == "ModelStreamInfer",
+        max_tokens=None,
+        prompt="\n".join(prompts),
+        body={},
+        body_size=len(raw),
+        messages=messages,
     )

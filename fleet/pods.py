@@ -12,9 +12,12 @@ from crds.networking import ModelServer
 from fleet.config import GatewayConfig, StaticEndpoint, object_key
 
 __all__ = [
+    "GRPC_PORT_LABEL",
     "Member",
     "Pod",
     "PodMetrics",
+    "grpc_address",
+    "grpc_pod_addresses",
     "index_by_label",
     "members",
     "pod_address",
@@ -147,4 +150,33 @@ def pod_addresses(config: GatewayConfig) -> list[str]:
     out: set[str] = set()
     for server in config.servers:
         out.update(m.address for m in members(server, by_label, []))
+    return sorted(out)
+
+
+# A pod that serves the Open Inference Protocol's gRPC service (inference.GRPCInferenceService)
+# carries this label with the port it serves it on (e.g. Triton's 8001); the gateway sends gRPC
+# calls only to such pods, at that port (Envoy's pods-gRPC cluster, HTTP/2).
+GRPC_PORT_LABEL = "matrixinfer.io/grpc-port"
+
+
+def grpc_address(address: str, labels: Mapping[str, str]) -> str | None:
+    """The ``ip:port`` a pod at ``address`` serves gRPC on (its :data:`GRPC_PORT_LABEL`), or None
+    when it serves no gRPC (no label, or a value that is not a port number)."""
+    port = labels.get(GRPC_PORT_LABEL, "")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    host = address.rpartition(":")[0] or address
+    return f"{host}:{int(port)}"
+
+
+def grpc_pod_addresses(config: GatewayConfig) -> list[str]:
+    """Every gRPC address (:func:`grpc_address`) of a pod any ModelServer of ``config`` selects,
+    sorted (Envoy's pods-gRPC cluster)."""
+    by_label = index_by_label(config.endpoints)
+    out: set[str] = set()
+    for server in config.servers:
+        for m in members(server, by_label, []):
+            grpc = grpc_address(m.address, m.endpoint.labels)
+            if grpc is not None:
+                out.add(grpc)
     return sorted(out)

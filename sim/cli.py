@@ -148,6 +148,12 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="as vLLM: the name the API serves (wins over --model)")  # fmt: skip
     g.add_argument("--host", default="127.0.0.1", help="address to bind")
     g.add_argument("--port", type=int, default=8000, help="port")
+    g.add_argument(
+        "--grpc-port",
+        type=int,
+        default=0,
+        help="port of the Open Inference Protocol v2 gRPC service (0: off)",
+    )
     g.add_argument("--pod-name", default="", help="x-inference-pod value (default: $POD_NAME)")
     g.add_argument("--engine", choices=["vllm", "sglang"], default="vllm",
                    help="API flavour and metric names")  # fmt: skip
@@ -254,6 +260,7 @@ def build_config(ns: argparse.Namespace) -> SimConfig:
         model=_served_name(ns),
         host=ns.host,
         port=ns.port,
+        grpc_port=ns.grpc_port,
         pod_name=ns.pod_name,
         engine_kind=ns.engine,
         role=ns.role,

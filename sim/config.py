@@ -147,6 +147,9 @@ class SimConfig(BaseModel):
     model: str = "demo-model"
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    grpc_port: int = Field(
+        0, ge=0, le=65535, description="Open Inference Protocol v2 gRPC port (0: not served)"
+    )
     pod_name: str = ""
     engine_kind: EngineKind = "vllm"
     role: Role = "both"

@@ -201,6 +201,10 @@ class SimServer:
     def _starting(self) -> bool:
         return time.monotonic() - self._started < self.cfg.slow_start
 
+    def is_ready(self) -> bool:
+        """What /health answers 200 to (the gRPC ServerReady too)."""
+        return not self._starting() and not self.faults.not_ready
+
     async def health(self, request: web.Request) -> web.Response:
         if self._starting():
             return web.Response(status=503, text="engine is starting")
@@ -808,9 +812,20 @@ async def serve(cfg: SimConfig, *, ready: asyncio.Event | None = None) -> None:
         raise SystemExit(
             f"matrixinfer-sim: cannot listen on {cfg.host}:{cfg.port}: {exc}"
         ) from None
+    grpc_server = None
+    if cfg.grpc_port:  # the Open Inference Protocol's gRPC service (sim.grpc_server)
+        from sim.grpc_server import start_grpc
+
+        try:
+            grpc_server = await start_grpc(server, cfg.host, cfg.grpc_port)
+        except (OSError, RuntimeError) as exc:
+            await runner.cleanup()
+            raise SystemExit(f"matrixinfer-sim: --grpc-port: {exc}") from None
     log.info(
-        "sim %s serving %s (%s, role %s) on http://%s:%d, time scale %g",
-        server.pod_name, cfg.model, cfg.engine_kind, cfg.role, cfg.host, cfg.port, cfg.time_scale,
+        "sim %s serving %s (%s, role %s) on http://%s:%d%s, time scale %g",
+        server.pod_name, cfg.model, cfg.engine_kind, cfg.role, cfg.host, cfg.port,
+        f" and gRPC {cfg.host}:{cfg.grpc_port}" if grpc_server is not None else "",
+        cfg.time_scale,
     )  # fmt: skip
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -822,4 +837,6 @@ async def serve(cfg: SimConfig, *, ready: asyncio.Event | None = None) -> None:
     try:
         await stop.wait()
     finally:
+        if grpc_server is not None:
+            await grpc_server.stop(grace=None)
         await runner.cleanup()

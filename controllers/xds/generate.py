@@ -17,6 +17,10 @@ What is generated (one listener, one route configuration, three clusters):
 - cluster ``matrixinfer_pods``: EDS over ADS with the ``override_host`` LB policy reading
   ``envoy.lb`` / ``x-gateway-destination-endpoint`` ("primary,fallback1,…"), round robin without
   a decision; its ClusterLoadAssignment lists every pod the extproc may choose.
+- cluster ``matrixinfer_pods_grpc``: the same for the pods that serve the Open Inference Protocol's
+  gRPC service (label ``matrixinfer.io/grpc-port``), at that port, over HTTP/2; the first route
+  (gRPC requests to ``/inference.GRPCInferenceService/``) goes there. The listener's codec is AUTO,
+  so gRPC clients reach it over h2c.
 - cluster ``matrixinfer_extproc``: the extproc Service's endpoints, HTTP/2, LEAST_REQUEST, gRPC
   health checked.
 - with ``tracing_collector`` set: the listener's OpenTelemetry tracer
@@ -44,6 +48,7 @@ __all__ = [
     "DEFAULT_ACCESS_LOG_FORMAT",
     "ENDPOINT_TYPE",
     "EXTPROC_CLUSTER",
+    "GRPC_PODS_CLUSTER",
     "LISTENER",
     "LISTENER_TYPE",
     "OTEL_CLUSTER",
@@ -72,6 +77,8 @@ TYPE_ORDER = (CLUSTER, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE)
 LISTENER = "openai"
 ROUTE_CONFIG = "openai"
 PODS_CLUSTER = "matrixinfer_pods"
+GRPC_PODS_CLUSTER = "matrixinfer_pods_grpc"  # the pods' gRPC ports (fleet.pods.grpc_address)
+GRPC_SERVICE_PREFIX = "/inference.GRPCInferenceService/"
 EXTPROC_CLUSTER = "matrixinfer_extproc"
 OTEL_CLUSTER = "matrixinfer_otel_collector"  # the OTLP/gRPC collector Envoy sends its spans to
 SERVER_HEADER = "x-gateway-model-server"
@@ -176,6 +183,7 @@ class XdsInputs:
     routes: Sequence[Any] = ()  # crds.ModelRoute
     servers: Sequence[Any] = ()  # crds.ModelServer
     pod_addresses: Sequence[str] = ()  # "ip:port" of every pod the extproc may choose
+    grpc_pod_addresses: Sequence[str] = ()  # "ip:port" of those pods' gRPC service
     extproc_endpoints: Sequence[str] = ()  # "host:port" of every extproc replica
     extras: Mapping[str, Any] = field(default_factory=dict)
 
@@ -286,7 +294,18 @@ def _route_config(settings: GatewaySettings, inputs: XdsInputs) -> dict[str, Any
         for rule in route.spec.rules:
             for target in rule.targets:
                 wanted.add((_ns(route), target.model_server_name))
-    entries: list[dict[str, Any]] = []
+    entries: list[dict[str, Any]] = [
+        {  # gRPC calls (the extproc routed them to a pod's gRPC port) go over HTTP/2
+            "name": "grpc",
+            "match": {"prefix": GRPC_SERVICE_PREFIX, "grpc": {}},
+            "route": {
+                "cluster": GRPC_PODS_CLUSTER,
+                "timeout": _seconds(settings.route_timeout_s),
+                "retry_policy": _retry_policy(None, settings.retries, None),
+                "idle_timeout": _seconds(settings.stream_idle_timeout_s),
+            },
+        }
+    ]
     seen_names: set[str] = set()
     for server in sorted(inputs.servers, key=lambda s: (_ns(s), s.metadata.name)):
         key = (_ns(server), server.metadata.name)
@@ -559,6 +578,19 @@ def _lb_endpoints(addresses: Sequence[str]) -> list[dict[str, Any]]:
     return [{"lb_endpoints": eps}] if eps else []
 
 
+def _grpc_pods_cluster(settings: GatewaySettings) -> dict[str, Any]:
+    """The pods cluster's twin for the pods' gRPC ports: HTTP/2 towards the pods."""
+    cluster = _pods_cluster(settings)
+    cluster["name"] = GRPC_PODS_CLUSTER
+    cluster["typed_extension_protocol_options"] = {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}},
+        }
+    }
+    return cluster
+
+
 def _pods_cluster(settings: GatewaySettings) -> dict[str, Any]:
     round_robin = {
         "typed_extension_config": {
@@ -639,6 +671,7 @@ def generate(settings: GatewaySettings, inputs: XdsInputs) -> Resources:
     clusters = {
         EXTPROC_CLUSTER: _extproc_cluster(settings, inputs.extproc_endpoints),
         PODS_CLUSTER: _pods_cluster(settings),
+        GRPC_PODS_CLUSTER: _grpc_pods_cluster(settings),
     }
     if settings.tracing_collector:
         clusters[OTEL_CLUSTER] = _otel_cluster(settings)
@@ -649,7 +682,12 @@ def generate(settings: GatewaySettings, inputs: XdsInputs) -> Resources:
                 "@type": ENDPOINT_TYPE,
                 "cluster_name": PODS_CLUSTER,
                 "endpoints": _lb_endpoints(inputs.pod_addresses),
-            }
+            },
+            GRPC_PODS_CLUSTER: {
+                "@type": ENDPOINT_TYPE,
+                "cluster_name": GRPC_PODS_CLUSTER,
+                "endpoints": _lb_endpoints(inputs.grpc_pod_addresses),
+            },
         },
         LISTENER_TYPE: {LISTENER: _listener(settings, inputs.routes)},
         ROUTE_TYPE: {ROUTE_CONFIG: _route_config(settings, inputs)},
@@ -691,6 +729,10 @@ def static_bootstrap(
             "path_config_source": {"path": eds_path, "watched_directory": {"path": directory}},
         }
     }
+    grpc_pods = bare(res[CLUSTER][GRPC_PODS_CLUSTER])  # static: its endpoints inline
+    del grpc_pods["eds_cluster_config"]
+    grpc_pods["type"] = "STATIC"
+    grpc_pods["load_assignment"] = bare(res[ENDPOINT_TYPE][GRPC_PODS_CLUSTER])
     return {
         "node": {"id": node_id, "cluster": "matrixinfer-gateway"},
         "admin": {"address": _socket(f"127.0.0.1:{admin_port}")},
@@ -699,6 +741,7 @@ def static_bootstrap(
             "clusters": [
                 bare(res[CLUSTER][EXTPROC_CLUSTER]),
                 pods,
+                grpc_pods,
                 *(bare(c) for name, c in res[CLUSTER].items() if name == OTEL_CLUSTER),
             ],
         },

@@ -12,7 +12,7 @@ from dataclasses import replace
 
 from controllers.xds.generate import GatewaySettings, XdsInputs
 from fleet.config import GatewayConfig
-from fleet.pods import pod_addresses
+from fleet.pods import grpc_pod_addresses, pod_addresses
 from fleet.usage_envoy import envoy_http_filters
 
 __all__ = ["inputs_from_config", "with_policy_filters"]
@@ -23,6 +23,7 @@ def inputs_from_config(config: GatewayConfig, extproc_endpoints: Sequence[str]) 
         routes=tuple(config.routes),
         servers=tuple(config.servers),
         pod_addresses=tuple(pod_addresses(config)),
+        grpc_pod_addresses=tuple(grpc_pod_addresses(config)),
         extproc_endpoints=tuple(extproc_endpoints),
     )
 

@@ -91,14 +91,15 @@ def immediate_response(answer: Immediate) -> pb.ProcessingResponse:
     headers = [_set("content-type", answer.content_type)]
     if answer.headers:
         headers.extend(_set(k, v) for k, v in answer.headers.items())
-    return pb.ProcessingResponse(
-        immediate_response=pb.ImmediateResponse(
-            status=http_status_pb2.HttpStatus(code=answer.status),
-            headers=pb.HeaderMutation(set_headers=headers),
-            body=answer.body,
-            details=f"matrixinfer_gateway_{answer.status}",
-        )
+    reply = pb.ImmediateResponse(
+        status=http_status_pb2.HttpStatus(code=answer.status),
+        headers=pb.HeaderMutation(set_headers=headers),
+        body=answer.body,
+        details=f"matrixinfer_gateway_{answer.status}",
     )
+    if answer.grpc_status is not None:  # Envoy answers trailers-only: grpc-status, grpc-message
+        reply.grpc_status.status = answer.grpc_status
+    return pb.ProcessingResponse(immediate_response=reply)
 
 
 # ---- routing replies --------------------------------------------------------------------------

@@ -98,7 +98,7 @@ async def test_envoys_get_generated_config_and_route(tmp_path: Path, fleet: Flee
             assert {"matrixinfer_pods", "matrixinfer_extproc"} <= clusters
             listeners = envoy.config_dump("dynamic_listeners")
             assert [x["name"] for x in listeners] == ["openai"]
-            assert envoy.route_names() == {"modelserver/default/pool", "default"}
+            assert envoy.route_names() == {"grpc", "modelserver/default/pool", "default"}
         # an Envoy reports /ready once it has applied its routes; its RDS ACK may reach the server
         # a moment later (an inherent race, seen on a loaded machine): wait for the ACKs, then check
         for _ in range(int(PUSH_DEADLINE / 0.05)):

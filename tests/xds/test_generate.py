@@ -170,8 +170,8 @@ def test_routes_carry_traffic_policy_and_honour_parent_refs() -> None:
     res = generate(GatewaySettings(), inputs())
     routes = res[ROUTE_TYPE]["openai"]["virtual_hosts"][0]["routes"]
     # rb is attached to another gateway: its server b gets no route here
-    assert [r["name"] for r in routes] == ["modelserver/ns/a", "default"]
-    a = routes[0]
+    assert [r["name"] for r in routes] == ["grpc", "modelserver/ns/a", "default"]
+    a = routes[1]
     assert a["match"]["headers"][0] == {
         "name": "x-gateway-model-server",
         "string_match": {"exact": "a"},
@@ -181,8 +181,8 @@ def test_routes_carry_traffic_policy_and_honour_parent_refs() -> None:
     assert "retriable-status-codes" in a["route"]["retry_policy"]["retry_on"]
     res2 = generate(GatewaySettings(gateway_name="other-gateway"), inputs())
     names = [r["name"] for r in res2[ROUTE_TYPE]["openai"]["virtual_hosts"][0]["routes"]]
-    assert names == ["modelserver/ns/a", "modelserver/ns/b", "default"]
-    b = res2[ROUTE_TYPE]["openai"]["virtual_hosts"][0]["routes"][1]
+    assert names == ["grpc", "modelserver/ns/a", "modelserver/ns/b", "default"]
+    b = res2[ROUTE_TYPE]["openai"]["virtual_hosts"][0]["routes"][2]
     assert b["route"]["retry_policy"]["num_retries"] == 0  # no retry policy: no retries
 
 
@@ -357,3 +357,21 @@ def test_json_access_line_fits_envoys_schema_and_bad_formats_are_named() -> None
     assert stdout["typed_config"]["log_format"] == {"json_format": ACCESS_LOG_JSON_FIELDS}
     with pytest.raises(ValueError, match="access_log_format 'xml': expected text or json"):
         generate(GatewaySettings(access_log=True, access_log_format="xml"), inputs())
+
+
+def test_grpc_calls_go_to_the_pods_grpc_ports_over_http2() -> None:
+    res = generate(
+        GatewaySettings(),
+        XdsInputs(pod_addresses=["10.0.0.1:8000"], grpc_pod_addresses=["10.0.0.1:8001"]),
+    )
+    grpc_route = res[ROUTE_TYPE]["openai"]["virtual_hosts"][0]["routes"][0]
+    assert grpc_route["match"] == {"prefix": "/inference.GRPCInferenceService/", "grpc": {}}
+    assert grpc_route["route"]["cluster"] == "matrixinfer_pods_grpc"
+    cluster = res[CLUSTER]["matrixinfer_pods_grpc"]
+    options = cluster["typed_extension_protocol_options"]
+    assert options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"][
+        "explicit_http_config"
+    ] == {"http2_protocol_options": {}}
+    assert "typed_extension_protocol_options" not in res[CLUSTER]["matrixinfer_pods"]
+    eds = res[ENDPOINT_TYPE]["matrixinfer_pods_grpc"]["endpoints"][0]["lb_endpoints"]
+    assert [e["endpoint"]["address"]["socket_address"]["port_value"] for e in eds] == [8001]

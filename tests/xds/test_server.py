@@ -67,7 +67,7 @@ def test_ack_nack_stale_and_order() -> None:
     stream = _Stream(node="", cluster="")
     ads.streams.append(stream)
     (cds,) = exchange(ads, stream, request(CLUSTER))
-    assert cds.type_url == CLUSTER and len(cds.resources) == 2 and stream.node == "n1"
+    assert cds.type_url == CLUSTER and len(cds.resources) == 3 and stream.node == "n1"
     # ACK of CDS + subscription to EDS and LDS
     out = exchange(
         ads,

@@ -1,0 +1,193 @@
+"""The Open Inference Protocol v2 over gRPC through the gateway: the official grpcio client ->
+real Envoy (h2c) -> extproc (model_name from the protobuf body, auth, rate limits, scheduling)
+-> simulator pods' gRPC ports (HTTP/2)."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from fleet.oip import grpc_predict_v2_pb2 as oip
+from fleet.oip import grpc_predict_v2_pb2_grpc as oip_grpc
+from matrixinfer.process import free_port, wait_until
+from matrixinfer.stack import GatewayStack
+from sim.fleet import Fleet
+from tests.conftest import sim_fleet
+from tests.extproc.helpers import server_yaml
+from tests.policies.conftest import documents, keys_yaml, policy_stack, route_yaml
+
+HOST = "127.0.0.110"
+KEYS = {"key-alice": ("acme", "alice", [])}
+ROUTES = documents(
+    server_yaml("grpc-pool", {"app": "grpc-sim"}, model="demo-model"),
+    route_yaml("grpc-open", "grpc-model", server="grpc-pool"),
+    route_yaml("grpc-keyed", "keyed-model", server="grpc-pool"),
+    route_yaml(
+        "grpc-limited",
+        "limited-model",
+        server="grpc-pool",
+        rateLimit="{requestsPerUnit: 1, unit: hour, scope: user}",
+    ),
+)
+
+
+@pytest.fixture(scope="module")
+def grpc_port() -> int:
+    return free_port(HOST)
+
+
+@pytest.fixture(scope="module")
+def grpc_fleet(tmp_path_factory: pytest.TempPathFactory, grpc_port: int) -> Iterator[Fleet]:
+    with sim_fleet(
+        tmp_path_factory, HOST, 2, "--time-scale", "0.01", "--grpc-port", str(grpc_port),
+        "--output-len", "uniform:4:8", logs="grpc-sims", name_prefix="grpc",
+    ) as f:  # fmt: skip
+        yield f
+
+
+@pytest.fixture(scope="module")
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, grpc_fleet: Fleet, grpc_port: int
+) -> Iterator[GatewayStack]:
+    config = tmp_path_factory.mktemp("grpc-config")
+    (config / "model.yaml").write_text(ROUTES)
+    lines = [
+        "apiVersion: gateway.matrixinfer.ai/v1alpha1\nkind: Endpoints\n"
+        "metadata: {name: grpc-sims}\nspec:\n  endpoints:"
+    ]
+    for pod in grpc_fleet.pods:
+        lines.append(
+            f"  - {{name: {pod.name}, address: '{pod.address}', "
+            f"labels: {{app: grpc-sim, matrixinfer.io/grpc-port: '{grpc_port}'}}}}"
+        )
+    (config / "sims.yaml").write_text("\n".join(lines) + "\n")
+    secrets = tmp_path_factory.mktemp("grpc-secrets")
+    (secrets / "keys.yaml").write_text(keys_yaml(KEYS))
+    auth = secrets / "auth.yaml"
+    auth.write_text(
+        f"apiKeysFile: {secrets / 'keys.yaml'}\nreloadIntervalSeconds: 0.1\n"
+        "anonymousRoutes: [grpc-open]\n"
+    )
+    s = policy_stack(
+        config, tmp_path_factory.mktemp("grpc-run"), grpc_fleet, ("--auth-config", str(auth))
+    )
+    grpc_hosts = {f"{p.host}:{grpc_port}" for p in grpc_fleet.pods}
+    try:
+        wait_until(lambda: grpc_hosts <= _grpc_hosts(s), 60, "the pods' gRPC ports in Envoy")
+        yield s
+    finally:
+        s.stop()
+
+
+def _grpc_hosts(stack: GatewayStack) -> set[str]:
+    with urllib.request.urlopen(f"{stack.admin_url}/clusters?format=json", timeout=10) as resp:
+        data = json.loads(resp.read())
+    out: set[str] = set()
+    for cluster in data.get("cluster_statuses", []):
+        if cluster.get("name") == "matrixinfer_pods_grpc":
+            for host in cluster.get("host_statuses", []):
+                sock = host["address"]["socket_address"]
+                out.add(f"{sock['address']}:{sock['port_value']}")
+    return out
+
+
+@pytest.fixture
+def channel(stack: GatewayStack) -> Iterator[grpc.Channel]:
+    target = f"{stack.options.listen_host}:{stack.listen_port}"
+    with grpc.insecure_channel(target) as ch:
+        yield ch
+
+
+def infer_request(model: str, text: str = "hello there", max_tokens: int = 5) -> object:
+    tensor = oip.ModelInferRequest.InferInputTensor(
+        name="text_input",
+        datatype="BYTES",
+        shape=[1],
+        contents=oip.InferTensorContents(bytes_contents=[text.encode()]),
+    )
+    return oip.ModelInferRequest(
+        model_name=model,
+        inputs=[tensor],
+        parameters={"max_tokens": oip.InferParameter(int64_param=max_tokens)},
+    )
+
+
+def stub(channel: grpc.Channel) -> oip_grpc.GRPCInferenceServiceStub:
+    return oip_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+
+
+def test_model_infer_answers_text_from_a_pod(channel: grpc.Channel) -> None:
+    response, call = stub(channel).ModelInfer.with_call(infer_request("grpc-model"), timeout=20)
+    (output,) = response.outputs
+    assert output.name == "text_output" and output.datatype == "BYTES"
+    assert output.contents.bytes_contents[0].strip()
+    assert response.model_name == "demo-model"  # the ModelServer's model: the route rewrote it
+    assert 1 <= response.parameters["completion_tokens"].int64_param <= 5
+    headers = dict(call.initial_metadata())
+    assert headers.get("x-inference-pod", "").startswith("grpc") or "x-request-id" in headers
+
+
+def test_stream_of_requests_gets_one_answer_each(channel: grpc.Channel) -> None:
+    requests = [infer_request("grpc-model", f"prompt {i}", 3) for i in range(3)]
+    answers = list(stub(channel).ModelStreamInfer(iter(requests), timeout=20))
+    assert len(answers) == 3
+    assert all(not a.error_message for a in answers)
+    assert all(a.infer_response.outputs[0].contents.bytes_contents for a in answers)
+
+
+def test_server_and_model_readiness(channel: grpc.Channel) -> None:
+    s = stub(channel)
+    assert s.ServerLive(oip.ServerLiveRequest(), timeout=20).live
+    assert s.ServerReady(oip.ServerReadyRequest(), timeout=20).ready
+    assert s.ModelReady(oip.ModelReadyRequest(name="grpc-model"), timeout=20).ready
+
+
+def test_unknown_model_is_not_found(channel: grpc.Channel) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        stub(channel).ModelInfer(infer_request("no-such-model"), timeout=20)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "no-such-model" in (err.value.details() or "")
+
+
+def test_missing_model_name_is_invalid_argument(channel: grpc.Channel) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        stub(channel).ModelInfer(oip.ModelInferRequest(), timeout=20)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "model_name" in (err.value.details() or "")
+
+
+def test_bad_or_missing_key_is_unauthenticated(channel: grpc.Channel) -> None:
+    s = stub(channel)
+    for metadata in ((), (("authorization", "Bearer wrong-key"),)):
+        with pytest.raises(grpc.RpcError) as err:
+            s.ModelInfer(infer_request("keyed-model"), metadata=metadata, timeout=20)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, metadata
+    ok = s.ModelInfer(
+        infer_request("keyed-model"), metadata=(("authorization", "Bearer key-alice"),), timeout=20
+    )
+    assert ok.outputs[0].contents.bytes_contents
+
+
+def test_over_the_limit_is_resource_exhausted(channel: grpc.Channel) -> None:
+    s = stub(channel)
+    key = (("authorization", "Bearer key-alice"),)
+    s.ModelInfer(infer_request("limited-model"), metadata=key, timeout=20)
+    with pytest.raises(grpc.RpcError) as err:
+        s.ModelInfer(infer_request("limited-model"), metadata=key, timeout=20)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "request" in (err.value.details() or "")
+
+
+def test_http_requests_still_go_over_http1(stack: GatewayStack, tmp_path: Path) -> None:
+    """The HTTP pods cluster is unchanged: an OpenAI request still reaches the same pods."""
+    body = json.dumps({"model": "grpc-model", "prompt": "hi", "max_tokens": 2}).encode()
+    request = urllib.request.Request(
+        f"{stack.url}/completions", data=body, headers={"content-type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=20) as resp:
+        assert json.loads(resp.read())["choices"][0]["text"]
