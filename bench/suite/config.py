@@ -120,7 +120,13 @@ SMOKE_SUITE = SuiteConfig(
     contenders=["envoy-rr", "ours-default"],
     sweep_args={"groups": 2, "system_tokens": 200, "question_tokens": 8, "max_tokens": 8},
     sweep_qps=[4.0, 8.0],
-    extra=[ExtraRun(workload="lora_mix", qps=4.0, args={"prompt_tokens": 20, "max_tokens": 8})],
+    extra=[
+        ExtraRun(
+            workload="lora_mix",
+            qps=4.0,
+            args={"adapters": 2, "prompt_tokens": 20, "max_tokens": 8},  # the 2 loaded
+        )
+    ],
     duration=2.0,
     drain_timeout=10.0,
     probe_requests=2,
