@@ -65,6 +65,9 @@ DEFAULT_PROFILE = SchedulerProfile(
         PluginSpec(name="least-request", weight=3.0),
         PluginSpec(name="kv-cache", weight=1.0),
         PluginSpec(name="lora-affinity", weight=1.0),
+        # a conversation (x-session-id header, else the body's user field) stays on the pod that
+        # served it last until the saturation filter takes that pod out: more than all the others
+        PluginSpec(name="session-affinity", weight=15.0),
     ],
 )
 """The gateway-wide default (see docs/scheduling.md for why these weights)."""
