@@ -87,7 +87,8 @@ def occupy(pod: SimPod, n: int) -> None:
     def one() -> None:
         body = {"model": "demo-model", "prompt": "busy", "max_tokens": 4000, "ignore_eos": True}
         headers = {"content-type": "application/json"}
-        req = urllib.request.Request(f"{pod.url}/v1/completions", json.dumps(body).encode(), headers)
+        data = json.dumps(body).encode()
+        req = urllib.request.Request(f"{pod.url}/v1/completions", data, headers)
         try:
             with urllib.request.urlopen(req, timeout=110) as resp:
                 resp.read()
