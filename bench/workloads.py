@@ -41,7 +41,6 @@ __all__ = [
 ]
 
 
-
 def words(rng: random.Random, n: int) -> str:
     """``n`` random 4-letter words (= ``n`` simulator tokens)."""
     return " ".join(rng.choices(WORDS, k=n))
