@@ -15,6 +15,7 @@ Every plugin has a pydantic ``Args`` model (unknown arguments are rejected) and 
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 from collections import OrderedDict
@@ -26,7 +27,7 @@ from pydantic import BaseModel
 
 from extproc.kvindex import KVBlockIndex, PromptHasher
 from extproc.scheduling.prefix import PrefixIndex, block_hashes
-from extproc.scheduling.tokenizers import ModelTokenizer, load_tokenizer
+from extproc.scheduling.tokenizers import ChatTemplateError, ModelTokenizer, load_tokenizer
 from extproc.scheduling.types import (
     AllPodsSaturated,
     NoPodAvailable,
@@ -44,6 +45,8 @@ from fleet.plugins import (
     SessionAffinityArgs,
 )
 from fleet.pods import Pod
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "PLUGINS",
@@ -425,7 +428,9 @@ class PrecisePrefixScorer(Scorer):
         assert isinstance(args, PrecisePrefixArgs)
         # until bound to the gateway's index (or given one), an empty index: the scorer abstains
         self.index = index if index is not None else KVBlockIndex()
-        # None: the model's tokenizer files are not here; the scorer abstains (prefix-cache decides)
+        # None: the model's tokenizer files are not here; the scorer abstains (prefix-cache
+        # decides) and looks for them again now and then (load_tokenizer)
+        self.tokenizer_spec = args.tokenizer
         self.tokenizer: ModelTokenizer | None = load_tokenizer(args.tokenizer)
         self.max_blocks = args.max_blocks
         self.request_cost = args.request_cost
@@ -519,7 +524,9 @@ class PrecisePrefixScorer(Scorer):
     def score(self, ctx: Context, pods: list[Pod]) -> list[float] | None:
         index = self.index
         if self.tokenizer is None:
-            return None
+            self.tokenizer = load_tokenizer(self.tokenizer_spec)
+            if self.tokenizer is None:
+                return None
         naming, sizes = index.naming, index.block_sizes
         groups: dict[_Naming, list[str]] = {}
         for p in pods:
@@ -529,13 +536,17 @@ class PrecisePrefixScorer(Scorer):
                 groups.setdefault((nm[0], nm[1], bs), []).append(p.name)
         if not groups:
             return None
-        ctx.state[PRECISE] = True
         matched: dict[str, int] = {}  # cached prompt tokens per pod
         n_tokens = 0
-        for group, names in groups.items():
-            n_tokens, hashes = self.hashes(ctx.request, group)
-            for name, blocks in index.prefix_blocks(hashes, names).items():
-                matched[name] = blocks * group[2]
+        try:
+            for group, names in groups.items():
+                n_tokens, hashes = self.hashes(ctx.request, group)
+                for name, blocks in index.prefix_blocks(hashes, names).items():
+                    matched[name] = blocks * group[2]
+        except ChatTemplateError as exc:  # e.g. the template rejects this conversation
+            log.debug("precise-prefix abstains for request %s: %s", ctx.request.request_id, exc)
+            return None
+        ctx.state[PRECISE] = True
         ctx.state[self.key] = matched
         rc = self.request_cost
         load = LeastRequestScorer.load

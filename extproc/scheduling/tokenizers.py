@@ -31,13 +31,14 @@ import json
 import logging
 import re
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
 
-__all__ = ["ModelTokenizer", "load_tokenizer", "resolve_tokenizer_dir"]
+__all__ = ["ChatTemplateError", "ModelTokenizer", "load_tokenizer", "resolve_tokenizer_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,10 @@ _PROBES = (
     "Hello world, this is a test.\n\nSecond line  with  two spaces\tand a tab; ok?",
     "You are assistant 3. abcd efgh ijkl\nQuestion 12: what is it?",
 )
+
+
+class ChatTemplateError(ValueError):
+    """The model's chat template could not render the request's messages."""
 
 
 class ModelTokenizer:
@@ -119,14 +124,19 @@ class ModelTokenizer:
         for i, (_, end, role) in enumerate(starts):
             stop = starts[i + 1][0] if i + 1 < len(starts) else len(flattened)
             messages.append({"role": role, "content": flattened[end:stop].removesuffix("\n")})
-        return str(
-            self._env_template.render(
-                messages=messages,
-                add_generation_prompt=True,
-                bos_token=self._bos,
-                eos_token=self._eos,
+        from jinja2 import TemplateError
+
+        try:
+            return str(
+                self._env_template.render(
+                    messages=messages,
+                    add_generation_prompt=True,
+                    bos_token=self._bos,
+                    eos_token=self._eos,
+                )
             )
-        )
+        except (TemplateError, TypeError, ValueError) as exc:
+            raise ChatTemplateError(f"chat template of {self.source!r}: {exc}") from exc
 
     def prompt_ids(self, prompt: str, headers: Mapping[str, str]) -> list[int]:
         """Token ids of the request's prompt as the engine sees them."""
@@ -177,16 +187,18 @@ def resolve_tokenizer_dir(spec: str) -> Path | None:
     return None
 
 
-_loaded: dict[str, ModelTokenizer | None] = {}
+_RETRY_AFTER = 60.0  # seconds before looking again for files that were not there
+_loaded: dict[str, tuple[ModelTokenizer | None, float]] = {}
 _lock = threading.Lock()
 
 
 def load_tokenizer(spec: str) -> ModelTokenizer | None:
-    """The tokenizer ``spec`` names, loaded once per process; None (logged once) when its files
-    are not here or cannot be read."""
+    """The tokenizer ``spec`` names, loaded once per process and shared; None (logged) when its
+    files are not here or cannot be read - looked for again on a call a minute later."""
     with _lock:
-        if spec in _loaded:
-            return _loaded[spec]
+        known = _loaded.get(spec)
+        if known is not None and (known[0] is not None or time.monotonic() < known[1]):
+            return known[0]
         tok: ModelTokenizer | None = None
         where = resolve_tokenizer_dir(spec)
         if where is None:
@@ -209,5 +221,5 @@ def load_tokenizer(spec: str) -> ModelTokenizer | None:
                     file,
                     exc,
                 )
-        _loaded[spec] = tok
+        _loaded[spec] = (tok, time.monotonic() + _RETRY_AFTER)
         return tok

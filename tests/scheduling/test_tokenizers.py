@@ -11,6 +11,7 @@ from huggingface_hub import constants
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from extproc.kvindex import KVBlockIndex, PromptHasher
+from extproc.scheduling import tokenizers
 from extproc.scheduling.plugins import (
     PRECISE,
     Context,
@@ -112,3 +113,41 @@ def test_no_local_tokenizer_means_the_precise_scorer_abstains(tmp_path: Path) ->
     ctx = Context(request, 0.0, random.Random(0), "s", {})
     pod = Pod("a", "10.0.0.1:8000", metrics=PodMetrics(waiting=0, running=0, stale=False))
     assert scorer.score(ctx, [pod]) is None and PRECISE not in ctx.state  # prefix-cache decides
+
+
+STRICT = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}"
+    "{{ raise_exception('no system messages') }}{% endif %}{{ m['content'] }} {% endfor %}"
+)
+
+
+def index_with(*pods: str) -> KVBlockIndex:
+    index = KVBlockIndex()
+    for name in pods:
+        index.register(name, "sha256", "0")
+        index.block_sizes[name] = 16
+    return index
+
+
+def test_a_conversation_the_template_rejects_makes_the_scorer_abstain(tmp_path: Path) -> None:
+    model = write_model(tmp_path / "m", bos=False, template=STRICT)
+    scorer = PrecisePrefixScorer(PrecisePrefixArgs(tokenizer=str(model)), index_with("a"))
+    pod = Pod("a", "10.0.0.1:8000", metrics=PodMetrics(waiting=0, running=0, stale=False))
+    ok = SchedulingRequest("r", "m", prompt="user: hello\n", headers=CHAT)
+    assert scorer.score(Context(ok, 0.0, random.Random(0), "s", {}), [pod]) == [1.0]
+    rejected = SchedulingRequest("r", "m", prompt="system: be\nuser: hello\n", headers=CHAT)
+    ctx = Context(rejected, 0.0, random.Random(0), "s", {})
+    assert scorer.score(ctx, [pod]) is None and PRECISE not in ctx.state
+
+
+def test_tokenizer_files_that_appear_later_are_found(tmp_path: Path) -> None:
+    where = tmp_path / "later"
+    scorer = PrecisePrefixScorer(PrecisePrefixArgs(tokenizer=str(where)), index_with("a"))
+    pod = Pod("a", "10.0.0.1:8000", metrics=PodMetrics(waiting=0, running=0, stale=False))
+    request = SchedulingRequest("r", "m", prompt="hello", headers=COMPLETIONS)
+    assert scorer.score(Context(request, 0.0, random.Random(0), "s", {}), [pod]) is None
+    write_model(where, bos=False, template=None)  # e.g. the downloader finished
+    # within the minute the miss is remembered; after it the files are looked for again
+    assert scorer.score(Context(request, 0.0, random.Random(0), "s", {}), [pod]) is None
+    tokenizers._loaded[str(where)] = (None, 0.0)  # the minute has passed
+    assert scorer.score(Context(request, 0.0, random.Random(0), "s", {}), [pod]) == [1.0]
