@@ -2,9 +2,9 @@
 
 One generic implementation for every model: a Hugging Face ``tokenizer.json`` (run by the
 ``tokenizers`` library) and, for chat completions, the ``chat_template`` of the model's
-``tokenizer_config.json`` (Jinja, rendered as ``transformers`` renders it: ``messages``,
-``add_generation_prompt=True``, ``bos_token``, ``eos_token``; the rendered text is tokenized
-without adding special tokens, as vLLM does). Completions are tokenized with the tokenizer's own
+``tokenizer_config.json`` (or ``chat_template.jinja`` beside it; Jinja, rendered as
+``transformers`` renders it: ``messages``, ``add_generation_prompt=True``, ``bos_token``,
+``eos_token``; the rendered text is tokenized without adding special tokens, as vLLM does). Completions are tokenized with the tokenizer's own
 special tokens (e.g. a BOS token).
 
 Where the files come from (:func:`load_tokenizer`, the scorer's ``tokenizer`` argument):
@@ -213,7 +213,11 @@ def load_tokenizer(spec: str) -> ModelTokenizer | None:
             config_file = file.with_name("tokenizer_config.json")
             try:
                 config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-                tok = ModelTokenizer(file, config if isinstance(config, dict) else {}, spec)
+                config = config if isinstance(config, dict) else {}
+                jinja = file.with_name("chat_template.jinja")  # newer models ship it apart
+                if "chat_template" not in config and jinja.is_file():
+                    config["chat_template"] = jinja.read_text()
+                tok = ModelTokenizer(file, config, spec)
             except Exception as exc:  # a broken file must not take the gateway down
                 log.warning(
                     "tokenizer %r: cannot load %s (%s); the precise-prefix scorer abstains",

@@ -56,9 +56,7 @@ def test_chat_prompt_is_tokenized_with_the_simulators_template() -> None:
     flattened = parse_body("chat", orjson.dumps(body)).prompt
     ids = sim_tokenizer().prompt_ids(flattened, CHAT)
     assert ids == Tokenizer().encode(apply_chat_template(messages))
-    assert sim_tokenizer().prompt_ids("user: hi", COMPLETIONS) == Tokenizer().encode(
-        "user: hi"
-    )
+    assert sim_tokenizer().prompt_ids("user: hi", COMPLETIONS) == Tokenizer().encode("user: hi")
 
 
 @settings(max_examples=100, deadline=None)

@@ -76,6 +76,13 @@ def test_without_a_chat_template_the_flattened_text_is_tokenized(tmp_path: Path)
     assert tok.prompt_ids("user: hello", CHAT) == tok.encode("user: hello")
 
 
+def test_a_chat_template_jinja_file_beside_the_tokenizer(tmp_path: Path) -> None:
+    model = write_model(tmp_path / "m", bos=False, template=None)
+    (model / "chat_template.jinja").write_text(TEMPLATE)
+    tok = load_tokenizer(str(model))
+    assert tok is not None and tok.prompt_ids("user: hello\n", CHAT) == [0, 7, 3, 8]
+
+
 def test_a_repo_id_is_found_in_the_local_hugging_face_cache_only(tmp_path: Path) -> None:
     repo = tmp_path / "hub" / "models--acme--tiny"
     write_model(repo / "snapshots" / "abc123", bos=False, template=TEMPLATE)
