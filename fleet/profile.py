@@ -56,7 +56,17 @@ DEFAULT_FILTERS = [
 request's LoRA adapter."""
 
 DEFAULT_PROFILE = SchedulerProfile(
-    filters=DEFAULT_FILTERS,
+    # the default filters without the KV-usage bound: a pod whose running requests hold most of
+    # its KV cache still takes a request that shares their prefix (a few new blocks), and
+    # filtering it out sends that request to a pod that must prefill it and evict for it; a pod
+    # that really cannot take more shows it in its queue (max_waiting). Measured on the prefix
+    # suite's zipf_prefix point (bench/reports/prefix.findings.md).
+    filters=[
+        PluginSpec(name="saturation", args={"max_waiting": 8, "max_kv_cache_usage": 1.0})
+        if f.name == "saturation"
+        else f
+        for f in DEFAULT_FILTERS
+    ],
     scorers=[
         # abstains unless the candidates' KV events are followed; when it scores, prefix-cache
         # and least-request abstain (its cost holds both)
