@@ -4,8 +4,8 @@ One generic implementation for every model: a Hugging Face ``tokenizer.json`` (r
 ``tokenizers`` library) and, for chat completions, the ``chat_template`` of the model's
 ``tokenizer_config.json`` (or ``chat_template.jinja`` beside it; Jinja, rendered as
 ``transformers`` renders it: ``messages``, ``add_generation_prompt=True``, ``bos_token``,
-``eos_token``; the rendered text is tokenized without adding special tokens, as vLLM does). Completions are tokenized with the tokenizer's own
-special tokens (e.g. a BOS token).
+``eos_token``; the rendered text is tokenized without adding special tokens, as vLLM does).
+Completions are tokenized with the tokenizer's own special tokens (e.g. a BOS token).
 
 Where the files come from (:func:`load_tokenizer`, the scorer's ``tokenizer`` argument):
 
