@@ -111,6 +111,8 @@ def _user_session(body: dict[str, Any]) -> str | None:
     """The session of a request without a session header: the OpenAI ``user`` field."""
     user = body.get("user")
     return f"user:{user}" if isinstance(user, str) and user else None
+
+
 # how long a request waits for a ModelServer with no ready pod when its route sets no queue
 # (ModelRoute queue.maxWait otherwise; matrixinfer-extproc --wake-timeout)
 DEFAULT_WAKE_TIMEOUT = 60.0
