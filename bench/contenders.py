@@ -7,7 +7,14 @@
 - ``ours-prefix``: Envoy + extproc, profile: filter ``ready``, scorer ``prefix-cache`` only;
 - ``ours-least-request``: Envoy + extproc, profile: filter ``ready``, scorer ``least-request`` only;
 - ``vllm-router-cache_aware``: ``vllm-router --policy cache_aware`` (PyPI ``vllm-router``);
+- ``vllm-router-kv_aware``: ``vllm-router --policy kv_aware``, subscribed to every sim's KV events
+  (``--kv-event-source``/``--kv-event-replay-source``) when the suite's sims publish them;
+- ``vllm-router-power_of_two``: ``vllm-router --policy power_of_two``;
 - ``vllm-router-round_robin``: ``vllm-router --policy round_robin``.
+
+When the suite's sims publish KV events (:class:`KVEventPorts`), ``ours-*`` ModelServers carry
+``kvEvents`` (so the default profile's precise-prefix scorer follows them) and ``kv_aware``
+subscribes to the same sockets.
 
 :func:`start_contender` is a context manager yielding the OpenAI base URL (``http://host:port/v1``);
 everything listens on 127.0.0.1 and is stopped on exit.
@@ -36,7 +43,17 @@ from matrixinfer.process import (
 )
 from matrixinfer.stack import GatewayStack, StackOptions
 
-__all__ = ["CONTENDERS", "Contender", "contender_versions", "start_contender"]
+__all__ = ["CONTENDERS", "Contender", "KVEventPorts", "contender_versions", "start_contender"]
+
+
+@dataclass(frozen=True, slots=True)
+class KVEventPorts:
+    """Where every sim of the fleet publishes its KV events (on its own address)."""
+
+    port: int
+    replay_port: int
+    hash_seed: str  # the sims' PYTHONHASHSEED (the ModelServer's kvEvents.hashSeed)
+    block_size: int = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +89,18 @@ CONTENDERS: dict[str, Contender] = {
             description="vllm-router --policy cache_aware",
         ),
         Contender(
+            "vllm-router-kv_aware",
+            "vllm-router",
+            policy="kv_aware",
+            description="vllm-router --policy kv_aware (subscribed to the sims' KV events)",
+        ),
+        Contender(
+            "vllm-router-power_of_two",
+            "vllm-router",
+            policy="power_of_two",
+            description="vllm-router --policy power_of_two",
+        ),
+        Contender(
             "vllm-router-round_robin",
             "vllm-router",
             policy="round_robin",
@@ -95,11 +124,20 @@ def write_gateway_config(
     model: str,
     adapters: Sequence[str],
     profile: dict[str, Any] | None,
+    kv_events: KVEventPorts | None = None,
 ) -> Path:
-    """ModelServer (+ scheduler), ModelRoute (+ LoRA adapters) and Endpoints for ``pods``."""
+    """ModelServer (+ scheduler, + kvEvents), ModelRoute (+ LoRA adapters) and Endpoints for
+    ``pods``."""
     directory.mkdir(parents=True, exist_ok=True)
     port = int(pods[0].port)
-    scheduler = f"\n  scheduler: {_yaml_flow(profile)}" if profile is not None else ""
+    spec = f"\n  scheduler: {_yaml_flow(profile)}" if profile is not None else ""
+    if kv_events is not None:
+        events = {
+            "port": kv_events.port,
+            "replayPort": kv_events.replay_port,
+            "hashSeed": kv_events.hash_seed,
+        }
+        spec += f"\n  kvEvents: {_yaml_flow(events)}"
     loras = f"\n  loraAdapters: {_yaml_flow(list(adapters))}" if adapters else ""
     endpoints = "\n".join(
         f"  - {{name: {p.name}, address: '{p.address}', labels: {{app: bench}}}}" for p in pods
@@ -111,7 +149,7 @@ metadata: {{name: bench}}
 spec:
   inferenceEngine: vLLM
   workloadSelector: {{matchLabels: {{app: bench}}}}
-  workloadPort: {{port: {port}}}{scheduler}
+  workloadPort: {{port: {port}}}{spec}
 ---
 apiVersion: networking.matrixinfer.ai/v1alpha1
 kind: ModelRoute
@@ -164,9 +202,15 @@ def _ours(
     model: str,
     adapters: Sequence[str],
     profile: dict[str, Any] | None,
+    kv_events: KVEventPorts | None = None,
 ) -> Iterator[str]:
     config = write_gateway_config(
-        run_dir / "config", pods, model=model, adapters=adapters, profile=profile
+        run_dir / "config",
+        pods,
+        model=model,
+        adapters=adapters,
+        profile=profile,
+        kv_events=kv_events,
     )
     stack = GatewayStack(
         config, run_dir, StackOptions(extproc_log_level="WARNING", envoy_concurrency=2)
@@ -196,9 +240,30 @@ def _vllm_router_binary() -> str:
 
 
 @contextlib.contextmanager
-def _vllm_router(pods: Sequence[Any], run_dir: Path, policy: str) -> Iterator[str]:
+def _vllm_router(
+    pods: Sequence[Any],
+    run_dir: Path,
+    policy: str,
+    *,
+    model: str,
+    kv_events: KVEventPorts | None = None,
+) -> Iterator[str]:
     port = free_port()
     prom = free_port()
+    sources: list[str] = []
+    if policy == "kv_aware" and kv_events is not None:
+        for p in pods:
+            sources += ["--kv-event-source", f"{p.url}=tcp://{p.host}:{kv_events.port}"]
+            sources += [
+                "--kv-event-replay-source",
+                f"{p.url}=tcp://{p.host}:{kv_events.replay_port}",
+            ]
+        sources += [
+            "--kv-event-block-size",
+            str(kv_events.block_size),
+            "--kv-event-model",
+            model,
+        ]
     child = Child(
         f"vllm-router-{policy}",
         [
@@ -217,6 +282,7 @@ def _vllm_router(pods: Sequence[Any], run_dir: Path, policy: str) -> Iterator[st
             "warning",
             "--worker-urls",
             *[p.url for p in pods],
+            *sources,
         ],
         log_path=run_dir / f"vllm-router-{policy}.log",
         ready=lambda: http_ok(f"http://127.0.0.1:{port}/health"),
@@ -235,16 +301,25 @@ def start_contender(
     *,
     model: str,
     adapters: Sequence[str] = (),
+    kv_events: KVEventPorts | None = None,
 ) -> Iterator[str]:
-    """Start ``contender`` in front of ``pods``; yields the OpenAI base URL; stops it on exit."""
+    """Start ``contender`` in front of ``pods``; yields the OpenAI base URL; stops it on exit.
+    ``kv_events``: the sims publish KV events there (the gateway and kv_aware follow them)."""
     if contender.kind == "envoy-rr":
         with _envoy_rr(pods, run_dir) as url:
             yield url
     elif contender.kind == "ours":
-        with _ours(pods, run_dir, model=model, adapters=adapters, profile=contender.profile) as url:
+        with _ours(
+            pods,
+            run_dir,
+            model=model,
+            adapters=adapters,
+            profile=contender.profile,
+            kv_events=kv_events,
+        ) as url:
             yield url
     elif contender.kind == "vllm-router":
-        with _vllm_router(pods, run_dir, contender.policy) as url:
+        with _vllm_router(pods, run_dir, contender.policy, model=model, kv_events=kv_events) as url:
             yield url
     else:
         raise ValueError(f"unknown contender kind {contender.kind!r} (contender {contender.name})")

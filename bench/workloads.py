@@ -1,7 +1,7 @@
 """Benchmark workloads: lists of :class:`bench.loadgen.Conversation`, deterministic from a seed.
 
-Text is made of random 4-letter lowercase words; the simulator's tokenizer (``sim/tokenizer.py``)
-makes each such word exactly one token, so "N tokens" below means N words (about 5N bytes).
+Text is made of random 4-letter lowercase words from ``sim.tokenizer.WORDS``, each exactly one
+token of the simulator's tokenizer, so "N tokens" below means N words (about 5N bytes).
 
 - ``shared_prefix``: ``groups`` applications, each with a long system prompt
   (``system_tokens``); every request is one of them (uniformly drawn) plus a short unique question
@@ -24,10 +24,10 @@ system prompts, which is how the suite keeps caches cold between QPS points on o
 from __future__ import annotations
 
 import random
-import string
 from collections.abc import Callable, Sequence
 
 from bench.loadgen import Conversation
+from sim.tokenizer import WORDS
 
 __all__ = [
     "WORKLOADS",
@@ -40,13 +40,10 @@ __all__ = [
     "words",
 ]
 
-_LETTERS = string.ascii_lowercase
-
 
 def words(rng: random.Random, n: int) -> str:
     """``n`` random 4-letter words (= ``n`` simulator tokens)."""
-    choice = rng.choices
-    return " ".join("".join(choice(_LETTERS, k=4)) for _ in range(n))
+    return " ".join(rng.choices(WORDS, k=n))
 
 
 def _poisson(rng: random.Random, rate: float, duration: float) -> list[float]:

@@ -127,6 +127,14 @@ log = logging.getLogger("matrixinfer.extproc")
 
 DESTINATION_HEADER = "x-gateway-destination-endpoint"
 SESSION_HEADER = "x-session-id"
+
+
+def _user_session(body: dict[str, Any]) -> str | None:
+    """The session of a request without a session header: the OpenAI ``user`` field."""
+    user = body.get("user")
+    return f"user:{user}" if isinstance(user, str) and user else None
+
+
 # how long a request waits for a ModelServer with no ready pod when its route sets no queue
 # (ModelRoute queue.maxWait otherwise; matrixinfer-extproc --wake-timeout)
 DEFAULT_WAKE_TIMEOUT = 60.0
@@ -801,7 +809,7 @@ class Gateway:
             lora=decision.lora,
             prompt=parsed.prompt,
             estimated_input_tokens=estimate_tokens(parsed.prompt),
-            session_key=state.headers.get(self.session_header),
+            session_key=state.headers.get(self.session_header) or _user_session(parsed.body),
             headers=state.headers,
         )
 

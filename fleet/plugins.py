@@ -92,9 +92,13 @@ class PrefixCacheArgs(BaseModel):
 class PrecisePrefixArgs(BaseModel):
     model_config = ARGS_CONFIG
 
-    tokenizer: Literal["simulator"] = Field(
+    tokenizer: str = Field(
         default="simulator",
-        description="How the engines tokenize: 'simulator' (matrixinfer-sim's documented rules).",
+        min_length=1,
+        description="The model's tokenizer files: 'simulator' (those matrixinfer-sim ships), a "
+        "local directory with tokenizer.json (+ tokenizer_config.json for the chat template), a "
+        "tokenizer.json path, or a Hugging Face repo id already in the local cache (never "
+        "downloaded). Not found: the scorer abstains and prefix-cache decides.",
     )
     max_blocks: int = Field(
         default=512, ge=1, le=65536, description="Only the prompt's first max_blocks blocks count."

@@ -56,7 +56,17 @@ DEFAULT_FILTERS = [
 request's LoRA adapter."""
 
 DEFAULT_PROFILE = SchedulerProfile(
-    filters=DEFAULT_FILTERS,
+    # the default filters without the KV-usage bound: a pod whose running requests hold most of
+    # its KV cache still takes a request that shares their prefix (a few new blocks), and
+    # filtering it out sends that request to a pod that must prefill it and evict for it; a pod
+    # that really cannot take more shows it in its queue (max_waiting). Measured on the prefix
+    # suite's zipf_prefix point (bench/reports/prefix.findings.md).
+    filters=[
+        PluginSpec(name="saturation", args={"max_waiting": 8, "max_kv_cache_usage": 1.0})
+        if f.name == "saturation"
+        else f
+        for f in DEFAULT_FILTERS
+    ],
     scorers=[
         # abstains unless the candidates' KV events are followed; when it scores, prefix-cache
         # and least-request abstain (its cost holds both)
@@ -65,6 +75,9 @@ DEFAULT_PROFILE = SchedulerProfile(
         PluginSpec(name="least-request", weight=3.0),
         PluginSpec(name="kv-cache", weight=1.0),
         PluginSpec(name="lora-affinity", weight=1.0),
+        # a conversation (x-session-id header, else the body's user field) stays on the pod that
+        # served it last until the saturation filter takes that pod out: more than all the others
+        PluginSpec(name="session-affinity", weight=15.0),
     ],
 )
 """The gateway-wide default (see docs/scheduling.md for why these weights)."""

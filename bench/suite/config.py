@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["DEFAULT_SUITE", "SMOKE_SUITE", "SUITES", "ExtraRun", "SuiteConfig"]
+__all__ = ["DEFAULT_SUITE", "PREFIX_SUITE", "SMOKE_SUITE", "SUITES", "ExtraRun", "SuiteConfig"]
 
 
 class ExtraRun(BaseModel):
@@ -52,6 +52,11 @@ class SuiteConfig(BaseModel):
         ]
     )
     baseline: str = Field("envoy-rr", description="contender the ratios are taken against")
+    kv_events: bool = Field(
+        False,
+        description="the sims publish KV events (ZMQ on each sim's address, ports 5557/5558, "
+        "PYTHONHASHSEED=7); ours-* follow them (precise-prefix), vllm-router kv_aware subscribes",
+    )
     sweep_workload: str = "shared_prefix"
     sweep_args: dict[str, float | int] = Field(default_factory=dict)
     sweep_qps: list[float] = Field(default_factory=lambda: [8.0, 16.0, 24.0])
@@ -120,10 +125,53 @@ SMOKE_SUITE = SuiteConfig(
     contenders=["envoy-rr", "ours-default"],
     sweep_args={"groups": 2, "system_tokens": 200, "question_tokens": 8, "max_tokens": 8},
     sweep_qps=[4.0, 8.0],
-    extra=[ExtraRun(workload="lora_mix", qps=4.0, args={"prompt_tokens": 20, "max_tokens": 8})],
+    extra=[
+        ExtraRun(
+            workload="lora_mix",
+            qps=4.0,
+            args={"adapters": 2, "prompt_tokens": 20, "max_tokens": 8},  # the 2 loaded
+        )
+    ],
     duration=2.0,
     drain_timeout=10.0,
     probe_requests=2,
 )
 
-SUITES = {s.name: s for s in (DEFAULT_SUITE, SMOKE_SUITE)}
+_PREFIX_NOTES = """\
+**What this suite checks** (issue 16: precise prefix routing). The sims publish vLLM's KV events
+and the gateway follows them (the default profile's `precise-prefix` scorer); `vllm-router
+kv_aware` is subscribed to the same sockets. Same fleet as the default suite (8 sims at time
+scale 1, 1024 blocks x 16 tokens = 16k tokens of KV cache each, 131k for the fleet). Two
+workloads at a load where round-robin's p90 TTFT is well over 5x its unloaded TTFT:
+`shared_prefix` (16 system prompts of 4000 tokens, uniform popularity: 64k tokens, half the
+fleet's cache) and `zipf_prefix` (96 system prompts of 4000 tokens with Zipf(1.1) popularity:
+384k tokens, 2.9x the fleet's cache - cache pressure with skew).
+"""
+
+PREFIX_SUITE = SuiteConfig(
+    name="prefix",
+    kv_events=True,
+    contenders=[
+        "envoy-rr",
+        "ours-default",
+        "vllm-router-cache_aware",
+        "vllm-router-kv_aware",
+        "vllm-router-power_of_two",
+    ],
+    sweep_args={"groups": 16, "system_tokens": 4000, "question_tokens": 24, "max_tokens": 64},
+    sweep_qps=[30.0],
+    duration=12.0,
+    drain_timeout=30.0,
+    probe_requests=6,
+    notes=_PREFIX_NOTES,
+    extra=[
+        ExtraRun(
+            workload="zipf_prefix",
+            qps=30.0,
+            args={"groups": 96, "system_tokens": 4000, "question_tokens": 24, "max_tokens": 64},
+            duration=12.0,
+        ),
+    ],
+)
+
+SUITES = {s.name: s for s in (DEFAULT_SUITE, SMOKE_SUITE, PREFIX_SUITE)}

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import loadgen, workloads
-from bench.contenders import CONTENDERS, start_contender
+from bench.contenders import CONTENDERS, KVEventPorts, start_contender
 from bench.suite.config import SuiteConfig
 from matrixinfer.process import free_port
 
@@ -114,6 +114,8 @@ _COUNTERS = (
     "requests",
     "prompt_tokens",
     "prefill_computed_tokens",
+    "prefix_cache_queries",  # the engines' own prefix-cache counters (vllm:prefix_cache_*)
+    "prefix_cache_hits",
     "preemptions",
     "busy_time",
     "steps",
@@ -212,6 +214,18 @@ def _line(p: PointResult) -> str:
     )
 
 
+def _kv_events_config(ports: KVEventPorts) -> str:
+    """The sims' --kv-events-config (vLLM's shape; ``*`` = the sim's own address)."""
+    return json.dumps(
+        {
+            "enable_kv_cache_events": True,
+            "publisher": "zmq",
+            "endpoint": f"tcp://*:{ports.port}",
+            "replay_endpoint": f"tcp://*:{ports.replay_port}",
+        }
+    )
+
+
 def run_suite(config: SuiteConfig, run_dir: Path) -> SuiteResult:
     """Run every contender of ``config``; logs go under ``run_dir``."""
     from sim.fleet import Fleet
@@ -229,6 +243,12 @@ def run_suite(config: SuiteConfig, run_dir: Path) -> SuiteResult:
     for name in needed:
         if name not in CONTENDERS:
             raise ValueError(f"unknown contender {name!r}; known: {', '.join(sorted(CONTENDERS))}")
+    sim_args = list(config.sim_args)
+    kv_events: KVEventPorts | None = None
+    if config.kv_events:
+        kv_events = KVEventPorts(5557, 5558, "7")
+        sim_args += ["--kv-events-config", _kv_events_config(kv_events)]
+        os.environ["PYTHONHASHSEED"] = kv_events.hash_seed  # the sims inherit it
     for name in needed:
         contender = CONTENDERS[name]
         cdir = run_dir / name
@@ -238,7 +258,7 @@ def run_suite(config: SuiteConfig, run_dir: Path) -> SuiteResult:
             config.replicas,
             model=config.model,
             port=fleet_port(config.replicas),
-            args=tuple(config.sim_args),
+            args=tuple(sim_args),
             log_dir=cdir,
             name_prefix="sim",
         )
@@ -246,7 +266,12 @@ def run_suite(config: SuiteConfig, run_dir: Path) -> SuiteResult:
             with fleet:
                 _load_adapters(fleet.pods, adapters)
                 with start_contender(
-                    contender, fleet.pods, cdir, model=config.model, adapters=adapters
+                    contender,
+                    fleet.pods,
+                    cdir,
+                    model=config.model,
+                    adapters=adapters,
+                    kv_events=kv_events,
                 ) as url:
                     points.extend(_run_contender(config, name, url, fleet.pods))
         except Exception as exc:  # one broken contender must not lose the others' results

@@ -15,6 +15,7 @@ Every plugin has a pydantic ``Args`` model (unknown arguments are rejected) and 
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 from collections import OrderedDict
@@ -26,7 +27,7 @@ from pydantic import BaseModel
 
 from extproc.kvindex import KVBlockIndex, PromptHasher
 from extproc.scheduling.prefix import PrefixIndex, block_hashes
-from extproc.scheduling.tokenizers import TOKENIZERS
+from extproc.scheduling.tokenizers import ChatTemplateError, ModelTokenizer, load_tokenizer
 from extproc.scheduling.types import (
     AllPodsSaturated,
     NoPodAvailable,
@@ -44,6 +45,8 @@ from fleet.plugins import (
     SessionAffinityArgs,
 )
 from fleet.pods import Pod
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "PLUGINS",
@@ -425,7 +428,10 @@ class PrecisePrefixScorer(Scorer):
         assert isinstance(args, PrecisePrefixArgs)
         # until bound to the gateway's index (or given one), an empty index: the scorer abstains
         self.index = index if index is not None else KVBlockIndex()
-        self.tokenizer = TOKENIZERS[args.tokenizer]()
+        # None: the model's tokenizer files are not here; the scorer abstains (prefix-cache
+        # decides) and looks for them again now and then (load_tokenizer)
+        self.tokenizer_spec = args.tokenizer
+        self.tokenizer: ModelTokenizer | None = load_tokenizer(args.tokenizer)
         self.max_blocks = args.max_blocks
         self.request_cost = args.request_cost
         self._hashers: dict[_Naming, PromptHasher] = {}
@@ -433,17 +439,18 @@ class PrecisePrefixScorer(Scorer):
         self._prompts: OrderedDict[tuple[str, str | None, _Naming, str], tuple[int, list[int]]] = (
             OrderedDict()
         )
-        self._roots: dict[tuple[_Naming, str | None], int] = {}
+        self._roots: dict[tuple[_Naming, str | None, tuple[int, ...]], int] = {}
         self._serial = 0
 
     def hashes(self, request: SchedulingRequest, naming: _Naming) -> tuple[int, list[int]]:
         """(prompt tokens, block hashes) of the request for engines that name blocks ``naming``.
 
-        The engine's text is cut at whitespace about every ``_SEGMENT`` characters; each segment's
-        tokens and block hashes are cached under (the segment before it, its text), so prompts
-        that share a prefix (a system prompt, earlier chat turns) tokenize and hash only what
-        follows it. Valid because the tokenizer concatenates at whitespace. Whole prompts are
-        cached too (the last 4096)."""
+        The engine's text is cut before whitespace about every ``_SEGMENT`` characters; each
+        segment's tokens and block hashes are cached under (the segment before it, its text), so
+        prompts that share a prefix (a system prompt, earlier chat turns) tokenize and hash only
+        what follows it. Valid when the tokenizer concatenates at whitespace (probed when it is
+        loaded; otherwise the prompt is one segment). Whole prompts are cached too (the last
+        4096)."""
         whole = (request.prompt, request.lora, naming, request.headers.get(":path", ""))
         hit = self._prompts.get(whole)
         if hit is not None:
@@ -460,9 +467,13 @@ class PrecisePrefixScorer(Scorer):
         if hasher is None:
             hasher = self._hashers[naming] = PromptHasher(*naming)
         block_size = naming[2]
-        text = self.tokenizer.engine_text(request.prompt, request.headers)
+        tokenizer = self.tokenizer
+        assert tokenizer is not None  # score() abstains without one
+        text = tokenizer.engine_text(request.prompt, request.headers)
+        lead = tokenizer.leading_ids(request.headers)
+        segmented = tokenizer.concatenates_at_whitespace
         cache = self._segments
-        root_key = (naming, request.lora)
+        root_key = (naming, request.lora, lead)
         parent_serial = self._roots.get(root_key)
         if parent_serial is None:
             self._serial -= 1
@@ -471,13 +482,13 @@ class PrecisePrefixScorer(Scorer):
         pos, n = 0, len(text)
         max_blocks = self.max_blocks
         while pos < n:
-            m = _SPACE.search(text, pos + _SEGMENT)
-            end = m.end() if m else n
+            m = _SPACE.search(text, pos + _SEGMENT) if segmented else None
+            end = m.start() if m else n
             key = (parent_serial, text[pos:end])
             found = cache.get(key)
             if found is None:
-                ids = self.tokenizer.encode(key[1])
-                tail = (node.tail + tuple(ids)) if node is not None else tuple(ids)
+                ids = tokenizer.encode(key[1])
+                tail = (node.tail + tuple(ids)) if node is not None else lead + tuple(ids)
                 n_blocks = node.n_blocks if node is not None else 0
                 digest = node.digest if node is not None else hasher.root
                 new: list[int] = []
@@ -487,7 +498,7 @@ class PrecisePrefixScorer(Scorer):
                     tail = tail[full:]
                     n_blocks += len(new)
                 self._serial += 1
-                n_tokens = (node.n_tokens if node is not None else 0) + len(ids)
+                n_tokens = (node.n_tokens if node is not None else len(lead)) + len(ids)
                 found = _Segment(self._serial, node, new, digest, tail, n_tokens, n_blocks)
                 if n_blocks >= max_blocks:
                     found.tail = ()  # no more blocks are hashed past max_blocks
@@ -512,6 +523,10 @@ class PrecisePrefixScorer(Scorer):
 
     def score(self, ctx: Context, pods: list[Pod]) -> list[float] | None:
         index = self.index
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self.tokenizer_spec)
+            if self.tokenizer is None:
+                return None
         naming, sizes = index.naming, index.block_sizes
         groups: dict[_Naming, list[str]] = {}
         for p in pods:
@@ -521,13 +536,17 @@ class PrecisePrefixScorer(Scorer):
                 groups.setdefault((nm[0], nm[1], bs), []).append(p.name)
         if not groups:
             return None
-        ctx.state[PRECISE] = True
         matched: dict[str, int] = {}  # cached prompt tokens per pod
         n_tokens = 0
-        for group, names in groups.items():
-            n_tokens, hashes = self.hashes(ctx.request, group)
-            for name, blocks in index.prefix_blocks(hashes, names).items():
-                matched[name] = blocks * group[2]
+        try:
+            for group, names in groups.items():
+                n_tokens, hashes = self.hashes(ctx.request, group)
+                for name, blocks in index.prefix_blocks(hashes, names).items():
+                    matched[name] = blocks * group[2]
+        except ChatTemplateError as exc:  # e.g. the template rejects this conversation
+            log.debug("precise-prefix abstains for request %s: %s", ctx.request.request_id, exc)
+            return None
+        ctx.state[PRECISE] = True
         ctx.state[self.key] = matched
         rc = self.request_cost
         load = LeastRequestScorer.load

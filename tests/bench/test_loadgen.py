@@ -47,7 +47,7 @@ def test_open_loop_records_streams_and_multi_turn_history(pod: SimPod) -> None:
     assert b0.ok and b1.ok and b1.sent >= b0.sent + (b0.e2e or 0)
     # turn 2 resends turn 1 and its answer: a longer prompt, mostly from the prefix cache
     assert b1.prompt_tokens > b0.prompt_tokens + b0.output_tokens
-    assert b1.cached_tokens >= 100
+    assert b1.cached_tokens >= (b0.prompt_tokens // 16) * 16  # every full block of turn 1
     c = recs[("c", 0)]
     assert not c.ok and c.error.startswith("http 404")
 

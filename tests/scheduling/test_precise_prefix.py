@@ -23,33 +23,40 @@ from extproc.scheduling.plugins import (
     PrefixCacheArgs,
     PrefixCacheScorer,
 )
-from extproc.scheduling.tokenizers import SimulatorTokenizer
+from extproc.scheduling.tokenizers import ModelTokenizer, load_tokenizer
 from extproc.scheduling.types import SchedulingRequest, SchedulingResult
 from fleet.pods import Pod, PodMetrics
 from sim.config import EngineConfig
 from sim.engine import Engine, Request
 from sim.kvevents import encode_batch
-from sim.tokenizer import Tokenizer, apply_chat_template
+from sim.tokenizer import WORDS, Tokenizer, apply_chat_template
 
 COMPLETIONS = {":path": "/v1/completions"}
+
+
+def sim_tokenizer() -> ModelTokenizer:
+    """The simulator's shipped files, loaded by the gateway's generic code."""
+    tok = load_tokenizer("simulator")
+    assert tok is not None
+    return tok
+
+
 CHAT = {":path": "/v1/chat/completions"}
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.text(max_size=200))
 def test_simulator_tokenizer_matches_the_simulator(text: str) -> None:
-    assert SimulatorTokenizer().encode(text) == Tokenizer().encode(text)
+    assert sim_tokenizer().encode(text) == Tokenizer().encode(text)
 
 
 def test_chat_prompt_is_tokenized_with_the_simulators_template() -> None:
     messages = [("system", "Be brief."), ("user", "What is a KV cache?\nExplain: slowly.")]
     body = {"model": "m", "messages": [{"role": r, "content": c} for r, c in messages]}
     flattened = parse_body("chat", orjson.dumps(body)).prompt
-    ids = SimulatorTokenizer().prompt_ids(flattened, CHAT)
+    ids = sim_tokenizer().prompt_ids(flattened, CHAT)
     assert ids == Tokenizer().encode(apply_chat_template(messages))
-    assert SimulatorTokenizer().prompt_ids("user: hi", COMPLETIONS) == Tokenizer().encode(
-        "user: hi"
-    )
+    assert sim_tokenizer().prompt_ids("user: hi", COMPLETIONS) == Tokenizer().encode("user: hi")
 
 
 @settings(max_examples=100, deadline=None)
@@ -68,7 +75,7 @@ def test_prefix_segment_cache_equals_hashing_the_whole_prompt(
     with mock.patch.object(plugins, "_SEGMENT", 16):  # many segments per prompt
         for suffix in suffixes:  # later prompts reuse the cached segments of the shared prefix
             request = SchedulingRequest("r", "m", lora=lora, prompt=prefix + suffix, headers=CHAT)
-            ids = Tokenizer().encode(SimulatorTokenizer.chat_text(prefix + suffix))
+            ids = Tokenizer().encode(sim_tokenizer().chat_text(prefix + suffix))
             want = (len(ids), hasher.hashes(ids, lora, max_blocks))
             assert scorer.hashes(request, naming) == want
 
@@ -95,7 +102,7 @@ def feed(index: KVBlockIndex, pod: str, eng: Engine) -> None:
 
 def words(n: int, seed: int) -> str:
     rng = random.Random(seed)
-    return " ".join(f"w{rng.randrange(10**6)}" for _ in range(n))
+    return " ".join(rng.choice(WORDS) for _ in range(n))  # one token each
 
 
 def pods() -> list[Pod]:
@@ -123,7 +130,7 @@ def test_precise_scorer_sees_the_eviction_the_approximate_index_cannot() -> None
     run(b, shared, "2")
     # then other prompts fill pod a's cache and evict the shared prefix
     for i in range(3):
-        run(a, words(300, 100 + i), f"x{i}")
+        run(a, words(500, 100 + i), f"x{i}")
     feed(index, "a", a)
     feed(index, "b", b)
 
@@ -143,7 +150,7 @@ def test_load_outweighs_a_cached_prefix_in_prompt_tokens() -> None:
     index.block_sizes["b"] = 16  # (learned from its first BlockStored)
     pa, pb = pods()
     precise = PrecisePrefixScorer(PrecisePrefixArgs(request_cost=100), index=index)
-    n = len(Tokenizer().encode(shared))  # 400: "w123456" is two tokens
+    n = len(Tokenizer().encode(shared))
     left = n - (n // 16) * 16  # pod a must still prefill the partial last block
     assert precise.score(ctx(shared), [pa, pb]) == [1.0, (left + 16) / (n + 16)]
     pa.in_flight = 5  # 5 x 100 prompt-token equivalents queued > the ~400 tokens saved

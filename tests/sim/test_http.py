@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from sim.fleet import SimPod
-from sim.tokenizer import Tokenizer
+from sim.tokenizer import WORDS, Tokenizer
 
 from .conftest import MODEL, SimFactory, get, metrics, post, sample, state
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.timeout(60)
 
 # ~7k tokens: its prefill (~0.5 s at time scale 1) dwarfs the scheduling delays a loaded machine
 # adds to both requests' TTFT, so the cached request's shorter TTFT is not left to chance
-LONG_PROMPT = " ".join(f"word{i % 97} topic{i % 13}" for i in range(1750))
+LONG_PROMPT = " ".join(f"{WORDS[i % 97]} {WORDS[100 + i % 13]}" for i in range(3500))  # 7k tokens
 
 
 def client(pod: SimPod) -> openai.OpenAI:
@@ -52,7 +52,7 @@ def test_prompt_tokens_match_tokenize(shared_sim: SimPod) -> None:
     assert tok["count"] == len(tok["tokens"]) and tok["max_model_len"] == 8192
     r = client(shared_sim).chat.completions.create(model=MODEL, messages=msgs, max_tokens=1)  # type: ignore[arg-type]
     assert r.usage is not None and r.usage.prompt_tokens == tok["count"]
-    status, _, body = post(f"{shared_sim.url}/tokenize", {"prompt": "the cat sat"})
+    status, _, body = post(f"{shared_sim.url}/tokenize", {"prompt": " ".join(WORDS[:3])})
     assert json.loads(body)["count"] == 3
 
 

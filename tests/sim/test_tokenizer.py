@@ -1,33 +1,48 @@
-"""The simulator's tokenizer: deterministic, chunked, whitespace-free, output words = 1 token."""
+"""The simulator's tokenizer: the shipped tokenizer.json; output and bench words = 1 token."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import jinja2
+
 from sim.tokenizer import (
-    FIRST_ID,
+    CHAT_TEMPLATE,
     OUTPUT_WORD_IDS,
     OUTPUT_WORDS,
+    TOKENIZER_DIR,
     VOCAB_SIZE,
+    WORDS,
     Tokenizer,
     apply_chat_template,
+    build,
 )
 
 
-def test_pieces_split_words_punctuation_and_long_words() -> None:
+def test_the_shipped_files_are_what_build_writes(tmp_path: Path) -> None:
+    build(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / name).read_bytes() == (TOKENIZER_DIR / name).read_bytes(), name
+    assert (TOKENIZER_DIR / "tokenizer.json").stat().st_size < 300_000  # small
+
+
+def test_words_and_punctuation_split_whitespace_yields_nothing() -> None:
     t = Tokenizer()
-    assert t.pieces("Hello, internationalization world!") == [
-        "Hell", "o", ",", "inte", "rnat", "iona", "liza", "tion", "worl", "d", "!",
-    ]  # fmt: skip
-    assert t.pieces("  \n\t ") == []
+    assert t.encode("  \n\t ") == []
+    assert len(t.encode("abcd, efgh!")) == len(t.encode("abcd")) + 1 + len(t.encode("efgh")) + 1
+    assert t.encode("internationalization")  # unknown words split into known pieces
+    assert t.encode("é") == [t.piece_id("[UNK]")]
 
 
 def test_ids_are_deterministic_and_in_vocab() -> None:
     a, b = Tokenizer(), Tokenizer()
-    text = "The quick brown fox jumps over the lazy dog. 12345 _x_"
+    text = "The quick brown fox jumps over the lazy dog. 12345 _x_ <|user|>"
     ids = a.encode(text)
     assert ids == b.encode(text)
-    assert all(FIRST_ID <= i < VOCAB_SIZE for i in ids)
+    assert all(0 <= i < VOCAB_SIZE for i in ids)
     assert a.count(text) == len(ids)
-    assert a.encode("fox") != a.encode("dog")
+    assert a.encode("<|user|>") == [a.piece_id("<|user|>")]  # a special token of its own
 
 
 def test_concatenation_at_whitespace_is_prefix_stable() -> None:
@@ -39,10 +54,22 @@ def test_concatenation_at_whitespace_is_prefix_stable() -> None:
     assert t.encode(first + answer) == t.encode(first) + t.encode(answer)
 
 
-def test_every_output_word_is_one_token() -> None:
+def test_every_output_word_and_bench_word_is_one_token() -> None:
     t = Tokenizer()
     assert len(OUTPUT_WORDS) >= 400
     for w, i in zip(OUTPUT_WORDS, OUTPUT_WORD_IDS, strict=True):
         assert t.encode(" " + w) == [i]
-    text = " ".join(OUTPUT_WORDS[:50])
-    assert t.count(text) == 50
+    assert t.count(" ".join(OUTPUT_WORDS[:50])) == 50
+    assert len(WORDS) == 3000
+    assert t.count(" ".join(WORDS)) == len(WORDS)
+
+
+def test_the_jinja_chat_template_is_apply_chat_template() -> None:
+    config = json.loads((TOKENIZER_DIR / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == CHAT_TEMPLATE
+    messages = [("system", "Be brief."), ("user", "Hi,\nthere")]
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)  # as transformers renders
+    rendered = env.from_string(CHAT_TEMPLATE).render(
+        messages=[{"role": r, "content": c} for r, c in messages], add_generation_prompt=True
+    )
+    assert rendered == apply_chat_template(messages)

@@ -1,0 +1,138 @@
+"""Prompt tokens served from the engines' prefix caches against what is achievable.
+
+``python -m bench.suite.cache_bounds bench/reports/prefix.json`` regenerates each open-loop
+point's conversations (same generator, seed and sizes as the suite) and prints, per workload:
+
+- three bounds on the fraction of prompt tokens a router could serve from cache (the shared
+  system prompt's full blocks of every request but the first of its group): an unbounded cache;
+  one LRU of prefixes the size of the fleet's KV cache; groups partitioned over the pods by
+  popularity, each pod an LRU of the prefixes its own cache holds. All ignore the blocks running
+  requests occupy, so they are upper bounds;
+- per contender, the engines' own counters (``/sim/state`` deltas, the numbers behind
+  ``vllm:prefix_cache_hits``/``_queries``): hits / queries, prefill tokens computed / prompt
+  tokens (1 minus the served-from-cache fraction, recomputation after preemption included),
+  preemptions; and the client's ``usage.prompt_tokens_details.cached_tokens`` fraction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.loadgen import Conversation
+from bench.workloads import WORKLOADS
+from sim.tokenizer import Tokenizer, apply_chat_template
+
+__all__ = ["CacheBounds", "cache_bounds", "main"]
+
+BLOCK = 16
+
+
+class CacheBounds:
+    __slots__ = ("fleet_lru", "partitioned", "prompt_tokens", "unbounded")
+
+    def __init__(self, prompt: int, unbounded: int, fleet_lru: int, partitioned: int) -> None:
+        self.prompt_tokens = prompt
+        self.unbounded = unbounded / prompt
+        self.fleet_lru = fleet_lru / prompt
+        self.partitioned = partitioned / prompt
+
+
+def cache_bounds(convs: Sequence[Conversation], replicas: int, blocks_per_pod: int) -> CacheBounds:
+    """The three bounds of the module doc for single-turn conversations with a system prompt."""
+    tok = Tokenizer()
+    counts: dict[str, int] = {}
+    for c in convs:
+        counts[c.tag] = counts.get(c.tag, 0) + 1
+    home = {g: i % replicas for i, g in enumerate(sorted(counts, key=lambda g: -counts[g]))}
+    fleet: OrderedDict[str, None] = OrderedDict()
+    pods: list[OrderedDict[str, None]] = [OrderedDict() for _ in range(replicas)]
+    seen: set[str] = set()
+    prompt = unbounded = fleet_lru = partitioned = 0
+    for c in convs:
+        system = c.prefix[0][1]
+        prompt += tok.count(apply_chat_template([("system", system), ("user", c.turns[0])]))
+        shared = tok.count(apply_chat_template([("system", system)], False)) // BLOCK * BLOCK
+        per_pod = max(1, blocks_per_pod * BLOCK // max(shared, 1))  # prefixes one pod holds
+        unbounded += shared if c.tag in seen else 0
+        seen.add(c.tag)
+        for cache, cap in ((fleet, per_pod * replicas), (pods[home[c.tag]], per_pod)):
+            if c.tag in cache:
+                cache.move_to_end(c.tag)
+                if cache is fleet:
+                    fleet_lru += shared
+                else:
+                    partitioned += shared
+            else:
+                cache[c.tag] = None
+                if len(cache) > cap:
+                    cache.popitem(last=False)
+    return CacheBounds(prompt, unbounded, fleet_lru, partitioned)
+
+
+def _conversations(cfg: dict[str, Any], workload: str) -> list[Conversation]:
+    if workload == cfg["sweep_workload"]:
+        qps = cfg["sweep_qps"][0]
+        return WORKLOADS[workload](
+            qps=qps, duration=cfg["duration"], seed=cfg["seed"], **cfg["sweep_args"]
+        )
+    j, ex = next((j, e) for j, e in enumerate(cfg["extra"]) if e["workload"] == workload)
+    return WORKLOADS[workload](
+        qps=ex["qps"],
+        duration=ex["duration"] or cfg["duration"],
+        seed=cfg["seed"] + 100 + j,
+        **ex["args"],
+    )
+
+
+def _blocks_per_pod(sim_args: list[str]) -> int:
+    return int(sim_args[sim_args.index("--num-gpu-blocks") + 1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.suite.cache_bounds", description=__doc__)
+    p.add_argument("result", type=Path, help="a suite's <name>.json")
+    args = p.parse_args(argv)
+    result = json.loads(args.result.read_text())["result"]
+    cfg = result["config"]
+    by_workload: dict[str, list[dict[str, Any]]] = {}
+    for point in result["points"]:
+        if point["mode"] == "open":
+            by_workload.setdefault(point["workload"], []).append(point)
+    for workload, points in by_workload.items():
+        if len({pt["qps"] for pt in points}) > 1:
+            print(f"{workload}: several QPS points; the bounds below are for the first")
+        b = cache_bounds(
+            _conversations(cfg, workload), cfg["replicas"], _blocks_per_pod(cfg["sim_args"])
+        )
+        print(
+            f"\n{workload}: achievable from cache {b.unbounded:.2f} (unbounded cache), "
+            f"{b.fleet_lru:.2f} (fleet-sized LRU), {b.partitioned:.2f} (partitioned, per-pod LRU)"
+        )
+        print(
+            "| contender | engine hits / queries | prefill computed / prompt | preemptions "
+            "| served from cache (1 - computed/prompt) | / partitioned bound | client cached |"
+        )
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for pt in points:
+            st = pt["sim_state"].values()
+            hits = sum(s.get("prefix_cache_hits", 0) for s in st)
+            queries = sum(s.get("prefix_cache_queries", 0) for s in st)
+            prompt = sum(s.get("prompt_tokens", 0) for s in st)
+            computed = sum(s.get("prefill_computed_tokens", 0) for s in st)
+            pre = sum(s.get("preemptions", 0) for s in st)
+            served = 1 - computed / prompt if prompt else float("nan")
+            print(
+                f"| {pt['contender']} | {hits / max(queries, 1):.2f} | "
+                f"{computed / max(prompt, 1):.2f} | {pre} | {served:.2f} | "
+                f"{served / b.partitioned:.2f} | {pt['summary'].get('cached_fraction', 0):.2f} |"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
