@@ -18,6 +18,7 @@ from extproc.scheduling import (
     SchedulingRequest,
     build_scheduler,
 )
+from extproc.scheduling.plugins import LoraCapableFilter
 from fleet.pods import Pod, PodMetrics
 from fleet.profile import PluginSpec
 
@@ -210,7 +211,9 @@ ALL_SCORERS = SchedulerProfile(
 )
 
 
-def _allowed(p: Pod, r: SchedulingRequest) -> bool:
+def _passes(p: Pod, r: SchedulingRequest) -> bool:
+    """Ready, not saturated, and (for a LoRA request) running or queueing the adapter or with a
+    free adapter slot."""
     m = p.metrics
     if not p.ready:
         return False
@@ -225,13 +228,31 @@ def _allowed(p: Pod, r: SchedulingRequest) -> bool:
     return True
 
 
+def _allowed_set(pods: list[Pod], r: SchedulingRequest) -> list[Pod]:
+    """The pods the profile may pick: those that pass; for a LoRA request none of which has a
+    free slot, the ready, unsaturated pods that may hold the adapter (they queue it)."""
+    allowed = [p for p in pods if _passes(p, r)]
+    if allowed or not r.lora:
+        return allowed
+    unsaturated = [
+        p
+        for p in pods
+        if p.ready
+        and (
+            p.metrics.stale
+            or ((p.metrics.waiting or 0) < 8 and (p.metrics.kv_cache_usage or 0) < 0.95)
+        )
+    ]
+    return [p for p in unsaturated if not LoraCapableFilter.missing(p, r.lora)]
+
+
 @settings(max_examples=200, deadline=None)
 @given(pods=pod_lists(), request=requests, seed=st.integers(0, 2**32))
 def test_never_picks_a_filtered_pod_and_fallbacks_are_distinct(
     pods: list[Pod], request: SchedulingRequest, seed: int
 ) -> None:
     s = build_scheduler(ALL_SCORERS, rng=random.Random(seed), clock=lambda: 0.0)
-    allowed = [p for p in pods if _allowed(p, request)]
+    allowed = _allowed_set(pods, request)
     try:
         result = s.schedule(request, pods)
     except NoPodAvailable as e:
@@ -239,7 +260,7 @@ def test_never_picks_a_filtered_pod_and_fallbacks_are_distinct(
         assert e.reason
         return
     chosen = [result.primary, *result.fallbacks]
-    assert all(_allowed(p, request) for p in chosen)
+    assert all(p in allowed for p in chosen)
     assert len({p.name for p in chosen}) == len(chosen)
     assert len(chosen) == min(len(allowed), 4)
     # ranked best first
