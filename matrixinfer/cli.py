@@ -279,7 +279,8 @@ def _wait_model(cluster: LocalCluster, stack: GatewayStack, timeout: float) -> N
             )
         }
         models_up = all(_model_up(m) for m in models)
-        if pods and models_up and len(ready) == len(pods) and stack.extproc_ready():
+        # a Model whose backends are all at zero (minReplicas 0) is up with no pod
+        if (pods or models) and models_up and len(ready) == len(pods) and stack.extproc_ready():
             state = _read_state(stack) or {}
             routed = {str(p["address"]) for p in state.get("pods") or ()}
             if ready <= routed and routed <= stack.envoy_hosts():
@@ -311,6 +312,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "MatrixInfer demo: a local cluster (API server, the controllers, a kubelet running pods "
         f"as simulators), extproc and Envoy (logs: {run_dir})"
     )
+    # the extproc's /metrics port is chosen now: the operator's autoscaler reads the gateway's
+    # demand there (the gateway starts after the cluster)
+    extproc_http = free_port()
+    scaling: dict[str, Any] = {
+        "gateway_metrics_urls": [f"http://127.0.0.1:{extproc_http}/metrics"],
+        "autoscale_stable_window": args.autoscale_stable_window,
+        "autoscale_panic_window": args.autoscale_panic_window,
+    }
+    if args.autoscale_interval is not None:
+        scaling["autoscale_interval"] = args.autoscale_interval
     cluster = LocalCluster(
         LocalOptions(
             config_dir=examples,
@@ -318,6 +329,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             first_host=args.first_host,
             sim_args=("--time-scale", str(args.time_scale)),
             state_file=state_path(),
+            **scaling,
         )
     )
     stack: GatewayStack | None = None
@@ -335,6 +347,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 listen_port=listen_port,
                 access_log=True,
                 kube_server=cluster.url,
+                http_ports=(extproc_http,),
             ),
         )
         stack.start()
@@ -711,6 +724,25 @@ def build_parser() -> argparse.ArgumentParser:
         type=duration,
         default="90s",
         help="how long the Model's pods and the gateway get to come up",
+    )
+    demo.add_argument(
+        "--autoscale-interval",
+        type=duration,
+        default=None,
+        help="time between two autoscaler syncs of an AutoscalingPolicy (default: as "
+        "matrixinfer-controllers, 15s)",
+    )
+    demo.add_argument(
+        "--autoscale-stable-window",
+        type=duration,
+        default=None,
+        help="the autoscaler's stable window (default: the planner's, 60s)",
+    )
+    demo.add_argument(
+        "--autoscale-panic-window",
+        type=duration,
+        default=None,
+        help="the autoscaler's panic window (default: the planner's, 6s)",
     )
     _add_drain_timeout(demo)
     demo.set_defaults(func=cmd_demo)

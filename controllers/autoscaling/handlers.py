@@ -45,6 +45,7 @@ from controllers.autoscaling.sources import (
     PodTarget,
     PrometheusSource,
     Reading,
+    is_gateway_metric,
     merge,
 )
 from controllers.kube import ApiError, KubeClient
@@ -370,9 +371,13 @@ class Autoscaler:
         names = [m.name for m in spec.metrics]
         sources = _sources_of(spec)
         session = self._session()
+        # absent metricSources (always so for a Model's inline policy): the gateway's names
+        # from the gateway, every other name from the target's pods
         if not sources or any(s.pod is not None for s in sources):
             new.pods = PodSource(session, names)
-        if any(s.gateway is not None for s in sources):
+        if any(s.gateway is not None for s in sources) or (
+            not sources and any(is_gateway_metric(n) for n in names)
+        ):
             new.gateway = GatewaySource(session, self.gateway_urls, names)
         new.prometheus = [
             PrometheusSource(session, s.prometheus.server_url, s.prometheus.query, names)
@@ -403,7 +408,7 @@ class Autoscaler:
                 problems += bad
             tasks.append(state.pods.read(found, sum(current.values()), self.clock()))
         if state.gateway is not None:
-            gw = next(s.gateway for s in sources if s.gateway is not None)
+            gw = next((s.gateway for s in sources if s.gateway is not None), None)
             gateway = state.gateway
 
             async def gateway_all() -> Reading:
