@@ -114,35 +114,35 @@ def _format_counts(counts: dict[str, tuple[int, int]]) -> str:
     return "  ".join(f"{name}: {n} ({live} live)" for name, (n, live) in sorted(counts.items()))
 
 
-def _print_howto(url: str) -> None:
+def _print_howto(url: str, model: str = DEMO_MODEL) -> None:
     base = url.rsplit("/v1", 1)[0]
     _say("Try it:")
     _say(
         f"  curl -s {base}/v1/chat/completions -H 'Content-Type: application/json' "
-        f'-d \'{{"model": "{DEMO_MODEL}", "messages": [{{"role": "user", "content": "Hello!"}}]}}\''
+        f'-d \'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}]}}\''
     )
     _say("")
     _say("  from openai import OpenAI")
     _say(f'  client = OpenAI(base_url="{url}", api_key="unused")')
     _say(
-        f'  r = client.chat.completions.create(model="{DEMO_MODEL}", '
+        f'  r = client.chat.completions.create(model="{model}", '
         'messages=[{"role": "user", "content": "Hello!"}])'
     )
     _say("  print(r.choices[0].message.content)")
     _say("")
 
 
-def _chat(url: str, content: str, stream: bool = False) -> tuple[str, str]:
+def _chat(url: str, content: str, stream: bool = False, model: str = DEMO_MODEL) -> tuple[str, str]:
     """One chat completion through the gateway: (answer text, pod that served it)."""
     try:
         from openai import OpenAI
     except ImportError:
-        return _chat_urllib(url, content)
+        return _chat_urllib(url, content, model)
     client = OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
     messages: Any = [{"role": "user", "content": content}]
     if stream:
         with client.chat.completions.with_streaming_response.create(
-            model=DEMO_MODEL, messages=messages, max_tokens=24, stream=True
+            model=model, messages=messages, max_tokens=24, stream=True
         ) as resp:
             pod = resp.headers.get("x-inference-pod", "?")
             text = "".join(
@@ -150,15 +150,15 @@ def _chat(url: str, content: str, stream: bool = False) -> tuple[str, str]:
             )
         return text, pod
     raw = client.chat.completions.with_raw_response.create(
-        model=DEMO_MODEL, messages=messages, max_tokens=24
+        model=model, messages=messages, max_tokens=24
     )
     completion = raw.parse()
     return completion.choices[0].message.content or "", raw.headers.get("x-inference-pod", "?")
 
 
-def _chat_urllib(url: str, content: str) -> tuple[str, str]:
+def _chat_urllib(url: str, content: str, model: str = DEMO_MODEL) -> tuple[str, str]:
     body = json.dumps(
-        {"model": DEMO_MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 24}
+        {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 24}
     ).encode()
     req = urllib.request.Request(
         f"{url}/chat/completions", data=body, headers={"Content-Type": "application/json"}
@@ -176,14 +176,20 @@ _PROMPTS = [
 ]
 
 
-def _run_requests(stack: GatewayStack, n: int, on_answer: Callable[[], None] | None = None) -> int:
-    """``n`` requests (the second one streamed); ``on_answer`` after each answered one."""
+def _run_requests(
+    stack: GatewayStack,
+    n: int,
+    on_answer: Callable[[], None] | None = None,
+    model: str = DEMO_MODEL,
+) -> int:
+    """``n`` requests for ``model`` (the second one streamed); ``on_answer`` after each answered
+    one."""
     failures = 0
     for i in range(n):
         prompt = _PROMPTS[i % len(_PROMPTS)]
         stream = i == 1
         try:
-            text, pod = _chat(stack.url, prompt, stream=stream)
+            text, pod = _chat(stack.url, prompt, stream=stream, model=model)
         except Exception as exc:  # report, keep going, fail the run at the end
             failures += 1
             _say(f"request {i + 1}/{n} failed: {type(exc).__name__}: {exc}")
@@ -358,10 +364,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
         )
         _say("  see what the controllers made: matrixinfer get models|modelinfers|pods")
         _say("")
-        _print_howto(stack.url)
+        # the requests go to the first Model applied (examples/demo: demo-model)
+        names = sorted(str(m["metadata"]["name"]) for m in _api_objects(cluster.url, "models"))
+        model = names[0] if names else DEMO_MODEL
+        _print_howto(stack.url, model)
         if requests > 0:
             answered: list[float] = []
-            failures = _run_requests(stack, requests, lambda: answered.append(time.monotonic()))
+            failures = _run_requests(
+                stack, requests, lambda: answered.append(time.monotonic()), model
+            )
             if answered:
                 _say(_timing(cluster, answered[0]))
             if failures:
