@@ -27,6 +27,11 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from controllers.autoscaling.planner import (
+    DEFAULT_INTERVAL,
+    DEFAULT_PANIC_WINDOW,
+    DEFAULT_STABLE_WINDOW,
+)
 from controllers.xds.generate import GatewaySettings
 from fleet.service import (
     DeprecatedAlias,
@@ -321,13 +326,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # the extproc's /metrics port is chosen now: the operator's autoscaler reads the gateway's
     # demand there (the gateway starts after the cluster)
     extproc_http = free_port()
-    scaling: dict[str, Any] = {
-        "gateway_metrics_urls": [f"http://127.0.0.1:{extproc_http}/metrics"],
-        "autoscale_stable_window": args.autoscale_stable_window,
-        "autoscale_panic_window": args.autoscale_panic_window,
-    }
-    if args.autoscale_interval is not None:
-        scaling["autoscale_interval"] = args.autoscale_interval
     cluster = LocalCluster(
         LocalOptions(
             config_dir=examples,
@@ -335,7 +333,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
             first_host=args.first_host,
             sim_args=("--time-scale", str(args.time_scale)),
             state_file=state_path(),
-            **scaling,
+            gateway_metrics_urls=[f"http://127.0.0.1:{extproc_http}/metrics"],
+            autoscale_interval=args.autoscale_interval,
+            autoscale_stable_window=args.autoscale_stable_window,
+            autoscale_panic_window=args.autoscale_panic_window,
         )
     )
     stack: GatewayStack | None = None
@@ -739,21 +740,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--autoscale-interval",
         type=duration,
-        default=None,
-        help="time between two autoscaler syncs of an AutoscalingPolicy (default: as "
-        "matrixinfer-controllers, 15s)",
+        default=format_duration(DEFAULT_INTERVAL),
+        help="time between two autoscaler syncs of an AutoscalingPolicy",
     )
     demo.add_argument(
         "--autoscale-stable-window",
         type=duration,
-        default=None,
-        help="the autoscaler's stable window (default: the planner's, 60s)",
+        default=format_duration(DEFAULT_STABLE_WINDOW),
+        help="the autoscaler's stable window (demand averaged for scaling)",
     )
     demo.add_argument(
         "--autoscale-panic-window",
         type=duration,
-        default=None,
-        help="the autoscaler's panic window (default: the planner's, 6s)",
+        default=format_duration(DEFAULT_PANIC_WINDOW),
+        help="the autoscaler's panic window (demand averaged for panic mode)",
     )
     _add_drain_timeout(demo)
     demo.set_defaults(func=cmd_demo)

@@ -30,7 +30,7 @@ from typing import Any
 import aiohttp
 import kmock
 
-from controllers.autoscaling.handlers import DEFAULT_INTERVAL
+from controllers.autoscaling.planner import DEFAULT_INTERVAL
 from controllers.main import ControllerConfig, run_operator
 from controllers.webhooks.handlers import KINDS
 from matrixinfer.applier import Applier, Key

@@ -30,6 +30,7 @@ import kopf
 
 import crds
 from controllers.autoscaling.planner import (
+    DEFAULT_INTERVAL,
     Decision,
     Disaggregated,
     Heterogeneous,
@@ -53,12 +54,19 @@ from controllers.metrics import ControllerMetrics
 from controllers.modelinfer.types import LABEL_ENTRY, LABEL_MODEL_INFER, LABEL_ROLE
 from crds.registry import AutoscalingPolicy, AutoscalingPolicySpec, MetricSource
 
-__all__ = ["Autoscaler", "PodInfo", "pod_info", "pod_targets", "raw_targets", "register"]
+__all__ = [
+    "DEFAULT_INTERVAL",
+    "Autoscaler",
+    "PodInfo",
+    "pod_info",
+    "pod_targets",
+    "raw_targets",
+    "register",
+]
 
 GROUP, VERSION, PLURAL = "registry.matrixinfer.ai", "v1alpha1", "autoscalingpolicies"
 MI_PATH = "/apis/workload.matrixinfer.ai/v1alpha1/namespaces/{ns}/modelinfers/{name}"
 POLICY_PATH = "/apis/registry.matrixinfer.ai/v1alpha1/namespaces/{ns}/autoscalingpolicies/{name}"
-DEFAULT_INTERVAL = 15.0
 
 log = logging.getLogger("matrixinfer.autoscaler")
 Key = tuple[str, str]
