@@ -326,12 +326,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # the extproc's /metrics port is chosen now: the operator's autoscaler reads the gateway's
     # demand there (the gateway starts after the cluster)
     extproc_http = free_port()
+    sim_args = ["--time-scale", str(args.time_scale)]
+    if args.pod_start_delay > 0:  # the simulator's /health answers 503 this long
+        sim_args += ["--slow-start", format_duration(args.pod_start_delay)]
     cluster = LocalCluster(
         LocalOptions(
             config_dir=examples,
             run_dir=run_dir,
             first_host=args.first_host,
-            sim_args=("--time-scale", str(args.time_scale)),
+            sim_args=sim_args,
             state_file=state_path(),
             gateway_metrics_urls=[f"http://127.0.0.1:{extproc_http}/metrics"],
             autoscale_interval=args.autoscale_interval,
@@ -723,6 +726,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--time-scale", type=float, default=0.05, help="simulator wall seconds per simulated second"
+    )
+    demo.add_argument(
+        "--pod-start-delay",
+        type=duration,
+        default="0s",
+        help="each pod's simulator answers /health 503 this long after it starts (a model "
+        "loading), so pods turn Ready that much later",
     )
     demo.add_argument("--run-dir", default=None, help="folder for logs and generated config")
     demo.add_argument(

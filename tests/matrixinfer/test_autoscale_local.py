@@ -48,38 +48,31 @@ def eventually(check: Callable[[], Any], within: float, what: str) -> Any:
 
 
 class ScaledDemo:
-    """``matrixinfer demo --requests 0`` on a copy of examples/demo/autoscale with short
-    windows; its output is collected."""
+    """``matrixinfer demo --requests 0`` on the directory ``config``, with ``extra`` flags; its
+    output is collected."""
 
-    def __init__(self, tmp_path: Path) -> None:
-        config = tmp_path / "config"
-        config.mkdir()
-        doc = yaml.safe_load(project_file("examples/demo/autoscale/model.yaml").read_text())
-        behavior = doc["spec"]["autoscalingPolicy"]["spec"]["behavior"]
-        # a scale-up needs 4 s of demand (a burst shorter than that does not scale),
-        # a scale-down (and zero) 3 s without; one pod per second either way
-        behavior["scaleUp"]["stablePolicy"].update(period="1s", stabilizationWindow="4s")
-        behavior["scaleDown"].update(period="1s", stabilizationWindow="3s")
-        (config / "model.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    def __init__(self, tmp_path: Path, config: Path, first_host: str, *extra: str) -> None:
         env = {**os.environ, "MATRIXINFER_STATE": str(tmp_path / "state.json")}
         self.proc = subprocess.Popen(
             [
                 sys.executable, "-m", "matrixinfer.cli", "demo", "--requests", "0",
-                "--port", str(free_port()), "--first-host", "127.0.0.150",
-                "--run-dir", str(tmp_path / "run"), "--examples", str(config),
-                "--time-scale", "0.5", "--autoscale-interval", "500ms",
-                "--autoscale-stable-window", "2s", "--autoscale-panic-window", "1s",
+                "--port", str(free_port()), "--first-host", first_host,
+                "--run-dir", str(tmp_path / "run"), "--examples", str(config), *extra,
             ],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True, start_new_session=True, env=env,
         )  # fmt: skip
         self.lines: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
-        eventually(lambda: "Press Ctrl-C to stop." in self.text or self.proc.poll(), 150, "up")
-        url = re.search(r"OpenAI API at (http://\S+/v1)", self.text)
-        assert url is not None, self.text
-        self.url = url.group(1)
-        self.server = json.loads((tmp_path / "state.json").read_text())["server"]
+        try:
+            eventually(lambda: "Press Ctrl-C to stop." in self.text or self.proc.poll(), 150, "up")
+            url = re.search(r"OpenAI API at (http://\S+/v1)", self.text)
+            assert url is not None, self.text
+            self.url = url.group(1)
+            self.server = json.loads((tmp_path / "state.json").read_text())["server"]
+        except BaseException:
+            self.stop()
+            raise
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -145,7 +138,21 @@ class ScaledDemo:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ScaledDemo]:
-    d = ScaledDemo(tmp_path_factory.mktemp("scaled"))
+    """The demo on a copy of examples/demo/autoscale with short windows."""
+    tmp_path = tmp_path_factory.mktemp("scaled")
+    config = tmp_path / "config"
+    config.mkdir()
+    doc = yaml.safe_load(project_file("examples/demo/autoscale/model.yaml").read_text())
+    behavior = doc["spec"]["autoscalingPolicy"]["spec"]["behavior"]
+    # a scale-up needs 4 s of demand (a burst shorter than that does not scale),
+    # a scale-down (and zero) 3 s without; one pod per second either way
+    behavior["scaleUp"]["stablePolicy"].update(period="1s", stabilizationWindow="4s")
+    behavior["scaleDown"].update(period="1s", stabilizationWindow="3s")
+    (config / "model.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    d = ScaledDemo(
+        tmp_path, config, "127.0.0.150", "--time-scale", "0.5", "--autoscale-interval", "500ms",
+        "--autoscale-stable-window", "2s", "--autoscale-panic-window", "1s",
+    )  # fmt: skip
     try:
         yield d
     finally:
@@ -259,3 +266,22 @@ def test_demo_sends_its_requests_to_the_example_model_at_zero(tmp_path: Path) ->
     assert '"model": "scaled-model"' in out  # the curl line names the example's Model
     answers = re.findall(rf"request \d/2 \((?:chat|stream)\) -> ({TARGET}-\S+): '(.+)'", out)
     assert len(answers) == 2, out
+
+
+def test_a_request_waits_for_a_pod_that_takes_time_to_start(tmp_path: Path) -> None:
+    """``--pod-start-delay``: the woken pod runs but is not Ready for a while (its simulator's
+    /health answers 503, as an engine loading its model); the request at zero waits through
+    that and is answered by it."""
+    demo = ScaledDemo(
+        tmp_path, project_file("examples/demo/autoscale"), "127.0.0.190",
+        "--autoscale-interval", "500ms", "--pod-start-delay", "5s",
+    )  # fmt: skip
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(_chat, demo.url)
+            eventually(lambda: demo.pods() == 1, 60, "the woken pod")
+            assert demo.ready_pods() == 0 and not answer.done()  # started, not Ready yet
+            assert answer.result(timeout=90) == f"{TARGET}-0-server-0-0"
+        assert demo.ready_pods() == 1
+    finally:
+        demo.stop()
