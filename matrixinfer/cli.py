@@ -27,6 +27,11 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from controllers.autoscaling.planner import (
+    DEFAULT_INTERVAL,
+    DEFAULT_PANIC_WINDOW,
+    DEFAULT_STABLE_WINDOW,
+)
 from controllers.xds.generate import GatewaySettings
 from fleet.service import (
     DeprecatedAlias,
@@ -114,35 +119,35 @@ def _format_counts(counts: dict[str, tuple[int, int]]) -> str:
     return "  ".join(f"{name}: {n} ({live} live)" for name, (n, live) in sorted(counts.items()))
 
 
-def _print_howto(url: str) -> None:
+def _print_howto(url: str, model: str = DEMO_MODEL) -> None:
     base = url.rsplit("/v1", 1)[0]
     _say("Try it:")
     _say(
         f"  curl -s {base}/v1/chat/completions -H 'Content-Type: application/json' "
-        f'-d \'{{"model": "{DEMO_MODEL}", "messages": [{{"role": "user", "content": "Hello!"}}]}}\''
+        f'-d \'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}]}}\''
     )
     _say("")
     _say("  from openai import OpenAI")
     _say(f'  client = OpenAI(base_url="{url}", api_key="unused")')
     _say(
-        f'  r = client.chat.completions.create(model="{DEMO_MODEL}", '
+        f'  r = client.chat.completions.create(model="{model}", '
         'messages=[{"role": "user", "content": "Hello!"}])'
     )
     _say("  print(r.choices[0].message.content)")
     _say("")
 
 
-def _chat(url: str, content: str, stream: bool = False) -> tuple[str, str]:
+def _chat(url: str, content: str, stream: bool = False, model: str = DEMO_MODEL) -> tuple[str, str]:
     """One chat completion through the gateway: (answer text, pod that served it)."""
     try:
         from openai import OpenAI
     except ImportError:
-        return _chat_urllib(url, content)
+        return _chat_urllib(url, content, model)
     client = OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
     messages: Any = [{"role": "user", "content": content}]
     if stream:
         with client.chat.completions.with_streaming_response.create(
-            model=DEMO_MODEL, messages=messages, max_tokens=24, stream=True
+            model=model, messages=messages, max_tokens=24, stream=True
         ) as resp:
             pod = resp.headers.get("x-inference-pod", "?")
             text = "".join(
@@ -150,15 +155,15 @@ def _chat(url: str, content: str, stream: bool = False) -> tuple[str, str]:
             )
         return text, pod
     raw = client.chat.completions.with_raw_response.create(
-        model=DEMO_MODEL, messages=messages, max_tokens=24
+        model=model, messages=messages, max_tokens=24
     )
     completion = raw.parse()
     return completion.choices[0].message.content or "", raw.headers.get("x-inference-pod", "?")
 
 
-def _chat_urllib(url: str, content: str) -> tuple[str, str]:
+def _chat_urllib(url: str, content: str, model: str = DEMO_MODEL) -> tuple[str, str]:
     body = json.dumps(
-        {"model": DEMO_MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 24}
+        {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 24}
     ).encode()
     req = urllib.request.Request(
         f"{url}/chat/completions", data=body, headers={"Content-Type": "application/json"}
@@ -176,14 +181,20 @@ _PROMPTS = [
 ]
 
 
-def _run_requests(stack: GatewayStack, n: int, on_answer: Callable[[], None] | None = None) -> int:
-    """``n`` requests (the second one streamed); ``on_answer`` after each answered one."""
+def _run_requests(
+    stack: GatewayStack,
+    n: int,
+    on_answer: Callable[[], None] | None = None,
+    model: str = DEMO_MODEL,
+) -> int:
+    """``n`` requests for ``model`` (the second one streamed); ``on_answer`` after each answered
+    one."""
     failures = 0
     for i in range(n):
         prompt = _PROMPTS[i % len(_PROMPTS)]
         stream = i == 1
         try:
-            text, pod = _chat(stack.url, prompt, stream=stream)
+            text, pod = _chat(stack.url, prompt, stream=stream, model=model)
         except Exception as exc:  # report, keep going, fail the run at the end
             failures += 1
             _say(f"request {i + 1}/{n} failed: {type(exc).__name__}: {exc}")
@@ -279,7 +290,8 @@ def _wait_model(cluster: LocalCluster, stack: GatewayStack, timeout: float) -> N
             )
         }
         models_up = all(_model_up(m) for m in models)
-        if pods and models_up and len(ready) == len(pods) and stack.extproc_ready():
+        # a Model whose backends are all at zero (minReplicas 0) is up with no pod
+        if (pods or models) and models_up and len(ready) == len(pods) and stack.extproc_ready():
             state = _read_state(stack) or {}
             routed = {str(p["address"]) for p in state.get("pods") or ()}
             if ready <= routed and routed <= stack.envoy_hosts():
@@ -311,13 +323,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "MatrixInfer demo: a local cluster (API server, the controllers, a kubelet running pods "
         f"as simulators), extproc and Envoy (logs: {run_dir})"
     )
+    # the extproc's /metrics port is chosen now: the operator's autoscaler reads the gateway's
+    # demand there (the gateway starts after the cluster)
+    extproc_http = free_port()
+    sim_args = ["--time-scale", str(args.time_scale)]
+    if args.pod_start_delay > 0:  # the simulator's /health answers 503 this long
+        sim_args += ["--slow-start", format_duration(args.pod_start_delay)]
     cluster = LocalCluster(
         LocalOptions(
             config_dir=examples,
             run_dir=run_dir,
             first_host=args.first_host,
-            sim_args=("--time-scale", str(args.time_scale)),
+            sim_args=sim_args,
             state_file=state_path(),
+            gateway_metrics_urls=[f"http://127.0.0.1:{extproc_http}/metrics"],
+            autoscale_interval=args.autoscale_interval,
+            autoscale_stable_window=args.autoscale_stable_window,
+            autoscale_panic_window=args.autoscale_panic_window,
         )
     )
     stack: GatewayStack | None = None
@@ -335,6 +357,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 listen_port=listen_port,
                 access_log=True,
                 kube_server=cluster.url,
+                http_ports=(extproc_http,),
             ),
         )
         stack.start()
@@ -345,10 +368,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
         )
         _say("  see what the controllers made: matrixinfer get models|modelinfers|pods")
         _say("")
-        _print_howto(stack.url)
+        # the requests go to the first Model applied (examples/demo: demo-model)
+        names = sorted(str(m["metadata"]["name"]) for m in _api_objects(cluster.url, "models"))
+        model = names[0] if names else DEMO_MODEL
+        _print_howto(stack.url, model)
         if requests > 0:
             answered: list[float] = []
-            failures = _run_requests(stack, requests, lambda: answered.append(time.monotonic()))
+            failures = _run_requests(
+                stack, requests, lambda: answered.append(time.monotonic()), model
+            )
             if answered:
                 _say(_timing(cluster, answered[0]))
             if failures:
@@ -699,6 +727,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--time-scale", type=float, default=0.05, help="simulator wall seconds per simulated second"
     )
+    demo.add_argument(
+        "--pod-start-delay",
+        type=duration,
+        default="0s",
+        help="each pod's simulator answers /health 503 this long after it starts (a model "
+        "loading), so pods turn Ready that much later",
+    )
     demo.add_argument("--run-dir", default=None, help="folder for logs and generated config")
     demo.add_argument(
         "--examples",
@@ -711,6 +746,24 @@ def build_parser() -> argparse.ArgumentParser:
         type=duration,
         default="90s",
         help="how long the Model's pods and the gateway get to come up",
+    )
+    demo.add_argument(
+        "--autoscale-interval",
+        type=duration,
+        default=format_duration(DEFAULT_INTERVAL),
+        help="time between two autoscaler syncs of an AutoscalingPolicy",
+    )
+    demo.add_argument(
+        "--autoscale-stable-window",
+        type=duration,
+        default=format_duration(DEFAULT_STABLE_WINDOW),
+        help="the autoscaler's stable window (demand averaged for scaling)",
+    )
+    demo.add_argument(
+        "--autoscale-panic-window",
+        type=duration,
+        default=format_duration(DEFAULT_PANIC_WINDOW),
+        help="the autoscaler's panic window (demand averaged for panic mode)",
     )
     _add_drain_timeout(demo)
     demo.set_defaults(func=cmd_demo)

@@ -30,6 +30,7 @@ from typing import Any
 import aiohttp
 import kmock
 
+from controllers.autoscaling.planner import DEFAULT_INTERVAL
 from controllers.main import ControllerConfig, run_operator
 from controllers.webhooks.handlers import KINDS
 from matrixinfer.applier import Applier, Key
@@ -264,6 +265,12 @@ class LocalOptions:
     resync_seconds: float = 30.0
     bookmark_interval: float = 20.0
     state_file: Path | None = None  # None: do not record the URL
+    # the autoscaler (docs/autoscaling.md "Local mode"): the extproc /metrics URLs its gateway
+    # sources read, seconds between two syncs, the planner's windows (None: its defaults)
+    gateway_metrics_urls: Sequence[str] = ()
+    autoscale_interval: float = DEFAULT_INTERVAL
+    autoscale_stable_window: float | None = None
+    autoscale_panic_window: float | None = None
 
 
 class LocalCluster:
@@ -361,6 +368,10 @@ class LocalCluster:
                 server=self.url,
                 resync_seconds=self.options.resync_seconds,
                 queue_exit_timeout=0.5,
+                autoscale_interval=self.options.autoscale_interval,
+                gateway_metrics_urls=list(self.options.gateway_metrics_urls),
+                autoscale_stable_window=self.options.autoscale_stable_window,
+                autoscale_panic_window=self.options.autoscale_panic_window,
             )
         )
         self.operator.start()

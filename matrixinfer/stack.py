@@ -60,6 +60,9 @@ class StackOptions:
     # extproc processes (replicas) behind Envoy's ext_proc cluster; each keeps its own in-flight
     # counts, prefix index, queue and local buckets (docs/gateway.md "Several extproc processes")
     extproc_processes: int = 1
+    # the extproc processes' HTTP (/metrics) ports, chosen before the stack starts (the local
+    # cluster's autoscaler reads them, docs/autoscaling.md); empty: free ports
+    http_ports: Sequence[int] = field(default_factory=tuple)
     # policies (docs/policies.md), passed to every extproc process as matrixinfer-extproc's flags
     # of the same names; any of them turns the policies and Envoy's usage-accounting filters on
     policies: bool = False
@@ -111,7 +114,12 @@ class GatewayStack:
         if o.extproc_processes < 1:
             raise ValueError(f"extproc_processes must be >= 1, got {o.extproc_processes}")
         self.grpc_ports = [free_port() for _ in range(o.extproc_processes)]
-        self.http_ports = [free_port() for _ in range(o.extproc_processes)]
+        if o.http_ports and len(o.http_ports) != o.extproc_processes:
+            raise ValueError(
+                f"http_ports has {len(o.http_ports)} ports for {o.extproc_processes} extproc"
+                " processes"
+            )
+        self.http_ports = list(o.http_ports) or [free_port() for _ in range(o.extproc_processes)]
         self.grpc_port, self.http_port = self.grpc_ports[0], self.http_ports[0]
         self.xds_port = free_port()
         self.xds_http_port = free_port()

@@ -30,6 +30,7 @@ import kopf
 
 import crds
 from controllers.autoscaling.planner import (
+    DEFAULT_INTERVAL,
     Decision,
     Disaggregated,
     Heterogeneous,
@@ -45,6 +46,7 @@ from controllers.autoscaling.sources import (
     PodTarget,
     PrometheusSource,
     Reading,
+    is_gateway_metric,
     merge,
 )
 from controllers.kube import ApiError, KubeClient
@@ -52,12 +54,19 @@ from controllers.metrics import ControllerMetrics
 from controllers.modelinfer.types import LABEL_ENTRY, LABEL_MODEL_INFER, LABEL_ROLE
 from crds.registry import AutoscalingPolicy, AutoscalingPolicySpec, MetricSource
 
-__all__ = ["Autoscaler", "PodInfo", "pod_info", "pod_targets", "raw_targets", "register"]
+__all__ = [
+    "DEFAULT_INTERVAL",
+    "Autoscaler",
+    "PodInfo",
+    "pod_info",
+    "pod_targets",
+    "raw_targets",
+    "register",
+]
 
 GROUP, VERSION, PLURAL = "registry.matrixinfer.ai", "v1alpha1", "autoscalingpolicies"
 MI_PATH = "/apis/workload.matrixinfer.ai/v1alpha1/namespaces/{ns}/modelinfers/{name}"
 POLICY_PATH = "/apis/registry.matrixinfer.ai/v1alpha1/namespaces/{ns}/autoscalingpolicies/{name}"
-DEFAULT_INTERVAL = 15.0
 
 log = logging.getLogger("matrixinfer.autoscaler")
 Key = tuple[str, str]
@@ -370,9 +379,13 @@ class Autoscaler:
         names = [m.name for m in spec.metrics]
         sources = _sources_of(spec)
         session = self._session()
+        # absent metricSources (always so for a Model's inline policy): the gateway's names
+        # from the gateway, every other name from the target's pods
         if not sources or any(s.pod is not None for s in sources):
             new.pods = PodSource(session, names)
-        if any(s.gateway is not None for s in sources):
+        if any(s.gateway is not None for s in sources) or (
+            not sources and any(is_gateway_metric(n) for n in names)
+        ):
             new.gateway = GatewaySource(session, self.gateway_urls, names)
         new.prometheus = [
             PrometheusSource(session, s.prometheus.server_url, s.prometheus.query, names)
@@ -403,7 +416,7 @@ class Autoscaler:
                 problems += bad
             tasks.append(state.pods.read(found, sum(current.values()), self.clock()))
         if state.gateway is not None:
-            gw = next(s.gateway for s in sources if s.gateway is not None)
+            gw = next((s.gateway for s in sources if s.gateway is not None), None)
             gateway = state.gateway
 
             async def gateway_all() -> Reading:

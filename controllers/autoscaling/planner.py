@@ -88,6 +88,7 @@ Reason = Literal[
     "Rebalance",  # same total, moved between backends or roles
 ]
 
+DEFAULT_INTERVAL = 15.0  # seconds between two syncs of a policy (the handlers' timer)
 DEFAULT_STABLE_WINDOW = 60.0
 DEFAULT_PANIC_WINDOW = 6.0
 

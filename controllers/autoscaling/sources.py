@@ -44,6 +44,7 @@ __all__ = [
     "Reading",
     "engine_of",
     "gateway_values",
+    "is_gateway_metric",
     "merge",
     "page_values",
     "prometheus_value",
@@ -57,6 +58,12 @@ _GATEWAY_ALIASES = {
     GATEWAY_IN_FLIGHT: GATEWAY_IN_FLIGHT,
     "gateway_in_flight_requests": GATEWAY_IN_FLIGHT,
 }
+
+
+def is_gateway_metric(name: str) -> bool:
+    """Whether a policy metric is one the gateway publishes (read by a gateway source)."""
+    return name in _GATEWAY_ALIASES
+
 
 # engine names read through fleet.engine_metrics: name -> PodMetrics field
 _ENGINE_FIELDS: dict[str, str] = {
