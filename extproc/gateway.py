@@ -138,6 +138,9 @@ def _user_session(body: dict[str, Any]) -> str | None:
 # how long a request waits for a ModelServer with no ready pod when its route sets no queue
 # (ModelRoute queue.maxWait otherwise; matrixinfer-extproc --wake-timeout)
 DEFAULT_WAKE_TIMEOUT = 60.0
+# a woken request that finds every pod saturated (no fair queue) schedules again at least this
+# often: a scrape may have freed room without any request finishing
+WOKEN_RETRY = 0.25
 REQUEST_ID_HEADER = "x-request-id"  # Envoy keeps the client's or makes one (HCM settings)
 
 
@@ -410,6 +413,10 @@ class WakeRoom:
     def __init__(self) -> None:
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
 
+    @property
+    def has_waiters(self) -> bool:
+        return bool(self._waiters)
+
     def counts(self) -> dict[str, int]:
         """Server key -> how many requests wait for it (only keys with waiting requests)."""
         return {key: len(waiters) for key, waiters in self._waiters.items()}
@@ -592,11 +599,13 @@ class Gateway:
                 trace.enter("admit")
             await stages.admit(state, parsed, decision, snap)
             view = snap.servers[decision.server_key]
+            woken_until: float | None = None  # set when the request waited for a first pod
             if not view.ready:
                 mark = time.perf_counter()
                 if trace is not None:
                     trace.enter("wake")
                 view = await self._wake(state, parsed, view, snap)
+                woken_until = state.started + self._max_wait(snap, parsed.model)
                 began += time.perf_counter() - mark  # the wait is not the gateway's decision time
             request = self._scheduling_request(state, parsed, decision)
             scheduler = self.scheduler_for(view, snap.default_profile)
@@ -615,9 +624,14 @@ class Gateway:
                 if trace is not None:  # the wait, then the schedule stage that ended it
                     trace.enter("queue")
                 attempt = functools.partial(self._attempt, view, scheduler, request, state.subset)
-                view, result = await stages.queue(
-                    state, parsed, view, saturated, attempt, self._undo
-                )
+                try:
+                    view, result = await stages.queue(
+                        state, parsed, view, saturated, attempt, self._undo
+                    )
+                except AllPodsSaturated:
+                    if woken_until is None:
+                        raise
+                    view, result = await self._woken_retry(view, attempt, woken_until)
                 began += time.perf_counter() - mark  # the wait is not the gateway's decision time
             routed = self._book(state, parsed, decision, view, scheduler, request, result)
             if parsed.kind == "oip":
@@ -740,6 +754,24 @@ class Gateway:
             ),
             {"retry-after": str(retry)},
         )
+
+    async def _woken_retry(
+        self, view: ServerView, attempt: Attempt, until: float
+    ) -> tuple[ServerView, SchedulingResult]:
+        """A request that waited for a first pod finds every pod saturated, with no fair queue
+        to wait in: the burst that waited for the pod arrives at once, and the saturation filter
+        counts what was sent to a pod since its last scrape as waiting there. It waits on, up to
+        the end of its wake wait, for a request of that server to finish or the next scrape
+        (polled every WOKEN_RETRY seconds), and schedules again; a 503 only after that."""
+        while True:
+            left = until - self.clock()
+            if left <= 0:
+                return attempt()  # a last try: it raises AllPodsSaturated (503) if still full
+            await self.waking.wait(view.key, min(left, WOKEN_RETRY))
+            try:
+                return attempt()
+            except AllPodsSaturated:
+                continue
 
     def _max_wait(self, snap: Snapshot, model: str) -> float:
         """How long a request for ``model`` waits for a ready pod: its ModelRoute's
@@ -1008,6 +1040,8 @@ class Gateway:
         if state.pod_name is None:
             return
         self.datastore.finish(state.pod_name)
+        if self.waking.has_waiters:  # a woken request waiting for room may take its place
+            self.waking.server_ready(state.server_key)
         self.metrics.in_flight.dec()
         m = self.metrics
         m.child(m.request_duration, state.model, state.server).observe(self.clock() - state.started)

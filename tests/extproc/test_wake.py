@@ -23,7 +23,7 @@ from controllers.autoscaling.planner import (
 from controllers.autoscaling.sources import GATEWAY_WAITING, gateway_values
 from extproc.datastore import Datastore
 from extproc.demand import DemandCollector
-from extproc.gateway import Gateway, Immediate, Routed
+from extproc.gateway import Gateway, Immediate, RequestState, Routed
 from extproc.metrics import GatewayMetrics
 from extproc.policies.enforce import QUEUE_TIMEOUT_MARGIN, Policies, PolicySettings, queue_notice
 from fleet.pods import PodMetrics
@@ -200,6 +200,36 @@ async def test_fifty_first_requests_wake_one_scale_up_and_are_all_served() -> No
     answers = await asyncio.wait_for(asyncio.gather(*tasks), 10)
     assert all(isinstance(a, Routed) and a.pod.name == "p0" for a in answers)
     assert waiting(gw, ds) == 0.0 and ds.in_flight_total() == 50
+
+
+async def test_woken_requests_that_find_the_pod_saturated_wait_on_for_room() -> None:
+    """The burst that waited for a first pod arrives at once; the saturation filter counts what
+    was sent since the pod's last scrape as waiting there, so past 8 the pod looks full. Without
+    a fair queue the woken requests wait on (to their wake deadline) and are scheduled as
+    requests finish or a scrape frees room: none gets the saturation 503."""
+    gw, ds = make([POD])
+    ds.publish_metrics("p0", PodMetrics(stale=True, unreachable=True))  # starting
+
+    async def one() -> tuple[RequestState, Routed | Immediate]:
+        state, early = gw.start(HEADERS, end_of_stream=False)
+        assert early is None
+        return state, await gw.decide(state, BODY)
+
+    tasks = [asyncio.create_task(one()) for _ in range(20)]
+    await until(lambda: waiting(gw, ds) == 20.0, "20 requests counted as waiting")
+    ds.publish_metrics("p0", PodMetrics(stale=False, waiting=0, running=0))  # ready, empty
+    await until(lambda: ds.in_flight_total() >= 8, "the first requests routed")
+    await asyncio.sleep(0.05)
+    assert not all(t.done() for t in tasks)  # the rest wait for room, not answered 503
+    finished: set[int] = set()
+    while len(finished) < 20:  # each finished request lets a waiting one in
+        for i, t in enumerate(tasks):
+            if t.done() and i not in finished:
+                state, answer = t.result()
+                assert isinstance(answer, Routed) and answer.pod.name == "p0", answer
+                finished.add(i)
+                gw.finish(state)
+        await asyncio.sleep(0.01)
 
 
 def test_datastore_reports_a_server_once_when_it_gets_its_first_ready_pod() -> None:
