@@ -325,10 +325,20 @@ def _console_child(
             "--local-token-file", str(token_file),
         ],
         log_path=run_dir / "console.log",
-        ready=lambda: http_ok(f"{base}/api/health"),
-        ready_timeout=60,
     )  # fmt: skip
     return child, f"{base}/ui/index.html#token={token}"
+
+
+def _wait_console(child: Child, url: str, timeout: float = 60.0) -> None:
+    """Until the console started beside the pods answers /api/health (it exited: an error)."""
+    base = url.split("/ui/", 1)[0]
+
+    def check() -> bool:
+        if not child.running():
+            raise ReadinessTimeout(f"the console exited; its log:\n{child.log_tail(15)}")
+        return http_ok(f"{base}/api/health")
+
+    wait_until(check, timeout, "the console", 0.1)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -379,7 +389,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             ),
         )
         stack.start()
-        if console_port is not None:
+        if console_port is not None:  # starts while the pods do; awaited once they are up
             console, console_url = _console_child(console_port, cluster, stack, run_dir)
             console.start()
         _wait_model(cluster, stack, args.ready_timeout)
@@ -388,6 +398,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"(extproc metrics: {stack.extproc_url}/metrics)"
         )
         if console is not None:
+            _wait_console(console, console_url)
             _say(f"  console (deploy, watch and chat in a browser): {console_url}")
         _say("  see what the controllers made: matrixinfer get models|modelinfers|pods")
         _say("")
