@@ -85,11 +85,12 @@ class LocalStack:
     api_url: str
     output: list[str]
 
+    def items(self, path: str) -> list[dict[str, Any]]:
+        with urllib.request.urlopen(self.api_url + path, timeout=5) as resp:
+            return list(json.loads(resp.read()).get("items") or [])
+
     def pods(self) -> list[str]:
-        url = f"{self.api_url}/api/v1/namespaces/default/pods"
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            items = json.loads(resp.read()).get("items") or []
-        return [str(p["metadata"]["name"]) for p in items]
+        return [str(p["metadata"]["name"]) for p in self.items("/api/v1/namespaces/default/pods")]
 
 
 @pytest.fixture
@@ -212,6 +213,10 @@ async def test_deploy_watch_chat_logs_and_delete_on_the_local_stack(
     await page.locator("#detail .phase.Ready").wait_for(timeout=60000)
     pod_name = (await pod.get_by_role("cell").first.text_content() or "").strip()
     assert pod_name in local_stack.pods()
+    models = local_stack.items("/apis/registry.matrixinfer.ai/v1alpha1/namespaces/default/models")
+    chat = next(m for m in models if m["metadata"]["name"] == "chat")
+    assert chat["spec"]["backends"][0]["type"] == "vLLM"
+    assert chat["metadata"]["annotations"]["console.matrixinfer.ai/gpu-product"] == "NVIDIA-L4"
 
     # its pod's log, through the console and the local API server, from the simulator's output
     await page.get_by_label("Pod", exact=True).select_option(pod_name)
@@ -245,7 +250,9 @@ async def test_deploy_watch_chat_logs_and_delete_on_the_local_stack(
     assert all(b.startswith(a) for a, b in itertools.pairwise(pieces)), pieces
 
     # the gateway's figures count the chat
-    await page.locator("#metrics").filter(has_text=re.compile(r"requests [1-9]")).wait_for()
+    figures = re.compile(r"requests [1-9]\d*, errors 0, mean TTFT \d+ ms, output tokens [1-9]")
+    await page.locator("#metrics").filter(has_text=figures).wait_for()
+    await page.get_by_role("img", name="requests per second").wait_for()  # charted per poll
     await page.get_by_role("img", name="output tokens per second").wait_for()
     await shot("4-deployment")
 
