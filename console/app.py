@@ -4,6 +4,7 @@ in `deployments`, `recommend`, `rules`, `gpus` and `auth`."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -36,7 +37,14 @@ from console.deployments import (
 )
 from console.gpus import GpuPool, PriceTable, gpu_pools, load_prices
 from console.kube import KubeClient, KubeError
-from console.metrics import ModelMetrics, model_metrics
+from console.metrics import (
+    ModelMetrics,
+    PrometheusAnswerError,
+    metrics_from_prometheus,
+    model_metrics,
+    prometheus_queries,
+    query_value,
+)
 from console.recommend import Recommendation, recommend
 from console.rules import EngineRules, EngineSpec, load_rules
 from crds import InvalidObject
@@ -54,6 +62,7 @@ class ConsoleConfig:
     auth_cache_seconds: float = 10.0  # how long TokenReview/SubjectAccessReview answers hold
     gateway_url: str | None = None  # where models are served (OpenAI API)
     gateway_metrics_url: str | None = None  # the gateway's Prometheus /metrics
+    prometheus_url: str | None = None  # a Prometheus server (instant queries); before the above
     hf_endpoint: str | None = field(default_factory=lambda: os.environ.get("HF_ENDPOINT"))
     catalog_file: FilePath | None = None
     rules_file: FilePath | None = None
@@ -476,9 +485,14 @@ def create_app(cfg: ConsoleConfig) -> FastAPI:
         namespace: Namespace = None,
     ) -> ModelMetrics:
         """Requests, errors, mean time to first token and output tokens/s of the deployment's
-        model name, from the gateway's /metrics."""
+        model name, from Prometheus (instant queries, every gateway replica) when the console
+        has a Prometheus URL, else from the gateway's /metrics."""
+        if cfg.prometheus_url:
+            return await _prometheus_metrics(st, cfg.prometheus_url, name)
         if not cfg.gateway_metrics_url:
-            raise ConsoleError(503, "no gateway metrics URL configured (--gateway-metrics)")
+            raise ConsoleError(
+                503, "no metrics source configured (--prometheus or --gateway-metrics)"
+            )
         assert st.http is not None
         try:
             async with st.http.get(
@@ -617,6 +631,30 @@ def create_app(cfg: ConsoleConfig) -> FastAPI:
 
     app.mount("/ui", StaticFiles(directory=str(web), html=True), name="ui")
     return app
+
+
+async def _prometheus_metrics(st: State, base: str, model: str) -> ModelMetrics:
+    """The figures of ``model`` from the Prometheus HTTP API at ``base`` (one instant query per
+    figure, at once); an unreachable server or a failed query is a 502 naming it."""
+    assert st.http is not None
+    url = base.rstrip("/") + "/api/v1/query"
+    queries = prometheus_queries(model)
+
+    async def one(field_name: str, query: str) -> tuple[str, float | None]:
+        try:
+            async with st.http.get(  # type: ignore[union-attr]
+                url, params={"query": query}, timeout=aiohttp.ClientTimeout(total=5)
+            ) as resp:
+                answer = await resp.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise ConsoleError(502, f"Prometheus at {base} unreachable: {exc!r}") from None
+        try:
+            return field_name, query_value(answer)
+        except PrometheusAnswerError as exc:
+            raise ConsoleError(502, f"Prometheus query {query!r}: {exc}") from None
+
+    values = await asyncio.gather(*(one(f, q) for f, q in queries.items()))
+    return metrics_from_prometheus(model, dict(values))
 
 
 def _runtime(e: EngineSpec) -> Runtime:

@@ -43,7 +43,14 @@ from fleet.service import (
     version,
 )
 from matrixinfer.get import state_path
-from matrixinfer.process import ReadinessTimeout, free_port, port_is_free, wait_until
+from matrixinfer.process import (
+    Child,
+    ReadinessTimeout,
+    free_port,
+    http_ok,
+    port_is_free,
+    wait_until,
+)
 from matrixinfer.resources import project_file
 from matrixinfer.stack import GatewayStack, StackOptions
 
@@ -305,6 +312,47 @@ def _wait_model(cluster: LocalCluster, stack: GatewayStack, timeout: float) -> N
         time.sleep(0.1)
 
 
+def _console_child(
+    port: int, cluster: LocalCluster, stack: GatewayStack, run_dir: Path
+) -> tuple[Child, str]:
+    """``matrixinfer console`` for the local stack, as a child process: against the local API
+    server, chatting through Envoy, the figures from the extproc's /metrics, with one token made
+    here (written to a file only this user reads) so that the URL with it can be printed; the
+    child and that URL."""
+    import secrets
+
+    token_file = run_dir / "console.token"
+    token_file.touch(mode=0o600)
+    token_file.chmod(0o600)
+    token = secrets.token_urlsafe(24)
+    token_file.write_text(token + "\n")
+    base = f"http://127.0.0.1:{port}"
+    child = Child(
+        "console",
+        [
+            sys.executable, "-m", "matrixinfer.cli", "console", "--host", "127.0.0.1",
+            "--port", str(port), "--server", cluster.url, "--namespace", "default",
+            "--gateway", stack.url.rsplit("/v1", 1)[0],
+            "--gateway-metrics", f"{stack.extproc_url}/metrics",
+            "--local-token-file", str(token_file),
+        ],
+        log_path=run_dir / "console.log",
+    )  # fmt: skip
+    return child, f"{base}/ui/index.html#token={token}"
+
+
+def _wait_console(child: Child, url: str, timeout: float = 60.0) -> None:
+    """Until the console started beside the pods answers /api/health (it exited: an error)."""
+    base = url.split("/ui/", 1)[0]
+
+    def check() -> bool:
+        if not child.running():
+            raise ReadinessTimeout(f"the console exited; its log:\n{child.log_tail(15)}")
+        return http_ok(f"{base}/api/health")
+
+    wait_until(check, timeout, "the console", 0.1)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     # default: 8 requests, then (in a terminal) the live view until Ctrl-C, else exit;
     # --requests N: N requests and exit; --requests 0: straight to the live view
@@ -317,6 +365,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     examples = Path(args.examples) if args.examples else project_file("examples/demo")
     listen_port = _port_or_free(args.host, args.port)
+    console_port = None if args.no_console else _port_or_free("127.0.0.1", args.console_port)
     from matrixinfer.localcluster import LocalCluster, LocalOptions
 
     _say(
@@ -343,6 +392,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         )
     )
     stack: GatewayStack | None = None
+    console: Child | None = None
+    console_url = ""
     with contextlib.suppress(ImportError):  # loaded now, not inside the first request's timing
         import openai  # noqa: F401
     try:
@@ -361,11 +412,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
             ),
         )
         stack.start()
+        if console_port is not None:  # starts while the pods do; awaited once they are up
+            console, console_url = _console_child(console_port, cluster, stack, run_dir)
+            console.start()
         _wait_model(cluster, stack, args.ready_timeout)
         _say(
             f"gateway ready after {time.monotonic() - started:.1f}s: OpenAI API at {stack.url} "
             f"(extproc metrics: {stack.extproc_url}/metrics)"
         )
+        if console is not None:
+            _wait_console(console, console_url)
+            _say(f"  console (deploy, watch and chat in a browser): {console_url}")
         _say("  see what the controllers made: matrixinfer get models|modelinfers|pods")
         _say("")
         # the requests go to the first Model applied (examples/demo: demo-model)
@@ -413,6 +470,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         # clean-up short: the pods, the operator and the state file go in order
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
+        if console is not None:
+            console.stop()
         if stack is not None:
             stack.stop()
         cluster.stop()
@@ -764,6 +823,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=duration,
         default=format_duration(DEFAULT_PANIC_WINDOW),
         help="the autoscaler's panic window (demand averaged for panic mode)",
+    )
+    demo.add_argument(
+        "--console-port",
+        type=int,
+        default=8090,
+        help="the console's port on 127.0.0.1 (a free one when busy)",
+    )
+    demo.add_argument(
+        "--no-console", action="store_true", help="do not start the console (docs/console.md)"
     )
     _add_drain_timeout(demo)
     demo.set_defaults(func=cmd_demo)

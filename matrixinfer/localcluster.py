@@ -10,6 +10,11 @@
 - :class:`LocalKubelet` (``matrixinfer.kubelet``) runs its pods as local processes and
   :class:`~matrixinfer.applier.Applier` applies a configuration directory to it; the gateway reads
   it with ``--source kubernetes --server URL``; :class:`LocalCluster` starts all of them.
+- The local cluster also serves what the console reads (``matrixinfer demo`` starts it): each
+  local pod's log (``GET .../pods/<name>/log``, from the file the kubelet writes its output to,
+  ``follow`` and ``tailLines`` as the API server takes them) and one Node whose labels and
+  allocatable resources describe simulated GPUs (:data:`LOCAL_NODE`), so the console's
+  recommendations have a GPU shape to offer.
 """
 
 from __future__ import annotations
@@ -35,9 +40,10 @@ from controllers.main import ControllerConfig, run_operator
 from controllers.webhooks.handlers import KINDS
 from matrixinfer.applier import Applier, Key
 from matrixinfer.get import state_path
-from matrixinfer.kubelet import LocalKubelet
+from matrixinfer.kubelet import LocalKubelet, LocalPod
 
 __all__ = [
+    "LOCAL_NODE",
     "REVIEW_GROUPS",
     "VERBS",
     "Emulator",
@@ -50,6 +56,23 @@ __all__ = [
 
 REVIEW_GROUPS = {"authentication.k8s.io", "authorization.k8s.io"}
 VERBS = {"list", "watch", "get", "create", "patch", "delete"}
+
+# The local cluster's one Node: the pods are simulators, the GPUs are labels (read by the
+# console's recommendations as GPU feature discovery's labels on a real node)
+LOCAL_NODE: dict[str, Any] = {
+    "apiVersion": "v1",
+    "kind": "Node",
+    "metadata": {
+        "name": "local",
+        "labels": {
+            "kubernetes.io/hostname": "local",
+            "nvidia.com/gpu.product": "NVIDIA-L4",
+            "matrixinfer.ai/simulated": "true",
+        },
+    },
+    "status": {"allocatable": {"cpu": "8", "memory": "32Gi", "nvidia.com/gpu": "8"}},
+}
+LOG_POLL = 0.2  # seconds between two looks at a followed log file
 
 
 class Emulator(kmock.KubernetesEmulator):
@@ -271,6 +294,7 @@ class LocalOptions:
     autoscale_interval: float = DEFAULT_INTERVAL
     autoscale_stable_window: float | None = None
     autoscale_panic_window: float | None = None
+    node: dict[str, Any] | None = field(default_factory=lambda: dict(LOCAL_NODE))  # None: none
 
 
 class LocalCluster:
@@ -332,8 +356,13 @@ class LocalCluster:
             self.applier = Applier(
                 o.config_dir, self.url, self._stored, k.next_version, say=self.lines.put
             )
+            k[kmock.method.GET, kmock.subresource("log")] << self._pod_log
             kubelet = asyncio.create_task(self.kubelet.run(), name="local-kubelet")
             async with aiohttp.ClientSession() as session:
+                if o.node is not None:
+                    async with session.post(f"{self.url}/api/v1/nodes", json=o.node) as resp:
+                        if resp.status >= 400:
+                            raise RuntimeError(f"the local Node: {resp.status} {await resp.text()}")
                 self._started.set()
                 while not self._stopping.is_set():
                     if self.applier.changed():
@@ -346,6 +375,59 @@ class LocalCluster:
             kubelet.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await kubelet
+
+    def _pod_log(self, request: Any) -> Any:
+        """``GET .../pods/<name>/log`` of a local pod: its process's output (the file the kubelet
+        appends it to), the last ``tailLines`` lines, then (``follow=true``) what it writes
+        next, until the pod's process ends or the pod is deleted."""
+        ns, name = request.namespace, request.name
+        local = self._local_pod(ns, name)
+        if local is None:
+            raise kmock.KubernetesObjectNotFoundError(
+                message=f"pod {ns}/{name} has no process on the local kubelet (yet)"
+            )
+        params = request.params or {}
+        tail = params.get("tailLines")
+        try:
+            tail_lines = int(tail) if tail is not None else None
+        except ValueError:
+            raise kmock.KubernetesError(
+                status=400, reason="BadRequest", message=f"tailLines: not a number: {tail!r}"
+            ) from None
+        follow = params.get("follow") == "true"
+        path: Path = local.log_path
+
+        async def chunks() -> AsyncIterator[bytes]:
+            with contextlib.suppress(FileNotFoundError), path.open("rb") as f:
+                data = f.read()
+                if tail_lines is not None:
+                    lines = data.splitlines(keepends=True)
+                    data = b"".join(lines[-tail_lines:] if tail_lines else [])
+                if data:
+                    yield data
+                while follow:
+                    more = f.read()
+                    if more:
+                        yield more
+                        continue
+                    current = self._local_pod(ns, name)
+                    if current is None or current.proc.poll() is not None:
+                        rest = f.read()
+                        if rest:
+                            yield rest
+                        return
+                    await asyncio.sleep(LOG_POLL)
+
+        return chunks()
+
+    def _local_pod(self, namespace: str, name: str) -> LocalPod | None:
+        """The kubelet's process record of pod ``namespace/name`` (None: it runs none)."""
+        if self.kubelet is None:
+            return None
+        for (ns, pod_name, _uid), local in list(self.kubelet.pods.items()):
+            if ns == namespace and pod_name == name:
+                return local
+        return None
 
     def _run(self) -> None:
         try:

@@ -64,3 +64,40 @@ async def test_a_bad_rule_file_stops_it_at_start(tmp_path: Path) -> None:
     _, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 2
     assert "engines[0] (e).requires[0]: invalid CEL 'gpu.x >'" in err.decode()
+
+
+async def test_local_token_file_gives_the_token(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("chosen-token\n")
+    async with emulator() as api:
+        port = free_port()
+        proc = await _spawn("--server", api.url, "--namespace", "ns", "--port", str(port),
+                            "--local-token-file", str(token_file))  # fmt: skip
+        try:
+            url = f"http://127.0.0.1:{port}/api/deployments"
+            auth = {"Authorization": "Bearer chosen-token"}
+            async with aiohttp.ClientSession() as s:
+                async with asyncio.timeout(30):
+                    while True:
+                        assert proc.returncode is None, "the console exited"
+                        try:
+                            async with s.get(url, headers=auth) as r:
+                                assert r.status == 200
+                                break
+                        except aiohttp.ClientConnectionError:
+                            await asyncio.sleep(0.05)
+                async with s.get(url, headers={"Authorization": "Bearer guess"}) as r:
+                    assert r.status == 401
+        finally:
+            proc.terminate()
+            out, _ = await proc.communicate()
+        assert "#token=chosen-token" in out.decode()
+
+
+async def test_an_empty_local_token_file_stops_it(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("\n")
+    proc = await _spawn("--server", "http://127.0.0.1:9", "--local-token-file", str(token_file))
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 2
+    assert f"--local-token-file {token_file} is empty" in err.decode()

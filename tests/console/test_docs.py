@@ -3,6 +3,7 @@ OpenAPI document and console.auth.ACTIONS: a route or an action changed without 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from console.app import ConsoleConfig, create_app
@@ -23,3 +24,12 @@ def test_the_api_reference_is_the_openapi_document() -> None:
 
 def test_the_rbac_table_is_the_actions_table() -> None:
     assert rbac_markdown(ACTIONS) in DOC.read_text(), "regenerate: python -m console.reference rbac"
+
+
+def test_the_screenshots_shown_exist_and_every_one_is_shown() -> None:
+    shown = set(re.findall(r"\]\((images/console-[\w.-]+\.png)\)", DOC.read_text()))
+    images = DOC.parent / "images"
+    files = {f"images/{p.name}" for p in images.glob("console-*.png")}
+    assert shown and shown == files, "regenerate: CONSOLE_SCREENSHOTS=docs/images (docs/console.md)"
+    for name in files:
+        assert (DOC.parent / name).stat().st_size < 150_000, f"{name}: not a small PNG"

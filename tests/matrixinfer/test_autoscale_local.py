@@ -55,7 +55,7 @@ class ScaledDemo:
         env = {**os.environ, "MATRIXINFER_STATE": str(tmp_path / "state.json")}
         self.proc = subprocess.Popen(
             [
-                sys.executable, "-m", "matrixinfer.cli", "demo", "--requests", "0",
+                sys.executable, "-m", "matrixinfer.cli", "demo", "--requests", "0", "--no-console",
                 "--port", str(free_port()), "--first-host", first_host,
                 "--run-dir", str(tmp_path / "run"), "--examples", str(config), *extra,
             ],
@@ -251,7 +251,7 @@ def test_demo_sends_its_requests_to_the_example_model_at_zero(tmp_path: Path) ->
     its Model (at zero: the first one wakes it) and are answered."""
     done = subprocess.run(
         [
-            sys.executable, "-m", "matrixinfer.cli", "demo", "--requests", "2",
+            sys.executable, "-m", "matrixinfer.cli", "demo", "--requests", "2", "--no-console",
             "--port", str(free_port()), "--first-host", "127.0.0.170",
             "--run-dir", str(tmp_path / "run"),
             "--examples", str(project_file("examples/demo/autoscale")),

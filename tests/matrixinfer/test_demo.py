@@ -59,6 +59,12 @@ def test_demo_without_a_terminal_sends_requests_and_exits_zero(tmp_path: Path) -
     ], out
     assert len({addr for _, _, addr in started}) == 3  # one loopback address each
     assert "curl -s http://127.0.0.1:" in out and "from openai import OpenAI" in out
+    # the console, started beside the gateway: its URL signs in with the token it was given
+    console = re.search(r"console \(deploy, watch and chat in a browser\): (\S+)", out)
+    assert console is not None, out
+    token = (tmp_path / "console.token").read_text().strip()
+    assert re.fullmatch(rf"http://127\.0\.0\.1:\d+/ui/index\.html#token={token}", console[1])
+    assert "Application startup complete" in (tmp_path / "console.log").read_text()
     answers = re.findall(r"request (\d)/3 \((chat|stream)\) -> (demo-model-\S+): '(.+)'", out)
     assert len(answers) == 3 and all(a[3].strip() for a in answers), out
     assert "stream" in {a[1] for a in answers}
@@ -77,7 +83,7 @@ class Demo:
         self.env = _env(tmp_path)
         self.proc = subprocess.Popen(
             _demo_argv(
-                self.run_dir, "--requests", "0", "--examples", str(self.dir),
+                self.run_dir, "--requests", "0", "--examples", str(self.dir), "--no-console",
                 first_host=first_host,
             ),
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -89,6 +95,7 @@ class Demo:
         text = self.wait_for("Press Ctrl-C to stop.", 150)
         url = re.search(r"OpenAI API at (http://\S+/v1)", text)
         assert url is not None, text
+        assert "console (" not in text and not (self.run_dir / "console.log").exists()
         self.url = url.group(1)
 
     def _read(self) -> None:
