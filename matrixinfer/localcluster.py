@@ -257,13 +257,14 @@ class OperatorThread:
 @dataclass
 class LocalOptions:
     config_dir: Path  # the YAML objects to apply (re-read on change)
-    run_dir: Path  # logs of the pods
+    run_dir: Path  # logs of the pods; their volumes under run_dir/state
     first_host: str = "127.0.0.10"  # the first pod address
     sim_args: Sequence[str] = ()  # simulator flags for every pod (e.g. --time-scale)
     config_poll: float = 0.5  # seconds between two looks at the directory
     resync_seconds: float = 30.0
     bookmark_interval: float = 20.0
     state_file: Path | None = None  # None: do not record the URL
+    claims: Path | None = None  # PersistentVolumeClaims provided as dirs; None: config_dir/volumes
 
 
 class LocalCluster:
@@ -318,6 +319,9 @@ class LocalCluster:
                 self.url,
                 lambda: self._objects("pods"),
                 o.run_dir,
+                config_maps=lambda: self._objects("configmaps"),
+                state_dir=o.run_dir / "state",
+                claims=o.claims if o.claims is not None else o.config_dir / "volumes",
                 first_host=o.first_host,
                 sim_args=o.sim_args,
                 say=self.lines.put,
