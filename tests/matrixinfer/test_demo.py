@@ -70,9 +70,8 @@ class Demo:
     """``matrixinfer demo --requests 0`` on a copy of examples/demo; its output is collected."""
 
     def __init__(self, tmp_path: Path, first_host: str) -> None:
-        self.dir = tmp_path / "config"
-        self.dir.mkdir()
-        shutil.copy(project_file("examples/demo/model.yaml"), self.dir / "model.yaml")
+        self.dir = tmp_path / "config"  # the Model and its claim's folder (volumes/)
+        shutil.copytree(project_file("examples/demo"), self.dir)
         self.run_dir = tmp_path / "run"
         self.env = _env(tmp_path)
         self.proc = subprocess.Popen(
