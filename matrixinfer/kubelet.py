@@ -45,7 +45,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -214,7 +214,18 @@ PROGRAMS: dict[str, tuple[str, bool]] = {
 serves HTTP, so it gets ``--host <pod address>``)."""
 
 _UNSAFE = re.compile(r"[^\w.-]")
-_LOOPBACK = re.compile(r"(?<=//)(?:127\.0\.0\.1|localhost)(?=[:/]|$)")
+_LOOPBACK = re.compile(r"(?<=//)(?:127\.0\.0\.1|localhost):(\d+)(?=[/?#]|$)")
+
+
+def _to_pod(value: str, host: str, ports: Collection[int]) -> str:
+    """``http://127.0.0.1:PORT`` (or ``localhost``) with one of the pod's ``ports`` -> the pod's
+    ``host``: inside a pod the loopback is the pod itself. Other loopback URLs are left alone:
+    they reach this machine (a local S3 or Hub the user runs)."""
+
+    def sub(m: re.Match[str]) -> str:
+        return f"{host}:{m.group(1)}" if int(m.group(1)) in ports else m.group(0)
+
+    return _LOOPBACK.sub(sub, value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,15 +304,17 @@ def container_mounts(container: Mapping[str, Any], volumes: Mapping[str, Path]) 
     return out
 
 
-def remap(value: str, mounts: Iterable[str], root: Path, host: str) -> str:
+def remap(
+    value: str, mounts: Iterable[str], root: Path, host: str, ports: Collection[int] = ()
+) -> str:
     """``value`` as a local process must see it: an absolute path on or above one of ``mounts``
     (mount paths, ``/`` excepted) moves under ``root`` (where each mount path links to its
-    volume), also as the value of ``--flag=PATH``; ``127.0.0.1`` and ``localhost`` in URLs become
-    ``host``."""
-    value = _LOOPBACK.sub(host, value)
+    volume), also as the value of ``--flag=PATH``; a URL to ``127.0.0.1`` or ``localhost`` on
+    one of the pod's ``ports`` goes to ``host``, the pod's address."""
+    value = _to_pod(value, host, ports)
     flag, eq, rest = value.partition("=")
     if eq and flag.startswith("-"):
-        return f"{flag}={remap(rest, mounts, root, host)}"
+        return f"{flag}={remap(rest, mounts, root, host, ports)}"
     if not value.startswith("/") or value == "/":
         return value
     path = value.rstrip("/")
@@ -357,6 +370,7 @@ def _program(
     fs_root: Path,
     volumes: Mapping[str, Path],
     python: str,
+    ports: Collection[int],
 ) -> Run | str:
     """A MatrixInfer container as a local process, or why it cannot run here."""
     name = str(container.get("name"))
@@ -374,16 +388,14 @@ def _program(
         return str(exc)
 
     def fix(value: str) -> str:
-        return remap(value, mounts, root, host)
+        return remap(value, mounts, root, host, ports)
 
     argv = [python, "-m", module, *(fix(t) for t in [*command[1:], *args])]
     if serves:
         argv += ["--host", host]
     env, notes = _env(container, meta, host, fix)
-    ports = [
-        int(p["containerPort"]) for p in container.get("ports") or () if p.get("containerPort")
-    ]
-    return Run(name, argv, env, ports, _probe_url(container, host), notes)
+    own = [int(p["containerPort"]) for p in container.get("ports") or () if p.get("containerPort")]
+    return Run(name, argv, env, own, _probe_url(container, host), notes)
 
 
 def plan_pod(
@@ -402,7 +414,13 @@ def plan_pod(
     spec = pod.get("spec") or {}
     engine_spec = engine_container(pod) or {}
     engine = sim_command(pod, host, extra, python)
-    env, notes = _env(engine_spec, meta, host, lambda v: _LOOPBACK.sub(host, v))
+    ports = {engine.port} | {
+        int(p["containerPort"])
+        for c in spec.get("containers") or ()
+        for p in c.get("ports") or ()
+        if p.get("containerPort")
+    }
+    env, notes = _env(engine_spec, meta, host, lambda v: _to_pod(v, host, ports))
     if engine.ignored:
         notes.insert(0, f"engine flags the simulator ignores: {' '.join(engine.ignored)}")
     name = str(engine_spec.get("name") or ENGINE_CONTAINER)
@@ -410,12 +428,12 @@ def plan_pod(
     skipped: list[str] = []
     init: list[Run] = []
     for c in spec.get("initContainers") or ():
-        got = _program(c, meta, host, fs_root, volumes, python)
+        got = _program(c, meta, host, fs_root, volumes, python, ports)
         (init.append(got) if isinstance(got, Run) else skipped.append(got))
     for c in spec.get("containers") or ():
         if c.get("name") == runs[0].name:
             continue
-        got = _program(c, meta, host, fs_root, volumes, python)
+        got = _program(c, meta, host, fs_root, volumes, python, ports)
         (runs.append(got) if isinstance(got, Run) else skipped.append(got))
     if not any(r.probe for r in runs):  # no readiness probe at all: the engine's /health
         health = f"http://{host}:{engine.port}/health"
@@ -638,8 +656,7 @@ class LocalKubelet:
     ) -> None:
         ns, name, uid = key
         spec = pod.get("spec") or {}
-        tag = _UNSAFE.sub("_", uid)[-12:]
-        directory = self.state_dir / "pods" / f"{ns}-{name}-{tag}"
+        directory = self.state_dir / "pods" / _UNSAFE.sub("_", uid)  # the kubelet's layout
         log_path = self.log_dir / f"pod-{ns}-{name}.log"
         config_maps = {
             str(v.get("name")): (str(v["configMap"].get("name")), v)

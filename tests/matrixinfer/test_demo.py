@@ -67,11 +67,12 @@ def test_demo_without_a_terminal_sends_requests_and_exits_zero(tmp_path: Path) -
 
 
 class Demo:
-    """``matrixinfer demo --requests 0`` on a copy of examples/demo; its output is collected."""
+    """``matrixinfer demo --requests 0`` on a copy of ``source`` (default examples/demo); its
+    output is collected."""
 
-    def __init__(self, tmp_path: Path, first_host: str) -> None:
+    def __init__(self, tmp_path: Path, first_host: str, source: Path | None = None) -> None:
         self.dir = tmp_path / "config"  # the Model and its claim's folder (volumes/)
-        shutil.copytree(project_file("examples/demo"), self.dir)
+        shutil.copytree(source or project_file("examples/demo"), self.dir)
         self.run_dir = tmp_path / "run"
         self.env = _env(tmp_path)
         self.proc = subprocess.Popen(

@@ -57,9 +57,17 @@ def test_remap_moves_mounted_paths_and_loopback_urls() -> None:
     )
     assert remap("/etc/passwd", mounts, root, "h") == "/etc/passwd"  # on no mount
     assert remap("/var/cache/matrixinfer-x", mounts, root, "h") == "/var/cache/matrixinfer-x"
-    assert remap("http://127.0.0.1:8000", mounts, root, "127.0.0.9") == "http://127.0.0.9:8000"
-    assert remap("http://localhost/x", mounts, root, "127.0.0.9") == "http://127.0.0.9/x"
-    assert remap("127.0.0.1", mounts, root, "127.0.0.9") == "127.0.0.1"  # not a URL
+    ports = [8000, 8100]  # the pod's: its loopback is the pod's own address
+    assert remap("http://127.0.0.1:8000", mounts, root, "127.0.0.9", ports) == (
+        "http://127.0.0.9:8000"
+    )
+    assert remap("http://localhost:8100/x", mounts, root, "127.0.0.9", ports) == (
+        "http://127.0.0.9:8100/x"
+    )
+    # another port on the loopback: a service of this machine (a local S3), left alone
+    assert remap("http://127.0.0.1:9000", mounts, root, "127.0.0.9", ports) == (
+        "http://127.0.0.1:9000"
+    )
 
 
 def test_the_pod_runs_the_downloader_then_the_simulator_and_the_sidecar(tmp_path: Path) -> None:
@@ -111,12 +119,17 @@ def test_env_values_are_remapped_and_the_downward_api_filled(tmp_path: Path) -> 
     runtime = pod["spec"]["containers"][1]
     runtime["env"] = [
         {"name": "AWS_ENDPOINT_URL", "value": "http://localhost:9000"},
+        {"name": "ENGINE", "value": "http://localhost:8000/v1"},
         {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "KEY", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}},
     ]
     plan = plan_pod(pod, "127.0.0.10", tmp_path, volume_dirs(pod, tmp_path, tmp_path))
     run = plan.containers[1]
-    assert run.env == {"AWS_ENDPOINT_URL": "http://127.0.0.10:9000", "POD": pod["metadata"]["name"]}
+    assert run.env == {
+        "AWS_ENDPOINT_URL": "http://localhost:9000",  # this machine's
+        "ENGINE": "http://127.0.0.10:8000/v1",  # the pod's own port
+        "POD": pod["metadata"]["name"],
+    }
     assert run.notes and run.notes[0].startswith("env KEY: valueFrom")
 
 
