@@ -503,7 +503,8 @@ class LocalPod:
     volumes: dict[str, Path]  # volume -> its local directory
     config_maps: dict[str, tuple[str, Mapping[str, Any]]]  # volume -> (ConfigMap name, volume)
     log_path: Path
-    started: float
+    started: float  # time.monotonic() the pod's first process started
+    running_since: float = 0.0  # ... and its containers (after the init containers)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     init_done: int = 0  # init containers that succeeded
     init_proc: subprocess.Popen[bytes] | None = None
@@ -523,18 +524,20 @@ Event = Callable[[str], None]
 
 def _spawn(
     argv: Sequence[str], log_path: Path, env: dict[str, str], header: Sequence[str]
-) -> subprocess.Popen[bytes]:
+) -> tuple[subprocess.Popen[bytes], int]:
     """Start one container's process (own session, output appended to ``log_path`` after the
-    ``header`` lines); it gets SIGTERM when the thread that started it ends."""
+    ``header`` lines); it gets SIGTERM when the thread that started it ends. Returns it and where
+    its output starts in the log."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as out:
         out.write("".join(f"local kubelet: {line}\n" for line in header).encode())
         out.flush()
+        offset = out.tell()
         return subprocess.Popen(
             list(argv), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=env, start_new_session=True,
             preexec_fn=die_with_parent(os.getpid(), any_thread=True),
-        )  # fmt: skip
+        ), offset  # fmt: skip
 
 
 def _last_line(path: Path, offset: int) -> str:
@@ -582,8 +585,8 @@ class LocalKubelet:
         self.say = say or (lambda line: log.info("%s", line))
         self.pods: dict[tuple[str, str, str], LocalPod] = {}
         self.waiting: dict[tuple[str, str, str], str] = {}  # pod -> why it cannot start yet
-        self.startup: dict[str, float] = {}  # pod -> seconds from process start to Ready
-        self.started: dict[str, float] = {}  # pod -> time.monotonic() its process started
+        self.startup: dict[str, float] = {}  # pod -> seconds from its containers' start to Ready
+        self.started: dict[str, float] = {}  # pod -> time.monotonic() its first process started
         self.ready_at: dict[str, float] = {}  # pod -> time.monotonic() it turned Ready
         self.session: aiohttp.ClientSession | None = None
 
@@ -634,19 +637,21 @@ class LocalKubelet:
             shutil.rmtree(local.directory, ignore_errors=True)
             self.say(f"pod {local.name}: deleted, process stopped")
 
+    @staticmethod
     def _files(
-        self, local_ns: str, maps: Mapping[tuple[str, str], Mapping[str, str]],
+        namespace: str,
+        maps: Mapping[tuple[str, str], Mapping[str, str]],
         cm: tuple[str, Mapping[str, Any]],
-    ) -> dict[str, str]:  # fmt: skip
+    ) -> dict[str, str]:
         """A configMap volume's files; LookupError says what is missing."""
         name, volume = cm
-        data = maps.get((local_ns, name))
+        data = maps.get((namespace, name))
         if data is None:
-            raise LookupError(f"ConfigMap {local_ns}/{name} not found")
+            raise LookupError(f"ConfigMap {namespace}/{name} not found")
         try:
             return config_map_files(volume, data)
         except KeyError as exc:
-            raise LookupError(f"ConfigMap {local_ns}/{name}: no {exc.args[0]}") from exc
+            raise LookupError(f"ConfigMap {namespace}/{name}: no {exc.args[0]}") from exc
 
     async def _start(
         self,
@@ -707,17 +712,18 @@ class LocalKubelet:
 
     def _start_init(self, local: LocalPod) -> None:
         run = local.plan.init[local.init_done]
-        with contextlib.suppress(OSError):
-            local.init_offset = local.log_path.stat().st_size
         header = [*run.notes, f"init container {run.name}: {' '.join(run.argv)}"]
-        local.init_proc = _spawn(run.argv, local.log_path, self._env(local, run), header)
-        with contextlib.suppress(OSError):  # the output starts after the header
-            local.init_offset = local.log_path.stat().st_size
+        local.init_proc, local.init_offset = _spawn(
+            run.argv, local.log_path, self._env(local, run), header
+        )
 
     async def _start_containers(self, local: LocalPod) -> None:
+        local.running_since = time.monotonic()
         for run in local.plan.containers:
             header = [*run.notes, f"container {run.name}: {' '.join(run.argv)}"]
-            local.procs[run.name] = _spawn(run.argv, local.log_path, self._env(local, run), header)
+            local.procs[run.name], _ = _spawn(
+                run.argv, local.log_path, self._env(local, run), header
+            )
         await self._status(local)
         self.say(
             f"pod {local.name}: started {local.plan.engine.model} at {local.host}:{local.port}"
@@ -773,7 +779,7 @@ class LocalKubelet:
         if not local.ready and await self._ready(local):
             local.ready = True
             await self._status(local)
-            took = time.monotonic() - local.started
+            took = time.monotonic() - local.running_since
             self.startup[local.name] = took
             self.ready_at.setdefault(local.name, time.monotonic())
             self.say(f"pod {local.name}: ready ({took:.1f}s)")
