@@ -11,8 +11,8 @@ one where every port of the pod is free) and runs the pod as written, as far as 
   (the node is this machine), else one under the state directory. Each container sees its mounts
   through a directory of its own where every ``mountPath`` is a link to its volume; absolute paths
   in its ``args``, ``command`` and ``env`` that fall on (or above) a mount are rewritten into it
-  (:func:`remap`), and ``127.0.0.1`` / ``localhost`` in them become the pod's address (the pod's
-  own loopback, as a pod's network namespace has);
+  (:func:`remap`), and URLs to ``127.0.0.1`` / ``localhost`` on one of the pod's ports go to the
+  pod's address (in a pod the loopback is the pod's own; other loopback URLs reach this machine);
 - **init containers** that are MatrixInfer programs (:data:`PROGRAMS`) run one after the other;
   the pod is Pending until they succeed, and one that fails fails the pod (its last output line
   in the pod's status and the whole output in the pod's log);
