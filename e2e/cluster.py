@@ -112,9 +112,14 @@ spec:
 """
 
 
+LOCAL_CLAIM = "e2e-weights"
+
+
 def local_model(model: str, replicas: int, revision: int = 0) -> str:
     """The Model of the local stack: one vLLM backend whose pods the local kubelet runs as
-    simulators; ``revision`` changes the engine arguments (a new pod template)."""
+    simulators; ``revision`` changes the engine arguments (a new pod template). Its weights are
+    on the claim ``e2e-weights`` (:data:`LOCAL_CLAIM`), a folder of the configuration directory:
+    nothing to download."""
     return f"""apiVersion: registry.matrixinfer.ai/v1alpha1
 kind: Model
 metadata:
@@ -123,7 +128,7 @@ spec:
   backends:
   - name: sim
     type: vLLM
-    modelURI: hf://e2e/{model}
+    modelURI: pvc://{LOCAL_CLAIM}/{model}
     args: ["--seed={revision}"]
     minReplicas: {replicas}
 """
@@ -221,6 +226,9 @@ class LocalStackCluster:
         return self._models[model]
 
     def _write(self, m: _Model, replaced: frozenset[str] = frozenset()) -> None:
+        weights = self.config_dir / "volumes" / LOCAL_CLAIM / m.name  # the claim, locally
+        weights.mkdir(parents=True, exist_ok=True)
+        (weights / "config.json").write_text('{"model_type": "llama"}\n')
         path = self.config_dir / f"{m.name}.yaml"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(local_model(m.name, m.replicas, m.revision))

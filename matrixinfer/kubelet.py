@@ -1,13 +1,34 @@
 """The local kubelet: runs the pods of the local cluster's API as local processes.
 
-For each pod it sees (Pending, no process yet) it takes a loopback address of its own (127.0.0.10,
-127.0.0.11, ... by default, one whose port is free), starts the engine simulator with the model
-name, LoRA adapters, port and the engine arguments the simulator understands taken from the pod's
-engine container (:func:`sim_command`), and writes the pod's status through the API as the
-kubelet would: ``podIP`` and phase Running at once, the Ready condition once ``GET /health``
-answers 200. A process that exits turns its pod Failed (not ready, the exit code in
-``containerStatuses``) so that the ModelInfer controller replaces it; a deleted pod's process is
-stopped (SIGTERM, then SIGKILL). Every process gets SIGTERM when the kubelet's thread ends.
+For each new pod it takes a loopback address of its own (127.0.0.10, 127.0.0.11, ... by default,
+one where every port of the pod is free) and runs the pod as written, as far as it can run here:
+
+- **volumes** become local directories (:func:`volume_dirs`): an ``emptyDir`` one per pod, a
+  ``configMap`` one per pod holding the ConfigMap's keys as files (rewritten when the ConfigMap
+  changes in the API), a ``persistentVolumeClaim`` the claim's directory (``<claims>/<claim>``
+  when the configuration directory provides it, else one under the state directory, shared by
+  the pods that mount the claim), a ``hostPath`` the path itself when it exists on this machine
+  (the node is this machine), else one under the state directory. Each container sees its mounts
+  through a directory of its own where every ``mountPath`` is a link to its volume; absolute paths
+  in its ``args``, ``command`` and ``env`` that fall on (or above) a mount are rewritten into it
+  (:func:`remap`), and URLs to ``127.0.0.1`` / ``localhost`` on one of the pod's ports go to the
+  pod's address (in a pod the loopback is the pod's own; other loopback URLs reach this machine);
+- **init containers** that are MatrixInfer programs (:data:`PROGRAMS`) run one after the other;
+  the pod is Pending until they succeed, and one that fails fails the pod (its last output line
+  in the pod's status and the whole output in the pod's log);
+- the **engine** container runs as the engine simulator (:func:`sim_command`), the other
+  MatrixInfer containers (the ``runtime`` sidecar, the PD proxy) beside it with their own
+  arguments, listening on the pod's address. Containers whose program cannot run here are
+  named in the pod's log, with why.
+
+It writes the pod's status through the API as the kubelet would: ``podIP`` at once, phase
+Pending while init containers run, Running when the containers start, the Ready condition once
+every container's ``readinessProbe`` (``httpGet``) answers 200, or, with no probe at all, the
+engine's ``GET /health``. A container that exits turns its pod Failed (not ready, the exit code in
+``containerStatuses``) so that the ModelInfer controller replaces it; a deleted pod's processes
+are stopped (SIGTERM, then SIGKILL) and its directories removed. Every process gets SIGTERM when
+the kubelet's thread ends. Output of all of a pod's containers goes to
+``<log dir>/pod-<namespace>-<name>.log``, each start announced by a ``local kubelet:`` line.
 """
 
 from __future__ import annotations
@@ -18,11 +39,13 @@ import datetime
 import ipaddress
 import logging
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +55,17 @@ import aiohttp
 from controllers.modelinfer.types import LABEL_ROLE
 from matrixinfer.process import die_with_parent, port_is_free
 
-__all__ = ["LocalCommand", "LocalKubelet", "sim_command"]
+__all__ = [
+    "PROGRAMS",
+    "LocalCommand",
+    "LocalKubelet",
+    "PodPlan",
+    "Run",
+    "plan_pod",
+    "remap",
+    "sim_command",
+    "volume_dirs",
+]
 
 log = logging.getLogger("matrixinfer.kubelet")
 
@@ -150,64 +183,381 @@ class Addresses:
             raise ValueError(f"pod addresses must be in 127.0.0.0/8, got {first}")
         self.taken: set[str] = set()
 
-    def take(self, port: int) -> str:
+    def take(self, port: int | Iterable[int]) -> str:
+        ports = [port] if isinstance(port, int) else sorted(set(port))
         ip = self.first
         while ip.is_loopback:
             host = str(ip)
             last = int(ip) & 0xFF
-            if last not in (0, 255) and host not in self.taken and port_is_free(host, port):
+            if (
+                last not in (0, 255)
+                and host not in self.taken
+                and all(port_is_free(host, p) for p in ports)
+            ):
                 self.taken.add(host)
                 return host
             ip += 1
-        raise RuntimeError(f"no free loopback address from {self.first} for port {port}")
+        raise RuntimeError(f"no free loopback address from {self.first} for ports {ports}")
 
     def release(self, host: str) -> None:
         self.taken.discard(host)
+
+
+# ---- how a pod runs here (pure: paths and command lines, no files, no processes) --------------
+
+PROGRAMS: dict[str, tuple[str, bool]] = {
+    "matrixinfer-downloader": ("runtime.downloader", False),
+    "matrixinfer-runtime": ("runtime.sidecar", True),
+    "matrixinfer-pd-proxy": ("runtime.pd_proxy", True),
+}
+"""The MatrixInfer programs the kubelet runs as ``python -m <module>``: program -> (module, it
+serves HTTP, so it gets ``--host <pod address>``)."""
+
+_UNSAFE = re.compile(r"[^\w.-]")
+_LOOPBACK = re.compile(r"(?<=//)(?:127\.0\.0\.1|localhost):(\d+)(?=[/?#]|$)")
+
+
+def _to_pod(value: str, host: str, ports: Collection[int]) -> str:
+    """``http://127.0.0.1:PORT`` (or ``localhost``) with one of the pod's ``ports`` -> the pod's
+    ``host``: inside a pod the loopback is the pod itself. Other loopback URLs are left alone:
+    they reach this machine (a local S3 or Hub the user runs)."""
+
+    def sub(m: re.Match[str]) -> str:
+        return f"{host}:{m.group(1)}" if int(m.group(1)) in ports else m.group(0)
+
+    return _LOOPBACK.sub(sub, value)
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """One container as a local process: its command line, the environment it adds to the
+    kubelet's, the ports it serves, its readiness URL (None: no probe) and notes for the pod's
+    log (what of it cannot be honoured here)."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    ports: list[int]
+    probe: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class PodPlan:
+    """A pod as local processes: the init containers in order, then the containers (the engine
+    first); ``skipped``: the containers that cannot run here, each with why."""
+
+    init: list[Run]
+    containers: list[Run]
+    engine: LocalCommand
+    skipped: list[str]
+
+    @property
+    def ports(self) -> list[int]:
+        return sorted({p for r in self.containers for p in r.ports})
+
+    @property
+    def probes(self) -> list[str]:
+        """The readiness URLs (:func:`plan_pod` gives the engine ``/health`` when no container
+        has a probe)."""
+        return [r.probe for r in self.containers if r.probe is not None]
+
+
+def volume_dirs(
+    pod: Mapping[str, Any], pod_dir: Path, state_dir: Path, claims: Path | None = None
+) -> dict[str, Path]:
+    """Volume name -> the local directory that stands for it (see the module's docstring);
+    ValueError names a volume of a kind the kubelet cannot provide."""
+    out: dict[str, Path] = {}
+    for v in (pod.get("spec") or {}).get("volumes") or ():
+        name = str(v.get("name"))
+        if "emptyDir" in v or "configMap" in v:
+            out[name] = pod_dir / "volumes" / name
+        elif "persistentVolumeClaim" in v:
+            claim = str(v["persistentVolumeClaim"].get("claimName") or "")
+            provided = claims / claim if claims is not None else None
+            out[name] = (
+                provided
+                if provided is not None and provided.is_dir()
+                else state_dir / "pvc" / claim
+            )
+        elif "hostPath" in v:
+            path = str(v["hostPath"].get("path") or "/")
+            here = Path(path)
+            out[name] = here if here.exists() else state_dir / "hostpath" / path.lstrip("/")
+        else:
+            kinds = sorted(k for k in v if k != "name")
+            raise ValueError(f"volume {name}: {', '.join(kinds) or 'no source'} is not supported")
+    return out
+
+
+def container_mounts(container: Mapping[str, Any], volumes: Mapping[str, Path]) -> dict[str, Path]:
+    """mountPath -> the local directory (or file, with ``subPath``) of one container's mounts;
+    ValueError names a mount of a volume the pod does not have."""
+    out: dict[str, Path] = {}
+    for m in container.get("volumeMounts") or ():
+        name = str(m.get("name"))
+        if name not in volumes:
+            raise ValueError(f"container {container.get('name')}: no volume {name!r}")
+        sub = str(m.get("subPath") or "").strip("/")
+        out[str(m["mountPath"]).rstrip("/") or "/"] = volumes[name] / sub if sub else volumes[name]
+    return out
+
+
+def remap(
+    value: str, mounts: Iterable[str], root: Path, host: str, ports: Collection[int] = ()
+) -> str:
+    """``value`` as a local process must see it: an absolute path on or above one of ``mounts``
+    (mount paths, ``/`` excepted) moves under ``root`` (where each mount path links to its
+    volume), also as the value of ``--flag=PATH``; a URL to ``127.0.0.1`` or ``localhost`` on
+    one of the pod's ``ports`` goes to ``host``, the pod's address."""
+    value = _to_pod(value, host, ports)
+    flag, eq, rest = value.partition("=")
+    if eq and flag.startswith("-"):
+        return f"{flag}={remap(rest, mounts, root, host, ports)}"
+    if not value.startswith("/") or value == "/":
+        return value
+    path = value.rstrip("/")
+    for m in mounts:
+        if m != "/" and (path == m or path.startswith(m + "/") or m.startswith(path + "/")):
+            return str(root) + value
+    return value
+
+
+def _env(
+    container: Mapping[str, Any], meta: Mapping[str, Any], host: str, fix: Callable[[str], str]
+) -> tuple[dict[str, str], list[str]]:
+    """The container's ``env`` (values remapped, the downward API's pod name, namespace and IP
+    filled in) and notes for what cannot be resolved here."""
+    fields = {
+        "metadata.name": str(meta.get("name") or ""),
+        "metadata.namespace": str(meta.get("namespace") or ""),
+        "status.podIP": host,
+    }
+    env: dict[str, str] = {}
+    notes: list[str] = []
+    for e in container.get("env") or ():
+        name = str(e.get("name"))
+        if "value" in e:
+            env[name] = fix(str(e["value"]))
+            continue
+        ref = ((e.get("valueFrom") or {}).get("fieldRef") or {}).get("fieldPath")
+        if ref in fields:
+            env[name] = fields[str(ref)]
+        else:
+            notes.append(f"env {name}: valueFrom {e.get('valueFrom')} is not available here")
+    return env, notes
+
+
+def _probe_url(container: Mapping[str, Any], host: str) -> str | None:
+    get = (container.get("readinessProbe") or {}).get("httpGet")
+    if not get:
+        return None
+    port = get.get("port")
+    if isinstance(port, str) and not port.isdigit():
+        named = [p.get("containerPort") for p in container.get("ports") or ()
+                 if p.get("name") == port]  # fmt: skip
+        port = named[0] if named else None
+    if port is None:
+        return None
+    return f"http://{host}:{int(port)}{get.get('path') or '/'}"
+
+
+def _program(
+    container: Mapping[str, Any],
+    meta: Mapping[str, Any],
+    host: str,
+    fs_root: Path,
+    volumes: Mapping[str, Path],
+    python: str,
+    ports: Collection[int],
+) -> Run | str:
+    """A MatrixInfer container as a local process, or why it cannot run here."""
+    name = str(container.get("name"))
+    command = [str(t) for t in container.get("command") or ()]
+    args = [str(t) for t in container.get("args") or ()]
+    program = PROGRAMS.get(command[0].rsplit("/", 1)[-1]) if command else None
+    if program is None:
+        what = " ".join(command) or f"the image's entrypoint ({container.get('image')})"
+        return f"container {name}: {what} is not a MatrixInfer program; it does not run locally"
+    module, serves = program
+    root = fs_root / name
+    try:
+        mounts = list(container_mounts(container, volumes))
+    except ValueError as exc:
+        return str(exc)
+
+    def fix(value: str) -> str:
+        return remap(value, mounts, root, host, ports)
+
+    argv = [python, "-m", module, *(fix(t) for t in [*command[1:], *args])]
+    if serves:
+        argv += ["--host", host]
+    env, notes = _env(container, meta, host, fix)
+    own = [int(p["containerPort"]) for p in container.get("ports") or () if p.get("containerPort")]
+    return Run(name, argv, env, own, _probe_url(container, host), notes)
+
+
+def plan_pod(
+    pod: Mapping[str, Any],
+    host: str,
+    fs_root: Path,
+    volumes: Mapping[str, Path],
+    extra: Sequence[str] = (),
+    python: str = sys.executable,
+) -> PodPlan:
+    """How ``pod`` runs here on ``host``: each container's mounts under ``fs_root/<container>``
+    (``volumes``: :func:`volume_dirs`); the engine container as the simulator (``extra``: its
+    flags for every pod); the init containers and the other containers that are MatrixInfer
+    programs with their own arguments (remapped, :func:`remap`)."""
+    meta = pod.get("metadata") or {}
+    spec = pod.get("spec") or {}
+    engine_spec = engine_container(pod) or {}
+    engine = sim_command(pod, host, extra, python)
+    ports = {engine.port} | {
+        int(p["containerPort"])
+        for c in spec.get("containers") or ()
+        for p in c.get("ports") or ()
+        if p.get("containerPort")
+    }
+    env, notes = _env(engine_spec, meta, host, lambda v: _to_pod(v, host, ports))
+    if engine.ignored:
+        notes.insert(0, f"engine flags the simulator ignores: {' '.join(engine.ignored)}")
+    name = str(engine_spec.get("name") or ENGINE_CONTAINER)
+    runs = [Run(name, engine.argv, env, [engine.port], _probe_url(engine_spec, host), notes)]
+    skipped: list[str] = []
+    init: list[Run] = []
+    for c in spec.get("initContainers") or ():
+        got = _program(c, meta, host, fs_root, volumes, python, ports)
+        (init.append(got) if isinstance(got, Run) else skipped.append(got))
+    for c in spec.get("containers") or ():
+        if c.get("name") == runs[0].name:
+            continue
+        got = _program(c, meta, host, fs_root, volumes, python, ports)
+        (runs.append(got) if isinstance(got, Run) else skipped.append(got))
+    if not any(r.probe for r in runs):  # no readiness probe at all: the engine's /health
+        health = f"http://{host}:{engine.port}/health"
+        runs[0] = Run(name, engine.argv, env, [engine.port], health, notes)
+    return PodPlan(init, runs, engine, skipped)
+
+
+# ---- the kubelet: files and processes ---------------------------------------------------------
 
 
 def _now() -> str:
     return datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def config_map_files(volume: Mapping[str, Any], data: Mapping[str, str]) -> dict[str, str]:
+    """The files of a ``configMap`` volume: every key of ``data``, or its ``items`` (key ->
+    path); KeyError names an item's key the ConfigMap does not have."""
+    items = (volume.get("configMap") or {}).get("items")
+    if not items:
+        return {str(k): str(v) for k, v in data.items()}
+    out: dict[str, str] = {}
+    for item in items:
+        key = str(item.get("key"))
+        if key not in data:
+            raise KeyError(f"key {key!r}")
+        out[str(item.get("path") or key)] = str(data[key])
+    return out
+
+
+def _write_files(directory: Path, files: Mapping[str, str]) -> None:
+    """``directory`` holds exactly ``files`` (each replaced atomically, so a reader never sees
+    half a file)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for rel, text in files.items():
+        path = directory / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    for old in directory.iterdir():
+        if old.is_file() and old.name not in files and not old.name.startswith("."):
+            old.unlink()
+
+
+def _link_mounts(root: Path, mounts: Mapping[str, Path]) -> None:
+    """Under ``root``, each mount path a link to its local directory."""
+    for mount_path, target in mounts.items():
+        target.mkdir(parents=True, exist_ok=True)
+        link = root / mount_path.lstrip("/")
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink():
+            link.unlink()
+        link.symlink_to(target, target_is_directory=True)
+
+
 @dataclass
 class LocalPod:
-    """One pod's process."""
+    """One pod's processes: the init container running (one at a time), then the containers."""
 
     namespace: str
     name: str
     uid: str
     host: str
-    port: int
-    proc: subprocess.Popen[bytes]
+    port: int  # the engine's
+    plan: PodPlan
+    directory: Path  # its emptyDir and configMap volumes, its containers' mount links
+    volumes: dict[str, Path]  # volume -> its local directory
+    config_maps: dict[str, tuple[str, Mapping[str, Any]]]  # volume -> (ConfigMap name, volume)
     log_path: Path
-    started: float
+    started: float  # time.monotonic() the pod's first process started
+    running_since: float = 0.0  # ... and its containers (after the init containers)
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    init_done: int = 0  # init containers that succeeded
+    init_proc: subprocess.Popen[bytes] | None = None
+    init_offset: int = 0  # where the running init container's output starts in the log
+    written: dict[str, dict[str, str]] = field(default_factory=dict)  # volume -> files
+    exit_codes: dict[str, int] = field(default_factory=dict)
+    message: str = ""
     ready: bool = False
     failed: bool = False
+
+    def all_procs(self) -> list[subprocess.Popen[bytes]]:
+        return [*([self.init_proc] if self.init_proc else []), *self.procs.values()]
 
 
 Event = Callable[[str], None]
 
 
-def _spawn(command: LocalCommand, log_path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """Start one pod's process (own session, output appended to ``log_path``); it gets SIGTERM
-    when the thread that started it ends."""
+def _spawn(
+    argv: Sequence[str], log_path: Path, env: dict[str, str], header: Sequence[str]
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Start one container's process (own session, output appended to ``log_path`` after the
+    ``header`` lines); it gets SIGTERM when the thread that started it ends. Returns it and where
+    its output starts in the log."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as out:
-        if command.ignored:
-            note = " ".join(command.ignored)
-            out.write(f"local kubelet: engine flags the simulator ignores: {note}\n".encode())
-            out.flush()
+        out.write("".join(f"local kubelet: {line}\n" for line in header).encode())
+        out.flush()
+        offset = out.tell()
         return subprocess.Popen(
-            command.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            list(argv), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=env, start_new_session=True,
             preexec_fn=die_with_parent(os.getpid(), any_thread=True),
-        )  # fmt: skip
+        ), offset  # fmt: skip
+
+
+def _last_line(path: Path, offset: int) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
 
 
 class LocalKubelet:
     """Runs the pods of the API at ``url`` (read from ``objects``: the emulator's store, in this
-    process) as local simulator processes. Runs in the local cluster's event loop; ``say``
-    receives a line per pod transition (started, ready, exited, stopped)."""
+    process) as local processes. ``config_maps`` lists the API's ConfigMaps (for ``configMap``
+    volumes); ``state_dir`` holds the pods' volumes (default ``<log_dir>/state``); ``claims``:
+    a directory whose subdirectories provide PersistentVolumeClaims of their name. Runs in the
+    local cluster's event loop; ``say`` receives a line per pod transition (started, ready,
+    exited, stopped)."""
 
     def __init__(
         self,
@@ -215,6 +565,9 @@ class LocalKubelet:
         objects: Callable[[], list[dict[str, Any]]],
         log_dir: Path,
         *,
+        config_maps: Callable[[], list[dict[str, Any]]] = list,
+        state_dir: Path | None = None,
+        claims: Path | None = None,
         first_host: str = "127.0.0.10",
         sim_args: Sequence[str] = (),
         interval: float = 0.1,
@@ -222,14 +575,18 @@ class LocalKubelet:
     ) -> None:
         self.url = url.rstrip("/")
         self.objects = objects
+        self.config_maps = config_maps
         self.log_dir = log_dir
+        self.state_dir = (state_dir if state_dir is not None else log_dir / "state").resolve()
+        self.claims = claims.resolve() if claims is not None else None
         self.addresses = Addresses(first_host)
         self.sim_args = list(sim_args)
         self.interval = interval
         self.say = say or (lambda line: log.info("%s", line))
         self.pods: dict[tuple[str, str, str], LocalPod] = {}
-        self.startup: dict[str, float] = {}  # pod -> seconds from process start to /health 200
-        self.started: dict[str, float] = {}  # pod -> time.monotonic() its process started
+        self.waiting: dict[tuple[str, str, str], str] = {}  # pod -> why it cannot start yet
+        self.startup: dict[str, float] = {}  # pod -> seconds from its containers' start to Ready
+        self.started: dict[str, float] = {}  # pod -> time.monotonic() its first process started
         self.ready_at: dict[str, float] = {}  # pod -> time.monotonic() it turned Ready
         self.session: aiohttp.ClientSession | None = None
 
@@ -246,9 +603,19 @@ class LocalKubelet:
             self.stop_all()
             await self.session.close()
 
+    def _config_map_index(self) -> dict[tuple[str, str], Mapping[str, str]]:
+        out: dict[tuple[str, str], Mapping[str, str]] = {}
+        for cm in self.config_maps():
+            meta = cm.get("metadata") or {}
+            if not meta.get("deletionTimestamp"):
+                out[(str(meta.get("namespace")), str(meta.get("name")))] = cm.get("data") or {}
+        return out
+
     async def sync(self) -> None:
-        """One pass: start new pods, report readiness and exits, stop deleted pods."""
+        """One pass: start new pods, advance init containers, refresh configMap volumes, report
+        readiness and exits, stop deleted pods."""
         live: set[tuple[str, str, str]] = set()
+        maps = self._config_map_index()
         for pod in self.objects():
             meta = pod.get("metadata") or {}
             key = (str(meta.get("namespace")), str(meta.get("name")), str(meta.get("uid")))
@@ -257,109 +624,279 @@ class LocalKubelet:
             live.add(key)
             if key not in self.pods:
                 if not (pod.get("status") or {}).get("phase"):
-                    await self._start(key, pod)
+                    await self._start(key, pod, maps)
                 continue
-            await self._check(self.pods[key])
+            local = self.pods[key]
+            self._refresh(local, maps)
+            await self._check(local)
+        for key in [k for k in self.waiting if k not in live]:
+            del self.waiting[key]
         for key in [k for k in self.pods if k not in live]:
             local = self.pods.pop(key)
             await self._stop(local)
+            shutil.rmtree(local.directory, ignore_errors=True)
             self.say(f"pod {local.name}: deleted, process stopped")
 
-    async def _start(self, key: tuple[str, str, str], pod: Mapping[str, Any]) -> None:
+    @staticmethod
+    def _files(
+        namespace: str,
+        maps: Mapping[tuple[str, str], Mapping[str, str]],
+        cm: tuple[str, Mapping[str, Any]],
+    ) -> dict[str, str]:
+        """A configMap volume's files; LookupError says what is missing."""
+        name, volume = cm
+        data = maps.get((namespace, name))
+        if data is None:
+            raise LookupError(f"ConfigMap {namespace}/{name} not found")
+        try:
+            return config_map_files(volume, data)
+        except KeyError as exc:
+            raise LookupError(f"ConfigMap {namespace}/{name}: no {exc.args[0]}") from exc
+
+    async def _start(
+        self,
+        key: tuple[str, str, str],
+        pod: Mapping[str, Any],
+        maps: Mapping[tuple[str, str], Mapping[str, str]],
+    ) -> None:
         ns, name, uid = key
-        port = sim_command(pod, "127.0.0.1").port
-        host = self.addresses.take(port)
-        command = sim_command(pod, host, self.sim_args)
+        spec = pod.get("spec") or {}
+        directory = self.state_dir / "pods" / _UNSAFE.sub("_", uid)  # the kubelet's layout
         log_path = self.log_dir / f"pod-{ns}-{name}.log"
-        env = {**os.environ, "POD_NAME": name, "POD_NAMESPACE": ns, "PYTHONUNBUFFERED": "1"}
-        proc = _spawn(command, log_path, env)
-        local = LocalPod(ns, name, uid, host, command.port, proc, log_path, time.monotonic())
+        config_maps = {
+            str(v.get("name")): (str(v["configMap"].get("name")), v)
+            for v in spec.get("volumes") or ()
+            if "configMap" in v
+        }
+        try:
+            volumes = volume_dirs(pod, directory, self.state_dir, self.claims)
+            files = {v: self._files(ns, maps, cm) for v, cm in config_maps.items()}
+        except ValueError as exc:
+            await self._patch(ns, name, {"phase": "Failed", "reason": "VolumeError",
+                                         "message": str(exc)})  # fmt: skip
+            self.say(f"pod {name}: cannot run here: {exc}; pod Failed")
+            return
+        except LookupError as exc:  # as the kubelet does: the pod waits for its volumes
+            if self.waiting.get(key) != str(exc):
+                self.waiting[key] = str(exc)
+                self.say(f"pod {name}: waiting: {exc}")
+            return
+        self.waiting.pop(key, None)
+        fs_root = directory / "fs"
+        host = self.addresses.take(plan_pod(pod, "127.0.0.1", fs_root, volumes).ports)
+        plan = plan_pod(pod, host, fs_root, volumes, self.sim_args)
+        for c in [*(spec.get("initContainers") or ()), *(spec.get("containers") or ())]:
+            with contextlib.suppress(ValueError):
+                _link_mounts(fs_root / str(c.get("name")), container_mounts(c, volumes))
+        for volume, text in files.items():
+            _write_files(volumes[volume], text)
+        local = LocalPod(
+            ns, name, uid, host, plan.engine.port, plan, directory, volumes, config_maps,
+            log_path, time.monotonic(), written=files,
+        )  # fmt: skip
         self.pods[key] = local
         self.started.setdefault(name, local.started)
-        await self._status(local, running=True, ready=False)
-        self.say(f"pod {name}: started {command.model} at {host}:{command.port}")
+        if plan.skipped:
+            with log_path.open("a") as out:
+                out.write("".join(f"local kubelet: {s}\n" for s in plan.skipped))
+        if plan.init:
+            self._start_init(local)
+            await self._status(local)
+            self.say(f"pod {name}: init container {plan.init[0].name} started at {host}")
+        else:
+            await self._start_containers(local)
+
+    def _env(self, local: LocalPod, run: Run) -> dict[str, str]:
+        base = {"POD_NAME": local.name, "POD_NAMESPACE": local.namespace, "PYTHONUNBUFFERED": "1"}
+        return {**os.environ, **base, **run.env}
+
+    def _start_init(self, local: LocalPod) -> None:
+        run = local.plan.init[local.init_done]
+        header = [*run.notes, f"init container {run.name}: {' '.join(run.argv)}"]
+        local.init_proc, local.init_offset = _spawn(
+            run.argv, local.log_path, self._env(local, run), header
+        )
+
+    async def _start_containers(self, local: LocalPod) -> None:
+        local.running_since = time.monotonic()
+        for run in local.plan.containers:
+            header = [*run.notes, f"container {run.name}: {' '.join(run.argv)}"]
+            local.procs[run.name], _ = _spawn(
+                run.argv, local.log_path, self._env(local, run), header
+            )
+        await self._status(local)
+        self.say(
+            f"pod {local.name}: started {local.plan.engine.model} at {local.host}:{local.port}"
+        )
+
+    def _refresh(self, local: LocalPod, maps: Mapping[tuple[str, str], Mapping[str, str]]) -> None:
+        """Rewrite the configMap volumes whose ConfigMap changed (a deleted one keeps its last
+        files, as the kubelet keeps them)."""
+        if local.failed:
+            return
+        for volume, cm in local.config_maps.items():
+            try:
+                files = self._files(local.namespace, maps, cm)
+            except LookupError:
+                continue
+            if files != local.written.get(volume):
+                _write_files(local.volumes[volume], files)
+                local.written[volume] = files
+                log.info("pod %s: volume %s updated from ConfigMap %s", local.name, volume, cm[0])
 
     async def _check(self, local: LocalPod) -> None:
         if local.failed:
             return
-        code = local.proc.poll()
-        if code is not None:
-            local.failed = True
-            self.addresses.release(local.host)
-            await self._status(local, running=False, ready=False, exit_code=code)
-            self.say(f"pod {local.name}: process exited with code {code}; pod Failed")
+        if local.init_proc is not None:
+            code = local.init_proc.poll()
+            if code is None:
+                return
+            run = local.plan.init[local.init_done]
+            if code != 0:
+                local.exit_codes[run.name] = code
+                why = _last_line(local.log_path, local.init_offset) or "no output"
+                local.message = f"init container {run.name} exited with code {code}: {why}"
+                await self._fail(local, "InitContainerFailed")
+                self.say(f"pod {local.name}: {local.message}; pod Failed")
+                return
+            local.init_done += 1
+            local.init_proc = None
+            if local.init_done < len(local.plan.init):
+                self._start_init(local)
+                await self._status(local)
+            else:
+                await self._start_containers(local)
             return
-        if not local.ready and await self._healthy(local):
+        for cname, proc in local.procs.items():
+            code = proc.poll()
+            if code is not None:
+                local.exit_codes[cname] = code
+                local.message = f"container {cname} exited with code {code}"
+                await self._fail(local, "Error")
+                self.say(f"pod {local.name}: process exited with code {code} (container"
+                         f" {cname}); pod Failed")  # fmt: skip
+                return
+        if not local.ready and await self._ready(local):
             local.ready = True
-            await self._status(local, running=True, ready=True)
-            took = time.monotonic() - local.started
+            await self._status(local)
+            took = time.monotonic() - local.running_since
             self.startup[local.name] = took
             self.ready_at.setdefault(local.name, time.monotonic())
             self.say(f"pod {local.name}: ready ({took:.1f}s)")
 
-    async def _healthy(self, local: LocalPod) -> bool:
-        assert self.session is not None
-        try:
-            url = f"http://{local.host}:{local.port}/health"
-            async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=0.5)) as r:
-                return r.status == 200
-        except (aiohttp.ClientError, TimeoutError, OSError):
-            return False
+    async def _fail(self, local: LocalPod, reason: str) -> None:
+        local.failed = True
+        local.ready = False
+        await self._stop(local)
+        await self._status(local, reason)
 
-    async def _status(
-        self, local: LocalPod, running: bool, ready: bool, exit_code: int | None = None
-    ) -> None:
-        state: dict[str, Any]
-        if exit_code is None:
-            state = {"running": {"startedAt": _now()}}
+    async def _ready(self, local: LocalPod) -> bool:
+        assert self.session is not None
+        for url in local.plan.probes:
+            try:
+                async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=0.5)) as r:
+                    if r.status != 200:
+                        return False
+            except (aiohttp.ClientError, TimeoutError, OSError):
+                return False
+        return True
+
+    def _container_state(
+        self, local: LocalPod, name: str, init: bool, index: int
+    ) -> dict[str, Any]:
+        code = local.exit_codes.get(name)
+        if code is not None:
+            reason = "Completed" if code == 0 else "Error"
+            return {"terminated": {"exitCode": code, "reason": reason, "finishedAt": _now()}}
+        if init and index < local.init_done:
+            return {"terminated": {"exitCode": 0, "reason": "Completed"}}
+        running = (
+            (local.init_proc is not None and index == local.init_done)
+            if init
+            else (name in local.procs)
+        )
+        if running and not local.failed:
+            return {"running": {"startedAt": _now()}}
+        return {"waiting": {"reason": "PodInitializing"}}
+
+    def _pod_status(self, local: LocalPod, reason: str | None = None) -> dict[str, Any]:
+        plan = local.plan
+        if local.failed:
+            phase = "Failed"
+        elif local.procs:
+            phase = "Running"
         else:
-            state = {"terminated": {"exitCode": exit_code, "reason": "Error", "finishedAt": _now()}}
-        status = {
-            "phase": "Running" if running else "Failed",
+            phase = "Pending"
+        status: dict[str, Any] = {
+            "phase": phase,
             "podIP": local.host,
             "hostIP": "127.0.0.1",
             "conditions": [
-                {"type": "Ready", "status": "True" if ready else "False",
+                {"type": "Initialized", "status": "True" if local.procs or not plan.init
+                 else "False"},
+                {"type": "Ready", "status": "True" if local.ready else "False",
                  "lastTransitionTime": _now()},
             ],
             "containerStatuses": [
-                {"name": ENGINE_CONTAINER, "ready": ready, "restartCount": 0, "state": state}
+                {"name": r.name, "ready": local.ready, "restartCount": 0,
+                 "state": self._container_state(local, r.name, False, i)}
+                for i, r in enumerate(plan.containers)
             ],
         }  # fmt: skip
+        if plan.init:
+            status["initContainerStatuses"] = [
+                {"name": r.name, "ready": i < local.init_done, "restartCount": 0,
+                 "state": self._container_state(local, r.name, True, i)}
+                for i, r in enumerate(plan.init)
+            ]  # fmt: skip
+        if reason is not None:
+            status["reason"] = reason
+            status["message"] = local.message
+        return status
+
+    async def _status(self, local: LocalPod, reason: str | None = None) -> None:
+        await self._patch(local.namespace, local.name, self._pod_status(local, reason))
+
+    async def _patch(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         assert self.session is not None
-        path = f"{self.url}/api/v1/namespaces/{local.namespace}/pods/{local.name}/status"
+        path = f"{self.url}/api/v1/namespaces/{namespace}/pods/{name}/status"
         headers = {"Content-Type": "application/merge-patch+json"}
         async with self.session.patch(path, json={"status": status}, headers=headers) as r:
             if r.status >= 400 and r.status != 404:  # 404: deleted meanwhile
-                raise aiohttp.ClientError(f"PATCH pod {local.name} status: HTTP {r.status}")
+                raise aiohttp.ClientError(f"PATCH pod {name} status: HTTP {r.status}")
 
     async def _stop(self, local: LocalPod, grace: float = 5.0) -> None:
-        """SIGTERM, then SIGKILL after ``grace`` seconds; waits without blocking the loop (the
-        API server shares it)."""
-        _signal(local, signal.SIGTERM)
-        try:
-            await asyncio.to_thread(local.proc.wait, grace)
-        except subprocess.TimeoutExpired:
-            _signal(local, signal.SIGKILL)
-            await asyncio.to_thread(local.proc.wait)
+        """SIGTERM to every process of the pod, then SIGKILL after ``grace`` seconds; waits
+        without blocking the loop (the API server shares it)."""
+        procs = local.all_procs()
+        for proc in procs:
+            _signal(proc, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in procs:
+            try:
+                await asyncio.to_thread(proc.wait, max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal(proc, signal.SIGKILL)
+                await asyncio.to_thread(proc.wait)
         self.addresses.release(local.host)
 
     def stop_all(self, grace: float = 5.0) -> None:
         """Every process: SIGTERM to all, then SIGKILL to those still running after ``grace``."""
-        for local in self.pods.values():
-            _signal(local, signal.SIGTERM)
+        procs = [p for local in self.pods.values() for p in local.all_procs()]
+        for proc in procs:
+            _signal(proc, signal.SIGTERM)
         deadline = time.monotonic() + grace
-        for local in self.pods.values():
+        for proc in procs:
             try:
-                local.proc.wait(max(0.0, deadline - time.monotonic()))
+                proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                _signal(local, signal.SIGKILL)
-                local.proc.wait()
+                _signal(proc, signal.SIGKILL)
+                proc.wait()
         self.pods.clear()
 
 
-def _signal(local: LocalPod, sig: int) -> None:
-    """``sig`` to the pod's process group (its own session), if it still runs."""
-    if local.proc.poll() is None:
+def _signal(proc: subprocess.Popen[bytes], sig: int) -> None:
+    """``sig`` to the process's group (its own session), if it still runs."""
+    if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(local.proc.pid, sig)
+            os.killpg(proc.pid, sig)

@@ -281,7 +281,7 @@ class OperatorThread:
 @dataclass
 class LocalOptions:
     config_dir: Path  # the YAML objects to apply (re-read on change)
-    run_dir: Path  # logs of the pods
+    run_dir: Path  # logs of the pods; their volumes under run_dir/state
     first_host: str = "127.0.0.10"  # the first pod address
     sim_args: Sequence[str] = ()  # simulator flags for every pod (e.g. --time-scale)
     config_poll: float = 0.5  # seconds between two looks at the directory
@@ -295,6 +295,7 @@ class LocalOptions:
     autoscale_stable_window: float | None = None
     autoscale_panic_window: float | None = None
     node: dict[str, Any] | None = field(default_factory=lambda: dict(LOCAL_NODE))  # None: none
+    claims: Path | None = None  # PersistentVolumeClaims provided as dirs; None: config_dir/volumes
 
 
 class LocalCluster:
@@ -349,6 +350,9 @@ class LocalCluster:
                 self.url,
                 lambda: self._objects("pods"),
                 o.run_dir,
+                config_maps=lambda: self._objects("configmaps"),
+                state_dir=o.run_dir / "state",
+                claims=o.claims if o.claims is not None else o.config_dir / "volumes",
                 first_host=o.first_host,
                 sim_args=o.sim_args,
                 say=self.lines.put,

@@ -73,12 +73,12 @@ def test_demo_without_a_terminal_sends_requests_and_exits_zero(tmp_path: Path) -
 
 
 class Demo:
-    """``matrixinfer demo --requests 0`` on a copy of examples/demo; its output is collected."""
+    """``matrixinfer demo --requests 0`` on a copy of ``source`` (default examples/demo); its
+    output is collected."""
 
-    def __init__(self, tmp_path: Path, first_host: str) -> None:
-        self.dir = tmp_path / "config"
-        self.dir.mkdir()
-        shutil.copy(project_file("examples/demo/model.yaml"), self.dir / "model.yaml")
+    def __init__(self, tmp_path: Path, first_host: str, source: Path | None = None) -> None:
+        self.dir = tmp_path / "config"  # the Model and its claim's folder (volumes/)
+        shutil.copytree(source or project_file("examples/demo"), self.dir)
         self.run_dir = tmp_path / "run"
         self.env = _env(tmp_path)
         self.proc = subprocess.Popen(

@@ -44,11 +44,7 @@ def test_vllm_pod_runs_the_simulator_with_its_model_port_adapters_and_known_flag
     assert argv[argv.index("--host") + 1] == "127.0.0.10"
     assert argv[argv.index("--port") + 1] == "8000" and cmd.port == 8000
     assert argv[argv.index("--pod-name") + 1] == "demo-model-large-0-server-0-0"
-    lora = argv.index("--lora-modules")
-    assert argv[lora + 1 : lora + 3] == [
-        "demo-lora-a=matrixinfer/demo-lora-a",
-        "demo-lora-b=matrixinfer/demo-lora-b",
-    ]
+    assert "--lora-modules" not in argv  # the runtime sidecar loads the Model's adapters
     # the backend's engine args the simulator knows are passed on, in the --flag=value form
     assert "--max-num-seqs" in argv and argv[argv.index("--max-num-seqs") + 1] == "64"
     assert "--enable-prefix-caching" in argv
@@ -60,7 +56,9 @@ def test_sglang_pod_serves_the_sglang_api_and_lists_what_it_ignores() -> None:
     cmd = sim_command(pod, "127.0.0.11")
     assert cmd.argv[cmd.argv.index("--engine") + 1] == "sglang"
     assert cmd.argv[cmd.argv.index("--max-num-seqs") + 1] == "8"
-    assert "--lora-modules" in cmd.argv  # SGLang's --lora-paths
+    pod["spec"]["containers"][0]["args"] += ["--lora-paths", "a=/x/a"]  # SGLang's adapters
+    lora = sim_command(pod, "127.0.0.11").argv
+    assert lora[lora.index("--lora-modules") + 1] == "a=/x/a"
     pod["spec"]["containers"][0]["args"] += ["--tensor-parallel-size", "2"]
     assert sim_command(pod, "127.0.0.11").ignored == ["--tensor-parallel-size", "2"]
 

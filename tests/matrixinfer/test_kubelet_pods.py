@@ -1,0 +1,167 @@
+"""The local kubelet's plan of a pod (pure): volumes as local directories, mount paths and
+loopback URLs remapped, init containers and the MatrixInfer containers as local processes,
+readiness from the containers' probes."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+import crds
+from controllers.model.planner import desired
+from matrixinfer.kubelet import config_map_files, plan_pod, remap, volume_dirs
+from matrixinfer.resources import project_file
+from tests.matrixinfer.test_localcluster_units import demo_pods
+
+
+def _pod(backend: str = "large") -> dict[str, Any]:
+    pod = copy.deepcopy(demo_pods()[backend])
+    pod["metadata"]["namespace"] = "default"
+    return pod
+
+
+def test_volumes_are_local_directories(tmp_path: Path) -> None:
+    claims = tmp_path / "claims"
+    (claims / "demo-artefacts").mkdir(parents=True)
+    pod = _pod()
+    pod["spec"]["volumes"] += [
+        {"name": "other-claim", "persistentVolumeClaim": {"claimName": "models"}},
+        {"name": "here", "hostPath": {"path": str(tmp_path)}},
+        {"name": "elsewhere", "hostPath": {"path": "/no/such/dir", "type": "DirectoryOrCreate"}},
+    ]
+    dirs = volume_dirs(pod, tmp_path / "pod", tmp_path / "state", claims)
+    assert dirs == {
+        "cache": tmp_path / "pod/volumes/cache",  # emptyDir: the pod's own
+        "lora-adapters": tmp_path / "pod/volumes/lora-adapters",  # configMap: the pod's own
+        "pvc-0": claims / "demo-artefacts",  # a claim the configuration directory provides
+        "other-claim": tmp_path / "state/pvc/models",  # any other claim: under the state dir
+        "here": tmp_path,  # a host path that exists is used in place
+        "elsewhere": tmp_path / "state/hostpath/no/such/dir",
+    }
+    pod["spec"]["volumes"].append({"name": "secret", "secret": {"secretName": "s"}})
+    with pytest.raises(ValueError, match="volume secret: secret is not supported"):
+        volume_dirs(pod, tmp_path / "pod", tmp_path / "state")
+
+
+def test_remap_moves_mounted_paths_and_loopback_urls() -> None:
+    root = Path("/run/pod/fs/runtime")
+    mounts = ["/var/cache/matrixinfer", "/mnt/pvc/claim", "/etc/matrixinfer/lora"]
+    assert remap("/var/cache/matrixinfer", mounts, root, "h") == f"{root}/var/cache/matrixinfer"
+    assert remap("/mnt/pvc", mounts, root, "h") == f"{root}/mnt/pvc"  # above a mount
+    assert remap("--lora=/etc/matrixinfer/lora/a.yaml", mounts, root, "h") == (
+        f"--lora={root}/etc/matrixinfer/lora/a.yaml"
+    )
+    assert remap("/etc/passwd", mounts, root, "h") == "/etc/passwd"  # on no mount
+    assert remap("/var/cache/matrixinfer-x", mounts, root, "h") == "/var/cache/matrixinfer-x"
+    ports = [8000, 8100]  # the pod's: its loopback is the pod's own address
+    assert remap("http://127.0.0.1:8000", mounts, root, "127.0.0.9", ports) == (
+        "http://127.0.0.9:8000"
+    )
+    assert remap("http://localhost:8100/x", mounts, root, "127.0.0.9", ports) == (
+        "http://127.0.0.9:8100/x"
+    )
+    # another port on the loopback: a service of this machine (a local S3), left alone
+    assert remap("http://127.0.0.1:9000", mounts, root, "127.0.0.9", ports) == (
+        "http://127.0.0.1:9000"
+    )
+
+
+def test_the_pod_runs_the_downloader_then_the_simulator_and_the_sidecar(tmp_path: Path) -> None:
+    pod = _pod()
+    dirs = volume_dirs(pod, tmp_path, tmp_path / "state")
+    plan = plan_pod(pod, "127.0.0.10", tmp_path / "fs", dirs, python="py")
+    [download] = plan.init
+    assert download.argv == [
+        "py", "-m", "runtime.downloader", "pvc://demo-artefacts/demo-model",
+        "--cache", f"{tmp_path}/fs/download/var/cache/matrixinfer",
+        "--pvc-root", f"{tmp_path}/fs/download/mnt/pvc",
+    ]  # fmt: skip
+    engine, runtime = plan.containers
+    assert engine.argv[:3] == ["py", "-m", "sim"] and engine.probe is None
+    argv = runtime.argv
+    assert argv[:3] == ["py", "-m", "runtime.sidecar"]
+    assert argv[argv.index("--engine-url") + 1] == "http://127.0.0.10:8000"
+    assert argv[argv.index("--lora-adapters") + 1] == (
+        f"{tmp_path}/fs/runtime/etc/matrixinfer/lora/adapters.yaml"
+    )
+    assert argv[-2:] == ["--host", "127.0.0.10"]
+    assert plan.ports == [8000, 8100]
+    assert plan.probes == ["http://127.0.0.10:8100/ready"]  # the sidecar's readinessProbe
+    assert plan.skipped == []
+
+
+def test_without_probes_readiness_is_the_engines_health(tmp_path: Path) -> None:
+    pod = _pod()
+    pod["spec"]["containers"] = pod["spec"]["containers"][:1]
+    plan = plan_pod(pod, "127.0.0.10", tmp_path, {})
+    assert plan.probes == ["http://127.0.0.10:8000/health"]
+
+
+def test_containers_that_cannot_run_here_are_named(tmp_path: Path) -> None:
+    pod = _pod()
+    pod["spec"]["containers"].append({"name": "logger", "image": "fluent-bit", "command": ["fb"]})
+    pod["spec"]["initContainers"].append({"name": "warm", "image": "busybox"})
+    plan = plan_pod(pod, "127.0.0.10", tmp_path, volume_dirs(pod, tmp_path, tmp_path))
+    assert plan.skipped == [
+        "container warm: the image's entrypoint (busybox) is not a MatrixInfer program;"
+        " it does not run locally",
+        "container logger: fb is not a MatrixInfer program; it does not run locally",
+    ]
+    assert [r.name for r in plan.containers] == ["engine", "runtime"]
+
+
+def test_env_values_are_remapped_and_the_downward_api_filled(tmp_path: Path) -> None:
+    pod = _pod()
+    runtime = pod["spec"]["containers"][1]
+    runtime["env"] = [
+        {"name": "AWS_ENDPOINT_URL", "value": "http://localhost:9000"},
+        {"name": "ENGINE", "value": "http://localhost:8000/v1"},
+        {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "KEY", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}},
+    ]
+    plan = plan_pod(pod, "127.0.0.10", tmp_path, volume_dirs(pod, tmp_path, tmp_path))
+    run = plan.containers[1]
+    assert run.env == {
+        "AWS_ENDPOINT_URL": "http://localhost:9000",  # this machine's
+        "ENGINE": "http://127.0.0.10:8000/v1",  # the pod's own port
+        "POD": pod["metadata"]["name"],
+    }
+    assert run.notes and run.notes[0].startswith("env KEY: valueFrom")
+
+
+def test_decode_pods_run_the_pd_proxy_on_the_serving_port(tmp_path: Path) -> None:
+
+    model = crds.parse_object(
+        yaml.safe_load(project_file("examples/model-disaggregated.yaml").read_text()), "pd"
+    )
+    assert isinstance(model, crds.Model)
+    pods = [
+        role["entryTemplate"]
+        for child in desired(model).children
+        if child.ref.kind == "ModelInfer"
+        for role in child.manifest["spec"]["template"]["roles"]
+        if role["name"] == "decode"
+    ]
+    labels = {"workload.matrixinfer.ai/role": "decode"}
+    pod = {**pods[0], "metadata": {"name": "d-0", "namespace": "default", "labels": labels}}
+    plan = plan_pod(pod, "127.0.0.10", tmp_path, volume_dirs(pod, tmp_path, tmp_path))
+    by_name = {r.name: r for r in plan.containers}
+    assert by_name["engine"].ports == [8001]
+    proxy = by_name["pd-proxy"].argv
+    assert proxy[:3][1:] == ["-m", "runtime.pd_proxy"]
+    assert proxy[proxy.index("--engine") + 1] == "http://127.0.0.10:8001"
+    assert proxy[-2:] == ["--host", "127.0.0.10"]
+    assert plan.ports == [8000, 8001, 8100]
+
+
+def test_config_map_volume_files() -> None:
+    data = {"adapters.yaml": "- a\n", "other": "x"}
+    assert config_map_files({"configMap": {"name": "c"}}, data) == data
+    items = {"configMap": {"name": "c", "items": [{"key": "other", "path": "o.txt"}]}}
+    assert config_map_files(items, data) == {"o.txt": "x"}
+    with pytest.raises(KeyError):
+        config_map_files({"configMap": {"items": [{"key": "nope"}]}}, data)
