@@ -415,7 +415,12 @@ class LocalCluster:
                         yield more
                         continue
                     current = self._local_pod(ns, name)
-                    if current is None or current.proc.poll() is not None:
+                    procs = current.all_procs() if current is not None else []
+                    if (
+                        current is None
+                        or current.failed
+                        or (procs and all(p.poll() is not None for p in procs))
+                    ):
                         rest = f.read()
                         if rest:
                             yield rest
