@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,13 +14,24 @@ from typing import Any
 import kmock
 import pytest
 
-from matrixinfer.kubelet import LocalPod
 from matrixinfer.localcluster import LOCAL_NODE, LocalCluster, LocalOptions
 
 
 @dataclass
+class FakePod:
+    """What the log endpoint reads of the kubelet's pod record (matrixinfer.kubelet.LocalPod)."""
+
+    log_path: Path
+    proc: subprocess.Popen[bytes]
+    failed: bool = False
+
+    def all_procs(self) -> list[subprocess.Popen[bytes]]:
+        return [self.proc]
+
+
+@dataclass
 class FakeKubelet:
-    pods: dict[tuple[str, str, str], LocalPod] = field(default_factory=dict)
+    pods: dict[tuple[str, str, str], FakePod] = field(default_factory=dict)
 
 
 @dataclass
@@ -31,11 +41,11 @@ class Request:
     params: dict[str, str]
 
 
-def _cluster(tmp_path: Path, script: str) -> tuple[LocalCluster, LocalPod]:
+def _cluster(tmp_path: Path, script: str) -> tuple[LocalCluster, FakePod]:
     log = tmp_path / "pod-default-p.log"
     with log.open("ab") as out:
         proc = subprocess.Popen([sys.executable, "-u", "-c", script], stdout=out)
-    pod = LocalPod("default", "p", "uid-p", "127.0.0.10", 8000, proc, log, time.monotonic())
+    pod = FakePod(log, proc)
     cluster = LocalCluster(LocalOptions(config_dir=tmp_path, run_dir=tmp_path))
     cluster.kubelet = FakeKubelet({("default", "p", "uid-p"): pod})  # type: ignore[assignment]
     return cluster, pod
