@@ -115,7 +115,7 @@ class PrefixIndex:
             index = self._pods[pod_name] = {}
         base = self._stamp
         self._stamp = base + n + 1
-        index.update(zip(hashes, range(base + n, base, -1), strict=True))
+        index.update(zip(hashes, range(base + n, base, -1), strict=False))  # n of each
         if len(index) > self.capacity + (self.capacity >> 2):
             self._evict(pod_name, index)
 
