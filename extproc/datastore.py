@@ -60,7 +60,10 @@ class ServerView:
     @property
     def ready(self) -> bool:
         """Whether one of its pods is ready (none: it is at zero, or its pods are starting)."""
-        return any(pod.ready for pod in self.members)
+        for pod in self.selected or self.pods:  # noqa: SIM110 (any() over a generator: ~3x)
+            if pod.ready:
+                return True
+        return False
 
 
 def _ready_servers(snapshot: Snapshot) -> set[str]:

@@ -142,6 +142,7 @@ DEFAULT_WAKE_TIMEOUT = 60.0
 # often: a scrape may have freed room without any request finishing
 WOKEN_RETRY = 0.25
 REQUEST_ID_HEADER = "x-request-id"  # Envoy keeps the client's or makes one (HCM settings)
+_KEPT = 4096  # entries of the gateway's small caches (cleared when full)
 
 
 class SchedulerLike(Protocol):
@@ -256,6 +257,22 @@ def mark_usage(parsed: ParsedRequest, routed: Routed) -> None:
             routed.body = orjson.dumps(parsed.body)
     elif parsed.kind == "responses":
         routed.metadata = {RESPONSES_KEY: True}
+
+
+def _pod_headers(
+    view: ServerView, fallbacks: int, model: str, decision: RouteDecision
+) -> dict[str, str]:
+    """The headers a routed request carries towards its pod."""
+    headers = {SERVER_HEADER: view.name, MODEL_HEADER: model, ROUTE_HEADER: decision.route}
+    # always set: a client-sent copy is overwritten (empty = removed)
+    headers[LORA_HEADER] = decision.lora or ""
+    for name, value in view.retry_headers:
+        if name == "x-envoy-max-retries":
+            value = str(min(int(value), fallbacks))
+        headers[name] = value
+    if "x-envoy-retriable-status-codes" not in headers:
+        headers["x-envoy-retriable-status-codes"] = ""
+    return headers
 
 
 class NoPolicies:
@@ -479,6 +496,14 @@ class Gateway:
         # called with the pod's name when its engine answered 404 to a request for a LoRA
         # adapter (the pod's adapters are not what the gateway last read)
         self.on_lora_missing: list[Callable[[str], None]] = []
+        # the request lines seen, classified ((method, path) -> Endpoint; bounded, cleared when
+        # full: a path may carry any query string)
+        self._endpoints: dict[tuple[str, str], Endpoint] = {}
+        # the headers towards the pod by (ModelServer view, fallbacks, model, route decision):
+        # (view, decision, headers), checked by identity (see _route_headers)
+        self._route_headers_kept: dict[
+            tuple[int, int, str, int], tuple[ServerView, RouteDecision, dict[str, str]]
+        ] = {}
         # (snapshot, its ModelServer names, pod name by address): what _labels checks against
         self._known: tuple[Snapshot | None, frozenset[str], dict[str, str]] = (
             None,
@@ -503,7 +528,7 @@ class Gateway:
         if pd_group is not None:  # prefill/decode pairs (extproc.scheduling.pd)
             profile = (pd_group, view.profile, view.spec.prefill_scheduler)
         held = self._schedulers.get(view.key)
-        if held is not None and held[0] == profile:
+        if held is not None and (held[0] is profile or held[0] == profile):
             return held[1]
         if pd_group is not None:
             from extproc.scheduling.pd import DECODE_PROFILE, PREFILL_PROFILE, PDScheduler
@@ -541,7 +566,7 @@ class Gateway:
         if self.tracing is not None:
             trace = state.trace = self.tracing.request(state, metadata)
         try:
-            endpoint = classify(headers.get(":method", "GET"), headers.get(":path", "/"))
+            endpoint = self._classify(headers.get(":method", "GET"), headers.get(":path", "/"))
             state.endpoint = endpoint
             if endpoint.kind == "models":
                 return state, self._answer(state, Immediate(200, self.models_body()))
@@ -564,6 +589,17 @@ class Gateway:
         if trace is not None:
             trace.close()
         return state, None
+
+    def _classify(self, method: str, path: str) -> Endpoint:
+        """:func:`classify`, kept for the request lines seen (a bad one raises each time)."""
+        key = (method, path)
+        endpoint = self._endpoints.get(key)
+        if endpoint is None:
+            endpoint = classify(method, path)
+            if len(self._endpoints) >= _KEPT:
+                self._endpoints.clear()
+            self._endpoints[key] = endpoint
+        return endpoint
 
     def too_large(self, state: RequestState, size: int) -> Immediate:
         return self._answer(state, _error(body_too_large(size, self.body_limit)))
@@ -858,7 +894,7 @@ class Gateway:
         """Book a scheduled request (``_schedule`` counted it on its pod) and build its answer."""
         pod = result.primary
         state.pod_name = pod.name
-        self.metrics.in_flight.inc()
+        self.metrics.in_flight_requests += 1
         state.scheduling_request = request
         state.result = result
         state.scheduler = scheduler
@@ -894,20 +930,22 @@ class Gateway:
             )
         return routed
 
-    @staticmethod
     def _route_headers(
-        view: ServerView, fallbacks: int, model: str, decision: RouteDecision
+        self, view: ServerView, fallbacks: int, model: str, decision: RouteDecision
     ) -> dict[str, str]:
-        headers = {SERVER_HEADER: view.name, MODEL_HEADER: model, ROUTE_HEADER: decision.route}
-        # always set: a client-sent copy is overwritten (empty = removed)
-        headers[LORA_HEADER] = decision.lora or ""
-        for name, value in view.retry_headers:
-            if name == "x-envoy-max-retries":
-                value = str(min(int(value), fallbacks))
-            headers[name] = value
-        if "x-envoy-retriable-status-codes" not in headers:
-            headers["x-envoy-retriable-status-codes"] = ""
-        return headers
+        """The headers towards the pod (a new dict): they depend only on the ModelServer's view,
+        the number of fallbacks, the model name and the route decision, so they are kept by
+        those (the view and the decision by identity: both are immutable, and a new
+        configuration makes new ones)."""
+        key = (id(view), fallbacks, model, id(decision))
+        held = self._route_headers_kept.get(key)
+        if held is not None and held[0] is view and held[1] is decision:
+            return dict(held[2])
+        headers = _pod_headers(view, fallbacks, model, decision)
+        if len(self._route_headers_kept) >= _KEPT:
+            self._route_headers_kept.clear()
+        self._route_headers_kept[key] = (view, decision, headers)
+        return dict(headers)
 
     def _answer(self, state: RequestState, immediate: Immediate) -> Immediate:
         if (
@@ -960,7 +998,7 @@ class Gateway:
             self.policy_stages.release(state)
         if state.pod_name is not None:
             self.datastore.finish(state.pod_name)
-            self.metrics.in_flight.dec()
+            self.metrics.in_flight_requests -= 1
             state.pod_name = None
 
     # ---- after the answer (Envoy's access log) ---------------------------------------------
@@ -1042,7 +1080,7 @@ class Gateway:
         self.datastore.finish(state.pod_name)
         if self.waking.has_waiters:  # a woken request waiting for room may take its place
             self.waking.server_ready(state.server_key)
-        self.metrics.in_flight.dec()
+        self.metrics.in_flight_requests -= 1
         m = self.metrics
         m.child(m.request_duration, state.model, state.server).observe(self.clock() - state.started)
         if state.scheduler is not None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["GatewayMetrics"]
+__all__ = ["GatewayMetrics", "RequestHistogram"]
 
 _LATENCY_BUCKETS = (
     0.0005,
@@ -32,6 +33,22 @@ _INTER_TOKEN_BUCKETS = (
 )  # fmt: skip
 _RATE_BUCKETS = (1.0, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0, 1280.0, 2560.0)
 _SCHEDULING_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1)
+
+
+class RequestHistogram(Histogram):
+    """prometheus_client's Histogram with a cheaper ``observe`` for the request path (three
+    observations per request): the bucket is found by bisection instead of a loop over the
+    bounds, and an observable child is not checked again. The samples are the stock class's
+    (``test_request_histogram_exposes_what_the_stock_histogram_does``); exemplars, NaN and a
+    labelled parent take the stock path."""
+
+    def observe(self, amount: float, exemplar: dict[str, str] | None = None) -> None:
+        if exemplar or amount != amount or (self._labelnames and not self._labelvalues):
+            super().observe(amount, exemplar)
+            return
+        self._sum.inc(amount)
+        # the first bound >= amount, as the stock loop's ``amount <= bound`` (the last is +Inf)
+        self._buckets[bisect_left(self._upper_bounds, amount)].inc(1)
 
 
 class LabelCache:
@@ -114,7 +131,7 @@ class GatewayMetrics(LabelCache):
             buckets=_RATE_BUCKETS,
             registry=r,
         )
-        self.request_duration = Histogram(
+        self.request_duration = RequestHistogram(
             "matrixinfer_gateway_request_duration_seconds",
             "Seconds from the request headers reaching the gateway to the end of the request "
             "(the ext_proc stream's lifetime), by model and ModelServer.",
@@ -122,14 +139,14 @@ class GatewayMetrics(LabelCache):
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.decision_duration = Histogram(
+        self.decision_duration = RequestHistogram(
             "matrixinfer_gateway_decision_duration_seconds",
             "Time the gateway spent deciding a request once its body arrived "
             "(parse, route, schedule).",
             buckets=_SCHEDULING_BUCKETS,
             registry=r,
         )
-        self.scheduling_duration = Histogram(
+        self.scheduling_duration = RequestHistogram(
             "matrixinfer_gateway_scheduling_duration_seconds",
             "Time spent in the scheduler (filters and scorers) for one request, by ModelServer.",
             ["server"],
@@ -147,6 +164,10 @@ class GatewayMetrics(LabelCache):
             "Requests the gateway has routed that have not finished yet.",
             registry=r,
         )
+        # the gateway counts them in a plain int (two gauge updates per request cost ~1 µs);
+        # the gauge reads it when collected
+        self.in_flight_requests = 0
+        self.in_flight.set_function(lambda: self.in_flight_requests)
         self.datastore_objects = Gauge(
             "matrixinfer_gateway_datastore_objects",
             "Objects in the gateway's datastore, by kind (ModelRoute, ModelServer, Pod).",

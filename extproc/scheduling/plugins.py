@@ -26,7 +26,7 @@ from typing import ClassVar
 from pydantic import BaseModel
 
 from extproc.kvindex import KVBlockIndex, PromptHasher
-from extproc.scheduling.prefix import PrefixIndex, block_hashes
+from extproc.scheduling.prefix import BlockHashes, PrefixIndex
 from extproc.scheduling.tokenizers import ChatTemplateError, ModelTokenizer, load_tokenizer
 from extproc.scheduling.types import (
     AllPodsSaturated,
@@ -357,9 +357,10 @@ class PrefixCacheScorer(Scorer):
         self.block_size = args.block_size
         self.max_blocks = args.max_blocks
         self.index = PrefixIndex(args.capacity)
+        self._hashes = BlockHashes(self.block_size, self.max_blocks)
 
     def hashes(self, request: SchedulingRequest) -> list[int]:
-        return block_hashes(request.prompt, self.block_size, self.max_blocks)
+        return self._hashes(request.prompt)
 
     def score(self, ctx: Context, pods: list[Pod]) -> list[float] | None:
         if PRECISE in ctx.state:
@@ -528,6 +529,8 @@ class PrecisePrefixScorer(Scorer):
             if self.tokenizer is None:
                 return None
         naming, sizes = index.naming, index.block_sizes
+        if not naming or not sizes:
+            return None  # no pod's KV events are followed (no group below)
         groups: dict[_Naming, list[str]] = {}
         for p in pods:
             nm = naming.get(p.name)

@@ -114,21 +114,28 @@ def _rank(pods: list[Pod], totals: list[float], k: int, rng: random.Random) -> l
     if n == 1:
         return pods
     order = sorted(range(n), key=totals.__getitem__, reverse=True)  # stable
+    ranked_totals = [totals[i] for i in order]  # descending
     k = min(k, n)
-    # no tie among the k best nor at the cut: the order is the ranking (no rng draw)
-    top = [totals[i] for i in order[: k + 1]]
-    if len(set(top)) == len(top):
-        return [pods[i] for i in order[:k]]
-    ranked: list[Pod] = []
+    # no tie among the k best nor at the cut: the order is the ranking (no rng draw); sorted,
+    # a tie is two neighbours
+    last = k if k < n else n - 1
     i = 0
+    while i < last and ranked_totals[i] != ranked_totals[i + 1]:
+        i += 1
+    if i == last:
+        return [pods[g] for g in order[:k]]
+    # the pods before the first tie, then each group of equal totals in a random order
+    ranked = [pods[g] for g in order[:i]]
     while len(ranked) < k:
-        t = totals[order[i]]
+        t = ranked_totals[i]
         j = i + 1
-        while j < n and totals[order[j]] == t:
+        while j < n and ranked_totals[j] == t:
             j += 1
         need = k - len(ranked)
-        group = order[i:j] if j - i == 1 else rng.sample(order[i:j], min(need, j - i))
-        ranked += [pods[g] for g in group[:need]]
+        if j - i == 1:
+            ranked.append(pods[order[i]])
+        else:
+            ranked += [pods[g] for g in rng.sample(order[i:j], min(need, j - i))[:need]]
         i = j
     return ranked
 

@@ -42,7 +42,7 @@ class SchedulingResult:
     prefill: SchedulingResult | None = None
 
     def endpoints(self) -> list[str]:
-        return [self.primary.address, *(p.address for p in self.fallbacks)]
+        return [self.primary.address] + [p.address for p in self.fallbacks]
 
     def scores(self) -> dict[str, float]:
         """Total weighted score by candidate pod name."""

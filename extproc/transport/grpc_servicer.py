@@ -56,7 +56,8 @@ def timeout_override(seconds: float) -> pb.ProcessingResponse:
 def _headers_of(msg: pb.HttpHeaders) -> dict[str, str]:
     out: dict[str, str] = {}
     for h in msg.headers.headers:
-        out[h.key] = h.raw_value.decode("latin-1") if h.raw_value else h.value
+        raw = h.raw_value  # (each attribute read copies the value out of the message)
+        out[h.key] = raw.decode("latin-1") if raw else h.value
     return out
 
 

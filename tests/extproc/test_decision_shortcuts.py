@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 from random import Random
 
+from extproc.gateway import Immediate, Routed
 from extproc.routing import RouteTable
 from extproc.scheduling.scheduler import _rank
 from fleet.pods import Pod
@@ -112,3 +113,29 @@ def test_route_decisions_are_kept_but_draws_still_follow_the_rng() -> None:
         d for d in (fresh.decide("chat", {}, "/", Random(s)) for s in range(50)) if d.server == "a"
     )
     assert to_a.rewritten and to_a.upstream_model == "up/a"
+
+
+async def test_kept_request_lines_and_pod_headers_answer_as_fresh_ones() -> None:
+    """The gateway keeps classified request lines and the headers towards the pod: each request
+    gets its own header dict, and a bad request line is refused every time."""
+    from tests.extproc.test_gateway_core import BODY, HEADERS, make
+
+    gw, _ = make()
+    seen = []
+    for i in range(3):
+        state, answer = gw.start({**HEADERS, "x-request-id": f"r{i}"}, end_of_stream=False)
+        assert answer is None
+        routed = await gw.decide(state, BODY)
+        assert isinstance(routed, Routed)
+        assert "x-changed-by-a-caller" not in routed.headers  # the previous request's change
+        seen.append(dict(routed.headers))
+        routed.headers["x-changed-by-a-caller"] = "yes"
+        gw.finish(state)
+    fresh, _ = make()
+    state, _ = fresh.start(HEADERS, end_of_stream=False)
+    first = await fresh.decide(state, BODY)
+    assert isinstance(first, Routed)
+    assert seen[2] == first.headers
+    for _ in range(2):
+        _, refused = gw.start({**HEADERS, ":path": "/v1/nope?x=1"}, end_of_stream=False)
+        assert isinstance(refused, Immediate) and refused.status == 404

@@ -288,6 +288,25 @@ async def test_a_failing_stage_answers_500_and_releases_the_pod() -> None:
     assert isinstance(answer, Immediate) and answer.status == 500
     assert b"request id r1" in answer.body
     assert ds.in_flight_total() == 0 and state.pod_name is None
-    assert gw.metrics.in_flight._value.get() == 0
+    assert in_flight_gauge(gw) == 0
     gw.finish(state)  # the stream's end does not count the request off twice
-    assert ds.in_flight_total() == 0 and gw.metrics.in_flight._value.get() == 0
+    assert ds.in_flight_total() == 0 and in_flight_gauge(gw) == 0
+
+
+def in_flight_gauge(gw: Gateway) -> float | None:
+    """``matrixinfer_gateway_in_flight_requests`` as the gateway's registry exposes it."""
+    return gw.metrics.registry.get_sample_value("matrixinfer_gateway_in_flight_requests")
+
+
+async def test_the_in_flight_gauge_counts_routed_requests_until_they_finish() -> None:
+    gw, _ = make()
+    first, _ = gw.start(HEADERS, end_of_stream=False)
+    assert isinstance(await gw.decide(first, BODY), Routed)
+    second, _ = gw.start({**HEADERS, "x-request-id": "r2"}, end_of_stream=False)
+    assert isinstance(await gw.decide(second, BODY), Routed)
+    assert in_flight_gauge(gw) == 2
+    gw.finish(first)
+    assert in_flight_gauge(gw) == 1
+    gw.finish(second)
+    gw.finish(second)  # a stream ends once; a second call counts nothing off
+    assert in_flight_gauge(gw) == 0
