@@ -143,6 +143,9 @@ class FleetSpec:
     # s from the client's send to the engine's arrival (the HTTP path: loadgen, Envoy, ext_proc,
     # the sim's event loop); 0 = the engines alone. The calibration measures it from the probes.
     http_latency: float = 0.0
+    # apply a pod's runs of identical decode steps lazily, in one call, instead of one event per
+    # step (``Engine.decode_repeats``); the records are the same either way
+    fast_forward: bool = True
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
@@ -281,6 +284,11 @@ class _Pod:
     in_flight: int = 0
     latency: LatencyState | None = None
     page: Callable[[float], str] | None = None  # full-page renderer ("full" mode)
+    step_seq: int = 0  # heap sequence number of the pod's live step event (others are stale)
+    # fast-forward: repeats of ``batch`` whose ends are not applied yet (``_catch_up``), the first
+    # ending at ``ff_next``; the live step event is the end of the repeat after them
+    ff_left: int = 0
+    ff_next: float = 0.0
 
 
 @dataclass(slots=True, eq=False)
@@ -462,13 +470,15 @@ class _Simulation:
         deadline = self.deadline
         step_end = self._step_end
         while events:
-            t, _, kind, data = pop(events)
+            t, seq, kind, data = pop(events)
             if t > deadline:
                 break
-            self.now = t
             if kind == _STEP:  # most events by far
-                step_end(data)
+                if seq == data.step_seq:  # else cut short by a fast-forward's end (_cut)
+                    self.now = t
+                    step_end(data)
                 continue
+            self.now = t
             if kind in _CLIENT_EVENTS:
                 self.pending -= 1
             if kind == _ARRIVE:
@@ -485,6 +495,14 @@ class _Simulation:
                 self._engine_add(*data)
             elif kind == _NEXT_SESSION:
                 self._next_session()
+        else:
+            deadline = math.inf
+        # the steps a per-step loop would have run up to the deadline
+        for p in self.pods:
+            if p.ff_left:
+                last = self._catch_up(p, deadline, inclusive=True)
+                if last > self.now:
+                    self.now = last
         for flight in list(self.open.values()):
             flight.record.error = "cancelled: still open at the drain deadline"
             self._release(flight)
@@ -587,6 +605,9 @@ class _Simulation:
         out = random.Random(h).choices(OUTPUT_WORD_IDS, k=n)
         req = Request(flight.record.request_id, ids, out, self.now, "length", lora)
         req.waiter = flight
+        if pod.ff_left:
+            self._catch_up(pod, self.now)
+            self._cut(pod)
         try:
             pod.engine.add(req)
         except QueueFull as exc:
@@ -641,13 +662,68 @@ class _Simulation:
         batch = pod.engine.schedule(self.now)
         pod.batch = batch
         if batch is not None:
+            end = batch.start + batch.duration
+            if self.fleet.fast_forward and batch.duration > 0:
+                # the next steps repeat this one until a request finishes or one is added: one
+                # event at the end of the last repeat, the ones before applied when needed
+                repeats = pod.engine.decode_repeats(batch)
+                if repeats > 0:
+                    pod.ff_left = repeats
+                    pod.ff_next = end
+                    duration = batch.duration
+                    for _ in range(repeats):
+                        end += duration  # as the per-step loop sums the ends: start + duration
             self.seq += 1  # self.push, inlined: a step is not a client event
-            heapq.heappush(self.events, (batch.start + batch.duration, self.seq, _STEP, pod))
+            pod.step_seq = self.seq
+            heapq.heappush(self.events, (end, self.seq, _STEP, pod))
+
+    def _catch_up(self, pod: _Pod, t: float, *, inclusive: bool = False) -> float:
+        """Apply the pod's fast-forwarded step ends before ``t`` (at ``t`` too if ``inclusive``),
+        engine and records, as the per-step loop would have by then; the last end applied."""
+        batch = pod.batch
+        assert batch is not None
+        ends: list[float] = []
+        nxt, left, duration = pod.ff_next, pod.ff_left, batch.duration
+        while left and (nxt < t or (inclusive and nxt == t)):
+            ends.append(nxt)
+            nxt += duration
+            left -= 1
+        pod.ff_next, pod.ff_left = nxt, left
+        if not ends:
+            return -math.inf
+        pod.engine.repeat_decode(batch, ends)
+        for req in batch.reqs:
+            flight: _Flight = req.waiter
+            itl = flight.record.itl
+            last = flight.last_token
+            for e in ends:
+                itl.append(e - last)
+                last = e
+            flight.last_token = last
+        return ends[-1]
+
+    def _cut(self, pod: _Pod) -> None:
+        """End the pod's fast-forward at the step now running (a request arrives): its end
+        becomes the pod's live step event; the next steps are planned one by one again."""
+        if not pod.ff_left:
+            return
+        batch = pod.batch
+        assert batch is not None
+        end = pod.ff_next
+        pod.batch = Batch(
+            end - batch.duration, batch.duration, batch.reqs, batch.num_new, 0, len(batch.reqs)
+        )
+        pod.ff_left = 0
+        self.seq += 1
+        pod.step_seq = self.seq
+        heapq.heappush(self.events, (end, self.seq, _STEP, pod))
 
     def _step_end(self, pod: _Pod) -> None:
         batch = pod.batch
         assert batch is not None
         now = self.now
+        if pod.ff_left:
+            self._catch_up(pod, now, inclusive=True)
         for req in pod.engine.finish_step(batch, now):
             flight: _Flight = req.waiter
             rec = flight.record
@@ -687,6 +763,8 @@ class _Simulation:
     # ---- scrapes and samples ------------------------------------------------------------------
     def _scrape(self, pod: _Pod) -> None:
         now = self.now
+        if pod.ff_left:
+            self._catch_up(pod, now)
         if pod.page is not None:
             text = pod.page(now)
         else:
@@ -701,6 +779,8 @@ class _Simulation:
     def _sample(self) -> None:
         now = self.now
         for p in self.pods:
+            if p.ff_left:
+                self._catch_up(p, now)
             e = p.engine
             self.load.append(
                 LoadSample(now, p.name, p.in_flight, e.num_waiting, len(e.running), e.kv_usage())

@@ -15,7 +15,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -506,3 +506,50 @@ def test_cold_runs_start_from_empty_caches() -> None:
     key = [(r.pod, r.ttft, r.e2e, r.cached_tokens, r.itl) for r in first.records]
     assert key == [(r.pod, r.ttft, r.e2e, r.cached_tokens, r.itl) for r in again.records]
     assert key == [(r.pod, r.ttft, r.e2e, r.cached_tokens, r.itl) for r in warm.records]
+
+
+def _ff_run(
+    wl: list[TraceSession], contender: str, fleet: FleetSpec, **kw: object
+) -> tuple[SimResult, int]:
+    sim = _Simulation(
+        wl,
+        fleet,
+        contender_named(contender),
+        seed=SEED,
+        duration=kw.pop("duration", 3.0),  # type: ignore[arg-type]
+        drain_timeout=kw.pop("drain_timeout", 30.0),  # type: ignore[arg-type]
+        concurrency=kw.pop("concurrency", None),  # type: ignore[arg-type]
+        default_profile=None,
+    )
+    sim.run()
+    res = SimResult(contender, "", 0.0, "", [], sim.records, sim.load, sim.now, 0.0, sim.scrapes)
+    return res, sim.seq
+
+
+@pytest.mark.parametrize(
+    ("spec", "options"),
+    [
+        (WORKLOADS["shared-prefix"], {}),
+        (WORKLOADS["multi-turn"], {}),
+        (WORKLOADS["lora-mix"], {}),
+        ("long_context:qps=8", {"drain_timeout": 0.4}),  # requests cut at the deadline
+        ("multi_turn:qps=2,turns=3", {"concurrency": 2, "duration": 6.0}),  # closed loop
+    ],
+)
+def test_decode_fast_forward_changes_no_record(spec: str, options: dict[str, object]) -> None:
+    """Runs of identical decode steps applied lazily (one event each) give the per-step loop's
+    records, load samples, scrapes and end time, bit for bit, with fewer events."""
+    wl = make_workload(spec, seed=SEED, duration=3)
+    for contender in ("envoy-rr", "ours-default"):
+        for latency in (0.0, 0.006):
+            fleet = FleetSpec(http_latency=latency, fast_forward=False)
+            slow, slow_events = _ff_run(wl, contender, fleet, **dict(options))
+            fast, fast_events = _ff_run(
+                wl, contender, replace(fleet, fast_forward=True), **dict(options)
+            )
+            assert fast.records == slow.records
+            assert fast.load == slow.load
+            assert (fast.scrapes, fast.sim_seconds) == (slow.scrapes, slow.sim_seconds)
+            assert fast_events < 0.7 * slow_events
+    if "drain_timeout" in options:
+        assert any(r.error and "drain deadline" in r.error for r in slow.records)
