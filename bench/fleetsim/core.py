@@ -46,6 +46,7 @@ from __future__ import annotations
 import array
 import copy
 import heapq
+import itertools
 import math
 import random
 import tempfile
@@ -692,15 +693,17 @@ class _Simulation:
         if not ends:
             return -math.inf
         pod.engine.repeat_decode(batch, ends)
+        # each token's gap from the one before: the first from the request's last token, the
+        # others from the step before (every request's)
+        first, last = ends[0], ends[-1]
+        gaps = [b - a for a, b in itertools.pairwise(ends)]
         for req in batch.reqs:
             flight: _Flight = req.waiter
             itl = flight.record.itl
-            last = flight.last_token
-            for e in ends:
-                itl.append(e - last)
-                last = e
+            itl.append(first - flight.last_token)
+            itl += gaps
             flight.last_token = last
-        return ends[-1]
+        return last
 
     def _cut(self, pod: _Pod) -> None:
         """End the pod's fast-forward at the step now running (a request arrives): its end
