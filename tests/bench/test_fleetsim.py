@@ -490,16 +490,16 @@ def test_speed_times_each_suite_point_against_its_wall_clock(tmp_path: Path) -> 
 
 
 def test_cold_runs_start_from_empty_caches() -> None:
-    """``reset_caches`` forgets the chat pieces and block digests a run filled; the results stay
-    the same either way (the caches only save work)."""
+    """``reset_caches`` forgets the chat pieces, output plans and block digests a run filled; the
+    results stay the same either way (the caches only save work)."""
     from bench.fleetsim import core
     from sim import blockhash
 
     wl = make_workload("shared_prefix:qps=8,groups=2,system_tokens=300", seed=SEED, duration=2)
     first = simulate(wl, "ours-default")
-    assert core._TEMPLATE and blockhash._MEMOS["sha256"].blocks
+    assert core._TEMPLATE and core._PLANS and blockhash._MEMOS["sha256"].blocks
     core.reset_caches()
-    assert not core._TEMPLATE and not core._CONFIGS
+    assert not core._TEMPLATE and not core._PLANS and not core._CONFIGS
     assert not blockhash._MEMOS["sha256"].blocks and not blockhash._MEMOS["sha256"].donors
     again = simulate(wl, "ours-default")
     warm = simulate(wl, "ours-default")
