@@ -553,3 +553,15 @@ def test_decode_fast_forward_changes_no_record(spec: str, options: dict[str, obj
             assert fast_events < 0.7 * slow_events
     if "drain_timeout" in options:
         assert any(r.error and "drain deadline" in r.error for r in slow.records)
+
+
+def test_exactness_recordings_compare_field_by_field() -> None:
+    from bench.fleetsim.exactness import compare, record
+
+    a = record([], ["lora_mix:qps=4"], duration=1.5)
+    b = record([], ["lora_mix:qps=4"], duration=1.5)
+    assert len(a) == 4 and compare(a, b) == []
+    key = next(iter(b))
+    records, load, scrapes, end = b[key]
+    b[key] = (records, load, scrapes + 1, end)
+    assert compare(a, b) == [f"{key}: scrapes {scrapes} != {scrapes + 1}"]
