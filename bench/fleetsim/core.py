@@ -293,8 +293,10 @@ class _Pod:
     page: Callable[[float], str] | None = None  # full-page renderer ("full" mode)
     step_seq: int = 0  # heap sequence number of the pod's live step event (others are stale)
     # fast-forward: repeats of ``batch`` whose ends are not applied yet (``_catch_up``), the first
-    # ending at ``ff_next``; the live step event is the end of the repeat after them
+    # starting at ``ff_start`` and ending at ``ff_next``; the live step event is the end of the
+    # repeat after them
     ff_left: int = 0
+    ff_start: float = 0.0
     ff_next: float = 0.0
 
 
@@ -377,7 +379,11 @@ class _Simulation:
         self.drain_timeout = drain_timeout
         self.concurrency = concurrency
         self.now = 0.0
-        self.events: list[tuple[float, int, int, Any]] = []
+        # (time, when pushed, sequence number, kind, data): events of one instant in the order
+        # they were pushed (the sequence number alone would do, but a fast-forwarded step's event
+        # is pushed early and carries the time the per-step loop would have pushed it at)
+        self.events: list[tuple[float, float, int, int, Any]] = []
+        self.pushed = 0.0  # when the event being handled was pushed
         self.seq = 0
         self.pending = 0  # client events (arrivals, sessions, HTTP hops) in the heap
         self.records: list[SimRecord] = []
@@ -445,7 +451,7 @@ class _Simulation:
         self.seq += 1
         if kind in _CLIENT_EVENTS:
             self.pending += 1
-        heapq.heappush(self.events, (t, self.seq, kind, data))
+        heapq.heappush(self.events, (t, self.now, self.seq, kind, data))
 
     def busy(self) -> bool:
         """Requests open or still to be sent: the periodic scrapes and samples go on."""
@@ -477,7 +483,7 @@ class _Simulation:
         deadline = self.deadline
         step_end = self._step_end
         while events:
-            t, seq, kind, data = pop(events)
+            t, pushed, seq, kind, data = pop(events)
             if t > deadline:
                 break
             if kind == _STEP:  # most events by far
@@ -486,6 +492,7 @@ class _Simulation:
                     step_end(data)
                 continue
             self.now = t
+            self.pushed = pushed
             if kind in _CLIENT_EVENTS:
                 self.pending -= 1
             if kind == _ARRIVE:
@@ -673,33 +680,40 @@ class _Simulation:
         batch = pod.engine.schedule(self.now)
         pod.batch = batch
         if batch is not None:
-            end = batch.start + batch.duration
+            start = batch.start
+            end = start + batch.duration
             if self.fleet.fast_forward and batch.duration > 0:
                 # the next steps repeat this one until a request finishes or one is added: one
                 # event at the end of the last repeat, the ones before applied when needed
                 repeats = pod.engine.decode_repeats(batch)
                 if repeats > 0:
                     pod.ff_left = repeats
+                    pod.ff_start = start
                     pod.ff_next = end
                     duration = batch.duration
                     for _ in range(repeats):
+                        start = end
                         end += duration  # as the per-step loop sums the ends: start + duration
             self.seq += 1  # self.push, inlined: a step is not a client event
             pod.step_seq = self.seq
-            heapq.heappush(self.events, (end, self.seq, _STEP, pod))
+            heapq.heappush(self.events, (end, start, self.seq, _STEP, pod))
 
     def _catch_up(self, pod: _Pod, t: float, *, inclusive: bool = False) -> float:
-        """Apply the pod's fast-forwarded step ends before ``t`` (at ``t`` too if ``inclusive``),
-        engine and records, as the per-step loop would have by then; the last end applied."""
+        """Apply the pod's fast-forwarded step ends that the per-step loop would have handled
+        before the event being handled at ``t``, engine and records (at ``t`` too if
+        ``inclusive``); the last end applied. A step ending at ``t`` came first if its event
+        was pushed (at the step's start) before this event was."""
         batch = pod.batch
         assert batch is not None
         ends: list[float] = []
-        nxt, left, duration = pod.ff_next, pod.ff_left, batch.duration
-        while left and (nxt < t or (inclusive and nxt == t)):
+        start, nxt, left, duration = pod.ff_start, pod.ff_next, pod.ff_left, batch.duration
+        pushed = self.pushed
+        while left and (nxt < t or (nxt == t and (inclusive or start < pushed))):
             ends.append(nxt)
+            start = nxt
             nxt += duration
             left -= 1
-        pod.ff_next, pod.ff_left = nxt, left
+        pod.ff_start, pod.ff_next, pod.ff_left = start, nxt, left
         if not ends:
             return -math.inf
         pod.engine.repeat_decode(batch, ends)
@@ -722,14 +736,12 @@ class _Simulation:
             return
         batch = pod.batch
         assert batch is not None
-        end = pod.ff_next
-        pod.batch = Batch(
-            end - batch.duration, batch.duration, batch.reqs, batch.num_new, 0, len(batch.reqs)
-        )
+        start, end = pod.ff_start, pod.ff_next
+        pod.batch = Batch(start, batch.duration, batch.reqs, batch.num_new, 0, len(batch.reqs))
         pod.ff_left = 0
         self.seq += 1
         pod.step_seq = self.seq
-        heapq.heappush(self.events, (end, self.seq, _STEP, pod))
+        heapq.heappush(self.events, (end, start, self.seq, _STEP, pod))
 
     def _step_end(self, pod: _Pod) -> None:
         batch = pod.batch

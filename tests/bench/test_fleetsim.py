@@ -565,3 +565,23 @@ def test_exactness_recordings_compare_field_by_field() -> None:
     records, load, scrapes, end = b[key]
     b[key] = (records, load, scrapes + 1, end)
     assert compare(a, b) == [f"{key}: scrapes {scrapes} != {scrapes + 1}"]
+
+
+def test_decode_fast_forward_orders_a_tie_as_the_per_step_loop() -> None:
+    """Two pods start the same prompt at 0 (closed loop, 2 clients, round-robin over 2 pods) and
+    step in lockstep; the shorter request ends at the very instant the other pod ends a decode
+    step, and the next session goes to that pod. The per-step loop ends that pod's step first
+    (its event was pushed a step earlier), then admits the new request: so must the fast path."""
+    prompt = tuple(range(100, 400))
+    wl = [
+        TraceSession(0.0, "bench-model", n, prompt_ids=prompt, session=str(i))
+        for i, n in enumerate((40, 10, 10))
+    ]
+    fleet = FleetSpec(replicas=2, envoy_workers=1, fast_forward=False)
+    options = {"concurrency": 2, "duration": 1.0}
+    slow, _ = _ff_run(wl, "envoy-rr", fleet, **dict(options))
+    fast, _ = _ff_run(wl, "envoy-rr", replace(fleet, fast_forward=True), **dict(options))
+    first, second, third = slow.records
+    assert third.pod == first.pod != second.pod  # the third request joins the long one
+    assert third.sent == second.sent + second.e2e  # type: ignore[operator]
+    assert fast.records == slow.records
