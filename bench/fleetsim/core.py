@@ -114,7 +114,8 @@ _TEMPLATE: dict[tuple[str, str], _Part] = {}
 
 
 # the output plan of a prompt (``random.Random(prompt hash).choices``, as ``SimServer._build``
-# draws it: ~15 us a request) by (prompt hash, max_tokens), which decide it; bounded
+# draws it: ~15 us a request) by (prompt hash, max_tokens), which decide it; bounded (8,192
+# plans of max_tokens ids each: at most a few tens of MB)
 _PLANS: dict[tuple[int, int], list[int]] = {}
 
 
@@ -618,7 +619,7 @@ class _Simulation:
             return
         out = _PLANS.get((h, n))
         if out is None:
-            if len(_PLANS) >= 20_000:
+            if len(_PLANS) >= 8192:
                 _PLANS.clear()
             out = _PLANS[h, n] = random.Random(h).choices(OUTPUT_WORD_IDS, k=n)
         req = Request(flight.record.request_id, ids, out, self.now, "length", lora)
