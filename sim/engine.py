@@ -492,6 +492,95 @@ class Engine:
         stats.prompt_len.observe(req.prompt_len)
         stats.gen_len.observe(req.num_output)
 
+    # ---------------------------------------------------------------- decode fast-forward
+
+    def decode_repeats(self, batch: Batch) -> int:
+        """How many steps, counting ``batch`` itself, end without a change to the next step's plan.
+
+        A virtual-time driver may apply those steps' ends at once (:meth:`repeat_decode`) instead
+        of a ``finish_step`` and a ``schedule`` each, as long as it adds or aborts nothing
+        meanwhile. That holds when ``batch`` is the whole running set decoding one token each and
+        nothing waits: then each step's end gives every request a token, finishes none until the
+        first request's last planned token, and schedules the same requests again (allocating
+        the blocks their next tokens need, which must be free: no preemption). 0 otherwise.
+        """
+        reqs = batch.reqs
+        n = len(reqs)
+        if (
+            batch.prefill_tokens
+            or self.waiting
+            or self.transferring
+            or n != len(self.running)
+            or batch.decode_seqs != n
+            or batch.num_new.count(1) != n
+        ):
+            return 0
+        # step j (1-based) gives each request its (num_output + j)-th token: no finish before
+        # the smallest number of planned tokens left
+        m = min([len(r.output_ids) - r.num_output for r in reqs]) - 1
+        if m <= 0:
+            return 0
+        # after step j's end, the next step needs room for num_tokens + j tokens per request: the
+        # most repeats whose blocks are free (the blocks needed grow with j: bisect)
+        bs = self.kv.block_size
+        free = self.kv.pool.num_free
+        have = [(len(r.prompt_ids) + r.num_output, len(r.block_ids) * bs) for r in reqs]
+
+        def fits(j: int) -> bool:
+            need = 0
+            for tokens, room in have:
+                if tokens + j > room:
+                    need += -(-(tokens + j - room) // bs)
+            return need <= free
+
+        if fits(m):
+            return m
+        lo, hi = 0, m  # fits(lo), not fits(hi)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if fits(mid):
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    def repeat_decode(self, batch: Batch, ends: list[float]) -> None:
+        """Apply the ends of ``len(ends)`` repeats of ``batch`` (ending at ``ends``, in order), each
+        followed by the next step's scheduling: exactly what ``finish_step(batch, end)`` then
+        ``schedule(end)`` do for each end, in the same order (block registrations, then the next
+        step's allocations, request by request), minus the Batch objects. Only for ends within
+        :meth:`decode_repeats` of ``batch``, with nothing added or aborted since it was planned.
+        """
+        stats = self.stats
+        kv = self.kv
+        caching = kv.caching
+        block_size = kv.block_size
+        itl = stats.itl
+        itl_bounds, itl_counts = itl.bounds, itl.counts
+        bisect_left = bisect.bisect_left
+        reqs = batch.reqs
+        n = len(reqs)
+        duration = batch.duration
+        for now in ends:
+            stats.steps += 1
+            stats.busy_time += duration
+            for req in reqs:
+                computed = req.num_computed + 1
+                req.num_computed = computed
+                if caching and computed // block_size > req.num_cached_blocks:
+                    kv.cache_computed(req)
+                req.num_output += 1
+                v = now - req.last_token
+                itl_counts[bisect_left(itl_bounds, v)] += 1
+                itl.sum += v
+                req.last_token = now
+            stats.generation_tokens += n
+            itl.count += n
+            # the next step (the same requests, a token each): blocks where a token starts one
+            for req in reqs:
+                if req.num_computed >= len(req.block_ids) * block_size and not kv.allocate(req, 1):
+                    raise RuntimeError("repeat_decode beyond decode_repeats: no free KV block")
+
     # ---------------------------------------------------------------- views
 
     def kv_usage(self) -> float:

@@ -47,7 +47,7 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.ref = [0] * num_blocks
         self.block_hash: list[BlockHash | None] = [None] * num_blocks
-        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.cached: dict[BlockHash, int] = {}
         self.events: list[KVEvent] | None = [] if record_events else None
         self.evictions = 0  # cached hashes dropped so far (by take or reset)

@@ -46,6 +46,7 @@ from __future__ import annotations
 import array
 import copy
 import heapq
+import itertools
 import math
 import random
 import tempfile
@@ -112,15 +113,22 @@ _Part = tuple[list[int], bytes]
 _TEMPLATE: dict[tuple[str, str], _Part] = {}
 
 
+# the output plan of a prompt (``random.Random(prompt hash).choices``, as ``SimServer._build``
+# draws it: ~15 us a request) by (prompt hash, max_tokens), which decide it; bounded (8,192
+# plans of max_tokens ids each: at most a few tens of MB)
+_PLANS: dict[tuple[int, int], list[int]] = {}
+
+
 def _part(ids: list[int]) -> _Part:
     return ids, array.array("i", ids).tobytes()
 
 
 def reset_caches() -> None:
-    """Empty the process-wide caches a simulation fills (chat messages' token ids, block-hash
-    digests, loaded gateway configurations): the next run starts cold, as a process's first run
-    does."""
+    """Empty the process-wide caches a simulation fills (chat messages' token ids, output plans,
+    block-hash digests, loaded gateway configurations): the next run starts cold, as a process's
+    first run does."""
     _TEMPLATE.clear()
+    _PLANS.clear()
     _CONFIGS.clear()
     clear_memos()
 
@@ -143,6 +151,9 @@ class FleetSpec:
     # s from the client's send to the engine's arrival (the HTTP path: loadgen, Envoy, ext_proc,
     # the sim's event loop); 0 = the engines alone. The calibration measures it from the probes.
     http_latency: float = 0.0
+    # apply a pod's runs of identical decode steps lazily, in one call, instead of one event per
+    # step (``Engine.decode_repeats``); the records are the same either way
+    fast_forward: bool = True
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
@@ -281,6 +292,13 @@ class _Pod:
     in_flight: int = 0
     latency: LatencyState | None = None
     page: Callable[[float], str] | None = None  # full-page renderer ("full" mode)
+    step_seq: int = 0  # heap sequence number of the pod's live step event (others are stale)
+    # fast-forward: repeats of ``batch`` whose ends are not applied yet (``_catch_up``), the first
+    # starting at ``ff_start`` and ending at ``ff_next``; the live step event is the end of the
+    # repeat after them
+    ff_left: int = 0
+    ff_start: float = 0.0
+    ff_next: float = 0.0
 
 
 @dataclass(slots=True, eq=False)
@@ -362,7 +380,11 @@ class _Simulation:
         self.drain_timeout = drain_timeout
         self.concurrency = concurrency
         self.now = 0.0
-        self.events: list[tuple[float, int, int, Any]] = []
+        # (time, when pushed, sequence number, kind, data): events of one instant in the order
+        # they were pushed (the sequence number alone would do, but a fast-forwarded step's event
+        # is pushed early and carries the time the per-step loop would have pushed it at)
+        self.events: list[tuple[float, float, int, int, Any]] = []
+        self.pushed = 0.0  # when the event being handled was pushed
         self.seq = 0
         self.pending = 0  # client events (arrivals, sessions, HTTP hops) in the heap
         self.records: list[SimRecord] = []
@@ -430,7 +452,7 @@ class _Simulation:
         self.seq += 1
         if kind in _CLIENT_EVENTS:
             self.pending += 1
-        heapq.heappush(self.events, (t, self.seq, kind, data))
+        heapq.heappush(self.events, (t, self.now, self.seq, kind, data))
 
     def busy(self) -> bool:
         """Requests open or still to be sent: the periodic scrapes and samples go on."""
@@ -462,13 +484,16 @@ class _Simulation:
         deadline = self.deadline
         step_end = self._step_end
         while events:
-            t, _, kind, data = pop(events)
+            t, pushed, seq, kind, data = pop(events)
             if t > deadline:
                 break
-            self.now = t
             if kind == _STEP:  # most events by far
-                step_end(data)
+                if seq == data.step_seq:  # else cut short by a fast-forward's end (_cut)
+                    self.now = t
+                    step_end(data)
                 continue
+            self.now = t
+            self.pushed = pushed
             if kind in _CLIENT_EVENTS:
                 self.pending -= 1
             if kind == _ARRIVE:
@@ -485,6 +510,14 @@ class _Simulation:
                 self._engine_add(*data)
             elif kind == _NEXT_SESSION:
                 self._next_session()
+        else:
+            deadline = math.inf
+        # the steps a per-step loop would have run up to the deadline
+        for p in self.pods:
+            if p.ff_left:
+                last = self._catch_up(p, deadline, inclusive=True)
+                if last > self.now:
+                    self.now = last
         for flight in list(self.open.values()):
             flight.record.error = "cancelled: still open at the drain deadline"
             self._release(flight)
@@ -584,9 +617,16 @@ class _Simulation:
         if len(ids) + n > self.cfg.engine.max_model_len:
             self._fail(flight, 400, f"{len(ids)} + {n} tokens exceed the maximum context length")
             return
-        out = random.Random(h).choices(OUTPUT_WORD_IDS, k=n)
+        out = _PLANS.get((h, n))
+        if out is None:
+            if len(_PLANS) >= 8192:
+                _PLANS.clear()
+            out = _PLANS[h, n] = random.Random(h).choices(OUTPUT_WORD_IDS, k=n)
         req = Request(flight.record.request_id, ids, out, self.now, "length", lora)
         req.waiter = flight
+        if pod.ff_left:
+            self._catch_up(pod, self.now)
+            self._cut(pod)
         try:
             pod.engine.add(req)
         except QueueFull as exc:
@@ -641,13 +681,75 @@ class _Simulation:
         batch = pod.engine.schedule(self.now)
         pod.batch = batch
         if batch is not None:
+            start = batch.start
+            end = start + batch.duration
+            if self.fleet.fast_forward and batch.duration > 0:
+                # the next steps repeat this one until a request finishes or one is added: one
+                # event at the end of the last repeat, the ones before applied when needed
+                repeats = pod.engine.decode_repeats(batch)
+                if repeats > 0:
+                    pod.ff_left = repeats
+                    pod.ff_start = start
+                    pod.ff_next = end
+                    duration = batch.duration
+                    for _ in range(repeats):
+                        start = end
+                        end += duration  # as the per-step loop sums the ends: start + duration
             self.seq += 1  # self.push, inlined: a step is not a client event
-            heapq.heappush(self.events, (batch.start + batch.duration, self.seq, _STEP, pod))
+            pod.step_seq = self.seq
+            heapq.heappush(self.events, (end, start, self.seq, _STEP, pod))
+
+    def _catch_up(self, pod: _Pod, t: float, *, inclusive: bool = False) -> float:
+        """Apply the pod's fast-forwarded step ends that the per-step loop would have handled
+        before the event being handled at ``t``, engine and records (at ``t`` too if
+        ``inclusive``); the last end applied. A step ending at ``t`` came first if its event
+        was pushed (at the step's start) before this event was."""
+        batch = pod.batch
+        assert batch is not None
+        ends: list[float] = []
+        start, nxt, left, duration = pod.ff_start, pod.ff_next, pod.ff_left, batch.duration
+        pushed = self.pushed
+        while left and (nxt < t or (nxt == t and (inclusive or start < pushed))):
+            ends.append(nxt)
+            start = nxt
+            nxt += duration
+            left -= 1
+        pod.ff_start, pod.ff_next, pod.ff_left = start, nxt, left
+        if not ends:
+            return -math.inf
+        pod.engine.repeat_decode(batch, ends)
+        # each token's gap from the one before: the first from the request's last token, the
+        # others from the step before (every request's)
+        first, last = ends[0], ends[-1]
+        gaps = [b - a for a, b in itertools.pairwise(ends)]
+        for req in batch.reqs:
+            flight: _Flight = req.waiter
+            itl = flight.record.itl
+            itl.append(first - flight.last_token)
+            itl += gaps
+            flight.last_token = last
+        return last
+
+    def _cut(self, pod: _Pod) -> None:
+        """End the pod's fast-forward at the step now running (a request arrives): its end
+        becomes the pod's live step event; the next steps are planned one by one again."""
+        if not pod.ff_left:
+            return
+        batch = pod.batch
+        assert batch is not None
+        start, end = pod.ff_start, pod.ff_next
+        pod.batch = Batch(start, batch.duration, batch.reqs, batch.num_new, 0, len(batch.reqs))
+        pod.ff_left = 0
+        self.seq += 1
+        pod.step_seq = self.seq
+        heapq.heappush(self.events, (end, start, self.seq, _STEP, pod))
 
     def _step_end(self, pod: _Pod) -> None:
         batch = pod.batch
         assert batch is not None
         now = self.now
+        if pod.ff_left:
+            self._catch_up(pod, now, inclusive=True)
         for req in pod.engine.finish_step(batch, now):
             flight: _Flight = req.waiter
             rec = flight.record
@@ -687,6 +789,8 @@ class _Simulation:
     # ---- scrapes and samples ------------------------------------------------------------------
     def _scrape(self, pod: _Pod) -> None:
         now = self.now
+        if pod.ff_left:
+            self._catch_up(pod, now)
         if pod.page is not None:
             text = pod.page(now)
         else:
@@ -701,6 +805,8 @@ class _Simulation:
     def _sample(self) -> None:
         now = self.now
         for p in self.pods:
+            if p.ff_left:
+                self._catch_up(p, now)
             e = p.engine
             self.load.append(
                 LoadSample(now, p.name, p.in_flight, e.num_waiting, len(e.running), e.kv_usage())

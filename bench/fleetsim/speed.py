@@ -8,9 +8,9 @@ varies 2-4x with the load, its CPU time much less) against the wall-clock point'
 (first send to last completion; fleet start-up excluded).
 
 ``cold`` (the default) empties the process's caches before every run - the chat template's token
-ids and the block-hash memo - so each run tokenises and hashes its prompts from scratch, as a
-first run of a process does; warm runs keep them, as a calibration or tuning sweep does after its
-first run over the same prompts.
+ids, the output plans and the block-hash memo - so each run tokenises and hashes its prompts from
+scratch, as a first run of a process does; warm runs keep them, as a calibration or tuning sweep
+does after its first run over the same prompts.
 """
 
 from __future__ import annotations

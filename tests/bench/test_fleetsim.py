@@ -15,7 +15,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -490,19 +490,98 @@ def test_speed_times_each_suite_point_against_its_wall_clock(tmp_path: Path) -> 
 
 
 def test_cold_runs_start_from_empty_caches() -> None:
-    """``reset_caches`` forgets the chat pieces and block digests a run filled; the results stay
-    the same either way (the caches only save work)."""
+    """``reset_caches`` forgets the chat pieces, output plans and block digests a run filled; the
+    results stay the same either way (the caches only save work)."""
     from bench.fleetsim import core
     from sim import blockhash
 
     wl = make_workload("shared_prefix:qps=8,groups=2,system_tokens=300", seed=SEED, duration=2)
     first = simulate(wl, "ours-default")
-    assert core._TEMPLATE and blockhash._MEMOS["sha256"].blocks
+    assert core._TEMPLATE and core._PLANS and blockhash._MEMOS["sha256"].blocks
     core.reset_caches()
-    assert not core._TEMPLATE and not core._CONFIGS
+    assert not core._TEMPLATE and not core._PLANS and not core._CONFIGS
     assert not blockhash._MEMOS["sha256"].blocks and not blockhash._MEMOS["sha256"].donors
     again = simulate(wl, "ours-default")
     warm = simulate(wl, "ours-default")
     key = [(r.pod, r.ttft, r.e2e, r.cached_tokens, r.itl) for r in first.records]
     assert key == [(r.pod, r.ttft, r.e2e, r.cached_tokens, r.itl) for r in again.records]
     assert key == [(r.pod, r.ttft, r.e2e, r.cached_tokens, r.itl) for r in warm.records]
+
+
+def _ff_run(
+    wl: list[TraceSession], contender: str, fleet: FleetSpec, **kw: object
+) -> tuple[SimResult, int]:
+    sim = _Simulation(
+        wl,
+        fleet,
+        contender_named(contender),
+        seed=SEED,
+        duration=kw.pop("duration", 3.0),  # type: ignore[arg-type]
+        drain_timeout=kw.pop("drain_timeout", 30.0),  # type: ignore[arg-type]
+        concurrency=kw.pop("concurrency", None),  # type: ignore[arg-type]
+        default_profile=None,
+    )
+    sim.run()
+    res = SimResult(contender, "", 0.0, "", [], sim.records, sim.load, sim.now, 0.0, sim.scrapes)
+    return res, sim.seq
+
+
+@pytest.mark.parametrize(
+    ("spec", "options"),
+    [
+        (WORKLOADS["shared-prefix"], {}),
+        (WORKLOADS["multi-turn"], {}),
+        (WORKLOADS["lora-mix"], {}),
+        ("long_context:qps=8", {"drain_timeout": 0.4}),  # requests cut at the deadline
+        ("multi_turn:qps=2,turns=3", {"concurrency": 2, "duration": 6.0}),  # closed loop
+    ],
+)
+def test_decode_fast_forward_changes_no_record(spec: str, options: dict[str, object]) -> None:
+    """Runs of identical decode steps applied lazily (one event each) give the per-step loop's
+    records, load samples, scrapes and end time, bit for bit, with fewer events."""
+    wl = make_workload(spec, seed=SEED, duration=3)
+    for contender in ("envoy-rr", "ours-default"):
+        for latency in (0.0, 0.006):
+            fleet = FleetSpec(http_latency=latency, fast_forward=False)
+            slow, slow_events = _ff_run(wl, contender, fleet, **dict(options))
+            fast, fast_events = _ff_run(
+                wl, contender, replace(fleet, fast_forward=True), **dict(options)
+            )
+            assert fast.records == slow.records
+            assert fast.load == slow.load
+            assert (fast.scrapes, fast.sim_seconds) == (slow.scrapes, slow.sim_seconds)
+            assert fast_events < 0.7 * slow_events
+    if "drain_timeout" in options:
+        assert any(r.error and "drain deadline" in r.error for r in slow.records)
+
+
+def test_exactness_recordings_compare_field_by_field() -> None:
+    from bench.fleetsim.exactness import compare, record
+
+    a = record([], ["lora_mix:qps=4"], duration=1.5)
+    b = record([], ["lora_mix:qps=4"], duration=1.5)
+    assert len(a) == 4 and compare(a, b) == []
+    key = next(iter(b))
+    records, load, scrapes, end = b[key]
+    b[key] = (records, load, scrapes + 1, end)
+    assert compare(a, b) == [f"{key}: scrapes {scrapes} != {scrapes + 1}"]
+
+
+def test_decode_fast_forward_orders_a_tie_as_the_per_step_loop() -> None:
+    """Two pods start the same prompt at 0 (closed loop, 2 clients, round-robin over 2 pods) and
+    step in lockstep; the shorter request ends at the very instant the other pod ends a decode
+    step, and the next session goes to that pod. The per-step loop ends that pod's step first
+    (its event was pushed a step earlier), then admits the new request: so must the fast path."""
+    prompt = tuple(range(100, 400))
+    wl = [
+        TraceSession(0.0, "bench-model", n, prompt_ids=prompt, session=str(i))
+        for i, n in enumerate((40, 10, 10))
+    ]
+    fleet = FleetSpec(replicas=2, envoy_workers=1, fast_forward=False)
+    options = {"concurrency": 2, "duration": 1.0}
+    slow, _ = _ff_run(wl, "envoy-rr", fleet, **dict(options))
+    fast, _ = _ff_run(wl, "envoy-rr", replace(fleet, fast_forward=True), **dict(options))
+    first, second, third = slow.records
+    assert third.pod == first.pod != second.pod  # the third request joins the long one
+    assert third.sent == second.sent + second.e2e  # type: ignore[operator]
+    assert fast.records == slow.records

@@ -298,3 +298,116 @@ def test_a_waiting_lookup_sees_evictions_and_new_blocks() -> None:
     other = req("c", [500 + i for i in range(32)])
     assert kv.allocate(other, 32)  # takes all 8 blocks: the cached ones are evicted
     assert kv.lookup(b, 16) == []
+
+
+# ---------------------------------------------------------------------- decode fast-forward
+
+
+def _per_step(e: Engine) -> float:
+    return e.run_until_idle()
+
+
+def _fast_forward(e: Engine) -> tuple[float, int]:
+    """run_until_idle, with each batch's repeats applied in one ``repeat_decode`` call."""
+    now, repeated = 0.0, 0
+    while e.has_work():
+        batch = e.schedule(now)
+        assert batch is not None
+        m = e.decode_repeats(batch)
+        ends, end = [], batch.start + batch.duration
+        for _ in range(m):
+            ends.append(end)
+            end += batch.duration
+        e.repeat_decode(batch, ends)
+        repeated += m
+        e.finish_step(batch, end)
+        now = end
+    return now, repeated
+
+
+def _state(e: Engine, rs: list[Request]) -> object:
+    s = e.stats
+    pool = e.kv.pool
+    hists = [(h.counts, h.sum, h.count) for h in (s.ttft, s.itl, s.e2e, s.decode_time)]
+    return (
+        (s.steps, s.busy_time, s.generation_tokens, s.prefill_computed_tokens, s.preemptions),
+        (s.prefix_queries, s.prefix_hits, hists),
+        [(r.first_token, r.last_token, r.finished_at, r.num_output, r.num_preemptions) for r in rs],
+        (list(pool.free), dict(pool.cached), list(pool.block_hash), list(pool.ref)),
+        pool.events,
+    )
+
+
+@pytest.mark.parametrize(
+    ("blocks", "caching"), [(4096, True), (200, True), (120, True), (120, False)]
+)
+def test_decode_fast_forward_is_exactly_the_per_step_loop(blocks: int, caching: bool) -> None:
+    """Same steps, times, statistics, block allocations and registrations (in the same order:
+    free queue, hash map and KV events equal), also when KV room bounds the repeats or runs out
+    (preemption) and when allocation evicts cached blocks."""
+
+    def workload() -> list[Request]:
+        return [
+            req(str(i), [100 + i % 3] * (40 + 7 * i) + [i], out=20 + (37 * i) % 150, t=0.001 * i)
+            for i in range(24)
+        ]
+
+    cfg = EngineConfig(
+        num_gpu_blocks=blocks,
+        block_size=4,
+        max_num_seqs=32,
+        max_num_batched_tokens=256,
+        enable_prefix_caching=caching,
+        max_model_len=400,
+        hash_seed="0",
+    )
+    runs = []
+    for fast in (False, True):
+        e = Engine(cfg, record_events=True)
+        # a warm-up request leaves cached blocks in the free queue for allocations to evict
+        run_one(e, req("warm", [100] * 400, out=3))
+        rs = workload()
+        for r in rs:
+            e.add(r)
+        end, repeated = _fast_forward(e) if fast else (_per_step(e), 0)
+        runs.append((end, _state(e, rs), repeated))
+    (end_a, state_a, _), (end_b, state_b, repeated) = runs
+    assert repeated > 100  # the fast path was taken
+    assert blocks > 1000 or state_a[0][4] > 0  # type: ignore[index]  # preempted
+    assert end_a == end_b
+    assert state_a == state_b
+
+
+def test_decode_repeats_only_for_a_whole_decoding_batch_with_room() -> None:
+    cfg = EngineConfig(num_gpu_blocks=40, block_size=4, max_model_len=100)
+    e = Engine(cfg)
+    a, b = req("a", [1] * 8, out=30), req("b", [2] * 8, out=12)
+    e.add(a)
+    batch = e.schedule(0.0)
+    assert batch is not None and e.decode_repeats(batch) == 0  # a prefill
+    e.finish_step(batch, batch.end)
+    batch = e.schedule(batch.end)
+    assert batch is not None
+    assert e.decode_repeats(batch) == 30 - 1 - 1  # until a's last token
+    e.add(b)
+    assert e.decode_repeats(batch) == 0  # b waits: the next step admits it
+    e.finish_step(batch, batch.end)
+    batch = e.schedule(batch.end)  # a decodes, b prefills
+    assert batch is not None and e.decode_repeats(batch) == 0
+    e.finish_step(batch, batch.end)
+    batch = e.schedule(batch.end)
+    assert batch is not None and batch.decode_seqs == 2
+    # b finishes first: its 11 tokens left end the run; KV room: 40 blocks, 2 x 3 in use
+    assert e.decode_repeats(batch) == 12 - b.num_output - 1
+    # a pool this small bounds the repeats by the blocks the next tokens need
+    unbounded = e.decode_repeats(batch)
+    e.kv.pool.take(e.kv.pool.num_free - 1)
+
+    def need(m: int) -> int:  # blocks for the step after m repeats
+        return sum(max(0, -(-(r.num_tokens + m) // 4) - len(r.block_ids)) for r in (a, b))
+
+    m = e.decode_repeats(batch)
+    assert 0 < m < unbounded and need(m) <= 1 < need(m + 1)
+    left, a_out = 1 - need(m), a.num_output
+    e.repeat_decode(batch, [batch.end + i * batch.duration for i in range(m)])
+    assert e.kv.pool.num_free == left and a.num_output == a_out + m
