@@ -16,10 +16,14 @@ making every pod Running+Ready as soon as it appears:
 Reported per phase: wall time, the per-Model time to settle (from its own create / patch), the
 Model controller's reconcile-duration histogram
 (``matrixinfer_controller_reconcile_duration_seconds{controller="model"}``, scraped from the
-operator's /metrics), the API requests by kind, and the operator's CPU time (every thread of the
-process except the main one, which runs the emulator, the kubelet and this driver).
+operator's /metrics) with its actions and errors, the API requests by kind, and the operator's
+CPU time (every thread of the process except the main one, which runs the emulator, the kubelet
+and this driver); then the operator's CPU while nothing changes. Each phase's figures go to
+stderr as soon as it ends; the whole report to stdout at the end. kmock scans every object it
+holds on each request, so Events and deleted objects are pruned from it as the run goes
+(:func:`prune`).
 
-    PYTHONPATH=. .venv/bin/python -m bench.model_reconcile [--models 500]
+    PYTHONPATH=. .venv/bin/python -m bench.model_reconcile [--models 500] [--timeout 1800]
 """
 
 from __future__ import annotations
@@ -321,6 +325,9 @@ async def measure_phase(
     phase.reconcile_sum_s = s1 - s0
     phase.actions = {k: v - a0.get(k, 0.0) for k, v in a1.items() if v - a0.get(k, 0.0)}
     phase.per_model = list(done.values())
+    if progress:
+        lines = [TABLE_HEADER, phase_row(n, phase), "", *phase_details(n, phase)]
+        print("\n".join(lines), file=sys.stderr)
     return phase
 
 
@@ -373,6 +380,43 @@ async def run(
     return apply, edit, stats
 
 
+def phase_row(n: int, p: Phase) -> str:
+    q = [bucket_quantile(p.buckets, x) * 1000 for x in (0.5, 0.9, 0.99)]
+    mean = p.reconcile_sum_s / p.reconciles * 1000 if p.reconciles else math.nan
+    return (
+        f"| {p.name} | {p.wall_s:.1f} | {p.requests_s:.1f} | {n / p.wall_s:.1f} | "
+        f"{pct(p.per_model, 0.5):.1f} / {pct(p.per_model, 0.9):.1f} / "
+        f"{max(p.per_model):.1f} | {p.reconciles} | {p.reconciles / n:.1f} | "
+        f"{q[0]:.0f} / {q[1]:.0f} / {q[2]:.0f} | {mean:.1f} | {p.operator_cpu_s:.1f} | "
+        f"{p.operator_cpu_s / n * 1000:.0f} |"
+    )
+
+
+def phase_details(n: int, p: Phase) -> Iterator[str]:
+    yield f"### {p.name}: API requests by kind (all clients: operator, kubelet, driver)\n"
+    total = sum(p.by_kind.values())
+    yield f"{total} requests, {total / n:.1f} per Model: " + ", ".join(
+        f"{k} {v}" for k, v in p.by_kind.items()
+    )
+    yield ""
+    yield "Model controller actions and errors: " + ", ".join(
+        f"{k} {int(v)}" for k, v in sorted(p.actions.items())
+    )
+    yield ""
+    yield "Reconcile-duration histogram (Model controller, cumulative): " + ", ".join(
+        f"<= {b:g}s: {int(c)}" for b, c in sorted(p.buckets.items())
+    )
+    yield ""
+
+
+TABLE_HEADER = (
+    "| phase | wall s | driver writes s | Models/s | per-Model settle p50 / p90 / max s"
+    " | reconciles | per Model | reconcile p50 / p90 / p99 ms (histogram) | mean ms"
+    " | operator CPU s | CPU ms per Model |\n"
+    "|---|---:|---:|---:|---|---:|---:|---|---:|---:|---:|"
+)
+
+
 def report(n: int, phases: tuple[Phase, Phase], stats: dict[str, Any]) -> Iterator[str]:
     yield f"## {n} Models x 2 backends ({stats['pods']} pods at the end)\n"
     yield (
@@ -380,38 +424,12 @@ def report(n: int, phases: tuple[Phase, Phase], stats: dict[str, Any]) -> Iterat
         f" {100 * stats['idle_cpu']:.0f} % of a core and makes"
         f" {stats['idle_requests_per_s']:.1f} API requests/s.\n"
     )
-    yield (
-        "| phase | wall s | driver writes s | Models/s | per-Model settle p50 / p90 / max s"
-        " | reconciles | per Model | reconcile p50 / p90 / p99 ms (histogram) | mean ms"
-        " | operator CPU s | CPU ms per Model |"
-    )
-    yield "|---|---:|---:|---:|---|---:|---:|---|---:|---:|---:|"
+    yield TABLE_HEADER
     for p in phases:
-        q = [bucket_quantile(p.buckets, x) * 1000 for x in (0.5, 0.9, 0.99)]
-        mean = p.reconcile_sum_s / p.reconciles * 1000 if p.reconciles else math.nan
-        yield (
-            f"| {p.name} | {p.wall_s:.1f} | {p.requests_s:.1f} | {n / p.wall_s:.1f} | "
-            f"{pct(p.per_model, 0.5):.1f} / {pct(p.per_model, 0.9):.1f} / "
-            f"{max(p.per_model):.1f} | {p.reconciles} | {p.reconciles / n:.1f} | "
-            f"{q[0]:.0f} / {q[1]:.0f} / {q[2]:.0f} | {mean:.1f} | {p.operator_cpu_s:.1f} | "
-            f"{p.operator_cpu_s / n * 1000:.0f} |"
-        )
+        yield phase_row(n, p)
+    yield ""
     for p in phases:
-        yield ""
-        yield f"### {p.name}: API requests by kind (all clients: operator, kubelet, driver)\n"
-        total = sum(p.by_kind.values())
-        yield f"{total} requests, {total / n:.1f} per Model: " + ", ".join(
-            f"{k} {v}" for k, v in p.by_kind.items()
-        )
-        yield ""
-        yield "Model controller actions and errors: " + ", ".join(
-            f"{k} {int(v)}" for k, v in sorted(p.actions.items())
-        )
-        cum = sorted(p.buckets.items())
-        yield ""
-        yield "Reconcile-duration histogram (Model controller, cumulative): " + ", ".join(
-            f"<= {b:g}s: {int(c)}" for b, c in cum
-        )
+        yield from phase_details(n, p)
 
 
 def main(argv: list[str] | None = None) -> None:
