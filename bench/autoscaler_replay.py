@@ -15,16 +15,26 @@ queueing model of the fleet:
 - trace (seeded Poisson arrivals): quiet 0.2 req/s, a ramp to 8 req/s, a spike at 20 req/s,
   a decay, quiet again.
 
-Contenders: a static fleet sized for the peak; the autoscaler with the API's defaults plus the
-default panic policy; the same without panic mode. Cold start (minReplicas 0, idle, one request)
-is reported separately.
+Contenders: a static fleet sized for the peak (``--slots`` x 3/4 in flight per replica at the
+peak); the autoscaler with the API's defaults plus the default panic policy, and without panic
+mode, both on the in-flight target ``--target`` (default 2.6 of 8 slots: headroom for the
+trace's largest step, see the report) and a ``--down-window`` scale-down stabilisation window
+(default 120 s; the API's default is 300 s); the same autoscaler on the target the static
+fleet is sized with (6 of 8), alone and with a scheduled minimum before the known spike
+(``scheduledMinimums``). Misses are counted per phase of the trace; ``--seeds`` repeats the
+autoscaler contenders over other traces. Cold start (minReplicas 0, idle, one request) is
+reported separately.
 
-    .venv/bin/python -m bench.autoscaler_replay [--seed 1] [--startup 30] [--interval 15]
+The report is written whole except its ``## Findings`` section, which is kept (written by hand).
+
+    .venv/bin/python -m bench.autoscaler_replay [--seed 1] [--seeds 1,2,3,4,5,6,7,8] [--startup 30]
+        [--interval 15] [--target 2.6] [--down-window 120]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import heapq
 import math
 import random
@@ -34,15 +44,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from controllers.autoscaling.planner import (
+    DEFAULT_DOWN,
     Homogeneous,
     MetricGoal,
     PanicRule,
     Planner,
+    ScheduledWindow,
     Settings,
 )
+from crds.cron import parse_cron
 
 WAITING, IN_FLIGHT = "gateway_queue_length", "gateway_in_flight_requests"
 REPORTS = Path(__file__).resolve().parent / "reports"
+DAY_START = 1767225600.0  # the trace's second 0 is 2026-01-01T00:00:00Z (for scheduled minimums)
+PHASES = (("quiet", 900), ("ramp", 1800), ("spike", 2100), ("decay", 2700), ("quiet again", 3600))
 HEADER = (
     "| contender | requests | p50 TTFT s | p90 TTFT s | p99 TTFT s | within SLO | pod-seconds"
     " | vs static | scale events | max replicas |\n"
@@ -86,6 +101,11 @@ class Result:
     max_replicas: int
     timeline: list[tuple[float, int, float]] = field(default_factory=list)  # (t, replicas, rate)
     ttft_points: list[tuple[float, float]] = field(default_factory=list)  # (arrival, ttft)
+
+
+def phase_of(t: float) -> str:
+    """The phase of the day trace second ``t`` falls in."""
+    return next((name for name, end in PHASES if t < end), PHASES[-1][0])
 
 
 def arrivals(rate: Callable[[float], float], duration: float, seed: int) -> list[Request]:
@@ -194,16 +214,72 @@ def simulate(
     return res
 
 
-def autoscaler(
-    panic: bool, min_replicas: int, max_replicas: int, target: float
-) -> tuple[Planner, list[float]]:
-    """A planner with the API's defaults (plus the default panic policy) on a settable clock."""
+@dataclass(frozen=True)
+class Policy:
+    """What an autoscaler contender runs: the in-flight target per replica, panic mode on or
+    off, an optional scheduled minimum (cron in UTC, seconds, replicas) and scale-down
+    stabilisation window."""
+
+    name: str
+    target: float
+    panic: bool = True
+    scheduled: tuple[str, float, int] | None = None
+    down_window: float | None = None  # scale-down stabilisation; None: the API's 300 s
+
+
+def autoscaler(policy: Policy, min_replicas: int, max_replicas: int) -> tuple[Planner, list[float]]:
+    """A planner with the API's defaults (plus the default panic policy) on a settable clock;
+    the wall clock (for scheduled minimums) is the trace's clock from ``DAY_START``."""
     clock = [0.0]
+    windows: tuple[ScheduledWindow, ...] = ()
+    if policy.scheduled is not None:
+        cron, seconds, replicas = policy.scheduled
+        windows = (ScheduledWindow(parse_cron(cron), seconds, replicas),)
     s = Settings(
-        metrics=(MetricGoal(IN_FLIGHT, target), MetricGoal(WAITING, 2.0)),
-        panic=PanicRule() if panic else None,
+        metrics=(MetricGoal(IN_FLIGHT, policy.target), MetricGoal(WAITING, 2.0)),
+        panic=PanicRule() if policy.panic else None,
+        scheduled=windows,
+        down=DEFAULT_DOWN
+        if policy.down_window is None
+        else dataclasses.replace(DEFAULT_DOWN, stabilization=policy.down_window),
     )
-    return Planner(s, Homogeneous("m", min_replicas, max_replicas), lambda: clock[0]), clock
+    planner = Planner(
+        s,
+        Homogeneous("m", min_replicas, max_replicas),
+        lambda: clock[0],
+        lambda: DAY_START + clock[0],
+    )
+    return planner, clock
+
+
+def policies(target: float, down_window: float, slots: int, static_n: int) -> list[Policy]:
+    full = 0.75 * slots
+    tuned = f"target {target:g}, scale-down window {down_window:g} s"
+    return [
+        Policy(f"autoscaler, panic mode ({tuned})", target, down_window=down_window),
+        Policy(
+            f"autoscaler, no panic mode ({tuned})", target, panic=False, down_window=down_window
+        ),
+        Policy(f"autoscaler, API defaults + panic mode (target {full:g})", full),
+        Policy(
+            f"autoscaler, target {full:g} + scheduled minimum {static_n - 2} (00:29, 6 min)",
+            full,
+            scheduled=("29 0 * * *", 360.0, static_n - 2),
+        ),
+    ]
+
+
+def within(r: Result, slo: float) -> float:
+    return sum(1 for x in r.ttfts if x <= slo) / len(r.ttfts)
+
+
+def misses_by_phase(r: Result, slo: float) -> dict[str, int]:
+    out = {name: 0 for name, _ in PHASES}
+    for arrival, ttft in r.ttft_points:
+        if ttft > slo:
+            out[phase_of(arrival)] += 1
+    out[phase_of(3599.0)] += len(r.ttfts) - len(r.ttft_points)  # never served
+    return out
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -213,35 +289,51 @@ def pct(xs: list[float], q: float) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.autoscaler_replay")
-    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=1, help="trace seed of the main table (default 1)")
+    ap.add_argument(
+        "--seeds", default="1,2,3,4,5,6,7,8", help="trace seeds of the robustness table (1-8)"
+    )
     ap.add_argument("--startup", type=float, default=30.0, help="seconds until a pod is ready")
     ap.add_argument("--interval", type=float, default=15.0, help="autoscaler sync period")
     ap.add_argument("--slots", type=int, default=8, help="concurrent requests per replica")
+    ap.add_argument(
+        "--target", type=float, default=2.6, help="in-flight requests per replica (default 2.6)"
+    )
+    ap.add_argument(
+        "--down-window",
+        type=float,
+        default=120.0,
+        help="scale-down stabilisation window of the tuned policy, seconds (default 120)",
+    )
     ap.add_argument("--prefill", type=float, default=0.15, help="prefill seconds at no load")
     ap.add_argument("--slo", type=float, default=1.0, help="TTFT SLO in seconds")
     ap.add_argument("--out", type=Path, default=REPORTS)
     args = ap.parse_args(argv)
     duration = 3600.0
-    reqs = arrivals(day_rate, duration, args.seed)
-    target = 0.75 * args.slots
     peak = max(day_rate(t) for t in range(int(duration)))
-    static_n = math.ceil(peak * 4.0 / target)  # mean decode 4 s
+    static_n = math.ceil(peak * 4.0 / (0.75 * args.slots))  # mean decode 4 s
     fleet = Fleet(args.interval, args.startup, args.slots, args.prefill, day_rate)
     static = "static fleet sized for the peak"
-    results = [simulate(static, reqs, duration, fleet, planner=None, clock=[0.0], start=static_n)]
-    for name, panic in (
-        ("autoscaler, defaults + panic mode", True),
-        ("autoscaler, no panic mode", False),
-    ):
-        p, clock = autoscaler(panic, 1, 4 * static_n, target)
-        results.append(simulate(name, reqs, duration, fleet, planner=p, clock=clock, start=1))
+    pols = policies(args.target, args.down_window, args.slots, static_n)
+
+    def contenders(seed: int) -> tuple[list[Request], list[Result]]:
+        reqs = arrivals(day_rate, duration, seed)
+        out = [simulate(static, reqs, duration, fleet, planner=None, clock=[0.0], start=static_n)]
+        for pol in pols:
+            p, clock = autoscaler(pol, 1, 4 * static_n)
+            out.append(simulate(pol.name, reqs, duration, fleet, planner=p, clock=clock, start=1))
+        return reqs, out
+
+    reqs, results = contenders(args.seed)
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    robustness = {seed: contenders(seed)[1] for seed in seeds}
     # cold start: minReplicas 0, ten idle minutes, one request
-    p, clock = autoscaler(True, 0, 4, target)
+    p, clock = autoscaler(pols[0], 0, 4)
     one = [Request(600.0, 3.0)]
     cold = simulate(
         "cold", one, 1200.0, fleet, planner=p, clock=clock, start=1, stop_after_first=True
     )
-    write_report(args, reqs, results, cold, static_n)
+    write_report(args, reqs, results, cold, static_n, robustness)
     return 0
 
 
@@ -251,6 +343,7 @@ def write_report(
     results: list[Result],
     cold: Result,
     static_n: int,
+    robustness: dict[int, list[Result]],
 ) -> None:
     import matplotlib
 
@@ -260,12 +353,43 @@ def write_report(
     base = results[0].pod_seconds
     rows = []
     for r in results:
-        within = sum(1 for x in r.ttfts if x <= args.slo) / len(r.ttfts)
+        share = within(r, args.slo)
         rows.append(
             f"| {r.name} | {len(r.ttfts)} | {pct(r.ttfts, 0.5):.2f} | {pct(r.ttfts, 0.9):.2f} |"
-            f" {pct(r.ttfts, 0.99):.2f} | {100 * within:.1f} % | {r.pod_seconds:,.0f} |"
+            f" {pct(r.ttfts, 0.99):.2f} | {100 * share:.1f} % | {r.pod_seconds:,.0f} |"
             f" {r.pod_seconds / base:.2f} | {r.scale_events} | {r.max_replicas} |"
         )
+    phase_rows = []
+    for r in results:
+        m = misses_by_phase(r, args.slo)
+        phase_rows.append(
+            f"| {r.name} | "
+            + " | ".join(str(m[name]) for name, _ in PHASES)
+            + f" | {sum(m.values())} |"
+        )
+    phase_header = (
+        "| contender | "
+        + " | ".join(
+            f"{name} ({start}-{end} s)"
+            for (name, end), start in zip(PHASES, [0] + [e for _, e in PHASES[:-1]], strict=True)
+        )
+        + " | total |\n|---|"
+        + "---:|" * (len(PHASES) + 1)
+    )
+    seed_header = (
+        "| contender | "
+        + " | ".join(f"seed {seed}" for seed in robustness)
+        + " |\n|---|"
+        + "---|" * len(robustness)
+    )
+    seed_rows = []
+    for k, r in enumerate(results[1:], start=1):
+        cells = []
+        for seed_results in robustness.values():
+            other = seed_results[k]
+            ratio = other.pod_seconds / seed_results[0].pod_seconds
+            cells.append(f"{100 * within(other, args.slo):.1f} % at {ratio:.2f}")
+        seed_rows.append(f"| {r.name} | " + " | ".join(cells) + " |")
     fig, ax = plt.subplots(3, 1, figsize=(10, 9), sharex=True)
     t0 = [t for t, _, _ in results[1].timeline]
     ax[0].plot(t0, [x for _, _, x in results[1].timeline], color="black")
@@ -278,7 +402,7 @@ def write_report(
         xs = sorted(buckets)
         ax[2].plot([30 * b for b in xs], [pct(buckets[b], 0.9) for b in xs], label=r.name)
     ax[1].set_ylabel("replicas")
-    ax[1].legend(fontsize=8)
+    ax[1].legend(fontsize=7)
     ax[2].set_ylabel("p90 TTFT per 30 s (s)")
     ax[2].set_yscale("log")
     ax[2].axhline(args.slo, color="grey", linestyle="--", linewidth=0.8)
@@ -287,15 +411,24 @@ def write_report(
     args.out.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out / "autoscaler_replay.png", dpi=90)
     cold_ttft = cold.ttfts[0] if cold.ttfts else float("nan")
+    path = args.out / "autoscaler_replay.md"
+    old = path.read_text() if path.exists() else ""
+    findings = old[old.index("\n## Findings") :] if "\n## Findings" in old else ""
+    command = (
+        f".venv/bin/python -m bench.autoscaler_replay --seed {args.seed} --seeds {args.seeds}"
+        f" --startup {args.startup:g} --interval {args.interval:g} --target {args.target:g}"
+        f" --down-window {args.down_window:g}"
+    )
     text = f"""# Autoscaler replay (planner over a modelled fleet)
 
-Command: `.venv/bin/python -m bench.autoscaler_replay --seed {args.seed} --startup {args.startup:g}
---interval {args.interval:g}` ({len(reqs)} requests over one 3,600 s day: quiet 0.2 req/s, ramp to
-8 req/s, spike at 20 req/s for 300 s, decay, quiet). A replica serves {args.slots} requests at once
-and is ready {args.startup:g} s after it is asked for; the autoscaler syncs every
-{args.interval:g} s on the gateway's in-flight (target {0.75 * args.slots:g} per replica) and
-waiting (target 2) sums. SLO: TTFT <= {args.slo:g} s. The static fleet has {static_n} replicas
-(peak concurrency / the same per-replica target).
+    {command}
+
+One day of the trace is {len(reqs)} requests over 3,600 s: quiet 0.2 req/s, ramp to 8 req/s,
+spike at 20 req/s for 300 s, decay, quiet. A replica serves {args.slots} requests at once and
+is ready {args.startup:g} s after it is asked for; the autoscaler syncs every {args.interval:g} s
+on the gateway's in-flight
+(target per replica as named) and waiting (target 2) sums. SLO: TTFT <= {args.slo:g} s. The
+static fleet has {static_n} replicas (peak concurrency / {0.75 * args.slots:g} per replica).
 
 **What this is not**: the local-stack benchmark the issue asks for (simulator pods through
 Envoy); the fleet here is a queueing model (see the module docstring). It measures the planner's
@@ -304,12 +437,22 @@ policy, not the platform's latency.
 {HEADER}
 {chr(10).join(rows)}
 
+Requests over the SLO by phase of the trace (seed {args.seed}):
+
+{phase_header}
+{chr(10).join(phase_rows)}
+
+Within the SLO and pod-seconds against the static fleet, other traces (seeds):
+
+{seed_header}
+{chr(10).join(seed_rows)}
+
 Cold start (minReplicas 0, idle for 600 s, one request): first token after **{cold_ttft:.1f} s**
 (waiting for the next sync, up to {args.interval:g} s, then the {args.startup:g} s start-up).
 
 ![demand, replicas and p90 TTFT over the day](autoscaler_replay.png)
-"""
-    (args.out / "autoscaler_replay.md").write_text(text)
+{findings}"""
+    path.write_text(text)
     print(text)
 
 

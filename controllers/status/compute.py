@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,9 +22,11 @@ from fleet.claims import Claim, winners
 
 __all__ = [
     "PodView",
+    "label_keys",
     "merge_conditions",
     "route_claims",
     "route_status",
+    "selected_candidates",
     "server_status",
     "taken_names",
 ]
@@ -138,6 +140,30 @@ def route_status(
     )
     old = (raw.get("status") or {}).get("conditions")
     return {"observedGeneration": generation, "conditions": merge_conditions(old, conditions, now)}
+
+
+LabelKey = tuple[str, str, str]  # (namespace, label, value)
+
+
+def label_keys(namespace: str, labels: Mapping[str, str]) -> list[LabelKey]:
+    """The keys a pod is indexed under: one per label, so a ModelServer looks only at the pods
+    carrying a label of its selector instead of every pod of the cluster."""
+    return [(namespace, k, v) for k, v in labels.items()]
+
+
+def selected_candidates(
+    namespace: str,
+    selector: Mapping[str, str],
+    by_label: Callable[[LabelKey], Collection[PodView]],
+) -> Collection[PodView]:
+    """The pods :func:`server_status` has to check for ``selector``: those indexed under its
+    rarest label (every pod it selects carries all of them); none for an empty selector."""
+    best: Collection[PodView] = ()
+    for i, (k, v) in enumerate(selector.items()):
+        pods = by_label((namespace, k, v))
+        if i == 0 or len(pods) < len(best):
+            best = pods
+    return best
 
 
 def server_status(raw: Mapping[str, Any], pods: Iterable[PodView], now: str) -> dict[str, Any]:

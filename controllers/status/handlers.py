@@ -2,8 +2,10 @@
 
 Indexes: ModelServer names per namespace, every ModelRoute's claims on model names and LoRA
 adapters (``fleet.claims`` decides who serves a contested name), and a compact view of every pod
-(namespace, labels, ready). A timer per ModelRoute / ModelServer recomputes its status (pure
-functions in :mod:`controllers.status.compute`) and patches it only when it changed.
+(namespace, labels, ready) under each of its labels (a ModelServer checks only the pods of its
+selector's rarest label, not every pod: with one ModelServer per pod pair that scan was
+quadratic). A timer per ModelRoute / ModelServer recomputes its status (pure functions in
+:mod:`controllers.status.compute`) and patches it only when it changed.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ import kopf
 
 from controllers.status.compute import (
     PodView,
+    label_keys,
     route_claims,
     route_status,
+    selected_candidates,
     server_status,
     taken_names,
 )
@@ -71,7 +75,8 @@ def register(registry: kopf.OperatorRegistry) -> None:
             )
         )
         labels = dict(body.get("metadata", {}).get("labels") or {})
-        return {None: PodView(namespace or "default", labels, ready)}
+        view = PodView(namespace or "default", labels, ready)
+        return {key: view for key in label_keys(view.namespace, labels)}
 
     @kopf.timer(
         GROUP, VERSION, "modelroutes", id="modelroute-status", interval=INTERVAL, registry=registry
@@ -100,7 +105,11 @@ def register(registry: kopf.OperatorRegistry) -> None:
         registry=registry,
     )
     def modelserver_status(body: kopf.Body, patch: kopf.Patch, **kwargs: Any) -> None:
-        gateway_pods: kopf.Index[None, PodView] = kwargs["gateway_pods"]
-        status = server_status(dict(body), gateway_pods.get(None, ()), _now())
+        gateway_pods: kopf.Index[tuple[str, str, str], PodView] = kwargs["gateway_pods"]
+        ns = body.get("metadata", {}).get("namespace") or "default"
+        spec = body.get("spec") or {}
+        selector = (spec.get("workloadSelector") or {}).get("matchLabels") or {}
+        pods = selected_candidates(ns, selector, lambda key: gateway_pods.get(key, ()))
+        status = server_status(dict(body), pods, _now())
         if _changed(body.get("status"), status):
             patch.status.update(status)

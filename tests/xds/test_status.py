@@ -10,8 +10,10 @@ import pytest
 
 from controllers.status.compute import (
     PodView,
+    label_keys,
     route_claims,
     route_status,
+    selected_candidates,
     server_status,
     taken_names,
 )
@@ -96,6 +98,22 @@ def test_server_status_pure() -> None:
     ]
     st = server_status(raw, pods, "T")
     assert st["readyEndpoints"] == 1 and st["conditions"][0]["status"] == "True"
+
+
+def test_server_checks_only_the_pods_of_its_rarest_label() -> None:
+    pods = [PodView("ns", {"entry": "true", "mi": f"m{i % 50}"}, i % 3 > 0) for i in range(200)]
+    pods += [PodView("other", {"entry": "true", "mi": "m7"}, True)]
+    index: dict[tuple[str, str, str], list[PodView]] = {}
+    for p in pods:
+        for key in label_keys(p.namespace, p.labels):
+            index.setdefault(key, []).append(p)
+    selector = {"entry": "true", "mi": "m7"}
+    picked = selected_candidates("ns", selector, lambda key: index.get(key, []))
+    assert len(picked) == 4  # the "mi": "m7" pods of ns, not the 200 "entry" ones
+    raw = {"metadata": {"namespace": "ns"}, "spec": {"workloadSelector": {"matchLabels": selector}}}
+    assert server_status(raw, picked, "T") == server_status(raw, pods, "T")
+    assert selected_candidates("ns", {}, lambda key: index.get(key, [])) == ()
+    assert selected_candidates("ns", {"mi": "none"}, lambda key: index.get(key, [])) == []
 
 
 async def test_operator_writes_route_and_server_status() -> None:
