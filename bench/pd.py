@@ -17,6 +17,7 @@ latency p50/p90, output tokens/s, errors; and the ratios to aggregated. Writes
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import sys
@@ -28,7 +29,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from bench.loadgen import Summary, run, run_open_loop, summarize
+from bench.loadgen import LoadResult, Summary, run, run_open_loop, summarize
 from bench.workloads import long_context
 from matrixinfer.process import Child, free_port, http_ok, wait_until
 from matrixinfer.stack import GatewayStack, StackOptions
@@ -37,6 +38,15 @@ from sim.fleet import Fleet
 REPORT = Path(__file__).parent / "reports" / "pd.md"
 MODEL = "bench-model"
 SIM_ARGS = ("--time-scale", "1", "--log-level", "warning")
+# A token gap this long spans a step carrying a long prompt's prefill chunk: a decode step with
+# 256 sequences and a short prompt's prefill costs ~40 ms in the default timing model.
+STALL_GAP = 0.05
+
+
+def stall_share(result: LoadResult) -> float:
+    """Share of the successful streams' token gaps longer than STALL_GAP (NaN for no gaps)."""
+    gaps = [g for r in result.records if r.ok for g in r.itl]
+    return sum(g > STALL_GAP for g in gaps) / len(gaps) if gaps else math.nan
 
 
 @dataclass
@@ -130,7 +140,8 @@ spec:
     return stop, config, addresses
 
 
-def measure(setup: Setup, ns: argparse.Namespace, work: Path) -> Summary:
+def measure(setup: Setup, ns: argparse.Namespace, work: Path) -> tuple[Summary, float]:
+    """The setup's load summary and its share of stalled token gaps (stall_share)."""
     logs = work / setup.name.replace(":", "")
     logs.mkdir(parents=True, exist_ok=True)
     stop, config, addresses = start_pods(setup, ns.first_host, logs)
@@ -154,13 +165,13 @@ def measure(setup: Setup, ns: argparse.Namespace, work: Path) -> Summary:
         )  # fmt: skip
         result = run(run_open_loop(stack.url, convs, duration=ns.seconds, qps=ns.qps,
                                    drain_timeout=60, request_timeout=120))  # fmt: skip
-        return summarize(result)
+        return summarize(result), stall_share(result)
     finally:
         for s in reversed(stop):
             s.stop()
 
 
-def report(rows: list[tuple[Setup, Summary]], ns: argparse.Namespace) -> str:
+def report(rows: list[tuple[Setup, Summary, float]], ns: argparse.Namespace) -> str:
     base = rows[0][1]
 
     def ms(x: float) -> str:
@@ -177,17 +188,18 @@ def report(rows: list[tuple[Setup, Summary]], ns: argparse.Namespace) -> str:
         " `matrixinfer-pd-proxy` beside each decode pod.",
         "",
         "| setup | ok/requests | TTFT p50 ms | TTFT p90 ms | ITL p50 ms | ITL p90 ms |"
-        " ITL p99 ms | output tok/s | ITL p90 / agg | ITL p99 / agg | TTFT p90 / agg |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        " ITL p99 ms | output tok/s | ITL p90 / agg | ITL p99 / agg | TTFT p90 / agg |"
+        f" gaps > {STALL_GAP * 1000:.0f} ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for setup, s in rows:
+    for setup, s, stalled in rows:
         lines.append(
             f"| {setup.name} | {s.ok}/{s.requests} | {ms(s.ttft_p50)} | {ms(s.ttft_p90)} |"
             f" {ms(s.itl_p50)} | {ms(s.itl_p90)} | {ms(s.itl_p99)} | {s.output_tok_per_s:.0f} |"
             f" {s.itl_p90 / base.itl_p90:.2f} | {s.itl_p99 / base.itl_p99:.2f} |"
-            f" {s.ttft_p90 / base.ttft_p90:.2f} |"
+            f" {s.ttft_p90 / base.ttft_p90:.2f} | {stalled:.1%} |"
         )
-    errors = [f"{setup.name}: {s.error_kinds}" for setup, s in rows if s.error_kinds]
+    errors = [f"{setup.name}: {s.error_kinds}" for setup, s, _ in rows if s.error_kinds]
     if errors:
         lines += ["", "Errors by kind: " + "; ".join(errors) + "."]
     lines += [
@@ -195,10 +207,19 @@ def report(rows: list[tuple[Setup, Summary]], ns: argparse.Namespace) -> str:
         "Target (issue #20): ITL p90 <= 0.7x aggregated at equal pod count, TTFT p90 <= 1.2x.",
         "",
         f"Command: `python -m bench.pd --pods {ns.pods} --qps {ns.qps:g} --seconds"
-        f" {ns.seconds:g} --seed {ns.seed} --long-share {ns.long_share:g}`",
+        f" {ns.seconds:g} --seed {ns.seed} --long-share {ns.long_share:g}"
+        + (f" --prefill-pods {','.join(map(str, ns.prefill_pods))}" if ns.prefill_pods else "")
+        + "`",
         "",
     ]
     return "\n".join(lines)
+
+
+def _counts(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not comma-separated integers: {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,18 +234,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--first-host", default="127.0.0.200")
     ap.add_argument("--no-write", action="store_true", help="print the report only")
+    ap.add_argument(
+        "--prefill-pods",
+        type=_counts,
+        default=None,
+        help="comma-separated prefill pod counts of the PD setups, e.g. 2,3"
+        " (default: 1 and pods/2 for 4 pods or more)",
+    )
     ns = ap.parse_args(argv)
     n = ns.pods
-    setups = [Setup("aggregated", 0, n), Setup(f"1P:{n - 1}D", 1, n - 1)]
-    if n >= 4:
-        setups.append(Setup(f"{n // 2}P:{n - n // 2}D", n // 2, n - n // 2))
+    counts = ns.prefill_pods or ([1, n // 2] if n >= 4 else [1])
+    bad = [c for c in counts if not 0 < c < n]
+    if bad:
+        ap.error(f"--prefill-pods: {bad} leave no prefill or no decode pod of --pods {n}")
+    setups = [Setup("aggregated", 0, n)]
+    setups += [Setup(f"{c}P:{n - c}D", c, n - c) for c in dict.fromkeys(counts)]
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-pd-") as tmp:
         for setup in setups:
-            s = measure(setup, ns, Path(tmp))
+            s, stalled = measure(setup, ns, Path(tmp))
             print(f"{setup.name}: {s.ok}/{s.requests} ok, TTFT p90 {s.ttft_p90:.3f}s,"
-                  f" ITL p90 {s.itl_p90 * 1000:.1f}ms", flush=True)  # fmt: skip
-            rows.append((setup, s))
+                  f" ITL p90 {s.itl_p90 * 1000:.1f}ms, gaps > {STALL_GAP * 1000:.0f} ms"
+                  f" {stalled:.1%}", flush=True)  # fmt: skip
+            rows.append((setup, s, stalled))
     text = report(rows, ns)
     print(text)
     if not ns.no_write:
