@@ -405,11 +405,14 @@ def plan_pod(
     volumes: Mapping[str, Path],
     extra: Sequence[str] = (),
     python: str = sys.executable,
+    hub: str | None = None,
 ) -> PodPlan:
     """How ``pod`` runs here on ``host``: each container's mounts under ``fs_root/<container>``
     (``volumes``: :func:`volume_dirs`); the engine container as the simulator (``extra``: its
     flags for every pod); the init containers and the other containers that are MatrixInfer
-    programs with their own arguments (remapped, :func:`remap`)."""
+    programs with their own arguments (remapped, :func:`remap`). A downloader of an ``hf://``
+    model is not run when no hub is set (``hub``; None: ``$HF_ENDPOINT``): nothing may download
+    from the internet here, and the simulator needs no weights."""
     meta = pod.get("metadata") or {}
     spec = pod.get("spec") or {}
     engine_spec = engine_container(pod) or {}
@@ -427,7 +430,14 @@ def plan_pod(
     runs = [Run(name, engine.argv, env, [engine.port], _probe_url(engine_spec, host), notes)]
     skipped: list[str] = []
     init: list[Run] = []
+    hub = os.environ.get("HF_ENDPOINT") if hub is None else hub
     for c in spec.get("initContainers") or ():
+        if not hub and _fetches_from_the_hub(c):
+            skipped.append(
+                f"init container {c.get('name')}: not run: it fetches {c['args'][0]} and no hub "
+                "is set (HF_ENDPOINT); the simulator needs no weights"
+            )
+            continue
         got = _program(c, meta, host, fs_root, volumes, python, ports)
         (init.append(got) if isinstance(got, Run) else skipped.append(got))
     for c in spec.get("containers") or ():
@@ -439,6 +449,18 @@ def plan_pod(
         health = f"http://{host}:{engine.port}/health"
         runs[0] = Run(name, engine.argv, env, [engine.port], health, notes)
     return PodPlan(init, runs, engine, skipped)
+
+
+def _fetches_from_the_hub(container: Mapping[str, Any]) -> bool:
+    """The Model's downloader init container for an ``hf://`` model."""
+    command = [str(a) for a in container.get("command") or ()]
+    args = [str(a) for a in container.get("args") or ()]
+    return (
+        bool(command)
+        and command[-1].endswith("matrixinfer-downloader")
+        and bool(args)
+        and args[0].startswith("hf://")
+    )
 
 
 # ---- the kubelet: files and processes ---------------------------------------------------------

@@ -94,6 +94,20 @@ def test_the_pod_runs_the_downloader_then_the_simulator_and_the_sidecar(tmp_path
     assert plan.skipped == []
 
 
+def test_a_hub_model_is_fetched_only_when_a_hub_is_set(tmp_path: Path) -> None:
+    """Nothing downloads from the internet here and the simulator needs no weights: the
+    downloader of an hf:// model runs only with a hub (HF_ENDPOINT, e.g. a local mirror)."""
+    pod = _pod()
+    [init] = pod["spec"]["initContainers"]
+    init["args"][0] = "hf://org/model"
+    dirs = volume_dirs(pod, tmp_path, tmp_path / "state")
+    offline = plan_pod(pod, "127.0.0.10", tmp_path / "fs", dirs, python="py", hub="")
+    assert offline.init == []
+    assert any("hf://org/model" in s and "HF_ENDPOINT" in s for s in offline.skipped)
+    mirror = plan_pod(pod, "127.0.0.10", tmp_path / "fs", dirs, python="py", hub="http://m")
+    assert [r.argv[3] for r in mirror.init] == ["hf://org/model"]
+
+
 def test_without_probes_readiness_is_the_engines_health(tmp_path: Path) -> None:
     pod = _pod()
     pod["spec"]["containers"] = pod["spec"]["containers"][:1]
