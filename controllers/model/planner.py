@@ -164,6 +164,11 @@ def _model_server(model: Model, b: Backend) -> dict[str, Any]:
         "inferenceEngine": "SGLang" if b.type == "SGLang" else "vLLM",
         "workloadSelector": selector,
         "workloadPort": {"port": SERVE_PORT, "protocol": "http"},
+        # an attempt that never reached the engine (connection refused: a pod that just died or
+        # is not listening yet; a refused stream) is safe to retry on another pod
+        "trafficPolicy": {
+            "retry": {"attempts": 2, "retryOn": ["connect-failure", "refused-stream"]}
+        },
     }
     if b.type == "vLLMDisaggregated":
         workers = _workers(b)

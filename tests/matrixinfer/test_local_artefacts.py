@@ -108,6 +108,9 @@ def test_a_model_on_s3_comes_up_and_serves_both_adapters(s3: S3, tmp_path: Path)
         assert len(fetched) == 2 and all((d / "config.json").read_bytes() == CONFIG
                                          for d in fetched)  # fmt: skip
         for adapter in ("lora-a", "lora-b"):
+            # the pods turned ready once their sidecars loaded the adapters; the gateway learns
+            # a pod's adapters from its next /v1/models scrape
+            wait_until(lambda a=adapter: _answers(demo, a), 30, f"the gateway to route {adapter}")
             for _ in range(4):
                 pod = _answer(demo, adapter)
                 path = _loaded(ips[pod])[adapter]  # the pod that answered loaded it
