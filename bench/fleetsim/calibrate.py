@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,31 +85,52 @@ def point_sessions(cfg: dict[str, Any], point: dict[str, Any]) -> tuple[list[Any
     raise ValueError(f"point {point['workload']} @ {point['qps']} is not in the suite config")
 
 
-def calibrate(
-    result: dict[str, Any], *, seeds: Sequence[int] = range(5), http_latency: float = 0.0
-) -> tuple[list[Compared], float]:
-    """(one comparison per simulable point, wall seconds the virtual runs took)."""
+@dataclass(frozen=True)
+class SuitePoint:
+    """One point of a suite result the simulator can run: its place in ``result["points"]``,
+    the fleet, the contender, the sessions the suite sent and the simulate() options."""
+
+    index: int
+    point: dict[str, Any]
+    fleet: FleetSpec
+    contender: Any
+    sessions: Any
+    options: dict[str, Any]
+
+
+def simulable_points(result: dict[str, Any], *, http_latency: float = 0.0) -> Iterator[SuitePoint]:
+    """The points of a suite result (``data["result"]`` of the suite JSON) whose contender the
+    simulator has, in order."""
     cfg = result["config"]
     fleet = fleet_of(cfg, http_latency=http_latency)
-    out: list[Compared] = []
-    began = time.perf_counter()
-    for point in result["points"]:
+    for i, point in enumerate(result["points"]):
         try:
             contender = contender_named(point["contender"])
         except ValueError:
             continue
         convs, options = point_sessions(cfg, point)
-        sessions = from_conversations(convs)
+        yield SuitePoint(i, point, fleet, contender, from_conversations(convs), options)
+
+
+def calibrate(
+    result: dict[str, Any], *, seeds: Sequence[int] = range(5), http_latency: float = 0.0
+) -> tuple[list[Compared], float]:
+    """(one comparison per simulable point, wall seconds the virtual runs took)."""
+    cfg = result["config"]
+    out: list[Compared] = []
+    began = time.perf_counter()
+    for p in simulable_points(result, http_latency=http_latency):
+        point = p.point
         runs = [
             simulate(
-                sessions,
-                contender,
-                fleet=fleet,
+                p.sessions,
+                p.contender,
+                fleet=p.fleet,
                 seed=seed,
                 drain_timeout=cfg["drain_timeout"],
                 workload=point["workload"],
                 qps=point["qps"],
-                **options,
+                **p.options,
             )
             for seed in seeds
         ]

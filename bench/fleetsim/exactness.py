@@ -26,9 +26,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.fleetsim.calibrate import fleet_of, point_sessions
-from bench.fleetsim.core import SimResult, contender_named, simulate
-from bench.fleetsim.trace import from_conversations, make_workload
+from bench.fleetsim.calibrate import simulable_points
+from bench.fleetsim.core import SimResult, simulate
+from bench.fleetsim.trace import make_workload
 
 __all__ = ["compare", "record"]
 
@@ -56,24 +56,17 @@ def record(
         data = json.loads(path.read_text())
         result = data.get("result", data)
         cfg = result["config"]
-        fleet = fleet_of(cfg, http_latency=http_latency)
-        for i, point in enumerate(result["points"]):
-            try:
-                contender = contender_named(point["contender"])
-            except ValueError:
-                continue
-            convs, options = point_sessions(cfg, point)
-            sessions = from_conversations(convs)
+        for p in simulable_points(result, http_latency=http_latency):
             for seed in seeds:
                 run = simulate(
-                    sessions,
-                    contender,
-                    fleet=fleet,
+                    p.sessions,
+                    p.contender,
+                    fleet=p.fleet,
                     seed=seed,
                     drain_timeout=cfg["drain_timeout"],
-                    **options,
+                    **p.options,
                 )
-                out[f"{path.name} point {i} seed {seed}"] = _fields(run)
+                out[f"{path.name} point {p.index} seed {seed}"] = _fields(run)
     for spec in workloads:
         sessions_ = make_workload(spec, seed=gate_seed, duration=duration)
         for name in GATE_CONTENDERS:

@@ -20,9 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bench.fleetsim.calibrate import fleet_of, point_sessions
-from bench.fleetsim.core import contender_named, reset_caches, simulate
-from bench.fleetsim.trace import from_conversations
+from bench.fleetsim.calibrate import simulable_points
+from bench.fleetsim.core import reset_caches, simulate
 
 __all__ = ["SpeedRow", "format_speed", "speed"]
 
@@ -49,15 +48,9 @@ def speed(
     if repeat < 1:
         raise ValueError(f"repeat must be >= 1, got {repeat}")
     cfg = result["config"]
-    fleet = fleet_of(cfg, http_latency=http_latency)
     rows = []
-    for point in result["points"]:
-        try:
-            contender = contender_named(point["contender"])
-        except ValueError:
-            continue
-        convs, options = point_sessions(cfg, point)
-        sessions = from_conversations(convs)
+    for p in simulable_points(result, http_latency=http_latency):
+        point = p.point
         best = float("inf")
         n = 0
         for _ in range(repeat):
@@ -65,12 +58,12 @@ def speed(
                 reset_caches()
             began = time.process_time()
             res = simulate(
-                sessions,
-                contender,
-                fleet=fleet,
+                p.sessions,
+                p.contender,
+                fleet=p.fleet,
                 seed=0,
                 drain_timeout=cfg["drain_timeout"],
-                **options,
+                **p.options,
             )
             best = min(best, time.process_time() - began)
             n = len(res.records)
