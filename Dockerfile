@@ -17,7 +17,11 @@ RUN python -m venv /opt/matrixinfer
 WORKDIR /src
 # the lock first: a source change does not reinstall the dependencies
 COPY requirements.lock ./
-RUN /opt/matrixinfer/bin/pip install --no-deps -r requirements.lock
+RUN /opt/matrixinfer/bin/pip install --no-deps -r requirements.lock \
+ # xds-protos carries an older copy of the OpenTelemetry protos: opentelemetry-proto's files last
+ && /opt/matrixinfer/bin/pip install --no-deps --force-reinstall \
+      "$(grep '^opentelemetry-proto==' requirements.lock)" \
+ && /opt/matrixinfer/bin/python -c "from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope"
 COPY pyproject.toml README.md ./
 COPY crds crds
 COPY fleet fleet

@@ -12,11 +12,19 @@ all: test
 
 # Python environments: created once, re-installed when pyproject.toml changes. The demo needs the
 # runtime dependencies only; tests, lint and benchmarks add the dev extras.
+# xds-protos ships its own, older copy of the OpenTelemetry protos under opentelemetry/proto/; in
+# a fresh environment it can overwrite opentelemetry-proto's files (the tracing exporter then fails
+# to import). Reinstalling opentelemetry-proto last puts its files back.
+OTEL_PROTO_FIX = $(PY) -m pip install --quiet --force-reinstall --no-deps \
+	"opentelemetry-proto==$$($(PY) -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')" && \
+	$(PY) -c "from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope"
+
 $(RUNTIME_STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing MatrixInfer and its runtime dependencies into $(VENV) (once)"
 	@$(PY) -m pip install --quiet --upgrade pip
 	@$(PY) -m pip install --progress-bar off -e . | grep -E '^(Collecting|Successfully)' || true
+	@$(OTEL_PROTO_FIX)
 	@$(PY) -c "import extproc, controllers, sim, matrixinfer" 2>/dev/null || \
 	  { echo "error: the runtime install failed; run: $(PY) -m pip install -e ."; exit 1; }
 	@touch $(RUNTIME_STAMP)
@@ -24,6 +32,7 @@ $(RUNTIME_STAMP): pyproject.toml
 $(STAMP): $(RUNTIME_STAMP) pyproject.toml
 	@echo "installing the development extras (tests, lint, benchmarks) into $(VENV) (once)"
 	@$(PY) -m pip install --progress-bar off -e '.[dev]' | grep -E '^(Collecting|Successfully)' || true
+	@$(OTEL_PROTO_FIX)
 	@$(PY) -c "import pytest, mypy, kmock" 2>/dev/null || \
 	  { echo "error: the dev install failed; run: $(PY) -m pip install -e '.[dev]'"; exit 1; }
 	@touch $(STAMP)
