@@ -72,12 +72,16 @@ async def test_a_followed_log_grows_until_the_process_ends(tmp_path: Path) -> No
         f"while not os.path.exists({str(go)!r}): time.sleep(0.02)\nprint('line 1')"
     )
     cluster, pod = _cluster(tmp_path, script)
-    stream = cluster._pod_log(Request("default", "p", {"follow": "true"}))
-    assert await anext(stream) == b"line 0\n"  # sent while the process still runs
-    assert pod.proc.poll() is None
-    go.touch()
-    assert b"".join([c async for c in stream]) == b"line 1\n"  # the rest; ends with it
-    assert pod.proc.poll() is not None
+    try:
+        stream = cluster._pod_log(Request("default", "p", {"follow": "true"}))
+        assert await anext(stream) == b"line 0\n"  # sent while the process still runs
+        assert pod.proc.poll() is None
+        go.touch()
+        assert b"".join([c async for c in stream]) == b"line 1\n"  # the rest; ends with it
+        assert pod.proc.poll() is not None
+    finally:
+        go.touch()  # the process ends whatever failed
+        pod.proc.wait(30)
 
 
 async def test_unknown_pods_and_bad_tail_lines_are_refused(tmp_path: Path) -> None:
