@@ -16,10 +16,14 @@ one where every port of the pod is free) and runs the pod as written, as far as 
 - **init containers** that are MatrixInfer programs (:data:`PROGRAMS`) run one after the other;
   the pod is Pending until they succeed, and one that fails fails the pod (its last output line
   in the pod's status and the whole output in the pod's log);
-- the **engine** container runs as the engine simulator (:func:`sim_command`), the other
-  MatrixInfer containers (the ``runtime`` sidecar, the PD proxy) beside it with their own
-  arguments, listening on the pod's address. Containers whose program cannot run here are
-  named in the pod's log, with why.
+- the **engine** container runs its own ``command`` + ``args`` as written when its program can
+  run here (:func:`engine_command`: a program of this install such as ``matrixinfer-sim``, a
+  ``python -m`` module importable here, or a program on ``PATH``), with ``$(VAR)`` expanded
+  from its ``env`` and every ``--host`` value set to the pod's address; else (``vllm`` or
+  SGLang not installed, no command) it runs as the engine simulator (:func:`sim_command`). The
+  pod's log says which. The other MatrixInfer containers (the ``runtime`` sidecar, the PD
+  proxy) run beside it with their own arguments, listening on the pod's address. Containers
+  whose program cannot run here are named in the pod's log, with why.
 
 It writes the pod's status through the API as the kubelet would: ``podIP`` at once, phase
 Pending while init containers run, Running when the containers start, the Ready condition once
@@ -36,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import importlib.util
 import ipaddress
 import logging
 import os
@@ -56,11 +61,15 @@ from controllers.modelinfer.types import LABEL_ROLE
 from matrixinfer.process import die_with_parent, port_is_free
 
 __all__ = [
+    "ENGINE_SCRIPTS",
     "PROGRAMS",
     "LocalCommand",
     "LocalKubelet",
     "PodPlan",
     "Run",
+    "engine_command",
+    "expand",
+    "local_program",
     "plan_pod",
     "remap",
     "sim_command",
@@ -78,13 +87,17 @@ _LORA = {"--lora-modules", "--lora-paths"}
 
 @dataclass(frozen=True, slots=True)
 class LocalCommand:
-    """How one pod runs here: the simulator's command line, the port it serves, and the engine
-    arguments the simulator does not know (left out, reported in the pod's log)."""
+    """How one pod's engine runs here: its command line, the port it serves, the model it
+    serves; ``simulated``: it runs as the simulator (``ignored``: the engine arguments the
+    simulator does not know, left out), else the container's own command as written; ``why``:
+    the line the pod's log gets about that choice."""
 
     argv: list[str]
     port: int
     model: str
     ignored: list[str] = field(default_factory=list)
+    simulated: bool = True
+    why: str = ""
 
 
 def _sim_options() -> set[str]:
@@ -148,7 +161,7 @@ def sim_command(
             served = values
         elif flag in ("--model", "--model-path") and values:
             model = values[0]
-        elif flag == "--port" and values:
+        elif flag == "--port" and values and values[0].isdigit():
             port = int(values[0])
         elif flag in _LORA:
             lora += values
@@ -171,6 +184,130 @@ def sim_command(
     if role in ("prefill", "decode"):  # a disaggregated backend's role pods
         argv += ["--role", role]
     return LocalCommand([*argv, *passed, *extra], port, served_name, ignored)
+
+
+ENGINE_SCRIPTS: dict[str, str] = {"matrixinfer-sim": "sim"}
+"""Engine programs of this install (console scripts) the kubelet runs as ``python -m <module>``
+(beside :data:`PROGRAMS`)."""
+
+_PYTHON = re.compile(r"^python(3(\.\d+)*)?$")
+_VAR = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
+
+
+def has_module(name: str) -> bool:
+    """``name`` (dotted) can be run with ``python -m`` by this install."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def local_program(
+    command: Sequence[str],
+    python: str = sys.executable,
+    which: Callable[[str], str | None] = shutil.which,
+    module: Callable[[str], bool] = has_module,
+) -> list[str] | str:
+    """The command line that runs ``command`` on this machine, or why it cannot run here: a
+    program of this install (:data:`ENGINE_SCRIPTS`, :data:`PROGRAMS`) runs as ``python -m
+    <module>``; ``python``/``python3`` ``-m MODULE`` with this interpreter when ``MODULE`` is
+    importable here; any other program as found on ``PATH`` (or at its absolute path)."""
+    if not command:
+        return "the container has no command (the image's entrypoint)"
+    program = command[0].rsplit("/", 1)[-1]
+    ours = ENGINE_SCRIPTS.get(program) or (PROGRAMS[program][0] if program in PROGRAMS else None)
+    if ours is not None:
+        return [python, "-m", ours, *command[1:]]
+    if _PYTHON.match(program) and len(command) > 2 and command[1] == "-m":
+        if module(command[2]):
+            return [python, *command[1:]]
+        return f"the Python module {command[2]} is not installed here"
+    found = which(command[0])
+    if found is None:
+        return f"{command[0]} is not installed here"
+    return [found, *command[1:]]
+
+
+def expand(value: str, env: Mapping[str, str]) -> str:
+    """Kubernetes' ``$(VAR)`` in a command or argument: the container's variable ``VAR``
+    (left as written when it has none); ``$$`` is a literal ``$``."""
+
+    def sub(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        return env.get(m.group(1), m.group(0))
+
+    return _VAR.sub(sub, value)
+
+
+def _at_host(argv: Sequence[str], host: str) -> tuple[list[str], bool]:
+    """``argv`` with every ``--host`` value the pod's ``host``; and whether it had one."""
+    out: list[str] = []
+    seen = False
+    it = iter(argv)
+    for token in it:
+        if token == "--host":
+            out += [token, host]
+            next(it, None)
+            seen = True
+        elif token.startswith("--host="):
+            out.append(f"--host={host}")
+            seen = True
+        else:
+            out.append(token)
+    return out, seen
+
+
+def _flag(tokens: Sequence[str], *names: str) -> str | None:
+    """The value of the first of ``names`` (``--flag v`` or ``--flag=v``) in ``tokens``."""
+    for flag, values in _options(tokens)[1:]:
+        if flag in names and values:
+            return values[0]
+    return None
+
+
+def engine_command(
+    pod: Mapping[str, Any],
+    host: str,
+    extra: Sequence[str] = (),
+    python: str = sys.executable,
+    *,
+    env: Mapping[str, str] | None = None,
+    fix: Callable[[str], str] = lambda v: v,
+    which: Callable[[str], str | None] = shutil.which,
+    module: Callable[[str], bool] = has_module,
+) -> LocalCommand:
+    """How the engine container of ``pod`` runs on ``host`` (the one place that decides): its
+    own ``command`` + ``args`` as written when the program can run here
+    (:func:`local_program`), else the simulator (:func:`sim_command`; ``extra``: its flags).
+
+    As written means: ``$(VAR)`` expanded from the container's ``env`` (:func:`expand`), paths
+    and loopback URLs through ``fix`` (:func:`remap`), every ``--host`` value replaced by the
+    pod's address (a program without ``--host`` binds where it chooses); the port is the
+    ``--port`` value, else the container's first port, else 8000."""
+    c = engine_container(pod) or {}
+    written = [str(t) for t in [*(c.get("command") or ()), *(c.get("args") or ())]]
+    command = [str(t) for t in c.get("command") or ()]
+    program = local_program(command, python, which, module)
+    if isinstance(program, str):
+        sim = sim_command(pod, host, extra, python)
+        what = command[0] if command else "the engine"
+        why = f"engine: {program}; {what} runs as the simulator"
+        return LocalCommand(sim.argv, sim.port, sim.model, sim.ignored, True, why)
+    argv = [fix(expand(t, env or {})) for t in [*program, *written[len(command) :]]]
+    argv, has_host = _at_host(argv, host)
+    ports = [p.get("containerPort") for p in c.get("ports") or () if p.get("containerPort")]
+    port_text = _flag(argv, "--port")
+    if port_text and port_text.isdigit():
+        port = int(port_text)
+    else:
+        port = int(ports[0]) if ports else DEFAULT_PORT
+    name = str((pod.get("metadata") or {}).get("name") or "")
+    model = _flag(argv, "--served-model-name", "--model", "--model-path") or name
+    why = f"engine: {command[0]} runs as written"
+    if not has_host:
+        why += " (no --host: it binds the address it chooses)"
+    return LocalCommand(argv, port, model, [], False, why)
 
 
 class Addresses:
@@ -406,27 +543,39 @@ def plan_pod(
     extra: Sequence[str] = (),
     python: str = sys.executable,
     hub: str | None = None,
+    which: Callable[[str], str | None] = shutil.which,
 ) -> PodPlan:
     """How ``pod`` runs here on ``host``: each container's mounts under ``fs_root/<container>``
-    (``volumes``: :func:`volume_dirs`); the engine container as the simulator (``extra``: its
-    flags for every pod); the init containers and the other containers that are MatrixInfer
-    programs with their own arguments (remapped, :func:`remap`). A downloader of an ``hf://``
+    (``volumes``: :func:`volume_dirs`); the engine container as :func:`engine_command` decides
+    (its own command where it can run here, else the simulator with ``extra``, its flags for
+    every pod; ``which`` finds programs); the init containers and the other containers that
+    are MatrixInfer programs with their own arguments (remapped, :func:`remap`). A downloader of an ``hf://``
     model is not run when no hub is set (``hub``; None: ``$HF_ENDPOINT``): nothing may download
     from the internet here, and the simulator needs no weights."""
     meta = pod.get("metadata") or {}
     spec = pod.get("spec") or {}
     engine_spec = engine_container(pod) or {}
-    engine = sim_command(pod, host, extra, python)
-    ports = {engine.port} | {
+    name = str(engine_spec.get("name") or ENGINE_CONTAINER)
+    declared = {
         int(p["containerPort"])
         for c in spec.get("containers") or ()
         for p in c.get("ports") or ()
         if p.get("containerPort")
     }
-    env, notes = _env(engine_spec, meta, host, lambda v: _to_pod(v, host, ports))
+    ports = declared | {sim_command(pod, host, extra, python).port}
+    try:
+        mounts = list(container_mounts(engine_spec, volumes))
+    except ValueError:
+        mounts = []
+
+    def fix(value: str) -> str:
+        return remap(value, mounts, fs_root / name, host, ports)
+
+    env, notes = _env(engine_spec, meta, host, fix)
+    engine = engine_command(pod, host, extra, python, env=env, fix=fix, which=which)
+    notes.insert(0, engine.why)
     if engine.ignored:
-        notes.insert(0, f"engine flags the simulator ignores: {' '.join(engine.ignored)}")
-    name = str(engine_spec.get("name") or ENGINE_CONTAINER)
+        notes.insert(1, f"engine flags the simulator ignores: {' '.join(engine.ignored)}")
     runs = [Run(name, engine.argv, env, [engine.port], _probe_url(engine_spec, host), notes)]
     skipped: list[str] = []
     init: list[Run] = []

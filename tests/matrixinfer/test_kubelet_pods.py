@@ -13,7 +13,14 @@ import yaml
 
 import crds
 from controllers.model.planner import desired
-from matrixinfer.kubelet import config_map_files, plan_pod, remap, volume_dirs
+from matrixinfer.kubelet import (
+    config_map_files,
+    engine_command,
+    local_program,
+    plan_pod,
+    remap,
+    volume_dirs,
+)
 from matrixinfer.resources import project_file
 from tests.matrixinfer.test_localcluster_units import demo_pods
 
@@ -179,3 +186,64 @@ def test_config_map_volume_files() -> None:
     assert config_map_files(items, data) == {"o.txt": "x"}
     with pytest.raises(KeyError):
         config_map_files({"configMap": {"items": [{"key": "nope"}]}}, data)
+
+
+def test_a_program_runs_here_when_it_is_ours_importable_or_on_the_path() -> None:
+    def which(p: str) -> str | None:
+        return {"tiny": "/opt/bin/tiny", "/srv/engine": "/srv/engine"}.get(p)
+
+    def module(m: str) -> bool:
+        return m == "sim"
+
+    def run(*command: str) -> list[str] | str:
+        return local_program(list(command), "py", which, module)
+
+    assert run("matrixinfer-sim", "--port", "1") == ["py", "-m", "sim", "--port", "1"]
+    assert run("/usr/local/bin/matrixinfer-sim") == ["py", "-m", "sim"]
+    assert run("python3", "-m", "sim", "--x") == ["py", "-m", "sim", "--x"]
+    assert run("python3", "-m", "sglang.launch_server") == (
+        "the Python module sglang.launch_server is not installed here"
+    )
+    assert run("tiny", "a") == ["/opt/bin/tiny", "a"]
+    assert run("/srv/engine") == ["/srv/engine"]
+    assert run("vllm", "serve") == "vllm is not installed here"
+    assert run() == "the container has no command (the image's entrypoint)"
+
+
+def test_the_engine_runs_as_written_with_vars_and_the_pods_host() -> None:
+    pod = _pod()
+    engine = pod["spec"]["containers"][0]
+    engine["command"] = ["matrixinfer-sim"]
+    engine["args"] = [
+        "--served-model-name", "$(NAME)", "--host=0.0.0.0", "--port", "$(PORT)", "$$(PORT)",
+        "--missing", "$(NOPE)",
+    ]  # fmt: skip
+    cmd = engine_command(pod, "127.0.0.10", ["--time-scale", "9"], "py",
+                         env={"NAME": "m", "PORT": "8123"})  # fmt: skip
+    assert cmd.argv == [
+        "py", "-m", "sim", "--served-model-name", "m", "--host=127.0.0.10", "--port", "8123",
+        "$(PORT)", "--missing", "$(NOPE)",
+    ]  # fmt: skip
+    assert (cmd.port, cmd.model, cmd.simulated) == (8123, "m", False)
+    assert cmd.why == "engine: matrixinfer-sim runs as written"
+    engine["args"] = ["--port", "8000"]
+    assert engine_command(pod, "h", python="py").why.endswith(
+        "(no --host: it binds the address it chooses)"
+    )
+
+
+def test_an_engine_not_installed_here_runs_as_the_simulator(tmp_path: Path) -> None:
+    pod = _pod()  # vllm serve ...
+    cmd = engine_command(pod, "127.0.0.10", python="py", which=lambda p: None)
+    assert cmd.simulated and cmd.argv[:3] == ["py", "-m", "sim"]
+    assert cmd.why == "engine: vllm is not installed here; vllm runs as the simulator"
+    found = engine_command(pod, "127.0.0.10", python="py", which=lambda p: f"/x/{p}")
+    assert not found.simulated and found.argv[:2] == ["/x/vllm", "serve"]
+    assert "--host" in found.argv and found.argv[found.argv.index("--host") + 1] == "127.0.0.10"
+    # the plan tells the pod's log which it did, and paths go into the pod's mounts
+    plan = plan_pod(pod, "127.0.0.10", tmp_path / "fs", volume_dirs(pod, tmp_path, tmp_path),
+                    python="py", which=lambda p: f"/x/{p}")  # fmt: skip
+    engine = plan.containers[0]
+    assert engine.notes[0] == "engine: vllm runs as written"
+    weights = engine.argv[2]
+    assert weights.startswith(f"{tmp_path}/fs/engine/mnt/pvc/demo-artefacts/"), weights
