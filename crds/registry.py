@@ -566,6 +566,17 @@ class Backend(ApiModel):
         description="Engine image; absent: the platform default for the type.",
         max_length=1024,
     )
+    command: list[str] | None = Field(
+        default=None,
+        description="The engine's command in place of the type's (vLLM: vllm serve, SGLang:"
+        " python3 -m sglang.launch_server), e.g. the simulator's [matrixinfer-sim] with image set"
+        " to the MatrixInfer image. With a command no engine arguments are derived: the container"
+        " runs command, then config, then args, and its env names what would have been derived"
+        " (MATRIXINFER_MODEL_PATH, MATRIXINFER_SERVED_MODEL_NAME, MATRIXINFER_PORT) for $(VAR)"
+        " references in args.",
+        min_length=1,
+        max_length=16,
+    )
     args: list[str] | None = Field(
         default=None, description="Extra engine command-line arguments.", max_length=256
     )

@@ -10,6 +10,8 @@ The rules (docs/model.md, "The engine container"):
 - ``config`` renders as ``--key value`` (true: ``--key``; false and null: left out; a list:
   ``--key v1 v2``; a map: ``--key '<json>'``), then ``args`` verbatim: the user's arguments come
   last, so they win where the engine takes the last value;
+- a backend's ``command`` replaces all of that: the engine runs ``command`` [config] [args], and
+  :func:`engine_env` names the weights, the served name and the port for ``$(VAR)`` in ``args``;
 - ``<weights>`` is a local path: the downloader init container put them there (hf://, s3://) or
   they are mounted (pvc://, file://); LoRA adapters are loaded at run time by the runtime
   sidecar through the engine's API, so the engine only enables LoRA.
@@ -57,6 +59,23 @@ def config_args(config: Mapping[str, Any] | None) -> list[str]:
     return out
 
 
+ENV_MODEL_PATH = "MATRIXINFER_MODEL_PATH"
+ENV_SERVED_MODEL_NAME = "MATRIXINFER_SERVED_MODEL_NAME"
+ENV_PORT = "MATRIXINFER_PORT"
+
+
+def engine_env(backend: Backend, served_name: str, weights: str, port: int) -> list[dict[str, str]]:
+    """What :func:`engine_args` would have derived, as env of the engine container of a backend
+    with its own ``command`` (for ``$(VAR)`` in its ``args``); none for the types' commands."""
+    if not backend.command:
+        return []
+    return [
+        {"name": ENV_MODEL_PATH, "value": weights},
+        {"name": ENV_SERVED_MODEL_NAME, "value": served_name},
+        {"name": ENV_PORT, "value": str(port)},
+    ]
+
+
 def _sets(flag: str, args: list[str]) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in args)
 
@@ -73,6 +92,8 @@ def engine_args(
     """(command, args) of the engine container of one role of ``backend``, reading the weights
     at ``weights`` and listening on ``port``; ``lora``: the Model has adapters to load."""
     user = config_args(backend.config) + list(backend.args or [])
+    if backend.command:  # the user's engine: nothing derived (engine_env says it instead)
+        return list(backend.command), user
     common = ["--host", "0.0.0.0", "--port", str(port), "--served-model-name", served_name]
     enable_lora = ["--enable-lora"] if lora and not _sets("--enable-lora", user) else []
     if backend.type == "SGLang":

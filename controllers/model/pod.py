@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from controllers.model.engine import DEFAULT_IMAGES, PD_CONNECTOR, engine_args
+from controllers.model.engine import DEFAULT_IMAGES, PD_CONNECTOR, engine_args, engine_env
 from crds.registry import Backend, BackendWorker, LoraAdapter
 from fleet.artefacts import Uri, artefact_path, parse_uri
 from fleet.service import version
@@ -218,6 +218,8 @@ def pod_template(
         backend, worker, served_name, _path(model_uri), engine_port, lora=bool(adapters)
     )
     env = _with(_env(backend), "HF_HOME", CACHE_MOUNT)
+    for var in engine_env(backend, served_name, _path(model_uri), engine_port):
+        env = _with(env, var["name"], var["value"])
     if adapters and kind == "vllm":  # the sidecar loads adapters through vLLM's API
         env = _with(env, "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")
     engine: dict[str, Any] = {

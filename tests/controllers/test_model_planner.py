@@ -140,6 +140,43 @@ def test_default_images_per_engine() -> None:
     assert engine(sg)["image"].startswith("lmsysorg/sglang:")
 
 
+def test_a_command_replaces_the_engine_and_its_derived_arguments() -> None:
+    """A backend's own engine (the simulator): its command, then config, then args as written;
+    what would have been derived is in its env for $(VAR)."""
+    args = ["--served-model-name", "$(MATRIXINFER_SERVED_MODEL_NAME)", "--port",
+            "$(MATRIXINFER_PORT)", "--role", "$(ROLE)"]  # fmt: skip
+    workers = [{"type": "prefill"}, {"type": "decode"}]
+    spec = {
+        "backends": [
+            backend(image="mi:1", command=["matrixinfer-sim"], config={"max-num-seqs": 8},
+                    args=args, env=[{"name": "MATRIXINFER_PORT", "value": "9"}]),
+            backend(name="pd", type="vLLMDisaggregated", command=["matrixinfer-sim"],
+                    workers=workers),
+        ],
+        "loraAdapters": [{"name": "sql", "uri": "hf://org/sql"}],
+    }  # fmt: skip
+    c = engine(mi(spec))
+    assert (c["image"], c["command"]) == ("mi:1", ["matrixinfer-sim"])
+    assert c["args"] == ["--max-num-seqs", "8", *args]  # no --enable-lora, no weights
+    assert {e["name"]: e.get("value") for e in c["env"]} == {
+        "MATRIXINFER_PORT": "9",  # the user's own value wins
+        "HF_HOME": "/var/cache/matrixinfer",
+        "MATRIXINFER_MODEL_PATH": "/var/cache/matrixinfer/hf/org/llama/main",
+        "MATRIXINFER_SERVED_MODEL_NAME": "llama",
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+    }
+    decode = containers(mi(spec, "llama-pd"), role=1)["engine"]
+    assert decode["args"] == []  # no --kv-transfer-config either
+    assert {"name": "MATRIXINFER_PORT", "value": "8001"} in decode["env"]
+    plain = engine(mi({"backends": [backend()]}))
+    assert not any(e["name"].startswith("MATRIXINFER_") for e in plain["env"])
+    with pytest.raises(ValueError, match="command"):
+        crds.parse_object(
+            {"apiVersion": "registry.matrixinfer.ai/v1alpha1", "kind": "Model",
+             "metadata": {"name": "x"}, "spec": {"backends": [backend(command=[])]}}, "x"
+        )  # fmt: skip
+
+
 def test_config_rendering() -> None:
     assert config_args({"a": 1, "b": True, "c": False, "d": None, "e": [1, 2], "f": {"k": 1}}) == [
         "--a", "1", "--b", "--e", "1", "2", "--f", '{"k":1}'
