@@ -5,8 +5,13 @@
   the extproc, the xDS server and Envoy reading that API): runs on any machine, in
   ``make test``. A model is a ``Model`` file in the directory the local cluster applies.
 - :class:`KindCluster` — a kind cluster: ``make image``, ``kind load``, ``helm install`` of
-  ``charts/matrixinfer``, model resources applied with kubectl, the gateway reached through
-  ``kubectl port-forward``. Needs Docker, kind, kubectl and helm (``make e2e``).
+  ``charts/matrixinfer``, the same ``Model`` applied, edited and deleted with kubectl, the
+  gateway reached through ``kubectl port-forward``. Needs Docker, kind, kubectl and helm
+  (``make e2e``).
+
+Both run the one Model of :func:`local_model`: a vLLM backend whose engine is the simulator
+from the MatrixInfer image, written as its own ``command`` (the local kubelet runs that command
+as written; a cluster runs the image).
 
 A *revision* replaces every pod. A pod's identity is ``name/uid`` (:meth:`Cluster.pod_ids`): a
 controller may give a replacement pod the old one's name (the ModelInfer controller does).
@@ -22,11 +27,12 @@ import subprocess
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from controllers.modelinfer.types import LABEL_ENTRY, LABEL_MODEL_INFER
 from matrixinfer.get import list_objects
 from matrixinfer.localcluster import LocalCluster, LocalOptions
 from matrixinfer.process import ReadinessTimeout, free_port, wait_until
@@ -38,7 +44,7 @@ __all__ = [
     "KindCluster",
     "LocalStackCluster",
     "local_model",
-    "model_resources",
+    "weights_job",
 ]
 
 POD_HEADER = "x-inference-pod"  # the simulator names the pod that answered
@@ -85,52 +91,67 @@ class Cluster(Protocol):
     def uninstall(self) -> None: ...
 
 
-def model_resources(model: str, port: int) -> str:
-    """The ModelServer and ModelRoute of one model (YAML), the same for both clusters."""
-    return f"""apiVersion: networking.matrixinfer.ai/v1alpha1
-kind: ModelServer
-metadata:
-  name: {model}
-spec:
-  inferenceEngine: vLLM
-  workloadSelector:
-    matchLabels: {{app: {model}}}
-  workloadPort: {{port: {port}}}
-  trafficPolicy:
-    retry: {{attempts: 2}}
----
-apiVersion: networking.matrixinfer.ai/v1alpha1
-kind: ModelRoute
-metadata:
-  name: {model}
-spec:
-  modelName: {model}
-  rules:
-  - name: default
-    targets:
-    - modelServerName: {model}
-"""
-
-
 LOCAL_CLAIM = "e2e-weights"
+BACKEND = "sim"
+SIM_IMAGE = "ghcr.io/matrixinfer/matrixinfer:e2e"
+"""The image ``make e2e`` builds and loads into kind (the simulator is one of its programs)."""
 
 
-def local_model(model: str, replicas: int, revision: int = 0) -> str:
-    """The Model of the local stack: one vLLM backend whose pods the local kubelet runs as
-    simulators; ``revision`` changes the engine arguments (a new pod template). Its weights are
-    on the claim ``e2e-weights`` (:data:`LOCAL_CLAIM`), a folder of the configuration directory:
-    nothing to download."""
+def local_model(model: str, replicas: int, revision: int = 0, image: str = SIM_IMAGE) -> str:
+    """The Model both clusters apply: one vLLM backend ``sim`` whose engine is the simulator
+    from ``image`` (its own ``command``: the local kubelet runs it as written, a cluster runs
+    the image); ``revision`` changes the engine's arguments (a new pod template). The weights
+    are on the claim ``e2e-weights`` (:data:`LOCAL_CLAIM`): a folder of the configuration
+    directory locally, a PersistentVolumeClaim :func:`weights_job` fills on kind."""
     return f"""apiVersion: registry.matrixinfer.ai/v1alpha1
 kind: Model
 metadata:
   name: {model}
 spec:
   backends:
-  - name: sim
+  - name: {BACKEND}
     type: vLLM
+    image: {image}
+    command: [matrixinfer-sim]
+    args: [--served-model-name, $(MATRIXINFER_SERVED_MODEL_NAME), --host, 0.0.0.0,
+           --port, $(MATRIXINFER_PORT), --pod-name, $(POD_NAME), "--seed={revision}"]
+    env:
+    - name: POD_NAME
+      valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}
     modelURI: pvc://{LOCAL_CLAIM}/{model}
-    args: ["--seed={revision}"]
     minReplicas: {replicas}
+"""
+
+
+def weights_job(model: str, image: str = SIM_IMAGE) -> str:
+    """The claim ``e2e-weights`` and a Job that puts ``<model>/config.json`` on it: the
+    simulator needs no weights, but the Model's downloader checks that a pvc:// path is there."""
+    return f"""apiVersion: v1
+kind: PersistentVolumeClaim
+metadata:
+  name: {LOCAL_CLAIM}
+spec:
+  accessModes: [ReadWriteOnce]
+  resources: {{requests: {{storage: 16Mi}}}}
+---
+apiVersion: batch/v1
+kind: Job
+metadata:
+  name: {LOCAL_CLAIM}-{model}
+spec:
+  backoffLimit: 2
+  template:
+    spec:
+      restartPolicy: Never
+      containers:
+      - name: write
+        image: {image}
+        command: [python, -c, "import pathlib; d = pathlib.Path('/w/{model}'); \
+d.mkdir(parents=True, exist_ok=True); (d / 'config.json').write_text('{{}}')"]
+        volumeMounts: [{{name: w, mountPath: /w}}]
+      volumes:
+      - name: w
+        persistentVolumeClaim: {{claimName: {LOCAL_CLAIM}}}
 """
 
 
@@ -289,18 +310,52 @@ def _ready_addresses(stack: GatewayStack) -> set[str]:
     return {str(p["address"]) for p in state.get("pods") or () if p.get("ready", True)}
 
 
-class KindCluster:
-    """A kind cluster with the chart installed (not runnable on machines without Docker)."""
+Runner = Callable[[Sequence[str], str | None], str]
+"""Runs a command (argv, stdin) and returns its output; ClusterError when it fails."""
 
-    def __init__(self, name: str = "matrixinfer-e2e", image: str | None = None) -> None:
-        for tool in ("docker", "kind", "kubectl", "helm"):
-            if shutil.which(tool) is None:
-                raise ClusterError(f"KindCluster needs {tool} on PATH")
+
+def run_command(argv: Sequence[str], stdin: str | None = None) -> str:
+    out = subprocess.run(list(argv), input=stdin, capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        raise ClusterError(f"{' '.join(argv)}: exit {out.returncode}: {out.stderr.strip()}")
+    return out.stdout
+
+
+class KindCluster:
+    """A kind cluster with the chart installed (not runnable on machines without Docker).
+
+    A model is the :func:`local_model` Model, applied with ``kubectl apply``; scaling and a new
+    revision are edits of that Model applied again (the Model owns its ModelInfer's replicas
+    when the backend sets no ``maxReplicas``: a ``kubectl scale`` of the ModelInfer would be put
+    back, so editing the Model is what a user does); a crash is ``kubectl delete pod --force``.
+    ``run`` and ``spawn`` stand in for the programs in tests (they record what would be sent)."""
+
+    def __init__(
+        self,
+        name: str = "matrixinfer-e2e",
+        image: str | None = None,
+        *,
+        run: Runner | None = None,
+        spawn: Callable[[list[str]], Any] | None = None,
+        poll_interval: float = 1.0,
+    ) -> None:
+        if run is None:
+            for tool in ("docker", "kind", "kubectl", "helm"):
+                if shutil.which(tool) is None:
+                    raise ClusterError(f"KindCluster needs {tool} on PATH")
         self.name = name
-        self.image = image or "ghcr.io/matrixinfer/matrixinfer:e2e"
+        self.image = image or SIM_IMAGE
         self.namespace = "matrixinfer"
         self.local_port = free_port()
-        self._forward: subprocess.Popen[bytes] | None = None
+        self._run_command: Runner = run or run_command
+        self._spawn = spawn or (
+            lambda argv: subprocess.Popen(
+                argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+        )
+        self._forward: Any = None
+        self._models: dict[str, _Model] = {}
+        self.poll_interval = poll_interval
         self.root = Path(__file__).resolve().parents[1]
 
     @property
@@ -308,67 +363,50 @@ class KindCluster:
         return f"http://127.0.0.1:{self.local_port}"
 
     def _run(self, *argv: str, stdin: str | None = None) -> str:
-        out = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=600)
-        if out.returncode != 0:
-            raise ClusterError(f"{' '.join(argv)}: exit {out.returncode}: {out.stderr.strip()}")
-        return out.stdout
+        return self._run_command(argv, stdin)
 
     def _kubectl(self, *argv: str, stdin: str | None = None) -> str:
         return self._run("kubectl", "--context", f"kind-{self.name}", "-n", self.namespace,
                          *argv, stdin=stdin)  # fmt: skip
 
+    def helm_values(self) -> dict[str, str]:
+        """The chart values ``install`` sets: the image (also the controllers'
+        ``--runtime-image``, so the Model's downloader, sidecar and simulator are the image
+        loaded into kind) and the one namespace watched."""
+        repo, _, tag = self.image.rpartition(":")
+        return {"image.repository": repo, "image.tag": tag, "watchNamespace": self.namespace}
+
     def install(self) -> None:
         self._run("kind", "create", "cluster", "--name", self.name, "--wait", "120s")
         self._run("make", "-C", str(self.root), "image", f"IMAGE={self.image}")
         self._run("kind", "load", "docker-image", self.image, "--name", self.name)
-        repo, _, tag = self.image.rpartition(":")
+        sets = [a for k, v in self.helm_values().items() for a in ("--set", f"{k}={v}")]
         self._run(
             "helm", "install", "mi", str(self.root / "charts" / "matrixinfer"),
             "--kube-context", f"kind-{self.name}", "-n", self.namespace, "--create-namespace",
-            "--set", f"image.repository={repo}", "--set", f"image.tag={tag}",
-            "--set", f"watchNamespace={self.namespace}", "--wait", "--timeout", "5m",
+            *sets, "--wait", "--timeout", "5m",
         )  # fmt: skip
-        self._forward = subprocess.Popen(
+        self._forward = self._spawn(
             ["kubectl", "--context", f"kind-{self.name}", "-n", self.namespace, "port-forward",
-             "svc/mi-matrixinfer-gateway", f"{self.local_port}:80"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+             "svc/mi-matrixinfer-gateway", f"{self.local_port}:80"]
         )  # fmt: skip
-
-    def _deployment(self, model: str, replicas: int, revision: str) -> str:
-        return f"""apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: {model}}}
-spec:
-  replicas: {replicas}
-  selector: {{matchLabels: {{app: {model}}}}}
-  template:
-    metadata:
-      labels: {{app: {model}}}
-      annotations: {{e2e/revision: "{revision}"}}
-    spec:
-      containers:
-      - name: engine
-        image: {self.image}
-        command: [matrixinfer-sim, --model, {model}, --host, 0.0.0.0, --port, "8000"]
-        env: [{{name: POD_NAME, valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}}}]
-        ports: [{{name: http, containerPort: 8000}}]
-        readinessProbe: {{httpGet: {{path: /health, port: http}}}}
-"""
 
     def deploy_model(self, model: str, replicas: int) -> None:
-        # the engine pods as a plain Deployment until the Model controller lands (then: a Model
-        # whose engine is the simulator image)
-        self._kubectl("apply", "-f", "-", stdin=model_resources(model, 8000))
-        self._kubectl("apply", "-f", "-", stdin=self._deployment(model, replicas, "0"))
-        self._kubectl("rollout", "status", f"deploy/{model}", "--timeout=180s")
+        self._kubectl("apply", "-f", "-", stdin=weights_job(model, self.image))
+        self._kubectl("wait", "--for=condition=complete", f"job/{LOCAL_CLAIM}-{model}",
+                      "--timeout=180s")  # fmt: skip
+        self._models[model] = _Model(model, replicas)
+        self._apply(self._models[model])
 
     def scale(self, model: str, replicas: int) -> None:
-        self._kubectl("scale", f"deploy/{model}", f"--replicas={replicas}")
-        self._kubectl("rollout", "status", f"deploy/{model}", "--timeout=180s")
+        m = self._model(model)
+        m.replicas = replicas
+        self._apply(m)
 
     def roll(self, model: str) -> None:
-        self._kubectl("rollout", "restart", f"deploy/{model}")
-        self._kubectl("rollout", "status", f"deploy/{model}", "--timeout=180s")
+        m = self._model(model)
+        m.revision += 1
+        self._apply(m, replaced=frozenset(self.pod_ids(model)))
 
     def kill_pod(self, model: str) -> str:
         pod_id = self.pod_ids(model)[0]
@@ -377,13 +415,16 @@ spec:
         return pod_id
 
     def wait_replaced(self, model: str, replicas: int) -> None:
-        _poll(lambda: len(self.pods(model)) == replicas, 180.0, f"{model}: {replicas} pods")
+        _poll(lambda: len(self.pods(model)) == replicas, 180.0, f"{model}: {replicas} pods",
+              self.poll_interval)  # fmt: skip
 
     def pods(self, model: str) -> list[str]:
         return sorted(i.split("/")[0] for i in self.pod_ids(model))
 
     def pod_ids(self, model: str) -> list[str]:
-        out = self._kubectl("get", "pods", "-l", f"app={model}", "-o", "json")
+        """The model's ready entry pods (the ones that serve), as ``name/uid``."""
+        selector = f"{LABEL_MODEL_INFER}={model}-{BACKEND},{LABEL_ENTRY}=true"
+        out = self._kubectl("get", "pods", "-l", selector, "-o", "json")
         items = json.loads(out)["items"]
         return sorted(
             f"{p['metadata']['name']}/{p['metadata']['uid']}"
@@ -398,15 +439,35 @@ spec:
             self._forward.terminate()
             self._forward.wait(10)
         try:
+            if self._models:  # while the operator runs: it removes the children and finalizers
+                self._kubectl("delete", "model", *sorted(self._models), "--wait=true",
+                              "--timeout=120s")  # fmt: skip
             self._run("helm", "uninstall", "mi", "--kube-context", f"kind-{self.name}",
                       "-n", self.namespace, "--wait")  # fmt: skip
         finally:
             self._run("kind", "delete", "cluster", "--name", self.name)
 
+    # -- helpers
+    def _model(self, model: str) -> _Model:
+        if model not in self._models:
+            raise ClusterError(f"model {model!r} is not deployed")
+        return self._models[model]
 
-def _poll(check: Callable[[], bool], within: float, what: str) -> None:
+    def _apply(self, m: _Model, replaced: frozenset[str] = frozenset()) -> None:
+        """Apply the Model as it now is; until ``m.replicas`` ready pods, none of ``replaced``."""
+        self._kubectl("apply", "-f", "-", stdin=local_model(m.name, m.replicas, m.revision,
+                                                             self.image))  # fmt: skip
+
+        def served() -> bool:
+            ids = set(self.pod_ids(m.name))
+            return len(ids) == m.replicas and not ids & replaced
+
+        _poll(served, 300.0, f"{m.name}: {m.replicas} ready pods", self.poll_interval)
+
+
+def _poll(check: Callable[[], bool], within: float, what: str, every: float = 1.0) -> None:
     deadline = time.monotonic() + within
     while not check():
         if time.monotonic() > deadline:
             raise ClusterError(f"timed out waiting for {what}")
-        time.sleep(1.0)
+        time.sleep(every)
