@@ -1,5 +1,6 @@
 """`matrixinfer demo` as a user runs it: the local cluster (emulated API server, the real
-operator, pods as simulator processes), extproc and Envoy, from the shipped example."""
+operator, pods as simulator processes), extproc and Envoy, from the shipped example: one Model
+with an aggregated vLLM backend, an aggregated SGLang backend and a prefill/decode backend."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from controllers.webhooks import rules
 from matrixinfer.process import free_port, http_ok, wait_until
@@ -26,6 +29,14 @@ pytestmark = pytest.mark.timeout(240)
 
 STARTED = re.compile(r"pod (\S+): started (\S+) at (\S+)")
 POD_HEADER = "x-inference-pod"
+PODS = [
+    "demo-model-large-0-server-0-0",
+    "demo-model-pd-0-decode-0-0",
+    "demo-model-pd-0-prefill-0-0",
+    "demo-model-small-0-server-0-0",
+]
+"""The example's pods: one per aggregated backend, a prefill and a decode pod."""
+DECODE = "demo-model-pd-0-decode-0-0"
 
 
 def _demo_argv(run_dir: Path, *extra: str, first_host: str = "127.0.0.70") -> list[str]:
@@ -52,12 +63,8 @@ def test_demo_without_a_terminal_sends_requests_and_exits_zero(tmp_path: Path) -
     assert proc.returncode == 0, out + proc.stderr
     assert "created Model default/demo-model" in out
     started = STARTED.findall(out)
-    assert sorted(p for p, _, _ in started) == [
-        "demo-model-large-0-server-0-0",
-        "demo-model-large-1-server-0-0",
-        "demo-model-small-0-server-0-0",
-    ], out
-    assert len({addr for _, _, addr in started}) == 3  # one loopback address each
+    assert sorted(p for p, _, _ in started) == PODS, out
+    assert len({addr.rsplit(":")[0] for _, _, addr in started}) == 4  # one loopback address each
     assert "curl -s http://127.0.0.1:" in out and "from openai import OpenAI" in out
     # the console, started beside the gateway: its URL signs in with the token it was given
     console = re.search(r"console \(deploy, watch and chat in a browser\): (\S+)", out)
@@ -182,7 +189,21 @@ def _served(demo: Demo, pod: str | None = None) -> bool:
     return got == pod if pod is not None else got in demo.pods()
 
 
-def test_the_model_answers_chat_and_streams_from_both_backends(demo: Demo) -> None:
+def _paired(demo: Demo) -> float:
+    """Requests the decode pod's PD proxy served after a prefill on the prefill pod."""
+    ip = demo.pods()[DECODE][2]
+    with urllib.request.urlopen(f"http://{ip}:8000/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "matrixinfer_pd_requests_total"
+        and sample.labels.get("outcome") == "paired"
+    )
+
+
+def test_the_model_answers_chat_and_streams_from_every_backend(demo: Demo) -> None:
     from openai import OpenAI
 
     client = OpenAI(base_url=demo.url, api_key="unused", max_retries=0, timeout=30)
@@ -198,9 +219,13 @@ def test_the_model_answers_chat_and_streams_from_both_backends(demo: Demo) -> No
     listed = {m.id for m in client.models.list()}
     assert {"demo-model", "demo-lora-a", "demo-lora-b"} <= listed
     client.close()
-    # 70/30 between the backends: 40 requests all on one backend has odds below 1e-6
-    served = {_chat_pod(demo.url) for _ in range(40)}
-    assert {p.split("-")[2] for p in served} == {"large", "small"}, served
+    # 50/20/30 between the backends: 60 requests miss the 20 % one with odds below 2e-6
+    paired = _paired(demo)
+    served = {_chat_pod(demo.url) for _ in range(60)}
+    assert {p.split("-")[2] for p in served} == {"large", "small", "pd"}, served
+    # the pd backend's answers come from the decode pod, after a prefill on the prefill pod
+    assert "demo-model-pd-0-prefill-0-0" not in served and DECODE in served
+    assert _paired(demo) > paired
     assert _chat_pod(demo.url, "demo-lora-b").startswith("demo-model-")
 
 
@@ -208,14 +233,16 @@ def test_get_shows_what_the_controllers_made(demo: Demo) -> None:
     models = demo.get("models").splitlines()
     assert models[0].split() == ["NAMESPACE", "NAME", "BACKENDS", "READY", "STATUS", "AGE"]
     row = models[1].split()
-    assert row[:5] == ["default", "demo-model", "large,small", "3/3", "Active"], models
+    assert row[:5] == ["default", "demo-model", "large,small,pd", "3/3", "Active"], models
     infers = {r.split()[1]: r.split()[2] for r in demo.get("modelinfers").splitlines()[1:]}
-    assert infers == {"demo-model-large": "2/2", "demo-model-small": "1/1"}
+    assert infers == {"demo-model-large": "1/1", "demo-model-small": "1/1", "demo-model-pd": "1/1"}
     pods = demo.pods()
-    assert len(pods) == 3 and all(cols[:2] == ["1/1", "Running"] for cols in pods.values())
+    assert sorted(pods) == PODS
+    assert all(cols[:2] == ["1/1", "Running"] for cols in pods.values())
     assert all(cols[2].startswith("127.0.0.") for cols in pods.values())
     routes = demo.get("modelroutes")
-    assert "demo-model-large=70" in routes and "demo-model-small=30" in routes
+    for weight in ("demo-model-large=50", "demo-model-small=20", "demo-model-pd=30"):
+        assert weight in routes, routes
 
 
 def test_editing_replicas_adds_and_removes_pods(demo: Demo) -> None:
@@ -223,21 +250,19 @@ def test_editing_replicas_adds_and_removes_pods(demo: Demo) -> None:
     demo.edit({"small": 2})
     demo.wait_for("configured Model default/demo-model", after=mark)
     demo.wait_for("pod demo-model-small-1-server-0-0: ready", after=mark)
-    wait_until(lambda: len(demo.pods()) == 4, 30, "a fourth pod")
+    wait_until(lambda: len(demo.pods()) == 5, 30, "a fifth pod")
     new_ip = demo.pods()["demo-model-small-1-server-0-0"][2]
-    # the gateway routes to it (the small backend now has two pods for its 30 %)
+    # the gateway routes to it (the small backend now has two pods for its 20 %)
     wait_until(lambda: _served(demo, "demo-model-small-1-server-0-0"), 60, "the new pod serves")
     mark = len(demo.lines)
-    demo.edit({"small": 1, "large": 1})
+    demo.edit({"small": 1})  # back to the example
     demo.wait_for("deleted, process stopped", after=mark)
-    wait_until(lambda: len(demo.pods()) == 2, 30, "two pods left")
-    gone = {"demo-model-small-1-server-0-0", "demo-model-large-1-server-0-0"}
-    assert not gone & set(demo.pods())
+    wait_until(lambda: len(demo.pods()) == 4, 30, "four pods left")
+    gone = "demo-model-small-1-server-0-0"
+    assert gone not in demo.pods()
     wait_until(lambda: not http_ok(f"http://{new_ip}:8000/health", 0.3), 10, "its process gone")
     served = {_chat_pod(demo.url) for _ in range(10)}
-    assert not served & gone
-    demo.edit({"small": 1, "large": 2})  # back to the example
-    wait_until(lambda: len(demo.pods()) == 3, 30, "three pods again")
+    assert gone not in served
 
 
 def test_a_bad_model_file_gets_the_webhooks_message_and_the_stack_keeps_serving(
@@ -256,7 +281,7 @@ def test_a_bad_model_file_gets_the_webhooks_message_and_the_stack_keeps_serving(
     assert 'admission webhook "validate-model" denied the request' in text
     assert "model.yaml (document 1): Model default/demo-model" in text
     pods = set(demo.pods())
-    assert len(pods) == 3
+    assert len(pods) == 4
     assert _chat_pod(demo.url) in pods  # the last good state stays in force
     mark = len(demo.lines)
     (demo.dir / "model.yaml").write_text(good)
@@ -273,7 +298,7 @@ def test_a_crashed_pod_is_replaced(demo: Demo) -> None:
     os.kill(_pid_of(victim), signal.SIGKILL)
     demo.wait_for(f"pod {victim}: process exited", after=mark)
     demo.wait_for(f"pod {victim}: ready", 60, after=mark)  # the controller made it again
-    wait_until(lambda: len(demo.pods()) == 3, 30, "three pods")
+    wait_until(lambda: len(demo.pods()) == 4, 30, "four pods")
     assert demo.pods()[victim][:2] == ["1/1", "Running"]
 
 
@@ -308,7 +333,7 @@ def test_removing_the_model_file_removes_everything_it_made(demo: Demo) -> None:
         wait_until(functools.partial(_gone, ip), 10, ip)
     (demo.dir / "model.yaml.off").rename(demo.dir / "model.yaml")
     demo.wait_for("created Model default/demo-model", after=mark)
-    wait_until(lambda: len(demo.pods()) == 3, 60, "three pods again")
+    wait_until(lambda: len(demo.pods()) == 4, 60, "four pods again")
     wait_until(lambda: _served(demo), 60, "served again")
 
 
