@@ -8,7 +8,8 @@
 - ``ours-least-request``: Envoy + extproc, profile: filter ``ready``, scorer ``least-request`` only;
 - ``vllm-router-cache_aware``: ``vllm-router --policy cache_aware`` (PyPI ``vllm-router``);
 - ``vllm-router-kv_aware``: ``vllm-router --policy kv_aware``, subscribed to every sim's KV events
-  (``--kv-event-source``/``--kv-event-replay-source``) when the suite's sims publish them;
+  (``--kv-event-source``/``--kv-event-replay-source``) when the suite's sims publish them; its
+  fleet's sims send them as tagged maps (``--kv-events-format map``), the form it decodes;
 - ``vllm-router-power_of_two``: ``vllm-router --policy power_of_two``;
 - ``vllm-router-round_robin``: ``vllm-router --policy round_robin``.
 
@@ -63,6 +64,8 @@ class Contender:
     profile: dict[str, Any] | None = None  # ours: ModelServer.spec.scheduler (None = default)
     policy: str = ""  # vllm-router --policy
     description: str = ""
+    # extra simulator flags of this contender's fleet when the suite's sims publish KV events
+    kv_events_sim_args: tuple[str, ...] = ()
 
 
 CONTENDERS: dict[str, Contender] = {
@@ -93,6 +96,8 @@ CONTENDERS: dict[str, Contender] = {
             "vllm-router",
             policy="kv_aware",
             description="vllm-router --policy kv_aware (subscribed to the sims' KV events)",
+            # vllm-router 0.1.17 decodes only the tagged-map form (vLLM 0.31's)
+            kv_events_sim_args=("--kv-events-format", "map"),
         ),
         Contender(
             "vllm-router-power_of_two",

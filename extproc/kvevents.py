@@ -55,7 +55,11 @@ END_SEQ = (-1).to_bytes(8, "big", signed=True)
 def decode_batch(payload: bytes) -> tuple[float, list[KVEvent]]:
     """A vLLM ``KVEventBatch`` (msgpack ``[ts, events, dp_rank?]``) -> (ts, events).
 
-    Raises ValueError naming what is malformed; fields vLLM may append are ignored.
+    Events come as msgpack arrays whose first element is the tag (msgspec ``array_like``, earlier
+    vLLM releases) or as maps with a ``type`` key (vLLM 0.31). Block hashes are the digests' low
+    64 bits (vLLM's default) or whole digests (``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0``), which
+    are folded to their low 64 bits so a block has one name either way. Raises ValueError naming
+    what is malformed; fields vLLM may add are ignored.
     """
     try:
         raw = msgpack.unpackb(payload, raw=False, strict_map_key=False)
@@ -66,18 +70,62 @@ def decode_batch(payload: bytes) -> tuple[float, list[KVEvent]]:
     ts = float(raw[0])
     events: list[KVEvent] = []
     for i, ev in enumerate(raw[1]):
+        if isinstance(ev, dict):
+            events.append(_from_map(i, ev))
+            continue
         if not isinstance(ev, list) or not ev or not isinstance(ev[0], str):
-            raise ValueError(f"KV event {i} must be an array whose first element is its tag")
+            raise ValueError(
+                f"KV event {i} must be an array whose first element is its tag, or a map with "
+                "a 'type'"
+            )
         tag = ev[0]
         if tag == "BlockStored" and len(ev) >= 5:
-            events.append(BlockStored(tuple(ev[1]), ev[2], int(ev[4] or 0)))
+            events.append(BlockStored(_hashes(i, ev[1]), _hash(i, ev[2]), int(ev[4] or 0)))
         elif tag == "BlockRemoved" and len(ev) >= 2:
-            events.append(BlockRemoved(tuple(ev[1])))
+            events.append(BlockRemoved(_hashes(i, ev[1])))
         elif tag == "AllBlocksCleared":
             events.append(AllBlocksCleared())
         else:
             raise ValueError(f"KV event {i}: unknown tag {tag!r} or too few fields ({len(ev)})")
     return ts, events
+
+
+def _from_map(i: int, ev: dict[Any, Any]) -> KVEvent:
+    tag = ev.get("type")
+    if tag == "AllBlocksCleared":
+        return AllBlocksCleared()
+    if tag not in ("BlockStored", "BlockRemoved"):
+        raise ValueError(f"KV event {i}: unknown type {tag!r}")
+    if "block_hashes" not in ev:
+        raise ValueError(f"KV event {i} ({tag}): no block_hashes")
+    hashes = _hashes(i, ev["block_hashes"])
+    if tag == "BlockRemoved":
+        return BlockRemoved(hashes)
+    parent = _hash(i, ev.get("parent_block_hash"))
+    return BlockStored(hashes, parent, int(ev.get("block_size") or 0))
+
+
+def _hash(i: int, h: object) -> int | None:
+    """One ExternalBlockHash as the index names blocks: an unsigned int (bytes: low 64 bits)."""
+    if h is None or isinstance(h, int):
+        return h
+    if isinstance(h, bytes):
+        return int.from_bytes(h[-8:], "big")
+    raise ValueError(f"KV event {i}: a block hash must be an integer or bytes, got {h!r}")
+
+
+def _hashes(i: int, hs: object) -> tuple[int, ...]:
+    if not isinstance(hs, list):
+        raise ValueError(f"KV event {i}: block_hashes must be an array")
+    if all(type(h) is int for h in hs):  # vLLM's default: the fast path
+        return tuple(hs)
+    out: list[int] = []
+    for x in hs:
+        h = _hash(i, x)
+        if h is None:
+            raise ValueError(f"KV event {i}: a block hash is nil")
+        out.append(h)
+    return tuple(out)
 
 
 @dataclass(frozen=True, slots=True)

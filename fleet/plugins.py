@@ -93,10 +93,12 @@ class PrecisePrefixArgs(BaseModel):
     model_config = ARGS_CONFIG
 
     tokenizer: str = Field(
-        default="simulator",
+        default="auto",
         min_length=1,
-        description="The model's tokenizer files: 'simulator' (those matrixinfer-sim ships), a "
-        "local directory with tokenizer.json (+ tokenizer_config.json for the chat template), a "
+        description="The model's tokenizer files: 'auto' (found by the request's model name: a "
+        "local path, else the local Hugging Face cache, else the simulator's files once its "
+        "engines' KV events confirm them), 'simulator' (those matrixinfer-sim ships), a local "
+        "directory with tokenizer.json (+ tokenizer_config.json for the chat template), a "
         "tokenizer.json path, or a Hugging Face repo id already in the local cache (never "
         "downloaded). Not found: the scorer abstains and prefix-cache decides.",
     )

@@ -22,7 +22,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from sim.config import EngineConfig, FaultConfig, SimConfig, TimingModel
-from sim.kvevents import KVEventsConfig
+from sim.kvevents import KV_EVENTS_FORMATS, KVEventsConfig
 
 __all__ = ["build_config", "fleet_parser", "main", "serve_parser"]
 
@@ -202,7 +202,12 @@ def serve_parser() -> argparse.ArgumentParser:
                    metavar="JSON", help="KV events as vLLM publishes them, e.g. "
                    '\'{"enable_kv_cache_events": true, "publisher": "zmq", '
                    '"endpoint": "tcp://*:5557", "replay_endpoint": "tcp://*:5558"}\' '
-                   "(default: off)")  # fmt: skip
+                   "(default: off); $VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0 sends whole digests "
+                   "instead of their low 64 bits, as vLLM")  # fmt: skip
+    g.add_argument("--kv-events-format", choices=list(KV_EVENTS_FORMATS), default="array",
+                   help="KV events on the wire: 'array' (msgpack arrays, as earlier vLLM "
+                   "releases) or 'map' (tagged maps, as vLLM 0.31; what vllm-router kv_aware "
+                   "reads) (default %(default)s)")  # fmt: skip
     g = p.add_argument_group("timing model (simulated time)")
     g.add_argument("--step-base", type=_duration, default=_shown(t.step_base),
                    help="fixed cost of one engine step")  # fmt: skip
@@ -248,6 +253,7 @@ def build_config(ns: argparse.Namespace) -> SimConfig:
         max_loras=ns.max_loras,
         prefix_caching_hash_algo=ns.prefix_caching_hash_algo,
         hash_seed=os.environ.get("PYTHONHASHSEED"),
+        kv_events_int_block_hashes=_env_flag("VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES", True),
         timing=timing,
     )
     faults = FaultConfig(
@@ -274,7 +280,19 @@ def build_config(ns: argparse.Namespace) -> SimConfig:
         lora_modules=dict(ns.lora_modules),
         nixl_side_channel_port=ns.nixl_side_channel_port,
         kv_events=ns.kv_events_config or KVEventsConfig(),
+        kv_events_format=ns.kv_events_format,
     )
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    """A 0/1 environment switch read as vLLM reads it (``bool(int(value))``)."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return bool(int(value))
+    except ValueError:
+        raise SystemExit(f"${name}: expected 0 or 1, got {value!r}") from None
 
 
 def _served_name(ns: argparse.Namespace) -> str:

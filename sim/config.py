@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from sim.kvevents import KVEventsConfig
+from sim.kvevents import KVEventsConfig, KVEventsFormat
 
 EngineKind = Literal["vllm", "sglang"]
 Role = Literal["prefill", "decode", "both"]
@@ -114,6 +114,11 @@ class EngineConfig(BaseModel):
     hash_seed: str | None = Field(
         None, description="seed of the first block's parent hash ($PYTHONHASHSEED); None: random"
     )
+    kv_events_int_block_hashes: bool = Field(
+        True,
+        description="KV events carry each block hash's low 64 bits (True) or the whole digest "
+        "($VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES, as vLLM)",
+    )
     timing: TimingModel = Field(default_factory=TimingModel)
 
     @model_validator(mode="after")
@@ -164,6 +169,9 @@ class SimConfig(BaseModel):
     nixl_side_channel_port: int = Field(5600, ge=1, le=65535)
     kv_events: KVEventsConfig = Field(
         default_factory=KVEventsConfig, description="vLLM's --kv-events-config"
+    )
+    kv_events_format: KVEventsFormat = Field(
+        "array", description="KV events on the wire: msgpack arrays or tagged maps (sim.kvevents)"
     )
 
     @field_validator("output_len")

@@ -240,6 +240,7 @@ class Engine:
             hash_algo=cfg.prefix_caching_hash_algo,
             hash_seed=cfg.hash_seed,
             record_events=record_events,
+            int_block_hashes=cfg.kv_events_int_block_hashes,
         )
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []

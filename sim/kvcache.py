@@ -8,23 +8,31 @@ they were evicted first; allocation evicts from the head (least recently freed).
 
 With ``record_events`` the pool records vLLM's KV events (:mod:`sim.kvevents`) as blocks are
 registered (``BlockStored``), evicted (``BlockRemoved``) or all dropped (``AllBlocksCleared``);
-the engine's driver takes them after each step (:meth:`KVCacheManager.take_events`).
+the engine's driver takes them after each step (:meth:`KVCacheManager.take_events`). Their block
+hashes are the digests' low 64 bits (vLLM's default), or the whole digests with
+``int_block_hashes=False`` (vLLM's ``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0``).
 """
 
 from __future__ import annotations
 
 import operator
 from collections import OrderedDict
+from collections.abc import Callable
 from functools import partial
 from itertools import islice, takewhile
 from typing import Any, Protocol, cast
 
 from sim.blockhash import BlockHash, ChainHasher, external
-from sim.kvevents import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from sim.kvevents import AllBlocksCleared, BlockRemoved, BlockStored, ExternalBlockHash, KVEvent
 
 __all__ = ["BlockPool", "KVCacheManager", "SeqLike"]
 
 _NOT_NONE = partial(operator.is_not, None)
+
+
+def _whole(h: BlockHash) -> ExternalBlockHash:
+    """The whole digest (``builtin`` hashes are integers already)."""
+    return h
 
 
 class SeqLike(Protocol):
@@ -41,10 +49,25 @@ class SeqLike(Protocol):
 class BlockPool:
     """Block ids, reference counts, the LRU free queue and the hash -> block map."""
 
-    __slots__ = ("block_hash", "cached", "events", "evictions", "free", "num_blocks", "ref")
+    __slots__ = (
+        "block_hash",
+        "cached",
+        "events",
+        "evictions",
+        "external",
+        "free",
+        "num_blocks",
+        "ref",
+    )
 
-    def __init__(self, num_blocks: int, record_events: bool = False) -> None:
+    def __init__(
+        self, num_blocks: int, record_events: bool = False, int_block_hashes: bool = True
+    ) -> None:
         self.num_blocks = num_blocks
+        # a block hash as the events carry it (vLLM's maybe_convert_block_hash)
+        self.external: Callable[[BlockHash], ExternalBlockHash] = (
+            external if int_block_hashes else _whole
+        )
         self.ref = [0] * num_blocks
         self.block_hash: list[BlockHash | None] = [None] * num_blocks
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
@@ -68,10 +91,11 @@ class BlockPool:
     def take(self, n: int) -> list[int]:
         """Pop ``n`` free blocks (evicting their cached hashes); caller checked ``num_free``."""
         out: list[int] = []
-        removed: list[int] = []
+        removed: list[ExternalBlockHash] = []
         dropped = 0
         free, cached, bh, ref = self.free, self.cached, self.block_hash, self.ref
         events = self.events
+        external = self.external
         for _ in range(n):
             b, _v = free.popitem(last=False)
             h = bh[b]
@@ -141,8 +165,9 @@ class KVCacheManager:
         hash_algo: str = "sha256",
         hash_seed: str | None = None,
         record_events: bool = False,
+        int_block_hashes: bool = True,
     ) -> None:
-        self.pool = BlockPool(num_blocks, record_events)
+        self.pool = BlockPool(num_blocks, record_events, int_block_hashes)
         self.block_size = block_size
         self.caching = enable_prefix_caching
         self._hasher = ChainHasher(hash_algo, hash_seed, block_size)
@@ -265,13 +290,15 @@ class KVCacheManager:
     def _stored(self, seq: SeqLike, hs: list[BlockHash], run: list[int], events: list[Any]) -> None:
         bs = self.block_size
         first, last = run[0], run[-1]
+        ext = self.pool.external
         events.append(
             BlockStored(
-                block_hashes=[external(hs[i]) for i in run],
-                parent_block_hash=external(hs[first - 1]) if first else None,
+                block_hashes=[ext(hs[i]) for i in run],
+                parent_block_hash=ext(hs[first - 1]) if first else None,
                 token_ids=list(seq.all_ids[first * bs : (last + 1) * bs]),
                 block_size=bs,
                 lora_id=self.lora_id(seq.lora),
+                lora_name=seq.lora,
             )
         )
 

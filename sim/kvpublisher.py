@@ -12,7 +12,7 @@ from collections import deque
 
 import zmq
 
-from sim.kvevents import END_SEQ, KVEvent, KVEventsConfig, encode_batch
+from sim.kvevents import END_SEQ, KVEvent, KVEventsConfig, KVEventsFormat, encode_batch
 
 __all__ = ["ZmqEventPublisher"]
 
@@ -26,8 +26,11 @@ class ZmqEventPublisher:
     keep up loses messages at the high-water mark and recovers them through replay).
     """
 
-    def __init__(self, cfg: KVEventsConfig, bind_host: str | None = None) -> None:
+    def __init__(
+        self, cfg: KVEventsConfig, bind_host: str | None = None, fmt: KVEventsFormat = "array"
+    ) -> None:
         self.cfg = cfg
+        self.fmt: KVEventsFormat = fmt
         self.bind_host = bind_host
         self.topic = cfg.topic.encode()
         self._ctx = zmq.Context()
@@ -65,7 +68,7 @@ class ZmqEventPublisher:
 
     def publish(self, events: list[KVEvent], ts: float | None = None) -> int:
         """Send one batch; returns its sequence number."""
-        payload = encode_batch(time.time() if ts is None else ts, events)
+        payload = encode_batch(time.time() if ts is None else ts, events, fmt=self.fmt)
         with self._lock:
             seq = self._seq
             self._seq += 1

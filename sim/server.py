@@ -100,7 +100,9 @@ class SimServer:
         self.kv_publisher: ZmqEventPublisher | None = None
         if cfg.kv_events.active:
             # each simulator stands for a pod with its own IP: "*" binds the simulator's --host
-            self.kv_publisher = ZmqEventPublisher(cfg.kv_events, bind_host=cfg.host)
+            self.kv_publisher = ZmqEventPublisher(
+                cfg.kv_events, bind_host=cfg.host, fmt=cfg.kv_events_format
+            )
         self.engine = Engine(
             cfg.engine,
             SGLANG_BUCKETS if self.sglang else VLLM_BUCKETS,

@@ -37,6 +37,11 @@ def _fleet_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=1, help="workload seed (default 1)")
     p.add_argument("--duration", type=float, default=10.0, help="s of arrivals (default 10)")
     p.add_argument("--drain-timeout", type=float, default=30.0)
+    p.add_argument(
+        "--kv-events",
+        action="store_true",
+        help="the engines publish KV events and ours-* follow them (precise-prefix; default off)",
+    )
 
 
 def _fleet(ns: argparse.Namespace) -> FleetSpec:
@@ -53,6 +58,7 @@ def _fleet(ns: argparse.Namespace) -> FleetSpec:
         scrape_interval=ns.scrape_interval,
         metrics_page=ns.metrics_page,
         http_latency=ns.http_latency,
+        kv_events=ns.kv_events,
     )
 
 

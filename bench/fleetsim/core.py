@@ -64,8 +64,10 @@ from bench.fleetsim.trace import TraceSession
 from bench.loadgen import LoadResult, RequestRecord, Summary, summarize
 from bench.suite.config import DEFAULT_SUITE
 from bench.workloads import adapter_names
+from extproc import kvindex
 from extproc.datastore import Datastore
 from extproc.gateway import Gateway, Immediate, Routed
+from extproc.kvindex import KVBlockIndex
 from extproc.metrics import GatewayMetrics
 from extproc.scheduling import build_scheduler
 from extproc.scraper import _phase
@@ -74,6 +76,7 @@ from fleet.engine_metrics import LatencyState, parse_metrics
 from fleet.files import load_directory
 from fleet.plugins import check_profile
 from fleet.profile import SchedulerProfile
+from sim import kvevents as sim_kvevents
 from sim.blockhash import clear_memos
 from sim.config import SimConfig
 from sim.engine import (
@@ -154,6 +157,11 @@ class FleetSpec:
     # apply a pod's runs of identical decode steps lazily, in one call, instead of one event per
     # step (``Engine.decode_repeats``); the records are the same either way
     fast_forward: bool = True
+    # the engines record vLLM's KV events and ``ours`` contenders follow them (the precise-prefix
+    # scorer): every pod's new events reach the gateway's index just before each routing
+    # decision (no publishing lag); a fast-forwarded decode run's blocks arrive once it is
+    # caught up
+    kv_events: bool = False
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
@@ -189,6 +197,24 @@ class FleetSpec:
             engine = cfg.engine.model_copy(update={"hash_seed": "0"})
             cfg = cfg.model_copy(update={"engine": engine})
         return cfg
+
+
+def _index_event(e: sim_kvevents.KVEvent) -> kvindex.KVEvent:
+    """A simulator KV event as the gateway's decoder hands it to the index."""
+    if isinstance(e, sim_kvevents.BlockStored):
+        parent = e.parent_block_hash
+        return kvindex.BlockStored(
+            tuple(_low64(h) for h in e.block_hashes),
+            None if parent is None else _low64(parent),
+            e.block_size,
+        )
+    if isinstance(e, sim_kvevents.BlockRemoved):
+        return kvindex.BlockRemoved(tuple(_low64(h) for h in e.block_hashes))
+    return kvindex.AllBlocksCleared()
+
+
+def _low64(h: int | bytes) -> int:
+    return h if isinstance(h, int) else int.from_bytes(h[-8:], "big")
 
 
 def contender_named(name: str) -> Contender:
@@ -396,7 +422,18 @@ class _Simulation:
         self.rid = 0
         buckets = SGLANG_BUCKETS if self.cfg.engine_kind == "sglang" else VLLM_BUCKETS
         hosts = [SimPod(f"sim-{i}", f"127.0.0.{10 + i}", 8000) for i in range(fleet.replicas)]
-        self.pods = [_Pod(h.name, Engine(self.cfg.engine, buckets)) for h in hosts]
+        self.kv_index: KVBlockIndex | None = None
+        if fleet.kv_events and contender.kind == "ours":
+            self.kv_index = KVBlockIndex()
+            for h in hosts:
+                engine = self.cfg.engine
+                self.kv_index.register(
+                    h.name, engine.prefix_caching_hash_algo, engine.hash_seed or "0"
+                )
+        record = self.kv_index is not None
+        self.pods = [
+            _Pod(h.name, Engine(self.cfg.engine, buckets, record_events=record)) for h in hosts
+        ]
         self.by_name = {p.name: p for p in self.pods}
         self.rr_rng = random.Random(f"envoy-rr/{seed}")
         self.rr_cursors = [
@@ -422,7 +459,8 @@ class _Simulation:
         datastore.apply(config)
 
         def factory(profile: Any) -> Any:
-            return build_scheduler(profile, clock=clock, rng=random.Random(f"scheduler/{seed}"))
+            rng = random.Random(f"scheduler/{seed}")
+            return build_scheduler(profile, clock=clock, rng=rng, kv_index=self.kv_index)
 
         return Gateway(
             datastore,
@@ -568,6 +606,8 @@ class _Simulation:
                 "x-request-id": rid,
             }
             gw = self.gateway
+            if self.kv_index is not None:
+                self._feed_kv_events(self.kv_index)
             state, immediate = gw.start(headers, False)
             flight.state = state
             decided = immediate if immediate is not None else _settled(gw.decide(state, raw))
@@ -586,6 +626,13 @@ class _Simulation:
             self.push(now + self.fleet.http_latency, _AT_ENGINE, (flight, pod, model))
         else:
             self._engine_add(flight, pod, model)
+
+    def _feed_kv_events(self, index: KVBlockIndex) -> None:
+        """Every pod's KV events since the last call into the gateway's index."""
+        for pod in self.pods:
+            events = pod.engine.kv.take_events()
+            if events:
+                index.apply(pod.name, [_index_event(e) for e in events])
 
     def _engine_add(self, flight: _Flight, pod: _Pod, model: str) -> None:
         """What ``SimServer._build`` and ``EngineDriver.submit`` do with the request."""

@@ -33,13 +33,34 @@ BLOCK = 16
 
 
 class CacheBounds:
-    __slots__ = ("fleet_lru", "partitioned", "prompt_tokens", "unbounded")
+    """Fractions of prompt tokens served from cache under each bound, and fractions of requests
+    that must prefill their whole shared prefix (``cold_*``: no bound serves them from cache)."""
 
-    def __init__(self, prompt: int, unbounded: int, fleet_lru: int, partitioned: int) -> None:
+    __slots__ = (
+        "cold_fleet_lru",
+        "cold_partitioned",
+        "cold_unbounded",
+        "fleet_lru",
+        "partitioned",
+        "prompt_tokens",
+        "unbounded",
+    )
+
+    def __init__(
+        self,
+        prompt: int,
+        unbounded: int,
+        fleet_lru: int,
+        partitioned: int,
+        cold: tuple[int, int, int] = (0, 0, 0),
+        requests: int = 1,
+    ) -> None:
         self.prompt_tokens = prompt
         self.unbounded = unbounded / prompt
         self.fleet_lru = fleet_lru / prompt
         self.partitioned = partitioned / prompt
+        n = max(requests, 1)
+        self.cold_unbounded, self.cold_fleet_lru, self.cold_partitioned = (x / n for x in cold)
 
 
 def cache_bounds(convs: Sequence[Conversation], replicas: int, blocks_per_pod: int) -> CacheBounds:
@@ -53,12 +74,14 @@ def cache_bounds(convs: Sequence[Conversation], replicas: int, blocks_per_pod: i
     pods: list[OrderedDict[str, None]] = [OrderedDict() for _ in range(replicas)]
     seen: set[str] = set()
     prompt = unbounded = fleet_lru = partitioned = 0
+    cold = [0, 0, 0]  # requests missing their prefix: unbounded, fleet LRU, partitioned
     for c in convs:
         system = c.prefix[0][1]
         prompt += tok.count(apply_chat_template([("system", system), ("user", c.turns[0])]))
         shared = tok.count(apply_chat_template([("system", system)], False)) // BLOCK * BLOCK
         per_pod = max(1, blocks_per_pod * BLOCK // max(shared, 1))  # prefixes one pod holds
         unbounded += shared if c.tag in seen else 0
+        cold[0] += c.tag not in seen
         seen.add(c.tag)
         for cache, cap in ((fleet, per_pod * replicas), (pods[home[c.tag]], per_pod)):
             if c.tag in cache:
@@ -68,10 +91,13 @@ def cache_bounds(convs: Sequence[Conversation], replicas: int, blocks_per_pod: i
                 else:
                     partitioned += shared
             else:
+                cold[1 if cache is fleet else 2] += 1
                 cache[c.tag] = None
                 if len(cache) > cap:
                     cache.popitem(last=False)
-    return CacheBounds(prompt, unbounded, fleet_lru, partitioned)
+    return CacheBounds(
+        prompt, unbounded, fleet_lru, partitioned, (cold[0], cold[1], cold[2]), len(convs)
+    )
 
 
 def _conversations(cfg: dict[str, Any], workload: str) -> list[Conversation]:
@@ -112,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"\n{workload}: achievable from cache {b.unbounded:.2f} (unbounded cache), "
             f"{b.fleet_lru:.2f} (fleet-sized LRU), {b.partitioned:.2f} (partitioned, per-pod LRU)"
+        )
+        print(
+            f"requests that must prefill their whole shared prefix: {b.cold_unbounded:.2f} "
+            f"(unbounded), {b.cold_fleet_lru:.2f} (fleet-sized LRU), {b.cold_partitioned:.2f} "
+            "(partitioned); above 0.10, no router's p90 TTFT is below one unloaded prefill"
         )
         print(
             "| contender | engine hits / queries | prefill computed / prompt | preemptions "

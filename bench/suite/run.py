@@ -258,7 +258,7 @@ def run_suite(config: SuiteConfig, run_dir: Path) -> SuiteResult:
             config.replicas,
             model=config.model,
             port=fleet_port(config.replicas),
-            args=tuple(sim_args),
+            args=(*sim_args, *(contender.kv_events_sim_args if kv_events else ())),
             log_dir=cdir,
             name_prefix="sim",
         )

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,7 +28,14 @@ from pydantic import BaseModel
 
 from extproc.kvindex import KVBlockIndex, PromptHasher
 from extproc.scheduling.prefix import BlockHashes, PrefixIndex
-from extproc.scheduling.tokenizers import ChatTemplateError, ModelTokenizer, load_tokenizer
+from extproc.scheduling.tokenizers import (
+    AUTO,
+    SIMULATOR,
+    ChatTemplateError,
+    ModelTokenizer,
+    find_model_tokenizer,
+    load_tokenizer,
+)
 from extproc.scheduling.types import (
     AllPodsSaturated,
     NoPodAvailable,
@@ -412,6 +420,20 @@ PRECISE = "precise-prefix:active"
 
 _Naming = tuple[str, str, int]  # hash algorithm, hash seed, block size
 
+_TRIALS = 64  # unconfirmed requests before the simulator's files are given up for a model
+_AUTO_RETRY = 600.0  # seconds before a model given up on is looked for again
+_AUTO_MODELS = 1024  # models whose tokenizer is remembered
+
+
+@dataclass(slots=True)
+class _AutoTokenizer:
+    """What ``tokenizer: auto`` found for one model name."""
+
+    tokenizer: ModelTokenizer | None
+    confirmed: bool  # the model's own files, or an engine's KV events matched these tokens
+    trials: int = 0  # requests scored before confirmation in which no pod matched a block
+    retry_at: float = 0.0  # when a model without a tokenizer is looked for again
+
 
 class PrecisePrefixScorer(Scorer):
     """Prefers the pod that costs least to serve the request, in one unit (prompt tokens):
@@ -420,7 +442,15 @@ class PrecisePrefixScorer(Scorer):
     running). Score = (min cost + block) / (cost + block). How blocks are hashed comes from the
     ModelServer's kvEvents (hashAlgo, hashSeed) and the events (block size). When no candidate's
     events are followed it abstains; when it scores, the prefix-cache and least-request scorers
-    listed after it abstain."""
+    listed after it abstain.
+
+    ``tokenizer: auto`` finds the tokenizer by the request's model name
+    (:func:`find_model_tokenizer`: a local path, the local Hugging Face cache). When the files
+    are not there it tries the simulator's, but only trusts them once an engine's KV events
+    confirm them: until some pod reports holding a block of a request hashed with them, the
+    scorer abstains; after ``_TRIALS`` such requests with none matched (an engine that is not
+    the simulator never will), it gives them up for that model (looked for again after
+    ``_AUTO_RETRY`` seconds)."""
 
     name = "precise-prefix"
 
@@ -432,18 +462,26 @@ class PrecisePrefixScorer(Scorer):
         # None: the model's tokenizer files are not here; the scorer abstains (prefix-cache
         # decides) and looks for them again now and then (load_tokenizer)
         self.tokenizer_spec = args.tokenizer
-        self.tokenizer: ModelTokenizer | None = load_tokenizer(args.tokenizer)
+        self.tokenizer: ModelTokenizer | None = (
+            None if args.tokenizer == AUTO else load_tokenizer(args.tokenizer)
+        )
+        self._auto: OrderedDict[str, _AutoTokenizer] = OrderedDict()  # by model name
         self.max_blocks = args.max_blocks
         self.request_cost = args.request_cost
         self._hashers: dict[_Naming, PromptHasher] = {}
         self._segments: OrderedDict[tuple[int, str], _Segment] = OrderedDict()
-        self._prompts: OrderedDict[tuple[str, str | None, _Naming, str], tuple[int, list[int]]] = (
-            OrderedDict()
-        )
-        self._roots: dict[tuple[_Naming, str | None, tuple[int, ...]], int] = {}
+        self._prompts: OrderedDict[
+            tuple[str, str | None, _Naming, str, str], tuple[int, list[int]]
+        ] = OrderedDict()
+        self._roots: dict[tuple[_Naming, str | None, tuple[int, ...], str], int] = {}
         self._serial = 0
 
-    def hashes(self, request: SchedulingRequest, naming: _Naming) -> tuple[int, list[int]]:
+    def hashes(
+        self,
+        request: SchedulingRequest,
+        naming: _Naming,
+        tokenizer: ModelTokenizer | None = None,
+    ) -> tuple[int, list[int]]:
         """(prompt tokens, block hashes) of the request for engines that name blocks ``naming``.
 
         The engine's text is cut before whitespace about every ``_SEGMENT`` characters; each
@@ -451,30 +489,33 @@ class PrecisePrefixScorer(Scorer):
         prompts that share a prefix (a system prompt, earlier chat turns) tokenize and hash only
         what follows it. Valid when the tokenizer concatenates at whitespace (probed when it is
         loaded; otherwise the prompt is one segment). Whole prompts are cached too (the last
-        4096)."""
-        whole = (request.prompt, request.lora, naming, request.headers.get(":path", ""))
+        4096). ``tokenizer``: the model's (default: the scorer's configured one)."""
+        tok = tokenizer if tokenizer is not None else self.tokenizer
+        assert tok is not None  # score() abstains without one
+        path = request.headers.get(":path", "")
+        whole = (request.prompt, request.lora, naming, path, tok.source)
         hit = self._prompts.get(whole)
         if hit is not None:
             self._prompts.move_to_end(whole)
             return hit
-        hit = self._hash_segments(request, naming)
+        hit = self._hash_segments(request, naming, tok)
         self._prompts[whole] = hit
         if len(self._prompts) > 4096:
             self._prompts.popitem(last=False)
         return hit
 
-    def _hash_segments(self, request: SchedulingRequest, naming: _Naming) -> tuple[int, list[int]]:
+    def _hash_segments(
+        self, request: SchedulingRequest, naming: _Naming, tokenizer: ModelTokenizer
+    ) -> tuple[int, list[int]]:
         hasher = self._hashers.get(naming)
         if hasher is None:
             hasher = self._hashers[naming] = PromptHasher(*naming)
         block_size = naming[2]
-        tokenizer = self.tokenizer
-        assert tokenizer is not None  # score() abstains without one
         text = tokenizer.engine_text(request.prompt, request.headers)
         lead = tokenizer.leading_ids(request.headers)
         segmented = tokenizer.concatenates_at_whitespace
         cache = self._segments
-        root_key = (naming, request.lora, lead)
+        root_key = (naming, request.lora, lead, tokenizer.source)
         parent_serial = self._roots.get(root_key)
         if parent_serial is None:
             self._serial -= 1
@@ -522,12 +563,54 @@ class PrecisePrefixScorer(Scorer):
     def bind(self, kv_index: KVBlockIndex) -> None:
         self.index = kv_index
 
+    def tokenizer_for(self, model: str) -> tuple[ModelTokenizer | None, _AutoTokenizer | None]:
+        """The tokenizer for a request to ``model`` (and, with ``auto``, what is known of it)."""
+        if self.tokenizer_spec != AUTO:
+            if self.tokenizer is None:
+                self.tokenizer = load_tokenizer(self.tokenizer_spec)
+            return self.tokenizer, None
+        auto = self._auto
+        entry = auto.get(model)
+        if entry is None or (entry.tokenizer is None and time.monotonic() >= entry.retry_at):
+            own = find_model_tokenizer(model)
+            if own is not None:
+                entry = _AutoTokenizer(own, confirmed=True)
+                log.info("precise-prefix: model %r tokenizes with %s", model, own.source)
+            else:  # the simulator's files, until an engine's events confirm or refute them
+                entry = _AutoTokenizer(load_tokenizer(SIMULATOR), confirmed=False)
+            auto[model] = entry
+            if len(auto) > _AUTO_MODELS:
+                auto.popitem(last=False)
+        return entry.tokenizer, entry
+
+    def _unconfirmed(self, model: str, entry: _AutoTokenizer, matched: dict[str, int]) -> bool:
+        """For the simulator's files tried for ``model``: True (abstain) until some pod matched
+        a block hashed with them; gives them up after ``_TRIALS`` requests without a match."""
+        if any(matched.values()):
+            entry.confirmed = True
+            log.info("precise-prefix: model %r tokenizes with the simulator's files (its "
+                     "engines' KV events hold blocks hashed with them)", model)  # fmt: skip
+            return False
+        if len(self.index) == 0:
+            return True  # the engines have reported nothing yet: no evidence either way
+        entry.trials += 1
+        if entry.trials >= _TRIALS:
+            log.warning(
+                "precise-prefix: model %r: no tokenizer files here (a local path or the Hugging "
+                "Face cache) and its engines' KV events match none of %d requests tokenized with "
+                "the simulator's; prefix-cache decides (looked for again in %.0f s)",
+                model, entry.trials, _AUTO_RETRY,
+            )  # fmt: skip
+            entry.tokenizer = None
+            entry.retry_at = time.monotonic() + _AUTO_RETRY
+        return True
+
     def score(self, ctx: Context, pods: list[Pod]) -> list[float] | None:
         index = self.index
-        if self.tokenizer is None:
-            self.tokenizer = load_tokenizer(self.tokenizer_spec)
-            if self.tokenizer is None:
-                return None
+        model = ctx.request.model
+        tokenizer, entry = self.tokenizer_for(model)
+        if tokenizer is None:
+            return None
         naming, sizes = index.naming, index.block_sizes
         if not naming or not sizes:
             return None  # no pod's KV events are followed (no group below)
@@ -543,11 +626,13 @@ class PrecisePrefixScorer(Scorer):
         n_tokens = 0
         try:
             for group, names in groups.items():
-                n_tokens, hashes = self.hashes(ctx.request, group)
+                n_tokens, hashes = self.hashes(ctx.request, group, tokenizer)
                 for name, blocks in index.prefix_blocks(hashes, names).items():
                     matched[name] = blocks * group[2]
         except ChatTemplateError as exc:  # e.g. the template rejects this conversation
             log.debug("precise-prefix abstains for request %s: %s", ctx.request.request_id, exc)
+            return None
+        if entry is not None and not entry.confirmed and self._unconfirmed(model, entry, matched):
             return None
         ctx.state[PRECISE] = True
         ctx.state[self.key] = matched

@@ -13,11 +13,15 @@ Where the files come from (:func:`load_tokenizer`, the scorer's ``tokenizer`` ar
   importing the simulator);
 - a local directory holding ``tokenizer.json`` (and usually ``tokenizer_config.json``), or the
   path of a ``tokenizer.json``;
-- a Hugging Face repo id (``org/name``) whose files are already in the local Hugging Face cache
-  (``HF_HOME``); nothing is downloaded.
+- a Hugging Face repo id (``org/name`` or ``name``) whose files are already in the local Hugging
+  Face cache (``HF_HOME`` / ``HF_HUB_CACHE`` layout); nothing is downloaded.
 
 When none of these is there, :func:`load_tokenizer` returns None and the precise-prefix scorer
 abstains: the approximate ``prefix-cache`` scorer decides (docs/scheduling.md).
+
+``auto`` (the scorer's default) looks for the files by the request's model name instead
+(:func:`find_model_tokenizer`: a local path, then the local Hugging Face cache); what the scorer
+does when they are not there is in ``PrecisePrefixScorer``.
 
 The gateway hands the scheduler the chat messages flattened as ``role: content\\n`` lines
 (extproc.parsing); they are split back at lines that start with a known role and ``": "``, so a
@@ -38,7 +42,20 @@ from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
 
-__all__ = ["ChatTemplateError", "ModelTokenizer", "load_tokenizer", "resolve_tokenizer_dir"]
+__all__ = [
+    "AUTO",
+    "SIMULATOR",
+    "ChatTemplateError",
+    "ModelTokenizer",
+    "find_model_tokenizer",
+    "load_tokenizer",
+    "resolve_tokenizer_dir",
+]
+
+AUTO = "auto"
+"""The scorer's ``tokenizer`` default: the files of the request's model, looked up by name."""
+SIMULATOR = "simulator"
+"""The files matrixinfer-sim ships."""
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +184,7 @@ def _compile(template: str) -> Any:
 
 def resolve_tokenizer_dir(spec: str) -> Path | None:
     """The directory (or tokenizer.json) ``spec`` names, if it is here (see the module doc)."""
-    if spec == "simulator":
+    if spec == SIMULATOR:
         found = importlib.util.find_spec("sim")  # locates the package; does not import it
         if found is None or not found.submodule_search_locations:
             return None
@@ -176,12 +193,15 @@ def resolve_tokenizer_dir(spec: str) -> Path | None:
     path = Path(spec).expanduser()
     if path.is_file() or (path / "tokenizer.json").is_file():
         return path
-    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+    if spec.count("/") <= 1 and not spec.startswith((".", "/", "~")):
         try:
             from huggingface_hub import try_to_load_from_cache
         except ImportError:  # pragma: no cover - a runtime dependency
             return None
-        cached = try_to_load_from_cache(spec, "tokenizer.json")
+        try:
+            cached = try_to_load_from_cache(spec, "tokenizer.json")
+        except ValueError:  # not a valid repo id (e.g. a served name with spaces or ':')
+            return None
         if isinstance(cached, str):
             return Path(cached).parent
     return None
@@ -192,16 +212,29 @@ _loaded: dict[str, tuple[ModelTokenizer | None, float]] = {}
 _lock = threading.Lock()
 
 
-def load_tokenizer(spec: str) -> ModelTokenizer | None:
-    """The tokenizer ``spec`` names, loaded once per process and shared; None (logged) when its
-    files are not here or cannot be read - looked for again on a call a minute later."""
+def find_model_tokenizer(model: str) -> ModelTokenizer | None:
+    """The tokenizer of the model served as ``model`` when its files are here: ``model`` is a
+    local directory or ``tokenizer.json`` path (as vLLM serves ``--model /path`` under that
+    name), or a Hugging Face repo id in the local cache. None, quietly, otherwise (looked for
+    again a minute later)."""
+    if model in (AUTO, SIMULATOR):
+        return None  # names of sources, not of a model's files
+    return load_tokenizer(model, quiet=True)
+
+
+def load_tokenizer(spec: str, *, quiet: bool = False) -> ModelTokenizer | None:
+    """The tokenizer ``spec`` names, loaded once per process and shared; None (logged unless
+    ``quiet``) when its files are not here or cannot be read - looked for again on a call a
+    minute later."""
     with _lock:
         known = _loaded.get(spec)
         if known is not None and (known[0] is not None or time.monotonic() < known[1]):
             return known[0]
         tok: ModelTokenizer | None = None
         where = resolve_tokenizer_dir(spec)
-        if where is None:
+        if where is None and quiet:
+            pass
+        elif where is None:
             log.warning(
                 "tokenizer %r: no tokenizer.json found locally (a directory, a tokenizer.json, "
                 "'simulator' or a Hugging Face repo id in the local cache); the precise-prefix "

@@ -585,3 +585,40 @@ def test_decode_fast_forward_orders_a_tie_as_the_per_step_loop() -> None:
     assert third.pod == first.pod != second.pod  # the third request joins the long one
     assert third.sent == second.sent + second.e2e  # type: ignore[operator]
     assert fast.records == slow.records
+
+
+def test_kv_events_feed_the_precise_scorer() -> None:
+    """With ``kv_events`` the engines' events reach the gateway's index and precise-prefix
+    scores (the scorers it replaces abstain): the index holds exactly what the engines cache."""
+    wl = make_workload(WORKLOADS["shared-prefix"], seed=SEED, duration=3)
+    runs = {}
+    for events in (False, True):
+        sim = _Simulation(
+            wl,
+            FleetSpec(kv_events=events),
+            contender_named("ours-default"),
+            seed=SEED,
+            duration=3,
+            drain_timeout=30,
+            concurrency=None,
+            default_profile=None,
+        )
+        sim.run()
+        runs[events] = sim
+    off, on = runs[False], runs[True]
+    assert off.kv_index is None
+    assert on.kv_index is not None and len(on.kv_index) > 0
+    on._feed_kv_events(on.kv_index)  # the events since the last decision
+    for pod in on.pods:
+        cached = {h if isinstance(h, int) else int.from_bytes(h[-8:], "big")
+                  for h in pod.engine.kv.pool.cached}  # fmt: skip
+        assert on.kv_index.blocks_of(pod.name) == frozenset(h & (2**64 - 1) for h in cached)
+    assert all(r.ok for r in on.records) and len(on.records) == len(wl)
+    # precise-prefix matched blocks the events reported (which confirms the simulator's
+    # tokenizer for the model); without events it never scored
+    for sim, scored in ((off, False), (on, True)):
+        assert sim.gateway is not None
+        (scheduler,) = [s for _, s in sim.gateway._schedulers.values()]
+        precise = next(p for p, _ in scheduler.scorers if p.name == "precise-prefix")
+        entry = precise._auto.get("bench-model")
+        assert (entry is not None and entry.confirmed) == scored

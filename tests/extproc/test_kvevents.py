@@ -8,12 +8,13 @@ from collections.abc import AsyncIterator, Callable
 from types import SimpleNamespace
 from typing import Any
 
+import msgpack
 import pytest
 from prometheus_client import CollectorRegistry
 
 from crds.networking import KVEvents
 from extproc.kvevents import KVEventsSubscriber, KVEventsTarget, decode_batch, targets_of
-from extproc.kvindex import BlockRemoved, BlockStored, KVBlockIndex
+from extproc.kvindex import AllBlocksCleared, BlockRemoved, BlockStored, KVBlockIndex
 from fleet.pods import Pod
 from matrixinfer.process import free_port
 from sim import kvevents as simkv
@@ -107,6 +108,33 @@ def test_decode_batch_reads_vllm_batches() -> None:
         decode_batch(simkv.encode_batch(0.0, []).replace(b"\x90", b"\x91\x91\xa4Nope"))
     with pytest.raises(ValueError, match="array"):
         decode_batch(b"\x01")
+
+
+def test_decode_batch_reads_vllms_map_form_and_whole_digests() -> None:
+    # vLLM 0.31 sends tagged maps; with VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0 whole digests,
+    # which name the same blocks as the integer form (their low 64 bits)
+    d1, d2 = bytes(range(32)), bytes(range(32, 64))
+    low = [int.from_bytes(d[-8:], "big") for d in (d1, d2)]
+    events = [
+        simkv.BlockStored([d1, d2], None, [5] * 32, 16, None),
+        simkv.BlockStored([7], d2, [5] * 16, 16, None),
+        simkv.BlockRemoved([d1]),
+        simkv.AllBlocksCleared(),
+    ]
+    expected = [
+        BlockStored(tuple(low), None, 16),
+        BlockStored((7,), low[1], 16),
+        BlockRemoved((low[0],)),
+        AllBlocksCleared(),
+    ]
+    assert decode_batch(simkv.encode_batch(2.5, events, fmt="map")) == (2.5, expected)
+    assert decode_batch(simkv.encode_batch(2.5, events, fmt="array")) == (2.5, expected)
+    with pytest.raises(ValueError, match="unknown type 'Nope'"):
+        decode_batch(msgpack.packb([0.0, [{"type": "Nope"}], 0]))
+    with pytest.raises(ValueError, match="no block_hashes"):
+        decode_batch(msgpack.packb([0.0, [{"type": "BlockRemoved"}], 0]))
+    with pytest.raises(ValueError, match="integer or bytes"):
+        decode_batch(msgpack.packb([0.0, [{"type": "BlockRemoved", "block_hashes": ["x"]}], 0]))
 
 
 async def test_history_is_replayed_on_subscribe(engine: Engine) -> None:

@@ -43,7 +43,7 @@ OTHER_TOOLS = {
     "--create-namespace", "--server-side",
     # python -m bench.fleetsim
     "--workload", "--trace", "--param", "--seeds", "--http-latency", "--metric", "--repeat",
-    "--warm",
+    "--warm", "--kv-events",
 }  # fmt: skip
 
 

@@ -69,7 +69,9 @@ def test_chat_prompt_is_tokenized_with_the_simulators_template() -> None:
 def test_prefix_segment_cache_equals_hashing_the_whole_prompt(
     prefix: str, suffixes: list[str], lora: str | None, max_blocks: int
 ) -> None:
-    scorer = PrecisePrefixScorer(PrecisePrefixArgs(maxBlocks=max_blocks), index=KVBlockIndex())
+    scorer = PrecisePrefixScorer(
+        PrecisePrefixArgs(tokenizer="simulator", maxBlocks=max_blocks), index=KVBlockIndex()
+    )
     naming = ("sha256", "0", 4)
     hasher = PromptHasher("sha256", "0", 4)
     with mock.patch.object(plugins, "_SEGMENT", 16):  # many segments per prompt

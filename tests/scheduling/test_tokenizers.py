@@ -158,3 +158,84 @@ def test_tokenizer_files_that_appear_later_are_found(tmp_path: Path) -> None:
     assert scorer.score(Context(request, 0.0, random.Random(0), "s", {}), [pod]) is None
     tokenizers._loaded[str(where)] = (None, 0.0)  # the minute has passed
     assert scorer.score(Context(request, 0.0, random.Random(0), "s", {}), [pod]) == [1.0]
+
+
+# ----------------------------------------------------------------- tokenizer: auto
+
+
+def hf_cache_model(hub: Path, repo_id: str) -> Path:
+    repo = hub / ("models--" + repo_id.replace("/", "--"))
+    snapshot = write_model(repo / "snapshots" / "abc123", bos=False, template=None)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    return snapshot
+
+
+def score(scorer: PrecisePrefixScorer, model: str, prompt: str, pods: list[Pod]) -> Context:
+    request = SchedulingRequest("r", model, prompt=prompt, headers=COMPLETIONS)
+    ctx = Context(request, 0.0, random.Random(0), "s", {})
+    ctx.state["scores"] = scorer.score(ctx, pods)
+    return ctx
+
+
+def idle(name: str) -> Pod:
+    return Pod(name, "10.0.0.1:8000", metrics=PodMetrics(waiting=0, running=0, stale=False))
+
+
+def test_auto_finds_the_models_files_by_its_name(tmp_path: Path) -> None:
+    """The request's model name as a Hugging Face repo id in the local cache (with or without an
+    organisation) or as a local directory (vLLM serves --model /path under that name)."""
+    assert PrecisePrefixArgs().tokenizer == "auto"
+    scorer = PrecisePrefixScorer(PrecisePrefixArgs(), index_with("a"))
+    with mock.patch.object(constants, "HF_HUB_CACHE", str(tmp_path / "hub")):
+        hf_cache_model(tmp_path / "hub", "acme/small")
+        hf_cache_model(tmp_path / "hub", "tiny")
+        local = write_model(tmp_path / "served" / "m", bos=False, template=None)
+        for model, where in (("acme/small", "acme/small"), ("tiny", "tiny"), (str(local),) * 2):
+            tok, entry = scorer.tokenizer_for(model)
+            assert tok is not None and tok.source == where
+            assert entry is not None and entry.confirmed
+            ctx = score(scorer, model, "hello world", [idle("a")])
+            assert ctx.state["scores"] == [1.0] and PRECISE in ctx.state
+            assert tok.encode("hello world") == [3, 4]  # the model's own vocabulary
+
+
+def test_auto_trusts_the_simulators_files_once_the_engines_events_confirm_them() -> None:
+    index = index_with("a", "b")
+    scorer = PrecisePrefixScorer(PrecisePrefixArgs(), index)
+    sim = load_tokenizer("simulator")
+    assert sim is not None
+    prompt = " ".join(["able"] * 40)  # 40 tokens: two full blocks of 16
+    tok, entry = scorer.tokenizer_for("bench-model")  # not a local path, not in the HF cache
+    assert tok is sim and entry is not None and not entry.confirmed
+    # nothing reported yet: no evidence, abstain (prefix-cache decides)
+    assert score(scorer, "bench-model", prompt, [idle("a"), idle("b")]).state["scores"] is None
+    assert entry.trials == 0
+    hashes = PromptHasher("sha256", "0", 16).hashes(sim.encode(prompt))
+    index.stored("b", hashes)  # pod b's engine reports the prompt's blocks
+    ctx = score(scorer, "bench-model", prompt, [idle("a"), idle("b")])
+    assert entry.confirmed and PRECISE in ctx.state
+    scores = ctx.state["scores"]
+    assert isinstance(scores, list) and scores[1] == 1.0 and scores[0] < 1.0
+
+
+def test_auto_gives_the_simulators_files_up_when_the_engines_never_match_them() -> None:
+    index = index_with("a")
+    index.stored("a", [1, 2, 3])  # a real engine's blocks: other tokens, other hashes
+    scorer = PrecisePrefixScorer(PrecisePrefixArgs(), index)
+    prompt = " ".join(["able"] * 40)
+    for _ in range(64):
+        assert score(scorer, "llama", prompt, [idle("a")]).state["scores"] is None
+    tok, entry = scorer.tokenizer_for("llama")
+    assert tok is None and entry is not None and entry.trials == 64
+    ctx = score(scorer, "llama", prompt, [idle("a")])
+    assert ctx.state["scores"] is None and PRECISE not in ctx.state
+    entry.retry_at = 0.0  # the retry interval has passed: looked for again
+    assert scorer.tokenizer_for("llama")[0] is not None
+
+
+def test_an_explicit_tokenizer_is_used_for_every_model(tmp_path: Path) -> None:
+    model = write_model(tmp_path / "m", bos=False, template=None)
+    scorer = PrecisePrefixScorer(PrecisePrefixArgs(tokenizer=str(model)), index_with("a"))
+    tok, entry = scorer.tokenizer_for("anything")
+    assert tok is not None and tok.source == str(model) and entry is None

@@ -23,6 +23,7 @@ from matrixinfer.process import free_port
 from sim.blockhash import cbor, external, hash_fn, root_hash
 from sim.config import EngineConfig
 from sim.engine import Engine, Request
+from sim.kvevents import BlockStored as SimBlockStored
 from sim.kvevents import KVEventsConfig
 from sim.kvpublisher import ZmqEventPublisher
 from sim.tokenizer import Tokenizer
@@ -240,3 +241,107 @@ def test_bad_kv_events_config_is_named() -> None:
 
     with pytest.raises(SystemExit):
         serve_parser().parse_args(["--kv-events-config", '{"publisher": "kafka"}'])
+
+
+# ----------------------------------------------------------------- the map form, whole digests
+
+# vLLM 0.31's tagged-map events: the keys a real engine sends (captured streams), in that order
+MAP_KEYS = {
+    "BlockStored": ["type", "block_hashes", "parent_block_hash", "token_ids", "block_size",
+                    "lora_id", "medium", "lora_name", "extra_keys", "group_idx",
+                    "kv_cache_spec_kind"],
+    "BlockRemoved": ["type", "block_hashes", "medium", "group_idx"],
+    "AllBlocksCleared": ["type"],
+}  # fmt: skip
+
+
+def decode_map(payload: bytes) -> KVEventBatch:
+    """A decoder written from vLLM 0.31's map form: ``[ts, events, dp_rank]``, each event a map
+    tagged by ``type`` (the keys above, nothing else)."""
+    ts, events, rank = msgpack.unpackb(payload, raw=False)
+    out: list[Any] = []
+    for e in events:
+        assert list(e) == MAP_KEYS[e["type"]], e
+        fields = {k: v for k, v in e.items() if k in TAGS[e["type"]].__dataclass_fields__}
+        out.append(TAGS[e["type"]](**fields))
+    return KVEventBatch(ts, out, rank)
+
+
+def test_map_form_round_trips_every_event_with_whole_digests() -> None:
+    from sim.kvevents import encode_batch
+
+    fn, root = hash_fn("sha256_cbor"), root_hash("sha256_cbor", "7")
+    cfg = EngineConfig(block_size=2, num_gpu_blocks=4, max_model_len=8, hash_seed="7",
+                       prefix_caching_hash_algo="sha256_cbor",
+                       kv_events_int_block_hashes=False)  # fmt: skip
+    eng = Engine(cfg, record_events=True)
+    eng.add(Request("a", [1, 2, 3, 4, 5], [6], 0.0, lora="ad"))
+    eng.run_until_idle()
+    stored = decode_map(encode_batch(1.5, eng.kv.take_events(), fmt="map"))
+    assert stored.ts == 1.5 and stored.data_parallel_rank == 0
+    h1 = fn((root, (1, 2), ("ad",)))
+    h2 = fn((h1, (3, 4), ("ad",)))
+    (ev,) = stored.events
+    assert ev == BlockStored([h1, h2], None, [1, 2, 3, 4], 2, 1, "GPU")
+    assert all(isinstance(h, bytes) and len(h) == 32 for h in ev.block_hashes)
+    eng.add(Request("b", [9, 8, 7, 6, 5, 4, 3], [2], 1.0))  # needs every block: evicts a's
+    eng.run_until_idle(1.0)
+    events = decode_map(encode_batch(2.0, eng.kv.take_events(), fmt="map")).events
+    removed = {h for e in events if isinstance(e, BlockRemoved) for h in e.block_hashes}
+    assert removed == {h1, h2}
+    assert eng.kv.reset_prefix_cache()
+    assert decode_map(encode_batch(3.0, eng.kv.take_events(), fmt="map")).events == [
+        AllBlocksCleared()
+    ]
+    # the extra keys per block are those the blocks were hashed with: the LoRA name
+    sim_event = SimBlockStored([h1, h2], None, [1, 2, 3, 4], 2, 1, "GPU", "ad")
+    (first,) = msgpack.unpackb(encode_batch(0.0, [sim_event], fmt="map"))[1]
+    assert first["extra_keys"] == [["ad"], ["ad"]] and first["lora_name"] == "ad"
+
+
+def test_int_block_hashes_are_the_digests_low_64_bits_by_default() -> None:
+    cfg = EngineConfig(block_size=2, num_gpu_blocks=4, max_model_len=8, hash_seed="7",
+                       prefix_caching_hash_algo="sha256_cbor")  # fmt: skip
+    eng = Engine(cfg, record_events=True)
+    eng.add(Request("a", [1, 2, 3], [6], 0.0))
+    eng.run_until_idle()
+    (ev,) = eng.kv.take_events()
+    h1 = hash_fn("sha256_cbor")((root_hash("sha256_cbor", "7"), (1, 2), None))
+    assert ev.block_hashes == [int.from_bytes(h1, "big") & (2**64 - 1)]
+
+
+def test_simulator_process_publishes_maps_with_whole_digests(
+    sim_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PYTHONHASHSEED", "0")
+    monkeypatch.setenv("VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES", "0")
+    port, rport = free_port("127.0.0.1"), free_port("127.0.0.1")
+    config = json.dumps({"enable_kv_cache_events": True, "publisher": "zmq",
+                         "endpoint": f"tcp://*:{port}",
+                         "replay_endpoint": f"tcp://*:{rport}"})  # fmt: skip
+    with sim_factory("--time-scale", "0.01", "--block-size", "4",
+                     "--prefix-caching-hash-algo", "sha256_cbor",
+                     "--kv-events-config", config, "--kv-events-format", "map") as pod:  # fmt: skip
+        body = json.dumps({"model": "demo-model", "prompt": "one two three four five six seven "
+                           "eight nine ten", "max_tokens": 2}).encode()  # fmt: skip
+        req = urllib.request.Request(f"{pod.url}/v1/completions", body,
+                                     {"content-type": "application/json"})  # fmt: skip
+        urllib.request.urlopen(req, timeout=10).read()
+        ctx: zmq.Context[Any] = zmq.Context()
+        try:
+            batches = _replay(ctx, f"tcp://127.0.0.1:{rport}", 0)
+        finally:
+            ctx.destroy(0)
+    events = [e for _, p in batches for e in decode_map(p).events]
+    stored = [e for e in events if isinstance(e, BlockStored)]
+    ids = Tokenizer().encode("one two three four five six seven eight nine ten")
+    fn, root = hash_fn("sha256_cbor"), root_hash("sha256_cbor", "0")
+    assert stored[0].block_hashes[0] == fn((root, tuple(ids[:4]), None))
+
+
+def test_bad_int_block_hashes_switch_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sim.cli import build_config, serve_parser
+
+    monkeypatch.setenv("VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES", "yes")
+    with pytest.raises(SystemExit, match="VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES"):
+        build_config(serve_parser().parse_args([]))
