@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sim.config import EngineConfig
+from sim.blockhash import BlockHash
 from sim.kvcache import KVCacheManager
 
 __all__ = [
@@ -110,6 +111,20 @@ class Histogram:
         return self.sum / self.count if self.count else 0.0
 
 
+# ``sum`` of floats adds them one by one in order on CPython up to 3.11 (3.12 compensates the
+# rounding): then ``sum(values, start)`` is the loop ``start += v``, bit for bit, at C speed
+_SUM_IS_SEQUENTIAL = sum([1e16, 1.0, -1e16], 0.0) == 0.0
+
+
+def _sum_in_order(values: list[float], start: float) -> float:
+    """``start`` plus ``values`` added one at a time in order (the float result of that loop)."""
+    if _SUM_IS_SEQUENTIAL:
+        return sum(values, start)
+    for v in values:
+        start += v
+    return start
+
+
 def _build_1_2_5(max_value: int) -> tuple[float, ...]:
     out: list[float] = []
     exp = 1
@@ -176,7 +191,7 @@ class Request:
     num_output: int = 0
     all_ids: list[int] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)
-    block_hashes: list[int] = field(default_factory=list)
+    block_hashes: list[BlockHash] = field(default_factory=list)
     num_cached_blocks: int = 0
     num_cached_tokens: int = 0  # prefix-cache hit at first scheduling (usage.cached_tokens)
     num_transferred_tokens: int = 0  # PD: prompt tokens received from the prefill pod
@@ -550,36 +565,75 @@ class Engine:
         ``schedule(end)`` do for each end, in the same order (block registrations, then the next
         step's allocations, request by request), minus the Batch objects. Only for ends within
         :meth:`decode_repeats` of ``batch``, with nothing added or aborted since it was planned.
+
+        Per token only counters move, so they are applied in bulk: the ITL histogram's sum gets
+        the same additions in the same order (each end's gaps, request by request), its counts
+        one bisection per distinct gap. The KV work happens only where a request's tokens cross
+        a block boundary (every ``block_size`` ends); those points are visited in the per-step
+        loop's order: by end, registrations before allocations, request by request.
         """
+        k = len(ends)
+        if not k:
+            return
         stats = self.stats
         kv = self.kv
-        caching = kv.caching
         block_size = kv.block_size
         itl = stats.itl
         itl_bounds, itl_counts = itl.bounds, itl.counts
         bisect_left = bisect.bisect_left
         reqs = batch.reqs
         n = len(reqs)
-        duration = batch.duration
-        for now in ends:
-            stats.steps += 1
-            stats.busy_time += duration
-            for req in reqs:
-                computed = req.num_computed + 1
-                req.num_computed = computed
-                if caching and computed // block_size > req.num_cached_blocks:
+        stats.steps += k
+        stats.busy_time = _sum_in_order([batch.duration] * k, stats.busy_time)
+        # the ITL observations in the per-step loop's order: the first end's gap from each
+        # request's last token, then each later end's gap (the same for every request) n times
+        first = ends[0]
+        values = [first - req.last_token for req in reqs]
+        for v in values:
+            itl_counts[bisect_left(itl_bounds, v)] += 1
+        prev = first
+        for now in ends[1:]:
+            v = now - prev
+            prev = now
+            itl_counts[bisect_left(itl_bounds, v)] += n
+            values += [v] * n
+        itl.sum = _sum_in_order(values, itl.sum)
+        itl.count += n * k
+        stats.generation_tokens += n * k
+        # the ends where a request completes a block (registration, phase 0) or its next token
+        # starts one (allocation, phase 1): (end, phase, request)
+        points: list[tuple[int, int, int]] = []
+        caching = kv.caching
+        for i, req in enumerate(reqs):
+            c0 = req.num_computed
+            if caching:
+                j = (req.num_cached_blocks + 1) * block_size - c0
+                if j < 1:
+                    j = 1
+                while j <= k:
+                    points.append((j, 0, i))
+                    j = ((c0 + j) // block_size + 1) * block_size - c0
+            # the step being applied fits its token in the blocks: the first end whose next
+            # token starts a block is >= 1; each allocation takes one block
+            j = len(req.block_ids) * block_size - c0
+            while j <= k:
+                points.append((j, 1, i))
+                j += block_size
+        start = [req.num_computed for req in reqs]
+        if points:
+            points.sort()
+            for j, phase, i in points:
+                req = reqs[i]
+                req.num_computed = start[i] + j
+                if phase == 0:
                     kv.cache_computed(req)
-                req.num_output += 1
-                v = now - req.last_token
-                itl_counts[bisect_left(itl_bounds, v)] += 1
-                itl.sum += v
-                req.last_token = now
-            stats.generation_tokens += n
-            itl.count += n
-            # the next step (the same requests, a token each): blocks where a token starts one
-            for req in reqs:
-                if req.num_computed >= len(req.block_ids) * block_size and not kv.allocate(req, 1):
+                elif not kv.allocate(req, 1):
                     raise RuntimeError("repeat_decode beyond decode_repeats: no free KV block")
+        last = ends[-1]
+        for req, c0 in zip(reqs, start, strict=True):
+            req.num_computed = c0 + k
+            req.num_output += k
+            req.last_token = last
 
     # ---------------------------------------------------------------- views
 
