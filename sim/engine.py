@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import itertools
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sim.config import EngineConfig
 from sim.blockhash import BlockHash
+from sim.config import EngineConfig
 from sim.kvcache import KVCacheManager
 
 __all__ = [
@@ -123,6 +125,21 @@ def _sum_in_order(values: list[float], start: float) -> float:
     for v in values:
         start += v
     return start
+
+
+def _last_true(m: int, ok: Callable[[int], bool]) -> int:
+    """The largest ``j <= m`` with ``ok(j)``, for ``ok`` true at 0 and monotone (true, then
+    false)."""
+    if ok(m):
+        return m
+    lo, hi = 0, m  # ok(lo), not ok(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def _build_1_2_5(max_value: int) -> tuple[float, ...]:
@@ -515,15 +532,15 @@ class Engine:
         A virtual-time driver may apply those steps' ends at once (:meth:`repeat_decode`) instead
         of a ``finish_step`` and a ``schedule`` each, as long as it adds or aborts nothing
         meanwhile. That holds when ``batch`` is the whole running set decoding one token each and
-        nothing waits: then each step's end gives every request a token, finishes none until the
-        first request's last planned token, and schedules the same requests again (allocating
-        the blocks their next tokens need, which must be free: no preemption). 0 otherwise.
+        no waiting request gets in (:meth:`_blocked_repeats`): then each step's end gives every
+        request a token, finishes none until the first request's last planned token, and
+        schedules the same requests again (allocating the blocks their next tokens need, which
+        must be free: no preemption). 0 otherwise.
         """
         reqs = batch.reqs
         n = len(reqs)
         if (
             batch.prefill_tokens
-            or self.waiting
             or self.transferring
             or n != len(self.running)
             or batch.decode_seqs != n
@@ -541,23 +558,77 @@ class Engine:
         free = self.kv.pool.num_free
         have = [(len(r.prompt_ids) + r.num_output, len(r.block_ids) * bs) for r in reqs]
 
-        def fits(j: int) -> bool:
-            need = 0
+        def need(j: int) -> int:
+            """Blocks the schedules after the first ``j`` ends allocate."""
+            total = 0
             for tokens, room in have:
                 if tokens + j > room:
-                    need += -(-(tokens + j - room) // bs)
-            return need <= free
+                    total += -(-(tokens + j - room) // bs)
+            return total
 
-        if fits(m):
-            return m
-        lo, hi = 0, m  # fits(lo), not fits(hi)
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if fits(mid):
-                lo = mid
-            else:
-                hi = mid
-        return lo
+        m = _last_true(m, lambda j: need(j) <= free)
+        if m and self.waiting:
+            m = self._blocked_repeats(batch, m, need)
+        return m
+
+    def _admission_head(self, batch: Batch) -> Request | None:
+        """The waiting request the schedules after ``batch``'s repeats try to admit (the FCFS
+        head; it fails, and with it the rest), None when they try none (no token budget or
+        sequence slot left)."""
+        budget = self.cfg.max_num_batched_tokens - len(batch.reqs)
+        if budget <= 0 or len(self.running) >= self.cfg.max_num_seqs:
+            return None
+        return self.waiting[0]
+
+    def _blocked_repeats(self, batch: Batch, m: int, need: Callable[[int], int]) -> int:
+        """How many of ``m`` repeats of ``batch`` leave the waiting requests waiting, with the
+        same prefix-cache lookup at each of their admission attempts (the statistics count
+        those). The head's attempt fails now (else 0). While the running requests only take
+        free blocks, it keeps failing as long as its cached prefix stays: none of its hit blocks
+        is taken from the free queue (the takes come off its head, in order) and no running
+        request registers the hash that ends the prefix. Heads that a LoRA slot, a PD transfer
+        or a partial KV would treat otherwise are not repeated over."""
+        head = self._admission_head(batch)
+        if head is None:
+            return m  # nothing is tried: nothing can change
+        kv = self.kv
+        if head.lora is not None:
+            loras = {r.lora for r in self.running if r.lora is not None}
+            if head.lora not in loras and len(loras) >= self.cfg.max_loras:
+                return 0  # skipped for the next waiting request
+        if head.remote_prefill or head.num_computed > 0:
+            return 0
+        bs = kv.block_size
+        hits = kv.lookup(head, head.num_tokens)
+        budget = self.cfg.max_num_batched_tokens - len(batch.reqs)
+        if kv.fits(head, min(head.num_tokens - len(hits) * bs, budget), hits):
+            return 0
+        # the prefix: the hit blocks and the one lookup leaves to compute, if cached; after it,
+        # the hashes whose caching would lengthen it
+        pool = kv.pool
+        hs = head.block_hashes
+        held = set(hits)
+        ends_prefix = set(hs[len(hits) : len(hits) + 2])
+        if len(hs) > len(hits):
+            after = pool.cached.get(hs[len(hits)])
+            if after is not None:
+                held.add(after)
+        taken = need(m)
+        for i, b in enumerate(itertools.islice(pool.free, taken)):
+            if b in held:
+                m = _last_true(m, lambda j: need(j) <= i)  # noqa: B023 (used at once)
+                break
+        if kv.caching and ends_prefix:
+            for req in self.running:
+                c0 = req.num_computed
+                first, last = req.num_cached_blocks, (c0 + m) // bs
+                if last <= first:
+                    continue
+                for b, h in enumerate(kv.block_hashes(req, first, last), first):
+                    if h in ends_prefix:
+                        m = min(m, max(1, (b + 1) * bs - c0) - 1)
+                        break
+        return m
 
     def repeat_decode(self, batch: Batch, ends: list[float]) -> None:
         """Apply the ends of ``len(ends)`` repeats of ``batch`` (ending at ``ends``, in order), each
@@ -585,6 +656,12 @@ class Engine:
         n = len(reqs)
         stats.steps += k
         stats.busy_time = _sum_in_order([batch.duration] * k, stats.busy_time)
+        if self.waiting:  # each end's schedule tries the head and fails, with the same lookup
+            head = self._admission_head(batch)
+            if head is not None:
+                hits = kv.lookup(head, head.num_tokens)
+                stats.prefix_queries += k * head.num_tokens
+                stats.prefix_hits += k * len(hits) * self.cfg.block_size
         # the ITL observations in the per-step loop's order: the first end's gap from each
         # request's last token, then each later end's gap (the same for every request) n times
         first = ends[0]

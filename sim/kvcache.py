@@ -161,6 +161,21 @@ class KVCacheManager:
             self._hasher.extend(seq.all_ids, extra, hs, want)
         return hs
 
+    def block_hashes(self, seq: SeqLike, first: int, last: int) -> list[BlockHash]:
+        """The chained hashes of the sequence's full blocks ``first`` to ``last - 1``, without
+        adding to the ones kept on it (a sequence holds those of its blocks computed or looked
+        up so far: a lookup reads all it holds)."""
+        hs = seq.block_hashes
+        if last <= len(hs):
+            return hs[first:last]
+        bs = self.block_size
+        extra = (seq.lora,) if seq.lora is not None else None
+        known = len(hs)
+        more = self._hasher.chain_from(
+            hs[-1] if hs else self.root, seq.all_ids[known * bs : last * bs], extra
+        )
+        return hs[first:] + more[first - known :] if first > known else hs[first:] + more
+
     def take_events(self) -> list[KVEvent]:
         """The KV events recorded since the last call (empty when not recording)."""
         events = self.pool.events
@@ -214,17 +229,24 @@ class KVCacheManager:
     def blocks_needed(self, seq: SeqLike, total_tokens: int) -> int:
         return max(0, -(-total_tokens // self.block_size) - len(seq.block_ids))
 
+    def fits(self, seq: SeqLike, num_new: int, hits: list[int] | None = None) -> bool:
+        """Whether :meth:`allocate` with these arguments would succeed (it changes nothing)."""
+        pool = self.pool
+        if hits:
+            need = -(-(len(hits) * self.block_size + num_new) // self.block_size) - len(hits)
+            free = len(pool.free)
+            # hit blocks in the free queue are not free for the rest: count them only when the
+            # answer depends on it (a waiting request retries this every step)
+            return need <= free and need <= free - list(map(pool.ref.__getitem__, hits)).count(0)
+        return self.blocks_needed(seq, seq.num_computed + num_new) <= pool.num_free
+
     def allocate(self, seq: SeqLike, num_new: int, hits: list[int] | None = None) -> bool:
         """Make room for ``num_new`` more tokens (after taking ``hits``); False if it cannot."""
         pool = self.pool
         if hits:
-            computed = len(hits) * self.block_size
-            need = -(-(computed + num_new) // self.block_size) - len(hits)
-            free = len(pool.free)
-            # hit blocks in the free queue are not free for the rest: count them only when the
-            # answer depends on it (a waiting request retries this every step)
-            if need > free or need > free - list(map(pool.ref.__getitem__, hits)).count(0):
+            if not self.fits(seq, num_new, hits):
                 return False
+            need = -(-(len(hits) * self.block_size + num_new) // self.block_size) - len(hits)
             pool.touch(hits)
             seq.block_ids = list(hits)
             seq.num_cached_blocks = len(hits)
