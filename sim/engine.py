@@ -277,6 +277,8 @@ class Engine:
         self.running: list[Request] = []
         self.transferring: list[Request] = []
         self.stats = EngineStats(max_model_len=cfg.max_model_len, buckets=buckets)
+        # the batch whose repeats a waiting head sits out, and the tokens its lookup hits
+        self._blocked: tuple[Batch, int] | None = None
 
     # ---------------------------------------------------------------- admission
 
@@ -603,6 +605,7 @@ class Engine:
         budget = self.cfg.max_num_batched_tokens - len(batch.reqs)
         if kv.fits(head, min(head.num_tokens - len(hits) * bs, budget), hits):
             return 0
+        self._blocked = (batch, len(hits) * self.cfg.block_size)
         # the prefix: the hit blocks and the one lookup leaves to compute, if cached; after it,
         # the hashes whose caching would lengthen it
         pool = kv.pool
@@ -659,9 +662,13 @@ class Engine:
         if self.waiting:  # each end's schedule tries the head and fails, with the same lookup
             head = self._admission_head(batch)
             if head is not None:
-                hits = kv.lookup(head, head.num_tokens)
+                blocked = self._blocked
+                if blocked is not None and blocked[0] is batch:
+                    n_hit = blocked[1]
+                else:
+                    n_hit = len(kv.lookup(head, head.num_tokens)) * self.cfg.block_size
                 stats.prefix_queries += k * head.num_tokens
-                stats.prefix_hits += k * len(hits) * self.cfg.block_size
+                stats.prefix_hits += k * n_hit
         # the ITL observations in the per-step loop's order: the first end's gap from each
         # request's last token, then each later end's gap (the same for every request) n times
         first = ends[0]

@@ -60,10 +60,12 @@ class BlockPool:
         return 1.0 - len(self.free) / self.num_blocks
 
     def touch(self, blocks: list[int]) -> None:
+        free, ref = self.free, self.ref
         for b in blocks:
-            if self.ref[b] == 0:
-                del self.free[b]
-            self.ref[b] += 1
+            r = ref[b]
+            if not r:
+                del free[b]
+            ref[b] = r + 1
 
     def take(self, n: int) -> list[int]:
         """Pop ``n`` free blocks (evicting their cached hashes); caller checked ``num_free``."""
@@ -95,8 +97,9 @@ class BlockPool:
         # they are evicted first
         free, ref = self.free, self.ref
         for b in reversed(blocks):
-            ref[b] -= 1
-            if ref[b] == 0:
+            r = ref[b] - 1
+            ref[b] = r
+            if not r:
                 free[b] = None
 
     def register(self, block: int, h: BlockHash) -> bool:

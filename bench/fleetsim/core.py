@@ -48,6 +48,7 @@ import copy
 import heapq
 import itertools
 import math
+import os
 import random
 import tempfile
 import time
@@ -211,6 +212,10 @@ class _PromptDigests:
 _PROMPT_DIGESTS: dict[tuple[str, str, int], _PromptDigests] = {}
 
 
+# the engines' configuration by (model, sim flags, $PYTHONHASHSEED): FleetSpec.sim_config
+_SIM_CONFIGS: dict[tuple[str, tuple[str, ...], str | None], SimConfig] = {}
+
+
 @dataclass(frozen=True, slots=True)
 class FleetSpec:
     """The simulated fleet: like ``bench.suite.SuiteConfig``'s fleet fields, plus the scraper's."""
@@ -250,7 +255,16 @@ class FleetSpec:
         Every engine of the fleet gets the same block-hash seed (``$PYTHONHASHSEED``, else
         ``"0"``) instead of a random one each: which blocks hit is the same either way (a block
         hash names its prefix), but the fleet's engines and runs then compute equal digests,
-        which the process-wide hash memo (``sim.blockhash.memo``) computes once."""
+        which the process-wide hash memo (``sim.blockhash.memo``) computes once. Kept per
+        process by the flags and ``$PYTHONHASHSEED`` (building the argument parser and the
+        pydantic models cost ~1 ms a run); the configuration is never changed."""
+        key = (self.model, self.sim_args, os.environ.get("PYTHONHASHSEED"))
+        cfg = _SIM_CONFIGS.get(key)
+        if cfg is None:
+            cfg = _SIM_CONFIGS[key] = self._sim_config()
+        return cfg
+
+    def _sim_config(self) -> SimConfig:
         from sim.cli import build_config, serve_parser
 
         parser = serve_parser()
@@ -363,6 +377,11 @@ def engine_metrics(
     page (``fleet.engine_metrics.pod_metrics``): equal metrics and state, at a fifth of the cost
     of rendering and parsing the page."""
     s = engine.stats
+    # Engine.running_loras and waiting_loras, unsorted
+    running = frozenset({r.lora for r in engine.running if r.lora is not None})
+    waiting = {r.lora for r in engine.waiting if r.lora is not None}
+    if engine.transferring:
+        waiting.update(r.lora for r in engine.transferring if r.lora is not None)
     return pod_metrics(
         float(engine.num_waiting),
         float(len(engine.running)),
@@ -371,8 +390,8 @@ def engine_metrics(
         float(s.ttft.count),
         s.itl.sum,
         float(s.itl.count),
-        frozenset(engine.running_loras()),
-        frozenset(engine.waiting_loras()),
+        running,
+        frozenset(waiting),
         max_loras,
         previous,
         now,
