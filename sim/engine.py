@@ -18,7 +18,7 @@ import bisect
 import contextlib
 import itertools
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -606,31 +606,28 @@ class Engine:
         if kv.fits(head, min(head.num_tokens - len(hits) * bs, budget), hits):
             return 0
         self._blocked = (batch, len(hits) * self.cfg.block_size)
-        # the prefix: the hit blocks and the one lookup leaves to compute, if cached; after it,
-        # the hashes whose caching would lengthen it
+        # the prefix: the hit blocks and the one lookup leaves to compute, if cached (a decode
+        # allocation taking one of them from the free queue drops its hash)
         pool = kv.pool
         hs = head.block_hashes
-        held = set(hits)
-        ends_prefix = set(hs[len(hits) : len(hits) + 2])
-        if len(hs) > len(hits):
-            after = pool.cached.get(hs[len(hits)])
-            if after is not None:
-                held.add(after)
+        h = len(hits)
+        after = pool.cached.get(hs[h]) if h < len(hs) else None
         taken = need(m)
+        held: Collection[int] = set(hits) if taken > 8 else hits  # (few takes: scan the list)
         for i, b in enumerate(itertools.islice(pool.free, taken)):
-            if b in held:
+            if b == after or b in held:
                 m = _last_true(m, lambda j: need(j) <= i)  # noqa: B023 (used at once)
                 break
-        if kv.caching and ends_prefix:
+        # the blocks after it: a running request registering one (the same hash: the same
+        # tokens up to there, so at the same position) would lengthen it
+        if kv.caching and h < len(hs):
+            ends_prefix = [(i, hs[i]) for i in range(h, min(h + 2, len(hs)))]
             for req in self.running:
                 c0 = req.num_computed
                 first, last = req.num_cached_blocks, (c0 + m) // bs
-                if last <= first:
-                    continue
-                for b, h in enumerate(kv.block_hashes(req, first, last), first):
-                    if h in ends_prefix:
-                        m = min(m, max(1, (b + 1) * bs - c0) - 1)
-                        break
+                for i, target in ends_prefix:
+                    if first <= i < last and kv.block_hashes(req, i, i + 1)[0] == target:
+                        m = min(m, max(1, (i + 1) * bs - c0) - 1)
         return m
 
     def repeat_decode(self, batch: Batch, ends: list[float]) -> None:

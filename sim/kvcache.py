@@ -13,18 +13,14 @@ the engine's driver takes them after each step (:meth:`KVCacheManager.take_event
 
 from __future__ import annotations
 
-import operator
 from collections import OrderedDict
-from functools import partial
-from itertools import islice, takewhile
+from itertools import islice
 from typing import Any, Protocol, cast
 
 from sim.blockhash import BlockHash, ChainHasher, external
 from sim.kvevents import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
 __all__ = ["BlockPool", "KVCacheManager", "SeqLike"]
-
-_NOT_NONE = partial(operator.is_not, None)
 
 
 class SeqLike(Protocol):
@@ -215,14 +211,15 @@ class KVCacheManager:
         else:
             prefix = []
             start = 0
-        if start < len(hs):
-            # the hit is the prefix before the first miss (a C-level pass that stops there)
-            found = cast(
-                "list[int]",
-                list(takewhile(_NOT_NONE, map(pool.cached.get, islice(hs, start, None)))),
-            )
-            if found:
-                prefix = prefix + found
+        cached = pool.cached
+        if start < len(hs) and hs[start] in cached:
+            # the hit is the prefix before the first miss: every hash looked up and the first
+            # None found in C passes (~2x cheaper per hash than stopping at the miss with
+            # takewhile, and most lookups of a loaded fleet hit most of their blocks)
+            found = list(map(cached.get, islice(hs, start, None)))
+            found.append(None)  # (when all hit)
+            del found[found.index(None) :]
+            prefix = prefix + cast("list[int]", found)
         self._last_lookup = (seq, pool.evictions, prefix)
         hits = prefix[:]
         if hits and len(hits) * self.block_size >= num_tokens:

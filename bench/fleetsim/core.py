@@ -127,11 +127,12 @@ def _part(ids: list[int]) -> _Part:
 
 def reset_caches() -> None:
     """Empty the process-wide caches a simulation fills (chat messages' token ids, output plans,
-    block-hash digests, loaded gateway configurations): the next run starts cold, as a process's
-    first run does."""
+    block-hash digests and prompts' digests, loaded gateway and engine configurations): the next
+    run starts cold, as a process's first run does."""
     _TEMPLATE.clear()
     _PLANS.clear()
     _CONFIGS.clear()
+    _SIM_CONFIGS.clear()
     _PROMPT_DIGESTS.clear()
     clear_memos()
 
