@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from fleet.pods import PodMetrics
 
-__all__ = ["ENGINES", "LatencyState", "parse_metrics"]
+__all__ = ["ENGINES", "LatencyState", "parse_metrics", "pod_metrics"]
 
 
 # slots in the per-page accumulator
@@ -225,10 +225,57 @@ def parse_metrics(
     if tpot_count is None:
         tpot_sum, tpot_count = acc[_TPOT_SUM_FB], acc[_TPOT_COUNT_FB]
 
-    prev = previous if previous is not None else LatencyState()
-    ttft_mean, ttft_at = _interval_mean(
+    running_loras: frozenset[str] = frozenset()
+    waiting_loras: frozenset[str] = frozenset()
+    max_loras: int | None = None
+    if lora_best >= 0:
+        labels = dict(_LABEL.findall(lora_labels))
+        running_loras = _split_adapters(labels.get("running_lora_adapters", ""))
+        waiting_loras = _split_adapters(labels.get("waiting_lora_adapters", ""))
+        with contextlib.suppress(ValueError):
+            max_loras = int(float(labels.get("max_lora", "")))
+
+    return pod_metrics(
+        acc[_WAITING],
+        acc[_RUNNING],
+        kv,
         acc[_TTFT_SUM],
         acc[_TTFT_COUNT],
+        tpot_sum,
+        tpot_count,
+        running_loras,
+        waiting_loras,
+        max_loras,
+        previous,
+        now,
+        latency_window=latency_window,
+    )
+
+
+def pod_metrics(
+    waiting: float | None,
+    running: float | None,
+    kv_cache_usage: float | None,
+    ttft_sum: float | None,
+    ttft_count: float | None,
+    tpot_sum: float | None,
+    tpot_count: float | None,
+    running_loras: frozenset[str],
+    waiting_loras: frozenset[str],
+    max_loras: int | None,
+    previous: LatencyState | None,
+    now: float,
+    *,
+    latency_window: float = 10.0,
+) -> tuple[PodMetrics, LatencyState]:
+    """:class:`PodMetrics` from the values of one page (what :func:`parse_metrics` reads from
+    it: gauges, histogram totals, LoRA labels), for a reader that has them without a page (the
+    fleet simulator reads its engines so). ``previous`` and the state returned: as for
+    :func:`parse_metrics`."""
+    prev = previous if previous is not None else LatencyState()
+    ttft_mean, ttft_at = _interval_mean(
+        ttft_sum,
+        ttft_count,
         prev.ttft_sum,
         prev.ttft_count,
         prev.ttft_mean,
@@ -247,30 +294,12 @@ def parse_metrics(
         latency_window,
     )
     state = LatencyState(
-        acc[_TTFT_SUM],
-        acc[_TTFT_COUNT],
-        tpot_sum,
-        tpot_count,
-        ttft_mean,
-        ttft_at,
-        tpot_mean,
-        tpot_at,
+        ttft_sum, ttft_count, tpot_sum, tpot_count, ttft_mean, ttft_at, tpot_mean, tpot_at
     )
-
-    running_loras: frozenset[str] = frozenset()
-    waiting_loras: frozenset[str] = frozenset()
-    max_loras: int | None = None
-    if lora_best >= 0:
-        labels = dict(_LABEL.findall(lora_labels))
-        running_loras = _split_adapters(labels.get("running_lora_adapters", ""))
-        waiting_loras = _split_adapters(labels.get("waiting_lora_adapters", ""))
-        with contextlib.suppress(ValueError):
-            max_loras = int(float(labels.get("max_lora", "")))
-
     metrics = PodMetrics(
-        waiting=acc[_WAITING],
-        running=acc[_RUNNING],
-        kv_cache_usage=kv,
+        waiting=waiting,
+        running=running,
+        kv_cache_usage=kv_cache_usage,
         ttft_seconds=ttft_mean,
         tpot_seconds=tpot_mean,
         running_loras=running_loras,

@@ -190,7 +190,6 @@ class ChainHasher:
             return
         bs = self.block_size
         memo = self._memo
-        fn = self.fn
         if not have:
             donors = memo.donors
             key = (self.root, tuple(ids[:bs]), extra)
@@ -204,17 +203,25 @@ class ChainHasher:
             donors[key] = (ids, hs)
             if have >= want:
                 return
+        hs += self.chain_from(hs[-1] if hs else self.root, ids[have * bs : want * bs], extra)
+
+    def chain_from(
+        self, parent: BlockHash, ids: Sequence[int], extra: tuple[Any, ...] | None
+    ) -> list[BlockHash]:
+        """The digests of the full blocks of ``ids`` chained after ``parent`` (a digest, or
+        ``root`` for a sequence's first block): what ``chain`` computes, through the memo."""
+        bs = self.block_size
+        fn = self.fn
+        t = tuple(ids[: len(ids) // bs * bs])
+        out: list[BlockHash] = []
         if not self._memo_blocks:
-            parent = hs[-1] if hs else self.root
-            t = tuple(ids[have * bs : want * bs])
             for i in range(0, len(t), bs):
                 parent = fn((parent, t[i : i + bs], extra))
-                hs.append(parent)
-            return
+                out.append(parent)
+            return out
+        memo = self._memo
         blocks = memo.blocks
         get = blocks.get
-        parent = hs[-1] if hs else self.root
-        t = tuple(ids[have * bs : want * bs])
         for i in range(0, len(t), bs):
             k = (parent, t[i : i + bs], extra)
             h = get(k)
@@ -224,7 +231,8 @@ class ChainHasher:
                     blocks.clear()
                 blocks[k] = h
             parent = h
-            hs.append(h)
+            out.append(h)
+        return out
 
 
 def _common_blocks(a: Sequence[int], b: Sequence[int], n: int, bs: int) -> int:

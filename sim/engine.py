@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import itertools
 from collections import deque
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
+from sim.blockhash import BlockHash
 from sim.config import EngineConfig
 from sim.kvcache import KVCacheManager
 
@@ -110,6 +113,35 @@ class Histogram:
         return self.sum / self.count if self.count else 0.0
 
 
+# ``sum`` of floats adds them one by one in order on CPython up to 3.11 (3.12 compensates the
+# rounding): then ``sum(values, start)`` is the loop ``start += v``, bit for bit, at C speed
+_SUM_IS_SEQUENTIAL = sum([1e16, 1.0, -1e16], 0.0) == 0.0
+
+
+def _sum_in_order(values: list[float], start: float) -> float:
+    """``start`` plus ``values`` added one at a time in order (the float result of that loop)."""
+    if _SUM_IS_SEQUENTIAL:
+        return sum(values, start)
+    for v in values:
+        start += v
+    return start
+
+
+def _last_true(m: int, ok: Callable[[int], bool]) -> int:
+    """The largest ``j <= m`` with ``ok(j)``, for ``ok`` true at 0 and monotone (true, then
+    false)."""
+    if ok(m):
+        return m
+    lo, hi = 0, m  # ok(lo), not ok(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
 def _build_1_2_5(max_value: int) -> tuple[float, ...]:
     out: list[float] = []
     exp = 1
@@ -176,7 +208,7 @@ class Request:
     num_output: int = 0
     all_ids: list[int] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)
-    block_hashes: list[int] = field(default_factory=list)
+    block_hashes: list[BlockHash] = field(default_factory=list)
     num_cached_blocks: int = 0
     num_cached_tokens: int = 0  # prefix-cache hit at first scheduling (usage.cached_tokens)
     num_transferred_tokens: int = 0  # PD: prompt tokens received from the prefill pod
@@ -246,6 +278,8 @@ class Engine:
         self.running: list[Request] = []
         self.transferring: list[Request] = []
         self.stats = EngineStats(max_model_len=cfg.max_model_len, buckets=buckets)
+        # the batch whose repeats a waiting head sits out, and the tokens its lookup hits
+        self._blocked: tuple[Batch, int] | None = None
 
     # ---------------------------------------------------------------- admission
 
@@ -501,15 +535,15 @@ class Engine:
         A virtual-time driver may apply those steps' ends at once (:meth:`repeat_decode`) instead
         of a ``finish_step`` and a ``schedule`` each, as long as it adds or aborts nothing
         meanwhile. That holds when ``batch`` is the whole running set decoding one token each and
-        nothing waits: then each step's end gives every request a token, finishes none until the
-        first request's last planned token, and schedules the same requests again (allocating
-        the blocks their next tokens need, which must be free: no preemption). 0 otherwise.
+        no waiting request gets in (:meth:`_blocked_repeats`): then each step's end gives every
+        request a token, finishes none until the first request's last planned token, and
+        schedules the same requests again (allocating the blocks their next tokens need, which
+        must be free: no preemption). 0 otherwise.
         """
         reqs = batch.reqs
         n = len(reqs)
         if (
             batch.prefill_tokens
-            or self.waiting
             or self.transferring
             or n != len(self.running)
             or batch.decode_seqs != n
@@ -527,23 +561,75 @@ class Engine:
         free = self.kv.pool.num_free
         have = [(len(r.prompt_ids) + r.num_output, len(r.block_ids) * bs) for r in reqs]
 
-        def fits(j: int) -> bool:
-            need = 0
+        def need(j: int) -> int:
+            """Blocks the schedules after the first ``j`` ends allocate."""
+            total = 0
             for tokens, room in have:
                 if tokens + j > room:
-                    need += -(-(tokens + j - room) // bs)
-            return need <= free
+                    total += -(-(tokens + j - room) // bs)
+            return total
 
-        if fits(m):
-            return m
-        lo, hi = 0, m  # fits(lo), not fits(hi)
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if fits(mid):
-                lo = mid
-            else:
-                hi = mid
-        return lo
+        m = _last_true(m, lambda j: need(j) <= free)
+        if m and self.waiting:
+            m = self._blocked_repeats(batch, m, need)
+        return m
+
+    def _admission_head(self, batch: Batch) -> Request | None:
+        """The waiting request the schedules after ``batch``'s repeats try to admit (the FCFS
+        head; it fails, and with it the rest), None when they try none (no token budget or
+        sequence slot left)."""
+        budget = self.cfg.max_num_batched_tokens - len(batch.reqs)
+        if budget <= 0 or len(self.running) >= self.cfg.max_num_seqs:
+            return None
+        return self.waiting[0]
+
+    def _blocked_repeats(self, batch: Batch, m: int, need: Callable[[int], int]) -> int:
+        """How many of ``m`` repeats of ``batch`` leave the waiting requests waiting, with the
+        same prefix-cache lookup at each of their admission attempts (the statistics count
+        those). The head's attempt fails now (else 0). While the running requests only take
+        free blocks, it keeps failing as long as its cached prefix stays: none of its hit blocks
+        is taken from the free queue (the takes come off its head, in order) and no running
+        request registers the hash that ends the prefix. Heads that a LoRA slot, a PD transfer
+        or a partial KV would treat otherwise are not repeated over."""
+        head = self._admission_head(batch)
+        if head is None:
+            return m  # nothing is tried: nothing can change
+        kv = self.kv
+        if head.lora is not None:
+            loras = {r.lora for r in self.running if r.lora is not None}
+            if head.lora not in loras and len(loras) >= self.cfg.max_loras:
+                return 0  # skipped for the next waiting request
+        if head.remote_prefill or head.num_computed > 0:
+            return 0
+        bs = kv.block_size
+        hits = kv.lookup(head, head.num_tokens)
+        budget = self.cfg.max_num_batched_tokens - len(batch.reqs)
+        if kv.fits(head, min(head.num_tokens - len(hits) * bs, budget), hits):
+            return 0
+        self._blocked = (batch, len(hits) * self.cfg.block_size)
+        # the prefix: the hit blocks and the one lookup leaves to compute, if cached (a decode
+        # allocation taking one of them from the free queue drops its hash)
+        pool = kv.pool
+        hs = head.block_hashes
+        h = len(hits)
+        after = pool.cached.get(hs[h]) if h < len(hs) else None
+        taken = need(m)
+        held: Collection[int] = set(hits) if taken > 8 else hits  # (few takes: scan the list)
+        for i, b in enumerate(itertools.islice(pool.free, taken)):
+            if b == after or b in held:
+                m = _last_true(m, lambda j: need(j) <= i)  # noqa: B023 (used at once)
+                break
+        # the blocks after it: a running request registering one (the same hash: the same
+        # tokens up to there, so at the same position) would lengthen it
+        if kv.caching and h < len(hs):
+            ends_prefix = [(i, hs[i]) for i in range(h, min(h + 2, len(hs)))]
+            for req in self.running:
+                c0 = req.num_computed
+                first, last = req.num_cached_blocks, (c0 + m) // bs
+                for i, target in ends_prefix:
+                    if first <= i < last and kv.block_hashes(req, i, i + 1)[0] == target:
+                        m = min(m, max(1, (i + 1) * bs - c0) - 1)
+        return m
 
     def repeat_decode(self, batch: Batch, ends: list[float]) -> None:
         """Apply the ends of ``len(ends)`` repeats of ``batch`` (ending at ``ends``, in order), each
@@ -551,36 +637,85 @@ class Engine:
         ``schedule(end)`` do for each end, in the same order (block registrations, then the next
         step's allocations, request by request), minus the Batch objects. Only for ends within
         :meth:`decode_repeats` of ``batch``, with nothing added or aborted since it was planned.
+
+        Per token only counters move, so they are applied in bulk: the ITL histogram's sum gets
+        the same additions in the same order (each end's gaps, request by request), its counts
+        one bisection per distinct gap. The KV work happens only where a request's tokens cross
+        a block boundary (every ``block_size`` ends); those points are visited in the per-step
+        loop's order: by end, registrations before allocations, request by request.
         """
+        k = len(ends)
+        if not k:
+            return
         stats = self.stats
         kv = self.kv
-        caching = kv.caching
         block_size = kv.block_size
         itl = stats.itl
         itl_bounds, itl_counts = itl.bounds, itl.counts
         bisect_left = bisect.bisect_left
         reqs = batch.reqs
         n = len(reqs)
-        duration = batch.duration
-        for now in ends:
-            stats.steps += 1
-            stats.busy_time += duration
-            for req in reqs:
-                computed = req.num_computed + 1
-                req.num_computed = computed
-                if caching and computed // block_size > req.num_cached_blocks:
+        stats.steps += k
+        stats.busy_time = _sum_in_order([batch.duration] * k, stats.busy_time)
+        if self.waiting:  # each end's schedule tries the head and fails, with the same lookup
+            head = self._admission_head(batch)
+            if head is not None:
+                blocked = self._blocked
+                if blocked is not None and blocked[0] is batch:
+                    n_hit = blocked[1]
+                else:
+                    n_hit = len(kv.lookup(head, head.num_tokens)) * self.cfg.block_size
+                stats.prefix_queries += k * head.num_tokens
+                stats.prefix_hits += k * n_hit
+        # the ITL observations in the per-step loop's order: the first end's gap from each
+        # request's last token, then each later end's gap (the same for every request) n times
+        first = ends[0]
+        values = [first - req.last_token for req in reqs]
+        for v in values:
+            itl_counts[bisect_left(itl_bounds, v)] += 1
+        prev = first
+        for now in ends[1:]:
+            v = now - prev
+            prev = now
+            itl_counts[bisect_left(itl_bounds, v)] += n
+            values += [v] * n
+        itl.sum = _sum_in_order(values, itl.sum)
+        itl.count += n * k
+        stats.generation_tokens += n * k
+        # the ends where a request completes a block (registration, phase 0) or its next token
+        # starts one (allocation, phase 1): (end, phase, request)
+        points: list[tuple[int, int, int]] = []
+        caching = kv.caching
+        for i, req in enumerate(reqs):
+            c0 = req.num_computed
+            if caching:
+                j = (req.num_cached_blocks + 1) * block_size - c0
+                if j < 1:
+                    j = 1
+                while j <= k:
+                    points.append((j, 0, i))
+                    j = ((c0 + j) // block_size + 1) * block_size - c0
+            # the step being applied fits its token in the blocks: the first end whose next
+            # token starts a block is >= 1; each allocation takes one block
+            j = len(req.block_ids) * block_size - c0
+            while j <= k:
+                points.append((j, 1, i))
+                j += block_size
+        start = [req.num_computed for req in reqs]
+        if points:
+            points.sort()
+            for j, phase, i in points:
+                req = reqs[i]
+                req.num_computed = start[i] + j
+                if phase == 0:
                     kv.cache_computed(req)
-                req.num_output += 1
-                v = now - req.last_token
-                itl_counts[bisect_left(itl_bounds, v)] += 1
-                itl.sum += v
-                req.last_token = now
-            stats.generation_tokens += n
-            itl.count += n
-            # the next step (the same requests, a token each): blocks where a token starts one
-            for req in reqs:
-                if req.num_computed >= len(req.block_ids) * block_size and not kv.allocate(req, 1):
+                elif not kv.allocate(req, 1):
                     raise RuntimeError("repeat_decode beyond decode_repeats: no free KV block")
+        last = ends[-1]
+        for req, c0 in zip(reqs, start, strict=True):
+            req.num_computed = c0 + k
+            req.num_output += k
+            req.last_token = last
 
     # ---------------------------------------------------------------- views
 

@@ -17,6 +17,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,11 +31,18 @@ from bench.fleetsim import (
     make_workload,
     simulate,
 )
-from bench.fleetsim.core import _Simulation, contender_named, metrics_page
+from bench.fleetsim.core import (
+    _PromptDigests,
+    _Simulation,
+    contender_named,
+    engine_metrics,
+    metrics_page,
+)
 from bench.fleetsim.report import comparison_table, summary_table
 from bench.fleetsim.tune import apply, parse_param, tune
 from fleet.engine_metrics import parse_metrics
 from fleet.profile import DEFAULT_PROFILE, PluginSpec, SchedulerProfile
+from sim.blockhash import ChainHasher, chain, hash_fn, root_hash
 from sim.tokenizer import Tokenizer, apply_chat_template
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -287,6 +295,64 @@ def test_minimal_metrics_page_parses_like_the_simulators_whole_page() -> None:
     a = simulate(wl, "ours-default", fleet=FleetSpec(metrics_page="full"))
     b = simulate(wl, "ours-default")
     assert [r.pod for r in a.records] == [r.pod for r in b.records]
+
+
+@pytest.mark.parametrize("spec", [WORKLOADS["lora-mix"], WORKLOADS["shared-prefix"]])
+def test_engine_metrics_read_like_the_minimal_page(spec: str) -> None:
+    """At every scrape of a run, the metrics taken from the engine equal the minimal page's
+    parsed (with the same previous latency state), LoRA adapters and interval means included."""
+    compared = []
+
+    class Checked(_Simulation):
+        def _scrape(self, pod: Any) -> None:
+            now, max_loras = self.now, self.cfg.engine.max_loras
+            if pod.ff_left:
+                self._catch_up(pod, now)
+            page = metrics_page(pod.engine, "bench-model", max_loras, now)
+            want = parse_metrics(page, "vLLM", pod.latency, now)
+            assert engine_metrics(pod.engine, max_loras, pod.latency, now) == want
+            compared.append(want[0])
+            super()._scrape(pod)
+
+    sim = Checked(
+        make_workload(spec, seed=SEED, duration=3),
+        FleetSpec(),
+        contender_named("ours-default"),
+        seed=SEED,
+        duration=3,
+        drain_timeout=30,
+        concurrency=None,
+        default_profile=None,
+    )
+    sim.run()
+    assert len(compared) == sim.scrapes > 100
+    assert any(m.running_loras for m in compared) == ("lora" in spec)
+    assert any(m.waiting for m in compared)
+    assert any(m.ttft_seconds for m in compared) and any(m.tpot_seconds for m in compared)
+
+
+def test_prompt_digests_are_the_engines_block_hashes() -> None:
+    """A chat prompt's digests, a message at a time through the kept pieces, are ``chain``'s over
+    the whole prompt: for a LoRA request, a conversation's later turn and a prompt shorter than a
+    block."""
+    algo, seed, bs = "sha256", "0", 16
+    digests = _PromptDigests(ChainHasher(algo, seed, bs))
+    fn, root = hash_fn(algo), root_hash(algo, seed)
+    system = ("system", "You answer briefly. " * 60)
+    turns = [
+        [system, ("user", "what is a block?")],
+        [system, ("user", "what is a block?"), ("assistant", "a page"), ("user", "and a pod?")],
+        [system, ("user", "what is a pod?")],
+        [("user", "hi")],
+    ]
+    for extra in (None, ("adapter-1",)):
+        for messages in turns * 2:
+            parts = _Simulation._chat_parts(messages)
+            ids = [t for part, _raw in parts for t in part]
+            got = digests.digests(messages, parts, extra)
+            assert got == chain(fn, root, ids, bs, extra)
+    # each message (and the generation prompt after it) kept once per extra: 3 + 3 + 2 + 2
+    assert len(digests.pieces) == 2 * 10
 
 
 def test_http_latency_delays_the_engine_arrival() -> None:

@@ -411,3 +411,64 @@ def test_decode_repeats_only_for_a_whole_decoding_batch_with_room() -> None:
     left, a_out = 1 - need(m), a.num_output
     e.repeat_decode(batch, [batch.end + i * batch.duration for i in range(m)])
     assert e.kv.pool.num_free == left and a.num_output == a_out + m
+
+
+@pytest.mark.parametrize("blocks", [44, 48, 56, 64])
+@pytest.mark.parametrize("caching", [True, False])
+def test_decode_fast_forward_past_a_waiting_request_is_exactly_the_per_step_loop(
+    blocks: int, caching: bool
+) -> None:
+    """Decode steps repeat while the waiting head cannot get its blocks; each repeat's failed
+    admission counts its prefix lookup. The repeats stop where the head's cached prefix would
+    change: a decode allocation takes one of its hit blocks from the free queue (small pools),
+    or a running request registers the block that extends it (``b`` continues ``a``'s answer,
+    whose tokens ``a`` is still producing)."""
+    prompt = [100 + i for i in range(32)]
+    cfg = EngineConfig(
+        num_gpu_blocks=blocks,
+        block_size=4,
+        max_num_seqs=8,
+        max_num_batched_tokens=512,
+        enable_prefix_caching=caching,
+        max_model_len=160,
+        hash_seed="0",
+    )
+
+    def workload() -> list[Request]:
+        return [
+            req("a", prompt, out=120, t=0.0),
+            req("c", [300 + i for i in range(60)], out=90, t=0.001),
+            req("d", prompt[:16] + [500 + i for i in range(30)], out=70, t=0.002),
+            req("b", prompt + [7] * 48 + [9, 9, 9], out=20, t=0.003),
+            req("e", prompt + [7] * 8, out=15, t=0.004),
+        ]
+
+    runs = []
+    for fast in (False, True):
+        e = Engine(cfg, record_events=True)
+        run_one(e, req("warm", [100] * 40 + prompt, out=3))  # cached blocks in the free queue
+        rs = workload()
+        for r in rs:
+            e.add(r)
+        if fast:
+            waited = 0
+            now = 0.0
+            while e.has_work():
+                batch = e.schedule(now)
+                assert batch is not None
+                m = e.decode_repeats(batch)
+                ends, end = [], batch.start + batch.duration
+                for _ in range(m):
+                    ends.append(end)
+                    end += batch.duration
+                waited += m if e.waiting else 0
+                e.repeat_decode(batch, ends)
+                e.finish_step(batch, end)
+                now = end
+            runs.append((now, _state(e, rs), waited))
+        else:
+            runs.append((_per_step(e), _state(e, rs), 0))
+    (end_a, state_a, _), (end_b, state_b, waited) = runs
+    assert waited > 0  # repeats past a waiting request were taken
+    assert end_a == end_b
+    assert state_a == state_b
