@@ -24,7 +24,6 @@ import aiohttp
 import yaml
 
 from controllers.model.planner import merge_diff
-from controllers.status.compute import route_claims
 from controllers.webhooks import rules
 from controllers.webhooks.handlers import KINDS, VERSION
 from crds import ModelInfer
@@ -137,17 +136,13 @@ def admit(
             if kk == k and (namespace is None or n == namespace)
         )
 
-    claims = [c for r in of("ModelRoute") for c in route_claims(r)]
     if kind == "ModelRoute":
+        held = rules.held_names((), of("ModelRoute"))
         servers = [_name(o) for o in of("ModelServer", ns)]
-        return rules.check_model_route(obj, claims, servers), doc  # type: ignore[arg-type]
+        return rules.check_model_route(obj, held.claims, servers), doc  # type: ignore[arg-type]
     if kind == "Model":
-        adapters: dict[str, str] = {}
-        for m in of("Model"):
-            for a in (m.get("spec") or {}).get("loraAdapters") or ():
-                if isinstance(a, dict) and a.get("name"):
-                    adapters.setdefault(str(a["name"]), f"{_ns(m)}/{_name(m)}")
-        return rules.check_model(obj, adapters, claims), doc  # type: ignore[arg-type]
+        held = rules.held_names(of("Model"), of("ModelRoute"))
+        return rules.check_model(obj, held.adapters, held.claims), doc  # type: ignore[arg-type]
     if kind == "ModelServer":
         return rules.check_model_server(obj), doc  # type: ignore[arg-type]
     if kind == "ModelInfer":
