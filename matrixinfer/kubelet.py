@@ -38,6 +38,7 @@ the kubelet's thread ends. Output of all of a pod's containers goes to
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import datetime
 import importlib.util
@@ -63,6 +64,8 @@ from matrixinfer.process import die_with_parent, port_is_free
 __all__ = [
     "ENGINE_SCRIPTS",
     "PROGRAMS",
+    "ContainerConfigError",
+    "KeyRefs",
     "LocalCommand",
     "LocalKubelet",
     "PodPlan",
@@ -461,11 +464,61 @@ def remap(
     return value
 
 
+@dataclass(frozen=True, slots=True)
+class KeyRefs:
+    """What ``env[].valueFrom`` may read from the API, by (namespace, name): the ConfigMaps'
+    ``data`` and the Secrets' ``data`` (decoded)."""
+
+    config_maps: Mapping[tuple[str, str], Mapping[str, str]] = field(default_factory=dict)
+    secrets: Mapping[tuple[str, str], Mapping[str, str]] = field(default_factory=dict)
+
+
+class ContainerConfigError(LookupError):
+    """A container's env names a Secret or ConfigMap (or a key of one) that does not exist and
+    is not ``optional``: the container cannot be created (Kubernetes'
+    ``CreateContainerConfigError``); the pod waits for it."""
+
+    def __init__(self, container: str, message: str) -> None:
+        super().__init__(f"container {container}: {message}")
+        self.container = container
+        self.reason = message
+
+
+_KEY_REFS = (("secretKeyRef", "secret", "Secret"), ("configMapKeyRef", "configmap", "ConfigMap"))
+
+
+def _key_ref(
+    value_from: Mapping[str, Any], namespace: str, refs: KeyRefs
+) -> tuple[str | None, str, bool] | None:
+    """None when ``value_from`` is no key reference; else its value (None: missing), why it is
+    missing as Kubernetes words it, and whether it is ``optional``."""
+    for field_name, lower, kind in _KEY_REFS:
+        ref = value_from.get(field_name)
+        if not isinstance(ref, Mapping):
+            continue
+        name, key = str(ref.get("name") or ""), str(ref.get("key") or "")
+        optional = bool(ref.get("optional"))
+        data = (refs.secrets if lower == "secret" else refs.config_maps).get((namespace, name))
+        if data is None:
+            return None, f'{lower} "{name}" not found', optional
+        if key not in data:
+            return None, f"couldn't find key {key} in {kind} {namespace}/{name}", optional
+        return data[key], "", optional
+    return None
+
+
 def _env(
-    container: Mapping[str, Any], meta: Mapping[str, Any], host: str, fix: Callable[[str], str]
+    container: Mapping[str, Any],
+    meta: Mapping[str, Any],
+    host: str,
+    fix: Callable[[str], str],
+    refs: KeyRefs | None = None,
 ) -> tuple[dict[str, str], list[str]]:
     """The container's ``env`` (values remapped, the downward API's pod name, namespace and IP
-    filled in) and notes for what cannot be resolved here."""
+    filled in, ``secretKeyRef`` / ``configMapKeyRef`` read from ``refs``) and notes for what
+    cannot be resolved here. A key reference to a missing Secret, ConfigMap or key raises
+    :class:`ContainerConfigError`, unless it is ``optional`` (then the variable is not set)."""
+    namespace = str(meta.get("namespace") or "default")
     fields = {
         "metadata.name": str(meta.get("name") or ""),
         "metadata.namespace": str(meta.get("namespace") or ""),
@@ -478,7 +531,16 @@ def _env(
         if "value" in e:
             env[name] = fix(str(e["value"]))
             continue
-        ref = ((e.get("valueFrom") or {}).get("fieldRef") or {}).get("fieldPath")
+        value_from = e.get("valueFrom") or {}
+        key_ref = _key_ref(value_from, namespace, refs or KeyRefs())
+        if key_ref is not None:
+            value, missing, optional = key_ref
+            if value is not None:
+                env[name] = value
+            elif not optional:  # optional and missing: the variable is not set
+                raise ContainerConfigError(str(container.get("name")), missing)
+            continue
+        ref = (value_from.get("fieldRef") or {}).get("fieldPath")
         if ref in fields:
             env[name] = fields[str(ref)]
         else:
@@ -508,8 +570,10 @@ def _program(
     volumes: Mapping[str, Path],
     python: str,
     ports: Collection[int],
+    refs: KeyRefs | None = None,
 ) -> Run | str:
-    """A MatrixInfer container as a local process, or why it cannot run here."""
+    """A MatrixInfer container as a local process, or why it cannot run here
+    (:class:`ContainerConfigError` for an env reference that cannot be resolved)."""
     name = str(container.get("name"))
     command = [str(t) for t in container.get("command") or ()]
     args = [str(t) for t in container.get("args") or ()]
@@ -530,7 +594,7 @@ def _program(
     argv = [python, "-m", module, *(fix(t) for t in [*command[1:], *args])]
     if serves:
         argv += ["--host", host]
-    env, notes = _env(container, meta, host, fix)
+    env, notes = _env(container, meta, host, fix, refs)
     own = [int(p["containerPort"]) for p in container.get("ports") or () if p.get("containerPort")]
     return Run(name, argv, env, own, _probe_url(container, host), notes)
 
@@ -544,6 +608,7 @@ def plan_pod(
     python: str = sys.executable,
     hub: str | None = None,
     which: Callable[[str], str | None] = shutil.which,
+    refs: KeyRefs | None = None,
 ) -> PodPlan:
     """How ``pod`` runs here on ``host``: each container's mounts under ``fs_root/<container>``
     (``volumes``: :func:`volume_dirs`); the engine container as :func:`engine_command` decides
@@ -551,7 +616,8 @@ def plan_pod(
     every pod; ``which`` finds programs); the init containers and the other containers that
     are MatrixInfer programs with their own arguments (remapped, :func:`remap`). A downloader of an ``hf://``
     model is not run when no hub is set (``hub``; None: ``$HF_ENDPOINT``): nothing may download
-    from the internet here, and the simulator needs no weights."""
+    from the internet here, and the simulator needs no weights. Env key references read
+    ``refs``; one that cannot be resolved raises :class:`ContainerConfigError`."""
     meta = pod.get("metadata") or {}
     spec = pod.get("spec") or {}
     engine_spec = engine_container(pod) or {}
@@ -571,7 +637,7 @@ def plan_pod(
     def fix(value: str) -> str:
         return remap(value, mounts, fs_root / name, host, ports)
 
-    env, notes = _env(engine_spec, meta, host, fix)
+    env, notes = _env(engine_spec, meta, host, fix, refs)
     engine = engine_command(pod, host, extra, python, env=env, fix=fix, which=which)
     notes.insert(0, engine.why)
     if engine.ignored:
@@ -587,12 +653,12 @@ def plan_pod(
                 "is set (HF_ENDPOINT); the simulator needs no weights"
             )
             continue
-        got = _program(c, meta, host, fs_root, volumes, python, ports)
+        got = _program(c, meta, host, fs_root, volumes, python, ports, refs)
         (init.append(got) if isinstance(got, Run) else skipped.append(got))
     for c in spec.get("containers") or ():
         if c.get("name") == runs[0].name:
             continue
-        got = _program(c, meta, host, fs_root, volumes, python, ports)
+        got = _program(c, meta, host, fs_root, volumes, python, ports, refs)
         (runs.append(got) if isinstance(got, Run) else skipped.append(got))
     if not any(r.probe for r in runs):  # no readiness probe at all: the engine's /health
         health = f"http://{host}:{engine.port}/health"
@@ -711,6 +777,27 @@ def _spawn(
         ), offset  # fmt: skip
 
 
+def _config_error_status(spec: Mapping[str, Any], exc: ContainerConfigError) -> dict[str, Any]:
+    """A pod's status while a container's env cannot be resolved: Pending, that container
+    waiting with ``CreateContainerConfigError`` and the message naming what is missing."""
+
+    def state(name: str) -> dict[str, Any]:
+        if name == exc.container:
+            return {"waiting": {"reason": "CreateContainerConfigError", "message": exc.reason}}
+        return {"waiting": {"reason": "PodInitializing"}}
+
+    out: dict[str, Any] = {"phase": "Pending"}
+    for field_name, containers in (("initContainerStatuses", spec.get("initContainers")),
+                                   ("containerStatuses", spec.get("containers"))):  # fmt: skip
+        if containers:
+            out[field_name] = [
+                {"name": str(c.get("name")), "ready": False, "restartCount": 0,
+                 "state": state(str(c.get("name")))}
+                for c in containers
+            ]  # fmt: skip
+    return out
+
+
 def _last_line(path: Path, offset: int) -> str:
     try:
         with path.open("rb") as f:
@@ -724,8 +811,9 @@ def _last_line(path: Path, offset: int) -> str:
 
 class LocalKubelet:
     """Runs the pods of the API at ``url`` (read from ``objects``: the emulator's store, in this
-    process) as local processes. ``config_maps`` lists the API's ConfigMaps (for ``configMap``
-    volumes); ``state_dir`` holds the pods' volumes (default ``<log_dir>/state``); ``claims``:
+    process) as local processes. ``config_maps`` and ``secrets`` list the API's ConfigMaps (for
+    ``configMap`` volumes and ``configMapKeyRef`` env) and Secrets (``secretKeyRef`` env);
+    ``state_dir`` holds the pods' volumes (default ``<log_dir>/state``); ``claims``:
     a directory whose subdirectories provide PersistentVolumeClaims of their name. Runs in the
     local cluster's event loop; ``say`` receives a line per pod transition (started, ready,
     exited, stopped)."""
@@ -737,6 +825,7 @@ class LocalKubelet:
         log_dir: Path,
         *,
         config_maps: Callable[[], list[dict[str, Any]]] = list,
+        secrets: Callable[[], list[dict[str, Any]]] = list,
         state_dir: Path | None = None,
         claims: Path | None = None,
         first_host: str = "127.0.0.10",
@@ -747,6 +836,7 @@ class LocalKubelet:
         self.url = url.rstrip("/")
         self.objects = objects
         self.config_maps = config_maps
+        self.secrets = secrets
         self.log_dir = log_dir
         self.state_dir = (state_dir if state_dir is not None else log_dir / "state").resolve()
         self.claims = claims.resolve() if claims is not None else None
@@ -782,6 +872,22 @@ class LocalKubelet:
                 out[(str(meta.get("namespace")), str(meta.get("name")))] = cm.get("data") or {}
         return out
 
+    def _secret_index(self) -> dict[tuple[str, str], Mapping[str, str]]:
+        """The Secrets' ``data``, decoded (a value that is not base64 is left out, so a
+        reference to it says the key is missing), plus ``stringData`` as written."""
+        out: dict[tuple[str, str], Mapping[str, str]] = {}
+        for secret in self.secrets():
+            meta = secret.get("metadata") or {}
+            if meta.get("deletionTimestamp"):
+                continue
+            data: dict[str, str] = {}
+            for k, v in (secret.get("data") or {}).items():
+                with contextlib.suppress(ValueError, TypeError):
+                    data[str(k)] = base64.b64decode(str(v), validate=True).decode()
+            data.update({str(k): str(v) for k, v in (secret.get("stringData") or {}).items()})
+            out[(str(meta.get("namespace")), str(meta.get("name")))] = data
+        return out
+
     async def sync(self) -> None:
         """One pass: start new pods, advance init containers, refresh configMap volumes, report
         readiness and exits, stop deleted pods."""
@@ -794,7 +900,7 @@ class LocalKubelet:
                 continue
             live.add(key)
             if key not in self.pods:
-                if not (pod.get("status") or {}).get("phase"):
+                if key in self.waiting or not (pod.get("status") or {}).get("phase"):
                     await self._start(key, pod, maps)
                 continue
             local = self.pods[key]
@@ -852,10 +958,22 @@ class LocalKubelet:
                 self.waiting[key] = str(exc)
                 self.say(f"pod {name}: waiting: {exc}")
             return
-        self.waiting.pop(key, None)
         fs_root = directory / "fs"
-        host = self.addresses.take(plan_pod(pod, "127.0.0.1", fs_root, volumes).ports)
-        plan = plan_pod(pod, host, fs_root, volumes, self.sim_args)
+        refs = KeyRefs(maps, self._secret_index())
+        try:
+            ports = plan_pod(pod, "127.0.0.1", fs_root, volumes, refs=refs).ports
+        except ContainerConfigError as exc:  # the pod waits for the Secret or ConfigMap
+            if self.waiting.get(key) != str(exc):
+                self.waiting[key] = str(exc)
+                await self._patch(ns, name, _config_error_status(spec, exc))
+                log_path.parent.mkdir(parents=True, exist_ok=True)
+                with log_path.open("a") as out:
+                    out.write(f"local kubelet: Error: CreateContainerConfigError: {exc}\n")
+                self.say(f"pod {name}: CreateContainerConfigError: {exc}")
+            return
+        self.waiting.pop(key, None)
+        host = self.addresses.take(ports)
+        plan = plan_pod(pod, host, fs_root, volumes, self.sim_args, refs=refs)
         for c in [*(spec.get("initContainers") or ()), *(spec.get("containers") or ())]:
             with contextlib.suppress(ValueError):
                 _link_mounts(fs_root / str(c.get("name")), container_mounts(c, volumes))
