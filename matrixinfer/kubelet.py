@@ -14,8 +14,7 @@ one where every port of the pod is free) and runs the pod as written, as far as 
   (:func:`remap`), and URLs to ``127.0.0.1`` / ``localhost`` on one of the pod's ports go to the
   pod's address (in a pod the loopback is the pod's own; other loopback URLs reach this machine);
 - **init containers** that are MatrixInfer programs (:data:`PROGRAMS`) run one after the other;
-  the pod is Pending until they succeed, and one that fails fails the pod (its last output line
-  in the pod's status and the whole output in the pod's log);
+  the pod is Pending until they succeed (a failing one is restarted, below);
 - the **engine** container runs its own ``command`` + ``args`` as written when its program can
   run here (:func:`engine_command`: a program of this install such as ``matrixinfer-sim``, a
   ``python -m`` module importable here, or a program on ``PATH``), with ``$(VAR)`` expanded
@@ -28,11 +27,19 @@ one where every port of the pod is free) and runs the pod as written, as far as 
 It writes the pod's status through the API as the kubelet would: ``podIP`` at once, phase
 Pending while init containers run, Running when the containers start, the Ready condition once
 every container's ``readinessProbe`` (``httpGet``) answers 200, or, with no probe at all, the
-engine's ``GET /health``. A container that exits turns its pod Failed (not ready, the exit code in
-``containerStatuses``) so that the ModelInfer controller replaces it; a deleted pod's processes
-are stopped (SIGTERM, then SIGKILL) and its directories removed. Every process gets SIGTERM when
-the kubelet's thread ends. Output of all of a pod's containers goes to
-``<log dir>/pod-<namespace>-<name>.log``, each start announced by a ``local kubelet:`` line.
+engine's ``GET /health``. A container (or init container) that exits is restarted in place as
+the pod's ``restartPolicy`` says (``Always``, the default: always; ``OnFailure``: on a non-zero
+exit code), after an exponential back-off (:func:`restart_delay`: 10 s doubling to 5 min, back
+to 10 s after a run of 10 min): meanwhile it is ``waiting`` with reason ``CrashLoopBackOff``, its
+``restartCount`` and ``lastState`` (the exit code) in the status, the pod not ready (``kubectl``
+shows ``CrashLoopBackOff`` or ``Init:CrashLoopBackOff``). The first failure is said with its
+last output line; the same failure again is said once more with its count only. With
+``restartPolicy: Never`` the pod turns Failed (reason ``InitContainerFailed`` or ``Error``, the
+message naming the container and its last output line), and the ModelInfer controller replaces
+it. A deleted pod's processes are stopped (SIGTERM, then SIGKILL) and its directories removed.
+Every process gets SIGTERM when the kubelet's thread ends. Output of all of a pod's containers
+goes to ``<log dir>/pod-<namespace>-<name>.log``, each start announced by a ``local kubelet:``
+line.
 """
 
 from __future__ import annotations
@@ -75,6 +82,8 @@ __all__ = [
     "local_program",
     "plan_pod",
     "remap",
+    "restart_delay",
+    "should_restart",
     "sim_command",
     "volume_dirs",
 ]
@@ -678,6 +687,40 @@ def _fetches_from_the_hub(container: Mapping[str, Any]) -> bool:
     )
 
 
+# ---- restarts ----------------------------------------------------------------------------------
+
+RESTART_BACKOFF = 10.0  # seconds before the first restart of a failed container (Kubernetes')
+MAX_RESTART_BACKOFF = 300.0  # the cap of the doubling
+
+
+def restart_delay(failures: int, base: float = RESTART_BACKOFF, cap: float = MAX_RESTART_BACKOFF
+                  ) -> float:  # fmt: skip
+    """Seconds to wait before restarting a container that has failed ``failures`` times in a
+    row (1: the first failure): ``base`` doubling each time, at most ``cap``."""
+    if failures < 1:
+        raise ValueError(f"failures must be >= 1, got {failures}")
+    return min(cap, base * float(2 ** min(failures - 1, 62)))
+
+
+def should_restart(policy: str, exit_code: int) -> bool:
+    """Whether a container that exited with ``exit_code`` is restarted under the pod's
+    ``restartPolicy`` (``Always``, the default; ``OnFailure``; ``Never``)."""
+    if policy == "Never":
+        return False
+    return policy != "OnFailure" or exit_code != 0
+
+
+@dataclass
+class Crash:
+    """A container waiting to be restarted, and what the kubelet knows of its failures."""
+
+    exit_code: int
+    message: str  # what the failure said (the last output line)
+    failures: int  # in a row (the back-off's exponent; reset after a long enough run)
+    delay: float
+    until: float  # when it restarts (kubelet clock)
+
+
 # ---- the kubelet: files and processes ---------------------------------------------------------
 
 
@@ -743,6 +786,7 @@ class LocalPod:
     started: float  # time.monotonic() the pod's first process started
     running_since: float = 0.0  # ... and its containers (after the init containers)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    offsets: dict[str, int] = field(default_factory=dict)  # container -> its output's start
     init_done: int = 0  # init containers that succeeded
     init_proc: subprocess.Popen[bytes] | None = None
     init_offset: int = 0  # where the running init container's output starts in the log
@@ -751,6 +795,12 @@ class LocalPod:
     message: str = ""
     ready: bool = False
     failed: bool = False
+    restart_policy: str = "Always"
+    crashed: dict[str, Crash] = field(default_factory=dict)  # container -> waiting to restart
+    failures: dict[str, int] = field(default_factory=dict)  # container -> failures in a row
+    restarts: dict[str, int] = field(default_factory=dict)  # container -> restartCount
+    last_failure: dict[str, str] = field(default_factory=dict)  # container -> what it last said
+    since: dict[str, float] = field(default_factory=dict)  # container -> its process's start
 
     def all_procs(self) -> list[subprocess.Popen[bytes]]:
         return [*([self.init_proc] if self.init_proc else []), *self.procs.values()]
@@ -798,6 +848,21 @@ def _config_error_status(spec: Mapping[str, Any], exc: ContainerConfigError) -> 
     return out
 
 
+def _same_failure(before: str, now: str) -> bool:
+    """Whether two failure messages say the same but for numbers (times, pids, ports)."""
+    return _DIGITS.sub("#", before) == _DIGITS.sub("#", now)
+
+
+_DIGITS = re.compile(r"\d+")
+
+
+def _exit_code(proc: subprocess.Popen[bytes]) -> int | None:
+    """The process's exit code as a container's (killed by signal N: 128 + N), None while it
+    runs."""
+    code = proc.poll()
+    return None if code is None else (128 - code if code < 0 else code)
+
+
 def _last_line(path: Path, offset: int) -> str:
     try:
         with path.open("rb") as f:
@@ -816,7 +881,8 @@ class LocalKubelet:
     ``state_dir`` holds the pods' volumes (default ``<log_dir>/state``); ``claims``:
     a directory whose subdirectories provide PersistentVolumeClaims of their name. Runs in the
     local cluster's event loop; ``say`` receives a line per pod transition (started, ready,
-    exited, stopped)."""
+    exited, stopped). A failed container restarts after :func:`restart_delay` with
+    ``restart_backoff`` / ``max_restart_backoff`` on ``clock``."""
 
     def __init__(
         self,
@@ -832,6 +898,9 @@ class LocalKubelet:
         sim_args: Sequence[str] = (),
         interval: float = 0.1,
         say: Event | None = None,
+        restart_backoff: float = RESTART_BACKOFF,
+        max_restart_backoff: float = MAX_RESTART_BACKOFF,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.url = url.rstrip("/")
         self.objects = objects
@@ -844,6 +913,9 @@ class LocalKubelet:
         self.sim_args = list(sim_args)
         self.interval = interval
         self.say = say or (lambda line: log.info("%s", line))
+        self.restart_backoff = restart_backoff
+        self.max_restart_backoff = max_restart_backoff
+        self.clock = clock
         self.pods: dict[tuple[str, str, str], LocalPod] = {}
         self.waiting: dict[tuple[str, str, str], str] = {}  # pod -> why it cannot start yet
         self.startup: dict[str, float] = {}  # pod -> seconds from its containers' start to Ready
@@ -982,6 +1054,7 @@ class LocalKubelet:
         local = LocalPod(
             ns, name, uid, host, plan.engine.port, plan, directory, volumes, config_maps,
             log_path, time.monotonic(), written=files,
+            restart_policy=str(spec.get("restartPolicy") or "Always"),
         )  # fmt: skip
         self.pods[key] = local
         self.started.setdefault(name, local.started)
@@ -999,20 +1072,29 @@ class LocalKubelet:
         base = {"POD_NAME": local.name, "POD_NAMESPACE": local.namespace, "PYTHONUNBUFFERED": "1"}
         return {**os.environ, **base, **run.env}
 
+    def _header(self, local: LocalPod, run: Run, what: str) -> list[str]:
+        count = local.restarts.get(run.name, 0)
+        again = f" (restart {count})" if count else ""
+        return [*run.notes, f"{what} {run.name}{again}: {' '.join(run.argv)}"]
+
     def _start_init(self, local: LocalPod) -> None:
         run = local.plan.init[local.init_done]
-        header = [*run.notes, f"init container {run.name}: {' '.join(run.argv)}"]
         local.init_proc, local.init_offset = _spawn(
-            run.argv, local.log_path, self._env(local, run), header
+            run.argv, local.log_path, self._env(local, run),
+            self._header(local, run, "init container"),
+        )  # fmt: skip
+        local.since[run.name] = self.clock()
+
+    def _start_container(self, local: LocalPod, run: Run) -> None:
+        local.procs[run.name], local.offsets[run.name] = _spawn(
+            run.argv, local.log_path, self._env(local, run), self._header(local, run, "container")
         )
+        local.since[run.name] = self.clock()
 
     async def _start_containers(self, local: LocalPod) -> None:
         local.running_since = time.monotonic()
         for run in local.plan.containers:
-            header = [*run.notes, f"container {run.name}: {' '.join(run.argv)}"]
-            local.procs[run.name], _ = _spawn(
-                run.argv, local.log_path, self._env(local, run), header
-            )
+            self._start_container(local, run)
         await self._status(local)
         self.say(
             f"pod {local.name}: started {local.plan.engine.model} at {local.host}:{local.port}"
@@ -1036,35 +1118,41 @@ class LocalKubelet:
     async def _check(self, local: LocalPod) -> None:
         if local.failed:
             return
+        if local.crashed:
+            await self._restart_due(local)
         if local.init_proc is not None:
-            code = local.init_proc.poll()
+            code = _exit_code(local.init_proc)
             if code is None:
                 return
             run = local.plan.init[local.init_done]
+            local.init_proc = None
             if code != 0:
                 local.exit_codes[run.name] = code
                 why = _last_line(local.log_path, local.init_offset) or "no output"
-                local.message = f"init container {run.name} exited with code {code}: {why}"
-                await self._fail(local, "InitContainerFailed")
-                self.say(f"pod {local.name}: {local.message}; pod Failed")
+                message = f"init container {run.name} exited with code {code}: {why}"
+                await self._exited(local, run.name, code, message, "InitContainerFailed")
                 return
+            local.exit_codes.pop(run.name, None)
+            local.failures.pop(run.name, None)
             local.init_done += 1
-            local.init_proc = None
             if local.init_done < len(local.plan.init):
                 self._start_init(local)
                 await self._status(local)
             else:
                 await self._start_containers(local)
             return
-        for cname, proc in local.procs.items():
-            code = proc.poll()
+        for cname, proc in list(local.procs.items()):
+            code = _exit_code(proc)
             if code is not None:
+                del local.procs[cname]
                 local.exit_codes[cname] = code
-                local.message = f"container {cname} exited with code {code}"
-                await self._fail(local, "Error")
-                self.say(f"pod {local.name}: process exited with code {code} (container"
-                         f" {cname}); pod Failed")  # fmt: skip
-                return
+                why = _last_line(local.log_path, local.offsets.get(cname, 0)) or "no output"
+                message = f"container {cname} exited with code {code}: {why}"
+                await self._exited(local, cname, code, message, "Error")
+                if local.failed:
+                    return
+        if local.crashed or local.init_done < len(local.plan.init):
+            return
         if not local.ready and await self._ready(local):
             local.ready = True
             await self._status(local)
@@ -1072,6 +1160,56 @@ class LocalKubelet:
             self.startup[local.name] = took
             self.ready_at.setdefault(local.name, time.monotonic())
             self.say(f"pod {local.name}: ready ({took:.1f}s)")
+
+    async def _exited(
+        self, local: LocalPod, container: str, code: int, message: str, reason: str
+    ) -> None:
+        """A container (or init container) exited: restart it after the back-off as the pod's
+        ``restartPolicy`` says (saying a repeated failure once, with its count), else fail the
+        pod."""
+        if not should_restart(local.restart_policy, code):
+            local.message = message
+            await self._fail(local, reason)
+            self.say(f"pod {local.name}: {message}; pod Failed")
+            return
+        now = self.clock()
+        ran = now - local.since.get(container, now)
+        # a run of twice the cap without failing starts the back-off over (as the kubelet's)
+        long_run = ran >= 2 * self.max_restart_backoff
+        failures = 1 if long_run else local.failures.get(container, 0) + 1
+        local.failures[container] = failures
+        delay = restart_delay(failures, self.restart_backoff, self.max_restart_backoff)
+        local.crashed[container] = Crash(code, message, failures, delay, now + delay)
+        local.message = message
+        last = local.last_failure.get(container)
+        repeated = last is not None and _same_failure(last, message)
+        local.last_failure[container] = message
+        was_ready, local.ready = local.ready, False
+        await self._status(local)
+        count = local.restarts.get(container, 0) + 1
+        wait = f"restarting in {delay:g}s (CrashLoopBackOff, restart {count})"
+        if repeated:
+            self.say(f"pod {local.name}: {container} failed again the same way "
+                     f"({failures} times in a row); {wait}")  # fmt: skip
+        else:
+            self.say(f"pod {local.name}: {message}; {wait}")
+        if was_ready:
+            self.say(f"pod {local.name}: not ready")
+
+    async def _restart_due(self, local: LocalPod) -> None:
+        """Restart the crashed containers whose back-off is over."""
+        now = self.clock()
+        for container, crash in list(local.crashed.items()):
+            if now < crash.until:
+                continue
+            del local.crashed[container]
+            local.restarts[container] = local.restarts.get(container, 0) + 1
+            if local.init_done < len(local.plan.init):
+                self._start_init(local)
+            else:
+                run = next(r for r in local.plan.containers if r.name == container)
+                self._start_container(local, run)
+            await self._status(local)
 
     async def _fail(self, local: LocalPod, reason: str) -> None:
         local.failed = True
@@ -1093,12 +1231,17 @@ class LocalKubelet:
     def _container_state(
         self, local: LocalPod, name: str, init: bool, index: int
     ) -> dict[str, Any]:
-        code = local.exit_codes.get(name)
-        if code is not None:
-            reason = "Completed" if code == 0 else "Error"
-            return {"terminated": {"exitCode": code, "reason": reason, "finishedAt": _now()}}
+        crash = local.crashed.get(name)
+        if crash is not None:
+            message = (f"back-off {crash.delay:g}s restarting failed container={name} "
+                       f"pod={local.name}_{local.namespace}({local.uid})")  # fmt: skip
+            return {"waiting": {"reason": "CrashLoopBackOff", "message": message}}
         if init and index < local.init_done:
             return {"terminated": {"exitCode": 0, "reason": "Completed"}}
+        code = local.exit_codes.get(name)
+        if code is not None and local.failed:
+            reason = "Completed" if code == 0 else "Error"
+            return {"terminated": {"exitCode": code, "reason": reason, "finishedAt": _now()}}
         running = (
             (local.init_proc is not None and index == local.init_done)
             if init
@@ -1108,36 +1251,51 @@ class LocalKubelet:
             return {"running": {"startedAt": _now()}}
         return {"waiting": {"reason": "PodInitializing"}}
 
+    def _container_status(
+        self, local: LocalPod, run: Run, init: bool, index: int
+    ) -> dict[str, Any]:
+        ready = index < local.init_done if init else local.ready and run.name not in local.crashed
+        out: dict[str, Any] = {
+            "name": run.name,
+            "ready": ready,
+            "restartCount": local.restarts.get(run.name, 0),
+            "state": self._container_state(local, run.name, init, index),
+        }
+        code = local.exit_codes.get(run.name)
+        if code is not None and not local.failed:  # the run before this one
+            reason = "Completed" if code == 0 else "Error"
+            last = {"exitCode": code, "reason": reason}
+            if run.name in local.last_failure:  # its last output line, as a termination message
+                last["message"] = local.last_failure[run.name]
+            out["lastState"] = {"terminated": last}
+        return out
+
     def _pod_status(self, local: LocalPod, reason: str | None = None) -> dict[str, Any]:
         plan = local.plan
         if local.failed:
             phase = "Failed"
-        elif local.procs:
+        elif local.running_since:
             phase = "Running"
         else:
             phase = "Pending"
+        initialized = local.init_done >= len(plan.init)
         status: dict[str, Any] = {
             "phase": phase,
             "podIP": local.host,
             "hostIP": "127.0.0.1",
             "conditions": [
-                {"type": "Initialized", "status": "True" if local.procs or not plan.init
-                 else "False"},
+                {"type": "Initialized", "status": "True" if initialized else "False"},
                 {"type": "Ready", "status": "True" if local.ready else "False",
                  "lastTransitionTime": _now()},
             ],
             "containerStatuses": [
-                {"name": r.name, "ready": local.ready, "restartCount": 0,
-                 "state": self._container_state(local, r.name, False, i)}
-                for i, r in enumerate(plan.containers)
+                self._container_status(local, r, False, i) for i, r in enumerate(plan.containers)
             ],
         }  # fmt: skip
         if plan.init:
             status["initContainerStatuses"] = [
-                {"name": r.name, "ready": i < local.init_done, "restartCount": 0,
-                 "state": self._container_state(local, r.name, True, i)}
-                for i, r in enumerate(plan.init)
-            ]  # fmt: skip
+                self._container_status(local, r, True, i) for i, r in enumerate(plan.init)
+            ]
         if reason is not None:
             status["reason"] = reason
             status["message"] = local.message
