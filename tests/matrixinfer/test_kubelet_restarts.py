@@ -8,8 +8,10 @@ fails the pod as before."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import datetime
 import stat
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from matrixinfer.get import table
 from matrixinfer.kubelet import LocalKubelet, restart_delay, should_restart
 from matrixinfer.testing.kube import Api, emulator
 from tests.matrixinfer.test_kubelet_engine import ENGINE
+from tests.matrixinfer.test_kubelet_volumes import POD
 
 pytestmark = pytest.mark.timeout(120)
 NOW = datetime.datetime.now(tz=datetime.UTC)
@@ -38,25 +41,13 @@ def test_restart_delay_doubles_from_10s_to_a_5_minute_cap() -> None:
 
 
 def _failing_init_pod(policy: str | None = None) -> dict[str, Any]:
-    pod: dict[str, Any] = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": "p", "namespace": "ns", "uid": "uid-p"},
-        "spec": {
-            "initContainers": [
-                {"name": "download", "command": ["matrixinfer-downloader"],
-                 "args": ["pvc://no-such-claim/weights", "--cache", "/cache",
-                          "--pvc-root", "/mnt/pvc"],
-                 "volumeMounts": [{"name": "cache", "mountPath": "/cache"}]},
-            ],
-            "containers": [
-                {"name": "engine", "command": ["vllm", "serve", "/cache/weights"],
-                 "args": ["--served-model-name", "m", "--port", "8000"],
-                 "ports": [{"containerPort": 8000}]},
-            ],
-            "volumes": [{"name": "cache", "emptyDir": {}}],
-        },
-    }  # fmt: skip
+    """The volumes test's pod without its sidecar and ConfigMap volume, the downloader given a
+    claim that does not exist: it exits with code 4."""
+    pod = copy.deepcopy(POD)
+    spec = pod["spec"]
+    spec["initContainers"][0]["args"][0] = "pvc://no-such-claim/weights"
+    spec["containers"] = spec["containers"][:1]
+    spec["volumes"] = [v for v in spec["volumes"] if "configMap" not in v]
     if policy is not None:
         pod["spec"]["restartPolicy"] = policy
     return pod
@@ -72,9 +63,9 @@ class Clock:
 
 async def _until(kubelet: LocalKubelet, check: Callable[[], bool], what: str) -> None:
     """Run the kubelet's passes until ``check`` holds (processes run for real meanwhile)."""
-    deadline = asyncio.get_running_loop().time() + 60
+    deadline = time.monotonic() + 60  # real time: the processes run for real
     while not check():
-        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
         await kubelet.sync()
         await asyncio.sleep(0.05)
 
