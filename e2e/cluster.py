@@ -212,13 +212,25 @@ class LocalStackCluster:
     def kill_pod(self, model: str) -> str:
         pod = self._pods(model)[0]
         name = pod["metadata"]["name"]
+        parent = f"PPid:\t{os.getpid()}"  # the kubelet runs here: its pods are our children
         for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
             try:
                 argv = cmdline.read_bytes().split(b"\0")
+                ours = parent in (cmdline.parent / "status").read_text().splitlines()
             except OSError:
                 continue
-            if b"--pod-name" in argv and argv[argv.index(b"--pod-name") + 1] == name.encode():
+            named = b"--pod-name" in argv and argv[argv.index(b"--pod-name") + 1] == name.encode()
+            if ours and named:
                 os.kill(int(cmdline.parent.name), signal.SIGKILL)
+                # the crash, then the pod deleted (as kind's kill_pod: kubectl delete --force):
+                # the kubelet alone would restart the engine in place (restartPolicy Always)
+                assert self._local is not None
+                ns = pod["metadata"].get("namespace") or "default"
+                url = f"{self._local.url}/api/v1/namespaces/{ns}/pods/{name}"
+                with urllib.request.urlopen(
+                    urllib.request.Request(url, method="DELETE"), timeout=10
+                ):
+                    pass
                 self._killed.add(_pod_id(pod))
                 return _pod_id(pod)
         raise ClusterError(f"kill_pod: no process runs pod {name}")

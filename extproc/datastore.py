@@ -66,6 +66,19 @@ class ServerView:
         return False
 
 
+NOT_READY = float("inf")  # ``Pod.ready_since`` of a pod that is not ready
+
+
+def _adapters_known(pod: Pod, metrics: PodMetrics) -> PodMetrics:
+    """``metrics`` with the adapter list unknown (None) unless its read started after the pod
+    last turned ready: the list a starting engine gave may lack adapters loaded before it was
+    ready, and the LoRA filter would refuse the pod for them (unknown: it may serve them)."""
+    read_at = metrics.loras_read_at
+    if metrics.loaded_loras is None or (read_at is not None and read_at >= pod.ready_since):
+        return metrics
+    return replace(metrics, loaded_loras=None)
+
+
 def _ready_servers(snapshot: Snapshot) -> set[str]:
     """The keys of the ModelServers with a ready pod."""
     return {key for key, view in snapshot.servers.items() if view.ready}
@@ -164,10 +177,13 @@ class Datastore:
                     kept = previous.get(endpoint.name)
                     if kept is not None and kept.address == address:
                         kept.labels = dict(endpoint.labels)
-                        kept.ready = endpoint.ready and endpoint.name not in self._scrape_down
+                        self._set_ready(
+                            kept, endpoint.ready and endpoint.name not in self._scrape_down
+                        )
                         pod = kept
                     else:
                         pod = Pod(endpoint.name, address, dict(endpoint.labels), endpoint.ready)
+                        pod.ready_since = self.clock() if endpoint.ready else NOT_READY
                     pods[endpoint.name] = pod
                 elif pod.address != address:
                     warnings.append(
@@ -212,6 +228,16 @@ class Datastore:
             config=config,
             warnings=tuple(warnings),
         )
+
+    def _set_ready(self, pod: Pod, ready: bool) -> None:
+        """Set the pod's readiness; a pod turning ready forgets its adapter list (read while it
+        was starting, it may predate the adapters' loading) until a read started after now."""
+        if ready and not pod.ready:
+            pod.ready_since = self.clock()
+            pod.metrics = _adapters_known(pod, pod.metrics)
+        elif not ready:
+            pod.ready_since = NOT_READY
+        pod.ready = ready
 
     # ---- passive health -----------------------------------------------------------------------
     def _split(self, view: ServerView) -> ServerView:
@@ -302,16 +328,16 @@ class Datastore:
         pod = self.snapshot.pods.get(pod_name)
         if pod is None:
             return
-        pod.metrics = metrics
+        pod.metrics = _adapters_known(pod, metrics)
         if not metrics.stale:
             pod.since_scrape = 0  # the engine's own counts include what was sent so far
         if metrics.unreachable:
             self._scrape_down.add(pod_name)
-            pod.ready = False
+            self._set_ready(pod, False)
         elif not metrics.stale and pod_name in self._scrape_down:
             self._scrape_down.discard(pod_name)
             before = _ready_servers(self.snapshot)
-            pod.ready = self._configured_ready.get(pod_name, True)
+            self._set_ready(pod, self._configured_ready.get(pod_name, True))
             self._report_ready(_ready_servers(self.snapshot) - before)
 
     def scrape_targets(self) -> list[tuple[str, str, str]]:

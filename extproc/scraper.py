@@ -20,9 +20,10 @@ own slower interval (``loras_interval``, default 2 s), at once when a pod appear
 come back after a failure (an engine restart forgets adapters loaded at run time), when the metrics
 show a running or waiting adapter the list lacks (one was loaded since), and when
 :meth:`MetricsScraper.refresh_loras` asks (e.g. after an engine answered 404 for an adapter). The
-list rides on every published :class:`PodMetrics` as ``loaded_loras``; a changed list is published
-at once. A failed read keeps the last list (staleness is the metrics' business); a pod whose engine
-does not list adapters (SGLang) keeps ``loaded_loras=None``: unknown.
+list rides on every published :class:`PodMetrics` as ``loaded_loras`` (with ``loras_read_at``, when
+its read started: the datastore ignores a list read before the pod turned ready); every read is
+published at once. A failed read keeps the last list (staleness is the metrics' business); a pod
+whose engine does not list adapters (SGLang) keeps ``loaded_loras=None``: unknown.
 
 Gauges are summed over series (several engines / data-parallel ranks behind one port), except the KV
 cache usage, which is averaged. Histograms give the mean over the last interval:
@@ -129,6 +130,7 @@ class _PodState:
     task: asyncio.Task[None] | None = None
     # the loaded LoRA adapters (engines in LISTS_LORAS only), read on their own interval
     loras: frozenset[str] | None = None
+    loras_read_at: float | None = None  # when the read that gave ``loras`` started
     loras_due: float = float("inf")  # when the next /v1/models read should start
     loras_failing: bool = False
     loras_task: asyncio.Task[None] | None = None
@@ -334,7 +336,7 @@ class MetricsScraper:
             elif state.target != target:
                 state.target = target
                 state.latency = None
-                state.loras = None
+                state.loras = state.loras_read_at = None
                 state.loras_due = now if lists else float("inf")
 
     def _start_due(self, now: float) -> None:
@@ -446,6 +448,7 @@ class MetricsScraper:
         ):
             state.loras_due = now  # an adapter was loaded since the last read
         metrics.loaded_loras = loras
+        metrics.loras_read_at = state.loras_read_at
         self.scrapes += 1
         state.last_metrics = metrics
         state.last_success = metrics.scraped_at
@@ -456,6 +459,7 @@ class MetricsScraper:
         """One read of the pod's ``/v1/models``; a changed adapter list is published at once."""
         target = state.target
         session = self._ensure_session()
+        started = self._clock()
         try:
             async with session.get(
                 target.models_url, headers={"Accept": "application/json"}
@@ -482,14 +486,14 @@ class MetricsScraper:
         if self._pods.get(target.pod_name) is not state:
             return  # dropped while in flight
         self.lora_reads += 1
-        if loras == state.loras:
-            return
-        names = ", ".join(sorted(loras)) or "none"
-        log.info("pod %s has LoRA adapters loaded: %s", target.pod_name, names)
-        state.loras = loras
+        if loras != state.loras:
+            names = ", ".join(sorted(loras)) or "none"
+            log.info("pod %s has LoRA adapters loaded: %s", target.pod_name, names)
+        state.loras, state.loras_read_at = loras, started
         last = state.last_metrics
         if last is not None:
-            state.last_metrics = replace(last, loaded_loras=loras)
+            # published even when unchanged: a list read since the pod turned ready is known
+            state.last_metrics = replace(last, loaded_loras=loras, loras_read_at=started)
             if not state.stale_published:
                 self._safe_publish(target.pod_name, state.last_metrics)
 

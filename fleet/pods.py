@@ -48,6 +48,9 @@ class PodMetrics:
     # slower interval than the metrics; None = not known (not read yet, or not an engine that lists
     # them)
     loaded_loras: frozenset[str] | None = None
+    # monotonic time the read of ``loaded_loras`` started (None: never read); a list read before
+    # the pod last turned ready is unknown (the datastore sets it back to None)
+    loras_read_at: float | None = None
     scraped_at: float = 0.0  # monotonic time of the read
     stale: bool = True
     unreachable: bool = False
@@ -66,6 +69,9 @@ class Pod:
     # requests sent there minus requests finished since its last fresh metrics: how far the
     # engine's queue may have moved since that read (the saturation filter adds it to ``waiting``)
     since_scrape: int = 0
+    # monotonic time the pod last turned ready (inf while not ready): its engine's adapter list
+    # is unknown until a read that started at or after it (``PodMetrics.loras_read_at``)
+    ready_since: float = 0.0
 
 
 def selects(match_labels: Mapping[str, str] | None, labels: Mapping[str, str]) -> bool:

@@ -1,18 +1,21 @@
 """Apply a configuration directory to the local cluster's API, as ``kubectl apply`` would.
 
 Every ``*.yaml`` / ``*.yml`` file is read (again whenever a file's name, size or mtime changes);
-each document of the five MatrixInfer kinds goes through the admission rules the webhooks run
+ConfigMaps and Secrets (what pods' volumes and env references read) are applied as they are (a
+Secret's ``stringData`` written into its base64 ``data``, as the API server does); each document
+of the five MatrixInfer kinds goes through the admission rules the webhooks run
 (``controllers.webhooks.rules``: the ModelServer defaulting, then the same pydantic validation
 and the cross-object checks against what the API holds), so a bad file gets the message the
 webhook would give. The directory is applied as a whole: one denied document and nothing of that
 read is applied, the last good state stays, and the next change of the files is tried again.
-Applied, an object is created, patched (spec, labels, annotations; ``generation`` bumped when the
-spec changed) or deleted when its document left the directory. Objects the controllers made are
-never touched.
+Applied, an object is created, patched (spec, or a ConfigMap's or Secret's data, labels,
+annotations; ``generation`` bumped when the spec changed) or deleted when its document left the
+directory. Objects the controllers made are never touched.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -24,16 +27,27 @@ import aiohttp
 import yaml
 
 from controllers.model.planner import merge_diff
-from controllers.status.compute import route_claims
 from controllers.webhooks import rules
 from controllers.webhooks.handlers import KINDS, VERSION
 from crds import ModelInfer
 
-__all__ = ["Applier", "ApplyResult", "Document", "admit", "read_directory"]
+__all__ = [
+    "CORE_KINDS",
+    "Applier",
+    "ApplyResult",
+    "Document",
+    "admit",
+    "core_object",
+    "read_directory",
+]
 
 log = logging.getLogger("matrixinfer.applier")
 
 DEFAULT_NAMESPACE = "default"
+CORE_KINDS: dict[str, str] = {"ConfigMap": "configmaps", "Secret": "secrets"}  # kind -> plural
+"""Built-in kinds the directory may hold (no admission rules of ours; API group ``v1``)."""
+_CONTENT: dict[str, tuple[str, ...]] = {"ConfigMap": ("data", "binaryData"),
+                                        "Secret": ("data", "type")}  # fmt: skip
 Key = tuple[str, str, str]  # kind, namespace, name
 
 
@@ -94,7 +108,7 @@ def read_directory(directory: Path) -> tuple[list[Document], list[str]]:
                 raise DirectoryError(f"{where}: not a Kubernetes object (no metadata)")
             if not raw["metadata"].get("name"):
                 raise DirectoryError(f"{where}: metadata.name is missing")
-            if raw.get("kind") not in KINDS:
+            if raw.get("kind") not in KINDS and raw.get("kind") not in CORE_KINDS:
                 notes.append(f"{where}: kind {raw.get('kind')!r} is not a kind of the cluster")
                 continue
             docs.append(Document(raw, where))
@@ -117,7 +131,10 @@ def admit(
     raw: dict[str, Any], stored: Mapping[Key, Mapping[str, Any]]
 ) -> tuple[rules.Review, dict[str, Any]]:
     """The webhooks' verdict on ``raw`` (create or update) given the ``stored`` objects (the
-    API's, with the directory's other documents in place), and the object as defaulted."""
+    API's, with the directory's other documents in place), and the object as defaulted. A
+    ConfigMap or Secret is allowed as it is (:func:`core_object`)."""
+    if raw.get("kind") in CORE_KINDS:
+        return rules.Review(), core_object(raw)
     doc = dict(raw)
     for path, value in rules.defaults(doc):  # the mutating webhook runs first
         target: dict[str, Any] = doc
@@ -137,17 +154,13 @@ def admit(
             if kk == k and (namespace is None or n == namespace)
         )
 
-    claims = [c for r in of("ModelRoute") for c in route_claims(r)]
     if kind == "ModelRoute":
+        held = rules.held_names((), of("ModelRoute"))
         servers = [_name(o) for o in of("ModelServer", ns)]
-        return rules.check_model_route(obj, claims, servers), doc  # type: ignore[arg-type]
+        return rules.check_model_route(obj, held.claims, servers), doc  # type: ignore[arg-type]
     if kind == "Model":
-        adapters: dict[str, str] = {}
-        for m in of("Model"):
-            for a in (m.get("spec") or {}).get("loraAdapters") or ():
-                if isinstance(a, dict) and a.get("name"):
-                    adapters.setdefault(str(a["name"]), f"{_ns(m)}/{_name(m)}")
-        return rules.check_model(obj, adapters, claims), doc  # type: ignore[arg-type]
+        held = rules.held_names(of("Model"), of("ModelRoute"))
+        return rules.check_model(obj, held.adapters, held.claims), doc  # type: ignore[arg-type]
     if kind == "ModelServer":
         return rules.check_model_server(obj), doc  # type: ignore[arg-type]
     if kind == "ModelInfer":
@@ -158,6 +171,18 @@ def admit(
         return rules.check_model_infer(obj, old, live), doc  # type: ignore[arg-type]
     infers = [_name(o) for o in of("ModelInfer", ns)]
     return rules.check_autoscaling_policy(obj, infers), doc  # type: ignore[arg-type]
+
+
+def core_object(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """A ConfigMap or Secret as the API server stores it: a Secret's ``stringData`` moves into
+    its ``data``, base64-encoded (over a ``data`` key of the same name)."""
+    doc = dict(raw)
+    if doc.get("kind") == "Secret" and doc.get("stringData"):
+        data = {str(k): str(v) for k, v in (doc.get("data") or {}).items()}
+        for k, v in dict(doc.pop("stringData")).items():
+            data[str(k)] = base64.b64encode(str(v).encode()).decode()
+        doc["data"] = data
+    return doc
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,8 +212,11 @@ class ApplyResult:
 
 
 def path_of(kind: str, namespace: str, name: str | None = None) -> str:
-    group, plural = KINDS[kind]
-    base = f"/apis/{group}/{VERSION}/namespaces/{namespace}/{plural}"
+    if kind in CORE_KINDS:
+        base = f"/api/v1/namespaces/{namespace}/{CORE_KINDS[kind]}"
+    else:
+        group, plural = KINDS[kind]
+        base = f"/apis/{group}/{VERSION}/namespaces/{namespace}/{plural}"
     return f"{base}/{name}" if name else base
 
 
@@ -301,12 +329,15 @@ class Applier:
 
     async def _create(self, session: aiohttp.ClientSession, key: Key, raw: dict[str, Any]) -> None:
         kind, ns, name = key
-        group, _ = KINDS[kind]
         body = {k: v for k, v in raw.items() if k != "status"}
         meta = dict(body["metadata"])
-        meta.update(namespace=ns, generation=1, resourceVersion=self.next_version())
+        meta.update(namespace=ns, resourceVersion=self.next_version())
         meta.setdefault("uid", f"uid-{kind.lower()}-{ns}-{name}-{meta['resourceVersion']}")
-        body.update(apiVersion=f"{group}/{VERSION}", metadata=meta)
+        if kind in CORE_KINDS:
+            body.update(apiVersion="v1", metadata=meta)
+        else:
+            meta["generation"] = 1
+            body.update(apiVersion=f"{KINDS[kind][0]}/{VERSION}", metadata=meta)
         await self._request(session, "POST", path_of(kind, ns), body)
 
     async def _patch(
@@ -326,13 +357,19 @@ class Applier:
             diff = merge_diff(old, new) if part == "labels" else new
             if diff:
                 meta[part] = diff
-        spec = merge_diff(dict(current.get("spec") or {}), dict(raw.get("spec") or {}))
-        if not spec and not meta:
+        body: dict[str, Any] = {"metadata": meta}
+        for part in _CONTENT.get(key[0], ("spec",)):
+            before, after = current.get(part), raw.get(part)
+            if isinstance(before, Mapping) or isinstance(after, Mapping):
+                changed = merge_diff(dict(before or {}), dict(after or {}))
+                if changed:
+                    body[part] = changed
+            elif before != after and after is not None:
+                body[part] = after
+        if len(body) == 1 and not meta:
             return False
         meta["resourceVersion"] = self.next_version()
-        body: dict[str, Any] = {"metadata": meta}
-        if spec:
-            body["spec"] = spec
+        if "spec" in body:
             meta["generation"] = int(old_meta.get("generation") or 1) + 1
         await self._request(session, "PATCH", path_of(*key), body)
         return True

@@ -139,6 +139,15 @@ def _row(kind: str, obj: Mapping[str, Any], now: datetime.datetime) -> list[str]
         return [*head, f"{ready}/{replicas}", str(updated), str(replicas), age(obj, now)]
     if kind == "pods":
         phase = str(status.get("phase") or "Pending")
+        waiting = [
+            prefix + str(w["reason"])
+            for prefix, part in (("Init:", "initContainerStatuses"), ("", "containerStatuses"))
+            for c in status.get(part) or ()
+            if (w := (c.get("state") or {}).get("waiting") or {}).get("reason")
+            not in (None, "PodInitializing", "ContainerCreating")
+        ]
+        if waiting and phase in ("Pending", "Running"):  # as kubectl shows it
+            phase = waiting[0]
         if meta.get("deletionTimestamp"):
             phase = "Terminating"
         ready_pods = "1/1" if _ready(obj) else "0/1"

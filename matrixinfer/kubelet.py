@@ -14,8 +14,7 @@ one where every port of the pod is free) and runs the pod as written, as far as 
   (:func:`remap`), and URLs to ``127.0.0.1`` / ``localhost`` on one of the pod's ports go to the
   pod's address (in a pod the loopback is the pod's own; other loopback URLs reach this machine);
 - **init containers** that are MatrixInfer programs (:data:`PROGRAMS`) run one after the other;
-  the pod is Pending until they succeed, and one that fails fails the pod (its last output line
-  in the pod's status and the whole output in the pod's log);
+  the pod is Pending until they succeed (a failing one is restarted, below);
 - the **engine** container runs its own ``command`` + ``args`` as written when its program can
   run here (:func:`engine_command`: a program of this install such as ``matrixinfer-sim``, a
   ``python -m`` module importable here, or a program on ``PATH``), with ``$(VAR)`` expanded
@@ -28,16 +27,25 @@ one where every port of the pod is free) and runs the pod as written, as far as 
 It writes the pod's status through the API as the kubelet would: ``podIP`` at once, phase
 Pending while init containers run, Running when the containers start, the Ready condition once
 every container's ``readinessProbe`` (``httpGet``) answers 200, or, with no probe at all, the
-engine's ``GET /health``. A container that exits turns its pod Failed (not ready, the exit code in
-``containerStatuses``) so that the ModelInfer controller replaces it; a deleted pod's processes
-are stopped (SIGTERM, then SIGKILL) and its directories removed. Every process gets SIGTERM when
-the kubelet's thread ends. Output of all of a pod's containers goes to
-``<log dir>/pod-<namespace>-<name>.log``, each start announced by a ``local kubelet:`` line.
+engine's ``GET /health``. A container (or init container) that exits is restarted in place as
+the pod's ``restartPolicy`` says (``Always``, the default: always; ``OnFailure``: on a non-zero
+exit code), after an exponential back-off (:func:`restart_delay`: 10 s doubling to 5 min, back
+to 10 s after a run of 10 min): meanwhile it is ``waiting`` with reason ``CrashLoopBackOff``, its
+``restartCount`` and ``lastState`` (the exit code) in the status, the pod not ready (``kubectl``
+shows ``CrashLoopBackOff`` or ``Init:CrashLoopBackOff``). The first failure is said with its
+last output line; the same failure again is said once more with its count only. With
+``restartPolicy: Never`` the pod turns Failed (reason ``InitContainerFailed`` or ``Error``, the
+message naming the container and its last output line), and the ModelInfer controller replaces
+it. A deleted pod's processes are stopped (SIGTERM, then SIGKILL) and its directories removed.
+Every process gets SIGTERM when the kubelet's thread ends. Output of all of a pod's containers
+goes to ``<log dir>/pod-<namespace>-<name>.log``, each start announced by a ``local kubelet:``
+line.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import datetime
 import importlib.util
@@ -63,6 +71,8 @@ from matrixinfer.process import die_with_parent, port_is_free
 __all__ = [
     "ENGINE_SCRIPTS",
     "PROGRAMS",
+    "ContainerConfigError",
+    "KeyRefs",
     "LocalCommand",
     "LocalKubelet",
     "PodPlan",
@@ -72,6 +82,8 @@ __all__ = [
     "local_program",
     "plan_pod",
     "remap",
+    "restart_delay",
+    "should_restart",
     "sim_command",
     "volume_dirs",
 ]
@@ -461,11 +473,61 @@ def remap(
     return value
 
 
+@dataclass(frozen=True, slots=True)
+class KeyRefs:
+    """What ``env[].valueFrom`` may read from the API, by (namespace, name): the ConfigMaps'
+    ``data`` and the Secrets' ``data`` (decoded)."""
+
+    config_maps: Mapping[tuple[str, str], Mapping[str, str]] = field(default_factory=dict)
+    secrets: Mapping[tuple[str, str], Mapping[str, str]] = field(default_factory=dict)
+
+
+class ContainerConfigError(LookupError):
+    """A container's env names a Secret or ConfigMap (or a key of one) that does not exist and
+    is not ``optional``: the container cannot be created (Kubernetes'
+    ``CreateContainerConfigError``); the pod waits for it."""
+
+    def __init__(self, container: str, message: str) -> None:
+        super().__init__(f"container {container}: {message}")
+        self.container = container
+        self.reason = message
+
+
+_KEY_REFS = (("secretKeyRef", "secret", "Secret"), ("configMapKeyRef", "configmap", "ConfigMap"))
+
+
+def _key_ref(
+    value_from: Mapping[str, Any], namespace: str, refs: KeyRefs
+) -> tuple[str | None, str, bool] | None:
+    """None when ``value_from`` is no key reference; else its value (None: missing), why it is
+    missing as Kubernetes words it, and whether it is ``optional``."""
+    for field_name, lower, kind in _KEY_REFS:
+        ref = value_from.get(field_name)
+        if not isinstance(ref, Mapping):
+            continue
+        name, key = str(ref.get("name") or ""), str(ref.get("key") or "")
+        optional = bool(ref.get("optional"))
+        data = (refs.secrets if lower == "secret" else refs.config_maps).get((namespace, name))
+        if data is None:
+            return None, f'{lower} "{name}" not found', optional
+        if key not in data:
+            return None, f"couldn't find key {key} in {kind} {namespace}/{name}", optional
+        return data[key], "", optional
+    return None
+
+
 def _env(
-    container: Mapping[str, Any], meta: Mapping[str, Any], host: str, fix: Callable[[str], str]
+    container: Mapping[str, Any],
+    meta: Mapping[str, Any],
+    host: str,
+    fix: Callable[[str], str],
+    refs: KeyRefs | None = None,
 ) -> tuple[dict[str, str], list[str]]:
     """The container's ``env`` (values remapped, the downward API's pod name, namespace and IP
-    filled in) and notes for what cannot be resolved here."""
+    filled in, ``secretKeyRef`` / ``configMapKeyRef`` read from ``refs``) and notes for what
+    cannot be resolved here. A key reference to a missing Secret, ConfigMap or key raises
+    :class:`ContainerConfigError`, unless it is ``optional`` (then the variable is not set)."""
+    namespace = str(meta.get("namespace") or "default")
     fields = {
         "metadata.name": str(meta.get("name") or ""),
         "metadata.namespace": str(meta.get("namespace") or ""),
@@ -478,7 +540,16 @@ def _env(
         if "value" in e:
             env[name] = fix(str(e["value"]))
             continue
-        ref = ((e.get("valueFrom") or {}).get("fieldRef") or {}).get("fieldPath")
+        value_from = e.get("valueFrom") or {}
+        key_ref = _key_ref(value_from, namespace, refs or KeyRefs())
+        if key_ref is not None:
+            value, missing, optional = key_ref
+            if value is not None:
+                env[name] = value
+            elif not optional:  # optional and missing: the variable is not set
+                raise ContainerConfigError(str(container.get("name")), missing)
+            continue
+        ref = (value_from.get("fieldRef") or {}).get("fieldPath")
         if ref in fields:
             env[name] = fields[str(ref)]
         else:
@@ -508,8 +579,10 @@ def _program(
     volumes: Mapping[str, Path],
     python: str,
     ports: Collection[int],
+    refs: KeyRefs | None = None,
 ) -> Run | str:
-    """A MatrixInfer container as a local process, or why it cannot run here."""
+    """A MatrixInfer container as a local process, or why it cannot run here
+    (:class:`ContainerConfigError` for an env reference that cannot be resolved)."""
     name = str(container.get("name"))
     command = [str(t) for t in container.get("command") or ()]
     args = [str(t) for t in container.get("args") or ()]
@@ -530,7 +603,7 @@ def _program(
     argv = [python, "-m", module, *(fix(t) for t in [*command[1:], *args])]
     if serves:
         argv += ["--host", host]
-    env, notes = _env(container, meta, host, fix)
+    env, notes = _env(container, meta, host, fix, refs)
     own = [int(p["containerPort"]) for p in container.get("ports") or () if p.get("containerPort")]
     return Run(name, argv, env, own, _probe_url(container, host), notes)
 
@@ -544,6 +617,7 @@ def plan_pod(
     python: str = sys.executable,
     hub: str | None = None,
     which: Callable[[str], str | None] = shutil.which,
+    refs: KeyRefs | None = None,
 ) -> PodPlan:
     """How ``pod`` runs here on ``host``: each container's mounts under ``fs_root/<container>``
     (``volumes``: :func:`volume_dirs`); the engine container as :func:`engine_command` decides
@@ -551,7 +625,8 @@ def plan_pod(
     every pod; ``which`` finds programs); the init containers and the other containers that
     are MatrixInfer programs with their own arguments (remapped, :func:`remap`). A downloader of an ``hf://``
     model is not run when no hub is set (``hub``; None: ``$HF_ENDPOINT``): nothing may download
-    from the internet here, and the simulator needs no weights."""
+    from the internet here, and the simulator needs no weights. Env key references read
+    ``refs``; one that cannot be resolved raises :class:`ContainerConfigError`."""
     meta = pod.get("metadata") or {}
     spec = pod.get("spec") or {}
     engine_spec = engine_container(pod) or {}
@@ -571,7 +646,7 @@ def plan_pod(
     def fix(value: str) -> str:
         return remap(value, mounts, fs_root / name, host, ports)
 
-    env, notes = _env(engine_spec, meta, host, fix)
+    env, notes = _env(engine_spec, meta, host, fix, refs)
     engine = engine_command(pod, host, extra, python, env=env, fix=fix, which=which)
     notes.insert(0, engine.why)
     if engine.ignored:
@@ -587,12 +662,12 @@ def plan_pod(
                 "is set (HF_ENDPOINT); the simulator needs no weights"
             )
             continue
-        got = _program(c, meta, host, fs_root, volumes, python, ports)
+        got = _program(c, meta, host, fs_root, volumes, python, ports, refs)
         (init.append(got) if isinstance(got, Run) else skipped.append(got))
     for c in spec.get("containers") or ():
         if c.get("name") == runs[0].name:
             continue
-        got = _program(c, meta, host, fs_root, volumes, python, ports)
+        got = _program(c, meta, host, fs_root, volumes, python, ports, refs)
         (runs.append(got) if isinstance(got, Run) else skipped.append(got))
     if not any(r.probe for r in runs):  # no readiness probe at all: the engine's /health
         health = f"http://{host}:{engine.port}/health"
@@ -610,6 +685,40 @@ def _fetches_from_the_hub(container: Mapping[str, Any]) -> bool:
         and bool(args)
         and args[0].startswith("hf://")
     )
+
+
+# ---- restarts ----------------------------------------------------------------------------------
+
+RESTART_BACKOFF = 10.0  # seconds before the first restart of a failed container (Kubernetes')
+MAX_RESTART_BACKOFF = 300.0  # the cap of the doubling
+
+
+def restart_delay(failures: int, base: float = RESTART_BACKOFF, cap: float = MAX_RESTART_BACKOFF
+                  ) -> float:  # fmt: skip
+    """Seconds to wait before restarting a container that has failed ``failures`` times in a
+    row (1: the first failure): ``base`` doubling each time, at most ``cap``."""
+    if failures < 1:
+        raise ValueError(f"failures must be >= 1, got {failures}")
+    return min(cap, base * float(2 ** min(failures - 1, 62)))
+
+
+def should_restart(policy: str, exit_code: int) -> bool:
+    """Whether a container that exited with ``exit_code`` is restarted under the pod's
+    ``restartPolicy`` (``Always``, the default; ``OnFailure``; ``Never``)."""
+    if policy == "Never":
+        return False
+    return policy != "OnFailure" or exit_code != 0
+
+
+@dataclass
+class Crash:
+    """A container waiting to be restarted, and what the kubelet knows of its failures."""
+
+    exit_code: int
+    message: str  # what the failure said (the last output line)
+    failures: int  # in a row (the back-off's exponent; reset after a long enough run)
+    delay: float
+    until: float  # when it restarts (kubelet clock)
 
 
 # ---- the kubelet: files and processes ---------------------------------------------------------
@@ -677,6 +786,7 @@ class LocalPod:
     started: float  # time.monotonic() the pod's first process started
     running_since: float = 0.0  # ... and its containers (after the init containers)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    offsets: dict[str, int] = field(default_factory=dict)  # container -> its output's start
     init_done: int = 0  # init containers that succeeded
     init_proc: subprocess.Popen[bytes] | None = None
     init_offset: int = 0  # where the running init container's output starts in the log
@@ -685,6 +795,12 @@ class LocalPod:
     message: str = ""
     ready: bool = False
     failed: bool = False
+    restart_policy: str = "Always"
+    crashed: dict[str, Crash] = field(default_factory=dict)  # container -> waiting to restart
+    failures: dict[str, int] = field(default_factory=dict)  # container -> failures in a row
+    restarts: dict[str, int] = field(default_factory=dict)  # container -> restartCount
+    last_failure: dict[str, str] = field(default_factory=dict)  # container -> what it last said
+    since: dict[str, float] = field(default_factory=dict)  # container -> its process's start
 
     def all_procs(self) -> list[subprocess.Popen[bytes]]:
         return [*([self.init_proc] if self.init_proc else []), *self.procs.values()]
@@ -711,6 +827,42 @@ def _spawn(
         ), offset  # fmt: skip
 
 
+def _config_error_status(spec: Mapping[str, Any], exc: ContainerConfigError) -> dict[str, Any]:
+    """A pod's status while a container's env cannot be resolved: Pending, that container
+    waiting with ``CreateContainerConfigError`` and the message naming what is missing."""
+
+    def state(name: str) -> dict[str, Any]:
+        if name == exc.container:
+            return {"waiting": {"reason": "CreateContainerConfigError", "message": exc.reason}}
+        return {"waiting": {"reason": "PodInitializing"}}
+
+    out: dict[str, Any] = {"phase": "Pending"}
+    for field_name, containers in (("initContainerStatuses", spec.get("initContainers")),
+                                   ("containerStatuses", spec.get("containers"))):  # fmt: skip
+        if containers:
+            out[field_name] = [
+                {"name": str(c.get("name")), "ready": False, "restartCount": 0,
+                 "state": state(str(c.get("name")))}
+                for c in containers
+            ]  # fmt: skip
+    return out
+
+
+def _same_failure(before: str, now: str) -> bool:
+    """Whether two failure messages say the same but for numbers (times, pids, ports)."""
+    return _DIGITS.sub("#", before) == _DIGITS.sub("#", now)
+
+
+_DIGITS = re.compile(r"\d+")
+
+
+def _exit_code(proc: subprocess.Popen[bytes]) -> int | None:
+    """The process's exit code as a container's (killed by signal N: 128 + N), None while it
+    runs."""
+    code = proc.poll()
+    return None if code is None else (128 - code if code < 0 else code)
+
+
 def _last_line(path: Path, offset: int) -> str:
     try:
         with path.open("rb") as f:
@@ -724,11 +876,13 @@ def _last_line(path: Path, offset: int) -> str:
 
 class LocalKubelet:
     """Runs the pods of the API at ``url`` (read from ``objects``: the emulator's store, in this
-    process) as local processes. ``config_maps`` lists the API's ConfigMaps (for ``configMap``
-    volumes); ``state_dir`` holds the pods' volumes (default ``<log_dir>/state``); ``claims``:
+    process) as local processes. ``config_maps`` and ``secrets`` list the API's ConfigMaps (for
+    ``configMap`` volumes and ``configMapKeyRef`` env) and Secrets (``secretKeyRef`` env);
+    ``state_dir`` holds the pods' volumes (default ``<log_dir>/state``); ``claims``:
     a directory whose subdirectories provide PersistentVolumeClaims of their name. Runs in the
     local cluster's event loop; ``say`` receives a line per pod transition (started, ready,
-    exited, stopped)."""
+    exited, stopped). A failed container restarts after :func:`restart_delay` with
+    ``restart_backoff`` / ``max_restart_backoff`` on ``clock``."""
 
     def __init__(
         self,
@@ -737,16 +891,21 @@ class LocalKubelet:
         log_dir: Path,
         *,
         config_maps: Callable[[], list[dict[str, Any]]] = list,
+        secrets: Callable[[], list[dict[str, Any]]] = list,
         state_dir: Path | None = None,
         claims: Path | None = None,
         first_host: str = "127.0.0.10",
         sim_args: Sequence[str] = (),
         interval: float = 0.1,
         say: Event | None = None,
+        restart_backoff: float = RESTART_BACKOFF,
+        max_restart_backoff: float = MAX_RESTART_BACKOFF,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.url = url.rstrip("/")
         self.objects = objects
         self.config_maps = config_maps
+        self.secrets = secrets
         self.log_dir = log_dir
         self.state_dir = (state_dir if state_dir is not None else log_dir / "state").resolve()
         self.claims = claims.resolve() if claims is not None else None
@@ -754,6 +913,9 @@ class LocalKubelet:
         self.sim_args = list(sim_args)
         self.interval = interval
         self.say = say or (lambda line: log.info("%s", line))
+        self.restart_backoff = restart_backoff
+        self.max_restart_backoff = max_restart_backoff
+        self.clock = clock
         self.pods: dict[tuple[str, str, str], LocalPod] = {}
         self.waiting: dict[tuple[str, str, str], str] = {}  # pod -> why it cannot start yet
         self.startup: dict[str, float] = {}  # pod -> seconds from its containers' start to Ready
@@ -782,6 +944,22 @@ class LocalKubelet:
                 out[(str(meta.get("namespace")), str(meta.get("name")))] = cm.get("data") or {}
         return out
 
+    def _secret_index(self) -> dict[tuple[str, str], Mapping[str, str]]:
+        """The Secrets' ``data``, decoded (a value that is not base64 is left out, so a
+        reference to it says the key is missing), plus ``stringData`` as written."""
+        out: dict[tuple[str, str], Mapping[str, str]] = {}
+        for secret in self.secrets():
+            meta = secret.get("metadata") or {}
+            if meta.get("deletionTimestamp"):
+                continue
+            data: dict[str, str] = {}
+            for k, v in (secret.get("data") or {}).items():
+                with contextlib.suppress(ValueError, TypeError):
+                    data[str(k)] = base64.b64decode(str(v), validate=True).decode()
+            data.update({str(k): str(v) for k, v in (secret.get("stringData") or {}).items()})
+            out[(str(meta.get("namespace")), str(meta.get("name")))] = data
+        return out
+
     async def sync(self) -> None:
         """One pass: start new pods, advance init containers, refresh configMap volumes, report
         readiness and exits, stop deleted pods."""
@@ -794,7 +972,7 @@ class LocalKubelet:
                 continue
             live.add(key)
             if key not in self.pods:
-                if not (pod.get("status") or {}).get("phase"):
+                if key in self.waiting or not (pod.get("status") or {}).get("phase"):
                     await self._start(key, pod, maps)
                 continue
             local = self.pods[key]
@@ -852,10 +1030,22 @@ class LocalKubelet:
                 self.waiting[key] = str(exc)
                 self.say(f"pod {name}: waiting: {exc}")
             return
-        self.waiting.pop(key, None)
         fs_root = directory / "fs"
-        host = self.addresses.take(plan_pod(pod, "127.0.0.1", fs_root, volumes).ports)
-        plan = plan_pod(pod, host, fs_root, volumes, self.sim_args)
+        refs = KeyRefs(maps, self._secret_index())
+        try:
+            ports = plan_pod(pod, "127.0.0.1", fs_root, volumes, refs=refs).ports
+        except ContainerConfigError as exc:  # the pod waits for the Secret or ConfigMap
+            if self.waiting.get(key) != str(exc):
+                self.waiting[key] = str(exc)
+                await self._patch(ns, name, _config_error_status(spec, exc))
+                log_path.parent.mkdir(parents=True, exist_ok=True)
+                with log_path.open("a") as out:
+                    out.write(f"local kubelet: Error: CreateContainerConfigError: {exc}\n")
+                self.say(f"pod {name}: CreateContainerConfigError: {exc}")
+            return
+        self.waiting.pop(key, None)
+        host = self.addresses.take(ports)
+        plan = plan_pod(pod, host, fs_root, volumes, self.sim_args, refs=refs)
         for c in [*(spec.get("initContainers") or ()), *(spec.get("containers") or ())]:
             with contextlib.suppress(ValueError):
                 _link_mounts(fs_root / str(c.get("name")), container_mounts(c, volumes))
@@ -864,6 +1054,7 @@ class LocalKubelet:
         local = LocalPod(
             ns, name, uid, host, plan.engine.port, plan, directory, volumes, config_maps,
             log_path, time.monotonic(), written=files,
+            restart_policy=str(spec.get("restartPolicy") or "Always"),
         )  # fmt: skip
         self.pods[key] = local
         self.started.setdefault(name, local.started)
@@ -881,20 +1072,29 @@ class LocalKubelet:
         base = {"POD_NAME": local.name, "POD_NAMESPACE": local.namespace, "PYTHONUNBUFFERED": "1"}
         return {**os.environ, **base, **run.env}
 
+    def _header(self, local: LocalPod, run: Run, what: str) -> list[str]:
+        count = local.restarts.get(run.name, 0)
+        again = f" (restart {count})" if count else ""
+        return [*run.notes, f"{what} {run.name}{again}: {' '.join(run.argv)}"]
+
     def _start_init(self, local: LocalPod) -> None:
         run = local.plan.init[local.init_done]
-        header = [*run.notes, f"init container {run.name}: {' '.join(run.argv)}"]
         local.init_proc, local.init_offset = _spawn(
-            run.argv, local.log_path, self._env(local, run), header
+            run.argv, local.log_path, self._env(local, run),
+            self._header(local, run, "init container"),
+        )  # fmt: skip
+        local.since[run.name] = self.clock()
+
+    def _start_container(self, local: LocalPod, run: Run) -> None:
+        local.procs[run.name], local.offsets[run.name] = _spawn(
+            run.argv, local.log_path, self._env(local, run), self._header(local, run, "container")
         )
+        local.since[run.name] = self.clock()
 
     async def _start_containers(self, local: LocalPod) -> None:
         local.running_since = time.monotonic()
         for run in local.plan.containers:
-            header = [*run.notes, f"container {run.name}: {' '.join(run.argv)}"]
-            local.procs[run.name], _ = _spawn(
-                run.argv, local.log_path, self._env(local, run), header
-            )
+            self._start_container(local, run)
         await self._status(local)
         self.say(
             f"pod {local.name}: started {local.plan.engine.model} at {local.host}:{local.port}"
@@ -918,35 +1118,41 @@ class LocalKubelet:
     async def _check(self, local: LocalPod) -> None:
         if local.failed:
             return
+        if local.crashed:
+            await self._restart_due(local)
         if local.init_proc is not None:
-            code = local.init_proc.poll()
+            code = _exit_code(local.init_proc)
             if code is None:
                 return
             run = local.plan.init[local.init_done]
+            local.init_proc = None
             if code != 0:
                 local.exit_codes[run.name] = code
                 why = _last_line(local.log_path, local.init_offset) or "no output"
-                local.message = f"init container {run.name} exited with code {code}: {why}"
-                await self._fail(local, "InitContainerFailed")
-                self.say(f"pod {local.name}: {local.message}; pod Failed")
+                message = f"init container {run.name} exited with code {code}: {why}"
+                await self._exited(local, run.name, code, message, "InitContainerFailed")
                 return
+            local.exit_codes.pop(run.name, None)
+            local.failures.pop(run.name, None)
             local.init_done += 1
-            local.init_proc = None
             if local.init_done < len(local.plan.init):
                 self._start_init(local)
                 await self._status(local)
             else:
                 await self._start_containers(local)
             return
-        for cname, proc in local.procs.items():
-            code = proc.poll()
+        for cname, proc in list(local.procs.items()):
+            code = _exit_code(proc)
             if code is not None:
+                del local.procs[cname]
                 local.exit_codes[cname] = code
-                local.message = f"container {cname} exited with code {code}"
-                await self._fail(local, "Error")
-                self.say(f"pod {local.name}: process exited with code {code} (container"
-                         f" {cname}); pod Failed")  # fmt: skip
-                return
+                why = _last_line(local.log_path, local.offsets.get(cname, 0)) or "no output"
+                message = f"container {cname} exited with code {code}: {why}"
+                await self._exited(local, cname, code, message, "Error")
+                if local.failed:
+                    return
+        if local.crashed or local.init_done < len(local.plan.init):
+            return
         if not local.ready and await self._ready(local):
             local.ready = True
             await self._status(local)
@@ -954,6 +1160,56 @@ class LocalKubelet:
             self.startup[local.name] = took
             self.ready_at.setdefault(local.name, time.monotonic())
             self.say(f"pod {local.name}: ready ({took:.1f}s)")
+
+    async def _exited(
+        self, local: LocalPod, container: str, code: int, message: str, reason: str
+    ) -> None:
+        """A container (or init container) exited: restart it after the back-off as the pod's
+        ``restartPolicy`` says (saying a repeated failure once, with its count), else fail the
+        pod."""
+        if not should_restart(local.restart_policy, code):
+            local.message = message
+            await self._fail(local, reason)
+            self.say(f"pod {local.name}: {message}; pod Failed")
+            return
+        now = self.clock()
+        ran = now - local.since.get(container, now)
+        # a run of twice the cap without failing starts the back-off over (as the kubelet's)
+        long_run = ran >= 2 * self.max_restart_backoff
+        failures = 1 if long_run else local.failures.get(container, 0) + 1
+        local.failures[container] = failures
+        delay = restart_delay(failures, self.restart_backoff, self.max_restart_backoff)
+        local.crashed[container] = Crash(code, message, failures, delay, now + delay)
+        local.message = message
+        last = local.last_failure.get(container)
+        repeated = last is not None and _same_failure(last, message)
+        local.last_failure[container] = message
+        was_ready, local.ready = local.ready, False
+        await self._status(local)
+        count = local.restarts.get(container, 0) + 1
+        wait = f"restarting in {delay:g}s (CrashLoopBackOff, restart {count})"
+        if repeated:
+            self.say(f"pod {local.name}: {container} failed again the same way "
+                     f"({failures} times in a row); {wait}")  # fmt: skip
+        else:
+            self.say(f"pod {local.name}: {message}; {wait}")
+        if was_ready:
+            self.say(f"pod {local.name}: not ready")
+
+    async def _restart_due(self, local: LocalPod) -> None:
+        """Restart the crashed containers whose back-off is over."""
+        now = self.clock()
+        for container, crash in list(local.crashed.items()):
+            if now < crash.until:
+                continue
+            del local.crashed[container]
+            local.restarts[container] = local.restarts.get(container, 0) + 1
+            if local.init_done < len(local.plan.init):
+                self._start_init(local)
+            else:
+                run = next(r for r in local.plan.containers if r.name == container)
+                self._start_container(local, run)
+            await self._status(local)
 
     async def _fail(self, local: LocalPod, reason: str) -> None:
         local.failed = True
@@ -975,12 +1231,17 @@ class LocalKubelet:
     def _container_state(
         self, local: LocalPod, name: str, init: bool, index: int
     ) -> dict[str, Any]:
-        code = local.exit_codes.get(name)
-        if code is not None:
-            reason = "Completed" if code == 0 else "Error"
-            return {"terminated": {"exitCode": code, "reason": reason, "finishedAt": _now()}}
+        crash = local.crashed.get(name)
+        if crash is not None:
+            message = (f"back-off {crash.delay:g}s restarting failed container={name} "
+                       f"pod={local.name}_{local.namespace}({local.uid})")  # fmt: skip
+            return {"waiting": {"reason": "CrashLoopBackOff", "message": message}}
         if init and index < local.init_done:
             return {"terminated": {"exitCode": 0, "reason": "Completed"}}
+        code = local.exit_codes.get(name)
+        if code is not None and local.failed:
+            reason = "Completed" if code == 0 else "Error"
+            return {"terminated": {"exitCode": code, "reason": reason, "finishedAt": _now()}}
         running = (
             (local.init_proc is not None and index == local.init_done)
             if init
@@ -990,36 +1251,51 @@ class LocalKubelet:
             return {"running": {"startedAt": _now()}}
         return {"waiting": {"reason": "PodInitializing"}}
 
+    def _container_status(
+        self, local: LocalPod, run: Run, init: bool, index: int
+    ) -> dict[str, Any]:
+        ready = index < local.init_done if init else local.ready and run.name not in local.crashed
+        out: dict[str, Any] = {
+            "name": run.name,
+            "ready": ready,
+            "restartCount": local.restarts.get(run.name, 0),
+            "state": self._container_state(local, run.name, init, index),
+        }
+        code = local.exit_codes.get(run.name)
+        if code is not None and not local.failed:  # the run before this one
+            reason = "Completed" if code == 0 else "Error"
+            last = {"exitCode": code, "reason": reason}
+            if run.name in local.last_failure:  # its last output line, as a termination message
+                last["message"] = local.last_failure[run.name]
+            out["lastState"] = {"terminated": last}
+        return out
+
     def _pod_status(self, local: LocalPod, reason: str | None = None) -> dict[str, Any]:
         plan = local.plan
         if local.failed:
             phase = "Failed"
-        elif local.procs:
+        elif local.running_since:
             phase = "Running"
         else:
             phase = "Pending"
+        initialized = local.init_done >= len(plan.init)
         status: dict[str, Any] = {
             "phase": phase,
             "podIP": local.host,
             "hostIP": "127.0.0.1",
             "conditions": [
-                {"type": "Initialized", "status": "True" if local.procs or not plan.init
-                 else "False"},
+                {"type": "Initialized", "status": "True" if initialized else "False"},
                 {"type": "Ready", "status": "True" if local.ready else "False",
                  "lastTransitionTime": _now()},
             ],
             "containerStatuses": [
-                {"name": r.name, "ready": local.ready, "restartCount": 0,
-                 "state": self._container_state(local, r.name, False, i)}
-                for i, r in enumerate(plan.containers)
+                self._container_status(local, r, False, i) for i, r in enumerate(plan.containers)
             ],
         }  # fmt: skip
         if plan.init:
             status["initContainerStatuses"] = [
-                {"name": r.name, "ready": i < local.init_done, "restartCount": 0,
-                 "state": self._container_state(local, r.name, True, i)}
-                for i, r in enumerate(plan.init)
-            ]  # fmt: skip
+                self._container_status(local, r, True, i) for i, r in enumerate(plan.init)
+            ]
         if reason is not None:
             status["reason"] = reason
             status["message"] = local.message

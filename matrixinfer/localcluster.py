@@ -38,7 +38,7 @@ import kmock
 from controllers.autoscaling.planner import DEFAULT_INTERVAL
 from controllers.main import ControllerConfig, run_operator
 from controllers.webhooks.handlers import KINDS
-from matrixinfer.applier import Applier, Key
+from matrixinfer.applier import CORE_KINDS, Applier, Key
 from matrixinfer.get import state_path
 from matrixinfer.kubelet import LocalKubelet, LocalPod
 
@@ -202,6 +202,7 @@ def declare(k: kmock.KubernetesEmulator, volcano: bool = False) -> None:
     res["v1/services"] = kmock.ResourceInfo(kind="Service", namespaced=True, verbs=VERBS)
     res["v1/events"] = kmock.ResourceInfo(kind="Event", namespaced=True, verbs=VERBS)
     res["v1/configmaps"] = kmock.ResourceInfo(kind="ConfigMap", namespaced=True, verbs=VERBS)
+    res["v1/secrets"] = kmock.ResourceInfo(kind="Secret", namespaced=True, verbs=VERBS)
     res["apps/v1/controllerrevisions"] = kmock.ResourceInfo(
         kind="ControllerRevision", namespaced=True, verbs=VERBS
     )
@@ -329,7 +330,8 @@ class LocalCluster:
 
     def _stored(self) -> dict[Key, dict[str, Any]]:
         out: dict[Key, dict[str, Any]] = {}
-        for kind, (group, plural) in KINDS.items():
+        kinds = [*KINDS.items(), *((k, ("", p)) for k, p in CORE_KINDS.items())]
+        for kind, (group, plural) in kinds:
             for raw in self._objects(plural, group):
                 meta = raw.get("metadata") or {}
                 out[(kind, str(meta.get("namespace")), str(meta.get("name")))] = raw
@@ -351,6 +353,7 @@ class LocalCluster:
                 lambda: self._objects("pods"),
                 o.run_dir,
                 config_maps=lambda: self._objects("configmaps"),
+                secrets=lambda: self._objects("secrets"),
                 state_dir=o.run_dir / "state",
                 claims=o.claims if o.claims is not None else o.config_dir / "volumes",
                 first_host=o.first_host,

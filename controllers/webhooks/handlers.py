@@ -22,7 +22,6 @@ import kopf
 
 from controllers.kube import ApiError, KubeClient
 from controllers.metrics import ControllerMetrics
-from controllers.status.compute import route_claims
 from controllers.webhooks import rules
 from controllers.webhooks.certs import self_signed
 from crds import AutoscalingPolicy, Model, ModelInfer, ModelRoute, ModelServer
@@ -191,10 +190,10 @@ def register(
         if _skip(body, kwargs):
             return
         route: ModelRoute = _parsed(body)
-        claims = [c for item in await reader.items("ModelRoute") for c in route_claims(item)]
+        held = rules.held_names((), await reader.items("ModelRoute"))
         ns = route.metadata.namespace or "default"
         servers = _names(await reader.items("ModelServer", ns))
-        _answer(rules.check_model_route(route, claims, servers), warnings)
+        _answer(rules.check_model_route(route, held.claims, servers), warnings)
 
     @kopf.on.validate(**on("Model"), id="validate-model", operations=OPERATIONS)
     @measured(metrics, "validate-model")
@@ -202,15 +201,8 @@ def register(
         if _skip(body, kwargs):
             return
         model: Model = _parsed(body)
-        adapters: dict[str, str] = {}
-        for item in await reader.items("Model"):
-            meta, spec = item.get("metadata") or {}, item.get("spec") or {}
-            key = f"{meta.get('namespace') or 'default'}/{meta.get('name')}"
-            for a in spec.get("loraAdapters") or ():
-                if isinstance(a, dict) and a.get("name"):
-                    adapters.setdefault(str(a["name"]), key)
-        claims = [c for item in await reader.items("ModelRoute") for c in route_claims(item)]
-        _answer(rules.check_model(model, adapters, claims), warnings)
+        held = rules.held_names(await reader.items("Model"), await reader.items("ModelRoute"))
+        _answer(rules.check_model(model, held.adapters, held.claims), warnings)
 
     @kopf.on.validate(**on("ModelServer"), id="validate-modelserver", operations=OPERATIONS)
     @measured(metrics, "validate-modelserver")

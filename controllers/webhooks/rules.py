@@ -16,6 +16,7 @@ from typing import Any
 
 from controllers.modelinfer.spec import resolve
 from controllers.modelinfer.types import LABEL_GROUP, LABEL_ROLE
+from controllers.status.compute import route_claims
 from crds import InvalidObject, Model, ModelInfer, ModelRoute, ModelServer, parse_object
 from crds.loading import Resource
 from crds.registry import AutoscalingPolicy
@@ -23,6 +24,7 @@ from fleet.claims import Claim, winners
 from fleet.plugins import check_profile
 
 __all__ = [
+    "Held",
     "Review",
     "check_autoscaling_policy",
     "check_model",
@@ -30,6 +32,7 @@ __all__ = [
     "check_model_route",
     "check_model_server",
     "defaults",
+    "held_names",
     "needs_review",
     "parse",
 ]
@@ -74,6 +77,29 @@ def needs_review(doc: Mapping[str, Any], old: Mapping[str, Any] | None) -> bool:
 def key_of(obj: Resource) -> str:
     """``namespace/name``, the key routes and claims use."""
     return f"{obj.metadata.namespace or 'default'}/{obj.metadata.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """The names the stored objects hold, as the cross-object checks take them."""
+
+    adapters: dict[str, str]  # LoRA adapter name -> namespace/name of the first Model listing it
+    claims: list[tuple[str, Claim]]  # every route's claims, as ``route_claims`` gives them
+
+
+def held_names(models: Iterable[Mapping[str, Any]], routes: Iterable[Mapping[str, Any]]) -> Held:
+    """What the stored ``models`` and ``routes`` (raw objects, as the API returns them) hold:
+    the LoRA adapters the Models list (:func:`check_model`'s ``other_adapters``) and the names
+    the routes claim (the ``others``/``routes`` of :func:`check_model_route` and
+    :func:`check_model`)."""
+    adapters: dict[str, str] = {}
+    for m in models:
+        meta, spec = m.get("metadata") or {}, m.get("spec") or {}
+        key = f"{meta.get('namespace') or 'default'}/{meta.get('name')}"
+        for a in spec.get("loraAdapters") or ():
+            if isinstance(a, Mapping) and a.get("name"):
+                adapters.setdefault(str(a["name"]), key)
+    return Held(adapters, [c for r in routes for c in route_claims(r)])
 
 
 # --------------------------------------------------------------------------------------------

@@ -675,8 +675,9 @@ class LeastLatencyScorer(Scorer):
 
 class LoraAffinityScorer(Scorer):
     """For a LoRA request: adapter running on the pod 1.0 > loaded with a free adapter slot 0.8 >
-    adapter waiting 0.6 > not loaded, or no free slot, 0. Unknown = neutral; requests without an
-    adapter score 1 everywhere."""
+    adapter list unknown (not read since the pod turned ready, or an engine that does not list
+    them) with a free slot 0.7 > adapter waiting 0.6 > not loaded, or no free slot, 0. Unknown
+    metrics = neutral; requests without an adapter score 1 everywhere."""
 
     name = "lora-affinity"
 
@@ -690,12 +691,12 @@ class LoraAffinityScorer(Scorer):
         if LoraCapableFilter.missing(pod, lora):
             return 0.0  # it must be loaded first
         if m.max_loras is not None and len(m.running_loras) < m.max_loras:
-            return 0.8
+            return 0.8 if m.loaded_loras is not None else 0.7  # known to hold it > may hold it
         if lora in m.waiting_loras:
             return 0.6
         if m.max_loras is None and not m.running_loras and not m.waiting_loras:
-            # no LoRA metrics: only a known adapter list says something
-            return None if m.loaded_loras is None else 0.8
+            # no LoRA metrics: only the adapter list says something
+            return 0.7 if m.loaded_loras is None else 0.8
         return 0.0
 
     def score(self, ctx: Context, pods: list[Pod]) -> list[float] | None:

@@ -86,6 +86,24 @@ def test_model_lora_adapter_of_another_model_is_denied() -> None:
     assert rules.check_model(m, {"chat": "ns/m2", "other": "ns/m1"}).allowed
 
 
+def test_held_names_gathers_adapters_and_route_claims() -> None:
+    bare = {"metadata": {"name": "bare"}, "spec": {"loraAdapters": ["not-an-object"]}}
+    models = [w.model("m1", loras=["sql"]), w.model("m2", loras=["sql", "chat"]), bare]
+    routes = [w.route("r1", model="llama", loras=["sql"]), w.route("r2", model="mistral")]
+    held = rules.held_names(models, routes)
+    assert held.adapters == {"sql": "ns/m1", "chat": "ns/m2"}  # the first Model keeps a name
+    assert [(k, c.name, c.route) for k, c in held.claims] == [
+        ("model", "llama", "ns/r1"),
+        ("lora", "sql", "ns/r1"),
+        ("model", "mistral", "ns/r2"),
+    ]
+    m: Model = parsed(w.model("m3", loras=["chat"]))
+    review = rules.check_model(m, held.adapters, held.claims)
+    assert review.message() == (
+        "spec.loraAdapters[0].name: LoRA adapter 'chat' is already served by Model ns/m2"
+    )
+
+
 def test_model_server_unknown_plugin_is_denied() -> None:
     ms: ModelServer = parsed(w.server(scheduler={"scorers": [{"name": "no-such-plugin"}]}))
     review = rules.check_model_server(ms)

@@ -14,6 +14,8 @@ import yaml
 import crds
 from controllers.model.planner import desired
 from matrixinfer.kubelet import (
+    ContainerConfigError,
+    KeyRefs,
     config_map_files,
     engine_command,
     local_program,
@@ -143,15 +145,37 @@ def test_env_values_are_remapped_and_the_downward_api_filled(tmp_path: Path) -> 
         {"name": "ENGINE", "value": "http://localhost:8000/v1"},
         {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "KEY", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}},
+        {"name": "CM", "valueFrom": {"configMapKeyRef": {"name": "c", "key": "k"}}},
+        {
+            "name": "OPT",
+            "valueFrom": {"secretKeyRef": {"name": "s", "key": "no", "optional": True}},
+        },
+        {"name": "IP", "valueFrom": {"resourceFieldRef": {"resource": "limits.cpu"}}},
     ]
-    plan = plan_pod(pod, "127.0.0.10", tmp_path, volume_dirs(pod, tmp_path, tmp_path))
+    volumes = volume_dirs(pod, tmp_path, tmp_path)
+    refs = KeyRefs(
+        config_maps={("default", "c"): {"k": "v"}}, secrets={("default", "s"): {"k": "x"}}
+    )
+    plan = plan_pod(pod, "127.0.0.10", tmp_path, volumes, refs=refs)
     run = plan.containers[1]
     assert run.env == {
         "AWS_ENDPOINT_URL": "http://localhost:9000",  # this machine's
         "ENGINE": "http://127.0.0.10:8000/v1",  # the pod's own port
         "POD": pod["metadata"]["name"],
-    }
-    assert run.notes and run.notes[0].startswith("env KEY: valueFrom")
+        "KEY": "x",
+        "CM": "v",
+    }  # OPT: optional and missing, not set
+    assert run.notes and run.notes[0].startswith("env IP: valueFrom")
+    # what is missing and not optional: the container cannot be created, the error names it
+    for lacking, message in (
+        (KeyRefs(config_maps=refs.config_maps), 'secret "s" not found'),
+        (KeyRefs(secrets={("default", "s"): {}}), "couldn't find key k in Secret default/s"),
+        (KeyRefs(secrets=refs.secrets), 'configmap "c" not found'),
+    ):
+        with pytest.raises(ContainerConfigError) as e:
+            plan_pod(pod, "127.0.0.10", tmp_path, volumes, refs=lacking)
+        assert str(e.value) == f"container {runtime['name']}: {message}"
+        assert e.value.container == runtime["name"] and e.value.reason == message
 
 
 def test_decode_pods_run_the_pd_proxy_on_the_serving_port(tmp_path: Path) -> None:

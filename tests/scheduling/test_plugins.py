@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -364,7 +365,8 @@ def test_lora_affinity_order() -> None:
         pod("p4", running_loras=frozenset({"x", "y"}), max_loras=2),  # none
     ]
     r = s.schedule(req(lora="sql"), pods)
-    assert r.scores() == pytest.approx({"p1": 1.0, "p2": 0.8, "p3": 0.6, "p4": 0.0})
+    # p2's adapter list is unknown: it may hold the adapter (0.7), below a known holder (0.8)
+    assert r.scores() == pytest.approx({"p1": 1.0, "p2": 0.7, "p3": 0.6, "p4": 0.0})
     assert [r.primary.name, *(p.name for p in r.fallbacks)] == ["p1", "p2", "p3"]
 
 
@@ -374,11 +376,52 @@ def test_lora_affinity_knows_loaded_adapters() -> None:
         pod("p1", max_loras=2, loaded_loras=frozenset({"sql"})),  # loaded, free slot
         pod("p2", max_loras=2, loaded_loras=frozenset()),  # free slot but not loaded
         pod("p3", loaded_loras=frozenset({"sql"})),  # no LoRA metrics, list says loaded
-        pod("p4", waiting=1),  # nothing known
+        pod("p4", waiting=1),  # no adapter list: it may hold it, below the known holders
+        pod("p5", stale=True),  # stale: the mean of the known scores (0.8 + 0 + 0.8 + 0.7) / 4
     ]
     r = s.schedule(req(lora="sql"), pods)
-    # p4 is unknown: the mean of the known scores (0.8 + 0 + 0.8) / 3
-    assert r.scores() == pytest.approx({"p1": 0.8, "p2": 0.0, "p3": 0.8, "p4": 1.6 / 3})
+    assert r.scores() == pytest.approx({"p1": 0.8, "p2": 0.0, "p3": 0.8, "p4": 0.7, "p5": 2.3 / 4})
+
+
+def test_a_pod_turning_ready_has_unknown_adapters_until_a_read_after_it() -> None:
+    """The adapter list an engine gave while its pod was starting may lack adapters loaded
+    before it turned ready: until a read that started after that, the datastore holds the list
+    unknown, the LoRA filter keeps the pod and the scorer prefers pods known to hold it."""
+    from extproc.datastore import Datastore
+    from tests.extproc.helpers import config, server_yaml
+
+    now = [100.0]
+    ds = Datastore(clock=lambda: now[0])
+    text = server_yaml("s", {"app": "x"})
+    cfg = config(
+        text, [("p1", "10.0.0.1:8000", {"app": "x"}), ("p2", "10.0.0.2:8000", {"app": "x"})]
+    )
+    starting = replace(cfg, endpoints=[replace(cfg.endpoints[0], ready=False), cfg.endpoints[1]])
+    ds.apply(starting)
+    p1, p2 = ds.snapshot.pods["p1"], ds.snapshot.pods["p2"]
+    ds.publish_metrics("p2", metrics(loaded_loras=frozenset({"sql"}), loras_read_at=99.0))
+    assert p2.metrics.loaded_loras is None  # read before p2 became ready (at 100)
+    ds.publish_metrics("p2", metrics(loaded_loras=frozenset({"sql"}), loras_read_at=100.0))
+    assert p2.metrics.loaded_loras == {"sql"}
+    empty = metrics(loaded_loras=frozenset(), loras_read_at=101.0)  # read while starting
+    ds.publish_metrics("p1", empty)
+    assert p1.metrics.loaded_loras is None  # not ready: unknown
+    now[0] = 102.0
+    ds.apply(cfg)  # p1 turns ready; its adapters were loaded after the read at 101
+    assert p1.ready and p1.metrics.loaded_loras is None
+    ds.publish_metrics("p1", empty)  # metrics scrapes carry the old list: still unknown
+    assert p1.metrics.loaded_loras is None
+    s = sched(only("lora-capable", scorers=(("lora-affinity", 1, None),)))
+    # unknown is not absent: p1 alone gets the request
+    assert s.schedule(req(lora="sql"), [p1]).primary is p1
+    # with a known holder beside it, the known holder is preferred, p1 stays a fallback
+    r = s.schedule(req(lora="sql"), [p1, p2])
+    assert r.primary is p2 and [p.name for p in r.fallbacks] == ["p1"]
+    ds.publish_metrics("p1", metrics(loaded_loras=frozenset(), loras_read_at=102.0))
+    assert p1.metrics.loaded_loras == frozenset()  # read since: known, and it lacks "sql"
+    assert s.schedule(req(lora="sql"), [p1, p2]).primary is p2
+    with pytest.raises(NoPodAvailable, match="1 pod has not loaded it"):
+        s.schedule(req(lora="sql"), [p1])
 
 
 def test_session_affinity_sticks_and_falls_back() -> None:

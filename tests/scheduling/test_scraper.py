@@ -522,6 +522,7 @@ async def test_loaded_loras_ride_on_published_metrics(engines: Callable[..., Fak
         await scraper.scrape_once()
         assert published["vllm"].loaded_loras == frozenset({"sql"})
         assert published["vllm"].stale is False
+        assert published["vllm"].loras_read_at is not None  # when that read started
         assert published["sglang"].loaded_loras is None and sglang.model_hits == 0
         assert published["old"].loaded_loras is None and old.model_hits == 1
     finally:
