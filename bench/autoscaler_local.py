@@ -87,6 +87,9 @@ FAILED = 100.0  # the TTFT a request that got no token counts with (beyond any S
 START_RE = re.compile(r"pod (\S+): started ")
 STOP_RE = re.compile(r"pod (\S+): (?:deleted, process stopped|process exited)")
 CONTENDERS = ("static", "panic", "no-panic", "cold")
+# an optional contender: panic mode with a shorter scale-down stabilisation (--down-window),
+# the replay's tuned policy
+TUNED = "tuned"
 
 
 def trace(seed: int, compress: float) -> list[Request]:
@@ -167,9 +170,13 @@ def _d(seconds: float) -> str:
     return format_duration(round(seconds, 3))
 
 
-def scaled_policy(compress: float, target: float, panic: bool) -> dict[str, Any]:
+def scaled_policy(
+    compress: float, target: float, panic: bool, down_window: float | None = None
+) -> dict[str, Any]:
     """The API's default behaviour (and default panic policy when ``panic``), every duration
-    divided by ``compress``, on the gateway's in-flight (``target`` per pod) and waiting sums."""
+    divided by ``compress``, on the gateway's in-flight (``target`` per pod) and waiting sums;
+    ``down_window``: the scale-down stabilisation window instead of the API's 300 s."""
+    down = DEFAULT_DOWN.stabilization if down_window is None else down_window
     up: dict[str, Any] = {
         "stablePolicy": {
             "instances": DEFAULT_UP.instances,
@@ -196,7 +203,7 @@ def scaled_policy(compress: float, target: float, panic: bool) -> dict[str, Any]
             "scaleDown": {
                 "percent": DEFAULT_DOWN.percent,
                 "period": _d(DEFAULT_DOWN.period / compress),
-                "stabilizationWindow": _d(DEFAULT_DOWN.stabilization / compress),
+                "stabilizationWindow": _d(down / compress),
             },
         },
     }
@@ -327,11 +334,17 @@ def run_day(args: argparse.Namespace, key: str) -> dict[str, Any]:
     if key == "static":
         doc, name = model_doc(n, None, None), f"static fleet sized for the peak ({n} pods)"
     else:
-        panic = key == "panic"
-        policy = scaled_policy(compress, args.target, panic)
+        panic = key != "no-panic"
+        window = args.down_window if key == TUNED else None
+        policy = scaled_policy(compress, args.target, panic, window)
         doc = model_doc(1, args.max_replicas, policy)
         mode = "panic mode" if panic else "no panic mode"
         name = f"autoscaler, API defaults, {mode} (in-flight target {args.target:g})"
+        if key == TUNED:
+            name = (
+                f"autoscaler, panic mode, scale-down window {args.down_window:g} s"
+                f" (in-flight target {args.target:g})"
+            )
     reqs = trace(args.seed, compress)
     run_dir = args.run_dir / key
     demo = Demo(run_dir, doc, *_flags(args, compress, args.first_host))
@@ -443,10 +456,11 @@ def write_report(results_path: Path, out: Path, slo: float) -> str:
     missing = [k for k in CONTENDERS if k not in runs]
     if missing:
         raise SystemExit(f"{results_path}: no run of {', '.join(missing)} yet")
-    results = [as_result(runs[k]) for k in CONTENDERS[:3]]
+    day_keys = [*CONTENDERS[:3], *([TUNED] if TUNED in runs else [])]
+    results = [as_result(runs[k]) for k in day_keys]
     base = results[0].pod_seconds
     rows, phase_rows = [], []
-    for k, r in zip(CONTENDERS, results, strict=False):
+    for k, r in zip(day_keys, results, strict=True):
         failed = sum(1 for _, t, _ in runs[k]["requests"] if t is None)
         rows.append(
             f"| {r.name} | {len(r.ttfts)} | {failed} | {pct(r.ttfts, 0.5):.2f} |"
@@ -470,13 +484,12 @@ def write_report(results_path: Path, out: Path, slo: float) -> str:
     events = "\n".join(
         f"- {r.name}: "
         + (", ".join(f"{v} {k}" for k, v in sorted(runs[key]["scale_events"].items())) or "none")
-        for key, r in zip(CONTENDERS, results, strict=False)
+        for key, r in zip(day_keys, results, strict=True)
     )
     loads = "; ".join(
-        f"{key} {runs[key]['load'][0][0]:.1f} -> {runs[key]['load'][1][0]:.1f}"
-        for key in CONTENDERS[:3]
+        f"{key} {runs[key]['load'][0][0]:.1f} -> {runs[key]['load'][1][0]:.1f}" for key in day_keys
     )
-    lags = ", ".join(f"{key} {runs[key]['max_send_lag']:.2f} s" for key in CONTENDERS[:3])
+    lags = ", ".join(f"{key} {runs[key]['max_send_lag']:.2f} s" for key in day_keys)
     out.mkdir(parents=True, exist_ok=True)
     plot_day(results, slo, out / "autoscaler_local.png")
     first = runs["static"]
@@ -536,7 +549,15 @@ def _max(runs: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.autoscaler_local")
-    ap.add_argument("--contender", choices=CONTENDERS, help="run one contender and store it")
+    ap.add_argument(
+        "--contender", choices=(*CONTENDERS, TUNED), help="run one contender and store it"
+    )
+    ap.add_argument(
+        "--down-window",
+        type=float,
+        default=120.0,
+        help="the tuned contender's scale-down window, seconds before compression (default 120)",
+    )
     ap.add_argument("--report", action="store_true", help="write the report from stored runs")
     ap.add_argument("--seed", type=int, default=1, help="trace seed (default 1)")
     ap.add_argument(

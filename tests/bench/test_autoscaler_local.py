@@ -93,6 +93,8 @@ def test_the_policy_is_the_apis_defaults_compressed_and_a_valid_model() -> None:
     assert up["panicPolicy"]["panicModeHold"] == "10s"
     assert down["stabilizationWindow"] == "50s"
     assert "panicPolicy" not in scaled_policy(6.0, 2.6, panic=False)["behavior"]["scaleUp"]
+    tuned = scaled_policy(6.0, 2.6, panic=True, down_window=120.0)
+    assert tuned["behavior"]["scaleDown"]["stabilizationWindow"] == "20s"
     for doc in (model_doc(14, None, None), model_doc(1, 42, policy)):
         Model.model_validate(doc)  # the API accepts it
 
@@ -129,11 +131,15 @@ def test_the_report_has_every_contender_and_keeps_findings(tmp_path: Path) -> No
     (tmp_path / "autoscaler_local.md").write_text("# old\n\nold\n\n## Findings\n\n- by hand\n")
     text = write_report(stored, tmp_path, 1.0)
     assert text.endswith("## Findings\n\n- by hand\n")
+    assert "tuned" not in text  # the optional contender: only when it ran
     assert "| static fleet | 10 | 0 |" in text
     assert "| with panic | 10 | 1 |" in text and "90.0 %" in text and "| 0.50 |" in text
     assert "| without panic | 10 | 0 |" in text and "| 0.40 |" in text
     assert "**41.5 s**" in text
     assert (tmp_path / "autoscaler_local.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    runs["tuned"] = _run("tuned", [0.2] * 10, 300.0)
+    stored.write_text(json.dumps(runs))
+    assert "| tuned | 10 | 0 |" in write_report(stored, tmp_path, 1.0)
     del runs["cold"]
     stored.write_text(json.dumps(runs))
     with pytest.raises(SystemExit, match="cold"):
