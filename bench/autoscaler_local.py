@@ -85,6 +85,7 @@ STEP = 0.1  # the simulator's step (s): 10 tokens/s per stream
 SLOTS = 8  # sequences a simulated pod runs at once
 FAILED = 100.0  # the TTFT a request that got no token counts with (beyond any SLO)
 START_RE = re.compile(r"pod (\S+): started ")
+READY_RE = re.compile(r"pod \S+: ready \(([0-9.]+)s\)")
 STOP_RE = re.compile(r"pod (\S+): (?:deleted, process stopped|process exited)")
 CONTENDERS = ("static", "panic", "no-panic", "cold")
 # an optional contender: panic mode with a shorter scale-down stabilisation (--down-window),
@@ -393,6 +394,8 @@ def run_day(args: argparse.Namespace, key: str) -> dict[str, Any]:
         "alive": alive(pods, begin, end, 1.0),
         "replicas": [[(t - begin) * compress, n] for t, n in samples if begin <= t <= end],
         "scale_events": events,
+        # seconds from each pod's start to Ready (the kubelet's lines; start-up delay + load)
+        "ready_s": [float(m.group(1)) for _, line in demo.lines if (m := READY_RE.search(line))],
         "max_send_lag": result.max_send_lag,
         "load": [load_before, load_after],
         "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -489,6 +492,12 @@ def write_report(results_path: Path, out: Path, slo: float) -> str:
     loads = "; ".join(
         f"{key} {runs[key]['load'][0][0]:.1f} -> {runs[key]['load'][1][0]:.1f}" for key in day_keys
     )
+    starts = "; ".join(
+        f"{key} p50 {pct(runs[key]['ready_s'], 0.5):.1f} s, max {max(runs[key]['ready_s']):.1f} s"
+        f" ({len(runs[key]['ready_s'])} pods)"
+        for key in day_keys
+        if runs[key].get("ready_s")
+    )
     lags = ", ".join(f"{key} {runs[key]['max_send_lag']:.2f} s" for key in day_keys)
     out.mkdir(parents=True, exist_ok=True)
     plot_day(results, slo, out / "autoscaler_local.png")
@@ -533,6 +542,9 @@ Scale events (the autoscaler's Events on the ModelInfer):
 
 Cold start (no compression: pod start-up {cold["pod_start_delay"]:g} s, sync every
 {cold["interval"]:g} s, Model at zero): one request's first token after {cold_text}.
+
+Pods from start to Ready (wall seconds, nominal {first["pod_start_delay"] / c:g} s):
+{starts or "-"}.
 
 Load average (1 min) before -> after each run: {loads}. Worst send lag of the load generator
 behind the trace: {lags}.

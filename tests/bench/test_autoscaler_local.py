@@ -112,6 +112,7 @@ def _run(name: str, ttfts: Sequence[float | None], pod_s: float) -> dict[str, ob
         "alive": [2, 2, 3],
         "replicas": [],
         "scale_events": {"ScaleUp": 2},
+        "ready_s": [5.5, 6.0],
         "max_send_lag": 0.01,
         "load": [[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]],
         "max_replicas": 42,
@@ -135,7 +136,7 @@ def test_the_report_has_every_contender_and_keeps_findings(tmp_path: Path) -> No
     assert "| static fleet | 10 | 0 |" in text
     assert "| with panic | 10 | 1 |" in text and "90.0 %" in text and "| 0.50 |" in text
     assert "| without panic | 10 | 0 |" in text and "| 0.40 |" in text
-    assert "**41.5 s**" in text
+    assert "**41.5 s**" in text and "p50 5.5 s, max 6.0 s (2 pods)" in text
     assert (tmp_path / "autoscaler_local.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     runs["tuned"] = _run("tuned", [0.2] * 10, 300.0)
     stored.write_text(json.dumps(runs))
