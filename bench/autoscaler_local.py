@@ -282,8 +282,8 @@ class Demo:
     def text(self) -> str:
         return "".join(line for _, line in self.lines)
 
-    def api(self, path: str) -> Any:
-        with urllib.request.urlopen(self.server + path, timeout=10) as resp:
+    def api(self, path: str, timeout: float = 10.0) -> Any:
+        with urllib.request.urlopen(self.server + path, timeout=timeout) as resp:
             return json.loads(resp.read())
 
     def replicas(self) -> int:
@@ -293,7 +293,16 @@ class Demo:
     def scale_events(self) -> dict[str, int]:
         """The autoscaler's Events on the ModelInfer by reason."""
         out: dict[str, int] = {}
-        for e in self.api("/api/v1/namespaces/default/events")["items"]:
+        items: list[dict[str, Any]] = []
+        for attempt in range(5):  # the local API server answers slowly on a loaded machine
+            try:
+                items = self.api("/api/v1/namespaces/default/events", timeout=60.0)["items"]
+                break
+            except OSError:
+                if attempt == 4:
+                    return {"unread (API server timed out)": 0}
+                time.sleep(5.0)
+        for e in items:
             obj = e.get("involvedObject") or {}
             mine = obj.get("kind") == "ModelInfer" and obj.get("name") == TARGET
             if mine and "replicas" in str(e.get("message")):
