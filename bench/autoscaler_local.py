@@ -496,6 +496,7 @@ def write_report(results_path: Path, out: Path, slo: float) -> str:
     events = "\n".join(
         f"- {r.name}: "
         + (", ".join(f"{v} {k}" for k, v in sorted(runs[key]["scale_events"].items())) or "none")
+        + f"; desired replicas at most {max((n for _, n in runs[key]['replicas']), default=0)}"
         for key, r in zip(day_keys, results, strict=True)
     )
     loads = "; ".join(
@@ -533,7 +534,9 @@ stream); the load generator (`bench.loadgen`, streaming, open loop) replays the 
 start (30 s / {c:g}), the autoscaler syncs every {DEFAULT_INTERVAL / c:g} s, and its windows,
 periods and panic hold are the API's defaults / {c:g}; the rates and the answers' lengths are
 the trace's. Times below are in seconds of the day (wall x {c:g}) except TTFT, which is wall
-clock. SLO: TTFT <= {slo:g} s; a request without a token (503, timeout) counts as missing it.
+clock. SLO: TTFT <= {slo:g} s; a request without a token (503, timeout) misses it and counts with
+a TTFT of {FAILED:g} s in the percentiles. "max replicas" and the plot's replicas are the pods
+running at once (started, not necessarily Ready yet).
 Pod-seconds come from the local kubelet's pod start and stop lines within the trace's window.
 The autoscalers start at 1 pod (minReplicas 1) and may use up to {_max(runs)} pods.
 
@@ -552,7 +555,8 @@ Scale events (the autoscaler's Events on the ModelInfer):
 Cold start (no compression: pod start-up {cold["pod_start_delay"]:g} s, sync every
 {cold["interval"]:g} s, Model at zero): one request's first token after {cold_text}.
 
-Pods from start to Ready (wall seconds, nominal {first["pod_start_delay"] / c:g} s):
+Pods from start to Ready, as far as the kubelet's lines reported it (wall seconds, nominal
+{first["pod_start_delay"] / c:g} s):
 {starts or "-"}.
 
 Load average (1 min) before -> after each run: {loads}. Worst send lag of the load generator
