@@ -395,13 +395,19 @@ def run_day(args: argparse.Namespace, key: str) -> dict[str, Any]:
         "seed": args.seed,
         "compress": compress,
         "pod_start_delay": args.pod_start_delay,
-        "requests": [
-            [r.scheduled * compress, r.ttft if r.ok and r.ttft is not None else None, r.error]
+        "requests": [  # (arrival in day seconds, TTFT or None, error), to the millisecond
+            [
+                round(r.scheduled * compress, 3),
+                round(r.ttft, 3) if r.ok and r.ttft is not None else None,
+                r.error[:80],
+            ]
             for r in records
         ],
         "pod_seconds": pod_seconds(pods, begin, end) * compress,
         "alive": alive(pods, begin, end, 1.0),
-        "replicas": [[(t - begin) * compress, n] for t, n in samples if begin <= t <= end],
+        "replicas": [
+            [round((t - begin) * compress, 1), n] for t, n in samples if begin <= t <= end
+        ],
         "scale_events": events,
         # seconds from each pod's start to Ready (the kubelet's lines; start-up delay + load)
         "ready_s": [float(m.group(1)) for _, line in demo.lines if (m := READY_RE.search(line))],
@@ -622,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = json.loads(results_path.read_text()) if results_path.exists() else {}
         runs[args.contender] = data
         args.out.mkdir(parents=True, exist_ok=True)
-        results_path.write_text(json.dumps(runs, indent=1) + "\n")
+        results_path.write_text(json.dumps(runs, separators=(",", ":")) + "\n")
         print(json.dumps({k: v for k, v in data.items() if k not in ("requests",)})[:3000])
     if args.report:
         print(write_report(results_path, args.out, args.slo))
