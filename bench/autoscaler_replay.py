@@ -337,6 +337,36 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def plot_day(results: list[Result], slo: float, path: Path) -> None:
+    """Demand, replicas and p90 TTFT (per 30 s of arrivals) over the day, one line per
+    contender; ``timeline`` and ``ttft_points`` in seconds of the day."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(3, 1, figsize=(10, 9), sharex=True)
+    t0 = [t for t, _, _ in results[1].timeline]
+    ax[0].plot(t0, [x for _, _, x in results[1].timeline], color="black")
+    ax[0].set_ylabel("demand (req/s)")
+    for r in results:
+        ax[1].plot([t for t, _, _ in r.timeline], [n for _, n, _ in r.timeline], label=r.name)
+        buckets: dict[int, list[float]] = {}
+        for a, x in r.ttft_points:
+            buckets.setdefault(int(a // 30), []).append(x)
+        xs = sorted(buckets)
+        ax[2].plot([30 * b for b in xs], [pct(buckets[b], 0.9) for b in xs], label=r.name)
+    ax[1].set_ylabel("replicas")
+    ax[1].legend(fontsize=7)
+    ax[2].set_ylabel("p90 TTFT per 30 s (s)")
+    ax[2].set_yscale("log")
+    ax[2].axhline(slo, color="grey", linestyle="--", linewidth=0.8)
+    ax[2].set_xlabel("seconds into the day")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def write_report(
     args: argparse.Namespace,
     reqs: list[Request],
@@ -345,11 +375,6 @@ def write_report(
     static_n: int,
     robustness: dict[int, list[Result]],
 ) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     base = results[0].pod_seconds
     rows = []
     for r in results:
@@ -390,26 +415,8 @@ def write_report(
             ratio = other.pod_seconds / seed_results[0].pod_seconds
             cells.append(f"{100 * within(other, args.slo):.1f} % at {ratio:.2f}")
         seed_rows.append(f"| {r.name} | " + " | ".join(cells) + " |")
-    fig, ax = plt.subplots(3, 1, figsize=(10, 9), sharex=True)
-    t0 = [t for t, _, _ in results[1].timeline]
-    ax[0].plot(t0, [x for _, _, x in results[1].timeline], color="black")
-    ax[0].set_ylabel("demand (req/s)")
-    for r in results:
-        ax[1].plot([t for t, _, _ in r.timeline], [n for _, n, _ in r.timeline], label=r.name)
-        buckets: dict[int, list[float]] = {}
-        for a, x in r.ttft_points:
-            buckets.setdefault(int(a // 30), []).append(x)
-        xs = sorted(buckets)
-        ax[2].plot([30 * b for b in xs], [pct(buckets[b], 0.9) for b in xs], label=r.name)
-    ax[1].set_ylabel("replicas")
-    ax[1].legend(fontsize=7)
-    ax[2].set_ylabel("p90 TTFT per 30 s (s)")
-    ax[2].set_yscale("log")
-    ax[2].axhline(args.slo, color="grey", linestyle="--", linewidth=0.8)
-    ax[2].set_xlabel("seconds into the day")
-    fig.tight_layout()
     args.out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out / "autoscaler_replay.png", dpi=90)
+    plot_day(results, args.slo, args.out / "autoscaler_replay.png")
     cold_ttft = cold.ttfts[0] if cold.ttfts else float("nan")
     path = args.out / "autoscaler_replay.md"
     old = path.read_text() if path.exists() else ""

@@ -489,6 +489,9 @@ class Gateway:
         # the wake stage: requests for ModelServers with no ready pod (scale from zero)
         self.wake_timeout = wake_timeout
         self.waking = WakeRoom()
+        # server key -> woken requests waiting for room (``_woken_retry``, no fair queue): a
+        # newcomer for that server waits behind them instead of overtaking them on a free slot
+        self._woken_waiting: dict[str, int] = {}
         datastore.on_server_ready.append(self.waking.server_ready)
         self._max_waits: tuple[int, dict[str, float | None]] = (-1, {})
         self.policy_stages: NoPolicies = NO_POLICIES
@@ -647,11 +650,16 @@ class Gateway:
             scheduler = self.scheduler_for(view, snap.default_profile)
             if parsed.kind == "oip":  # only the pods that serve gRPC
                 state.subset = self._grpc_subset(view, state.subset)
+            # woken requests wait for room on this server (no fair queue): a newcomer waits
+            # behind them, to the same deadline rules, instead of taking a slot they wait for
+            behind_woken = woken_until is None and view.key in self._woken_waiting
             try:
                 if stages.waiting(view.key):
                     # others already wait for this server: a newcomer takes its place in the
                     # fair queue (priority, fair share) instead of overtaking them on a free slot
                     raise AllPodsSaturated("requests are already waiting in the fair queue")
+                if behind_woken:
+                    raise AllPodsSaturated("woken requests are waiting for room")
                 if trace is not None:
                     trace.enter("schedule")
                 result = self._schedule(view, scheduler, request, state.subset)
@@ -665,9 +673,13 @@ class Gateway:
                         state, parsed, view, saturated, attempt, self._undo
                     )
                 except AllPodsSaturated:
-                    if woken_until is None:
+                    if woken_until is not None:
+                        view, result = await self._woken_retry(view, attempt, woken_until)
+                    elif behind_woken:
+                        until = state.started + self._max_wait(snap, parsed.model)
+                        view, result = await self._behind_woken(view, attempt, until)
+                    else:
                         raise
-                    view, result = await self._woken_retry(view, attempt, woken_until)
                 began += time.perf_counter() - mark  # the wait is not the gateway's decision time
             routed = self._book(state, parsed, decision, view, scheduler, request, result)
             if parsed.kind == "oip":
@@ -799,11 +811,40 @@ class Gateway:
         counts what was sent to a pod since its last scrape as waiting there. It waits on, up to
         the end of its wake wait, for a request of that server to finish or the next scrape
         (polled every WOKEN_RETRY seconds), and schedules again; a 503 only after that."""
+        key = view.key
+        self._woken_waiting[key] = self._woken_waiting.get(key, 0) + 1
+        try:
+            while True:
+                left = until - self.clock()
+                if left <= 0:
+                    return attempt()  # a last try: AllPodsSaturated (503) if still full
+                await self.waking.wait(key, min(left, WOKEN_RETRY))
+                try:
+                    return attempt()
+                except AllPodsSaturated:
+                    continue
+        finally:
+            count = self._woken_waiting[key] - 1
+            if count:
+                self._woken_waiting[key] = count
+            else:
+                del self._woken_waiting[key]
+
+    async def _behind_woken(
+        self, view: ServerView, attempt: Attempt, until: float
+    ) -> tuple[ServerView, SchedulingResult]:
+        """A newcomer for a server whose woken requests wait for room (``_woken_retry``, no fair
+        queue) waits behind them, as a newcomer behind the fair queue's waiters does: it tries
+        for a pod only once no woken request waits any more (woken by a finished request or the
+        next WOKEN_RETRY poll), up to ``until`` (its route's ``queue.maxWait`` from its arrival,
+        or ``wake_timeout``); a 503 only after that."""
         while True:
             left = until - self.clock()
             if left <= 0:
-                return attempt()  # a last try: it raises AllPodsSaturated (503) if still full
+                return attempt()  # a last try: AllPodsSaturated (503) if still full
             await self.waking.wait(view.key, min(left, WOKEN_RETRY))
+            if view.key in self._woken_waiting:
+                continue  # woken requests still wait: they go first
             try:
                 return attempt()
             except AllPodsSaturated:

@@ -232,6 +232,52 @@ async def test_woken_requests_that_find_the_pod_saturated_wait_on_for_room() -> 
         await asyncio.sleep(0.01)
 
 
+async def test_a_newcomer_waits_behind_woken_requests_that_wait_for_room() -> None:
+    """A request that arrives once the woken pod is ready did not wait for it; while woken
+    requests still wait for room (no fair queue) it waits behind them, as a newcomer behind the
+    fair queue does: no saturation 503, and it is scheduled only after every woken request."""
+    gw, ds = make([POD])
+    ds.publish_metrics("p0", PodMetrics(stale=True, unreachable=True))  # starting
+    order: list[str] = []
+
+    async def one(name: str) -> tuple[RequestState, Routed | Immediate]:
+        state, early = gw.start(HEADERS, end_of_stream=False)
+        assert early is None
+        answer = await gw.decide(state, BODY)
+        order.append(name)
+        return state, answer
+
+    woken = [asyncio.create_task(one(f"woken{i}")) for i in range(20)]
+    await until(lambda: waiting(gw, ds) == 20.0, "20 requests counted as waiting")
+    ds.publish_metrics("p0", PodMetrics(stale=False, waiting=0, running=0))  # ready, empty
+    await until(lambda: ds.in_flight_total() >= 8, "the first requests routed")
+    await asyncio.sleep(0.05)
+    assert not all(t.done() for t in woken)  # the rest wait for room
+    newcomer = asyncio.create_task(one("newcomer"))
+    await asyncio.sleep(0.05)
+    assert not newcomer.done(), newcomer.result()  # waits, not answered 503 "saturated"
+    tasks = [*woken, newcomer]
+    finished: set[int] = set()
+    while len(finished) < len(tasks):  # each finished request lets a waiting one in
+        for i, t in enumerate(tasks):
+            if t.done() and i not in finished:
+                state, answer = t.result()
+                assert isinstance(answer, Routed) and answer.pod.name == "p0", answer
+                finished.add(i)
+                gw.finish(state)
+        await asyncio.sleep(0.01)
+    assert order[-1] == "newcomer", order  # it did not overtake a woken request
+
+
+async def test_without_woken_requests_waiting_a_saturated_server_still_sheds() -> None:
+    """The newcomer waits only behind woken requests: with none waiting, a saturated ModelServer
+    without a fair queue answers 503 at once, as before."""
+    gw, ds = make([POD])
+    ds.publish_metrics("p0", PodMetrics(stale=False, waiting=50, running=8))  # saturated
+    answer = await asyncio.wait_for(decide(gw), 5)
+    assert isinstance(answer, Immediate) and answer.status == 503, answer
+
+
 def test_datastore_reports_a_server_once_when_it_gets_its_first_ready_pod() -> None:
     ds = Datastore()
     seen: list[str] = []
