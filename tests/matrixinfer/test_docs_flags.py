@@ -44,6 +44,8 @@ OTHER_TOOLS = {
     # python -m bench.fleetsim
     "--workload", "--trace", "--param", "--seeds", "--http-latency", "--metric", "--repeat",
     "--warm", "--kv-events",
+    # python -m bench.autoscaler_local
+    "--contender", "--compress", "--report", "--slo",
 }  # fmt: skip
 
 
