@@ -72,6 +72,16 @@ class Setup:
     name: str
     prefill: int  # 0: aggregated
     decode: int
+    prefill_load: str = "prefill-queue"  # the prefill profile's load scorer (PD setups)
+
+
+# the default prefill profile (extproc.scheduling.pd.PREFILL_PROFILE) with another load scorer,
+# for comparing them in one run (precise-prefix left out: it abstains without KV events)
+PREFILL_SCHEDULER = (
+    "\n  prefillScheduler:\n    filters: [{{name: ready}}, {{name: saturation, args:"
+    " {{maxWaiting: 8, maxKvCacheUsage: 0.95}}}}, {{name: lora-capable}}]\n    scorers:"
+    " [{{name: prefix-cache, weight: 3}}, {{name: {load}, weight: 2}}]"
+)
 
 
 @dataclass
@@ -203,6 +213,8 @@ def start_pods(setup: Setup, first_host: str, logs: Path, time_scale: float = 1.
             "{role: prefill}, decodeLabels: {role: decode}}"
         )
         extra = "\n  kvConnector: {type: nixl}"
+        if setup.prefill_load != "prefill-queue":
+            extra += PREFILL_SCHEDULER.format(load=setup.prefill_load)
     config = (
         f"""apiVersion: networking.matrixinfer.ai/v1alpha1
 kind: ModelServer
@@ -234,7 +246,8 @@ spec:
 def measure(setup: Setup, ns: argparse.Namespace, work: Path) -> tuple[Summary, float, Breakdown]:
     """The setup's load summary, its share of stalled token gaps (stall_share) and where its
     TTFT goes."""
-    logs = work / setup.name.replace(":", "")
+    slug = setup.name.replace(":", "").replace(" ", "-")
+    logs = work / slug
     logs.mkdir(parents=True, exist_ok=True)
     scale = ns.time_scale
     pods = start_pods(setup, ns.first_host, logs, scale)
@@ -266,7 +279,7 @@ def measure(setup: Setup, ns: argparse.Namespace, work: Path) -> tuple[Summary, 
         result = to_simulated(result, scale)
         if ns.records:
             ns.records.mkdir(parents=True, exist_ok=True)
-            out = ns.records / f"{setup.name.replace(':', '')}.jsonl"
+            out = ns.records / f"{slug}.jsonl"
             out.write_text("".join(json.dumps(asdict(r)) + "\n" for r in result.records))
         where = breakdown(result, pods, ns.long_tokens, scale)
         return summarize(result), stall_share(result), where
@@ -334,6 +347,7 @@ def report(rows: list[Row], ns: argparse.Namespace) -> str:
         f" {ns.seconds:g} --seed {ns.seed} --long-share {ns.long_share:g}"
         + (f" --prefill-pods {','.join(map(str, ns.prefill_pods))}" if ns.prefill_pods else "")
         + (f" --time-scale {ns.time_scale:g}" if ns.time_scale != 1 else "")
+        + (" --also-least-request" if ns.also_least_request else "")
         + "`",
         "",
     ]
@@ -362,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--long-share", type=float, default=0.3)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--first-host", default="127.0.0.200")
+    ap.add_argument("--also-least-request", action="store_true",
+                    help="also run each PD setup with least-request instead of prefill-queue"
+                    " picking the prefill pod (default: off)")  # fmt: skip
     ap.add_argument("--time-scale", type=float, default=1.0,
                     help="the simulators' --time-scale (wall = simulated x scale); the load is"
                     " sent on the stretched schedule and latencies reported in simulated"
@@ -386,6 +403,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--prefill-pods: {bad} leave no prefill or no decode pod of --pods {n}")
     setups = [Setup("aggregated", 0, n)]
     setups += [Setup(f"{c}P:{n - c}D", c, n - c) for c in dict.fromkeys(counts)]
+    if ns.also_least_request:
+        setups += [
+            Setup(f"{c}P:{n - c}D least-request", c, n - c, "least-request")
+            for c in dict.fromkeys(counts)
+        ]
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-pd-") as tmp:
         for setup in setups:
