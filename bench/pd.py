@@ -302,7 +302,15 @@ def report(rows: list[Row], ns: argparse.Namespace) -> str:
         "",
         f"{ns.pods} simulator pods (time scale {ns.time_scale:g}, default timing model) behind"
         " Envoy + extproc"
-        f" on {platform.node() or 'this machine'} ({os.cpu_count()} CPUs). Workload (seed"
+        + (
+            f" (the engines run {ns.time_scale:g}x slower than simulated time, the load is sent"
+            " on the stretched schedule and every figure is in simulated time)"
+            if ns.time_scale != 1
+            else ""
+        )
+        + f" on {platform.node() or 'this machine'} ({os.cpu_count()} CPUs, load average"
+        f" {os.getloadavg()[0]:.1f} at the end)."
+        " Workload (seed"
         f" {ns.seed}): Poisson {ns.qps:g} req/s for {ns.seconds:g} s, {ns.long_share:.0%}"
         f" {ns.long_tokens}-token prompts, the rest {ns.short_tokens}-token chats,"
         f" {ns.max_tokens} output tokens, streamed. PD setups use the `nixl` connector through"
@@ -346,6 +354,7 @@ def report(rows: list[Row], ns: argparse.Namespace) -> str:
         f"Command: `python -m bench.pd --pods {ns.pods} --qps {ns.qps:g} --seconds"
         f" {ns.seconds:g} --seed {ns.seed} --long-share {ns.long_share:g}"
         + (f" --prefill-pods {','.join(map(str, ns.prefill_pods))}" if ns.prefill_pods else "")
+        + (f" --max-tokens {ns.max_tokens}" if ns.max_tokens != 128 else "")
         + (f" --time-scale {ns.time_scale:g}" if ns.time_scale != 1 else "")
         + (" --also-least-request" if ns.also_least_request else "")
         + "`",
