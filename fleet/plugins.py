@@ -25,6 +25,7 @@ __all__ = [
     "PluginEntry",
     "PluginSpecLike",
     "PrecisePrefixArgs",
+    "PrefillQueueArgs",
     "PrefixCacheArgs",
     "ProfileLike",
     "SaturationArgs",
@@ -72,6 +73,17 @@ class LeastRequestArgs(BaseModel):
         gt=0,
         description="Load added to every pod before comparing: score = (min_load + slack) / "
         "(load + slack). Larger = gentler preference at low load.",
+    )
+
+
+class PrefillQueueArgs(BaseModel):
+    model_config = ARGS_CONFIG
+
+    slack: float = Field(
+        default=1024.0,
+        gt=0,
+        description="Prompt tokens added to every pod's queue before comparing: score = "
+        "(min_queued + slack) / (queued + slack). Larger = gentler preference at low load.",
     )
 
 
@@ -150,6 +162,7 @@ CATALOGUE: Mapping[str, PluginEntry] = {
         PluginEntry("saturation", "filter", SaturationArgs),
         PluginEntry("lora-capable", "filter", LoraCapableArgs),
         PluginEntry("least-request", "scorer", LeastRequestArgs, 1.0),
+        PluginEntry("prefill-queue", "scorer", PrefillQueueArgs, 1.0),
         PluginEntry("kv-cache", "scorer", NoArgs, 1.0),
         PluginEntry("prefix-cache", "scorer", PrefixCacheArgs, 2.0),
         PluginEntry("precise-prefix", "scorer", PrecisePrefixArgs, 5.0),

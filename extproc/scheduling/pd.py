@@ -62,11 +62,13 @@ PREFILL_PROFILE = SchedulerProfile(
     scorers=[
         PluginSpec(name="precise-prefix", weight=5.0),
         PluginSpec(name="prefix-cache", weight=3.0),
-        PluginSpec(name="least-request", weight=2.0),
+        PluginSpec(name="prefill-queue", weight=2.0),
     ],
 )
 """The prefill pod's default profile (a PD ModelServer without ``prefillScheduler``): a prefill pod
-is busy for the prompt only, so cached prefix first, then its queue."""
+is busy for the prompt only, so cached prefix first, then its queue in prompt tokens
+(``prefill-queue``: the gateway never counts a prefill pod's requests in flight, the decode pod's
+proxy calls it)."""
 
 
 class PDScheduler:

@@ -27,6 +27,7 @@ from typing import ClassVar
 from pydantic import BaseModel
 
 from extproc.kvindex import KVBlockIndex, PromptHasher
+from extproc.scheduling.pd_queue import PrefillQueue
 from extproc.scheduling.prefix import BlockHashes, PrefixIndex
 from extproc.scheduling.tokenizers import (
     AUTO,
@@ -48,6 +49,7 @@ from fleet.plugins import (
     LeastRequestArgs,
     LoraCapableArgs,
     PrecisePrefixArgs,
+    PrefillQueueArgs,
     PrefixCacheArgs,
     SaturationArgs,
     SessionAffinityArgs,
@@ -68,6 +70,7 @@ __all__ = [
     "Plugin",
     "PluginInfo",
     "PrecisePrefixScorer",
+    "PrefillQueueScorer",
     "PrefixCacheScorer",
     "RandomScorer",
     "ReadyFilter",
@@ -332,6 +335,36 @@ class LeastRequestScorer(Scorer):
         slack = self.slack
         top = min(loads) + slack
         return [top / (x + slack) for x in loads]
+
+
+class PrefillQueueScorer(Scorer):
+    """For prefill pods (prefill/decode serving): prefers the pod with the fewest prompt tokens
+    still to prefill (:class:`extproc.scheduling.pd_queue.PrefillQueue`: the prompts this gateway
+    sent there since its last scrape, plus the last ``waiting + running`` sent before). Score =
+    (min_queued + slack) / (queued + slack)."""
+
+    name = "prefill-queue"
+
+    def __init__(self, args: BaseModel) -> None:
+        super().__init__(args)
+        assert isinstance(args, PrefillQueueArgs)
+        self.slack = args.slack
+        self.queue = PrefillQueue()
+
+    def score(self, ctx: Context, pods: list[Pod]) -> list[float] | None:
+        ctx.state[self.key] = ctx.now
+        queued = [self.queue.queued_tokens(p) for p in pods]
+        slack = self.slack
+        top = min(queued) + slack
+        return [top / (q + slack) for q in queued]
+
+    def on_routed(self, request: SchedulingRequest, result: SchedulingResult) -> None:
+        now = result.plugin_state.get(self.key)
+        if isinstance(now, float):
+            self.queue.routed(result.primary.name, request.estimated_input_tokens, now)
+
+    def forget_pod(self, pod_name: str) -> None:
+        self.queue.forget(pod_name)
 
 
 class KvCacheScorer(Scorer):
@@ -784,6 +817,7 @@ _CLASSES: Sequence[type[Filter] | type[Scorer]] = (
     SaturationFilter,
     LoraCapableFilter,
     LeastRequestScorer,
+    PrefillQueueScorer,
     KvCacheScorer,
     PrefixCacheScorer,
     PrecisePrefixScorer,

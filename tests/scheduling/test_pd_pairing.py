@@ -13,6 +13,7 @@ from extproc.gateway import Gateway, Routed
 from extproc.metrics import GatewayMetrics
 from extproc.scheduling import build_scheduler
 from extproc.scheduling.pd import DECODE_PROFILE, PREFILL_PROFILE, PDScheduler
+from extproc.scheduling.pd_queue import PrefillQueue
 from extproc.scheduling.types import AllPodsSaturated, NoPodAvailable, SchedulingRequest
 from fleet.pd import PREFILL_HEADER, parse_prefill
 from fleet.pods import Pod, PodMetrics
@@ -215,3 +216,59 @@ def test_prefill_header_values_are_checked() -> None:
     assert parse_prefill("") == []
     with pytest.raises(ValueError, match="'nope' is not an ip:port"):
         parse_prefill("1.2.3.4:80,nope")
+
+
+# ---- prefill pods by queued prompt tokens (prefill-queue) ---------------------------------------
+
+
+def scraped(p: Pod, waiting: float, running: float, at: float) -> Pod:
+    p.metrics = PodMetrics(waiting=waiting, running=running, scraped_at=at, stale=False)
+    return p
+
+
+def test_prefill_queue_counts_prompts_sent_since_the_scrape_and_the_engines_queue() -> None:
+    q = PrefillQueue()
+    p = scraped(pod("p-a", "prefill", "a"), waiting=1, running=1, at=10.0)
+    for at, tokens in ((8.0, 4000), (9.0, 3000), (9.5, 2000), (10.5, 100), (11.0, 50)):
+        q.routed("p-a", tokens, at)
+    # after the scrape: 100 + 50; the engine held 2 then: the last two sent before it
+    assert q.queued_tokens(p) == 150 + 3000 + 2000
+    # a later scrape with an empty engine: nothing sent since, nothing queued
+    scraped(p, waiting=0, running=0, at=12.0)
+    assert q.queued_tokens(p) == 0
+    # stale metrics: only what was sent since the last scrape
+    p.metrics = PodMetrics(waiting=5, running=1, scraped_at=12.0, stale=True)
+    q.routed("p-a", 700, 12.5)
+    assert q.queued_tokens(p) == 700
+    assert q.queued_tokens(pod("p-b", "prefill", "a")) == 0
+
+
+def test_prefill_queue_counts_other_gateways_requests_at_the_mean_prompt() -> None:
+    q = PrefillQueue()
+    q.routed("p-a", 1000, 1.0)
+    q.routed("p-a", 3000, 2.0)
+    p = scraped(pod("p-a", "prefill", "a"), waiting=3, running=1, at=5.0)
+    assert q.queued_tokens(p) == 4000 + 2 * 2000
+
+
+def test_a_burst_between_scrapes_spreads_over_the_prefill_pods_by_prompt_tokens() -> None:
+    # every prefill pod scraped idle just before a burst: without counting what the gateway sent
+    # since, the least-loaded pick would repeat; by queued tokens, long prompts spread and a short
+    # one goes where the least prefill work waits
+    now = [100.0]
+    pre = build_scheduler(PREFILL_PROFILE, rng=random.Random(3), clock=lambda: now[0])
+    s = PDScheduler(GROUP, build_scheduler(DECODE_PROFILE, rng=random.Random(3)), pre)
+    pods = [pod("d-a", "decode", "a")] + [
+        scraped(pod(f"p-{i}", "prefill", "a"), 0, 0, at=99.0) for i in range(3)
+    ]
+    picks = []
+    for i, tokens in enumerate((4000, 4000, 4000, 4000, 100)):
+        now[0] += 0.01
+        r = SchedulingRequest(f"r{i}", "m", prompt=f"doc {i} " * 20, estimated_input_tokens=tokens)
+        result = s.schedule(r, pods)
+        s.on_routed(r, result)
+        assert result.prefill is not None
+        picks.append(result.prefill.primary.name)
+    assert sorted(picks[:3]) == ["p-0", "p-1", "p-2"]
+    # the fourth long prompt joins one queue; the short one goes to a pod with a single prompt
+    assert picks[4] != picks[3]

@@ -50,6 +50,7 @@ def test_registry_lists_every_plugin() -> None:
     }
     assert {n for n, i in PLUGINS.items() if i.kind == "scorer"} == {
         "least-request",
+        "prefill-queue",
         "kv-cache",
         "prefix-cache",
         "precise-prefix",
