@@ -165,10 +165,14 @@ class Datastore:
                     if kept is not None and kept.address == address:
                         kept.labels = dict(endpoint.labels)
                         kept.ready = endpoint.ready and endpoint.name not in self._scrape_down
+                        kept.grpc = member.grpc
                         pod = kept
                     else:
                         pod = Pod(endpoint.name, address, dict(endpoint.labels), endpoint.ready)
+                        pod.grpc = member.grpc
                     pods[endpoint.name] = pod
+                elif pod.grpc is None and pod.address == address:
+                    pod.grpc = member.grpc  # a second ModelServer that serves gRPC there
                 elif pod.address != address:
                     warnings.append(
                         f"endpoint '{endpoint.name}' resolves to {pod.address} and {address} for "

@@ -23,9 +23,19 @@ from tests.policies.conftest import documents, keys_yaml, policy_stack, route_ya
 
 HOST = "127.0.0.110"
 KEYS = {"key-alice": ("acme", "alice", [])}
+
+
+def routes(grpc_port: int) -> str:
+    return documents(
+        server_yaml("grpc-pool", {"app": "grpc-sim"}, model="demo-model", grpc_port=grpc_port),
+        server_yaml("http-pool", {"app": "grpc-sim"}, model="demo-model"),  # no grpcPort
+        ROUTES,
+    )
+
+
 ROUTES = documents(
-    server_yaml("grpc-pool", {"app": "grpc-sim"}, model="demo-model"),
     route_yaml("grpc-open", "grpc-model", server="grpc-pool"),
+    route_yaml("http-open", "http-model", server="http-pool"),
     route_yaml("grpc-keyed", "keyed-model", server="grpc-pool"),
     route_yaml(
         "grpc-limited",
@@ -55,15 +65,14 @@ def stack(
     tmp_path_factory: pytest.TempPathFactory, grpc_fleet: Fleet, grpc_port: int
 ) -> Iterator[GatewayStack]:
     config = tmp_path_factory.mktemp("grpc-config")
-    (config / "model.yaml").write_text(ROUTES)
+    (config / "model.yaml").write_text(routes(grpc_port))
     lines = [
         "apiVersion: gateway.matrixinfer.ai/v1alpha1\nkind: Endpoints\n"
         "metadata: {name: grpc-sims}\nspec:\n  endpoints:"
     ]
     for pod in grpc_fleet.pods:
         lines.append(
-            f"  - {{name: {pod.name}, address: '{pod.address}', "
-            f"labels: {{app: grpc-sim, matrixinfer.io/grpc-port: '{grpc_port}'}}}}"
+            f"  - {{name: {pod.name}, address: '{pod.address}', labels: {{app: grpc-sim}}}}"
         )
     (config / "sims.yaml").write_text("\n".join(lines) + "\n")
     secrets = tmp_path_factory.mktemp("grpc-secrets")
@@ -71,7 +80,7 @@ def stack(
     auth = secrets / "auth.yaml"
     auth.write_text(
         f"apiKeysFile: {secrets / 'keys.yaml'}\nreloadIntervalSeconds: 0.1\n"
-        "anonymousRoutes: [grpc-open]\n"
+        "anonymousRoutes: [grpc-open, http-open]\n"
     )
     s = policy_stack(
         config, tmp_path_factory.mktemp("grpc-run"), grpc_fleet, ("--auth-config", str(auth))
@@ -152,6 +161,13 @@ def test_unknown_model_is_not_found(channel: grpc.Channel) -> None:
         stub(channel).ModelInfer(infer_request("no-such-model"), timeout=20)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     assert "no-such-model" in (err.value.details() or "")
+
+
+def test_a_model_server_without_a_grpc_port_is_unavailable(channel: grpc.Channel) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        stub(channel).ModelInfer(infer_request("http-model"), timeout=20)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "ModelServer 'http-pool' serves no gRPC" in (err.value.details() or "")
 
 
 def test_missing_model_name_is_invalid_argument(channel: grpc.Channel) -> None:
