@@ -4,18 +4,21 @@ real Envoy (h2c) -> extproc (model_name from the protobuf body, auth, rate limit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
 from fleet.oip import grpc_predict_v2_pb2 as oip
 from fleet.oip import grpc_predict_v2_pb2_grpc as oip_grpc
-from matrixinfer.process import free_port, wait_until
+from matrixinfer.process import ReadinessTimeout, free_port, wait_until
 from matrixinfer.stack import GatewayStack
+from matrixinfer.testing.metrics import metric
 from sim.fleet import Fleet
 from tests.conftest import sim_fleet
 from tests.extproc.helpers import server_yaml
@@ -36,6 +39,7 @@ def routes(grpc_port: int) -> str:
 ROUTES = documents(
     route_yaml("grpc-open", "grpc-model", server="grpc-pool"),
     route_yaml("http-open", "http-model", server="http-pool"),
+    route_yaml("grpc-usage", "usage-model", server="grpc-pool"),
     route_yaml("grpc-keyed", "keyed-model", server="grpc-pool"),
     route_yaml(
         "grpc-limited",
@@ -80,7 +84,7 @@ def stack(
     auth = secrets / "auth.yaml"
     auth.write_text(
         f"apiKeysFile: {secrets / 'keys.yaml'}\nreloadIntervalSeconds: 0.1\n"
-        "anonymousRoutes: [grpc-open, http-open]\n"
+        "anonymousRoutes: [grpc-open, http-open, grpc-usage]\n"
     )
     s = policy_stack(
         config, tmp_path_factory.mktemp("grpc-run"), grpc_fleet, ("--auth-config", str(auth))
@@ -147,6 +151,41 @@ def test_stream_of_requests_gets_one_answer_each(channel: grpc.Channel) -> None:
     assert len(answers) == 3
     assert all(not a.error_message for a in answers)
     assert all(a.infer_response.outputs[0].contents.bytes_contents for a in answers)
+
+
+def test_usage_is_settled_from_the_engines_counts(
+    stack: GatewayStack, channel: grpc.Channel
+) -> None:
+    """The engine's response parameters prompt_tokens/completion_tokens, read by Envoy's
+    usage.lua, settle the call's usage (summed over a ModelStreamInfer's responses). The waits
+    read usage-model's own counters: other tests' late reports move the others."""
+
+    def tokens() -> tuple[float, float]:
+        return (
+            metric(stack, "matrixinfer_gateway_usage_tokens_total", model="usage-model",
+                   kind="prompt"),
+            metric(stack, "matrixinfer_gateway_usage_tokens_total", model="usage-model",
+                   kind="completion"),
+        )  # fmt: skip
+
+    def settled(before: tuple[float, float], answers: list[Any]) -> tuple[float, float]:
+        prompt = sum(a.parameters["prompt_tokens"].int64_param for a in answers)
+        completion = sum(a.parameters["completion_tokens"].int64_param for a in answers)
+        assert prompt > 0 and completion > 0
+        want = (before[0] + prompt, before[1] + completion)
+        with contextlib.suppress(ReadinessTimeout):  # the assertion below says what came
+            wait_until(lambda: tokens() == want, 30, "usage-model's usage settled")
+        return want
+
+    before = tokens()
+    response = stub(channel).ModelInfer(infer_request("usage-model", "count me " * 20), timeout=20)
+    want = settled(before, [response])
+    assert tokens() == want
+    before = tokens()
+    requests = [infer_request("usage-model", f"prompt {i} " * (i + 1), 3) for i in range(3)]
+    answers = [a.infer_response for a in stub(channel).ModelStreamInfer(iter(requests), timeout=20)]
+    want = settled(before, answers)
+    assert tokens() == want
 
 
 def test_server_and_model_readiness(channel: grpc.Channel) -> None:
