@@ -40,6 +40,12 @@ ROUTES = documents(
     route_yaml("grpc-open", "grpc-model", server="grpc-pool"),
     route_yaml("http-open", "http-model", server="http-pool"),
     route_yaml("grpc-usage", "usage-model", server="grpc-pool"),
+    route_yaml(
+        "grpc-output",
+        "output-model",
+        server="grpc-pool",
+        rateLimit="{outputTokensPerUnit: 100, unit: hour, scope: route}",
+    ),
     route_yaml("grpc-keyed", "keyed-model", server="grpc-pool"),
     route_yaml(
         "grpc-limited",
@@ -84,7 +90,7 @@ def stack(
     auth = secrets / "auth.yaml"
     auth.write_text(
         f"apiKeysFile: {secrets / 'keys.yaml'}\nreloadIntervalSeconds: 0.1\n"
-        "anonymousRoutes: [grpc-open, http-open, grpc-usage]\n"
+        "anonymousRoutes: [grpc-open, http-open, grpc-usage, grpc-output]\n"
     )
     s = policy_stack(
         config, tmp_path_factory.mktemp("grpc-run"), grpc_fleet, ("--auth-config", str(auth))
@@ -186,6 +192,18 @@ def test_usage_is_settled_from_the_engines_counts(
     answers = [a.infer_response for a in stub(channel).ModelStreamInfer(iter(requests), timeout=20)]
     want = settled(before, answers)
     assert tokens() == want
+
+
+def test_calls_reserve_their_max_tokens_not_the_whole_output_budget(
+    channel: grpc.Channel,
+) -> None:
+    """100 output tokens an hour: three calls of max_tokens 5 at once are all admitted (each
+    reserves 5; a call that reserved the whole budget would leave the others nothing)."""
+    s = stub(channel)
+    calls = [s.ModelInfer.future(infer_request("output-model", max_tokens=5), timeout=20)
+             for _ in range(3)]  # fmt: skip
+    answers = [c.result() for c in calls]
+    assert all(1 <= a.parameters["completion_tokens"].int64_param <= 5 for a in answers)
 
 
 def test_server_and_model_readiness(channel: grpc.Channel) -> None:
