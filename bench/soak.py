@@ -504,6 +504,11 @@ def report(
         "",
         f"**Verdict: {'PASS' if passed else 'FAIL'}.**",
         "",
+    ]
+    findings = args.out.with_name(args.out.stem + ".findings.md")
+    if findings.exists():  # hand-written commentary on the committed run, kept across runs
+        lines += [findings.read_text().strip(), ""]
+    lines += [
         "| check | result | figures |",
         "|---|---|---|",
         *(f"| {name} | {'pass' if ok else 'FAIL'} | {fig} |" for name, ok, fig in checks),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -97,7 +98,7 @@ def test_verdict_passes_a_clean_soak_and_names_each_failure() -> None:
     assert [k for k, ok in lost.items() if not ok] == ["every usage report settled"]
 
 
-def test_report_shows_the_verdict_the_figures_and_the_unexpected_answers() -> None:
+def test_report_shows_the_verdict_the_figures_and_the_unexpected_answers(tmp_path: Path) -> None:
     t = tally(unexpected=2)
     for kind in MIX:
         t.sent[kind] += 1
@@ -107,12 +108,15 @@ def test_report_shows_the_verdict_the_figures_and_the_unexpected_answers() -> No
     args = argparse.Namespace(
         minutes=0.3, pods=2, time_scale=0.05, workers=32, saturation_seconds=5.0, load=0.8,
         sample_seconds=1.0, warmup=0.0, fd_changes={"envoy": "no kind changed"},
+        out=tmp_path / "soak.md",
     )  # fmt: skip
+    (tmp_path / "soak.findings.md").write_text("What the run found.\n")
     text = report(args, 50.0, 40.0, t, s, {"reported": 3.0}, results, ((1, 1, 1), (2, 2, 2)), t)
     assert "**Verdict: FAIL.**" in text
     assert "| zero unexpected errors | FAIL | 2 (chat 503: 2) |" in text
     assert "- chat 503: `no healthy upstream`" in text
     assert "**40.0 req/s**" in text and "envoy: no kind changed" in text
+    assert "**Verdict: FAIL.**\n\nWhat the run found.\n" in text
 
 
 def test_fd_changes_names_the_kinds_that_moved() -> None:
