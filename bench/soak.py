@@ -89,6 +89,10 @@ class Sample:
     fds: dict[str, int]  # process name -> open file descriptors
     done: int  # requests finished so far
     in_flight: int
+    # the most the load generator sent a request after its due time since the previous sample
+    # (seconds: the client itself was starved of CPU), and the 1-minute load average
+    send_lag: float = 0.0
+    load1: float = 0.0
 
 
 @dataclass(slots=True, frozen=True)
@@ -441,11 +445,15 @@ async def open_loop(
     tasks: set[asyncio.Task[None]] = set()
     began = time.perf_counter()
 
+    lag = [0.0]
+
     def sample() -> None:
         rss, fds = {}, {}
         for name, pid in pids.items():
             rss[name], fds[name] = proc_stats(pid)
-        samples.append(Sample(time.perf_counter() - began, rss, fds, load.done, load.in_flight))
+        at = time.perf_counter() - began
+        samples.append(Sample(at, rss, fds, load.done, load.in_flight, lag[0], os.getloadavg()[0]))
+        lag[0] = 0.0
 
     async def sampler() -> None:
         while True:
@@ -461,6 +469,8 @@ async def open_loop(
         delay = due - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
+        else:
+            lag[0] = max(lag[0], -delay)
         kind = kind_at(i)
         tally.sent[kind] += 1
         task = asyncio.create_task(load.one(kind, i, tally))
@@ -547,8 +557,8 @@ def report(
         + ", ".join(f"{k} {v:g}" for k, v in settled.items())
         + f"; routed requests: {tally.routed}.",
         "",
-        f"## Processes (a sample every {args.sample_seconds:g} s; warm-up: the first "
-        f"{args.warmup:g} s)",
+        f"## Processes (a sample every {args.sample_seconds:g} s, shown: evenly spaced ones and "
+        f"the 5 with the most requests in flight; warm-up: the first {args.warmup:g} s)",
         "",
     ]
     names = sorted(samples[0].rss_kib) if samples else []
@@ -559,13 +569,21 @@ def report(
         *(f"- {n}: {args.fd_changes.get(n, '?')}" for n in names),
         "",
     ]
-    header = "| t (s) | done | in flight | " + " | ".join(f"{n} RSS MiB | {n} FDs" for n in names)
-    lines += [header + " |", "|" + "---|" * (3 + 2 * len(names))]
+    header = "| t (s) | load avg | send lag s | done | in flight | " + " | ".join(
+        f"{n} RSS MiB | {n} FDs" for n in names
+    )
+    lines += [header + " |", "|" + "---|" * (5 + 2 * len(names))]
     step = max(1, len(samples) // 20)
-    shown = samples[::step] + ([samples[-1]] if samples and (len(samples) - 1) % step else [])
+    # evenly spaced, the last one, and the 5 with the most requests in flight (the stalls)
+    picked = set(range(0, len(samples), step)) | {len(samples) - 1}
+    picked |= set(sorted(range(len(samples)), key=lambda i: -samples[i].in_flight)[:5])
+    shown = [samples[i] for i in sorted(picked) if i >= 0]
     for s in shown:
         cells = " | ".join(f"{s.rss_kib[n] / 1024:.1f} | {s.fds[n]}" for n in names)
-        lines.append(f"| {s.at:.0f} | {s.done} | {s.in_flight} | {cells} |")
+        lines.append(
+            f"| {s.at:.0f} | {s.load1:.1f} | {s.send_lag:.2f} | {s.done} | {s.in_flight} | "
+            f"{cells} |"
+        )
     lines.append("")
     return "\n".join(lines)
 
