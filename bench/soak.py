@@ -139,7 +139,7 @@ class Tally:
         if ok and kind in ROUTED:
             self.latencies.append(seconds)
         if not ok:
-            self.details.setdefault((kind, label), detail[:300])
+            self.details.setdefault((kind, label), detail[:300].strip())
 
     @property
     def routed(self) -> int:
