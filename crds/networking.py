@@ -390,11 +390,20 @@ class WorkloadSelector(ApiModel):
 
 
 class WorkloadPort(ApiModel):
-    """The port the engines listen on; metrics are scraped from /metrics on it."""
+    """The ports the engines listen on; metrics are scraped from /metrics on ``port``."""
 
     port: int = Field(description="Container port of the engine (1-65535).", ge=1, le=65535)
     protocol: Literal["http", "https"] = Field(
         default="http", description="Protocol spoken on the port."
+    )
+    grpc_port: int | None = Field(
+        default=None,
+        description="Container port on which the engine serves the Open Inference Protocol v2"
+        " gRPC service (inference.GRPCInferenceService, e.g. Triton's 8001), over HTTP/2"
+        " without TLS (1-65535). The gateway sends gRPC inference calls only to pods of"
+        " ModelServers that set it; absent: the pods serve no gRPC.",
+        ge=1,
+        le=65535,
     )
 
 

@@ -40,6 +40,64 @@ local EMPTY_CHOICES = '"choices"%s*:%s*%[%s*%]'
 local USAGE_OBJECT = '"usage"%s*:%s*{'
 local BLANK_LINE = "\n\r?\n" -- the end of an SSE event ("\n\n" or "\r\n\r\n")
 
+-- gRPC answers of the Open Inference Protocol (application/grpc): the engine reports its exact
+-- counts as the response parameters `prompt_tokens` and `completion_tokens` (InferParameter
+-- int64_param or uint64_param) of each ModelInferResponse; the call's usage is their sum over
+-- the call (a ModelStreamInfer answers each request with one response). Every chunk is searched
+-- for the two map entries as protobuf encodes them (entry field 4 with its length, key field 1,
+-- value field 2); GRPC_CARRY bytes after the last whole entry are held for the next chunk (an
+-- entry is at most 34 bytes). The search does not parse the messages, so output text holding
+-- the exact bytes of an entry would count too: it can only add to the usage, never hide any.
+local GRPC_KEYS = { prompt = "\10\13prompt_tokens\18", completion = "\10\17completion_tokens\18" }
+local GRPC_CARRY = 40
+
+-- the integer of the map entry whose key starts at s[at] (key: its encoding up to the value's
+-- tag): value and the entry's last index; nil when the entry runs past the end of s; false
+-- (and the index to search on from) when the bytes are no such entry or hold another kind of
+-- value (string_param, bool_param, ...)
+local function grpc_param_int(s, at, key)
+  local i = at + #key -- the InferParameter's length byte
+  local len = byte(s, i)
+  if len == nil or i + len > #s then return nil end
+  local last = i + len
+  if byte(s, at - 2) ~= 34 or byte(s, at - 1) ~= #key + 1 + len then return false, at end
+  local tag = byte(s, i + 1)
+  if tag ~= 16 and tag ~= 40 then return false, last end -- int64_param (2), uint64_param (5)
+  local value, scale = 0, 1
+  for j = i + 2, last do
+    local b = byte(s, j)
+    value = value + (b % 128) * scale
+    if b < 128 then
+      if j ~= last then return false, last end
+      return value, last
+    end
+    scale = scale * 128
+  end
+  return false, last
+end
+
+-- adds the counts of the whole entries in s to totals; returns the index of the last byte of
+-- the last whole entry (0: none)
+local function grpc_counts(s, totals)
+  local done = 0
+  local cut = #s - GRPC_CARRY -- an entry starting after this may be cut by the chunk's end
+  for name, key in pairs(GRPC_KEYS) do
+    local at = find(s, key, 1, true)
+    while at do
+      local value, last = grpc_param_int(s, at, key)
+      if value == nil then
+        if at > cut then break end -- cut by the chunk's end: read with the next chunk
+        last = at -- too long to be an entry: no entry
+      elseif value then
+        totals[name] = (totals[name] or 0) + value
+        if last > done then done = last end
+      end
+      at = find(s, key, last + 1, true)
+    end
+  end
+  return done
+end
+
 local function usage_of(text)
   local prompt, completion
   for p in string.gmatch(text, '"prompt_tokens"%s*:%s*(%d+)') do prompt = p end
@@ -207,6 +265,25 @@ function envoy_on_response(handle)
     local prompt, completion = usage_of(table.concat(parts, "", oldest, newest))
     if prompt ~= nil then meta:set(NS, "prompt", tonumber(prompt)) end
     if completion ~= nil then meta:set(NS, "completion", tonumber(completion)) end
+  elseif find(ctype, "application/grpc", 1, true) then
+    local totals = {}
+    local carry = ""
+    for chunk in handle:bodyChunks() do
+      local n = chunk:length()
+      if n > 0 then
+        local s = carry .. chunk:getBytes(0, n)
+        local done = grpc_counts(s, totals)
+        local keep = #s - GRPC_CARRY
+        if done > keep then keep = done end
+        if keep < 0 then keep = 0 end
+        carry = sub(s, keep + 1)
+      end
+    end
+    if totals.prompt ~= nil or totals.completion ~= nil then
+      local meta = md(handle)
+      meta:set(NS, "prompt", totals.prompt or 0)
+      meta:set(NS, "completion", totals.completion or 0)
+    end
   else
     -- passed on chunk by chunk (body() would hold the answer until its end); the last 4 KiB kept
     local tail = ""

@@ -180,11 +180,15 @@ class Datastore:
                         self._set_ready(
                             kept, endpoint.ready and endpoint.name not in self._scrape_down
                         )
+                        kept.grpc = member.grpc
                         pod = kept
                     else:
                         pod = Pod(endpoint.name, address, dict(endpoint.labels), endpoint.ready)
                         pod.ready_since = self.clock() if endpoint.ready else NOT_READY
+                        pod.grpc = member.grpc
                     pods[endpoint.name] = pod
+                elif pod.grpc is None and pod.address == address:
+                    pod.grpc = member.grpc  # a second ModelServer that serves gRPC there
                 elif pod.address != address:
                     warnings.append(
                         f"endpoint '{endpoint.name}' resolves to {pod.address} and {address} for "

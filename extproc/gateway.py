@@ -701,29 +701,27 @@ class Gateway:
 
     # ---- gRPC calls (the Open Inference Protocol) ---------------------------------------------
     @staticmethod
-    def _grpc_subset(view: ServerView, subset: frozenset[str] | None) -> frozenset[str]:
-        """The addresses of the ModelServer's pods that serve gRPC (within the proxy's subset)."""
-        serving = frozenset(
-            p.address for p in view.pods if grpc_address(p.address, p.labels) is not None
-        )
-        if not serving:
+    def _grpc_port(view: ServerView) -> int:
+        """The ModelServer's ``workloadPort.grpcPort``: gRPC calls go to its pods there."""
+        port = view.spec.workload_port.grpc_port
+        if port is None:
             raise no_pod_available(
-                f"no pod of ModelServer '{view.name}' serves gRPC (none carries the label "
-                "matrixinfer.io/grpc-port)"
+                f"ModelServer '{view.name}' serves no gRPC (it sets no workloadPort.grpcPort)"
             )
+        return port
+
+    @classmethod
+    def _grpc_subset(cls, view: ServerView, subset: frozenset[str] | None) -> frozenset[str]:
+        """The addresses of the ModelServer's pods that serve gRPC (within the proxy's subset)."""
+        cls._grpc_port(view)
+        serving = frozenset(p.address for p in view.pods)
         return serving if subset is None else serving & subset
 
-    @staticmethod
-    def _grpc_endpoints(view: ServerView, endpoints: list[str]) -> list[str]:
-        """The scheduled pods' gRPC addresses (``_grpc_subset`` picked only such pods)."""
-        by_address = {p.address: p for p in view.pods}
-        out: list[str] = []
-        for address in endpoints:
-            pod = by_address.get(address)
-            grpc = grpc_address(address, pod.labels) if pod is not None else None
-            if grpc is not None:
-                out.append(grpc)
-        return out
+    @classmethod
+    def _grpc_endpoints(cls, view: ServerView, endpoints: list[str]) -> list[str]:
+        """The scheduled pods' gRPC addresses (their host, the ModelServer's gRPC port)."""
+        port = cls._grpc_port(view)
+        return [a for a in (grpc_address(address, port) for address in endpoints) if a]
 
     def _any_grpc_pod(self, state: RequestState, raw: bytes) -> Routed:
         """ServerLive, ServerReady, ServerMetadata: about the server, not a model; any ready pod
@@ -732,7 +730,7 @@ class Gateway:
         grpc_frames(raw)  # a well-framed body, or INVALID_ARGUMENT
         best: tuple[int, str, Pod, str] | None = None
         for pod in self.datastore.snapshot.pods.values():
-            grpc = grpc_address(pod.address, pod.labels)
+            grpc = pod.grpc
             if grpc is None or not pod.ready:
                 continue
             if state.subset is not None and pod.address not in state.subset:
@@ -741,7 +739,9 @@ class Gateway:
             if best is None or key[:2] < best[:2]:
                 best = key
         if best is None:
-            raise no_pod_available("no ready pod serves gRPC (label matrixinfer.io/grpc-port)")
+            raise no_pod_available(
+                "no ready pod serves gRPC (no ModelServer with a workloadPort.grpcPort has one)"
+            )
         state.code = 200
         if state.trace is not None:
             state.trace.close()

@@ -377,10 +377,29 @@ def _oip_prompt(message: Any) -> str:
     return "\n".join(parts)
 
 
+def _oip_max_tokens(message: Any) -> int | None:
+    """A ModelInferRequest's ``max_tokens`` parameter (the request's, else its first input's
+    that has one), as the engines read it: an int64 or uint64 InferParameter, >= 0."""
+    for params in (message.parameters, *(t.parameters for t in message.inputs)):
+        if "max_tokens" in params:
+            value = params["max_tokens"]
+            choice = value.WhichOneof("parameter_choice")
+            number = getattr(value, choice) if choice in ("int64_param", "uint64_param") else -1
+            if number < 0:
+                raise bad_request(
+                    "the parameter 'max_tokens' must be a non-negative integer (int64_param)",
+                    param="max_tokens",
+                )
+            return int(number)
+    return None
+
+
 def parse_oip(path: str, raw: bytes, limit: int = DEFAULT_BODY_LIMIT) -> ParsedRequest:
     """Parse the gRPC-framed protobuf body of an Open Inference Protocol call (kind ``oip``):
     its model (``model_name``, or ``name`` of ModelReady/ModelMetadata) and, for ModelInfer and
-    ModelStreamInfer, the text of its BYTES inputs (all messages of a stream's body). Raise 400
+    ModelStreamInfer, the text of its BYTES inputs (all messages of a stream's body) and its
+    ``max_tokens`` parameters (summed over a stream's messages; what the call reserves of an
+    output-token budget, as an HTTP request's ``max_tokens``). Raise 400
     GatewayErrors (INVALID_ARGUMENT) for undecodable input, 413 above ``limit``."""
     from google.protobuf.message import DecodeError
 
@@ -394,6 +413,8 @@ def parse_oip(path: str, raw: bytes, limit: int = DEFAULT_BODY_LIMIT) -> ParsedR
     model = ""
     prompts: list[str] = []
     messages: list[Any] = []
+    # the output the call may produce: the sum of its requests' max_tokens (None: one has none)
+    max_tokens: int | None = 0 if infer else None
     for i, frame in enumerate(frames):
         message: Any = oip.ModelInferRequest() if infer else oip.ModelReadyRequest()
         try:
@@ -415,11 +436,15 @@ def parse_oip(path: str, raw: bytes, limit: int = DEFAULT_BODY_LIMIT) -> ParsedR
         messages.append(message)
         if infer:
             prompts.append(_oip_prompt(message))
+            limit_of_one = _oip_max_tokens(message)
+            max_tokens = (
+                None if max_tokens is None or limit_of_one is None else (max_tokens + limit_of_one)
+            )
     return ParsedRequest(
         kind="oip",
         model=model,
         stream=method_name == "ModelStreamInfer",
-        max_tokens=None,
+        max_tokens=max_tokens,
         prompt="\n".join(prompts),
         body={},
         body_size=len(raw),

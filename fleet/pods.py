@@ -12,7 +12,6 @@ from crds.networking import ModelServer
 from fleet.config import GatewayConfig, StaticEndpoint, object_key
 
 __all__ = [
-    "GRPC_PORT_LABEL",
     "Member",
     "Pod",
     "PodMetrics",
@@ -72,6 +71,9 @@ class Pod:
     # monotonic time the pod last turned ready (inf while not ready): its engine's adapter list
     # is unknown until a read that started at or after it (``PodMetrics.loras_read_at``)
     ready_since: float = 0.0
+    # "ip:port" of its Open Inference Protocol gRPC service (its ModelServer's
+    # workloadPort.grpcPort); None: it serves no gRPC
+    grpc: str | None = None
 
 
 def selects(match_labels: Mapping[str, str] | None, labels: Mapping[str, str]) -> bool:
@@ -122,6 +124,7 @@ class Member:
 
     endpoint: StaticEndpoint
     address: str
+    grpc: str | None = None  # "ip:port" of its gRPC service (workloadPort.grpcPort), if any
 
 
 def members(
@@ -136,6 +139,7 @@ def members(
     spec = server.spec
     selector = spec.workload_selector.match_labels if spec.workload_selector else None
     port = spec.workload_port.port if spec.workload_port else None
+    grpc_port = spec.workload_port.grpc_port if spec.workload_port else None
     namespace = server.metadata.namespace or "default"
     for endpoint in selected(selector, by_label):
         if endpoint.namespace is not None and endpoint.namespace != namespace:
@@ -147,7 +151,7 @@ def members(
                 "sets no workloadPort; skipped"
             )
             continue
-        yield Member(endpoint, address)
+        yield Member(endpoint, address, grpc_address(address, grpc_port))
 
 
 def pod_addresses(config: GatewayConfig) -> list[str]:
@@ -159,20 +163,14 @@ def pod_addresses(config: GatewayConfig) -> list[str]:
     return sorted(out)
 
 
-# A pod that serves the Open Inference Protocol's gRPC service (inference.GRPCInferenceService)
-# carries this label with the port it serves it on (e.g. Triton's 8001); the gateway sends gRPC
-# calls only to such pods, at that port (Envoy's pods-gRPC cluster, HTTP/2).
-GRPC_PORT_LABEL = "matrixinfer.io/grpc-port"
-
-
-def grpc_address(address: str, labels: Mapping[str, str]) -> str | None:
-    """The ``ip:port`` a pod at ``address`` serves gRPC on (its :data:`GRPC_PORT_LABEL`), or None
-    when it serves no gRPC (no label, or a value that is not a port number)."""
-    port = labels.get(GRPC_PORT_LABEL, "")
-    if not port.isdigit() or not 0 < int(port) < 65536:
+def grpc_address(address: str, grpc_port: int | None) -> str | None:
+    """The ``ip:port`` a pod at ``address`` serves the Open Inference Protocol's gRPC service
+    (inference.GRPCInferenceService) on: its ModelServer's ``workloadPort.grpcPort`` at the
+    pod's host, or None when the ModelServer sets none (the pod serves no gRPC)."""
+    if grpc_port is None:
         return None
     host = address.rpartition(":")[0] or address
-    return f"{host}:{int(port)}"
+    return f"{host}:{grpc_port}"
 
 
 def grpc_pod_addresses(config: GatewayConfig) -> list[str]:
@@ -182,7 +180,6 @@ def grpc_pod_addresses(config: GatewayConfig) -> list[str]:
     out: set[str] = set()
     for server in config.servers:
         for m in members(server, by_label, []):
-            grpc = grpc_address(m.address, m.endpoint.labels)
-            if grpc is not None:
-                out.add(grpc)
+            if m.grpc is not None:
+                out.add(m.grpc)
     return sorted(out)

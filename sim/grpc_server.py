@@ -2,9 +2,11 @@
 
 ModelInfer runs the same engine as ``POST /v1/completions``: the text of the request's BYTES input
 tensors is the prompt, the ``max_tokens`` parameter (request or input parameters) the output
-limit, and the answer is one BYTES output tensor ``text_output`` with the generated text (plus
-the token counts as response parameters). ModelStreamInfer answers each request of the stream
-with one response once it is generated. Served on ``--grpc-port`` (off by default).
+limit, and the answer is one BYTES output tensor ``text_output`` with the generated text, plus
+the token counts as the response parameters ``prompt_tokens`` and ``completion_tokens`` (int64:
+the convention the gateway's usage accounting reads, envoy/usage.lua). ModelStreamInfer answers
+each request of the stream with one response once it is generated. Served on ``--grpc-port``
+(off by default).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ What is generated (one listener, one route configuration, three clusters):
   ``envoy.lb`` / ``x-gateway-destination-endpoint`` ("primary,fallback1,…"), round robin without
   a decision; its ClusterLoadAssignment lists every pod the extproc may choose.
 - cluster ``matrixinfer_pods_grpc``: the same for the pods that serve the Open Inference Protocol's
-  gRPC service (label ``matrixinfer.io/grpc-port``), at that port, over HTTP/2; the first route
+  gRPC service (ModelServer ``workloadPort.grpcPort``), at that port, over HTTP/2; the first route
   (gRPC requests to ``/inference.GRPCInferenceService/``) goes there. The listener's codec is AUTO,
   so gRPC clients reach it over h2c.
 - cluster ``matrixinfer_extproc``: the extproc Service's endpoints, HTTP/2, LEAST_REQUEST, gRPC

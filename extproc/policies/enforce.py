@@ -133,7 +133,9 @@ class PolicyMetrics(LabelCache):
         self.usage_reports = Counter(
             "matrixinfer_gateway_usage_reports",
             "Usage settlements by source (reported = exact from the engine; aborted = lower bound "
-            "from SSE events; error = engine refused, nothing charged; unreported = no report "
+            "from SSE events; estimated = a gRPC answer without the engine's counts, charged its "
+            "input estimate and output reservation; error = engine refused, nothing charged; "
+            "unreported = no report "
             "reached this replica within --usage-grace: another replica may have settled it, so "
             "no tokens are counted here and the reservation of the estimate stays).",
             ["source"],

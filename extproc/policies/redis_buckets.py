@@ -26,6 +26,8 @@ __all__ = ["RedisBuckets"]
 log = logging.getLogger("matrixinfer.extproc.ratelimit")
 
 LUA_PATH = Path(__file__).with_name("ratelimit.lua")
+# connections to Redis per gateway replica (redis-py's default cap; beyond it calls wait)
+MAX_CONNECTIONS = 100
 _ADMITTED_REDIS = Admission(True, where="redis")
 _ADMITTED_AHEAD = Admission(True, where="redis", ahead=True)
 
@@ -131,15 +133,21 @@ class RedisBuckets:
         # No socket_timeout: redis-py would run every send in a task of its own (asyncio.wait_for)
         # and arm a timer per read; _call puts one deadline of ``timeout`` around the whole call
         # instead (a cancelled call closes its connection in redis-py, as a timed-out one does).
+        # At most MAX_CONNECTIONS connections; a call that finds them all busy waits for one
+        # (within its deadline) — redis-py's default pool raised "Too many connections" at its
+        # 100th concurrent call instead, which read as an outage and failed open for
+        # ``retry_after`` under a burst (bench.soak).
         def connect(password: str | None) -> Any:
-            return aioredis.Redis(
+            pool = aioredis.BlockingConnectionPool(
                 host=host,
                 port=int(port),
                 password=password,
                 socket_connect_timeout=timeout,
-                single_connection_client=single_connection,
                 retry=Retry(NoBackoff(), 0),  # an outage must cost one fast failure, not retries
+                max_connections=MAX_CONNECTIONS,
+                timeout=None,  # the wait for a free connection: bounded by the call's deadline
             )
+            return aioredis.Redis(connection_pool=pool, single_connection_client=single_connection)
 
         self._connect = connect
         self.client = connect(password)
@@ -495,7 +503,7 @@ class RedisBuckets:
         self._next_try = float("-inf")
         log.info("Redis rate limiter %s: password changed, reconnecting", self.address)
         for retired in self._retired:  # the previous change's client: idle by now
-            await retired.aclose()
+            await retired.aclose(close_connection_pool=True)
         self._retired = [old]
 
     async def close(self) -> None:
@@ -507,6 +515,6 @@ class RedisBuckets:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.drain()
         for retired in self._retired:
-            await retired.aclose()
+            await retired.aclose(close_connection_pool=True)
         self._retired.clear()
-        await self.client.aclose()
+        await self.client.aclose(close_connection_pool=True)

@@ -14,9 +14,10 @@ How (the measurements are in docs/policies.md):
 3. Envoy's gRPC access-log service (config from :func:`envoy_access_logs`: every request)
    delivers one entry per request, batched, to :class:`AccessLogServicer` in the extproc;
 4. the :class:`UsageLedger` (pure) matches the entry to the request's :class:`Charge` and
-   settles it: exact ``prompt_tokens``/``completion_tokens`` when the engine reported them; for
-   an aborted stream the estimate for the prompt and the SSE content events seen (a lower bound:
-   one event carries at least one token).
+   settles it: exact ``prompt_tokens``/``completion_tokens`` when the engine reported them (a
+   gRPC answer: its response parameters of those names, read by usage.lua); for an aborted
+   stream the estimate for the prompt and the SSE content events seen (a lower bound: one event
+   carries at least one token); for a gRPC answer without them the reservations (``estimated``).
 
 Several extproc replicas (processes, or pods behind the extproc Service): Envoy's access-log
 stream goes to ONE replica, not necessarily the one that admitted the request. So the charge
@@ -129,10 +130,12 @@ class Usage:
     prompt: int
     completion: int
     exact: bool
-    source: str  # reported | aborted | error | unreported
+    source: str  # reported | aborted | estimated | error | unreported
 
 
-_KINDS = frozenset(ENDPOINTS.values())  # every endpoint a charge can be for
+# every endpoint a charge can be for (oip: a model call of the Open Inference Protocol's gRPC
+# service, extproc.parsing.OIP_MODEL_METHODS)
+_KINDS = frozenset((*ENDPOINTS.values(), "oip"))
 _SCOPES = frozenset(("route", "tenant", "user"))
 _PERIODS = frozenset(UNIT_SECONDS.values())
 
@@ -279,6 +282,9 @@ def usage_from_fields(charge: Charge, fields: dict[str, Any], status: int) -> Us
     completion = fields.get("completion")
     if prompt is not None:
         return Usage(int(prompt), int(completion or 0), True, "reported")
+    if charge.kind == "oip":
+        # a gRPC answer without the engine's counts (its parameters): the reservations stand
+        return Usage(charge.estimate, charge.output_reserved, False, "estimated")
     if status >= 400 and not fields.get("events"):
         return Usage(0, 0, True, "error")  # the engine refused: nothing was computed
     events = int(fields.get("events") or 0)

@@ -7,6 +7,7 @@ import pytest
 
 import crds
 from crds.common import parse_duration, resolve_int_or_percent
+from crds.networking import WorkloadPort
 
 ROUTE = """
 apiVersion: networking.matrixinfer.ai/v1alpha1
@@ -281,3 +282,12 @@ def test_kinds_table() -> None:
     }
     for kind, cls in crds.KINDS.items():
         assert cls.model_fields["kind"].default == kind
+
+
+@pytest.mark.parametrize("grpc_port", [0, 65536, "eight"])
+def test_workload_port_grpc_port_is_a_port_number(grpc_port: object) -> None:
+    with pytest.raises(ValueError, match="grpcPort"):
+        WorkloadPort.model_validate({"port": 8000, "grpcPort": grpc_port})
+    ok = WorkloadPort.model_validate({"port": 8000, "grpcPort": 8001})
+    assert (ok.port, ok.grpc_port) == (8000, 8001)
+    assert WorkloadPort.model_validate({"port": 8000}).grpc_port is None

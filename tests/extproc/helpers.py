@@ -13,15 +13,20 @@ def objects(text: str) -> list[Any]:
 
 
 def server_yaml(
-    name: str, labels: dict[str, str], model: str | None = None, port: int = 8000
+    name: str,
+    labels: dict[str, str],
+    model: str | None = None,
+    port: int = 8000,
+    grpc_port: int | None = None,
 ) -> str:
     label_text = ", ".join(f"{k}: {v}" for k, v in labels.items())
     model_line = f"  model: {model}\n" if model else ""
+    grpc = f", grpcPort: {grpc_port}" if grpc_port is not None else ""
     return (
         "apiVersion: networking.matrixinfer.ai/v1alpha1\nkind: ModelServer\n"
         f"metadata: {{name: {name}}}\nspec:\n{model_line}"
         f"  inferenceEngine: vLLM\n  workloadSelector: {{matchLabels: {{{label_text}}}}}\n"
-        f"  workloadPort: {{port: {port}}}\n"
+        f"  workloadPort: {{port: {port}{grpc}}}\n"
     )
 
 

@@ -4,18 +4,21 @@ real Envoy (h2c) -> extproc (model_name from the protobuf body, auth, rate limit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
 from fleet.oip import grpc_predict_v2_pb2 as oip
 from fleet.oip import grpc_predict_v2_pb2_grpc as oip_grpc
-from matrixinfer.process import free_port, wait_until
+from matrixinfer.process import ReadinessTimeout, free_port, wait_until
 from matrixinfer.stack import GatewayStack
+from matrixinfer.testing.metrics import metric
 from sim.fleet import Fleet
 from tests.conftest import sim_fleet
 from tests.extproc.helpers import server_yaml
@@ -23,9 +26,26 @@ from tests.policies.conftest import documents, keys_yaml, policy_stack, route_ya
 
 HOST = "127.0.0.110"
 KEYS = {"key-alice": ("acme", "alice", [])}
+
+
+def routes(grpc_port: int) -> str:
+    return documents(
+        server_yaml("grpc-pool", {"app": "grpc-sim"}, model="demo-model", grpc_port=grpc_port),
+        server_yaml("http-pool", {"app": "grpc-sim"}, model="demo-model"),  # no grpcPort
+        ROUTES,
+    )
+
+
 ROUTES = documents(
-    server_yaml("grpc-pool", {"app": "grpc-sim"}, model="demo-model"),
     route_yaml("grpc-open", "grpc-model", server="grpc-pool"),
+    route_yaml("http-open", "http-model", server="http-pool"),
+    route_yaml("grpc-usage", "usage-model", server="grpc-pool"),
+    route_yaml(
+        "grpc-output",
+        "output-model",
+        server="grpc-pool",
+        rateLimit="{outputTokensPerUnit: 100, unit: hour, scope: route}",
+    ),
     route_yaml("grpc-keyed", "keyed-model", server="grpc-pool"),
     route_yaml(
         "grpc-limited",
@@ -55,15 +75,14 @@ def stack(
     tmp_path_factory: pytest.TempPathFactory, grpc_fleet: Fleet, grpc_port: int
 ) -> Iterator[GatewayStack]:
     config = tmp_path_factory.mktemp("grpc-config")
-    (config / "model.yaml").write_text(ROUTES)
+    (config / "model.yaml").write_text(routes(grpc_port))
     lines = [
         "apiVersion: gateway.matrixinfer.ai/v1alpha1\nkind: Endpoints\n"
         "metadata: {name: grpc-sims}\nspec:\n  endpoints:"
     ]
     for pod in grpc_fleet.pods:
         lines.append(
-            f"  - {{name: {pod.name}, address: '{pod.address}', "
-            f"labels: {{app: grpc-sim, matrixinfer.io/grpc-port: '{grpc_port}'}}}}"
+            f"  - {{name: {pod.name}, address: '{pod.address}', labels: {{app: grpc-sim}}}}"
         )
     (config / "sims.yaml").write_text("\n".join(lines) + "\n")
     secrets = tmp_path_factory.mktemp("grpc-secrets")
@@ -71,7 +90,7 @@ def stack(
     auth = secrets / "auth.yaml"
     auth.write_text(
         f"apiKeysFile: {secrets / 'keys.yaml'}\nreloadIntervalSeconds: 0.1\n"
-        "anonymousRoutes: [grpc-open]\n"
+        "anonymousRoutes: [grpc-open, http-open, grpc-usage, grpc-output]\n"
     )
     s = policy_stack(
         config, tmp_path_factory.mktemp("grpc-run"), grpc_fleet, ("--auth-config", str(auth))
@@ -140,6 +159,53 @@ def test_stream_of_requests_gets_one_answer_each(channel: grpc.Channel) -> None:
     assert all(a.infer_response.outputs[0].contents.bytes_contents for a in answers)
 
 
+def test_usage_is_settled_from_the_engines_counts(
+    stack: GatewayStack, channel: grpc.Channel
+) -> None:
+    """The engine's response parameters prompt_tokens/completion_tokens, read by Envoy's
+    usage.lua, settle the call's usage (summed over a ModelStreamInfer's responses). The waits
+    read usage-model's own counters: other tests' late reports move the others."""
+
+    def tokens() -> tuple[float, float]:
+        return (
+            metric(stack, "matrixinfer_gateway_usage_tokens_total", model="usage-model",
+                   kind="prompt"),
+            metric(stack, "matrixinfer_gateway_usage_tokens_total", model="usage-model",
+                   kind="completion"),
+        )  # fmt: skip
+
+    def settled(before: tuple[float, float], answers: list[Any]) -> tuple[float, float]:
+        prompt = sum(a.parameters["prompt_tokens"].int64_param for a in answers)
+        completion = sum(a.parameters["completion_tokens"].int64_param for a in answers)
+        assert prompt > 0 and completion > 0
+        want = (before[0] + prompt, before[1] + completion)
+        with contextlib.suppress(ReadinessTimeout):  # the assertion below says what came
+            wait_until(lambda: tokens() == want, 30, "usage-model's usage settled")
+        return want
+
+    before = tokens()
+    response = stub(channel).ModelInfer(infer_request("usage-model", "count me " * 20), timeout=20)
+    want = settled(before, [response])
+    assert tokens() == want
+    before = tokens()
+    requests = [infer_request("usage-model", f"prompt {i} " * (i + 1), 3) for i in range(3)]
+    answers = [a.infer_response for a in stub(channel).ModelStreamInfer(iter(requests), timeout=20)]
+    want = settled(before, answers)
+    assert tokens() == want
+
+
+def test_calls_reserve_their_max_tokens_not_the_whole_output_budget(
+    channel: grpc.Channel,
+) -> None:
+    """100 output tokens an hour: three calls of max_tokens 5 at once are all admitted (each
+    reserves 5; a call that reserved the whole budget would leave the others nothing)."""
+    s = stub(channel)
+    calls = [s.ModelInfer.future(infer_request("output-model", max_tokens=5), timeout=20)
+             for _ in range(3)]  # fmt: skip
+    answers = [c.result() for c in calls]
+    assert all(1 <= a.parameters["completion_tokens"].int64_param <= 5 for a in answers)
+
+
 def test_server_and_model_readiness(channel: grpc.Channel) -> None:
     s = stub(channel)
     assert s.ServerLive(oip.ServerLiveRequest(), timeout=20).live
@@ -152,6 +218,13 @@ def test_unknown_model_is_not_found(channel: grpc.Channel) -> None:
         stub(channel).ModelInfer(infer_request("no-such-model"), timeout=20)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     assert "no-such-model" in (err.value.details() or "")
+
+
+def test_a_model_server_without_a_grpc_port_is_unavailable(channel: grpc.Channel) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        stub(channel).ModelInfer(infer_request("http-model"), timeout=20)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "ModelServer 'http-pool' serves no gRPC" in (err.value.details() or "")
 
 
 def test_missing_model_name_is_invalid_argument(channel: grpc.Channel) -> None:

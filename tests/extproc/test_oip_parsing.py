@@ -92,3 +92,37 @@ def test_oversize_body_is_resource_exhausted() -> None:
     with pytest.raises(GatewayError) as err:
         parse_oip(INFER, frame(infer_request("m", "x" * 100)), limit=50)
     assert GRPC_CODES[err.value.status] == 8
+
+
+def with_max_tokens(model: str, value: oip.InferParameter | None, on_input: bool = False) -> bytes:
+    message = oip.ModelInferRequest.FromString(infer_request(model, "x"))
+    if value is not None:
+        (message.inputs[0].parameters if on_input else message.parameters)["max_tokens"].CopyFrom(
+            value
+        )
+    return frame(message.SerializeToString())
+
+
+def test_max_tokens_is_what_the_call_reserves() -> None:
+    """The ``max_tokens`` parameter (request or input) bounds the call's output, as an HTTP
+    request's: what it reserves of an output-token budget; a stream's is the sum of its
+    requests' (None as soon as one has none: the route's estimate or the whole budget)."""
+    int64, uint64 = oip.InferParameter(int64_param=48), oip.InferParameter(uint64_param=7)
+    assert parse_oip(INFER, with_max_tokens("m", int64)).max_tokens == 48
+    assert parse_oip(INFER, with_max_tokens("m", uint64, on_input=True)).max_tokens == 7
+    assert parse_oip(INFER, with_max_tokens("m", None)).max_tokens is None
+    stream = "/inference.GRPCInferenceService/ModelStreamInfer"
+    both = with_max_tokens("m", int64) + with_max_tokens("m", uint64)
+    assert parse_oip(stream, both).max_tokens == 55
+    assert parse_oip(stream, both + with_max_tokens("m", None)).max_tokens is None
+
+
+@pytest.mark.parametrize(
+    "value",
+    [oip.InferParameter(string_param="48"), oip.InferParameter(int64_param=-1)],
+)
+def test_max_tokens_not_a_count_is_invalid_argument(value: oip.InferParameter) -> None:
+    with pytest.raises(GatewayError) as err:
+        parse_oip(INFER, with_max_tokens("m", value))
+    assert GRPC_CODES[err.value.status] == 3
+    assert "'max_tokens' must be a non-negative integer" in err.value.message

@@ -351,6 +351,15 @@ def test_responses_usage_and_aborted_responses_stream() -> None:
     assert usage_from_fields(charge, {"events": 2.0}, 200) == Usage(50, 0, False, "aborted")
 
 
+def test_grpc_usage_exact_when_reported_else_the_reservations() -> None:
+    """A gRPC call (kind oip): the engine's counts (response parameters, read by usage.lua)
+    when the answer held them; otherwise it is charged what it reserved, counted as estimated."""
+    charge = Charge("g", 50, "oip", "u", output_reserved=16)
+    reported = usage_from_fields(charge, {"prompt": 7.0, "completion": 4.0}, 200)
+    assert reported == Usage(7, 4, True, "reported")
+    assert usage_from_fields(charge, {}, 200) == Usage(50, 16, False, "estimated")
+
+
 def test_force_usage() -> None:
     body: dict[str, object] = {"stream": True}
     assert force_usage(body) is True

@@ -14,7 +14,7 @@ from openai import OpenAI
 
 from extproc.errors import GatewayError
 from extproc.policies.ratelimit import Buckets, Limits, output_reservation
-from extproc.policies.redis_buckets import RedisBuckets
+from extproc.policies.redis_buckets import MAX_CONNECTIONS, RedisBuckets
 from matrixinfer.process import wait_until
 from matrixinfer.stack import GatewayStack
 from matrixinfer.testing.metrics import metric
@@ -515,6 +515,24 @@ async def test_a_stale_view_asks_redis_first(redis_server: RedisServer) -> None:
         assert buckets.sweep(60.0) == 0 and "stale" in buckets.mirrors
         now[0] += 61  # the view of a key not heard of for a minute is dropped
         assert buckets.sweep(60.0) == 1 and not buckets.mirrors
+    finally:
+        await buckets.close()
+
+
+async def test_a_burst_beyond_the_connection_pool_waits_not_fails_open(
+    redis_server: RedisServer,
+) -> None:
+    """More admissions at once than the replica has connections to Redis: the rest wait for a
+    connection (Redis is not down), none is taken as an outage that would fail open."""
+    outages: list[bool] = []
+    buckets = RedisBuckets(redis_server.address, timeout=10.0, on_outage=outages.append)
+    lim = limits(redis_server, input=1000)
+    try:
+        n = MAX_CONNECTIONS * 3
+        results = await asyncio.gather(*(buckets.admit(f"burst-{i}", lim, 10) for i in range(n)))
+        assert outages == []
+        assert all(r.ok and not r.ahead for r in results)  # Redis's decisions, each of them
+        assert len(buckets.client.connection_pool._in_use_connections) == 0
     finally:
         await buckets.close()
 

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from extproc.gateway import Routed
 from extproc.policies.usage import force_usage
+from fleet.oip import grpc_predict_v2_pb2 as oip
 from fleet.usage_envoy import RESPONSES_KEY, STRIP_KEY, USAGE_KEY, lua_source
 
 lupa = pytest.importorskip("lupa.luajit21")
@@ -193,6 +194,63 @@ def test_json_answers_untouched_and_read() -> None:
         passed, md = run_filter(cut(long, points), strip=True, ctype=b"application/json")
         assert md["prompt"] == 17 and md["completion"] == 3, points
         assert b"".join(passed) == long
+
+
+def grpc_frame(message: Any) -> bytes:
+    data = message.SerializeToString()
+    return b"\x00" + len(data).to_bytes(4, "big") + data
+
+
+def infer_response(prompt: int | None, completion: int | None, text: bytes) -> Any:
+    """A ModelInferResponse as an engine sends it: its counts as response parameters (none when
+    ``prompt`` is None), beside other parameters, an output tensor holding ``text``."""
+    params: dict[str, Any] = {"finish_reason": oip.InferParameter(string_param="length")}
+    if prompt is not None:
+        params["prompt_tokens"] = oip.InferParameter(int64_param=prompt)
+    if completion is not None:
+        params["completion_tokens"] = oip.InferParameter(uint64_param=completion)
+    tensor = oip.ModelInferResponse.InferOutputTensor(
+        name="text_output",
+        datatype="BYTES",
+        shape=[1],
+        contents=oip.InferTensorContents(bytes_contents=[text]),
+    )
+    return oip.ModelInferResponse(model_name="m", id="1", parameters=params, outputs=[tensor])
+
+
+COUNTS = st.tuples(st.integers(0, 2**40), st.integers(0, 2**40))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    counts=st.lists(COUNTS, min_size=1, max_size=4),
+    text=st.binary(max_size=300) | st.sampled_from([b"prompt_tokens", b"\n\rprompt_tokens\x12"]),
+    points=st.lists(st.integers(0, 3000), max_size=12),
+)
+def test_grpc_answers_counts_are_summed_however_the_answer_is_cut(
+    counts: list[tuple[int, int]], text: bytes, points: list[int]
+) -> None:
+    """A ModelStreamInfer answer (one response per request): the call's usage is the sum of the
+    responses' ``prompt_tokens``/``completion_tokens`` parameters; the answer passes unchanged."""
+    body = b"".join(
+        grpc_frame(oip.ModelStreamInferResponse(infer_response=infer_response(p, c, text)))
+        for p, c in counts
+    )
+    passed, md = run_filter(cut(body, points), strip=False, ctype=b"application/grpc")
+    assert b"".join(passed) == body
+    assert md == {
+        "prompt": sum(p for p, _ in counts),
+        "completion": sum(c for _, c in counts),
+    }
+
+
+def test_grpc_answer_without_counts_reports_none() -> None:
+    body = grpc_frame(infer_response(None, None, b"x" * 5000))
+    passed, md = run_filter(cut(body, [10, 4000]), strip=False, ctype=b"application/grpc+proto")
+    assert b"".join(passed) == body and md == {}
+    one = grpc_frame(infer_response(12, 300, b"hello"))  # ModelInfer: one response
+    _, md = run_filter([one], strip=False, ctype=b"application/grpc")
+    assert md == {"prompt": 12, "completion": 300}
 
 
 def test_first_token_is_the_first_event() -> None:

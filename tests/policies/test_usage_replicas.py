@@ -67,7 +67,7 @@ limits_st = st.one_of(
 @given(
     estimate=st.integers(0, 10**9),
     reserved=st.integers(0, 10**9),
-    kind=st.sampled_from(["chat", "completions", "embeddings"]),
+    kind=st.sampled_from(["chat", "completions", "embeddings", "oip"]),
     user=names,
     model=names,
     bucket=names,
