@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import pickle
-import struct
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
+
+import cbor2
 
 __all__ = [
     "HASH_ALGOS",
@@ -29,12 +30,10 @@ __all__ = [
     "KVEvent",
     "PromptHasher",
     "block_hashes",
-    "cbor",
 ]
 
 HashAlgo = Literal["sha256", "sha256_cbor"]
 HASH_ALGOS: tuple[str, ...] = ("sha256", "sha256_cbor")
-_MASK64 = (1 << 64) - 1
 
 
 # ------------------------------------------------------------------------------------ events
@@ -189,57 +188,14 @@ class KVBlockIndex:
 # ------------------------------------------------------------------------------------ hashing
 
 
-def _head(major: int, n: int, out: bytearray) -> None:
-    m = major << 5
-    if n < 24:
-        out.append(m | n)
-    elif n < 0x100:
-        out += bytes((m | 24, n))
-    elif n < 0x10000:
-        out.append(m | 25)
-        out += struct.pack(">H", n)
-    elif n < 0x100000000:
-        out.append(m | 26)
-        out += struct.pack(">I", n)
-    elif n <= _MASK64:
-        out.append(m | 27)
-        out += struct.pack(">Q", n)
-    else:
-        raise ValueError(f"cbor: integer {n} does not fit 64 bits")
-
-
-def _encode(obj: Any, out: bytearray) -> None:
-    if obj is None:
-        out.append(0xF6)
-    elif isinstance(obj, bool):
-        out.append(0xF5 if obj else 0xF4)
-    elif isinstance(obj, int):
-        _head(0, obj, out) if obj >= 0 else _head(1, -1 - obj, out)
-    elif isinstance(obj, bytes):
-        _head(2, len(obj), out)
-        out += obj
-    elif isinstance(obj, str):
-        data = obj.encode("utf-8")
-        _head(3, len(data), out)
-        out += data
-    elif isinstance(obj, tuple | list):
-        _head(4, len(obj), out)
-        for item in obj:
-            _encode(item, out)
-    else:
-        raise TypeError(f"cbor: cannot encode {type(obj).__name__}")
-
-
-def cbor(obj: Any) -> bytes:
-    """Canonical CBOR (RFC 8949 core deterministic encoding) of None/bool/int/bytes/str/arrays."""
-    out = bytearray()
-    _encode(obj, out)
-    return bytes(out)
+def _sha256_cbor(obj: Any) -> bytes:
+    # vLLM's own definition (vllm/utils/hashing.py); cbor2's C encoder
+    return hashlib.sha256(cbor2.dumps(obj, canonical=True)).digest()
 
 
 def _hash_fn(algo: str) -> Callable[[Any], bytes]:
     if algo == "sha256_cbor":
-        return lambda obj: hashlib.sha256(cbor(obj)).digest()
+        return _sha256_cbor
     if algo == "sha256":
         return lambda obj: hashlib.sha256(
             pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
@@ -252,8 +208,8 @@ class PromptHasher:
 
     Block *i*: ``H((parent, tuple(block token ids), extra_keys))``, parent = block *i-1*'s digest
     or ``H(seed)`` for the first block; ``extra_keys`` = ``(lora_name,)`` or None. ``H`` is
-    SHA-256 over canonical CBOR (``sha256_cbor``) or over pickle protocol 5 (``sha256``). The
-    result is each digest's low 64 bits, as the engines' KV events carry them.
+    SHA-256 over canonical CBOR (``sha256_cbor``, cbor2's as in vLLM) or over pickle protocol 5
+    (``sha256``). The result is each digest's low 64 bits, as the engines' KV events carry them.
     """
 
     __slots__ = ("_fn", "algo", "block_size", "root")

@@ -11,9 +11,10 @@ hashes).
 
 - ``sha256``: SHA-256 of ``pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)`` (vLLM's default;
   stable for one Python version).
-- ``sha256_cbor``: SHA-256 of the canonical CBOR encoding (RFC 8949 core deterministic: shortest
-  integer heads, definite lengths; tuples are arrays, ``None`` is ``0xf6``). Reproducible in any
-  language: the algorithm to use when a router recomputes the hashes.
+- ``sha256_cbor``: SHA-256 of ``cbor2.dumps(obj, canonical=True)``, as vLLM computes it (RFC 8949
+  core deterministic encoding: shortest integer heads, definite lengths; tuples are arrays,
+  ``None`` is ``0xf6``). Reproducible in any language: the algorithm to use when a router
+  recomputes the hashes.
 - ``builtin``: Python's ``hash()`` (fast; only meaningful inside one process).
 
 A simulated engine hashes every block of every request it admits, and the same blocks come again
@@ -36,17 +37,17 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-import struct
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
+
+import cbor2
 
 __all__ = [
     "HASH_ALGOS",
     "BlockHash",
     "ChainHasher",
     "HashAlgo",
-    "cbor",
     "chain",
     "clear_memos",
     "external",
@@ -60,63 +61,13 @@ BlockHash = bytes | int
 _MASK64 = (1 << 64) - 1
 
 
-def _head(major: int, n: int, out: bytearray) -> None:
-    m = major << 5
-    if n < 24:
-        out.append(m | n)
-    elif n < 0x100:
-        out += bytes((m | 24, n))
-    elif n < 0x10000:
-        out.append(m | 25)
-        out += struct.pack(">H", n)
-    elif n < 0x100000000:
-        out.append(m | 26)
-        out += struct.pack(">I", n)
-    elif n <= _MASK64:
-        out.append(m | 27)
-        out += struct.pack(">Q", n)
-    else:
-        raise ValueError(f"cbor: integer {n} does not fit 64 bits")
-
-
-def _encode(obj: Any, out: bytearray) -> None:
-    if obj is None:
-        out.append(0xF6)
-    elif isinstance(obj, bool):
-        out.append(0xF5 if obj else 0xF4)
-    elif isinstance(obj, int):
-        if obj >= 0:
-            _head(0, obj, out)
-        else:
-            _head(1, -1 - obj, out)
-    elif isinstance(obj, bytes):
-        _head(2, len(obj), out)
-        out += obj
-    elif isinstance(obj, str):
-        data = obj.encode("utf-8")
-        _head(3, len(data), out)
-        out += data
-    elif isinstance(obj, tuple | list):
-        _head(4, len(obj), out)
-        for item in obj:
-            _encode(item, out)
-    else:
-        raise TypeError(f"cbor: cannot encode {type(obj).__name__}")
-
-
-def cbor(obj: Any) -> bytes:
-    """Canonical CBOR of None, bool, int, bytes, str and tuples/lists of them."""
-    out = bytearray()
-    _encode(obj, out)
-    return bytes(out)
-
-
 def _sha256_pickle(obj: Any) -> bytes:
     return hashlib.sha256(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)).digest()
 
 
 def _sha256_cbor(obj: Any) -> bytes:
-    return hashlib.sha256(cbor(obj)).digest()
+    # vLLM's own definition (vllm/utils/hashing.py); cbor2's C encoder
+    return hashlib.sha256(cbor2.dumps(obj, canonical=True)).digest()
 
 
 def hash_fn(algo: str) -> Callable[[Any], BlockHash]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import pickle
 
+import cbor2
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -15,7 +16,6 @@ from extproc.kvindex import (
     BlockStored,
     KVBlockIndex,
     PromptHasher,
-    cbor,
 )
 
 PODS = ["p0", "p1", "p2"]
@@ -95,8 +95,8 @@ def test_prompt_hasher_follows_vllm() -> None:
         int.from_bytes(d2, "big") & (2**64 - 1),
     ]
     c = PromptHasher("sha256_cbor", "0", block_size=2)
-    croot = hashlib.sha256(cbor("0")).digest()
-    c1 = hashlib.sha256(cbor((croot, (7, 8), ("ad",)))).digest()
+    croot = hashlib.sha256(cbor2.dumps("0", canonical=True)).digest()
+    c1 = hashlib.sha256(cbor2.dumps((croot, (7, 8), ("ad",)), canonical=True)).digest()
     assert c.hashes([7, 8, 9], lora="ad") == [int.from_bytes(c1[-8:], "big")]
     assert c.hashes(list(range(100)), max_blocks=3) == c.hashes(list(range(6)))
 

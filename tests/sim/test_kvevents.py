@@ -15,12 +15,13 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
+import cbor2
 import msgpack
 import pytest
 import zmq
 
 from matrixinfer.process import free_port
-from sim.blockhash import cbor, external, hash_fn, root_hash
+from sim.blockhash import external, hash_fn, root_hash
 from sim.config import EngineConfig
 from sim.engine import Engine, Request
 from sim.kvevents import BlockStored as SimBlockStored
@@ -74,12 +75,13 @@ END_SEQ = (-1).to_bytes(8, "big", signed=True)
 # ----------------------------------------------------------------- hashes
 
 
-def test_cbor_is_canonical() -> None:
+def test_sha256_cbor_hashes_canonical_cbor() -> None:
     # (b"\x01\x02", (1, 500, 70000), None) -> array(3), bytes(2), array(3) of minimal ints, null
-    assert cbor((b"\x01\x02", (1, 500, 70000), None)) == bytes.fromhex(
+    fn = hash_fn("sha256_cbor")
+    assert fn((b"\x01\x02", (1, 500, 70000), None)) == hashlib.sha256(bytes.fromhex(
         "83" "420102" "83" "01" "1901f4" "1a00011170" "f6"
-    )  # fmt: skip
-    assert cbor(("a", -1)) == bytes.fromhex("82" "6161" "20")  # fmt: skip
+    )).digest()  # fmt: skip
+    assert fn(("a", -1)) == hashlib.sha256(bytes.fromhex("82" "6161" "20")).digest()  # fmt: skip
 
 
 def test_block_hashes_follow_vllms_recipe() -> None:
@@ -104,7 +106,7 @@ def test_block_hashes_follow_vllms_recipe() -> None:
 def test_lora_is_an_extra_key_and_cbor_algo() -> None:
     fn = hash_fn("sha256_cbor")
     root = root_hash("sha256_cbor", "0")
-    assert root == hashlib.sha256(cbor("0")).digest()
+    assert root == hashlib.sha256(cbor2.dumps("0", canonical=True)).digest()  # as vLLM
     eng = Engine(EngineConfig(block_size=2, num_gpu_blocks=16, max_model_len=32,
                               prefix_caching_hash_algo="sha256_cbor", hash_seed="0"),
                  record_events=True)  # fmt: skip
