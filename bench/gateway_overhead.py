@@ -11,8 +11,12 @@ One run, same machine, same upstream, same load generator:
   ``wrk`` with a Lua POST script for the saturation throughput; a 1 KB chat request body.
 
 CPU per request is read from /proc (utime + stime of the Envoy and extproc processes) over each
-fixed-rate window. Writes bench/reports/gateway_overhead.md.
-Options: --seconds 10 --modes BUFFERED,FULL_DUPLEX_STREAMED --skip-saturation.
+fixed-rate window. "Targets against the floor" checks issue 21's three targets for each one-process
+gateway set-up against the floor of the same round. ``--rounds N`` runs every set-up N times,
+interleaved (the machine is shared: a ratio within one round is what counts); the tables show the
+medians. Writes bench/reports/gateway_overhead.md.
+Options: --seconds 10 --modes BUFFERED,FULL_DUPLEX_STREAMED --transports grpc,h2 --rounds 1
+--skip-saturation.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import string
 import subprocess
 import sys
@@ -479,13 +484,76 @@ def measure(
 # ---------------------------------------------------------------------------------- report
 
 
-def report(results: list[TargetResult], args: argparse.Namespace, body: bytes) -> str:
+FLOOR = "Envoy + minimal ext_proc (floor)"
+# issue 21's targets for one extproc process, against the floor measured in the same run
+ADDED_P50_OVER_FLOOR_MS = 0.5  # added p50 at 200 req/s within the floor's + 0.5 ms
+SATURATION_VS_FLOOR = 0.9  # saturation >= 0.9x the floor's
+CPU_VS_FLOOR = 1.0  # extproc CPU per request at 1,000 req/s <= 1.0x the floor's
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def median_result(runs: list[TargetResult]) -> TargetResult:
+    """One set-up's figures over rounds: the median of each."""
+    out = TargetResult(runs[0].name)
+    for rate in runs[0].rates:
+        rs = [r.rates[rate] for r in runs]
+        out.rates[rate] = RateResult(
+            rate=rate,
+            achieved=_median([r.achieved for r in rs]),
+            count=sum(r.count for r in rs),
+            errors=sum(r.errors for r in rs),
+            p50=_median([r.p50 for r in rs]),
+            p90=_median([r.p90 for r in rs]),
+            p99=_median([r.p99 for r in rs]),
+            cpu_envoy_ms=_median([r.cpu_envoy_ms for r in rs]),
+            cpu_extproc_ms=_median([r.cpu_extproc_ms for r in rs]),
+        )
+    sats = [r.saturation for r in runs if r.saturation is not None]
+    if sats:
+        out.saturation = _median(sats)
+        out.saturation_p50 = _median([r.saturation_p50 or 0.0 for r in runs])
+        out.saturation_errors = sum(r.saturation_errors for r in runs)
+    return out
+
+
+@dataclass(slots=True)
+class FloorRatios:
+    """One gateway set-up against the floor in one round (issue 21's three targets)."""
+
+    added_p50_over_floor: float  # ms: its p50 at 200 req/s minus the floor's
+    saturation: float  # its saturation / the floor's
+    cpu: float  # its extproc CPU per request at 1,000 req/s / the floor's
+
+    @property
+    def met(self) -> tuple[bool, bool, bool]:
+        return (
+            self.added_p50_over_floor <= ADDED_P50_OVER_FLOOR_MS,
+            self.saturation >= SATURATION_VS_FLOOR,
+            self.cpu <= CPU_VS_FLOOR,
+        )
+
+
+def floor_ratios(res: TargetResult, floor: TargetResult) -> FloorRatios:
+    f200, f1000 = floor.rates[200], floor.rates[1000]
+    return FloorRatios(
+        added_p50_over_floor=res.rates[200].p50 - f200.p50,
+        saturation=(res.saturation or 0.0) / floor.saturation if floor.saturation else 0.0,
+        cpu=res.rates[1000].cpu_extproc_ms / f1000.cpu_extproc_ms,
+    )
+
+
+def report(rounds: list[list[TargetResult]], args: argparse.Namespace, body: bytes) -> str:
+    results = [median_result([r[i] for r in rounds]) for i in range(len(rounds[0]))]
     base = results[0]
     lines = [
         "# Gateway overhead: Envoy + MatrixInfer extproc vs plain Envoy",
         "",
         f"Command: `python -m bench.gateway_overhead --seconds {args.seconds:g} "
-        f"--modes {args.modes} --transports {args.transports} --pacing {args.pacing}` "
+        f"--modes {args.modes} --transports {args.transports} --pacing {args.pacing} "
+        f"--rounds {args.rounds}` "
         f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.machine()}, "
         f"{os.cpu_count()} CPUs shared with the load generator, nginx and other work; "
         f"Python {platform.python_version()}).",
@@ -508,7 +576,13 @@ def report(results: list[TargetResult], args: argparse.Namespace, body: bytes) -
         f"{args.load[1][0]:.1f} on {os.cpu_count()} CPUs — other work shares the machine, so "
         "compare rows of the same run, not runs. 'minimal ext_proc (floor)' is a do-nothing "
         "Python servicer (same stubs, grpc.aio + uvloop, same four messages): the cost any Python "
-        "ext_proc pays here before deciding anything.",
+        "ext_proc pays here before deciding anything."
+        + (
+            f" Every set-up ran {args.rounds} times, interleaved (round 1: all set-ups, then "
+            "round 2, ...); the tables show the median of each figure over the rounds."
+            if args.rounds > 1
+            else ""
+        ),
         "",
         "## Latency at a fixed rate (ms)",
         "",
@@ -555,21 +629,111 @@ def report(results: list[TargetResult], args: argparse.Namespace, body: bytes) -
                 f"| {res.name} | {res.saturation:.0f} | {res.saturation_p50:.2f} | "
                 f"{res.saturation_errors} | {res.saturation / base.saturation:.2f} |"
             )
-    lines += ["", "## Targets", ""]
-    for res in results[1:]:
-        if "floor" in res.name or "processes" in res.name:
-            continue  # the targets are for one extproc process
-        r200 = res.rates[200]
-        add50 = r200.p50 - base.rates[200].p50
-        add99 = r200.p99 - base.rates[200].p99
-        sat = res.saturation or 0.0
-        lines.append(
-            f"- {res.name}: added p50 {add50:.2f} ms (target <= 2 ms: "
-            f"{'met' if add50 <= 2 else 'NOT met'}), added p99 {add99:.2f} ms (target <= 4 ms: "
-            f"{'met' if add99 <= 4 else 'NOT met'}), saturation {sat:.0f} req/s (target >= 3,000: "
-            f"{'met' if sat >= 3000 else 'NOT met'})."
-        )
+    floor_rounds = [[r for r in rnd if r.name == FLOOR] for rnd in rounds]
+    if all(floor_rounds) and base.saturation is not None:
+        lines += [
+            "",
+            "## Targets against the floor",
+            "",
+            "Issue 21, for one extproc process, each against the floor in the same round: added "
+            f"p50 at 200 req/s within the floor's + {ADDED_P50_OVER_FLOOR_MS} ms; saturation >= "
+            f"{SATURATION_VS_FLOOR}x the floor's; extproc CPU per request at 1,000 req/s <= "
+            f"{CPU_VS_FLOOR}x the floor's. Per round, then the median over rounds.",
+            "",
+            "| set-up | round | p50 over the floor's (ms) | saturation vs floor | extproc CPU vs "
+            "floor | all three met |",
+            "|---|---|---|---|---|---|",
+        ]
+        for i, res in enumerate(results):
+            if res.name in (base.name, FLOOR) or "processes" in res.name:
+                continue  # the targets are for one extproc process
+            per_round = [
+                floor_ratios(rnd[i], fl[0]) for rnd, fl in zip(rounds, floor_rounds, strict=True)
+            ]
+            rows = list(enumerate(per_round, 1)) if len(per_round) > 1 else []
+            median = FloorRatios(
+                _median([r.added_p50_over_floor for r in per_round]),
+                _median([r.saturation for r in per_round]),
+                _median([r.cpu for r in per_round]),
+            )
+            for label, ratios in [*((str(n), r) for n, r in rows), ("median", median)]:
+                met = ratios.met
+                lines.append(
+                    f"| {res.name} | {label} | {ratios.added_p50_over_floor:+.2f} "
+                    f"{'met' if met[0] else 'NOT met'} | {ratios.saturation:.2f}x "
+                    f"{'met' if met[1] else 'NOT met'} | {ratios.cpu:.2f}x "
+                    f"{'met' if met[2] else 'NOT met'} | {'yes' if all(met) else 'no'} |"
+                )
     return "\n".join(lines) + "\n"
+
+
+def one_round(
+    run: Path, upstream_port: int, body: bytes, args: argparse.Namespace
+) -> list[TargetResult]:
+    """Every set-up once, in order: plain Envoy, the floor, then each gateway set-up."""
+    run.mkdir(parents=True, exist_ok=True)
+    results: list[TargetResult] = []
+    envoy, url = baseline_envoy(run, upstream_port)
+    with envoy:
+        print("baseline: plain Envoy round-robin", flush=True)
+        results.append(
+            measure(
+                "Envoy (baseline)", url, run, body, args.seconds, (envoy.pid, None),
+                not args.skip_saturation, args.pacing,
+            )
+        )  # fmt: skip
+    if not args.no_minimal:
+        minimal, menvoy, murl = minimal_stack(run, upstream_port)
+        with minimal, menvoy:
+            print("floor: Envoy + a do-nothing Python ext_proc", flush=True)
+            results.append(
+                measure(
+                    FLOOR, murl, run, body, args.seconds,
+                    (menvoy.pid, minimal.pid), not args.skip_saturation, args.pacing,
+                )
+            )  # fmt: skip
+    config = gateway_config(run, upstream_port)
+    combos = [
+        (m, t, int(n))
+        for n in args.processes.split(",")
+        for m in args.modes.split(",")
+        for t in args.transports.split(",")
+    ]
+    for mode, transport, processes in combos:
+        name = "extproc" if processes == 1 else f"{processes} extproc processes"
+        mode_run = run / f"{mode}-{transport}-{processes}"
+        stack = GatewayStack(
+            config,
+            mode_run,
+            StackOptions(
+                body_mode=mode,
+                extproc_log_level="WARNING",
+                transport=transport,
+                extproc_processes=processes,
+            ),
+        )
+        with stack:
+            wanted = {f"{h}:{upstream_port}" for h in UPSTREAM_HOSTS}
+
+            def ready(s: GatewayStack = stack, wanted: set[str] = wanted) -> bool:
+                return s.extproc_ready() and wanted <= s.envoy_hosts()
+
+            wait_until(ready, 20, "gateway ready")
+            label = f"Envoy + {name} ({mode}, {transport})"
+            print(f"gateway: {label}", flush=True)
+            results.append(
+                measure(
+                    label,
+                    f"{stack.url}/chat/completions",
+                    mode_run,
+                    body,
+                    args.seconds,
+                    (stack.envoy.pid, *(c.pid for c in stack.extprocs)),
+                    not args.skip_saturation,
+                    args.pacing,
+                )
+            )
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -590,6 +754,12 @@ def main(argv: list[str] | None = None) -> int:
         default="even",
         help="fixed-rate arrivals: evenly spaced (default) or hey's in-phase worker bursts",
     )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every set-up this many times, interleaved; tables show medians (default 1)",
+    )
     p.add_argument("--skip-saturation", action="store_true")
     p.add_argument("--out", type=Path, default=REPORT)
     p.add_argument("--no-minimal", action="store_true", help="skip the minimal-servicer floor")
@@ -604,79 +774,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {tool} is missing (apt-get install hey wrk nginx-light)")
             return 2
     body = request_body()
-    results: list[TargetResult] = []
+    rounds: list[list[TargetResult]] = []
     with tempfile.TemporaryDirectory(prefix="gw-bench-") as tmp:
         run = Path(tmp)
         upstream_port = free_port(UPSTREAM_HOSTS[0])
         with nginx_child(run, upstream_port):
-            envoy, url = baseline_envoy(run, upstream_port)
-            with envoy:
-                print("baseline: plain Envoy round-robin", flush=True)
-                results.append(
-                    measure(
-                        "Envoy (baseline)",
-                        url,
-                        run,
-                        body,
-                        args.seconds,
-                        (envoy.pid, None),
-                        not args.skip_saturation,
-                        args.pacing,
-                    )
-                )
-            if not args.no_minimal:
-                minimal, menvoy, murl = minimal_stack(run, upstream_port)
-                with minimal, menvoy:
-                    print("floor: Envoy + a do-nothing Python ext_proc", flush=True)
-                    results.append(
-                        measure(
-                            "Envoy + minimal ext_proc (floor)", murl, run, body, args.seconds,
-                            (menvoy.pid, minimal.pid), not args.skip_saturation, args.pacing,
-                        )
-                    )  # fmt: skip
-            config = gateway_config(run, upstream_port)
-            combos = [
-                (m, t, int(n))
-                for n in args.processes.split(",")
-                for m in args.modes.split(",")
-                for t in args.transports.split(",")
-            ]
-            for mode, transport, processes in combos:
-                label = mode if transport == "grpc" else f"{mode}, {transport}"
-                name = "extproc" if processes == 1 else f"{processes} extproc processes"
-                mode_run = run / f"{mode}-{transport}-{processes}"
-                stack = GatewayStack(
-                    config,
-                    mode_run,
-                    StackOptions(
-                        body_mode=mode,
-                        extproc_log_level="WARNING",
-                        transport=transport,
-                        extproc_processes=processes,
-                    ),
-                )
-                with stack:
-                    wanted = {f"{h}:{upstream_port}" for h in UPSTREAM_HOSTS}
-
-                    def ready(s: GatewayStack = stack, wanted: set[str] = wanted) -> bool:
-                        return s.extproc_ready() and wanted <= s.envoy_hosts()
-
-                    wait_until(ready, 20, "gateway ready")
-                    print(f"gateway: Envoy + {name} ({label})", flush=True)
-                    results.append(
-                        measure(
-                            f"Envoy + {name} ({label})",
-                            f"{stack.url}/chat/completions",
-                            mode_run,
-                            body,
-                            args.seconds,
-                            (stack.envoy.pid, *(c.pid for c in stack.extprocs)),
-                            not args.skip_saturation,
-                            args.pacing,
-                        )
-                    )
+            for n in range(args.rounds):
+                if args.rounds > 1:
+                    print(f"round {n + 1} of {args.rounds}", flush=True)
+                rounds.append(one_round(run / f"round-{n}", upstream_port, body, args))
     args.load = (load_before, os.getloadavg())
-    text = report(results, args, body)
+    text = report(rounds, args, body)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(text)

@@ -189,10 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--transport",
-        choices=("grpc", "h2"),
-        default="grpc",
-        help="ext_proc server: grpc = grpc.aio; h2 = the lean h2-library transport "
-        "(extproc/transport/h2.py, docs/gateway.md)",
+        choices=("h2", "grpc"),
+        default="h2",
+        help="ext_proc server: h2 = the hand-written HTTP/2 transport (extproc/transport/h2.py); "
+        "grpc = grpc.aio, the library implementation (docs/gateway.md) (default: h2)",
     )
     add_kube_args(p)
     add_service_args(p)
@@ -438,7 +438,7 @@ class ExtProcApp:
             await runner.cleanup()
 
     async def _run_h2(self, stop: asyncio.Event) -> None:
-        """The same services on ``extproc.transport_h2`` instead of grpc.aio."""
+        """The same services on the hand-written HTTP/2 transport (extproc/transport/h2.py)."""
         from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
         from extproc.transport.h2 import PROCESS_PATH, GrpcMethod, H2Server

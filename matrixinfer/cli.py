@@ -865,9 +865,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gw.add_argument(
         "--transport",
-        default="grpc",
-        choices=("grpc", "h2"),
-        help="extproc's ext_proc server: grpc (grpc.aio) or h2 (the h2 library)",
+        default="h2",
+        choices=("h2", "grpc"),
+        help="extproc's ext_proc server: h2 (hand-written HTTP/2) or grpc (grpc.aio) (default: h2)",
     )
     gw.add_argument(
         "--extproc-processes",

@@ -56,7 +56,7 @@ class StackOptions:
     envoy_concurrency: int = 2
     extra_extproc_args: Sequence[str] = field(default_factory=tuple)
     extra_xds_args: Sequence[str] = field(default_factory=tuple)  # e.g. --no-policy-filters
-    transport: str = "grpc"  # extproc's ext_proc server: grpc (grpc.aio) or h2 (docs/gateway.md)
+    transport: str = "h2"  # extproc's ext_proc server: h2 (hand-written) or grpc (grpc.aio)
     # extproc processes (replicas) behind Envoy's ext_proc cluster; each keeps its own in-flight
     # counts, prefix index, queue and local buckets (docs/gateway.md "Several extproc processes")
     extproc_processes: int = 1

@@ -1,15 +1,22 @@
-"""A lean gRPC transport for Envoy's ext_proc on the ``h2`` HTTP/2 library (``--transport h2``).
+"""A lean gRPC transport for Envoy's ext_proc over a hand-written HTTP/2 server
+(``--transport h2``).
 
 grpc.aio costs ~0.6 ms CPU per ext_proc request even for a do-nothing servicer
-(bench/reports/extproc_cost.md). Envoy's ext_proc client needs very little of gRPC: one
-bidirectional stream per HTTP request, identity-encoded messages, ``grpc-status`` trailers. This
-module serves exactly that on an :class:`asyncio.Protocol` driving ``h2.connection.H2Connection``
-(python-hyper's sans-IO HTTP/2 state machine: framing, HPACK, stream states, flow-control
-windows, SETTINGS and PING are the library's). What is ours is the gRPC layer on top: the 5-byte
-length prefix, ``grpc-status``/``grpc-message`` trailers, method dispatch, and the adapter that
-gives a handler the same ``(request_iterator, context)`` interface grpc.aio gives it, so
-``ExtProcServicer.Process`` (``context.read()``/``write()``) and ``AccessLogServicer``
-(``async for`` over the request iterator, one reply) run unchanged.
+(bench/reports/extproc_cost.md), and python-hyper's ``h2`` state machine, which this transport
+used first, spent ~0.15 ms per request of its own (frame objects, per-stream state machines,
+events, HPACK encoding of constant headers). Envoy's ext_proc client needs very little of HTTP/2
+and gRPC: one bidirectional stream per HTTP request, identity-encoded messages, ``grpc-status``
+trailers. This module serves exactly that on an :class:`asyncio.Protocol`:
+
+- **HTTP/2 (RFC 9113), server side**: the frame layer (DATA, HEADERS + CONTINUATION, RST_STREAM,
+  SETTINGS, PING, GOAWAY, WINDOW_UPDATE; PRIORITY and unknown types ignored; padding), flow
+  control both ways, stream limits, and connection errors answered with GOAWAY. Header blocks are
+  decoded with the ``hpack`` library (python-hyper's HPACK, Huffman included); the replies' header
+  blocks are constant or literal-without-indexing, so no HPACK encoder state is kept.
+- **gRPC on top**: the 5-byte length prefix, ``grpc-status``/``grpc-message`` trailers, method
+  dispatch, and the adapter that gives a handler the same ``(request_iterator, context)``
+  interface grpc.aio gives it, so ``ExtProcServicer.Process`` (``context.read()``/``write()``)
+  and ``AccessLogServicer`` (``async for`` over the request iterator, one reply) run unchanged.
 
 Served: the methods passed in (:class:`GrpcMethod`), ``/grpc.health.v1.Health/Check``
 (SERVING, NOT_SERVING once :meth:`H2Server.stop` began, NOT_FOUND for an unknown service name);
@@ -17,37 +24,31 @@ anything else is ``UNIMPLEMENTED``. Compressed messages are refused with ``UNIMP
 messages over ``max_message`` with ``RESOURCE_EXHAUSTED``. A RST_STREAM from the peer (or the
 connection going away) cancels the handler's task. Shutdown: GOAWAY in two steps (the last
 stream id once the peer has acknowledged a PING), in-flight streams finish until the grace
-deadline, then are cancelled. A protocol error is answered by h2's GOAWAY, logged in one line,
-and the connection closed; the process goes on.
+deadline, then are cancelled. A protocol error is answered with GOAWAY and the error code,
+logged in one line, and the connection closed; the process goes on. A GOAWAY from the peer
+cancels the streams still in flight on that connection and closes it (Envoy sends GOAWAY to an
+ext_proc cluster only when it drains the connection, e.g. cluster removal or its own shutdown).
 
-Known limit: h2 moves the whole connection to CLOSED when a GOAWAY is sent or received
-(python-hyper/h2 issue #1181, open), so our own GOAWAYs are written past it with ``hyperframe``;
-after the *peer* sends one, h2 refuses to send anything more, so streams still in flight on that
-connection are cancelled (Envoy sends GOAWAY to an ext_proc cluster only when it drains the
-connection, e.g. cluster removal or its own shutdown).
+The library implementation of the same protocol is one flag away: ``--transport grpc``
+(grpc.aio); bench/reports/gateway_overhead.md compares the two against a do-nothing grpc.aio
+servicer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import functools
 import logging
+import struct
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
 import grpc
-import h2.config
-import h2.connection
-import h2.events
-import h2.exceptions
-import h2.settings
+import hpack
 from grpc_health.v1 import health_pb2
-from h2.errors import ErrorCodes
-from hyperframe.frame import GoAwayFrame
 
 __all__ = ["PROCESS_PATH", "GrpcMethod", "H2Server"]
 
@@ -67,20 +68,81 @@ OK, CANCELLED, NOT_FOUND, RESOURCE_EXHAUSTED, UNIMPLEMENTED, INTERNAL, UNAVAILAB
     14,
 )
 
+# HTTP/2 frame types, flags, settings and error codes (RFC 9113 sections 6, 7)
+DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY = range(8)
+WINDOW_UPDATE, CONTINUATION = 8, 9
+END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
+S_HEADER_TABLE_SIZE, S_ENABLE_PUSH, S_MAX_CONCURRENT_STREAMS = 1, 2, 3
+S_INITIAL_WINDOW_SIZE, S_MAX_FRAME_SIZE, S_MAX_HEADER_LIST_SIZE = 4, 5, 6
+NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0, 1, 2, 3
+STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR = 5, 6, 7, 8, 9
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 MAX_STREAM_ID = 2**31 - 1
+MAX_WINDOW = 2**31 - 1
+DEFAULT_WINDOW = 65535
+DEFAULT_FRAME_SIZE = 16384
 STREAM_WINDOW = 8 * 1024 * 1024  # per-stream receive window we announce
 CONNECTION_WINDOW = 64 * 1024 * 1024
 MAX_FRAME_SIZE = 1024 * 1024  # the largest frame we accept (Envoy sends up to this)
+MAX_HEADER_LIST = 64 * 1024
 DRAIN_PING = b"mi-drain"
 
-_RESPONSE_HEADERS = [
-    (b":status", b"200"),
-    (b"content-type", b"application/grpc"),
-    (b"grpc-accept-encoding", b"identity"),
-]
-_TRAILERS_OK = [(b"grpc-status", b"0")]
+_frame_header = struct.Struct(">I B I")  # (length << 8 | type) packed as 4 bytes, flags, stream id
+
+
+def _hpack_int(value: int, prefix_bits: int, first: int = 0) -> bytes:
+    """An HPACK integer (RFC 7541 5.1) with ``first``'s high bits in its first byte."""
+    limit = (1 << prefix_bits) - 1
+    if value < limit:
+        return bytes((first | value,))
+    out = bytearray((first | limit,))
+    value -= limit
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _literal(name: bytes, value: bytes) -> bytes:
+    """A header field as a literal without indexing, new name (RFC 7541 6.2.2): it leaves the
+    peer's dynamic table alone, so no encoder state has to be kept here."""
+    return b"\x00" + _hpack_int(len(name), 7) + name + _hpack_int(len(value), 7) + value
+
+
+# the reply headers: ":status: 200" (static index 8), then literals
+_RESPONSE_BLOCK = (
+    b"\x88"
+    + _literal(b"content-type", b"application/grpc")
+    + _literal(b"grpc-accept-encoding", b"identity")
+)
+_STATUS_415_BLOCK = b"\x08" + _hpack_int(3, 7) + b"415"  # literal, indexed name :status
 # grpc-message is percent-encoded; printable ASCII except "%" passes as is
 _MESSAGE_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if c != 0x25)
+
+
+def _trailers(status: int, message: str = "") -> bytes:
+    """The trailers' header block: ``grpc-status`` and, when given, ``grpc-message``."""
+    block = _literal(b"grpc-status", str(status).encode())
+    if message:
+        block += _literal(b"grpc-message", quote(message, safe=_MESSAGE_SAFE).encode())
+    return block
+
+
+_TRAILERS_OK = _trailers(OK)
+
+
+class ConnectionFault(Exception):
+    """A connection error (RFC 9113 5.4.1): answered with GOAWAY and this code, then closed."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _frame(kind: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
+    return _frame_header.pack(len(payload) << 8 | kind, flags, sid) + payload
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,13 +156,6 @@ class GrpcMethod:
     handler: Callable[[Any, Any], Coroutine[Any, Any, Any]]
     deserialize: Callable[[bytes], Any]
     unary_response: bool = False
-
-
-def _trailers(status: int, message: str = "") -> list[tuple[bytes, bytes]]:
-    out = [(b"grpc-status", str(status).encode())]
-    if message:
-        out.append((b"grpc-message", quote(message, safe=_MESSAGE_SAFE).encode()))
-    return out
 
 
 class StreamContext:
@@ -169,45 +224,46 @@ class _Stream:
         "ctx",
         "headers_sent",
         "method",
-        "offset",
         "pending",
+        "recv_unacked",
         "remote_ended",
+        "send_window",
         "sid",
         "task",
     )
 
-    def __init__(self, sid: int, method: GrpcMethod | None) -> None:
+    def __init__(self, sid: int, method: GrpcMethod | None, send_window: int) -> None:
         self.sid = sid
         self.method = method
         self.buf = b""  # partial gRPC message
         self.ctx: StreamContext | None = None
         self.task: asyncio.Task[Any] | None = None
         self.headers_sent = False
-        self.pending: collections.deque[bytes] = collections.deque()  # waiting for window
-        self.offset = 0  # bytes of pending[0] already sent
-        self.closing: list[tuple[bytes, bytes]] | None = None  # trailers after pending
+        self.pending: collections.deque[memoryview] = collections.deque()  # waiting for window
+        self.closing: bytes | None = None  # the trailers' block, sent after pending
         self.remote_ended = False
+        self.send_window = send_window  # what the peer lets us send on this stream
+        self.recv_unacked = 0  # bytes received and not yet given back with WINDOW_UPDATE
 
 
 class _Connection(asyncio.Protocol):
     def __init__(self, server: H2Server) -> None:
         self.server = server
         self.loop = asyncio.get_running_loop()
-        self.conn = h2.connection.H2Connection(
-            h2.config.H2Configuration(
-                client_side=False,
-                header_encoding=None,
-                # the peer is our own Envoy on loopback and only :path and content-type are
-                # read; h2's per-header character checks cost ~10 % of the transport
-                validate_inbound_headers=False,
-                normalize_inbound_headers=False,
-                validate_outbound_headers=False,  # our own constant headers
-                normalize_outbound_headers=False,
-            )
-        )
+        self.decoder = hpack.Decoder()
+        self.decoder.max_header_list_size = MAX_HEADER_LIST
         self.transport: Any = None  # asyncio.Transport or uvloop's
         self.streams: dict[int, _Stream] = {}
-        self.blocked: set[int] = set()
+        self.blocked: set[int] = set()  # streams with pending data and no window
+        self.out: list[bytes | memoryview] = []  # written at the next flush
+        self.inbuf = b""  # the start of a frame not yet complete
+        self.preface_seen = False
+        self.continuation: tuple[int, int, list[bytes]] | None = None  # sid, flags, fragments
+        self.highest_sid = 0  # the highest stream id the peer opened
+        self.peer_window = DEFAULT_WINDOW  # the peer's SETTINGS_INITIAL_WINDOW_SIZE
+        self.peer_frame_size = DEFAULT_FRAME_SIZE  # the peer's SETTINGS_MAX_FRAME_SIZE
+        self.send_window = DEFAULT_WINDOW  # the connection's window towards the peer
+        self.recv_unacked = 0  # received bytes not yet given back with WINDOW_UPDATE
         self.flush_scheduled = False
         self.closed = False
         self.draining = False
@@ -219,22 +275,21 @@ class _Connection(asyncio.Protocol):
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        conn = self.conn
-        conn.local_settings = h2.settings.Settings(
-            client=False,
-            initial_values={
-                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.server.max_concurrent_streams,
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
-                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: 64 * 1024,
-                h2.settings.SettingCodes.ENABLE_PUSH: 0,
-            },
+        settings = b"".join(
+            struct.pack(">HI", key, value)
+            for key, value in (
+                (S_MAX_CONCURRENT_STREAMS, self.server.max_concurrent_streams),
+                (S_INITIAL_WINDOW_SIZE, STREAM_WINDOW),
+                (S_MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST),
+                (S_ENABLE_PUSH, 0),
+                (S_MAX_FRAME_SIZE, MAX_FRAME_SIZE),
+            )
         )
-        conn.initiate_connection()
-        # a larger frame size takes effect only once the peer acknowledges it: h2 applies it
-        # on the ACK of this second SETTINGS frame (not if it were an initial value above)
-        conn.update_settings({h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE})
-        conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
-        transport.write(conn.data_to_send())  # type: ignore[attr-defined]
+        self.out.append(_frame(SETTINGS, 0, 0, settings))
+        self.out.append(
+            _frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", CONNECTION_WINDOW - DEFAULT_WINDOW))
+        )
+        self._flush()
         self.server._connections.add(self)
         if self.server.stopping:
             self.drain()
@@ -249,18 +304,14 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         try:
-            events = self.conn.receive_data(data)
-        except h2.exceptions.ProtocolError as exc:
-            # h2 has queued a GOAWAY with the error code; send it and close
+            self._receive(data)
+        except ConnectionFault as exc:
             log.warning("HTTP/2 protocol error from %s, closing the connection: %s", self.peer, exc)
+            self.out.append(_frame(GOAWAY, 0, 0, struct.pack(">II", self.highest_sid, exc.code)))
             self._close()
             return
-        dispatch = _DISPATCH
-        for ev in events:
-            handler = dispatch.get(type(ev))
-            if handler is not None:
-                handler(self, ev)
-        self._flush()
+        if self.out:
+            self._flush()
 
     def _close(self) -> None:
         if self.transport is not None and not self.closed:
@@ -268,95 +319,143 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
         self.closed = True
 
-    # ---- output --------------------------------------------------------------------------------
-    def _flush_soon(self) -> None:
-        if not self.flush_scheduled:
-            self.flush_scheduled = True
-            self.loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self.flush_scheduled = False
-        data = self.conn.data_to_send()
-        if data and not self.closed and self.transport is not None:
-            self.transport.write(data)
-
-    def send_message(self, sid: int, payload: bytes) -> None:
-        s = self.streams.get(sid)
-        if s is None or s.closing is not None:
-            return  # reset by the peer meanwhile, or already finished
-        if not s.headers_sent:
-            s.headers_sent = True
-            try:
-                self.conn.send_headers(sid, _RESPONSE_HEADERS)
-            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as exc:
-                log.debug("HTTP/2 stream %d of %s cannot send: %s", sid, self.peer, exc)
-                self._forget(s)
-                if s.task is not None:
-                    s.task.cancel()
+    # ---- input ---------------------------------------------------------------------------------
+    def _receive(self, data: bytes) -> None:
+        buf = self.inbuf + data if self.inbuf else data
+        i, n = 0, len(buf)
+        if not self.preface_seen:
+            if n < len(PREFACE):
+                if not PREFACE.startswith(buf):
+                    raise ConnectionFault(PROTOCOL_ERROR, "not an HTTP/2 connection preface")
+                self.inbuf = buf
                 return
-        s.pending.append(b"\x00" + len(payload).to_bytes(4, "big") + payload)
-        self._pump(s)
-        self._flush_soon()
+            if not buf.startswith(PREFACE):
+                raise ConnectionFault(PROTOCOL_ERROR, "not an HTTP/2 connection preface")
+            self.preface_seen = True
+            i = len(PREFACE)
+        unpack = _frame_header.unpack_from
+        while n - i >= 9 and not self.closed:
+            lt, flags, sid = unpack(buf, i)
+            length = lt >> 8
+            if length > MAX_FRAME_SIZE:
+                raise ConnectionFault(FRAME_SIZE_ERROR, f"frame of {length} bytes")
+            end = i + 9 + length
+            if end > n:
+                break
+            kind = lt & 0xFF
+            payload = buf[i + 9 : end]
+            i = end
+            sid &= MAX_STREAM_ID
+            if self.continuation is not None and kind != CONTINUATION:
+                raise ConnectionFault(PROTOCOL_ERROR, "header block interrupted")
+            if kind == DATA:
+                self._on_data_frame(sid, flags, payload, length)
+            elif kind == HEADERS:
+                self._on_headers_frame(sid, flags, payload)
+            elif kind == CONTINUATION:
+                self._on_continuation(sid, flags, payload)
+            elif kind == RST_STREAM:
+                self._on_reset(sid, payload)
+            elif kind == SETTINGS:
+                self._on_settings(sid, flags, payload)
+            elif kind == PING:
+                self._on_ping(sid, flags, payload)
+            elif kind == GOAWAY:
+                self._on_goaway(sid, payload)
+            elif kind == WINDOW_UPDATE:
+                self._on_window_update(sid, payload)
+            elif kind == PUSH_PROMISE:
+                raise ConnectionFault(PROTOCOL_ERROR, "PUSH_PROMISE from a client")
+            # PRIORITY and unknown frame types are ignored (RFC 9113 5.5)
+        self.inbuf = buf[i:] if i < n else b""
 
-    def _finish(self, s: _Stream, trailers: list[tuple[bytes, bytes]]) -> None:
-        """End the stream with these trailers once its pending data is out."""
-        if s.closing is not None or self.streams.get(s.sid) is not s:
+    @staticmethod
+    def _unpad(flags: int, payload: bytes) -> bytes:
+        if flags & PADDED:
+            if not payload or payload[0] >= len(payload):
+                raise ConnectionFault(PROTOCOL_ERROR, "padding longer than the frame")
+            return payload[1 : len(payload) - payload[0]]
+        return payload
+
+    def _on_data_frame(self, sid: int, flags: int, payload: bytes, length: int) -> None:
+        if sid == 0:
+            raise ConnectionFault(PROTOCOL_ERROR, "DATA on stream 0")
+        self.recv_unacked += length
+        if self.recv_unacked >= CONNECTION_WINDOW // 2:
+            self.out.append(_frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", self.recv_unacked)))
+            self.recv_unacked = 0
+        data = self._unpad(flags, payload)
+        s = self.streams.get(sid)
+        if s is None:
+            if sid > self.highest_sid:
+                raise ConnectionFault(PROTOCOL_ERROR, f"DATA on idle stream {sid}")
+            return  # a stream we already answered or reset: the rest is dropped
+        if s.remote_ended:
+            self._reset(s, STREAM_CLOSED)
             return
-        s.closing = trailers
-        self._pump(s)
-        self._flush_soon()
+        end = flags & END_STREAM
+        if not end:
+            s.recv_unacked += length
+            if s.recv_unacked >= STREAM_WINDOW // 2:
+                self.out.append(_frame(WINDOW_UPDATE, 0, sid, struct.pack(">I", s.recv_unacked)))
+                s.recv_unacked = 0
+        if data and s.closing is None:
+            self._on_message_bytes(s, data)
+        if end and self.streams.get(sid) is s:
+            self._on_end(s)
 
-    def _pump(self, s: _Stream) -> None:
-        conn, sid = self.conn, s.sid
+    def _on_headers_frame(self, sid: int, flags: int, payload: bytes) -> None:
+        if sid == 0 or sid % 2 == 0:
+            raise ConnectionFault(PROTOCOL_ERROR, f"HEADERS on stream {sid}")
+        block = self._unpad(flags, payload)
+        if flags & PRIORITY_FLAG:
+            block = block[5:]
+        if flags & END_HEADERS:
+            self._on_header_block(sid, flags, block)
+        else:
+            self.continuation = (sid, flags, [block])
+
+    def _on_continuation(self, sid: int, flags: int, payload: bytes) -> None:
+        if self.continuation is None or self.continuation[0] != sid:
+            raise ConnectionFault(PROTOCOL_ERROR, "CONTINUATION without its HEADERS")
+        fragments = self.continuation[2]
+        fragments.append(payload)
+        if sum(map(len, fragments)) > MAX_HEADER_LIST * 2:
+            raise ConnectionFault(PROTOCOL_ERROR, "header block over the size limit")
+        if flags & END_HEADERS:
+            first_flags = self.continuation[1]
+            self.continuation = None
+            self._on_header_block(sid, first_flags, b"".join(fragments))
+
+    def _on_header_block(self, sid: int, flags: int, block: bytes) -> None:
         try:
-            while s.pending:
-                window = conn.local_flow_control_window(sid)
-                if window <= 0:
-                    self.blocked.add(sid)
-                    return
-                chunk = s.pending[0]
-                n = min(len(chunk) - s.offset, window, conn.max_outbound_frame_size)
-                if s.offset == 0 and n == len(chunk):
-                    conn.send_data(sid, chunk)
-                    s.pending.popleft()
-                    continue
-                conn.send_data(sid, memoryview(chunk)[s.offset : s.offset + n])
-                s.offset += n
-                if s.offset == len(chunk):
-                    s.pending.popleft()
-                    s.offset = 0
-            self.blocked.discard(sid)
-            if s.closing is not None:
-                if s.headers_sent:
-                    conn.send_headers(sid, s.closing, end_stream=True)
-                else:  # trailers-only response
-                    conn.send_headers(sid, _RESPONSE_HEADERS + s.closing, end_stream=True)
-                self._forget(s)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as exc:
-            # the stream was reset, or the peer sent GOAWAY (h2 then sends nothing more)
-            log.debug("HTTP/2 stream %d of %s cannot send: %s", sid, self.peer, exc)
-            self._forget(s)
-            if s.task is not None:
-                s.task.cancel()
-
-    def _forget(self, s: _Stream) -> None:
-        if self.streams.pop(s.sid, None) is not None:
-            self.blocked.discard(s.sid)
-            self.server._stream_closed()
-            if self.draining and not self.streams and self.goaway_last is not None:
-                self._close()
-
-    # ---- events ----------------------------------------------------------------------------------
-    def _on_request(self, ev: h2.events.RequestReceived) -> None:
-        sid = ev.stream_id
-        assert sid is not None
-        if self.goaway_last is not None and sid > self.goaway_last:
-            self.conn.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+            headers = self.decoder.decode(block, raw=True)
+        except hpack.HPACKError as exc:
+            raise ConnectionFault(COMPRESSION_ERROR, f"header block: {exc}") from None
+        end = bool(flags & END_STREAM)
+        s = self.streams.get(sid)
+        if s is not None:  # trailers from the peer end its half of the stream
+            if not end:
+                raise ConnectionFault(PROTOCOL_ERROR, f"trailers without END_STREAM on {sid}")
+            if not s.remote_ended:
+                self._on_end(s)
             return
-        path: Any = b""
-        ctype: Any = b""
+        if sid <= self.highest_sid:
+            return  # trailers of a stream we already answered or reset
+        self.highest_sid = sid
+        self._on_request(sid, headers, end)
+
+    def _on_request(self, sid: int, headers: Iterable[Any], end: bool) -> None:
+        if self.goaway_last is not None and sid > self.goaway_last:
+            self.out.append(_frame(RST_STREAM, 0, sid, struct.pack(">I", REFUSED_STREAM)))
+            return
+        if len(self.streams) >= self.server.max_concurrent_streams:
+            self.out.append(_frame(RST_STREAM, 0, sid, struct.pack(">I", REFUSED_STREAM)))
+            return
+        path: bytes = b""
+        ctype: bytes = b""
         trace: tuple[tuple[str, str], ...] = ()
-        for key, value in ev.headers or ():
+        for key, value in headers:
             if key == b":path":
                 path = value
             elif key == b"content-type":
@@ -364,11 +463,11 @@ class _Connection(asyncio.Protocol):
             elif key == b"traceparent" or key == b"tracestate":
                 trace += ((key.decode(), value.decode("latin-1")),)
         if not ctype.startswith(b"application/grpc"):
-            self.conn.send_headers(sid, [(b":status", b"415")], end_stream=True)
+            self._header_frames(sid, _STATUS_415_BLOCK, True)
             return
-        name: str = path.decode("latin-1")
+        name = path.decode("latin-1")
         method = self.server.methods.get(name)
-        s = self.streams[sid] = _Stream(sid, method)
+        s = self.streams[sid] = _Stream(sid, method, self.peer_window)
         self.server._stream_opened()
         if method is not None:
             ctx = s.ctx = StreamContext(self, sid, trace)
@@ -376,15 +475,12 @@ class _Connection(asyncio.Protocol):
             s.task.add_done_callback(functools.partial(self._done, s))
         elif name != HEALTH_CHECK_PATH:
             self._finish(s, _trailers(UNIMPLEMENTED, f"method {name} is not served here"))
-
-    def _on_data(self, ev: h2.events.DataReceived) -> None:
-        sid = ev.stream_id
-        assert sid is not None
-        self.conn.acknowledge_received_data(ev.flow_controlled_length or 0, sid)
-        s = self.streams.get(sid)
-        if s is None or s.closing is not None:
             return
-        data = ev.data or b""
+        if end:
+            self._on_end(s)
+
+    def _on_message_bytes(self, s: _Stream, data: bytes) -> None:
+        """Cut the stream's bytes into gRPC messages (5-byte prefix: flag, length)."""
         buf = s.buf + data if s.buf else data
         j, n = 0, len(buf)
         limit = self.server.max_message
@@ -416,33 +512,96 @@ class _Connection(asyncio.Protocol):
                 return
         s.buf = buf[j:] if j < n else b""
 
-    def _on_end(self, ev: h2.events.StreamEnded) -> None:
-        s = self.streams.get(ev.stream_id or 0)
-        if s is None:
-            return
+    def _on_end(self, s: _Stream) -> None:
         s.remote_ended = True
         if s.ctx is not None:
             s.ctx._end()
         elif s.closing is None:  # a health check without a request message
             self._health_check(s, b"")
 
-    def _on_reset(self, ev: h2.events.StreamReset) -> None:
-        s = self.streams.get(ev.stream_id or 0)
+    def _on_reset(self, sid: int, payload: bytes) -> None:
+        if sid == 0:
+            raise ConnectionFault(PROTOCOL_ERROR, "RST_STREAM on stream 0")
+        if len(payload) != 4:
+            raise ConnectionFault(FRAME_SIZE_ERROR, "RST_STREAM of the wrong size")
+        s = self.streams.get(sid)
         if s is not None:
             self._forget(s)
             if s.task is not None:
                 s.task.cancel()
 
-    def _on_window(self, ev: h2.events.WindowUpdated) -> None:
-        if ev.stream_id:
-            s = self.streams.get(ev.stream_id)
-            if s is not None and s.pending:
-                self._pump(s)
-        else:
-            self._pump_blocked()
-
-    def _on_settings(self, ev: h2.events.RemoteSettingsChanged) -> None:
+    def _on_settings(self, sid: int, flags: int, payload: bytes) -> None:
+        if sid != 0:
+            raise ConnectionFault(PROTOCOL_ERROR, "SETTINGS on a stream")
+        if flags & ACK:
+            if payload:
+                raise ConnectionFault(FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
+            return
+        if len(payload) % 6:
+            raise ConnectionFault(FRAME_SIZE_ERROR, "SETTINGS of the wrong size")
+        for k in range(0, len(payload), 6):
+            key, value = struct.unpack_from(">HI", payload, k)
+            if key == S_ENABLE_PUSH and value > 1:
+                raise ConnectionFault(PROTOCOL_ERROR, f"SETTINGS_ENABLE_PUSH {value}")
+            if key == S_INITIAL_WINDOW_SIZE:
+                if value > MAX_WINDOW:
+                    raise ConnectionFault(FLOW_CONTROL_ERROR, f"initial window {value}")
+                delta = value - self.peer_window
+                self.peer_window = value
+                for s in self.streams.values():
+                    s.send_window += delta
+            elif key == S_MAX_FRAME_SIZE:
+                if not DEFAULT_FRAME_SIZE <= value <= 2**24 - 1:
+                    raise ConnectionFault(PROTOCOL_ERROR, f"SETTINGS_MAX_FRAME_SIZE {value}")
+                self.peer_frame_size = value
+        self.out.append(_frame(SETTINGS, ACK, 0))
         self._pump_blocked()
+
+    def _on_ping(self, sid: int, flags: int, payload: bytes) -> None:
+        if sid != 0:
+            raise ConnectionFault(PROTOCOL_ERROR, "PING on a stream")
+        if len(payload) != 8:
+            raise ConnectionFault(FRAME_SIZE_ERROR, "PING of the wrong size")
+        if not flags & ACK:
+            self.out.append(_frame(PING, ACK, 0, payload))
+        elif self.draining and payload == DRAIN_PING and self.goaway_last is None:
+            self._goaway(self.highest_sid)
+
+    def _on_goaway(self, sid: int, payload: bytes) -> None:
+        if sid != 0:
+            raise ConnectionFault(PROTOCOL_ERROR, "GOAWAY on a stream")
+        code = int.from_bytes(payload[4:8], "big") if len(payload) >= 8 else PROTOCOL_ERROR
+        if code != NO_ERROR:
+            log.warning("HTTP/2 peer %s closed the connection: error code %d", self.peer, code)
+        for s in list(self.streams.values()):
+            self._forget(s)
+            if s.task is not None:
+                s.task.cancel()
+        self._close()
+
+    def _on_window_update(self, sid: int, payload: bytes) -> None:
+        if len(payload) != 4:
+            raise ConnectionFault(FRAME_SIZE_ERROR, "WINDOW_UPDATE of the wrong size")
+        increment = int.from_bytes(payload, "big") & MAX_WINDOW
+        if sid == 0:
+            if increment == 0:
+                raise ConnectionFault(PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
+            self.send_window += increment
+            if self.send_window > MAX_WINDOW:
+                raise ConnectionFault(FLOW_CONTROL_ERROR, "connection window over 2^31-1")
+            self._pump_blocked()
+            return
+        s = self.streams.get(sid)
+        if s is None:
+            return
+        if increment == 0:
+            self._reset(s, PROTOCOL_ERROR)
+            return
+        s.send_window += increment
+        if s.send_window > MAX_WINDOW:
+            self._reset(s, FLOW_CONTROL_ERROR)
+        elif s.pending or (s.closing is not None and s.sid in self.blocked):
+            self._pump(s)
 
     def _pump_blocked(self) -> None:
         for sid in list(self.blocked):
@@ -452,18 +611,98 @@ class _Connection(asyncio.Protocol):
             else:
                 self._pump(s)
 
-    def _on_terminated(self, ev: h2.events.ConnectionTerminated) -> None:
-        if ev.error_code != ErrorCodes.NO_ERROR:
-            log.warning("HTTP/2 peer %s closed the connection: %s", self.peer, ev.error_code)
-        for s in list(self.streams.values()):
-            self._forget(s)
-            if s.task is not None:
-                s.task.cancel()
-        self._close()
+    # ---- output --------------------------------------------------------------------------------
+    def _flush_soon(self) -> None:
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.loop.call_soon(self._flush)
 
-    def _on_ping_ack(self, ev: h2.events.PingAckReceived) -> None:
-        if self.draining and ev.ping_data == DRAIN_PING and self.goaway_last is None:
-            self._goaway(self.conn.highest_inbound_stream_id)
+    def _flush(self) -> None:
+        self.flush_scheduled = False
+        out = self.out
+        if out:
+            data = b"".join(out)
+            out.clear()
+            if not self.closed and self.transport is not None:
+                self.transport.write(data)
+
+    def _header_frames(self, sid: int, block: bytes, end_stream: bool) -> None:
+        """A header block as HEADERS (+ CONTINUATION frames when over the peer's frame size)."""
+        size = self.peer_frame_size
+        first = END_STREAM if end_stream else 0
+        if len(block) <= size:
+            self.out.append(_frame(HEADERS, first | END_HEADERS, sid, block))
+            return
+        pieces = [block[k : k + size] for k in range(0, len(block), size)]
+        self.out.append(_frame(HEADERS, first, sid, pieces[0]))
+        for k, piece in enumerate(pieces[1:], 2):
+            self.out.append(
+                _frame(CONTINUATION, END_HEADERS if k == len(pieces) else 0, sid, piece)
+            )
+
+    def send_message(self, sid: int, payload: bytes) -> None:
+        s = self.streams.get(sid)
+        if s is None or s.closing is not None:
+            return  # reset by the peer meanwhile, or already finished
+        if not s.headers_sent:
+            s.headers_sent = True
+            self._header_frames(sid, _RESPONSE_BLOCK, False)
+        size = len(payload) + 5
+        if not s.pending and size <= min(s.send_window, self.send_window, self.peer_frame_size):
+            # the common case: one DATA frame, header and gRPC prefix in one piece
+            self.out.append(_frame_header.pack(size << 8 | DATA, 0, sid) + _grpc_prefix(payload))
+            self.out.append(payload)
+            s.send_window -= size
+            self.send_window -= size
+        else:
+            s.pending.append(memoryview(_grpc_prefix(payload) + payload))
+            self._pump(s)
+        self._flush_soon()
+
+    def _finish(self, s: _Stream, trailers: bytes) -> None:
+        """End the stream with these trailers once its pending data is out."""
+        if s.closing is not None or self.streams.get(s.sid) is not s:
+            return
+        s.closing = trailers
+        self._pump(s)
+        self._flush_soon()
+
+    def _pump(self, s: _Stream) -> None:
+        sid = s.sid
+        while s.pending:
+            window = min(s.send_window, self.send_window)
+            if window <= 0:
+                self.blocked.add(sid)
+                return
+            chunk = s.pending[0]
+            n = min(len(chunk), window, self.peer_frame_size)
+            self.out.append(_frame_header.pack(n << 8 | DATA, 0, sid))
+            self.out.append(chunk[:n])
+            s.send_window -= n
+            self.send_window -= n
+            if n == len(chunk):
+                s.pending.popleft()
+            else:
+                s.pending[0] = chunk[n:]
+        self.blocked.discard(sid)
+        if s.closing is not None:
+            block = s.closing if s.headers_sent else _RESPONSE_BLOCK + s.closing
+            self._header_frames(sid, block, True)  # trailers, or a trailers-only response
+            self._forget(s)
+
+    def _reset(self, s: _Stream, code: int) -> None:
+        """A stream error: RST_STREAM with ``code``; the handler is cancelled."""
+        self.out.append(_frame(RST_STREAM, 0, s.sid, struct.pack(">I", code)))
+        self._forget(s)
+        if s.task is not None:
+            s.task.cancel()
+
+    def _forget(self, s: _Stream) -> None:
+        if self.streams.pop(s.sid, None) is not None:
+            self.blocked.discard(s.sid)
+            self.server._stream_closed()
+            if self.draining and not self.streams and self.goaway_last is not None:
+                self._close()
 
     # ---- handlers ------------------------------------------------------------------------------
     def _done(self, s: _Stream, task: asyncio.Task[Any]) -> None:
@@ -486,13 +725,11 @@ class _Connection(asyncio.Protocol):
         if s.task is not None and not s.task.done():
             s.task.cancel()
         s.pending.clear()
-        s.offset = 0
         remote_open = not s.remote_ended
         self._finish(s, _trailers(status, message))
         if remote_open and self.streams.get(s.sid) is None:
             # stop the peer from sending the rest of a request nobody reads
-            with contextlib.suppress(h2.exceptions.H2Error):
-                self.conn.reset_stream(s.sid, ErrorCodes.NO_ERROR)
+            self.out.append(_frame(RST_STREAM, 0, s.sid, struct.pack(">I", NO_ERROR)))
 
     def _health_check(self, s: _Stream, raw: bytes) -> None:
         try:
@@ -517,45 +754,28 @@ class _Connection(asyncio.Protocol):
         if self.draining or self.closed or self.transport is None:
             return
         self.draining = True
-        self._flush()
-        self.transport.write(GoAwayFrame(0, last_stream_id=MAX_STREAM_ID).serialize())
-        try:
-            self.conn.ping(DRAIN_PING)
-        except h2.exceptions.ProtocolError:  # the peer already said GOAWAY
-            self._goaway(self.conn.highest_inbound_stream_id)
-            return
+        self.out.append(_frame(GOAWAY, 0, 0, struct.pack(">II", MAX_STREAM_ID, NO_ERROR)))
+        self.out.append(_frame(PING, 0, 0, DRAIN_PING))
         self._flush()
 
     def _goaway(self, last: int) -> None:
-        """The final GOAWAY, written past h2 (whose own would stop in-flight streams too)."""
+        """The final GOAWAY: streams above ``last`` are refused, those below finish."""
         self.goaway_last = last
-        if self.transport is not None and not self.closed:
-            self._flush()
-            self.transport.write(GoAwayFrame(0, last_stream_id=last).serialize())
+        self.out.append(_frame(GOAWAY, 0, 0, struct.pack(">II", last, NO_ERROR)))
+        self._flush()
         if not self.streams:
             self._close()
 
     def abort_all(self) -> None:
         """Grace is over: cancel what is still running and close."""
         for s in list(self.streams.values()):
-            self._forget(s)
-            if s.task is not None:
-                s.task.cancel()
-            with contextlib.suppress(h2.exceptions.H2Error):
-                self.conn.reset_stream(s.sid, ErrorCodes.CANCEL)
+            self._reset(s, CANCEL)
         self._close()
 
 
-_DISPATCH: dict[type, Callable[[_Connection, Any], None]] = {
-    h2.events.DataReceived: _Connection._on_data,
-    h2.events.RequestReceived: _Connection._on_request,
-    h2.events.StreamEnded: _Connection._on_end,
-    h2.events.WindowUpdated: _Connection._on_window,
-    h2.events.StreamReset: _Connection._on_reset,
-    h2.events.RemoteSettingsChanged: _Connection._on_settings,
-    h2.events.ConnectionTerminated: _Connection._on_terminated,
-    h2.events.PingAckReceived: _Connection._on_ping_ack,
-}
+def _grpc_prefix(payload: bytes) -> bytes:
+    """The gRPC message prefix: not compressed, then the length."""
+    return b"\x00" + len(payload).to_bytes(4, "big")
 
 
 class H2Server:

@@ -398,6 +398,12 @@ def test_grpc_health_service(stack: GatewayStack) -> None:
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def test_the_default_transport_is_h2(stack: GatewayStack) -> None:
+    """The stack's extproc runs the hand-written HTTP/2 transport unless told otherwise
+    (test_gateway_e2e_grpc reruns the key tests on grpc.aio)."""
+    assert "ext_proc (h2 transport)" in stack.extproc.log_tail(200)
+
+
 # ------------------------------------------------------------------------------ extproc down
 
 

@@ -1,6 +1,7 @@
 """The Open Inference Protocol v2 over gRPC through the gateway: the official grpcio client ->
 real Envoy (h2c) -> extproc (model_name from the protobuf body, auth, rate limits, scheduling)
--> simulator pods' gRPC ports (HTTP/2)."""
+-> simulator pods' gRPC ports (HTTP/2). Every test runs against both ext_proc transports
+(``--transport grpc`` and ``--transport h2``): switching transport loses nothing."""
 
 from __future__ import annotations
 
@@ -70,9 +71,12 @@ def grpc_fleet(tmp_path_factory: pytest.TempPathFactory, grpc_port: int) -> Iter
         yield f
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["grpc", "h2"])
 def stack(
-    tmp_path_factory: pytest.TempPathFactory, grpc_fleet: Fleet, grpc_port: int
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    grpc_fleet: Fleet,
+    grpc_port: int,
 ) -> Iterator[GatewayStack]:
     config = tmp_path_factory.mktemp("grpc-config")
     (config / "model.yaml").write_text(routes(grpc_port))
@@ -93,7 +97,11 @@ def stack(
         "anonymousRoutes: [grpc-open, http-open, grpc-usage, grpc-output]\n"
     )
     s = policy_stack(
-        config, tmp_path_factory.mktemp("grpc-run"), grpc_fleet, ("--auth-config", str(auth))
+        config,
+        tmp_path_factory.mktemp(f"grpc-run-{request.param}"),
+        grpc_fleet,
+        ("--auth-config", str(auth)),
+        transport=request.param,
     )
     grpc_hosts = {f"{p.host}:{grpc_port}" for p in grpc_fleet.pods}
     try:

@@ -273,6 +273,65 @@ async def test_peer_goaway_cancels_streams_in_flight_and_closes(served: Any) -> 
     await asyncio.wait_for(_until(lambda: server.active_streams == 0), 20)
 
 
+async def test_ping_is_answered_with_its_payload(served: Any) -> None:
+    server, _, _ = served
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    ping = b"\x00\x00\x08\x06\x00\x00\x00\x00\x00" + b"12345678"
+    writer.write(PREFACE + EMPTY_SETTINGS + ping)
+    data = b""
+    while not any(kind == 0x6 for kind, *_ in _frames(data)):
+        data += await asyncio.wait_for(reader.read(65536), 20)
+    writer.close()
+    (ack,) = [f for f in _frames(data) if f[0] == 0x6]
+    assert ack[1] == 0x1 and ack[3] == b"12345678"  # ACK, the same 8 bytes
+
+
+async def test_a_client_that_is_not_http2_gets_goaway(served: Any) -> None:
+    server, _, _ = served
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"POST /v1/chat HTTP/1.1\r\nHost: x\r\n\r\n")
+    received = await asyncio.wait_for(_read_all(reader), 20)
+    writer.close()
+    assert _frame_types(received)[-1] == 0x7  # our SETTINGS, then GOAWAY, then closed
+
+
+async def test_padding_and_a_header_block_in_continuation_frames(served: Any) -> None:
+    """A padded DATA frame and a 40 KB header block (HEADERS + CONTINUATION, sent before the
+    server's SETTINGS raise the frame size) reach the handler like any other request."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    server, _, _ = served
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    headers = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":authority", "test"),
+        (":path", PROCESS_PATH),
+        ("content-type", "application/grpc"),
+        ("x-large", "v" * 40_000),
+    ]
+    client.send_headers(1, headers)
+    raw = body(b"abcd").SerializeToString()
+    client.send_data(1, b"\x00" + len(raw).to_bytes(4, "big") + raw, pad_length=17)
+    sent = client.data_to_send()
+    assert 0x9 in _frame_types(sent[len(PREFACE) :])  # CONTINUATION on the wire
+    writer.write(sent)
+    message = b""
+    while len(message) < 5 or len(message) < 5 + int.from_bytes(message[1:5], "big"):
+        events = client.receive_data(await asyncio.wait_for(reader.read(65536), 20))
+        writer.write(client.data_to_send())
+        for event in events:
+            if isinstance(event, h2.events.DataReceived) and event.stream_id == 1:
+                message += event.data
+    reply = pb.ProcessingResponse.FromString(message[5:])
+    assert reply.request_body.response.body_mutation.body == b"4"
+    writer.close()
+
+
 def test_bad_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="max_concurrent_streams"):
         H2Server({}, max_concurrent_streams=0)
@@ -291,6 +350,30 @@ async def _until(cond: Any) -> None:
 async def _read_to_eof(reader: asyncio.StreamReader) -> None:
     while await reader.read(65536):
         pass
+
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+EMPTY_SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+async def _read_all(reader: asyncio.StreamReader) -> bytes:
+    data = b""
+    while chunk := await reader.read(65536):
+        data += chunk
+    return data
+
+
+def _frames(data: bytes) -> list[tuple[int, int, int, bytes]]:
+    """(type, flags, stream id, payload) of each complete frame."""
+    out, i = [], 0
+    while len(data) - i >= 9:
+        length = int.from_bytes(data[i : i + 3], "big")
+        if len(data) - i - 9 < length:
+            break
+        sid = int.from_bytes(data[i + 5 : i + 9], "big") & 0x7FFFFFFF
+        out.append((data[i + 3], data[i + 4], sid, data[i + 9 : i + 9 + length]))
+        i += 9 + length
+    return out
 
 
 def _frame_types(data: bytes) -> list[int]:

@@ -34,7 +34,7 @@ OTHER_TOOLS = {
     "--transports", "--modes", "--processes", "--pacing", "--blocks", "--skip-admission",
     "--skip-usage", "--mode", "--from-literal", "--from-json", "--check", "--fix", "--policy",
     "--worker-urls", "--transport-h2", "--kv-event-source", "--kv-event-replay-source",
-    "--prefill-pods", "--long-share",
+    "--prefill-pods", "--long-share", "--rounds",
     # the engines' own flags (vllm serve, SGLang's launch_server), as a Model's pods run them
     "--disaggregation-bootstrap-port", "--dist-init-addr", "--enable-lora",
     "--gpu-memory-utilization", "--kv-transfer-config", "--load-format", "--lora-paths",

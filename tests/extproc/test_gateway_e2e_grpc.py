@@ -1,7 +1,8 @@
-"""The gateway end to end with the extproc on ``--transport h2`` (extproc/transport_h2.py).
+"""The gateway end to end with the extproc on ``--transport grpc`` (grpc.aio, the library
+implementation; the default is the hand-written ``h2`` transport, extproc/transport/h2.py).
 
 The key tests of ``test_gateway_e2e`` run again here against a stack whose extproc serves ext_proc
-through the h2-library transport instead of grpc.aio: routing and pinning, the forged destination
+through grpc.aio instead of the default h2 transport: routing and pinning, the forged destination
 header, streaming, 400/404/413/503 answers, a killed pod avoided, a dead pod's pick retried
 on a fallback (test_fallback_retry), fail-closed/fail-open when the
 extproc dies, FULL_DUPLEX_STREAMED, and gRPC health.
@@ -48,17 +49,19 @@ pytestmark = pytest.mark.timeout(90)
 
 
 @pytest.fixture(autouse=True)
-def _stacks_started_inside_tests_run_h2(monkeypatch: pytest.MonkeyPatch) -> None:
+def _stacks_started_inside_tests_run_grpc(monkeypatch: pytest.MonkeyPatch) -> None:
     # test_extproc_killed / test_full_duplex_streamed_body_mode start their own stack through
     # tests.extproc.conftest.start_stack (imported at call time)
-    monkeypatch.setattr(conftest, "start_stack", functools.partial(start_stack, transport="h2"))
+    monkeypatch.setattr(conftest, "start_stack", functools.partial(start_stack, transport="grpc"))
 
 
 @pytest.fixture(scope="module")
 def stack(
     tmp_path_factory: pytest.TempPathFactory, config_dir: Path, fleet: Fleet
 ) -> Iterator[GatewayStack]:
-    s = start_stack(config_dir, tmp_path_factory.mktemp("gateway-run-h2"), fleet, transport="h2")
+    s = start_stack(
+        config_dir, tmp_path_factory.mktemp("gateway-run-grpc"), fleet, transport="grpc"
+    )
     try:
         yield s
     finally:
@@ -69,13 +72,13 @@ def stack(
 def blind_stack(
     tmp_path_factory: pytest.TempPathFactory, config_dir: Path, fleet: Fleet
 ) -> Iterator[GatewayStack]:
-    """test_fallback_retry's stack that does not notice a killed pod, on the h2 transport."""
+    """test_fallback_retry's stack that does not notice a killed pod, on grpc.aio."""
     s = start_stack(
         config_dir,
-        tmp_path_factory.mktemp("gateway-run-blind-h2"),
+        tmp_path_factory.mktemp("gateway-run-blind-grpc"),
         fleet,
         scrape_interval=SLOW_SCRAPE_INTERVAL,
-        transport="h2",
+        transport="grpc",
     )
     try:
         yield s
@@ -83,7 +86,7 @@ def blind_stack(
         s.stop()
 
 
-def test_the_extproc_really_runs_the_h2_transport(stack: GatewayStack) -> None:
+def test_the_extproc_really_runs_grpc_aio(stack: GatewayStack) -> None:
     argv = stack.extproc.argv
-    assert argv[argv.index("--transport") + 1] == "h2"
-    assert "ext_proc (h2 transport)" in stack.extproc.log_tail(200)
+    assert argv[argv.index("--transport") + 1] == "grpc"
+    assert "serving ext_proc on " in stack.extproc.log_tail(200)  # grpc.aio's start line
