@@ -26,7 +26,7 @@ import yaml
 from matrixinfer.process import free_port
 from matrixinfer.resources import project_file
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(480)
 
 MODEL = "scaled-model"
 TARGET = "scaled-model-sim"  # the backend's ModelInfer (and ModelServer)
@@ -223,7 +223,7 @@ def test_load_through_envoy_raises_replicas(demo: ScaledDemo) -> None:
         time.sleep(0.3)  # not a burst: the saturation filter sheds one (see above)
     try:
         # 12 requests in flight for one pod per 4: up to maxReplicas 3, one pod per second
-        eventually(lambda: demo.replicas() == 3, 120, "3 replicas under load")
+        eventually(lambda: demo.replicas() == 3, 240, "3 replicas under load")
         eventually(lambda: demo.ready_pods() == 3, 60, "3 ready pods")
         eventually(lambda: len(set(answered) - {"saturated"}) == 3, 60, "every pod answering")
     finally:

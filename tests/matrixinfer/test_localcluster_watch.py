@@ -19,7 +19,7 @@ import controllers.main
 from matrixinfer.testing.kube import Api, Kubelet, emulator, eventually, operator
 from tests.controllers.fakecluster import make_object
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(300)
 
 INACTIVITY = 1.0  # seconds; Kopf's default is 70
 
@@ -48,7 +48,7 @@ async def _new_modelinfer_gets_pods(api: Api, name: str) -> None:
     obj["metadata"]["uid"] = f"uid-{name}"
     await api.create_modelinfer(obj)
     await eventually(
-        lambda: any(p.startswith(f"{name}-") for p in api.pods()), 30, f"pods of {name}"
+        lambda: any(p.startswith(f"{name}-") for p in api.pods()), 90, f"pods of {name}"
     )
 
 
