@@ -374,7 +374,7 @@ async def run(
     n: int,
     deadline_s: float = 1800.0,
     progress: bool = True,
-    history: int = 8,
+    history: int = 1,
     idle_s: float = 10.0,
 ) -> tuple[Phase, Phase, dict[str, Any]]:
     """Apply ``n`` Models, then edit each once, then leave the operator idle for ``idle_s``,
