@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import json
 import logging
 import time
 import urllib.parse
@@ -49,6 +50,7 @@ Logger = logging.Logger | logging.LoggerAdapter[Any]
 RETRY_FIRST, RETRY_MAX = 0.5, 30.0  # seconds before a failed reconcile is tried again
 # seconds a child this controller created counts as observed while the watch has not shown it
 CREATED_TTL = 60.0
+_VOLATILE = ("resourceVersion", "managedFields")  # metadata that says nothing about the spec
 
 
 def name_key(ns: str, kind: str, name: str) -> tuple[str, str, str, str]:
@@ -103,6 +105,8 @@ class ModelController:
         # create the last one again. Dropped once an index shows the child, or after CREATED_TTL.
         self.created: dict[Key, dict[ChildRef, tuple[float, ObservedChild]]] = {}
         self.clock = clock
+        # per Model, its object's fingerprint and what _desired made of it
+        self.parsed: dict[Key, tuple[str, tuple[Model | None, Desired | None, Problem | None]]] = {}
 
     def connect(self, info: kopf.ConnectionInfo) -> None:
         self.client = KubeClient(info)
@@ -185,21 +189,12 @@ class ModelController:
         ns, name = key
         meta = body.get("metadata") or {}
         uid = str(meta.get("uid") or "")
-        model: Model | None = None
-        problems: list[Problem] = []
-        try:
-            doc = {k: v for k, v in body.items() if k != "status"}
-            parsed = parse_object(doc, f"namespace {ns}")
-            assert isinstance(parsed, Model)
-            model = parsed
-        except InvalidObject as exc:
-            problems.append(Problem("InvalidSpec", str(exc)))
+        model, want, invalid = self._desired(key, body)
+        problems: list[Problem] = [] if invalid is None else [invalid]
         backends: list[str] = []
         infers: dict[str, ObservedChild | None] = {}
         missing: tuple[ChildRef, ...] = ()
-        if model is not None:
-            model.metadata.namespace = model.metadata.namespace or ns
-            want = desired(model, self.runtime_image)
+        if model is not None and want is not None:
             observed = self.known_children(key, observe_children(indexes, ns, name, want))
             p = plan(want, observed, name, uid)
             missing = p.missing
@@ -233,6 +228,30 @@ class ModelController:
         self.states[key] = sp.state
         self._publish_states()
         return not any(p.reason == "ApplyFailed" for p in problems)
+
+    def _desired(
+        self, key: Key, body: Mapping[str, Any]
+    ) -> tuple[Model | None, Desired | None, Problem | None]:
+        """The parsed Model and what it generates, or the problem with its spec. Most
+        reconciles are woken by a child's event with the Model unchanged: the result is kept
+        per Model until its object (status and resourceVersion aside) changes."""
+        doc = {k: v for k, v in body.items() if k != "status"}
+        meta = {k: v for k, v in (doc.get("metadata") or {}).items() if k not in _VOLATILE}
+        fingerprint = json.dumps({**doc, "metadata": meta}, sort_keys=True, default=str)
+        cached = self.parsed.get(key)
+        if cached is not None and cached[0] == fingerprint:
+            return cached[1]
+        ns = key[0]
+        result: tuple[Model | None, Desired | None, Problem | None]
+        try:
+            parsed = parse_object(doc, f"namespace {ns}")
+            assert isinstance(parsed, Model)
+            parsed.metadata.namespace = parsed.metadata.namespace or ns
+            result = (parsed, desired(parsed, self.runtime_image), None)
+        except InvalidObject as exc:
+            result = (None, None, Problem("InvalidSpec", str(exc)))
+        self.parsed[key] = (fingerprint, result)
+        return result
 
     def known_children(self, key: Key, observed: list[ObservedChild]) -> list[ObservedChild]:
         """``observed`` (from the indexes) plus the children this controller created for the
@@ -320,6 +339,7 @@ class ModelController:
         self.written.pop(key, None)
         self.announced.pop(key, None)
         self.created.pop(key, None)
+        self.parsed.pop(key, None)
         self._publish_states()
         self.deleting.discard(key)
         logger.info(f"deleted {deleted} children of Model {ns}/{name}")

@@ -8,6 +8,7 @@ import logging
 from typing import Any
 
 import aiohttp
+import pytest
 
 from controllers.kube import ApiError
 from controllers.metrics import ControllerMetrics
@@ -174,4 +175,33 @@ async def test_a_create_that_meets_an_existing_child_reads_and_patches_it() -> N
     await controller.reconcile(("ns", "m"), indexes, logging.getLogger("test"))
     assert client.writes.count("create ModelInfer m-a") == 1
     assert "patch m-a" in client.writes, "the existing child's differences were not patched"
+    await controller.close()
+
+
+async def test_an_unchanged_model_is_not_parsed_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reconciles woken by child events reuse what the unchanged Model generates; a changed
+    spec (or label) is parsed and planned anew."""
+    import controllers.model.reconciler as reconciler
+
+    calls: list[str] = []
+    real = reconciler.desired
+
+    def counted(model: Any, *args: Any) -> Any:
+        calls.append(model.spec.backends[0].image or "")
+        return real(model, *args)
+
+    monkeypatch.setattr(reconciler, "desired", counted)
+    controller = ModelController(ControllerMetrics(), post_event=lambda _b, _ev: None)
+    controller.client = RecordingClient()  # type: ignore[assignment]
+    body = copy.deepcopy(BODY)
+    indexes = {MODEL_INDEX: {("ns", "m"): [body]}}
+    log = logging.getLogger("test")
+    await controller.reconcile(("ns", "m"), indexes, log)
+    body["metadata"]["resourceVersion"] = "2"  # e.g. its own status patch
+    body["status"] = {"observedGeneration": 1}
+    await controller.reconcile(("ns", "m"), indexes, log)
+    assert len(calls) == 1
+    body["spec"]["backends"][0]["image"] = "vllm:2"
+    await controller.reconcile(("ns", "m"), indexes, log)
+    assert calls[-1] == "vllm:2" and len(calls) == 2
     await controller.close()
