@@ -258,6 +258,12 @@ def live_objects(api: Any, plurals: tuple[str, ...]) -> dict[str, dict[str, dict
     return out
 
 
+def poll_interval(n: int) -> float:
+    """Seconds between two looks at the emulator for ``n`` Models: 1 s up to 150, then
+    proportionally longer (a per-Model settle time is known to within this)."""
+    return max(1.0, n / 150)
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return math.nan
@@ -351,7 +357,9 @@ async def measure_phase(
         if now - last_prune > 2.0:
             phase.pruned += prune(api)
             last_prune = now
-        await asyncio.sleep(1.0)  # the poll shares the emulator's thread: not too often
+        # the poll shares the emulator's thread and scans every object: not too often (at 500
+        # Models a poll a second was a third of that thread's samples)
+        await asyncio.sleep(poll_interval(n))
     phase.wall_s = time.perf_counter() - t0
     phase.operator_cpu_s = cpu.others() - cpu0
     phase.by_kind = {
