@@ -394,7 +394,7 @@ async def run(
     port = free_port()
     index_emulator_lookups()
     async with emulator(history_limit=history) as api:
-        kubelet = Kubelet(api, interval=0.1)
+        kubelet = Kubelet(api, interval=0.5)  # a scan of every object per tick
         ktask = asyncio.create_task(kubelet.run())
         try:
             async with operator(api, resync_seconds=300.0, metrics_port=port) as op:
