@@ -140,6 +140,8 @@ def build(
     )
     models = ModelController(metrics=metrics, runtime_image=config.runtime_image)
     reader = webhook_handlers.Reader(config.namespaces)
+    # ModelRoute conditions and ModelServer readyEndpoints (the only status writer)
+    status = status_handlers.register(registry)
 
     logins = 0
 
@@ -159,6 +161,7 @@ def build(
             autoscaler.connect(info)
             models.connect(info)
             reader.connect(info)
+            status.connect(info)
         return info
 
     @kopf.on.cleanup(id="matrixinfer-cleanup", registry=registry)
@@ -170,8 +173,6 @@ def build(
 
     modelinfer_handlers.register(registry, controller)
     model_handlers.register(registry, models, resync=config.resync_seconds)
-    # ModelRoute conditions and ModelServer readyEndpoints (the only status writer)
-    status_handlers.register(registry)
     autoscaling_handlers.register(registry, autoscaler, config.autoscale_interval)
     if config.webhooks is not None:
         webhook_handlers.register(registry, reader, metrics)

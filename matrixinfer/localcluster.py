@@ -79,9 +79,11 @@ class Emulator(kmock.KubernetesEmulator):
     """kmock plus `metadata.generateName` (Kopf names its Events that way), and a
     `resourceVersion` and `uid` on every created object that has none (as the API server does).
 
-    kmock matches every request against its whole recorded request history, which is quadratic
-    over a long run; `history_limit` keeps only the newest requests (the benchmark and the local
-    cluster set it; tests keep everything to inspect it). `handled` counts every request either
+    kmock decides which of its reactions serves a request by looking for the request in each
+    reaction's view of the recorded request history (oldest first: ~14 reactions x the history
+    per request, quadratic over a long run); `history_limit` keeps only the newest requests, in
+    the emulator and in each reaction (the benchmark and the local cluster keep 1, the request
+    being served; tests keep everything to inspect it). `handled` counts every request either
     way. `bookmark_interval` (seconds, None: off): a watch with no event for that long gets a
     BOOKMARK, as the API server sends one about every minute; without it Kopf declares a quiet
     watch dead after 70 s and reconnects.
@@ -111,8 +113,13 @@ class Emulator(kmock.KubernetesEmulator):
             kind = f"{request.method} {getattr(res, 'plural', '?')}" + (f"/{sub}" if sub else "")
             self.by_kind[kind] = self.by_kind.get(kind, 0) + 1
         limit = self.history_limit
-        if limit is not None and len(self._requests) > 2 * limit:
-            del self._requests[:-limit]  # the newest (including this one) stay matchable
+        if limit is not None:  # the newest (including this one) stay matchable
+            if len(self._requests) > limit:
+                del self._requests[: len(self._requests) - max(limit, 1)]
+            for reaction in self._payloads:
+                seen = reaction._requests
+                if len(seen) > 2 * limit:
+                    del seen[: len(seen) - limit]
         data = getattr(request, "data", None)
         if isinstance(data, dict) and request.method == "POST":
             meta = data.get("metadata")
@@ -342,7 +349,7 @@ class LocalCluster:
         self._stopping = asyncio.Event()
         self._loop = asyncio.get_running_loop()
         async with Emulator() as k, kmock.Server(k) as srv:
-            k.history_limit = 2000
+            k.history_limit = 1
             k.bookmark_interval = o.bookmark_interval
             k.stamp_creation = True
             declare(k)

@@ -49,7 +49,7 @@ def register(
     """Register the Model handlers into ``registry``."""
 
     @kopf.index(REGISTRY_GROUP, API_VERSION, MODEL_PLURAL, id=MODEL_INDEX, registry=registry)
-    def model_objects(
+    async def model_objects(
         namespace: str | None, name: str, body: kopf.Body, **_: Any
     ) -> dict[Key, dict[str, Any]]:
         return {_key(namespace, name): dict(body)}
@@ -95,7 +95,7 @@ def _register_child(
     only_labelled = {LABEL_MODEL: kopf.PRESENT} if not info.group else None
 
     @kopf.index(*resource, labels=only_labelled, id=f"model_{plural}", registry=registry)
-    def child_index(
+    async def child_index(
         namespace: str | None, body: kopf.Body, **_: Any
     ) -> dict[tuple[str, ...], ObservedChild] | None:
         child = child_from_json(kind, body)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import json
 import logging
 import time
 import urllib.parse
@@ -30,6 +31,7 @@ from controllers.model.types import (
     CHILD_KINDS,
     LABEL_MODEL,
     Action,
+    ChildKind,
     ChildRef,
     Desired,
     EventNote,
@@ -46,6 +48,9 @@ MODEL_INDEX = "model_objects"
 CHILD_INDEXES = tuple(f"model_{info.plural}" for info in CHILD_KINDS.values())
 Logger = logging.Logger | logging.LoggerAdapter[Any]
 RETRY_FIRST, RETRY_MAX = 0.5, 30.0  # seconds before a failed reconcile is tried again
+# seconds a child this controller created counts as observed while the watch has not shown it
+CREATED_TTL = 60.0
+_VOLATILE = ("resourceVersion", "managedFields")  # metadata that says nothing about the spec
 
 
 def name_key(ns: str, kind: str, name: str) -> tuple[str, str, str, str]:
@@ -78,6 +83,7 @@ class ModelController:
         metrics: ControllerMetrics | None = None,
         post_event: Callable[[Mapping[str, Any], EventNote], None] | None = None,
         runtime_image: str = DEFAULT_RUNTIME_IMAGE,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.metrics = metrics or ControllerMetrics()
         self.runtime_image = runtime_image  # the downloader, sidecar and PD proxy in the pods
@@ -94,6 +100,13 @@ class ModelController:
         # answer was lost cannot swallow its Events.
         self.written: dict[Key, dict[str, Any]] = {}
         self.announced: dict[Key, dict[str, Any]] = {}
+        # per Model, the children this controller created (or found at a 409) that its indexes
+        # may not show yet, with when: a reconcile woken by the first child's event must not
+        # create the last one again. Dropped once an index shows the child, or after CREATED_TTL.
+        self.created: dict[Key, dict[ChildRef, tuple[float, ObservedChild]]] = {}
+        self.clock = clock
+        # per Model, its object's fingerprint and what _desired made of it
+        self.parsed: dict[Key, tuple[str, tuple[Model | None, Desired | None, Problem | None]]] = {}
 
     def connect(self, info: kopf.ConnectionInfo) -> None:
         self.client = KubeClient(info)
@@ -176,26 +189,17 @@ class ModelController:
         ns, name = key
         meta = body.get("metadata") or {}
         uid = str(meta.get("uid") or "")
-        model: Model | None = None
-        problems: list[Problem] = []
-        try:
-            doc = {k: v for k, v in body.items() if k != "status"}
-            parsed = parse_object(doc, f"namespace {ns}")
-            assert isinstance(parsed, Model)
-            model = parsed
-        except InvalidObject as exc:
-            problems.append(Problem("InvalidSpec", str(exc)))
+        model, want, invalid = self._desired(key, body)
+        problems: list[Problem] = [] if invalid is None else [invalid]
         backends: list[str] = []
         infers: dict[str, ObservedChild | None] = {}
         missing: tuple[ChildRef, ...] = ()
-        if model is not None:
-            model.metadata.namespace = model.metadata.namespace or ns
-            want = desired(model, self.runtime_image)
-            observed = observe_children(indexes, ns, name, want)
+        if model is not None and want is not None:
+            observed = self.known_children(key, observe_children(indexes, ns, name, want))
             p = plan(want, observed, name, uid)
             missing = p.missing
             problems += p.problems
-            problems += await self.apply(ns, p.actions, logger)
+            problems += await self.apply(ns, p.actions, logger, model=name)
             ours = [o for o in observed if owns(name, uid, o)]
             problems += child_problems(ours)
             by_ref = {o.ref: o for o in ours}
@@ -225,9 +229,58 @@ class ModelController:
         self._publish_states()
         return not any(p.reason == "ApplyFailed" for p in problems)
 
-    async def apply(self, ns: str, actions: Iterable[Action], logger: Logger) -> list[Problem]:
+    def _desired(
+        self, key: Key, body: Mapping[str, Any]
+    ) -> tuple[Model | None, Desired | None, Problem | None]:
+        """The parsed Model and what it generates, or the problem with its spec. Most
+        reconciles are woken by a child's event with the Model unchanged: the result is kept
+        per Model until its object (status and resourceVersion aside) changes."""
+        doc = {k: v for k, v in body.items() if k != "status"}
+        meta = {k: v for k, v in (doc.get("metadata") or {}).items() if k not in _VOLATILE}
+        fingerprint = json.dumps({**doc, "metadata": meta}, sort_keys=True, default=str)
+        cached = self.parsed.get(key)
+        if cached is not None and cached[0] == fingerprint:
+            return cached[1]
+        ns = key[0]
+        result: tuple[Model | None, Desired | None, Problem | None]
+        try:
+            parsed = parse_object(doc, f"namespace {ns}")
+            assert isinstance(parsed, Model)
+            parsed.metadata.namespace = parsed.metadata.namespace or ns
+            result = (parsed, desired(parsed, self.runtime_image), None)
+        except InvalidObject as exc:
+            result = (None, None, Problem("InvalidSpec", str(exc)))
+        self.parsed[key] = (fingerprint, result)
+        return result
+
+    def known_children(self, key: Key, observed: list[ObservedChild]) -> list[ObservedChild]:
+        """``observed`` (from the indexes) plus the children this controller created for the
+        Model ``key`` that the indexes do not show yet."""
+        created = self.created.get(key)
+        if not created:
+            return observed
+        seen = {o.ref for o in observed}
+        now = self.clock()
+        for ref, (since, _) in list(created.items()):
+            if ref in seen or now - since > CREATED_TTL:
+                del created[ref]
+        if not created:
+            del self.created[key]
+            return observed
+        return observed + [child for _, child in created.values()]
+
+    def _remember(self, ns: str, model: str, kind: ChildKind, body: object) -> None:
+        child = child_from_json(kind, body) if isinstance(body, Mapping) else None
+        if model and child is not None:
+            self.created.setdefault((ns, model), {})[child.ref] = (self.clock(), child)
+
+    async def apply(
+        self, ns: str, actions: Iterable[Action], logger: Logger, model: str = ""
+    ) -> list[Problem]:
         """Creations, then patches, then deletions (a route drops a target before its
-        ModelServer goes). Failed writes come back as ApplyFailed problems."""
+        ModelServer goes). Failed writes come back as ApplyFailed problems. A child created
+        for ``model`` is remembered (:meth:`known_children`); a create that meets an existing
+        child (409) reads it instead, so the next plan patches what differs."""
         assert self.client is not None
         order = {"create": 0, "patch": 1, "delete": 2}
         problems: list[Problem] = []
@@ -236,7 +289,11 @@ class ModelController:
             try:
                 if a.verb == "create":
                     assert a.body is not None
-                    await self.client.create(path, a.body)
+                    if await self.client.create(path, a.body):
+                        self._remember(ns, model, a.ref.kind, a.body)
+                    else:  # it exists (409): what it is now, for the next plan to patch
+                        found = await self.client.get(f"{path}/{a.ref.name}")
+                        self._remember(ns, model, a.ref.kind, found)
                 elif a.verb == "patch":
                     assert a.body is not None
                     await self.client.patch(path, a.body)
@@ -281,6 +338,8 @@ class ModelController:
             slot.retry.cancel()
         self.written.pop(key, None)
         self.announced.pop(key, None)
+        self.created.pop(key, None)
+        self.parsed.pop(key, None)
         self._publish_states()
         self.deleting.discard(key)
         logger.info(f"deleted {deleted} children of Model {ns}/{name}")

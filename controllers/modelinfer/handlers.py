@@ -35,13 +35,13 @@ def register(registry: kopf.OperatorRegistry, controller: ModelInferController) 
     """Register the ModelInfer handlers into `registry`."""
 
     @kopf.index("pods", labels=_OURS, id="modelinfer_pods", registry=registry)
-    def modelinfer_pods(body: kopf.Body, **_: Any) -> dict[Key, ObservedPod] | None:
+    async def modelinfer_pods(body: kopf.Body, **_: Any) -> dict[Key, ObservedPod] | None:
         key = observe.owner_key(body)
         pod = observe.pod_from_json(body, time.time())
         return {key: pod} if key is not None and pod is not None else None
 
     @kopf.index("services", labels=_OURS, id="modelinfer_services", registry=registry)
-    def modelinfer_services(body: kopf.Body, **_: Any) -> dict[Key, ObservedService] | None:
+    async def modelinfer_services(body: kopf.Body, **_: Any) -> dict[Key, ObservedService] | None:
         key = observe.owner_key(body)
         svc = observe.service_from_json(body)
         return {key: svc} if key is not None and svc is not None else None
@@ -54,7 +54,7 @@ def register(registry: kopf.OperatorRegistry, controller: ModelInferController) 
         id="modelinfer_revisions",
         registry=registry,
     )
-    def modelinfer_revisions(body: kopf.Body, **_: Any) -> dict[Key, GroupTemplate] | None:
+    async def modelinfer_revisions(body: kopf.Body, **_: Any) -> dict[Key, GroupTemplate] | None:
         key = observe.owner_key(body)
         tmpl = observe.revision_from_json(body)
         return {key: tmpl} if key is not None and tmpl is not None else None

@@ -22,12 +22,15 @@ from fleet.claims import Claim, winners
 
 __all__ = [
     "PodView",
+    "ServerSelector",
     "label_keys",
     "merge_conditions",
     "route_claims",
     "route_status",
+    "route_targets",
     "selected_candidates",
     "server_status",
+    "servers_to_wake",
     "taken_names",
 ]
 
@@ -92,6 +95,17 @@ def taken_names(
     return out
 
 
+def route_targets(raw: Mapping[str, Any]) -> list[str]:
+    """The ModelServers a raw ModelRoute targets, each once, in order."""
+    targets: list[str] = []
+    for rule in (raw.get("spec") or {}).get("rules") or []:
+        for target in rule.get("targets") or []:
+            name = target.get("modelServerName")
+            if name and name not in targets:
+                targets.append(name)
+    return targets
+
+
 def route_status(
     raw: Mapping[str, Any],
     server_exists: Callable[[str, str], bool],
@@ -120,12 +134,7 @@ def route_status(
     else:
         accepted = _condition("Accepted", True, "Accepted", "the route is valid", generation)
     conditions = [accepted]
-    targets: list[str] = []
-    for rule in (raw.get("spec") or {}).get("rules") or []:
-        for target in rule.get("targets") or []:
-            name = target.get("modelServerName")
-            if name and name not in targets:
-                targets.append(name)
+    targets = route_targets(raw)
     missing = [t for t in targets if not server_exists(ns, t)]
     conditions.append(
         _condition(
@@ -193,3 +202,38 @@ def server_status(raw: Mapping[str, Any], pods: Iterable[PodView], now: str) -> 
         "readyEndpoints": ready,
         "conditions": merge_conditions(old, [cond], now),
     }
+
+
+@dataclass(slots=True, frozen=True)
+class ServerSelector:
+    """A ModelServer as a pod change sees it: its namespace, name and selector's labels."""
+
+    namespace: str
+    name: str
+    match_labels: tuple[tuple[str, str], ...]
+
+    def selects(self, pod: PodView) -> bool:
+        return (
+            bool(self.match_labels)
+            and pod.namespace == self.namespace
+            and all(pod.labels.get(k) == v for k, v in self.match_labels)
+        )
+
+
+def servers_to_wake(
+    before: PodView | None,
+    after: PodView | None,
+    by_label: Callable[[LabelKey], Iterable[ServerSelector]],
+) -> set[tuple[str, str]]:
+    """The ModelServers (namespace, name) whose status a pod's change from ``before`` to
+    ``after`` (None: absent) can move: those selecting it before or after. ``by_label``: the
+    ModelServers with a selector label (namespace, label, value)."""
+    out: set[tuple[str, str]] = set()
+    for pod in (before, after):
+        if pod is None:
+            continue
+        for key in label_keys(pod.namespace, pod.labels):
+            for server in by_label(key):
+                if server.selects(pod):
+                    out.add((server.namespace, server.name))
+    return out

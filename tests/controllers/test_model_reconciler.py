@@ -8,10 +8,11 @@ import logging
 from typing import Any
 
 import aiohttp
+import pytest
 
 from controllers.kube import ApiError
 from controllers.metrics import ControllerMetrics
-from controllers.model.reconciler import MODEL_INDEX, ModelController
+from controllers.model.reconciler import CREATED_TTL, MODEL_INDEX, ModelController
 from controllers.model.types import EventNote
 from matrixinfer.testing.kube import eventually
 
@@ -98,4 +99,109 @@ async def test_a_failed_status_write_is_retried_and_its_events_posted_once() -> 
     failed = {c["type"]: c for c in client.status[0]["conditions"]}["Failed"]
     assert failed["reason"] == "InvalidSpec"
     assert len(events) == 1  # announced once, not again by the retry
+    await controller.close()
+
+
+class RecordingClient:
+    """Records every write; ``existing``: objects by path that a create meets (409)."""
+
+    def __init__(self, existing: dict[str, dict[str, Any]] | None = None) -> None:
+        self.existing = existing or {}
+        self.writes: list[str] = []
+
+    async def create(self, path: str, body: dict[str, Any]) -> bool:
+        self.writes.append(f"create {body['kind']} {body['metadata']['name']}")
+        return f"{path}/{body['metadata']['name']}" not in self.existing
+
+    async def get(self, path: str) -> Any:
+        self.writes.append(f"get {path.rsplit('/', 1)[-1]}")
+        return copy.deepcopy(self.existing.get(path))
+
+    async def patch(self, path: str, body: dict[str, Any]) -> Any:
+        if not path.endswith("/status"):
+            self.writes.append(f"patch {path.rsplit('/', 1)[-1]}")
+        return {}
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_children_it_just_created_are_not_created_again() -> None:
+    """The watch has not shown the children yet (the indexes hold only the Model): a second
+    reconcile must not create them again (kmock replaced them; an API server answers 409)."""
+    now = [0.0]
+    controller = ModelController(
+        ControllerMetrics(), post_event=lambda _b, _ev: None, clock=lambda: now[0]
+    )
+    client = RecordingClient()
+    controller.client = client  # type: ignore[assignment]
+    indexes = {MODEL_INDEX: {("ns", "m"): [BODY]}}
+    log = logging.getLogger("test")
+    await controller.reconcile(("ns", "m"), indexes, log)
+    created = ["create ModelInfer m-a", "create ModelRoute m", "create ModelServer m-a"]
+    assert sorted(client.writes) == created
+    await controller.reconcile(("ns", "m"), indexes, log)
+    assert sorted(client.writes) == created, "a child created by the first reconcile again"
+    # a child the watch never shows (deleted before it did) is created again after a while
+    now[0] = CREATED_TTL + 1
+    await controller.reconcile(("ns", "m"), indexes, log)
+    assert sorted(client.writes) == sorted(created * 2)
+    await controller.close()
+
+
+async def test_a_create_that_meets_an_existing_child_reads_and_patches_it() -> None:
+    """409 AlreadyExists: the child is read, and the next plan patches what differs instead
+    of creating it again."""
+    mi_path = "/apis/workload.matrixinfer.ai/v1alpha1/namespaces/ns/modelinfers/m-a"
+    first = RecordingClient()
+    probe = ModelController(ControllerMetrics(), post_event=lambda _b, _ev: None)
+    probe.client = first  # type: ignore[assignment]
+    indexes = {MODEL_INDEX: {("ns", "m"): [BODY]}}
+    await probe.reconcile(("ns", "m"), indexes, logging.getLogger("test"))
+    stale = copy.deepcopy(probe.created[("ns", "m")])
+    (_, mi) = next(v for r, v in stale.items() if r.kind == "ModelInfer")
+    existing = {
+        "apiVersion": "workload.matrixinfer.ai/v1alpha1",
+        "kind": "ModelInfer",
+        "metadata": {"name": "m-a", "namespace": "ns", "labels": dict(mi.labels),
+                     "ownerReferences": [dict(o) for o in mi.owner_refs]},
+        "spec": {**copy.deepcopy(dict(mi.spec)), "replicas": 7},
+    }  # fmt: skip
+    controller = ModelController(ControllerMetrics(), post_event=lambda _b, _ev: None)
+    client = RecordingClient({mi_path: existing})
+    controller.client = client  # type: ignore[assignment]
+    await controller.reconcile(("ns", "m"), indexes, logging.getLogger("test"))
+    assert "get m-a" in client.writes
+    await controller.reconcile(("ns", "m"), indexes, logging.getLogger("test"))
+    assert client.writes.count("create ModelInfer m-a") == 1
+    assert "patch m-a" in client.writes, "the existing child's differences were not patched"
+    await controller.close()
+
+
+async def test_an_unchanged_model_is_not_parsed_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reconciles woken by child events reuse what the unchanged Model generates; a changed
+    spec (or label) is parsed and planned anew."""
+    import controllers.model.reconciler as reconciler
+
+    calls: list[str] = []
+    real = reconciler.desired
+
+    def counted(model: Any, *args: Any) -> Any:
+        calls.append(model.spec.backends[0].image or "")
+        return real(model, *args)
+
+    monkeypatch.setattr(reconciler, "desired", counted)
+    controller = ModelController(ControllerMetrics(), post_event=lambda _b, _ev: None)
+    controller.client = RecordingClient()  # type: ignore[assignment]
+    body = copy.deepcopy(BODY)
+    indexes = {MODEL_INDEX: {("ns", "m"): [body]}}
+    log = logging.getLogger("test")
+    await controller.reconcile(("ns", "m"), indexes, log)
+    body["metadata"]["resourceVersion"] = "2"  # e.g. its own status patch
+    body["status"] = {"observedGeneration": 1}
+    await controller.reconcile(("ns", "m"), indexes, log)
+    assert len(calls) == 1
+    body["spec"]["backends"][0]["image"] = "vllm:2"
+    await controller.reconcile(("ns", "m"), indexes, log)
+    assert calls[-1] == "vllm:2" and len(calls) == 2
     await controller.close()
