@@ -46,6 +46,8 @@ from pathlib import Path
 import aiohttp
 import orjson
 
+from controllers.xds.generate import GRPC_PODS_CLUSTER
+
 REPORT = Path(__file__).parent / "reports" / "soak.md"
 MODEL = "soak-model"
 KEY = "soak-key-0123456789"
@@ -306,21 +308,6 @@ def usage_reports(http_port: int) -> dict[str, float]:
 
     name = "matrixinfer_gateway_usage_reports_total"
     return {source: port_metric(http_port, name, source=source) for source in USAGE_SOURCES}
-
-
-def grpc_hosts(admin_url: str) -> set[str]:
-    """The addresses in Envoy's pods-gRPC cluster."""
-    import urllib.request
-
-    with urllib.request.urlopen(f"{admin_url}/clusters?format=json", timeout=10) as resp:
-        data = json.loads(resp.read())
-    out: set[str] = set()
-    for cluster in data.get("cluster_statuses", []):
-        if cluster.get("name") == "matrixinfer_pods_grpc":
-            for host in cluster.get("host_statuses", []):
-                sock = host["address"]["socket_address"]
-                out.add(f"{sock['address']}:{sock['port_value']}")
-    return out
 
 
 # ---- the load ---------------------------------------------------------------------------------
@@ -669,7 +656,7 @@ def run(args: argparse.Namespace, run_dir: Path) -> tuple[str, bool]:
                     lambda: (
                         stack.extproc_ready()
                         and wanted <= stack.envoy_hosts()
-                        and grpc_wanted <= grpc_hosts(stack.admin_url)
+                        and grpc_wanted <= stack.envoy_hosts(GRPC_PODS_CLUSTER)
                     ),
                     60,
                     "the gateway ready, Envoy knowing the pods' HTTP and gRPC addresses",

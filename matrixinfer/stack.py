@@ -348,13 +348,14 @@ class GatewayStack:
             data: dict[str, Any] = json.loads(resp.read())
             return data
 
-    def envoy_hosts(self) -> set[str]:
-        """Addresses Envoy currently has in the pods cluster (from its admin /clusters)."""
+    def envoy_hosts(self, cluster_name: str = EDS_CLUSTER) -> set[str]:
+        """Addresses Envoy currently has in a cluster (from its admin /clusters); by default the
+        pods cluster."""
         with urllib.request.urlopen(f"{self.admin_url}/clusters?format=json", timeout=10) as resp:
             data = json.loads(resp.read())
         out: set[str] = set()
         for cluster in data.get("cluster_statuses", []):
-            if cluster.get("name") != EDS_CLUSTER:
+            if cluster.get("name") != cluster_name:
                 continue
             for host in cluster.get("host_statuses", []):
                 sock = host["address"]["socket_address"]

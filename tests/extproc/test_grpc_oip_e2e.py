@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 import pytest
 
+from controllers.xds.generate import GRPC_PODS_CLUSTER
 from fleet.oip import grpc_predict_v2_pb2 as oip
 from fleet.oip import grpc_predict_v2_pb2_grpc as oip_grpc
 from matrixinfer.process import ReadinessTimeout, free_port, wait_until
@@ -105,22 +106,14 @@ def stack(
     )
     grpc_hosts = {f"{p.host}:{grpc_port}" for p in grpc_fleet.pods}
     try:
-        wait_until(lambda: grpc_hosts <= _grpc_hosts(s), 60, "the pods' gRPC ports in Envoy")
+        wait_until(
+            lambda: grpc_hosts <= s.envoy_hosts(GRPC_PODS_CLUSTER),
+            60,
+            "the pods' gRPC ports in Envoy",
+        )
         yield s
     finally:
         s.stop()
-
-
-def _grpc_hosts(stack: GatewayStack) -> set[str]:
-    with urllib.request.urlopen(f"{stack.admin_url}/clusters?format=json", timeout=10) as resp:
-        data = json.loads(resp.read())
-    out: set[str] = set()
-    for cluster in data.get("cluster_statuses", []):
-        if cluster.get("name") == "matrixinfer_pods_grpc":
-            for host in cluster.get("host_statuses", []):
-                sock = host["address"]["socket_address"]
-                out.add(f"{sock['address']}:{sock['port_value']}")
-    return out
 
 
 @pytest.fixture
