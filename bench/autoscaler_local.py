@@ -40,12 +40,8 @@ import json
 import math
 import os
 import re
-import signal
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +71,7 @@ from controllers.autoscaling.planner import (
     PanicRule,
 )
 from fleet.service import format_duration
-from matrixinfer.process import free_port
+from matrixinfer.testing.demo import DemoProcess
 
 DAY = 3600.0
 REPORTS = Path(__file__).resolve().parent / "reports"
@@ -237,54 +233,17 @@ def model_doc(
 # ---- one run of the local stack ------------------------------------------------------------
 
 
-class Demo:
-    """``matrixinfer demo --requests 0`` on a directory holding one Model; its output lines are
-    kept with the monotonic time each was read."""
+class Demo(DemoProcess):
+    """``matrixinfer demo --requests 0`` on a directory holding one Model."""
 
     def __init__(self, run_dir: Path, doc: dict[str, Any], *flags: str) -> None:
         config = run_dir / "config"
         config.mkdir(parents=True, exist_ok=True)
         (config / "model.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
-        env = {**os.environ, "MATRIXINFER_STATE": str(run_dir / "state.json")}
-        self.lines: list[tuple[float, str]] = []
-        self.proc = subprocess.Popen(
-            [
-                sys.executable, "-m", "matrixinfer.cli", "demo", "--requests", "0",
-                "--no-console", "--port", str(free_port()), "--run-dir", str(run_dir / "run"),
-                "--examples", str(config), "--time-scale", "1", "--ready-timeout", "600s",
-                *flags,
-            ],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, start_new_session=True, env=env,
+        super().__init__(
+            run_dir / "run", config, "--time-scale", "1", "--ready-timeout", "600s", *flags,
+            state=run_dir / "state.json", up_within=900, grace=90,
         )  # fmt: skip
-        threading.Thread(target=self._read, daemon=True).start()
-        try:
-            deadline = time.monotonic() + 900
-            while "Press Ctrl-C to stop." not in self.text:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the demo did not come up:\n{self.text[-3000:]}")
-                time.sleep(0.2)
-            url = re.search(r"OpenAI API at (http://\S+/v1)", self.text)
-            if url is None:
-                raise RuntimeError(f"no OpenAI API address in the demo's output:\n{self.text}")
-            self.url = url.group(1)
-            self.server = json.loads((run_dir / "state.json").read_text())["server"]
-        except BaseException:
-            self.stop()
-            raise
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append((time.monotonic(), line))
-
-    @property
-    def text(self) -> str:
-        return "".join(line for _, line in self.lines)
-
-    def api(self, path: str, timeout: float = 10.0) -> Any:
-        with urllib.request.urlopen(self.server + path, timeout=timeout) as resp:
-            return json.loads(resp.read())
 
     def replicas(self) -> int:
         path = f"/apis/workload.matrixinfer.ai/v1alpha1/namespaces/default/modelinfers/{TARGET}"
@@ -309,15 +268,6 @@ class Demo:
                 reason = str(e.get("reason"))
                 out[reason] = out.get(reason, 0) + int(e.get("count") or 1)
         return out
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(90)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
 
 
 def _flags(args: argparse.Namespace, compress: float, host: str) -> list[str]:
@@ -388,7 +338,7 @@ def run_day(args: argparse.Namespace, key: str) -> dict[str, Any]:
     finally:
         done.set()
         demo.stop()
-    pods = pod_events(demo.lines)
+    pods = pod_events(demo.timed_lines)
     records = sorted(result.records, key=lambda r: r.scheduled)
     return {
         "name": name,
@@ -410,7 +360,9 @@ def run_day(args: argparse.Namespace, key: str) -> dict[str, Any]:
         ],
         "scale_events": events,
         # seconds from each pod's start to Ready (the kubelet's lines; start-up delay + load)
-        "ready_s": [float(m.group(1)) for _, line in demo.lines if (m := READY_RE.search(line))],
+        "ready_s": [
+            float(m.group(1)) for _, line in demo.timed_lines if (m := READY_RE.search(line))
+        ],
         "max_send_lag": result.max_send_lag,
         "load": [load_before, load_after],
         "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

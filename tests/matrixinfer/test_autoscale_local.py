@@ -6,15 +6,12 @@ seconds; every check polls the API server for a state, none measures time."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,6 +22,7 @@ import yaml
 
 from matrixinfer.process import free_port
 from matrixinfer.resources import project_file
+from matrixinfer.testing.demo import DemoProcess
 
 pytestmark = pytest.mark.timeout(480)
 
@@ -47,45 +45,14 @@ def eventually(check: Callable[[], Any], within: float, what: str) -> Any:
     raise AssertionError(f"not within {within:.0f}s: {what}")
 
 
-class ScaledDemo:
-    """``matrixinfer demo --requests 0`` on the directory ``config``, with ``extra`` flags; its
-    output is collected."""
+class ScaledDemo(DemoProcess):
+    """``matrixinfer demo --requests 0`` on the directory ``config``, with ``extra`` flags."""
 
     def __init__(self, tmp_path: Path, config: Path, first_host: str, *extra: str) -> None:
-        env = {**os.environ, "MATRIXINFER_STATE": str(tmp_path / "state.json")}
-        self.proc = subprocess.Popen(
-            [
-                sys.executable, "-m", "matrixinfer.cli", "demo", "--requests", "0", "--no-console",
-                "--port", str(free_port()), "--first-host", first_host,
-                "--run-dir", str(tmp_path / "run"), "--examples", str(config), *extra,
-            ],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, start_new_session=True, env=env,
+        super().__init__(
+            tmp_path / "run", config, *extra, state=tmp_path / "state.json",
+            first_host=first_host,
         )  # fmt: skip
-        self.lines: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-        try:
-            eventually(lambda: "Press Ctrl-C to stop." in self.text or self.proc.poll(), 150, "up")
-            url = re.search(r"OpenAI API at (http://\S+/v1)", self.text)
-            assert url is not None, self.text
-            self.url = url.group(1)
-            self.server = json.loads((tmp_path / "state.json").read_text())["server"]
-        except BaseException:
-            self.stop()
-            raise
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    @property
-    def text(self) -> str:
-        return "".join(self.lines)
-
-    def api(self, path: str) -> Any:
-        with urllib.request.urlopen(self.server + path, timeout=10) as resp:
-            return json.loads(resp.read())
 
     def replicas(self) -> int:
         return int(self.api(MI_PATH)["spec"]["replicas"])
@@ -125,15 +92,6 @@ class ScaledDemo:
         status = self.api(POLICY_PATH).get("status") or {}
         active = [c for c in status.get("conditions") or () if c.get("type") == "Active"]
         return str(active[0].get("message")) if active else ""
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from controllers.webhooks import rules
 from matrixinfer.process import free_port, http_ok, wait_until
 from matrixinfer.resources import project_file
+from matrixinfer.testing.demo import DemoProcess
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -79,51 +79,16 @@ def test_demo_without_a_terminal_sends_requests_and_exits_zero(tmp_path: Path) -
     assert not (tmp_path / "state.json").exists()  # the state file goes with the cluster
 
 
-class Demo:
-    """``matrixinfer demo --requests 0`` on a copy of ``source`` (default examples/demo); its
-    output is collected."""
+class Demo(DemoProcess):
+    """``matrixinfer demo --requests 0`` on a copy of ``source`` (default examples/demo)."""
 
     def __init__(self, tmp_path: Path, first_host: str, source: Path | None = None) -> None:
         self.dir = tmp_path / "config"  # the Model and its claim's folder (volumes/)
         shutil.copytree(source or project_file("examples/demo"), self.dir)
-        self.run_dir = tmp_path / "run"
-        self.env = _env(tmp_path)
-        self.proc = subprocess.Popen(
-            _demo_argv(
-                self.run_dir, "--requests", "0", "--examples", str(self.dir), "--no-console",
-                first_host=first_host,
-            ),
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, start_new_session=True, env=self.env,
-        )  # fmt: skip
-        self.lines: list[str] = []
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-        text = self.wait_for("Press Ctrl-C to stop.", 150)
-        url = re.search(r"OpenAI API at (http://\S+/v1)", text)
-        assert url is not None, text
-        assert "console (" not in text and not (self.run_dir / "console.log").exists()
-        self.url = url.group(1)
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    @property
-    def text(self) -> str:
-        return "".join(self.lines)
-
-    def wait_for(self, needle: str, within: float = 60, after: int = 0) -> str:
-        """The output once it holds ``needle`` (in the lines from index ``after`` on)."""
-        deadline = time.monotonic() + within
-        while time.monotonic() < deadline:
-            if needle in "".join(self.lines[after:]):
-                return self.text
-            if self.proc.poll() is not None and not self.reader.is_alive():
-                break
-            time.sleep(0.05)
-        raise AssertionError(f"{needle!r} not in the demo's output:\n{self.text}")
+        super().__init__(
+            tmp_path / "run", self.dir, state=tmp_path / "state.json", first_host=first_host
+        )
+        assert "console (" not in self.text and not (self.run_dir / "console.log").exists()
 
     def get(self, kind: str) -> str:
         done = subprocess.run(
@@ -145,15 +110,6 @@ class Demo:
             if b["name"] in change:
                 b["minReplicas"] = change[b["name"]]
         (self.dir / "model.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
 
 
 @pytest.fixture(scope="module")
