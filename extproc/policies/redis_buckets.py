@@ -118,6 +118,7 @@ class RedisBuckets:
         fresh_for: float = 0.25,
         charge_delay: float = 0.01,
         max_owed: int = 16,
+        late_limit: float = 5.0,
     ) -> None:
         if not headroom > 0:
             raise ValueError(f"headroom must be > 0 (a fraction of each bucket), got {headroom}")
@@ -184,6 +185,10 @@ class RedisBuckets:
         self.max_owed = max_owed
         self.mirrors: dict[str, _Mirror] = {}
         self.ahead = 0  # requests admitted ahead of their charge (not waiting for Redis)
+        # how long a call past its deadline may still be answered (:meth:`_late`), and how many
+        # were: their settlements applied once, not sent again
+        self.late_limit = late_limit
+        self.late = 0
 
     @staticmethod
     def _args(limits: Limits) -> tuple[int, int, int, float]:
@@ -225,14 +230,20 @@ class RedisBuckets:
         if settlements:
             carrying = asyncio.get_running_loop().create_future()
             self._carrying.add(carrying)
+        call = asyncio.ensure_future(self.script(keys=keys, args=args))
         try:
-            async with asyncio.timeout(self.timeout):
-                result: list[Any] = await self.script(keys=keys, args=args)
+            result: list[Any] = await asyncio.wait_for(asyncio.shield(call), self.timeout)
         except Exception as exc:  # connection refused/reset, timeout, script error
-            for s in reversed(settlements):
-                s.kept = True
-                self.pending.appendleft(s)
-            self._trim()
+            if isinstance(exc, TimeoutError):
+                # Redis may still run a call past its deadline (its reply is late, the call is
+                # not lost): sent again, its settlements would be applied twice. They wait for
+                # the call's outcome instead (:meth:`_late`).
+                self._spawn(self._late(call, settlements, None if read else admission))
+            else:
+                for s in reversed(settlements):
+                    s.kept = True
+                    self.pending.appendleft(s)
+                self._trim()
             now = self.clock()
             self._next_try = now + self.retry_after
             if self.down_since is None:
@@ -284,6 +295,35 @@ class RedisBuckets:
         if len(self.pending) > self.carry:  # a backlog (after an outage): write it now
             self._arm(0.0)
         return result
+
+    async def _late(
+        self,
+        call: asyncio.Future[Any],
+        settlements: list[_Settlement],
+        admission: tuple[str, Limits, int, int] | None,
+    ) -> None:
+        """A call past its deadline: wait up to ``late_limit`` for what Redis did with it.
+        Applied: its settlements are in, and an admission it granted is refunded (the request
+        was decided without Redis, and settles as one admitted locally). Failed, or still not
+        answered (then cancelled, which closes its connection): its settlements go back to the
+        front of the queue, as after any failed call."""
+        try:
+            result: list[Any] = await asyncio.wait_for(call, self.late_limit)
+        except Exception:
+            for s in reversed(settlements):
+                s.kept = True
+                self.pending.appendleft(s)
+            self._trim()
+            if self.pending:
+                self._arm(max(0.0, self._next_try - self.clock()))
+            return
+        self.late += 1
+        for s in settlements:
+            if s.requests:  # a charge: now in Redis
+                self._confirmed(s)
+        if admission is not None and int(result[0]) == 1:
+            key, limits, estimate, output = admission
+            self._queue(_Settlement(key, limits, estimate, -output, self._loop_time()))
 
     def _confirmed(self, charge: _Settlement) -> None:
         """A charge is in Redis (or dropped): its key's view no longer owes it."""

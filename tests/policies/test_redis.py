@@ -403,7 +403,8 @@ async def test_far_from_the_limit_an_admission_does_not_wait_for_redis(
         assert buckets.ahead == 1 and calls[0] == 1  # the charge has not even started
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 10
-        while buckets.pending or buckets.mirrors["ahead"].reading:  # 2 ms later: a read
+        # 2 ms later: a read (its script call starts in a task of its own)
+        while calls[0] < 2 or buckets.pending or buckets.mirrors["ahead"].reading:
             assert loop.time() < deadline, "the charge was not sent"
             await asyncio.sleep(0.005)
         assert calls[0] == 2  # the read carried the charge
@@ -629,3 +630,56 @@ def test_redis_headroom_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         with pytest.raises(SystemExit):
             parse_args(["--config", str(tmp_path), "--redis-headroom", bad])
         assert named in capsys.readouterr().err
+
+
+async def test_a_call_answered_after_its_deadline_is_applied_once(tmp_path: Path) -> None:
+    """Redis runs a call that it answers after the call's deadline (it was busy): the call's
+    settlement must not be sent again (applied twice, it charged a request twice: the suite saw
+    a shared budget 13 tokens short under load), and an admission it granted while the request
+    was decided without Redis is given back."""
+    import shutil
+    import socket
+
+    binary = shutil.which("redis-server")
+    assert binary is not None
+    server = RedisServer(binary, tmp_path, ("--enable-debug-command", "local"), name="redis-debug")
+    server.start()
+    buckets = RedisBuckets(server.address, timeout=0.1, late_limit=30.0)
+    lim = limits(server, input=1000)
+    direct = aioredis.Redis(host="127.0.0.1", port=server.port)
+
+    async def input_level(key: str) -> float:
+        return float(await direct.hget(f"mi:rl:{key}", "i"))  # type: ignore[misc,arg-type]
+
+    def busy_redis(seconds: float) -> socket.socket:
+        s = socket.create_connection(("127.0.0.1", server.port))
+        s.sendall(f"DEBUG SLEEP {seconds}\r\n".encode())
+        return s
+
+    try:
+        assert (await buckets.admit("late", lim, 10)).ok  # by Redis: 990 left
+        buckets.settle("late", lim, estimate=10, prompt=23, completion=0)  # 13 more
+        blocker = busy_redis(0.6)
+        await asyncio.sleep(0.1)  # Redis is asleep before the flush's call reaches it
+        await buckets.flush()  # past its deadline: Redis runs it once awake
+        late2 = await buckets.admit("late2", lim, 10)  # decided without Redis (the outage)
+        assert late2.ok
+        blocker.close()
+        await buckets.drain()
+        await asyncio.sleep(buckets.retry_after + 0.1)  # the outage's wait is over
+        await buckets.drain()
+        assert buckets.late >= 1
+        assert 977 <= await input_level("late") < 977.5  # once: 1000 - 10 - 13 (+ refill)
+        # an admission Redis granted after its deadline: the reservation is given back
+        blocker = busy_redis(0.6)
+        await asyncio.sleep(0.1)
+        assert (await buckets.admit("late3", lim, 10)).ok  # fails open; Redis reserves later
+        blocker.close()
+        await buckets.drain()
+        await asyncio.sleep(buckets.retry_after + 0.1)  # the refund waits out the outage
+        await buckets.drain()
+        assert await input_level("late3") >= 999.9, await input_level("late3")
+    finally:
+        await direct.aclose()
+        await buckets.close()
+        server.stop()
