@@ -597,7 +597,7 @@ def test_an_invalid_generated_child_is_held_and_named() -> None:
 # ---- the plan --------------------------------------------------------------------------------
 
 
-SPEC = {
+SPEC: dict[str, Any] = {
     "backends": [backend(maxReplicas=3), backend(name="b")],
     "autoscalingPolicy": {"spec": RULES},
 }

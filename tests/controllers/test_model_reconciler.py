@@ -16,7 +16,7 @@ from controllers.model.reconciler import CREATED_TTL, MODEL_INDEX, ModelControll
 from controllers.model.types import EventNote
 from matrixinfer.testing.kube import eventually
 
-BODY = {
+BODY: dict[str, Any] = {
     "apiVersion": "registry.matrixinfer.ai/v1alpha1",
     "kind": "Model",
     "metadata": {"name": "m", "namespace": "ns", "uid": "u", "generation": 1},
@@ -182,9 +182,9 @@ async def test_an_unchanged_model_is_not_parsed_again(monkeypatch: pytest.Monkey
     """Reconciles woken by child events reuse what the unchanged Model generates; a changed
     spec (or label) is parsed and planned anew."""
     import controllers.model.reconciler as reconciler
+    from controllers.model.planner import desired as real
 
     calls: list[str] = []
-    real = reconciler.desired
 
     def counted(model: Any, *args: Any) -> Any:
         calls.append(model.spec.backends[0].image or "")
