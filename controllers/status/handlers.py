@@ -15,8 +15,10 @@ Event handlers mark what an event can change (:class:`StatusWriter`):
   labels or readiness changed (a pod's other status updates wake nothing).
 
 One worker recomputes the marked objects (pure functions in :mod:`controllers.status.compute`)
-and patches a status only when it changed; a failed patch is marked again and retried. A slow
-resync (``RESYNC`` seconds) marks everything, a safety net for a missed event.
+and patches a status only when it changed. An object whose status could not be written (a failed
+patch, or an error computing it) is marked again after ``RETRY`` seconds, doubled at each failure
+in a row up to ``resync``; the others go on. A slow resync (``RESYNC`` seconds) marks everything,
+a safety net for a missed event.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ __all__ = ["StatusWriter", "register"]
 GROUP, VERSION = "networking.matrixinfer.ai", "v1alpha1"
 SERVERS, ROUTES = "modelservers", "modelroutes"
 RESYNC = 300.0  # seconds between two recomputations of everything (a missed event's safety net)
-RETRY = 1.0  # seconds before a failed status patch is tried again
+RETRY = 1.0  # seconds before a status not written is tried again (doubled per failure in a row)
 CONCURRENCY = 16  # status patches in flight
 INDEX_IDS = (
     "gateway_servers",
@@ -126,6 +128,7 @@ class StatusWriter:
         self.pods: dict[str, PodView] = {}  # by uid: what a pod looked like at its last event
         self.claimed: dict[tuple[str, str], set[tuple[str, str]]] = {}  # route → its claims
         self.computed = 0  # status computations (the idle cost: flat while nothing changes)
+        self.failures: dict[Ref, int] = {}  # objects whose status failed: failures in a row
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -206,7 +209,16 @@ class StatusWriter:
                 self._mark_all()
             batch, self.dirty = list(self.dirty), {}
             if batch and self.client is not None and self.indexes:
-                await asyncio.gather(*(self._refresh(ref, sem) for ref in batch))
+                # one object's failure (a patch refused, a body the computation cannot read)
+                # must neither stop the worker nor lose the other objects' marks
+                done = await asyncio.gather(
+                    *(self._refresh(ref, sem) for ref in batch), return_exceptions=True
+                )
+                for ref, outcome in zip(batch, done, strict=True):
+                    if isinstance(outcome, Exception):
+                        self._retry(ref, outcome)
+                    else:
+                        self.failures.pop(ref, None)
             elif batch:  # not connected or no index yet: keep them for later
                 for ref in batch:
                     self.dirty.setdefault(ref, None)
@@ -240,17 +252,24 @@ class StatusWriter:
             except ApiError as exc:
                 if exc.status == 404:  # deleted meanwhile
                     return
-                self._retry(ref, exc)
-                return
-            except (TimeoutError, OSError, aiohttp.ClientError) as exc:
-                self._retry(ref, exc)
-                return
+                raise
         self.written[ref] = status
 
-    def _retry(self, ref: Ref, exc: BaseException) -> None:
-        log.warning(f"status of {ref[0]} {ref[1]}/{ref[2]} not written, retrying: {exc!r}")
-        loop = asyncio.get_running_loop()
-        loop.call_later(RETRY, self.mark, ref)
+    def retry_delay(self, failures: int) -> float:
+        """Seconds before an object whose status failed ``failures`` times in a row is tried
+        again: ``RETRY``, doubled per failure, at most ``resync``."""
+        return min(RETRY * 2.0 ** min(failures - 1, 30), self.resync)
+
+    def _retry(self, ref: Ref, exc: Exception) -> None:
+        failures = self.failures[ref] = self.failures.get(ref, 0) + 1
+        delay = self.retry_delay(failures)
+        expected = isinstance(exc, (ApiError, TimeoutError, OSError, aiohttp.ClientError))
+        log.warning(
+            f"status of {ref[0]} {ref[1]}/{ref[2]} not written (failure {failures} in a row), "
+            f"retrying in {delay:g}s: {exc!r}",
+            exc_info=None if expected else exc,  # a bug: its traceback
+        )
+        asyncio.get_running_loop().call_later(delay, self.mark, ref)
 
     def _server(self, ns: str, raw: Mapping[str, Any]) -> dict[str, Any]:
         pods_index = self.indexes.get("gateway_pods", {})
