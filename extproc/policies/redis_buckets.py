@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import deque
@@ -240,10 +241,7 @@ class RedisBuckets:
                 # the call's outcome instead (:meth:`_late`).
                 self._spawn(self._late(call, settlements, None if read else admission))
             else:
-                for s in reversed(settlements):
-                    s.kept = True
-                    self.pending.appendleft(s)
-                self._trim()
+                self._requeue(settlements)
             now = self.clock()
             self._next_try = now + self.retry_after
             if self.down_since is None:
@@ -310,10 +308,7 @@ class RedisBuckets:
         try:
             result: list[Any] = await asyncio.wait_for(call, self.late_limit)
         except Exception:
-            for s in reversed(settlements):
-                s.kept = True
-                self.pending.appendleft(s)
-            self._trim()
+            self._requeue(settlements)
             if self.pending:
                 self._arm(max(0.0, self._next_try - self.clock()))
             return
@@ -321,9 +316,34 @@ class RedisBuckets:
         for s in settlements:
             if s.requests:  # a charge: now in Redis
                 self._confirmed(s)
-        if admission is not None and int(result[0]) == 1:
-            key, limits, estimate, output = admission
+        if admission is not None:
+            self._give_back(admission, result)
+
+    def _requeue(self, settlements: list[_Settlement]) -> None:
+        """Settlements of a failed call: back at the front of the queue, in their order, kept
+        for after the outage."""
+        for s in reversed(settlements):
+            s.kept = True
+            self.pending.appendleft(s)
+        self._trim()
+
+    def _give_back(self, admission: tuple[str, Limits, int, int], result: list[Any]) -> None:
+        """An admission whose answer no request uses (past its deadline, or its request gone):
+        if Redis granted it, its reservation (``estimate`` input, ``output`` output tokens) is
+        queued back, as a settlement of nothing used. The request unit stays taken."""
+        key, limits, estimate, output = admission
+        if int(result[0]) == 1 and (estimate or output):
             self._queue(_Settlement(key, limits, estimate, -output, self._loop_time()))
+
+    def _unused(
+        self, admission: tuple[str, Limits, int, int], call: asyncio.Task[list[Any] | None]
+    ) -> None:
+        """The call of an admission whose request was cancelled has ended."""
+        self._tasks.discard(call)
+        if not call.cancelled() and call.exception() is None:
+            result = call.result()
+            if result is not None:  # None: failed, or past its deadline (then :meth:`_late`)
+                self._give_back(admission, result)
 
     def _confirmed(self, charge: _Settlement) -> None:
         """A charge is in Redis (or dropped): its key's view no longer owes it."""
@@ -400,11 +420,18 @@ class RedisBuckets:
             return _ADMITTED_AHEAD
         result = None
         if not self._waiting_out_outage():
-            carried = self._take(self.carry)
-            call = self._call(carried, (key, limits, estimate, output))
-            # a request cancelled meanwhile (client gone) must not take the settlements it
-            # carries with it: the call then runs to its end in a task of its own
-            result = await (asyncio.shield(call) if carried else call)
+            asked = (key, limits, estimate, output)
+            loop = asyncio.get_running_loop()
+            call = loop.create_task(self._call(self._take(self.carry), asked))
+            try:
+                result = await asyncio.shield(call)
+            except asyncio.CancelledError:
+                # the request is gone (client gone) while Redis decides: the call runs to its
+                # end (the settlements it carries are written), and a reservation Redis makes
+                # for nobody is given back
+                self._tasks.add(call)
+                call.add_done_callback(functools.partial(self._unused, asked))
+                raise
         if result is None:
             if self.fail_open:
                 return self.fallback.admit(key, limits, estimate, output)

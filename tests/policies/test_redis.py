@@ -649,7 +649,7 @@ async def test_a_call_answered_after_its_deadline_is_applied_once(tmp_path: Path
     direct = aioredis.Redis(host="127.0.0.1", port=server.port)
 
     async def input_level(key: str) -> float:
-        return float(await direct.hget(f"mi:rl:{key}", "i"))  # type: ignore[misc,arg-type]
+        return float(await direct.hget(f"mi:rl:{key}", "i"))  # type: ignore[arg-type]
 
     def busy_redis(seconds: float) -> socket.socket:
         s = socket.create_connection(("127.0.0.1", server.port))
@@ -683,3 +683,31 @@ async def test_a_call_answered_after_its_deadline_is_applied_once(tmp_path: Path
         await direct.aclose()
         await buckets.close()
         server.stop()
+
+
+async def test_a_cancelled_admission_gives_its_reservation_back(
+    redis_server: RedisServer, direct: aioredis.Redis
+) -> None:
+    """The client goes away while Redis decides its admission: no request uses what Redis
+    reserves for it, so the reservation (the input estimate, the output reservation — a whole
+    output budget for a request without max_tokens) comes back. It stayed taken: nothing
+    settles a request that was never admitted."""
+    buckets = RedisBuckets(redis_server.address, timeout=5.0, headroom=1.0)
+    lim = limits(redis_server, input=1000, output=1000)
+    try:
+        task = asyncio.create_task(buckets.admit("gone", lim, 100, 300))
+        await asyncio.sleep(0)  # the admission is on its way to Redis
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while True:
+            await buckets.drain()
+            levels = await direct.hmget("mi:rl:gone", ["i", "o"])
+            if [float(v) for v in levels if v is not None] == [1000.0, 1000.0]:
+                break
+            assert loop.time() < deadline, f"the reservation was not given back: {levels}"
+            await asyncio.sleep(0.01)
+    finally:
+        await buckets.close()
