@@ -711,3 +711,28 @@ async def test_a_cancelled_admission_gives_its_reservation_back(
             await asyncio.sleep(0.01)
     finally:
         await buckets.close()
+
+
+async def test_an_admission_on_a_foreign_key_writes_nothing_it_carries(
+    redis_server: RedisServer, direct: aioredis.Redis
+) -> None:
+    """Something else wrote a string at the admission's own key: the call fails (an outage, as
+    documented) — and must write none of the settlements it carries, since a failed call's
+    settlements are queued again: Redis keeps a script's writes made before its error, so they
+    were applied once by the failed call and once more by the next one."""
+    buckets = RedisBuckets(
+        redis_server.address, timeout=5.0, flush_delay=30.0, headroom=1.0, retry_after=0.05
+    )
+    lim = limits(redis_server, output=1000)
+    try:
+        assert (await buckets.admit("carried", lim, 0)).ok
+        await direct.set("mi:rl:taken", "not a hash")
+        buckets.settle("carried", lim, 0, 0, 300)
+        admitted = await buckets.admit("taken", lim, 0)  # carries the settlement; fails
+        assert admitted.where == "local" and buckets.down_since is not None
+        await asyncio.sleep(buckets.retry_after)
+        await buckets.drain()
+        assert not buckets.pending and buckets.replayed == 1
+        assert float(await direct.hget("mi:rl:carried", "o") or 0) == pytest.approx(700, abs=1)
+    finally:
+        await buckets.close()
