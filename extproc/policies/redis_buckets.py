@@ -251,7 +251,9 @@ class RedisBuckets:
                 log.error(
                     "Redis rate limiter %s unreachable (%s): failing %s",
                     self.address,
-                    exc,
+                    f"no answer within {self.timeout:g}s"
+                    if isinstance(exc, TimeoutError)
+                    else repr(exc),
                     "open to local buckets" if self.fail_open else "closed (503)",
                 )
                 if self.on_outage:
@@ -265,22 +267,9 @@ class RedisBuckets:
             if carrying is not None:
                 self._carrying.discard(carrying)
                 carrying.set_result(None)
-        for s in settlements:
-            if s.kept:
-                self.replayed += 1
-            if s.requests:  # a charge: now in Redis
-                self._confirmed(s)
+        self._written(settlements, result)
         if mirror is not None:
             self._observe(mirror, result)
-        skipped = int(result[1] if admission is None else result[4]) if settlements else 0
-        if skipped:
-            self.skipped += skipped
-            log.error(
-                "Redis rate limiter %s: %d settlement(s) not written: their key is not a bucket "
-                "hash (something else wrote into mi:rl:*)",
-                self.address,
-                skipped,
-            )
         if self.down_since is not None:
             log.warning(
                 "Redis rate limiter %s is back after %.1fs",
@@ -313,11 +302,28 @@ class RedisBuckets:
                 self._arm(max(0.0, self._next_try - self.clock()))
             return
         self.late += 1
-        for s in settlements:
-            if s.requests:  # a charge: now in Redis
-                self._confirmed(s)
+        self._written(settlements, result)
         if admission is not None:
             self._give_back(admission, result)
+
+    def _written(self, settlements: list[_Settlement], result: list[Any]) -> None:
+        """Redis answered a call: its settlements are in, but those whose key is not a bucket
+        hash (skipped: counted, logged)."""
+        for s in settlements:
+            if s.kept:
+                self.replayed += 1
+            if s.requests:  # a charge: now in Redis
+                self._confirmed(s)
+        # the reply: {settled, skipped} without an admission, else skipped is its 5th value
+        skipped = int(result[1] if len(result) == 2 else result[4]) if settlements else 0
+        if skipped:
+            self.skipped += skipped
+            log.error(
+                "Redis rate limiter %s: %d settlement(s) not written: their key is not a bucket "
+                "hash (something else wrote into mi:rl:*)",
+                self.address,
+                skipped,
+            )
 
     def _requeue(self, settlements: list[_Settlement]) -> None:
         """Settlements of a failed call: back at the front of the queue, in their order, kept

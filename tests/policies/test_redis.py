@@ -659,6 +659,8 @@ async def test_a_call_answered_after_its_deadline_is_applied_once(tmp_path: Path
     try:
         assert (await buckets.admit("late", lim, 10)).ok  # by Redis: 990 left
         buckets.settle("late", lim, estimate=10, prompt=23, completion=0)  # 13 more
+        await direct.set("mi:rl:late-foreign", "not a hash")
+        buckets.settle("late-foreign", lim, estimate=10, prompt=23, completion=0)
         blocker = busy_redis(0.6)
         await asyncio.sleep(0.1)  # Redis is asleep before the flush's call reaches it
         await buckets.flush()  # past its deadline: Redis runs it once awake
@@ -670,6 +672,7 @@ async def test_a_call_answered_after_its_deadline_is_applied_once(tmp_path: Path
         await buckets.drain()
         assert buckets.late >= 1
         assert 977 <= await input_level("late") < 977.5  # once: 1000 - 10 - 13 (+ refill)
+        assert buckets.skipped == 1  # a late answer's skipped settlement is counted too
         # an admission Redis granted after its deadline: the reservation is given back
         blocker = busy_redis(0.6)
         await asyncio.sleep(0.1)
