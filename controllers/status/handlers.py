@@ -124,7 +124,9 @@ class StatusWriter:
         self.client: KubeClient | None = None
         self.indexes: dict[str, Any] = {}  # Kopf's live indexes, from the first event
         self.dirty: dict[Ref, None] = {}  # insertion-ordered set
-        self.written: dict[Ref, dict[str, Any]] = {}  # the index may not show our patch yet
+        # our last patch of each status, and the object's resourceVersion it was computed from:
+        # while the index still shows that version, it does not show the patch yet
+        self.written: dict[Ref, tuple[str | None, dict[str, Any]]] = {}
         self.pods: dict[str, PodView] = {}  # by uid: what a pod looked like at its last event
         self.claimed: dict[tuple[str, str], set[tuple[str, str]]] = {}  # route → its claims
         self.computed = 0  # status computations (the idle cost: flat while nothing changes)
@@ -238,7 +240,12 @@ class StatusWriter:
         if body is None:  # gone (or not indexed yet: its event marks it again)
             self.written.pop(ref, None)
             return
-        old = self.written.get(ref) or body.get("status") or {}
+        version = (body.get("metadata") or {}).get("resourceVersion")
+        written = self.written.get(ref)
+        if written is not None and written[0] == version:
+            old = written[1]  # the index does not show our patch yet
+        else:  # a later version (our patch, someone else's status edit, a new object): as is
+            old = body.get("status") or {}
         raw = {**body, "status": old}
         self.computed += 1
         status = self._server(ns, raw) if plural == SERVERS else self._route(raw)
@@ -253,7 +260,7 @@ class StatusWriter:
                 if exc.status == 404:  # deleted meanwhile
                     return
                 raise
-        self.written[ref] = status
+        self.written[ref] = (version, status)
 
     def retry_delay(self, failures: int) -> float:
         """Seconds before an object whose status failed ``failures`` times in a row is tried

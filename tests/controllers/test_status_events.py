@@ -154,3 +154,28 @@ async def test_a_status_that_cannot_be_computed_stops_nothing_else(
                 lambda: _status(api, "modelservers", "bad").get("readyEndpoints") == 0,
                 what="bad: its status once it can be computed",
             )
+
+
+async def test_a_status_changed_by_someone_else_is_written_again() -> None:
+    """Someone else edits a ModelServer's status (or the object is deleted and created again
+    while no event said so): the writer computes against the object as the API has it, not
+    against its own last patch — which found nothing to change and left the wrong status for
+    good, the resync included."""
+    async with kube() as api:
+        await create_server(api, "pool", {"app": "sim"}, 8000)
+        await create_pod(api, "p0", "10.0.0.1", {"app": "sim"})
+        async with operator(api):
+            await eventually(
+                lambda: _status(api, "modelservers", "pool").get("readyEndpoints") == 1,
+                what="1 ready endpoint",
+            )
+            # a new resourceVersion, as a real API server gives every write (kmock does not)
+            await api.request(
+                "PATCH",
+                f"/apis/{NET}/namespaces/ns/modelservers/pool/status",
+                {"metadata": {"resourceVersion": "7001"}, "status": {"readyEndpoints": 99}},
+            )
+            await eventually(
+                lambda: _status(api, "modelservers", "pool").get("readyEndpoints") == 1,
+                what="the status written again after someone else's edit",
+            )
