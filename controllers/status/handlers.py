@@ -42,16 +42,19 @@ from controllers.status.compute import (
     route_status,
     route_targets,
     selected_candidates,
+    server_selector,
     server_status,
     servers_to_wake,
     taken_names,
 )
 from fleet.claims import Claim
+from fleet.kube import pod_info
 
 __all__ = ["StatusWriter", "register"]
 
 GROUP, VERSION = "networking.matrixinfer.ai", "v1alpha1"
 SERVERS, ROUTES = "modelservers", "modelroutes"
+BODIES = {SERVERS: "status_server_bodies", ROUTES: "status_route_bodies"}  # plural → index
 RESYNC = 300.0  # seconds between two recomputations of everything (a missed event's safety net)
 RETRY = 1.0  # seconds before a status not written is tried again (doubled per failure in a row)
 CONCURRENCY = 16  # status patches in flight
@@ -89,23 +92,10 @@ def _changed(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
 
 
 def _pod_view(body: Mapping[str, Any], namespace: str | None) -> PodView:
-    status = body.get("status") or {}
-    ready = (
-        status.get("phase") == "Running"
-        and bool(status.get("podIP"))
-        and not (body.get("metadata") or {}).get("deletionTimestamp")
-        and any(
-            c.get("type") == "Ready" and c.get("status") == "True"
-            for c in status.get("conditions") or []
-        )
-    )
-    labels = dict((body.get("metadata") or {}).get("labels") or {})
-    return PodView(namespace or "default", labels, ready)
-
-
-def _selector(body: Mapping[str, Any]) -> dict[str, str]:
-    spec = body.get("spec") or {}
-    return dict((spec.get("workloadSelector") or {}).get("matchLabels") or {})
+    """A pod as status sees it: ready as the gateway routes to it (``fleet.kube.pod_info``:
+    Running, Ready, not terminating) and with an IP."""
+    pod = pod_info(body)
+    return PodView(namespace or "default", pod.labels, pod.ready and pod.ip is not None)
 
 
 def _first(index: Any, key: Any) -> Any:
@@ -162,24 +152,25 @@ class StatusWriter:
         if self._wake is not None:
             self._wake.set()
 
-    def server_event(self, ns: str, name: str, deleted: bool) -> None:
-        ref = (SERVERS, ns, name)
+    def _changed_object(self, ref: Ref, deleted: bool) -> None:
+        """An event of the object ``ref`` itself: gone, it is forgotten; else marked."""
         if deleted:
             self.written.pop(ref, None)
+            self.failures.pop(ref, None)
         else:
             self.mark(ref)
+
+    def server_event(self, ns: str, name: str, deleted: bool) -> None:
+        self._changed_object((SERVERS, ns, name), deleted)
         for route in self.indexes.get("status_route_targets", {}).get((ns, name), ()):
             self.mark((ROUTES, ns, route))
 
     def route_event(self, ns: str, name: str, body: Mapping[str, Any], deleted: bool) -> None:
-        ref = (ROUTES, ns, name)
         now = set() if deleted else {(k, c.name) for k, c in route_claims(body)}
         before = self.claimed.pop((ns, name), set())
-        if deleted:
-            self.written.pop(ref, None)
-        else:
+        if not deleted:
             self.claimed[(ns, name)] = now
-            self.mark(ref)
+        self._changed_object((ROUTES, ns, name), deleted)
         claims = self.indexes.get("gateway_route_claims", {})
         for key in before | now:
             for claim in claims.get(key, ()):
@@ -228,15 +219,13 @@ class StatusWriter:
                 self._wake.set()
 
     def _mark_all(self) -> None:
-        bodies = ((SERVERS, "status_server_bodies"), (ROUTES, "status_route_bodies"))
-        for plural, index_id in bodies:
+        for plural, index_id in BODIES.items():
             for ns, name in list(self.indexes.get(index_id, {})):
                 self.dirty[(plural, ns, name)] = None
 
     async def _refresh(self, ref: Ref, sem: asyncio.Semaphore) -> None:
         plural, ns, name = ref
-        index_id = "status_server_bodies" if plural == SERVERS else "status_route_bodies"
-        body = _first(self.indexes.get(index_id), (ns, name))
+        body = _first(self.indexes.get(BODIES[plural]), (ns, name))
         if body is None:  # gone (or not indexed yet: its event marks it again)
             self.written.pop(ref, None)
             return
@@ -280,7 +269,7 @@ class StatusWriter:
 
     def _server(self, ns: str, raw: Mapping[str, Any]) -> dict[str, Any]:
         pods_index = self.indexes.get("gateway_pods", {})
-        pods = selected_candidates(ns, _selector(raw), lambda key: pods_index.get(key, ()))
+        pods = selected_candidates(ns, server_selector(raw), lambda key: pods_index.get(key, ()))
         return server_status(raw, pods, _now())
 
     def _route(self, raw: Mapping[str, Any]) -> dict[str, Any]:
@@ -306,24 +295,22 @@ def register(registry: kopf.OperatorRegistry, resync: float = RESYNC) -> StatusW
     async def gateway_servers(namespace: str | None, name: str | None, **_: Any) -> Any:
         return {namespace or "default": name}
 
-    @kopf.index(GROUP, VERSION, SERVERS, id="status_server_bodies", registry=registry)
-    async def server_bodies(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> Any:
+    async def bodies(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> Any:
         return {(namespace or "default", name): dict(body)}
+
+    for plural, index_id in BODIES.items():
+        kopf.index(GROUP, VERSION, plural, id=index_id, registry=registry)(bodies)
 
     @kopf.index(GROUP, VERSION, SERVERS, id="status_server_selectors", registry=registry)
     async def server_selectors(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> Any:
         ns = namespace or "default"
-        selector = _selector(body)
+        selector = server_selector(body)
         entry = ServerSelector(ns, name, tuple(sorted(selector.items())))
         return {key: entry for key in label_keys(ns, selector)}
 
     @kopf.index(GROUP, VERSION, ROUTES, id="gateway_route_claims", registry=registry)
     async def gateway_route_claims(body: kopf.Body, **_: Any) -> Any:
         return {(kind, claim.name): claim for kind, claim in route_claims(dict(body))}
-
-    @kopf.index(GROUP, VERSION, ROUTES, id="status_route_bodies", registry=registry)
-    async def route_bodies(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> Any:
-        return {(namespace or "default", name): dict(body)}
 
     @kopf.index(GROUP, VERSION, ROUTES, id="status_route_targets", registry=registry)
     async def route_target_index(
