@@ -205,9 +205,9 @@ class RedisBuckets:
         read: bool = False,
     ) -> list[Any] | None:
         """One EVALSHA: settle ``settlements``, then admit ``admission`` (key, limits, estimate,
-        output reservation)
-        — or, with ``read``, only read that key's levels. None when Redis failed; the settlements
-        are then back at the front of ``pending``."""
+        output reservation) — or, with ``read``, only read that key's levels. None when Redis
+        failed (the settlements are then back at the front of ``pending``) or did not answer
+        within ``timeout`` (they then wait for its late answer: :meth:`_late`)."""
         keys = [f"mi:rl:{s.key}" for s in settlements]
         args: list[Any] = [len(settlements), 0 if admission is None else 2 if read else 1]
         for s in settlements:
