@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from collections import deque
@@ -186,8 +185,9 @@ class RedisBuckets:
         self.max_owed = max_owed
         self.mirrors: dict[str, _Mirror] = {}
         self.ahead = 0  # requests admitted ahead of their charge (not waiting for Redis)
-        # how long a call past its deadline may still be answered (:meth:`_late`), and how many
-        # were: their settlements applied once, not sent again
+        # how long a call nobody waits for any more (past its deadline, or its request
+        # cancelled) may still be answered (:meth:`_late`), and how many were: their
+        # settlements applied once, not sent again
         self.late_limit = late_limit
         self.late = 0
 
@@ -234,6 +234,11 @@ class RedisBuckets:
         call = asyncio.ensure_future(self.script(keys=keys, args=args))
         try:
             result: list[Any] = await asyncio.wait_for(asyncio.shield(call), self.timeout)
+        except asyncio.CancelledError:
+            # the request is gone (client gone) while Redis decides: the call runs on, the
+            # settlements it carries are not lost, and what it reserves for nobody comes back
+            self._spawn(self._late(call, settlements, None if read else admission))
+            raise
         except Exception as exc:  # connection refused/reset, timeout, script error
             if isinstance(exc, TimeoutError):
                 # Redis may still run a call past its deadline (its reply is late, the call is
@@ -289,11 +294,12 @@ class RedisBuckets:
         settlements: list[_Settlement],
         admission: tuple[str, Limits, int, int] | None,
     ) -> None:
-        """A call past its deadline: wait up to ``late_limit`` for what Redis did with it.
-        Applied: its settlements are in, and an admission it granted is refunded (the request
-        was decided without Redis, and settles as one admitted locally). Failed, or still not
-        answered (then cancelled, which closes its connection): its settlements go back to the
-        front of the queue, as after any failed call."""
+        """A call nobody waits for any more (past its deadline, or its request cancelled): wait
+        up to ``late_limit`` for what Redis did with it. Applied: its settlements are in, and an
+        admission it granted is given back (its request was decided without Redis, and settles
+        as one admitted locally; or is gone). Failed, or still not answered (then cancelled,
+        which closes its connection): its settlements go back to the front of the queue, as
+        after any failed call."""
         try:
             result: list[Any] = await asyncio.wait_for(call, self.late_limit)
         except Exception:
@@ -340,16 +346,6 @@ class RedisBuckets:
         key, limits, estimate, output = admission
         if int(result[0]) == 1 and (estimate or output):
             self._queue(_Settlement(key, limits, estimate, -output, self._loop_time()))
-
-    def _unused(
-        self, admission: tuple[str, Limits, int, int], call: asyncio.Task[list[Any] | None]
-    ) -> None:
-        """The call of an admission whose request was cancelled has ended."""
-        self._tasks.discard(call)
-        if not call.cancelled() and call.exception() is None:
-            result = call.result()
-            if result is not None:  # None: failed, or past its deadline (then :meth:`_late`)
-                self._give_back(admission, result)
 
     def _confirmed(self, charge: _Settlement) -> None:
         """A charge is in Redis (or dropped): its key's view no longer owes it."""
@@ -426,18 +422,8 @@ class RedisBuckets:
             return _ADMITTED_AHEAD
         result = None
         if not self._waiting_out_outage():
-            asked = (key, limits, estimate, output)
-            loop = asyncio.get_running_loop()
-            call = loop.create_task(self._call(self._take(self.carry), asked))
-            try:
-                result = await asyncio.shield(call)
-            except asyncio.CancelledError:
-                # the request is gone (client gone) while Redis decides: the call runs to its
-                # end (the settlements it carries are written), and a reservation Redis makes
-                # for nobody is given back
-                self._tasks.add(call)
-                call.add_done_callback(functools.partial(self._unused, asked))
-                raise
+            # (a request cancelled meanwhile: :meth:`_call` hands its call to :meth:`_late`)
+            result = await self._call(self._take(self.carry), (key, limits, estimate, output))
         if result is None:
             if self.fail_open:
                 return self.fallback.admit(key, limits, estimate, output)
