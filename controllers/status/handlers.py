@@ -152,7 +152,7 @@ class StatusWriter:
         if self._wake is not None:
             self._wake.set()
 
-    def _changed_object(self, ref: Ref, deleted: bool) -> None:
+    def _own_event(self, ref: Ref, deleted: bool) -> None:
         """An event of the object ``ref`` itself: gone, it is forgotten; else marked."""
         if deleted:
             self.written.pop(ref, None)
@@ -161,7 +161,7 @@ class StatusWriter:
             self.mark(ref)
 
     def server_event(self, ns: str, name: str, deleted: bool) -> None:
-        self._changed_object((SERVERS, ns, name), deleted)
+        self._own_event((SERVERS, ns, name), deleted)
         for route in self.indexes.get("status_route_targets", {}).get((ns, name), ()):
             self.mark((ROUTES, ns, route))
 
@@ -170,7 +170,7 @@ class StatusWriter:
         before = self.claimed.pop((ns, name), set())
         if not deleted:
             self.claimed[(ns, name)] = now
-        self._changed_object((ROUTES, ns, name), deleted)
+        self._own_event((ROUTES, ns, name), deleted)
         claims = self.indexes.get("gateway_route_claims", {})
         for key in before | now:
             for claim in claims.get(key, ()):
