@@ -29,6 +29,7 @@ __all__ = [
     "route_status",
     "route_targets",
     "selected_candidates",
+    "server_selector",
     "server_status",
     "servers_to_wake",
     "taken_names",
@@ -50,6 +51,25 @@ def _condition(type_: str, ok: bool, reason: str, message: str, generation: int)
         message=message,
         observed_generation=generation,
     )
+
+
+def _identity(raw: Mapping[str, Any]) -> tuple[str, int]:
+    """A raw object's namespace and generation."""
+    meta = raw.get("metadata") or {}
+    return meta.get("namespace") or "default", int(meta.get("generation") or 0)
+
+
+def _status(
+    raw: Mapping[str, Any], generation: int, conditions: list[Condition], now: str, **fields: Any
+) -> dict[str, Any]:
+    """The status of ``raw`` at ``generation``: ``fields``, then ``conditions`` merged with its
+    previous ones (:func:`merge_conditions`)."""
+    old = (raw.get("status") or {}).get("conditions")
+    return {
+        "observedGeneration": generation,
+        **fields,
+        "conditions": merge_conditions(old, conditions, now),
+    }
 
 
 def merge_conditions(
@@ -114,9 +134,7 @@ def route_status(
     taken: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """``taken``: claimed names another route serves → that route (:func:`taken_names`)."""
-    meta = raw.get("metadata") or {}
-    ns = meta.get("namespace") or "default"
-    generation = int(meta.get("generation") or 0)
+    ns, generation = _identity(raw)
     error = validate(raw)
     if error is not None:
         accepted = _condition("Accepted", False, "Invalid", error, generation)
@@ -147,8 +165,7 @@ def route_status(
             generation,
         )
     )
-    old = (raw.get("status") or {}).get("conditions")
-    return {"observedGeneration": generation, "conditions": merge_conditions(old, conditions, now)}
+    return _status(raw, generation, conditions, now)
 
 
 LabelKey = tuple[str, str, str]  # (namespace, label, value)
@@ -175,11 +192,15 @@ def selected_candidates(
     return best
 
 
+def server_selector(raw: Mapping[str, Any]) -> dict[str, str]:
+    """A raw ModelServer's ``workloadSelector.matchLabels`` ({} when absent: selects nothing)."""
+    spec = raw.get("spec") or {}
+    return dict((spec.get("workloadSelector") or {}).get("matchLabels") or {})
+
+
 def server_status(raw: Mapping[str, Any], pods: Iterable[PodView], now: str) -> dict[str, Any]:
-    meta = raw.get("metadata") or {}
-    ns = meta.get("namespace") or "default"
-    generation = int(meta.get("generation") or 0)
-    selector = ((raw.get("spec") or {}).get("workloadSelector") or {}).get("matchLabels") or {}
+    ns, generation = _identity(raw)
+    selector = server_selector(raw)
     ready = 0
     if selector:
         for pod in pods:
@@ -196,12 +217,7 @@ def server_status(raw: Mapping[str, Any], pods: Iterable[PodView], now: str) -> 
         f"{ready} ready pod(s) selected" if ready else "no Running and Ready pod is selected",
         generation,
     )
-    old = (raw.get("status") or {}).get("conditions")
-    return {
-        "observedGeneration": generation,
-        "readyEndpoints": ready,
-        "conditions": merge_conditions(old, [cond], now),
-    }
+    return _status(raw, generation, [cond], now, readyEndpoints=ready)
 
 
 @dataclass(slots=True, frozen=True)

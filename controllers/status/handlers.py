@@ -15,8 +15,10 @@ Event handlers mark what an event can change (:class:`StatusWriter`):
   labels or readiness changed (a pod's other status updates wake nothing).
 
 One worker recomputes the marked objects (pure functions in :mod:`controllers.status.compute`)
-and patches a status only when it changed; a failed patch is marked again and retried. A slow
-resync (``RESYNC`` seconds) marks everything, a safety net for a missed event.
+and patches a status only when it changed. An object whose status could not be written (a failed
+patch, or an error computing it) is marked again after ``RETRY`` seconds, doubled at each failure
+in a row up to ``resync``; the others go on. A slow resync (``RESYNC`` seconds) marks everything,
+a safety net for a missed event.
 """
 
 from __future__ import annotations
@@ -40,18 +42,21 @@ from controllers.status.compute import (
     route_status,
     route_targets,
     selected_candidates,
+    server_selector,
     server_status,
     servers_to_wake,
     taken_names,
 )
 from fleet.claims import Claim
+from fleet.kube import pod_info
 
 __all__ = ["StatusWriter", "register"]
 
 GROUP, VERSION = "networking.matrixinfer.ai", "v1alpha1"
 SERVERS, ROUTES = "modelservers", "modelroutes"
+BODIES = {SERVERS: "status_server_bodies", ROUTES: "status_route_bodies"}  # plural → index
 RESYNC = 300.0  # seconds between two recomputations of everything (a missed event's safety net)
-RETRY = 1.0  # seconds before a failed status patch is tried again
+RETRY = 1.0  # seconds before a status not written is tried again (doubled per failure in a row)
 CONCURRENCY = 16  # status patches in flight
 INDEX_IDS = (
     "gateway_servers",
@@ -87,23 +92,10 @@ def _changed(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
 
 
 def _pod_view(body: Mapping[str, Any], namespace: str | None) -> PodView:
-    status = body.get("status") or {}
-    ready = (
-        status.get("phase") == "Running"
-        and bool(status.get("podIP"))
-        and not (body.get("metadata") or {}).get("deletionTimestamp")
-        and any(
-            c.get("type") == "Ready" and c.get("status") == "True"
-            for c in status.get("conditions") or []
-        )
-    )
-    labels = dict((body.get("metadata") or {}).get("labels") or {})
-    return PodView(namespace or "default", labels, ready)
-
-
-def _selector(body: Mapping[str, Any]) -> dict[str, str]:
-    spec = body.get("spec") or {}
-    return dict((spec.get("workloadSelector") or {}).get("matchLabels") or {})
+    """A pod as status sees it: ready as the gateway routes to it (``fleet.kube.pod_info``:
+    Running, Ready, not terminating) and with an IP."""
+    pod = pod_info(body)
+    return PodView(namespace or "default", pod.labels, pod.ready and pod.ip is not None)
 
 
 def _first(index: Any, key: Any) -> Any:
@@ -122,10 +114,13 @@ class StatusWriter:
         self.client: KubeClient | None = None
         self.indexes: dict[str, Any] = {}  # Kopf's live indexes, from the first event
         self.dirty: dict[Ref, None] = {}  # insertion-ordered set
-        self.written: dict[Ref, dict[str, Any]] = {}  # the index may not show our patch yet
+        # our last patch of each status, and the object's resourceVersion it was computed from:
+        # while the index still shows that version, it does not show the patch yet
+        self.written: dict[Ref, tuple[str | None, dict[str, Any]]] = {}
         self.pods: dict[str, PodView] = {}  # by uid: what a pod looked like at its last event
         self.claimed: dict[tuple[str, str], set[tuple[str, str]]] = {}  # route → its claims
         self.computed = 0  # status computations (the idle cost: flat while nothing changes)
+        self.failures: dict[Ref, int] = {}  # objects whose status failed: failures in a row
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -157,24 +152,25 @@ class StatusWriter:
         if self._wake is not None:
             self._wake.set()
 
-    def server_event(self, ns: str, name: str, deleted: bool) -> None:
-        ref = (SERVERS, ns, name)
+    def _own_event(self, ref: Ref, deleted: bool) -> None:
+        """An event of the object ``ref`` itself: gone, it is forgotten; else marked."""
         if deleted:
             self.written.pop(ref, None)
+            self.failures.pop(ref, None)
         else:
             self.mark(ref)
+
+    def server_event(self, ns: str, name: str, deleted: bool) -> None:
+        self._own_event((SERVERS, ns, name), deleted)
         for route in self.indexes.get("status_route_targets", {}).get((ns, name), ()):
             self.mark((ROUTES, ns, route))
 
     def route_event(self, ns: str, name: str, body: Mapping[str, Any], deleted: bool) -> None:
-        ref = (ROUTES, ns, name)
         now = set() if deleted else {(k, c.name) for k, c in route_claims(body)}
         before = self.claimed.pop((ns, name), set())
-        if deleted:
-            self.written.pop(ref, None)
-        else:
+        if not deleted:
             self.claimed[(ns, name)] = now
-            self.mark(ref)
+        self._own_event((ROUTES, ns, name), deleted)
         claims = self.indexes.get("gateway_route_claims", {})
         for key in before | now:
             for claim in claims.get(key, ()):
@@ -206,7 +202,16 @@ class StatusWriter:
                 self._mark_all()
             batch, self.dirty = list(self.dirty), {}
             if batch and self.client is not None and self.indexes:
-                await asyncio.gather(*(self._refresh(ref, sem) for ref in batch))
+                # one object's failure (a patch refused, a body the computation cannot read)
+                # must neither stop the worker nor lose the other objects' marks
+                done = await asyncio.gather(
+                    *(self._refresh(ref, sem) for ref in batch), return_exceptions=True
+                )
+                for ref, outcome in zip(batch, done, strict=True):
+                    if isinstance(outcome, Exception):
+                        self._retry(ref, outcome)
+                    else:
+                        self.failures.pop(ref, None)
             elif batch:  # not connected or no index yet: keep them for later
                 for ref in batch:
                     self.dirty.setdefault(ref, None)
@@ -214,19 +219,22 @@ class StatusWriter:
                 self._wake.set()
 
     def _mark_all(self) -> None:
-        bodies = ((SERVERS, "status_server_bodies"), (ROUTES, "status_route_bodies"))
-        for plural, index_id in bodies:
+        for plural, index_id in BODIES.items():
             for ns, name in list(self.indexes.get(index_id, {})):
                 self.dirty[(plural, ns, name)] = None
 
     async def _refresh(self, ref: Ref, sem: asyncio.Semaphore) -> None:
         plural, ns, name = ref
-        index_id = "status_server_bodies" if plural == SERVERS else "status_route_bodies"
-        body = _first(self.indexes.get(index_id), (ns, name))
+        body = _first(self.indexes.get(BODIES[plural]), (ns, name))
         if body is None:  # gone (or not indexed yet: its event marks it again)
             self.written.pop(ref, None)
             return
-        old = self.written.get(ref) or body.get("status") or {}
+        version = (body.get("metadata") or {}).get("resourceVersion")
+        written = self.written.get(ref)
+        if written is not None and written[0] == version:
+            old = written[1]  # the index does not show our patch yet
+        else:  # a later version (our patch, someone else's status edit, a new object): as is
+            old = body.get("status") or {}
         raw = {**body, "status": old}
         self.computed += 1
         status = self._server(ns, raw) if plural == SERVERS else self._route(raw)
@@ -240,21 +248,28 @@ class StatusWriter:
             except ApiError as exc:
                 if exc.status == 404:  # deleted meanwhile
                     return
-                self._retry(ref, exc)
-                return
-            except (TimeoutError, OSError, aiohttp.ClientError) as exc:
-                self._retry(ref, exc)
-                return
-        self.written[ref] = status
+                raise
+        self.written[ref] = (version, status)
 
-    def _retry(self, ref: Ref, exc: BaseException) -> None:
-        log.warning(f"status of {ref[0]} {ref[1]}/{ref[2]} not written, retrying: {exc!r}")
-        loop = asyncio.get_running_loop()
-        loop.call_later(RETRY, self.mark, ref)
+    def retry_delay(self, failures: int) -> float:
+        """Seconds before an object whose status failed ``failures`` times in a row is tried
+        again: ``RETRY``, doubled per failure, at most ``resync``."""
+        return min(RETRY * 2.0 ** min(failures - 1, 30), self.resync)
+
+    def _retry(self, ref: Ref, exc: Exception) -> None:
+        failures = self.failures[ref] = self.failures.get(ref, 0) + 1
+        delay = self.retry_delay(failures)
+        expected = isinstance(exc, (ApiError, TimeoutError, OSError, aiohttp.ClientError))
+        log.warning(
+            f"status of {ref[0]} {ref[1]}/{ref[2]} not written (failure {failures} in a row), "
+            f"retrying in {delay:g}s: {exc!r}",
+            exc_info=None if expected else exc,  # a bug: its traceback
+        )
+        asyncio.get_running_loop().call_later(delay, self.mark, ref)
 
     def _server(self, ns: str, raw: Mapping[str, Any]) -> dict[str, Any]:
         pods_index = self.indexes.get("gateway_pods", {})
-        pods = selected_candidates(ns, _selector(raw), lambda key: pods_index.get(key, ()))
+        pods = selected_candidates(ns, server_selector(raw), lambda key: pods_index.get(key, ()))
         return server_status(raw, pods, _now())
 
     def _route(self, raw: Mapping[str, Any]) -> dict[str, Any]:
@@ -280,24 +295,22 @@ def register(registry: kopf.OperatorRegistry, resync: float = RESYNC) -> StatusW
     async def gateway_servers(namespace: str | None, name: str | None, **_: Any) -> Any:
         return {namespace or "default": name}
 
-    @kopf.index(GROUP, VERSION, SERVERS, id="status_server_bodies", registry=registry)
-    async def server_bodies(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> Any:
+    async def bodies(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> Any:
         return {(namespace or "default", name): dict(body)}
+
+    for plural, index_id in BODIES.items():
+        kopf.index(GROUP, VERSION, plural, id=index_id, registry=registry)(bodies)
 
     @kopf.index(GROUP, VERSION, SERVERS, id="status_server_selectors", registry=registry)
     async def server_selectors(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> Any:
         ns = namespace or "default"
-        selector = _selector(body)
+        selector = server_selector(body)
         entry = ServerSelector(ns, name, tuple(sorted(selector.items())))
         return {key: entry for key in label_keys(ns, selector)}
 
     @kopf.index(GROUP, VERSION, ROUTES, id="gateway_route_claims", registry=registry)
     async def gateway_route_claims(body: kopf.Body, **_: Any) -> Any:
         return {(kind, claim.name): claim for kind, claim in route_claims(dict(body))}
-
-    @kopf.index(GROUP, VERSION, ROUTES, id="status_route_bodies", registry=registry)
-    async def route_bodies(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> Any:
-        return {(namespace or "default", name): dict(body)}
 
     @kopf.index(GROUP, VERSION, ROUTES, id="status_route_targets", registry=registry)
     async def route_target_index(

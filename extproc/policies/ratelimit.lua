@@ -14,7 +14,17 @@
 -- admission (levels and now, the Redis TIME of the call, as strings), or {N, skipped} when there
 -- is none. skipped: settlements whose key Redis
 -- refused (not a hash: something else wrote into mi:rl:*) — left out so that one bad key cannot
--- fail the calls that carry it (an error on the admission's own key still fails the call).
+-- fail the calls that carry it. An admission's own key that is not a hash fails the call before
+-- anything is written: Redis keeps a script's writes made before an error, and the caller queues
+-- a failed call's settlements again.
+local settlements = tonumber(ARGV[1])
+if ARGV[2] ~= '0' then
+  local kind = redis.call('TYPE', KEYS[settlements + 1]).ok
+  if kind ~= 'hash' and kind ~= 'none' then
+    return redis.error_reply('WRONGTYPE ' .. KEYS[settlements + 1] .. ' is a ' .. kind ..
+      ', not a bucket hash (something else wrote into mi:rl:*)')
+  end
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 
@@ -59,7 +69,6 @@ local function store(key, levels, caps, period)
   redis.call('EXPIRE', key, math.ceil(longest))
 end
 
-local settlements = tonumber(ARGV[1])
 local skipped = 0
 local i = 3
 for k = 1, settlements do

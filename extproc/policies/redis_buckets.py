@@ -185,8 +185,9 @@ class RedisBuckets:
         self.max_owed = max_owed
         self.mirrors: dict[str, _Mirror] = {}
         self.ahead = 0  # requests admitted ahead of their charge (not waiting for Redis)
-        # how long a call past its deadline may still be answered (:meth:`_late`), and how many
-        # were: their settlements applied once, not sent again
+        # how long a call nobody waits for any more (past its deadline, or its request
+        # cancelled) may still be answered (:meth:`_late`), and how many were: their
+        # settlements applied once, not sent again
         self.late_limit = late_limit
         self.late = 0
 
@@ -204,9 +205,9 @@ class RedisBuckets:
         read: bool = False,
     ) -> list[Any] | None:
         """One EVALSHA: settle ``settlements``, then admit ``admission`` (key, limits, estimate,
-        output reservation)
-        — or, with ``read``, only read that key's levels. None when Redis failed; the settlements
-        are then back at the front of ``pending``."""
+        output reservation) — or, with ``read``, only read that key's levels. None when Redis
+        failed (the settlements are then back at the front of ``pending``) or did not answer
+        within ``timeout`` (they then wait for its late answer: :meth:`_late`)."""
         keys = [f"mi:rl:{s.key}" for s in settlements]
         args: list[Any] = [len(settlements), 0 if admission is None else 2 if read else 1]
         for s in settlements:
@@ -233,6 +234,11 @@ class RedisBuckets:
         call = asyncio.ensure_future(self.script(keys=keys, args=args))
         try:
             result: list[Any] = await asyncio.wait_for(asyncio.shield(call), self.timeout)
+        except asyncio.CancelledError:
+            # the request is gone (client gone) while Redis decides: the call runs on, the
+            # settlements it carries are not lost, and what it reserves for nobody comes back
+            self._spawn(self._late(call, settlements, None if read else admission))
+            raise
         except Exception as exc:  # connection refused/reset, timeout, script error
             if isinstance(exc, TimeoutError):
                 # Redis may still run a call past its deadline (its reply is late, the call is
@@ -240,10 +246,7 @@ class RedisBuckets:
                 # the call's outcome instead (:meth:`_late`).
                 self._spawn(self._late(call, settlements, None if read else admission))
             else:
-                for s in reversed(settlements):
-                    s.kept = True
-                    self.pending.appendleft(s)
-                self._trim()
+                self._requeue(settlements)
             now = self.clock()
             self._next_try = now + self.retry_after
             if self.down_since is None:
@@ -253,7 +256,9 @@ class RedisBuckets:
                 log.error(
                     "Redis rate limiter %s unreachable (%s): failing %s",
                     self.address,
-                    exc,
+                    f"no answer within {self.timeout:g}s"
+                    if isinstance(exc, TimeoutError)
+                    else repr(exc),
                     "open to local buckets" if self.fail_open else "closed (503)",
                 )
                 if self.on_outage:
@@ -267,22 +272,9 @@ class RedisBuckets:
             if carrying is not None:
                 self._carrying.discard(carrying)
                 carrying.set_result(None)
-        for s in settlements:
-            if s.kept:
-                self.replayed += 1
-            if s.requests:  # a charge: now in Redis
-                self._confirmed(s)
+        self._written(settlements, result)
         if mirror is not None:
             self._observe(mirror, result)
-        skipped = int(result[1] if admission is None else result[4]) if settlements else 0
-        if skipped:
-            self.skipped += skipped
-            log.error(
-                "Redis rate limiter %s: %d settlement(s) not written: their key is not a bucket "
-                "hash (something else wrote into mi:rl:*)",
-                self.address,
-                skipped,
-            )
         if self.down_since is not None:
             log.warning(
                 "Redis rate limiter %s is back after %.1fs",
@@ -302,27 +294,57 @@ class RedisBuckets:
         settlements: list[_Settlement],
         admission: tuple[str, Limits, int, int] | None,
     ) -> None:
-        """A call past its deadline: wait up to ``late_limit`` for what Redis did with it.
-        Applied: its settlements are in, and an admission it granted is refunded (the request
-        was decided without Redis, and settles as one admitted locally). Failed, or still not
-        answered (then cancelled, which closes its connection): its settlements go back to the
-        front of the queue, as after any failed call."""
+        """A call nobody waits for any more (past its deadline, or its request cancelled): wait
+        up to ``late_limit`` for what Redis did with it. Applied: its settlements are in, and an
+        admission it granted is given back (its request was decided without Redis, and settles
+        as one admitted locally; or is gone). Failed, or still not answered (then cancelled,
+        which closes its connection): its settlements go back to the front of the queue, as
+        after any failed call."""
         try:
             result: list[Any] = await asyncio.wait_for(call, self.late_limit)
         except Exception:
-            for s in reversed(settlements):
-                s.kept = True
-                self.pending.appendleft(s)
-            self._trim()
+            self._requeue(settlements)
             if self.pending:
                 self._arm(max(0.0, self._next_try - self.clock()))
             return
         self.late += 1
+        self._written(settlements, result)
+        if admission is not None:
+            self._give_back(admission, result)
+
+    def _written(self, settlements: list[_Settlement], result: list[Any]) -> None:
+        """Redis answered a call: its settlements are in, but those whose key is not a bucket
+        hash (skipped: counted, logged)."""
         for s in settlements:
+            if s.kept:
+                self.replayed += 1
             if s.requests:  # a charge: now in Redis
                 self._confirmed(s)
-        if admission is not None and int(result[0]) == 1:
-            key, limits, estimate, output = admission
+        # the reply: {settled, skipped} without an admission, else skipped is its 5th value
+        skipped = int(result[1] if len(result) == 2 else result[4]) if settlements else 0
+        if skipped:
+            self.skipped += skipped
+            log.error(
+                "Redis rate limiter %s: %d settlement(s) not written: their key is not a bucket "
+                "hash (something else wrote into mi:rl:*)",
+                self.address,
+                skipped,
+            )
+
+    def _requeue(self, settlements: list[_Settlement]) -> None:
+        """Settlements of a failed call: back at the front of the queue, in their order, kept
+        for after the outage."""
+        for s in reversed(settlements):
+            s.kept = True
+            self.pending.appendleft(s)
+        self._trim()
+
+    def _give_back(self, admission: tuple[str, Limits, int, int], result: list[Any]) -> None:
+        """An admission whose answer no request uses (past its deadline, or its request gone):
+        if Redis granted it, its reservation (``estimate`` input, ``output`` output tokens) is
+        queued back, as a settlement of nothing used. The request unit stays taken."""
+        key, limits, estimate, output = admission
+        if int(result[0]) == 1 and (estimate or output):
             self._queue(_Settlement(key, limits, estimate, -output, self._loop_time()))
 
     def _confirmed(self, charge: _Settlement) -> None:
@@ -400,11 +422,8 @@ class RedisBuckets:
             return _ADMITTED_AHEAD
         result = None
         if not self._waiting_out_outage():
-            carried = self._take(self.carry)
-            call = self._call(carried, (key, limits, estimate, output))
-            # a request cancelled meanwhile (client gone) must not take the settlements it
-            # carries with it: the call then runs to its end in a task of its own
-            result = await (asyncio.shield(call) if carried else call)
+            # (a request cancelled meanwhile: :meth:`_call` hands its call to :meth:`_late`)
+            result = await self._call(self._take(self.carry), (key, limits, estimate, output))
         if result is None:
             if self.fail_open:
                 return self.fallback.admit(key, limits, estimate, output)

@@ -108,3 +108,74 @@ async def test_an_idle_fleet_is_not_recomputed(monkeypatch: pytest.MonkeyPatch) 
                 lambda: _status(api, "modelroutes", "chat")["conditions"][1]["status"] == "True",
                 what="the route resolved once its target exists",
             )
+
+
+def test_a_status_failing_again_and_again_is_retried_less_and_less_often() -> None:
+    writer = status_handlers.StatusWriter(resync=300.0)
+    delays = [writer.retry_delay(n) for n in (1, 2, 3, 4, 12, 100)]
+    assert delays == [1.0, 2.0, 4.0, 8.0, 300.0, 300.0]
+
+
+async def test_a_status_that_cannot_be_computed_stops_nothing_else(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One ModelServer whose status computation fails (a bug, a body it cannot read) is retried
+    until it succeeds, and the worker goes on with every other object: an exception escaping the
+    worker ended it, and no status was written again (every later mark was lost)."""
+    monkeypatch.setattr(status_handlers, "RETRY", 0.05)
+    real_server = getattr(status_handlers, "server_status")  # noqa: B009 (not in __all__)
+    broken = {"on": True, "tries": 0}
+
+    def failing_server(raw: Any, *args: Any, **kwargs: Any) -> Any:
+        if raw["metadata"]["name"] == "bad" and broken["on"]:
+            broken["tries"] += 1
+            raise RuntimeError("cannot compute the status of 'bad'")
+        return real_server(raw, *args, **kwargs)
+
+    monkeypatch.setattr(status_handlers, "server_status", failing_server)
+    async with kube() as api:
+        await create_server(api, "bad", {"app": "other"}, 8000)
+        await create_server(api, "good", {"app": "sim"}, 8000)
+        await create_pod(api, "p0", "10.0.0.1", {"app": "sim"})
+        async with operator(api):
+            await eventually(
+                lambda: _status(api, "modelservers", "good").get("readyEndpoints") == 1,
+                what="good: 1 ready endpoint",
+            )
+            await eventually(lambda: broken["tries"] >= 2, what="bad: tried again")
+            # a later change to another ModelServer is still written
+            await set_pod_ready(api, "p0", "10.0.0.1", False)
+            await eventually(
+                lambda: _status(api, "modelservers", "good").get("readyEndpoints") == 0,
+                what="good: 0 ready endpoints after p0 turned unready",
+            )
+            broken["on"] = False  # fixed: the retry writes it
+            await eventually(
+                lambda: _status(api, "modelservers", "bad").get("readyEndpoints") == 0,
+                what="bad: its status once it can be computed",
+            )
+
+
+async def test_a_status_changed_by_someone_else_is_written_again() -> None:
+    """Someone else edits a ModelServer's status (or the object is deleted and created again
+    while no event said so): the writer computes against the object as the API has it, not
+    against its own last patch — which found nothing to change and left the wrong status for
+    good, the resync included."""
+    async with kube() as api:
+        await create_server(api, "pool", {"app": "sim"}, 8000)
+        await create_pod(api, "p0", "10.0.0.1", {"app": "sim"})
+        async with operator(api):
+            await eventually(
+                lambda: _status(api, "modelservers", "pool").get("readyEndpoints") == 1,
+                what="1 ready endpoint",
+            )
+            # a new resourceVersion, as a real API server gives every write (kmock does not)
+            await api.request(
+                "PATCH",
+                f"/apis/{NET}/namespaces/ns/modelservers/pool/status",
+                {"metadata": {"resourceVersion": "7001"}, "status": {"readyEndpoints": 99}},
+            )
+            await eventually(
+                lambda: _status(api, "modelservers", "pool").get("readyEndpoints") == 1,
+                what="the status written again after someone else's edit",
+            )

@@ -649,7 +649,7 @@ async def test_a_call_answered_after_its_deadline_is_applied_once(tmp_path: Path
     direct = aioredis.Redis(host="127.0.0.1", port=server.port)
 
     async def input_level(key: str) -> float:
-        return float(await direct.hget(f"mi:rl:{key}", "i"))  # type: ignore[misc,arg-type]
+        return float(await direct.hget(f"mi:rl:{key}", "i"))  # type: ignore[arg-type]
 
     def busy_redis(seconds: float) -> socket.socket:
         s = socket.create_connection(("127.0.0.1", server.port))
@@ -659,6 +659,8 @@ async def test_a_call_answered_after_its_deadline_is_applied_once(tmp_path: Path
     try:
         assert (await buckets.admit("late", lim, 10)).ok  # by Redis: 990 left
         buckets.settle("late", lim, estimate=10, prompt=23, completion=0)  # 13 more
+        await direct.set("mi:rl:late-foreign", "not a hash")
+        buckets.settle("late-foreign", lim, estimate=10, prompt=23, completion=0)
         blocker = busy_redis(0.6)
         await asyncio.sleep(0.1)  # Redis is asleep before the flush's call reaches it
         await buckets.flush()  # past its deadline: Redis runs it once awake
@@ -670,6 +672,7 @@ async def test_a_call_answered_after_its_deadline_is_applied_once(tmp_path: Path
         await buckets.drain()
         assert buckets.late >= 1
         assert 977 <= await input_level("late") < 977.5  # once: 1000 - 10 - 13 (+ refill)
+        assert buckets.skipped == 1  # a late answer's skipped settlement is counted too
         # an admission Redis granted after its deadline: the reservation is given back
         blocker = busy_redis(0.6)
         await asyncio.sleep(0.1)
@@ -683,3 +686,56 @@ async def test_a_call_answered_after_its_deadline_is_applied_once(tmp_path: Path
         await direct.aclose()
         await buckets.close()
         server.stop()
+
+
+async def test_a_cancelled_admission_gives_its_reservation_back(
+    redis_server: RedisServer, direct: aioredis.Redis
+) -> None:
+    """The client goes away while Redis decides its admission: no request uses what Redis
+    reserves for it, so the reservation (the input estimate, the output reservation — a whole
+    output budget for a request without max_tokens) comes back. It stayed taken: nothing
+    settles a request that was never admitted."""
+    buckets = RedisBuckets(redis_server.address, timeout=5.0, headroom=1.0)
+    lim = limits(redis_server, input=1000, output=1000)
+    try:
+        task = asyncio.create_task(buckets.admit("gone", lim, 100, 300))
+        await asyncio.sleep(0)  # the admission is on its way to Redis
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while True:
+            await buckets.drain()
+            levels = await direct.hmget("mi:rl:gone", ["i", "o"])
+            if [float(v) for v in levels if v is not None] == [1000.0, 1000.0]:
+                break
+            assert loop.time() < deadline, f"the reservation was not given back: {levels}"
+            await asyncio.sleep(0.01)
+    finally:
+        await buckets.close()
+
+
+async def test_an_admission_on_a_foreign_key_writes_nothing_it_carries(
+    redis_server: RedisServer, direct: aioredis.Redis
+) -> None:
+    """Something else wrote a string at the admission's own key: the call fails (an outage, as
+    documented) — and must write none of the settlements it carries, since a failed call's
+    settlements are queued again: Redis keeps a script's writes made before its error, so they
+    were applied once by the failed call and once more by the next one."""
+    buckets = RedisBuckets(
+        redis_server.address, timeout=5.0, flush_delay=30.0, headroom=1.0, retry_after=0.05
+    )
+    lim = limits(redis_server, output=1000)
+    try:
+        assert (await buckets.admit("carried", lim, 0)).ok
+        await direct.set("mi:rl:taken", "not a hash")
+        buckets.settle("carried", lim, 0, 0, 300)
+        admitted = await buckets.admit("taken", lim, 0)  # carries the settlement; fails
+        assert admitted.where == "local" and buckets.down_since is not None
+        await asyncio.sleep(buckets.retry_after)
+        await buckets.drain()
+        assert not buckets.pending and buckets.replayed == 1
+        assert float(await direct.hget("mi:rl:carried", "o") or 0) == pytest.approx(700, abs=1)
+    finally:
+        await buckets.close()
