@@ -103,19 +103,11 @@ def line_for_room(stack: GatewayStack) -> list[dict[str, Any]]:
 
 def test_a_burst_on_a_saturated_pod_waits_for_room_and_is_served(room_stack: GatewayStack) -> None:
     c = client(room_stack)
-    seen_line: list[int] = []
-    seen_gauge: list[float] = []
     with ThreadPoolExecutor(12) as pool:
         answers = [pool.submit(chat, c, "busy-model", 40) for _ in range(12)]
+        wait_until(lambda: len(line_for_room(room_stack)) >= 3, 30, "requests waiting for room")
         wait_until(
-            lambda: bool(seen_line.append(len(line_for_room(room_stack))) or seen_line[-1] >= 3),
-            30,
-            "requests waiting for room in /debug/state",
-        )
-        wait_until(
-            lambda: bool(
-                seen_gauge.append(metric(room_stack, WAITING, server="small")) or seen_gauge[-1]
-            ),
+            lambda: metric(room_stack, WAITING, server="small") >= 1.0,
             30,
             "the waiting requests in the ModelServer's gauge",
         )
