@@ -444,7 +444,7 @@ class WakeRoom:
 
     - **for a ready pod** (the wake stage: the ModelServer has none, at zero or starting):
       :meth:`wait`; :meth:`server_ready` (the datastore's ``on_server_ready``) wakes every one,
-      each then checks the datastore again and goes on to the schedule stage;
+      in arrival order; each then checks the datastore again and goes on to the schedule stage;
     - **for room** (every pod saturated): :meth:`line_up` joins the ModelServer's line, served
       first come first served by :meth:`serve` — on a request of that server finishing, and every
       ``retry`` seconds while anything waits (a scrape may have freed room): the head of the line
@@ -460,7 +460,8 @@ class WakeRoom:
     ) -> None:
         self.clock = clock
         self.retry = retry
-        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+        # server key -> the futures of the requests waiting for a ready pod, in arrival order
+        self._waiters: dict[str, dict[asyncio.Future[None], None]] = {}
         self._lines: dict[str, deque[RoomWaiter]] = {}
         self._ticker: asyncio.Task[None] | None = None
 
@@ -500,15 +501,15 @@ class WakeRoom:
     async def wait(self, key: str, seconds: float) -> bool:
         """Wait until :meth:`server_ready` names ``key`` (True) or ``seconds`` pass (False)."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        waiters = self._waiters.setdefault(key, set())
-        waiters.add(future)
+        waiters = self._waiters.setdefault(key, {})
+        waiters[future] = None
         try:
             await asyncio.wait_for(future, seconds)
             return True
         except TimeoutError:
             return False
         finally:
-            waiters.discard(future)
+            waiters.pop(future, None)
             if not waiters:
                 del self._waiters[key]
 

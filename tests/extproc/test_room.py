@@ -223,3 +223,31 @@ async def test_a_request_scheduled_just_as_its_client_goes_away_gives_its_pod_ba
     gone.cancel()  # ... and its client goes away before it could answer
     await asyncio.gather(gone, return_exceptions=True)
     assert ds.in_flight_total() == 7 and gw.waking.counts() == {}
+
+
+async def test_requests_woken_from_zero_keep_their_arrival_order_into_the_line() -> None:
+    """Requests that waited for a first pod are scheduled in arrival order when it is ready:
+    the first 8 get it (then it looks saturated), the rest line up for room in the same order."""
+    gw, ds = make()
+    ds.publish_metrics("p0", PodMetrics(stale=True, unreachable=True))  # starting
+    order: list[str] = []
+
+    async def one(n: int) -> None:
+        state = start(gw, n)
+        answer = await gw.decide(state, BODY)
+        assert isinstance(answer, Routed), answer
+        order.append(state.request_id)
+
+    tasks = []
+    for n in range(12):
+        tasks.append(asyncio.create_task(one(n)))
+        await until(lambda: waiting(gw, ds) == len(tasks), "waiting for a ready pod")
+    ds.publish_metrics("p0", PodMetrics(stale=False, waiting=0, running=0))  # ready, empty
+    await until(lambda: gw.waking.counts() == {KEY: 4}, "the rest lined up for room")
+    assert order == [f"r{n}" for n in range(8)]
+    assert [w["requestId"] for w in gw.waking.state()[KEY]["forRoom"]] == [
+        f"r{n}" for n in range(8, 12)
+    ]
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
