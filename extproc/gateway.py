@@ -938,10 +938,6 @@ class Gateway:
 
         left = state.started + max_wait - self.clock()
         if left > 0:
-            if not notified:
-                notice = queue_notice.get()
-                if notice is not None:  # tell Envoy to wait for this message meanwhile
-                    await notice(left + QUEUE_TIMEOUT_MARGIN)
             key = view.key
             room = self.waking
             ahead = room.lined(key)
@@ -951,6 +947,9 @@ class Gateway:
             future = waiter.future
             served = False
             try:
+                notice = None if notified else queue_notice.get()
+                if notice is not None:  # tell Envoy to wait for this message meanwhile
+                    await notice(left + QUEUE_TIMEOUT_MARGIN)
                 # (not wait_for: it would swallow the client's cancellation once scheduled)
                 await asyncio.wait((future,), timeout=left)
                 if future.done():
