@@ -2,8 +2,9 @@
 signal; every extproc replica publishes its own, the autoscaler sums them).
 
 - ``matrixinfer_gateway_server_waiting_requests{namespace, server}``: requests waiting for the
-  ModelServer: in its fair queue (every pod saturated) and in the gateway's wake stage (no ready
-  pod: at zero, or its pods are starting — the demand that wakes it);
+  ModelServer: in its fair queue (every pod saturated), in the gateway's wake stage (no ready
+  pod: at zero, or its pods are starting — the demand that wakes it) and, without a fair queue,
+  in its line for room (every pod saturated);
 - ``matrixinfer_gateway_server_in_flight_requests{namespace, server}``: requests routed to its
   pods that have not finished.
 
@@ -40,8 +41,8 @@ class DemandCollector(Collector):
     def collect(self) -> Iterator[Any]:
         waiting = GaugeMetricFamily(
             WAITING,
-            "Requests waiting in the gateway for a pod of the ModelServer (its fair queue, or no "
-            "ready pod yet).",
+            "Requests waiting in the gateway for a pod of the ModelServer (its fair queue, no "
+            "ready pod yet, or every pod saturated without a fair queue).",
             labels=["namespace", "server"],
         )
         in_flight = GaugeMetricFamily(

@@ -14,8 +14,10 @@ A request passes these stages, in order:
    ``wake_timeout`` when the route sets no queue), then 503 with ``Retry-After``. Policies or not;
    the waiting requests count as the ModelServer's demand (``extproc.demand``), which is what
    wakes a target of the autoscaler at zero;
-7. **queue**: when others already wait for the ModelServer, or every pod is saturated, wait in the
-   fair queue until a pod has room;
+7. **queue**: when others already wait for the ModelServer, or every pod is saturated, wait until
+   a pod has room: in the fair queue with policies, else in the ModelServer's line for room
+   (:class:`WakeRoom`, first come first served) — at most the route's ``queue.maxWait``
+   (``wake_timeout`` when the route sets no queue), then 503 with ``Retry-After``;
 8. **schedule**: the scheduler picks the pod and its fallbacks; the pod's in-flight count rises;
 9. **mark** the routed request for Envoy's usage filters (:func:`mark_usage`: a stream asks for
    its final usage event), whose findings come back in the access log (:meth:`Gateway.answered`:
@@ -23,10 +25,11 @@ A request passes these stages, in order:
 
 Authenticate, admit, queue and the settling of a routed request's token charge are the policy
 stages (``extproc.policies``): without policies they are :class:`NoPolicies`, whose methods return
-at once (no credential is looked at, nothing is reserved or settled, a saturated ModelServer
-answers 503). Any stage may fail: :meth:`Gateway._failed` turns a
-:class:`GatewayError` into its answer and any other exception into a logged 500, and gives back what
-the request took (budget reservation, in-flight count) — in one place.
+at once (no credential is looked at, nothing is reserved or settled, a saturated ModelServer's
+requests wait in its line for room instead of the fair queue). Any stage may fail:
+:meth:`Gateway._failed` turns a :class:`GatewayError` into its answer and any other exception into
+a logged 500, and gives back what the request took (budget reservation, in-flight count) — in
+one place.
 
 The ext_proc servicer (``extproc.transport.grpc_servicer``) calls, per request stream:
 
@@ -53,6 +56,7 @@ import logging
 import math
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from random import Random
@@ -112,12 +116,14 @@ __all__ = [
     "DEFAULT_WAKE_TIMEOUT",
     "DESTINATION_HEADER",
     "REQUEST_ID_HEADER",
+    "ROOM_RETRY",
     "SESSION_HEADER",
     "EnforcedPolicies",
     "Gateway",
     "Immediate",
     "NoPolicies",
     "RequestState",
+    "RoomWaiter",
     "Routed",
     "SchedulerLike",
     "WakeRoom",
@@ -135,12 +141,14 @@ def _user_session(body: dict[str, Any]) -> str | None:
     return f"user:{user}" if isinstance(user, str) and user else None
 
 
-# how long a request waits for a ModelServer with no ready pod when its route sets no queue
-# (ModelRoute queue.maxWait otherwise; matrixinfer-extproc --wake-timeout)
+# how long a request waits in the gateway, without a fair queue, for a ModelServer with no ready
+# pod or with every pod saturated, when its route sets no queue (ModelRoute queue.maxWait
+# otherwise; matrixinfer-extproc --wake-timeout)
 DEFAULT_WAKE_TIMEOUT = 60.0
-# a woken request that finds every pod saturated (no fair queue) schedules again at least this
-# often: a scrape may have freed room without any request finishing
-WOKEN_RETRY = 0.25
+# while requests wait for room (every pod saturated, no fair queue), their lines are served at
+# least this often: a scrape may have freed room without any request finishing (the fair queue's
+# dispatch interval is the same)
+ROOM_RETRY = 0.05
 REQUEST_ID_HEADER = "x-request-id"  # Envoy keeps the client's or makes one (HCM settings)
 _KEPT = 4096  # entries of the gateway's small caches (cleared when full)
 
@@ -311,7 +319,8 @@ class NoPolicies:
     ) -> tuple[ServerView, SchedulingResult]:
         """The queue stage, entered when every pod is ``saturated`` (or others wait): wait until
         ``attempt()`` (the schedule stage) finds a pod; ``undo`` what it took for a request that
-        gave up just as it was dispatched. Without a queue: 503 at once."""
+        gave up just as it was dispatched. Without a fair queue: ``saturated`` is raised again
+        (the gateway then waits for room itself, ``Gateway._wait_for_room``)."""
         raise saturated
 
     def mark(self, state: RequestState, parsed: ParsedRequest, routed: Routed) -> None:
@@ -419,16 +428,42 @@ class EnforcedPolicies(NoPolicies):
                 asyncio.get_running_loop().call_soon(policies.capacity_freed, state.server_key)
 
 
+@dataclass(slots=True, eq=False)
+class RoomWaiter:
+    """A request in a ModelServer's line for room (:meth:`WakeRoom.line_up`)."""
+
+    request_id: str
+    since: float  # the gateway's clock when it lined up
+    attempt: Attempt  # the schedule stage on the server's current pods
+    future: asyncio.Future[tuple[ServerView, SchedulingResult]]
+
+
 class WakeRoom:
-    """Requests waiting for a ModelServer with no ready pod (the wake stage), by server key.
+    """Requests waiting in the gateway for a pod of a ModelServer, by server key, without a fair
+    queue to wait in:
 
-    :meth:`server_ready` (the datastore's ``on_server_ready``) wakes every request waiting for
-    that ModelServer; each then checks the datastore again and goes on to the schedule stage."""
+    - **for a ready pod** (the wake stage: the ModelServer has none, at zero or starting):
+      :meth:`wait`; :meth:`server_ready` (the datastore's ``on_server_ready``) wakes every one,
+      in arrival order; each then checks the datastore again and goes on to the schedule stage;
+    - **for room** (every pod saturated): :meth:`line_up` joins the ModelServer's line, served
+      first come first served by :meth:`serve` — on a request of that server finishing, and every
+      ``retry`` seconds while anything waits (a scrape may have freed room): the head of the line
+      is scheduled first, and nobody behind it while it finds every pod saturated.
 
-    __slots__ = ("_waiters",)
+    :meth:`counts` (the ModelServer's waiting demand) and :meth:`state` (``/debug/state``) show
+    both."""
 
-    def __init__(self) -> None:
-        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+    __slots__ = ("_lines", "_ticker", "_waiters", "clock", "retry")
+
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, retry: float = ROOM_RETRY
+    ) -> None:
+        self.clock = clock
+        self.retry = retry
+        # server key -> the futures of the requests waiting for a ready pod, in arrival order
+        self._waiters: dict[str, dict[asyncio.Future[None], None]] = {}
+        self._lines: dict[str, deque[RoomWaiter]] = {}
+        self._ticker: asyncio.Task[None] | None = None
 
     @property
     def has_waiters(self) -> bool:
@@ -436,8 +471,28 @@ class WakeRoom:
 
     def counts(self) -> dict[str, int]:
         """Server key -> how many requests wait for it (only keys with waiting requests)."""
-        return {key: len(waiters) for key, waiters in self._waiters.items()}
+        counts = {key: len(waiters) for key, waiters in self._waiters.items()}
+        for key, line in self._lines.items():
+            counts[key] = counts.get(key, 0) + len(line)
+        return counts
 
+    def state(self) -> dict[str, Any]:
+        """What waits, for ``/debug/state``: per server key, the requests waiting for a ready pod
+        (a count) and the line for room (request ids and seconds waited, first first)."""
+        now = self.clock()
+        out: dict[str, Any] = {}
+        for key in sorted(self._waiters.keys() | self._lines.keys()):
+            line = self._lines.get(key, ())
+            out[key] = {
+                "forReadyPod": len(self._waiters.get(key, ())),
+                "forRoom": [
+                    {"requestId": w.request_id, "waitedSeconds": round(now - w.since, 3)}
+                    for w in line
+                ],
+            }
+        return out
+
+    # ---- waiting for a ready pod --------------------------------------------------------------
     def server_ready(self, key: str) -> None:
         for future in self._waiters.get(key, ()):
             if not future.done():
@@ -446,17 +501,81 @@ class WakeRoom:
     async def wait(self, key: str, seconds: float) -> bool:
         """Wait until :meth:`server_ready` names ``key`` (True) or ``seconds`` pass (False)."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        waiters = self._waiters.setdefault(key, set())
-        waiters.add(future)
+        waiters = self._waiters.setdefault(key, {})
+        waiters[future] = None
         try:
             await asyncio.wait_for(future, seconds)
             return True
         except TimeoutError:
             return False
         finally:
-            waiters.discard(future)
+            waiters.pop(future, None)
             if not waiters:
                 del self._waiters[key]
+
+    # ---- waiting for room ---------------------------------------------------------------------
+    def lined(self, key: str) -> bool:
+        """Whether requests wait in this server's line for room (a newcomer then joins it)."""
+        return key in self._lines
+
+    def line_up(self, key: str, request_id: str, attempt: Attempt) -> RoomWaiter:
+        """Join the server's line for room (last); :meth:`serve` resolves the waiter's future
+        with ``attempt()``'s result (or the error that is its final answer). The caller awaits
+        the future and then calls :meth:`leave`."""
+        future: asyncio.Future[tuple[ServerView, SchedulingResult]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        waiter = RoomWaiter(request_id, self.clock(), attempt, future)
+        self._lines.setdefault(key, deque()).append(waiter)
+        if self._ticker is None or self._ticker.done():
+            self._ticker = asyncio.get_running_loop().create_task(self._tick())
+        return waiter
+
+    def leave(self, key: str, waiter: RoomWaiter) -> None:
+        """Take a waiter out of the line (served already, timed out or gone)."""
+        line = self._lines.get(key)
+        if line is not None:
+            with contextlib.suppress(ValueError):
+                line.remove(waiter)
+            if not line:
+                del self._lines[key]
+        if not self._lines and self._ticker is not None:
+            self._ticker.cancel()  # nothing waits for room: no more retries
+            self._ticker = None
+
+    def serve(self, key: str) -> int:
+        """Schedule the server's line from its head while a pod has room: first come first
+        served (the head keeps its place while every pod is saturated; nobody behind it
+        overtakes). A failure other than saturation is that waiter's answer. The number served."""
+        line = self._lines.get(key)
+        served = 0
+        while line:
+            head = line[0]
+            if head.future.done():  # gone (timed out, cancelled)
+                line.popleft()
+                continue
+            try:
+                result = head.attempt()
+            except AllPodsSaturated:
+                break
+            except Exception as exc:  # e.g. no pod at all any more: its answer, not the line's
+                line.popleft()
+                head.future.set_exception(exc)
+                continue
+            line.popleft()
+            head.future.set_result(result)
+            served += 1
+        if line is not None and not line:
+            del self._lines[key]
+        return served
+
+    async def _tick(self) -> None:
+        """While anything waits for room: serve every line each ``retry`` seconds (a scrape may
+        have freed room without a request of that server finishing)."""
+        while self._lines:
+            await asyncio.sleep(self.retry)
+            for key in list(self._lines):
+                self.serve(key)
 
 
 class Gateway:
@@ -486,12 +605,10 @@ class Gateway:
         self.tracing = tracing  # extproc.tracing: spans of the stages, or None (off)
         self._schedulers: dict[str, tuple[Any, SchedulerLike]] = {}
         datastore.on_pod_removed.append(self._forget_pod)
-        # the wake stage: requests for ModelServers with no ready pod (scale from zero)
+        # requests waiting without a fair queue: for a ModelServer with no ready pod (the wake
+        # stage: scale from zero) or for room on its saturated pods (``_wait_for_room``)
         self.wake_timeout = wake_timeout
-        self.waking = WakeRoom()
-        # server key -> woken requests waiting for room (``_woken_retry``, no fair queue): a
-        # newcomer for that server waits behind them instead of overtaking them on a free slot
-        self._woken_waiting: dict[str, int] = {}
+        self.waking = WakeRoom(clock)
         datastore.on_server_ready.append(self.waking.server_ready)
         self._max_waits: tuple[int, dict[str, float | None]] = (-1, {})
         self.policy_stages: NoPolicies = NO_POLICIES
@@ -638,28 +755,26 @@ class Gateway:
                 trace.enter("admit")
             await stages.admit(state, parsed, decision, snap)
             view = snap.servers[decision.server_key]
-            woken_until: float | None = None  # set when the request waited for a first pod
+            woken = False  # the request waited for a first pod (Envoy was told to wait)
             if not view.ready:
                 mark = time.perf_counter()
                 if trace is not None:
                     trace.enter("wake")
                 view = await self._wake(state, parsed, view, snap)
-                woken_until = state.started + self._max_wait(snap, parsed.model)
+                woken = True
                 began += time.perf_counter() - mark  # the wait is not the gateway's decision time
             request = self._scheduling_request(state, parsed, decision)
             scheduler = self.scheduler_for(view, snap.default_profile)
             if parsed.kind == "oip":  # only the pods that serve gRPC
                 state.subset = self._grpc_subset(view, state.subset)
-            # woken requests wait for room on this server (no fair queue): a newcomer waits
-            # behind them, to the same deadline rules, instead of taking a slot they wait for
-            behind_woken = woken_until is None and view.key in self._woken_waiting
             try:
                 if stages.waiting(view.key):
                     # others already wait for this server: a newcomer takes its place in the
                     # fair queue (priority, fair share) instead of overtaking them on a free slot
                     raise AllPodsSaturated("requests are already waiting in the fair queue")
-                if behind_woken:
-                    raise AllPodsSaturated("woken requests are waiting for room")
+                if self.waking.lined(view.key):
+                    # others wait for room (no fair queue): a newcomer lines up behind them
+                    raise AllPodsSaturated("requests are already waiting for room")
                 if trace is not None:
                     trace.enter("schedule")
                 result = self._schedule(view, scheduler, request, state.subset)
@@ -672,14 +787,10 @@ class Gateway:
                     view, result = await stages.queue(
                         state, parsed, view, saturated, attempt, self._undo
                     )
-                except AllPodsSaturated:
-                    if woken_until is not None:
-                        view, result = await self._woken_retry(view, attempt, woken_until)
-                    elif behind_woken:
-                        until = state.started + self._max_wait(snap, parsed.model)
-                        view, result = await self._behind_woken(view, attempt, until)
-                    else:
-                        raise
+                except AllPodsSaturated as unqueued:  # no fair queue: wait for room here
+                    view, result = await self._wait_for_room(
+                        state, parsed, view, snap, attempt, unqueued, notified=woken
+                    )
                 began += time.perf_counter() - mark  # the wait is not the gateway's decision time
             routed = self._book(state, parsed, decision, view, scheduler, request, result)
             if parsed.kind == "oip":
@@ -803,56 +914,67 @@ class Gateway:
             {"retry-after": str(retry)},
         )
 
-    async def _woken_retry(
-        self, view: ServerView, attempt: Attempt, until: float
+    async def _wait_for_room(
+        self,
+        state: RequestState,
+        parsed: ParsedRequest,
+        view: ServerView,
+        snap: Snapshot,
+        attempt: Attempt,
+        saturated: AllPodsSaturated,
+        notified: bool,
     ) -> tuple[ServerView, SchedulingResult]:
-        """A request that waited for a first pod finds every pod saturated, with no fair queue
-        to wait in: the burst that waited for the pod arrives at once, and the saturation filter
-        counts what was sent to a pod since its last scrape as waiting there. It waits on, up to
-        the end of its wake wait, for a request of that server to finish or the next scrape
-        (polled every WOKEN_RETRY seconds), and schedules again; a 503 only after that."""
-        key = view.key
-        self._woken_waiting[key] = self._woken_waiting.get(key, 0) + 1
-        try:
-            while True:
-                left = until - self.clock()
-                if left <= 0:
-                    return attempt()  # a last try: AllPodsSaturated (503) if still full
-                await self.waking.wait(key, min(left, WOKEN_RETRY))
-                try:
-                    return attempt()
-                except AllPodsSaturated:
-                    continue
-        finally:
-            count = self._woken_waiting[key] - 1
-            if count:
-                self._woken_waiting[key] = count
-            else:
-                del self._woken_waiting[key]
+        """Every pod of the ModelServer is saturated (or others already wait for room on it) and
+        there is no fair queue to wait in: wait in the server's line (:class:`WakeRoom`, first
+        come first served) until a pod has room — a request of that server finishing or the
+        next ``ROOM_RETRY`` try (a scrape may have freed room) — at most until the request's
+        route bound (``_max_wait``: its ``queue.maxWait`` or ``wake_timeout``, from its
+        arrival); then 503 with ``Retry-After``. A bound of 0: the ``saturated`` 503 at once.
+        ``notified``: Envoy was told to wait already (the wake stage)."""
+        max_wait = self._max_wait(snap, parsed.model)
+        if max_wait <= 0:
+            raise saturated
+        from extproc.policies.enforce import QUEUE_TIMEOUT_MARGIN, PolicyError, queue_notice
 
-    async def _behind_woken(
-        self, view: ServerView, attempt: Attempt, until: float
-    ) -> tuple[ServerView, SchedulingResult]:
-        """A newcomer for a server whose woken requests wait for room (``_woken_retry``, no fair
-        queue) waits behind them, as a newcomer behind the fair queue's waiters does: it tries
-        for a pod only once no woken request waits any more (woken by a finished request or the
-        next WOKEN_RETRY poll), up to ``until`` (its route's ``queue.maxWait`` from its arrival,
-        or ``wake_timeout``); a 503 only after that."""
-        while True:
-            left = until - self.clock()
-            if left <= 0:
-                return attempt()  # a last try: AllPodsSaturated (503) if still full
-            await self.waking.wait(view.key, min(left, WOKEN_RETRY))
-            if view.key in self._woken_waiting:
-                continue  # woken requests still wait: they go first
+        left = state.started + max_wait - self.clock()
+        if left > 0:
+            key = view.key
+            room = self.waking
+            ahead = room.lined(key)
+            waiter = room.line_up(key, state.request_id, attempt)
+            if ahead:  # lined up without trying a pod itself: the head goes first if one has room
+                room.serve(key)
+            future = waiter.future
+            served = False
             try:
-                return attempt()
-            except AllPodsSaturated:
-                continue
+                notice = None if notified else queue_notice.get()
+                if notice is not None:  # tell Envoy to wait for this message meanwhile
+                    await notice(left + QUEUE_TIMEOUT_MARGIN)
+                # (not wait_for: it would swallow the client's cancellation once scheduled)
+                await asyncio.wait((future,), timeout=left)
+                if future.done():
+                    served = True
+                    return future.result()  # or the error that is its answer
+            finally:
+                room.leave(key, waiter)
+                if not served:
+                    if not future.done():
+                        future.cancel()
+                    elif not future.cancelled() and future.exception() is None:
+                        self._undo(future.result())  # scheduled just as the waiter gave up
+        retry = max(1, math.ceil(max_wait / 4))
+        raise PolicyError(
+            no_pod_available(
+                f"every pod of ModelServer '{view.name}' stayed saturated for {max_wait:g}s "
+                f"(ModelRoute '{state.route}': queue.maxWait, or the gateway's --wake-timeout)"
+            ),
+            {"retry-after": str(retry)},
+        )
 
     def _max_wait(self, snap: Snapshot, model: str) -> float:
-        """How long a request for ``model`` waits for a ready pod: its ModelRoute's
-        ``queue.maxWait``, or ``wake_timeout`` when the route sets no queue."""
+        """How long a request for ``model`` waits for a ready pod (and, without a fair queue,
+        for room): its ModelRoute's ``queue.maxWait``, or ``wake_timeout`` when the route sets
+        no queue."""
         version, by_route = self._max_waits
         if version != snap.version:
             by_route = {}
@@ -902,7 +1024,8 @@ class Gateway:
         request: SchedulingRequest,
         subset: frozenset[str] | None = None,
     ) -> tuple[ServerView, SchedulingResult]:
-        """The schedule stage for a request in the fair queue, on the server's current pods."""
+        """The schedule stage for a waiting request (fair queue or line for room), on the
+        server's current pods."""
         current = self.datastore.snapshot.servers.get(view.key, view)
         return current, self._schedule(current, scheduler, request, subset)
 
@@ -1119,8 +1242,10 @@ class Gateway:
         if state.pod_name is None:
             return
         self.datastore.finish(state.pod_name)
-        if self.waking.has_waiters:  # a woken request waiting for room may take its place
-            self.waking.server_ready(state.server_key)
+        if self.waking.lined(state.server_key):
+            # a request waiting for room may take its place (after this request is done with)
+            with contextlib.suppress(RuntimeError):  # no loop: nothing waits either
+                asyncio.get_running_loop().call_soon(self.waking.serve, state.server_key)
         self.metrics.in_flight_requests -= 1
         m = self.metrics
         m.child(m.request_duration, state.model, state.server).observe(self.clock() - state.started)

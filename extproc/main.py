@@ -102,9 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--wake-timeout",
         type=duration,
         default=f"{DEFAULT_WAKE_TIMEOUT:g}s",
-        help="how long a request for a ModelServer with no ready pod (at zero, or starting) waits "
-        "for one when its ModelRoute sets no queue (queue.maxWait otherwise); then 503 with "
-        "Retry-After; 0: 503 at once (default 60s)",
+        help="how long a request waits in the gateway, when its ModelRoute sets no queue "
+        "(queue.maxWait otherwise), for a ModelServer with no ready pod (at zero, or starting) "
+        "and, without policies, for room on a ModelServer whose pods are all saturated (first "
+        "come first served); then 503 with Retry-After; 0: 503 at once (default 60s)",
     )
     p.add_argument(
         "--kv-index-capacity",
@@ -318,6 +319,8 @@ class ExtProcApp:
             "lastError": self.watcher.status.last_error,
         }
         out["kvEvents"] = self.kv_events.state()
+        # requests waiting without a fair queue: for a ready pod, or in the line for room
+        out["waiting"] = self.gateway.waking.state()
         return out
 
     def _start_scraper(self) -> None:

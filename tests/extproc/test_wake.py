@@ -269,10 +269,10 @@ async def test_a_newcomer_waits_behind_woken_requests_that_wait_for_room() -> No
     assert order[-1] == "newcomer", order  # it did not overtake a woken request
 
 
-async def test_without_woken_requests_waiting_a_saturated_server_still_sheds() -> None:
-    """The newcomer waits only behind woken requests: with none waiting, a saturated ModelServer
-    without a fair queue answers 503 at once, as before."""
-    gw, ds = make([POD])
+async def test_with_a_wake_timeout_of_0_a_saturated_server_sheds_at_once() -> None:
+    """Without a fair queue a request that finds every pod saturated waits for room
+    (tests/extproc/test_room.py) for at most the wake timeout: 0 answers 503 at once."""
+    gw, ds = make([POD], wake_timeout=0.0)
     ds.publish_metrics("p0", PodMetrics(stale=False, waiting=50, running=8))  # saturated
     answer = await asyncio.wait_for(decide(gw), 5)
     assert isinstance(answer, Immediate) and answer.status == 503, answer
