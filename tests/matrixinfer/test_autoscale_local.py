@@ -140,8 +140,8 @@ def _idle(demo: ScaledDemo) -> bool:
 
 
 def _try_chat(url: str, max_tokens: int = 4) -> str:
-    """The pod that answered, or ``"saturated"`` for the gateway's 503 when every pod's engine
-    queue is full (its saturation filter; without policies there is no queue to wait in)."""
+    """The pod that answered, or ``"saturated"`` for the gateway's 503 when every pod stayed
+    saturated for the whole wait for room (``--wake-timeout``)."""
     from openai import InternalServerError
 
     try:
@@ -178,7 +178,7 @@ def test_load_through_envoy_raises_replicas(demo: ScaledDemo) -> None:
     threads = [threading.Thread(target=client, daemon=True) for _ in range(12)]
     for t in threads:
         t.start()
-        time.sleep(0.3)  # not a burst: the saturation filter sheds one (see above)
+        time.sleep(0.3)  # not a burst
     try:
         # 12 requests in flight for one pod per 4: up to maxReplicas 3, one pod per second
         eventually(lambda: demo.replicas() == 3, 240, "3 replicas under load")
