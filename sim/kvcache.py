@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 from itertools import islice
+from operator import itemgetter
 from typing import Any, Protocol, cast
 
 from sim.blockhash import BlockHash, ChainHasher, external
@@ -262,7 +263,15 @@ class KVCacheManager:
             free = len(pool.free)
             # hit blocks in the free queue are not free for the rest: count them only when the
             # answer depends on it (a waiting request retries this every step)
-            return need <= free and need <= free - list(map(pool.ref.__getitem__, hits)).count(0)
+            if need > free:
+                return False
+            if need <= free - len(hits):
+                return True  # even if every hit block were in the free queue
+            if len(hits) == 1:
+                return need <= free - (pool.ref[hits[0]] == 0)
+            # (one C call reads every count: itemgetter of the hit blocks)
+            counts: tuple[int, ...] = itemgetter(*hits)(pool.ref)
+            return need <= free - counts.count(0)
         return self.blocks_needed(seq, seq.num_computed + num_new) <= pool.num_free
 
     def allocate(self, seq: SeqLike, num_new: int, hits: list[int] | None = None) -> bool:
@@ -293,15 +302,21 @@ class KVCacheManager:
             return
         hs = self._hashes(seq, seq.num_computed)
         blocks = seq.block_ids
-        register = self.pool.register
-        events = self.pool.events
+        pool = self.pool
+        events = pool.events
         if events is None:
+            # pool.register, inlined (a prefill registers every block of its prompt)
+            cached, block_hash = pool.cached, pool.block_hash
             for i in range(seq.num_cached_blocks, full):
-                register(blocks[i], hs[i])
+                h = hs[i]
+                if h not in cached:
+                    b = blocks[i]
+                    cached[h] = b
+                    block_hash[b] = h
         else:
             run: list[int] = []  # consecutive newly cached blocks: one BlockStored each
             for i in range(seq.num_cached_blocks, full + 1):
-                if i < full and register(blocks[i], hs[i]):
+                if i < full and pool.register(blocks[i], hs[i]):
                     run.append(i)
                     continue
                 if run:
