@@ -17,7 +17,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import itertools
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
@@ -673,12 +673,16 @@ class Engine:
         values = [first - req.last_token for req in reqs]
         for v in values:
             itl_counts[bisect_left(itl_bounds, v)] += 1
-        prev = first
-        for now in ends[1:]:
-            v = now - prev
-            prev = now
-            itl_counts[bisect_left(itl_bounds, v)] += n
-            values += [v] * n
+        if k > 1:
+            gaps = [b - a for a, b in itertools.pairwise(ends)]
+            for v, c in Counter(gaps).items():  # (the ends are evenly spaced: few distinct gaps)
+                itl_counts[bisect_left(itl_bounds, v)] += c * n
+            if n == 1:
+                values += gaps
+            else:
+                values += itertools.chain.from_iterable(
+                    map(itertools.repeat, gaps, [n] * len(gaps))
+                )
         itl.sum = _sum_in_order(values, itl.sum)
         itl.count += n * k
         stats.generation_tokens += n * k

@@ -242,15 +242,15 @@ class KVCacheManager:
             # the hit is the prefix before the first miss: every hash looked up and the first
             # None found in C passes (~2x cheaper per hash than stopping at the miss with
             # takewhile, and most lookups of a loaded fleet hit most of their blocks)
-            found = list(map(cached.get, islice(hs, start, None)))
+            found = list(map(cached.get, islice(hs, start, None) if start else hs))
             found.append(None)  # (when all hit)
             del found[found.index(None) :]
-            prefix = prefix + cast("list[int]", found)
+            prefix = prefix + cast("list[int]", found) if start else cast("list[int]", found)
         self._last_lookup = (seq, pool.evictions, prefix)
-        hits = prefix[:]
-        if hits and len(hits) * self.block_size >= num_tokens:
-            hits.pop()
-        return hits
+        # (a copy: the prefix is kept for the next lookup)
+        if prefix and len(prefix) * self.block_size >= num_tokens:
+            return prefix[:-1]
+        return prefix[:]
 
     def blocks_needed(self, seq: SeqLike, total_tokens: int) -> int:
         return max(0, -(-total_tokens // self.block_size) - len(seq.block_ids))
