@@ -17,7 +17,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import itertools
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
@@ -640,7 +640,7 @@ class Engine:
 
         Per token only counters move, so they are applied in bulk: the ITL histogram's sum gets
         the same additions in the same order (each end's gaps, request by request), its counts
-        one bisection per distinct gap. The KV work happens only where a request's tokens cross
+        one bisection per gap. The KV work happens only where a request's tokens cross
         a block boundary (every ``block_size`` ends); those points are visited in the per-step
         loop's order: by end, registrations before allocations, request by request.
         """
@@ -675,8 +675,8 @@ class Engine:
             itl_counts[bisect_left(itl_bounds, v)] += 1
         if k > 1:
             gaps = [b - a for a, b in itertools.pairwise(ends)]
-            for v, c in Counter(gaps).items():  # (the ends are evenly spaced: few distinct gaps)
-                itl_counts[bisect_left(itl_bounds, v)] += c * n
+            for v in gaps:
+                itl_counts[bisect_left(itl_bounds, v)] += n
             if n == 1:
                 values += gaps
             else:
