@@ -623,6 +623,17 @@ class _Simulation:
     def clock(self) -> float:
         return self.now
 
+    def close(self) -> None:
+        """Drop the fleet and the gateway: the gateway holds this object's clock, so they are
+        freed now (by reference counts) instead of by the next cyclic collection, which would
+        first walk them all - engines, pools, open requests' token-id lists."""
+        self.gateway = None
+        self.pods = []
+        self.by_name = {}
+        self.events = []
+        self.open = {}
+        self.kv_index = None
+
     def push(self, t: float, kind: int, data: Any) -> None:
         self.seq += 1
         if kind in _CLIENT_EVENTS:
@@ -1063,15 +1074,17 @@ def simulate(
             default_profile=default_profile,
         )
         sim.run()
-    return SimResult(
-        contender=contender.name,
-        workload=workload,
-        qps=qps if concurrency is None else 0.0,
-        mode="open" if concurrency is None else "probe",
-        pods=[p.name for p in sim.pods],
-        records=sim.records,
-        load=sim.load,
-        sim_seconds=sim.now,
-        wall_seconds=time.perf_counter() - began,
-        scrapes=sim.scrapes,
-    )
+        result = SimResult(
+            contender=contender.name,
+            workload=workload,
+            qps=qps if concurrency is None else 0.0,
+            mode="open" if concurrency is None else "probe",
+            pods=[p.name for p in sim.pods],
+            records=sim.records,
+            load=sim.load,
+            sim_seconds=sim.now,
+            wall_seconds=time.perf_counter() - began,
+            scrapes=sim.scrapes,
+        )
+        sim.close()
+    return result
