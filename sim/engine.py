@@ -673,16 +673,9 @@ class Engine:
         values = [first - req.last_token for req in reqs]
         for v in values:
             itl_counts[bisect_left(itl_bounds, v)] += 1
-        if k > 1:
-            gaps = [b - a for a, b in itertools.pairwise(ends)]
-            for v in gaps:
-                itl_counts[bisect_left(itl_bounds, v)] += n
-            if n == 1:
-                values += gaps
-            else:
-                values += itertools.chain.from_iterable(
-                    map(itertools.repeat, gaps, [n] * len(gaps))
-                )
+        for v in [b - a for a, b in itertools.pairwise(ends)]:
+            itl_counts[bisect_left(itl_bounds, v)] += n
+            values += [v] * n
         itl.sum = _sum_in_order(values, itl.sum)
         itl.count += n * k
         stats.generation_tokens += n * k
