@@ -173,8 +173,9 @@ class KVCacheManager:
         self._hasher = ChainHasher(hash_algo, hash_seed, block_size)
         self.root = self._hasher.root
         self._lora_ids: dict[str, int] = {}
-        # the last lookup: (sequence, pool.evictions then, its cached prefix before trimming)
-        self._last_lookup: tuple[SeqLike, int, list[int]] | None = None
+        # the last lookup: (sequence, pool.evictions then, its cached prefix before trimming,
+        # the sequence's hashes)
+        self._last_lookup: tuple[SeqLike, int, list[int], list[BlockHash]] | None = None
 
     def _hashes(self, seq: SeqLike, num_tokens: int) -> list[BlockHash]:
         """Chained hashes of the full blocks among the first ``num_tokens`` tokens (computed once
@@ -227,16 +228,22 @@ class KVCacheManager:
             return []
         pool = self.pool
         hs = self._hashes(seq, num_tokens)
-        # A waiting request is looked up again at every engine step until it is admitted. If no
-        # cached hash was dropped since its last lookup, that prefix still hits (a hash, once
-        # cached, keeps its block until evicted): only the hashes after it are looked up again.
+        # A waiting request is looked up again at every engine step until it is admitted, and
+        # requests that share a prompt's start follow each other. If no cached hash was dropped
+        # since the last lookup, the prefix it found still hits (a hash, once cached, keeps its
+        # block until evicted) for any sequence whose hashes start with the same ones: only the
+        # hashes after it are looked up (the hashes compare by identity first, and requests of
+        # one prompt share the digest objects).
         last = self._last_lookup
-        if last is not None and last[0] is seq and last[1] == pool.evictions:
-            prefix = last[2]
-            start = len(prefix)
-        else:
-            prefix = []
-            start = 0
+        prefix: list[int] = []
+        start = 0
+        if last is not None and last[1] == pool.evictions:
+            m = len(last[2])
+            if last[0] is seq or (
+                m and len(hs) >= m and hs[m - 1] == last[3][m - 1] and hs[:m] == last[3][:m]
+            ):
+                prefix = last[2]
+                start = m
         cached = pool.cached
         if start < len(hs) and hs[start] in cached:
             # the hit is the prefix before the first miss: every hash looked up and the first
@@ -246,7 +253,7 @@ class KVCacheManager:
             found.append(None)  # (when all hit)
             del found[found.index(None) :]
             prefix = prefix + cast("list[int]", found) if start else cast("list[int]", found)
-        self._last_lookup = (seq, pool.evictions, prefix)
+        self._last_lookup = (seq, pool.evictions, prefix, hs)
         # (a copy: the prefix is kept for the next lookup)
         if prefix and len(prefix) * self.block_size >= num_tokens:
             return prefix[:-1]
