@@ -640,7 +640,7 @@ class Engine:
 
         Per token only counters move, so they are applied in bulk: the ITL histogram's sum gets
         the same additions in the same order (each end's gaps, request by request), its counts
-        one bisection per distinct gap. The KV work happens only where a request's tokens cross
+        one bisection per gap. The KV work happens only where a request's tokens cross
         a block boundary (every ``block_size`` ends); those points are visited in the per-step
         loop's order: by end, registrations before allocations, request by request.
         """
@@ -673,10 +673,7 @@ class Engine:
         values = [first - req.last_token for req in reqs]
         for v in values:
             itl_counts[bisect_left(itl_bounds, v)] += 1
-        prev = first
-        for now in ends[1:]:
-            v = now - prev
-            prev = now
+        for v in [b - a for a, b in itertools.pairwise(ends)]:
             itl_counts[bisect_left(itl_bounds, v)] += n
             values += [v] * n
         itl.sum = _sum_in_order(values, itl.sum)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 from itertools import islice
+from operator import itemgetter
 from typing import Any, Protocol, cast
 
 from sim.blockhash import BlockHash, ChainHasher, external
@@ -172,8 +173,9 @@ class KVCacheManager:
         self._hasher = ChainHasher(hash_algo, hash_seed, block_size)
         self.root = self._hasher.root
         self._lora_ids: dict[str, int] = {}
-        # the last lookup: (sequence, pool.evictions then, its cached prefix before trimming)
-        self._last_lookup: tuple[SeqLike, int, list[int]] | None = None
+        # the last lookup: (sequence, pool.evictions then, its cached prefix before trimming,
+        # the sequence's hashes)
+        self._last_lookup: tuple[SeqLike, int, list[int], list[BlockHash]] | None = None
 
     def _hashes(self, seq: SeqLike, num_tokens: int) -> list[BlockHash]:
         """Chained hashes of the full blocks among the first ``num_tokens`` tokens (computed once
@@ -226,30 +228,36 @@ class KVCacheManager:
             return []
         pool = self.pool
         hs = self._hashes(seq, num_tokens)
-        # A waiting request is looked up again at every engine step until it is admitted. If no
-        # cached hash was dropped since its last lookup, that prefix still hits (a hash, once
-        # cached, keeps its block until evicted): only the hashes after it are looked up again.
+        # A waiting request is looked up again at every engine step until it is admitted, and
+        # requests that share a prompt's start follow each other. If no cached hash was dropped
+        # since the last lookup, the prefix it found still hits (a hash, once cached, keeps its
+        # block until evicted) for any sequence whose hashes start with the same ones: only the
+        # hashes after it are looked up (the hashes compare by identity first, and requests of
+        # one prompt share the digest objects).
         last = self._last_lookup
-        if last is not None and last[0] is seq and last[1] == pool.evictions:
-            prefix = last[2]
-            start = len(prefix)
-        else:
-            prefix = []
-            start = 0
+        prefix: list[int] = []
+        start = 0
+        if last is not None and last[1] == pool.evictions:
+            m = len(last[2])
+            if last[0] is seq or (
+                m and len(hs) >= m and hs[m - 1] == last[3][m - 1] and hs[:m] == last[3][:m]
+            ):
+                prefix = last[2]
+                start = m
         cached = pool.cached
         if start < len(hs) and hs[start] in cached:
             # the hit is the prefix before the first miss: every hash looked up and the first
             # None found in C passes (~2x cheaper per hash than stopping at the miss with
             # takewhile, and most lookups of a loaded fleet hit most of their blocks)
-            found = list(map(cached.get, islice(hs, start, None)))
+            found = list(map(cached.get, islice(hs, start, None) if start else hs))
             found.append(None)  # (when all hit)
             del found[found.index(None) :]
-            prefix = prefix + cast("list[int]", found)
-        self._last_lookup = (seq, pool.evictions, prefix)
-        hits = prefix[:]
-        if hits and len(hits) * self.block_size >= num_tokens:
-            hits.pop()
-        return hits
+            prefix = prefix + cast("list[int]", found) if start else cast("list[int]", found)
+        self._last_lookup = (seq, pool.evictions, prefix, hs)
+        # (a copy: the prefix is kept for the next lookup)
+        if prefix and len(prefix) * self.block_size >= num_tokens:
+            return prefix[:-1]
+        return prefix[:]
 
     def blocks_needed(self, seq: SeqLike, total_tokens: int) -> int:
         return max(0, -(-total_tokens // self.block_size) - len(seq.block_ids))
@@ -262,7 +270,15 @@ class KVCacheManager:
             free = len(pool.free)
             # hit blocks in the free queue are not free for the rest: count them only when the
             # answer depends on it (a waiting request retries this every step)
-            return need <= free and need <= free - list(map(pool.ref.__getitem__, hits)).count(0)
+            if need > free:
+                return False
+            if need <= free - len(hits):
+                return True  # even if every hit block were in the free queue
+            if len(hits) == 1:
+                return need <= free - (pool.ref[hits[0]] == 0)
+            # (one C call reads every count: itemgetter of the hit blocks)
+            counts: tuple[int, ...] = itemgetter(*hits)(pool.ref)
+            return need <= free - counts.count(0)
         return self.blocks_needed(seq, seq.num_computed + num_new) <= pool.num_free
 
     def allocate(self, seq: SeqLike, num_new: int, hits: list[int] | None = None) -> bool:
@@ -293,15 +309,21 @@ class KVCacheManager:
             return
         hs = self._hashes(seq, seq.num_computed)
         blocks = seq.block_ids
-        register = self.pool.register
-        events = self.pool.events
+        pool = self.pool
+        events = pool.events
         if events is None:
+            # pool.register, inlined (a prefill registers every block of its prompt)
+            cached, block_hash = pool.cached, pool.block_hash
             for i in range(seq.num_cached_blocks, full):
-                register(blocks[i], hs[i])
+                h = hs[i]
+                if h not in cached:
+                    b = blocks[i]
+                    cached[h] = b
+                    block_hash[b] = h
         else:
             run: list[int] = []  # consecutive newly cached blocks: one BlockStored each
             for i in range(seq.num_cached_blocks, full + 1):
-                if i < full and register(blocks[i], hs[i]):
+                if i < full and pool.register(blocks[i], hs[i]):
                     run.append(i)
                     continue
                 if run:

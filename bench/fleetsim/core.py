@@ -44,7 +44,9 @@ gateway code. Everything is deterministic for the seed.
 from __future__ import annotations
 
 import array
+import contextlib
 import copy
+import gc
 import heapq
 import itertools
 import math
@@ -52,7 +54,7 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -93,6 +95,7 @@ from sim.engine import (
 from sim.fleet import SimPod
 from sim.metrics import LoraView, SglangCollector, VllmCollector, make_registry, render
 from sim.tokenizer import OUTPUT_WORD_IDS, OUTPUT_WORDS, VOCAB_SIZE, Tokenizer
+from sim.tokenizer import clear_cache as clear_tokenizer_cache
 
 __all__ = [
     "FleetSpec",
@@ -130,7 +133,8 @@ def _part(ids: list[int]) -> _Part:
 
 def reset_caches() -> None:
     """Empty the process-wide caches a simulation fills (chat messages' token ids, output plans,
-    block-hash digests and prompts' digests, loaded gateway and engine configurations): the next
+    block-hash digests and prompts' digests, loaded gateway and engine configurations, the
+    tokenizer's pieces): the next
     run starts cold, as a process's first run does."""
     _TEMPLATE.clear()
     _PLANS.clear()
@@ -138,6 +142,7 @@ def reset_caches() -> None:
     _SIM_CONFIGS.clear()
     _PROMPT_DIGESTS.clear()
     clear_memos()
+    clear_tokenizer_cache()
 
 
 _GENERATION_PROMPT = _part(_TOKENIZER.encode("<|assistant|>\n"))
@@ -618,6 +623,17 @@ class _Simulation:
     def clock(self) -> float:
         return self.now
 
+    def close(self) -> None:
+        """Drop the fleet and the gateway: the gateway holds this object's clock, so they are
+        freed now (by reference counts) instead of by the next cyclic collection, which would
+        first walk them all - engines, pools, open requests' token-id lists."""
+        self.gateway = None
+        self.pods = []
+        self.by_name = {}
+        self.events = []
+        self.open = {}
+        self.kv_index = None
+
     def push(self, t: float, kind: int, data: Any) -> None:
         self.seq += 1
         if kind in _CLIENT_EVENTS:
@@ -984,8 +1000,8 @@ class _Simulation:
             metrics, pod.latency = engine_metrics(
                 pod.engine, self.cfg.engine.max_loras, pod.latency, now
             )
-        if self.engine_name == "vLLM":
-            metrics.loaded_loras = self.adapters
+        # loaded_loras stays unknown (None), as the datastore keeps it: a list without the time
+        # of its read (loras_read_at) is one it drops (copying the metrics for that each scrape)
         assert self.gateway is not None
         self.gateway.datastore.publish_metrics(pod.name, metrics)
         self.scrapes += 1
@@ -999,6 +1015,24 @@ class _Simulation:
             self.load.append(
                 LoadSample(now, p.name, p.in_flight, e.num_waiting, len(e.running), e.kv_usage())
             )
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection while a simulation runs (collected after it, as usual).
+
+    A run allocates a few hundred thousand short-lived objects (token-id lists, records, events),
+    and each of the collector's passes it triggers walks the process's long-lived objects too -
+    the warm token-id, plan and digest caches, lists of thousands of ids each: ~5 % of a loaded
+    run. Nothing the simulation computes depends on when garbage is collected."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def simulate(
@@ -1028,26 +1062,29 @@ def simulate(
     if duration is None:
         duration = max((s.arrival for s in sessions), default=0.0)
     began = time.perf_counter()
-    sim = _Simulation(
-        sessions,
-        fleet,
-        contender,
-        seed=seed,
-        duration=duration,
-        drain_timeout=drain_timeout,
-        concurrency=concurrency,
-        default_profile=default_profile,
-    )
-    sim.run()
-    return SimResult(
-        contender=contender.name,
-        workload=workload,
-        qps=qps if concurrency is None else 0.0,
-        mode="open" if concurrency is None else "probe",
-        pods=[p.name for p in sim.pods],
-        records=sim.records,
-        load=sim.load,
-        sim_seconds=sim.now,
-        wall_seconds=time.perf_counter() - began,
-        scrapes=sim.scrapes,
-    )
+    with _gc_paused():
+        sim = _Simulation(
+            sessions,
+            fleet,
+            contender,
+            seed=seed,
+            duration=duration,
+            drain_timeout=drain_timeout,
+            concurrency=concurrency,
+            default_profile=default_profile,
+        )
+        sim.run()
+        result = SimResult(
+            contender=contender.name,
+            workload=workload,
+            qps=qps if concurrency is None else 0.0,
+            mode="open" if concurrency is None else "probe",
+            pods=[p.name for p in sim.pods],
+            records=sim.records,
+            load=sim.load,
+            sim_seconds=sim.now,
+            wall_seconds=time.perf_counter() - began,
+            scrapes=sim.scrapes,
+        )
+        sim.close()
+    return result

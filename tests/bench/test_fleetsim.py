@@ -559,19 +559,57 @@ def test_cold_runs_start_from_empty_caches() -> None:
     """``reset_caches`` forgets the chat pieces, output plans and block digests a run filled; the
     results stay the same either way (the caches only save work)."""
     from bench.fleetsim import core
-    from sim import blockhash
+    from sim import blockhash, tokenizer
 
     wl = make_workload("shared_prefix:qps=8,groups=2,system_tokens=300", seed=SEED, duration=2)
     first = simulate(wl, "ours-default")
     assert core._TEMPLATE and core._PLANS and blockhash._MEMOS["sha256"].blocks
+    assert tokenizer._PIECES
     core.reset_caches()
     assert not core._TEMPLATE and not core._PLANS and not core._CONFIGS
     assert not blockhash._MEMOS["sha256"].blocks and not blockhash._MEMOS["sha256"].donors
+    assert not tokenizer._PIECES
     again = simulate(wl, "ours-default")
     warm = simulate(wl, "ours-default")
     key = [(r.pod, r.ttft, r.e2e, r.cached_tokens, r.itl) for r in first.records]
     assert key == [(r.pod, r.ttft, r.e2e, r.cached_tokens, r.itl) for r in again.records]
     assert key == [(r.pod, r.ttft, r.e2e, r.cached_tokens, r.itl) for r in warm.records]
+
+
+def test_a_run_pauses_the_collector_and_frees_its_fleet() -> None:
+    """The cyclic collector is off during a run and as it was after; the run's engines (pools,
+    requests' token ids) are freed by reference counts when it ends, not left to it."""
+    import gc
+
+    from sim.engine import Engine
+
+    wl = make_workload("shared_prefix:qps=8,groups=2,system_tokens=300", seed=SEED, duration=2)
+    seen: list[bool] = []
+    run = _Simulation.run
+
+    def spy(sim: _Simulation) -> None:
+        seen.append(gc.isenabled())
+        run(sim)
+
+    gc.collect()
+    was = gc.get_debug()
+    try:
+        gc.set_debug(gc.DEBUG_SAVEALL)  # keep what a collection finds, to look at it
+        _Simulation.run = spy  # type: ignore[method-assign,assignment]
+        assert gc.isenabled()
+        simulate(wl, "ours-default")
+        assert seen == [False] and gc.isenabled()
+        gc.disable()
+        simulate(wl, "ours-default")
+        assert seen == [False, False] and not gc.isenabled()
+        gc.enable()
+        gc.collect()
+        assert not [o for o in gc.garbage if isinstance(o, Engine)]
+    finally:
+        _Simulation.run = run  # type: ignore[method-assign]
+        gc.set_debug(was)
+        gc.garbage.clear()
+        gc.enable()
 
 
 def _ff_run(

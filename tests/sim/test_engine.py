@@ -300,6 +300,38 @@ def test_a_waiting_lookup_sees_evictions_and_new_blocks() -> None:
     assert kv.lookup(b, 16) == []
 
 
+def test_a_lookup_reuses_the_last_ones_prefix_only_while_it_is_true() -> None:
+    """Sequences that start alike (a shared system prompt) reuse the last lookup's prefix; every
+    answer equals a lookup from scratch, through evictions, new blocks and diverging prompts."""
+    import random
+
+    rng = random.Random(5)
+    kv = KVCacheManager(num_blocks=24, block_size=4, enable_prefix_caching=True, hash_seed="0")
+    starts = [list(range(s * 100, s * 100 + 24)) for s in range(3)]  # three shared prompt starts
+    held: list[Request] = []
+    reused = 0
+    for i in range(400):
+        ids = rng.choice(starts)[: rng.randint(4, 24)] + [7000 + i] * rng.randint(0, 9)
+        seq = req(f"r{i}", ids)
+        before = kv._last_lookup
+        hits = kv.lookup(seq, len(ids))
+        if before is not None and before[1] == kv.pool.evictions and before[2]:
+            reused += before[2] == hits[: len(before[2])]
+        kv._last_lookup = None
+        assert hits == kv.lookup(seq, len(ids)), i  # from scratch
+        if rng.random() < 0.5 and kv.allocate(seq, len(ids) - len(hits) * 4, hits):
+            seq.num_computed = len(ids)
+            kv.cache_computed(seq)
+            held.append(seq)
+        elif rng.random() < 0.5:  # an unrelated sequence takes free blocks: evicts some
+            filler = req(f"f{i}", [9000 + 50 * i + j for j in range(rng.randint(4, 40))])
+            if kv.allocate(filler, len(filler.prompt_ids)):
+                held.append(filler)
+        while held and (len(held) > 3 or rng.random() < 0.3):
+            kv.free(held.pop(rng.randrange(len(held))))
+    assert kv.pool.evictions > 20 and reused > 20  # both paths were taken
+
+
 # ---------------------------------------------------------------------- decode fast-forward
 
 

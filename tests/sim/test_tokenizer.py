@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import jinja2
@@ -17,6 +18,7 @@ from sim.tokenizer import (
     Tokenizer,
     apply_chat_template,
     build,
+    clear_cache,
 )
 
 
@@ -73,3 +75,35 @@ def test_the_jinja_chat_template_is_apply_chat_template() -> None:
         messages=[{"role": r, "content": c} for r, c in messages], add_generation_prompt=True
     )
     assert rendered == apply_chat_template(messages)
+
+
+def test_cached_pieces_give_the_ids_of_the_whole_text() -> None:
+    """encode() tokenizes each whitespace-separated piece once and joins their ids: the ids of
+    tokenizing the whole text (``_encode``), for words, punctuation, special tokens, control
+    characters and non-ASCII text (outside the cache), cold and warm."""
+    t = Tokenizer()
+    rng = random.Random(7)
+    alphabet = [chr(c) for c in range(128)] + [
+        "é",
+        "\u00a0",
+        "\u2028",
+        "<|user|>",
+        "<|system|>x",
+        "[UNK]",
+        "<|",
+        "|>",
+        "internationalization",
+        *WORDS[:50],
+        *OUTPUT_WORDS[:20],
+    ]
+    for i in range(2000):
+        if i % 400 == 0:
+            clear_cache()
+        text = "".join(
+            rng.choice(alphabet) + rng.choice(["", " ", "\n", "\t", "  ", "\r\n"])
+            for _ in range(rng.randint(0, 30))
+        )
+        assert t.encode(text) == t._encode(text), repr(text)
+    text = " ".join(rng.choice(WORDS) for _ in range(2000)) + "\nQuestion: 42?"
+    clear_cache()
+    assert t.encode(text) == t._encode(text) == t.encode(text)  # cold, then cached
