@@ -126,9 +126,9 @@ class PrecisePrefixArgs(BaseModel):
     copy_cost: float = Field(
         default=1.0,
         ge=0,
-        description="Prompt tokens charged per prompt token to a pod that is not the prompt "
+        description="Prompt tokens charged per token to prefill on a pod that is not the prompt "
         "prefix's home (the pod homing the fewest prefixes when the prefix was first seen): the "
-        "cache slot a second copy of the prefix takes from others. 0 = no homes.",
+        "cache slots a second copy of the prefix takes from others. 0 = no homes.",
     )
 
 

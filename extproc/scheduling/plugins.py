@@ -473,9 +473,9 @@ class PrecisePrefixScorer(Scorer):
     """Prefers the pod that costs least to serve the request, in one unit (prompt tokens):
     cost = prompt tokens the pod must still prefill (those past its cached prefix, as its own KV
     events report) + request_cost x its load (max of gateway in-flight and engine waiting +
-    running) + copy_cost x prompt tokens on a pod that is not the prompt prefix's home
+    running) + copy_cost x the tokens to prefill on a pod that is not the prompt prefix's home
     (:class:`PrefixHomes`: the pod homing the fewest prefixes when the prefix was first seen; a
-    copy elsewhere takes a cache slot from other prefixes). Score = (min cost + block) / (cost +
+    copy elsewhere takes cache slots from other prefixes). Score = (min cost + block) / (cost +
     block). How blocks are hashed comes from the
     ModelServer's kvEvents (hashAlgo, hashSeed) and the events (block size). When no candidate's
     events are followed it abstains; when it scores, the prefix-cache and least-request scorers
@@ -686,11 +686,14 @@ class PrecisePrefixScorer(Scorer):
         get = matched.get
         costs = [max(0, n_tokens - get(p.name, 0)) + rc * load(p) for p in pods]
         if key is not None and self.copy_cost > 0:
-            # a pod other than the prefix's home pays for the cache slot a copy would take
+            # a pod other than the prefix's home pays for the cache slots a copy would take
             by_cost = sorted(range(len(pods)), key=costs.__getitem__)
             home = self.homes.home(key, [pods[i].name for i in by_cost])
-            extra = self.copy_cost * n_tokens
-            costs = [c if p.name == home else c + extra for p, c in zip(pods, costs, strict=True)]
+            cc = self.copy_cost
+            costs = [
+                c if p.name == home else c + cc * max(0, n_tokens - get(p.name, 0))
+                for p, c in zip(pods, costs, strict=True)
+            ]
         slack = min(group[2] for group in groups)
         top = min(costs) + slack
         return [top / (c + slack) for c in costs]

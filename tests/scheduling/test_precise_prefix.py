@@ -195,6 +195,24 @@ def test_a_prefix_stays_on_its_home_while_load_is_within_its_copy_cost() -> None
     assert precise.homes.homed("a") == 0 and len(precise.homes) == 1
 
 
+def test_a_pod_that_holds_the_prefix_pays_no_copy_cost() -> None:
+    """The copy cost is for the blocks a pod would newly cache: when the home lost the prefix
+    and another pod really holds it (its events say so), that pod wins at equal load."""
+    shared = words(1000, 9)
+    a, b = engine(), engine()
+    index = KVBlockIndex()
+    feed(index, "a", a)
+    feed(index, "b", b)
+    index.block_sizes["a"] = index.block_sizes["b"] = 16
+    pa, pb = pods()
+    precise = PrecisePrefixScorer(PrecisePrefixArgs(tokenizer="simulator"), index=index)
+    assert (precise.score(ctx(shared), [pa, pb]) or [])[0] == 1.0  # homed on a
+    run(b, shared, "1")  # b gets the prompt from elsewhere; a never held it
+    feed(index, "b", b)
+    sa, sb = precise.score(ctx(shared), [pa, pb]) or []
+    assert sb == 1.0 and sa < 0.6
+
+
 def test_abstains_without_kv_events() -> None:
     precise = PrecisePrefixScorer(PrecisePrefixArgs(), index=KVBlockIndex())
     assert precise.score(ctx(words(100, 3)), pods()) is None
