@@ -123,6 +123,13 @@ class PrecisePrefixArgs(BaseModel):
         description="Prefill+decode work of one request already queued or running on a pod, in "
         "prompt tokens: the exchange rate between a pod's load and a cache miss.",
     )
+    copy_cost: float = Field(
+        default=1.0,
+        ge=0,
+        description="Prompt tokens charged per token to prefill on a pod that is not the prompt "
+        "prefix's home (the pod homing the fewest prefixes when the prefix was first seen): the "
+        "cache slots a second copy of the prefix takes from others. 0 = no homes.",
+    )
 
 
 class LeastLatencyArgs(BaseModel):

@@ -63,6 +63,7 @@ import orjson
 import xxhash
 
 from bench.contenders import CONTENDERS, Contender, write_gateway_config
+from bench.fleetsim.cache_aware import CacheAwareModel
 from bench.fleetsim.trace import TraceSession
 from bench.loadgen import LoadResult, RequestRecord, Summary, summarize
 from bench.suite.config import DEFAULT_SUITE
@@ -98,6 +99,7 @@ from sim.tokenizer import OUTPUT_WORD_IDS, OUTPUT_WORDS, VOCAB_SIZE, Tokenizer
 from sim.tokenizer import clear_cache as clear_tokenizer_cache
 
 __all__ = [
+    "MODEL_CONTENDERS",
     "FleetSpec",
     "LoadSample",
     "SimRecord",
@@ -312,12 +314,25 @@ def _low64(h: int | bytes) -> int:
     return h if isinstance(h, int) else int.from_bytes(h[-8:], "big")
 
 
+MODEL_CONTENDERS: dict[str, Contender] = {
+    "model-cache_aware": Contender(
+        "model-cache_aware",
+        "cache-aware-model",
+        description="our model of vllm-router --policy cache_aware (bench.fleetsim.cache_aware)",
+    ),
+}
+"""Contenders that exist only in virtual time: models of other routers' documented algorithms
+(our own code, not theirs), to compare with our scheduler side by side."""
+
+
 def contender_named(name: str) -> Contender:
-    """A contender of ``bench.contenders.CONTENDERS`` that runs in virtual time."""
-    c = CONTENDERS.get(name)
+    """A contender of ``bench.contenders.CONTENDERS`` that runs in virtual time, or one of
+    :data:`MODEL_CONTENDERS`."""
+    c = CONTENDERS.get(name) or MODEL_CONTENDERS.get(name)
     if c is None:
-        raise ValueError(f"unknown contender {name!r}; known: {', '.join(sorted(CONTENDERS))}")
-    if c.kind not in ("envoy-rr", "ours"):
+        known = ", ".join(sorted({*CONTENDERS, *MODEL_CONTENDERS}))
+        raise ValueError(f"unknown contender {name!r}; known: {known}")
+    if c.kind not in ("envoy-rr", "ours", "cache-aware-model"):
         raise ValueError(
             f"contender {name!r} ({c.description}) has no virtual-time model: only round-robin "
             "and our gateway's profiles are simulated"
@@ -564,7 +579,10 @@ class _Simulation:
         ]
         self.prompt_digests = self._prompt_digests()
         self.gateway: Gateway | None = None
-        if contender.kind == "ours":
+        self.cache_aware: CacheAwareModel | None = None
+        if contender.kind == "cache-aware-model":
+            self.cache_aware = CacheAwareModel(fleet.replicas)
+        elif contender.kind == "ours":
             self.gateway = self._gateway(hosts, seed)
             if fleet.metrics_page == "full" or self.engine_name != "vLLM":
                 for p in self.pods:
@@ -738,7 +756,13 @@ class _Simulation:
         body["stream_options"] = {"include_usage": True}
         flight = _Flight(rec, session, turn, messages)
         model = session.model
-        if self.gateway is None:
+        if self.cache_aware is not None:
+            if session.prompt_ids is None:
+                text = "".join(c for _r, c in messages)
+            else:
+                text = " ".join(map(str, session.prompt_ids))
+            pod = self.pods[self.cache_aware.choose(text, [p.in_flight for p in self.pods])]
+        elif self.gateway is None:
             cursors = self.rr_cursors
             worker = self.rr_rng.randrange(len(cursors)) if len(cursors) > 1 else 0
             pod = self.pods[cursors[worker]]

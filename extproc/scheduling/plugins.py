@@ -28,7 +28,7 @@ from pydantic import BaseModel
 
 from extproc.kvindex import KVBlockIndex, PromptHasher
 from extproc.scheduling.pd_queue import PrefillQueue
-from extproc.scheduling.prefix import BlockHashes, PrefixIndex
+from extproc.scheduling.prefix import BlockHashes, PrefixHomes, PrefixIndex
 from extproc.scheduling.tokenizers import (
     AUTO,
     SIMULATOR,
@@ -453,6 +453,7 @@ PRECISE = "precise-prefix:active"
 
 _Naming = tuple[str, str, int]  # hash algorithm, hash seed, block size
 
+_HOME_BLOCK = 8  # a prefix's home is keyed by its 8th block (128 tokens at block size 16)
 _TRIALS = 64  # unconfirmed requests before the simulator's files are given up for a model
 _AUTO_RETRY = 600.0  # seconds before a model given up on is looked for again
 _AUTO_MODELS = 1024  # models whose tokenizer is remembered
@@ -472,7 +473,10 @@ class PrecisePrefixScorer(Scorer):
     """Prefers the pod that costs least to serve the request, in one unit (prompt tokens):
     cost = prompt tokens the pod must still prefill (those past its cached prefix, as its own KV
     events report) + request_cost x its load (max of gateway in-flight and engine waiting +
-    running). Score = (min cost + block) / (cost + block). How blocks are hashed comes from the
+    running) + copy_cost x the tokens to prefill on a pod that is not the prompt prefix's home
+    (:class:`PrefixHomes`: the pod homing the fewest prefixes when the prefix was first seen; a
+    copy elsewhere takes cache slots from other prefixes). Score = (min cost + block) / (cost +
+    block). How blocks are hashed comes from the
     ModelServer's kvEvents (hashAlgo, hashSeed) and the events (block size). When no candidate's
     events are followed it abstains; when it scores, the prefix-cache and least-request scorers
     listed after it abstain.
@@ -501,6 +505,8 @@ class PrecisePrefixScorer(Scorer):
         self._auto: OrderedDict[str, _AutoTokenizer] = OrderedDict()  # by model name
         self.max_blocks = args.max_blocks
         self.request_cost = args.request_cost
+        self.copy_cost = args.copy_cost
+        self.homes = PrefixHomes()
         self._hashers: dict[_Naming, PromptHasher] = {}
         self._segments: OrderedDict[tuple[int, str], _Segment] = OrderedDict()
         self._prompts: OrderedDict[
@@ -596,6 +602,9 @@ class PrecisePrefixScorer(Scorer):
     def bind(self, kv_index: KVBlockIndex) -> None:
         self.index = kv_index
 
+    def forget_pod(self, pod_name: str) -> None:
+        self.homes.forget_pod(pod_name)
+
     def tokenizer_for(self, model: str) -> tuple[ModelTokenizer | None, _AutoTokenizer | None]:
         """The tokenizer for a request to ``model`` (and, with ``auto``, what is known of it)."""
         if self.tokenizer_spec != AUTO:
@@ -657,9 +666,12 @@ class PrecisePrefixScorer(Scorer):
             return None
         matched: dict[str, int] = {}  # cached prompt tokens per pod
         n_tokens = 0
+        key: int | None = None  # the prompt prefix's name for its home
         try:
             for group, names in groups.items():
                 n_tokens, hashes = self.hashes(ctx.request, group, tokenizer)
+                if key is None and hashes:
+                    key = hashes[min(_HOME_BLOCK, len(hashes)) - 1]
                 for name, blocks in index.prefix_blocks(hashes, names).items():
                     matched[name] = blocks * group[2]
         except ChatTemplateError as exc:  # e.g. the template rejects this conversation
@@ -673,6 +685,15 @@ class PrecisePrefixScorer(Scorer):
         load = LeastRequestScorer.load
         get = matched.get
         costs = [max(0, n_tokens - get(p.name, 0)) + rc * load(p) for p in pods]
+        if key is not None and self.copy_cost > 0:
+            # a pod other than the prefix's home pays for the cache slots a copy would take
+            by_cost = sorted(range(len(pods)), key=costs.__getitem__)
+            home = self.homes.home(key, [pods[i].name for i in by_cost])
+            cc = self.copy_cost
+            costs = [
+                c if p.name == home else c + cc * max(0, n_tokens - get(p.name, 0))
+                for p, c in zip(pods, costs, strict=True)
+            ]
         slack = min(group[2] for group in groups)
         top = min(costs) + slack
         return [top / (c + slack) for c in costs]

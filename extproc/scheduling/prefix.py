@@ -137,3 +137,58 @@ class PrefixIndex:
 
     def pods(self) -> list[str]:
         return list(self._pods)
+
+
+class PrefixHomes:
+    """One home pod per prompt prefix, spreading prefixes evenly over the pods.
+
+    A prefix is named by one block hash (the caller's choice, e.g. the hash of a prompt's 8th
+    block, which stands for everything before it). The first time a prefix is seen it is homed on
+    the candidate pod homing the fewest prefixes (ties: the caller's order, best first); it stays
+    there until the pod is forgotten or ``capacity`` newer prefixes push it out (least recently
+    used first). The model of ``vllm-router``'s ``cache_aware`` "smallest tree" placement, kept
+    as a map: the scorer charges pods other than the home for the cache slot a second copy of
+    the prefix would take."""
+
+    def __init__(self, capacity: int = 65536) -> None:
+        if capacity < 1:
+            raise ValueError(f"PrefixHomes: capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self._home: dict[int, str] = {}  # insertion order = LRU order (oldest first)
+        self._count: dict[str, int] = {}
+
+    def home(self, key: int, candidates: Sequence[str]) -> str | None:
+        """The prefix's home, homing it on the emptiest of ``candidates`` if it has none
+        (None without candidates)."""
+        home = self._home.pop(key, None)
+        if home is None:
+            if not candidates:
+                return None
+            count = self._count
+            home = min(candidates, key=lambda name: count.get(name, 0))
+            count[home] = count.get(home, 0) + 1
+            if len(self._home) >= self.capacity:
+                old = next(iter(self._home))
+                self._drop(old, self._home.pop(old))
+        self._home[key] = home  # most recently used last
+        return home
+
+    def _drop(self, key: int, pod: str) -> None:
+        left = self._count[pod] - 1
+        if left:
+            self._count[pod] = left
+        else:
+            del self._count[pod]
+
+    def forget_pod(self, pod: str) -> None:
+        """The pod is gone: its prefixes are homed again when next seen."""
+        for key in [k for k, p in self._home.items() if p == pod]:
+            del self._home[key]
+        self._count.pop(pod, None)
+
+    def homed(self, pod: str) -> int:
+        """How many prefixes ``pod`` homes."""
+        return self._count.get(pod, 0)
+
+    def __len__(self) -> int:
+        return len(self._home)

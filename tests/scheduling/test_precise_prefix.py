@@ -151,13 +151,66 @@ def test_load_outweighs_a_cached_prefix_in_prompt_tokens() -> None:
     feed(index, "b", engine())  # b is subscribed but holds nothing
     index.block_sizes["b"] = 16  # (learned from its first BlockStored)
     pa, pb = pods()
-    precise = PrecisePrefixScorer(PrecisePrefixArgs(request_cost=100), index=index)
+    # no prefix homes here: the exchange rate between load and a miss alone
+    precise = PrecisePrefixScorer(PrecisePrefixArgs(request_cost=100, copy_cost=0), index=index)
     n = len(Tokenizer().encode(shared))
     left = n - (n // 16) * 16  # pod a must still prefill the partial last block
     assert precise.score(ctx(shared), [pa, pb]) == [1.0, (left + 16) / (n + 16)]
     pa.in_flight = 5  # 5 x 100 prompt-token equivalents queued > the ~400 tokens saved
     sa, sb = precise.score(ctx(shared), [pa, pb]) or []
     assert sb == 1.0 and sa < 1.0
+
+
+def test_a_prefix_stays_on_its_home_while_load_is_within_its_copy_cost() -> None:
+    """A cold prefix is homed on the pod homing the fewest prefixes; another pod pays
+    ``copy_cost`` x prompt tokens for the cache slot a copy would take, so the prefix returns
+    to its home (even after an eviction there) until the home's load outweighs that."""
+    shared = words(1000, 7)
+    index = KVBlockIndex()
+    for name in ("a", "b"):
+        feed(index, name, engine())
+        index.block_sizes[name] = 16
+    pa, pb = pods()
+    args = PrecisePrefixArgs(tokenizer="simulator", request_cost=100)  # no pod confirms "auto"
+    precise = PrecisePrefixScorer(args, index=index)
+    n = len(Tokenizer().encode(shared))
+    pa.in_flight = 1  # the first request goes to the less loaded b, its home from now on
+    assert precise.score(ctx(shared), [pa, pb]) == [(n + 16) / (n + 100 + n + 16), 1.0]
+    assert precise.homes.homed("b") == 1
+    # b holds nothing (evicted, or never served) and carries 3 requests more than a: without
+    # homes a would win by 300 tokens; with them, b is still cheaper by n - 300
+    pb.in_flight = 4
+    sa, sb = precise.score(ctx(shared), [pa, pb]) or []
+    assert sb == 1.0 and sa < 1.0
+    pb.in_flight = n // 100 + 3  # the home's load now outweighs a copy (n + 100 tokens)
+    sa, sb = precise.score(ctx(shared), [pa, pb]) or []
+    assert sa == 1.0 and sb < 1.0
+    # a second prefix is homed on the pod homing fewer (a), whatever the load order
+    pb.in_flight = 0
+    pa.in_flight = 1
+    other = words(200, 8)
+    assert (precise.score(ctx(other), [pa, pb]) or [])[0] == 1.0
+    assert precise.homes.homed("a") == 1
+    precise.forget_pod("a")
+    assert precise.homes.homed("a") == 0 and len(precise.homes) == 1
+
+
+def test_a_pod_that_holds_the_prefix_pays_no_copy_cost() -> None:
+    """The copy cost is for the blocks a pod would newly cache: when the home lost the prefix
+    and another pod really holds it (its events say so), that pod wins at equal load."""
+    shared = words(1000, 9)
+    a, b = engine(), engine()
+    index = KVBlockIndex()
+    feed(index, "a", a)
+    feed(index, "b", b)
+    index.block_sizes["a"] = index.block_sizes["b"] = 16
+    pa, pb = pods()
+    precise = PrecisePrefixScorer(PrecisePrefixArgs(tokenizer="simulator"), index=index)
+    assert (precise.score(ctx(shared), [pa, pb]) or [])[0] == 1.0  # homed on a
+    run(b, shared, "1")  # b gets the prompt from elsewhere; a never held it
+    feed(index, "b", b)
+    sa, sb = precise.score(ctx(shared), [pa, pb]) or []
+    assert sb == 1.0 and sa < 0.6
 
 
 def test_abstains_without_kv_events() -> None:
