@@ -32,10 +32,11 @@ LUA_PATH = Path(__file__).with_name("ratelimit.lua")
 MAX_CONNECTIONS = 100
 _ADMITTED_REDIS = Admission(True, where="redis")
 _ADMITTED_AHEAD = Admission(True, where="redis", ahead=True)
-# how long Redis remembers a settlement batch it applied (its id key): a batch sent again within
-# this time is skipped, not applied twice — well above any resend (``late_limit`` plus an outage's
-# retry wait); an outage longer than this that follows a given-up call could apply its batch twice
-ONCE_FOR = 3600
+# how long Redis remembers a settlement batch it applied (its id key, ~130 bytes: one per call
+# that carries settlements): a batch sent again within this time is skipped, not applied twice.
+# Far above a resend's delay (``late_limit``, then the next call); only a resend held back by an
+# outage longer than this, after Redis ran the call it gave up, could apply a batch twice
+ONCE_FOR = 600
 
 
 @dataclass(slots=True)
