@@ -333,7 +333,8 @@ class RedisBuckets:
         admission it granted is given back (its request was decided without Redis, and settles
         as one admitted locally; or is gone). Failed, or still not answered (then cancelled,
         which closes its connection): its settlements go back to the front of the queue, as
-        after any failed call."""
+        after any failed call — sent again in their batch (:meth:`_batches`), which Redis
+        applies once even if it still runs this call."""
         try:
             result: list[Any] = await asyncio.wait_for(call, self.late_limit)
         except Exception:
