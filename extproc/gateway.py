@@ -451,15 +451,19 @@ class WakeRoom:
       is scheduled first, and nobody behind it while it finds every pod saturated.
 
     :meth:`counts` (the ModelServer's waiting demand) and :meth:`state` (``/debug/state``) show
-    both."""
+    both; ``metrics.room_waits`` counts how each wait for room ended (:meth:`leave`)."""
 
-    __slots__ = ("_lines", "_ticker", "_waiters", "clock", "retry")
+    __slots__ = ("_lines", "_ticker", "_waiters", "clock", "metrics", "retry")
 
     def __init__(
-        self, clock: Callable[[], float] = time.monotonic, retry: float = ROOM_RETRY
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        retry: float = ROOM_RETRY,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self.clock = clock
         self.retry = retry
+        self.metrics = metrics
         # server key -> the futures of the requests waiting for a ready pod, in arrival order
         self._waiters: dict[str, dict[asyncio.Future[None], None]] = {}
         self._lines: dict[str, deque[RoomWaiter]] = {}
@@ -532,7 +536,12 @@ class WakeRoom:
         return waiter
 
     def leave(self, key: str, waiter: RoomWaiter) -> None:
-        """Take a waiter out of the line (served already, timed out or gone)."""
+        """Take a waiter out of the line (served already, timed out or gone) and count how its
+        wait ended (:meth:`outcome`)."""
+        if self.metrics is not None:
+            namespace, _, name = key.partition("/")
+            m = self.metrics
+            m.child(m.room_waits, namespace, name, self.outcome(waiter)).inc()
         line = self._lines.get(key)
         if line is not None:
             with contextlib.suppress(ValueError):
@@ -542,6 +551,20 @@ class WakeRoom:
         if not self._lines and self._ticker is not None:
             self._ticker.cancel()  # nothing waits for room: no more retries
             self._ticker = None
+
+    @staticmethod
+    def outcome(waiter: RoomWaiter) -> str:
+        """How a wait for room ended, as its waiting task leaves the line: ``left`` (the task is
+        being cancelled: the client went away, even if a pod was found just then), ``served``
+        (scheduled), ``failed`` (a scheduling error other than saturation: its answer),
+        ``timed_out`` (nothing yet: its bound ran out)."""
+        task = asyncio.current_task()
+        future = waiter.future
+        if future.cancelled() or (task is not None and task.cancelling()):
+            return "left"
+        if not future.done():
+            return "timed_out"
+        return "served" if future.exception() is None else "failed"
 
     def serve(self, key: str) -> int:
         """Schedule the server's line from its head while a pod has room: first come first
@@ -608,7 +631,7 @@ class Gateway:
         # requests waiting without a fair queue: for a ModelServer with no ready pod (the wake
         # stage: scale from zero) or for room on its saturated pods (``_wait_for_room``)
         self.wake_timeout = wake_timeout
-        self.waking = WakeRoom(clock)
+        self.waking = WakeRoom(clock, metrics=self.metrics)
         datastore.on_server_ready.append(self.waking.server_ready)
         self._max_waits: tuple[int, dict[str, float | None]] = (-1, {})
         self.policy_stages: NoPolicies = NO_POLICIES

@@ -174,6 +174,15 @@ class GatewayMetrics(LabelCache):
             ["kind"],
             registry=r,
         )
+        self.room_waits = Counter(
+            "matrixinfer_gateway_room_waits",
+            "Requests that waited for room on a ModelServer's saturated pods without a fair "
+            "queue, by ModelServer (namespace, server) and how the wait ended (outcome: served "
+            "| timed_out, answered 503 | left, the client went away | failed, a scheduling "
+            "failure other than saturation, answered 503).",
+            ["namespace", "server", "outcome"],
+            registry=r,
+        )
         self.config_reloads = Counter(
             "matrixinfer_gateway_config_reloads",
             "Configuration loads, by result (applied | rejected).",

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import secrets
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -30,6 +32,11 @@ LUA_PATH = Path(__file__).with_name("ratelimit.lua")
 MAX_CONNECTIONS = 100
 _ADMITTED_REDIS = Admission(True, where="redis")
 _ADMITTED_AHEAD = Admission(True, where="redis", ahead=True)
+# how long Redis remembers a settlement batch it applied (its id key, ~130 bytes: one per call
+# that carries settlements): a batch sent again within this time is skipped, not applied twice.
+# Far above a resend's delay (``late_limit``, then the next call); only a resend held back by an
+# outage longer than this, after Redis ran the call it gave up, could apply a batch twice
+ONCE_FOR = 600
 
 
 @dataclass(slots=True)
@@ -45,6 +52,9 @@ class _Settlement:
     queued: float  # loop time it was queued
     kept: bool = False  # kept through an outage (Redis down): replayed when it is back
     requests: int = 0  # requests debited: 1 for the charge of a request admitted ahead
+    # the id key of the batch it was first sent in ("" until then): sent again, it keeps it, so
+    # Redis applies the batch once (ratelimit.lua); a batch travels whole (:meth:`_take`)
+    batch: str = ""
 
 
 @dataclass(slots=True)
@@ -190,6 +200,10 @@ class RedisBuckets:
         # settlements applied once, not sent again
         self.late_limit = late_limit
         self.late = 0
+        # settlement batch ids: unique across replicas (a random prefix) and calls (a counter)
+        self._batch_prefix = f"mi:rl-once:{secrets.token_hex(8)}:"
+        self._batch_ids = itertools.count(1)
+        self.repeated = 0  # settlements Redis left out as applied by an earlier call
 
     @staticmethod
     def _args(limits: Limits) -> tuple[int, int, int, float]:
@@ -209,7 +223,14 @@ class RedisBuckets:
         failed (the settlements are then back at the front of ``pending``) or did not answer
         within ``timeout`` (they then wait for its late answer: :meth:`_late`)."""
         keys = [f"mi:rl:{s.key}" for s in settlements]
-        args: list[Any] = [len(settlements), 0 if admission is None else 2 if read else 1]
+        batches = self._batches(settlements)
+        args: list[Any] = [
+            len(settlements),
+            0 if admission is None else 2 if read else 1,
+            len(batches),
+            ONCE_FOR,
+        ]
+        args.extend(batches.values())
         for s in settlements:
             args.extend(self._args(s.limits))
             args.append(s.correction)
@@ -227,6 +248,7 @@ class RedisBuckets:
                 mirror = self.mirrors[key] = _Mirror()
             if not read:
                 mirror.busy += 1
+        keys.extend(batches)
         carrying: asyncio.Future[None] | None = None
         if settlements:
             carrying = asyncio.get_running_loop().create_future()
@@ -288,6 +310,18 @@ class RedisBuckets:
             self._arm(0.0)
         return result
 
+    def _batches(self, settlements: list[_Settlement]) -> dict[str, int]:
+        """The id keys of the batches ``settlements`` come in, with their sizes, in order: those
+        sent before keep theirs; the others (never sent) form one new batch."""
+        batches: dict[str, int] = {}
+        new = ""
+        for s in settlements:
+            if not s.batch:
+                new = new or f"{self._batch_prefix}{next(self._batch_ids)}"
+                s.batch = new
+            batches[s.batch] = batches.get(s.batch, 0) + 1
+        return batches
+
     async def _late(
         self,
         call: asyncio.Future[Any],
@@ -299,7 +333,8 @@ class RedisBuckets:
         admission it granted is given back (its request was decided without Redis, and settles
         as one admitted locally; or is gone). Failed, or still not answered (then cancelled,
         which closes its connection): its settlements go back to the front of the queue, as
-        after any failed call."""
+        after any failed call — sent again in their batch (:meth:`_batches`), which Redis
+        applies once even if it still runs this call."""
         try:
             result: list[Any] = await asyncio.wait_for(call, self.late_limit)
         except Exception:
@@ -320,8 +355,21 @@ class RedisBuckets:
                 self.replayed += 1
             if s.requests:  # a charge: now in Redis
                 self._confirmed(s)
-        # the reply: {settled, skipped} without an admission, else skipped is its 5th value
-        skipped = int(result[1] if len(result) == 2 else result[4]) if settlements else 0
+        # the reply: {settled, skipped, repeated} without an admission, else skipped and
+        # repeated are its 5th and 7th values
+        if not settlements:
+            return
+        short = len(result) == 3
+        skipped = int(result[1] if short else result[4])
+        repeated = int(result[2] if short else result[6])
+        if repeated:
+            self.repeated += repeated
+            log.info(
+                "Redis rate limiter %s: %d settlement(s) sent again were applied by an earlier "
+                "call (left out)",
+                self.address,
+                repeated,
+            )
         if skipped:
             self.skipped += skipped
             log.error(
@@ -480,8 +528,15 @@ class RedisBuckets:
             self._arm(self.flush_delay)
 
     def _take(self, n: int) -> list[_Settlement]:
-        """The oldest ``n`` queued settlements (fewer if fewer wait), off the queue."""
-        return [self.pending.popleft() for _ in range(min(n, len(self.pending)))]
+        """The oldest ``n`` queued settlements (fewer if fewer wait), off the queue — and the
+        rest of the last one's batch: a batch sent again goes whole (Redis applies it or skips
+        it as one; a part sent alone would mark the rest applied)."""
+        taken = [self.pending.popleft() for _ in range(min(n, len(self.pending)))]
+        if taken and taken[-1].batch:
+            batch = taken[-1].batch
+            while self.pending and self.pending[0].batch == batch:
+                taken.append(self.pending.popleft())
+        return taken
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` in a task of its own that ``drain`` and ``close`` wait for."""

@@ -58,6 +58,19 @@ def start(gw: Gateway, n: int) -> RequestState:
     return state
 
 
+def waits(gw: Gateway, outcome: str) -> float:
+    """``matrixinfer_gateway_room_waits_total`` of the test's ModelServer for ``outcome``."""
+    labels = {"namespace": "default", "server": "pool", "outcome": outcome}
+    value = gw.metrics.registry.get_sample_value("matrixinfer_gateway_room_waits_total", labels)
+    return value or 0.0
+
+
+def outcomes(gw: Gateway) -> dict[str, float]:
+    """The counted outcomes of the waits for room (those counted at least once)."""
+    counted = {o: waits(gw, o) for o in ("served", "timed_out", "left", "failed")}
+    return {o: n for o, n in counted.items() if n}
+
+
 async def fill(gw: Gateway) -> list[RequestState]:
     """Route requests until the pod is saturated (the default saturation filter: 8 sent since
     the last scrape look like 8 waiting there)."""
@@ -85,6 +98,7 @@ async def test_a_request_finding_every_pod_saturated_waits_and_is_scheduled_when
     answer = await asyncio.wait_for(task, 10)
     assert isinstance(answer, Routed) and answer.pod.name == "p0", answer
     assert gw.waking.counts() == {} and ds.in_flight_total() == 8
+    assert outcomes(gw) == {"served": 1}
 
 
 async def test_a_scrape_that_shows_room_lets_the_waiting_request_in() -> None:
@@ -143,6 +157,7 @@ async def test_the_wait_ends_at_the_bound_from_arrival_with_503_and_retry_after(
     assert error["code"] == "no_pod_available"
     assert "stayed saturated for 10s" in error["message"] and "'pool'" in error["message"]
     assert gw.waking.counts() == {} and ds.in_flight_total() == 8
+    assert outcomes(gw) == {"timed_out": 1}
 
 
 async def test_the_route_queue_max_wait_bounds_the_wait() -> None:
@@ -162,7 +177,7 @@ async def test_a_bound_of_0_answers_503_at_once() -> None:
     answer = await asyncio.wait_for(gw.decide(start(gw, 100), BODY), 5)
     assert isinstance(answer, Immediate) and answer.status == 503, answer
     assert b"saturated" in answer.body and "retry-after" not in answer.headers
-    assert gw.waking.counts() == {}
+    assert gw.waking.counts() == {} and outcomes(gw) == {}  # it never waited
 
 
 async def test_envoy_is_told_to_wait_for_the_message_while_the_request_waits() -> None:
@@ -198,6 +213,7 @@ async def test_a_request_whose_client_goes_away_leaves_the_line() -> None:
     answer = await asyncio.wait_for(stays, 10)
     assert isinstance(answer, Routed)
     assert gw.waking.counts() == {} and ds.in_flight_total() == 8
+    assert outcomes(gw) == {"left": 1, "served": 1}
 
 
 async def test_with_the_fair_queue_the_request_waits_there_not_in_the_line() -> None:
@@ -223,6 +239,18 @@ async def test_a_request_scheduled_just_as_its_client_goes_away_gives_its_pod_ba
     gone.cancel()  # ... and its client goes away before it could answer
     await asyncio.gather(gone, return_exceptions=True)
     assert ds.in_flight_total() == 7 and gw.waking.counts() == {}
+    assert outcomes(gw) == {"left": 1}  # its pod was given back: it was not served
+
+
+async def test_a_scheduling_failure_while_waiting_is_its_answer_and_counted_failed() -> None:
+    gw, ds = make()
+    await fill(gw)
+    task = asyncio.create_task(gw.decide(start(gw, 100), BODY))
+    await until(lambda: gw.waking.counts() == {KEY: 1}, "lined up")
+    ds.apply(config(text(""), []))  # the ModelServer loses its pod
+    answer = await asyncio.wait_for(task, 10)
+    assert isinstance(answer, Immediate) and answer.status == 503, answer
+    assert outcomes(gw) == {"failed": 1}
 
 
 async def test_requests_woken_from_zero_keep_their_arrival_order_into_the_line() -> None:

@@ -4,6 +4,7 @@ and end to end with two gateway stacks (two extproc replicas) sharing one budget
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -682,6 +683,45 @@ async def test_a_call_answered_after_its_deadline_is_applied_once(tmp_path: Path
         await asyncio.sleep(buckets.retry_after + 0.1)  # the refund waits out the outage
         await buckets.drain()
         assert await input_level("late3") >= 999.9, await input_level("late3")
+    finally:
+        await direct.aclose()
+        await buckets.close()
+        server.stop()
+
+
+async def test_a_call_still_unanswered_at_its_late_limit_is_applied_once(tmp_path: Path) -> None:
+    """Redis is busy past a call's ``late_limit``: the call is given up and its settlements are
+    sent again (and again: each resend also goes unanswered) while every one of those calls still
+    waits in Redis, which runs them all once awake. The settlement batch carries one id that the
+    script records: only the first of those calls to run applies it."""
+    import shutil
+    import socket
+
+    binary = shutil.which("redis-server")
+    assert binary is not None
+    server = RedisServer(binary, tmp_path, ("--enable-debug-command", "local"), name="redis-debug")
+    server.start()
+    buckets = RedisBuckets(server.address, timeout=0.1, late_limit=0.2, retry_after=0.2)
+    lim = limits(server, input=1000)
+    direct = aioredis.Redis(host="127.0.0.1", port=server.port)
+    try:
+        assert (await buckets.admit("resent", lim, 10)).ok  # by Redis: 990 left
+        buckets.settle("resent", lim, estimate=10, prompt=23, completion=0)  # 13 more
+        blocker = socket.create_connection(("127.0.0.1", server.port))
+        blocker.sendall(b"DEBUG SLEEP 1.5\r\n")
+        await asyncio.sleep(0.1)  # Redis is asleep before the flush's call reaches it
+        await buckets.flush()  # unanswered: given up after late_limit, then sent again
+        await asyncio.sleep(1.5)  # Redis is awake and has run every call
+        deadline = time.monotonic() + 30
+        while buckets.pending or buckets._tasks:  # resends under way, or waiting for late answers
+            assert time.monotonic() < deadline, "the settlement never reached Redis"
+            await buckets.drain()
+            await asyncio.sleep(0.05)
+        blocker.close()
+        assert buckets.replayed >= 1  # it was sent again after the first call was given up
+        level = float(await direct.hget("mi:rl:resent", "i"))  # type: ignore[arg-type]
+        assert 977 <= level < 977.5, f"applied {(990 - level) / 13:.2f} times"  # 1000 - 10 - 13
+        assert buckets.repeated >= 1  # the calls that ran it again skipped it
     finally:
         await direct.aclose()
         await buckets.close()
