@@ -168,14 +168,17 @@ def _prompt_of_chat(body: dict[str, Any]) -> str:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad_request("'messages' must be a non-empty list", param="messages")
+    # "role: content\n" per message, joined once: a 16 kB content is copied once, not twice
     out: list[str] = []
+    append = out.append
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise bad_request(f"'messages[{i}]' must be an object", param=f"messages[{i}]")
         role = message.get("role")
-        out.append(
-            f"{role if isinstance(role, str) else ''}: {_text_of_content(message.get('content'))}\n"
-        )
+        append(role if isinstance(role, str) else "")
+        append(": ")
+        append(_text_of_content(message.get("content")))
+        append("\n")
     return "".join(out)
 
 

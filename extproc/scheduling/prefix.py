@@ -78,14 +78,17 @@ class PrefixIndex:
     (no per-block Python work). When a pod holds more than ``capacity`` + 25% hashes, the oldest
     are dropped in one pass down to ``capacity`` (amortised well under a microsecond per block).
     Within one credit the leading blocks get the newer stamps, so a chain's leading blocks are
-    always evicted last.
+    always evicted last. Crediting a pod again with the chain it was last credited with is a
+    no-op: that chain already holds the pod's newest stamps in the same order (only the order
+    within a pod decides its evictions).
     """
 
-    __slots__ = ("_pods", "_stamp", "capacity")
+    __slots__ = ("_last", "_pods", "_stamp", "capacity")
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._pods: dict[str, dict[int, int]] = {}
+        self._last: dict[str, Sequence[int]] = {}  # per pod: the chain of its last credit
         self._stamp = 0
 
     def matched_blocks(self, pod_name: str, hashes: Sequence[int]) -> int:
@@ -113,9 +116,12 @@ class PrefixIndex:
         index = self._pods.get(pod_name)
         if index is None:
             index = self._pods[pod_name] = {}
+        elif self._last.get(pod_name) == hashes:  # equal ints are mostly the same objects
+            return
         base = self._stamp
         self._stamp = base + n + 1
         index.update(zip(hashes, range(base + n, base, -1), strict=False))  # n of each
+        self._last[pod_name] = list(hashes)
         if len(index) > self.capacity + (self.capacity >> 2):
             self._evict(pod_name, index)
 
@@ -123,6 +129,7 @@ class PrefixIndex:
         keep = self.capacity
         threshold = sorted(index.values())[len(index) - keep]
         self._pods[pod_name] = {h: t for h, t in index.items() if t >= threshold}
+        self._last.pop(pod_name, None)  # a chain longer than ``capacity`` lost blocks
 
     def holders(self, first_hash: int) -> set[str]:
         """Names of the pods that hold ``first_hash`` (one dict probe per known pod)."""
@@ -130,6 +137,7 @@ class PrefixIndex:
 
     def forget(self, pod_name: str) -> None:
         self._pods.pop(pod_name, None)
+        self._last.pop(pod_name, None)
 
     def size(self, pod_name: str) -> int:
         index = self._pods.get(pod_name)

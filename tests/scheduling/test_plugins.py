@@ -328,6 +328,49 @@ def test_prefix_index_lru_and_binary_search() -> None:
     assert idx.matched_blocks("nobody", h) == 0
 
 
+class _StampEveryCredit:
+    """The index's rule without the repeated-chain shortcut: every credit stamps every block."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.pods: dict[str, dict[int, int]] = {}
+        self.stamp = 0
+
+    def credit(self, pod: str, hashes: list[int]) -> None:
+        if not hashes:
+            return
+        index = self.pods.setdefault(pod, {})
+        for i, h in enumerate(hashes):
+            index[h] = self.stamp + len(hashes) - i
+        self.stamp += len(hashes) + 1
+        if len(index) > self.capacity + (self.capacity >> 2):
+            cut = sorted(index.values())[len(index) - self.capacity]
+            self.pods[pod] = {h: t for h, t in index.items() if t >= cut}
+
+
+def test_prefix_index_repeated_chain_keeps_what_every_stamp_would() -> None:
+    rng = random.Random(5)
+    chains = [block_hashes(f"{k}" * 16 * n, 16, 100) for k in range(6) for n in (3, 5, 9)]
+    for capacity in (4, 8, 20):
+        idx, ref = PrefixIndex(capacity), _StampEveryCredit(capacity)
+        for _ in range(2_000):
+            pod = rng.choice(("p1", "p2"))
+            chain = rng.choice(chains[:4]) if rng.random() < 0.6 else rng.choice(chains)
+            if rng.random() < 0.01:
+                idx.forget(pod)
+                ref.pods.pop(pod, None)
+            idx.credit(pod, list(chain))
+            ref.credit(pod, list(chain))
+            for p in ("p1", "p2"):
+                assert set(idx._pods.get(p, {})) == set(ref.pods.get(p, {}))
+    # the repeat stamps nothing
+    idx = PrefixIndex(100)
+    idx.credit("p", chains[1])
+    stamp = idx._stamp
+    idx.credit("p", list(chains[1]))
+    assert idx._stamp == stamp
+
+
 def test_block_hashes_are_chained_and_capped() -> None:
     a = block_hashes("x" * 64 + "y" * 64, 64, 10)
     b = block_hashes("z" * 64 + "y" * 64, 64, 10)
