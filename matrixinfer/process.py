@@ -88,6 +88,8 @@ class ReadinessTimeout(RuntimeError):
 # closed its socket at once let the kernel offer the port again: a CI run once gave an xDS server's
 # HTTP port to an extproc's gRPC port.
 HELD_PORTS = 512
+# Envoy writes access lines (to stdout) at least this often; its own default is 10 s
+ACCESS_LOG_FLUSH_MS = 1000
 _HELD: collections.deque[socket.socket] = collections.deque()
 
 
@@ -292,11 +294,13 @@ def envoy_child(
 ) -> Child:
     """Envoy on ``config`` (hot restart off, so several run side by side), ready once its admin
     ``/ready`` on 127.0.0.1:``admin_port`` answers 200. A drain (admin ``/drain_listeners``) tells
-    every request from then on to close its connection (``--drain-strategy immediate``)."""
+    every request from then on to close its connection (``--drain-strategy immediate``). Access
+    lines are flushed every second (``--file-flush-interval-msec``; Envoy's default is 10 s)."""
     return Child(
         name,
         [find_envoy(), "-c", str(config), "--disable-hot-restart", "--log-level", log_level,
-         "--concurrency", str(concurrency), "--drain-strategy", "immediate"],
+         "--concurrency", str(concurrency), "--drain-strategy", "immediate",
+         "--file-flush-interval-msec", str(ACCESS_LOG_FLUSH_MS)],
         log_path=log_path,
         ready=lambda: http_ok(f"http://127.0.0.1:{admin_port}/ready"),
         ready_timeout=ready_timeout,
