@@ -178,14 +178,14 @@ class GrpcMethod:
 class StreamContext:
     """The part of a grpc.aio servicer context (and request iterator) our handlers use."""
 
-    __slots__ = ("_conn", "_queue", "_stream", "_waiter", "ended", "metadata", "sid")
+    __slots__ = ("_conn", "_queue", "_waiter", "ended", "metadata", "sid")
 
     def __init__(
-        self, conn: _Connection, stream: _Stream, metadata: tuple[tuple[str, str], ...] = ()
+        self, conn: _Connection, sid: int, metadata: tuple[tuple[str, str], ...] = ()
     ) -> None:
         self._conn = conn
-        self._stream = stream
-        self.sid = stream.sid
+        self.sid = sid  # not the _Stream: a stream <-> context cycle would leave every
+        # finished stream to the cyclic garbage collector (measured: +20 us per request)
         self.metadata = metadata  # the stream's trace-context headers (extproc.tracing)
         self._queue: collections.deque[Any] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
@@ -201,7 +201,7 @@ class StreamContext:
             await self._waiter
         message = queue.popleft()
         if not queue:  # caught up: what the peer sent so far is consumed
-            self._conn._caught_up(self._stream)
+            self._conn._read_all(self.sid)
         return message
 
     async def write(self, message: Any) -> None:
@@ -458,6 +458,11 @@ class _Connection(asyncio.Protocol):
         if s.ctx is None or not s.ctx._queue:
             self._caught_up(s)
 
+    def _read_all(self, sid: int) -> None:
+        s = self.streams.get(sid)
+        if s is not None:
+            self._caught_up(s)
+
     def _caught_up(self, s: _Stream) -> None:
         """The handler has read every message of ``s`` it was given: the bytes received so far
         are consumed. The stream's window is given back once half of it is consumed, so a
@@ -555,7 +560,7 @@ class _Connection(asyncio.Protocol):
         s = self.streams[sid] = _Stream(sid, method, self.peer_window)
         self.server._stream_opened()
         if method is not None:
-            ctx = s.ctx = StreamContext(self, s, trace)
+            ctx = s.ctx = StreamContext(self, sid, trace)
             s.task = self.loop.create_task(method.handler(ctx, ctx))
             s.task.add_done_callback(functools.partial(self._done, s))
         elif name != HEALTH_CHECK_PATH:
