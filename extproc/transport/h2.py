@@ -30,8 +30,9 @@ stream id once the peer has acknowledged a PING), in-flight streams finish until
 deadline, then are cancelled. A protocol error is answered with GOAWAY and the error code,
 logged in one line, and the connection closed (after reading on until the peer closes, at most
 LINGER s, so the GOAWAY is not lost to a TCP reset); the process goes on. A GOAWAY from the peer
-cancels the streams still in flight on that connection and closes it (Envoy sends GOAWAY to an
-ext_proc cluster only when it drains the connection, e.g. cluster removal or its own shutdown).
+(Envoy sends one when it drains the connection, e.g. cluster removal or its own shutdown) lets
+the streams in flight finish and closes the connection after the last one; one with an error
+code cancels them and closes it at once.
 
 The library implementation of the same protocol is one flag away: ``--transport grpc``
 (grpc.aio); bench/reports/gateway_overhead.md compares the two against a do-nothing grpc.aio
@@ -292,6 +293,7 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.draining = False
         self.goaway_last: int | None = None  # final GOAWAY sent: streams above are refused
+        self.close_when_idle = False  # after our final GOAWAY or the peer's: no new streams
         self.peer = "?"
 
     # ---- connection life ---------------------------------------------------------------------
@@ -683,8 +685,12 @@ class _Connection(asyncio.Protocol):
         if len(payload) < 8:
             raise ConnectionFault(FRAME_SIZE_ERROR, "GOAWAY shorter than 8 bytes")
         code = int.from_bytes(payload[4:8], "big")
-        if code != NO_ERROR:
-            log.warning("HTTP/2 peer %s closed the connection: error code %d", self.peer, code)
+        if code == NO_ERROR:
+            # the peer opens no more streams; the ones in flight finish (RFC 9113 6.8), as
+            # when Envoy drains the connection
+            self._close_when_idle()
+            return
+        log.warning("HTTP/2 peer %s closed the connection: error code %d", self.peer, code)
         self._cancel_streams()
         self._close()
 
@@ -814,7 +820,7 @@ class _Connection(asyncio.Protocol):
                 s.held = 0
             self.blocked.discard(s.sid)
             self.server._stream_closed()
-            if self.draining and not self.streams and self.goaway_last is not None:
+            if self.close_when_idle and not self.streams:
                 self._close()
 
     # ---- handlers ------------------------------------------------------------------------------
@@ -876,6 +882,10 @@ class _Connection(asyncio.Protocol):
         self.goaway_last = last
         self.out.append(_goaway(last, NO_ERROR))
         self._flush()
+        self._close_when_idle()
+
+    def _close_when_idle(self) -> None:
+        self.close_when_idle = True
         if not self.streams:
             self._close()
 

@@ -249,30 +249,28 @@ async def test_protocol_error_gets_goaway_and_the_server_goes_on(served: Any) ->
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-async def test_peer_goaway_cancels_streams_in_flight_and_closes(served: Any) -> None:
-    """The documented limit (h2 stops sending after a received GOAWAY): nothing hangs."""
-    import h2.config
-    import h2.connection
-
+async def test_peer_goaway_lets_streams_in_flight_finish_then_closes(served: Any) -> None:
+    """Envoy drains a connection with GOAWAY NO_ERROR and goes on with its streams in flight
+    (RFC 9113 6.8): they finish, then the server closes the connection."""
     server, echo, _ = served
-    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    client.initiate_connection()
-    headers = [
-        (":method", "POST"),
-        (":scheme", "http"),
-        (":authority", "test"),
-        (":path", PROCESS_PATH),
-        ("content-type", "application/grpc"),
-        ("te", "trailers"),
-    ]
-    client.send_headers(1, headers)
-    raw = body(b"abc").SerializeToString()
-    client.send_data(1, b"\x00" + len(raw).to_bytes(4, "big") + raw)
-    writer.write(client.data_to_send())
+    reader, writer = await _open_echo_stream(server.port)
     await asyncio.wait_for(echo.started.wait(), 20)
-    client.close_connection()
-    writer.write(client.data_to_send())
+    writer.write(_goaway_frame(0) + _raw_frame(0x0, 0x1, 1, _grpc_message(body(b"abcd"))))
+    received = await asyncio.wait_for(_read_all(reader), 20)  # the server closes
+    writer.close()
+    frames = [f for f in _frames(received) if f[2] == 1]
+    replies = [pb.ProcessingResponse.FromString(f[3][5:]) for f in frames if f[0] == 0x0]
+    assert [r.request_body.response.body_mutation.body for r in replies] == [b"3", b"4"]
+    assert frames[-1][0] == 0x1 and frames[-1][1] & 0x1  # trailers, END_STREAM
+    assert echo.finished == ["eof"]
+    await asyncio.wait_for(_until(lambda: server.active_streams == 0), 20)
+
+
+async def test_peer_goaway_with_an_error_cancels_streams_in_flight(served: Any) -> None:
+    server, echo, _ = served
+    reader, writer = await _open_echo_stream(server.port)
+    await asyncio.wait_for(echo.started.wait(), 20)
+    writer.write(_goaway_frame(0x2))  # INTERNAL_ERROR
     await asyncio.wait_for(_until(lambda: echo.finished == ["cancelled"]), 20)
     await asyncio.wait_for(_read_to_eof(reader), 5)  # times out unless the server closes
     writer.close()
@@ -587,3 +585,26 @@ async def _read_frames_until(
                 return frames
 
     return await asyncio.wait_for(read(), 20)
+
+
+def _grpc_message(message: Any) -> bytes:
+    raw: bytes = message.SerializeToString()
+    return b"\0" + len(raw).to_bytes(4, "big") + raw
+
+
+def _goaway_frame(code: int) -> bytes:
+    return _raw_frame(0x7, 0, 0, (0).to_bytes(4, "big") + code.to_bytes(4, "big"))
+
+
+async def _open_echo_stream(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection with stream 1 open on the Echo handler, its first message ``abc`` sent."""
+    import h2.config
+    import h2.connection
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    client.send_headers(1, _request_headers(PROCESS_PATH))
+    client.send_data(1, _grpc_message(body(b"abc")))
+    writer.write(client.data_to_send())
+    return reader, writer
