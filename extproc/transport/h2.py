@@ -91,6 +91,7 @@ STREAM_WINDOW = 8 * 1024 * 1024  # per-stream receive window we announce
 CONNECTION_WINDOW = 64 * 1024 * 1024
 MAX_FRAME_SIZE = 1024 * 1024  # the largest frame we accept (Envoy sends up to this)
 MAX_HEADER_LIST = 64 * 1024
+MAX_CONTINUATIONS = 64  # CONTINUATION frames in one header block (empty ones cost memory too)
 DRAIN_PING = b"mi-drain"
 LINGER = 2.0  # seconds a connection closed for a protocol error reads on (see _fail)
 
@@ -512,7 +513,7 @@ class _Connection(asyncio.Protocol):
             raise ConnectionFault(PROTOCOL_ERROR, "CONTINUATION without its HEADERS")
         fragments = self.continuation[2]
         fragments.append(payload)
-        if sum(map(len, fragments)) > MAX_HEADER_LIST * 2:
+        if len(fragments) > MAX_CONTINUATIONS or sum(map(len, fragments)) > MAX_HEADER_LIST * 2:
             raise ConnectionFault(PROTOCOL_ERROR, "header block over the size limit")
         if flags & END_HEADERS:
             first_flags = self.continuation[1]

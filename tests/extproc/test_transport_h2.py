@@ -400,6 +400,11 @@ async def test_windows_are_given_back_as_the_handler_reads(served: Any) -> None:
         ),
         pytest.param(lambda: _raw_frame(0x7, 0, 0, b"\0" * 4), FRAME_SIZE_ERROR, id="GOAWAY-short"),
         pytest.param(
+            lambda: _raw_frame(0x1, 0, 5) + _raw_frame(0x9, 0, 5) * 100,
+            PROTOCOL_ERROR_CODE,
+            id="CONTINUATION-flood",
+        ),
+        pytest.param(
             lambda: _window_update(1, 2**31 - 1 - 65535) + _settings(0x4, 65536),
             FLOW_CONTROL_ERROR,
             id="initial-window-past-2^31-1",
