@@ -462,6 +462,7 @@ class _Connection(asyncio.Protocol):
             self._caught_up(s)
 
     def _read_all(self, sid: int) -> None:
+        """Stream ``sid``'s handler has emptied its queue (StreamContext.read)."""
         s = self.streams.get(sid)
         if s is not None:
             self._caught_up(s)
