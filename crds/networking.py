@@ -270,7 +270,9 @@ class QueuePolicy(ApiModel):
         default=1000, description="Requests that may wait; more get 429.", ge=0, le=1000000
     )
     max_wait: Duration = Field(
-        default="60s", description="Longest wait for a pod with room (or, at zero, a ready pod); then 503 with Retry-After."
+        default="60s",
+        description="Longest wait for a pod with room (or, at zero, a ready pod); then 503 "
+        "with Retry-After.",
     )
     priority_header: str | None = Field(
         default=None,
