@@ -226,7 +226,7 @@ async def test_adapters_file_loaded_on_start_and_kept_in_sync(
     client = await sidecar(adapters_file=f)
 
     async def ready() -> bool:
-        return (await client.get("/ready")).status == 200
+        return bool((await client.get("/ready")).status == 200)
 
     await poll(ready)
     assert {"a", "b"} <= set(await engine_models(url))
@@ -261,7 +261,7 @@ async def test_engine_down_means_not_ready(
     client = await sidecar()
 
     async def ready() -> bool:
-        return (await client.get("/ready")).status == 200
+        return bool((await client.get("/ready")).status == 200)
 
     await poll(ready)
     assert (await client.get("/health")).status == 200
@@ -293,7 +293,7 @@ async def test_ready_as_soon_as_a_starting_engine_is_healthy(
     client = await sidecar(sync_interval=600.0)
 
     async def ready() -> bool:
-        return (await client.get("/ready")).status == 200
+        return bool((await client.get("/ready")).status == 200)
 
     await asyncio.sleep(0.5)  # the sidecar has looked at the engine: not healthy yet
     assert not await ready()
