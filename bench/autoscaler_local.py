@@ -15,8 +15,10 @@ Contenders (one run of the local stack each, ``--contender``):
 
 - ``static``: a Model with ``minReplicas`` = the replay's static fleet (peak concurrency / 6 per
   pod) and no autoscaling policy;
-- ``panic``: minReplicas 1, the API's default behaviour and panic policy (time-compressed) on the
-  gateway's in-flight (``--target`` per pod) and waiting (2 per pod) sums;
+- ``panic``: minReplicas 1, maxReplicas the static fleet's size (``--max-replicas``: the
+  capacity plan for the peak bounds the autoscaler), the API's default behaviour and panic
+  policy (time-compressed) on the gateway's in-flight (``--target`` per pod: headroom for the
+  trace's largest step, 8 -> 20 req/s, while pods start) and waiting (2 per pod) sums;
 - ``no-panic``: the same without the panic policy;
 - ``cold``: at the issue's real times (no compression: 30 s start-up, 15 s sync), a Model at zero
   gets one request: the seconds from sending it to its first token.
@@ -299,7 +301,10 @@ def run_day(args: argparse.Namespace, key: str) -> dict[str, Any]:
         policy = scaled_policy(compress, args.target, panic, window)
         doc = model_doc(1, args.max_replicas, policy)
         mode = "panic mode" if panic else "no panic mode"
-        name = f"autoscaler, API defaults, {mode} (in-flight target {args.target:g})"
+        name = (
+            f"autoscaler, API defaults, {mode} (in-flight target {args.target:g},"
+            f" max {args.max_replicas})"
+        )
         if key == TUNED:
             name = (
                 f"autoscaler, panic mode, scale-down window {args.down_window:g} s"
@@ -556,7 +561,11 @@ def main(argv: list[str] | None = None) -> int:
         "--target", type=float, default=2.6, help="in-flight requests per pod (default 2.6)"
     )
     ap.add_argument(
-        "--max-replicas", type=int, default=42, help="the autoscalers' maxReplicas (default 42)"
+        "--max-replicas",
+        type=int,
+        default=static_size(),
+        help="the autoscalers' maxReplicas (default: the static fleet's size, "
+        f"{static_size()}: the capacity plan for the peak bounds the autoscaler)",
     )
     ap.add_argument("--slo", type=float, default=1.0, help="TTFT SLO in seconds (default 1)")
     ap.add_argument(

@@ -37,9 +37,10 @@ last output line; the same failure again is said once more with its count only. 
 ``restartPolicy: Never`` the pod turns Failed (reason ``InitContainerFailed`` or ``Error``, the
 message naming the container and its last output line), and the ModelInfer controller replaces
 it. A deleted pod's processes are stopped (SIGTERM, then SIGKILL) and its directories removed.
-Every process gets SIGTERM when the kubelet's thread ends. Output of all of a pod's containers
-goes to ``<log dir>/pod-<namespace>-<name>.log``, each start announced by a ``local kubelet:``
-line.
+Deleted pods are stopped each by a task of its own, so a slow exit holds up no other
+pod's start, readiness or stop. Every process gets SIGTERM when the kubelet's thread ends.
+Output of all of a pod's containers goes to ``<log dir>/pod-<namespace>-<name>.log``, each
+start announced by a ``local kubelet:`` line.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ import datetime
 import importlib.util
 import ipaddress
 import logging
+import math
 import os
 import re
 import shutil
@@ -691,6 +693,8 @@ def _fetches_from_the_hub(container: Mapping[str, Any]) -> bool:
 
 RESTART_BACKOFF = 10.0  # seconds before the first restart of a failed container (Kubernetes')
 MAX_RESTART_BACKOFF = 300.0  # the cap of the doubling
+STOP_GRACE = 5.0  # seconds from SIGTERM to SIGKILL when a pod is deleted
+_EXIT_POLL = 0.05  # seconds between two looks at a stopping process
 
 
 def restart_delay(failures: int, base: float = RESTART_BACKOFF, cap: float = MAX_RESTART_BACKOFF
@@ -901,6 +905,7 @@ class LocalKubelet:
         restart_backoff: float = RESTART_BACKOFF,
         max_restart_backoff: float = MAX_RESTART_BACKOFF,
         clock: Callable[[], float] = time.monotonic,
+        stop_grace: float = STOP_GRACE,
     ) -> None:
         self.url = url.rstrip("/")
         self.objects = objects
@@ -916,7 +921,11 @@ class LocalKubelet:
         self.restart_backoff = restart_backoff
         self.max_restart_backoff = max_restart_backoff
         self.clock = clock
+        self.stop_grace = stop_grace
         self.pods: dict[tuple[str, str, str], LocalPod] = {}
+        # deleted pods whose processes are being stopped (each by a task of its own)
+        self.stopping: dict[tuple[str, str, str], LocalPod] = {}
+        self._stop_tasks: set[asyncio.Task[None]] = set()
         self.waiting: dict[tuple[str, str, str], str] = {}  # pod -> why it cannot start yet
         self.startup: dict[str, float] = {}  # pod -> seconds from its containers' start to Ready
         self.started: dict[str, float] = {}  # pod -> time.monotonic() its first process started
@@ -933,6 +942,8 @@ class LocalKubelet:
                     log.warning("local kubelet: %s; trying again", exc)
                 await asyncio.sleep(self.interval)
         finally:
+            for task in self._stop_tasks:
+                task.cancel()
             self.stop_all()
             await self.session.close()
 
@@ -980,11 +991,22 @@ class LocalKubelet:
             await self._check(local)
         for key in [k for k in self.waiting if k not in live]:
             del self.waiting[key]
-        for key in [k for k in self.pods if k not in live]:
-            local = self.pods.pop(key)
-            await self._stop(local)
+        for key in [k for k in self.pods if k not in live]:  # stopped beside the next passes
+            self.stopping[key] = local = self.pods.pop(key)
+            task = asyncio.create_task(self._remove(key, local), name=f"stop pod {local.name}")
+            self._stop_tasks.add(task)
+            task.add_done_callback(self._stop_tasks.discard)
+
+    async def _remove(self, key: tuple[str, str, str], local: LocalPod) -> None:
+        """Stop a deleted pod's processes and remove its directories. Runs as a task of its
+        own, so that a pod slow to exit (up to :attr:`stop_grace`) holds up neither the other
+        pods' stops nor the passes that start pods and report readiness."""
+        try:
+            await self._stop(local, self.stop_grace)
             shutil.rmtree(local.directory, ignore_errors=True)
             self.say(f"pod {local.name}: deleted, process stopped")
+        finally:
+            self.stopping.pop(key, None)
 
     @staticmethod
     def _files(
@@ -1312,24 +1334,25 @@ class LocalKubelet:
             if r.status >= 400 and r.status != 404:  # 404: deleted meanwhile
                 raise aiohttp.ClientError(f"PATCH pod {name} status: HTTP {r.status}")
 
-    async def _stop(self, local: LocalPod, grace: float = 5.0) -> None:
+    async def _stop(self, local: LocalPod, grace: float = STOP_GRACE) -> None:
         """SIGTERM to every process of the pod, then SIGKILL after ``grace`` seconds; waits
-        without blocking the loop (the API server shares it)."""
+        without blocking the loop (the API server shares it) and without a thread per
+        process (many pods stop at once on a scale-down)."""
         procs = local.all_procs()
         for proc in procs:
             _signal(proc, signal.SIGTERM)
         deadline = time.monotonic() + grace
         for proc in procs:
-            try:
-                await asyncio.to_thread(proc.wait, max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
+            if not await _exited(proc, deadline):
                 _signal(proc, signal.SIGKILL)
-                await asyncio.to_thread(proc.wait)
+                await _exited(proc, math.inf)
         self.addresses.release(local.host)
 
-    def stop_all(self, grace: float = 5.0) -> None:
-        """Every process: SIGTERM to all, then SIGKILL to those still running after ``grace``."""
-        procs = [p for local in self.pods.values() for p in local.all_procs()]
+    def stop_all(self, grace: float = STOP_GRACE) -> None:
+        """Every process (of the pods being stopped too): SIGTERM to all, then SIGKILL to those
+        still running after ``grace``."""
+        locals_ = [*self.pods.values(), *self.stopping.values()]
+        procs = [p for local in locals_ for p in local.all_procs()]
         for proc in procs:
             _signal(proc, signal.SIGTERM)
         deadline = time.monotonic() + grace
@@ -1340,6 +1363,17 @@ class LocalKubelet:
                 _signal(proc, signal.SIGKILL)
                 proc.wait()
         self.pods.clear()
+        self.stopping.clear()
+
+
+async def _exited(proc: subprocess.Popen[bytes], deadline: float) -> bool:
+    """Whether ``proc`` exits by ``deadline`` (time.monotonic()), looking every
+    :data:`_EXIT_POLL` seconds (no thread per process)."""
+    while proc.poll() is None:
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(_EXIT_POLL)
+    return True
 
 
 def _signal(proc: subprocess.Popen[bytes], sig: int) -> None:

@@ -63,6 +63,9 @@ LORA_PATHS = {
 }
 
 
+FIRST_SYNC_POLL = 0.1  # seconds between two looks at a starting engine, before the first sync
+
+
 @dataclass(frozen=True, slots=True)
 class SidecarConfig:
     engine: str  # vllm | sglang
@@ -250,7 +253,10 @@ class Sidecar:
                     await self.sync()
                 except Exception:  # keep syncing; the next round may succeed
                     log.exception("LoRA adapter sync failed")
-            await asyncio.sleep(self.cfg.sync_interval)
+            # until the first sync (the pod's readiness waits for it), look at the engine often:
+            # a starting engine's pod turns Ready as soon as it is healthy, not a period later
+            first = min(self.cfg.sync_interval, FIRST_SYNC_POLL)
+            await asyncio.sleep(self.cfg.sync_interval if self.state.synced else first)
 
     # ------------------------------------------------------------------ HTTP handlers
 

@@ -45,7 +45,7 @@ OTHER_TOOLS = {
     "--workload", "--trace", "--param", "--seeds", "--http-latency", "--metric", "--repeat",
     "--warm", "--kv-events",
     # python -m bench.autoscaler_local
-    "--contender", "--compress", "--report", "--slo",
+    "--contender", "--compress", "--report", "--slo", "--max-replicas",
 }  # fmt: skip
 
 

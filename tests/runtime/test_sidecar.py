@@ -50,8 +50,7 @@ async def sidecar(engine: tuple[str, Fleet], tmp_path: Path) -> AsyncIterator[St
             engine=kind,
             engine_url=fleet.pods[0].url,
             settings=Settings(cache=tmp_path / "cache", **(settings or {})),
-            sync_interval=0.1,
-            **kw,
+            **{"sync_interval": 0.1, **kw},
         )
         client = TestClient(TestServer(build_app(cfg)))
         await client.start_server()
@@ -227,7 +226,7 @@ async def test_adapters_file_loaded_on_start_and_kept_in_sync(
     client = await sidecar(adapters_file=f)
 
     async def ready() -> bool:
-        return (await client.get("/ready")).status == 200
+        return bool((await client.get("/ready")).status == 200)
 
     await poll(ready)
     assert {"a", "b"} <= set(await engine_models(url))
@@ -262,7 +261,7 @@ async def test_engine_down_means_not_ready(
     client = await sidecar()
 
     async def ready() -> bool:
-        return (await client.get("/ready")).status == 200
+        return bool((await client.get("/ready")).status == 200)
 
     await poll(ready)
     assert (await client.get("/health")).status == 200
@@ -279,6 +278,28 @@ async def test_engine_down_means_not_ready(
         assert r.status == 503, path
         assert fleet.pods[0].url in await r.text() or path == "/metrics"
     assert "unreachable" in await (await client.get("/ready")).text()
+
+
+async def test_ready_as_soon_as_a_starting_engine_is_healthy(
+    engine: tuple[str, Fleet],
+    sidecar: StartSidecar,
+) -> None:
+    """The first sync (which readiness waits for) follows the engine's start closely, not one
+    ``sync_interval`` later: an engine healthy after the sidecar started makes it ready."""
+    _, fleet = engine
+    fault = f"{fleet.pods[0].url}/sim/fault"
+    async with aiohttp.ClientSession() as s, s.post(fault, json={"not_ready": True}) as r:
+        assert r.status == 200, await r.text()
+    client = await sidecar(sync_interval=600.0)
+
+    async def ready() -> bool:
+        return bool((await client.get("/ready")).status == 200)
+
+    await asyncio.sleep(0.5)  # the sidecar has looked at the engine: not healthy yet
+    assert not await ready()
+    async with aiohttp.ClientSession() as s, s.post(fault, json={"not_ready": False}) as r:
+        assert r.status == 200, await r.text()
+    await poll(ready)  # without the fix: 600 s
 
 
 def test_the_program_serves_the_sim_until_sigterm(tmp_path: Path) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import subprocess
+import sys
 import time
 
 import openai
@@ -150,3 +152,27 @@ def test_waiting_queue_over_max_waiting_is_429(sim_factory: SimFactory) -> None:
         b.close()
         wait_until(lambda: state(pod)["running"] + state(pod)["waiting"] == 0, 10, "aborts")
         assert state(pod)["success"]["abort"] == 2
+
+
+def test_process_age_counts_from_the_process_start() -> None:
+    code = "import time; time.sleep(1.5); from sim.server import process_age; print(process_age())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert float(out.stdout) >= 1.5
+
+
+async def test_slow_start_counts_from_the_process_start() -> None:
+    """An engine's start-up includes its process's own start (imports on a busy machine): a
+    slow start shorter than this process's age is already over when the server starts."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from sim.config import SimConfig
+    from sim.server import SimServer, process_age
+
+    age = process_age()
+    assert age > 0.2  # pytest itself took that long to get here
+    server = SimServer(SimConfig(slow_start=age / 2))
+    async with TestClient(TestServer(server.app())) as client:
+        assert (await client.get("/health")).status == 200
+    server = SimServer(SimConfig(slow_start=age + 600))  # still starting
+    async with TestClient(TestServer(server.app())) as client:
+        assert (await client.get("/health")).status == 503
