@@ -41,6 +41,8 @@ OTHER_TOOLS = {
     "--model-path", "--nnodes", "--node-rank", "--key",
     # helm, kubectl
     "--create-namespace", "--server-side",
+    # envoy
+    "--file-flush-interval-msec",
     # python -m bench.fleetsim
     "--workload", "--trace", "--param", "--seeds", "--http-latency", "--metric", "--repeat",
     "--warm", "--kv-events",
