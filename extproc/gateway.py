@@ -108,7 +108,7 @@ from fleet.usage_envoy import (
 
 if TYPE_CHECKING:
     from extproc.parsing import ParsedRequest
-    from extproc.policies.enforce import Policies
+    from extproc.policies.enforce import Policies, PolicyError
     from extproc.routing import RouteDecision
     from extproc.tracing import Tracing
 
@@ -910,7 +910,7 @@ class Gateway:
         max_wait = self._max_wait(snap, parsed.model)
         if max_wait <= 0:
             return view
-        from extproc.policies.enforce import QUEUE_TIMEOUT_MARGIN, PolicyError, queue_notice
+        from extproc.policies.enforce import QUEUE_TIMEOUT_MARGIN, queue_notice
 
         notice = queue_notice.get()
         if notice is not None:  # tell Envoy to wait for this message while the request waits
@@ -928,13 +928,10 @@ class Gateway:
             left = deadline - self.clock()
             if left <= 0 or not await self.waking.wait(view.key, left):
                 break
-        retry = max(1, math.ceil(max_wait / 4))
-        raise PolicyError(
-            no_pod_available(
-                f"ModelServer '{view.name}' had no ready pod within {max_wait:g}s (it may be "
-                f"starting from zero; ModelRoute '{state.route}' queue.maxWait)"
-            ),
-            {"retry-after": str(retry)},
+        raise _waited_too_long(
+            f"ModelServer '{view.name}' had no ready pod within {max_wait:g}s (it may be "
+            f"starting from zero; ModelRoute '{state.route}' queue.maxWait)",
+            max_wait,
         )
 
     async def _wait_for_room(
@@ -957,7 +954,7 @@ class Gateway:
         max_wait = self._max_wait(snap, parsed.model)
         if max_wait <= 0:
             raise saturated
-        from extproc.policies.enforce import QUEUE_TIMEOUT_MARGIN, PolicyError, queue_notice
+        from extproc.policies.enforce import QUEUE_TIMEOUT_MARGIN, queue_notice
 
         left = state.started + max_wait - self.clock()
         if left > 0:
@@ -985,13 +982,10 @@ class Gateway:
                         future.cancel()
                     elif not future.cancelled() and future.exception() is None:
                         self._undo(future.result())  # scheduled just as the waiter gave up
-        retry = max(1, math.ceil(max_wait / 4))
-        raise PolicyError(
-            no_pod_available(
-                f"every pod of ModelServer '{view.name}' stayed saturated for {max_wait:g}s "
-                f"(ModelRoute '{state.route}': queue.maxWait, or the gateway's --wake-timeout)"
-            ),
-            {"retry-after": str(retry)},
+        raise _waited_too_long(
+            f"every pod of ModelServer '{view.name}' stayed saturated for {max_wait:g}s "
+            f"(ModelRoute '{state.route}': queue.maxWait, or the gateway's --wake-timeout)",
+            max_wait,
         )
 
     def _max_wait(self, snap: Snapshot, model: str) -> float:
@@ -1282,3 +1276,12 @@ class Gateway:
                     extra={"request_id": state.request_id},
                 )
         state.pod_name = None
+
+
+def _waited_too_long(reason: str, max_wait: float) -> PolicyError:
+    """The 503 of a request that waited ``max_wait`` seconds for a pod in vain; it may come back
+    after a quarter of that wait (at least 1 s)."""
+    from extproc.policies.enforce import PolicyError
+
+    retry = max(1, math.ceil(max_wait / 4))
+    return PolicyError(no_pod_available(reason), {"retry-after": str(retry)})
