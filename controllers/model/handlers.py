@@ -32,6 +32,7 @@ from controllers.model.types import (
     LABEL_MODEL,
     MODEL_PLURAL,
     ChildKind,
+    ChildRef,
     ObservedChild,
 )
 from crds.registry import REGISTRY_GROUP
@@ -115,8 +116,10 @@ def _register_child(
         registry=registry,
     )
     async def child_event(
-        namespace: str | None, labels: kopf.Labels, logger: kopf.Logger, **kwargs: Any
+        namespace: str | None, name: str, labels: kopf.Labels, logger: kopf.Logger, **kwargs: Any
     ) -> None:
         owner = labels.get(LABEL_MODEL)
         if owner:
-            await controller.reconcile(_key(namespace, owner), kwargs, logger)
+            key = _key(namespace, owner)
+            controller.child_event(key, ChildRef(kind, name))
+            await controller.reconcile(key, kwargs, logger)

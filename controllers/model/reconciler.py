@@ -269,6 +269,15 @@ class ModelController:
             return observed
         return observed + [child for _, child in created.values()]
 
+    def child_event(self, key: Key, ref: ChildRef) -> None:
+        """An event of the child ``ref`` of the Model ``key``: the indexes show that child (or
+        its deletion) from now on, so what this controller remembers of creating it is dropped.
+        Otherwise a child deleted before any reconcile saw it indexed would count as present
+        until CREATED_TTL, and not be created again."""
+        created = self.created.get(key)
+        if created is not None and created.pop(ref, None) is not None and not created:
+            del self.created[key]
+
     def _remember(self, ns: str, model: str, kind: ChildKind, body: object) -> None:
         child = child_from_json(kind, body) if isinstance(body, Mapping) else None
         if model and child is not None:

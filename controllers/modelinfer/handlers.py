@@ -60,8 +60,8 @@ def register(registry: kopf.OperatorRegistry, controller: ModelInferController) 
         return {key: tmpl} if key is not None and tmpl is not None else None
 
     @kopf.on.event("pods", labels=_OURS, id="modelinfer-pod-events", registry=registry)
-    def pod_event(body: kopf.Body, **_: Any) -> None:
-        controller.wake(observe.owner_key(body))
+    def pod_event(body: kopf.Body, name: str, **_: Any) -> None:
+        controller.pod_event(observe.owner_key(body), name)
 
     @kopf.on.event("services", labels=_OURS, id="modelinfer-service-events", registry=registry)
     def service_event(body: kopf.Body, **_: Any) -> None:

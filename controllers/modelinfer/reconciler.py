@@ -158,6 +158,16 @@ class ModelInferController:
         if key is not None and key in self.loops:
             self.loops[key].wake.set()
 
+    def pod_event(self, key: Key | None, name: str) -> None:
+        """An event of the pod ``name`` of the ModelInfer ``key``: the index shows that pod (or
+        its deletion) from now on, so the expectation of creating it is dropped; a pod deleted
+        before a pass saw it indexed (Kopf may coalesce its ADDED and DELETED) would otherwise
+        count as present until EXPECTATION_TTL, and not be replaced. Wakes the loop."""
+        loop = self.loops.get(key) if key is not None else None
+        if loop is not None:
+            loop.expect.created.pop(name, None)
+            loop.wake.set()
+
     async def gang_available(self) -> bool:
         """Discovery of the Volcano PodGroup CRD, cached; one request at a time for all loops."""
         if self._gang_lock is None:

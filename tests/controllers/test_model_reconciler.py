@@ -13,7 +13,7 @@ import pytest
 from controllers.kube import ApiError
 from controllers.metrics import ControllerMetrics
 from controllers.model.reconciler import CREATED_TTL, MODEL_INDEX, ModelController
-from controllers.model.types import EventNote
+from controllers.model.types import ChildRef, EventNote
 from matrixinfer.testing.kube import eventually
 
 BODY: dict[str, Any] = {
@@ -146,6 +146,26 @@ async def test_children_it_just_created_are_not_created_again() -> None:
     now[0] = CREATED_TTL + 1
     await controller.reconcile(("ns", "m"), indexes, log)
     assert sorted(client.writes) == sorted(created * 2)
+    await controller.close()
+
+
+async def test_a_child_deleted_before_a_reconcile_saw_it_indexed_is_created_again() -> None:
+    """The watch shows a child just created and then its deletion, with no reconcile between
+    (events coalesce under load): the child's events drop the memo of creating it, so the next
+    reconcile creates it again at once, not after CREATED_TTL."""
+    controller = ModelController(
+        ControllerMetrics(), post_event=lambda _b, _ev: None, clock=lambda: 0.0
+    )
+    client = RecordingClient()
+    controller.client = client  # type: ignore[assignment]
+    indexes = {MODEL_INDEX: {("ns", "m"): [BODY]}}
+    log = logging.getLogger("test")
+    await controller.reconcile(("ns", "m"), indexes, log)
+    assert "create ModelRoute m" in client.writes
+    client.writes.clear()
+    controller.child_event(("ns", "m"), ChildRef("ModelRoute", "m"))  # ADDED, then DELETED
+    await controller.reconcile(("ns", "m"), indexes, log)
+    assert client.writes == ["create ModelRoute m"]
     await controller.close()
 
 
