@@ -55,7 +55,7 @@ kind: ModelRoute
 metadata: {name: impatient}
 spec:
   modelName: impatient-model
-  queue: {maxQueued: 10, maxWait: 300ms}
+  queue: {maxQueued: 10, maxWait: 300ms, priorityHeader: x-priority}
   rules: [{targets: [{modelServerName: small}]}]
 ---
 apiVersion: networking.matrixinfer.ai/v1alpha1
@@ -213,12 +213,14 @@ def test_full_queue_429_and_timeout_503_and_disconnect(queue_stack: GatewayStack
 
 
 def _times_out_in_the_queue(stack: GatewayStack, attempts: int = 5) -> openai.APIStatusError:
-    """The 503 of a request that waited past its route's maxWait (300 ms). An attempt may be
-    served instead when a scrape happened to show the pod with room (or its metrics were
+    """The 503 of a request that waited past its route's maxWait (300 ms). It asks for priority
+    -5, behind the flood's queued requests: as the light user it would otherwise take the next
+    free slot by fair share, and on a loaded machine one often frees within 300 ms. An attempt
+    may still be served when a scrape happened to show the pod with room (or its metrics were
     unknown) as it arrived; it is repeated; a queue that never times out fails every attempt."""
     for _ in range(attempts):
         try:
-            call(stack, "key-light", "impatient-model")
+            call(stack, "key-light", "impatient-model", headers={"x-priority": "-5"})
         except openai.InternalServerError as exc:
             return exc
     raise AssertionError(f"none of {attempts} requests timed out in the queue")
