@@ -28,7 +28,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", type=Path, help="logs of the sims and routers (default: temp)")
     p.add_argument("--contenders", help="comma-separated contenders (default: the suite's)")
     p.add_argument("--qps", help="comma-separated sweep QPS points (default: the suite's)")
-    p.add_argument("--duration", type=float, help="seconds of arrivals per point")
+    p.add_argument(
+        "--duration",
+        type=float,
+        help="seconds of arrivals per point (default: the suite's; other workloads that set "
+        "their own keep it)",
+    )
     p.add_argument("--replicas", type=int, help="simulator pods")
     p.add_argument("--no-extra", action="store_true", help="only the sweep, no other workloads")
     p.add_argument("--from-json", type=Path, help="rebuild the report from a results file")

@@ -27,7 +27,14 @@ from bench.loadgen import Conversation
 from bench.workloads import WORKLOADS
 from sim.tokenizer import Tokenizer, apply_chat_template
 
-__all__ = ["CacheBounds", "cache_bounds", "main"]
+__all__ = [
+    "CacheBounds",
+    "blocks_per_pod",
+    "cache_bounds",
+    "conversations",
+    "main",
+    "served_from_cache",
+]
 
 BLOCK = 16
 
@@ -100,7 +107,7 @@ def cache_bounds(convs: Sequence[Conversation], replicas: int, blocks_per_pod: i
     )
 
 
-def _conversations(cfg: dict[str, Any], workload: str) -> list[Conversation]:
+def conversations(cfg: dict[str, Any], workload: str) -> list[Conversation]:
     if workload == cfg["sweep_workload"]:
         qps = cfg["sweep_qps"][0]
         return WORKLOADS[workload](
@@ -115,8 +122,17 @@ def _conversations(cfg: dict[str, Any], workload: str) -> list[Conversation]:
     )
 
 
-def _blocks_per_pod(sim_args: list[str]) -> int:
+def blocks_per_pod(sim_args: list[str]) -> int:
     return int(sim_args[sim_args.index("--num-gpu-blocks") + 1])
+
+
+def served_from_cache(point: dict[str, Any]) -> float:
+    """1 - prefill tokens the engines computed / prompt tokens, summed over a point's sims
+    (recomputation after preemption counts as computed)."""
+    states = point.get("sim_state", {}).values()
+    prompt = sum(s.get("prompt_tokens", 0) for s in states)
+    computed = sum(s.get("prefill_computed_tokens", 0) for s in states)
+    return 1 - computed / prompt if prompt else float("nan")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         if len({pt["qps"] for pt in points}) > 1:
             print(f"{workload}: several QPS points; the bounds below are for the first")
         b = cache_bounds(
-            _conversations(cfg, workload), cfg["replicas"], _blocks_per_pod(cfg["sim_args"])
+            conversations(cfg, workload), cfg["replicas"], blocks_per_pod(cfg["sim_args"])
         )
         print(
             f"\n{workload}: achievable from cache {b.unbounded:.2f} (unbounded cache), "
@@ -156,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             prompt = sum(s.get("prompt_tokens", 0) for s in st)
             computed = sum(s.get("prefill_computed_tokens", 0) for s in st)
             pre = sum(s.get("preemptions", 0) for s in st)
-            served = 1 - computed / prompt if prompt else float("nan")
+            served = served_from_cache(pt)
             print(
                 f"| {pt['contender']} | {hits / max(queries, 1):.2f} | "
                 f"{computed / max(prompt, 1):.2f} | {pre} | {served:.2f} | "

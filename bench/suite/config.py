@@ -169,7 +169,6 @@ PREFIX_SUITE = SuiteConfig(
             workload="zipf_prefix",
             qps=30.0,
             args={"groups": 96, "system_tokens": 4000, "question_tokens": 24, "max_tokens": 64},
-            duration=12.0,
         ),
     ],
 )

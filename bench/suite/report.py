@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.suite.peer_targets import check_peer_targets, peer_target_rows
+
 __all__ = ["TargetCheck", "check_targets", "write_plots", "write_report"]
 
 OURS = "ours-default"
@@ -339,6 +341,7 @@ def write_report(
             )
         out.append("")
 
+    out += peer_target_rows(check_peer_targets(result))
     out += [f"## Sweep: `{workload}`", ""]
     for p in plots:
         out += [f"![{p.stem}]({p.name})", ""]
