@@ -8,6 +8,12 @@ point's conversations (same generator, seed and sizes as the suite) and prints, 
   one LRU of prefixes the size of the fleet's KV cache; groups partitioned over the pods by
   popularity, each pod an LRU of the prefixes its own cache holds. All ignore the blocks running
   requests occupy, so they are upper bounds;
+- the fraction of requests that must prefill their whole shared prefix under each of them, and
+  a lower bound on it for any router: one cache of prefixes the size of the whole fleet's,
+  managed by the offline optimum (Belady: on a miss, drop whichever prefix, the new one
+  included, is next asked for furthest in the future). Any placement of prefixes over the pods
+  is one way to run that single cache, so no router misses fewer. Above a tenth of the
+  requests, no router's p90 TTFT is below one unloaded prefill of the prompt;
 - per contender, the engines' own counters (``/sim/state`` deltas, the numbers behind
   ``vllm:prefix_cache_hits``/``_queries``): hits / queries, prefill tokens computed / prompt
   tokens (1 minus the served-from-cache fraction, recomputation after preemption included),
@@ -33,6 +39,7 @@ __all__ = [
     "cache_bounds",
     "conversations",
     "main",
+    "optimal_misses",
     "served_from_cache",
 ]
 
@@ -45,6 +52,7 @@ class CacheBounds:
 
     __slots__ = (
         "cold_fleet_lru",
+        "cold_optimal",
         "cold_partitioned",
         "cold_unbounded",
         "fleet_lru",
@@ -61,6 +69,7 @@ class CacheBounds:
         partitioned: int,
         cold: tuple[int, int, int] = (0, 0, 0),
         requests: int = 1,
+        cold_optimal: int = 0,
     ) -> None:
         self.prompt_tokens = prompt
         self.unbounded = unbounded / prompt
@@ -68,6 +77,30 @@ class CacheBounds:
         self.partitioned = partitioned / prompt
         n = max(requests, 1)
         self.cold_unbounded, self.cold_fleet_lru, self.cold_partitioned = (x / n for x in cold)
+        self.cold_optimal = cold_optimal / n
+
+
+def optimal_misses(tags: Sequence[str], capacity: int) -> int:
+    """Misses of one cache of ``capacity`` prefixes under the offline optimum (Belady, with the
+    choice of not keeping the new prefix): a lower bound for any way of caching the sequence."""
+    n = len(tags)
+    following = [n] * n  # index of the next request for the same prefix
+    last: dict[str, int] = {}
+    for i in range(n - 1, -1, -1):
+        following[i] = last.get(tags[i], n)
+        last[tags[i]] = i
+    cache: dict[str, int] = {}  # prefix -> index of its next request
+    misses = 0
+    for i, tag in enumerate(tags):
+        if tag not in cache:
+            misses += 1
+            if len(cache) >= capacity:
+                furthest = max(cache, key=cache.__getitem__)
+                if cache[furthest] <= following[i]:
+                    continue  # the new prefix is the one asked for last: do not keep it
+                del cache[furthest]
+        cache[tag] = following[i]
+    return misses
 
 
 def cache_bounds(convs: Sequence[Conversation], replicas: int, blocks_per_pod: int) -> CacheBounds:
@@ -80,6 +113,7 @@ def cache_bounds(convs: Sequence[Conversation], replicas: int, blocks_per_pod: i
     fleet: OrderedDict[str, None] = OrderedDict()
     pods: list[OrderedDict[str, None]] = [OrderedDict() for _ in range(replicas)]
     seen: set[str] = set()
+    most_per_pod = 1  # prefixes of the shortest shared prompt one pod holds (optimistic)
     prompt = unbounded = fleet_lru = partitioned = 0
     cold = [0, 0, 0]  # requests missing their prefix: unbounded, fleet LRU, partitioned
     for c in convs:
@@ -87,6 +121,7 @@ def cache_bounds(convs: Sequence[Conversation], replicas: int, blocks_per_pod: i
         prompt += tok.count(apply_chat_template([("system", system), ("user", c.turns[0])]))
         shared = tok.count(apply_chat_template([("system", system)], False)) // BLOCK * BLOCK
         per_pod = max(1, blocks_per_pod * BLOCK // max(shared, 1))  # prefixes one pod holds
+        most_per_pod = max(most_per_pod, per_pod)
         unbounded += shared if c.tag in seen else 0
         cold[0] += c.tag not in seen
         seen.add(c.tag)
@@ -103,7 +138,13 @@ def cache_bounds(convs: Sequence[Conversation], replicas: int, blocks_per_pod: i
                 if len(cache) > cap:
                     cache.popitem(last=False)
     return CacheBounds(
-        prompt, unbounded, fleet_lru, partitioned, (cold[0], cold[1], cold[2]), len(convs)
+        prompt,
+        unbounded,
+        fleet_lru,
+        partitioned,
+        (cold[0], cold[1], cold[2]),
+        len(convs),
+        optimal_misses([c.tag for c in convs], most_per_pod * replicas),
     )
 
 
@@ -158,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"requests that must prefill their whole shared prefix: {b.cold_unbounded:.2f} "
             f"(unbounded), {b.cold_fleet_lru:.2f} (fleet-sized LRU), {b.cold_partitioned:.2f} "
-            "(partitioned); above 0.10, no router's p90 TTFT is below one unloaded prefill"
+            f"(partitioned), at least {b.cold_optimal:.2f} under any router (fleet-sized "
+            "optimal cache); above 0.10, no router's p90 TTFT is below one unloaded prefill"
         )
         print(
             "| contender | engine hits / queries | prefill computed / prompt | preemptions "

@@ -28,3 +28,26 @@ def test_repeats_hit_up_to_what_the_caches_hold() -> None:
     assert tight.fleet_lru == 0 and tight.partitioned == 0  # the groups alternate
     two = cache_bounds(convs, replicas=2, blocks_per_pod=10)  # g0 alone on its pod
     assert 0 < two.partitioned < per.partitioned
+
+
+def test_the_optimal_cache_misses_least_and_may_decline_a_prefix() -> None:
+    from bench.suite.cache_bounds import optimal_misses
+
+    # capacity 2: on the miss of c, drop the prefix asked for furthest ahead (b, never again)
+    assert optimal_misses(list("abcacaca"), 2) == 3  # a, b, c; then a and c stay
+    # LRU with the same capacity misses every request of a cycle one longer than the cache
+    cycle = list("abc" * 4)
+    assert optimal_misses(cycle, 2) < len(cycle)
+    # a one-off prefix is not kept when both cached ones come back sooner
+    assert optimal_misses(list("abzab"), 2) == 3
+    assert optimal_misses(list("aaaa"), 1) == 1
+    assert optimal_misses([], 3) == 0
+
+
+def test_the_optimal_bound_is_below_every_policy_it_bounds() -> None:
+    rng = random.Random(1)
+    systems = [words(rng, 160) for _ in range(6)]  # ~10 blocks each
+    groups = [rng.choice([0, 0, 0, 1, 1, 2, 3, 4, 5]) for _ in range(60)]
+    b = cache_bounds([conv(g, systems[g]) for g in groups], replicas=2, blocks_per_pod=20)
+    assert b.cold_unbounded <= b.cold_optimal <= min(b.cold_fleet_lru, b.cold_partitioned)
+    assert b.cold_optimal < b.cold_fleet_lru  # the LRU drops the hot prefix now and then

@@ -23,7 +23,13 @@ def point(
         "workload": workload,
         "mode": mode,
         "qps": 0.0 if mode == "probe" else 30.0,
-        "summary": {"ttft_p50": p90, "ttft_p90": p90, "output_tok_per_s": tok},
+        "summary": {
+            "ttft_p50": p90,
+            "ttft_p90": p90,
+            "output_tok_per_s": tok,
+            "requests": 10,
+            "ok": 10 if tok else 9,
+        },
         "sim_state": {"sim-0": {"prompt_tokens": 1000, "prefill_computed_tokens": computed}},
     }
 
@@ -35,7 +41,7 @@ def result(points: list[dict[str, Any]]) -> dict[str, Any]:
 
 def bounds(cold: float) -> CacheBounds:
     # 100 requests of 10 tokens each; the partitioned bound serves 750 of 1000 prompt tokens
-    return CacheBounds(1000, 800, 760, 750, (round(cold * 100), 0, 0), 100)
+    return CacheBounds(1000, 800, 760, 750, (0, 0, 0), 100, round(cold * 100))
 
 
 def fleet(workload: str, ours_p90: float, loaded_base: float = 2.0) -> list[dict[str, Any]]:
@@ -64,7 +70,8 @@ def test_ours_is_held_to_the_best_policy_of_each_measure() -> None:
     # served from cache from the engines' counters, against the partitioned bound
     assert shared.served == pytest.approx(0.69) and shared.achievable == pytest.approx(0.75)
     assert shared.cache_ok  # 0.92 of the achievable
-    # the floor applies where more than a tenth of requests prefill their whole prompt
+    # the floor applies where more than a tenth of requests prefill their whole prompt under
+    # the offline-optimal cache
     assert shared.floor is None and shared.floor_ratio is None
     assert z.floor == 0.3 and z.floor_ratio == pytest.approx(0.75)
     rows = peer_target_rows([shared, z])
@@ -81,3 +88,15 @@ def test_points_the_baseline_is_not_loaded_at_or_without_peers_are_not_checked()
     assert peer_target_rows([]) == []
     no_probe = result(fleet("shared", 0.2))
     assert check_peer_targets(no_probe, {"shared": bounds(0.0)}) == []
+
+
+def test_throughput_is_level_within_a_percent_only_where_both_served_everything() -> None:
+    probe = point("envoy-rr", "shared", 0.3, mode="probe")
+    pts = fleet("shared", 0.19)
+    pts[1]["summary"]["output_tok_per_s"] = 1540.0  # 0.994 of power_of_two's 1550
+    res = result([probe, *pts])
+    (check,) = check_peer_targets(res, {"shared": bounds(0.0)})
+    assert check.all_served and check.tok_ok
+    pts[1]["summary"]["ok"] = 9  # ours lost a request: held to the plain comparison
+    (check,) = check_peer_targets(result([probe, *pts]), {"shared": bounds(0.0)})
+    assert not check.all_served and not check.tok_ok
