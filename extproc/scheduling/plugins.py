@@ -40,6 +40,7 @@ from extproc.scheduling.tokenizers import (
 from extproc.scheduling.types import (
     AllPodsSaturated,
     NoPodAvailable,
+    NoPodReady,
     SchedulingRequest,
     SchedulingResult,
 )
@@ -168,7 +169,7 @@ class ReadyFilter(Filter):
         return [p for p in pods if p.ready]
 
     def error(self, ctx: Context, pods: list[Pod]) -> NoPodAvailable:
-        return NoPodAvailable(f"none of the {_plural(len(pods), 'pod')} of {ctx.server} is ready")
+        return NoPodReady(f"none of the {_plural(len(pods), 'pod')} of {ctx.server} is ready")
 
 
 class SaturationFilter(Filter):
