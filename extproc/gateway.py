@@ -470,10 +470,6 @@ class WakeRoom:
         self._lines: dict[str, deque[RoomWaiter]] = {}
         self._ticker: asyncio.Task[None] | None = None
 
-    @property
-    def has_waiters(self) -> bool:
-        return bool(self._waiters)
-
     def counts(self) -> dict[str, int]:
         """Server key -> how many requests wait for it (only keys with waiting requests)."""
         counts = {key: len(waiters) for key, waiters in self._waiters.items()}
