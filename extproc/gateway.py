@@ -90,6 +90,7 @@ from extproc.policies.usage import force_usage
 from extproc.scheduling.types import (
     AllPodsSaturated,
     NoPodAvailable,
+    NoPodReady,
     SchedulingRequest,
     SchedulingResult,
 )
@@ -469,10 +470,6 @@ class WakeRoom:
         self._lines: dict[str, deque[RoomWaiter]] = {}
         self._ticker: asyncio.Task[None] | None = None
 
-    @property
-    def has_waiters(self) -> bool:
-        return bool(self._waiters)
-
     def counts(self) -> dict[str, int]:
         """Server key -> how many requests wait for it (only keys with waiting requests)."""
         counts = {key: len(waiters) for key, waiters in self._waiters.items()}
@@ -556,8 +553,8 @@ class WakeRoom:
     def outcome(waiter: RoomWaiter) -> str:
         """How a wait for room ended, as its waiting task leaves the line: ``left`` (the task is
         being cancelled: the client went away, even if a pod was found just then), ``served``
-        (scheduled), ``failed`` (a scheduling error other than saturation: its answer),
-        ``timed_out`` (nothing yet: its bound ran out)."""
+        (scheduled), ``failed`` (a scheduling error other than saturation or no ready pod: its
+        answer), ``timed_out`` (nothing yet: its bound ran out)."""
         task = asyncio.current_task()
         future = waiter.future
         if future.cancelled() or (task is not None and task.cancelling()):
@@ -567,9 +564,11 @@ class WakeRoom:
         return "served" if future.exception() is None else "failed"
 
     def serve(self, key: str) -> int:
-        """Schedule the server's line from its head while a pod has room: first come first
-        served (the head keeps its place while every pod is saturated; nobody behind it
-        overtakes). A failure other than saturation is that waiter's answer. The number served."""
+        """Schedule the server's line from its head while a pod can take a request: first come
+        first served (the head keeps its place while every pod is saturated or none is ready,
+        as a newcomer would wait then; nobody behind it overtakes). Any other failure (e.g. no
+        pod has the request's LoRA adapter) is that waiter's answer, as a newcomer's, and the
+        line goes on. The number served."""
         line = self._lines.get(key)
         served = 0
         while line:
@@ -579,7 +578,7 @@ class WakeRoom:
                 continue
             try:
                 result = head.attempt()
-            except AllPodsSaturated:
+            except (AllPodsSaturated, NoPodReady):  # the line waits on
                 break
             except Exception as exc:  # e.g. no pod at all any more: its answer, not the line's
                 line.popleft()

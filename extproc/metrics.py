@@ -179,7 +179,7 @@ class GatewayMetrics(LabelCache):
             "Requests that waited for room on a ModelServer's saturated pods without a fair "
             "queue, by ModelServer (namespace, server) and how the wait ended (outcome: served "
             "| timed_out, answered 503 | left, the client went away | failed, a scheduling "
-            "failure other than saturation, answered 503).",
+            "failure other than saturation or no ready pod, answered 503).",
             ["namespace", "server", "outcome"],
             registry=r,
         )

@@ -174,8 +174,8 @@ class KVCacheManager:
         self.root = self._hasher.root
         self._lora_ids: dict[str, int] = {}
         # the last lookup: (sequence, pool.evictions then, its cached prefix before trimming,
-        # the sequence's hashes)
-        self._last_lookup: tuple[SeqLike, int, list[int], list[BlockHash]] | None = None
+        # the hash of that prefix's last block)
+        self._last_lookup: tuple[SeqLike, int, list[int], BlockHash | None] | None = None
 
     def _hashes(self, seq: SeqLike, num_tokens: int) -> list[BlockHash]:
         """Chained hashes of the full blocks among the first ``num_tokens`` tokens (computed once
@@ -231,17 +231,15 @@ class KVCacheManager:
         # A waiting request is looked up again at every engine step until it is admitted, and
         # requests that share a prompt's start follow each other. If no cached hash was dropped
         # since the last lookup, the prefix it found still hits (a hash, once cached, keeps its
-        # block until evicted) for any sequence whose hashes start with the same ones: only the
-        # hashes after it are looked up (the hashes compare by identity first, and requests of
-        # one prompt share the digest objects).
+        # block until evicted) for any sequence whose hashes start with the same ones — whose
+        # hash of the prefix's last block is the same, since a block's hash chains over every
+        # block before it: only the hashes after it are looked up.
         last = self._last_lookup
         prefix: list[int] = []
         start = 0
         if last is not None and last[1] == pool.evictions:
             m = len(last[2])
-            if last[0] is seq or (
-                m and len(hs) >= m and hs[m - 1] == last[3][m - 1] and hs[:m] == last[3][:m]
-            ):
+            if last[0] is seq or (m and len(hs) >= m and hs[m - 1] == last[3]):
                 prefix = last[2]
                 start = m
         cached = pool.cached
@@ -253,7 +251,7 @@ class KVCacheManager:
             found.append(None)  # (when all hit)
             del found[found.index(None) :]
             prefix = prefix + cast("list[int]", found) if start else cast("list[int]", found)
-        self._last_lookup = (seq, pool.evictions, prefix, hs)
+        self._last_lookup = (seq, pool.evictions, prefix, hs[len(prefix) - 1] if prefix else None)
         # (a copy: the prefix is kept for the next lookup)
         if prefix and len(prefix) * self.block_size >= num_tokens:
             return prefix[:-1]

@@ -40,6 +40,7 @@ from extproc.scheduling.tokenizers import (
 from extproc.scheduling.types import (
     AllPodsSaturated,
     NoPodAvailable,
+    NoPodReady,
     SchedulingRequest,
     SchedulingResult,
 )
@@ -168,7 +169,7 @@ class ReadyFilter(Filter):
         return [p for p in pods if p.ready]
 
     def error(self, ctx: Context, pods: list[Pod]) -> NoPodAvailable:
-        return NoPodAvailable(f"none of the {_plural(len(pods), 'pod')} of {ctx.server} is ready")
+        return NoPodReady(f"none of the {_plural(len(pods), 'pod')} of {ctx.server} is ready")
 
 
 class SaturationFilter(Filter):
@@ -684,15 +685,18 @@ class PrecisePrefixScorer(Scorer):
         rc = self.request_cost
         load = LeastRequestScorer.load
         get = matched.get
-        costs = [max(0, n_tokens - get(p.name, 0)) + rc * load(p) for p in pods]
+        misses = [max(0, n_tokens - get(p.name, 0)) for p in pods]  # tokens to prefill
+        costs = [m + rc * load(p) for p, m in zip(pods, misses, strict=True)]
         if key is not None and self.copy_cost > 0:
             # a pod other than the prefix's home pays for the cache slots a copy would take
-            by_cost = sorted(range(len(pods)), key=costs.__getitem__)
-            home = self.homes.home(key, [pods[i].name for i in by_cost])
+            home = self.homes.get(key)
+            if home is None:  # first seen: homed on the emptiest pod, the cheapest first
+                by_cost = sorted(range(len(pods)), key=costs.__getitem__)
+                home = self.homes.home(key, [pods[i].name for i in by_cost])
             cc = self.copy_cost
             costs = [
-                c if p.name == home else c + cc * max(0, n_tokens - get(p.name, 0))
-                for p, c in zip(pods, costs, strict=True)
+                c if p.name == home else c + cc * m
+                for p, c, m in zip(pods, costs, misses, strict=True)
             ]
         slack = min(group[2] for group in groups)
         top = min(costs) + slack

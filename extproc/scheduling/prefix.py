@@ -165,20 +165,26 @@ class PrefixHomes:
         self._home: dict[int, str] = {}  # insertion order = LRU order (oldest first)
         self._count: dict[str, int] = {}
 
+    def get(self, key: int) -> str | None:
+        """The prefix's home, if it has one (it becomes the most recently used)."""
+        home = self._home.pop(key, None)
+        if home is not None:
+            self._home[key] = home  # most recently used last
+        return home
+
     def home(self, key: int, candidates: Sequence[str]) -> str | None:
         """The prefix's home, homing it on the emptiest of ``candidates`` if it has none
         (None without candidates)."""
-        home = self._home.pop(key, None)
-        if home is None:
-            if not candidates:
-                return None
-            count = self._count
-            home = min(candidates, key=lambda name: count.get(name, 0))
-            count[home] = count.get(home, 0) + 1
-            if len(self._home) >= self.capacity:
-                old = next(iter(self._home))
-                self._drop(old, self._home.pop(old))
-        self._home[key] = home  # most recently used last
+        home = self.get(key)
+        if home is not None or not candidates:
+            return home
+        count = self._count
+        home = min(candidates, key=lambda name: count.get(name, 0))
+        count[home] = count.get(home, 0) + 1
+        if len(self._home) >= self.capacity:
+            old = next(iter(self._home))
+            self._drop(old, self._home.pop(old))
+        self._home[key] = home
         return home
 
     def _drop(self, key: int, pod: str) -> None:

@@ -57,6 +57,11 @@ class NoPodAvailable(Exception):
         self.reason = reason
 
 
+class NoPodReady(NoPodAvailable):
+    """No candidate pod is ready right now (raised by the ``ready`` filter): a request waiting
+    for room keeps waiting, as for saturation, until one is (``extproc.gateway.WakeRoom``)."""
+
+
 class AllPodsSaturated(NoPodAvailable):
     """Every candidate pod is saturated right now: the request may wait in the fair queue and be
     scheduled again later (raised by the ``saturation`` filter)."""

@@ -822,8 +822,8 @@ class _Connection(asyncio.Protocol):
                 s.held = 0
             self.blocked.discard(s.sid)
             self.server._stream_closed()
-            if self.close_when_idle and not self.streams:
-                self._close()
+            if self.close_when_idle and not self.streams and not self.closed:
+                self._close()  # (closed already: _fail or connection_lost own the transport)
 
     # ---- handlers ------------------------------------------------------------------------------
     def _done(self, s: _Stream, task: asyncio.Task[Any]) -> None:

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import asyncio
 from random import Random
+from typing import Any
 
 import orjson
 
 from extproc.datastore import Datastore
-from extproc.gateway import Gateway, Immediate, RequestState, Routed
+from extproc.gateway import Gateway, Immediate, RequestState, Routed, WakeRoom
 from extproc.metrics import GatewayMetrics
 from extproc.policies.enforce import QUEUE_TIMEOUT_MARGIN, Policies, PolicySettings, queue_notice
+from extproc.scheduling.types import AllPodsSaturated, NoPodAvailable, NoPodReady
 from fleet.pods import PodMetrics
 from tests.extproc.helpers import config
 from tests.extproc.test_wake import BODY, POD, text, until, waiting
@@ -251,6 +253,55 @@ async def test_a_scheduling_failure_while_waiting_is_its_answer_and_counted_fail
     answer = await asyncio.wait_for(task, 10)
     assert isinstance(answer, Immediate) and answer.status == 503, answer
     assert outcomes(gw) == {"failed": 1}
+
+
+async def test_no_ready_pod_for_a_moment_keeps_the_line_waiting_in_order() -> None:
+    """The pod's scrape finds nothing listening (an engine restarting) while a request waits for
+    room: it keeps its place, as in the fair queue, instead of a 503 while a newcomer (waiting
+    for a ready pod) waits on; once the pod is back with room for one, the first in line gets
+    it and the newcomer lines up behind."""
+    gw, ds = make()
+    busy = await fill(gw)
+    first = asyncio.create_task(gw.decide(start(gw, 100), BODY))
+    await until(lambda: gw.waking.counts() == {KEY: 1}, "lined up")
+    ds.publish_metrics("p0", PodMetrics(stale=True, unreachable=True))  # not ready
+    assert gw.waking.serve(KEY) == 0
+    assert gw.waking.state()[KEY]["forRoom"][0]["requestId"] == "r100"  # still in line
+    late = asyncio.create_task(gw.decide(start(gw, 101), BODY))
+    await until(lambda: gw.waking.counts() == {KEY: 2}, "the newcomer waiting for a ready pod")
+    ds.publish_metrics("p0", PodMetrics(stale=False, waiting=7, running=0))  # back: room for 1
+    answer = await asyncio.wait_for(first, 10)
+    assert isinstance(answer, Routed), answer
+    await until(lambda: gw.waking.counts() == {KEY: 1}, "the newcomer in line")
+    assert not late.done()
+    gw.finish(busy[0])
+    assert isinstance(await asyncio.wait_for(late, 10), Routed)
+    assert outcomes(gw) == {"served": 2}
+
+
+async def test_the_line_waits_while_no_pod_can_take_anyone_and_answers_the_rest() -> None:
+    """The head keeps its place (and nobody overtakes) while every pod is saturated or none is
+    ready; a failure of the head's own (no pod has its LoRA adapter) is its answer at once, as
+    a newcomer's would be, and the requests behind it go on."""
+    room = WakeRoom()
+    head_error: list[Exception] = [AllPodsSaturated("full")]
+    result: Any = object()
+
+    def head() -> Any:
+        raise head_error[0]
+
+    first = room.line_up(KEY, "r1", head)
+    second = room.line_up(KEY, "r2", lambda: result)
+    for error in (AllPodsSaturated("full"), NoPodReady("none of the 1 pod is ready")):
+        head_error[0] = error
+        assert room.serve(KEY) == 0 and not first.future.done() and not second.future.done()
+    lora = NoPodAvailable("no pod can serve LoRA adapter 'x'")
+    head_error[0] = lora
+    assert room.serve(KEY) == 1
+    assert first.future.exception() is lora and second.future.result() is result
+    assert not room.lined(KEY)
+    room.leave(KEY, first)
+    room.leave(KEY, second)
 
 
 async def test_requests_woken_from_zero_keep_their_arrival_order_into_the_line() -> None:

@@ -277,6 +277,26 @@ async def test_peer_goaway_with_an_error_cancels_streams_in_flight(served: Any) 
     await asyncio.wait_for(_until(lambda: server.active_streams == 0), 20)
 
 
+async def test_a_protocol_error_after_a_goaway_still_reads_on_until_the_peer_closes(
+    served: Any,
+) -> None:
+    """After the peer's GOAWAY NO_ERROR (the connection closes once idle), a protocol error
+    while a stream is in flight: the error's GOAWAY, then only our end is shut (FIN) and the
+    server reads on until the peer closes, so no TCP reset can destroy the GOAWAY."""
+    server, _, _ = served
+    reader, writer = await _open_raw(server.port, (1,))
+    await asyncio.wait_for(_until(lambda: server.active_streams == 1), 20)
+    connections = len(server._connections)  # ours among them
+    writer.write(_goaway_frame(0) + _raw_frame(0x0, 0, 0, b"x"))  # then DATA on stream 0
+    received = await asyncio.wait_for(_read_all(reader), 20)  # up to the server's FIN
+    assert _frame_types(received)[-1] == 0x7
+    assert int.from_bytes(_frames(received)[-1][3][4:8], "big") == 0x1  # PROTOCOL_ERROR
+    assert len(server._connections) == connections  # still reading: not closed at once
+    writer.close()
+    await asyncio.wait_for(_until(lambda: len(server._connections) < connections), 20)
+    assert server.active_streams == 0
+
+
 async def test_ping_is_answered_with_its_payload(served: Any) -> None:
     server, _, _ = served
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)

@@ -28,6 +28,16 @@ def test_least_recently_used_prefix_is_dropped_at_capacity() -> None:
     assert homes.home(2, ["c", "b"]) == "b"  # homed afresh
 
 
+def test_get_reads_a_home_without_homing_and_counts_as_a_use() -> None:
+    homes = PrefixHomes(capacity=2)
+    assert homes.get(1) is None and len(homes) == 0  # not homed by a read
+    homes.home(1, ["a"])
+    homes.home(2, ["b"])
+    assert homes.get(1) == "a"  # 1 used again: 2 is now the oldest
+    homes.home(3, ["c"])
+    assert homes.get(2) is None and homes.get(1) == "a"
+
+
 def test_a_forgotten_pod_homes_nothing() -> None:
     homes = PrefixHomes()
     homes.home(1, ["a"])
