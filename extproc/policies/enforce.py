@@ -40,7 +40,7 @@ from extproc.policies.ratelimit import (
 from extproc.policies.redis_buckets import RedisBuckets
 from extproc.policies.token_estimate import TokenEstimateConfig, TokenEstimator
 from extproc.policies.usage import Charge, Usage, UsageLedger, encode_charge
-from extproc.scheduling.types import NoPodAvailable
+from extproc.scheduling.types import AllPodsSaturated, NoPodAvailable, NoPodReady
 from fleet.config import object_key
 from fleet.usage_envoy import CHARGE_KEY, RID_KEY
 
@@ -618,10 +618,14 @@ class Policies:
                 continue
             try:
                 result = attempt()
-            except NoPodAvailable:
+            except (AllPodsSaturated, NoPodReady):
                 # every pod saturated, or none ready right now: a queued
                 # request keeps waiting until a pod can take it or its maxWait runs out
                 break
+            except NoPodAvailable as exc:  # no pod can ever take this one (say, its adapter):
+                queue.pop()  # its 503 now, and the requests behind it go on
+                future.set_exception(exc)
+                continue
             except Exception as exc:  # a scheduler bug: this request gets a 500, not the queue
                 queue.pop()
                 future.set_exception(exc)

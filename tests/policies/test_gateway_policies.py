@@ -145,3 +145,61 @@ async def test_a_newcomer_queues_behind_waiting_requests(tmp_path: Path) -> None
     policies.dispatch("default/s")  # the next slot: now the newcomer is served
     assert isinstance(await asyncio.wait_for(newcomer, 5), Routed)
     await policies.close()
+
+
+async def test_a_queued_request_no_pod_can_ever_take_does_not_hold_the_queue(
+    tmp_path: Path,
+) -> None:
+    """The fair queue waits while every pod is saturated or none is ready; a request whose own
+    attempt fails for good (no pod has what it asks for) gets its error at once, and the
+    requests behind it are served."""
+    import asyncio
+
+    from extproc.policies.enforce import RoutePolicy
+    from extproc.policies.usage import Charge
+    from extproc.scheduling.types import AllPodsSaturated, NoPodAvailable, NoPodReady
+
+    gw = gateway(tmp_path, QUEUED, dispatch_interval=3600.0)
+    policies = gw.policies
+    assert policies is not None
+    policy = RoutePolicy("default/r", "r", None, None, 10, 30.0, None)
+    room = [False]
+
+    def fits(name: str) -> object:
+        if not room[0]:
+            raise AllPodsSaturated("full")
+        return name
+
+    def unroutable() -> object:
+        if not room[0]:
+            raise AllPodsSaturated("full")
+        raise NoPodAvailable("no pod of s has adapter 'x'")
+
+    def not_ready() -> object:
+        raise NoPodReady("no pod ready")
+
+    async def wait(user: str, attempt: Any) -> Any:
+        charge = Charge(rid=user, estimate=1, kind="chat", user=user)
+        return await policies.wait_for_pod("k", "m", policy, charge, 0, attempt, lambda _: None)
+
+    lost = asyncio.create_task(wait("a", unroutable))
+    await asyncio.sleep(0)
+    waits = asyncio.create_task(wait("b", not_ready))
+    await asyncio.sleep(0)
+    served = asyncio.create_task(wait("c", lambda: fits("pod")))
+    await asyncio.sleep(0)
+    room[0] = True
+    policies.dispatch("k")
+    try:
+        await asyncio.wait_for(lost, 5)
+    except NoPodAvailable as exc:
+        assert "adapter 'x'" in str(exc)
+    else:
+        raise AssertionError("the unroutable request was served")
+    # the next one has no ready pod: it keeps waiting, and holds its place before c
+    assert not waits.done() and not served.done()
+    waits.cancel()
+    await asyncio.sleep(0)
+    policies.dispatch("k")
+    assert await asyncio.wait_for(served, 5) == "pod"
+    await policies.close()
