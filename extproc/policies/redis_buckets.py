@@ -297,6 +297,11 @@ class RedisBuckets:
         self._written(settlements, result)
         if mirror is not None:
             self._observe(mirror, result)
+        self._answered()
+        return result
+
+    def _answered(self) -> None:
+        """Redis answered a call (in time, or late): an outage is over."""
         if self.down_since is not None:
             log.warning(
                 "Redis rate limiter %s is back after %.1fs",
@@ -308,7 +313,6 @@ class RedisBuckets:
                 self.on_outage(False)
         if len(self.pending) > self.carry:  # a backlog (after an outage): write it now
             self._arm(0.0)
-        return result
 
     def _batches(self, settlements: list[_Settlement]) -> dict[str, int]:
         """The id keys of the batches ``settlements`` come in, with their sizes, in order: those
@@ -346,6 +350,7 @@ class RedisBuckets:
         self._written(settlements, result)
         if admission is not None:
             self._give_back(admission, result)
+        self._answered()  # a slow answer, not a lost Redis: no need to wait out retry_after
 
     def _written(self, settlements: list[_Settlement], result: list[Any]) -> None:
         """Redis answered a call: its settlements are in, but those whose key is not a bucket

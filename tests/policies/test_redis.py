@@ -728,6 +728,43 @@ async def test_a_call_still_unanswered_at_its_late_limit_is_applied_once(tmp_pat
         server.stop()
 
 
+async def test_a_late_answer_ends_the_outage_a_slow_call_started(tmp_path: Path) -> None:
+    """Redis is slow once (busy past a call's deadline), not gone: the call's late answer shows
+    it is there, so admissions go back to Redis at once instead of failing closed for the whole
+    ``retry_after``."""
+    import shutil
+    import socket
+
+    binary = shutil.which("redis-server")
+    assert binary is not None
+    server = RedisServer(binary, tmp_path, ("--enable-debug-command", "local"), name="redis-slow")
+    server.start()
+    events: list[bool] = []
+    buckets = RedisBuckets(
+        server.address, fail_open=False, timeout=0.1, retry_after=3600.0, headroom=1.0,
+        on_outage=events.append,
+    )  # fmt: skip
+    lim = limits(server, requests=1000)
+    try:
+        assert (await buckets.admit("slow", lim, 1)).ok
+        blocker = socket.create_connection(("127.0.0.1", server.port))
+        blocker.sendall(b"DEBUG SLEEP 0.5\r\n")
+        await asyncio.sleep(0.1)  # Redis is asleep before the next call reaches it
+        with pytest.raises(GatewayError) as exc:  # past its deadline: fail closed
+            await buckets.admit("slow", lim, 1)
+        assert exc.value.code == "rate_limiter_unavailable" and events == [True]
+        deadline = time.monotonic() + 30
+        while buckets.down_since is not None:  # Redis wakes and answers the call late
+            assert time.monotonic() < deadline, "the late answer did not end the outage"
+            await asyncio.sleep(0.05)
+        blocker.close()
+        assert events == [True, False]
+        assert (await buckets.admit("slow", lim, 1)).ok  # by Redis, long before retry_after
+    finally:
+        await buckets.close()
+        server.stop()
+
+
 async def test_a_cancelled_admission_gives_its_reservation_back(
     redis_server: RedisServer, direct: aioredis.Redis
 ) -> None:
