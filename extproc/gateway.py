@@ -56,7 +56,6 @@ import logging
 import math
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from random import Random
@@ -86,11 +85,12 @@ from extproc.parsing import (
     parse_body,
     parse_oip,
 )
+from extproc.policies.queue import QueueEntry
 from extproc.policies.usage import force_usage
+from extproc.room import QUEUE_TIMEOUT_MARGIN, RoomWaits, Waiter, queue_notice
 from extproc.scheduling.types import (
     AllPodsSaturated,
     NoPodAvailable,
-    NoPodReady,
     SchedulingRequest,
     SchedulingResult,
 )
@@ -124,7 +124,6 @@ __all__ = [
     "Immediate",
     "NoPolicies",
     "RequestState",
-    "RoomWaiter",
     "Routed",
     "SchedulerLike",
     "WakeRoom",
@@ -383,7 +382,7 @@ class EnforcedPolicies(NoPolicies):
         )
 
     def waiting(self, server_key: str) -> bool:
-        return self.policies.waiting(server_key)
+        return self.policies.waits.waiting(server_key)
 
     async def queue(
         self,
@@ -422,58 +421,36 @@ class EnforcedPolicies(NoPolicies):
         policies = self.policies
         if state.charge is not None:
             policies.finished(state.charge.rid)
-        if state.pod_name is not None and policies.waiting(state.server_key):
-            # this request's pod frees up: let the fair queue try (after the in-flight drop;
-            # nobody waiting: nothing to try — a newcomer sees the dropped count itself)
-            with contextlib.suppress(RuntimeError):  # no loop: nothing waits either
-                asyncio.get_running_loop().call_soon(policies.capacity_freed, state.server_key)
+        if state.pod_name is not None:  # its pod frees up: the fair queue may go on
+            policies.waits.freed(state.server_key)
 
 
-@dataclass(slots=True, eq=False)
-class RoomWaiter:
-    """A request in a ModelServer's line for room (:meth:`WakeRoom.line_up`)."""
-
-    request_id: str
-    since: float  # the gateway's clock when it lined up
-    attempt: Attempt  # the schedule stage on the server's current pods
-    future: asyncio.Future[tuple[ServerView, SchedulingResult]]
-
-
-class WakeRoom:
+class WakeRoom(RoomWaits):
     """Requests waiting in the gateway for a pod of a ModelServer, by server key, without a fair
     queue to wait in:
 
     - **for a ready pod** (the wake stage: the ModelServer has none, at zero or starting):
-      :meth:`wait`; :meth:`server_ready` (the datastore's ``on_server_ready``) wakes every one,
-      in arrival order; each then checks the datastore again and goes on to the schedule stage;
-    - **for room** (every pod saturated): :meth:`line_up` joins the ModelServer's line, served
-      first come first served by :meth:`serve` — on a request of that server finishing, and every
-      ``retry`` seconds while anything waits (a scrape may have freed room): the head of the line
-      is scheduled first, and nobody behind it while it finds every pod saturated.
+      :meth:`wait_ready`; :meth:`server_ready` (the datastore's ``on_server_ready``) wakes every
+      one, in arrival order; each then checks the datastore again and goes on to the schedule
+      stage;
+    - **for room** (every pod saturated): the ModelServer's line, first come first served
+      (:class:`extproc.room.RoomWaits` with every entry of one user and priority), served when
+      a request of that server finishes and every ``retry`` seconds while anything waits.
 
     :meth:`counts` (the ModelServer's waiting demand) and :meth:`state` (``/debug/state``) show
-    both; ``metrics.room_waits`` counts how each wait for room ended (:meth:`leave`)."""
+    both."""
 
-    __slots__ = ("_lines", "_ticker", "_waiters", "clock", "metrics", "retry")
+    __slots__ = ("_waiters",)
 
-    def __init__(
-        self,
-        clock: Callable[[], float] = time.monotonic,
-        retry: float = ROOM_RETRY,
-        metrics: GatewayMetrics | None = None,
-    ) -> None:
-        self.clock = clock
-        self.retry = retry
-        self.metrics = metrics
+    def __init__(self, clock: Callable[[], float] = time.monotonic, retry: float = ROOM_RETRY):
+        super().__init__(retry, clock)
         # server key -> the futures of the requests waiting for a ready pod, in arrival order
         self._waiters: dict[str, dict[asyncio.Future[None], None]] = {}
-        self._lines: dict[str, deque[RoomWaiter]] = {}
-        self._ticker: asyncio.Task[None] | None = None
 
     def counts(self) -> dict[str, int]:
         """Server key -> how many requests wait for it (only keys with waiting requests)."""
         counts = {key: len(waiters) for key, waiters in self._waiters.items()}
-        for key, line in self._lines.items():
+        for key, line in self.queues.items():
             counts[key] = counts.get(key, 0) + len(line)
         return counts
 
@@ -482,24 +459,23 @@ class WakeRoom:
         (a count) and the line for room (request ids and seconds waited, first first)."""
         now = self.clock()
         out: dict[str, Any] = {}
-        for key in sorted(self._waiters.keys() | self._lines.keys()):
-            line = self._lines.get(key, ())
+        for key in sorted(self._waiters.keys() | self.queues.keys()):
+            line = self.queues.get(key)
             out[key] = {
                 "forReadyPod": len(self._waiters.get(key, ())),
                 "forRoom": [
-                    {"requestId": w.request_id, "waitedSeconds": round(now - w.since, 3)}
-                    for w in line
+                    {"requestId": e.payload.request_id, "waitedSeconds": round(now - e.enqueued, 3)}
+                    for e in (line.entries() if line is not None else ())
                 ],
             }
         return out
 
-    # ---- waiting for a ready pod --------------------------------------------------------------
     def server_ready(self, key: str) -> None:
         for future in self._waiters.get(key, ()):
             if not future.done():
                 future.set_result(None)
 
-    async def wait(self, key: str, seconds: float) -> bool:
+    async def wait_ready(self, key: str, seconds: float) -> bool:
         """Wait until :meth:`server_ready` names ``key`` (True) or ``seconds`` pass (False)."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         waiters = self._waiters.setdefault(key, {})
@@ -513,91 +489,6 @@ class WakeRoom:
             waiters.pop(future, None)
             if not waiters:
                 del self._waiters[key]
-
-    # ---- waiting for room ---------------------------------------------------------------------
-    def lined(self, key: str) -> bool:
-        """Whether requests wait in this server's line for room (a newcomer then joins it)."""
-        return key in self._lines
-
-    def line_up(self, key: str, request_id: str, attempt: Attempt) -> RoomWaiter:
-        """Join the server's line for room (last); :meth:`serve` resolves the waiter's future
-        with ``attempt()``'s result (or the error that is its final answer). The caller awaits
-        the future and then calls :meth:`leave`."""
-        future: asyncio.Future[tuple[ServerView, SchedulingResult]] = (
-            asyncio.get_running_loop().create_future()
-        )
-        waiter = RoomWaiter(request_id, self.clock(), attempt, future)
-        self._lines.setdefault(key, deque()).append(waiter)
-        if self._ticker is None or self._ticker.done():
-            self._ticker = asyncio.get_running_loop().create_task(self._tick())
-        return waiter
-
-    def leave(self, key: str, waiter: RoomWaiter) -> None:
-        """Take a waiter out of the line (served already, timed out or gone) and count how its
-        wait ended (:meth:`outcome`)."""
-        if self.metrics is not None:
-            namespace, _, name = key.partition("/")
-            m = self.metrics
-            m.child(m.room_waits, namespace, name, self.outcome(waiter)).inc()
-        line = self._lines.get(key)
-        if line is not None:
-            with contextlib.suppress(ValueError):
-                line.remove(waiter)
-            if not line:
-                del self._lines[key]
-        if not self._lines and self._ticker is not None:
-            self._ticker.cancel()  # nothing waits for room: no more retries
-            self._ticker = None
-
-    @staticmethod
-    def outcome(waiter: RoomWaiter) -> str:
-        """How a wait for room ended, as its waiting task leaves the line: ``left`` (the task is
-        being cancelled: the client went away, even if a pod was found just then), ``served``
-        (scheduled), ``failed`` (a scheduling error other than saturation or no ready pod: its
-        answer), ``timed_out`` (nothing yet: its bound ran out)."""
-        task = asyncio.current_task()
-        future = waiter.future
-        if future.cancelled() or (task is not None and task.cancelling()):
-            return "left"
-        if not future.done():
-            return "timed_out"
-        return "served" if future.exception() is None else "failed"
-
-    def serve(self, key: str) -> int:
-        """Schedule the server's line from its head while a pod can take a request: first come
-        first served (the head keeps its place while every pod is saturated or none is ready,
-        as a newcomer would wait then; nobody behind it overtakes). Any other failure (e.g. no
-        pod has the request's LoRA adapter) is that waiter's answer, as a newcomer's, and the
-        line goes on. The number served."""
-        line = self._lines.get(key)
-        served = 0
-        while line:
-            head = line[0]
-            if head.future.done():  # gone (timed out, cancelled)
-                line.popleft()
-                continue
-            try:
-                result = head.attempt()
-            except (AllPodsSaturated, NoPodReady):  # the line waits on
-                break
-            except Exception as exc:  # e.g. no pod at all any more: its answer, not the line's
-                line.popleft()
-                head.future.set_exception(exc)
-                continue
-            line.popleft()
-            head.future.set_result(result)
-            served += 1
-        if line is not None and not line:
-            del self._lines[key]
-        return served
-
-    async def _tick(self) -> None:
-        """While anything waits for room: serve every line each ``retry`` seconds (a scrape may
-        have freed room without a request of that server finishing)."""
-        while self._lines:
-            await asyncio.sleep(self.retry)
-            for key in list(self._lines):
-                self.serve(key)
 
 
 class Gateway:
@@ -630,7 +521,7 @@ class Gateway:
         # requests waiting without a fair queue: for a ModelServer with no ready pod (the wake
         # stage: scale from zero) or for room on its saturated pods (``_wait_for_room``)
         self.wake_timeout = wake_timeout
-        self.waking = WakeRoom(clock, metrics=self.metrics)
+        self.waking = WakeRoom(clock)
         datastore.on_server_ready.append(self.waking.server_ready)
         self._max_waits: tuple[int, dict[str, float | None]] = (-1, {})
         self.policy_stages: NoPolicies = NO_POLICIES
@@ -790,12 +681,10 @@ class Gateway:
             if parsed.kind == "oip":  # only the pods that serve gRPC
                 state.subset = self._grpc_subset(view, state.subset)
             try:
-                if stages.waiting(view.key):
-                    # others already wait for this server: a newcomer takes its place in the
-                    # fair queue (priority, fair share) instead of overtaking them on a free slot
-                    raise AllPodsSaturated("requests are already waiting in the fair queue")
-                if self.waking.lined(view.key):
-                    # others wait for room (no fair queue): a newcomer lines up behind them
+                if stages.waiting(view.key) or self.waking.waiting(view.key):
+                    # others already wait for room on this server (in its fair queue, or its
+                    # line without one): a newcomer joins them instead of taking a free slot
+                    # they wait for
                     raise AllPodsSaturated("requests are already waiting for room")
                 if trace is not None:
                     trace.enter("schedule")
@@ -909,8 +798,6 @@ class Gateway:
         max_wait = self._max_wait(snap, parsed.model)
         if max_wait <= 0:
             return view
-        from extproc.policies.enforce import QUEUE_TIMEOUT_MARGIN, queue_notice
-
         notice = queue_notice.get()
         if notice is not None:  # tell Envoy to wait for this message while the request waits
             await notice(max_wait + QUEUE_TIMEOUT_MARGIN)
@@ -925,7 +812,7 @@ class Gateway:
             if current is not None and current.ready:
                 return current
             left = deadline - self.clock()
-            if left <= 0 or not await self.waking.wait(view.key, left):
+            if left <= 0 or not await self.waking.wait_ready(view.key, left):
                 break
         raise _waited_too_long(
             f"ModelServer '{view.name}' had no ready pod within {max_wait:g}s (it may be "
@@ -953,34 +840,26 @@ class Gateway:
         max_wait = self._max_wait(snap, parsed.model)
         if max_wait <= 0:
             raise saturated
-        from extproc.policies.enforce import QUEUE_TIMEOUT_MARGIN, queue_notice
-
         left = state.started + max_wait - self.clock()
         if left > 0:
-            key = view.key
-            room = self.waking
-            ahead = room.lined(key)
-            waiter = room.line_up(key, state.request_id, attempt)
-            if ahead:  # lined up without trying a pod itself: the head goes first if one has room
-                room.serve(key)
-            future = waiter.future
-            served = False
+            # one user and priority for all: the line is first come first served
+            waiter = QueueEntry("", 0, 0, payload=Waiter(attempt, state.request_id))
+            outcome = "left"  # the client went away (even if a pod was found just then)
             try:
-                notice = None if notified else queue_notice.get()
-                if notice is not None:  # tell Envoy to wait for this message meanwhile
-                    await notice(left + QUEUE_TIMEOUT_MARGIN)
-                # (not wait_for: it would swallow the client's cancellation once scheduled)
-                await asyncio.wait((future,), timeout=left)
-                if future.done():
-                    served = True
-                    return future.result()  # or the error that is its answer
+                result: tuple[ServerView, SchedulingResult] = await self.waking.wait(
+                    view.key, waiter, left, self._undo, notify=not notified
+                )
+                outcome = "served"
+                return result
+            except TimeoutError:
+                outcome = "timed_out"
+            except Exception:  # a scheduling failure other than saturation or no ready pod
+                outcome = "failed"
+                raise
             finally:
-                room.leave(key, waiter)
-                if not served:
-                    if not future.done():
-                        future.cancel()
-                    elif not future.cancelled() and future.exception() is None:
-                        self._undo(future.result())  # scheduled just as the waiter gave up
+                namespace, _, name = view.key.partition("/")
+                m = self.metrics
+                m.child(m.room_waits, namespace, name, outcome).inc()
         raise _waited_too_long(
             f"every pod of ModelServer '{view.name}' stayed saturated for {max_wait:g}s "
             f"(ModelRoute '{state.route}': queue.maxWait, or the gateway's --wake-timeout)",
@@ -1258,10 +1137,7 @@ class Gateway:
         if state.pod_name is None:
             return
         self.datastore.finish(state.pod_name)
-        if self.waking.lined(state.server_key):
-            # a request waiting for room may take its place (after this request is done with)
-            with contextlib.suppress(RuntimeError):  # no loop: nothing waits either
-                asyncio.get_running_loop().call_soon(self.waking.serve, state.server_key)
+        self.waking.freed(state.server_key)  # a request waiting for room may take its place
         self.metrics.in_flight_requests -= 1
         m = self.metrics
         m.child(m.request_duration, state.model, state.server).observe(self.clock() - state.started)

@@ -4,14 +4,12 @@ and usage settlement. Used by :class:`extproc.gateway.Gateway` only when configu
 
 The cores are elsewhere and pure: :mod:`extproc.auth`, :mod:`extproc.ratelimit`,
 :mod:`extproc.queue`, :mod:`extproc.usage`. This module holds their per-process state and the
-asyncio parts (Redis calls, waiting in the queue, the dispatch ticker).
+asyncio parts (Redis calls, the fair queue over :class:`extproc.room.RoomWaits`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import contextvars
 import itertools
 import logging
 import math
@@ -28,7 +26,7 @@ from extproc.errors import GatewayError
 from extproc.metrics import LabelCache
 from extproc.policies.auth import ANONYMOUS, AuthConfig, Authenticator, Identity, authorize
 from extproc.policies.jwks import JwksCache
-from extproc.policies.queue import FairQueue, QueueEntry, UsageWindow
+from extproc.policies.queue import QueueEntry, UsageWindow
 from extproc.policies.ratelimit import (
     Admission,
     Buckets,
@@ -40,7 +38,7 @@ from extproc.policies.ratelimit import (
 from extproc.policies.redis_buckets import RedisBuckets
 from extproc.policies.token_estimate import TokenEstimateConfig, TokenEstimator
 from extproc.policies.usage import Charge, Usage, UsageLedger, encode_charge
-from extproc.scheduling.types import AllPodsSaturated, NoPodAvailable, NoPodReady
+from extproc.room import QUEUE_TIMEOUT_MARGIN, RoomWaits, Waiter, queue_notice
 from fleet.config import object_key
 from fleet.usage_envoy import CHARGE_KEY, RID_KEY
 
@@ -55,17 +53,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("matrixinfer.extproc.policies")
-
-# Seconds added to a route's queue.maxWait when the request's ext_proc message timeout is extended
-# for the queue: the extproc's own 503 (+ Retry-After) at maxWait must beat Envoy's timeout. The
-# xDS generator's max_message_timeout keeps a larger margin (QUEUE_TIMEOUT_MARGIN_MS, 5 s).
-QUEUE_TIMEOUT_MARGIN = 2.0
-
-# Set by the ext_proc edge for the request its task serves: awaited with the seconds the request
-# may now wait, just before it enters the fair queue (the edge tells Envoy to wait that long).
-queue_notice: contextvars.ContextVar[Callable[[float], Awaitable[None]] | None] = (
-    contextvars.ContextVar("matrixinfer_queue_notice", default=None)
-)
 
 _WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
@@ -246,15 +233,19 @@ class Policies:
         self.window = UsageWindow(
             settings.fairness_window, settings.input_weight, settings.output_weight, clock
         )
-        self.queues: dict[str, FairQueue] = {}
+        # the fair queue of each server while requests wait for room on its pods: served one
+        # entry when a request of it finishes (or one joins behind others), up to 4 every
+        # dispatch_interval
+        self.waits = RoomWaits(
+            settings.dispatch_interval, clock, self.window, freed_limit=1, tick_limit=4
+        )
+        self.queues = self.waits.queues  # server key -> its fair queue
         # input-token estimates by the engine's /tokenize (routes with an input-token limit)
         te = settings.token_estimate
         self.estimator = (
             TokenEstimator(te, registry) if te is not None and te.method == "tokenize" else None
         )
-        self._attempts: dict[str, Callable[[], Any]] = {}
         self._route_cache: tuple[int, dict[str, RoutePolicy]] = (-1, {})
-        self._ticker: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         # watched Secrets' values (namespace, name) -> key -> text (extproc.kube_source)
         self.secrets: dict[tuple[str, str], dict[str, str]] = {}
@@ -531,10 +522,6 @@ class Policies:
                     ) from None
         return self.settings.tenant_priorities.get(tenant, 0)
 
-    def waiting(self, server_key: str) -> bool:
-        """Whether requests wait in this server's fair queue (a newcomer then queues too)."""
-        return bool(self.queues.get(server_key))
-
     async def wait_for_pod(
         self,
         server_key: str,
@@ -545,41 +532,29 @@ class Policies:
         attempt: Callable[[], Any],
         undo: Callable[[Any], None],
     ) -> Any:
-        """Wait in the server's fair queue until ``attempt()`` succeeds (it raises
+        """Wait in the server's fair queue until ``attempt()`` finds a pod (it raises
         AllPodsSaturated while every pod is saturated); 429 when full, 503 after ``max_wait``."""
-        queue = self.queues.get(server_key)
-        if queue is None:
-            queue = self.queues[server_key] = FairQueue(1 << 62, self.window, self.clock)
+        queued = len(self.queues.get(server_key, ()))
         m = self.metrics
-        if len(queue) >= policy.max_queued:
+        if queued >= policy.max_queued:
             m.queue_outcomes.labels(model, "full").inc()
             raise PolicyError(
                 GatewayError(
                     429,
-                    f"every pod serving '{model}' is busy and {len(queue)} requests already wait "
+                    f"every pod serving '{model}' is busy and {queued} requests already wait "
                     f"(ModelRoute '{policy.name}' queue.maxQueued {policy.max_queued})",
                     error_type="requests",
                     code="queue_full",
                 ),
                 {"retry-after": "1"},
             )
-        notice = queue_notice.get()
-        if notice is not None:  # extend Envoy's wait for this message before waiting
-            await notice(policy.max_wait + QUEUE_TIMEOUT_MARGIN)
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        entry = QueueEntry(charge.user, priority, charge.estimate, payload=(future, attempt))
-        ahead = len(queue)
-        queue.push(entry)
-        self._attempts[server_key] = attempt
-        if ahead:  # joined without trying a pod itself: serve the queue's best if one has room
-            self.dispatch(server_key, limit=1)
+        entry = QueueEntry(charge.user, priority, charge.estimate, payload=Waiter(attempt))
         labels = (model, str(priority))
         m.queue_length.labels(*labels).inc()
-        self._ensure_ticker()
         began = self.clock()
         outcome = "cancelled"
         try:
-            result = await asyncio.wait_for(future, policy.max_wait)
+            result = await self.waits.wait(server_key, entry, policy.max_wait, undo)
             outcome = "dispatched"
             return result
         except TimeoutError:
@@ -596,61 +571,9 @@ class Policies:
                 {"retry-after": str(retry)},
             ) from None
         finally:
-            queue.remove(entry)
-            lost = outcome != "dispatched" and future.done() and not future.cancelled()
-            if lost and future.exception() is None:
-                undo(future.result())  # dispatched just as the waiter gave up
             m.queue_length.labels(*labels).dec()
             m.queue_wait.labels(*labels).observe(self.clock() - began)
             m.queue_outcomes.labels(model, outcome).inc()
-
-    def dispatch(self, server_key: str, limit: int = 1 << 30) -> int:
-        """Serve waiting entries of a server while ``attempt()`` finds a pod (``limit`` at most)."""
-        queue = self.queues.get(server_key)
-        served = 0
-        while queue and served < limit:
-            entry = queue.peek()
-            if entry is None:
-                break
-            future, attempt = entry.payload
-            if future.done():
-                queue.remove(entry)
-                continue
-            try:
-                result = attempt()
-            except (AllPodsSaturated, NoPodReady):
-                # every pod saturated, or none ready right now: a queued
-                # request keeps waiting until a pod can take it or its maxWait runs out
-                break
-            except NoPodAvailable as exc:  # no pod can ever take this one (say, its adapter):
-                queue.pop()  # its 503 now, and the requests behind it go on
-                future.set_exception(exc)
-                continue
-            except Exception as exc:  # a scheduler bug: this request gets a 500, not the queue
-                queue.pop()
-                future.set_exception(exc)
-                continue
-            queue.pop()
-            future.set_result(result)
-            served += 1
-        return served
-
-    def capacity_freed(self, server_key: str) -> None:
-        if self.queues.get(server_key):
-            self.dispatch(server_key, limit=1)
-
-    def _ensure_ticker(self) -> None:
-        if self._ticker is None or self._ticker.done():
-            self._ticker = asyncio.get_running_loop().create_task(self._tick())
-
-    async def _tick(self) -> None:
-        """While anything waits: try every queue each interval (new metrics may show room)."""
-        while any(self.queues.values()):
-            await asyncio.sleep(self.settings.dispatch_interval)
-            for key in list(self.queues):
-                if self.queues[key]:
-                    self.dispatch(key, limit=4)
-            self.ledger.sweep()
 
     async def run(self) -> None:
         """Background upkeep: settle usage reports that never came; drop idle local buckets."""
@@ -668,10 +591,7 @@ class Policies:
             await r.drain()
 
     async def close(self) -> None:
-        if self._ticker is not None:
-            self._ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._ticker
+        await self.waits.close()
         for r in self.redis.values():
             await r.close()
         if self.estimator is not None:

@@ -17,6 +17,8 @@ from extproc.datastore import Datastore
 from extproc.gateway import Gateway, Immediate, RequestState, Routed, WakeRoom
 from extproc.metrics import GatewayMetrics
 from extproc.policies.enforce import QUEUE_TIMEOUT_MARGIN, Policies, PolicySettings, queue_notice
+from extproc.policies.queue import QueueEntry
+from extproc.room import Waiter
 from extproc.scheduling.types import AllPodsSaturated, NoPodAvailable, NoPodReady
 from fleet.pods import PodMetrics
 from tests.extproc.helpers import config
@@ -290,8 +292,10 @@ async def test_the_line_waits_while_no_pod_can_take_anyone_and_answers_the_rest(
     def head() -> Any:
         raise head_error[0]
 
-    first = room.line_up(KEY, "r1", head)
-    second = room.line_up(KEY, "r2", lambda: result)
+    first, second = Waiter(head, "r1"), Waiter(lambda: result, "r2")
+    entries = [QueueEntry("", 0, 0, payload=w) for w in (first, second)]
+    for entry in entries:
+        room.join(KEY, entry)
     for error in (AllPodsSaturated("full"), NoPodReady("none of the 1 pod is ready")):
         head_error[0] = error
         assert room.serve(KEY) == 0 and not first.future.done() and not second.future.done()
@@ -299,9 +303,9 @@ async def test_the_line_waits_while_no_pod_can_take_anyone_and_answers_the_rest(
     head_error[0] = lora
     assert room.serve(KEY) == 1
     assert first.future.exception() is lora and second.future.result() is result
-    assert not room.lined(KEY)
-    room.leave(KEY, first)
-    room.leave(KEY, second)
+    assert not room.waiting(KEY)
+    for entry in entries:
+        room.leave(KEY, entry)
 
 
 async def test_requests_woken_from_zero_keep_their_arrival_order_into_the_line() -> None:

@@ -129,20 +129,20 @@ async def test_a_newcomer_queues_behind_waiting_requests(tmp_path: Path) -> None
 
     first = asyncio.create_task(request("5"))
     for _ in range(1000):  # the first request reaches the queue within a few loop turns
-        if policies.waiting("default/s"):
+        if policies.waits.waiting("default/s"):
             break
         await asyncio.sleep(0)
-    assert policies.waiting("default/s")
+    assert policies.waits.waiting("default/s")
     ds.publish_metrics("p0", PodMetrics(stale=False, waiting=0, running=0))  # room for one
     newcomer = asyncio.create_task(request("0"))
     # the waiting request got the free slot
     assert isinstance(await asyncio.wait_for(first, 5), Routed)
     await asyncio.sleep(0.01)
     assert not newcomer.done()  # the newcomer waits in the queue, it did not overtake
-    policies.dispatch("default/s")
+    policies.waits.serve("default/s")
     assert not newcomer.done()  # the slot was taken: the pod is full as far as the gateway knows
     ds.publish_metrics("p0", PodMetrics(stale=False, waiting=0, running=1))  # room again
-    policies.dispatch("default/s")  # the next slot: now the newcomer is served
+    policies.waits.serve("default/s")  # the next slot: now the newcomer is served
     assert isinstance(await asyncio.wait_for(newcomer, 5), Routed)
     await policies.close()
 
@@ -189,7 +189,7 @@ async def test_a_queued_request_no_pod_can_ever_take_does_not_hold_the_queue(
     served = asyncio.create_task(wait("c", lambda: fits("pod")))
     await asyncio.sleep(0)
     room[0] = True
-    policies.dispatch("k")
+    policies.waits.serve("k")
     try:
         await asyncio.wait_for(lost, 5)
     except NoPodAvailable as exc:
@@ -200,6 +200,52 @@ async def test_a_queued_request_no_pod_can_ever_take_does_not_hold_the_queue(
     assert not waits.done() and not served.done()
     waits.cancel()
     await asyncio.sleep(0)
-    policies.dispatch("k")
+    policies.waits.serve("k")
     assert await asyncio.wait_for(served, 5) == "pod"
+    await policies.close()
+
+
+async def test_a_request_dispatched_just_as_its_client_goes_away_gives_its_pod_back(
+    tmp_path: Path,
+) -> None:
+    """A queued request is dispatched (its pod counted) and its client goes away before its task
+    runs again: the cancellation is not swallowed, the pod is given back and the outcome is
+    ``cancelled`` — as in the line for room without policies."""
+    import asyncio
+
+    import pytest
+
+    from extproc.policies.enforce import RoutePolicy
+    from extproc.policies.usage import Charge
+    from extproc.scheduling.types import AllPodsSaturated
+
+    gw = gateway(tmp_path, QUEUED, dispatch_interval=3600.0)
+    policies = gw.policies
+    assert policies is not None
+    policy = RoutePolicy("default/r", "r", None, None, 10, 30.0, None)
+    room = [False]
+    undone: list[Any] = []
+
+    def attempt() -> object:
+        if not room[0]:
+            raise AllPodsSaturated("full")
+        return "pod"
+
+    charge = Charge(rid="a", estimate=1, kind="chat", user="a")
+    task = asyncio.create_task(
+        policies.wait_for_pod("k", "m", policy, charge, 0, attempt, undone.append)
+    )
+    for _ in range(100):
+        if policies.waits.waiting("k"):
+            break
+        await asyncio.sleep(0)
+    room[0] = True
+    assert policies.waits.serve("k") == 1  # dispatched ...
+    task.cancel()  # ... and its client goes away before the task could answer
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert undone == ["pod"]
+    labels = {"model": "m", "result": "cancelled"}
+    registry = gw.metrics.registry
+    assert registry.get_sample_value("matrixinfer_gateway_queue_outcomes_total", labels) == 1.0
     await policies.close()
