@@ -39,6 +39,7 @@ from extproc.policies.redis_buckets import RedisBuckets
 from extproc.policies.token_estimate import TokenEstimateConfig, TokenEstimator
 from extproc.policies.usage import Charge, Usage, UsageLedger, encode_charge
 from extproc.room import QUEUE_TIMEOUT_MARGIN, RoomWaits, Waiter, queue_notice
+from extproc.scheduling.types import NoPodAvailable
 from fleet.config import object_key
 from fleet.usage_envoy import CHARGE_KEY, RID_KEY
 
@@ -163,7 +164,8 @@ class PolicyMetrics(LabelCache):
         )
         self.queue_outcomes = Counter(
             "matrixinfer_gateway_queue_outcomes",
-            "Queued requests by outcome (dispatched | timeout | full | cancelled).",
+            "Queued requests by outcome (dispatched | timeout | full | cancelled | failed: no pod "
+            "could ever take it).",
             ["model", "result"],
             registry=r,
         )
@@ -570,6 +572,9 @@ class Policies:
                 ),
                 {"retry-after": str(retry)},
             ) from None
+        except NoPodAvailable:  # no pod can ever take it (say, its adapter): its 503
+            outcome = "failed"
+            raise
         finally:
             m.queue_length.labels(*labels).dec()
             m.queue_wait.labels(*labels).observe(self.clock() - began)

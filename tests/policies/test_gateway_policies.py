@@ -196,6 +196,9 @@ async def test_a_queued_request_no_pod_can_ever_take_does_not_hold_the_queue(
         assert "adapter 'x'" in str(exc)
     else:
         raise AssertionError("the unroutable request was served")
+    outcomes = policies.metrics.queue_outcomes
+    assert outcomes.labels("m", "failed")._value.get() == 1  # counted as failed, not cancelled
+    assert outcomes.labels("m", "cancelled")._value.get() == 0
     # the next one has no ready pod: it keeps waiting, and holds its place before c
     assert not waits.done() and not served.done()
     waits.cancel()
