@@ -28,7 +28,7 @@ from pydantic import BaseModel
 
 from extproc.kvindex import KVBlockIndex, PromptHasher
 from extproc.scheduling.pd_queue import PrefillQueue
-from extproc.scheduling.prefix import BlockHashes, PrefixHomes, PrefixIndex
+from extproc.scheduling.prefix import BlockHashes, PendingPrefill, PrefixHomes, PrefixIndex
 from extproc.scheduling.tokenizers import (
     AUTO,
     SIMULATOR,
@@ -470,13 +470,27 @@ class _AutoTokenizer:
     retry_at: float = 0.0  # when a model without a tokenizer is looked for again
 
 
+@dataclass(frozen=True, slots=True)
+class _Scored:
+    """What :class:`PrecisePrefixScorer` hands its ``on_routed``: the prompt prefix's name and,
+    per group of pods that name blocks alike, the pods, the prompt's block hashes and block
+    size."""
+
+    key: int
+    groups: list[tuple[list[str], list[int], int]]
+
+
 class PrecisePrefixScorer(Scorer):
     """Prefers the pod that costs least to serve the request, in one unit (prompt tokens):
     cost = prompt tokens the pod must still prefill (those past its cached prefix, as its own KV
     events report) + request_cost x its load (max of gateway in-flight and engine waiting +
     running) + copy_cost x the tokens to prefill on a pod that is not the prompt prefix's home
-    (:class:`PrefixHomes`: the pod homing the fewest prefixes when the prefix was first seen; a
-    copy elsewhere takes cache slots from other prefixes). Score = (min cost + block) / (cost +
+    (:class:`PrefixHomes`: where it was placed when cold, below; a prefix some pod holds without
+    a home is homed on the pod homing the fewest; a copy elsewhere takes cache slots from other
+    prefixes). A cold prefix (no pod holds it or is
+    being sent it) pays no copy cost but the prefill still ahead on each pod
+    (:class:`PendingPrefill`: tokens sent there that its events have not yet reported stored),
+    and the pod it costs least on becomes its home. Score = (min cost + block) / (cost +
     block). How blocks are hashed comes from the
     ModelServer's kvEvents (hashAlgo, hashSeed) and the events (block size). When no candidate's
     events are followed it abstains; when it scores, the prefix-cache and least-request scorers
@@ -508,6 +522,7 @@ class PrecisePrefixScorer(Scorer):
         self.request_cost = args.request_cost
         self.copy_cost = args.copy_cost
         self.homes = PrefixHomes()
+        self.pending = PendingPrefill()
         self._hashers: dict[_Naming, PromptHasher] = {}
         self._segments: OrderedDict[tuple[int, str], _Segment] = OrderedDict()
         self._prompts: OrderedDict[
@@ -605,6 +620,20 @@ class PrecisePrefixScorer(Scorer):
 
     def forget_pod(self, pod_name: str) -> None:
         self.homes.forget_pod(pod_name)
+        self.pending.forget_pod(pod_name)
+
+    def on_routed(self, request: SchedulingRequest, result: SchedulingResult) -> None:
+        sent = result.plugin_state.get(self.key)
+        if not isinstance(sent, _Scored):
+            return  # the scorer abstained for this request
+        pod = result.primary.name
+        for names, hashes, block_size in sent.groups:
+            if pod in names:
+                self.pending.add(pod, request.request_id, sent.key, hashes, block_size)
+                return
+
+    def on_finished(self, request_id: str, pod_name: str) -> None:
+        self.pending.finish(pod_name, request_id)
 
     def tokenizer_for(self, model: str) -> tuple[ModelTokenizer | None, _AutoTokenizer | None]:
         """The tokenizer for a request to ``model`` (and, with ``auto``, what is known of it)."""
@@ -668,11 +697,13 @@ class PrecisePrefixScorer(Scorer):
         matched: dict[str, int] = {}  # cached prompt tokens per pod
         n_tokens = 0
         key: int | None = None  # the prompt prefix's name for its home
+        hashed: list[tuple[list[str], list[int], int]] = []
         try:
             for group, names in groups.items():
                 n_tokens, hashes = self.hashes(ctx.request, group, tokenizer)
                 if key is None and hashes:
                     key = hashes[min(_HOME_BLOCK, len(hashes)) - 1]
+                hashed.append((names, hashes, group[2]))
                 for name, blocks in index.prefix_blocks(hashes, names).items():
                     matched[name] = blocks * group[2]
         except ChatTemplateError as exc:  # e.g. the template rejects this conversation
@@ -681,23 +712,33 @@ class PrecisePrefixScorer(Scorer):
         if entry is not None and not entry.confirmed and self._unconfirmed(model, entry, matched):
             return None
         ctx.state[PRECISE] = True
-        ctx.state[self.key] = matched
         rc = self.request_cost
         load = LeastRequestScorer.load
         get = matched.get
         misses = [max(0, n_tokens - get(p.name, 0)) for p in pods]  # tokens to prefill
         costs = [m + rc * load(p) for p, m in zip(pods, misses, strict=True)]
-        if key is not None and self.copy_cost > 0:
-            # a pod other than the prefix's home pays for the cache slots a copy would take
-            home = self.homes.get(key)
-            if home is None:  # first seen: homed on the emptiest pod, the cheapest first
-                by_cost = sorted(range(len(pods)), key=costs.__getitem__)
-                home = self.homes.home(key, [pods[i].name for i in by_cost])
-            cc = self.copy_cost
-            costs = [
-                c if p.name == home else c + cc * m
-                for p, c, m in zip(pods, costs, misses, strict=True)
-            ]
+        if key is not None:
+            ctx.state[self.key] = _Scored(key, hashed)  # for on_routed: the prefill sent
+            if not self.pending.sending(key) and not any(index.holds(n, key) for n in index.pods()):
+                # a cold prefix: no pod holds it (its naming block) or is being sent it, so it
+                # is prefilled wherever it goes; it goes where that prefill starts soonest
+                # (behind the least prefill still ahead there), and that pod becomes its home
+                pending, holds = self.pending.tokens, index.holds
+                costs = [c + pending(p.name, holds) for p, c in zip(pods, costs, strict=True)]
+                if self.copy_cost > 0:
+                    best = min(range(len(pods)), key=costs.__getitem__)
+                    self.homes.place(key, pods[best].name)
+            elif self.copy_cost > 0:
+                # a pod other than the prefix's home pays for the cache slots a copy would take
+                home = self.homes.get(key)
+                if home is None:  # no home yet: homed on the emptiest pod, the cheapest first
+                    by_cost = sorted(range(len(pods)), key=costs.__getitem__)
+                    home = self.homes.home(key, [pods[i].name for i in by_cost])
+                cc = self.copy_cost
+                costs = [
+                    c if p.name == home else c + cc * m
+                    for p, c, m in zip(pods, costs, misses, strict=True)
+                ]
         slack = min(group[2] for group in groups)
         top = min(costs) + slack
         return [top / (c + slack) for c in costs]

@@ -12,7 +12,8 @@ collisions and interleaved evictions, which only make the estimate approximate).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import xxhash
 
@@ -151,12 +152,12 @@ class PrefixHomes:
     """One home pod per prompt prefix, spreading prefixes evenly over the pods.
 
     A prefix is named by one block hash (the caller's choice, e.g. the hash of a prompt's 8th
-    block, which stands for everything before it). The first time a prefix is seen it is homed on
-    the candidate pod homing the fewest prefixes (ties: the caller's order, best first); it stays
-    there until the pod is forgotten or ``capacity`` newer prefixes push it out (least recently
-    used first). The model of ``vllm-router``'s ``cache_aware`` "smallest tree" placement, kept
-    as a map: the scorer charges pods other than the home for the cache slot a second copy of
-    the prefix would take."""
+    block, which stands for everything before it). The caller homes it on a pod of its choice
+    (:meth:`place`), or, asking for a prefix without a home (:meth:`home`), it is homed on the
+    candidate pod homing the fewest prefixes (ties: the caller's order, best first); it stays
+    there until it is placed again, the pod is forgotten or ``capacity`` newer prefixes push it
+    out (least recently used first). Kept as a map: the scorer charges pods other than the home
+    for the cache slot a second copy of the prefix would take."""
 
     def __init__(self, capacity: int = 65536) -> None:
         if capacity < 1:
@@ -187,6 +188,17 @@ class PrefixHomes:
         self._home[key] = home
         return home
 
+    def place(self, key: int, pod: str) -> None:
+        """Home the prefix on ``pod``, moving it from its home if it had one."""
+        old = self._home.pop(key, None)
+        if old is not None:
+            self._drop(key, old)
+        elif len(self._home) >= self.capacity:
+            oldest = next(iter(self._home))
+            self._drop(oldest, self._home.pop(oldest))
+        self._count[pod] = self._count.get(pod, 0) + 1
+        self._home[key] = pod
+
     def _drop(self, key: int, pod: str) -> None:
         left = self._count[pod] - 1
         if left:
@@ -206,3 +218,95 @@ class PrefixHomes:
 
     def __len__(self) -> int:
         return len(self._home)
+
+
+@dataclass(slots=True)
+class _Sent:
+    """A request sent to a pod whose prompt blocks its KV events have not all reported stored."""
+
+    key: int  # the prompt prefix's name (as PrefixHomes names it)
+    hashes: Sequence[int]  # the prompt's block hashes
+    block_size: int
+    stored: int = 0  # leading blocks seen stored so far (never goes back)
+
+
+class PendingPrefill:
+    """The prefill still ahead on each pod: the prompt blocks of the requests this gateway sent
+    it that the pod's KV events have not yet reported stored, in tokens; requests that share a
+    prefix (named as :class:`PrefixHomes` names it) count it once, as the engine computes it once.
+
+    A request's blocks are stored as the engine computes them (a chunk per step), so its count
+    falls as its prefill runs, without waiting for its answer to end; a request leaves when its
+    last block is seen stored or when it finishes. ``holds(pod, hash)`` (the KV-block index) is
+    asked when a pod's count is read. Also tells whether a prefix is on its way to some pod
+    (:meth:`sending`): sent there, not yet stored."""
+
+    __slots__ = ("_keys", "_pods")
+
+    def __init__(self) -> None:
+        self._pods: dict[str, dict[str, _Sent]] = {}
+        self._keys: dict[int, int] = {}  # prefix name -> requests of it not yet stored
+
+    def add(
+        self, pod: str, request_id: str, key: int, hashes: Sequence[int], block_size: int
+    ) -> None:
+        """``request_id``, whose prompt has ``hashes``, was sent to ``pod``."""
+        sent = self._pods.setdefault(pod, {})
+        if request_id in sent:
+            self._remove(sent, request_id)
+        sent[request_id] = _Sent(key, hashes, block_size)
+        self._keys[key] = self._keys.get(key, 0) + 1
+
+    def finish(self, pod: str, request_id: str) -> None:
+        """The request ended (its prefill is over, or never happened)."""
+        sent = self._pods.get(pod)
+        if sent is not None and request_id in sent:
+            self._remove(sent, request_id)
+
+    def _remove(self, sent: dict[str, _Sent], request_id: str) -> None:
+        self._unkey(sent.pop(request_id).key)
+
+    def _unkey(self, key: int) -> None:
+        left = self._keys[key] - 1
+        if left:
+            self._keys[key] = left
+        else:
+            del self._keys[key]
+
+    def tokens(self, pod: str, holds: Callable[[str, int], bool]) -> int:
+        """Prompt tokens sent to ``pod`` that it has not yet reported stored."""
+        sent = self._pods.get(pod)
+        if not sent:
+            return 0
+        ahead: dict[int, int] = {}  # per prefix: the most of its tokens a request still has
+        done: list[str] = []
+        for request_id, s in sent.items():
+            hashes = s.hashes
+            n = len(hashes)
+            if not n or holds(pod, hashes[-1]):
+                done.append(request_id)
+                continue
+            lo, hi = s.stored, n - 1  # blocks before lo seen stored; block hi not stored
+            while lo < hi:
+                mid = (lo + hi) >> 1
+                if holds(pod, hashes[mid]):
+                    lo = mid + 1
+                else:
+                    hi = mid
+            s.stored = lo
+            tokens = (n - lo) * s.block_size
+            if tokens > ahead.get(s.key, 0):
+                ahead[s.key] = tokens
+        for request_id in done:
+            self._remove(sent, request_id)
+        return sum(ahead.values())
+
+    def sending(self, key: int) -> bool:
+        """Whether a request of the prefix ``key`` was sent to some pod that has not yet reported
+        its blocks stored."""
+        return key in self._keys
+
+    def forget_pod(self, pod: str) -> None:
+        """The pod is gone: what was sent there is no longer ahead of anything."""
+        for s in self._pods.pop(pod, {}).values():
+            self._unkey(s.key)

@@ -161,38 +161,77 @@ def test_load_outweighs_a_cached_prefix_in_prompt_tokens() -> None:
     assert sb == 1.0 and sa < 1.0
 
 
-def test_a_prefix_stays_on_its_home_while_load_is_within_its_copy_cost() -> None:
-    """A cold prefix is homed on the pod homing the fewest prefixes; another pod pays
-    ``copy_cost`` x prompt tokens for the cache slot a copy would take, so the prefix returns
-    to its home (even after an eviction there) until the home's load outweighs that."""
+def test_a_held_prefix_stays_on_its_home_while_load_is_within_its_copy_cost() -> None:
+    """A prefix some pod holds is homed on the pod homing the fewest prefixes (ties: the
+    cheapest); another pod pays ``copy_cost`` x prompt tokens for the cache slot a copy would
+    take, so it stays on its home until the home's load outweighs that."""
     shared = words(1000, 7)
+    a = engine()
+    run(a, shared, "1")
     index = KVBlockIndex()
-    for name in ("a", "b"):
-        feed(index, name, engine())
-        index.block_sizes[name] = 16
+    feed(index, "a", a)
+    feed(index, "b", engine())
+    index.block_sizes["b"] = 16
     pa, pb = pods()
     args = PrecisePrefixArgs(tokenizer="simulator", request_cost=100)  # no pod confirms "auto"
     precise = PrecisePrefixScorer(args, index=index)
     n = len(Tokenizer().encode(shared))
-    pa.in_flight = 1  # the first request goes to the less loaded b, its home from now on
-    assert precise.score(ctx(shared), [pa, pb]) == [(n + 16) / (n + 100 + n + 16), 1.0]
-    assert precise.homes.homed("b") == 1
-    # b holds nothing (evicted, or never served) and carries 3 requests more than a: without
-    # homes a would win by 300 tokens; with them, b is still cheaper by n - 300
-    pb.in_flight = 4
-    sa, sb = precise.score(ctx(shared), [pa, pb]) or []
-    assert sb == 1.0 and sa < 1.0
-    pb.in_flight = n // 100 + 3  # the home's load now outweighs a copy (n + 100 tokens)
+    left = n - (n // 16) * 16  # pod a must still prefill the partial last block
+    assert (precise.score(ctx(shared), [pa, pb]) or [])[0] == 1.0
+    assert precise.homes.homed("a") == 1
+    # without homes b would win once a carries (n - left) / 100 more requests; with them, a
+    # keeps it until its load outweighs a copy too (2 n - left tokens)
+    pa.in_flight = (n - left) // 100 + 1
     sa, sb = precise.score(ctx(shared), [pa, pb]) or []
     assert sa == 1.0 and sb < 1.0
-    # a second prefix is homed on the pod homing fewer (a), whatever the load order
-    pb.in_flight = 0
-    pa.in_flight = 1
-    other = words(200, 8)
-    assert (precise.score(ctx(other), [pa, pb]) or [])[0] == 1.0
-    assert precise.homes.homed("a") == 1
+    pa.in_flight = (2 * n - left) // 100 + 1
+    sa, sb = precise.score(ctx(shared), [pa, pb]) or []
+    assert sb == 1.0 and sa < 1.0
     precise.forget_pod("a")
-    assert precise.homes.homed("a") == 0 and len(precise.homes) == 1
+    assert precise.homes.homed("a") == 0 and len(precise.homes) == 0
+
+
+def route(precise: PrecisePrefixScorer, prompt: str, candidates: list[Pod], rid: str) -> Pod:
+    """Score ``prompt``, send it to the best pod (as the gateway does) and return that pod."""
+    c = ctx(prompt)
+    c.request.request_id = rid
+    scores = precise.score(c, candidates) or []
+    best = candidates[scores.index(max(scores))]
+    precise.on_routed(c.request, SchedulingResult(best, plugin_state=c.state))
+    return best
+
+
+def test_a_cold_prefix_goes_where_the_least_prefill_is_ahead_and_is_homed_there() -> None:
+    """No pod holds the prefix: it is prefilled wherever it goes, so it goes to the pod where
+    that starts soonest - the prefill still ahead there (sent, its blocks not yet reported
+    stored) counts with the load - and that pod becomes its home. A prefix on its way to a pod
+    is not cold: the next request of it follows it there."""
+    a, b = engine(), engine()
+    index = KVBlockIndex()
+    for name, eng in (("a", a), ("b", b)):
+        feed(index, name, eng)
+        index.block_sizes[name] = 16
+    pa, pb = pods()
+    args = PrecisePrefixArgs(tokenizer="simulator", request_cost=100)
+    precise = PrecisePrefixScorer(args, index=index)
+    v, w, x, y = (words(500, seed) for seed in (11, 12, 13, 14))
+    pa.in_flight, pb.in_flight = 5, 0
+    assert route(precise, v, [pa, pb], "v") is pb
+    run(b, v, "v")  # b computed v: its events say so, nothing is ahead there
+    feed(index, "b", b)
+    pa.in_flight, pb.in_flight = 0, 1
+    assert route(precise, w, [pa, pb], "w") is pa  # w's prefill is now ahead on a
+    assert (precise.homes.homed("a"), precise.homes.homed("b")) == (1, 1)
+    pa.in_flight = pb.in_flight = 1
+    assert route(precise, w, [pa, pb], "w2") is pa  # on its way to a: follows it
+    pa.in_flight, pb.in_flight = 2, 3
+    # a carries fewer requests and homes as many prefixes, but w's ~500 tokens are ahead there
+    assert route(precise, x, [pa, pb], "x") is pb
+    assert (precise.homes.homed("a"), precise.homes.homed("b")) == (1, 2)
+    run(a, w, "w")  # a reports w stored: nothing ahead there any more
+    feed(index, "a", a)
+    pb.in_flight = 4
+    assert route(precise, y, [pa, pb], "y") is pa
 
 
 def test_a_pod_that_holds_the_prefix_pays_no_copy_cost() -> None:

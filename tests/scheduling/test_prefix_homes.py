@@ -1,10 +1,11 @@
-"""PrefixHomes: one home pod per prompt prefix, spread evenly, bounded."""
+"""PrefixHomes: one home pod per prompt prefix, spread evenly, bounded; PendingPrefill: the
+prefill still ahead on each pod."""
 
 from __future__ import annotations
 
 import pytest
 
-from extproc.scheduling.prefix import PrefixHomes
+from extproc.scheduling.prefix import PendingPrefill, PrefixHomes
 
 
 def test_new_prefixes_go_to_the_pod_homing_fewest_and_stay() -> None:
@@ -49,3 +50,43 @@ def test_a_forgotten_pod_homes_nothing() -> None:
 def test_capacity_must_be_positive() -> None:
     with pytest.raises(ValueError, match="capacity must be >= 1"):
         PrefixHomes(capacity=0)
+
+
+def test_place_moves_a_prefix_to_its_new_home() -> None:
+    homes = PrefixHomes(capacity=2)
+    homes.place(1, "a")
+    homes.place(1, "b")  # moved, not copied
+    assert (homes.homed("a"), homes.homed("b"), len(homes)) == (0, 1, 1)
+    assert homes.home(1, ["a"]) == "b"
+    homes.place(2, "a")
+    homes.place(3, "a")  # at capacity: the least recently used (1) goes
+    assert (homes.homed("a"), homes.homed("b"), len(homes)) == (2, 0, 2)
+
+
+def test_pending_prefill_falls_as_the_pod_reports_blocks_stored() -> None:
+    stored: dict[str, set[int]] = {"a": set()}
+
+    def holds(pod: str, h: int) -> bool:
+        return h in stored.get(pod, set())
+
+    pending = PendingPrefill()
+    pending.add("a", "r1", 7, [10, 11, 12, 13], 16)
+    assert pending.tokens("a", holds) == 64 and pending.tokens("b", holds) == 0
+    assert pending.sending(7) and not pending.sending(8)
+    pending.add("a", "r2", 7, [10, 11, 12, 13, 14], 16)  # the same prefix: computed once
+    assert pending.tokens("a", holds) == 80
+    stored["a"] |= {10, 11}  # the first chunk is computed
+    assert pending.tokens("a", holds) == 48
+    stored["a"] |= {12, 13}  # r1's prompt is all stored: it leaves
+    assert pending.tokens("a", holds) == 16
+    pending.finish("a", "r2")
+    assert pending.tokens("a", holds) == 0 and not pending.sending(7)
+
+
+def test_pending_prefill_of_a_forgotten_pod_is_gone() -> None:
+    pending = PendingPrefill()
+    pending.add("a", "r1", 7, [10, 11], 16)
+    pending.add("a", "r1", 8, [20, 21], 16)  # the same request again: replaces it
+    assert not pending.sending(7) and pending.sending(8)
+    pending.forget_pod("a")
+    assert not pending.sending(8) and pending.tokens("a", lambda pod, h: False) == 0
