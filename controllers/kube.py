@@ -131,12 +131,16 @@ class KubeClient:
 
     async def create(self, path: str, body: dict[str, Any]) -> bool:
         """POST; False when it already existed (409), True when created."""
+        return await self.create_object(path, body) is not None
+
+    async def create_object(self, path: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        """POST; the object as created (its uid among it), None when it already existed (409)."""
         status, out = await self._call("POST", path, body)
         if status == 409:
-            return False
+            return None
         if status >= 400:
             raise ApiError("POST", path, status, str(out))
-        return True
+        return out if isinstance(out, dict) else {}
 
     async def delete(self, path: str) -> bool:
         """DELETE; False when it was already gone (404)."""

@@ -61,7 +61,8 @@ def register(registry: kopf.OperatorRegistry, controller: ModelInferController) 
 
     @kopf.on.event("pods", labels=_OURS, id="modelinfer-pod-events", registry=registry)
     def pod_event(body: kopf.Body, name: str, **_: Any) -> None:
-        controller.pod_event(observe.owner_key(body), name)
+        uid = str((body.get("metadata") or {}).get("uid") or "")
+        controller.pod_event(observe.owner_key(body), name, uid)
 
     @kopf.on.event("services", labels=_OURS, id="modelinfer-service-events", registry=registry)
     def service_event(body: kopf.Body, **_: Any) -> None:

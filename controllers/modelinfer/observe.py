@@ -75,6 +75,7 @@ def pod_from_json(body: Mapping[str, Any], now: float) -> ObservedPod | None:
         terminating=bool(meta.get("deletionTimestamp")),
         deletion_cost=cost,
         failed_at=failed_at,
+        uid=str(meta.get("uid") or ""),
     )
 
 

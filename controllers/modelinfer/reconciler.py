@@ -75,11 +75,34 @@ class Expectations:
 
     created: dict[str, tuple[ObservedPod, float]] = field(default_factory=dict)
     deleted: dict[str, float] = field(default_factory=dict)
+    # uid of a created pod, once its create answered: an event or index entry of an earlier pod
+    # of the same name (deleted for a recreate; Kopf may handle its DELETED after the new pod's
+    # ADDED) is not taken for the new pod
+    uids: dict[str, str] = field(default_factory=dict)
+
+    def seen_pod(self, name: str, uid: str) -> None:
+        """An event of pod ``name``: if it is of the pod this controller created (its uid, once
+        the create answered), the index shows it (or its deletion) from now on."""
+        known = self.uids.get(name)
+        if known is not None and uid == known:
+            self.forget(name)
+
+    def forget(self, name: str) -> None:
+        self.created.pop(name, None)
+        self.uids.pop(name, None)
 
     def overlay(self, seen: dict[str, ObservedPod], now: float) -> list[ObservedPod]:
         for name, (pod, at) in list(self.created.items()):
-            if name in seen or now - at > EXPECTATION_TTL:
-                del self.created[name]
+            indexed = seen.get(name)
+            known = self.uids.get(name)
+            if indexed is None:
+                mine = False
+            elif known is not None and indexed.uid:
+                mine = indexed.uid == known
+            else:  # not the earlier pod of the name, which this controller deleted
+                mine = not indexed.terminating
+            if mine or now - at > EXPECTATION_TTL:
+                self.forget(name)
             else:
                 seen[name] = pod
         for name, at in list(self.deleted.items()):
@@ -158,14 +181,17 @@ class ModelInferController:
         if key is not None and key in self.loops:
             self.loops[key].wake.set()
 
-    def pod_event(self, key: Key | None, name: str) -> None:
-        """An event of the pod ``name`` of the ModelInfer ``key``: the index shows that pod (or
-        its deletion) from now on, so the expectation of creating it is dropped; a pod deleted
-        before a pass saw it indexed (Kopf may coalesce its ADDED and DELETED) would otherwise
-        count as present until EXPECTATION_TTL, and not be replaced. Wakes the loop."""
+    def pod_event(self, key: Key | None, name: str, uid: str = "") -> None:
+        """An event of the pod ``name`` (``uid``) of the ModelInfer ``key``: the index shows that
+        pod (or its deletion) from now on, so the expectation of creating it is dropped; a pod
+        deleted before a pass saw it indexed (Kopf may coalesce its ADDED and DELETED) would
+        otherwise count as present until EXPECTATION_TTL, and not be replaced. An event of an
+        earlier pod of the same name (a group recreated) leaves it: taken for the new pod, it
+        hid that pod, which then looked missing and had its group recreated again, in a loop.
+        Wakes the loop."""
         loop = self.loops.get(key) if key is not None else None
         if loop is not None:
-            loop.expect.created.pop(name, None)
+            loop.expect.seen_pod(name, uid)
             loop.wake.set()
 
     async def gang_available(self) -> bool:
@@ -345,7 +371,7 @@ class ModelInferController:
 
         for name in p.delete_pods:
             loop.expect.deleted[name] = now
-            loop.expect.created.pop(name, None)
+            loop.expect.forget(name)
         await batch(
             [("delete_pod", client.delete(pods_path(ns, n))) for n in p.delete_pods]
             + [("delete_service", client.delete(services_path(ns, n))) for n in p.delete_services]
@@ -380,7 +406,8 @@ class ModelInferController:
             pod = observe.pod_from_json(c.manifest, now)
             if pod is not None:
                 loop.expect.created[c.name] = (pod, now)
-        await batch([("create_pod", self._create_pod(ns, c)) for c in p.create_pods])
+                loop.expect.uids.pop(c.name, None)
+        await batch([("create_pod", self._create_pod(ns, c, loop.expect)) for c in p.create_pods])
         await batch(
             [
                 (
@@ -392,9 +419,13 @@ class ModelInferController:
         )
         return failures
 
-    async def _create_pod(self, ns: str, c: ChildToCreate) -> None:
+    async def _create_pod(self, ns: str, c: ChildToCreate, expect: Expectations) -> None:
         assert self.client is not None
-        await self.client.create(pods_path(ns), c.manifest)  # 409: it exists; the watch will say
+        made = await self.client.create_object(pods_path(ns), c.manifest)
+        # 409: it exists; the watch will say
+        uid = str(((made or {}).get("metadata") or {}).get("uid") or "")
+        if uid and c.name in expect.created:
+            expect.uids[c.name] = uid
 
     # ---- deletion ----------------------------------------------------------------------------
     async def cleanup(

@@ -143,6 +143,7 @@ class ObservedPod:
     terminating: bool = False
     deletion_cost: int = 0
     failed_at: float | None = None  # epoch seconds the pod was seen failed (phase Failed)
+    uid: str = ""  # metadata.uid: tells a pod from an earlier one of the same name
 
     @property
     def failed(self) -> bool:
